@@ -1,0 +1,230 @@
+/*
+ * util.c — errors, allocator hooks, growable buffers and varints.
+ *
+ * Varints are unsigned LEB128: seven bits per byte, least significant group
+ * first, high bit set on every byte but the last. A 64-bit value takes at
+ * most ten bytes; the tenth may only hold the value's top bit, and a varint
+ * longer than needed for its value is still accepted (it decodes the same).
+ */
+#include "pgsync.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- errors ---- */
+
+static void
+copy_str(char *dst, size_t cap, const char *src)
+{
+	if (!src)
+	{
+		dst[0] = '\0';
+		return;
+	}
+	snprintf(dst, cap, "%s", src);
+}
+
+pgs_rc
+pgs_fail(pgs_err *err, pgs_rc rc, const char *msg, const char *detail, const char *hint)
+{
+	if (err)
+	{
+		err->rc = rc;
+		copy_str(err->msg, sizeof err->msg, msg);
+		copy_str(err->detail, sizeof err->detail, detail);
+		copy_str(err->hint, sizeof err->hint, hint);
+	}
+	return rc;
+}
+
+pgs_rc
+pgs_failf(pgs_err *err, pgs_rc rc, const char *hint, const char *fmt, ...)
+{
+	if (err)
+	{
+		va_list		ap;
+
+		va_start(ap, fmt);
+		vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+		va_end(ap);
+		err->rc = rc;
+		err->detail[0] = '\0';
+		copy_str(err->hint, sizeof err->hint, hint);
+	}
+	return rc;
+}
+
+void
+pgs_err_detailf(pgs_err *err, const char *fmt, ...)
+{
+	va_list		ap;
+
+	if (!err)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err->detail, sizeof err->detail, fmt, ap);
+	va_end(ap);
+}
+
+/* ---- memory ---- */
+
+static pgs_allocator alloc = {malloc, realloc, free};
+
+void
+pgs_set_allocator(const pgs_allocator *a)
+{
+	if (a)
+		alloc = *a;
+	else
+	{
+		alloc.malloc_fn = malloc;
+		alloc.realloc_fn = realloc;
+		alloc.free_fn = free;
+	}
+}
+
+void *
+pgs_malloc(size_t n)
+{
+	return alloc.malloc_fn(n ? n : 1);
+}
+
+void *
+pgs_realloc(void *p, size_t n)
+{
+	if (!p)
+		return pgs_malloc(n);
+	return alloc.realloc_fn(p, n ? n : 1);
+}
+
+void
+pgs_free(void *p)
+{
+	if (p)
+		alloc.free_fn(p);
+}
+
+/* ---- buffers ---- */
+
+void
+pgs_buf_init(pgs_buf *b)
+{
+	memset(b, 0, sizeof *b);
+}
+
+void
+pgs_buf_free(pgs_buf *b)
+{
+	pgs_free(b->p);
+	pgs_buf_init(b);
+}
+
+bool
+pgs_buf_reserve(pgs_buf *b, size_t extra)
+{
+	size_t		need;
+	size_t		cap;
+	uint8_t    *p;
+
+	if (b->oom)
+		return false;
+	if (extra > SIZE_MAX - b->len)
+	{
+		b->oom = true;
+		return false;
+	}
+	need = b->len + extra;
+	if (need <= b->cap)
+		return true;
+	cap = b->cap ? b->cap : 256;
+	while (cap < need)
+		cap = cap > SIZE_MAX / 2 ? need : cap * 2;
+	p = pgs_realloc(b->p, cap);
+	if (!p)
+	{
+		b->oom = true;
+		return false;
+	}
+	b->p = p;
+	b->cap = cap;
+	return true;
+}
+
+void
+pgs_buf_put(pgs_buf *b, const void *src, size_t n)
+{
+	if (n == 0 || !pgs_buf_reserve(b, n))
+		return;
+	memcpy(b->p + b->len, src, n);
+	b->len += n;
+}
+
+void
+pgs_buf_u8(pgs_buf *b, uint8_t v)
+{
+	if (!pgs_buf_reserve(b, 1))
+		return;
+	b->p[b->len++] = v;
+}
+
+void
+pgs_buf_varint(pgs_buf *b, uint64_t v)
+{
+	if (!pgs_buf_reserve(b, PGS_VARINT_MAX))
+		return;
+	b->len += pgs_varint_put(b->p + b->len, v);
+}
+
+void
+pgs_buf_svarint(pgs_buf *b, int64_t v)
+{
+	pgs_buf_varint(b, pgs_zigzag(v));
+}
+
+/* ---- varints ---- */
+
+int
+pgs_varint_put(uint8_t *out, uint64_t v)
+{
+	int			n = 0;
+
+	while (v >= 0x80)
+	{
+		out[n++] = (uint8_t) (v | 0x80);
+		v >>= 7;
+	}
+	out[n++] = (uint8_t) v;
+	return n;
+}
+
+int
+pgs_varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v)
+{
+	uint64_t	r = 0;
+	int			shift = 0;
+	int			n = 0;
+
+	/* fast path: one byte */
+	if (p < end && p[0] < 0x80)
+	{
+		*v = p[0];
+		return 1;
+	}
+	while (p + n < end && n < PGS_VARINT_MAX)
+	{
+		uint8_t		byte = p[n++];
+
+		if (n == PGS_VARINT_MAX && byte > 1)
+			return 0;			/* would overflow 64 bits */
+		r |= (uint64_t) (byte & 0x7f) << shift;
+		if (byte < 0x80)
+		{
+			*v = r;
+			return n;
+		}
+		shift += 7;
+	}
+	return 0;					/* truncated or too long */
+}

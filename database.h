@@ -1,0 +1,141 @@
+/*
+ * database.h — the seam between the pgsync core and a database engine.
+ *
+ * This file is the architecture in one page. The core (core/) owns the
+ * formats and the rules: values, hybrid logical clocks, the row clock blob,
+ * the merge ladder, payload encoding and the apply/build drivers. An engine
+ * (sqlite_ext/ for SQLite, pg_ext/ for PostgreSQL) owns storage: where the
+ * base rows and their row clocks live, how versions are handed out, how a
+ * write is checked against permissions. The core calls the engine only
+ * through the db_ functions below; each engine defines struct db_conn,
+ * struct db_table and struct db_cursor privately.
+ *
+ *      SQL function (sync_apply_payload)        engine wrapper: args, savepoint
+ *                 |                                          |
+ *            pgs_apply (core/apply.c)  ---- db_table_find, db_clock_get, ...
+ *                 |                                          |
+ *       pgs_reader + pgs_merge_* (pure)            engine storage (tables)
+ *
+ * Storage model every engine keeps:
+ *   - per synced table, one clock row per primary key (alive or tombstone):
+ *     (pk..., cl, ver, clk) where clk is the pgs_rowclock blob and ver the
+ *     largest local version inside it;
+ *   - a site table mapping local site indexes (0 = self) to 16-byte site ids;
+ *   - a current local version (db_version) and a persisted HLC.
+ *
+ * Errors: every function returns PGS_OK or an error code with err filled.
+ * Under Postgres an engine function may also ereport (longjmp); the core
+ * therefore keeps all its memory in pgs_malloc (a memory context there) and
+ * holds no other resource across db_ calls.
+ */
+#ifndef PGSYNC_DATABASE_H
+#define PGSYNC_DATABASE_H
+
+#include "core/pgsync.h"
+
+typedef struct db_conn db_conn;
+typedef struct db_table db_table;
+typedef struct db_cursor db_cursor;
+
+/* What the core needs to know of a synced table. Names are UTF-8, not quoted. */
+typedef enum db_algo
+{
+	DB_ALGO_CLS = 0,			/* causal-length set + per-column LWW */
+	DB_ALGO_GSET = 1			/* grow-only: no local update/delete */
+} db_algo;
+
+typedef struct db_table_info
+{
+	const char *name;			/* name as it travels in payloads */
+	db_algo		algo;
+	int			npk;
+	int			ncols;			/* non-key columns */
+	const char *const *pk_names;
+	const char *const *col_names;
+} db_table_info;
+
+/* ---- schema ---------------------------------------------------------- */
+
+/* db_tables lists the synced tables (array owned by the engine). */
+pgs_rc		db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err);
+/* db_table_find resolves a payload table name; PGS_ERR_SCHEMA if not synced. */
+pgs_rc		db_table_find(db_conn *db, const uint8_t *name, size_t len,
+						  db_table **out, pgs_err *err);
+const db_table_info *db_table_describe(db_table *t);
+
+/* ---- sites and clocks -------------------------------------------------- */
+
+/* db_site_id: this replica's 16-byte site id. */
+const uint8_t *db_site_id(db_conn *db);
+/* db_site_intern: local index of a site id, adding it if new. */
+pgs_rc		db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx,
+						   pgs_err *err);
+/* db_site_lookup: the site id of a local index (pointer valid for the call). */
+pgs_rc		db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site,
+						   pgs_err *err);
+
+/*
+ * db_apply_version: the local version and HLC that merged changes of this
+ * call are stamped with (one version per apply, like a local transaction).
+ */
+pgs_rc		db_apply_version(db_conn *db, int64_t *ver, pgs_err *err);
+/* db_hlc_observe: advance the persisted HLC after receiving stamps up to hlc
+ * (the caller already applied pgs_hlc_receive's skew bound). */
+pgs_rc		db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err);
+
+/* ---- rows ---------------------------------------------------------------- */
+
+/*
+ * db_clock_get: the clock row of pk. *found = false when the key was never
+ * seen. *blob points to engine memory valid until the next db_ call.
+ */
+pgs_rc		db_clock_get(db_conn *db, db_table *t, const pgs_value *pk,
+						 bool *found, int64_t *cl, const uint8_t **blob,
+						 size_t *blob_len, pgs_err *err);
+/* db_clock_put: insert or replace the clock row of pk. */
+pgs_rc		db_clock_put(db_conn *db, db_table *t, const pgs_value *pk,
+						 int64_t cl, int64_t ver, const uint8_t *blob,
+						 size_t blob_len, pgs_err *err);
+
+typedef enum db_write_mode
+{
+	DB_WRITE_MERGE = 0,			/* update these columns; insert the row if absent */
+	DB_WRITE_REPLACE = 1		/* new row life: the row is exactly these columns */
+} db_write_mode;
+
+/*
+ * db_row_write writes n columns (local column indexes cols[], values vals[])
+ * of row pk in one statement (RLS WITH CHECK sees the whole row).
+ * PGS_ERR_PERMISSION means the row was refused and nothing was written: the
+ * core counts it as rejected and goes on; any other error aborts the apply.
+ */
+pgs_rc		db_row_write(db_conn *db, db_table *t, const pgs_value *pk,
+						 db_write_mode mode, int n, const int *cols,
+						 const pgs_value *vals, pgs_err *err);
+/* db_row_delete deletes row pk if it exists (PGS_ERR_PERMISSION as above). */
+pgs_rc		db_row_delete(db_conn *db, db_table *t, const pgs_value *pk,
+						  pgs_err *err);
+/* db_reject records a refused row so the caller can report it. */
+void		db_reject(db_conn *db, db_table *t, const pgs_value *pk,
+					  const pgs_err *why);
+
+/* ---- change enumeration (payload building) -------------------------------- */
+
+/* db_version_safe: the highest version every change <= which is visible and
+ * final (SQLite: db_version; Postgres: below the oldest running writer). */
+pgs_rc		db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
+
+/* db_changes_open: rows of t whose clock ver is in (since, until]. */
+pgs_rc		db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
+							db_cursor **cur, pgs_err *err);
+/*
+ * db_changes_next: the next row: pk (npk values), cl, the clock blob, and the
+ * current column values (ncols; meaningful only when *alive). Everything
+ * points to engine memory valid until the next call. *done at the end.
+ */
+pgs_rc		db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk,
+							int64_t *cl, const uint8_t **blob, size_t *blob_len,
+							bool *alive, const pgs_value **cols, pgs_err *err);
+void		db_changes_close(db_cursor *cur);
+
+#endif							/* PGSYNC_DATABASE_H */

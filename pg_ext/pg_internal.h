@@ -1,0 +1,181 @@
+/*
+ * pg_internal.h — private declarations shared by the files of the pgsync
+ * PostgreSQL extension.
+ *
+ *   pgsync.c       SQL-callable functions, allocator hooks, the error mapper,
+ *                  rejection log, per-call state
+ *   pg_table.c     the synced-table cache (metadata, prepared plans),
+ *                  sync_init / sync_cleanup internals
+ *   pg_database.c  the database.h seam used by core/ (apply and build)
+ *   pg_capture.c   the row trigger that records local edits in clock tables
+ *   pg_types.c     mapping between Postgres Datums and core pgs_values
+ *
+ * Metadata (pgsync.*, clock tables) is always read and written as the owner
+ * of the pgsync schema objects ("meta owner"), the way RI triggers switch to
+ * the table owner; base tables are written with the caller's rights, so
+ * privileges and row-level security apply to sync_apply_payload.
+ */
+#ifndef PGSYNC_PG_INTERNAL_H
+#define PGSYNC_PG_INTERNAL_H
+
+#include "postgres.h"
+
+#include "access/transam.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/hsearch.h"
+
+#include "../database.h"
+
+/* How a Postgres type maps to payload values (see docs/TYPES.md). */
+typedef enum pg_kind
+{
+	PGK_INT2,
+	PGK_INT4,
+	PGK_INT8,
+	PGK_FLOAT4,
+	PGK_FLOAT8,
+	PGK_NUMERIC,
+	PGK_TEXT,					/* text, varchar, bpchar */
+	PGK_BYTEA,
+	PGK_BOOL,
+	PGK_UUID,
+	PGK_DATE,
+	PGK_TIMESTAMP,
+	PGK_TIMESTAMPTZ,
+	PGK_JSON,
+	PGK_JSONB,
+	PGK_OTHER					/* any other type: its text form */
+} pg_kind;
+
+typedef struct pg_col
+{
+	char	   *name;
+	AttrNumber	attnum;			/* in the base table */
+	Oid			typid;			/* declared type (maybe a domain) */
+	int32		typmod;
+	Oid			basetyp;		/* domain base type */
+	pg_kind		kind;
+	Oid			typinput;
+	Oid			typioparam;
+	Oid			typoutput;
+	bool		text_fast;		/* text-like without typmod: no input call */
+	FmgrInfo	infn;			/* input function, set up lazily */
+	bool		infn_ok;
+} pg_col;
+
+/* A merge-write plan for one set of columns. */
+typedef struct pg_merge_plan
+{
+	char		key[64];		/* hash key: hex of the column bitmap (prefix) */
+	char	   *cols_key;		/* full key when longer than 63 chars */
+	SPIPlanPtr	upd;
+	SPIPlanPtr	ins;
+} pg_merge_plan;
+
+/*
+ * struct db_table: one synced table, cached per backend in CacheMemoryContext
+ * and rebuilt when a relcache invalidation for the base or clock table
+ * arrives (entries in use are not freed until the transaction ends).
+ */
+struct db_table
+{
+	Oid			relid;			/* hash key */
+	bool		valid;
+	int			busy;			/* calls using it in this transaction */
+	MemoryContext cxt;			/* owns everything below except plans */
+	Oid			clock_relid;
+	char	   *name;			/* payload name: rel, or nsp.rel */
+	char	   *q_base;			/* quoted, qualified */
+	char	   *q_clock;
+	db_algo		algo;
+	int			npk;
+	int			ncols;
+	pg_col	   *pk;
+	pg_col	   *cols;
+	const char **pk_names;
+	const char **col_names;
+	db_table_info info;
+	Oid		   *pk_types;		/* npk */
+	Oid		   *row_types;		/* npk + ncols: pk then columns */
+	/* plans (SPI_keepplan) */
+	SPIPlanPtr	p_clock_get;
+	SPIPlanPtr	p_clock_upsert;
+	SPIPlanPtr	p_row_replace;
+	SPIPlanPtr	p_row_delete;
+	SPIPlanPtr	p_changes;
+	HTAB	   *merge_plans;
+	int			nmerge_plans;
+	/* capture: the clock blob of a fresh row in the current transaction */
+	FullTransactionId fresh_xid;
+	uint8_t    *fresh_blob;
+	size_t		fresh_len;
+	/* apply: what this call may do without a subtransaction */
+	uint64		priv_call;
+	bool		fast_write;		/* full privileges, no RLS: no subxact */
+};
+
+/* Per-call state handed to the core as its db_conn. */
+struct db_conn
+{
+	MemoryContext cxt;
+	uint64		call_id;
+	uint8_t		site[PGS_SITE_LEN];
+	bool		have_ver;
+	int64_t		ver;
+	HTAB	   *by_idx;
+	HTAB	   *by_site;
+	db_table  **tables;
+	int			ntables;
+	bool		tables_loaded;
+	char		sqlstate[6];	/* of the last refused write */
+	int64_t		rejected;
+	uint64_t	hlc_seen;
+};
+
+/* ---- pgsync.c ---- */
+extern bool pg_applying;		/* true while sync_apply_payload merges */
+void		pg_core_memory(MemoryContext cxt);
+void		pg_raise(const pgs_err *err) pg_attribute_noreturn();
+void		pg_conn_init(db_conn *db, MemoryContext cxt);
+void		pg_reject_add(const char *table, const char *pk_json,
+						  const char *sqlstate, const char *message);
+Oid			pg_meta_owner(void);
+char	   *pg_ereport_sqlstate(int sqlerrcode);
+
+typedef struct pg_user_save
+{
+	Oid			user;
+	int			sec;
+} pg_user_save;
+void		pg_as_meta(pg_user_save *s);
+void		pg_as_caller(const pg_user_save *s);
+
+/* ---- pg_table.c ---- */
+db_table   *pg_table_get(Oid relid, bool missing_ok);
+void		pg_table_release_all(void);
+void		pg_table_init(Oid relid, db_algo algo);
+void		pg_table_cleanup(Oid relid);
+int			pg_table_list(Oid **relids);
+Oid			pg_table_by_name(const char *name, size_t len);
+pg_merge_plan *pg_table_merge_plan(db_table *t, int n, const int *cols);
+void		pg_table_cache_setup(void);
+
+/* ---- pg_types.c ---- */
+pg_kind		pg_type_kind(Oid basetyp);
+const char *pg_kind_name(pg_kind k);
+bool		pg_kind_pk_ok(pg_kind k);
+void		pg_col_setup(pg_col *c, Oid typid, int32 typmod);
+void		pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out);
+Datum		pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull,
+						   db_table *t, const pgs_value *pk);
+char	   *pg_pk_json(db_table *t, const pgs_value *pk);
+char	   *pg_pk_text(db_table *t, const pgs_value *pk);
+
+/* ---- pg_capture.c ---- */
+int64_t		pg_txn_version(void);
+uint64_t	pg_txn_tick(void);
+void		pg_hlc_observe(uint64_t hlc);
+uint64_t	pg_hlc_floor(void);
+
+#endif							/* PGSYNC_PG_INTERNAL_H */

@@ -1,0 +1,871 @@
+/*
+ * sl_database.c — the database.h seam implemented on SQLite.
+ *
+ * Storage per synced table T (created by sl_schema.c):
+ *   "T__sync_clock"(pk columns..., cl, ver, clk) WITHOUT ROWID, one row per key.
+ * There is deliberately no index on ver: a second B-tree written from the
+ * capture path makes SQLite open a statement journal for every row and
+ * doubles the cost of a tracked insert (measured: 150k vs 63k rows/s), so
+ * change enumeration scans the clock table, which holds ~60 bytes a row;
+ * sync_payload returns at once when nothing is newer than since.
+ */
+#include "sl_internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+/* ---- helpers ---- */
+
+char *
+sl_quote(const char *ident)
+{
+	return sqlite3_mprintf("\"%w\"", ident);
+}
+
+pgs_rc
+sl_dberr(db_conn *c, pgs_err *err, const char *what)
+{
+	int			code = sqlite3_extended_errcode(c->db);
+
+	pgs_failf(err, PGS_ERR_DB, NULL, "%s: %s", what, sqlite3_errmsg(c->db));
+	if ((code & 0xff) == SQLITE_CONSTRAINT || (code & 0xff) == SQLITE_MISMATCH)
+		err->rc = PGS_ERR_VALUE;
+	return err ? err->rc : PGS_ERR_DB;
+}
+
+pgs_rc
+sl_prepare(db_conn *c, sqlite3_stmt **st, const char *sql, pgs_err *err)
+{
+	if (*st)
+		return PGS_OK;
+	if (sqlite3_prepare_v3(c->db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK)
+	{
+		*st = NULL;
+		return sl_dberr(c, err, "could not prepare statement");
+	}
+	return PGS_OK;
+}
+
+pgs_rc
+sl_exec(db_conn *c, const char *sql, pgs_err *err)
+{
+	char	   *msg = NULL;
+
+	if (sqlite3_exec(c->db, sql, NULL, NULL, &msg) != SQLITE_OK)
+	{
+		pgs_failf(err, PGS_ERR_DB, NULL, "%s", msg ? msg : sqlite3_errmsg(c->db));
+		sqlite3_free(msg);
+		return PGS_ERR_DB;
+	}
+	return PGS_OK;
+}
+
+void
+sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v)
+{
+	switch (v->type)
+	{
+		case PGS_INT:
+			sqlite3_bind_int64(st, i, v->v.i);
+			break;
+		case PGS_REAL:
+			sqlite3_bind_double(st, i, v->v.r);
+			break;
+		case PGS_TEXT:
+			sqlite3_bind_text(st, i, (const char *) v->v.p, (int) v->len, SQLITE_STATIC);
+			break;
+		case PGS_BLOB:
+			sqlite3_bind_blob(st, i, v->v.p, (int) v->len, SQLITE_STATIC);
+			break;
+		default:
+			sqlite3_bind_null(st, i);
+	}
+}
+
+void
+sl_column_value(sqlite3_stmt *st, int i, pgs_value *v)
+{
+	v->len = 0;
+	switch (sqlite3_column_type(st, i))
+	{
+		case SQLITE_INTEGER:
+			v->type = PGS_INT;
+			v->v.i = sqlite3_column_int64(st, i);
+			break;
+		case SQLITE_FLOAT:
+			v->type = PGS_REAL;
+			v->v.r = sqlite3_column_double(st, i);
+			break;
+		case SQLITE_TEXT:
+			v->type = PGS_TEXT;
+			v->v.p = sqlite3_column_text(st, i);
+			v->len = (uint32_t) sqlite3_column_bytes(st, i);
+			break;
+		case SQLITE_BLOB:
+			v->type = PGS_BLOB;
+			v->v.p = sqlite3_column_blob(st, i);
+			v->len = (uint32_t) sqlite3_column_bytes(st, i);
+			if (!v->v.p)
+				v->v.p = (const uint8_t *) "";
+			break;
+		default:
+			v->type = PGS_NULL;
+	}
+}
+
+/* ---- metadata ---- */
+
+static void
+free_table(db_table *t)
+{
+	if (!t)
+		return;
+	sqlite3_finalize(t->clock_get);
+	sqlite3_finalize(t->clock_ins);
+	sqlite3_finalize(t->clock_put);
+	sqlite3_finalize(t->row_delete);
+	for (int i = 0; i < SL_STMT_CACHE; i++)
+		sqlite3_finalize(t->cache[i].stmt);
+	for (int i = 0; i < t->npk; i++)
+	{
+		sqlite3_free(t->pk_names ? t->pk_names[i] : NULL);
+		sqlite3_free(t->pk_q ? t->pk_q[i] : NULL);
+	}
+	for (int i = 0; i < t->ncols; i++)
+	{
+		sqlite3_free(t->col_names ? t->col_names[i] : NULL);
+		sqlite3_free(t->col_q ? t->col_q[i] : NULL);
+	}
+	sqlite3_free(t->pk_names);
+	sqlite3_free(t->pk_q);
+	sqlite3_free(t->col_names);
+	sqlite3_free(t->col_q);
+	sqlite3_free(t->name);
+	sqlite3_free(t->qname);
+	sqlite3_free(t->qclock);
+	sqlite3_free(t);
+}
+
+void
+sl_unload_tables(db_conn *c)
+{
+	for (int i = 0; i < c->ntables; i++)
+		free_table(c->tables[i]);
+	sqlite3_free(c->tables);
+	c->tables = NULL;
+	c->ntables = 0;
+}
+
+static pgs_rc
+load_tables(db_conn *c, pgs_err *err)
+{
+	sqlite3_stmt *st = NULL,
+			   *cs = NULL;
+	pgs_rc		rc = PGS_OK;
+
+	sl_unload_tables(c);
+	if (sqlite3_prepare_v2(c->db, "SELECT id, name, algo FROM sync_tables ORDER BY id", -1, &st, NULL) != SQLITE_OK ||
+		sqlite3_prepare_v2(c->db, "SELECT name, is_pk FROM sync_columns WHERE tbl = ?1 ORDER BY is_pk DESC, idx", -1, &cs, NULL) != SQLITE_OK)
+	{
+		rc = sl_dberr(c, err, "could not read sync metadata");
+		goto out;
+	}
+	while (sqlite3_step(st) == SQLITE_ROW)
+	{
+		db_table   *t = sqlite3_malloc(sizeof *t);
+		db_table  **n;
+		int			ncol = 0,
+					npk = 0;
+
+		if (!t)
+			goto nomem;
+		memset(t, 0, sizeof *t);
+		n = sqlite3_realloc64(c->tables, sizeof(db_table *) * (c->ntables + 1));
+		if (!n)
+		{
+			sqlite3_free(t);
+			goto nomem;
+		}
+		c->tables = n;
+		c->tables[c->ntables++] = t;
+		t->id = sqlite3_column_int64(st, 0);
+		t->name = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
+		t->algo = strcmp((const char *) sqlite3_column_text(st, 2), "gset") == 0 ? DB_ALGO_GSET : DB_ALGO_CLS;
+		t->qname = sl_quote(t->name);
+		t->qclock = sqlite3_mprintf("\"%w__sync_clock\"", t->name);
+		sqlite3_bind_int64(cs, 1, t->id);
+		while (sqlite3_step(cs) == SQLITE_ROW)
+			sqlite3_column_int(cs, 1) ? npk++ : ncol++;
+		sqlite3_reset(cs);
+		t->pk_names = sqlite3_malloc64(sizeof(char *) * (npk + 1));
+		t->pk_q = sqlite3_malloc64(sizeof(char *) * (npk + 1));
+		t->col_names = sqlite3_malloc64(sizeof(char *) * (ncol + 1));
+		t->col_q = sqlite3_malloc64(sizeof(char *) * (ncol + 1));
+		if (!t->name || !t->qname || !t->qclock || !t->pk_names || !t->pk_q || !t->col_names || !t->col_q)
+			goto nomem;
+		while (sqlite3_step(cs) == SQLITE_ROW)
+		{
+			const char *nm = (const char *) sqlite3_column_text(cs, 0);
+
+			if (sqlite3_column_int(cs, 1))
+			{
+				t->pk_names[t->npk] = sqlite3_mprintf("%s", nm);
+				t->pk_q[t->npk++] = sl_quote(nm);
+			}
+			else
+			{
+				t->col_names[t->ncols] = sqlite3_mprintf("%s", nm);
+				t->col_q[t->ncols++] = sl_quote(nm);
+			}
+		}
+		sqlite3_reset(cs);
+		t->info.name = t->name;
+		t->info.algo = t->algo;
+		t->info.npk = t->npk;
+		t->info.ncols = t->ncols;
+		t->info.pk_names = (const char *const *) t->pk_names;
+		t->info.col_names = (const char *const *) t->col_names;
+	}
+	goto out;
+nomem:
+	rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory loading sync metadata", NULL, NULL);
+out:
+	sqlite3_finalize(st);
+	sqlite3_finalize(cs);
+	return rc;
+}
+
+static pgs_rc
+load_sites(db_conn *c, pgs_err *err)
+{
+	sqlite3_stmt *st = NULL;
+
+	c->nsites = 0;
+	if (sqlite3_prepare_v2(c->db, "SELECT idx, site FROM sync_sites ORDER BY idx", -1, &st, NULL) != SQLITE_OK)
+		return sl_dberr(c, err, "could not read sync_sites");
+	while (sqlite3_step(st) == SQLITE_ROW)
+	{
+		uint32_t	idx = (uint32_t) sqlite3_column_int64(st, 0);
+
+		if (idx >= c->sites_cap)
+		{
+			uint32_t	cap = c->sites_cap ? c->sites_cap * 2 : 16;
+			void	   *n;
+
+			while (cap <= idx)
+				cap *= 2;
+			n = sqlite3_realloc64(c->sites, (sqlite3_uint64) cap * 16);
+			if (!n)
+			{
+				sqlite3_finalize(st);
+				return pgs_fail(err, PGS_ERR_NOMEM, "out of memory loading sites", NULL, NULL);
+			}
+			c->sites = n;
+			c->sites_cap = cap;
+		}
+		if (sqlite3_column_bytes(st, 1) == 16)
+			memcpy(c->sites[idx], sqlite3_column_blob(st, 1), 16);
+		if (idx + 1 > c->nsites)
+			c->nsites = idx + 1;
+	}
+	sqlite3_finalize(st);
+	if (c->nsites == 0)
+		return pgs_fail(err, PGS_ERR_DB, "sync metadata is damaged: sync_sites has no own site", NULL,
+						"Restore the database from a backup, or call sync_init on a fresh copy.");
+	memcpy(c->site, c->sites[0], 16);
+	return PGS_OK;
+}
+
+int
+sl_load(db_conn *c, pgs_err *err)
+{
+	sqlite3_stmt *st = NULL;
+	int			exists = 0;
+	pgs_rc		rc;
+
+	if (sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sqlite_schema WHERE type='table' AND name='sync_state'", -1, &st, NULL) != SQLITE_OK)
+		return sl_dberr(c, err, "could not read the schema");
+	if (sqlite3_step(st) == SQLITE_ROW)
+		exists = sqlite3_column_int(st, 0);
+	sqlite3_finalize(st);
+	if (!exists)
+	{
+		c->ready = false;
+		return pgs_fail(err, PGS_ERR_MISUSE, "sync is not initialized in this database",
+						"No table has been enabled for sync yet.",
+						"Call sync_init('table') first.");
+	}
+	if ((rc = load_sites(c, err)) != PGS_OK || (rc = load_tables(c, err)) != PGS_OK)
+		return rc;
+	c->ready = true;
+	return PGS_OK;
+}
+
+db_table *
+sl_table_by_id(db_conn *c, int64_t id, pgs_err *err)
+{
+	for (int pass = 0; pass < 2; pass++)
+	{
+		for (int i = 0; i < c->ntables; i++)
+			if (c->tables[i]->id == id)
+				return c->tables[i];
+		if (pass == 0 && sl_load(c, err) != PGS_OK)
+			return NULL;
+	}
+	pgs_failf(err, PGS_ERR_MISUSE, "Call sync_init on the table again.",
+			  "sync metadata for table id %lld is missing", (long long) id);
+	return NULL;
+}
+
+db_table *
+sl_table_by_name(db_conn *c, const char *name)
+{
+	for (int i = 0; i < c->ntables; i++)
+		if (sqlite3_stricmp(c->tables[i]->name, name) == 0)
+			return c->tables[i];
+	return NULL;
+}
+
+/* ---- database.h ---- */
+
+pgs_rc
+db_tables(db_conn *c, db_table ***tables, int *ntables, pgs_err *err)
+{
+	(void) err;
+	*tables = c->tables;
+	*ntables = c->ntables;
+	return PGS_OK;
+}
+
+pgs_rc
+db_table_find(db_conn *c, const uint8_t *name, size_t len, db_table **out, pgs_err *err)
+{
+	char		buf[512];
+
+	for (int i = 0; i < c->ntables; i++)
+		if (strlen(c->tables[i]->name) == len && sqlite3_strnicmp(c->tables[i]->name, (const char *) name, (int) len) == 0)
+		{
+			*out = c->tables[i];
+			return PGS_OK;
+		}
+	snprintf(buf, sizeof buf, "%.*s", (int) (len > 400 ? 400 : len), (const char *) name);
+	pgs_failf(err, PGS_ERR_SCHEMA,
+			  "Create the table and call sync_init on it before applying payloads that contain it.",
+			  "unknown table \"%s\" in payload", buf);
+	pgs_err_detailf(err, "The table is not synced in this database.");
+	return PGS_ERR_SCHEMA;
+}
+
+const db_table_info *
+db_table_describe(db_table *t)
+{
+	return &t->info;
+}
+
+const uint8_t *
+db_site_id(db_conn *c)
+{
+	return c->site;
+}
+
+pgs_rc
+db_site_intern(db_conn *c, const uint8_t site[16], uint32_t *idx, pgs_err *err)
+{
+	for (uint32_t i = 0; i < c->nsites; i++)
+		if (memcmp(c->sites[i], site, 16) == 0)
+		{
+			*idx = i;
+			return PGS_OK;
+		}
+	if (c->nsites >= c->sites_cap)
+	{
+		uint32_t	cap = c->sites_cap ? c->sites_cap * 2 : 16;
+		void	   *n = sqlite3_realloc64(c->sites, (sqlite3_uint64) cap * 16);
+
+		if (!n)
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory adding a site", NULL, NULL);
+		c->sites = n;
+		c->sites_cap = cap;
+	}
+	if (sl_prepare(c, &c->st_site_add, "INSERT INTO sync_sites(idx, site) VALUES(?1, ?2)", err) != PGS_OK)
+		return err->rc;
+	sqlite3_bind_int64(c->st_site_add, 1, c->nsites);
+	sqlite3_bind_blob(c->st_site_add, 2, site, 16, SQLITE_STATIC);
+	if (sqlite3_step(c->st_site_add) != SQLITE_DONE)
+	{
+		sqlite3_reset(c->st_site_add);
+		return sl_dberr(c, err, "could not record a new site");
+	}
+	sqlite3_reset(c->st_site_add);
+	memcpy(c->sites[c->nsites], site, 16);
+	*idx = c->nsites++;
+	return PGS_OK;
+}
+
+pgs_rc
+db_site_lookup(db_conn *c, uint32_t idx, const uint8_t **site, pgs_err *err)
+{
+	if (idx >= c->nsites)
+		return pgs_failf(err, PGS_ERR_DB, NULL, "sync metadata is damaged: unknown site index %u", idx);
+	*site = c->sites[idx];
+	return PGS_OK;
+}
+
+pgs_rc
+db_apply_version(db_conn *c, int64_t *ver, pgs_err *err)
+{
+	return sl_txn_version(c, ver, err);
+}
+
+pgs_rc
+db_hlc_observe(db_conn *c, uint64_t hlc, pgs_err *err)
+{
+	char		sql[128];
+
+	if (hlc > c->hlc)
+		c->hlc = hlc;
+	snprintf(sql, sizeof sql, "UPDATE sync_state SET hlc = max(hlc, %lld)", (long long) hlc);
+	return sl_exec(c, sql, err);
+}
+
+static void
+bind_pk(sqlite3_stmt *st, const db_table *t, const pgs_value *pk, int first)
+{
+	for (int i = 0; i < t->npk; i++)
+		sl_bind_value(st, first + i, &pk[i]);
+}
+
+static char *
+pk_where(const db_table *t, int first)
+{
+	char	   *w = sqlite3_mprintf("");
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char	   *n = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], first + i);
+
+		sqlite3_free(w);
+		w = n;
+	}
+	return w;
+}
+
+static char *
+pk_list(const db_table *t, const char *prefix)
+{
+	char	   *w = sqlite3_mprintf("");
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char	   *n = sqlite3_mprintf("%s%s%s%s", w, i ? ", " : "", prefix, t->pk_q[i]);
+
+		sqlite3_free(w);
+		w = n;
+	}
+	return w;
+}
+
+static pgs_rc
+prepare_fmt(db_conn *c, sqlite3_stmt **st, pgs_err *err, const char *fmt, ...)
+{
+	va_list		ap;
+	char	   *sql;
+	pgs_rc		rc;
+
+	if (*st)
+		return PGS_OK;
+	va_start(ap, fmt);
+	sql = sqlite3_vmprintf(fmt, ap);
+	va_end(ap);
+	if (!sql)
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	rc = sl_prepare(c, st, sql, err);
+	sqlite3_free(sql);
+	return rc;
+}
+
+pgs_rc
+db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
+			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
+{
+	pgs_rc		rc;
+	int			s;
+
+	if (!t->clock_get)
+	{
+		char	   *w = pk_where(t, 1);
+
+		rc = prepare_fmt(c, &t->clock_get, err, "SELECT cl, clk FROM %s WHERE %s", t->qclock, w);
+		sqlite3_free(w);
+		if (rc != PGS_OK)
+			return rc;
+	}
+	bind_pk(t->clock_get, t, pk, 1);
+	s = sqlite3_step(t->clock_get);
+	*found = s == SQLITE_ROW;
+	if (*found)
+	{
+		int			n = sqlite3_column_bytes(t->clock_get, 1);
+
+		*cl = sqlite3_column_int64(t->clock_get, 0);
+		c->clockbuf.len = 0;
+		pgs_buf_put(&c->clockbuf, sqlite3_column_blob(t->clock_get, 1), (size_t) n);
+		if (c->clockbuf.oom)
+		{
+			sqlite3_reset(t->clock_get);
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		}
+		*blob = c->clockbuf.p;
+		*blob_len = (size_t) n;
+	}
+	sqlite3_reset(t->clock_get);
+	if (s != SQLITE_ROW && s != SQLITE_DONE)
+		return sl_dberr(c, err, "could not read a row clock");
+	return PGS_OK;
+}
+
+pgs_rc
+db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, int64_t cl, int64_t ver,
+			 const uint8_t *blob, size_t blob_len, pgs_err *err)
+{
+	pgs_rc		rc;
+
+	if (!t->clock_put)
+	{
+		char	   *cols = pk_list(t, "");
+		char	   *vals = sqlite3_mprintf("");
+
+		for (int i = 0; i < t->npk + 3 && vals; i++)
+		{
+			char	   *n = sqlite3_mprintf("%s%s?%d", vals, i ? ", " : "", i + 1);
+
+			sqlite3_free(vals);
+			vals = n;
+		}
+		rc = prepare_fmt(c, &t->clock_put, err, "INSERT OR REPLACE INTO %s(%s, cl, ver, clk) VALUES(%s)",
+						 t->qclock, cols, vals);
+		sqlite3_free(cols);
+		sqlite3_free(vals);
+		if (rc != PGS_OK)
+			return rc;
+	}
+	bind_pk(t->clock_put, t, pk, 1);
+	sqlite3_bind_int64(t->clock_put, t->npk + 1, cl);
+	sqlite3_bind_int64(t->clock_put, t->npk + 2, ver);
+	sqlite3_bind_blob(t->clock_put, t->npk + 3, blob, (int) blob_len, SQLITE_STATIC);
+	if (sqlite3_step(t->clock_put) != SQLITE_DONE)
+	{
+		sqlite3_reset(t->clock_put);
+		return sl_dberr(c, err, "could not write a row clock");
+	}
+	sqlite3_reset(t->clock_put);
+	return PGS_OK;
+}
+
+/*
+ * row_stmt returns a cached statement writing the given column set:
+ * kind 0 = UPDATE ... WHERE pk, 1 = INSERT (pk, cols), 2 = upsert of all columns.
+ */
+static sqlite3_stmt *
+row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, pgs_err *err)
+{
+	uint64_t	key = (uint64_t) kind << 62;
+	bool		cacheable = t->ncols <= 62;
+	char	   *sql = NULL,
+			   *a = NULL,
+			   *b = NULL;
+	sqlite3_stmt *st = NULL;
+
+	*temp = !cacheable;
+	if (cacheable)
+	{
+		for (int i = 0; i < n; i++)
+			key |= UINT64_C(1) << cols[i];
+		for (int i = 0; i < SL_STMT_CACHE; i++)
+			if (t->cache[i].stmt && t->cache[i].key == key)
+				return t->cache[i].stmt;
+	}
+	if (kind == 0)
+	{
+		char	   *w = pk_where(t, n + 1);
+
+		a = sqlite3_mprintf("");
+		for (int i = 0; i < n && a; i++)
+		{
+			char	   *x = sqlite3_mprintf("%s%s%s = ?%d", a, i ? ", " : "", t->col_q[cols[i]], i + 1);
+
+			sqlite3_free(a);
+			a = x;
+		}
+		sql = sqlite3_mprintf("UPDATE %s SET %s WHERE %s", t->qname, a, w);
+		sqlite3_free(w);
+	}
+	else
+	{
+		a = pk_list(t, "");
+		b = sqlite3_mprintf("");
+		for (int i = 0; i < t->npk + n && b; i++)
+		{
+			char	   *x = sqlite3_mprintf("%s%s?%d", b, i ? ", " : "", i + 1);
+
+			sqlite3_free(b);
+			b = x;
+		}
+		for (int i = 0; i < n && a; i++)
+		{
+			char	   *x = sqlite3_mprintf("%s, %s", a, t->col_q[cols[i]]);
+
+			sqlite3_free(a);
+			a = x;
+		}
+		if (kind == 1 || n == 0)
+			sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES(%s)", t->qname, a, b);
+		else
+		{
+			char	   *pkl = pk_list(t, "");
+			char	   *set = sqlite3_mprintf("");
+
+			for (int i = 0; i < n && set; i++)
+			{
+				char	   *x = sqlite3_mprintf("%s%s%s = excluded.%s", set, i ? ", " : "", t->col_q[cols[i]], t->col_q[cols[i]]);
+
+				sqlite3_free(set);
+				set = x;
+			}
+			sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES(%s) ON CONFLICT(%s) DO UPDATE SET %s",
+								  t->qname, a, b, pkl, set);
+			sqlite3_free(pkl);
+			sqlite3_free(set);
+		}
+	}
+	sqlite3_free(a);
+	sqlite3_free(b);
+	if (!sql)
+	{
+		pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		return NULL;
+	}
+	if (sl_prepare(c, &st, sql, err) != PGS_OK)
+	{
+		sqlite3_free(sql);
+		return NULL;
+	}
+	sqlite3_free(sql);
+	if (cacheable)
+	{
+		sl_stmt_slot *slot = &t->cache[t->cache_next];
+
+		t->cache_next = (t->cache_next + 1) % SL_STMT_CACHE;
+		sqlite3_finalize(slot->stmt);
+		slot->stmt = st;
+		slot->key = key;
+	}
+	return st;
+}
+
+static pgs_rc
+run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *pk, int n,
+		const pgs_value *vals, bool pk_first, int64_t *changed, pgs_err *err)
+{
+	int			s;
+	sqlite3_int64 before = sqlite3_total_changes64(c->db);
+
+	for (int i = 0; i < n; i++)
+		sl_bind_value(st, (pk_first ? t->npk : 0) + i + 1, &vals[i]);
+	bind_pk(st, t, pk, pk_first ? 1 : n + 1);
+	s = sqlite3_step(st);
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	if (temp)
+		sqlite3_finalize(st);
+	if (s != SQLITE_DONE)
+	{
+		pgs_rc		rc = sl_dberr(c, err, "could not write a merged row");
+
+		pgs_err_detailf(err, "Table \"%s\".", t->name);
+		return rc;
+	}
+	if (changed)
+		*changed = sqlite3_total_changes64(c->db) - before;
+	return PGS_OK;
+}
+
+pgs_rc
+db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+			 const int *cols, const pgs_value *vals, pgs_err *err)
+{
+	sqlite3_stmt *st;
+	bool		temp;
+	int64_t		changed = 0;
+	pgs_rc		rc;
+
+	if (mode == DB_WRITE_MERGE)
+	{
+		if (!(st = row_stmt(c, t, 0, n, cols, &temp, err)))
+			return err->rc;
+		if ((rc = run_row(c, t, st, temp, pk, n, vals, false, &changed, err)) != PGS_OK)
+			return rc;
+		if (changed > 0)
+			return PGS_OK;
+		if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
+			return err->rc;
+		return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
+	}
+	if (n == t->ncols && n > 0)
+	{
+		/* a whole new life with every column: one upsert */
+		if (!(st = row_stmt(c, t, 2, n, cols, &temp, err)))
+			return err->rc;
+		return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
+	}
+	if ((rc = db_row_delete(c, t, pk, err)) != PGS_OK)
+		return rc;
+	if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
+		return err->rc;
+	return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
+}
+
+pgs_rc
+db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	if (!t->row_delete)
+	{
+		char	   *w = pk_where(t, 1);
+		pgs_rc		rc = prepare_fmt(c, &t->row_delete, err, "DELETE FROM %s WHERE %s", t->qname, w);
+
+		sqlite3_free(w);
+		if (rc != PGS_OK)
+			return rc;
+	}
+	bind_pk(t->row_delete, t, pk, 1);
+	if (sqlite3_step(t->row_delete) != SQLITE_DONE)
+	{
+		sqlite3_reset(t->row_delete);
+		return sl_dberr(c, err, "could not delete a merged row");
+	}
+	sqlite3_reset(t->row_delete);
+	return PGS_OK;
+}
+
+void
+db_reject(db_conn *c, db_table *t, const pgs_value *pk, const pgs_err *why)
+{
+	/* SQLite has no per-row permissions: db_row_write never returns PGS_ERR_PERMISSION. */
+	(void) c, (void) t, (void) pk, (void) why;
+}
+
+pgs_rc
+db_version_safe(db_conn *c, int64_t *until, pgs_err *err)
+{
+	sqlite3_stmt *st = NULL;
+	pgs_rc		rc = PGS_OK;
+
+	if (sqlite3_prepare_v2(c->db, "SELECT db_version FROM sync_state", -1, &st, NULL) != SQLITE_OK)
+		return sl_dberr(c, err, "could not read db_version");
+	if (sqlite3_step(st) == SQLITE_ROW)
+		*until = sqlite3_column_int64(st, 0);
+	else
+		rc = sl_dberr(c, err, "could not read db_version");
+	sqlite3_finalize(st);
+	return rc;
+}
+
+struct db_cursor
+{
+	db_conn    *c;
+	db_table   *t;
+	sqlite3_stmt *st;
+	pgs_value  *vals;			/* npk + ncols */
+};
+
+pgs_rc
+db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor **out,
+				pgs_err *err)
+{
+	db_cursor  *cur = sqlite3_malloc(sizeof *cur);
+	char	   *sel = sqlite3_mprintf("c.cl, c.clk, t.%s IS NOT NULL", t->pk_q[0]);
+	char	   *on = sqlite3_mprintf("");
+	char	   *sql;
+	pgs_rc		rc;
+
+	for (int i = 0; i < t->npk && sel && on; i++)
+	{
+		char	   *x = sqlite3_mprintf("%s, c.%s", sel, t->pk_q[i]);
+		char	   *y = sqlite3_mprintf("%s%st.%s = c.%s", on, i ? " AND " : "", t->pk_q[i], t->pk_q[i]);
+
+		sqlite3_free(sel);
+		sqlite3_free(on);
+		sel = x;
+		on = y;
+	}
+	for (int i = 0; i < t->ncols && sel; i++)
+	{
+		char	   *x = sqlite3_mprintf("%s, t.%s", sel, t->col_q[i]);
+
+		sqlite3_free(sel);
+		sel = x;
+	}
+	sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1 AND c.ver <= ?2",
+						  sel, t->qclock, t->qname, on);
+	sqlite3_free(sel);
+	sqlite3_free(on);
+	if (!cur || !sql)
+	{
+		sqlite3_free(cur);
+		sqlite3_free(sql);
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	}
+	memset(cur, 0, sizeof *cur);
+	cur->c = c;
+	cur->t = t;
+	cur->vals = sqlite3_malloc64(sizeof(pgs_value) * (t->npk + t->ncols + 1));
+	rc = cur->vals ? sl_prepare(c, &cur->st, sql, err) : pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	sqlite3_free(sql);
+	if (rc != PGS_OK)
+	{
+		db_changes_close(cur);
+		return rc;
+	}
+	sqlite3_bind_int64(cur->st, 1, since);
+	sqlite3_bind_int64(cur->st, 2, until);
+	*out = cur;
+	return PGS_OK;
+}
+
+pgs_rc
+db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl,
+				const uint8_t **blob, size_t *blob_len, bool *alive, const pgs_value **cols,
+				pgs_err *err)
+{
+	db_table   *t = cur->t;
+	int			s = sqlite3_step(cur->st);
+
+	if (s == SQLITE_DONE)
+	{
+		*done = true;
+		return PGS_OK;
+	}
+	if (s != SQLITE_ROW)
+		return sl_dberr(cur->c, err, "could not read changes");
+	*done = false;
+	*cl = sqlite3_column_int64(cur->st, 0);
+	*blob = sqlite3_column_blob(cur->st, 1);
+	*blob_len = (size_t) sqlite3_column_bytes(cur->st, 1);
+	*alive = sqlite3_column_int(cur->st, 2) != 0;
+	for (int i = 0; i < t->npk + t->ncols; i++)
+		sl_column_value(cur->st, 3 + i, &cur->vals[i]);
+	*pk = cur->vals;
+	*cols = cur->vals + t->npk;
+	return PGS_OK;
+}
+
+void
+db_changes_close(db_cursor *cur)
+{
+	if (!cur)
+		return;
+	sqlite3_finalize(cur->st);
+	sqlite3_free(cur->vals);
+	sqlite3_free(cur);
+}

@@ -1,0 +1,565 @@
+/*
+ * sqlitesync.c — entry point of the SQLite loadable extension `sqlitesync`
+ * and its sync_* SQL functions.
+ *
+ * Each SQL function is a thin static wrapper with the same name: check the
+ * arguments, call the core (or sl_*), map a pgs_err to sqlite3_result_error.
+ * Registration is the table `functions` at the bottom.
+ */
+#include "sl_internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+SQLITE_EXTENSION_INIT1
+
+/* ---- error mapping ---- */
+
+static void
+result_err(sqlite3_context *ctx, const pgs_err *err)
+{
+	char	   *m;
+
+	if (err->rc == PGS_ERR_NOMEM)
+	{
+		sqlite3_result_error_nomem(ctx);
+		return;
+	}
+	m = sqlite3_mprintf("%s%s%s%s%s", err->msg,
+						err->detail[0] ? ". " : "", err->detail,
+						err->hint[0] ? (err->detail[0] ? " " : ". ") : "", err->hint);
+	sqlite3_result_error(ctx, m ? m : err->msg, -1);
+	sqlite3_free(m);
+	switch (err->rc)
+	{
+		case PGS_ERR_CORRUPT:
+		case PGS_ERR_VERSION:
+			sqlite3_result_error_code(ctx, SQLITE_CORRUPT);
+			break;
+		case PGS_ERR_TOO_BIG:
+			sqlite3_result_error_code(ctx, SQLITE_TOOBIG);
+			break;
+		case PGS_ERR_VALUE:
+			sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
+			break;
+		case PGS_ERR_SCHEMA:
+		case PGS_ERR_MISUSE:
+			sqlite3_result_error_code(ctx, SQLITE_ERROR);
+			break;
+		default:
+			break;
+	}
+}
+
+/* ready loads the sync metadata; false (with the error set) before sync_init. */
+static bool
+ready(sqlite3_context *ctx, db_conn *c, const char *fn)
+{
+	pgs_err		err;
+
+	if (sl_load(c, &err) == PGS_OK)
+		return true;
+	if (err.rc == PGS_ERR_MISUSE)
+		pgs_failf(&err, PGS_ERR_MISUSE, "Call sync_init('table') first.",
+				  "%s: sync is not initialized in this database", fn);
+	result_err(ctx, &err);
+	return false;
+}
+
+static bool
+blob_arg(sqlite3_context *ctx, sqlite3_value *v, const char *fn, const uint8_t **p, size_t *n)
+{
+	if (sqlite3_value_type(v) != SQLITE_BLOB)
+	{
+		char	   *m = sqlite3_mprintf("%s: the payload must be a BLOB (got %s); pass the value returned by sync_payload",
+										fn, sqlite3_value_type(v) == SQLITE_NULL ? "NULL" :
+										sqlite3_value_type(v) == SQLITE_TEXT ? "TEXT" : "a number");
+
+		sqlite3_result_error(ctx, m, -1);
+		sqlite3_free(m);
+		return false;
+	}
+	*p = sqlite3_value_blob(v);
+	*n = (size_t) sqlite3_value_bytes(v);
+	if (!*p)
+		*p = (const uint8_t *) "";
+	return true;
+}
+
+/* ---- SQL functions ---- */
+
+static void
+sync_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	const char *table = (const char *) sqlite3_value_text(argv[0]);
+	const char *algo = argc > 1 ? (const char *) sqlite3_value_text(argv[1]) : "cls";
+	pgs_err		err;
+
+	if (!table || !algo)
+	{
+		sqlite3_result_error(ctx, "sync_init: table name and algorithm must not be NULL", -1);
+		return;
+	}
+	if (sl_init_table(c, table, algo, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	sqlite3_result_int(ctx, 1);
+}
+
+static void
+sync_cleanup(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	const char *table = (const char *) sqlite3_value_text(argv[0]);
+	pgs_err		err;
+
+	(void) argc;
+	if (!table)
+	{
+		sqlite3_result_error(ctx, "sync_cleanup: table name must not be NULL", -1);
+		return;
+	}
+	if (!ready(ctx, c, "sync_cleanup"))
+		return;
+	if (sl_cleanup_table(c, table, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	sqlite3_result_int(ctx, 1);
+}
+
+static void
+sync_site_id(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	char		u[37];
+
+	(void) argc, (void) argv;
+	if (!ready(ctx, c, "sync_site_id"))
+		return;
+	pgs_uuid_format(c->site, u);
+	sqlite3_result_text(ctx, u, 36, SQLITE_TRANSIENT);
+}
+
+static void
+sync_db_version(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	int64_t		v;
+	pgs_err		err;
+
+	(void) argc, (void) argv;
+	if (!ready(ctx, c, "sync_db_version"))
+		return;
+	if (db_version_safe(c, &v, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	sqlite3_result_int64(ctx, v);
+}
+
+static void
+sync_uuid(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	uint8_t		b[16];
+	char		u[37];
+	pgs_err		err;
+
+	(void) argc, (void) argv;
+	if (pgs_uuid7(b, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	pgs_uuid_format(b, u);
+	sqlite3_result_text(ctx, u, 36, SQLITE_TRANSIENT);
+}
+
+static void
+sync_version(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	(void) argc, (void) argv;
+	sqlite3_result_text(ctx, PGS_VERSION, -1, SQLITE_STATIC);
+}
+
+static void
+sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	pgs_build_opts o = {.compress = 1};
+	uint8_t		excl[16];
+	pgs_buf		out;
+	pgs_err		err;
+
+	if (!ready(ctx, c, "sync_payload"))
+		return;
+	if (sqlite3_value_type(argv[0]) == SQLITE_NULL)
+		o.since = 0;
+	else if (sqlite3_value_type(argv[0]) != SQLITE_INTEGER || sqlite3_value_int64(argv[0]) < 0)
+	{
+		sqlite3_result_error(ctx, "sync_payload: since must be a non-negative integer (0 for everything, or the value of sync_payload_until of the last payload)", -1);
+		return;
+	}
+	else
+		o.since = sqlite3_value_int64(argv[0]);
+	if (argc > 1 && sqlite3_value_type(argv[1]) != SQLITE_NULL)
+	{
+		const char *s = (const char *) sqlite3_value_text(argv[1]);
+
+		if (sqlite3_value_type(argv[1]) == SQLITE_BLOB && sqlite3_value_bytes(argv[1]) == 16)
+			memcpy(excl, sqlite3_value_blob(argv[1]), 16);
+		else if (!s || !pgs_uuid_parse(s, (size_t) sqlite3_value_bytes(argv[1]), excl))
+		{
+			sqlite3_result_error(ctx, "sync_payload: exclude_site must be a site id as returned by sync_site_id()", -1);
+			return;
+		}
+		o.exclude_site = excl;
+	}
+	if (db_version_safe(c, &o.until, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	if (o.since >= o.until)
+		return;					/* NULL: nothing newer */
+	pgs_buf_init(&out);
+	if (pgs_build(c, &o, &out, NULL, &err) != PGS_OK)
+	{
+		pgs_buf_free(&out);
+		result_err(ctx, &err);
+		return;
+	}
+	if (out.len)
+		sqlite3_result_blob64(ctx, out.p, out.len, pgs_free);
+	else
+		pgs_buf_free(&out);
+}
+
+static void
+sync_payload_until(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	const uint8_t *p;
+	size_t		n;
+	int64_t		until;
+	pgs_err		err;
+
+	(void) argc;
+	if (sqlite3_value_type(argv[0]) == SQLITE_NULL)
+		return;
+	if (!blob_arg(ctx, argv[0], "sync_payload_until", &p, &n))
+		return;
+	if (pgs_payload_until(p, n, &until, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	sqlite3_result_int64(ctx, until);
+}
+
+static void
+sync_payload_info(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	const uint8_t *p;
+	size_t		n;
+	char	   *json;
+	pgs_err		err;
+
+	(void) argc;
+	if (!blob_arg(ctx, argv[0], "sync_payload_info", &p, &n))
+		return;
+	if (pgs_payload_info(p, n, &json, &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	sqlite3_result_text(ctx, json, -1, pgs_free);
+	sqlite3_result_subtype(ctx, 'J');
+}
+
+static void
+sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	const uint8_t *p;
+	size_t		n;
+	pgs_apply_stats st;
+	pgs_err		err,
+				ignore;
+	pgs_rc		rc;
+
+	(void) argc;
+	if (!blob_arg(ctx, argv[0], "sync_apply_payload", &p, &n))
+		return;
+	if (!ready(ctx, c, "sync_apply_payload"))
+		return;
+	if (sl_exec(c, "SAVEPOINT sync_apply", &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	c->applying = true;
+	rc = pgs_apply(c, p, n, &st, &err);
+	c->applying = false;
+	if (rc != PGS_OK)
+	{
+		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
+		sl_exec(c, "RELEASE sync_apply", &ignore);
+		c->txn_ver = 0;
+		sl_load(c, &ignore);	/* sites interned in the savepoint are gone */
+		result_err(ctx, &err);
+		return;
+	}
+	if (sl_exec(c, "RELEASE sync_apply", &err) != PGS_OK)
+	{
+		result_err(ctx, &err);
+		return;
+	}
+	sqlite3_result_int64(ctx, st.won);
+}
+
+/* ---- connection state and registration ---- */
+
+static int
+on_commit(void *arg)
+{
+	sl_txn_end(arg);
+	return 0;
+}
+
+static void
+on_rollback(void *arg)
+{
+	sl_txn_end(arg);
+}
+
+/* finalize_all drops every cached statement; they are re-prepared on use. */
+static void
+finalize_all(db_conn *c)
+{
+	sl_unload_tables(c);
+	sqlite3_finalize(c->st_ver_get);
+	sqlite3_finalize(c->st_ver_bump);
+	sqlite3_finalize(c->st_site_add);
+	c->st_ver_get = c->st_ver_bump = c->st_site_add = NULL;
+	c->ready = false;
+}
+
+static void
+conn_free(void *arg)
+{
+	db_conn    *c = arg;
+
+	finalize_all(c);
+	sqlite3_free(c->sites);
+	sqlite3_free(c->stamps);
+	pgs_buf_free(&c->clockbuf);
+	pgs_buf_free(&c->scratch);
+	sqlite3_free(c);
+}
+
+/*
+ * sqlitesync_close: an empty eponymous virtual table whose only job is its
+ * xDisconnect. sqlite3_close() disconnects virtual tables before it checks
+ * for unfinalized statements (so that they can drop cached statements), which
+ * is exactly what we need: the cached statements go, and a plain
+ * sqlite3_close() succeeds instead of returning SQLITE_BUSY.
+ */
+typedef struct close_vtab
+{
+	sqlite3_vtab base;
+	db_conn    *c;
+} close_vtab;
+
+static int
+close_connect(sqlite3 *db, void *aux, int argc, const char *const *argv, sqlite3_vtab **out, char **errmsg)
+{
+	close_vtab *v;
+	int			rc;
+
+	(void) argc, (void) argv, (void) errmsg;
+	rc = sqlite3_declare_vtab(db, "CREATE TABLE x(unused)");
+	if (rc != SQLITE_OK)
+		return rc;
+	if (!(v = sqlite3_malloc(sizeof *v)))
+		return SQLITE_NOMEM;
+	memset(v, 0, sizeof *v);
+	v->c = aux;
+	*out = &v->base;
+	return SQLITE_OK;
+}
+
+static int
+close_disconnect(sqlite3_vtab *vt)
+{
+	finalize_all(((close_vtab *) vt)->c);
+	sqlite3_free(vt);
+	return SQLITE_OK;
+}
+
+static int
+close_best_index(sqlite3_vtab *vt, sqlite3_index_info *info)
+{
+	(void) vt;
+	info->estimatedCost = 1;
+	info->estimatedRows = 0;
+	return SQLITE_OK;
+}
+
+static int
+close_open(sqlite3_vtab *vt, sqlite3_vtab_cursor **cur)
+{
+	(void) vt;
+	if (!(*cur = sqlite3_malloc(sizeof **cur)))
+		return SQLITE_NOMEM;
+	memset(*cur, 0, sizeof **cur);
+	return SQLITE_OK;
+}
+
+static int
+close_close(sqlite3_vtab_cursor *cur)
+{
+	sqlite3_free(cur);
+	return SQLITE_OK;
+}
+
+static int
+close_filter(sqlite3_vtab_cursor *cur, int idx, const char *s, int argc, sqlite3_value **argv)
+{
+	(void) cur, (void) idx, (void) s, (void) argc, (void) argv;
+	return SQLITE_OK;
+}
+
+static int
+close_next(sqlite3_vtab_cursor *cur)
+{
+	(void) cur;
+	return SQLITE_OK;
+}
+
+static int
+close_eof(sqlite3_vtab_cursor *cur)
+{
+	(void) cur;
+	return 1;
+}
+
+static int
+close_column(sqlite3_vtab_cursor *cur, sqlite3_context *ctx, int i)
+{
+	(void) cur, (void) ctx, (void) i;
+	return SQLITE_OK;
+}
+
+static int
+close_rowid(sqlite3_vtab_cursor *cur, sqlite3_int64 *rowid)
+{
+	(void) cur;
+	*rowid = 0;
+	return SQLITE_OK;
+}
+
+static const sqlite3_module close_module = {
+	.xConnect = close_connect,
+	.xBestIndex = close_best_index,
+	.xDisconnect = close_disconnect,
+	.xOpen = close_open,
+	.xClose = close_close,
+	.xFilter = close_filter,
+	.xNext = close_next,
+	.xEof = close_eof,
+	.xColumn = close_column,
+	.xRowid = close_rowid,
+};
+
+static void *
+sl_malloc(size_t n)
+{
+	return sqlite3_malloc64(n);
+}
+
+static void *
+sl_realloc(void *p, size_t n)
+{
+	return sqlite3_realloc64(p, n);
+}
+
+static void
+sl_free(void *p)
+{
+	sqlite3_free(p);
+}
+
+static const struct
+{
+	const char *name;
+	int			nargs;
+	int			flags;
+	void		(*fn) (sqlite3_context *, int, sqlite3_value **);
+}			functions[] =
+{
+	{"sync_init", 1, SQLITE_DIRECTONLY, sync_init},
+	{"sync_init", 2, SQLITE_DIRECTONLY, sync_init},
+	{"sync_cleanup", 1, SQLITE_DIRECTONLY, sync_cleanup},
+	{"sync_site_id", 0, 0, sync_site_id},
+	{"sync_db_version", 0, 0, sync_db_version},
+	{"sync_payload", 1, SQLITE_DIRECTONLY, sync_payload},
+	{"sync_payload", 2, SQLITE_DIRECTONLY, sync_payload},
+	{"sync_payload_until", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_payload_until},
+	{"sync_apply_payload", 1, SQLITE_DIRECTONLY, sync_apply_payload},
+	{"sync_payload_info", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_payload_info},
+	{"sync_uuid", 0, SQLITE_INNOCUOUS, sync_uuid},
+	{"sync_version", 0, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_version},
+	/* called by the capture triggers; see sl_capture.c */
+	{"sqlitesync_capture", -1, 0, sl_capture},
+};
+
+#ifdef _WIN32
+__declspec(dllexport)
+#endif
+int
+sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines *pApi)
+{
+	static const pgs_allocator alloc = {sl_malloc, sl_realloc, sl_free};
+	db_conn    *c;
+	pgs_err		ignore;
+
+	SQLITE_EXTENSION_INIT2(pApi);
+	pgs_set_allocator(&alloc);
+	c = sqlite3_malloc(sizeof *c);
+	if (!c)
+		return SQLITE_NOMEM;
+	memset(c, 0, sizeof *c);
+	c->db = db;
+	for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++)
+	{
+		int			rc = sqlite3_create_function_v2(db, functions[i].name, functions[i].nargs,
+													SQLITE_UTF8 | functions[i].flags, c,
+													functions[i].fn, NULL, NULL,
+													i == sizeof functions / sizeof functions[0] - 1 ? conn_free : NULL);
+
+		if (rc != SQLITE_OK)
+		{
+			if (pzErrMsg)
+				*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register %s", functions[i].name);
+			if (i < sizeof functions / sizeof functions[0] - 1)
+				conn_free(c);
+			return rc;
+		}
+	}
+	if (sqlite3_create_module_v2(db, "sqlitesync_close", &close_module, c, NULL) != SQLITE_OK ||
+		sqlite3_exec(db, "SELECT * FROM sqlitesync_close", NULL, NULL, NULL) != SQLITE_OK)
+	{
+		if (pzErrMsg)
+			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register its close hook: %s", sqlite3_errmsg(db));
+		return SQLITE_ERROR;
+	}
+	sqlite3_commit_hook(db, on_commit, c);
+	sqlite3_rollback_hook(db, on_rollback, c);
+	(void) sl_load(c, &ignore);	/* fine to fail before the first sync_init */
+	return SQLITE_OK;
+}
