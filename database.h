@@ -79,6 +79,9 @@ pgs_rc		db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site,
  * call are stamped with (one version per apply, like a local transaction).
  */
 pgs_rc		db_apply_version(db_conn *db, int64_t *ver, pgs_err *err);
+/* db_apply_end: the merge succeeded; write anything the engine deferred
+ * (SQLite batches new rows) while the payload is still in memory. */
+pgs_rc		db_apply_end(db_conn *db, pgs_err *err);
 /* db_hlc_observe: advance the persisted HLC after receiving stamps up to hlc
  * (the caller already applied pgs_hlc_receive's skew bound). */
 pgs_rc		db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err);
@@ -92,15 +95,21 @@ pgs_rc		db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err);
 pgs_rc		db_clock_get(db_conn *db, db_table *t, const pgs_value *pk,
 						 bool *found, int64_t *cl, const uint8_t **blob,
 						 size_t *blob_len, pgs_err *err);
-/* db_clock_put: insert or replace the clock row of pk. */
+/* db_clock_put: write the clock row of pk; exists tells whether db_clock_get
+ * found one (an engine may then use a plain UPDATE or INSERT: on SQLite an
+ * INSERT OR REPLACE costs a statement journal per row). */
 pgs_rc		db_clock_put(db_conn *db, db_table *t, const pgs_value *pk,
-						 int64_t cl, int64_t ver, const uint8_t *blob,
-						 size_t blob_len, pgs_err *err);
+						 bool exists, int64_t cl, int64_t ver,
+						 const uint8_t *blob, size_t blob_len, pgs_err *err);
 
 typedef enum db_write_mode
 {
 	DB_WRITE_MERGE = 0,			/* update these columns; insert the row if absent */
-	DB_WRITE_REPLACE = 1		/* new row life: the row is exactly these columns */
+	DB_WRITE_REPLACE = 1,		/* new life of a live row: the row becomes exactly
+								 * these columns */
+	DB_WRITE_INSERT = 2			/* new life of an absent row (unknown key or
+								 * tombstone): insert these columns; an engine
+								 * must still cope with a stray existing row */
 } db_write_mode;
 
 /*

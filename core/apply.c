@@ -234,7 +234,8 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 			n++;
 		}
 		if (g->cl & 1)
-			r = db_row_write(a->db, at->t, g->pk, DB_WRITE_REPLACE, n, a->wcols, a->wvals, err);
+			r = db_row_write(a->db, at->t, g->pk, (lcl & 1) ? DB_WRITE_REPLACE : DB_WRITE_INSERT,
+							 n, a->wcols, a->wvals, err);
 		else
 			r = db_row_delete(a->db, at->t, g->pk, err);
 		st->won++;				/* the row-life change itself */
@@ -259,7 +260,7 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 	pgs_rowclock_encode(&rc, &a->blob);
 	if (a->blob.oom)
 		return oom(err);
-	return db_clock_put(a->db, at->t, g->pk, g->cl, pgs_rowclock_max_ver(&rc),
+	return db_clock_put(a->db, at->t, g->pk, found, g->cl, pgs_rowclock_max_ver(&rc),
 						a->blob.p, a->blob.len, err);
 }
 
@@ -309,6 +310,8 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
 		if ((rc = apply_group(&a, &g, st, err)) != PGS_OK)
 			break;
 	}
+	if (rc == PGS_OK)
+		rc = db_apply_end(db, err);
 	if (rc == PGS_OK && a.max_hlc)
 		rc = db_hlc_observe(db, pgs_hlc_receive(0, a.max_hlc, pgs_now_ms()), err);
 out:

@@ -65,18 +65,18 @@ pk_values(db_table *t, sqlite3_value **argv, pgs_value *pk, pgs_err *err)
 }
 
 static pgs_rc
-put_clock(db_conn *c, db_table *t, const pgs_value *pk, pgs_rowclock *rc, pgs_err *err)
+put_clock(db_conn *c, db_table *t, const pgs_value *pk, bool exists, pgs_rowclock *rc, pgs_err *err)
 {
 	c->scratch.len = 0;
 	pgs_rowclock_encode(rc, &c->scratch);
 	if (c->scratch.oom)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-	return db_clock_put(c, t, pk, rc->cl, pgs_rowclock_max_ver(rc), c->scratch.p, c->scratch.len, err);
+	return db_clock_put(c, t, pk, exists, rc->cl, pgs_rowclock_max_ver(rc), c->scratch.p, c->scratch.len, err);
 }
 
 /* new_life stamps every column for a row that starts a life at cl. */
 static pgs_rc
-new_life(db_conn *c, db_table *t, const pgs_value *pk, int64_t cl, int64_t ver, pgs_err *err)
+new_life(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver, pgs_err *err)
 {
 	pgs_stamp  *s = sl_stamps(c, t->ncols);
 	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
@@ -86,7 +86,7 @@ new_life(db_conn *c, db_table *t, const pgs_value *pk, int64_t cl, int64_t ver, 
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	for (int i = 0; i < t->ncols; i++)
 		s[i].hlc = hlc, s[i].ver = ver, s[i].site = 0;
-	return put_clock(c, t, pk, &rc, err);
+	return put_clock(c, t, pk, exists, &rc, err);
 }
 
 static pgs_rc
@@ -117,7 +117,7 @@ touch_columns(db_conn *c, db_table *t, const pgs_value *pk, const uint8_t *blob,
 	}
 	if (!changed)
 		return PGS_OK;
-	return put_clock(c, t, pk, &rc, err);
+	return put_clock(c, t, pk, true, &rc, err);
 }
 
 pgs_rc
@@ -137,12 +137,16 @@ sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 	if ((r = pk_values(t, pkargs, pkv, err)) != PGS_OK ||
 		(r = sl_txn_version(c, &ver, err)) != PGS_OK)
 		goto out;
+	/* fast path: a key never seen before takes one INSERT and no lookup */
+	r = new_life(c, t, pkv, false, 1, ver, err);
+	if (r == PGS_OK || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_PRIMARYKEY)
+		goto out;
 	if ((r = db_clock_get(c, t, pkv, &found, &cl, &blob, &len, err)) != PGS_OK)
 		goto out;
 	if (!found)
-		r = new_life(c, t, pkv, 1, ver, err);
+		r = pgs_failf(err, PGS_ERR_DB, NULL, "clock row of table \"%s\" vanished during capture", t->name);
 	else if ((cl & 1) == 0)
-		r = new_life(c, t, pkv, cl + 1, ver, err);	/* resurrection */
+		r = new_life(c, t, pkv, true, cl + 1, ver, err);	/* resurrection */
 	else if (t->algo == DB_ALGO_GSET)
 		r = pgs_failf(err, PGS_ERR_VALUE, "Tables synced with algo 'gset' only accept new rows.",
 					  "cannot replace a row of grow-only table \"%s\"", t->name);
@@ -173,7 +177,7 @@ capture_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 	rc.cl = found ? cl + 1 : 2;
 	rc.cl_ver = ver;
 	rc.cl_site = 0;
-	return put_clock(c, t, pk, &rc, err);
+	return put_clock(c, t, pk, found, &rc, err);
 }
 
 static pgs_rc
@@ -204,7 +208,7 @@ capture_update(db_conn *c, db_table *t, int argc, sqlite3_value **argv, pgs_err 
 		(r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
 		return r;
 	if (!found || (cl & 1) == 0)
-		return new_life(c, t, pk, found ? cl + 1 : 1, ver, err);
+		return new_life(c, t, pk, found, found ? cl + 1 : 1, ver, err);
 	return touch_columns(c, t, pk, blob, len, cl, ver, argv + 1 + 2 * t->npk, err);
 }
 

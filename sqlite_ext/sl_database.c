@@ -114,6 +114,10 @@ sl_column_value(sqlite3_stmt *st, int i, pgs_value *v)
 	}
 }
 
+static sqlite3_stmt *row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, pgs_err *err);
+static pgs_rc run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *pk, int n,
+					  const pgs_value *vals, bool pk_first, int64_t *changed, pgs_err *err);
+
 /* ---- metadata ---- */
 
 static void
@@ -123,8 +127,15 @@ free_table(db_table *t)
 		return;
 	sqlite3_finalize(t->clock_get);
 	sqlite3_finalize(t->clock_ins);
-	sqlite3_finalize(t->clock_put);
+	sqlite3_finalize(t->clock_upd);
 	sqlite3_finalize(t->row_delete);
+	sqlite3_finalize(t->batch_rows_st);
+	sqlite3_finalize(t->batch_clock_st);
+	sqlite3_free(t->batch_vals);
+	sqlite3_free(t->batch_clock);
+	sqlite3_free(t->batch_blob_len);
+	sqlite3_free(t->batch_ckeys);
+	pgs_buf_free(&t->batch_blobs);
 	for (int i = 0; i < SL_STMT_CACHE; i++)
 		sqlite3_finalize(t->cache[i].stmt);
 	for (int i = 0; i < t->npk; i++)
@@ -485,6 +496,289 @@ prepare_fmt(db_conn *c, sqlite3_stmt **st, pgs_err *err, const char *fmt, ...)
 	return rc;
 }
 
+/*
+ * Batching of merged new rows.
+ *
+ * A base table with capture triggers makes every INSERT a multi-write
+ * statement with its own statement journal, which costs more than the
+ * insert itself. While sync_apply_payload runs (inside its own savepoint,
+ * which already makes the whole merge atomic), rows that are new here with
+ * every column known, and new clock rows, are queued per table and written
+ * SL_BATCH_MAX rows per INSERT statement. The queue is flushed before any
+ * other write or change enumeration and at the end of the apply; values
+ * point into the payload, which outlives the apply. A failing batch is
+ * retried row by row, so an error still names the row that caused it.
+ */
+#define SL_BATCH_MAX 64
+
+static int
+batch_size(db_table *t)
+{
+	int			per = t->npk + (t->ncols > 3 - t->npk ? t->ncols : 3);
+	int			b = 30000 / (per + 3);
+
+	return b < 1 ? 1 : b > SL_BATCH_MAX ? SL_BATCH_MAX : b;
+}
+
+static pgs_rc
+batch_alloc(db_table *t, pgs_err *err)
+{
+	if (t->batch_rows)
+		return PGS_OK;
+	t->batch_rows = batch_size(t);
+	t->batch_vals = sqlite3_malloc64(sizeof(pgs_value) * (size_t) t->batch_rows * (t->npk + t->ncols + 1));
+	t->batch_clock = sqlite3_malloc64(sizeof(int64_t) * 2 * (size_t) t->batch_rows);
+	t->batch_blob_len = sqlite3_malloc64(sizeof(size_t) * (size_t) t->batch_rows);
+	t->batch_ckeys = sqlite3_malloc64(sizeof(pgs_value) * (size_t) t->batch_rows * t->npk);
+	if (!t->batch_vals || !t->batch_clock || !t->batch_blob_len || !t->batch_ckeys)
+	{
+		t->batch_rows = 0;
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	}
+	return PGS_OK;
+}
+
+/* multi_insert prepares INSERT INTO target(cols) VALUES (...) x nrows. */
+static pgs_rc
+multi_insert(db_conn *c, sqlite3_stmt **st, const char *target, const char *cols, int per, int nrows,
+			 pgs_err *err)
+{
+	char	   *sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES ", target, cols);
+	pgs_rc		rc;
+
+	for (int r = 0; r < nrows && sql; r++)
+	{
+		char	   *x = sqlite3_mprintf("%s%s(", sql, r ? ", " : "");
+
+		sqlite3_free(sql);
+		sql = x;
+		for (int k = 0; k < per && sql; k++)
+		{
+			x = sqlite3_mprintf("%s%s?%d", sql, k ? ", " : "", r * per + k + 1);
+			sqlite3_free(sql);
+			sql = x;
+		}
+		if (sql)
+		{
+			x = sqlite3_mprintf("%s)", sql);
+			sqlite3_free(sql);
+			sql = x;
+		}
+	}
+	if (!sql)
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	rc = sl_prepare(c, st, sql, err);
+	sqlite3_free(sql);
+	return rc;
+}
+
+static char *
+row_columns(const db_table *t)
+{
+	char	   *a = pk_list(t, "");
+
+	for (int i = 0; i < t->ncols && a; i++)
+	{
+		char	   *x = sqlite3_mprintf("%s, %s", a, t->col_q[i]);
+
+		sqlite3_free(a);
+		a = x;
+	}
+	return a;
+}
+
+static pgs_rc
+flush_rows(db_conn *c, db_table *t, pgs_err *err)
+{
+	int			per = t->npk + t->ncols;
+	int			n = t->nbatch;
+	sqlite3_stmt *st = NULL;
+	char	   *cols;
+	pgs_rc		rc = PGS_OK;
+
+	if (n == 0)
+		return PGS_OK;
+	t->nbatch = 0;
+	if (n == t->batch_rows && t->batch_rows_st)
+		st = t->batch_rows_st;
+	else
+	{
+		if (!(cols = row_columns(t)))
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		if (n == t->batch_rows)
+			rc = multi_insert(c, &t->batch_rows_st, t->qname, cols, per, n, err), st = t->batch_rows_st;
+		else
+			rc = multi_insert(c, &st, t->qname, cols, per, n, err);
+		sqlite3_free(cols);
+		if (rc != PGS_OK)
+			return rc;
+	}
+	for (int i = 0; i < n * per; i++)
+		sl_bind_value(st, i + 1, &t->batch_vals[i]);
+	if (sqlite3_step(st) != SQLITE_DONE)
+	{
+		/* retry row by row: a stray row is replaced, an error names its row */
+		int		   *all = sqlite3_malloc64(sizeof(int) * (t->ncols + 1));
+
+		sqlite3_reset(st);
+		if (!all)
+			rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		for (int i = 0; all && i < t->ncols; i++)
+			all[i] = i;
+		c->flushing = true;
+		for (int r = 0; r < n && rc == PGS_OK; r++)
+			rc = db_row_write(c, t, &t->batch_vals[r * per], DB_WRITE_INSERT, t->ncols, all,
+							  &t->batch_vals[r * per + t->npk], err);
+		c->flushing = false;
+		sqlite3_free(all);
+		if (rc == PGS_OK)
+			goto done;
+	}
+done:
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	if (st != t->batch_rows_st)
+		sqlite3_finalize(st);
+	return rc;
+}
+
+static pgs_rc
+flush_clocks(db_conn *c, db_table *t, pgs_err *err)
+{
+	int			per = 3 + t->npk;
+	int			n = t->nclock;
+	sqlite3_stmt *st = NULL;
+	size_t		off = 0;
+	pgs_rc		rc = PGS_OK;
+
+	if (n == 0)
+		return PGS_OK;
+	t->nclock = 0;
+	if (n == t->batch_rows && t->batch_clock_st)
+		st = t->batch_clock_st;
+	else
+	{
+		char	   *pk = pk_list(t, "");
+		char	   *cols = pk ? sqlite3_mprintf("cl, ver, clk, %s", pk) : NULL;
+
+		sqlite3_free(pk);
+		if (!cols)
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		if (n == t->batch_rows)
+			rc = multi_insert(c, &t->batch_clock_st, t->qclock, cols, per, n, err), st = t->batch_clock_st;
+		else
+			rc = multi_insert(c, &st, t->qclock, cols, per, n, err);
+		sqlite3_free(cols);
+		if (rc != PGS_OK)
+			return rc;
+	}
+	for (int r = 0; r < n; r++)
+	{
+		sqlite3_bind_int64(st, r * per + 1, t->batch_clock[2 * r]);
+		sqlite3_bind_int64(st, r * per + 2, t->batch_clock[2 * r + 1]);
+		sqlite3_bind_blob(st, r * per + 3, t->batch_blobs.p + off, (int) t->batch_blob_len[r], SQLITE_STATIC);
+		off += t->batch_blob_len[r];
+		for (int k = 0; k < t->npk; k++)
+			sl_bind_value(st, r * per + 4 + k, &t->batch_ckeys[r * t->npk + k]);
+	}
+	rc = sqlite3_step(st) == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not write merged row clocks");
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	if (st != t->batch_clock_st)
+		sqlite3_finalize(st);
+	t->batch_blobs.len = 0;
+	return rc;
+}
+
+pgs_rc
+sl_flush(db_conn *c, pgs_err *err)
+{
+	pgs_rc		rc = PGS_OK;
+
+	for (int i = 0; i < c->ntables && rc == PGS_OK; i++)
+	{
+		rc = flush_rows(c, c->tables[i], err);
+		if (rc == PGS_OK)
+			rc = flush_clocks(c, c->tables[i], err);
+	}
+	c->pending = false;
+	if (rc != PGS_OK)
+		sl_discard(c);
+	return rc;
+}
+
+pgs_rc
+db_apply_end(db_conn *c, pgs_err *err)
+{
+	return c->pending ? sl_flush(c, err) : PGS_OK;
+}
+
+#define FLUSH_FIRST(c, err) \
+	do { \
+		if ((c)->pending) \
+		{ \
+			pgs_rc		frc_ = sl_flush(c, err); \
+			if (frc_ != PGS_OK) \
+				return frc_; \
+		} \
+	} while (0)
+
+void
+sl_discard(db_conn *c)
+{
+	for (int i = 0; i < c->ntables; i++)
+	{
+		c->tables[i]->nbatch = 0;
+		c->tables[i]->nclock = 0;
+		c->tables[i]->batch_blobs.len = 0;
+	}
+	c->pending = false;
+}
+
+/* batch_row queues a new row with every column; false if it cannot be queued. */
+static bool
+batch_row(db_table *t, const pgs_value *pk, int n, const int *cols, const pgs_value *vals)
+{
+	int			per = t->npk + t->ncols;
+	pgs_value  *row;
+	uint64_t	seen[4] = {0};
+
+	if (n != t->ncols || t->ncols > 256 || !t->batch_rows)
+		return false;
+	row = &t->batch_vals[t->nbatch * per];
+	for (int i = 0; i < n; i++)
+	{
+		if (seen[cols[i] / 64] & (UINT64_C(1) << (cols[i] % 64)))
+			return false;
+		seen[cols[i] / 64] |= UINT64_C(1) << (cols[i] % 64);
+		row[t->npk + cols[i]] = vals[i];
+	}
+	for (int k = 0; k < t->npk; k++)
+		row[k] = pk[k];
+	t->nbatch++;
+	return true;
+}
+
+/* batch_clock queues a new clock row. */
+static bool
+batch_clock(db_table *t, const pgs_value *pk, int64_t cl, int64_t ver, const uint8_t *blob, size_t len)
+{
+	int			r = t->nclock;
+
+	if (!t->batch_rows)
+		return false;
+	pgs_buf_put(&t->batch_blobs, blob, len);
+	if (t->batch_blobs.oom)
+		return false;
+	t->batch_clock[2 * r] = cl;
+	t->batch_clock[2 * r + 1] = ver;
+	t->batch_blob_len[r] = len;
+	for (int k = 0; k < t->npk; k++)
+		t->batch_ckeys[r * t->npk + k] = pk[k];
+	t->nclock++;
+	return true;
+}
+
 pgs_rc
 db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
 			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
@@ -526,46 +820,72 @@ db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t 
 }
 
 pgs_rc
-db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, int64_t cl, int64_t ver,
-			 const uint8_t *blob, size_t blob_len, pgs_err *err)
+db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
+			 int64_t ver, const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
+	sqlite3_stmt **stp = exists ? &t->clock_upd : &t->clock_ins;
+	sqlite3_stmt *st;
 	pgs_rc		rc;
 
-	if (!t->clock_put)
+	if (!exists && c->applying && !c->flushing && batch_alloc(t, err) == PGS_OK &&
+		batch_clock(t, pk, cl, ver, blob, blob_len))
 	{
-		char	   *cols = pk_list(t, "");
-		char	   *vals = sqlite3_mprintf("");
+		c->pending = true;
+		return t->nclock == t->batch_rows ? flush_clocks(c, t, err) : PGS_OK;
+	}
+	FLUSH_FIRST(c, err);
 
-		for (int i = 0; i < t->npk + 3 && vals; i++)
+	if (!*stp)
+	{
+		char	   *sql;
+
+		if (exists)
 		{
-			char	   *n = sqlite3_mprintf("%s%s?%d", vals, i ? ", " : "", i + 1);
+			char	   *w = pk_where(t, 4);
 
-			sqlite3_free(vals);
-			vals = n;
+			sql = sqlite3_mprintf("UPDATE %s SET cl = ?1, ver = ?2, clk = ?3 WHERE %s", t->qclock, w);
+			sqlite3_free(w);
 		}
-		rc = prepare_fmt(c, &t->clock_put, err, "INSERT OR REPLACE INTO %s(%s, cl, ver, clk) VALUES(%s)",
-						 t->qclock, cols, vals);
-		sqlite3_free(cols);
-		sqlite3_free(vals);
+		else
+		{
+			char	   *cols = pk_list(t, "");
+			char	   *vals = sqlite3_mprintf("");
+
+			for (int i = 0; i < t->npk && vals; i++)
+			{
+				char	   *n = sqlite3_mprintf("%s, ?%d", vals, i + 4);
+
+				sqlite3_free(vals);
+				vals = n;
+			}
+			sql = sqlite3_mprintf("INSERT INTO %s(cl, ver, clk, %s) VALUES(?1, ?2, ?3%s)", t->qclock, cols, vals);
+			sqlite3_free(cols);
+			sqlite3_free(vals);
+		}
+		if (!sql)
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		rc = sl_prepare(c, stp, sql, err);
+		sqlite3_free(sql);
 		if (rc != PGS_OK)
 			return rc;
 	}
-	bind_pk(t->clock_put, t, pk, 1);
-	sqlite3_bind_int64(t->clock_put, t->npk + 1, cl);
-	sqlite3_bind_int64(t->clock_put, t->npk + 2, ver);
-	sqlite3_bind_blob(t->clock_put, t->npk + 3, blob, (int) blob_len, SQLITE_STATIC);
-	if (sqlite3_step(t->clock_put) != SQLITE_DONE)
+	st = *stp;
+	sqlite3_bind_int64(st, 1, cl);
+	sqlite3_bind_int64(st, 2, ver);
+	sqlite3_bind_blob(st, 3, blob, (int) blob_len, SQLITE_STATIC);
+	bind_pk(st, t, pk, 4);
+	if (sqlite3_step(st) != SQLITE_DONE)
 	{
-		sqlite3_reset(t->clock_put);
+		sqlite3_reset(st);
 		return sl_dberr(c, err, "could not write a row clock");
 	}
-	sqlite3_reset(t->clock_put);
+	sqlite3_reset(st);
 	return PGS_OK;
 }
 
 /*
  * row_stmt returns a cached statement writing the given column set:
- * kind 0 = UPDATE ... WHERE pk, 1 = INSERT (pk, cols), 2 = upsert of all columns.
+ * kind 0 = UPDATE ... WHERE pk, 1 = INSERT (pk, cols).
  */
 static sqlite3_stmt *
 row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, pgs_err *err)
@@ -619,25 +939,7 @@ row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, 
 			sqlite3_free(a);
 			a = x;
 		}
-		if (kind == 1 || n == 0)
-			sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES(%s)", t->qname, a, b);
-		else
-		{
-			char	   *pkl = pk_list(t, "");
-			char	   *set = sqlite3_mprintf("");
-
-			for (int i = 0; i < n && set; i++)
-			{
-				char	   *x = sqlite3_mprintf("%s%s%s = excluded.%s", set, i ? ", " : "", t->col_q[cols[i]], t->col_q[cols[i]]);
-
-				sqlite3_free(set);
-				set = x;
-			}
-			sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES(%s) ON CONFLICT(%s) DO UPDATE SET %s",
-								  t->qname, a, b, pkl, set);
-			sqlite3_free(pkl);
-			sqlite3_free(set);
-		}
+		sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES(%s)", t->qname, a, b);
 	}
 	sqlite3_free(a);
 	sqlite3_free(b);
@@ -691,6 +993,11 @@ run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *p
 	return PGS_OK;
 }
 
+/*
+ * db_row_write: single-row UPDATE and INSERT statements only (no upsert, no
+ * OR REPLACE), so SQLite needs no statement journal per row. A REPLACE of
+ * every column is an UPDATE; a partial REPLACE deletes the old row first.
+ */
 pgs_rc
 db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
 			 const int *cols, const pgs_value *vals, pgs_err *err)
@@ -700,7 +1007,24 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 	int64_t		changed = 0;
 	pgs_rc		rc;
 
-	if (mode == DB_WRITE_MERGE)
+	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing &&
+		batch_alloc(t, err) == PGS_OK && batch_row(t, pk, n, cols, vals))
+	{
+		c->pending = true;
+		return t->nbatch == t->batch_rows ? flush_rows(c, t, err) : PGS_OK;
+	}
+	if (!c->flushing)
+		FLUSH_FIRST(c, err);
+	if (mode == DB_WRITE_INSERT)
+	{
+		if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
+			return err->rc;
+		rc = run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
+		if (rc == PGS_OK || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_PRIMARYKEY)
+			return rc;
+		mode = DB_WRITE_REPLACE;	/* a stray row without a clock: replace it */
+	}
+	if (mode == DB_WRITE_MERGE || (mode == DB_WRITE_REPLACE && n == t->ncols && n > 0))
 	{
 		if (!(st = row_stmt(c, t, 0, n, cols, &temp, err)))
 			return err->rc;
@@ -708,18 +1032,8 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 			return rc;
 		if (changed > 0)
 			return PGS_OK;
-		if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
-			return err->rc;
-		return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
 	}
-	if (n == t->ncols && n > 0)
-	{
-		/* a whole new life with every column: one upsert */
-		if (!(st = row_stmt(c, t, 2, n, cols, &temp, err)))
-			return err->rc;
-		return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
-	}
-	if ((rc = db_row_delete(c, t, pk, err)) != PGS_OK)
+	else if ((rc = db_row_delete(c, t, pk, err)) != PGS_OK)
 		return rc;
 	if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
 		return err->rc;
@@ -729,6 +1043,8 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 pgs_rc
 db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 {
+	if (!c->flushing)
+		FLUSH_FIRST(c, err);
 	if (!t->row_delete)
 	{
 		char	   *w = pk_where(t, 1);
@@ -783,12 +1099,16 @@ pgs_rc
 db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor **out,
 				pgs_err *err)
 {
-	db_cursor  *cur = sqlite3_malloc(sizeof *cur);
-	char	   *sel = sqlite3_mprintf("c.cl, c.clk, t.%s IS NOT NULL", t->pk_q[0]);
-	char	   *on = sqlite3_mprintf("");
+	db_cursor  *cur;
+	char	   *sel;
+	char	   *on;
 	char	   *sql;
 	pgs_rc		rc;
 
+	FLUSH_FIRST(c, err);
+	cur = sqlite3_malloc(sizeof *cur);
+	sel = sqlite3_mprintf("c.cl, c.clk, t.%s IS NOT NULL", t->pk_q[0]);
+	on = sqlite3_mprintf("");
 	for (int i = 0; i < t->npk && sel && on; i++)
 	{
 		char	   *x = sqlite3_mprintf("%s, c.%s", sel, t->pk_q[i]);

@@ -36,11 +36,22 @@ struct db_table
 	char	  **col_q;
 	db_table_info info;
 	sqlite3_stmt *clock_get;
-	sqlite3_stmt *clock_ins;	/* insert, do nothing on conflict */
-	sqlite3_stmt *clock_put;	/* insert or replace */
+	sqlite3_stmt *clock_ins;	/* INSERT of a new clock row */
+	sqlite3_stmt *clock_upd;	/* UPDATE of an existing one */
 	sqlite3_stmt *row_delete;
 	sl_stmt_slot cache[SL_STMT_CACHE];
 	int			cache_next;
+	/* new rows merged by sync_apply_payload, written SL_BATCH at a time */
+	int			batch_rows;		/* rows per batch statement */
+	int			nbatch;			/* rows waiting */
+	int			nclock;			/* clock rows waiting */
+	pgs_value  *batch_ckeys;	/* nclock * npk */
+	pgs_value  *batch_vals;		/* nbatch * (npk + ncols) */
+	int64_t    *batch_clock;	/* nbatch * 2: cl, ver */
+	pgs_buf		batch_blobs;	/* clock blobs, back to back */
+	size_t	   *batch_blob_len;
+	sqlite3_stmt *batch_rows_st;
+	sqlite3_stmt *batch_clock_st;
 };
 
 struct db_conn
@@ -49,6 +60,8 @@ struct db_conn
 	bool		ready;			/* metadata tables exist and are loaded */
 	uint8_t		site[16];
 	bool		applying;		/* writes come from sync_apply_payload */
+	bool		pending;		/* batched rows wait in some table */
+	bool		flushing;		/* row-by-row retry of a failed batch */
 	int64_t		txn_ver;		/* version of the open write txn, 0 = none */
 	uint64_t	hlc;			/* last stamp issued in this txn */
 	db_table  **tables;
@@ -66,6 +79,8 @@ struct db_conn
 };
 
 /* sl_database.c */
+pgs_rc		sl_flush(db_conn *c, pgs_err *err);	/* write batched rows */
+void		sl_discard(db_conn *c);	/* drop batched rows (apply failed) */
 int			sl_load(db_conn *c, pgs_err *err);	/* (re)load metadata if present */
 void		sl_unload_tables(db_conn *c);
 db_table   *sl_table_by_id(db_conn *c, int64_t id, pgs_err *err);

@@ -307,6 +307,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	c->applying = false;
 	if (rc != PGS_OK)
 	{
+		sl_discard(c);
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_exec(c, "RELEASE sync_apply", &ignore);
 		c->txn_ver = 0;

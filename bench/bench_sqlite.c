@@ -1,0 +1,351 @@
+/*
+ * bench_sqlite.c — the fixed SQLite workload of `make bench`.
+ *
+ * 100,000 rows x 4 non-key columns (short TEXT, INTEGER, REAL, ~100-byte
+ * TEXT), TEXT UUIDv7 keys, one transaction, file databases in WAL mode with
+ * synchronous=NORMAL and an 8 MiB page cache on every database, plain and
+ * tracked alike. With SQLite's default 2 MiB cache the three growing B-trees
+ * of a tracked insert overflow the cache inside each statement, and SQLite
+ * journals the spilled pages to a temp file; the bench also times that case
+ * (one extra line). Every figure comes from one run.
+ * Usage: bench_sqlite EXTENSION_PATH [ROWS]
+ */
+#include <sqlite3.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *ext;
+static int	nrows = 100000;
+static const char *cache_sql = "PRAGMA cache_size=-8192";	/* 8 MiB, see main() */
+static char dir[] = "/tmp/pgsync-bench-XXXXXX";
+
+static double
+now(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void
+check(sqlite3 *db, int rc, const char *what)
+{
+	if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
+	{
+		fprintf(stderr, "bench: %s: %s\n", what, sqlite3_errmsg(db));
+		exit(1);
+	}
+}
+
+static void
+exec(sqlite3 *db, const char *sql)
+{
+	char	   *err = NULL;
+
+	if (sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK)
+	{
+		fprintf(stderr, "bench: %s: %s\n", sql, err);
+		exit(1);
+	}
+}
+
+static sqlite3 *
+open_db(const char *name, int tracked)
+{
+	char		path[256];
+	sqlite3    *db;
+	char	   *err = NULL;
+
+	snprintf(path, sizeof path, "%s/%s.db", dir, name);
+	check(NULL, sqlite3_open(path, &db), "open");
+	exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;");
+	if (cache_sql)
+		exec(db, cache_sql);
+	if (tracked)
+	{
+		sqlite3_enable_load_extension(db, 1);
+		if (sqlite3_load_extension(db, ext, NULL, &err) != SQLITE_OK)
+		{
+			fprintf(stderr, "bench: cannot load %s: %s\n", ext, err);
+			exit(1);
+		}
+	}
+	exec(db, "CREATE TABLE IF NOT EXISTS items(id TEXT PRIMARY KEY NOT NULL, name TEXT, qty INTEGER, price REAL, note TEXT)");
+	if (tracked)
+		exec(db, "SELECT sync_init('items')");
+	return db;
+}
+
+static double
+file_mb(sqlite3 *db)
+{
+	sqlite3_stmt *st;
+	double		pages = 0,
+				psize = 0;
+
+	exec(db, "PRAGMA wal_checkpoint(TRUNCATE)");
+	sqlite3_prepare_v2(db, "SELECT (SELECT page_count FROM pragma_page_count), (SELECT page_size FROM pragma_page_size)", -1, &st, NULL);
+	if (sqlite3_step(st) == SQLITE_ROW)
+	{
+		pages = sqlite3_column_double(st, 0);
+		psize = sqlite3_column_double(st, 1);
+	}
+	sqlite3_finalize(st);
+	return pages * psize / 1e6;
+}
+
+typedef struct row
+{
+	char		id[64];
+	char		name[16];
+	long long	qty;
+	double		price;
+	char		note[101];
+} row;
+
+static row *rows;
+static uint64_t raw_value_bytes;
+
+static int
+varint_len(uint64_t v)
+{
+	int			n = 1;
+
+	while (v >= 0x80)
+		v >>= 7, n++;
+	return n;
+}
+
+static void
+make_rows(void)
+{
+	uint64_t	ms = 1795000000000ULL;
+	unsigned	seed = 42;
+
+	rows = calloc((size_t) nrows, sizeof(row));
+	for (int i = 0; i < nrows; i++)
+	{
+		row		   *r = &rows[i];
+		unsigned	a = (unsigned) rand_r(&seed),
+					b = (unsigned) rand_r(&seed),
+					c = (unsigned) rand_r(&seed);
+		long long	z;
+
+		if (i % 50 == 0)
+			ms++;				/* UUIDv7: time-ordered prefix, random tail */
+		snprintf(r->id, sizeof r->id, "%08llx-%04llx-7%03x-%04x-%04x%08x", /* 36 chars */
+				 (unsigned long long) ((ms >> 16) & 0xffffffff), (unsigned long long) (ms & 0xffff),
+				 a & 0xfff, 0x8000 | (b & 0x3fff), c & 0xffff, (a ^ b ^ c) & 0xffffffffu);
+		snprintf(r->name, sizeof r->name, "item-%d", i);
+		r->qty = rand_r(&seed) % 1000;
+		r->price = (rand_r(&seed) % 100000) / 100.0;
+		for (int k = 0; k < 100; k++)
+			r->note[k] = (char) ('a' + (k * 7 + i) % 26);
+		r->note[100] = '\0';
+		z = (r->qty << 1) ^ (r->qty >> 63);
+		raw_value_bytes += 36 + strlen(r->name) + (uint64_t) varint_len((uint64_t) z) + 8 + 100;
+	}
+}
+
+static double
+insert_all(sqlite3 *db)
+{
+	sqlite3_stmt *st;
+	double		t0 = now();
+
+	exec(db, "BEGIN");
+	check(db, sqlite3_prepare_v2(db, "INSERT INTO items VALUES(?1, ?2, ?3, ?4, ?5)", -1, &st, NULL), "prepare");
+	for (int i = 0; i < nrows; i++)
+	{
+		sqlite3_bind_text(st, 1, rows[i].id, 36, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, rows[i].name, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(st, 3, rows[i].qty);
+		sqlite3_bind_double(st, 4, rows[i].price);
+		sqlite3_bind_text(st, 5, rows[i].note, 100, SQLITE_STATIC);
+		check(db, sqlite3_step(st), "insert");
+		sqlite3_reset(st);
+	}
+	sqlite3_finalize(st);
+	exec(db, "COMMIT");
+	return now() - t0;
+}
+
+static double
+timed(sqlite3 *db, const char *sql)
+{
+	double		t0 = now();
+
+	exec(db, "BEGIN");
+	exec(db, sql);
+	exec(db, "COMMIT");
+	return now() - t0;
+}
+
+/* payload: the whole table as one payload; returns seconds, fills blob */
+static double
+get_payload(sqlite3 *db, long long since, void **blob, int *len)
+{
+	sqlite3_stmt *st;
+	double		t0 = now();
+
+	check(db, sqlite3_prepare_v2(db, "SELECT sync_payload(?1)", -1, &st, NULL), "prepare");
+	sqlite3_bind_int64(st, 1, since);
+	check(db, sqlite3_step(st), "sync_payload");
+	*len = sqlite3_column_bytes(st, 0);
+	*blob = malloc((size_t) *len + 1);
+	memcpy(*blob, sqlite3_column_blob(st, 0), (size_t) *len);
+	sqlite3_finalize(st);
+	return now() - t0;
+}
+
+static double
+apply(sqlite3 *db, const void *blob, int len, long long *won)
+{
+	sqlite3_stmt *st;
+	double		t0 = now();
+
+	exec(db, "BEGIN");
+	check(db, sqlite3_prepare_v2(db, "SELECT sync_apply_payload(?1)", -1, &st, NULL), "prepare");
+	sqlite3_bind_blob(st, 1, blob, len, SQLITE_STATIC);
+	check(db, sqlite3_step(st), "sync_apply_payload");
+	*won = sqlite3_column_int64(st, 0);
+	sqlite3_finalize(st);
+	exec(db, "COMMIT");
+	return now() - t0;
+}
+
+static uint32_t
+le32(const unsigned char *p)
+{
+	return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t) p[3] << 24;
+}
+
+int
+main(int argc, char **argv)
+{
+	sqlite3    *plain,
+			   *tracked,
+			   *empty,
+			   *uptodate;
+	double		t_plain,
+				t_tracked,
+				t_upd_plain,
+				t_upd,
+				t_del_plain,
+				t_del,
+				mb_plain,
+				mb_tracked,
+				t_pay,
+				t_apply_empty,
+				t_apply_lose,
+				t_apply_half,
+				t_plain_default,
+				t_tracked_default;
+	void	   *pay,
+			   *pay2;
+	int			len,
+				len2;
+	long long	won;
+	long long	changes;
+
+	if (argc < 2)
+	{
+		fprintf(stderr, "usage: bench_sqlite EXTENSION [ROWS]\n");
+		return 2;
+	}
+	ext = argv[1];
+	if (argc > 2)
+		nrows = atoi(argv[2]);
+	if (!mkdtemp(dir))
+		return 1;
+	make_rows();
+	changes = 4LL * nrows;
+
+	plain = open_db("plain", 0);
+	tracked = open_db("tracked", 1);
+	t_plain = insert_all(plain);
+	t_tracked = insert_all(tracked);
+	mb_plain = file_mb(plain);
+	mb_tracked = file_mb(tracked);
+
+	t_pay = get_payload(tracked, 0, &pay, &len);
+
+	empty = open_db("empty", 1);
+	t_apply_empty = apply(empty, pay, len, &won);
+	if (won != changes + nrows)
+		fprintf(stderr, "bench: warning: apply into empty won %lld, expected %lld\n", won, changes + nrows);
+	uptodate = empty;
+	t_apply_lose = apply(uptodate, pay, len, &won);
+	if (won != 0)
+		fprintf(stderr, "bench: warning: apply into up-to-date replica won %lld\n", won);
+
+	/* half winning: the source edits every column of half the rows */
+	exec(tracked, "BEGIN; UPDATE items SET name = name || '*', qty = qty + 1, price = price + 1, note = upper(note) "
+		 "WHERE rowid % 2 = 0; COMMIT");
+	get_payload(tracked, 0, &pay2, &len2);
+	t_apply_half = apply(uptodate, pay2, len2, &won);
+	if (won != changes / 2)
+		fprintf(stderr, "bench: warning: half apply won %lld, expected %lld\n", won, changes / 2);
+
+	/* the same tracked insert with SQLite's default 2 MiB page cache */
+	{
+		sqlite3    *p2,
+				   *t2;
+
+		cache_sql = NULL;
+		p2 = open_db("plain2", 0);
+		t2 = open_db("tracked2", 1);
+		t_plain_default = insert_all(p2);
+		t_tracked_default = insert_all(t2);
+		sqlite3_close(p2);
+		sqlite3_close(t2);
+	}
+
+	t_upd_plain = timed(plain, "UPDATE items SET qty = qty + 1");
+	t_upd = timed(tracked, "UPDATE items SET qty = qty + 1");
+	t_del_plain = timed(plain, "DELETE FROM items");
+	t_del = timed(tracked, "DELETE FROM items");
+
+	{
+		const unsigned char *h = pay;
+		uint32_t	body = le32(h + 40),
+					stored = le32(h + 44);
+		double		per_change = (double) body / changes;
+		double		overhead = ((double) body - (double) raw_value_bytes) / changes;
+
+		printf("SQLite (%d rows x 4 columns, TEXT UUIDv7 keys, one transaction, WAL, 8 MiB page cache)\n", nrows);
+		printf("| metric | value | target |\n|---|---|---|\n");
+		printf("| plain insert | %.0f rows/s | |\n", nrows / t_plain);
+		printf("| tracked insert | %.0f rows/s (%.2fx plain time) | <= 2.0x |\n", nrows / t_tracked, t_tracked / t_plain);
+		printf("| tracked insert, default 2 MiB page cache | %.0f rows/s (%.2fx plain time) | |\n", nrows / t_tracked_default, t_tracked_default / t_plain_default);
+		printf("| update one column, all rows | %.0f rows/s tracked, %.0f plain (%.2fx) | |\n", nrows / t_upd, nrows / t_upd_plain, t_upd / t_upd_plain);
+		printf("| delete all rows | %.0f rows/s tracked, %.0f plain (%.2fx) | |\n", nrows / t_del, nrows / t_del_plain, t_del / t_del_plain);
+		printf("| database size | %.1f MB plain, %.1f MB tracked (%.2fx) | <= 1.6x |\n", mb_plain, mb_tracked, mb_tracked / mb_plain);
+		printf("| sync_payload | %.0f column changes/s, %.1f bytes/change (%u B body, %u B stored) | |\n",
+			   changes / t_pay, per_change, body, stored);
+		printf("| payload overhead beyond raw value bytes (keys counted as values) | %.2f bytes/change | <= 4 |\n", overhead);
+		printf("| sync_apply_payload into empty replica | %.0f column changes/s | >= 500,000 |\n", changes / t_apply_empty);
+		printf("| sync_apply_payload, every change loses | %.0f column changes/s | >= 2,000,000 |\n", changes / t_apply_lose);
+		printf("| sync_apply_payload, half the changes win | %.0f column changes/s | |\n", changes / t_apply_half);
+	}
+	sqlite3_close(plain);
+	sqlite3_close(tracked);
+	sqlite3_close(empty);
+	free(pay);
+	free(pay2);
+	free(rows);
+	{
+		char		cmd[300];
+
+		snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+		if (system(cmd) != 0)
+			return 1;
+	}
+	return 0;
+}
