@@ -35,6 +35,11 @@ $(B)/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h
 	@mkdir -p $(B)
 	$(CC) $(BASE) -O1 -g $(SAN) -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS) -lcmocka
 
+# the same unit tests without sanitizers, for valgrind
+$(B)/plain/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h
+	@mkdir -p $(B)/plain
+	$(CC) $(BASE) -O1 -g -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS) -lcmocka
+
 UNIT_TESTS = $(patsubst test/%.c,$(B)/%,$(wildcard test/test_*.c))
 
 # libFuzzer target for the payload decoder

@@ -134,7 +134,9 @@ void		db_reject(db_conn *db, db_table *t, const pgs_value *pk,
  * final (SQLite: db_version; Postgres: below the oldest running writer). */
 pgs_rc		db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
 
-/* db_changes_open: rows of t whose clock ver is in (since, until]. */
+/* db_changes_open: rows of t whose clock ver is > since (committed rows above
+ * until are welcome: the core sends every committed stamp newer than since
+ * and reports until as the cursor; see core/build.c). */
 pgs_rc		db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
 							db_cursor **cur, pgs_err *err);
 /*

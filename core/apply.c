@@ -112,6 +112,14 @@ resolve(apply_ctx *a, pgs_err *err)
 						  (int) d->col_name_lens[c], d->col_names[c], at->ti->name);
 				return PGS_ERR_SCHEMA;
 			}
+			for (uint32_t k = 0; k < c; k++)
+				if (at->colmap[k] == found)
+				{
+					pgs_failf(err, PGS_ERR_CORRUPT, "The payload was damaged or forged; fetch it again from its sender.",
+							  "corrupt payload: column \"%s\" of table \"%s\" appears twice",
+							  at->ti->col_names[found], at->ti->name);
+					return PGS_ERR_CORRUPT;
+				}
 			at->colmap[c] = found;
 		}
 		if (at->ti->ncols > a->maxcols)

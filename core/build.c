@@ -2,7 +2,7 @@
  * build.c — pgs_build: the payload of every change with a local version in
  * (since, until].
  *
- * The engine enumerates clock rows whose version is in range together with
+ * The engine enumerates clock rows with a version above since together with
  * the row's current values (db_changes_*); the core decides which columns go
  * out (stamp version in range, origin not excluded), encodes the row groups,
  * and only then writes the dictionaries of the sites and tables actually used
@@ -64,10 +64,18 @@ map_site(build_ctx *b, uint32_t local, uint32_t *out, pgs_err *err)
 	return PGS_OK;
 }
 
+/*
+ * in_range: a stamp goes out when it is newer than since. There is no upper
+ * bound: until is only the cursor the payload reports. Every change the
+ * engine shows us is committed, and on Postgres until may sit below newer
+ * committed versions (a slower writer is still running); holding those back
+ * would send a row's later columns without its earlier ones. Sending them now
+ * is harmless: the next payload repeats them and the merge is idempotent.
+ */
 static bool
 in_range(const build_ctx *b, int64_t ver)
 {
-	return ver > b->o->since && ver <= b->o->until;
+	return ver > b->o->since;
 }
 
 static uint64_t

@@ -122,14 +122,67 @@ pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **bo
 	fsize = ZSTD_getFrameContentSize(p + PGS_HEADER_LEN, h->stored_len);
 	if (fsize != h->body_len)
 		return CORRUPT(err, "compressed body size does not match the header");
-	out = pgs_malloc(h->body_len ? h->body_len : 1);
-	if (!out)
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload", NULL, NULL);
-	got = ZSTD_decompress(out, h->body_len, p + PGS_HEADER_LEN, h->stored_len);
-	if (ZSTD_isError(got) || got != h->body_len)
+
+	/*
+	 * Decompress as a stream into a buffer that grows with the output
+	 * actually produced, so a forged size in a tiny frame cannot make us
+	 * allocate up to PGS_MAX_BODY before the data proves it.
+	 */
 	{
-		pgs_free(out);
-		return CORRUPT(err, "compressed body does not decompress");
+		ZSTD_DCtx  *dctx = ZSTD_createDCtx();
+		size_t		cap = (size_t) h->stored_len * 4 + 65536;
+		ZSTD_inBuffer in = {p + PGS_HEADER_LEN, h->stored_len, 0};
+		ZSTD_outBuffer ob;
+		size_t		r = 1;
+
+		if (cap > h->body_len)
+			cap = h->body_len ? h->body_len : 1;
+		out = dctx ? pgs_malloc(cap) : NULL;
+		if (!out)
+		{
+			ZSTD_freeDCtx(dctx);
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload", NULL, NULL);
+		}
+		ob.dst = out;
+		ob.size = cap;
+		ob.pos = 0;
+		while (r != 0)
+		{
+			r = ZSTD_decompressStream(dctx, &ob, &in);
+			if (ZSTD_isError(r) || ob.pos > h->body_len)
+				break;
+			if (r == 0)
+				break;
+			if (ob.pos == ob.size)
+			{
+				size_t		ncap = ob.size * 2 > h->body_len ? h->body_len : ob.size * 2;
+				uint8_t    *n;
+
+				if (ncap <= ob.size)
+				{
+					r = (size_t) -1;	/* more output than the header promised */
+					break;
+				}
+				if (!(n = pgs_realloc(out, ncap)))
+				{
+					ZSTD_freeDCtx(dctx);
+					pgs_free(out);
+					return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload", NULL, NULL);
+				}
+				out = n;
+				ob.dst = out;
+				ob.size = ncap;
+			}
+			else if (in.pos == in.size)
+				break;			/* input exhausted before the frame ended */
+		}
+		got = ob.pos;
+		ZSTD_freeDCtx(dctx);
+		if (r != 0 || got != h->body_len || in.pos != in.size)
+		{
+			pgs_free(out);
+			return CORRUPT(err, "compressed body does not decompress");
+		}
 	}
 	*body = out;
 	*owned = out;

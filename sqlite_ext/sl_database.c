@@ -1126,7 +1126,7 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor
 		sqlite3_free(sel);
 		sel = x;
 	}
-	sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1 AND c.ver <= ?2",
+	sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1",
 						  sel, t->qclock, t->qname, on);
 	sqlite3_free(sel);
 	sqlite3_free(on);
@@ -1148,7 +1148,7 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor
 		return rc;
 	}
 	sqlite3_bind_int64(cur->st, 1, since);
-	sqlite3_bind_int64(cur->st, 2, until);
+	(void) until;				/* SQLite's until is the newest version anyway */
 	*out = cur;
 	return PGS_OK;
 }
