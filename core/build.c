@@ -30,8 +30,45 @@ typedef struct build_ctx
 	uint32_t	site_map_cap;
 	uint32_t   *site_order;		/* payload index -> local index */
 	uint32_t	nsites;
+	/* local site index -> 1 excluded, 2 not excluded, 0 unknown yet */
+	uint8_t    *excl;
+	uint32_t	excl_cap;
 	pgs_build_stats *st;
 } build_ctx;
+
+/* excluded: whether local site idx is opts->exclude_site (no writes: the
+ * excluded id is compared, never interned). */
+static pgs_rc
+excluded(build_ctx *b, uint32_t idx, bool *out, pgs_err *err)
+{
+	const uint8_t *site;
+	pgs_rc		rc;
+
+	*out = false;
+	if (!b->o->exclude_site)
+		return PGS_OK;
+	if (idx >= b->excl_cap)
+	{
+		uint32_t	cap = b->excl_cap ? b->excl_cap : 16;
+		uint8_t    *n;
+
+		while (cap <= idx)
+			cap *= 2;
+		if (!(n = pgs_realloc(b->excl, cap)))
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
+		memset(n + b->excl_cap, 0, cap - b->excl_cap);
+		b->excl = n;
+		b->excl_cap = cap;
+	}
+	if (!b->excl[idx])
+	{
+		if ((rc = db_site_lookup(b->db, idx, &site, err)) != PGS_OK)
+			return rc;
+		b->excl[idx] = memcmp(site, b->o->exclude_site, PGS_SITE_LEN) == 0 ? 1 : 2;
+	}
+	*out = b->excl[idx] == 1;
+	return PGS_OK;
+}
 
 static pgs_rc
 map_site(build_ctx *b, uint32_t local, uint32_t *out, pgs_err *err)
@@ -106,7 +143,6 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
 	pgs_stamp  *stamps;
 	int		   *pick;
 	pgs_rc		rc;
-	uint32_t	excl_local = UINT32_MAX;
 
 	*used = false;
 	stamps = pgs_malloc(sizeof(pgs_stamp) * (ti->ncols + 1));
@@ -117,9 +153,6 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
 		pgs_free(pick);
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
 	}
-	if (b->o->exclude_site &&
-		(rc = db_site_intern(b->db, b->o->exclude_site, &excl_local, err)) != PGS_OK)
-		goto out;
 	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, &cur, err)) != PGS_OK)
 		goto out;
 	for (;;)
@@ -133,7 +166,8 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
 		size_t		blob_len;
 		pgs_rowclock rcl = {.ncols = ti->ncols, .cols = stamps};
 		int			n = 0;
-		bool		life;
+		bool		life,
+					skip;
 		uint32_t	s;
 		int			prev_col = -1;
 		uint64_t	ghlc;
@@ -145,11 +179,19 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
 			break;
 		if ((rc = pgs_rowclock_decode(blob, blob_len, &rcl, err)) != PGS_OK)
 			goto out;
-		life = in_range(b, rcl.cl_ver) && rcl.cl_site != excl_local;
+		if ((rc = excluded(b, rcl.cl_site, &skip, err)) != PGS_OK)
+			goto out;
+		life = in_range(b, rcl.cl_ver) && !skip;
 		if ((cl & 1) && alive)
 			for (int i = 0; i < ti->ncols; i++)
-				if (stamps[i].hlc && in_range(b, stamps[i].ver) && stamps[i].site != excl_local)
+			{
+				if (!stamps[i].hlc || !in_range(b, stamps[i].ver))
+					continue;
+				if ((rc = excluded(b, stamps[i].site, &skip, err)) != PGS_OK)
+					goto out;
+				if (!skip)
 					pick[n++] = i;
+			}
 		if (n == 0 && !life)
 			continue;
 		*used = true;
@@ -355,6 +397,7 @@ out:
 	pgs_buf_free(&body);
 	pgs_free(b.site_map);
 	pgs_free(b.site_order);
+	pgs_free(b.excl);
 	pgs_free(used);
 	return rc;
 }
