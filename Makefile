@@ -6,6 +6,7 @@ CFLAGS   ?= -O2 -g
 WARN      = -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
 BASE      = -std=c11 -D_GNU_SOURCE -fPIC -I. $(WARN)
 LIBS      = -lzstd -lxxhash -lcjson -lm
+EXT_LIBS  = $(LIBS) -lcurl
 SAN       = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 CORE_SRC  = $(wildcard core/*.c)
@@ -23,12 +24,12 @@ deps:
 
 $(B)/sqlitesync.so: $(CORE_SRC) $(SQL_SRC) $(HDRS)
 	@mkdir -p $(B)
-	$(CC) $(BASE) $(CFLAGS) -shared -o $@ $(CORE_SRC) $(SQL_SRC) $(LIBS)
+	$(CC) $(BASE) $(CFLAGS) -shared -o $@.tmp$$$$ $(CORE_SRC) $(SQL_SRC) $(EXT_LIBS) && mv -f $@.tmp$$$$ $@
 
 # the same extension under AddressSanitizer + UndefinedBehaviorSanitizer
 $(B)/asan/sqlitesync.so: $(CORE_SRC) $(SQL_SRC) $(HDRS)
 	@mkdir -p $(B)/asan
-	$(CC) $(BASE) -O1 -g $(SAN) -shared -o $@ $(CORE_SRC) $(SQL_SRC) $(LIBS)
+	$(CC) $(BASE) -O1 -g $(SAN) -shared -o $@.tmp$$$$ $(CORE_SRC) $(SQL_SRC) $(EXT_LIBS) && mv -f $@.tmp$$$$ $@
 
 # cmocka unit tests of the core, under ASan + UBSan
 $(B)/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h

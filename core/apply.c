@@ -281,7 +281,7 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
 	const uint8_t *body;
 	uint8_t    *owned = NULL;
 	pgs_rc		rc;
-	pgs_apply_stats dummy;
+	pgs_apply_stats dummy = {0};
 
 	memset(&a, 0, sizeof a);
 	st = st ? st : &dummy;

@@ -284,7 +284,7 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 	uint32_t	nused = 0;
 	pgs_buf		body;
 	pgs_rc		rc;
-	pgs_build_stats dummy;
+	pgs_build_stats dummy = {0};
 
 	memset(&b, 0, sizeof b);
 	memset(st ? st : &dummy, 0, sizeof dummy);

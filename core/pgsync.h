@@ -99,7 +99,7 @@ int			pgs_varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v);
 static inline uint64_t
 pgs_zigzag(int64_t v)
 {
-	return ((uint64_t) v << 1) ^ (uint64_t) (v >> 63);
+	return ((uint64_t) v << 1) ^ (0 - ((uint64_t) v >> 63));
 }
 static inline int64_t
 pgs_unzigzag(uint64_t v)

@@ -7,6 +7,7 @@
  * Registration is the table `functions` at the bottom.
  */
 #include "sl_internal.h"
+#include "sl_network.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -557,6 +558,12 @@ sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines
 	{
 		if (pzErrMsg)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register its close hook: %s", sqlite3_errmsg(db));
+		return SQLITE_ERROR;
+	}
+	if (sl_network_register(db, c) != SQLITE_OK)
+	{
+		if (pzErrMsg)
+			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register the sync_network functions");
 		return SQLITE_ERROR;
 	}
 	sqlite3_commit_hook(db, on_commit, c);
