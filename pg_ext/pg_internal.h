@@ -54,8 +54,12 @@ typedef struct pg_col
 	AttrNumber	attnum;			/* in the base table */
 	Oid			typid;			/* declared type (maybe a domain) */
 	int32		typmod;
+	Oid			coll;			/* column collation (InvalidOid if none) */
 	Oid			basetyp;		/* domain base type */
 	pg_kind		kind;
+	bool		isdomain;
+	int16		typlen;
+	bool		typbyval;
 	Oid			typinput;
 	Oid			typioparam;
 	Oid			typoutput;
@@ -101,6 +105,8 @@ struct db_table
 	/* plans (SPI_keepplan) */
 	SPIPlanPtr	p_clock_get;
 	SPIPlanPtr	p_clock_upsert;
+	SPIPlanPtr	p_clock_insnew;
+	SPIPlanPtr	p_clock_cas;
 	SPIPlanPtr	p_row_replace;
 	SPIPlanPtr	p_row_delete;
 	SPIPlanPtr	p_changes;
@@ -110,6 +116,14 @@ struct db_table
 	FullTransactionId fresh_xid;
 	uint8_t    *fresh_blob;
 	size_t		fresh_len;
+	bytea	   *fresh_bytea;	/* the same as a bytea (in cxt) */
+	/* capture fast path: direct heap + index insert into the clock table */
+	int			direct_state;	/* 0 unknown, 1 usable, -1 not */
+	Oid			pk_index;
+	int			nindexes;
+	RegProcedure *eq_proc;		/* npk, equality of the clock key index */
+	Oid		   *eq_coll;
+	struct IndexInfo **index_info;	/* per index of the clock table, list order */
 	/* apply: what this call may do without a subtransaction */
 	uint64		priv_call;
 	bool		fast_write;		/* full privileges, no RLS: no subxact */
@@ -130,18 +144,22 @@ struct db_conn
 	bool		tables_loaded;
 	char		sqlstate[6];	/* of the last refused write */
 	int64_t		rejected;
-	uint64_t	hlc_seen;
+	/* the clock row db_clock_get read last (for the compare-and-set) */
+	bool		last_found;
+	int64_t		last_cl;
+	bytea	   *last_blob;
+	size_t		last_cap;
 };
 
 /* ---- pgsync.c ---- */
 extern bool pg_applying;		/* true while sync_apply_payload merges */
+extern bool pg_apply_conflict;	/* a local write raced with the apply */
 void		pg_core_memory(MemoryContext cxt);
 void		pg_raise(const pgs_err *err) pg_attribute_noreturn();
 void		pg_conn_init(db_conn *db, MemoryContext cxt);
 void		pg_reject_add(const char *table, const char *pk_json,
 						  const char *sqlstate, const char *message);
 Oid			pg_meta_owner(void);
-char	   *pg_ereport_sqlstate(int sqlerrcode);
 
 typedef struct pg_user_save
 {
@@ -153,13 +171,21 @@ void		pg_as_caller(const pg_user_save *s);
 
 /* ---- pg_table.c ---- */
 db_table   *pg_table_get(Oid relid, bool missing_ok);
+db_table   *pg_table_cached(Oid relid);
 void		pg_table_release_all(void);
-void		pg_table_init(Oid relid, db_algo algo);
+void		pg_table_init(Oid relid, db_algo algo, Oid func_nsp);
 void		pg_table_cleanup(Oid relid);
 int			pg_table_list(Oid **relids);
 Oid			pg_table_by_name(const char *name, size_t len);
 pg_merge_plan *pg_table_merge_plan(db_table *t, int n, const int *cols);
 void		pg_table_cache_setup(void);
+SPIPlanPtr	pg_plan_clock_get(db_table *t);
+SPIPlanPtr	pg_plan_clock_upsert(db_table *t);
+SPIPlanPtr	pg_plan_clock_insnew(db_table *t);
+SPIPlanPtr	pg_plan_clock_cas(db_table *t);
+SPIPlanPtr	pg_plan_row_replace(db_table *t);
+SPIPlanPtr	pg_plan_row_delete(db_table *t);
+SPIPlanPtr	pg_plan_changes(db_table *t);
 
 /* ---- pg_types.c ---- */
 pg_kind		pg_type_kind(Oid basetyp);
@@ -173,9 +199,13 @@ char	   *pg_pk_json(db_table *t, const pgs_value *pk);
 char	   *pg_pk_text(db_table *t, const pgs_value *pk);
 
 /* ---- pg_capture.c ---- */
+extern FullTransactionId pg_wrote_xid;
 int64_t		pg_txn_version(void);
 uint64_t	pg_txn_tick(void);
 void		pg_hlc_observe(uint64_t hlc);
 uint64_t	pg_hlc_floor(void);
+void		pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
+int			pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
+bool		pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
 
 #endif							/* PGSYNC_PG_INTERNAL_H */

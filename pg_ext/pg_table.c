@@ -1,0 +1,953 @@
+/*
+ * pg_table.c — synced tables: metadata, the per-backend cache and plans.
+ *
+ * pgsync.tables records, per synced table, its payload name, the base and
+ * clock relations (regclass, so renames keep working), the algorithm and
+ * the column lists at sync_init time. The order of cols is the column order
+ * of the row clock blob and must never change for an initialized table.
+ *
+ * Each backend caches one struct db_table per base relation in
+ * CacheMemoryContext with its prepared SPI plans. A relcache invalidation of
+ * the base or clock relation (ALTER TABLE, sync_init/sync_cleanup elsewhere)
+ * marks the entry invalid; it is rebuilt on next use once no call of this
+ * transaction holds it (busy == 0), so a pointer handed to the core never
+ * dangles.
+ */
+#include "pg_internal.h"
+
+#include "access/genam.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_index.h"
+#include "catalog/pg_type.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/ruleutils.h"
+
+static HTAB *table_cache = NULL;
+
+static void
+table_inval(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS st;
+	db_table   *t;
+
+	if (table_cache == NULL)
+		return;
+	hash_seq_init(&st, table_cache);
+	while ((t = hash_seq_search(&st)) != NULL)
+	{
+		if (!OidIsValid(relid) || t->relid == relid || t->clock_relid == relid)
+			t->valid = false;
+	}
+}
+
+/* pg_table_cache_setup creates the cache and registers the invalidation hook. */
+void
+pg_table_cache_setup(void)
+{
+	HASHCTL		ctl;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(Oid);
+	ctl.entrysize = sizeof(db_table);
+	table_cache = hash_create("pgsync tables", 32, &ctl, HASH_ELEM | HASH_BLOBS);
+	CacheRegisterRelcacheCallback(table_inval, (Datum) 0);
+}
+
+/* pg_table_release_all: at transaction end no call holds an entry. */
+void
+pg_table_release_all(void)
+{
+	HASH_SEQ_STATUS st;
+	db_table   *t;
+
+	if (table_cache == NULL)
+		return;
+	hash_seq_init(&st, table_cache);
+	while ((t = hash_seq_search(&st)) != NULL)
+		t->busy = 0;
+}
+
+static void
+free_plan(SPIPlanPtr *p)
+{
+	if (*p)
+		SPI_freeplan(*p);
+	*p = NULL;
+}
+
+static void
+table_free(db_table *t)
+{
+	free_plan(&t->p_clock_get);
+	free_plan(&t->p_clock_upsert);
+	free_plan(&t->p_clock_insnew);
+	free_plan(&t->p_clock_cas);
+	free_plan(&t->p_row_replace);
+	free_plan(&t->p_row_delete);
+	free_plan(&t->p_changes);
+	if (t->merge_plans)
+	{
+		HASH_SEQ_STATUS st;
+		pg_merge_plan *m;
+
+		hash_seq_init(&st, t->merge_plans);
+		while ((m = hash_seq_search(&st)) != NULL)
+		{
+			free_plan(&m->upd);
+			free_plan(&m->ins);
+		}
+	}
+	if (t->cxt)
+		MemoryContextDelete(t->cxt);
+	t->cxt = NULL;
+	t->merge_plans = NULL;
+}
+
+static char *
+text_array_elem(Datum arr, int i, int *n)
+{
+	ArrayType  *a = DatumGetArrayTypeP(arr);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			cnt;
+
+	deconstruct_array(a, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &cnt);
+	*n = cnt;
+	if (i < 0 || i >= cnt)
+		return NULL;
+	return TextDatumGetCString(elems[i]);
+}
+
+static void
+col_resolve(db_table *t, pg_col *c, const char *name)
+{
+	Oid			typid;
+	int32		typmod;
+	Oid			coll;
+
+	c->name = pstrdup(name);
+	c->attnum = get_attnum(t->relid, name);
+	if (c->attnum == InvalidAttrNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of synced table %s no longer exists", name, t->name),
+				 errhint("Synced columns cannot be dropped or renamed; restore the column, or call sync_cleanup and sync_init again.")));
+	get_atttypetypmodcoll(t->relid, c->attnum, &typid, &typmod, &coll);
+	pg_col_setup(c, typid, typmod);
+	c->coll = coll;
+}
+
+/* table_load builds entry t (relid set) from pgsync.tables. SPI connected. */
+static bool
+table_load(db_table *t)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			argt[1] = {OIDOID};
+	Datum		arg[1];
+	pg_user_save us;
+	HeapTuple	tup;
+	TupleDesc	td;
+	bool		isnull;
+	MemoryContext old;
+	Datum		pkarr,
+				colarr;
+	char	   *algo;
+	int			i,
+				n;
+
+	arg[0] = ObjectIdGetDatum(t->relid);
+	pg_as_meta(&us);
+	if (plan == NULL)
+	{
+		plan = SPI_prepare("SELECT name, clock::oid, algo, pk_cols, cols "
+						   "FROM pgsync.tables WHERE tbl = $1", 1, argt);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+	}
+	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "reading pgsync.tables failed");
+	pg_as_caller(&us);
+	if (SPI_processed == 0)
+		return false;
+
+	t->cxt = AllocSetContextCreate(CacheMemoryContext, "pgsync table",
+								   ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(t->cxt);
+	tup = SPI_tuptable->vals[0];
+	td = SPI_tuptable->tupdesc;
+	t->name = TextDatumGetCString(SPI_getbinval(tup, td, 1, &isnull));
+	t->clock_relid = DatumGetObjectId(SPI_getbinval(tup, td, 2, &isnull));
+	algo = TextDatumGetCString(SPI_getbinval(tup, td, 3, &isnull));
+	t->algo = strcmp(algo, "gset") == 0 ? DB_ALGO_GSET : DB_ALGO_CLS;
+	pkarr = SPI_getbinval(tup, td, 4, &isnull);
+	colarr = SPI_getbinval(tup, td, 5, &isnull);
+
+	t->q_base = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->relid)),
+										   get_rel_name(t->relid));
+	t->q_clock = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->clock_relid)),
+											get_rel_name(t->clock_relid));
+	if (get_rel_name(t->clock_relid) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("clock table of synced table %s is missing", t->name),
+				 errhint("Call sync_cleanup and sync_init on the table again.")));
+
+	text_array_elem(pkarr, -1, &t->npk);
+	text_array_elem(colarr, -1, &t->ncols);
+	t->pk = palloc0(sizeof(pg_col) * t->npk);
+	t->cols = palloc0(sizeof(pg_col) * Max(t->ncols, 1));
+	t->pk_names = palloc0(sizeof(char *) * t->npk);
+	t->col_names = palloc0(sizeof(char *) * Max(t->ncols, 1));
+	t->pk_types = palloc0(sizeof(Oid) * t->npk);
+	t->row_types = palloc0(sizeof(Oid) * (t->npk + t->ncols));
+	for (i = 0; i < t->npk; i++)
+	{
+		col_resolve(t, &t->pk[i], text_array_elem(pkarr, i, &n));
+		t->pk_names[i] = t->pk[i].name;
+		t->pk_types[i] = t->pk[i].typid;
+		t->row_types[i] = t->pk[i].typid;
+	}
+	for (i = 0; i < t->ncols; i++)
+	{
+		col_resolve(t, &t->cols[i], text_array_elem(colarr, i, &n));
+		t->col_names[i] = t->cols[i].name;
+		t->row_types[t->npk + i] = t->cols[i].typid;
+	}
+	t->info.name = t->name;
+	t->info.algo = t->algo;
+	t->info.npk = t->npk;
+	t->info.ncols = t->ncols;
+	t->info.pk_names = t->pk_names;
+	t->info.col_names = t->col_names;
+	t->fresh_xid = InvalidFullTransactionId;
+	t->fresh_blob = NULL;
+	t->priv_call = 0;
+	MemoryContextSwitchTo(old);
+	SPI_freetuptable(SPI_tuptable);
+	return true;
+}
+
+/*
+ * pg_table_get returns the cache entry of a synced table (busy until the end
+ * of the transaction), or NULL / ERROR when relid is not synced. SPI must be
+ * connected.
+ */
+db_table *
+pg_table_get(Oid relid, bool missing_ok)
+{
+	db_table   *t;
+	bool		found;
+
+	t = hash_search(table_cache, &relid, HASH_ENTER, &found);
+	if (found && (t->valid || t->busy > 0))
+	{
+		t->busy++;
+		return t;
+	}
+	if (found)
+		table_free(t);
+	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
+	t->relid = relid;
+	t->valid = true;
+	PG_TRY();
+	{
+		found = table_load(t);
+	}
+	PG_CATCH();
+	{
+		table_free(t);
+		hash_search(table_cache, &relid, HASH_REMOVE, NULL);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	if (!found)
+	{
+		hash_search(table_cache, &relid, HASH_REMOVE, NULL);
+		if (missing_ok)
+			return NULL;
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("table %s is not synced", get_rel_name(relid)),
+				 errhint("Call sync_init('%s') first.", get_rel_name(relid))));
+	}
+	t->busy++;
+	return t;
+}
+
+/* pg_table_cached: the entry if cached and valid (busy++), else NULL; no SPI. */
+db_table *
+pg_table_cached(Oid relid)
+{
+	db_table   *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
+
+	if (t == NULL || !t->valid)
+		return NULL;
+	t->busy++;
+	return t;
+}
+
+/* pg_table_list returns the relids of all synced tables, by name. */
+int
+pg_table_list(Oid **relids)
+{
+	pg_user_save us;
+	uint64		i;
+	bool		isnull;
+
+	pg_as_meta(&us);
+	if (SPI_execute("SELECT tbl::oid FROM pgsync.tables ORDER BY name", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading pgsync.tables failed");
+	pg_as_caller(&us);
+	*relids = palloc(sizeof(Oid) * (SPI_processed + 1));
+	for (i = 0; i < SPI_processed; i++)
+		(*relids)[i] = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+													  SPI_tuptable->tupdesc, 1, &isnull));
+	i = SPI_processed;
+	SPI_freetuptable(SPI_tuptable);
+	return (int) i;
+}
+
+/* pg_table_by_name: the relid of the synced table with this payload name. */
+Oid
+pg_table_by_name(const char *name, size_t len)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			argt[1] = {TEXTOID};
+	Datum		arg[1];
+	pg_user_save us;
+	Oid			res = InvalidOid;
+	bool		isnull;
+
+	arg[0] = PointerGetDatum(cstring_to_text_with_len(name, (int) len));
+	pg_as_meta(&us);
+	if (plan == NULL)
+	{
+		plan = SPI_prepare("SELECT tbl::oid FROM pgsync.tables WHERE name = $1", 1, argt);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed");
+		SPI_keepplan(plan);
+	}
+	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "reading pgsync.tables failed");
+	pg_as_caller(&us);
+	if (SPI_processed == 1)
+		res = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	return res;
+}
+
+/* ---- plans ------------------------------------------------------------- */
+
+/* where_pk appends "alias.pk1 = $first AND ..." */
+static void
+where_pk(StringInfo b, db_table *t, const char *alias, int first)
+{
+	int			i;
+
+	for (i = 0; i < t->npk; i++)
+		appendStringInfo(b, "%s%s%s%s OPERATOR(pg_catalog.=) $%d",
+						 i ? " AND " : "", alias ? alias : "", alias ? "." : "",
+						 quote_identifier(t->pk[i].name), first + i);
+}
+
+static void
+pk_list(StringInfo b, db_table *t, const char *alias)
+{
+	int			i;
+
+	for (i = 0; i < t->npk; i++)
+		appendStringInfo(b, "%s%s%s%s", i ? ", " : "", alias ? alias : "",
+						 alias ? "." : "", quote_identifier(t->pk[i].name));
+}
+
+static SPIPlanPtr
+keep(const char *sql, int n, Oid *types)
+{
+	SPIPlanPtr	p = SPI_prepare(sql, n, types);
+
+	if (p == NULL)
+		elog(ERROR, "pgsync: preparing \"%s\" failed: %s", sql,
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(p);
+	return p;
+}
+
+/* pg_plan_clock_get: SELECT cl, clk FROM clock WHERE pk = $1.. */
+SPIPlanPtr
+pg_plan_clock_get(db_table *t)
+{
+	if (t->p_clock_get == NULL)
+	{
+		StringInfoData b;
+
+		initStringInfo(&b);
+		appendStringInfo(&b, "SELECT cl, clk FROM %s WHERE ", t->q_clock);
+		where_pk(&b, t, NULL, 1);
+		t->p_clock_get = keep(b.data, t->npk, t->pk_types);
+	}
+	return t->p_clock_get;
+}
+
+/* pg_plan_clock_upsert: INSERT (pk.., cl, ver, clk) ON CONFLICT DO UPDATE. */
+SPIPlanPtr
+pg_plan_clock_upsert(db_table *t)
+{
+	if (t->p_clock_upsert == NULL)
+	{
+		StringInfoData b;
+		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 3));
+		int			i;
+
+		memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
+		types[t->npk] = INT8OID;
+		types[t->npk + 1] = INT8OID;
+		types[t->npk + 2] = BYTEAOID;
+		initStringInfo(&b);
+		appendStringInfo(&b, "INSERT INTO %s AS c (", t->q_clock);
+		pk_list(&b, t, NULL);
+		appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
+		for (i = 0; i < t->npk + 3; i++)
+			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+		appendStringInfoString(&b, ") ON CONFLICT (");
+		pk_list(&b, t, NULL);
+		appendStringInfoString(&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
+		t->p_clock_upsert = keep(b.data, t->npk + 3, types);
+	}
+	return t->p_clock_upsert;
+}
+
+/* pg_plan_clock_insnew: INSERT (pk.., cl, ver, clk) ON CONFLICT DO NOTHING. */
+SPIPlanPtr
+pg_plan_clock_insnew(db_table *t)
+{
+	if (t->p_clock_insnew == NULL)
+	{
+		StringInfoData b;
+		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 3));
+		int			i;
+
+		memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
+		types[t->npk] = INT8OID;
+		types[t->npk + 1] = INT8OID;
+		types[t->npk + 2] = BYTEAOID;
+		initStringInfo(&b);
+		appendStringInfo(&b, "INSERT INTO %s (", t->q_clock);
+		pk_list(&b, t, NULL);
+		appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
+		for (i = 0; i < t->npk + 3; i++)
+			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+		appendStringInfoString(&b, ") ON CONFLICT DO NOTHING");
+		t->p_clock_insnew = keep(b.data, t->npk + 3, types);
+	}
+	return t->p_clock_insnew;
+}
+
+/*
+ * pg_plan_clock_cas: UPDATE the clock row of pk ($1..) to cl, ver, clk
+ * ($n+1..$n+3) only if it still has cl and clk $n+4, $n+5.
+ */
+SPIPlanPtr
+pg_plan_clock_cas(db_table *t)
+{
+	if (t->p_clock_cas == NULL)
+	{
+		StringInfoData b;
+		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 5));
+		int			n = t->npk;
+
+		memcpy(types, t->pk_types, sizeof(Oid) * n);
+		types[n] = INT8OID;
+		types[n + 1] = INT8OID;
+		types[n + 2] = BYTEAOID;
+		types[n + 3] = INT8OID;
+		types[n + 4] = BYTEAOID;
+		initStringInfo(&b);
+		appendStringInfo(&b, "UPDATE %s SET cl = $%d, ver = $%d, clk = $%d WHERE ",
+						 t->q_clock, n + 1, n + 2, n + 3);
+		where_pk(&b, t, NULL, 1);
+		appendStringInfo(&b, " AND cl OPERATOR(pg_catalog.=) $%d AND clk OPERATOR(pg_catalog.=) $%d",
+						 n + 4, n + 5);
+		t->p_clock_cas = keep(b.data, n + 5, types);
+	}
+	return t->p_clock_cas;
+}
+
+/* pg_plan_row_replace: INSERT all columns ON CONFLICT DO UPDATE all columns. */
+SPIPlanPtr
+pg_plan_row_replace(db_table *t)
+{
+	if (t->p_row_replace == NULL)
+	{
+		StringInfoData b;
+		int			i;
+
+		initStringInfo(&b);
+		appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
+		pk_list(&b, t, NULL);
+		for (i = 0; i < t->ncols; i++)
+			appendStringInfo(&b, ", %s", quote_identifier(t->cols[i].name));
+		appendStringInfoString(&b, ") VALUES (");
+		for (i = 0; i < t->npk + t->ncols; i++)
+			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+		appendStringInfoString(&b, ") ON CONFLICT (");
+		pk_list(&b, t, NULL);
+		if (t->ncols == 0)
+			appendStringInfoString(&b, ") DO NOTHING");
+		else
+		{
+			appendStringInfoString(&b, ") DO UPDATE SET ");
+			for (i = 0; i < t->ncols; i++)
+				appendStringInfo(&b, "%s%s = EXCLUDED.%s", i ? ", " : "",
+								 quote_identifier(t->cols[i].name),
+								 quote_identifier(t->cols[i].name));
+		}
+		t->p_row_replace = keep(b.data, t->npk + t->ncols, t->row_types);
+	}
+	return t->p_row_replace;
+}
+
+/* pg_plan_row_delete: DELETE FROM base WHERE pk = $1.. */
+SPIPlanPtr
+pg_plan_row_delete(db_table *t)
+{
+	if (t->p_row_delete == NULL)
+	{
+		StringInfoData b;
+
+		initStringInfo(&b);
+		appendStringInfo(&b, "DELETE FROM %s WHERE ", t->q_base);
+		where_pk(&b, t, NULL, 1);
+		t->p_row_delete = keep(b.data, t->npk, t->pk_types);
+	}
+	return t->p_row_delete;
+}
+
+/*
+ * pg_plan_changes: clock rows with ver > $1 joined to their base row:
+ * pk.., cl, clk, alive, cols..
+ */
+SPIPlanPtr
+pg_plan_changes(db_table *t)
+{
+	if (t->p_changes == NULL)
+	{
+		StringInfoData b;
+		Oid			types[2] = {INT8OID, INT8OID};
+		int			i;
+
+		initStringInfo(&b);
+		appendStringInfoString(&b, "SELECT ");
+		pk_list(&b, t, "c");
+		appendStringInfo(&b, ", c.cl, c.clk, b.%s IS NOT NULL",
+						 quote_identifier(t->pk[0].name));
+		for (i = 0; i < t->ncols; i++)
+			appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
+		appendStringInfo(&b, " FROM %s c LEFT JOIN %s b ON ", t->q_clock, t->q_base);
+		for (i = 0; i < t->npk; i++)
+		{
+			/* clock keys compare bytewise (COLLATE "C"): join in the base's
+			 * collation so that the base table's key index is used */
+			appendStringInfo(&b, "%sb.%s OPERATOR(pg_catalog.=) (c.%s", i ? " AND " : "",
+							 quote_identifier(t->pk[i].name),
+							 quote_identifier(t->pk[i].name));
+			if (OidIsValid(t->pk[i].coll))
+				appendStringInfo(&b, " COLLATE %s", generate_collation_name(t->pk[i].coll));
+			appendStringInfoChar(&b, ')');
+		}
+		/*
+		 * No upper bound on the row's ver: a row whose newest stamp is past
+		 * until (a later transaction committed before this snapshot) may
+		 * still hold stamps <= until, which this payload must carry; the core
+		 * picks the stamps in (since, until] and the rest goes next time.
+		 */
+		appendStringInfoString(&b, " WHERE c.ver > $1 AND $2 IS NOT NULL ORDER BY c.ver");
+		t->p_changes = keep(b.data, 2, types);
+	}
+	return t->p_changes;
+}
+
+/*
+ * pg_table_merge_plan: UPDATE of the columns cols[0..n) and the INSERT ..
+ * ON CONFLICT used when the row is absent. Cached per column set; returns
+ * NULL-free plans. Parameters: pk.., then the n column values.
+ */
+pg_merge_plan *
+pg_table_merge_plan(db_table *t, int n, const int *cols)
+{
+	char		key[64];
+	StringInfoData k;
+	pg_merge_plan *m;
+	bool		found;
+	Oid		   *types;
+	StringInfoData b;
+	int			i;
+	MemoryContext old;
+
+	initStringInfo(&k);
+	for (i = 0; i < n; i++)
+		appendStringInfo(&k, "%d,", cols[i]);
+	if (t->merge_plans == NULL)
+	{
+		HASHCTL		ctl;
+
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = sizeof(key);
+		ctl.entrysize = sizeof(pg_merge_plan);
+		ctl.hcxt = t->cxt;
+		t->merge_plans = hash_create("pgsync merge plans", 16, &ctl,
+									 HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	}
+	memset(key, 0, sizeof(key));
+	if (k.len < (int) sizeof(key) && t->nmerge_plans < 256)
+	{
+		strlcpy(key, k.data, sizeof(key));
+		m = hash_search(t->merge_plans, key, HASH_ENTER, &found);
+		if (found && m->upd && m->ins)
+			return m;
+		m->upd = m->ins = NULL;
+		m->cols_key = NULL;
+		t->nmerge_plans++;
+	}
+	else
+	{
+		/* too many or too wide: a one-off entry the caller frees */
+		m = palloc0(sizeof(pg_merge_plan));
+		m->cols_key = pstrdup("");
+	}
+
+	old = MemoryContextSwitchTo(t->cxt);
+	types = palloc(sizeof(Oid) * (t->npk + n));
+	MemoryContextSwitchTo(old);
+	memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
+	for (i = 0; i < n; i++)
+		types[t->npk + i] = t->cols[cols[i]].typid;
+
+	initStringInfo(&b);
+	appendStringInfo(&b, "UPDATE %s SET ", t->q_base);
+	for (i = 0; i < n; i++)
+		appendStringInfo(&b, "%s%s = $%d", i ? ", " : "",
+						 quote_identifier(t->cols[cols[i]].name), t->npk + i + 1);
+	appendStringInfoString(&b, " WHERE ");
+	where_pk(&b, t, NULL, 1);
+	m->upd = keep(b.data, t->npk + n, types);
+
+	resetStringInfo(&b);
+	appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
+	pk_list(&b, t, NULL);
+	for (i = 0; i < n; i++)
+		appendStringInfo(&b, ", %s", quote_identifier(t->cols[cols[i]].name));
+	appendStringInfoString(&b, ") VALUES (");
+	for (i = 0; i < t->npk + n; i++)
+		appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+	appendStringInfoString(&b, ") ON CONFLICT (");
+	pk_list(&b, t, NULL);
+	if (n == 0)
+		appendStringInfoString(&b, ") DO NOTHING");
+	else
+	{
+		appendStringInfoString(&b, ") DO UPDATE SET ");
+		for (i = 0; i < n; i++)
+			appendStringInfo(&b, "%s%s = EXCLUDED.%s", i ? ", " : "",
+							 quote_identifier(t->cols[cols[i]].name),
+							 quote_identifier(t->cols[cols[i]].name));
+	}
+	m->ins = keep(b.data, t->npk + n, types);
+	return m;
+}
+
+/* ---- sync_init / sync_cleanup ----------------------------------------- */
+
+static void
+exec_sql(const char *sql, int expect)
+{
+	int			rc = SPI_execute(sql, false, 0);
+
+	if (rc != expect)
+		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
+}
+
+/* array_elem appends s as a quoted element of a text[] literal. */
+static void
+array_elem(StringInfo b, const char *s)
+{
+	appendStringInfoChar(b, '"');
+	for (; *s; s++)
+	{
+		if (*s == '"' || *s == '\\')
+			appendStringInfoChar(b, '\\');
+		appendStringInfoChar(b, *s);
+	}
+	appendStringInfoChar(b, '"');
+}
+
+/*
+ * pg_table_init: sync_init's body. Creates the clock table and the
+ * triggers, records the table and backfills a clock row for every existing
+ * row. Idempotent; SPI connected, caller owns the table.
+ */
+void
+pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
+{
+	Relation	rel;
+	Oid			pkidx;
+	Relation	idx;
+	TupleDesc	td;
+	char	   *nsp,
+			   *relname,
+			   *name,
+			   *clockname;
+	StringInfoData b,
+				pkarr,
+				colarr,
+				pkdef;
+	int			npk,
+				i,
+				j,
+				ncols = 0;
+	AttrNumber *pkatt;
+	pg_user_save us;
+	db_table   *t;
+
+	rel = table_open(relid, ShareRowExclusiveLock);
+	if (rel->rd_rel->relkind != RELKIND_RELATION)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is not a plain table", RelationGetRelationName(rel)),
+				 errhint("pgsync syncs ordinary tables; partitioned tables, views and foreign tables are not supported.")));
+	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("temporary table \"%s\" cannot be synced", RelationGetRelationName(rel))));
+	pkidx = RelationGetPrimaryKeyIndex(rel);
+	if (!OidIsValid(pkidx))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("table \"%s\" has no primary key", RelationGetRelationName(rel)),
+				 errhint("pgsync identifies rows by their primary key: add one (ALTER TABLE ... ADD PRIMARY KEY).")));
+	nsp = get_namespace_name(RelationGetNamespace(rel));
+	relname = pstrdup(RelationGetRelationName(rel));
+	name = strcmp(nsp, "public") == 0 ? relname : psprintf("%s.%s", nsp, relname);
+	clockname = psprintf("%s__sync_clock", relname);
+	if (strlen(clockname) >= NAMEDATALEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("table name \"%s\" is too long to sync", relname),
+				 errhint("The clock table name (table name + \"__sync_clock\") must fit in %d bytes; rename the table.", NAMEDATALEN - 1)));
+
+	idx = index_open(pkidx, AccessShareLock);
+	npk = idx->rd_index->indnkeyatts;
+	pkatt = palloc(sizeof(AttrNumber) * npk);
+	for (i = 0; i < npk; i++)
+		pkatt[i] = idx->rd_index->indkey.values[i];
+	index_close(idx, AccessShareLock);
+
+	td = RelationGetDescr(rel);
+	initStringInfo(&pkarr);
+	initStringInfo(&colarr);
+	initStringInfo(&pkdef);
+	appendStringInfoString(&pkarr, "{");
+	appendStringInfoString(&colarr, "{");
+	for (i = 0; i < npk; i++)
+	{
+		Form_pg_attribute a = TupleDescAttr(td, pkatt[i] - 1);
+		const char *an = NameStr(a->attname);
+		Oid			coll;
+
+		if (!pg_kind_pk_ok(pg_type_kind(getBaseType(a->atttypid))))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("primary key column \"%s\" has type %s, which pgsync cannot use in a key",
+							an, format_type_be(a->atttypid)),
+					 errhint("Key columns may be integers, text, varchar, bytea, boolean, uuid, date, timestamp or timestamptz.")));
+		if (strcmp(an, "cl") == 0 || strcmp(an, "ver") == 0 || strcmp(an, "clk") == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DUPLICATE_COLUMN),
+					 errmsg("primary key column \"%s\" clashes with a clock table column", an),
+					 errhint("Rename the key column; \"cl\", \"ver\" and \"clk\" are used by pgsync.")));
+		if (i)
+			appendStringInfoChar(&pkarr, ',');
+		array_elem(&pkarr, an);
+		appendStringInfo(&pkdef, "%s %s", quote_identifier(an),
+						 format_type_with_typemod(a->atttypid, a->atttypmod));
+		/*
+		 * Clock keys of a deterministic collation use COLLATE "C": the same
+		 * equality (bytewise), cheaper comparisons in the clock's key index.
+		 */
+		coll = a->attcollation;
+		if (OidIsValid(coll) && get_collation_isdeterministic(coll))
+			appendStringInfoString(&pkdef, " COLLATE pg_catalog.\"C\"");
+		else if (OidIsValid(coll) && coll != get_typcollation(a->atttypid))
+			appendStringInfo(&pkdef, " COLLATE %s",
+							 generate_collation_name(coll));
+		appendStringInfoString(&pkdef, " NOT NULL, ");
+	}
+	for (i = 0; i < td->natts; i++)
+	{
+		Form_pg_attribute a = TupleDescAttr(td, i);
+		bool		iskey = false;
+
+		if (a->attisdropped || a->attgenerated)
+			continue;
+		for (j = 0; j < npk; j++)
+			iskey |= pkatt[j] == a->attnum;
+		if (iskey)
+			continue;
+		if (ncols)
+			appendStringInfoChar(&colarr, ',');
+		array_elem(&colarr, NameStr(a->attname));
+		ncols++;
+	}
+	appendStringInfoString(&pkarr, "}");
+	appendStringInfoString(&colarr, "}");
+	table_close(rel, NoLock);
+
+	/* already synced? */
+	t = pg_table_get(relid, true);
+	if (t != NULL)
+	{
+		StringInfoData cur;
+
+		if (t->algo != algo)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("table %s is already synced with algorithm \"%s\"",
+							t->name, t->algo == DB_ALGO_GSET ? "gset" : "cls"),
+					 errhint("Call sync_cleanup first to change the algorithm.")));
+		initStringInfo(&cur);
+		appendStringInfoString(&cur, "{");
+		for (i = 0; i < t->ncols; i++)
+		{
+			if (i)
+				appendStringInfoChar(&cur, ',');
+			array_elem(&cur, t->cols[i].name);
+		}
+		appendStringInfoString(&cur, "}");
+		if (strcmp(cur.data, colarr.data) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("the columns of synced table %s changed since sync_init", t->name),
+					 errdetail("Synced columns: %s; the table now has: %s.", cur.data, colarr.data),
+					 errhint("Adding or removing synced columns is not supported yet; call sync_cleanup and sync_init to start over.")));
+		return;					/* idempotent */
+	}
+
+	/* clock table and metadata, as the metadata owner */
+	initStringInfo(&b);
+	pg_as_meta(&us);
+	appendStringInfo(&b, "CREATE TABLE %s (%scl bigint NOT NULL, ver bigint NOT NULL, clk bytea NOT NULL, PRIMARY KEY (",
+					 quote_qualified_identifier(nsp, clockname), pkdef.data);
+	for (i = 0; i < npk; i++)
+		appendStringInfo(&b, "%s%s", i ? ", " : "",
+						 quote_identifier(NameStr(TupleDescAttr(td, pkatt[i] - 1)->attname)));
+	appendStringInfoString(&b, "))");
+	exec_sql(b.data, SPI_OK_UTILITY);
+	resetStringInfo(&b);
+	appendStringInfo(&b, "CREATE INDEX ON %s (ver)", quote_qualified_identifier(nsp, clockname));
+	exec_sql(b.data, SPI_OK_UTILITY);
+
+	{
+		Oid			types[6] = {TEXTOID, OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		v[6];
+
+		v[0] = CStringGetTextDatum(name);
+		v[1] = ObjectIdGetDatum(relid);
+		v[2] = CStringGetTextDatum(quote_qualified_identifier(nsp, clockname));
+		v[3] = CStringGetTextDatum(algo == DB_ALGO_GSET ? "gset" : "cls");
+		v[4] = CStringGetTextDatum(pkarr.data);
+		v[5] = CStringGetTextDatum(colarr.data);
+		if (SPI_execute_with_args("INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols) "
+								  "VALUES ($1, $2::regclass, $3::regclass, $4, $5::text[], $6::text[])",
+								  6, types, v, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "pgsync: recording the table failed");
+	}
+	pg_as_caller(&us);
+
+	/* triggers, as the caller (the table owner) */
+	resetStringInfo(&b);
+	appendStringInfo(&b, "CREATE TRIGGER pgsync_capture AFTER INSERT OR UPDATE OR DELETE ON %s "
+					 "FOR EACH ROW EXECUTE FUNCTION %s.sync_capture()",
+					 quote_qualified_identifier(nsp, relname),
+					 quote_identifier(get_namespace_name(func_nsp)));
+	exec_sql(b.data, SPI_OK_UTILITY);
+	resetStringInfo(&b);
+	appendStringInfo(&b, "CREATE TRIGGER pgsync_truncate BEFORE TRUNCATE ON %s "
+					 "FOR EACH STATEMENT EXECUTE FUNCTION %s.sync_capture()",
+					 quote_qualified_identifier(nsp, relname),
+					 quote_identifier(get_namespace_name(func_nsp)));
+	exec_sql(b.data, SPI_OK_UTILITY);
+	CommandCounterIncrement();
+
+	/* backfill: every existing row gets a fresh clock of this transaction */
+	t = pg_table_get(relid, false);
+	{
+		uint8_t    *blob;
+		size_t		len;
+		bytea	   *bb;
+		Oid			types[2] = {INT8OID, BYTEAOID};
+		Datum		v[2];
+
+		pg_capture_fresh(t, &blob, &len);
+		bb = palloc(len + VARHDRSZ);
+		SET_VARSIZE(bb, len + VARHDRSZ);
+		memcpy(VARDATA(bb), blob, len);
+		v[0] = Int64GetDatum(pg_txn_version());
+		v[1] = PointerGetDatum(bb);
+		resetStringInfo(&b);
+		appendStringInfo(&b, "INSERT INTO %s (", t->q_clock);
+		pk_list(&b, t, NULL);
+		appendStringInfoString(&b, ", cl, ver, clk) SELECT ");
+		pk_list(&b, t, NULL);
+		appendStringInfo(&b, ", 1, $1, $2 FROM %s ON CONFLICT DO NOTHING", t->q_base);
+		pg_as_meta(&us);
+		if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "pgsync: backfilling the clock table failed");
+		pg_as_caller(&us);
+	}
+	CacheInvalidateRelcacheByRelid(relid);
+}
+
+/* pg_table_cleanup: sync_cleanup's body. */
+void
+pg_table_cleanup(Oid relid)
+{
+	db_table   *t = pg_table_get(relid, true);
+	StringInfoData b;
+	pg_user_save us;
+	Oid			types[1] = {OIDOID};
+	Datum		v[1];
+
+	if (t == NULL)
+	{
+		ereport(NOTICE,
+				(errmsg("table %s is not synced, nothing to clean up", get_rel_name(relid))));
+		return;
+	}
+	initStringInfo(&b);
+	appendStringInfo(&b, "DROP TRIGGER IF EXISTS pgsync_capture ON %s", t->q_base);
+	exec_sql(b.data, SPI_OK_UTILITY);
+	resetStringInfo(&b);
+	appendStringInfo(&b, "DROP TRIGGER IF EXISTS pgsync_truncate ON %s", t->q_base);
+	exec_sql(b.data, SPI_OK_UTILITY);
+	pg_as_meta(&us);
+	resetStringInfo(&b);
+	appendStringInfo(&b, "DROP TABLE IF EXISTS %s", t->q_clock);
+	exec_sql(b.data, SPI_OK_UTILITY);
+	v[0] = ObjectIdGetDatum(relid);
+	if (SPI_execute_with_args("DELETE FROM pgsync.tables WHERE tbl = $1::regclass",
+							  1, types, v, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "pgsync: removing the table failed");
+	pg_as_caller(&us);
+	t->valid = false;
+	CacheInvalidateRelcacheByRelid(relid);
+}

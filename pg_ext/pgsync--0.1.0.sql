@@ -1,0 +1,141 @@
+/* pgsync--0.1.0.sql — offline-first sync (CRDT) for PostgreSQL. */
+
+\echo Use "CREATE EXTENSION pgsync" to load this file. \quit
+
+-- Metadata lives in schema pgsync; the functions in the extension's schema
+-- (normally public) so that SELECT sync_init('todos') works as on SQLite.
+CREATE SCHEMA pgsync;
+COMMENT ON SCHEMA pgsync IS 'pgsync metadata: sites, synced tables, persisted clock';
+
+-- Sites: local index -> site id. idx 0 is this database.
+CREATE TABLE pgsync.sites (
+	idx integer PRIMARY KEY,
+	site uuid NOT NULL UNIQUE
+);
+CREATE SEQUENCE pgsync.sites_idx_seq AS integer START 1;
+
+-- Synced tables. cols is the column order of the row clock blobs: fixed at
+-- sync_init and never reordered.
+CREATE TABLE pgsync.tables (
+	name text PRIMARY KEY,				-- name in payloads: rel, or schema.rel
+	tbl regclass NOT NULL UNIQUE,
+	clock regclass NOT NULL,
+	algo text NOT NULL CHECK (algo IN ('cls', 'gset')),
+	pk_cols text[] NOT NULL,
+	cols text[] NOT NULL,
+	created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Persisted hybrid logical clock floor. A sequence, not a row: it is
+-- non-transactional and never blocks concurrent writers.
+CREATE SEQUENCE pgsync.hlc AS bigint MINVALUE 0 START 0;
+
+-- ---- functions (same order as the SQLite registration table) ----
+
+CREATE FUNCTION sync_init(tbl regclass, algo text DEFAULT 'cls')
+RETURNS void AS 'MODULE_PATHNAME', 'sync_init' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_init(regclass, text) IS
+'start syncing a table (algo ''cls'': rows can be updated and deleted; ''gset'': insert only); the table needs a primary key; existing rows are backfilled; idempotent';
+
+-- the same for a table name in a text value (a literal resolves here too)
+CREATE FUNCTION sync_init(tbl text, algo text DEFAULT 'cls')
+RETURNS void LANGUAGE sql VOLATILE STRICT
+AS $$ SELECT @extschema@.sync_init(tbl::pg_catalog.regclass, algo) $$;
+COMMENT ON FUNCTION sync_init(text, text) IS
+'sync_init for a table name given as text (quoted and schema-qualified names as in regclass)';
+
+CREATE FUNCTION sync_cleanup(tbl regclass)
+RETURNS void AS 'MODULE_PATHNAME', 'sync_cleanup' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_cleanup(regclass) IS
+'stop syncing a table: drops its capture triggers, clock table and metadata (the rows stay)';
+
+CREATE FUNCTION sync_cleanup(tbl text)
+RETURNS void LANGUAGE sql VOLATILE STRICT
+AS $$ SELECT @extschema@.sync_cleanup(tbl::pg_catalog.regclass) $$;
+COMMENT ON FUNCTION sync_cleanup(text) IS 'sync_cleanup for a table name given as text';
+
+CREATE FUNCTION sync_site_id()
+RETURNS uuid AS 'MODULE_PATHNAME', 'sync_site_id' LANGUAGE C STRICT STABLE;
+COMMENT ON FUNCTION sync_site_id() IS 'the site id (UUIDv7) of this database';
+
+CREATE FUNCTION sync_db_version()
+RETURNS bigint AS 'MODULE_PATHNAME', 'sync_db_version' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_db_version() IS
+'the newest local version whose changes are all committed and visible: sync_payload never hands out anything newer';
+
+CREATE FUNCTION sync_payload(since bigint, exclude_site uuid DEFAULT NULL)
+RETURNS bytea AS 'MODULE_PATHNAME', 'sync_payload' LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+COMMENT ON FUNCTION sync_payload(bigint, uuid) IS
+'a payload of the changes with a local version in (since, sync_db_version()], without those made by exclude_site; NULL when there are none. Reads all synced rows regardless of the caller''s row-level security';
+
+CREATE FUNCTION sync_payload_until(payload bytea)
+RETURNS bigint AS 'MODULE_PATHNAME', 'sync_payload_until' LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION sync_payload_until(bytea) IS
+'the version a payload covers up to: pass it as since to the next sync_payload';
+
+CREATE FUNCTION sync_apply_payload(payload bytea)
+RETURNS bigint AS 'MODULE_PATHNAME', 'sync_apply_payload' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_apply_payload(bytea) IS
+'merge a payload with the caller''s rights; returns the number of winning changes. Rows the caller may not write are skipped and listed by sync_rejections()';
+
+CREATE FUNCTION sync_payload_info(payload bytea)
+RETURNS jsonb AS 'MODULE_PATHNAME', 'sync_payload_info' LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION sync_payload_info(bytea) IS 'the content of a payload as jsonb (for debugging)';
+
+CREATE FUNCTION sync_uuid()
+RETURNS uuid AS 'MODULE_PATHNAME', 'sync_uuid' LANGUAGE C STRICT VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION sync_uuid() IS 'a new UUIDv7 (time-ordered), a good primary key for synced rows';
+
+CREATE FUNCTION sync_version()
+RETURNS text AS 'MODULE_PATHNAME', 'sync_version' LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION sync_version() IS 'the version of the pgsync extension';
+
+-- Postgres only.
+CREATE FUNCTION sync_rejections(OUT table_name text, OUT pk jsonb, OUT sqlstate text, OUT message text)
+RETURNS SETOF record AS 'MODULE_PATHNAME', 'sync_rejections' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_rejections() IS
+'the rows the last sync_apply_payload of this session refused (permissions or row-level security), with the reason';
+
+CREATE FUNCTION sync_capture()
+RETURNS trigger AS 'MODULE_PATHNAME', 'sync_capture' LANGUAGE C;
+COMMENT ON FUNCTION sync_capture() IS 'capture trigger installed by sync_init; not to be called directly';
+
+-- sync_payload reads every synced row (like a replication slot): grant it
+-- explicitly to the roles that serve pulls.
+REVOKE ALL ON FUNCTION sync_payload(bigint, uuid) FROM PUBLIC;
+
+-- This database's identity.
+INSERT INTO pgsync.sites (idx, site) VALUES (0, sync_uuid());
+
+-- Convenience view, same columns as SQLite's sync_state.
+CREATE VIEW pgsync.state AS
+	SELECT sync_db_version() AS db_version,
+		   (SELECT last_value FROM pgsync.hlc) AS hlc,
+		   (SELECT site FROM pgsync.sites WHERE idx = 0) AS site;
+
+-- pg_dump keeps the metadata (clock tables are ordinary tables and dumped anyway).
+SELECT pg_catalog.pg_extension_config_dump('pgsync.sites', 'WHERE idx <> 0');
+SELECT pg_catalog.pg_extension_config_dump('pgsync.tables', '');
+
+-- Dropping a synced table drops its clock table and metadata.
+CREATE FUNCTION pgsync.on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+	r record;
+BEGIN
+	FOR r IN
+		SELECT t.name, n.nspname, c.relname
+		FROM pg_catalog.pg_event_trigger_dropped_objects() d
+		JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = d.objid
+		LEFT JOIN pg_catalog.pg_class c ON c.oid = t.clock::pg_catalog.oid
+		LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+		WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objsubid = 0
+	LOOP
+		IF r.relname IS NOT NULL THEN
+			EXECUTE pg_catalog.format('DROP TABLE IF EXISTS %I.%I', r.nspname, r.relname);
+		END IF;
+		DELETE FROM pgsync.tables WHERE name = r.name;
+	END LOOP;
+END;
+$$;
+CREATE EVENT TRIGGER pgsync_sql_drop ON sql_drop EXECUTE FUNCTION pgsync.on_sql_drop();

@@ -1,0 +1,605 @@
+/*
+ * pgsync.c — the SQL-callable functions of the pgsync PostgreSQL extension.
+ *
+ * Each wrapper converts its arguments, sets up one memory context for the
+ * core (the core allocates only through pgs_malloc, bound here to palloc in
+ * that context, so an ERROR anywhere frees everything), calls one core
+ * function and maps a failing pgs_rc through pg_raise(), the one place where
+ * core errors become ereport(ERROR).
+ *
+ * SQL name = C name: sync_apply_payload in SQL is sync_apply_payload here.
+ */
+#include "pg_internal.h"
+
+#include "access/xact.h"
+#include "access/transam.h"
+#include "catalog/namespace.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/syscache.h"
+#include "utils/uuid.h"
+
+PG_MODULE_MAGIC;
+
+/* Key of the advisory lock that serializes applies (pgsync in ASCII). */
+#define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79)
+
+bool		pg_applying = false;
+bool		pg_apply_conflict = false;
+
+static MemoryContext core_cxt = NULL;
+static MemoryContext reject_cxt = NULL;
+static List *rejections = NIL;
+static uint64 call_counter = 0;
+static Oid	meta_owner = InvalidOid;
+
+typedef struct pg_rejection
+{
+	char	   *table;
+	char	   *pk_json;
+	char		sqlstate[6];
+	char	   *message;
+} pg_rejection;
+
+/* ---- allocator hooks --------------------------------------------------- */
+
+static void *
+core_malloc(size_t n)
+{
+	return MemoryContextAllocExtended(core_cxt ? core_cxt : CurrentMemoryContext,
+									  n ? n : 1,
+									  MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
+}
+
+static void *
+core_realloc(void *p, size_t n)
+{
+	if (p == NULL)
+		return core_malloc(n);
+	return repalloc_huge(p, n ? n : 1);
+}
+
+static void
+core_free(void *p)
+{
+	if (p != NULL)
+		pfree(p);
+}
+
+/* pg_core_memory makes the core allocate in cxt until the next call. */
+void
+pg_core_memory(MemoryContext cxt)
+{
+	core_cxt = cxt;
+}
+
+static void
+pgsync_xact_cb(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_PREPARE)
+	{
+		pg_applying = false;
+		core_cxt = NULL;
+		pg_table_release_all();
+	}
+}
+
+void		_PG_init(void);
+
+void
+_PG_init(void)
+{
+	static const pgs_allocator a = {core_malloc, core_realloc, core_free};
+
+	pgs_set_allocator(&a);
+	RegisterXactCallback(pgsync_xact_cb, NULL);
+	pg_table_cache_setup();
+}
+
+/* ---- errors --------------------------------------------------------------- */
+
+/*
+ * pg_raise turns a core error into ereport(ERROR); the only mapper from
+ * pgs_rc to SQLSTATE.
+ */
+void
+pg_raise(const pgs_err *err)
+{
+	int			code;
+
+	switch (err->rc)
+	{
+		case PGS_ERR_MISUSE:
+			code = ERRCODE_INVALID_PARAMETER_VALUE;
+			break;
+		case PGS_ERR_CORRUPT:
+			code = ERRCODE_INVALID_BINARY_REPRESENTATION;
+			break;
+		case PGS_ERR_VERSION:
+			code = ERRCODE_FEATURE_NOT_SUPPORTED;
+			break;
+		case PGS_ERR_TOO_BIG:
+			code = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+			break;
+		case PGS_ERR_NOMEM:
+			code = ERRCODE_OUT_OF_MEMORY;
+			break;
+		case PGS_ERR_SCHEMA:
+			code = ERRCODE_UNDEFINED_OBJECT;
+			break;
+		case PGS_ERR_VALUE:
+			code = ERRCODE_INVALID_TEXT_REPRESENTATION;
+			break;
+		case PGS_ERR_PERMISSION:
+			code = ERRCODE_INSUFFICIENT_PRIVILEGE;
+			break;
+		default:
+			code = ERRCODE_INTERNAL_ERROR;
+			break;
+	}
+	ereport(ERROR,
+			(errcode(code),
+			 errmsg("%s", err->msg[0] ? err->msg : "pgsync error"),
+			 err->detail[0] ? errdetail("%s", err->detail) : 0,
+			 err->hint[0] ? errhint("%s", err->hint) : 0));
+	pg_unreachable();
+}
+
+/* ---- users ---------------------------------------------------------------- */
+
+/* pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. */
+Oid
+pg_meta_owner(void)
+{
+	if (!OidIsValid(meta_owner))
+	{
+		Oid			nsp = get_namespace_oid("pgsync", false);
+		Oid			rel = get_relname_relid("sites", nsp);
+		HeapTuple	tup;
+
+		if (!OidIsValid(rel))
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("pgsync metadata is missing"),
+					 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
+		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(rel));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for relation %u", rel);
+		meta_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
+	}
+	return meta_owner;
+}
+
+/* pg_as_meta switches to the metadata owner; pg_as_caller switches back.
+ * An ERROR in between is safe: transaction abort restores the user. */
+void
+pg_as_meta(pg_user_save *s)
+{
+	Oid			owner = pg_meta_owner();
+
+	GetUserIdAndSecContext(&s->user, &s->sec);
+	SetUserIdAndSecContext(owner, s->sec | SECURITY_LOCAL_USERID_CHANGE);
+}
+
+void
+pg_as_caller(const pg_user_save *s)
+{
+	SetUserIdAndSecContext(s->user, s->sec);
+}
+
+/* ---- per-call state --------------------------------------------------- */
+
+/* pg_conn_init fills db for one call; SPI must be connected. */
+void
+pg_conn_init(db_conn *db, MemoryContext cxt)
+{
+	pg_user_save us;
+	bool		isnull;
+	Datum		d;
+	int			rc;
+
+	memset(db, 0, sizeof(*db));
+	db->cxt = cxt;
+	db->call_id = ++call_counter;
+	pg_as_meta(&us);
+	rc = SPI_execute("SELECT site FROM pgsync.sites WHERE idx = 0", false, 1);
+	pg_as_caller(&us);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pgsync site id is missing"),
+				 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	memcpy(db->site, DatumGetUUIDP(d)->data, PGS_SITE_LEN);
+	SPI_freetuptable(SPI_tuptable);
+}
+
+static MemoryContext
+call_context(void)
+{
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync call",
+											  ALLOCSET_DEFAULT_SIZES);
+
+	pg_core_memory(cxt);
+	return cxt;
+}
+
+static void
+call_done(MemoryContext cxt)
+{
+	pg_core_memory(NULL);
+	MemoryContextDelete(cxt);
+}
+
+/* ---- rejections ----------------------------------------------------------- */
+
+static void
+reject_reset(void)
+{
+	if (reject_cxt == NULL)
+		reject_cxt = AllocSetContextCreate(TopMemoryContext, "pgsync rejections",
+										   ALLOCSET_SMALL_SIZES);
+	else
+		MemoryContextReset(reject_cxt);
+	rejections = NIL;
+}
+
+/* pg_reject_add records one refused row of the running apply. */
+void
+pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
+			  const char *message)
+{
+	MemoryContext old;
+	pg_rejection *r;
+
+	if (reject_cxt == NULL)
+		reject_reset();
+	old = MemoryContextSwitchTo(reject_cxt);
+	r = palloc0(sizeof(pg_rejection));
+	r->table = pstrdup(table);
+	r->pk_json = pstrdup(pk_json);
+	strlcpy(r->sqlstate, sqlstate, sizeof(r->sqlstate));
+	r->message = pstrdup(message);
+	rejections = lappend(rejections, r);
+	MemoryContextSwitchTo(old);
+}
+
+/* ---- SQL functions ---------------------------------------------------------- */
+
+PG_FUNCTION_INFO_V1(sync_init);
+PG_FUNCTION_INFO_V1(sync_cleanup);
+PG_FUNCTION_INFO_V1(sync_site_id);
+PG_FUNCTION_INFO_V1(sync_db_version);
+PG_FUNCTION_INFO_V1(sync_payload);
+PG_FUNCTION_INFO_V1(sync_payload_until);
+PG_FUNCTION_INFO_V1(sync_apply_payload);
+PG_FUNCTION_INFO_V1(sync_payload_info);
+PG_FUNCTION_INFO_V1(sync_rejections);
+PG_FUNCTION_INFO_V1(sync_uuid);
+PG_FUNCTION_INFO_V1(sync_version);
+
+static void
+require_owner(Oid relid)
+{
+	if (!pg_class_ownercheck(relid, GetUserId()))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be owner of table %s", get_rel_name(relid))));
+}
+
+/* sync_init(tbl regclass, algo text): start syncing a table. */
+Datum
+sync_init(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	char	   *algo = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	db_algo		a;
+	MemoryContext cxt;
+
+	if (strcmp(algo, "cls") == 0)
+		a = DB_ALGO_CLS;
+	else if (strcmp(algo, "gset") == 0)
+		a = DB_ALGO_GSET;
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown sync algorithm \"%s\"", algo),
+				 errhint("Use 'cls' (rows can be updated and deleted) or 'gset' (insert only).")));
+	require_owner(relid);
+	cxt = call_context();
+	SPI_connect();
+	pg_table_init(relid, a, get_func_namespace(fcinfo->flinfo->fn_oid));
+	SPI_finish();
+	call_done(cxt);
+	PG_RETURN_VOID();
+}
+
+/* sync_cleanup(tbl regclass): stop syncing a table, drop its metadata. */
+Datum
+sync_cleanup(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+
+	require_owner(relid);
+	SPI_connect();
+	pg_table_cleanup(relid);
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/* sync_site_id(): this database's site id. */
+Datum
+sync_site_id(PG_FUNCTION_ARGS)
+{
+	db_conn		db;
+	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+
+	SPI_connect();
+	pg_conn_init(&db, CurrentMemoryContext);
+	memcpy(u->data, db.site, PGS_SITE_LEN);
+	SPI_finish();
+	PG_RETURN_UUID_P(u);
+}
+
+/* sync_db_version(): the newest local version every pull can already see. */
+Datum
+sync_db_version(PG_FUNCTION_ARGS)
+{
+	int64_t		v;
+	pgs_err		err;
+
+	SPI_connect();
+	if (db_version_safe(NULL, &v, &err) != PGS_OK)
+		pg_raise(&err);
+	SPI_finish();
+	PG_RETURN_INT64(v);
+}
+
+/* sync_payload(since bigint, exclude_site uuid): changes in (since, safe]. */
+Datum
+sync_payload(PG_FUNCTION_ARGS)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	MemoryContext cxt;
+	db_conn		db;
+	pgs_build_opts o;
+	pgs_build_stats st;
+	pgs_buf		out;
+	pgs_err		err;
+	pgs_rc		rc;
+	int64_t		until;
+	pg_user_save us;
+	bytea	   *res = NULL;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("since must not be null"),
+				 errhint("Pass 0 for everything, or the value of sync_payload_until() of the last payload.")));
+	memset(&o, 0, sizeof(o));
+	o.since = PG_GETARG_INT64(0);
+	if (o.since < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("since must not be negative")));
+	if (!PG_ARGISNULL(1))
+		o.exclude_site = PG_GETARG_UUID_P(1)->data;
+
+	/*
+	 * A payload carries committed changes only: built inside a transaction
+	 * that changed synced rows it would hand out changes that may still roll
+	 * back.
+	 */
+	if (FullTransactionIdIsValid(pg_wrote_xid) &&
+		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("sync_payload cannot run in a transaction that changed synced rows"),
+				 errhint("Commit first, then call sync_payload in a new transaction.")));
+	o.compress = 1;
+
+	cxt = call_context();
+	SPI_connect();
+	pg_conn_init(&db, cxt);
+	if (db_version_safe(&db, &until, &err) != PGS_OK)
+		pg_raise(&err);
+	if (o.since < until)
+	{
+		o.until = until;
+		pgs_buf_init(&out);
+		pg_as_meta(&us);
+		rc = pgs_build(&db, &o, &out, &st, &err);
+		pg_as_caller(&us);
+		if (rc != PGS_OK)
+			pg_raise(&err);
+		if (out.oom)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
+							errmsg("out of memory building a payload")));
+		if (out.len > 0)
+		{
+			if (out.len > MaxAllocSize - VARHDRSZ)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("payload of %zu bytes is too large for a bytea", out.len),
+						 errhint("Pull in smaller steps.")));
+			res = MemoryContextAlloc(outer, out.len + VARHDRSZ);
+			SET_VARSIZE(res, out.len + VARHDRSZ);
+			memcpy(VARDATA(res), out.p, out.len);
+		}
+	}
+	SPI_finish();
+	call_done(cxt);
+	if (res == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_BYTEA_P(res);
+}
+
+/* sync_payload_until(payload bytea): the version to pass as since next. */
+Datum
+sync_payload_until(PG_FUNCTION_ARGS)
+{
+	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	MemoryContext cxt = call_context();
+	int64_t		until;
+	pgs_err		err;
+
+	if (pgs_payload_until((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p),
+						  &until, &err) != PGS_OK)
+		pg_raise(&err);
+	call_done(cxt);
+	PG_RETURN_INT64(until);
+}
+
+/*
+ * sync_apply_payload(payload bytea): merge; returns the winning changes.
+ *
+ * The merge runs in a subtransaction. When a local writer changed a row
+ * between the clock read and the clock write of that row (pg_database.c
+ * detects it with a compare-and-set on the clock), the subtransaction is
+ * rolled back and the whole apply runs again: by then the writer has
+ * committed and the retry merges against its clock.
+ */
+#define APPLY_ATTEMPTS 8
+
+Datum
+sync_apply_payload(PG_FUNCTION_ARGS)
+{
+	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	MemoryContext outer = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile int attempt;
+	volatile bool done = false;
+	pgs_apply_stats st;
+
+	/*
+	 * Applies are serialized: two payloads touching the same rows in
+	 * different orders would otherwise deadlock. Local writers do not take
+	 * this lock.
+	 */
+	DirectFunctionCall1(pg_advisory_xact_lock_int8,
+						Int64GetDatum(PGSYNC_APPLY_LOCK_KEY));
+	SPI_connect();
+	for (attempt = 1; !done; attempt++)
+	{
+		MemoryContext cxt = call_context();
+
+		memset(&st, 0, sizeof(st));
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(outer);
+		PG_TRY();
+		{
+			db_conn		db;
+			pgs_err		err;
+			pgs_rc		rc;
+
+			reject_reset();
+			pg_apply_conflict = false;
+			pg_conn_init(&db, cxt);
+			memset(&err, 0, sizeof(err));
+			pg_applying = true;
+			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p),
+						   VARSIZE_ANY_EXHDR(p), &st, &err);
+			pg_applying = false;
+			if (rc != PGS_OK)
+				pg_raise(&err);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(outer);
+			CurrentResourceOwner = owner;
+			done = true;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *ed;
+
+			pg_applying = false;
+			MemoryContextSwitchTo(outer);
+			ed = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(outer);
+			CurrentResourceOwner = owner;
+			if (!pg_apply_conflict || attempt >= APPLY_ATTEMPTS)
+				ReThrowError(ed);
+			FreeErrorData(ed);
+			pg_apply_conflict = false;
+		}
+		PG_END_TRY();
+		call_done(cxt);
+	}
+	SPI_finish();
+	if (st.rejected > 0)
+		ereport(WARNING,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("%lld rows of the payload were rejected",
+						(long long) st.rejected),
+				 errhint("SELECT * FROM sync_rejections() lists them with the reason.")));
+	PG_RETURN_INT64(st.won);
+}
+
+/* sync_payload_info(payload bytea): the payload as jsonb. */
+Datum
+sync_payload_info(PG_FUNCTION_ARGS)
+{
+	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	MemoryContext cxt = call_context();
+	char	   *json;
+	pgs_err		err;
+	Datum		res;
+
+	if (pgs_payload_info((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p),
+						 &json, &err) != PGS_OK)
+		pg_raise(&err);
+	res = DirectFunctionCall1(jsonb_in, CStringGetDatum(json));
+	call_done(cxt);
+	PG_RETURN_DATUM(res);
+}
+
+/* sync_rejections(): the rows the last sync_apply_payload refused. */
+Datum
+sync_rejections(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	ListCell   *lc;
+
+	InitMaterializedSRF(fcinfo, 0);
+	foreach(lc, rejections)
+	{
+		pg_rejection *r = lfirst(lc);
+		Datum		values[4];
+		bool		nulls[4] = {false, false, false, false};
+
+		values[0] = CStringGetTextDatum(r->table);
+		values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum(r->pk_json));
+		values[2] = CStringGetTextDatum(r->sqlstate);
+		values[3] = CStringGetTextDatum(r->message);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/* sync_uuid(): a fresh UUIDv7. */
+Datum
+sync_uuid(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+	pgs_err		err;
+
+	if (pgs_uuid7(u->data, &err) != PGS_OK)
+		pg_raise(&err);
+	PG_RETURN_UUID_P(u);
+}
+
+/* sync_version(): the extension version. */
+Datum
+sync_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(PGS_VERSION));
+}

@@ -1,0 +1,66 @@
+"""pglib — helpers for the PostgreSQL tests of pgsync (test/pg/test_*.py).
+
+The tests run against the cluster started by test/pg/cluster.sh (PGHOST,
+PGPORT, PGUSER from the environment); each creates its own databases.
+"""
+import os
+import pathlib
+
+import psycopg2
+
+ROOT = pathlib.Path(os.environ.get("PGSYNC_ROOT", pathlib.Path(__file__).resolve().parents[2]))
+
+
+def connect(db, autocommit=True):
+    c = psycopg2.connect(dbname=db)
+    c.autocommit = autocommit
+    return c
+
+
+def fresh_db(name, ddl=()):
+    """fresh_db (re)creates database name with pgsync and runs ddl there."""
+    admin = connect(os.environ.get("PGDATABASE", "postgres"))
+    cur = admin.cursor()
+    cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    c = connect(name)
+    cur = c.cursor()
+    cur.execute("SET client_min_messages = warning")
+    cur.execute("CREATE EXTENSION pgsync")
+    for stmt in ddl:
+        cur.execute(stmt)
+    return c
+
+
+def drop_db(name):
+    admin = connect(os.environ.get("PGDATABASE", "postgres"))
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def one(conn, sql, args=None):
+    cur = conn.cursor()
+    cur.execute(sql, args)
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def rows(conn, sql, args=None):
+    cur = conn.cursor()
+    cur.execute(sql, args)
+    return cur.fetchall()
+
+
+def pull(src, since, exclude=None):
+    """pull returns (payload or None, new since) from src."""
+    p = one(src, "SELECT sync_payload(%s, %s)", (since, exclude))
+    if p is None:
+        return None, since
+    return bytes(p), one(src, "SELECT sync_payload_until(%s)", (p,))
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print("ok -", what)
