@@ -118,8 +118,10 @@ def main():
     ok &= changes / e >= 150000
     print("targets: tracked <= 2.5x plain (INSERT .. SELECT), apply >= 150,000 changes/s:",
           "met" if ok else "NOT met")
+    a.connection.close()
+    b.connection.close()
     for db in ("pgsync_bench_a", "pgsync_bench_b"):
-        pass
+        ac.execute(f"DROP DATABASE IF EXISTS {db}")
     return 0
 
 
