@@ -46,7 +46,7 @@ UNIT_TESTS = $(patsubst test/%.c,$(B)/%,$(wildcard test/test_*.c))
 # libFuzzer target for the payload decoder
 $(B)/fuzz_payload: test/fuzz/fuzz_payload.c $(CORE_SRC) $(HDRS) test/mockdb.c
 	@mkdir -p $(B)
-	clang $(BASE) -O1 -g -fsanitize=fuzzer,address,undefined -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS)
+	clang $(BASE) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS)
 
 $(B)/bench_sqlite: bench/bench_sqlite.c $(HDRS)
 	@mkdir -p $(B)

@@ -243,6 +243,7 @@ pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err)
 		if (!get_str(r, &d->name, &d->name_len) || d->name_len == 0)
 			return CORRUPT(err, "bad table name");
 		if (!get_varint(r, &npk) || !get_varint(r, &ncols) || npk == 0 ||
+			npk > 32767 || ncols > 32767 ||	/* before the sum can wrap */
 			npk + ncols > (uint64_t) (r->end - r->p) || npk + ncols > 32767)
 			return CORRUPT(err, "bad column counts");
 		d->npk = (uint32_t) npk;

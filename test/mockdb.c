@@ -1,0 +1,1510 @@
+/*
+ * mockdb.c — the in-memory engine of mockdb.h.
+ *
+ * Layout: a replica (db_conn) owns its tables; a table owns an array of
+ * entries, one per primary key ever seen, found through a small open
+ * addressing hash of the encoded key (type byte + payload value encoding per
+ * key column, so REAL keys compare by bit pattern). An entry is both the base
+ * row (alive + values) and the clock row (cl, ver, blob). Entries are never
+ * removed: a deleted row keeps its clock as a tombstone, like the engines.
+ *
+ * Pointers handed to the core (clock blobs, site ids, cursor rows) are fresh
+ * copies freed on the next db_ call, so AddressSanitizer reports a core that
+ * keeps one longer than database.h promises.
+ */
+#include "mockdb.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+typedef struct mrow
+{
+	uint8_t    *key;
+	size_t		keylen;
+	pgs_value  *pk;				/* npk, owned */
+	bool		alive;
+	pgs_value  *vals;			/* ncols, owned, meaningful when alive */
+	bool		has_clock;
+	int64_t		cl;
+	int64_t		ver;
+	uint8_t    *clk;
+	size_t		clk_len;
+} mrow;
+
+typedef struct mrows
+{
+	mrow	   *rows;
+	int			nrows;
+	int			cap;
+	int		   *hash;			/* entry index + 1, 0 = empty */
+	int			hcap;			/* power of two */
+} mrows;
+
+struct db_table
+{
+	db_conn    *db;
+	char	   *name;
+	db_algo		algo;
+	int			npk;
+	int			ncols;
+	char	  **pk_names;
+	char	  **col_names;
+	db_table_info info;
+	mrows		r;
+};
+
+typedef struct mdeny
+{
+	db_table   *t;
+	uint8_t    *key;
+	size_t		keylen;
+} mdeny;
+
+struct db_conn
+{
+	uint8_t		(*sites)[16];
+	uint32_t	nsites;
+	uint32_t	sites_cap;
+	db_table  **tables;
+	int			ntables;
+	int64_t		version;
+	int64_t		txn_ver;
+	bool		in_txn;
+	uint64_t	hlc;
+	uint64_t	clock_ms;
+	int			rejections;
+	mdeny	   *deny;
+	int			ndeny;
+	void	   *eph;			/* memory lent to the core until the next call */
+	pgs_buf		key;			/* scratch for key encoding */
+};
+
+struct db_cursor
+{
+	db_conn    *db;
+	db_table   *t;
+	int64_t		since;
+	int64_t		until;
+	int			next;
+	pgs_value  *vals;			/* npk + ncols copies of the current row */
+	uint8_t    *blob;
+};
+
+typedef struct mtable_snap
+{
+	mrows		r;
+} mtable_snap;
+
+struct mock_snap
+{
+	uint8_t		(*sites)[16];
+	uint32_t	nsites;
+	int64_t		version;
+	int64_t		txn_ver;
+	bool		in_txn;
+	uint64_t	hlc;
+	int			ntables;
+	mtable_snap *tables;
+};
+
+/* ---- small helpers ---- */
+
+static void *
+xmalloc(size_t n)
+{
+	void	   *p = pgs_malloc(n);
+
+	if (!p)
+	{
+		fprintf(stderr, "mockdb: out of memory (%zu bytes)\n", n);
+		abort();
+	}
+	return p;
+}
+
+static char *
+xstrdup(const char *s)
+{
+	size_t		n = strlen(s) + 1;
+	char	   *d = xmalloc(n);
+
+	memcpy(d, s, n);
+	return d;
+}
+
+static void *
+xmemdup(const void *p, size_t n)
+{
+	void	   *d = xmalloc(n ? n : 1);
+
+	if (n)
+		memcpy(d, p, n);
+	return d;
+}
+
+static void
+eph_reset(db_conn *db)
+{
+	pgs_free(db->eph);
+	db->eph = NULL;
+}
+
+static const void *
+eph_lend(db_conn *db, const void *p, size_t n)
+{
+	eph_reset(db);
+	db->eph = xmemdup(p, n);
+	return db->eph;
+}
+
+static void
+value_copy(pgs_value *dst, const pgs_value *src)
+{
+	*dst = *src;
+	if (src->type == PGS_TEXT || src->type == PGS_BLOB)
+		dst->v.p = xmemdup(src->v.p, src->len);
+}
+
+static void
+value_free(pgs_value *v)
+{
+	if (v->type == PGS_TEXT || v->type == PGS_BLOB)
+		pgs_free((void *) v->v.p);
+	v->type = PGS_NULL;
+	v->len = 0;
+	v->v.i = 0;
+}
+
+static bool
+value_ok(const pgs_value *v)
+{
+	if (v->type > PGS_BLOB)
+		return false;
+	if ((v->type == PGS_TEXT || v->type == PGS_BLOB) && (v->len > PGS_MAX_VALUE || (v->len && !v->v.p)))
+		return false;
+	return true;
+}
+
+static uint64_t
+now_ms(db_conn *db)
+{
+	return db->clock_ms ? db->clock_ms : pgs_now_ms();
+}
+
+/* ---- keys and the row store ---- */
+
+static void
+encode_key(db_conn *db, db_table *t, const pgs_value *pk)
+{
+	db->key.len = 0;
+	for (int i = 0; i < t->npk; i++)
+	{
+		pgs_buf_u8(&db->key, pk[i].type);
+		pgs_value_put(&db->key, &pk[i]);
+	}
+	if (db->key.oom)
+		abort();
+}
+
+static uint64_t
+key_hash(const uint8_t *k, size_t n)
+{
+	return XXH3_64bits(k, n);
+}
+
+static void
+rows_rehash(mrows *r, int hcap)
+{
+	pgs_free(r->hash);
+	r->hash = xmalloc(sizeof(int) * (size_t) hcap);
+	memset(r->hash, 0, sizeof(int) * (size_t) hcap);
+	r->hcap = hcap;
+	for (int i = 0; i < r->nrows; i++)
+	{
+		uint64_t	h = key_hash(r->rows[i].key, r->rows[i].keylen) & (uint64_t) (hcap - 1);
+
+		while (r->hash[h])
+			h = (h + 1) & (uint64_t) (hcap - 1);
+		r->hash[h] = i + 1;
+	}
+}
+
+static mrow *
+rows_find(mrows *r, const uint8_t *k, size_t n)
+{
+	uint64_t	h;
+
+	if (!r->hcap)
+		return NULL;
+	h = key_hash(k, n) & (uint64_t) (r->hcap - 1);
+	while (r->hash[h])
+	{
+		mrow	   *row = &r->rows[r->hash[h] - 1];
+
+		if (row->keylen == n && memcmp(row->key, k, n) == 0)
+			return row;
+		h = (h + 1) & (uint64_t) (r->hcap - 1);
+	}
+	return NULL;
+}
+
+static mrow *
+find_row(db_table *t, const pgs_value *pk)
+{
+	encode_key(t->db, t, pk);
+	return rows_find(&t->r, t->db->key.p, t->db->key.len);
+}
+
+/* get_row finds or creates the entry of pk (new: dead, no clock). */
+static mrow *
+get_row(db_table *t, const pgs_value *pk)
+{
+	mrow	   *row = find_row(t, pk);
+	mrows	   *r = &t->r;
+
+	if (row)
+		return row;
+	if (r->nrows == r->cap)
+	{
+		int			cap = r->cap ? r->cap * 2 : 16;
+		mrow	   *n = pgs_realloc(r->rows, sizeof(mrow) * (size_t) cap);
+
+		if (!n)
+			abort();
+		r->rows = n;
+		r->cap = cap;
+	}
+	row = &r->rows[r->nrows++];
+	memset(row, 0, sizeof *row);
+	row->key = xmemdup(t->db->key.p, t->db->key.len);
+	row->keylen = t->db->key.len;
+	row->pk = xmalloc(sizeof(pgs_value) * (size_t) (t->npk ? t->npk : 1));
+	for (int i = 0; i < t->npk; i++)
+		value_copy(&row->pk[i], &pk[i]);
+	row->vals = xmalloc(sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
+	memset(row->vals, 0, sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
+	if (r->nrows * 2 > r->hcap)
+		rows_rehash(r, r->hcap ? r->hcap * 2 : 32);
+	else
+	{
+		uint64_t	h = key_hash(row->key, row->keylen) & (uint64_t) (r->hcap - 1);
+
+		while (r->hash[h])
+			h = (h + 1) & (uint64_t) (r->hcap - 1);
+		r->hash[h] = r->nrows;
+	}
+	return row;
+}
+
+static void
+row_clear_vals(db_table *t, mrow *row)
+{
+	for (int i = 0; i < t->ncols; i++)
+		value_free(&row->vals[i]);
+}
+
+static void
+rows_free(db_table *t, mrows *r)
+{
+	for (int i = 0; i < r->nrows; i++)
+	{
+		mrow	   *row = &r->rows[i];
+
+		for (int k = 0; k < t->npk; k++)
+			value_free(&row->pk[k]);
+		row_clear_vals(t, row);
+		pgs_free(row->pk);
+		pgs_free(row->vals);
+		pgs_free(row->key);
+		pgs_free(row->clk);
+	}
+	pgs_free(r->rows);
+	pgs_free(r->hash);
+	memset(r, 0, sizeof *r);
+}
+
+static void
+rows_copy(db_table *t, mrows *dst, const mrows *src)
+{
+	memset(dst, 0, sizeof *dst);
+	dst->cap = src->nrows ? src->nrows : 1;
+	dst->rows = xmalloc(sizeof(mrow) * (size_t) dst->cap);
+	dst->nrows = src->nrows;
+	for (int i = 0; i < src->nrows; i++)
+	{
+		const mrow *s = &src->rows[i];
+		mrow	   *d = &dst->rows[i];
+
+		*d = *s;
+		d->key = xmemdup(s->key, s->keylen);
+		d->pk = xmalloc(sizeof(pgs_value) * (size_t) (t->npk ? t->npk : 1));
+		for (int k = 0; k < t->npk; k++)
+			value_copy(&d->pk[k], &s->pk[k]);
+		d->vals = xmalloc(sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
+		memset(d->vals, 0, sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
+		for (int k = 0; k < t->ncols; k++)
+			value_copy(&d->vals[k], &s->vals[k]);
+		d->clk = s->clk ? xmemdup(s->clk, s->clk_len) : NULL;
+	}
+	if (src->hcap)
+		rows_rehash(dst, src->hcap);
+}
+
+/* ---- replicas and tables ---- */
+
+db_conn *
+mock_open(const uint8_t site[16])
+{
+	db_conn    *db = xmalloc(sizeof *db);
+
+	memset(db, 0, sizeof *db);
+	db->sites_cap = 4;
+	db->sites = xmalloc(16 * db->sites_cap);
+	if (site)
+		memcpy(db->sites[0], site, 16);
+	else if (pgs_uuid7(db->sites[0], NULL) != PGS_OK)
+		abort();
+	db->nsites = 1;
+	pgs_buf_init(&db->key);
+	return db;
+}
+
+static void
+table_free(db_table *t)
+{
+	rows_free(t, &t->r);
+	for (int i = 0; i < t->npk; i++)
+		pgs_free(t->pk_names[i]);
+	for (int i = 0; i < t->ncols; i++)
+		pgs_free(t->col_names[i]);
+	pgs_free(t->pk_names);
+	pgs_free(t->col_names);
+	pgs_free(t->name);
+	pgs_free(t);
+}
+
+void
+mock_close(db_conn *db)
+{
+	if (!db)
+		return;
+	for (int i = 0; i < db->ntables; i++)
+		table_free(db->tables[i]);
+	pgs_free(db->tables);
+	mock_allow_all(db);
+	pgs_free(db->sites);
+	pgs_buf_free(&db->key);
+	eph_reset(db);
+	pgs_free(db);
+}
+
+db_table *
+mock_add_table(db_conn *db, const char *name, db_algo algo, int npk,
+			   const char *const *pk_names, int ncols, const char *const *col_names)
+{
+	db_table   *t = xmalloc(sizeof *t);
+
+	memset(t, 0, sizeof *t);
+	t->db = db;
+	t->name = xstrdup(name);
+	t->algo = algo;
+	t->npk = npk;
+	t->ncols = ncols;
+	t->pk_names = xmalloc(sizeof(char *) * (size_t) (npk ? npk : 1));
+	t->col_names = xmalloc(sizeof(char *) * (size_t) (ncols ? ncols : 1));
+	for (int i = 0; i < npk; i++)
+		t->pk_names[i] = xstrdup(pk_names[i]);
+	for (int i = 0; i < ncols; i++)
+		t->col_names[i] = xstrdup(col_names[i]);
+	t->info.name = t->name;
+	t->info.algo = algo;
+	t->info.npk = npk;
+	t->info.ncols = ncols;
+	t->info.pk_names = (const char *const *) t->pk_names;
+	t->info.col_names = (const char *const *) t->col_names;
+	{
+		db_table  **n = pgs_realloc(db->tables, sizeof(db_table *) * (size_t) (db->ntables + 1));
+
+		if (!n)
+			abort();
+		db->tables = n;
+		db->tables[db->ntables++] = t;
+	}
+	return t;
+}
+
+db_table *
+mock_table(db_conn *db, const char *name)
+{
+	for (int i = 0; i < db->ntables; i++)
+		if (strcmp(db->tables[i]->name, name) == 0)
+			return db->tables[i];
+	return NULL;
+}
+
+void
+mock_add_std_tables(db_conn *db)
+{
+	static const char *const items_pk[] = {"id"};
+	static const char *const items_cols[] = {"name", "qty", "price", "data"};
+	static const char *const tags_pk[] = {"k1", "k2"};
+	static const char *const tags_cols[] = {"a", "b"};
+	static const char *const log_pk[] = {"id"};
+	static const char *const log_cols[] = {"msg"};
+
+	mock_add_table(db, "items", DB_ALGO_CLS, 1, items_pk, 4, items_cols);
+	mock_add_table(db, "tags", DB_ALGO_CLS, 2, tags_pk, 2, tags_cols);
+	mock_add_table(db, "log", DB_ALGO_GSET, 1, log_pk, 1, log_cols);
+}
+
+/* ---- clocks and transactions ---- */
+
+void
+mock_set_clock(db_conn *db, uint64_t ms)
+{
+	db->clock_ms = ms;
+}
+
+void
+mock_advance(db_conn *db, int64_t ms)
+{
+	db->clock_ms = (uint64_t) ((int64_t) db->clock_ms + ms);
+}
+
+int64_t
+mock_version(db_conn *db)
+{
+	return db->version;
+}
+
+uint64_t
+mock_hlc(db_conn *db)
+{
+	return db->hlc;
+}
+
+void
+mock_begin(db_conn *db)
+{
+	db->in_txn = true;
+	db->txn_ver = 0;
+}
+
+void
+mock_commit(db_conn *db)
+{
+	db->in_txn = false;
+	db->txn_ver = 0;
+}
+
+/* take_version: the version of the open transaction, as sl_txn_version. */
+static int64_t
+take_version(db_conn *db)
+{
+	uint64_t	now;
+
+	if (db->in_txn && db->txn_ver)
+		return db->txn_ver;
+	db->version++;
+	now = pgs_hlc_from_ms(now_ms(db));
+	db->hlc = db->hlc + 1 > now ? db->hlc + 1 : now;
+	if (db->in_txn)
+		db->txn_ver = db->version;
+	return db->version;
+}
+
+static uint64_t
+tick(db_conn *db)
+{
+	db->hlc = pgs_hlc_tick(db->hlc, now_ms(db));
+	return db->hlc;
+}
+
+/* ---- database.h ---- */
+
+pgs_rc
+db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err)
+{
+	(void) err;
+	eph_reset(db);
+	*tables = db->tables;
+	*ntables = db->ntables;
+	return PGS_OK;
+}
+
+pgs_rc
+db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out, pgs_err *err)
+{
+	eph_reset(db);
+	for (int i = 0; i < db->ntables; i++)
+		if (strlen(db->tables[i]->name) == len && memcmp(db->tables[i]->name, name, len) == 0)
+		{
+			*out = db->tables[i];
+			return PGS_OK;
+		}
+	return pgs_failf(err, PGS_ERR_SCHEMA, NULL, "unknown table \"%.*s\" in payload",
+					 (int) (len > 200 ? 200 : len), (const char *) name);
+}
+
+const db_table_info *
+db_table_describe(db_table *t)
+{
+	return &t->info;
+}
+
+const uint8_t *
+db_site_id(db_conn *db)
+{
+	return db->sites[0];
+}
+
+pgs_rc
+db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
+{
+	(void) err;
+	eph_reset(db);
+	for (uint32_t i = 0; i < db->nsites; i++)
+		if (memcmp(db->sites[i], site, 16) == 0)
+		{
+			*idx = i;
+			return PGS_OK;
+		}
+	if (db->nsites == db->sites_cap)
+	{
+		void	   *n = pgs_realloc(db->sites, 16 * (size_t) db->sites_cap * 2);
+
+		if (!n)
+			abort();
+		db->sites = n;
+		db->sites_cap *= 2;
+	}
+	memcpy(db->sites[db->nsites], site, 16);
+	*idx = db->nsites++;
+	return PGS_OK;
+}
+
+pgs_rc
+db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
+{
+	eph_reset(db);
+	if (idx >= db->nsites)
+		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: unknown site index %u", idx);
+	*site = eph_lend(db, db->sites[idx], 16);
+	return PGS_OK;
+}
+
+pgs_rc
+db_apply_version(db_conn *db, int64_t *ver, pgs_err *err)
+{
+	(void) err;
+	eph_reset(db);
+	*ver = take_version(db);
+	return PGS_OK;
+}
+
+pgs_rc
+db_apply_end(db_conn *db, pgs_err *err)
+{
+	/* the mock writes through: nothing was deferred */
+	(void) err;
+	eph_reset(db);
+	return PGS_OK;
+}
+
+pgs_rc
+db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err)
+{
+	(void) err;
+	eph_reset(db);
+	if (hlc > db->hlc)
+		db->hlc = hlc;
+	return PGS_OK;
+}
+
+static pgs_rc
+check_pk(db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	for (int i = 0; i < t->npk; i++)
+		if (pk[i].type == PGS_NULL || !value_ok(&pk[i]))
+			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad key value in table \"%s\"", t->name);
+	return PGS_OK;
+}
+
+pgs_rc
+db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
+			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
+{
+	mrow	   *row;
+	pgs_rc		rc;
+
+	eph_reset(db);
+	if ((rc = check_pk(t, pk, err)) != PGS_OK)
+		return rc;
+	row = find_row(t, pk);
+	*found = row && row->has_clock;
+	if (*found)
+	{
+		*cl = row->cl;
+		*blob = eph_lend(db, row->clk, row->clk_len);
+		*blob_len = row->clk_len;
+	}
+	return PGS_OK;
+}
+
+pgs_rc
+db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
+			 int64_t ver, const uint8_t *blob, size_t blob_len, pgs_err *err)
+{
+	mrow	   *row;
+	pgs_stamp  *stamps;
+	pgs_rowclock rc;
+	pgs_rc		r;
+
+	eph_reset(db);
+	if ((r = check_pk(t, pk, err)) != PGS_OK)
+		return r;
+	row = find_row(t, pk);
+	if ((row && row->has_clock) != exists)
+		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: db_clock_put(exists=%d) but the clock row %s",
+						 exists, exists ? "is missing" : "exists");
+	if (cl <= 0)
+		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: causal length %lld", (long long) cl);
+	/* the blob must decode, and ver must be its largest version */
+	stamps = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	rc.ncols = t->ncols;
+	rc.cols = stamps;
+	r = pgs_rowclock_decode(blob, blob_len, &rc, err);
+	if (r == PGS_OK && pgs_rowclock_max_ver(&rc) != ver)
+		r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock ver %lld is not the blob's largest version %lld",
+					  (long long) ver, (long long) pgs_rowclock_max_ver(&rc));
+	if (r == PGS_OK)
+		for (uint32_t i = 0; i < (uint32_t) t->ncols && r == PGS_OK; i++)
+			if (stamps[i].hlc && stamps[i].site >= db->nsites)
+				r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock refers to unknown site %u", stamps[i].site);
+	if (r == PGS_OK && rc.cl_site >= db->nsites)
+		r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock refers to unknown site %u", rc.cl_site);
+	pgs_free(stamps);
+	if (r != PGS_OK)
+		return r;
+	row = get_row(t, pk);
+	pgs_free(row->clk);
+	row->clk = xmemdup(blob, blob_len);
+	row->clk_len = blob_len;
+	row->cl = cl;
+	row->ver = ver;
+	row->has_clock = true;
+	return PGS_OK;
+}
+
+static bool
+denied(db_conn *db, db_table *t, const pgs_value *pk)
+{
+	encode_key(db, t, pk);
+	for (int i = 0; i < db->ndeny; i++)
+		if (db->deny[i].t == t && db->deny[i].keylen == db->key.len &&
+			memcmp(db->deny[i].key, db->key.p, db->key.len) == 0)
+			return true;
+	return false;
+}
+
+pgs_rc
+db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+			 const int *cols, const pgs_value *vals, pgs_err *err)
+{
+	mrow	   *row;
+	pgs_rc		rc;
+
+	eph_reset(db);
+	if ((rc = check_pk(t, pk, err)) != PGS_OK)
+		return rc;
+	if (mode != DB_WRITE_MERGE && mode != DB_WRITE_REPLACE && mode != DB_WRITE_INSERT)
+		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: write mode %d", (int) mode);
+	if (n < 0 || n > t->ncols)
+		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: row write of %d columns, table has %d", n, t->ncols);
+	for (int i = 0; i < n; i++)
+	{
+		if (cols[i] < 0 || cols[i] >= t->ncols)
+			return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: column index %d out of range", cols[i]);
+		for (int k = 0; k < i; k++)
+			if (cols[k] == cols[i])
+				return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: column %d written twice in one row write", cols[i]);
+		if (!value_ok(&vals[i]))
+			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad value for column %d", cols[i]);
+	}
+	if (denied(db, t, pk))
+		return pgs_failf(err, PGS_ERR_PERMISSION, NULL, "mockdb: permission denied for table \"%s\"", t->name);
+	row = get_row(t, pk);
+	if (mode != DB_WRITE_MERGE || !row->alive)
+		row_clear_vals(t, row);	/* a new life (or a fresh row): start from NULLs */
+	row->alive = true;
+	for (int i = 0; i < n; i++)
+	{
+		value_free(&row->vals[cols[i]]);
+		value_copy(&row->vals[cols[i]], &vals[i]);
+	}
+	return PGS_OK;
+}
+
+pgs_rc
+db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	mrow	   *row;
+	pgs_rc		rc;
+
+	eph_reset(db);
+	if ((rc = check_pk(t, pk, err)) != PGS_OK)
+		return rc;
+	if (denied(db, t, pk))
+		return pgs_failf(err, PGS_ERR_PERMISSION, NULL, "mockdb: permission denied for table \"%s\"", t->name);
+	row = find_row(t, pk);
+	if (row && row->alive)
+	{
+		row_clear_vals(t, row);
+		row->alive = false;
+	}
+	return PGS_OK;
+}
+
+void
+db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
+{
+	eph_reset(db);
+	(void) t, (void) pk, (void) why;
+	db->rejections++;
+}
+
+pgs_rc
+db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
+{
+	(void) err;
+	eph_reset(db);
+	*until = db->version;
+	return PGS_OK;
+}
+
+pgs_rc
+db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, db_cursor **cur,
+				pgs_err *err)
+{
+	db_cursor  *c;
+
+	(void) err;
+	eph_reset(db);
+	c = xmalloc(sizeof *c);
+	memset(c, 0, sizeof *c);
+	c->db = db;
+	c->t = t;
+	c->since = since;
+	c->until = until;
+	*cur = c;
+	return PGS_OK;
+}
+
+static void
+cursor_drop_row(db_cursor *c)
+{
+	if (c->vals)
+		for (int i = 0; i < c->t->npk + c->t->ncols; i++)
+			value_free(&c->vals[i]);
+	pgs_free(c->vals);
+	pgs_free(c->blob);
+	c->vals = NULL;
+	c->blob = NULL;
+}
+
+pgs_rc
+db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
+				const uint8_t **blob, size_t *blob_len, bool *alive,
+				const pgs_value **cols, pgs_err *err)
+{
+	db_table   *t = c->t;
+
+	(void) err;
+	cursor_drop_row(c);
+	while (c->next < t->r.nrows)
+	{
+		mrow	   *row = &t->r.rows[c->next++];
+
+		/* database.h: every row above since; rows above until are welcome */
+		if (!row->has_clock || row->ver <= c->since)
+			continue;
+		c->vals = xmalloc(sizeof(pgs_value) * (size_t) (t->npk + t->ncols + 1));
+		for (int i = 0; i < t->npk; i++)
+			value_copy(&c->vals[i], &row->pk[i]);
+		for (int i = 0; i < t->ncols; i++)
+		{
+			if (row->alive)
+				value_copy(&c->vals[t->npk + i], &row->vals[i]);
+			else
+				memset(&c->vals[t->npk + i], 0, sizeof(pgs_value));
+		}
+		c->blob = xmemdup(row->clk, row->clk_len);
+		*done = false;
+		*pk = c->vals;
+		*cols = c->vals + t->npk;
+		*cl = row->cl;
+		*blob = c->blob;
+		*blob_len = row->clk_len;
+		*alive = row->alive;
+		return PGS_OK;
+	}
+	*done = true;
+	return PGS_OK;
+}
+
+void
+db_changes_close(db_cursor *c)
+{
+	if (!c)
+		return;
+	cursor_drop_row(c);
+	pgs_free(c);
+}
+
+/* ---- local edits ---- */
+
+static pgs_rc
+put_local_clock(db_conn *db, db_table *t, const pgs_value *pk, bool exists, pgs_rowclock *rc)
+{
+	pgs_buf		b;
+	pgs_err		err;
+	pgs_rc		r;
+
+	pgs_buf_init(&b);
+	pgs_rowclock_encode(rc, &b);
+	if (b.oom)
+		abort();
+	r = db_clock_put(db, t, pk, exists, rc->cl, pgs_rowclock_max_ver(rc), b.p, b.len, &err);
+	pgs_buf_free(&b);
+	if (r != PGS_OK)
+	{
+		fprintf(stderr, "mockdb: local clock write failed: %s\n", err.msg);
+		abort();
+	}
+	return PGS_OK;
+}
+
+static pgs_rc
+new_life(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver)
+{
+	pgs_stamp  *s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
+	uint64_t	hlc = tick(db);
+
+	for (int i = 0; i < t->ncols; i++)
+		s[i].hlc = hlc, s[i].ver = ver, s[i].site = 0;
+	put_local_clock(db, t, pk, exists, &rc);
+	pgs_free(s);
+	return PGS_OK;
+}
+
+/* touch stamps the columns in mask (NULL: all) as a local edit of this row. */
+static pgs_rc
+touch(db_conn *db, db_table *t, const pgs_value *pk, mrow *row, int64_t ver, const bool *mask)
+{
+	pgs_stamp  *s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	pgs_rowclock rc = {.cl = row->cl, .ncols = t->ncols, .cols = s};
+	uint64_t	now = tick(db);
+	int			changed = 0;
+	pgs_err		err;
+
+	if (pgs_rowclock_decode(row->clk, row->clk_len, &rc, &err) != PGS_OK)
+		abort();
+	for (int i = 0; i < t->ncols; i++)
+	{
+		if (mask && !mask[i])
+			continue;
+		s[i].hlc = s[i].hlc >= now ? s[i].hlc + 1 : now;
+		s[i].ver = ver;
+		s[i].site = 0;
+		changed++;
+	}
+	if (changed)
+		put_local_clock(db, t, pk, true, &rc);
+	pgs_free(s);
+	return PGS_OK;
+}
+
+static void
+set_row(db_table *t, mrow *row, const pgs_value *vals)
+{
+	row_clear_vals(t, row);
+	row->alive = true;
+	if (vals)
+		for (int i = 0; i < t->ncols; i++)
+			value_copy(&row->vals[i], &vals[i]);
+}
+
+pgs_rc
+mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk, const pgs_value *vals)
+{
+	bool		autocommit = !db->in_txn;
+	pgs_rc		r = PGS_OK;
+	int64_t		ver;
+	mrow	   *row;
+
+	eph_reset(db);
+	if (check_pk(t, pk, NULL) != PGS_OK)
+		return PGS_ERR_VALUE;
+	row = find_row(t, pk);
+	if (row && row->alive && t->algo == DB_ALGO_GSET)
+		return PGS_ERR_VALUE;
+	if (autocommit)
+		mock_begin(db);
+	ver = take_version(db);
+	row = get_row(t, pk);
+	if (!row->has_clock)
+		r = new_life(db, t, pk, false, 1, ver);
+	else if ((row->cl & 1) == 0)
+		r = new_life(db, t, pk, true, row->cl + 1, ver);	/* resurrection */
+	else
+		r = touch(db, t, pk, row, ver, NULL);	/* INSERT OR REPLACE */
+	row = find_row(t, pk);
+	set_row(t, row, vals);
+	if (autocommit)
+		mock_commit(db);
+	return r;
+}
+
+pgs_rc
+mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const int *cols,
+				  const pgs_value *vals)
+{
+	bool		autocommit = !db->in_txn;
+	bool	   *mask;
+	int64_t		ver;
+	mrow	   *row;
+
+	eph_reset(db);
+	row = find_row(t, pk);
+	if (!row || !row->alive)
+		return PGS_OK;
+	if (t->algo == DB_ALGO_GSET)
+		return PGS_ERR_VALUE;
+	if (autocommit)
+		mock_begin(db);
+	ver = take_version(db);
+	mask = xmalloc(sizeof(bool) * (size_t) (t->ncols + 1));
+	memset(mask, 0, sizeof(bool) * (size_t) (t->ncols + 1));
+	for (int i = 0; i < n; i++)
+	{
+		int			c = cols[i];
+
+		if (c < 0 || c >= t->ncols)
+			abort();
+		if (pgs_value_cmp(&row->vals[c], &vals[i]) != 0)
+			mask[c] = true;		/* OLD.c IS NOT NEW.c */
+		value_free(&row->vals[c]);
+		value_copy(&row->vals[c], &vals[i]);
+	}
+	touch(db, t, pk, row, ver, mask);
+	pgs_free(mask);
+	if (autocommit)
+		mock_commit(db);
+	return PGS_OK;
+}
+
+pgs_rc
+mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk)
+{
+	bool		autocommit = !db->in_txn;
+	int64_t		ver;
+	mrow	   *row;
+	pgs_rowclock rc = {.ncols = 0, .cols = NULL};
+
+	eph_reset(db);
+	row = find_row(t, pk);
+	if (!row || !row->alive)
+		return PGS_OK;
+	if (t->algo == DB_ALGO_GSET)
+		return PGS_ERR_VALUE;
+	if (autocommit)
+		mock_begin(db);
+	ver = take_version(db);
+	row_clear_vals(t, row);
+	row->alive = false;
+	if (!(row->has_clock && (row->cl & 1) == 0))
+	{
+		rc.cl = row->has_clock ? row->cl + 1 : 2;
+		rc.cl_ver = ver;
+		rc.cl_site = 0;
+		put_local_clock(db, t, pk, row->has_clock, &rc);
+	}
+	if (autocommit)
+		mock_commit(db);
+	return PGS_OK;
+}
+
+/* ---- inspection ---- */
+
+const pgs_value *
+mock_row_get(db_conn *db, db_table *t, const pgs_value *pk)
+{
+	mrow	   *row;
+
+	(void) db;
+	row = find_row(t, pk);
+	return row && row->alive ? row->vals : NULL;
+}
+
+bool
+mock_clock(db_conn *db, db_table *t, const pgs_value *pk, pgs_rowclock *out)
+{
+	mrow	   *row;
+
+	(void) db;
+	row = find_row(t, pk);
+	if (!row || !row->has_clock)
+		return false;
+	out->ncols = t->ncols;
+	if (pgs_rowclock_decode(row->clk, row->clk_len, out, NULL) != PGS_OK)
+		abort();
+	out->cl = row->cl;
+	return true;
+}
+
+int
+mock_row_count(db_conn *db, db_table *t)
+{
+	int			n = 0;
+
+	(void) db;
+	for (int i = 0; i < t->r.nrows; i++)
+		n += t->r.rows[i].alive;
+	return n;
+}
+
+int
+mock_clock_count(db_conn *db, db_table *t)
+{
+	int			n = 0;
+
+	(void) db;
+	for (int i = 0; i < t->r.nrows; i++)
+		n += t->r.rows[i].has_clock;
+	return n;
+}
+
+uint32_t
+mock_site_count(db_conn *db)
+{
+	return db->nsites;
+}
+
+/* ---- permissions ---- */
+
+void
+mock_deny(db_conn *db, db_table *t, const pgs_value *pk)
+{
+	mdeny	   *n = pgs_realloc(db->deny, sizeof(mdeny) * (size_t) (db->ndeny + 1));
+
+	if (!n)
+		abort();
+	db->deny = n;
+	encode_key(db, t, pk);
+	db->deny[db->ndeny].t = t;
+	db->deny[db->ndeny].key = xmemdup(db->key.p, db->key.len);
+	db->deny[db->ndeny].keylen = db->key.len;
+	db->ndeny++;
+}
+
+void
+mock_allow_all(db_conn *db)
+{
+	for (int i = 0; i < db->ndeny; i++)
+		pgs_free(db->deny[i].key);
+	pgs_free(db->deny);
+	db->deny = NULL;
+	db->ndeny = 0;
+}
+
+int
+mock_rejections(db_conn *db)
+{
+	return db->rejections;
+}
+
+/* ---- comparison ---- */
+
+static void
+fmt_value(char *out, size_t cap, const pgs_value *v)
+{
+	switch (v->type)
+	{
+		case PGS_NULL:
+			snprintf(out, cap, "NULL");
+			break;
+		case PGS_INT:
+			snprintf(out, cap, "%lld", (long long) v->v.i);
+			break;
+		case PGS_REAL:
+			snprintf(out, cap, "%.17g", v->v.r);
+			break;
+		case PGS_TEXT:
+			snprintf(out, cap, "'%.*s'", (int) (v->len > 40 ? 40 : v->len), (const char *) v->v.p);
+			break;
+		default:
+			snprintf(out, cap, "blob(%u)", v->len);
+	}
+}
+
+static void
+fmt_key(char *out, size_t cap, const db_table *t, const pgs_value *pk)
+{
+	size_t		o = 0;
+
+	out[0] = '\0';
+	for (int i = 0; i < t->npk && o < cap; i++)
+	{
+		char		v[64];
+
+		fmt_value(v, sizeof v, &pk[i]);
+		o += (size_t) snprintf(out + o, cap - o, "%s%s", i ? "," : "", v);
+	}
+}
+
+#define WHY(...) do { if (why) snprintf(why, whylen, __VA_ARGS__); return false; } while (0)
+
+static bool
+rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *why, size_t whylen)
+{
+	pgs_stamp  *sa = NULL,
+			   *sb = NULL;
+	bool		ok = true;
+	char		key[160];
+
+	if (ta->npk != tb->npk || ta->ncols != tb->ncols)
+		WHY("table %s: different shapes", ta->name);
+	if (what & MOCK_CMP_CLOCKS)
+	{
+		sa = xmalloc(sizeof(pgs_stamp) * (size_t) (ta->ncols + 1));
+		sb = xmalloc(sizeof(pgs_stamp) * (size_t) (ta->ncols + 1));
+	}
+	for (int pass = 0; pass < 2 && ok; pass++)
+	{
+		db_table   *t1 = pass ? tb : ta,
+				   *t2 = pass ? ta : tb;
+
+		for (int i = 0; i < t1->r.nrows && ok; i++)
+		{
+			mrow	   *r1 = &t1->r.rows[i];
+			mrow	   *r2 = rows_find(&t2->r, r1->key, r1->keylen);
+			bool		a1 = r1->alive,
+						a2 = r2 && r2->alive;
+
+			fmt_key(key, sizeof key, t1, r1->pk);
+			if (a1 != a2)
+			{
+				if (why)
+					snprintf(why, whylen, "table %s key (%s): row alive on %s only", t1->name, key,
+							 a1 == !pass ? "first" : "second");
+				ok = false;
+				break;
+			}
+			if (pass == 0 && a1)
+				for (int c = 0; c < t1->ncols; c++)
+					if (pgs_value_cmp(&r1->vals[c], &r2->vals[c]) != 0)
+					{
+						char		v1[64],
+									v2[64];
+
+						fmt_value(v1, sizeof v1, &r1->vals[c]);
+						fmt_value(v2, sizeof v2, &r2->vals[c]);
+						if (why)
+							snprintf(why, whylen, "table %s key (%s) column %s: %s vs %s", t1->name, key,
+									 t1->col_names[c], v1, v2);
+						ok = false;
+						break;
+					}
+			if (!ok || !(what & MOCK_CMP_CLOCKS))
+				continue;
+			if (r1->has_clock != (r2 && r2->has_clock))
+			{
+				if (why)
+					snprintf(why, whylen, "table %s key (%s): clock row on one side only", t1->name, key);
+				ok = false;
+				break;
+			}
+			if (pass || !r1->has_clock)
+				continue;
+			if (r1->cl != r2->cl)
+			{
+				if (why)
+					snprintf(why, whylen, "table %s key (%s): cl %lld vs %lld", t1->name, key,
+							 (long long) r1->cl, (long long) r2->cl);
+				ok = false;
+				break;
+			}
+			{
+				pgs_rowclock ca = {.ncols = ta->ncols, .cols = sa},
+							cb = {.ncols = ta->ncols, .cols = sb};
+
+				if (pgs_rowclock_decode(r1->clk, r1->clk_len, &ca, NULL) != PGS_OK ||
+					pgs_rowclock_decode(r2->clk, r2->clk_len, &cb, NULL) != PGS_OK)
+					abort();
+				for (int c = 0; c < ta->ncols; c++)
+				{
+					bool		same = sa[c].hlc == sb[c].hlc;
+
+					if (same && sa[c].hlc)
+						same = memcmp(a->sites[sa[c].site], b->sites[sb[c].site], 16) == 0;
+					if (!same)
+					{
+						if (why)
+							snprintf(why, whylen, "table %s key (%s) column %s: stamp %llu/%u vs %llu/%u",
+									 ta->name, key, ta->col_names[c],
+									 (unsigned long long) sa[c].hlc, sa[c].site,
+									 (unsigned long long) sb[c].hlc, sb[c].site);
+						ok = false;
+						break;
+					}
+				}
+			}
+		}
+	}
+	pgs_free(sa);
+	pgs_free(sb);
+	return ok;
+}
+
+bool
+mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen)
+{
+	if (a->ntables != b->ntables)
+		WHY("different table counts");
+	for (int i = 0; i < a->ntables; i++)
+	{
+		db_table   *tb = mock_table(b, a->tables[i]->name);
+
+		if (!tb)
+			WHY("table %s missing on the second replica", a->tables[i]->name);
+		if (!rows_equal(a, a->tables[i], b, tb, what, why, whylen))
+			return false;
+	}
+	return true;
+}
+
+/* ---- snapshots ---- */
+
+mock_snap *
+mock_snapshot(db_conn *db)
+{
+	mock_snap  *s = xmalloc(sizeof *s);
+
+	s->sites = xmemdup(db->sites, 16 * (size_t) db->nsites);
+	s->nsites = db->nsites;
+	s->version = db->version;
+	s->txn_ver = db->txn_ver;
+	s->in_txn = db->in_txn;
+	s->hlc = db->hlc;
+	s->ntables = db->ntables;
+	s->tables = xmalloc(sizeof(mtable_snap) * (size_t) (db->ntables ? db->ntables : 1));
+	for (int i = 0; i < db->ntables; i++)
+		rows_copy(db->tables[i], &s->tables[i].r, &db->tables[i]->r);
+	return s;
+}
+
+static void
+snap_free(db_conn *db, mock_snap *s)
+{
+	for (int i = 0; i < s->ntables; i++)
+		rows_free(db->tables[i], &s->tables[i].r);
+	pgs_free(s->tables);
+	pgs_free(s->sites);
+	pgs_free(s);
+}
+
+bool
+mock_same_state(db_conn *db, const mock_snap *s, char *why, size_t whylen)
+{
+	if (db->version != s->version)
+		WHY("db_version moved from %lld to %lld", (long long) s->version, (long long) db->version);
+	if (db->hlc != s->hlc)
+		WHY("hlc moved");
+	if (db->nsites != s->nsites || memcmp(db->sites, s->sites, 16 * (size_t) s->nsites) != 0)
+		WHY("site table changed (%u -> %u sites)", s->nsites, db->nsites);
+	if (db->ntables != s->ntables)
+		WHY("table count changed");
+	for (int i = 0; i < db->ntables; i++)
+	{
+		const mrows *r1 = &s->tables[i].r,
+				   *r2 = &db->tables[i]->r;
+		db_table   *t = db->tables[i];
+
+		if (r1->nrows != r2->nrows)
+			WHY("table %s: %d keys before, %d after", t->name, r1->nrows, r2->nrows);
+		for (int k = 0; k < r1->nrows; k++)
+		{
+			const mrow *x = &r1->rows[k],
+					   *y = &r2->rows[k];
+
+			if (x->keylen != y->keylen || memcmp(x->key, y->key, x->keylen) != 0 ||
+				x->alive != y->alive || x->has_clock != y->has_clock || x->cl != y->cl ||
+				x->ver != y->ver || x->clk_len != y->clk_len ||
+				(x->clk_len && memcmp(x->clk, y->clk, x->clk_len) != 0))
+				WHY("table %s: entry %d changed", t->name, k);
+			if (x->alive)
+				for (int c = 0; c < t->ncols; c++)
+					if (pgs_value_cmp(&x->vals[c], &y->vals[c]) != 0)
+						WHY("table %s: entry %d column %d changed", t->name, k, c);
+		}
+	}
+	return true;
+}
+
+void
+mock_restore(db_conn *db, mock_snap *s)
+{
+	for (int i = 0; i < db->ntables && i < s->ntables; i++)
+	{
+		mrows		tmp = db->tables[i]->r;
+
+		db->tables[i]->r = s->tables[i].r;
+		s->tables[i].r = tmp;
+	}
+	if (s->nsites > db->sites_cap)
+		abort();				/* sites only grow */
+	memcpy(db->sites, s->sites, 16 * (size_t) s->nsites);
+	db->nsites = s->nsites;
+	db->version = s->version;
+	db->txn_ver = s->txn_ver;
+	db->in_txn = s->in_txn;
+	db->hlc = s->hlc;
+	snap_free(db, s);
+}
+
+void
+mock_snapshot_free(db_conn *db, mock_snap *s)
+{
+	snap_free(db, s);
+}
+
+pgs_rc
+mock_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st, pgs_err *err)
+{
+	bool		autocommit = !db->in_txn;
+	mock_snap  *snap;
+	pgs_rc		rc;
+
+	if (autocommit)
+		mock_begin(db);
+	snap = mock_snapshot(db);
+	rc = pgs_apply(db, payload, len, st, err);
+	if (rc != PGS_OK)
+		mock_restore(db, snap);
+	else
+		snap_free(db, snap);
+	eph_reset(db);
+	if (autocommit)
+		mock_commit(db);
+	return rc;
+}
+
+pgs_rc
+mock_build(db_conn *db, int64_t since, const uint8_t *exclude_site, int compress, pgs_buf *out,
+		   pgs_err *err)
+{
+	pgs_build_opts o = {.since = since, .exclude_site = exclude_site, .compress = compress};
+	pgs_rc		rc;
+
+	if ((rc = db_version_safe(db, &o.until, err)) != PGS_OK)
+		return rc;
+	if (o.until < since)
+		o.until = since;
+	rc = pgs_build(db, &o, out, NULL, err);
+	eph_reset(db);
+	return rc;
+}
+
+void
+mock_dump(db_conn *db, FILE *f)
+{
+	char		u[37];
+
+	pgs_uuid_format(db->sites[0], u);
+	fprintf(f, "replica %s version %lld hlc %llu\n", u, (long long) db->version,
+			(unsigned long long) db->hlc);
+	for (int i = 0; i < db->ntables; i++)
+	{
+		db_table   *t = db->tables[i];
+
+		fprintf(f, " table %s\n", t->name);
+		for (int k = 0; k < t->r.nrows; k++)
+		{
+			mrow	   *row = &t->r.rows[k];
+			char		key[160];
+
+			fmt_key(key, sizeof key, t, row->pk);
+			fprintf(f, "  (%s) %s cl=%lld ver=%lld", key, row->alive ? "alive" : "dead",
+					(long long) row->cl, (long long) row->ver);
+			if (row->alive)
+				for (int c = 0; c < t->ncols; c++)
+				{
+					char		v[64];
+
+					fmt_value(v, sizeof v, &row->vals[c]);
+					fprintf(f, " %s=%s", t->col_names[c], v);
+				}
+			fprintf(f, "\n");
+		}
+	}
+}
+
+/* ---- payload surgery, values ---- */
+
+void
+mock_reseal(uint8_t *p, size_t len)
+{
+	uint64_t	c;
+
+	if (len < PGS_HEADER_LEN)
+		return;
+	c = XXH3_64bits_withSeed(p + PGS_HEADER_LEN, len - PGS_HEADER_LEN, XXH3_64bits(p, 48));
+	for (int i = 0; i < 8; i++)
+		p[48 + i] = (uint8_t) (c >> (8 * i));
+}
+
+pgs_value
+mock_int(int64_t i)
+{
+	pgs_value	v = {.type = PGS_INT};
+
+	v.v.i = i;
+	return v;
+}
+
+pgs_value
+mock_real(double r)
+{
+	pgs_value	v = {.type = PGS_REAL};
+
+	v.v.r = r;
+	return v;
+}
+
+pgs_value
+mock_text(const char *s)
+{
+	pgs_value	v = {.type = PGS_TEXT, .len = (uint32_t) strlen(s)};
+
+	v.v.p = (const uint8_t *) s;
+	return v;
+}
+
+pgs_value
+mock_blob(const void *p, uint32_t len)
+{
+	pgs_value	v = {.type = PGS_BLOB, .len = len};
+
+	v.v.p = len ? p : (const uint8_t *) "";
+	return v;
+}
+
+pgs_value
+mock_null(void)
+{
+	pgs_value	v = {.type = PGS_NULL};
+
+	return v;
+}
