@@ -310,7 +310,7 @@ pgs_reader_next(pgs_reader *r, pgs_group *g, bool *done, pgs_err *err)
 		if ((rc = pgs_value_get(&r->p, r->end, (uint8_t) u, &g->pk[i], err)) != PGS_OK)
 			return rc;
 	}
-	if (!get_varint(r, &u) || u == 0 || u > INT64_MAX)
+	if (!get_varint(r, &u) || u == 0 || u > PGS_MAX_CL)
 		return CORRUPT(err, "bad causal length");
 	g->cl = (int64_t) u;
 	if (!get_varint(r, &u) || u >= r->nsites)

@@ -131,6 +131,7 @@ typedef struct pgs_value
 } pgs_value;
 
 #define PGS_MAX_VALUE (1u << 30)	/* 1 GiB per TEXT/BLOB value */
+#define PGS_MAX_CL (UINT64_C(1) << 62)	/* causal lengths above are forged */
 
 /* ---- identity and clocks --------------------------------------------- */
 

@@ -3,6 +3,9 @@
  *
  * sync_init creates three AFTER triggers per table that call
  * sqlitesync_capture(table_id, op, ...):
+ * (after the op comes the table's synced column count as the triggers know it;
+ * another connection's sync_init after ALTER TABLE ADD COLUMN changes it and
+ * makes this connection reload its metadata)
  *   op 1 INSERT: pk...                       (NEW values)
  *   op 2 UPDATE: pk_changed, old pk..., new pk..., mask...
  *                 mask k has bit i set when column 62*k+i changed
@@ -64,14 +67,36 @@ pk_values(db_table *t, sqlite3_value **argv, pgs_value *pk, pgs_err *err)
 	return PGS_OK;
 }
 
+/*
+ * put_clock writes a row clock stamped with the transaction's version. When
+ * the write finds that version rolled back by a savepoint (NOT NULL on ver,
+ * see VER_CHECKED), it takes a fresh version, restamps and writes again.
+ */
 static pgs_rc
 put_clock(db_conn *c, db_table *t, const pgs_value *pk, bool exists, pgs_rowclock *rc, pgs_err *err)
 {
-	c->scratch.len = 0;
-	pgs_rowclock_encode(rc, &c->scratch);
-	if (c->scratch.oom)
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-	return db_clock_put(c, t, pk, exists, rc->cl, pgs_rowclock_max_ver(rc), c->scratch.p, c->scratch.len, err);
+	for (int attempt = 0;; attempt++)
+	{
+		int64_t		old = pgs_rowclock_max_ver(rc),
+					ver;
+		pgs_rc		r;
+
+		c->scratch.len = 0;
+		pgs_rowclock_encode(rc, &c->scratch);
+		if (c->scratch.oom)
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		r = db_clock_put(c, t, pk, exists, rc->cl, old, c->scratch.p, c->scratch.len, err);
+		if (r == PGS_OK || attempt > 0 || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_NOTNULL)
+			return r;
+		c->txn_ver = 0;
+		if ((r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
+			return r;
+		if (rc->cl_ver == old)
+			rc->cl_ver = ver;
+		for (int i = 0; i < rc->ncols; i++)
+			if (rc->cols[i].hlc && rc->cols[i].ver == old)
+				rc->cols[i].ver = ver;
+	}
 }
 
 /* new_life stamps every column for a row that starts a life at cl. */
@@ -135,7 +160,7 @@ sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 	if (!pkv)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	if ((r = pk_values(t, pkargs, pkv, err)) != PGS_OK ||
-		(r = sl_txn_version(c, &ver, err)) != PGS_OK)
+		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
 		goto out;
 	/* fast path: a key never seen before takes one INSERT and no lookup */
 	r = new_life(c, t, pkv, false, 1, ver, err);
@@ -169,7 +194,7 @@ capture_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 	pgs_rc		r;
 	pgs_rowclock rc = {.ncols = 0, .cols = NULL};
 
-	if ((r = sl_txn_version(c, &ver, err)) != PGS_OK ||
+	if ((r = sl_txn_version(c, false, &ver, err)) != PGS_OK ||
 		(r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
 		return r;
 	if (found && (cl & 1) == 0)
@@ -204,7 +229,7 @@ capture_update(db_conn *c, db_table *t, int argc, sqlite3_value **argv, pgs_err 
 		return sl_capture_insert(c, t, argv + 1 + t->npk, err);
 	}
 	if ((r = pk_values(t, argv + 1 + t->npk, pk, err)) != PGS_OK ||
-		(r = sl_txn_version(c, &ver, err)) != PGS_OK ||
+		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK ||
 		(r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
 		return r;
 	if (!found || (cl & 1) == 0)
@@ -223,7 +248,7 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 
 	if (c->applying)
 		return;
-	if (argc < 3)
+	if (argc < 4)
 	{
 		sqlite3_result_error(ctx, "sqlitesync_capture: bad arguments (sync triggers are damaged; call sync_init again)", -1);
 		return;
@@ -233,7 +258,18 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, err.msg, -1);
 		return;
 	}
+	if (t->ncols != sqlite3_value_int(argv[2]))
+	{
+		/* another connection changed the table's synced columns: reload */
+		if (sl_load(c, &err) != PGS_OK || !(t = sl_table_by_id(c, sqlite3_value_int64(argv[0]), &err)))
+		{
+			sqlite3_result_error(ctx, err.msg, -1);
+			return;
+		}
+	}
 	op = sqlite3_value_int(argv[1]);
+	argc--;
+	argv++;						/* drop the column count: argv[2] is now the first key */
 	if (t->algo == DB_ALGO_GSET && (op == 2 || op == 3))
 	{
 		char	   *m = sqlite3_mprintf("cannot %s grow-only table \"%s\": tables synced with algo 'gset' only accept inserts",

@@ -8,13 +8,11 @@
  * are never handed out twice, across connections and processes alike.
  *
  * A savepoint rolled back inside the transaction may undo that UPDATE while
- * the cache survives. We do not re-read sync_state on every write to catch
- * it (that read costs ~10% of a tracked insert) because it is harmless: the
- * rows keep the cached version V, sync_state stays at V - 1, so every
- * payload built meanwhile reports until = V - 1 and sends those rows again
- * next time; the next transaction takes V as well. Two transactions then
- * share V, but no row is ever written with a version at or below an `until`
- * already handed out, which is the property incremental pulls rely on.
+ * the cache survives. Capture does not re-read sync_state before each write
+ * (that costs ~10% of a tracked insert); instead every clock write checks its
+ * version in the same statement (VER_CHECKED in sl_database.c) and a
+ * mismatch makes the capture take a fresh version (sl_capture.c). A merge
+ * checks once, here, with verify = true.
  * The persisted HLC is advanced at the same moment, and the connection then
  * ticks it in memory for each write of the transaction.
  */
@@ -23,10 +21,19 @@
 #include <string.h>
 
 pgs_rc
-sl_txn_version(db_conn *c, int64_t *ver, pgs_err *err)
+sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 {
 	int			s;
 
+	if (c->txn_ver && verify)
+	{
+		if (sl_prepare(c, &c->st_ver_get, "SELECT db_version FROM sync_state", err) != PGS_OK)
+			return err->rc;
+		s = sqlite3_step(c->st_ver_get);
+		if (s != SQLITE_ROW || sqlite3_column_int64(c->st_ver_get, 0) != c->txn_ver)
+			c->txn_ver = 0;		/* rolled back: take a new one */
+		sqlite3_reset(c->st_ver_get);
+	}
 	if (c->txn_ver)
 	{
 		*ver = c->txn_ver;

@@ -426,7 +426,8 @@ db_site_lookup(db_conn *c, uint32_t idx, const uint8_t **site, pgs_err *err)
 pgs_rc
 db_apply_version(db_conn *c, int64_t *ver, pgs_err *err)
 {
-	return sl_txn_version(c, ver, err);
+	/* once per apply: make sure a cached version was not rolled back */
+	return sl_txn_version(c, true, ver, err);
 }
 
 pgs_rc
@@ -819,6 +820,16 @@ db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t 
 	return PGS_OK;
 }
 
+/*
+ * VER_CHECKED: the version written into a clock row, checked against
+ * sync_state in the same statement. If a savepoint rollback undid this
+ * transaction's version bump, the subquery yields NULL, the NOT NULL
+ * constraint on ver fails, and the capture takes a fresh version and retries
+ * (sl_capture.c). Cheaper than re-reading sync_state before every write, and
+ * it keeps versions distinct and every commit visible at once.
+ */
+#define VER_CHECKED "(SELECT db_version FROM sync_state WHERE db_version = ?2)"
+
 pgs_rc
 db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
 			 int64_t ver, const uint8_t *blob, size_t blob_len, pgs_err *err)
@@ -843,7 +854,7 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 		{
 			char	   *w = pk_where(t, 4);
 
-			sql = sqlite3_mprintf("UPDATE %s SET cl = ?1, ver = ?2, clk = ?3 WHERE %s", t->qclock, w);
+			sql = sqlite3_mprintf("UPDATE %s SET cl = ?1, ver = " VER_CHECKED ", clk = ?3 WHERE %s", t->qclock, w);
 			sqlite3_free(w);
 		}
 		else
@@ -858,7 +869,7 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 				sqlite3_free(vals);
 				vals = n;
 			}
-			sql = sqlite3_mprintf("INSERT INTO %s(cl, ver, clk, %s) VALUES(?1, ?2, ?3%s)", t->qclock, cols, vals);
+			sql = sqlite3_mprintf("INSERT INTO %s(cl, ver, clk, %s) VALUES(?1, " VER_CHECKED ", ?3%s)", t->qclock, cols, vals);
 			sqlite3_free(cols);
 			sqlite3_free(vals);
 		}

@@ -93,7 +93,7 @@ pgs_rc		sl_exec(db_conn *c, const char *sql, pgs_err *err);
 char	   *sl_quote(const char *ident);	/* sqlite3_malloc'd "ident" */
 
 /* sl_clock.c */
-pgs_rc		sl_txn_version(db_conn *c, int64_t *ver, pgs_err *err);
+pgs_rc		sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err);
 uint64_t	sl_tick(db_conn *c);
 void		sl_txn_end(db_conn *c);
 pgs_stamp  *sl_stamps(db_conn *c, int n);

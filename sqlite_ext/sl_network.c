@@ -1,6 +1,6 @@
 /*
  * sl_network.c — sync_network_*: sync this SQLite database with a
- * pgsync-server over HTTP (protocol: docs/PROTOCOL.md), with libcurl.
+ * pgsync-server over HTTP (protocol: docs/PROTOCOL.md; transport: sl_http.c).
  *
  *   sync_network_init(url [, token])   where to sync; resets the cursors when the url changes
  *   sync_network_set_token(token)      a new bearer token (e.g. after 401)
@@ -24,10 +24,11 @@
  *     pending (send_cursor = db_version) also moves send_cursor past the
  *     version of the apply, so received changes are not echoed back.
  *
- * Failures: no connection (offline, server down) fails at once with a clear
- * error and changes nothing; transient failures (timeouts, resets, 429, 5xx)
- * are retried `retries` times with exponential backoff and full jitter.
- * Every failure is recorded in last_error/failures for sync_network_status().
+ * Failures (policy in sl_http.c): offline fails at once and changes nothing;
+ * transient failures are retried with exponential backoff and jitter. Every
+ * failure is recorded in last_error/failures for sync_network_status(), and
+ * a server whose database was replaced (another site id, or a 409 "cursor
+ * ahead of server") makes the client resend and re-pull everything.
  *
  * Everything goes through the same SQL functions an application would call
  * (sync_payload, sync_apply_payload, ...), on the connection's own handle.
@@ -36,55 +37,14 @@
  */
 #include "sl_network.h"
 
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <time.h>
-#include <unistd.h>
 
 #include <cjson/cJSON.h>
-#include <curl/curl.h>
-
-#define CURSOR_MAX 128
-
-typedef struct net
-{
-	sqlite3    *db;
-	db_conn    *c;
-	CURL	   *curl;
-	char		curl_err[CURL_ERROR_SIZE];
-} net;
-
-typedef struct settings
-{
-	char	   *url;
-	char	   *token;
-	char	   *server_site;
-	char	   *recv_cursor;
-	int64_t		send_cursor;
-	int64_t		retries;
-	int64_t		backoff_ms;
-	int64_t		backoff_max_ms;
-	int64_t		connect_timeout_ms;
-	int64_t		timeout_ms;
-	int64_t		max_payload;
-} settings;
-
-typedef struct resp
-{
-	long		status;
-	uint8_t    *body;
-	size_t		len;
-	size_t		cap;
-	size_t		max;
-	bool		overflow;
-	char		cursor[CURSOR_MAX + 1];
-	char		site[40];
-	bool		more;
-	long		retry_after;
-} resp;
 
 static const char meta_sql[] =
 	"CREATE TABLE IF NOT EXISTS sync_network(key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
@@ -94,14 +54,14 @@ static const char meta_sql[] =
 /* ---- the sync_network table -------------------------------------------------- */
 
 static bool
-exec(net *n, const char *sql)
+exec(sl_net *n, const char *sql)
 {
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
 }
 
 /* kv_text: the value of key as text (sqlite3_free it), or NULL. */
 static char *
-kv_text(net *n, const char *key)
+kv_text(sl_net *n, const char *key)
 {
 	sqlite3_stmt *st;
 	char	   *v = NULL;
@@ -116,7 +76,7 @@ kv_text(net *n, const char *key)
 }
 
 static int64_t
-kv_int(net *n, const char *key, int64_t def)
+kv_int(sl_net *n, const char *key, int64_t def)
 {
 	char	   *v = kv_text(n, key);
 	int64_t		r = def;
@@ -128,7 +88,7 @@ kv_int(net *n, const char *key, int64_t def)
 }
 
 static bool
-kv_set(net *n, const char *key, const char *value)
+kv_set(sl_net *n, const char *key, const char *value)
 {
 	sqlite3_stmt *st;
 	int			rc;
@@ -145,7 +105,7 @@ kv_set(net *n, const char *key, const char *value)
 }
 
 static bool
-kv_set_int(net *n, const char *key, int64_t v)
+kv_set_int(sl_net *n, const char *key, int64_t v)
 {
 	char		buf[24];
 
@@ -154,7 +114,7 @@ kv_set_int(net *n, const char *key, int64_t v)
 }
 
 static void
-free_settings(settings *s)
+free_settings(sl_net_settings *s)
 {
 	sqlite3_free(s->url);
 	sqlite3_free(s->token);
@@ -164,7 +124,7 @@ free_settings(settings *s)
 }
 
 static bool
-load_settings(net *n, settings *s)
+load_settings(sl_net *n, sl_net_settings *s)
 {
 	memset(s, 0, sizeof *s);
 	if (!exec(n, meta_sql) || !(s->url = kv_text(n, "url")))
@@ -188,7 +148,7 @@ load_settings(net *n, settings *s)
 
 /* fail raises fn's error and records it for sync_network_status(). */
 static void
-fail(sqlite3_context *ctx, net *n, const char *fn, const char *fmt, ...)
+fail(sqlite3_context *ctx, sl_net *n, const char *fn, const char *fmt, ...)
 {
 	va_list		ap;
 	char	   *m,
@@ -211,7 +171,7 @@ fail(sqlite3_context *ctx, net *n, const char *fn, const char *fmt, ...)
 }
 
 static bool
-need_settings(sqlite3_context *ctx, net *n, const char *fn, settings *s)
+need_settings(sqlite3_context *ctx, sl_net *n, const char *fn, sl_net_settings *s)
 {
 	if (load_settings(n, s))
 		return true;
@@ -220,255 +180,10 @@ need_settings(sqlite3_context *ctx, net *n, const char *fn, settings *s)
 	return false;
 }
 
-/* ---- HTTP -------------------------------------------------------------------- */
-
-static size_t
-on_body(char *p, size_t size, size_t nmemb, void *ud)
-{
-	resp	   *r = ud;
-	size_t		n = size * nmemb;
-
-	if (r->len + n > r->max)
-	{
-		r->overflow = true;
-		return 0;
-	}
-	if (r->len + n > r->cap)
-	{
-		size_t		cap = r->cap ? r->cap : 16384;
-		uint8_t    *b;
-
-		while (cap < r->len + n)
-			cap *= 2;
-		if (!(b = sqlite3_realloc64(r->body, cap)))
-			return 0;
-		r->body = b;
-		r->cap = cap;
-	}
-	memcpy(r->body + r->len, p, n);
-	r->len += n;
-	return n;
-}
-
-/* header_value returns the value of "Name: value\r\n" if line is that header. */
-static bool
-header_value(const char *line, size_t n, const char *name, char *out, size_t outlen)
-{
-	size_t		k = strlen(name),
-				e;
-
-	if (n <= k + 1 || strncasecmp(line, name, k) != 0 || line[k] != ':')
-		return false;
-	line += k + 1;
-	n -= k + 1;
-	while (n && (*line == ' ' || *line == '\t'))
-		line++, n--;
-	for (e = n; e && (line[e - 1] == '\r' || line[e - 1] == '\n' || line[e - 1] == ' '); e--)
-		;
-	if (e >= outlen)
-		return false;
-	memcpy(out, line, e);
-	out[e] = '\0';
-	return true;
-}
-
-static size_t
-on_header(char *p, size_t size, size_t nmemb, void *ud)
-{
-	resp	   *r = ud;
-	size_t		n = size * nmemb;
-	char		v[CURSOR_MAX + 1];
-
-	if (n >= 5 && strncmp(p, "HTTP/", 5) == 0)
-	{
-		/* a new response (after 100 Continue): forget the previous headers */
-		r->cursor[0] = r->site[0] = '\0';
-		r->more = false;
-		r->retry_after = 0;
-	}
-	else if (header_value(p, n, "X-Pgsync-Cursor", v, sizeof v))
-	{
-		bool		ok = v[0] != '\0';
-
-		for (char *c = v; *c; c++)
-			ok &= (*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
-				*c == '.' || *c == '_' || *c == ':' || *c == '-';
-		if (ok)
-			strcpy(r->cursor, v);
-	}
-	else if (header_value(p, n, "X-Pgsync-Site", v, sizeof v) && strlen(v) == 36)
-		strcpy(r->site, v);
-	else if (header_value(p, n, "X-Pgsync-More", v, sizeof v))
-		r->more = strcmp(v, "1") == 0;
-	else if (header_value(p, n, "Retry-After", v, sizeof v))
-		r->retry_after = strtol(v, NULL, 10);
-	return n;
-}
-
-static void
-resp_free(resp *r)
-{
-	sqlite3_free(r->body);
-	memset(r, 0, sizeof *r);
-}
-
-/* server_error renders a JSON error body as "error: detail hint". */
-static char *
-server_error(const resp *r)
-{
-	cJSON	   *j = r->len ? cJSON_ParseWithLength((const char *) r->body, r->len) : NULL;
-	cJSON	   *e = cJSON_GetObjectItemCaseSensitive(j, "error"),
-			   *d = cJSON_GetObjectItemCaseSensitive(j, "detail"),
-			   *h = cJSON_GetObjectItemCaseSensitive(j, "hint");
-	char	   *m;
-
-	if (cJSON_IsString(e))
-		m = sqlite3_mprintf("server answered %ld (%s)%s%s%s%s", r->status, e->valuestring,
-							cJSON_IsString(d) && *d->valuestring ? ": " : "",
-							cJSON_IsString(d) ? d->valuestring : "",
-							cJSON_IsString(h) && *h->valuestring ? " " : "",
-							cJSON_IsString(h) ? h->valuestring : "");
-	else
-		m = sqlite3_mprintf("server answered HTTP %ld", r->status);
-	cJSON_Delete(j);
-	return m;
-}
-
-static void
-backoff(const settings *s, int attempt, long retry_after_s)
-{
-	int64_t		d = s->backoff_ms;
-	uint32_t	rnd;
-
-	for (int i = 0; i < attempt && d < s->backoff_max_ms; i++)
-		d *= 2;
-	if (d > s->backoff_max_ms)
-		d = s->backoff_max_ms;
-	sqlite3_randomness(sizeof rnd, &rnd);
-	d = d / 2 + (d > 1 ? (int64_t) (rnd % (uint32_t) (d / 2 + 1)) : 0);	/* jitter */
-	if (retry_after_s > 0 && retry_after_s * 1000 > d)
-		d = retry_after_s * 1000 < s->backoff_max_ms ? retry_after_s * 1000 : s->backoff_max_ms;
-	if (d > 0)
-		usleep((useconds_t) d * 1000);
-}
-
-/*
- * http_call makes one request with retries. Returns true with r filled
- * (status 2xx); false with *msg (sqlite3_malloc'd) saying what failed.
- */
-static bool
-http_call(net *n, const settings *s, const char *path, const uint8_t *body, size_t len,
-		  int64_t wait_ms, resp *r, char **msg)
-{
-	char	   *url = sqlite3_mprintf("%s%s", s->url, path);
-	char	   *auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
-	bool		ok = false;
-
-	*msg = NULL;
-	if (!n->curl && !(n->curl = curl_easy_init()))
-	{
-		*msg = sqlite3_mprintf("cannot initialize libcurl");
-		goto out;
-	}
-	for (int attempt = 0;; attempt++)
-	{
-		struct curl_slist *h = NULL;
-		CURLcode	rc;
-		bool		transient;
-
-		resp_free(r);
-		r->max = (size_t) s->max_payload;
-		curl_easy_reset(n->curl);
-		if (auth)
-			h = curl_slist_append(h, auth);
-		if (body)
-			h = curl_slist_append(h, "Content-Type: application/octet-stream");
-		curl_easy_setopt(n->curl, CURLOPT_URL, url);
-		curl_easy_setopt(n->curl, CURLOPT_HTTPHEADER, h);
-		curl_easy_setopt(n->curl, CURLOPT_NOSIGNAL, 1L);
-		curl_easy_setopt(n->curl, CURLOPT_ERRORBUFFER, n->curl_err);
-		curl_easy_setopt(n->curl, CURLOPT_CONNECTTIMEOUT_MS, (long) s->connect_timeout_ms);
-		curl_easy_setopt(n->curl, CURLOPT_TIMEOUT_MS, (long) (s->timeout_ms + wait_ms));
-		curl_easy_setopt(n->curl, CURLOPT_TCP_KEEPALIVE, 1L);
-		curl_easy_setopt(n->curl, CURLOPT_USERAGENT, "sqlitesync/" PGS_VERSION);
-		curl_easy_setopt(n->curl, CURLOPT_WRITEFUNCTION, on_body);
-		curl_easy_setopt(n->curl, CURLOPT_WRITEDATA, r);
-		curl_easy_setopt(n->curl, CURLOPT_HEADERFUNCTION, on_header);
-		curl_easy_setopt(n->curl, CURLOPT_HEADERDATA, r);
-		if (body)
-		{
-			curl_easy_setopt(n->curl, CURLOPT_POST, 1L);
-			curl_easy_setopt(n->curl, CURLOPT_POSTFIELDS, (const char *) body);
-			curl_easy_setopt(n->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) len);
-		}
-		n->curl_err[0] = '\0';
-		rc = curl_easy_perform(n->curl);
-		curl_slist_free_all(h);
-		sqlite3_free(*msg);
-		*msg = NULL;
-		if (rc == CURLE_OK)
-		{
-			curl_easy_getinfo(n->curl, CURLINFO_RESPONSE_CODE, &r->status);
-			if (r->status >= 200 && r->status < 300)
-			{
-				ok = true;
-				break;
-			}
-			*msg = server_error(r);
-			if (r->status == 401)
-			{
-				char	   *m = sqlite3_mprintf("%s Call sync_network_set_token() with a fresh token.", *msg);
-
-				sqlite3_free(*msg);
-				*msg = m;
-			}
-			transient = r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
-		}
-		else if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
-				 rc == CURLE_COULDNT_RESOLVE_PROXY)
-		{
-			*msg = sqlite3_mprintf("server unreachable (%s); the device is offline or the server is down. "
-								   "Nothing was lost: local changes stay pending and the next sync sends them.",
-								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
-			break;				/* offline: fail fast */
-		}
-		else if (rc == CURLE_WRITE_ERROR && r->overflow)
-		{
-			*msg = sqlite3_mprintf("the server's answer is larger than max_payload (%lld bytes); "
-								   "raise it: UPDATE sync_network SET value = ... WHERE key = 'max_payload'",
-								   (long long) s->max_payload);
-			break;
-		}
-		else
-		{
-			*msg = sqlite3_mprintf("transfer failed (%s)", n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
-			transient = true;
-		}
-		if (!transient || attempt >= s->retries)
-		{
-			if (transient)
-			{
-				char	   *m = sqlite3_mprintf("%s after %d attempts; nothing was lost, sync again later", *msg, attempt + 1);
-
-				sqlite3_free(*msg);
-				*msg = m;
-			}
-			break;
-		}
-		backoff(s, attempt, r->retry_after);
-	}
-out:
-	sqlite3_free(url);
-	sqlite3_free(auth);
-	if (!ok && !*msg)
-		*msg = sqlite3_mprintf("out of memory");
-	return ok;
-}
-
 /* ---- small SQL helpers ------------------------------------------------------- */
 
 static bool
-query_int(net *n, const char *sql, int64_t *out)
+query_int(sl_net *n, const char *sql, int64_t *out)
 {
 	sqlite3_stmt *st;
 	bool		ok = false;
@@ -507,7 +222,7 @@ now_iso(void)
 }
 
 static void
-succeeded(net *n)
+succeeded(sl_net *n)
 {
 	char	   *t = now_iso();
 
@@ -517,11 +232,35 @@ succeeded(net *n)
 	sqlite3_free(t);
 }
 
+/*
+ * forget_server resets both cursors: the database behind the url is not the
+ * one we synced with (another site id, or restored from a backup), so it
+ * may lack anything we sent and its versions mean nothing to us. Sending
+ * and pulling everything again is safe: merges are idempotent.
+ */
+static void
+forget_server(sl_net *n, sl_net_settings *s, const char *site, const char *why)
+{
+	char	   *m = sqlite3_mprintf("server changed (%s): sending and receiving everything again", why);
+	char	   *copy = site ? sqlite3_mprintf("%s", site) : NULL;	/* site may be s->server_site */
+
+	kv_set(n, "last_error", m);
+	sqlite3_free(m);
+	kv_set(n, "send_cursor", "0");
+	kv_set(n, "recv_cursor", NULL);
+	kv_set(n, "server_site", copy);
+	s->send_cursor = 0;
+	sqlite3_free(s->recv_cursor);
+	s->recv_cursor = NULL;
+	sqlite3_free(s->server_site);
+	s->server_site = copy;
+}
+
 /* ---- send ------------------------------------------------------------------- */
 
 /* do_send pushes pending changes; returns JSON (sqlite3_malloc) or NULL + *msg. */
 static char *
-do_send(net *n, settings *s, char **msg)
+do_send(sl_net *n, sl_net_settings *s, char **msg)
 {
 	sqlite3_stmt *st;
 	int64_t		safe,
@@ -530,7 +269,7 @@ do_send(net *n, settings *s, char **msg)
 				nrej = 0;
 	uint8_t    *payload = NULL;
 	size_t		len = 0;
-	resp		r = {0};
+	sl_net_resp r = {0};
 	cJSON	   *j = NULL,
 			   *rej;
 	char	   *out = NULL;
@@ -565,7 +304,7 @@ do_send(net *n, settings *s, char **msg)
 	sqlite3_finalize(st);
 	if (len && !payload)
 	{
-		*msg = sqlite3_mprintf("out of memory copying a payload of %zu bytes", len);
+		*msg = sqlite3_mprintf("out of memory copying a payload of %lld bytes", (long long) len);
 		return NULL;
 	}
 	if (!payload)
@@ -581,7 +320,7 @@ do_send(net *n, settings *s, char **msg)
 							   (long long) s->send_cursor);
 	}
 	until = le64(payload + 32);
-	if (!http_call(n, s, "/v1/push", payload, len, 0, &r, msg))
+	if (!sl_http_call(n, s, "/v1/push", payload, len, 0, &r, msg))
 		goto out;
 	j = cJSON_ParseWithLength((const char *) r.body, r.len);
 	if (!cJSON_IsObject(j) || !cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(j, "applied")))
@@ -618,21 +357,27 @@ do_send(net *n, settings *s, char **msg)
 	{
 		cJSON	   *site = cJSON_GetObjectItemCaseSensitive(j, "server_site");
 
-		if (cJSON_IsString(site) && strlen(site->valuestring) == 36)
-			kv_set(n, "server_site", site->valuestring);
-	}
-	if (until > s->send_cursor)
-	{
-		kv_set_int(n, "send_cursor", until);
-		s->send_cursor = until;
+		if (cJSON_IsString(site) && strlen(site->valuestring) == 36 &&
+			s->server_site && strcmp(s->server_site, site->valuestring) != 0)
+			forget_server(n, s, site->valuestring, "another site id");	/* send all next time */
+		else
+		{
+			if (cJSON_IsString(site) && strlen(site->valuestring) == 36)
+				kv_set(n, "server_site", site->valuestring);
+			if (until > s->send_cursor)
+			{
+				kv_set_int(n, "send_cursor", until);
+				s->send_cursor = until;
+			}
+		}
 	}
 	succeeded(n);
 	exec(n, "RELEASE sync_network_send");
-	out = sqlite3_mprintf("{\"sent_bytes\":%zu,\"applied\":%lld,\"rejected\":%lld,\"send_cursor\":%lld}",
-						  len, (long long) applied, (long long) nrej, (long long) s->send_cursor);
+	out = sqlite3_mprintf("{\"sent_bytes\":%lld,\"applied\":%lld,\"rejected\":%lld,\"send_cursor\":%lld}",
+						  (long long) len, (long long) applied, (long long) nrej, (long long) s->send_cursor);
 out:
 	cJSON_Delete(j);
-	resp_free(&r);
+	sl_http_resp_free(&r);
 	sqlite3_free(payload);
 	return out;
 }
@@ -641,7 +386,7 @@ out:
 
 /* apply_received merges one pulled payload and moves the cursors, atomically. */
 static bool
-apply_received(net *n, settings *s, const resp *r, int64_t *won, char **msg)
+apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won, char **msg)
 {
 	sqlite3_stmt *st;
 	int64_t		v0 = 0,
@@ -705,12 +450,13 @@ rollback:
  * wait (long-poll). Returns JSON (sqlite3_malloc) or NULL + *msg.
  */
 static char *
-do_receive(net *n, settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
+do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
 {
 	char		site[40] = "";
 	sqlite3_stmt *st;
 	int64_t		won = 0;
 	size_t		bytes = 0;
+	bool		reset = false;
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -727,26 +473,44 @@ do_receive(net *n, settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
 	}
 	for (int round = 0; round < 100000; round++)
 	{
-		resp		r = {0};
+		sl_net_resp r = {0};
 		char	   *path = sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld",
 										   s->recv_cursor ? s->recv_cursor : "0", site,
 										   (long long) (round == 0 ? wait_ms : 0));
 		bool		more;
 
-		if (!http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg))
+		if (!sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg))
 		{
 			sqlite3_free(path);
-			resp_free(&r);
+			if (r.status == 409 && !reset && s->recv_cursor)
+			{
+				/* our cursor is ahead of the server: its database was restored */
+				forget_server(n, s, r.site[0] ? r.site : s->server_site, "cursor ahead of the server");
+				reset = true;
+				sl_http_resp_free(&r);
+				sqlite3_free(*msg);
+				*msg = NULL;
+				continue;
+			}
+			sl_http_resp_free(&r);
 			return NULL;
 		}
 		sqlite3_free(path);
+		if (r.site[0] && s->server_site && strcmp(r.site, s->server_site) != 0 && !reset)
+		{
+			/* another database answers at this url: start over, discard this answer */
+			forget_server(n, s, r.site, "another site id");
+			reset = true;
+			sl_http_resp_free(&r);
+			continue;
+		}
 		if (r.status == 200)
 		{
 			if (r.len < 56 || !apply_received(n, s, &r, &won, msg))
 			{
 				if (!*msg)
-					*msg = sqlite3_mprintf("the server sent %zu bytes that are not a payload", r.len);
-				resp_free(&r);
+					*msg = sqlite3_mprintf("the server sent %lld bytes that are not a payload", (long long) r.len);
+				sl_http_resp_free(&r);
 				return NULL;
 			}
 			bytes += r.len;
@@ -765,13 +529,13 @@ do_receive(net *n, settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
 			s->server_site = sqlite3_mprintf("%s", r.site);
 		}
 		more = r.status == 200 && r.more;
-		resp_free(&r);
+		sl_http_resp_free(&r);
 		if (!more)
 			break;
 	}
 	succeeded(n);
-	return sqlite3_mprintf("{\"payloads\":%lld,\"received_bytes\":%zu,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
-						   (long long) *npayloads, bytes, (long long) won, s->recv_cursor ? s->recv_cursor : "0");
+	return sqlite3_mprintf("{\"payloads\":%lld,\"received_bytes\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
+						   (long long) *npayloads, (long long) bytes, (long long) won, s->recv_cursor ? s->recv_cursor : "0");
 }
 
 /* ---- SQL functions ------------------------------------------------------------ */
@@ -786,7 +550,7 @@ result_json(sqlite3_context *ctx, char *json)
 static void
 sync_network_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
+	sl_net	   *n = sqlite3_user_data(ctx);
 	const char *url = (const char *) sqlite3_value_text(argv[0]);
 	char	   *clean,
 			   *old;
@@ -827,8 +591,8 @@ sync_network_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
-	settings	s;
+	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net_settings s;
 
 	(void) argc;
 	if (!need_settings(ctx, n, "sync_network_set_token", &s))
@@ -845,8 +609,8 @@ sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_send(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
-	settings	s;
+	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net_settings s;
 	char	   *msg,
 			   *json;
 
@@ -864,8 +628,8 @@ sync_network_send(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
-	settings	s;
+	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net_settings s;
 	char	   *msg,
 			   *json;
 	int64_t		np;
@@ -884,8 +648,8 @@ sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
-	settings	s;
+	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net_settings s;
 	char	   *msg,
 			   *sent,
 			   *recv;
@@ -911,8 +675,8 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
-	settings	s;
+	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net_settings s;
 	char	   *msg,
 			   *json;
 	int64_t		timeout = sqlite3_value_int64(argv[0]),
@@ -938,8 +702,8 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	net		   *n = sqlite3_user_data(ctx);
-	settings	s;
+	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net_settings s;
 	cJSON	   *j;
 	char	   *text,
 			   *v;
@@ -1005,7 +769,7 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 net_free(void *arg)
 {
-	net		   *n = arg;
+	sl_net	   *n = arg;
 
 	if (n->curl)
 		curl_easy_cleanup(n->curl);
@@ -1034,7 +798,7 @@ sl_network_register(sqlite3 *db, db_conn *c)
 {
 	static int	curl_ready = 0;
 	const size_t nf = sizeof functions / sizeof functions[0];
-	net		   *n;
+	sl_net	   *n;
 
 	if (!curl_ready)
 	{

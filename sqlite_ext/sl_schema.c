@@ -23,7 +23,7 @@ static const char *meta_sql =
 	"  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE, algo TEXT NOT NULL);"
 	"CREATE TABLE IF NOT EXISTS sync_columns("
 	"  tbl INTEGER NOT NULL REFERENCES sync_tables(id) ON DELETE CASCADE,"
-	"  idx INTEGER NOT NULL, name TEXT NOT NULL, is_pk INTEGER NOT NULL,"
+	"  is_pk INTEGER NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,"
 	"  PRIMARY KEY (tbl, is_pk, idx)) WITHOUT ROWID;";
 
 pgs_rc
@@ -160,6 +160,32 @@ describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols
 		return pgs_failf(err, PGS_ERR_MISUSE,
 						 "Use a key that is unique across devices, e.g. id TEXT PRIMARY KEY DEFAULT (sync_uuid()), or a BLOB key.",
 						 "table \"%s\" uses INTEGER PRIMARY KEY (the rowid alias); row ids collide across devices", *canon);
+	for (int i = 0; i < n; i++)
+		if (!cols[i].name || cols[i].name[0] == '\0' || strlen(cols[i].name) > PGS_MAX_NAME)
+		{
+			sqlite3_free(pkindex);
+			return pgs_failf(err, PGS_ERR_MISUSE, "Rename the column: names travel in payloads and must be 1 to 65535 bytes long.",
+							 "table \"%s\" has a column whose name cannot be synced", *canon);
+		}
+	if ((*canon)[0] == '\0' || strlen(*canon) > PGS_MAX_NAME)
+	{
+		sqlite3_free(pkindex);
+		return pgs_failf(err, PGS_ERR_MISUSE, "Rename the table: names travel in payloads and must be 1 to 65535 bytes long.",
+						 "table name \"%.40s\" cannot be synced", *canon);
+	}
+	{
+		/* the UPDATE trigger passes 4 + 2 * keys + one mask per 62 columns */
+		int			nargs = 4 + 2 * npk + (n - npk + 61) / 62;
+		int			limit = sqlite3_limit(c->db, SQLITE_LIMIT_FUNCTION_ARG, -1);
+
+		if (nargs > limit)
+		{
+			sqlite3_free(pkindex);
+			return pgs_failf(err, PGS_ERR_MISUSE, "Use a primary key with fewer columns (a single UUID key is best).",
+							 "table \"%s\" has too many primary key columns to be synced (%d; its triggers would need %d function arguments, SQLite allows %d)",
+							 *canon, npk, nargs, limit);
+		}
+	}
 	if (npk > 64)
 	{
 		sqlite3_free(pkindex);
@@ -197,6 +223,14 @@ append(char *s, const char *fmt, ...)
 	return r;
 }
 
+/*
+ * DIFFERS: the trigger's test that a column's value changed. Identity, not
+ * SQL equality: 1 -> 1.0 and 'abc' -> 'ABC' in a NOCASE column are changes
+ * (IS NOT alone would call them equal and the replicas would diverge).
+ * SQLite cannot tell 0.0 from -0.0 in SQL, nor keep -0.0 in a REAL column.
+ */
+#define DIFFERS "(OLD.\"%w\" IS NOT NEW.\"%w\" COLLATE BINARY OR typeof(OLD.\"%w\") <> typeof(NEW.\"%w\"))"
+
 static pgs_rc
 create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 {
@@ -219,22 +253,22 @@ create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 			pkl = append(pkl, "%s\"%w\"", p > 1 ? ", " : "", cols[i].name);
 			newpk = append(newpk, ", NEW.\"%w\"", cols[i].name);
 			oldpk = append(oldpk, ", OLD.\"%w\"", cols[i].name);
-			changed = append(changed, "%sOLD.\"%w\" IS NOT NEW.\"%w\"", p > 1 ? " OR " : "", cols[i].name, cols[i].name);
+			changed = append(changed, "%s" DIFFERS, p > 1 ? " OR " : "", cols[i].name, cols[i].name, cols[i].name, cols[i].name);
 		}
 	sql = append(sql, "cl INTEGER NOT NULL, ver INTEGER NOT NULL, clk BLOB NOT NULL, PRIMARY KEY(%s)) WITHOUT ROWID;", pkl);
 	sql = append(sql, "DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS \"%w__sync_upd\"; DROP TRIGGER IF EXISTS \"%w__sync_del\";",
 				 t->name, t->name, t->name);
-	sql = append(sql, "CREATE TRIGGER \"%w__sync_ins\" AFTER INSERT ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 1%s); END;",
-				 t->name, t->name, (long long) t->id, newpk);
-	sql = append(sql, "CREATE TRIGGER \"%w__sync_del\" AFTER DELETE ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 3%s); END;",
-				 t->name, t->name, (long long) t->id, oldpk);
-	sql = append(sql, "CREATE TRIGGER \"%w__sync_upd\" AFTER UPDATE ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 2, %s%s%s",
-				 t->name, t->name, (long long) t->id, changed, oldpk, newpk);
+	sql = append(sql, "CREATE TRIGGER \"%w__sync_ins\" AFTER INSERT ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 1, %d%s); END;",
+				 t->name, t->name, (long long) t->id, t->ncols, newpk);
+	sql = append(sql, "CREATE TRIGGER \"%w__sync_del\" AFTER DELETE ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 3, %d%s); END;",
+				 t->name, t->name, (long long) t->id, t->ncols, oldpk);
+	sql = append(sql, "CREATE TRIGGER \"%w__sync_upd\" AFTER UPDATE ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 2, %d, %s%s%s",
+				 t->name, t->name, (long long) t->id, t->ncols, changed, oldpk, newpk);
 	for (int i = 0; i < t->ncols; i++)
 	{
 		if (i % 62 == 0)
 			sql = append(sql, i ? ", 0" : ", 0");
-		sql = append(sql, " | ((OLD.\"%w\" IS NOT NEW.\"%w\") << %d)", t->col_names[i], t->col_names[i], i % 62);
+		sql = append(sql, " | ((" DIFFERS ") << %d)", t->col_names[i], t->col_names[i], t->col_names[i], t->col_names[i], i % 62);
 		k++;
 	}
 	sql = append(sql, "); END;");
@@ -329,7 +363,7 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 			for (int i = 0; i < ncols; i++)
 				if (cols[i].pk == p)
 				{
-					char	   *sql = sqlite3_mprintf("INSERT INTO sync_columns VALUES(%lld, %d, %Q, 1)", (long long) id, p - 1, cols[i].name);
+					char	   *sql = sqlite3_mprintf("INSERT INTO sync_columns(tbl, is_pk, idx, name) VALUES(%lld, 1, %d, %Q)", (long long) id, p - 1, cols[i].name);
 
 					rc = sql ? sl_exec(c, sql, err) : PGS_ERR_NOMEM;
 					sqlite3_free(sql);
@@ -379,7 +413,7 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 
 		if (cols[i].pk)
 			continue;
-		sql = sqlite3_mprintf("INSERT INTO sync_columns SELECT %lld, %d, %Q, 0 WHERE NOT EXISTS "
+		sql = sqlite3_mprintf("INSERT INTO sync_columns(tbl, idx, name, is_pk) SELECT %lld, %d, %Q, 0 WHERE NOT EXISTS "
 							  "(SELECT 1 FROM sync_columns WHERE tbl = %lld AND is_pk = 0 AND name = %Q)",
 							  (long long) id, next_idx, cols[i].name, (long long) id, cols[i].name);
 		rc = sql ? sl_exec(c, sql, err) : PGS_ERR_NOMEM;

@@ -35,7 +35,9 @@ result_err(sqlite3_context *ctx, const pgs_err *err)
 	{
 		case PGS_ERR_CORRUPT:
 		case PGS_ERR_VERSION:
-			sqlite3_result_error_code(ctx, SQLITE_CORRUPT);
+			/* not SQLITE_CORRUPT: SQLite would then treat the database file as
+			 * corrupt and fail every later statement of the transaction */
+			sqlite3_result_error_code(ctx, SQLITE_ERROR);
 			break;
 		case PGS_ERR_TOO_BIG:
 			sqlite3_result_error_code(ctx, SQLITE_TOOBIG);
@@ -85,6 +87,18 @@ blob_arg(sqlite3_context *ctx, sqlite3_value *v, const char *fn, const uint8_t *
 	if (!*p)
 		*p = (const uint8_t *) "";
 	return true;
+}
+
+static int
+pragma_int(sqlite3 *db, const char *sql)
+{
+	sqlite3_stmt *st;
+	int			v = 0;
+
+	if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+		v = sqlite3_column_int(st, 0);
+	sqlite3_finalize(st);
+	return v;
 }
 
 /* ---- SQL functions ---- */
@@ -210,16 +224,22 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		o.since = sqlite3_value_int64(argv[0]);
 	if (argc > 1 && sqlite3_value_type(argv[1]) != SQLITE_NULL)
 	{
-		const char *s = (const char *) sqlite3_value_text(argv[1]);
-
 		if (sqlite3_value_type(argv[1]) == SQLITE_BLOB && sqlite3_value_bytes(argv[1]) == 16)
 			memcpy(excl, sqlite3_value_blob(argv[1]), 16);
-		else if (!s || !pgs_uuid_parse(s, (size_t) sqlite3_value_bytes(argv[1]), excl))
+		else if (sqlite3_value_type(argv[1]) != SQLITE_TEXT ||
+				 !pgs_uuid_parse((const char *) sqlite3_value_text(argv[1]),
+								 (size_t) sqlite3_value_bytes(argv[1]), excl))
 		{
 			sqlite3_result_error(ctx, "sync_payload: exclude_site must be a site id as returned by sync_site_id()", -1);
 			return;
 		}
 		o.exclude_site = excl;
+	}
+	if (c->txn_ver && !sqlite3_get_autocommit(c->db))
+	{
+		sqlite3_result_error(ctx, "sync_payload: this transaction has uncommitted changes to synced tables. "
+							 "A payload must only carry committed changes; call sync_payload after COMMIT.", -1);
+		return;
 	}
 	if (db_version_safe(c, &o.until, &err) != PGS_OK)
 	{
@@ -292,6 +312,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	pgs_err		err,
 				ignore;
 	pgs_rc		rc;
+	int			defer_fk;
 
 	(void) argc;
 	if (!blob_arg(ctx, argv[0], "sync_apply_payload", &p, &n))
@@ -303,9 +324,19 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		result_err(ctx, &err);
 		return;
 	}
+	/*
+	 * Rows of tables linked by foreign keys arrive in table order, not in
+	 * dependency order: check the keys at commit instead of per statement.
+	 * SQLite resets defer_foreign_keys at the end of the transaction.
+	 */
+	defer_fk = pragma_int(c->db, "PRAGMA defer_foreign_keys");
+	if (!defer_fk)
+		sl_exec(c, "PRAGMA defer_foreign_keys = ON", &ignore);
 	c->applying = true;
 	rc = pgs_apply(c, p, n, &st, &err);
 	c->applying = false;
+	if (!defer_fk && !sqlite3_get_autocommit(c->db))
+		sl_exec(c, "PRAGMA defer_foreign_keys = OFF", &ignore);
 	if (rc != PGS_OK)
 	{
 		sl_discard(c);

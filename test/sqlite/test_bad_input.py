@@ -525,9 +525,6 @@ def _apply_huge_cl_then_delete(ext, path, q):
         q.put(("error", repr(e)))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a causal length near INT64_MAX is accepted; a local "
-                   "DELETE then computes cl + 1 (signed overflow: UBSan aborts, release builds store a "
-                   "negative cl) and every peer refuses this replica's payloads ('bad causal length')")
 def test_causal_length_near_int64_max(tmp_path, ext):
     ctx = multiprocessing.get_context("spawn")      # a sanitizer abort must not kill pytest
     q = ctx.Queue()

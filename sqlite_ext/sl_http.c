@@ -1,0 +1,268 @@
+/*
+ * sl_http.c — one HTTP exchange of the network client, with libcurl.
+ *
+ * Failure policy (docs/PROTOCOL.md, "Errors"):
+ *   - no connection at all (refused, unresolvable): fail at once, the
+ *     device is offline or the server down; nothing is retried or lost;
+ *   - transient (timeouts, resets, empty replies, 429, 502, 503, 504):
+ *     retried `retries` times, waiting backoff_ms * 2^attempt capped at
+ *     backoff_max_ms, with jitter (half fixed, half random) so that many
+ *     devices do not retry in step; Retry-After is honoured up to the cap;
+ *   - any other answer (400, 401, 403, 413, 422, ...): fail at once with
+ *     the server's error, detail and hint.
+ * Bodies are bounded by max_payload; connect and transfer timeouts come from
+ * the settings (a long-poll adds its wait to the transfer timeout).
+ */
+#include "sl_network.h"
+
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+static size_t
+on_body(char *p, size_t size, size_t nmemb, void *ud)
+{
+	sl_net_resp *r = ud;
+	size_t		n = size * nmemb;
+
+	if (r->len + n > r->max)
+	{
+		r->overflow = true;
+		return 0;
+	}
+	if (r->len + n > r->cap)
+	{
+		size_t		cap = r->cap ? r->cap : 16384;
+		uint8_t    *b;
+
+		while (cap < r->len + n)
+			cap *= 2;
+		if (!(b = sqlite3_realloc64(r->body, cap)))
+			return 0;
+		r->body = b;
+		r->cap = cap;
+	}
+	memcpy(r->body + r->len, p, n);
+	r->len += n;
+	return n;
+}
+
+/* header_value returns the value of "Name: value\r\n" if line is that header. */
+static bool
+header_value(const char *line, size_t n, const char *name, char *out, size_t outlen)
+{
+	size_t		k = strlen(name),
+				e;
+
+	if (n <= k + 1 || strncasecmp(line, name, k) != 0 || line[k] != ':')
+		return false;
+	line += k + 1;
+	n -= k + 1;
+	while (n && (*line == ' ' || *line == '\t'))
+		line++, n--;
+	for (e = n; e && (line[e - 1] == '\r' || line[e - 1] == '\n' || line[e - 1] == ' '); e--)
+		;
+	if (e >= outlen)
+		return false;
+	memcpy(out, line, e);
+	out[e] = '\0';
+	return true;
+}
+
+static size_t
+on_header(char *p, size_t size, size_t nmemb, void *ud)
+{
+	sl_net_resp *r = ud;
+	size_t		n = size * nmemb;
+	char		v[SL_CURSOR_MAX + 1];
+
+	if (n >= 5 && strncmp(p, "HTTP/", 5) == 0)
+	{
+		/* a new response (after 100 Continue): forget the previous headers */
+		r->cursor[0] = r->site[0] = '\0';
+		r->more = false;
+		r->retry_after = 0;
+	}
+	else if (header_value(p, n, "X-Pgsync-Cursor", v, sizeof v))
+	{
+		bool		ok = v[0] != '\0';
+
+		for (char *c = v; *c; c++)
+			ok &= (*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+				*c == '.' || *c == '_' || *c == ':' || *c == '-';
+		if (ok)
+			strcpy(r->cursor, v);
+	}
+	else if (header_value(p, n, "X-Pgsync-Site", v, sizeof v) && strlen(v) == 36)
+		strcpy(r->site, v);
+	else if (header_value(p, n, "X-Pgsync-More", v, sizeof v))
+		r->more = strcmp(v, "1") == 0;
+	else if (header_value(p, n, "Retry-After", v, sizeof v))
+		r->retry_after = strtol(v, NULL, 10);
+	return n;
+}
+
+void
+sl_http_resp_free(sl_net_resp *r)
+{
+	sqlite3_free(r->body);
+	memset(r, 0, sizeof *r);
+}
+
+/* server_error renders a JSON error body as "error: detail hint". */
+static char *
+server_error(const sl_net_resp *r)
+{
+	cJSON	   *j = r->len ? cJSON_ParseWithLength((const char *) r->body, r->len) : NULL;
+	cJSON	   *e = cJSON_GetObjectItemCaseSensitive(j, "error"),
+			   *d = cJSON_GetObjectItemCaseSensitive(j, "detail"),
+			   *h = cJSON_GetObjectItemCaseSensitive(j, "hint");
+	char	   *m;
+
+	if (cJSON_IsString(e))
+		m = sqlite3_mprintf("server answered %ld (%s)%s%s%s%s", r->status, e->valuestring,
+							cJSON_IsString(d) && *d->valuestring ? ": " : "",
+							cJSON_IsString(d) ? d->valuestring : "",
+							cJSON_IsString(h) && *h->valuestring ? " " : "",
+							cJSON_IsString(h) ? h->valuestring : "");
+	else
+		m = sqlite3_mprintf("server answered HTTP %ld", r->status);
+	cJSON_Delete(j);
+	return m;
+}
+
+static void
+backoff(const sl_net_settings *s, int attempt, long retry_after_s)
+{
+	int64_t		d = s->backoff_ms;
+	uint32_t	rnd;
+
+	for (int i = 0; i < attempt && d < s->backoff_max_ms; i++)
+		d *= 2;
+	if (d > s->backoff_max_ms)
+		d = s->backoff_max_ms;
+	sqlite3_randomness(sizeof rnd, &rnd);
+	d = d / 2 + (d > 1 ? (int64_t) (rnd % (uint32_t) (d / 2 + 1)) : 0);	/* jitter */
+	if (retry_after_s > 0 && retry_after_s * 1000 > d)
+		d = retry_after_s * 1000 < s->backoff_max_ms ? retry_after_s * 1000 : s->backoff_max_ms;
+	if (d > 0)
+		usleep((useconds_t) d * 1000);
+}
+
+/*
+ * sl_http_call makes one request with retries. Returns true with r filled
+ * (status 2xx); false with *msg (sqlite3_malloc'd) saying what failed.
+ */
+bool
+sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_t *body, size_t len,
+		  int64_t wait_ms, sl_net_resp *r, char **msg)
+{
+	char	   *url = sqlite3_mprintf("%s%s", s->url, path);
+	char	   *auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
+	bool		ok = false;
+
+	*msg = NULL;
+	if (!n->curl && !(n->curl = curl_easy_init()))
+	{
+		*msg = sqlite3_mprintf("cannot initialize libcurl");
+		goto out;
+	}
+	for (int attempt = 0;; attempt++)
+	{
+		struct curl_slist *h = NULL;
+		CURLcode	rc;
+		bool		transient;
+
+		sl_http_resp_free(r);
+		r->max = (size_t) s->max_payload;
+		curl_easy_reset(n->curl);
+		if (auth)
+			h = curl_slist_append(h, auth);
+		if (body)
+			h = curl_slist_append(h, "Content-Type: application/octet-stream");
+		curl_easy_setopt(n->curl, CURLOPT_URL, url);
+		curl_easy_setopt(n->curl, CURLOPT_HTTPHEADER, h);
+		curl_easy_setopt(n->curl, CURLOPT_NOSIGNAL, 1L);
+		curl_easy_setopt(n->curl, CURLOPT_ERRORBUFFER, n->curl_err);
+		curl_easy_setopt(n->curl, CURLOPT_CONNECTTIMEOUT_MS, (long) s->connect_timeout_ms);
+		curl_easy_setopt(n->curl, CURLOPT_TIMEOUT_MS, (long) (s->timeout_ms + wait_ms));
+		curl_easy_setopt(n->curl, CURLOPT_TCP_KEEPALIVE, 1L);
+		curl_easy_setopt(n->curl, CURLOPT_USERAGENT, "sqlitesync/" PGS_VERSION);
+		curl_easy_setopt(n->curl, CURLOPT_WRITEFUNCTION, on_body);
+		curl_easy_setopt(n->curl, CURLOPT_WRITEDATA, r);
+		curl_easy_setopt(n->curl, CURLOPT_HEADERFUNCTION, on_header);
+		curl_easy_setopt(n->curl, CURLOPT_HEADERDATA, r);
+		if (body)
+		{
+			curl_easy_setopt(n->curl, CURLOPT_POST, 1L);
+			curl_easy_setopt(n->curl, CURLOPT_POSTFIELDS, (const char *) body);
+			curl_easy_setopt(n->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) len);
+		}
+		n->curl_err[0] = '\0';
+		rc = curl_easy_perform(n->curl);
+		curl_slist_free_all(h);
+		sqlite3_free(*msg);
+		*msg = NULL;
+		if (rc == CURLE_OK)
+		{
+			curl_easy_getinfo(n->curl, CURLINFO_RESPONSE_CODE, &r->status);
+			if (r->status >= 200 && r->status < 300)
+			{
+				ok = true;
+				break;
+			}
+			*msg = server_error(r);
+			if (r->status == 401)
+			{
+				char	   *m = sqlite3_mprintf("%s Call sync_network_set_token() with a fresh token.", *msg);
+
+				sqlite3_free(*msg);
+				*msg = m;
+			}
+			transient = r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
+		}
+		else if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
+				 rc == CURLE_COULDNT_RESOLVE_PROXY)
+		{
+			*msg = sqlite3_mprintf("server unreachable (%s); the device is offline or the server is down. "
+								   "Nothing was lost: local changes stay pending and the next sync sends them.",
+								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			break;				/* offline: fail fast */
+		}
+		else if (rc == CURLE_WRITE_ERROR && r->overflow)
+		{
+			*msg = sqlite3_mprintf("the server's answer is larger than max_payload (%lld bytes); "
+								   "raise it: UPDATE sync_network SET value = ... WHERE key = 'max_payload'",
+								   (long long) s->max_payload);
+			break;
+		}
+		else
+		{
+			*msg = sqlite3_mprintf("transfer failed (%s)", n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			transient = true;
+		}
+		if (!transient || attempt >= s->retries)
+		{
+			if (transient)
+			{
+				char	   *m = sqlite3_mprintf("%s after %d attempts; nothing was lost, sync again later", *msg, attempt + 1);
+
+				sqlite3_free(*msg);
+				*msg = m;
+			}
+			break;
+		}
+		backoff(s, attempt, r->retry_after);
+	}
+out:
+	sqlite3_free(url);
+	sqlite3_free(auth);
+	if (!ok && !*msg)
+		*msg = sqlite3_mprintf("out of memory");
+	return ok;
+}
