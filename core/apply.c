@@ -90,8 +90,10 @@ resolve(apply_ctx *a, pgs_err *err)
 						  "Give the table the same primary key on every replica.",
 						  "primary key of table \"%s\" does not match the payload",
 						  at->ti->name);
-				pgs_err_detailf(err, "Key column %u is \"%.*s\" in the payload and \"%s\" here.",
-								k + 1, (int) d->pk_name_lens[k], d->pk_names[k], at->ti->pk_names[k]);
+				char		nm[72];
+
+				pgs_err_detailf(err, "Key column %u is \"%s\" in the payload and \"%s\" here.",
+								k + 1, pgs_name_for_msg(nm, d->pk_names[k], d->pk_name_lens[k]), at->ti->pk_names[k]);
 				return PGS_ERR_SCHEMA;
 			}
 		at->colmap = pgs_malloc(sizeof(int) * (d->ncols ? d->ncols : 1));
@@ -106,10 +108,12 @@ resolve(apply_ctx *a, pgs_err *err)
 					found = l;
 			if (found < 0)
 			{
+				char		nm[72];
+
 				pgs_failf(err, PGS_ERR_SCHEMA,
 						  "Add the column here (and call sync_init again) before applying payloads from replicas that have it.",
-						  "unknown column \"%.*s\" in table \"%s\"",
-						  (int) d->col_name_lens[c], d->col_names[c], at->ti->name);
+						  "unknown column \"%s\" in table \"%s\"",
+						  pgs_name_for_msg(nm, d->col_names[c], d->col_name_lens[c]), at->ti->name);
 				return PGS_ERR_SCHEMA;
 			}
 			for (uint32_t k = 0; k < c; k++)

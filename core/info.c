@@ -2,7 +2,7 @@
  * info.c — sync_payload_info: a payload rendered as JSON, for people
  * debugging sync. Uses cJSON. Integers are emitted as exact JSON numbers,
  * REALs with 17 significant digits (NaN and infinities as strings), BLOBs as
- * {"hex": "..."}. At most PGS_INFO_MAX_ROWS row groups are listed.
+ * {"hex": "..."}, TEXT that is not valid UTF-8 or holds NUL as {"text_hex": "..."}. At most PGS_INFO_MAX_ROWS row groups are listed.
  */
 #include "pgsync.h"
 
@@ -13,20 +13,37 @@
 
 #define PGS_INFO_MAX_ROWS 10000
 
+/* json_str: a JSON string of p; bytes that are not valid UTF-8 (or NUL) become '?' */
 static cJSON *
 json_str(const uint8_t *p, uint32_t len)
 {
 	char	   *s = pgs_malloc((size_t) len + 1);
 	cJSON	   *j;
+	uint32_t	i = 0;
 
 	if (!s)
 		return NULL;
-	memcpy(s, p, len);
+	while (i < len)
+	{
+		uint32_t	n = 1;
+
+		while (n <= 4 && i + n <= len && !pgs_utf8_valid(p + i, n))
+			n++;
+		if (n <= 4 && i + n <= len)
+		{
+			memcpy(s + i, p + i, n);
+			i += n;
+		}
+		else
+			s[i++] = '?';
+	}
 	s[len] = '\0';
 	j = cJSON_CreateString(s);
 	pgs_free(s);
 	return j;
 }
+
+static cJSON *json_value(const pgs_value *v);
 
 static cJSON *
 json_value(const pgs_value *v)
@@ -48,7 +65,19 @@ json_value(const pgs_value *v)
 				strcat(num, ".0");
 			return cJSON_CreateRaw(num);
 		case PGS_TEXT:
-			return json_str(v->v.p, v->len);
+			if (pgs_utf8_valid(v->v.p, v->len))
+				return json_str(v->v.p, v->len);
+			/* NUL or invalid UTF-8: JSON text cannot carry it as is */
+			{
+				cJSON	   *o = json_value(&(pgs_value) {.type = PGS_BLOB, .len = v->len, .v.p = v->v.p});
+				cJSON	   *h = o ? cJSON_DetachItemFromObject(o, "hex") : NULL;
+
+				cJSON_Delete(o);
+				o = cJSON_CreateObject();
+				if (h)
+					cJSON_AddItemToObject(o, "text_hex", h);
+				return o;
+			}
 		case PGS_BLOB:
 			{
 				static const char hex[] = "0123456789abcdef";

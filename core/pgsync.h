@@ -58,6 +58,12 @@ pgs_rc		pgs_failf(pgs_err *err, pgs_rc rc, const char *hint, const char *fmt, ..
 void		pgs_err_detailf(pgs_err *err, const char *fmt, ...)
 			__attribute__((format(printf, 2, 3)));
 
+/* pgs_utf8_valid: len bytes are valid UTF-8 without NUL. */
+bool		pgs_utf8_valid(const uint8_t *p, size_t len);
+/* pgs_name_for_msg renders a (possibly forged) name for an error message:
+ * at most 60 bytes of it, invalid UTF-8 replaced by '?', "..." if cut. */
+const char *pgs_name_for_msg(char out[72], const uint8_t *name, size_t len);
+
 /* ---- memory ----------------------------------------------------------- */
 
 typedef struct pgs_allocator

@@ -68,6 +68,86 @@ pgs_err_detailf(pgs_err *err, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* utf8_char: length of the valid UTF-8 sequence at p (no NUL), 0 if invalid */
+static size_t
+utf8_char(const uint8_t *p, size_t len)
+{
+	uint32_t	c;
+	size_t		n;
+
+	if (len == 0 || p[0] == 0)
+		return 0;
+	if (p[0] < 0x80)
+		return 1;
+	if (p[0] >= 0xc2 && p[0] <= 0xdf)
+		n = 2, c = p[0] & 0x1f;
+	else if (p[0] >= 0xe0 && p[0] <= 0xef)
+		n = 3, c = p[0] & 0x0f;
+	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+		n = 4, c = p[0] & 0x07;
+	else
+		return 0;
+	if (len < n)
+		return 0;
+	for (size_t i = 1; i < n; i++)
+	{
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		c = c << 6 | (p[i] & 0x3f);
+	}
+	if ((n == 3 && (c < 0x800 || (c >= 0xd800 && c <= 0xdfff))) || (n == 4 && (c < 0x10000 || c > 0x10ffff)))
+		return 0;
+	return n;
+}
+
+bool
+pgs_utf8_valid(const uint8_t *p, size_t len)
+{
+	while (len > 0)
+	{
+		size_t		n = utf8_char(p, len);
+
+		if (n == 0)
+			return false;
+		p += n;
+		len -= n;
+	}
+	return true;
+}
+
+const char *
+pgs_name_for_msg(char out[72], const uint8_t *name, size_t len)
+{
+	size_t		o = 0;
+
+	while (len > 0 && o < 60)
+	{
+		size_t		n = utf8_char(name, len);
+
+		if (n == 0)
+		{
+			out[o++] = '?';
+			n = 1;
+		}
+		else if (o + n > 60)
+			break;
+		else
+		{
+			memcpy(out + o, name, n);
+			o += n;
+		}
+		name += n;
+		len -= n;
+	}
+	if (len > 0)
+	{
+		memcpy(out + o, "...", 3);
+		o += 3;
+	}
+	out[o] = '\0';
+	return out;
+}
+
 /* ---- memory ---- */
 
 static pgs_allocator alloc = {malloc, realloc, free};

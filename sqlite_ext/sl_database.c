@@ -352,7 +352,7 @@ db_tables(db_conn *c, db_table ***tables, int *ntables, pgs_err *err)
 pgs_rc
 db_table_find(db_conn *c, const uint8_t *name, size_t len, db_table **out, pgs_err *err)
 {
-	char		buf[512];
+	char		buf[72];
 
 	for (int i = 0; i < c->ntables; i++)
 		if (strlen(c->tables[i]->name) == len && sqlite3_strnicmp(c->tables[i]->name, (const char *) name, (int) len) == 0)
@@ -360,10 +360,9 @@ db_table_find(db_conn *c, const uint8_t *name, size_t len, db_table **out, pgs_e
 			*out = c->tables[i];
 			return PGS_OK;
 		}
-	snprintf(buf, sizeof buf, "%.*s", (int) (len > 400 ? 400 : len), (const char *) name);
 	pgs_failf(err, PGS_ERR_SCHEMA,
 			  "Create the table and call sync_init on it before applying payloads that contain it.",
-			  "unknown table \"%s\" in payload", buf);
+			  "unknown table \"%s\" in payload", pgs_name_for_msg(buf, name, len));
 	pgs_err_detailf(err, "The table is not synced in this database.");
 	return PGS_ERR_SCHEMA;
 }

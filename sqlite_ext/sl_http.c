@@ -15,7 +15,6 @@
  */
 #include "sl_network.h"
 
-
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +27,7 @@ static size_t
 on_body(char *p, size_t size, size_t nmemb, void *ud)
 {
 	sl_net_resp *r = ud;
-	size_t		n = size * nmemb;
+	size_t n = size * nmemb;
 
 	if (r->len + n > r->max)
 	{
@@ -37,8 +36,8 @@ on_body(char *p, size_t size, size_t nmemb, void *ud)
 	}
 	if (r->len + n > r->cap)
 	{
-		size_t		cap = r->cap ? r->cap : 16384;
-		uint8_t    *b;
+		size_t cap = r->cap ? r->cap : 16384;
+		uint8_t *b;
 
 		while (cap < r->len + n)
 			cap *= 2;
@@ -56,8 +55,7 @@ on_body(char *p, size_t size, size_t nmemb, void *ud)
 static bool
 header_value(const char *line, size_t n, const char *name, char *out, size_t outlen)
 {
-	size_t		k = strlen(name),
-				e;
+	size_t k = strlen(name), e;
 
 	if (n <= k + 1 || strncasecmp(line, name, k) != 0 || line[k] != ':')
 		return false;
@@ -78,8 +76,8 @@ static size_t
 on_header(char *p, size_t size, size_t nmemb, void *ud)
 {
 	sl_net_resp *r = ud;
-	size_t		n = size * nmemb;
-	char		v[SL_CURSOR_MAX + 1];
+	size_t n = size * nmemb;
+	char v[SL_CURSOR_MAX + 1];
 
 	if (n >= 5 && strncmp(p, "HTTP/", 5) == 0)
 	{
@@ -90,11 +88,11 @@ on_header(char *p, size_t size, size_t nmemb, void *ud)
 	}
 	else if (header_value(p, n, "X-Pgsync-Cursor", v, sizeof v))
 	{
-		bool		ok = v[0] != '\0';
+		bool ok = v[0] != '\0';
 
 		for (char *c = v; *c; c++)
-			ok &= (*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
-				*c == '.' || *c == '_' || *c == ':' || *c == '-';
+			ok &= (*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') ||
+				  (*c >= 'A' && *c <= 'Z') || *c == '.' || *c == '_' || *c == ':' || *c == '-';
 		if (ok)
 			strcpy(r->cursor, v);
 	}
@@ -118,11 +116,11 @@ sl_http_resp_free(sl_net_resp *r)
 static char *
 server_error(const sl_net_resp *r)
 {
-	cJSON	   *j = r->len ? cJSON_ParseWithLength((const char *) r->body, r->len) : NULL;
-	cJSON	   *e = cJSON_GetObjectItemCaseSensitive(j, "error"),
-			   *d = cJSON_GetObjectItemCaseSensitive(j, "detail"),
-			   *h = cJSON_GetObjectItemCaseSensitive(j, "hint");
-	char	   *m;
+	cJSON *j = r->len ? cJSON_ParseWithLength((const char *) r->body, r->len) : NULL;
+	cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error"),
+		  *d = cJSON_GetObjectItemCaseSensitive(j, "detail"),
+		  *h = cJSON_GetObjectItemCaseSensitive(j, "hint");
+	char *m;
 
 	if (cJSON_IsString(e))
 		m = sqlite3_mprintf("server answered %ld (%s)%s%s%s%s", r->status, e->valuestring,
@@ -139,15 +137,15 @@ server_error(const sl_net_resp *r)
 static void
 backoff(const sl_net_settings *s, int attempt, long retry_after_s)
 {
-	int64_t		d = s->backoff_ms;
-	uint32_t	rnd;
+	int64_t d = s->backoff_ms;
+	uint32_t rnd;
 
 	for (int i = 0; i < attempt && d < s->backoff_max_ms; i++)
 		d *= 2;
 	if (d > s->backoff_max_ms)
 		d = s->backoff_max_ms;
 	sqlite3_randomness(sizeof rnd, &rnd);
-	d = d / 2 + (d > 1 ? (int64_t) (rnd % (uint32_t) (d / 2 + 1)) : 0);	/* jitter */
+	d = d / 2 + (d > 1 ? (int64_t) (rnd % (uint32_t) (d / 2 + 1)) : 0); /* jitter */
 	if (retry_after_s > 0 && retry_after_s * 1000 > d)
 		d = retry_after_s * 1000 < s->backoff_max_ms ? retry_after_s * 1000 : s->backoff_max_ms;
 	if (d > 0)
@@ -160,11 +158,11 @@ backoff(const sl_net_settings *s, int attempt, long retry_after_s)
  */
 bool
 sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_t *body, size_t len,
-		  int64_t wait_ms, sl_net_resp *r, char **msg)
+			 int64_t wait_ms, sl_net_resp *r, char **msg)
 {
-	char	   *url = sqlite3_mprintf("%s%s", s->url, path);
-	char	   *auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
-	bool		ok = false;
+	char *url = sqlite3_mprintf("%s%s", s->url, path);
+	char *auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
+	bool ok = false;
 
 	*msg = NULL;
 	if (!n->curl && !(n->curl = curl_easy_init()))
@@ -175,8 +173,8 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 	for (int attempt = 0;; attempt++)
 	{
 		struct curl_slist *h = NULL;
-		CURLcode	rc;
-		bool		transient;
+		CURLcode rc;
+		bool transient;
 
 		sl_http_resp_free(r);
 		r->max = (size_t) s->max_payload;
@@ -219,38 +217,44 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 			*msg = server_error(r);
 			if (r->status == 401)
 			{
-				char	   *m = sqlite3_mprintf("%s Call sync_network_set_token() with a fresh token.", *msg);
+				char *m =
+					sqlite3_mprintf("%s Call sync_network_set_token() with a fresh token.", *msg);
 
 				sqlite3_free(*msg);
 				*msg = m;
 			}
-			transient = r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
+			transient =
+				r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
 		}
 		else if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
 				 rc == CURLE_COULDNT_RESOLVE_PROXY)
 		{
-			*msg = sqlite3_mprintf("server unreachable (%s); the device is offline or the server is down. "
-								   "Nothing was lost: local changes stay pending and the next sync sends them.",
-								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
-			break;				/* offline: fail fast */
+			*msg = sqlite3_mprintf(
+				"server unreachable (%s); the device is offline or the server is down. "
+				"Nothing was lost: local changes stay pending and the next sync sends them.",
+				n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			break; /* offline: fail fast */
 		}
 		else if (rc == CURLE_WRITE_ERROR && r->overflow)
 		{
-			*msg = sqlite3_mprintf("the server's answer is larger than max_payload (%lld bytes); "
-								   "raise it: UPDATE sync_network SET value = ... WHERE key = 'max_payload'",
-								   (long long) s->max_payload);
+			*msg = sqlite3_mprintf(
+				"the server's answer is larger than max_payload (%lld bytes); "
+				"raise it: UPDATE sync_network SET value = ... WHERE key = 'max_payload'",
+				(long long) s->max_payload);
 			break;
 		}
 		else
 		{
-			*msg = sqlite3_mprintf("transfer failed (%s)", n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			*msg = sqlite3_mprintf("transfer failed (%s)",
+								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
 			transient = true;
 		}
 		if (!transient || attempt >= s->retries)
 		{
 			if (transient)
 			{
-				char	   *m = sqlite3_mprintf("%s after %d attempts; nothing was lost, sync again later", *msg, attempt + 1);
+				char *m = sqlite3_mprintf(
+					"%s after %d attempts; nothing was lost, sync again later", *msg, attempt + 1);
 
 				sqlite3_free(*msg);
 				*msg = m;

@@ -37,7 +37,6 @@
  */
 #include "sl_network.h"
 
-
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,9 +63,10 @@ static char *
 kv_text(sl_net *n, const char *key)
 {
 	sqlite3_stmt *st;
-	char	   *v = NULL;
+	char *v = NULL;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT value FROM sync_network WHERE key = ?1", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(n->db, "SELECT value FROM sync_network WHERE key = ?1", -1, &st, NULL) !=
+		SQLITE_OK)
 		return NULL;
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
@@ -78,8 +78,8 @@ kv_text(sl_net *n, const char *key)
 static int64_t
 kv_int(sl_net *n, const char *key, int64_t def)
 {
-	char	   *v = kv_text(n, key);
-	int64_t		r = def;
+	char *v = kv_text(n, key);
+	int64_t r = def;
 
 	if (v && *v)
 		r = strtoll(v, NULL, 10);
@@ -91,10 +91,12 @@ static bool
 kv_set(sl_net *n, const char *key, const char *value)
 {
 	sqlite3_stmt *st;
-	int			rc;
+	int rc;
 
-	if (sqlite3_prepare_v2(n->db, value ? "INSERT OR REPLACE INTO sync_network(key, value) VALUES(?1, ?2)"
-						   : "DELETE FROM sync_network WHERE key = ?1", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(n->db,
+						   value ? "INSERT OR REPLACE INTO sync_network(key, value) VALUES(?1, ?2)"
+								 : "DELETE FROM sync_network WHERE key = ?1",
+						   -1, &st, NULL) != SQLITE_OK)
 		return false;
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
 	if (value)
@@ -107,7 +109,7 @@ kv_set(sl_net *n, const char *key, const char *value)
 static bool
 kv_set_int(sl_net *n, const char *key, int64_t v)
 {
-	char		buf[24];
+	char buf[24];
 
 	snprintf(buf, sizeof buf, "%lld", (long long) v);
 	return kv_set(n, key, buf);
@@ -150,16 +152,14 @@ load_settings(sl_net *n, sl_net_settings *s)
 static void
 fail(sqlite3_context *ctx, sl_net *n, const char *fn, const char *fmt, ...)
 {
-	va_list		ap;
-	char	   *m,
-			   *full,
-			   *url;
+	va_list ap;
+	char *m, *full, *url;
 
 	va_start(ap, fmt);
 	m = sqlite3_vmprintf(fmt, ap);
 	va_end(ap);
 	full = sqlite3_mprintf("%s: %s", fn, m ? m : "out of memory");
-	if ((url = kv_text(n, "url")) != NULL)	/* initialized: record it */
+	if ((url = kv_text(n, "url")) != NULL) /* initialized: record it */
 	{
 		kv_set(n, "last_error", full);
 		kv_set_int(n, "failures", kv_int(n, "failures", 0) + 1);
@@ -176,7 +176,11 @@ need_settings(sqlite3_context *ctx, sl_net *n, const char *fn, sl_net_settings *
 	if (load_settings(n, s))
 		return true;
 	free_settings(s);
-	sqlite3_result_error(ctx, sqlite3_mprintf("%s: no server configured; call sync_network_init('http://host:port') first", fn), -1);
+	sqlite3_result_error(
+		ctx,
+		sqlite3_mprintf(
+			"%s: no server configured; call sync_network_init('http://host:port') first", fn),
+		-1);
 	return false;
 }
 
@@ -186,7 +190,7 @@ static bool
 query_int(sl_net *n, const char *sql, int64_t *out)
 {
 	sqlite3_stmt *st;
-	bool		ok = false;
+	bool ok = false;
 
 	if (sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) != SQLITE_OK)
 		return false;
@@ -202,7 +206,7 @@ query_int(sl_net *n, const char *sql, int64_t *out)
 static int64_t
 le64(const uint8_t *p)
 {
-	uint64_t	v = 0;
+	uint64_t v = 0;
 
 	for (int i = 7; i >= 0; i--)
 		v = (v << 8) | p[i];
@@ -212,9 +216,9 @@ le64(const uint8_t *p)
 static char *
 now_iso(void)
 {
-	char		b[32];
-	time_t		t = time(NULL);
-	struct tm	tm;
+	char b[32];
+	time_t t = time(NULL);
+	struct tm tm;
 
 	gmtime_r(&t, &tm);
 	strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%SZ", &tm);
@@ -224,7 +228,7 @@ now_iso(void)
 static void
 succeeded(sl_net *n)
 {
-	char	   *t = now_iso();
+	char *t = now_iso();
 
 	kv_set(n, "last_sync", t);
 	kv_set(n, "last_error", NULL);
@@ -241,8 +245,8 @@ succeeded(sl_net *n)
 static void
 forget_server(sl_net *n, sl_net_settings *s, const char *site, const char *why)
 {
-	char	   *m = sqlite3_mprintf("server changed (%s): sending and receiving everything again", why);
-	char	   *copy = site ? sqlite3_mprintf("%s", site) : NULL;	/* site may be s->server_site */
+	char *m = sqlite3_mprintf("server changed (%s): sending and receiving everything again", why);
+	char *copy = site ? sqlite3_mprintf("%s", site) : NULL; /* site may be s->server_site */
 
 	kv_set(n, "last_error", m);
 	sqlite3_free(m);
@@ -263,16 +267,12 @@ static char *
 do_send(sl_net *n, sl_net_settings *s, char **msg)
 {
 	sqlite3_stmt *st;
-	int64_t		safe,
-				until,
-				applied = 0,
-				nrej = 0;
-	uint8_t    *payload = NULL;
-	size_t		len = 0;
+	int64_t safe, until, applied = 0, nrej = 0;
+	uint8_t *payload = NULL;
+	size_t len = 0;
 	sl_net_resp r = {0};
-	cJSON	   *j = NULL,
-			   *rej;
-	char	   *out = NULL;
+	cJSON *j = NULL, *rej;
+	char *out = NULL;
 
 	*msg = NULL;
 	if (!query_int(n, "SELECT sync_db_version()", &safe))
@@ -316,8 +316,9 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 			s->send_cursor = safe;
 		}
 		succeeded(n);
-		return sqlite3_mprintf("{\"sent_bytes\":0,\"applied\":0,\"rejected\":0,\"send_cursor\":%lld}",
-							   (long long) s->send_cursor);
+		return sqlite3_mprintf(
+			"{\"sent_bytes\":0,\"applied\":0,\"rejected\":0,\"send_cursor\":%lld}",
+			(long long) s->send_cursor);
 	}
 	until = le64(payload + 32);
 	if (!sl_http_call(n, s, "/v1/push", payload, len, 0, &r, msg))
@@ -333,20 +334,21 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 	rej = cJSON_GetObjectItemCaseSensitive(j, "rejected");
 	if (cJSON_IsArray(rej))
 	{
-		cJSON	   *it;
+		cJSON *it;
 
 		cJSON_ArrayForEach(it, rej)
 		{
-			cJSON	   *pk = cJSON_GetObjectItemCaseSensitive(it, "pk");
-			char	   *pktext = pk ? cJSON_PrintUnformatted(pk) : NULL;
-			cJSON	   *t = cJSON_GetObjectItemCaseSensitive(it, "table"),
-					   *code = cJSON_GetObjectItemCaseSensitive(it, "code"),
-					   *m = cJSON_GetObjectItemCaseSensitive(it, "message");
-			char	   *sql = sqlite3_mprintf("INSERT INTO sync_network_rejected(at, tbl, pk, code, message) "
-											  "VALUES(strftime('%%Y-%%m-%%dT%%H:%%M:%%SZ','now'), %Q, %Q, %Q, %Q)",
-											  cJSON_IsString(t) ? t->valuestring : NULL, pktext,
-											  cJSON_IsString(code) ? code->valuestring : NULL,
-											  cJSON_IsString(m) ? m->valuestring : NULL);
+			cJSON *pk = cJSON_GetObjectItemCaseSensitive(it, "pk");
+			char *pktext = pk ? cJSON_PrintUnformatted(pk) : NULL;
+			cJSON *t = cJSON_GetObjectItemCaseSensitive(it, "table"),
+				  *code = cJSON_GetObjectItemCaseSensitive(it, "code"),
+				  *m = cJSON_GetObjectItemCaseSensitive(it, "message");
+			char *sql = sqlite3_mprintf(
+				"INSERT INTO sync_network_rejected(at, tbl, pk, code, message) "
+				"VALUES(strftime('%%Y-%%m-%%dT%%H:%%M:%%SZ','now'), %Q, %Q, %Q, %Q)",
+				cJSON_IsString(t) ? t->valuestring : NULL, pktext,
+				cJSON_IsString(code) ? code->valuestring : NULL,
+				cJSON_IsString(m) ? m->valuestring : NULL);
 
 			exec(n, sql);
 			sqlite3_free(sql);
@@ -355,11 +357,11 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 		}
 	}
 	{
-		cJSON	   *site = cJSON_GetObjectItemCaseSensitive(j, "server_site");
+		cJSON *site = cJSON_GetObjectItemCaseSensitive(j, "server_site");
 
-		if (cJSON_IsString(site) && strlen(site->valuestring) == 36 &&
-			s->server_site && strcmp(s->server_site, site->valuestring) != 0)
-			forget_server(n, s, site->valuestring, "another site id");	/* send all next time */
+		if (cJSON_IsString(site) && strlen(site->valuestring) == 36 && s->server_site &&
+			strcmp(s->server_site, site->valuestring) != 0)
+			forget_server(n, s, site->valuestring, "another site id"); /* send all next time */
 		else
 		{
 			if (cJSON_IsString(site) && strlen(site->valuestring) == 36)
@@ -373,8 +375,9 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 	}
 	succeeded(n);
 	exec(n, "RELEASE sync_network_send");
-	out = sqlite3_mprintf("{\"sent_bytes\":%lld,\"applied\":%lld,\"rejected\":%lld,\"send_cursor\":%lld}",
-						  (long long) len, (long long) applied, (long long) nrej, (long long) s->send_cursor);
+	out = sqlite3_mprintf(
+		"{\"sent_bytes\":%lld,\"applied\":%lld,\"rejected\":%lld,\"send_cursor\":%lld}",
+		(long long) len, (long long) applied, (long long) nrej, (long long) s->send_cursor);
 out:
 	cJSON_Delete(j);
 	sl_http_resp_free(&r);
@@ -389,9 +392,8 @@ static bool
 apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won, char **msg)
 {
 	sqlite3_stmt *st;
-	int64_t		v0 = 0,
-				v1 = 0;
-	char		cur[24];
+	int64_t v0 = 0, v1 = 0;
+	char cur[24];
 	const char *cursor = r->cursor;
 
 	if (!cursor[0])
@@ -417,10 +419,12 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won
 	*won += sqlite3_column_int64(st, 0);
 	sqlite3_finalize(st);
 	query_int(n, "SELECT sync_db_version()", &v1);
-	if (!kv_set(n, "recv_cursor", cursor) ||
-		(r->site[0] && !kv_set(n, "server_site", r->site)))
+	if (!kv_set(n, "recv_cursor", cursor) || (r->site[0] && !kv_set(n, "server_site", r->site)))
 		goto fail;
-	/* nothing was pending: the apply's own version needs no sending back */
+	/* nothing was pending: the apply's own version needs no sending back
+	 * (read the stored cursor inside the savepoint: another connection of
+	 * this app may have moved it) */
+	s->send_cursor = kv_int(n, "send_cursor", s->send_cursor);
 	if (s->send_cursor == v0 && v1 > v0)
 	{
 		if (!kv_set_int(n, "send_cursor", v1))
@@ -452,11 +456,11 @@ rollback:
 static char *
 do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
 {
-	char		site[40] = "";
+	char site[40] = "";
 	sqlite3_stmt *st;
-	int64_t		won = 0;
-	size_t		bytes = 0;
-	bool		reset = false;
+	int64_t won = 0;
+	size_t bytes = 0;
+	bool reset = false;
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -474,10 +478,10 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 	for (int round = 0; round < 100000; round++)
 	{
 		sl_net_resp r = {0};
-		char	   *path = sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld",
-										   s->recv_cursor ? s->recv_cursor : "0", site,
-										   (long long) (round == 0 ? wait_ms : 0));
-		bool		more;
+		char *path = sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld",
+									 s->recv_cursor ? s->recv_cursor : "0", site,
+									 (long long) (round == 0 ? wait_ms : 0));
+		bool more;
 
 		if (!sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg))
 		{
@@ -485,7 +489,8 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 			if (r.status == 409 && !reset && s->recv_cursor)
 			{
 				/* our cursor is ahead of the server: its database was restored */
-				forget_server(n, s, r.site[0] ? r.site : s->server_site, "cursor ahead of the server");
+				forget_server(n, s, r.site[0] ? r.site : s->server_site,
+							  "cursor ahead of the server");
 				reset = true;
 				sl_http_resp_free(&r);
 				sqlite3_free(*msg);
@@ -509,7 +514,8 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 			if (r.len < 56 || !apply_received(n, s, &r, &won, msg))
 			{
 				if (!*msg)
-					*msg = sqlite3_mprintf("the server sent %lld bytes that are not a payload", (long long) r.len);
+					*msg = sqlite3_mprintf("the server sent %lld bytes that are not a payload",
+										   (long long) r.len);
 				sl_http_resp_free(&r);
 				return NULL;
 			}
@@ -518,7 +524,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 		}
 		else if (r.cursor[0] && (!s->recv_cursor || strcmp(r.cursor, s->recv_cursor) != 0))
 		{
-			kv_set(n, "recv_cursor", r.cursor);	/* 204 may move the cursor too */
+			kv_set(n, "recv_cursor", r.cursor); /* 204 may move the cursor too */
 			sqlite3_free(s->recv_cursor);
 			s->recv_cursor = sqlite3_mprintf("%s", r.cursor);
 		}
@@ -534,8 +540,10 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 			break;
 	}
 	succeeded(n);
-	return sqlite3_mprintf("{\"payloads\":%lld,\"received_bytes\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
-						   (long long) *npayloads, (long long) bytes, (long long) won, s->recv_cursor ? s->recv_cursor : "0");
+	return sqlite3_mprintf(
+		"{\"payloads\":%lld,\"received_bytes\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
+		(long long) *npayloads, (long long) bytes, (long long) won,
+		s->recv_cursor ? s->recv_cursor : "0");
 }
 
 /* ---- SQL functions ------------------------------------------------------------ */
@@ -550,15 +558,17 @@ result_json(sqlite3_context *ctx, char *json)
 static void
 sync_network_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	const char *url = (const char *) sqlite3_value_text(argv[0]);
-	char	   *clean,
-			   *old;
-	size_t		len;
+	char *clean, *old;
+	size_t len;
 
 	if (!url || (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0))
 	{
-		sqlite3_result_error(ctx, "sync_network_init: url must start with http:// or https://, e.g. 'https://sync.example.com'", -1);
+		sqlite3_result_error(ctx,
+							 "sync_network_init: url must start with http:// or https://, e.g. "
+							 "'https://sync.example.com'",
+							 -1);
 		return;
 	}
 	len = strlen(url);
@@ -591,7 +601,7 @@ sync_network_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
 
 	(void) argc;
@@ -609,10 +619,9 @@ sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_send(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char	   *msg,
-			   *json;
+	char *msg, *json;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_send", &s))
@@ -628,11 +637,10 @@ sync_network_send(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char	   *msg,
-			   *json;
-	int64_t		np;
+	char *msg, *json;
+	int64_t np;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_receive", &s))
@@ -648,12 +656,10 @@ sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char	   *msg,
-			   *sent,
-			   *recv;
-	int64_t		np;
+	char *msg, *sent, *recv;
+	int64_t np;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_sync", &s))
@@ -675,17 +681,16 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char	   *msg,
-			   *json;
-	int64_t		timeout = sqlite3_value_int64(argv[0]),
-				np;
+	char *msg, *json;
+	int64_t timeout = sqlite3_value_int64(argv[0]), np;
 
 	(void) argc;
 	if (sqlite3_value_type(argv[0]) != SQLITE_INTEGER || timeout < 0)
 	{
-		sqlite3_result_error(ctx, "sync_network_wait: timeout_ms must be a non-negative integer", -1);
+		sqlite3_result_error(ctx, "sync_network_wait: timeout_ms must be a non-negative integer",
+							 -1);
 		return;
 	}
 	if (!need_settings(ctx, n, "sync_network_wait", &s))
@@ -702,14 +707,12 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net	   *n = sqlite3_user_data(ctx);
+	sl_net *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	cJSON	   *j;
-	char	   *text,
-			   *v;
-	int64_t		x,
-				pending = 0;
-	pgs_err		err;
+	cJSON *j;
+	char *text, *v;
+	int64_t x, pending = 0;
+	pgs_err err;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_status", &s))
@@ -720,7 +723,8 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	{
 		sqlite3_stmt *st;
 
-		if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id(), sync_db_version()", -1, &st, NULL) == SQLITE_OK &&
+		if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id(), sync_db_version()", -1, &st, NULL) ==
+				SQLITE_OK &&
 			sqlite3_step(st) == SQLITE_ROW)
 		{
 			cJSON_AddStringToObject(j, "site_id", (const char *) sqlite3_column_text(st, 0));
@@ -731,8 +735,8 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		if (sl_load(n->c, &err) == PGS_OK)
 			for (int i = 0; i < n->c->ntables; i++)
 			{
-				char	   *sql = sqlite3_mprintf("SELECT count(*) FROM %s WHERE ver > %lld",
-												  n->c->tables[i]->qclock, (long long) s.send_cursor);
+				char *sql = sqlite3_mprintf("SELECT count(*) FROM %s WHERE ver > %lld",
+											n->c->tables[i]->qclock, (long long) s.send_cursor);
 
 				if (sql && query_int(n, sql, &x))
 					pending += x;
@@ -750,7 +754,9 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	cJSON_AddItemToObject(j, "last_error", v ? cJSON_CreateString(v) : cJSON_CreateNull());
 	sqlite3_free(v);
 	cJSON_AddNumberToObject(j, "failures", (double) kv_int(n, "failures", 0));
-	cJSON_AddNumberToObject(j, "rejected", query_int(n, "SELECT count(*) FROM sync_network_rejected", &x) ? (double) x : 0);
+	cJSON_AddNumberToObject(
+		j, "rejected",
+		query_int(n, "SELECT count(*) FROM sync_network_rejected", &x) ? (double) x : 0);
 	cJSON_AddBoolToObject(j, "has_token", s.token != NULL);
 	text = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
@@ -769,7 +775,7 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 net_free(void *arg)
 {
-	sl_net	   *n = arg;
+	sl_net *n = arg;
 
 	if (n->curl)
 		curl_easy_cleanup(n->curl);
@@ -779,10 +785,9 @@ net_free(void *arg)
 static const struct
 {
 	const char *name;
-	int			nargs;
-	void		(*fn) (sqlite3_context *, int, sqlite3_value **);
-}			functions[] =
-{
+	int nargs;
+	void (*fn)(sqlite3_context *, int, sqlite3_value **);
+} functions[] = {
 	{"sync_network_init", 1, sync_network_init},
 	{"sync_network_init", 2, sync_network_init},
 	{"sync_network_set_token", 1, sync_network_set_token},
@@ -796,9 +801,9 @@ static const struct
 int
 sl_network_register(sqlite3 *db, db_conn *c)
 {
-	static int	curl_ready = 0;
+	static int curl_ready = 0;
 	const size_t nf = sizeof functions / sizeof functions[0];
-	sl_net	   *n;
+	sl_net *n;
 
 	if (!curl_ready)
 	{
@@ -814,10 +819,9 @@ sl_network_register(sqlite3 *db, db_conn *c)
 	for (size_t i = 0; i < nf; i++)
 	{
 		/* network calls have side effects: never from triggers or views */
-		int			rc = sqlite3_create_function_v2(db, functions[i].name, functions[i].nargs,
-													SQLITE_UTF8 | SQLITE_DIRECTONLY, n,
-													functions[i].fn, NULL, NULL,
-													i == nf - 1 ? net_free : NULL);
+		int rc = sqlite3_create_function_v2(db, functions[i].name, functions[i].nargs,
+											SQLITE_UTF8 | SQLITE_DIRECTONLY, n, functions[i].fn,
+											NULL, NULL, i == nf - 1 ? net_free : NULL);
 
 		if (rc != SQLITE_OK)
 		{

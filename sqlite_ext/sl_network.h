@@ -17,7 +17,7 @@
  * sl_network_register adds the sync_network_* SQL functions to db; c is the
  * connection's sqlitesync state. Returns an SQLite result code.
  */
-int			sl_network_register(sqlite3 *db, db_conn *c);
+int sl_network_register(sqlite3 *db, db_conn *c);
 
 /* ---- private to sl_network.c and sl_http.c ---- */
 
@@ -26,41 +26,41 @@ int			sl_network_register(sqlite3 *db, db_conn *c);
 /* Per connection: the database handle and a reused curl handle (keep-alive). */
 typedef struct sl_net
 {
-	sqlite3    *db;
-	db_conn    *c;
-	CURL	   *curl;
-	char		curl_err[CURL_ERROR_SIZE];
+	sqlite3 *db;
+	db_conn *c;
+	CURL *curl;
+	char curl_err[CURL_ERROR_SIZE];
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
 typedef struct sl_net_settings
 {
-	char	   *url;
-	char	   *token;
-	char	   *server_site;
-	char	   *recv_cursor;
-	int64_t		send_cursor;
-	int64_t		retries;
-	int64_t		backoff_ms;
-	int64_t		backoff_max_ms;
-	int64_t		connect_timeout_ms;
-	int64_t		timeout_ms;
-	int64_t		max_payload;
+	char *url;
+	char *token;
+	char *server_site;
+	char *recv_cursor;
+	int64_t send_cursor;
+	int64_t retries;
+	int64_t backoff_ms;
+	int64_t backoff_max_ms;
+	int64_t connect_timeout_ms;
+	int64_t timeout_ms;
+	int64_t max_payload;
 } sl_net_settings;
 
 /* One HTTP answer: status, body (bounded by max_payload) and our headers. */
 typedef struct sl_net_resp
 {
-	long		status;
-	uint8_t    *body;
-	size_t		len;
-	size_t		cap;
-	size_t		max;
-	bool		overflow;
-	char		cursor[SL_CURSOR_MAX + 1];
-	char		site[40];
-	bool		more;
-	long		retry_after;
+	long status;
+	uint8_t *body;
+	size_t len;
+	size_t cap;
+	size_t max;
+	bool overflow;
+	char cursor[SL_CURSOR_MAX + 1];
+	char site[40];
+	bool more;
+	long retry_after;
 } sl_net_resp;
 
 /*
@@ -69,9 +69,8 @@ typedef struct sl_net_resp
  * false with *msg (sqlite3_malloc'd, says what to do) otherwise. r is owned
  * by the caller: sl_http_resp_free it in every case.
  */
-bool		sl_http_call(sl_net *n, const sl_net_settings *s, const char *path,
-						 const uint8_t *body, size_t len, int64_t wait_ms,
-						 sl_net_resp *r, char **msg);
-void		sl_http_resp_free(sl_net_resp *r);
+bool sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_t *body,
+				  size_t len, int64_t wait_ms, sl_net_resp *r, char **msg);
+void sl_http_resp_free(sl_net_resp *r);
 
 #endif

@@ -908,9 +908,6 @@ def test_payload_is_read_only(db, tmp_path):
     ro.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: core/info.c json_str hands TEXT to cJSON_CreateString, "
-                   "which stops at the first NUL ('a\\0b' shows as 'a') and copies invalid UTF-8 "
-                   "as is, so the JSON is not valid UTF-8")
 def test_payload_info_text_with_nul_and_invalid_utf8(db):
     db.x("INSERT INTO t VALUES ('nul', 'a' || char(0) || 'b', CAST(x'61ff62' AS TEXT))")
     db.conn.text_factory = bytes
