@@ -115,10 +115,12 @@ db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out,
 	relid = pg_table_by_name((const char *) name, len);
 	if (!OidIsValid(relid) || (t = pg_table_get(relid, true)) == NULL)
 	{
+		char		nm[72];
+
 		pgs_failf(err, PGS_ERR_SCHEMA,
 				  "Create the table here and call sync_init on it (the name must match, schema-qualified when not in public).",
-				  "table \"%.*s\" of the payload is not synced here",
-				  (int) Min(len, 200), (const char *) name);
+				  "table \"%s\" of the payload is not synced here",
+				  pgs_name_for_msg(nm, name, len));
 		return PGS_ERR_SCHEMA;
 	}
 	if (db->tables_loaded)
