@@ -32,7 +32,7 @@ $(B)/asan/sqlitesync.so: $(CORE_SRC) $(SQL_SRC) $(HDRS)
 	$(CC) $(BASE) -O1 -g $(SAN) -shared -o $@.tmp$$$$ $(CORE_SRC) $(SQL_SRC) $(EXT_LIBS) && mv -f $@.tmp$$$$ $@
 
 # cmocka unit tests of the core, under ASan + UBSan
-$(B)/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h
+$(B)/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h $(wildcard test/*.h)
 	@mkdir -p $(B)
 	$(CC) $(BASE) -O1 -g $(SAN) -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS) -lcmocka
 
