@@ -15,7 +15,7 @@ HDRS      = database.h $(wildcard core/*.h) $(wildcard sqlite_ext/*.h)
 
 B = build
 
-.PHONY: all deps demo test bench fuzz format lint clean pg install installcheck
+.PHONY: all deps demo test bench fuzz format lint clean pg install installcheck server
 
 all: $(B)/sqlitesync.so
 
@@ -52,8 +52,16 @@ $(B)/bench_sqlite: bench/bench_sqlite.c $(HDRS)
 	@mkdir -p $(B)
 	$(CC) -std=c11 -D_GNU_SOURCE -O2 -g -I. $(WARN) -o $@ $< -lsqlite3 $(LIBS)
 
-demo: deps all
+# the main job: Postgres + two pgsync-server processes + two SQLite devices
+demo: deps all server
+	@bash scripts/demo_full.sh
+
+# the same story without a server: two SQLite files exchanging payloads
+demo-local: deps all
 	@bash scripts/demo.sh
+
+server:
+	$(MAKE) -C server
 
 test: deps
 	@bash scripts/run-tests.sh
@@ -84,3 +92,4 @@ installcheck:
 clean:
 	rm -rf $(B)
 	-$(MAKE) -C pg_ext clean 2>/dev/null
+	-$(MAKE) -C server clean 2>/dev/null

@@ -1,0 +1,234 @@
+/*
+ * auth.c — bearer-token authentication for /v1 requests.
+ *
+ * A token is accepted when (1) its header names an algorithm for which the
+ * server holds a key — HS256 with jwt_secret, RS256 with jwt_public_key — so
+ * an HS256 token is never verified with the RSA public key as its secret
+ * (the classic algorithm-confusion attack) and "none" is never accepted;
+ * (2) libjwt verifies the signature with that key; (3) exp and nbf, when
+ * present, hold within jwt_leeway seconds; (4) its role claim (or
+ * default_role) is in allowed_roles. Failures of (1)-(3) are 401, of (4) 403.
+ * The verified claims go to Postgres verbatim as request.jwt.claims.
+ */
+#include "server.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+#include <jwt.h>
+
+#define TOKEN_MAX 8192
+
+static const char auth_hint[] =
+	"Send Authorization: Bearer <token> with a token signed by your identity provider.";
+
+/* b64url_decode decodes base64url without padding; returns length or -1. */
+static long
+b64url_decode(const char *in, size_t n, char *out, size_t cap)
+{
+	unsigned acc = 0;
+	int bits = 0;
+	size_t o = 0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		int c = (unsigned char) in[i], v;
+
+		if (c >= 'A' && c <= 'Z')
+			v = c - 'A';
+		else if (c >= 'a' && c <= 'z')
+			v = c - 'a' + 26;
+		else if (c >= '0' && c <= '9')
+			v = c - '0' + 52;
+		else if (c == '-' || c == '+')
+			v = 62;
+		else if (c == '_' || c == '/')
+			v = 63;
+		else if (c == '=')
+			break;
+		else
+			return -1;
+		acc = (acc << 6) | (unsigned) v;
+		bits += 6;
+		if (bits >= 8)
+		{
+			bits -= 8;
+			if (o + 1 >= cap)
+				return -1;
+			out[o++] = (char) ((acc >> bits) & 0xff);
+		}
+	}
+	out[o] = '\0';
+	return (long) o;
+}
+
+/* header_alg reads "alg" from the token's header without trusting it. */
+static bool
+header_alg(const char *token, char *alg, size_t alglen)
+{
+	const char *dot = strchr(token, '.');
+	char hdr[1024];
+	cJSON *j, *a;
+	bool ok = false;
+
+	if (!dot || b64url_decode(token, (size_t) (dot - token), hdr, sizeof hdr) < 0)
+		return false;
+	j = cJSON_Parse(hdr);
+	a = cJSON_GetObjectItemCaseSensitive(j, "alg");
+	if (cJSON_IsString(a) && strlen(a->valuestring) < alglen)
+	{
+		strcpy(alg, a->valuestring);
+		ok = true;
+	}
+	cJSON_Delete(j);
+	return ok;
+}
+
+static uint64_t
+fnv1a(const char *s)
+{
+	uint64_t h = 1469598103934665603ULL;
+
+	for (; *s; s++)
+		h = (h ^ (unsigned char) *s) * 1099511628211ULL;
+	return h;
+}
+
+static bool
+role_allowed(const char *role)
+{
+	for (int i = 0; i < cfg.nroles; i++)
+		if (strcmp(cfg.roles[i], role) == 0)
+			return true;
+	return false;
+}
+
+/* auth_check verifies token and fills out (auth_free it even on failure). */
+bool
+auth_check(const char *token, auth_info *out, srv_error *e)
+{
+	char alg[32];
+	jwt_t *jwt = NULL;
+	jwt_alg_t want;
+	const unsigned char *key;
+	int keylen, rc;
+	char *grants = NULL;
+	cJSON *claims = NULL, *c;
+	int64_t now = srv_wall_s();
+	const char *role;
+	bool ok = false;
+
+	memset(out, 0, sizeof *out);
+	if (!token || !*token)
+		return srv_fail(e, 401, "missing token", auth_hint, "The request has no bearer token.");
+	if (strlen(token) > TOKEN_MAX)
+		return srv_fail(e, 401, "invalid token", auth_hint, "The token is longer than %d bytes.",
+						TOKEN_MAX);
+	if (!header_alg(token, alg, sizeof alg))
+		return srv_fail(e, 401, "invalid token", auth_hint,
+						"The token is not a JWT (header.payload.signature).");
+	if (strcmp(alg, "HS256") == 0 && cfg.jwt_secret)
+	{
+		want = JWT_ALG_HS256;
+		key = (const unsigned char *) cfg.jwt_secret;
+		keylen = (int) strlen(cfg.jwt_secret);
+	}
+	else if (strcmp(alg, "RS256") == 0 && cfg.jwt_public_pem)
+	{
+		want = JWT_ALG_RS256;
+		key = (const unsigned char *) cfg.jwt_public_pem;
+		keylen = (int) strlen(cfg.jwt_public_pem);
+	}
+	else
+		return srv_fail(e, 401, "invalid token",
+						"Sign tokens with an algorithm this server has a key for.",
+						"Tokens signed with \"%s\" are not accepted here (accepted:%s%s).", alg,
+						cfg.jwt_secret ? " HS256" : "", cfg.jwt_public_pem ? " RS256" : "");
+	rc = jwt_decode(&jwt, token, key, keylen);
+	if (rc != 0 || !jwt || jwt_get_alg(jwt) != want)
+	{
+		srv_fail(e, 401, "invalid token", auth_hint,
+				 "The token's signature does not verify with the server's %s key.", alg);
+		goto out;
+	}
+	grants = jwt_get_grants_json(jwt, NULL);
+	claims = grants ? cJSON_Parse(grants) : NULL;
+	if (!cJSON_IsObject(claims))
+	{
+		srv_fail(e, 401, "invalid token", auth_hint, "The token's claims are not a JSON object.");
+		goto out;
+	}
+	c = cJSON_GetObjectItemCaseSensitive(claims, "exp");
+	if (c && !cJSON_IsNumber(c))
+	{
+		srv_fail(e, 401, "invalid token", auth_hint, "The exp claim is not a number.");
+		goto out;
+	}
+	if (c)
+	{
+		out->exp = (int64_t) c->valuedouble;
+		if (now > out->exp + cfg.jwt_leeway)
+		{
+			srv_fail(e, 401, "token expired",
+					 "Get a new token from your identity provider and retry.",
+					 "The token expired %lld seconds ago.", (long long) (now - out->exp));
+			goto out;
+		}
+	}
+	c = cJSON_GetObjectItemCaseSensitive(claims, "nbf");
+	if (c && (!cJSON_IsNumber(c) || now + cfg.jwt_leeway < (int64_t) c->valuedouble))
+	{
+		srv_fail(e, 401, "token not yet valid",
+				 "Check the clocks of the server and of the token issuer.",
+				 "The token's nbf claim is in the future.");
+		goto out;
+	}
+	c = cJSON_GetObjectItemCaseSensitive(claims, cfg.role_claim);
+	if (c && !cJSON_IsString(c))
+	{
+		srv_fail(e, 403, "role not allowed", "Put a role name (a string) in the token.",
+				 "The %s claim is not a string.", cfg.role_claim);
+		goto out;
+	}
+	role = c ? c->valuestring : cfg.default_role;
+	if (!role)
+	{
+		srv_fail(e, 403, "role not allowed",
+				 "Add the role claim to the token, or configure default_role.",
+				 "The token has no \"%s\" claim.", cfg.role_claim);
+		goto out;
+	}
+	if (strlen(role) >= sizeof out->role || !role_allowed(role))
+	{
+		srv_fail(e, 403, "role not allowed",
+				 "Use a token for one of the roles in the server's allowed_roles.",
+				 "The role \"%.64s\" is not in this server's allow-list.", role);
+		goto out;
+	}
+	strcpy(out->role, role);
+	c = cJSON_GetObjectItemCaseSensitive(claims, "sub");
+	if (cJSON_IsString(c) && strlen(c->valuestring) < sizeof out->subject - 4)
+		snprintf(out->subject, sizeof out->subject, "sub:%s", c->valuestring);
+	else
+		snprintf(out->subject, sizeof out->subject, "tok:%016llx",
+				 (unsigned long long) fnv1a(token));
+	out->claims = grants;
+	grants = NULL;
+	ok = true;
+out:
+	cJSON_Delete(claims);
+	free(grants);
+	if (jwt)
+		jwt_free(jwt);
+	return ok;
+}
+
+void
+auth_free(auth_info *a)
+{
+	free(a->claims);
+	a->claims = NULL;
+}

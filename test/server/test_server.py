@@ -1,0 +1,780 @@
+"""test_server.py — end-to-end tests of pgsync-server and the SQLite network
+client: real processes (a throwaway PostgreSQL, pgsync-server on loopback,
+SQLite replicas). Run through test/server/run.sh, or directly:
+
+    /usr/bin/python3 test/server/test_server.py [test names...]
+
+Prints "PASS name" / "FAIL name" per test; exit status 1 if any failed.
+"""
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Env, Postgres, Server, Client, child_env, http, tmpdir, token, jwt_hs256, jwt_rs256  # noqa: E402
+from tools import Proxy, WebSocket  # noqa: E402
+
+TESTS = []
+PG = None
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def check(cond, msg="check failed"):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def err_json(body):
+    j = json.loads(body)
+    check(set(j) >= {"error", "detail", "hint"}, f"error body lacks fields: {j}")
+    return j
+
+
+def items(c):
+    return c.q("SELECT id, name, qty, price FROM items ORDER BY id")
+
+
+def pg_items(env):
+    return [tuple(r) for r in env.sql("SELECT id, name, qty, price FROM items ORDER BY id", fetch=True)]
+
+
+def sql_error(fn):
+    try:
+        fn()
+    except sqlite3.Error as e:
+        return str(e)
+    raise AssertionError("expected an SQLite error")
+
+
+def run_bg(fn):
+    out = {}
+
+    def go():
+        t0 = time.time()
+        try:
+            out["result"] = fn()
+        except Exception as e:  # noqa: BLE001
+            out["error"] = e
+        out["t"] = time.time()
+        out["dt"] = out["t"] - t0
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, out
+
+
+# ---- routing, limits, errors --------------------------------------------------
+
+@test
+def routes_and_errors(env):
+    s = env.server(max_body="4096")
+    tok = token("alice")
+    auth = {"Authorization": "Bearer " + tok}
+    st, h, b = http("GET", s.url + "/nope")
+    check(st == 404 and err_json(b)["error"] == "not found", (st, b))
+    check(h["content-type"] == "application/json" and h["x-pgsync-protocol"] == "1")
+    st, h, b = http("GET", s.url + "/v1/push", headers=auth)
+    check(st == 405 and h.get("allow") == "POST", (st, h))
+    st, h, b = http("GET", s.url + "/healthz")
+    check(st == 200 and json.loads(b)["postgres"] == "ok", b)
+    st, h, b = http("GET", s.url + "/metrics")
+    check(st == 200 and b"pgsync_requests_total" in b and b"pgsync_pg_pool_connections" in b)
+    st, h, b = http("POST", s.url + "/v1/push", body=b"", headers=auth)
+    check(st == 400 and err_json(b)["error"] == "empty body", (st, b))
+    st, h, b = http("POST", s.url + "/v1/push", body=b"hello world" * 10, headers=auth)
+    check(st == 400 and err_json(b)["error"] == "malformed payload", (st, b))
+    st, h, b = http("POST", s.url + "/v1/push", body=b"x" * 5000, headers=auth)
+    check(st == 413 and err_json(b)["error"] == "payload too large", (st, b))
+
+    def chunks():
+        for _ in range(10):
+            yield b"PGSY" + b"x" * 1000
+    st, h, b = http("POST", s.url + "/v1/push", body=chunks(),
+                    headers=dict(auth, **{"Transfer-Encoding": "chunked"}))
+    check(st == 413, (st, b))
+    for q in ("since=abc", "since=-1", "since=99999999999999999999", "exclude=not-a-uuid", "wait=soon"):
+        st, h, b = http("GET", s.url + "/v1/pull?" + q, headers=auth)
+        check(st == 400, (q, st, b))
+    # a corrupted payload: valid header shape, broken checksum
+    a = env.client("a", "alice", s)
+    a.q("INSERT INTO items VALUES('i1', 'x', 1, 1.0)")
+    p = bytearray(a.one("SELECT sync_payload(0)"))
+    p[-1] ^= 0xFF
+    st, h, b = http("POST", s.url + "/v1/push", body=bytes(p), headers=auth)
+    check(st == 400 and err_json(b)["error"] == "malformed payload", (st, b))
+    # a table the server does not sync: 422
+    a.q("CREATE TABLE extra(id TEXT PRIMARY KEY, v TEXT)")
+    a.q("SELECT sync_init('extra')")
+    a.q("INSERT INTO extra VALUES('e1', 'v')")
+    st, h, b = http("POST", s.url + "/v1/push", body=a.one("SELECT sync_payload(0)"), headers=auth)
+    check(st == 422, (st, b))
+    e = sql_error(lambda: a.send())
+    check("422" in e and "schema" in e, e)
+    # long-poll with nothing new: 204 after the wait, with a cursor
+    cur = http("GET", s.url + "/v1/pull?since=0", headers=auth)[1]["x-pgsync-cursor"]
+    t0 = time.time()
+    st, h, b = http("GET", s.url + f"/v1/pull?since={cur}&wait=300", headers=auth)
+    dt = time.time() - t0
+    check(st == 204 and "x-pgsync-cursor" in h and 0.25 < dt < 2, (st, h, dt))
+    st, h, b = http("GET", s.url + "/metrics")
+    check(b'pgsync_requests_total{endpoint="push",status="413"}' in b, b[:500])
+
+
+@test
+def config_file(env):
+    from harness import SERVER_BIN, SECRET, free_port, _record_pid
+    port = free_port()
+    conf = os.path.join(env.base, "server.conf")
+    with open(conf, "w") as f:
+        f.write(f"# test\nlisten = 127.0.0.1\nport = {port}\n"
+                f"database = {env.pg.dsn(user='authenticator', db=env.db)}\n"
+                f"jwt_secret = '{SECRET}'\nallowed_roles = app_user, other_role\nmax_body = 1M\n")
+    bad = subprocess.run([SERVER_BIN, "--config", conf, "--pool-size=0"], capture_output=True, text=True,
+                         env=child_env(), timeout=10)
+    check(bad.returncode == 2 and "pool_size" in bad.stderr, bad.stderr)
+    bad = subprocess.run([SERVER_BIN, "--config", conf], capture_output=True, text=True, timeout=10,
+                         env=child_env({"PGSYNC_MAX_BODY": "lots"}))
+    check(bad.returncode == 2 and "PGSYNC_MAX_BODY" in bad.stderr, bad.stderr)
+    short = subprocess.run([SERVER_BIN, "--port=1", "--allowed_roles=x", "--jwt_secret=short"],
+                           capture_output=True, text=True, timeout=10, env=child_env())
+    check(short.returncode == 2 and "32 bytes" in short.stderr, short.stderr)
+    p = subprocess.Popen([SERVER_BIN, "--config", conf, "--rate-limit=100"], env=child_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.procs.append(p)
+    _record_pid(p.pid)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if http("GET", url + "/healthz")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.05)
+    # max_body = 1M from the file: a declared 2 MB body is refused before it is sent
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sk:
+        sk.sendall(f"POST /v1/push HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token('a')}\r\n"
+                   f"Content-Length: {2 << 20}\r\n\r\n".encode())
+        head = sk.recv(4096)
+    check(head.startswith(b"HTTP/1.1 413"), head[:100])
+
+
+@test
+def auth_tokens(env):
+    key = os.path.join(env.base, "rsa.pem")
+    pub = os.path.join(env.base, "rsa.pub")
+    other = os.path.join(env.base, "other.pem")
+    for k in (key, other):
+        subprocess.run(["openssl", "genrsa", "-out", k, "2048"], check=True, capture_output=True, env=child_env())
+    subprocess.run(["openssl", "rsa", "-in", key, "-pubout", "-out", pub], check=True, capture_output=True,
+                   env=child_env())
+    s = env.server(jwt_public_key=pub)
+    now = int(time.time())
+
+    def pull(tok):
+        h = {"Authorization": "Bearer " + tok} if tok is not None else {}
+        st, hd, b = http("GET", s.url + "/v1/pull?since=0", headers=h)
+        return st, (err_json(b)["error"] if st >= 400 else "")
+
+    good = {"sub": "alice", "role": "app_user", "exp": now + 60}
+    check(pull(jwt_hs256(good))[0] in (200, 204))
+    check(pull(jwt_rs256(good, key))[0] in (200, 204))
+    check(pull(None) == (401, "missing token"))
+    check(pull("garbage")[0] == 401)
+    check(pull(jwt_hs256(good, secret="x" * 40)) == (401, "invalid token"))
+    check(pull(jwt_rs256(good, other)) == (401, "invalid token"))
+    check(pull(jwt_hs256(dict(good, exp=now - 3600))) == (401, "token expired"))
+    check(pull(jwt_hs256(dict(good, nbf=now + 3600))) == (401, "token not yet valid"))
+    check(pull(jwt_hs256(good, alg="HS512"))[0] == 401)
+    # algorithm confusion: an HS256 token whose secret is the RSA public key
+    check(pull(jwt_hs256(good, secret=open(pub).read())) == (401, "invalid token"))
+    none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0." + jwt_hs256(good).split(".")[1] + "."
+    check(pull(none)[0] == 401)
+    check(pull(jwt_hs256(dict(good, role="admin_user"))) == (403, "role not allowed"))
+    check(pull(jwt_hs256({"sub": "alice", "exp": now + 60})) == (403, "role not allowed"))
+    st, h, b = http("GET", s.url + "/v1/pull", headers={"Authorization": "Basic YWxpY2U6eA=="})
+    check(st == 401 and "www-authenticate" in h, (st, h))
+    # the client surfaces 401 with what to do
+    c = Client(env, "c", jwt_hs256(dict(good, exp=now - 3600)), s)
+    e = sql_error(lambda: c.sync())
+    check("401" in e and "sync_network_set_token" in e, e)
+    c.q("SELECT sync_network_set_token(?)", jwt_hs256(good))
+    c.sync()
+
+
+@test
+def rate_limit(env):
+    s = env.server(rate_limit="5", rate_burst="5")
+    h = {"Authorization": "Bearer " + token("alice")}
+    codes = [http("GET", s.url + "/v1/pull?since=0", headers=h) for _ in range(15)]
+    limited = [c for c in codes if c[0] == 429]
+    check(len(limited) >= 8, [c[0] for c in codes])
+    check("retry-after" in limited[0][1] and err_json(limited[0][2])["error"] == "rate limit exceeded")
+    # another subject has its own bucket
+    st, _, _ = http("GET", s.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + token("bob")})
+    check(st in (200, 204), st)
+
+
+# ---- sync ---------------------------------------------------------------------
+
+@test
+def three_clients_converge(env):
+    s = env.server()
+    a, b, c = (env.client(n, "alice", s) for n in "abc")
+    for i in range(1, 21):
+        a.q("INSERT INTO items VALUES(?, ?, ?, ?)", f"i{i:02}", f"item {i}", i, i * 1.25)
+    a.sync()
+    b.sync()
+    c.sync()
+    check(items(b) == items(a) == items(c) == pg_items(env), "initial copy")
+    # offline edits, conflicting on purpose
+    a.q("UPDATE items SET name = 'A' WHERE id = 'i01'")
+    time.sleep(0.01)
+    b.q("UPDATE items SET name = 'B' WHERE id = 'i01'")      # later: wins
+    c.q("DELETE FROM items WHERE id = 'i02'")
+    a.q("UPDATE items SET qty = 100 WHERE id = 'i02'")       # concurrent with the delete
+    b.q("INSERT INTO items VALUES('i21', 'from b', 21, 0.5)")
+    c.q("INSERT INTO items VALUES('i22', 'from c', 22, -0.0)")
+    a.q("DELETE FROM items WHERE id = 'i03'")
+    a.q("INSERT INTO items VALUES('i03', 'reborn', 3, 3.5)")  # a new life
+    c.q("UPDATE items SET price = 99.5 WHERE id = 'i04'")
+    b.q("UPDATE items SET qty = 44 WHERE id = 'i04'")         # other column: both kept
+    b.q("DELETE FROM items WHERE id = 'i05'")
+    c.q("DELETE FROM items WHERE id = 'i05'")                 # double delete
+    env.sql("UPDATE items SET name = 'from postgres' WHERE id = 'i06'")  # another app
+    for r in (a, b, c, a, b, c):
+        r.sync()
+    want = pg_items(env)
+    check(items(a) == want and items(b) == want and items(c) == want,
+          f"diverged:\nA={items(a)}\nB={items(b)}\nC={items(c)}\nPG={want}")
+    row = {r[0]: r for r in want}
+    check(row["i01"][1] == "B", row["i01"])
+    check(row["i04"][2:] == (44, 99.5), row["i04"])
+    check("i21" in row and "i22" in row and "i05" not in row and row["i03"][1] == "reborn")
+    check(row["i06"][1] == "from postgres")
+    # a replica that joins late gets the same state
+    d = env.client("d", "alice", s)
+    d.sync()
+    check(items(d) == want)
+    # nothing pending anywhere, and a second sync moves nothing
+    for r in (a, b, c, d):
+        check(r.status()["pending_rows"] == 0, r.status())
+        res = r.sync()
+        check(res["send"]["sent_bytes"] == 0 and res["receive"]["payloads"] == 0, res)
+
+
+@test
+def realtime_two_servers(env):
+    s1 = env.server("s1")
+    s2 = env.server("s2")
+    a = env.client("a", "alice", s1)
+    b = env.client("b", "alice", s2)
+    a.sync()
+    b.sync()
+    lat = []
+    for i in range(10):
+        t, out = run_bg(lambda: b.one("SELECT sync_network_wait(5000)"))
+        time.sleep(0.3)                      # b is parked on s2
+        a.q("INSERT INTO items VALUES(?, 'rt', ?, 0)", f"rt{i}", i)
+        pushed = time.time()
+        a.send()                             # through s1
+        t.join(6)
+        check(out.get("result") == 1, out)
+        lat.append((out["t"] - pushed) * 1000)
+        check(b.one("SELECT count(*) FROM items WHERE id = ?", f"rt{i}") == 1)
+    lat.sort()
+    print(f"  push start -> B has the row (ms): min {lat[0]:.1f} median {lat[5]:.1f} max {lat[-1]:.1f}")
+    check(lat[-1] < 100, lat)
+    # a change made directly in Postgres wakes waiters through the version poll
+    t, out = run_bg(lambda: b.one("SELECT sync_network_wait(5000)"))
+    time.sleep(0.3)
+    env.sql("INSERT INTO items VALUES('direct', 'pg', 1, 1)")
+    t0 = time.time()
+    t.join(6)
+    check(out.get("result") == 1 and out["t"] - t0 < 2.5, out)
+    check(b.one("SELECT name FROM items WHERE id = 'direct'") == "pg")
+    # nothing new: wait times out with 0
+    t0 = time.time()
+    check(b.one("SELECT sync_network_wait(300)") == 0)
+    check(0.25 < time.time() - t0 < 2)
+
+
+@test
+def websocket_notifications(env):
+    s1 = env.server("s1")
+    s2 = env.server("s2")
+    a = env.client("a", "alice", s1)
+    ws = WebSocket(s2.port, token("alice"))
+    check(ws.status == 101 and "pgsync.v1" in ws.head, ws.head)
+    hello = ws.recv_json()
+    check(hello["type"] == "hello" and len(hello["server_site"]) == 36, hello)
+    a.q("INSERT INTO items VALUES('w1', 'ws', 1, 1)")
+    a.send()
+    t0 = time.time()
+    msg = ws.recv_json(timeout=3)
+    check(msg["type"] == "changes" and msg["version"] > hello["version"], msg)
+    check(time.time() - t0 < 1)
+    ws.send(0x9, b"hi")
+    op, data = ws.recv()
+    check(op == 0xA and data == b"hi", (op, data))
+    ws.send(0x8, b"\x03\xe8")
+    op, data = ws.recv()
+    check(op == 0x8 and data[:2] == b"\x03\xe8", (op, data))
+    ws.close()
+    check(WebSocket(s2.port, None).status == 401)
+    check(WebSocket(s2.port, token("x", role="admin_user")).status == 403)
+    # browsers pass the token in the query string
+    ws = WebSocket(s2.port, None, "/v1/ws?access_token=" + token("alice"))
+    check(ws.status == 101 and ws.recv_json()["type"] == "hello")
+    # unmasked client frames are a protocol error: close 1002
+    ws.s.sendall(b"\x81\x02hi")
+    op, data = ws.recv()
+    check(op == 0x8 and data[:2] == b"\x03\xea", (op, data))
+    ws.close()
+
+
+@test
+def rls_push_and_pull(env):
+    s = env.server()
+    a = env.client("a", "alice", s)
+    b = env.client("b", "bob", s)
+    a.q("INSERT INTO notes VALUES('n1', 'alice', 'mine')")
+    a.q("INSERT INTO notes VALUES('n2', 'bob', 'forged')")   # RLS WITH CHECK refuses
+    a.q("INSERT INTO items VALUES('shared', 'ok', 1, 1)")
+    r = a.send()
+    check(r["rejected"] == 1, r)
+    rej = a.q("SELECT tbl, pk, code FROM sync_network_rejected")
+    check(len(rej) == 1 and rej[0][0] == "notes" and "n2" in rej[0][1] and rej[0][2] == "42501", rej)
+    check(env.sql("SELECT id FROM notes ORDER BY id", fetch=True) == [("n1",)])
+    check(env.sql("SELECT count(*) FROM items", fetch=True)[0][0] == 1, "the rest still flows")
+    check(a.status()["rejected"] == 1)
+    b.q("INSERT INTO notes VALUES('n3', 'bob', 'bobs')")
+    b.sync()
+    a.sync()
+    env.sql("INSERT INTO notes VALUES('n4', 'alice', 'written in postgres')")
+    a.sync()
+    b.sync()
+    check(sorted(r[0] for r in a.q("SELECT id FROM notes")) == ["n1", "n2", "n4"])  # n2: local only
+    check(sorted(r[0] for r in b.q("SELECT id FROM notes")) == ["n3"], b.q("SELECT * FROM notes"))
+    check(b.one("SELECT count(*) FROM items") == 1, "bob still gets the unrestricted table")
+    # bob cannot change alice's note, even knowing its key
+    b.q("INSERT INTO notes VALUES('n1', 'bob', 'hijack')")
+    r = b.send()
+    check(r["rejected"] == 1, r)
+    check(env.sql("SELECT owner, body FROM notes WHERE id = 'n1'", fetch=True) == [("alice", "mine")])
+    # a raw pull as bob, applied to an empty replica, holds nothing of alice's
+    st, h, body = http("GET", s.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + token("bob")})
+    check(st == 200, st)
+    e = env.client("empty", "bob")
+    e.q("SELECT sync_apply_payload(?)", body)
+    check(e.q("SELECT id, owner FROM notes") == [("n3", "bob")], e.q("SELECT * FROM notes"))
+    info = json.loads(e.one("SELECT sync_payload_info(?)", body))
+    check("alice" not in json.dumps(info), info)
+
+
+@test
+def rls_pull_key_types(env):
+    """The pull filter casts keys back to their column types: int, uuid, bytea, composite."""
+    env.sql("""
+      CREATE TABLE t_int(id bigint PRIMARY KEY, owner text, v text);
+      CREATE TABLE t_uuid(id uuid PRIMARY KEY, owner text, v text);
+      CREATE TABLE t_blob(id bytea PRIMARY KEY, owner text, v text);
+      CREATE TABLE t_pair(a text, b integer, owner text, v text, PRIMARY KEY (a, b));
+    """)
+    for t in ("t_int", "t_uuid", "t_blob", "t_pair"):
+        env.sql(f"SELECT sync_init('{t}'); ALTER TABLE {t} ENABLE ROW LEVEL SECURITY; "
+                f"CREATE POLICY p ON {t} USING (owner = current_setting('request.jwt.claims', true)::json->>'sub'); "
+                f"GRANT ALL ON {t} TO app_user")
+    env.sql("""
+      INSERT INTO t_int VALUES (1, 'alice', 'a1'), (2, 'bob', 'b2'), (-3, 'alice', 'a3');
+      INSERT INTO t_uuid VALUES ('0190d6c4-0000-7000-8000-000000000001', 'alice', 'a'),
+                                ('0190d6c4-0000-7000-8000-000000000002', 'bob', 'b');
+      INSERT INTO t_blob VALUES ('\\x00ff', 'alice', 'a'), ('\\x0102', 'bob', 'b');
+      INSERT INTO t_pair VALUES ('x', 1, 'alice', 'a'), ('x', 2, 'bob', 'b'), ('y"\\', 1, 'alice', 'q');
+    """)
+    s = env.server()
+    c = env.client("c", "alice", s)
+    c.db.executescript("""
+      CREATE TABLE t_int(id INTEGER PRIMARY KEY, owner TEXT, v TEXT) WITHOUT ROWID;
+      CREATE TABLE t_uuid(id TEXT PRIMARY KEY, owner TEXT, v TEXT);
+      CREATE TABLE t_blob(id BLOB PRIMARY KEY, owner TEXT, v TEXT);
+      CREATE TABLE t_pair(a TEXT, b INTEGER, owner TEXT, v TEXT, PRIMARY KEY (a, b));
+    """)
+    for t in ("t_int", "t_uuid", "t_blob", "t_pair"):
+        c.q(f"SELECT sync_init('{t}')")
+    c.receive()
+    for t in ("t_int", "t_uuid", "t_blob", "t_pair"):
+        owners = {r[0] for r in c.q(f"SELECT owner FROM {t}")}
+        want = env.sql(f"SELECT count(*) FROM {t} WHERE owner = 'alice'", fetch=True)[0][0]
+        check(owners == {"alice"} and c.one(f"SELECT count(*) FROM {t}") == want, (t, c.q(f"SELECT * FROM {t}")))
+
+
+# ---- resilience ------------------------------------------------------------------
+
+@test
+def offline_then_online(env):
+    s = Server(env, "s1")                      # not started: the device is offline
+    a = Client(env, "a", token("alice"), s)
+    a.q("INSERT INTO items VALUES('o1', 'offline', 1, 1)")
+    t0 = time.time()
+    e = sql_error(lambda: a.sync())
+    check(time.time() - t0 < 1.0, "offline must fail fast")
+    check("server unreachable" in e and "Nothing was lost" in e, e)
+    st = a.status()
+    check(st["pending_rows"] == 1 and st["failures"] == 1 and "unreachable" in st["last_error"], st)
+    s.start()
+    a.q("INSERT INTO items VALUES('o2', 'offline', 2, 2)")
+    a.sync()
+    check(pg_items(env) == items(a) and a.status()["pending_rows"] == 0 and a.status()["last_error"] is None)
+    # a restarted app resumes from its stored cursors
+    a.close()
+    a2 = Client(env, "a", None, None)
+    check(a2.status()["send_cursor"] > 0)
+    a2.q("INSERT INTO items VALUES('o3', 'after restart', 3, 3)")
+    r = a2.sync()
+    check(0 < r["send"]["sent_bytes"] < 200 and r["receive"]["payloads"] == 0, r)
+    check(pg_items(env) == items(a2))
+
+
+@test
+def transient_errors_retry(env):
+    s = env.server()
+    p = Proxy(s.port, mode="http503", count=2)
+    a = Client(env, "a", token("alice"), Server(env, "via-proxy"))
+    a.q("UPDATE sync_network SET value = ? WHERE key = 'url'", p.url)
+    a.q("INSERT INTO items VALUES('t1', 'retry', 1, 1)")
+    r = a.send()
+    check(r["applied"] > 0 and p.connections >= 3, (r, p.connections))
+    check(pg_items(env) == items(a))
+    p.close()
+    p = Proxy(s.port, mode="http503", count=10)  # more failures than retries
+    a.q("UPDATE sync_network SET value = ? WHERE key = 'url'", p.url)
+    a.q("INSERT INTO items VALUES('t2', 'retry', 2, 2)")
+    e = sql_error(lambda: a.send())
+    check("503" in e and "attempts" in e, e)
+    p.count = 0
+    a.send()
+    check(pg_items(env) == items(a))
+    p.close()
+
+
+@test
+def lost_push_answer_is_resent(env):
+    s = env.server()
+    p = Proxy(s.port, mode="drop_resp")
+    a = Client(env, "a", token("alice"), Server(env, "via-proxy"))
+    a.q("UPDATE sync_network SET value = ? WHERE key = 'url'", p.url)
+    a.q("UPDATE sync_network SET value = 0 WHERE key = 'retries'")
+    for i in range(50):
+        a.q("INSERT INTO items VALUES(?, 'lost', ?, 0.5)", f"l{i}", i)
+    before = a.status()["send_cursor"]
+    e = sql_error(lambda: a.send())
+    check("transfer failed" in e, e)
+    check(env.sql("SELECT count(*) FROM items", fetch=True)[0][0] == 50, "the server did apply it")
+    check(a.status()["send_cursor"] == before and a.status()["pending_rows"] == 50)
+    p.mode = "pass"
+    r = a.send()                              # the same changes again
+    check(r["applied"] == 0 and r["rejected"] == 0, r)
+    check(a.status()["pending_rows"] == 0)
+    check(pg_items(env) == items(a))
+    p.close()
+
+
+def _bulk(c, n, tag):
+    c.q("BEGIN")
+    for i in range(n):
+        c.q("INSERT OR REPLACE INTO items VALUES(?, ?, ?, ?)", f"b{i:05}", f"{tag} {i}", i, i / 3)
+    c.q("COMMIT")
+
+
+@test
+def kill9_during_push(env):
+    s = env.server()
+    a = env.client("a", "alice", s)
+    a.q("UPDATE sync_network SET value = 0 WHERE key = 'retries'")
+    outcomes = []
+    for k, delay in enumerate((0.0, 0.05, 0.15, 0.3, 0.45, 0.6, 1.2)):
+        _bulk(a, 4000, f"round{k}")
+        t, out = run_bg(lambda: a.send())
+        time.sleep(delay)
+        s.kill9()
+        t.join(30)
+        outcomes.append("ok" if "result" in out else "error")
+        s.start()
+        r = a.sync()
+        check(r["send"]["rejected"] == 0, r)
+        check(env.sql("SELECT count(*) FROM items", fetch=True)[0][0] == 4000, "no duplicates, no loss")
+        check(pg_items(env) == items(a), f"round {k} diverged")
+    print("  push outcomes when killed:", " ".join(outcomes))
+    fresh = env.client("fresh", "alice", s)
+    fresh.sync()
+    check(items(fresh) == items(a))
+
+
+@test
+def kill9_during_pull(env):
+    s = env.server()
+    env.sql("INSERT INTO items SELECT 'p' || lpad(g::text, 6, '0'), 'from pg ' || g, g, g / 7.0 "
+            "FROM generate_series(1, 30000) g")
+    d = env.client("d", "alice", s)
+    d.q("UPDATE sync_network SET value = 0 WHERE key = 'retries'")
+    outcomes = []
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+        t, out = run_bg(lambda: d.receive())
+        time.sleep(delay)
+        s.kill9()
+        t.join(30)
+        outcomes.append("ok" if "result" in out else "error")
+        s.start()
+        n = d.one("SELECT count(*) FROM items")
+        check(n in (0, 30000), f"partial apply: {n}")
+    d.receive()
+    print("  pull outcomes when killed:", " ".join(outcomes))
+    check(items(d) == pg_items(env))
+    env.sql("UPDATE items SET qty = -qty WHERE id <= 'p000100'")
+    d.receive()
+    check(items(d) == pg_items(env))
+
+
+@test
+def postgres_down_and_back(env):
+    s1 = env.server("s1", pool_size="4")
+    s2 = env.server("s2", pool_size="4")
+    a = env.client("a", "alice", s1)
+    b = env.client("b", "alice", s2)
+    a.q("INSERT INTO items VALUES('d1', 'before', 1, 1)")
+    a.sync()
+    b.sync()
+    # Postgres stops in the middle of a push
+    _bulk(a, 20000, "mid")
+    a.q("UPDATE sync_network SET value = 0 WHERE key = 'retries'")
+    t, out = run_bg(lambda: a.send())
+    time.sleep(0.05)
+    PG.stop("fast")
+    t.join(30)
+    if "error" in out:
+        check("503" in str(out["error"]) or "unavailable" in str(out["error"]) or
+              "transfer failed" in str(out["error"]), out["error"])
+    st, h, body = http("POST", s1.url + "/v1/push", body=a.one("SELECT sync_payload(0)"),
+                       headers={"Authorization": "Bearer " + token("alice")})
+    check(st == 503 and err_json(body)["error"] == "database unavailable" and h.get("retry-after"), (st, body))
+    st, h, body = http("GET", s1.url + "/healthz")
+    check(st == 503, st)
+    t0 = time.time()
+    e = sql_error(lambda: a.sync())
+    check("503" in e and "database unavailable" in e and time.time() - t0 < 5, e)
+    check(a.status()["pending_rows"] > 0)
+    PG.start()
+    deadline = time.time() + 10
+    while http("GET", s1.url + "/healthz")[0] != 200 and time.time() < deadline:
+        time.sleep(0.1)
+    a.sync()
+    b.sync()
+    check(pg_items(env) == items(a) == items(b))
+    # the listener reconnected: real-time works again
+    time.sleep(1.5)
+    t, out = run_bg(lambda: b.one("SELECT sync_network_wait(5000)"))
+    time.sleep(0.3)
+    a.q("INSERT INTO items VALUES('d2', 'after', 2, 2)")
+    a.send()
+    t0 = time.time()
+    t.join(6)
+    check(out.get("result") == 1 and out["t"] - t0 < 1, out)
+    # no connection leaked: at most pool_size + the listener per server
+    n = PG.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'authenticator' AND datname = %s",
+               (env.db,), fetch=True)[0][0]
+    check(n <= 2 * (4 + 1), n)
+
+
+@test
+def server_database_replaced(env):
+    s = env.server()
+    a = env.client("a", "alice", s)
+    a.q("INSERT INTO items VALUES('r1', 'one', 1, 1)")
+    a.sync()
+    env.sql("INSERT INTO items VALUES('r2', 'two', 2, 2)")
+    a.sync()
+    # the database was restored from an old backup: our cursor is in its future
+    a.q("UPDATE sync_network SET value = '99999999999' WHERE key = 'recv_cursor'")
+    st, h, b = http("GET", s.url + "/v1/pull?since=99999999999", headers={"Authorization": "Bearer " + token("a")})
+    check(st == 409 and err_json(b)["error"] == "cursor ahead of server", (st, b))
+    env.sql("UPDATE items SET name = 'changed' WHERE id = 'r1'")
+    a.sync()
+    check(items(a) == pg_items(env), "resynced from 0")
+    # another database (another site id) now answers at the same url
+    other = Env(pg=PG)
+    try:
+        s2 = Server(other, "other")
+        s2.start()
+        other.sql("INSERT INTO items VALUES('x1', 'elsewhere', 9, 9)")
+        a.q("UPDATE sync_network SET value = ? WHERE key = 'url'", s2.url)
+        a.sync()                 # receive notices the new site: pulls all
+        a.sync()                 # and the next send pushes everything
+        check(items(a) == pg_items(other) and len(items(a)) == 3, (items(a), pg_items(other)))
+    finally:
+        other.close()
+
+
+@test
+def graceful_shutdown(env):
+    s = env.server()
+    a = env.client("a", "alice", s)
+    a.sync()
+    t, out = run_bg(lambda: a.one("SELECT sync_network_wait(20000)"))
+    ws = WebSocket(s.port, token("alice"))
+    ws.recv_json()
+    time.sleep(0.3)
+    t0 = time.time()
+    rc = s.stop(timeout=10)
+    check(rc == 0 and time.time() - t0 < 3, (rc, time.time() - t0))
+    t.join(5)
+    check(out.get("result") == 0, out)              # the parked pull got a 204
+    op, data = ws.recv()
+    check(op == 0x8 and data[:2] == b"\x03\xe9", (op, data))   # 1001 going away
+
+
+@test
+def garbage_input(env):
+    """Random and truncated requests, bad frames: the server stays up and sane."""
+    import random
+    import socket
+    rnd = random.Random(4)
+    s = env.server(max_body="65536")
+    tok = token("alice")
+    a = env.client("a", "alice", s)
+    a.q("INSERT INTO items VALUES('g1', 'x', 1, 1)")
+    good = a.one("SELECT sync_payload(0)")
+
+    def raw(data, read=True):
+        try:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=2) as sk:
+                sk.sendall(data)
+                if read:
+                    sk.recv(4096)
+        except OSError:
+            pass
+    for i in range(300):
+        kind = i % 6
+        if kind == 0:      # random bytes as a request
+            raw(bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 2000))))
+        elif kind == 1:    # truncated request, peer goes away
+            raw(b"POST /v1/push HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + tok.encode() +
+                b"\r\nContent-Length: 5000\r\n\r\nPGSY" + bytes(rnd.randrange(256) for _ in range(100)), read=False)
+        elif kind == 2:    # a real payload with random bytes flipped
+            p = bytearray(good)
+            for _ in range(rnd.randrange(1, 8)):
+                p[rnd.randrange(len(p))] = rnd.randrange(256)
+            st, _, b = http("POST", s.url + "/v1/push", body=bytes(p), headers={"Authorization": "Bearer " + tok})
+            check(st in (200, 400, 422), (st, b))
+        elif kind == 3:    # weird query strings and tokens
+            q = "".join(rnd.choice("abc=&%0x;/?since=wait=exclude=") for _ in range(rnd.randrange(40)))
+            st, _, _ = http("GET", s.url + "/v1/pull?" + q,
+                            headers={"Authorization": "Bearer " + tok[:rnd.randrange(len(tok))]})
+            check(st in (200, 204, 400, 401, 403), st)
+        elif kind == 4:    # WebSocket then random frames
+            try:
+                ws = WebSocket(s.port, tok)
+                ws.s.sendall(bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 300))))
+                ws.close()
+            except (OSError, AssertionError):
+                pass
+        else:              # huge declared frame length
+            try:
+                ws = WebSocket(s.port, tok)
+                ws.s.sendall(b"\x81\xff" + b"\x7f" * 8 + b"mask")
+                ws.close()
+            except OSError:
+                pass
+    st, _, b = http("GET", s.url + "/healthz")
+    check(st == 200, (st, b))
+    check(s.proc.poll() is None, "server died")
+    a.q("INSERT INTO items VALUES('g2', 'y', 2, 2)")
+    a.sync()
+    check(pg_items(env) == items(a))
+
+
+@test
+def many_clients_no_leak(env):
+    s = env.server(pool_size="4")
+    clients = [env.client(f"c{i}", "alice", s) for i in range(12)]
+    errors = []
+
+    def work(c, i):
+        try:
+            for k in range(5):
+                c.q("INSERT INTO items VALUES(?, 'm', ?, ?)", f"m{i}-{k}", k, i)
+                c.sync()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    ts = [threading.Thread(target=work, args=(c, i)) for i, c in enumerate(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    check(not errors, errors[:3])
+    for c in clients:
+        c.sync()
+    want = pg_items(env)
+    check(len(want) == 60 and all(items(c) == want for c in clients))
+    n = PG.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'authenticator' AND datname = %s",
+               (env.db,), fetch=True)[0][0]
+    check(n <= 5, n)
+
+
+def main(argv):
+    global PG
+    names = set(argv)
+    unknown = names - {fn.__name__ for fn in TESTS}
+    if unknown:
+        print("unknown tests:", " ".join(sorted(unknown)), "\navailable:", " ".join(f.__name__ for f in TESTS))
+        return 2
+    # SIGTERM (run.sh's trap, timeout) unwinds like Ctrl-C: every finally runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    root = tmpdir("pgsync-pg-")
+    PG = Postgres(root)
+    PG.init()
+    failed = 0
+    try:
+        for fn in TESTS:
+            if names and fn.__name__ not in names:
+                continue
+            env = Env(pg=PG)
+            t0 = time.time()
+            error = None
+            try:
+                fn(env)
+            except Exception:  # noqa: BLE001
+                error = traceback.format_exc()
+            env.close(keep=True)          # servers stopped: their logs are complete
+            logs = {f: open(os.path.join(env.base, f), errors="replace").read()
+                    for f in os.listdir(env.base) if f.endswith(".log") and f != "pg.log"}
+            for f, text in logs.items():
+                for bad in ("AddressSanitizer", "LeakSanitizer", "runtime error:", "Segmentation"):
+                    if bad in text and not error:
+                        error = f"{f}: sanitizer report ({bad}):\n" + text[max(0, text.index(bad) - 200):][:3000]
+            if error:
+                failed += 1
+                print(f"FAIL {fn.__name__}", flush=True)
+                print(error)
+                for f, text in logs.items():
+                    print(f"--- {f} (tail)\n{text[-1500:]}")
+            else:
+                print(f"PASS {fn.__name__} ({time.time() - t0:.1f}s)", flush=True)
+            shutil.rmtree(env.base, ignore_errors=True)
+    finally:
+        PG.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
