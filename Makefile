@@ -74,12 +74,14 @@ fuzz: deps $(B)/fuzz_payload
 	@mkdir -p $(B)/fuzz-corpus
 	$(B)/fuzz_payload -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(B)/fuzz-corpus test/fuzz/corpus
 
+FORMAT_SRC = $(CORE_SRC) $(SQL_SRC) $(HDRS) $(wildcard pg_ext/*.c pg_ext/*.h server/*.c server/*.h test/*.c test/*.h test/fuzz/*.c bench/*.c)
 format:
-	clang-format -i $(CORE_SRC) $(SQL_SRC) $(HDRS) $(wildcard pg_ext/*.c) $(wildcard test/*.c) $(wildcard bench/*.c)
+	clang-format -i $(FORMAT_SRC)
 
 lint:
-	clang-format --dry-run --Werror $(CORE_SRC) $(SQL_SRC) $(HDRS)
-	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr -I. $(CORE_SRC) $(SQL_SRC)
+	clang-format --dry-run --Werror $(FORMAT_SRC)
+	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
+		-I. -I$(shell pg_config --includedir) $(CORE_SRC) $(SQL_SRC) $(wildcard server/*.c)
 
 # PostgreSQL extension (PGXS leaf in pg_ext/)
 pg:
