@@ -331,14 +331,18 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		return rc;
 	if (o->after)
 	{
-		const db_table_info *ti;
+		db_table   *tt = NULL;
+		pgs_err		ignored;
+		int			k = ntables;
 
-		if (tok.table >= (uint32_t) ntables ||
-			(ti = db_table_describe(tables[tok.table]))->npk != (int) tok.npk)
+		if (db_table_find(db, tok.table, tok.table_len, &tt, &ignored) == PGS_OK)
+			for (k = 0; k < ntables && tables[k] != tt; k++)
+				;
+		if (k == ntables || db_table_describe(tables[k])->npk != (int) tok.npk)
 			return pgs_fail(err, PGS_ERR_CORRUPT, "invalid continuation token",
-							"The token names a table or key this database does not have.",
+							"The token names a table or key this database does not sync.",
 							"Pass the cursor of the previous chunk unchanged, or restart the pull without one.");
-		first = tok.table;
+		first = (uint32_t) k;
 	}
 	used = pgs_calloc_bools(ntables);
 	if (!used)

@@ -1,12 +1,13 @@
 /*
  * chunk.c — continuation tokens of chunked builds (docs/PAYLOAD.md, "Chunks").
  *
- * token := version:u8 (1)  since:varint  until:varint  table:varint
+ * token := version:u8 (1)  since:varint  until:varint  table:str
  *          npk:varint  pk_value{npk}
  *
  * since/until are the pull's bounds (until pinned by the first chunk), table
- * the index in db_tables order of the last row group's table and pk_value its
- * key, encoded like a payload's pk_value. The next chunk starts after that key.
+ * the payload name of the last row group's table (a name, not an index: the
+ * set of synced tables may change between chunks) and pk_value its key,
+ * encoded like a payload's pk_value. The next chunk starts after that key.
  * Tokens come back from clients: everything is range-checked.
  */
 #include "pgsync.h"
@@ -22,13 +23,14 @@ bad_token(pgs_err *err, const char *detail)
 }
 
 void
-pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, uint32_t table,
-				 uint32_t npk, const pgs_value *pk)
+pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table,
+				 uint32_t table_len, uint32_t npk, const pgs_value *pk)
 {
 	pgs_buf_u8(b, PGS_TOKEN_VERSION);
 	pgs_buf_varint(b, (uint64_t) since);
 	pgs_buf_varint(b, (uint64_t) until);
-	pgs_buf_varint(b, table);
+	pgs_buf_varint(b, table_len);
+	pgs_buf_put(b, table, table_len);
 	pgs_buf_varint(b, npk);
 	for (uint32_t i = 0; i < npk; i++)
 	{
@@ -60,10 +62,15 @@ pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err)
 	t->until = (int64_t) u;
 	if (t->until <= t->since)
 		return bad_token(err, "until is not above since.");
-	if (!(n = pgs_varint_get(p, end, &u)) || u > INT32_MAX)
-		return bad_token(err, "Malformed table index.");
+	if (!(n = pgs_varint_get(p, end, &u)) || u == 0 || u > PGS_MAX_NAME ||
+		u > (uint64_t) (end - p - n))
+		return bad_token(err, "Malformed table name.");
 	p += n;
-	t->table = (uint32_t) u;
+	t->table = p;
+	t->table_len = (uint32_t) u;
+	if (!pgs_utf8_valid(p, (size_t) u))
+		return bad_token(err, "Malformed table name.");
+	p += u;
 	if (!(n = pgs_varint_get(p, end, &u)) || u == 0 || u > PGS_TOKEN_MAX_PK)
 		return bad_token(err, "Malformed key count.");
 	p += n;
@@ -99,9 +106,7 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok,
 	uint32_t	last_table = 0;
 	pgs_value	last_pk[PGS_TOKEN_MAX_PK];
 	uint32_t	npk = 0;
-	db_table  **tables;
 	db_table   *t;
-	int			ntables;
 	pgs_rc		rc;
 
 	tok->len = 0;
@@ -141,21 +146,20 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok,
 					  "A continuation token can only be made where the chunk was built.", NULL);
 		goto close;
 	}
+	/* the table must be synced here (a payload of this database) */
 	if ((rc = db_table_find(db, r.tables[last_table].name, r.tables[last_table].name_len,
 							&t, err)) != PGS_OK)
 		goto close;
-	if ((rc = db_tables(db, &tables, &ntables, err)) != PGS_OK)
-		goto close;
-	rc = PGS_ERR_SCHEMA;
-	for (int i = 0; i < ntables; i++)
-		if (tables[i] == t)
-		{
-			pgs_token_encode(tok, h.since, h.until, (uint32_t) i, npk, last_pk);
-			rc = tok->oom ? pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL) : PGS_OK;
-			break;
-		}
-	if (rc == PGS_ERR_SCHEMA)
-		pgs_fail(err, rc, "table of the chunk is not synced", NULL, NULL);
+	pgs_token_encode(tok, h.since, h.until, r.tables[last_table].name,
+					 r.tables[last_table].name_len, npk, last_pk);
+	rc = tok->oom ? pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL) : PGS_OK;
+	if (rc == PGS_OK && tok->len > PGS_MAX_TOKEN)
+	{
+		tok->len = 0;
+		rc = pgs_failf(err, PGS_ERR_TOO_BIG, "Pull this table without max_rows.",
+					   "primary key too long for a continuation token (limit %d bytes)",
+					   PGS_MAX_TOKEN);
+	}
 close:
 	pgs_reader_close(&r);
 out:

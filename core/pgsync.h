@@ -335,7 +335,7 @@ typedef struct pgs_build_opts
 #define PGS_FLAG_ZSTD 1
 #define PGS_FLAG_MORE 2			/* a chunk: more chunks of this pull follow */
 #define PGS_TOKEN_VERSION 1
-#define PGS_MAX_TOKEN 4096		/* keys of a continuation token (bytes) */
+#define PGS_MAX_TOKEN 65536		/* continuation token bytes (long keys) */
 
 /*
  * A continuation token (docs/PAYLOAD.md, "Chunks"): where the next chunk of a
@@ -347,14 +347,15 @@ typedef struct pgs_token
 {
 	int64_t		since;
 	int64_t		until;
-	uint32_t	table;			/* index in db_tables order */
+	const uint8_t *table;		/* the table's payload name (points into the token) */
+	uint32_t	table_len;
 	uint32_t	npk;
 	pgs_value	pk[PGS_TOKEN_MAX_PK];
 } pgs_token;
 
 pgs_rc		pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err);
-void		pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, uint32_t table,
-							 uint32_t npk, const pgs_value *pk);
+void		pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table,
+							 uint32_t table_len, uint32_t npk, const pgs_value *pk);
 /*
  * pgs_payload_next_token: the continuation token for the chunk after this
  * payload (built by this replica), or tok->len == 0 when the payload is the

@@ -243,7 +243,7 @@ test_forged_tokens(void **state)
 	populate(a);
 	/* a good one first */
 	pgs_buf_init(&t);
-	pgs_token_encode(&t, 0, mock_version(a), 0, 1, &pk1);
+	pgs_token_encode(&t, 0, mock_version(a), (const uint8_t *) "items", 5, 1, &pk1);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_OK);
 	/* wrong since */
 	assert_int_equal(build_with(a, 1, t.p, t.len, &err), PGS_ERR_MISUSE);
@@ -256,23 +256,23 @@ test_forged_tokens(void **state)
 	/* version byte */
 	t.p[0] = 9;
 	assert_int_equal(build_with(a, 0, t.p, t.len - 1, &err), PGS_ERR_CORRUPT);
-	/* table index out of range, key count mismatch, NULL key, until <= since */
+	/* unknown table, key count mismatch, NULL key, until <= since */
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, 3, 1, &pk1);
+	pgs_token_encode(&t, 0, 10, (const uint8_t *) "nope", 4, 1, &pk1);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, 0, 2, pk2);
+	pgs_token_encode(&t, 0, 10, (const uint8_t *) "items", 5, 2, pk2);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, 0, 1, &bad);
+	pgs_token_encode(&t, 0, 10, (const uint8_t *) "items", 5, 1, &bad);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	t.len = 0;
-	pgs_token_encode(&t, 5, 5, 0, 1, &pk1);
+	pgs_token_encode(&t, 5, 5, (const uint8_t *) "items", 5, 1, &pk1);
 	assert_int_equal(build_with(a, 5, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	/* a 2-key table with a 2-key token of the wrong types is still fine:
 	 * the engine compares row values */
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, 1, 2, pk2);
+	pgs_token_encode(&t, 0, 10, (const uint8_t *) "tags", 4, 2, pk2);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_OK);
 	/* random bytes never crash */
 	srand(7);
