@@ -24,6 +24,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -745,7 +746,18 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
 
 		memcpy(args + 2, k, sizeof(Datum) * t->npk);
 	}
-	c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+	if (mode == 0)
+		c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+	else
+	{
+		/* planned at open: a chunk reads a small fraction of the rows */
+		int			level = NewGUCNestLevel();
+
+		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+		AtEOXact_GUC(true, level);
+	}
 	if (c->portal == NULL)
 		elog(ERROR, "pgsync: opening the changes of %s failed", t->name);
 	*out = c;

@@ -600,7 +600,25 @@ pg_plan_changes(db_table *t, int mode)
 			appendStringInfoString(&b, "c.ver > $1 AND $2 IS NOT NULL ORDER BY ");
 			pk_list(&b, t, "c");
 		}
-		*slot = keep(b.data, mode == 2 ? 2 + t->npk : 2, types);
+		if (mode == 0)
+			*slot = keep(b.data, 2, types);
+		else
+		{
+			/*
+			 * A chunk reads max_rows rows of a possibly huge range: plan for
+			 * a fast start (key index scan + nested loop), never a sort of
+			 * the whole rest of the table per chunk (pg_database.c also
+			 * lowers cursor_tuple_fraction while the cursor is opened).
+			 */
+			SPIPlanPtr	p = SPI_prepare_cursor(b.data, mode == 2 ? 2 + t->npk : 2, types,
+											   CURSOR_OPT_FAST_PLAN);
+
+			if (p == NULL)
+				elog(ERROR, "pgsync: preparing \"%s\" failed: %s", b.data,
+					 SPI_result_code_string(SPI_result));
+			SPI_keepplan(p);
+			*slot = p;
+		}
 	}
 	return *slot;
 }
