@@ -798,6 +798,7 @@ def chunked_resume_after_kill9(env):
             "FROM generate_series(1, 20000) g")
     d = env.client("d", "alice", s)
     d.q("UPDATE sync_network SET value = 0 WHERE key = 'retries'")
+    seen = []
     for delay in (0.05, 0.15, 0.3):
         t, out = run_bg(lambda: d.receive())
         time.sleep(delay)
@@ -806,6 +807,8 @@ def chunked_resume_after_kill9(env):
         s.start()
         n = d.one("SELECT count(*) FROM items")
         check(n % 1000 == 0, f"whole chunks only: {n}")
+        seen.append(n)
+    print("  rows kept after each kill -9:", " ".join(map(str, seen)))
     d.receive()
     check(items(d) == pg_items(env))
 
