@@ -137,3 +137,30 @@ def test_cursor_tampering(replica):
     b.init("t")
     with pytest.raises(sqlite3.Error, match="not built by this database"):
         b.one("SELECT sync_payload_cursor(?)", p)
+
+
+def test_tables_change_between_chunks(replica):
+    a, b = setup_pair(replica, 500)
+    for r in (a, b):
+        r.xs("CREATE TABLE aa(id TEXT NOT NULL PRIMARY KEY, x TEXT);")
+    a.xs("INSERT INTO aa VALUES('one', 'x'), ('two', 'y');")
+    b.init("aa")
+    p = a.one("SELECT sync_payload(0, NULL, 100, NULL)")
+    cur = a.one("SELECT sync_payload_cursor(?)", p)
+    b.one("SELECT sync_apply_payload(?)", p)
+    a.init("aa")            # a new synced table between two chunks
+    since = 0
+    while cur is not None:
+        p = a.one("SELECT sync_payload(?, NULL, 100, ?)", since, cur)
+        b.one("SELECT sync_apply_payload(?)", p)
+        cur = a.one("SELECT sync_payload_cursor(?)", p)
+    until = a.one("SELECT sync_payload_until(?)", p)
+    chunked_pull(a, b, until, 100)
+    assert_same(a, b)
+    assert synclib.table_rows(a.conn, "aa") == synclib.table_rows(b.conn, "aa")
+    # a cursor whose table is no longer synced is refused
+    p = a.one("SELECT sync_payload(0, NULL, 10, NULL)")
+    cur = a.one("SELECT sync_payload_cursor(?)", p)
+    a.one("SELECT sync_cleanup('t')")
+    with pytest.raises(sqlite3.Error, match="continuation token"):
+        a.one("SELECT sync_payload(0, NULL, 10, ?)", cur)
