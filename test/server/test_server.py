@@ -829,6 +829,14 @@ def _peak_kb(pid):
     return 0
 
 
+def _status_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
 @big
 def million_rows_memory(env):
     """1,000,000-row first sync, chunked (10,000 rows) vs not: peak RSS of
@@ -857,6 +865,11 @@ print(json.dumps({{"rows": n, "payloads": r["payloads"], "bytes": r["received_by
         check(res.returncode == 0, res.stderr[-2000:])
         j = json.loads(res.stdout.strip().splitlines()[-1])
         j["server_peak_kb"] = _peak_kb(s.proc.pid)
+        # the server's Postgres backends (peak RSS includes shared buffers touched)
+        pids = subprocess.run(["pgrep", "-f", f"postgres: authenticator {env.db}"],
+                              capture_output=True, text=True).stdout.split()
+        j["pg_backend_peak_kb"] = max([_peak_kb(int(p)) for p in pids] or [0])
+        j["pg_backend_anon_kb_at_end"] = max([_status_kb(int(p), "RssAnon:") for p in pids] or [0])
         j["max_rows"] = rows
         print("  1M:", json.dumps(j), flush=True)
         check(j["rows"] == n, j)
