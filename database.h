@@ -136,8 +136,13 @@ pgs_rc		db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
 
 /* db_changes_open: rows of t whose clock ver is > since (committed rows above
  * until are welcome: the core sends every committed stamp newer than since
- * and reports until as the cursor; see core/build.c). */
+ * and reports until as the cursor; see core/build.c).
+ * by_key (chunked builds): return the rows in the order of the clock table's
+ * primary key (row-value order, the clock table's collation) and, when
+ * after_pk (npk values) is not NULL, only rows whose key is > after_pk.
+ * Without by_key the order is the engine's choice and after_pk is NULL. */
 pgs_rc		db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
+							bool by_key, const pgs_value *after_pk,
 							db_cursor **cur, pgs_err *err);
 /*
  * db_changes_next: the next row: pk (npk values), cl, the clock blob, and the

@@ -34,6 +34,7 @@ typedef struct build_ctx
 	uint8_t    *excl;
 	uint32_t	excl_cap;
 	pgs_build_stats *st;
+	bool		full;			/* max_rows reached: stop, more follows */
 } build_ctx;
 
 /* excluded: whether local site idx is opts->exclude_site (no writes: the
@@ -136,7 +137,8 @@ encoded_value_bytes(const pgs_value *v)
 
 /* build_table appends the row groups of one table; *used tells if any. */
 static pgs_rc
-build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
+build_table(build_ctx *b, db_table *t, uint32_t tidx, const pgs_value *after_pk,
+			bool *used, pgs_err *err)
 {
 	const db_table_info *ti = db_table_describe(t);
 	db_cursor  *cur = NULL;
@@ -153,9 +155,10 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
 		pgs_free(pick);
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
 	}
-	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, &cur, err)) != PGS_OK)
+	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, b->o->max_rows > 0,
+							  after_pk, &cur, err)) != PGS_OK)
 		goto out;
-	for (;;)
+	while (!b->full)
 	{
 		bool		done,
 					alive;
@@ -209,6 +212,8 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, bool *used, pgs_err *err)
 			goto out;
 		pgs_buf_varint(&b->rows, s);
 		pgs_buf_varint(&b->rows, (uint64_t) n);
+		if (b->o->max_rows && b->nrows >= b->o->max_rows)
+			b->full = true;
 		if (n == 0)
 			continue;
 		ghlc = stamps[pick[0]].hlc;
@@ -257,6 +262,16 @@ out:
 	return rc;
 }
 
+static bool *
+pgs_calloc_bools(int n)
+{
+	bool	   *p = pgs_malloc(sizeof(bool) * (n ? n : 1));
+
+	if (p)
+		memset(p, 0, sizeof(bool) * (n ? n : 1));
+	return p;
+}
+
 static void
 put_str(pgs_buf *b, const char *s)
 {
@@ -286,27 +301,64 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 	pgs_rc		rc;
 	pgs_build_stats dummy = {0};
 
+	pgs_build_opts oo = *o;
+	pgs_token	tok;
+	uint32_t	first = 0;
+
 	memset(&b, 0, sizeof b);
 	memset(st ? st : &dummy, 0, sizeof dummy);
+	out->len = 0;
+	if (o->after)
+	{
+		if ((rc = pgs_token_decode(o->after, o->after_len, &tok, err)) != PGS_OK)
+			return rc;
+		if (tok.since != o->since)
+			return pgs_failf(err, PGS_ERR_MISUSE,
+							 "Pass the same since to every chunk of one pull.",
+							 "continuation token was made for since %lld, not %lld",
+							 (long long) tok.since, (long long) o->since);
+		oo.until = tok.until;	/* pinned by the first chunk */
+		if (!oo.max_rows)
+			oo.max_rows = UINT32_MAX;
+	}
+	o = &oo;
 	b.db = db;
 	b.o = o;
 	b.st = st ? st : &dummy;
 	pgs_buf_init(&b.rows);
 	pgs_buf_init(&body);
-	out->len = 0;
 	if ((rc = db_tables(db, &tables, &ntables, err)) != PGS_OK)
 		return rc;
-	used = pgs_malloc(sizeof(bool) * (ntables ? ntables : 1));
+	if (o->after)
+	{
+		db_table   *tt = NULL;
+		pgs_err		ignored;
+		int			k = ntables;
+
+		if (db_table_find(db, tok.table, tok.table_len, &tt, &ignored) == PGS_OK)
+			for (k = 0; k < ntables && tables[k] != tt; k++)
+				;
+		if (k == ntables || db_table_describe(tables[k])->npk != (int) tok.npk)
+			return pgs_fail(err, PGS_ERR_CORRUPT, "invalid continuation token",
+							"The token names a table or key this database does not sync.",
+							"Pass the cursor of the previous chunk unchanged, or restart the pull without one.");
+		first = (uint32_t) k;
+	}
+	used = pgs_calloc_bools(ntables);
 	if (!used)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
-	for (int t = 0; t < ntables; t++)
+	for (int t = (int) first; t < ntables && !b.full; t++)
 	{
-		if ((rc = build_table(&b, tables[t], nused, &used[t], err)) != PGS_OK)
+		if ((rc = build_table(&b, tables[t], nused,
+							  o->after && t == (int) first ? tok.pk : NULL,
+							  &used[t], err)) != PGS_OK)
 			goto out;
 		if (used[t])
 			nused++;
 	}
-	if (b.nrows == 0)
+	/* a chunk that ends exactly at the last row announces more; the next
+	 * (empty) chunk then carries the final until */
+	if (b.nrows == 0 && !o->after)
 		goto out;				/* nothing to send: out stays empty */
 
 	/* body = site dict, table dict, rows */
@@ -353,6 +405,7 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 
 	{
 		uint8_t		flags = 0;
+		uint8_t		more = b.full ? PGS_FLAG_MORE : 0;
 		size_t		stored = body.len;
 		uint8_t    *hdr;
 
@@ -381,7 +434,7 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		hdr = out->p;
 		memcpy(hdr, PGS_PAYLOAD_MAGIC, 4);
 		hdr[4] = PGS_PAYLOAD_VERSION;
-		hdr[5] = flags;
+		hdr[5] = flags | more;
 		hdr[6] = hdr[7] = 0;
 		memcpy(hdr + 8, db_site_id(db), PGS_SITE_LEN);
 		put_le(hdr + 24, (uint64_t) o->since, 8);

@@ -137,6 +137,7 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 	root = cJSON_CreateObject();
 	cJSON_AddNumberToObject(root, "format_version", h.version);
 	cJSON_AddBoolToObject(root, "compressed", h.flags & 1);
+	cJSON_AddBoolToObject(root, "more", (h.flags & 2) != 0);
 	cJSON_AddItemToObject(root, "origin", json_site(h.origin));
 	cJSON_AddItemToObject(root, "since", json_value(&(pgs_value) {.type = PGS_INT, .v.i = h.since}));
 	cJSON_AddItemToObject(root, "until", json_value(&(pgs_value) {.type = PGS_INT, .v.i = h.until}));

@@ -61,7 +61,7 @@ pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *err)
 						 "unsupported payload format version %u (this build reads version %d)",
 						 h->version, PGS_PAYLOAD_VERSION);
 	h->flags = p[5];
-	if ((h->flags & ~1u) != 0 || p[6] != 0 || p[7] != 0)
+	if ((h->flags & ~3u) != 0 || p[6] != 0 || p[7] != 0)
 		return pgs_fail(err, PGS_ERR_VERSION, "unsupported payload flags",
 						"Reserved header bits are set.",
 						"Upgrade this replica's pgsync to read payloads from newer replicas.");

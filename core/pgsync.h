@@ -326,7 +326,43 @@ typedef struct pgs_build_opts
 	int64_t		until;			/* inclusive; from db_version_safe() */
 	const uint8_t *exclude_site;	/* NULL, or 16 bytes */
 	int			compress;		/* 1 = zstd when smaller (default), 0 = never */
+	uint32_t	max_rows;		/* chunking: at most this many row groups, 0 = all */
+	const uint8_t *after;		/* continuation token of the previous chunk, or NULL */
+	size_t		after_len;
 } pgs_build_opts;
+
+/* Header flag bits (docs/PAYLOAD.md). */
+#define PGS_FLAG_ZSTD 1
+#define PGS_FLAG_MORE 2			/* a chunk: more chunks of this pull follow */
+#define PGS_TOKEN_VERSION 1
+#define PGS_MAX_TOKEN 65536		/* continuation token bytes (long keys) */
+
+/*
+ * A continuation token (docs/PAYLOAD.md, "Chunks"): where the next chunk of a
+ * chunked build starts. Decoded from untrusted bytes: pk points into the
+ * token (TEXT/BLOB) or into pk_store; at most PGS_TOKEN_MAX_PK keys.
+ */
+#define PGS_TOKEN_MAX_PK 32
+typedef struct pgs_token
+{
+	int64_t		since;
+	int64_t		until;
+	const uint8_t *table;		/* the table's payload name (points into the token) */
+	uint32_t	table_len;
+	uint32_t	npk;
+	pgs_value	pk[PGS_TOKEN_MAX_PK];
+} pgs_token;
+
+pgs_rc		pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err);
+void		pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table,
+							 uint32_t table_len, uint32_t npk, const pgs_value *pk);
+/*
+ * pgs_payload_next_token: the continuation token for the chunk after this
+ * payload (built by this replica), or tok->len == 0 when the payload is the
+ * last chunk or was not chunked. Reads the payload's last row group.
+ */
+pgs_rc		pgs_payload_next_token(struct db_conn *db, const uint8_t *p, size_t len,
+								   pgs_buf *tok, pgs_err *err);
 
 typedef struct pgs_build_stats
 {

@@ -24,6 +24,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -724,10 +725,12 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 
 pgs_rc
 db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
+				bool by_key, const pgs_value *after_pk,
 				db_cursor **out, pgs_err *err)
 {
 	db_cursor  *c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum		args[2];
+	Datum	   *args = palloc(sizeof(Datum) * (t->npk + 2));
+	int			mode = !by_key ? 0 : after_pk ? 2 : 1;
 
 	c->db = db;
 	c->t = t;
@@ -736,7 +739,25 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
 	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * Max(t->ncols, 1));
 	args[0] = Int64GetDatum(since);
 	args[1] = Int64GetDatum(until);
-	c->portal = SPI_cursor_open(NULL, pg_plan_changes(t), args, NULL, true);
+	if (mode == 2)
+	{
+		/* a token's key: converted (and checked) like a payload's key */
+		Datum	   *k = pk_datums(t, after_pk, 0);
+
+		memcpy(args + 2, k, sizeof(Datum) * t->npk);
+	}
+	if (mode == 0)
+		c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+	else
+	{
+		/* planned at open: a chunk reads a small fraction of the rows */
+		int			level = NewGUCNestLevel();
+
+		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+		AtEOXact_GUC(true, level);
+	}
 	if (c->portal == NULL)
 		elog(ERROR, "pgsync: opening the changes of %s failed", t->name);
 	*out = c;

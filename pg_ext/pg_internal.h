@@ -110,6 +110,8 @@ struct db_table
 	SPIPlanPtr	p_row_replace;
 	SPIPlanPtr	p_row_delete;
 	SPIPlanPtr	p_changes;
+	SPIPlanPtr	p_changes_key;	/* chunks: key order */
+	SPIPlanPtr	p_changes_after;	/* chunks: key order after $3.. */
 	HTAB	   *merge_plans;
 	int			nmerge_plans;
 	/* capture: the clock blob of a fresh row in the current transaction */
@@ -185,7 +187,7 @@ SPIPlanPtr	pg_plan_clock_insnew(db_table *t);
 SPIPlanPtr	pg_plan_clock_cas(db_table *t);
 SPIPlanPtr	pg_plan_row_replace(db_table *t);
 SPIPlanPtr	pg_plan_row_delete(db_table *t);
-SPIPlanPtr	pg_plan_changes(db_table *t);
+SPIPlanPtr	pg_plan_changes(db_table *t, int mode);	/* 0, 1 by key, 2 by key after $3.. */
 
 /* ---- pg_types.c ---- */
 pg_kind		pg_type_kind(Oid basetyp);

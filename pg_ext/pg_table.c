@@ -94,6 +94,8 @@ table_free(db_table *t)
 	free_plan(&t->p_row_replace);
 	free_plan(&t->p_row_delete);
 	free_plan(&t->p_changes);
+	free_plan(&t->p_changes_key);
+	free_plan(&t->p_changes_after);
 	if (t->merge_plans)
 	{
 		HASH_SEQ_STATUS st;
@@ -538,13 +540,19 @@ pg_plan_row_delete(db_table *t)
  * pk.., cl, clk, alive, cols..
  */
 SPIPlanPtr
-pg_plan_changes(db_table *t)
+pg_plan_changes(db_table *t, int mode)
 {
-	if (t->p_changes == NULL)
+	SPIPlanPtr *slot = mode == 0 ? &t->p_changes : mode == 1 ? &t->p_changes_key : &t->p_changes_after;
+
+	if (*slot == NULL)
 	{
 		StringInfoData b;
-		Oid			types[2] = {INT8OID, INT8OID};
+		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 2));
 		int			i;
+
+		types[0] = types[1] = INT8OID;
+		for (i = 0; i < t->npk; i++)
+			types[2 + i] = t->pk_types[i];
 
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
@@ -571,10 +579,48 @@ pg_plan_changes(db_table *t)
 		 * still hold stamps <= until, which this payload must carry; the core
 		 * picks the stamps in (since, until] and the rest goes next time.
 		 */
-		appendStringInfoString(&b, " WHERE c.ver > $1 AND $2 IS NOT NULL ORDER BY c.ver");
-		t->p_changes = keep(b.data, 2, types);
+		if (mode == 0)
+			appendStringInfoString(&b, " WHERE c.ver > $1 AND $2 IS NOT NULL ORDER BY c.ver");
+		else
+		{
+			/*
+			 * Chunks: the clock table's key order (its primary key index, in
+			 * the clock's collation "C"), after the previous chunk's key.
+			 */
+			appendStringInfoString(&b, " WHERE ");
+			if (mode == 2)
+			{
+				appendStringInfoChar(&b, '(');
+				pk_list(&b, t, "c");
+				appendStringInfoString(&b, ") > (");
+				for (i = 0; i < t->npk; i++)
+					appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 3);
+				appendStringInfoString(&b, ") AND ");
+			}
+			appendStringInfoString(&b, "c.ver > $1 AND $2 IS NOT NULL ORDER BY ");
+			pk_list(&b, t, "c");
+		}
+		if (mode == 0)
+			*slot = keep(b.data, 2, types);
+		else
+		{
+			/*
+			 * A chunk reads max_rows rows of a possibly huge range: plan for
+			 * a fast start (key index scan + nested loop), never a sort of
+			 * the whole rest of the table per chunk (pg_database.c also
+			 * lowers cursor_tuple_fraction while the cursor is opened).
+			 */
+			SPIPlanPtr	p = SPI_prepare_cursor(b.data, mode == 2 ? 2 + t->npk : 2, types,
+											   CURSOR_OPT_FAST_PLAN);
+
+			if (p == NULL)
+				elog(ERROR, "pgsync: preparing \"%s\" failed: %s", b.data,
+					 SPI_result_code_string(SPI_result));
+			SPI_keepplan(p);
+			*slot = p;
+		}
 	}
-	return t->p_changes;
+	return *slot;
 }
 
 /*

@@ -68,6 +68,16 @@ RETURNS bytea AS 'MODULE_PATHNAME', 'sync_payload' LANGUAGE C CALLED ON NULL INP
 COMMENT ON FUNCTION sync_payload(bigint, uuid) IS
 'a payload of the changes with a local version in (since, sync_db_version()], without those made by exclude_site; NULL when there are none. Reads all synced rows regardless of the caller''s row-level security';
 
+CREATE FUNCTION sync_payload(since bigint, exclude_site uuid, max_rows integer, cursor bytea)
+RETURNS bytea AS 'MODULE_PATHNAME', 'sync_payload' LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+COMMENT ON FUNCTION sync_payload(bigint, uuid, integer, bytea) IS
+'one chunk of a chunked pull: at most max_rows rows (0 or NULL = all) of the changes in (since, until], in key order, starting after cursor (NULL for the first chunk, then sync_payload_cursor of the previous chunk). Every chunk reports the until of the first; pass it as since after the last chunk. Reads all synced rows regardless of the caller''s row-level security';
+
+CREATE FUNCTION sync_payload_cursor(payload bytea)
+RETURNS bytea AS 'MODULE_PATHNAME', 'sync_payload_cursor' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_payload_cursor(bytea) IS
+'the cursor to pass to sync_payload for the chunk after this payload (built by this database), or NULL when it is the last chunk or not chunked';
+
 CREATE FUNCTION sync_payload_until(payload bytea)
 RETURNS bigint AS 'MODULE_PATHNAME', 'sync_payload_until' LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION sync_payload_until(bytea) IS
@@ -103,6 +113,7 @@ COMMENT ON FUNCTION sync_capture() IS 'capture trigger installed by sync_init; n
 -- sync_payload reads every synced row (like a replication slot): grant it
 -- explicitly to the roles that serve pulls.
 REVOKE ALL ON FUNCTION sync_payload(bigint, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION sync_payload(bigint, uuid, integer, bytea) FROM PUBLIC;
 
 -- This database's identity.
 INSERT INTO pgsync.sites (idx, site) VALUES (0, sync_uuid());

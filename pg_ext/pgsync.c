@@ -280,6 +280,7 @@ PG_FUNCTION_INFO_V1(sync_site_id);
 PG_FUNCTION_INFO_V1(sync_db_version);
 PG_FUNCTION_INFO_V1(sync_payload);
 PG_FUNCTION_INFO_V1(sync_payload_until);
+PG_FUNCTION_INFO_V1(sync_payload_cursor);
 PG_FUNCTION_INFO_V1(sync_apply_payload);
 PG_FUNCTION_INFO_V1(sync_payload_info);
 PG_FUNCTION_INFO_V1(sync_rejections);
@@ -392,6 +393,25 @@ sync_payload(PG_FUNCTION_ARGS)
 				 errmsg("since must not be negative")));
 	if (!PG_ARGISNULL(1))
 		o.exclude_site = PG_GETARG_UUID_P(1)->data;
+	/* sync_payload(since, exclude_site, max_rows, cursor): one chunk */
+	if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
+	{
+		int32		m = PG_GETARG_INT32(2);
+
+		if (m < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("max_rows must not be negative"),
+					 errhint("Pass 0 or NULL for no limit.")));
+		o.max_rows = (uint32_t) m;
+	}
+	if (PG_NARGS() > 3 && !PG_ARGISNULL(3))
+	{
+		bytea	   *tok = PG_GETARG_BYTEA_PP(3);
+
+		o.after = (const uint8_t *) VARDATA_ANY(tok);
+		o.after_len = VARSIZE_ANY_EXHDR(tok);
+	}
 
 	/*
 	 * A payload carries committed changes only: built inside a transaction
@@ -411,7 +431,7 @@ sync_payload(PG_FUNCTION_ARGS)
 	pg_conn_init(&db, cxt);
 	if (db_version_safe(&db, &until, &err) != PGS_OK)
 		pg_raise(&err);
-	if (o.since < until)
+	if (o.since < until || o.after)
 	{
 		o.until = until;
 		pgs_buf_init(&out);
@@ -434,6 +454,46 @@ sync_payload(PG_FUNCTION_ARGS)
 			SET_VARSIZE(res, out.len + VARHDRSZ);
 			memcpy(VARDATA(res), out.p, out.len);
 		}
+	}
+	SPI_finish();
+	call_done(cxt);
+	if (res == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_BYTEA_P(res);
+}
+
+/*
+ * sync_payload_cursor(payload bytea): the cursor for the next chunk of a
+ * chunked pull, NULL when payload is the last chunk (or not a chunk).
+ */
+Datum
+sync_payload_cursor(PG_FUNCTION_ARGS)
+{
+	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	MemoryContext outer = CurrentMemoryContext;
+	MemoryContext cxt;
+	db_conn		db;
+	pgs_buf		tok;
+	pgs_err		err;
+	pgs_rc		rc;
+	pg_user_save us;
+	bytea	   *res = NULL;
+
+	cxt = call_context();
+	SPI_connect();
+	pg_conn_init(&db, cxt);
+	pgs_buf_init(&tok);
+	pg_as_meta(&us);
+	rc = pgs_payload_next_token(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p),
+								&tok, &err);
+	pg_as_caller(&us);
+	if (rc != PGS_OK)
+		pg_raise(&err);
+	if (tok.len)
+	{
+		res = MemoryContextAlloc(outer, tok.len + VARHDRSZ);
+		SET_VARSIZE(res, tok.len + VARHDRSZ);
+		memcpy(VARDATA(res), tok.p, tok.len);
 	}
 	SPI_finish();
 	call_done(cxt);

@@ -62,6 +62,8 @@ static const struct setting
 	S("statement_timeout_ms", K_INT, statement_timeout_ms, 0, INT_MAX,
 	  "per statement, 0 = none (30000)"),
 	S("max_wait_ms", K_INT, max_wait_ms, 0, 3600000, "cap of a long-poll wait (60000)"),
+	S("pull_max_rows", K_INT, pull_max_rows, 0, 10000000,
+	  "rows per chunk of a pull when the client sends no max_rows (0 = one payload)"),
 	S("poll_ms", K_INT, poll_ms, 50, 3600000, "sync_db_version() polling period (1000)"),
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),

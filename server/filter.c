@@ -599,7 +599,7 @@ encode(ctx *c, const pgs_header *h, const uint8_t *body, size_t blen, uint64_t k
 		memcpy(p + 56, b.p, b.len);
 	memcpy(p, PGS_PAYLOAD_MAGIC, 4);
 	p[4] = PGS_PAYLOAD_VERSION;
-	p[5] = flags;
+	p[5] = flags | (h->flags & 2); /* keep "more follows" */
 	p[6] = p[7] = 0;
 	memcpy(p + 8, h->origin, 16);
 	put_le(p + 24, (uint64_t) h->since, 8);

@@ -46,6 +46,8 @@ typedef struct req
 	size_t discarded;
 	bool too_big;
 	int64_t since;
+	char *token_hex; /* chunked pull: the token of a "c" cursor (malloc), or NULL */
+	uint32_t max_rows; /* chunked pull: rows per chunk, 0 = one payload */
 	char exclude[37];
 	bool has_exclude;
 	int64_t deadline; /* long-poll end, srv_now_ms(); 0 = no wait */
@@ -176,9 +178,16 @@ static enum MHD_Result
 send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, pull_result *pr)
 {
 	struct MHD_Response *resp;
-	char cur[24];
+	char num[24];
+	char *cur = num;
+	bool more = pr && pr->more;
 
-	snprintf(cur, sizeof cur, "%lld", (long long) cursor);
+	snprintf(num, sizeof num, "%lld", (long long) cursor);
+	if (more && !(cur = strdup(pr->more)))
+	{
+		pull_result_free(pr);
+		return MHD_NO;
+	}
 	if (pr && pr->payload)
 	{
 		pull_result *keep = malloc(sizeof *keep);
@@ -186,6 +195,8 @@ send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, pull_result *pr
 		if (!keep)
 		{
 			pull_result_free(pr);
+			if (cur != num)
+				free(cur);
 			return MHD_NO;
 		}
 		*keep = *pr;
@@ -202,9 +213,15 @@ send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, pull_result *pr
 	else
 		resp = MHD_create_response_from_buffer(0, (void *) "", MHD_RESPMEM_PERSISTENT);
 	if (!resp)
+	{
+		if (cur != num)
+			free(cur);
 		return MHD_NO;
+	}
 	MHD_add_response_header(resp, "X-Pgsync-Cursor", cur);
-	MHD_add_response_header(resp, "X-Pgsync-More", "0");
+	MHD_add_response_header(resp, "X-Pgsync-More", more ? "1" : "0");
+	if (cur != num)
+		free(cur);
 	add_site(resp);
 	return queue(conn, r, pr && pr->payload ? 200 : 204, resp);
 }
@@ -366,10 +383,27 @@ do_pull(struct MHD_Connection *conn, req *r)
 		srv_error e;
 		bool parked;
 
-		if (!sync_pull(&r->auth, r->since, r->has_exclude ? r->exclude : NULL, &pr, &e))
+		if (!sync_pull(&r->auth, r->since, r->has_exclude ? r->exclude : NULL, r->max_rows,
+					   r->token_hex, &pr, &e))
 			return send_error(conn, r, &e);
 		if (pr.payload)
 			return send_cursor(conn, r, pr.cursor, &pr);
+		if (pr.more)
+		{
+			/* the filter hid every row of this chunk: go on with the next */
+			free(r->token_hex);
+			r->token_hex = strdup(pr.more + 1);
+			pull_result_free(&pr);
+			if (!r->token_hex)
+				return MHD_NO;
+			continue;
+		}
+		if (r->token_hex)
+		{
+			/* a chunk always has a payload; the pull is over */
+			free(r->token_hex);
+			r->token_hex = NULL;
+		}
 		r->since = pr.cursor;
 		if (r->deadline == 0 || srv_now_ms() >= r->deadline)
 			return send_cursor(conn, r, r->since, NULL);
@@ -500,8 +534,49 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 		const char *wait = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "wait");
 		int64_t w = 0;
 
+		const char *mr = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "max_rows");
+		int64_t mrv = cfg.pull_max_rows;
+
 		r->since = 0;
-		if (since && !parse_int(since, INT64_MAX, &r->since))
+		if (mr && (!parse_int(mr, 10000000, &mrv) || mrv < 1))
+		{
+			*ret = fail(conn, r, 400, "bad max_rows", "Pass a number of rows from 1 to 10000000.",
+						"max_rows=\"%.64s\" is not a row count.", mr);
+			return false;
+		}
+		r->max_rows = (uint32_t) mrv;
+		if (since && since[0] == 'c')
+		{
+			/* a chunk cursor: "c" + hex of the token (version, since, ...) */
+			size_t n = strlen(since + 1);
+			uint8_t head[16];
+			size_t hn = 0;
+			uint64_t v = 0;
+			bool ok = n > 0 && n % 2 == 0 && n <= 2 * SRV_MAX_TOKEN;
+
+			for (size_t i = 0; ok && i < n; i++)
+				ok = (since[1 + i] >= '0' && since[1 + i] <= '9') ||
+					 (since[1 + i] >= 'a' && since[1 + i] <= 'f');
+			for (size_t i = 0; ok && i < n / 2 && hn < sizeof head; i++)
+			{
+				char b[3] = {since[1 + 2 * i], since[2 + 2 * i], 0};
+
+				head[hn++] = (uint8_t) strtoul(b, NULL, 16);
+			}
+			ok = ok && hn >= 2 && head[0] == 1 && pgs_varint_get(head + 1, head + hn, &v) > 0 &&
+				 v <= (uint64_t) INT64_MAX;
+			if (!ok || !(r->token_hex = strdup(since + 1)))
+			{
+				*ret = fail(conn, r, 400, "bad cursor",
+							"Pass back the X-Pgsync-Cursor of the last pull, or 0.",
+							"since=\"%.64s\" is not a cursor this server handed out.", since);
+				return false;
+			}
+			r->since = (int64_t) v;
+			if (!r->max_rows)
+				r->max_rows = 10000; /* a chunk cursor without max_rows */
+		}
+		else if (since && !parse_int(since, INT64_MAX, &r->since))
 		{
 			*ret = fail(conn, r, 400, "bad cursor",
 						"Pass back the X-Pgsync-Cursor of the last pull, or 0.",
@@ -641,6 +716,7 @@ completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	hub_forget(r->w);
 	auth_free(&r->auth);
 	free(r->body);
+	free(r->token_hex);
 	free(r);
 	*con_cls = NULL;
 }

@@ -59,6 +59,7 @@ typedef struct srv_config
 	int connect_timeout; /* seconds, libpq connect_timeout */
 	int statement_timeout_ms;
 	int max_wait_ms; /* long-poll cap */
+	int pull_max_rows; /* rows per chunk of a pull when the client asks for none (0 = one payload) */
 	int poll_ms;	 /* sync_db_version() polling period */
 	int max_connections;
 	int ws_ping_s;
@@ -147,11 +148,18 @@ typedef struct pull_result
 	const uint8_t *payload; /* NULL = nothing new */
 	size_t len;
 	int64_t cursor; /* next since */
+	char *more;		/* chunked: "c<hex token>" cursor of the next chunk (malloc), or NULL */
 } pull_result;
 
+/* Chunked pulls: a continuation cursor is "c" + the hex of the core's token. */
+#define SRV_MAX_TOKEN 4096
+#define SRV_MAX_CURSOR (1 + 2 * SRV_MAX_TOKEN)
+
 bool sync_push(const auth_info *a, const uint8_t *body, size_t len, push_result *out, srv_error *e);
-bool sync_pull(const auth_info *a, int64_t since, const char *exclude, pull_result *out,
-			   srv_error *e);
+/* sync_pull: max_rows > 0 chunks the pull; token_hex (NULL for the first
+ * chunk) is the hex of the continuation token of a "c" cursor. */
+bool sync_pull(const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
+			   const char *token_hex, pull_result *out, srv_error *e);
 void pull_result_free(pull_result *r);
 /* sync_server_site: the server's site id text ("" until known). */
 const char *sync_server_site(void);

@@ -117,8 +117,8 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 				 "%s", d);
 	else if (sqlstate_is(st, "42501") && strcmp(what, "sync_payload") == 0)
 		srv_fail(e, 500, "server may not read changes",
-				 "The administrator must GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) to "
-				 "the server's login role.",
+				 "The administrator must GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) "
+				 "and sync_payload(bigint, uuid, integer, bytea) to the server's login role.",
 				 "%s", d);
 	else if (sqlstate_is(st, "42501"))
 		srv_fail(e, 403, "forbidden",
@@ -349,23 +349,45 @@ be64(const char *p)
  * is built (the cursor of an empty pull must not pass anything unbuilt).
  */
 static bool
-pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, pull_result *out,
-		  bool *broken, bool *retry, srv_error *e)
+pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
+		  const char *token_hex, pull_result *out, bool *broken, bool *retry, srv_error *e)
 {
-	char sincebuf[24];
-	const char *vals[2] = {sincebuf, exclude};
+	char sincebuf[24], rowsbuf[16];
+	char *tokbuf = NULL;
+	const char *vals[4] = {sincebuf, exclude, rowsbuf, NULL};
 	PGresult *r, *p;
 	int64_t safe;
+	bool chunked = max_rows > 0 || token_hex;
 
 	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) since);
-	p = checked(conn,
-				PQexecParams(conn,
-							 exclude ? "SELECT s.v, sync_payload($1::bigint, $2::uuid) FROM "
-									   "(SELECT sync_db_version() AS v OFFSET 0) s"
-									 : "SELECT s.v, sync_payload($1::bigint) FROM (SELECT "
-									   "sync_db_version() AS v OFFSET 0) s",
-							 exclude ? 2 : 1, NULL, vals, NULL, NULL, 1),
-				"sync_payload", broken, retry, e);
+	snprintf(rowsbuf, sizeof rowsbuf, "%u", max_rows);
+	if (token_hex)
+	{
+		/* bytea input in hex form; sync_payload validates the token */
+		if (asprintf(&tokbuf, "\\x%s", token_hex) < 0)
+			return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+		vals[3] = tokbuf;
+	}
+	if (chunked)
+		/* one chunk and the cursor of the next one (NULL after the last) */
+		p = checked(conn,
+					PQexecParams(conn,
+								 "SELECT s.v, q.p, sync_payload_cursor(q.p) FROM "
+								 "(SELECT sync_db_version() AS v OFFSET 0) s, LATERAL "
+								 "(SELECT sync_payload($1::bigint, $2::uuid, $3::int, $4::bytea) "
+								 "AS p OFFSET 0) q",
+								 4, NULL, vals, NULL, NULL, 1),
+					"sync_payload", broken, retry, e);
+	else
+		p = checked(conn,
+					PQexecParams(conn,
+								 exclude ? "SELECT s.v, sync_payload($1::bigint, $2::uuid) FROM "
+										   "(SELECT sync_db_version() AS v OFFSET 0) s"
+										 : "SELECT s.v, sync_payload($1::bigint) FROM (SELECT "
+										   "sync_db_version() AS v OFFSET 0) s",
+								 exclude ? 2 : 1, NULL, vals, NULL, NULL, 1),
+					"sync_payload", broken, retry, e);
+	free(tokbuf);
 	if (!p)
 		return false;
 	if (PQntuples(p) != 1 || PQgetlength(p, 0, 0) != 8)
@@ -404,6 +426,26 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, 
 		out->res = p;
 		out->payload = b;
 		out->len = n;
+		if (chunked && !PQgetisnull(p, 0, 2))
+		{
+			const uint8_t *t = (const uint8_t *) PQgetvalue(p, 0, 2);
+			size_t tn = (size_t) PQgetlength(p, 0, 2);
+			static const char hx[] = "0123456789abcdef";
+
+			if (tn == 0 || tn > SRV_MAX_TOKEN)
+				return srv_fail(e, 500, "internal error",
+								"Use shorter primary keys, or pull without max_rows.",
+								"A continuation token of %zu bytes does not fit in a cursor.", tn);
+			if (!(out->more = malloc(2 * tn + 2)))
+				return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+			out->more[0] = 'c';
+			for (size_t i = 0; i < tn; i++)
+			{
+				out->more[1 + 2 * i] = hx[t[i] >> 4];
+				out->more[2 + 2 * i] = hx[t[i] & 15];
+			}
+			out->more[1 + 2 * tn] = '\0';
+		}
 	}
 	if (cfg.pull_filter)
 	{
@@ -434,11 +476,13 @@ pull_result_free(pull_result *r)
 {
 	PQclear(r->res);
 	free(r->owned);
+	free(r->more);
 	memset(r, 0, sizeof *r);
 }
 
 bool
-sync_pull(const auth_info *a, int64_t since, const char *exclude, pull_result *out, srv_error *e)
+sync_pull(const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
+		  const char *token_hex, pull_result *out, srv_error *e)
 {
 	memset(out, 0, sizeof *out);
 	for (int attempt = 0; attempt < 4; attempt++)
@@ -448,7 +492,7 @@ sync_pull(const auth_info *a, int64_t since, const char *exclude, pull_result *o
 
 		if (!conn)
 			return false;
-		ok = pull_once(conn, a, since, exclude, out, &broken, &retry, e);
+		ok = pull_once(conn, a, since, exclude, max_rows, token_hex, out, &broken, &retry, e);
 		pool_release(conn, broken);
 		if (ok)
 			return true;

@@ -1106,13 +1106,15 @@ struct db_cursor
 };
 
 pgs_rc
-db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor **out,
-				pgs_err *err)
+db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_key,
+				const pgs_value *after_pk, db_cursor **out, pgs_err *err)
 {
 	db_cursor  *cur;
 	char	   *sel;
 	char	   *on;
 	char	   *sql;
+	char	   *keys = sqlite3_mprintf("");
+	char	   *params = sqlite3_mprintf("");
 	pgs_rc		rc;
 
 	FLUSH_FIRST(c, err);
@@ -1136,10 +1138,31 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor
 		sqlite3_free(sel);
 		sel = x;
 	}
-	sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1",
-						  sel, t->qclock, t->qname, on);
+	/* by_key: the clock table is WITHOUT ROWID clustered by its key, so
+	 * (k..) > (?..) ORDER BY k.. is a range scan of it */
+	for (int i = 0; i < t->npk && keys && params; i++)
+	{
+		char	   *x = sqlite3_mprintf("%s%sc.%s", keys, i ? ", " : "", t->pk_q[i]);
+		char	   *y = sqlite3_mprintf("%s%s?%d", params, i ? ", " : "", i + 2);
+
+		sqlite3_free(keys);
+		sqlite3_free(params);
+		keys = x;
+		params = y;
+	}
+	if (!by_key)
+		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1",
+							  sel, t->qclock, t->qname, on);
+	else if (!after_pk)
+		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1 ORDER BY %s",
+							  sel, t->qclock, t->qname, on, keys);
+	else
+		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE (%s) > (%s) AND c.ver > ?1 ORDER BY %s",
+							  sel, t->qclock, t->qname, on, keys, params, keys);
 	sqlite3_free(sel);
 	sqlite3_free(on);
+	sqlite3_free(keys);
+	sqlite3_free(params);
 	if (!cur || !sql)
 	{
 		sqlite3_free(cur);
@@ -1158,6 +1181,9 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, db_cursor
 		return rc;
 	}
 	sqlite3_bind_int64(cur->st, 1, since);
+	if (by_key && after_pk)
+		for (int i = 0; i < t->npk; i++)
+			sl_bind_value(cur->st, i + 2, &after_pk[i]);
 	(void) until;				/* SQLite's until is the newest version anyway */
 	*out = cur;
 	return PGS_OK;

@@ -21,7 +21,7 @@ int sl_network_register(sqlite3 *db, db_conn *c);
 
 /* ---- private to sl_network.c and sl_http.c ---- */
 
-#define SL_CURSOR_MAX 128
+#define SL_CURSOR_MAX 8200	/* chunk cursors: "c" + hex of a token of up to 4096 bytes */
 
 /* Per connection: the database handle and a reused curl handle (keep-alive). */
 typedef struct sl_net

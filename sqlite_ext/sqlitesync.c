@@ -235,6 +235,31 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		}
 		o.exclude_site = excl;
 	}
+	if (argc > 2)
+	{
+		if (sqlite3_value_type(argv[2]) == SQLITE_NULL)
+			o.max_rows = 0;
+		else if (sqlite3_value_type(argv[2]) != SQLITE_INTEGER ||
+				 sqlite3_value_int64(argv[2]) < 0 || sqlite3_value_int64(argv[2]) > UINT32_MAX)
+		{
+			sqlite3_result_error(ctx, "sync_payload: max_rows must be an integer from 0 (no limit) to 4294967295", -1);
+			return;
+		}
+		else
+			o.max_rows = (uint32_t) sqlite3_value_int64(argv[2]);
+	}
+	if (argc > 3 && sqlite3_value_type(argv[3]) != SQLITE_NULL)
+	{
+		if (sqlite3_value_type(argv[3]) != SQLITE_BLOB)
+		{
+			sqlite3_result_error(ctx, "sync_payload: cursor must be the BLOB returned by sync_payload_cursor, or NULL for the first chunk", -1);
+			return;
+		}
+		o.after = sqlite3_value_blob(argv[3]);
+		o.after_len = (size_t) sqlite3_value_bytes(argv[3]);
+		if (!o.after)
+			o.after = (const uint8_t *) "";
+	}
 	if (c->txn_ver && !sqlite3_get_autocommit(c->db))
 	{
 		sqlite3_result_error(ctx, "sync_payload: this transaction has uncommitted changes to synced tables. "
@@ -246,7 +271,7 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		result_err(ctx, &err);
 		return;
 	}
-	if (o.since >= o.until)
+	if (o.since >= o.until && !o.after)
 		return;					/* NULL: nothing newer */
 	pgs_buf_init(&out);
 	if (pgs_build(c, &o, &out, NULL, &err) != PGS_OK)
@@ -259,6 +284,36 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_blob64(ctx, out.p, out.len, pgs_free);
 	else
 		pgs_buf_free(&out);
+}
+
+/* sync_payload_cursor(payload): the cursor of the next chunk, or NULL */
+static void
+sync_payload_cursor(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn    *c = sqlite3_user_data(ctx);
+	const uint8_t *p;
+	size_t		n;
+	pgs_buf		tok;
+	pgs_err		err;
+
+	(void) argc;
+	if (!ready(ctx, c, "sync_payload_cursor"))
+		return;
+	if (sqlite3_value_type(argv[0]) == SQLITE_NULL)
+		return;
+	if (!blob_arg(ctx, argv[0], "sync_payload_cursor", &p, &n))
+		return;
+	pgs_buf_init(&tok);
+	if (pgs_payload_next_token(c, p, n, &tok, &err) != PGS_OK)
+	{
+		pgs_buf_free(&tok);
+		result_err(ctx, &err);
+		return;
+	}
+	if (tok.len)
+		sqlite3_result_blob64(ctx, tok.p, tok.len, pgs_free);
+	else
+		pgs_buf_free(&tok);
 }
 
 static void
@@ -542,6 +597,8 @@ static const struct
 	{"sync_db_version", 0, 0, sync_db_version},
 	{"sync_payload", 1, SQLITE_DIRECTONLY, sync_payload},
 	{"sync_payload", 2, SQLITE_DIRECTONLY, sync_payload},
+	{"sync_payload", 4, SQLITE_DIRECTONLY, sync_payload},
+	{"sync_payload_cursor", 1, SQLITE_DIRECTONLY, sync_payload_cursor},
 	{"sync_payload_until", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_payload_until},
 	{"sync_apply_payload", 1, SQLITE_DIRECTONLY, sync_apply_payload},
 	{"sync_payload_info", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_payload_info},

@@ -87,6 +87,9 @@ struct db_cursor
 	int64_t		since;
 	int64_t		until;
 	int			next;
+	bool		by_key;			/* chunked: key order, after last */
+	bool		has_last;
+	pgs_value  *last;			/* npk copies: the previous key (by_key) */
 	pgs_value  *vals;			/* npk + ncols copies of the current row */
 	uint8_t    *blob;
 };
@@ -784,8 +787,8 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 }
 
 pgs_rc
-db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, db_cursor **cur,
-				pgs_err *err)
+db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
+				const pgs_value *after_pk, db_cursor **cur, pgs_err *err)
 {
 	db_cursor  *c;
 
@@ -797,8 +800,32 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, db_curso
 	c->t = t;
 	c->since = since;
 	c->until = until;
+	c->by_key = by_key;
+	if (by_key)
+	{
+		c->last = xmalloc(sizeof(pgs_value) * (size_t) t->npk);
+		if (after_pk)
+		{
+			for (int i = 0; i < t->npk; i++)
+				value_copy(&c->last[i], &after_pk[i]);
+			c->has_last = true;
+		}
+	}
 	*cur = c;
 	return PGS_OK;
+}
+
+static int
+key_cmp(db_table *t, const pgs_value *a, const pgs_value *b)
+{
+	for (int i = 0; i < t->npk; i++)
+	{
+		int			r = pgs_value_cmp(&a[i], &b[i]);
+
+		if (r)
+			return r;
+	}
+	return 0;
 }
 
 static void
@@ -822,6 +849,36 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
 
 	(void) err;
 	cursor_drop_row(c);
+	if (c->by_key)
+	{
+		/* the smallest key above the last one (O(n) a row: tests only) */
+		int			best = -1;
+
+		for (int k = 0; k < t->r.nrows; k++)
+		{
+			mrow	   *row = &t->r.rows[k];
+
+			if (!row->has_clock || row->ver <= c->since)
+				continue;
+			if (c->has_last && key_cmp(t, row->pk, c->last) <= 0)
+				continue;
+			if (best < 0 || key_cmp(t, row->pk, t->r.rows[best].pk) < 0)
+				best = k;
+		}
+		if (best < 0)
+			c->next = t->r.nrows;
+		else
+		{
+			c->next = best;
+			for (int i = 0; i < t->npk; i++)
+			{
+				if (c->has_last)
+					value_free(&c->last[i]);
+				value_copy(&c->last[i], &t->r.rows[best].pk[i]);
+			}
+			c->has_last = true;
+		}
+	}
 	while (c->next < t->r.nrows)
 	{
 		mrow	   *row = &t->r.rows[c->next++];
@@ -859,6 +916,13 @@ db_changes_close(db_cursor *c)
 	if (!c)
 		return;
 	cursor_drop_row(c);
+	if (c->last)
+	{
+		if (c->has_last)
+			for (int i = 0; i < c->t->npk; i++)
+				value_free(&c->last[i]);
+		pgs_free(c->last);
+	}
 	pgs_free(c);
 }
 

@@ -176,5 +176,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	else
 		run(data, size);
+	{
+		/* the same bytes as a continuation token (they come from clients) */
+		pgs_token	t;
+		pgs_err		err;
+
+		(void) pgs_token_decode(data, size, &t, &err);
+	}
 	return 0;
 }

@@ -7,6 +7,7 @@ SQLite replicas). Run through test/server/run.sh, or directly:
 Prints "PASS name" / "FAIL name" per test; exit status 1 if any failed.
 """
 import json
+import re
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Env, Postgres, Server, Client, child_env, http, tmpdir, token, jwt_hs256, jwt_rs256  # noqa: E402
+from harness import EXT, CLIENT_SCHEMA, Env, Postgres, Server, Client, child_env, http, tmpdir, token, jwt_hs256, jwt_rs256  # noqa: E402
 from tools import Proxy, WebSocket  # noqa: E402
 
 TESTS = []
@@ -730,9 +731,156 @@ def many_clients_no_leak(env):
     check(n <= 5, n)
 
 
+def _raw_chunked_pull(url, sub, max_rows, since="0"):
+    """pull by hand through every chunk; returns (list of payloads, final cursor)."""
+    out = []
+    cursor = since
+    for _ in range(100000):
+        st, h, body = http("GET", f"{url}/v1/pull?since={cursor}&max_rows={max_rows}",
+                           headers={"Authorization": "Bearer " + token(sub)})
+        check(st in (200, 204), (st, body[:300]))
+        cursor = h["x-pgsync-cursor"]
+        check(len(cursor) <= 8200 and re.fullmatch(r"[A-Za-z0-9._:-]+", cursor), cursor)
+        if st == 200:
+            out.append(body)
+        if h["x-pgsync-more"] != "1":
+            check(cursor.isdigit(), f"the last chunk's cursor is the pinned until: {cursor}")
+            return out, cursor
+        check(st == 200 and cursor.startswith("c"), (st, cursor))
+    raise AssertionError("no end")
+
+
+@test
+def chunked_first_sync(env):
+    s = env.server(pull_max_rows=2000)
+    env.sql("INSERT INTO items SELECT 'k' || lpad(g::text, 6, '0'), 'from pg ' || g, g, g / 7.0 "
+            "FROM generate_series(1, 50000) g")
+    env.sql("INSERT INTO notes SELECT 'n' || g, CASE WHEN g % 2 = 0 THEN 'alice' ELSE 'bob' END, 'x' "
+            "FROM generate_series(1, 3000) g")
+    # the SQLite client follows X-Pgsync-More by itself, one transaction a chunk
+    d = env.client("d", "alice", s)
+    r = d.receive()
+    check(r["payloads"] >= 26, r)
+    check(items(d) == pg_items(env), "chunked first sync converges")
+    check(d.one("SELECT count(*) FROM notes") == 1500 and
+          d.one("SELECT count(*) FROM notes WHERE owner <> 'alice'") == 0, "RLS per chunk")
+    check(d.status()["recv_cursor"].isdigit(), d.status())
+    # changes made while chunks flow are not lost
+    env.sql("UPDATE items SET qty = -qty WHERE id <= 'k000100'")
+    env.sql("DELETE FROM items WHERE id > 'k049900'")
+    d.receive()
+    check(items(d) == pg_items(env), "incremental pull after a chunked one")
+    # by hand: explicit max_rows, chunk cursors, forged cursors
+    payloads, cur = _raw_chunked_pull(s.url, "bob", 5000)
+    check(len(payloads) >= 11, len(payloads))
+    e = env.client("e", "bob")
+    for p in payloads:
+        e.q("SELECT sync_apply_payload(?)", p)
+    check(items(e) == pg_items(env), "raw chunks converge")
+    check(e.one("SELECT count(*) FROM notes WHERE owner <> 'bob'") == 0, "RLS per raw chunk")
+    st, h, body = http("GET", s.url + "/v1/pull?since=0&max_rows=10",
+                       headers={"Authorization": "Bearer " + token("bob")})
+    c1 = h["x-pgsync-cursor"]
+    for bad in ("czz", "c0", "c" + "00" * 5, c1[:-2], c1 + "00", "c02" + c1[3:], "c" + "ab" * 5000):
+        st, h, body = http("GET", f"{s.url}/v1/pull?since={bad}",
+                           headers={"Authorization": "Bearer " + token("bob")})
+        check(st == 400, (bad[:40], st, body[:300]))
+        err_json(body)
+    st, h, body = http("GET", s.url + "/v1/pull?since=0&max_rows=0",
+                       headers={"Authorization": "Bearer " + token("bob")})
+    check(st == 400, st)
+
+
+@test
+def chunked_resume_after_kill9(env):
+    s = env.server(pull_max_rows=1000)
+    env.sql("INSERT INTO items SELECT 'p' || lpad(g::text, 6, '0'), 'from pg ' || g, g, g / 7.0 "
+            "FROM generate_series(1, 20000) g")
+    d = env.client("d", "alice", s)
+    d.q("UPDATE sync_network SET value = 0 WHERE key = 'retries'")
+    seen = []
+    for delay in (0.05, 0.15, 0.3):
+        t, out = run_bg(lambda: d.receive())
+        time.sleep(delay)
+        s.kill9()
+        t.join(30)
+        s.start()
+        n = d.one("SELECT count(*) FROM items")
+        check(n % 1000 == 0, f"whole chunks only: {n}")
+        seen.append(n)
+    print("  rows kept after each kill -9:", " ".join(map(str, seen)))
+    d.receive()
+    check(items(d) == pg_items(env))
+
+
+BIG = []
+
+
+def big(fn):
+    BIG.append(fn)
+    return fn
+
+
+def _peak_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _status_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+@big
+def million_rows_memory(env):
+    """1,000,000-row first sync, chunked (10,000 rows) vs not: peak RSS of
+    the server and the client (run: test_server.py million_rows_memory)."""
+    n = int(os.environ.get("PGSYNC_BIG_ROWS", "1000000"))
+    env.sql("INSERT INTO items SELECT 'k' || lpad(g::text, 7, '0'), 'row number ' || g, g, g / 7.0 "
+            f"FROM generate_series(1, {n}) g")
+    for rows in (10000, 0):
+        s = env.server(name=f"s{rows}", pull_max_rows=rows)
+        script = f"""
+import json, sqlite3, sys, time
+db = sqlite3.connect({os.path.join(env.base, f"big{rows}.db")!r}, isolation_level=None)
+db.enable_load_extension(True); db.load_extension({EXT!r})
+db.execute("PRAGMA journal_mode=WAL")
+db.executescript({CLIENT_SCHEMA!r})
+db.execute("SELECT sync_init('items')"); db.execute("SELECT sync_init('notes')")
+db.execute("SELECT sync_network_init(?, ?)", ({s.url!r}, {token("alice")!r}))
+t0 = time.time()
+r = json.loads(db.execute("SELECT sync_network_receive()").fetchone()[0])
+n = db.execute("SELECT count(*) FROM items").fetchone()[0]
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+print(json.dumps({{"rows": n, "payloads": r["payloads"], "bytes": r["received_bytes"], "s": round(time.time() - t0, 1), "client_peak_kb": int(hwm)}}))
+"""
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=child_env(), timeout=3600)
+        check(res.returncode == 0, res.stderr[-2000:])
+        j = json.loads(res.stdout.strip().splitlines()[-1])
+        j["server_peak_kb"] = _peak_kb(s.proc.pid)
+        # the server's Postgres backends (peak RSS includes shared buffers touched)
+        pids = subprocess.run(["pgrep", "-f", f"postgres: authenticator {env.db}"],
+                              capture_output=True, text=True).stdout.split()
+        j["pg_backend_peak_kb"] = max([_peak_kb(int(p)) for p in pids] or [0])
+        j["pg_backend_anon_kb_at_end"] = max([_status_kb(int(p), "RssAnon:") for p in pids] or [0])
+        j["max_rows"] = rows
+        print("  1M:", json.dumps(j), flush=True)
+        check(j["rows"] == n, j)
+        s.stop()
+
+
 def main(argv):
     global PG
     names = set(argv)
+    if names & {fn.__name__ for fn in BIG}:
+        TESTS.extend(fn for fn in BIG if fn.__name__ in names)
     unknown = names - {fn.__name__ for fn in TESTS}
     if unknown:
         print("unknown tests:", " ".join(sorted(unknown)), "\navailable:", " ".join(f.__name__ for f in TESTS))

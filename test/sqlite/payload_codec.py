@@ -119,7 +119,7 @@ def expected_header_error(p):
         return f'not a pgsync payload: bad magic. A payload starts with the bytes "PGSY". {fix}'
     if h.version != 1:
         return f"unsupported payload format version {h.version} (this build reads version 1). {upgrade}"
-    if h.flags & ~1 or h.reserved:
+    if h.flags & ~3 or h.reserved:
         return f"unsupported payload flags. Reserved header bits are set. {upgrade}"
     if h.since < 0 or h.until < h.since:
         return f"corrupt payload: invalid version range in header. {again}"

@@ -673,7 +673,7 @@ def test_payload_info_exact(conn):
     assert one(conn, "SELECT json_valid(sync_payload_info(?))", p) == 1
     s1, s2 = "0190a0b0-c0d0-7e0f-8a1b-2c3d4e5f6071", "0190a0b0-c0d0-7e0f-8a1b-2c3d4e5f6072"
     assert info == {
-        "format_version": 1, "compressed": False, "origin": s1, "since": 4, "until": 9,
+        "format_version": 1, "compressed": False, "more": False, "origin": s1, "since": 4, "until": 9,
         "body_bytes": len(p) - 56, "stored_bytes": len(p) - 56, "sites": [s1, s2],
         "tables": [{"name": "t", "key": ["id"], "columns": ["a", "b", "c"]},
                    {"name": "u", "key": ["k1", "k2"], "columns": []}],

@@ -166,7 +166,7 @@ def test_forged_header_fields(target):
         (forge(small, version=2), f"unsupported payload format version 2 (this build reads version 1). {upgrade}", None),
         (forge(small, version=0), f"unsupported payload format version 0 (this build reads version 1). {upgrade}", None),
         (forge(small, version=255), f"unsupported payload format version 255 (this build reads version 1). {upgrade}", None),
-        (forge(small, flags=2), f"unsupported payload flags. Reserved header bits are set. {upgrade}", None),
+        (forge(small, flags=4), f"unsupported payload flags. Reserved header bits are set. {upgrade}", None),
         (forge(small, flags=0x81), f"unsupported payload flags. Reserved header bits are set. {upgrade}", None),
         (forge(small, reserved=1), f"unsupported payload flags. Reserved header bits are set. {upgrade}", None),
         (forge(small, reserved=0x100), f"unsupported payload flags. Reserved header bits are set. {upgrade}", None),
