@@ -63,7 +63,7 @@ static const struct setting
 	  "per statement, 0 = none (30000)"),
 	S("max_wait_ms", K_INT, max_wait_ms, 0, 3600000, "cap of a long-poll wait (60000)"),
 	S("pull_max_rows", K_INT, pull_max_rows, 0, 10000000,
-	  "rows per chunk of a pull when the client sends no max_rows (0 = one payload)"),
+	  "rows per chunk of a pull when the client sends no max_rows (10000; 0 = one payload)"),
 	S("poll_ms", K_INT, poll_ms, 50, 3600000, "sync_db_version() polling period (1000)"),
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),
@@ -94,6 +94,7 @@ config_defaults(srv_config *c)
 	c->statement_timeout_ms = 30000;
 	c->max_wait_ms = 60000;
 	c->poll_ms = 1000;
+	c->pull_max_rows = 10000;	/* bounded memory for large first syncs */
 	c->max_connections = 10000;
 	c->ws_ping_s = 30;
 	c->pull_filter = true;

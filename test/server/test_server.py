@@ -537,7 +537,9 @@ def kill9_during_pull(env):
         outcomes.append("ok" if "result" in out else "error")
         s.start()
         n = d.one("SELECT count(*) FROM items")
-        check(n in (0, 30000), f"partial apply: {n}")
+        # pulls come in chunks of pull_max_rows (10000 by default): a kill
+        # may land between chunks, never inside one
+        check(n in (0, 10000, 20000, 30000), f"partial chunk applied: {n}")
     d.receive()
     print("  pull outcomes when killed:", " ".join(outcomes))
     check(items(d) == pg_items(env))
