@@ -401,31 +401,42 @@ pg_plan_clock_get(db_table *t)
 	return t->p_clock_get;
 }
 
+/* clock_insert_plan: INSERT (pk.., cl, ver, clk) VALUES ($1..) followed by conflict. */
+static SPIPlanPtr
+clock_insert_plan(db_table *t, const char *alias, const char *conflict)
+{
+	StringInfoData b;
+	Oid		   *types = palloc(sizeof(Oid) * (t->npk + 3));
+	int			i;
+
+	memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
+	types[t->npk] = INT8OID;
+	types[t->npk + 1] = INT8OID;
+	types[t->npk + 2] = BYTEAOID;
+	initStringInfo(&b);
+	appendStringInfo(&b, "INSERT INTO %s%s (", t->q_clock, alias);
+	pk_list(&b, t, NULL);
+	appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
+	for (i = 0; i < t->npk + 3; i++)
+		appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+	appendStringInfoString(&b, ") ");
+	if (strcmp(conflict, "update") == 0)
+	{
+		appendStringInfoString(&b, "ON CONFLICT (");
+		pk_list(&b, t, NULL);
+		appendStringInfoString(&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
+	}
+	else
+		appendStringInfoString(&b, "ON CONFLICT DO NOTHING");
+	return keep(b.data, t->npk + 3, types);
+}
+
 /* pg_plan_clock_upsert: INSERT (pk.., cl, ver, clk) ON CONFLICT DO UPDATE. */
 SPIPlanPtr
 pg_plan_clock_upsert(db_table *t)
 {
 	if (t->p_clock_upsert == NULL)
-	{
-		StringInfoData b;
-		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 3));
-		int			i;
-
-		memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
-		types[t->npk] = INT8OID;
-		types[t->npk + 1] = INT8OID;
-		types[t->npk + 2] = BYTEAOID;
-		initStringInfo(&b);
-		appendStringInfo(&b, "INSERT INTO %s AS c (", t->q_clock);
-		pk_list(&b, t, NULL);
-		appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
-		for (i = 0; i < t->npk + 3; i++)
-			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
-		appendStringInfoString(&b, ") ON CONFLICT (");
-		pk_list(&b, t, NULL);
-		appendStringInfoString(&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
-		t->p_clock_upsert = keep(b.data, t->npk + 3, types);
-	}
+		t->p_clock_upsert = clock_insert_plan(t, " AS c", "update");
 	return t->p_clock_upsert;
 }
 
@@ -434,24 +445,7 @@ SPIPlanPtr
 pg_plan_clock_insnew(db_table *t)
 {
 	if (t->p_clock_insnew == NULL)
-	{
-		StringInfoData b;
-		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 3));
-		int			i;
-
-		memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
-		types[t->npk] = INT8OID;
-		types[t->npk + 1] = INT8OID;
-		types[t->npk + 2] = BYTEAOID;
-		initStringInfo(&b);
-		appendStringInfo(&b, "INSERT INTO %s (", t->q_clock);
-		pk_list(&b, t, NULL);
-		appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
-		for (i = 0; i < t->npk + 3; i++)
-			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
-		appendStringInfoString(&b, ") ON CONFLICT DO NOTHING");
-		t->p_clock_insnew = keep(b.data, t->npk + 3, types);
-	}
+		t->p_clock_insnew = clock_insert_plan(t, "", "nothing");
 	return t->p_clock_insnew;
 }
 
