@@ -33,23 +33,23 @@
 
 #include "core/pgsync.h"
 
-typedef struct db_conn db_conn;
-typedef struct db_table db_table;
+typedef struct db_conn	 db_conn;
+typedef struct db_table	 db_table;
 typedef struct db_cursor db_cursor;
 
 /* What the core needs to know of a synced table. Names are UTF-8, not quoted. */
 typedef enum db_algo
 {
-	DB_ALGO_CLS = 0,			/* causal-length set + per-column LWW */
-	DB_ALGO_GSET = 1			/* grow-only: no local update/delete */
+	DB_ALGO_CLS = 0, /* causal-length set + per-column LWW */
+	DB_ALGO_GSET = 1 /* grow-only: no local update/delete */
 } db_algo;
 
 typedef struct db_table_info
 {
-	const char *name;			/* name as it travels in payloads */
-	db_algo		algo;
-	int			npk;
-	int			ncols;			/* non-key columns */
+	const char		  *name; /* name as it travels in payloads */
+	db_algo			   algo;
+	int				   npk;
+	int				   ncols; /* non-key columns */
 	const char *const *pk_names;
 	const char *const *col_names;
 } db_table_info;
@@ -57,10 +57,9 @@ typedef struct db_table_info
 /* ---- schema ---------------------------------------------------------- */
 
 /* db_tables lists the synced tables (array owned by the engine). */
-pgs_rc		db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err);
+pgs_rc db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err);
 /* db_table_find resolves a payload table name; PGS_ERR_SCHEMA if not synced. */
-pgs_rc		db_table_find(db_conn *db, const uint8_t *name, size_t len,
-						  db_table **out, pgs_err *err);
+pgs_rc db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out, pgs_err *err);
 const db_table_info *db_table_describe(db_table *t);
 
 /* ---- sites and clocks -------------------------------------------------- */
@@ -68,23 +67,21 @@ const db_table_info *db_table_describe(db_table *t);
 /* db_site_id: this replica's 16-byte site id. */
 const uint8_t *db_site_id(db_conn *db);
 /* db_site_intern: local index of a site id, adding it if new. */
-pgs_rc		db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx,
-						   pgs_err *err);
+pgs_rc db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err);
 /* db_site_lookup: the site id of a local index (pointer valid for the call). */
-pgs_rc		db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site,
-						   pgs_err *err);
+pgs_rc db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err);
 
 /*
  * db_apply_version: the local version and HLC that merged changes of this
  * call are stamped with (one version per apply, like a local transaction).
  */
-pgs_rc		db_apply_version(db_conn *db, int64_t *ver, pgs_err *err);
+pgs_rc db_apply_version(db_conn *db, int64_t *ver, pgs_err *err);
 /* db_apply_end: the merge succeeded; write anything the engine deferred
  * (SQLite batches new rows) while the payload is still in memory. */
-pgs_rc		db_apply_end(db_conn *db, pgs_err *err);
+pgs_rc db_apply_end(db_conn *db, pgs_err *err);
 /* db_hlc_observe: advance the persisted HLC after receiving stamps up to hlc
  * (the caller already applied pgs_hlc_receive's skew bound). */
-pgs_rc		db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err);
+pgs_rc db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err);
 
 /* ---- rows ---------------------------------------------------------------- */
 
@@ -92,24 +89,22 @@ pgs_rc		db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err);
  * db_clock_get: the clock row of pk. *found = false when the key was never
  * seen. *blob points to engine memory valid until the next db_ call.
  */
-pgs_rc		db_clock_get(db_conn *db, db_table *t, const pgs_value *pk,
-						 bool *found, int64_t *cl, const uint8_t **blob,
-						 size_t *blob_len, pgs_err *err);
+pgs_rc db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
+					const uint8_t **blob, size_t *blob_len, pgs_err *err);
 /* db_clock_put: write the clock row of pk; exists tells whether db_clock_get
  * found one (an engine may then use a plain UPDATE or INSERT: on SQLite an
  * INSERT OR REPLACE costs a statement journal per row). */
-pgs_rc		db_clock_put(db_conn *db, db_table *t, const pgs_value *pk,
-						 bool exists, int64_t cl, int64_t ver,
-						 const uint8_t *blob, size_t blob_len, pgs_err *err);
+pgs_rc db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
+					int64_t ver, const uint8_t *blob, size_t blob_len, pgs_err *err);
 
 typedef enum db_write_mode
 {
-	DB_WRITE_MERGE = 0,			/* update these columns; insert the row if absent */
-	DB_WRITE_REPLACE = 1,		/* new life of a live row: the row becomes exactly
-								 * these columns */
-	DB_WRITE_INSERT = 2			/* new life of an absent row (unknown key or
-								 * tombstone): insert these columns; an engine
-								 * must still cope with a stray existing row */
+	DB_WRITE_MERGE = 0,	  /* update these columns; insert the row if absent */
+	DB_WRITE_REPLACE = 1, /* new life of a live row: the row becomes exactly
+						   * these columns */
+	DB_WRITE_INSERT = 2	  /* new life of an absent row (unknown key or
+						   * tombstone): insert these columns; an engine
+						   * must still cope with a stray existing row */
 } db_write_mode;
 
 /*
@@ -118,21 +113,18 @@ typedef enum db_write_mode
  * PGS_ERR_PERMISSION means the row was refused and nothing was written: the
  * core counts it as rejected and goes on; any other error aborts the apply.
  */
-pgs_rc		db_row_write(db_conn *db, db_table *t, const pgs_value *pk,
-						 db_write_mode mode, int n, const int *cols,
-						 const pgs_value *vals, pgs_err *err);
+pgs_rc db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+					const int *cols, const pgs_value *vals, pgs_err *err);
 /* db_row_delete deletes row pk if it exists (PGS_ERR_PERMISSION as above). */
-pgs_rc		db_row_delete(db_conn *db, db_table *t, const pgs_value *pk,
-						  pgs_err *err);
+pgs_rc db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err);
 /* db_reject records a refused row so the caller can report it. */
-void		db_reject(db_conn *db, db_table *t, const pgs_value *pk,
-					  const pgs_err *why);
+void db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why);
 
 /* ---- change enumeration (payload building) -------------------------------- */
 
 /* db_version_safe: the highest version every change <= which is visible and
  * final (SQLite: db_version; Postgres: below the oldest running writer). */
-pgs_rc		db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
+pgs_rc db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
 
 /* db_changes_open: rows of t whose clock ver is > since (committed rows above
  * until are welcome: the core sends every committed stamp newer than since
@@ -141,17 +133,16 @@ pgs_rc		db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
  * primary key (row-value order, the clock table's collation) and, when
  * after_pk (npk values) is not NULL, only rows whose key is > after_pk.
  * Without by_key the order is the engine's choice and after_pk is NULL. */
-pgs_rc		db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
-							bool by_key, const pgs_value *after_pk,
-							db_cursor **cur, pgs_err *err);
+pgs_rc db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
+					   const pgs_value *after_pk, db_cursor **cur, pgs_err *err);
 /*
  * db_changes_next: the next row: pk (npk values), cl, the clock blob, and the
  * current column values (ncols; meaningful only when *alive). Everything
  * points to engine memory valid until the next call. *done at the end.
  */
-pgs_rc		db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk,
-							int64_t *cl, const uint8_t **blob, size_t *blob_len,
-							bool *alive, const pgs_value **cols, pgs_err *err);
-void		db_changes_close(db_cursor *cur);
+pgs_rc db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl,
+					   const uint8_t **blob, size_t *blob_len, bool *alive, const pgs_value **cols,
+					   pgs_err *err);
+void   db_changes_close(db_cursor *cur);
 
-#endif							/* PGSYNC_DATABASE_H */
+#endif /* PGSYNC_DATABASE_H */

@@ -20,9 +20,9 @@
 #include <unistd.h>
 
 static const char *ext;
-static int	nrows = 100000;
-static const char *cache_sql = "PRAGMA cache_size=-8192";	/* 8 MiB, see main() */
-static char dir[] = "/tmp/pgsync-bench-XXXXXX";
+static int		   nrows = 100000;
+static const char *cache_sql = "PRAGMA cache_size=-8192"; /* 8 MiB, see main() */
+static char		   dir[] = "/tmp/pgsync-bench-XXXXXX";
 
 static double
 now(void)
@@ -46,7 +46,7 @@ check(sqlite3 *db, int rc, const char *what)
 static void
 exec(sqlite3 *db, const char *sql)
 {
-	char	   *err = NULL;
+	char *err = NULL;
 
 	if (sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK)
 	{
@@ -58,9 +58,9 @@ exec(sqlite3 *db, const char *sql)
 static sqlite3 *
 open_db(const char *name, int tracked)
 {
-	char		path[256];
-	sqlite3    *db;
-	char	   *err = NULL;
+	char	 path[256];
+	sqlite3 *db;
+	char	*err = NULL;
 
 	snprintf(path, sizeof path, "%s/%s.db", dir, name);
 	check(NULL, sqlite3_open(path, &db), "open");
@@ -76,7 +76,8 @@ open_db(const char *name, int tracked)
 			exit(1);
 		}
 	}
-	exec(db, "CREATE TABLE IF NOT EXISTS items(id TEXT PRIMARY KEY NOT NULL, name TEXT, qty INTEGER, price REAL, note TEXT)");
+	exec(db, "CREATE TABLE IF NOT EXISTS items(id TEXT PRIMARY KEY NOT NULL, name TEXT, qty "
+			 "INTEGER, price REAL, note TEXT)");
 	if (tracked)
 		exec(db, "SELECT sync_init('items')");
 	return db;
@@ -86,11 +87,13 @@ static double
 file_mb(sqlite3 *db)
 {
 	sqlite3_stmt *st;
-	double		pages = 0,
-				psize = 0;
+	double		  pages = 0, psize = 0;
 
 	exec(db, "PRAGMA wal_checkpoint(TRUNCATE)");
-	sqlite3_prepare_v2(db, "SELECT (SELECT page_count FROM pragma_page_count), (SELECT page_size FROM pragma_page_size)", -1, &st, NULL);
+	sqlite3_prepare_v2(db,
+					   "SELECT (SELECT page_count FROM pragma_page_count), (SELECT page_size FROM "
+					   "pragma_page_size)",
+					   -1, &st, NULL);
 	if (sqlite3_step(st) == SQLITE_ROW)
 	{
 		pages = sqlite3_column_double(st, 0);
@@ -102,20 +105,20 @@ file_mb(sqlite3 *db)
 
 typedef struct row
 {
-	char		id[64];
-	char		name[16];
-	long long	qty;
-	double		price;
-	char		note[101];
+	char	  id[64];
+	char	  name[16];
+	long long qty;
+	double	  price;
+	char	  note[101];
 } row;
 
-static row *rows;
+static row	   *rows;
 static uint64_t raw_value_bytes;
 
 static int
 varint_len(uint64_t v)
 {
-	int			n = 1;
+	int n = 1;
 
 	while (v >= 0x80)
 		v >>= 7, n++;
@@ -125,20 +128,19 @@ varint_len(uint64_t v)
 static void
 make_rows(void)
 {
-	uint64_t	ms = 1795000000000ULL;
-	unsigned	seed = 42;
+	uint64_t ms = 1795000000000ULL;
+	unsigned seed = 42;
 
 	rows = calloc((size_t) nrows, sizeof(row));
 	for (int i = 0; i < nrows; i++)
 	{
-		row		   *r = &rows[i];
-		unsigned	a = (unsigned) rand_r(&seed),
-					b = (unsigned) rand_r(&seed),
-					c = (unsigned) rand_r(&seed);
-		long long	z;
+		row		*r = &rows[i];
+		unsigned a = (unsigned) rand_r(&seed), b = (unsigned) rand_r(&seed),
+				 c = (unsigned) rand_r(&seed);
+		long long z;
 
 		if (i % 50 == 0)
-			ms++;				/* UUIDv7: time-ordered prefix, random tail */
+			ms++; /* UUIDv7: time-ordered prefix, random tail */
 		snprintf(r->id, sizeof r->id, "%08llx-%04llx-7%03x-%04x-%04x%08x", /* 36 chars */
 				 (unsigned long long) ((ms >> 16) & 0xffffffff), (unsigned long long) (ms & 0xffff),
 				 a & 0xfff, 0x8000 | (b & 0x3fff), c & 0xffff, (a ^ b ^ c) & 0xffffffffu);
@@ -157,10 +159,11 @@ static double
 insert_all(sqlite3 *db)
 {
 	sqlite3_stmt *st;
-	double		t0 = now();
+	double		  t0 = now();
 
 	exec(db, "BEGIN");
-	check(db, sqlite3_prepare_v2(db, "INSERT INTO items VALUES(?1, ?2, ?3, ?4, ?5)", -1, &st, NULL), "prepare");
+	check(db, sqlite3_prepare_v2(db, "INSERT INTO items VALUES(?1, ?2, ?3, ?4, ?5)", -1, &st, NULL),
+		  "prepare");
 	for (int i = 0; i < nrows; i++)
 	{
 		sqlite3_bind_text(st, 1, rows[i].id, 36, SQLITE_STATIC);
@@ -179,7 +182,7 @@ insert_all(sqlite3 *db)
 static double
 timed(sqlite3 *db, const char *sql)
 {
-	double		t0 = now();
+	double t0 = now();
 
 	exec(db, "BEGIN");
 	exec(db, sql);
@@ -192,7 +195,7 @@ static double
 get_payload(sqlite3 *db, long long since, void **blob, int *len)
 {
 	sqlite3_stmt *st;
-	double		t0 = now();
+	double		  t0 = now();
 
 	check(db, sqlite3_prepare_v2(db, "SELECT sync_payload(?1)", -1, &st, NULL), "prepare");
 	sqlite3_bind_int64(st, 1, since);
@@ -208,7 +211,7 @@ static double
 apply(sqlite3 *db, const void *blob, int len, long long *won)
 {
 	sqlite3_stmt *st;
-	double		t0 = now();
+	double		  t0 = now();
 
 	exec(db, "BEGIN");
 	check(db, sqlite3_prepare_v2(db, "SELECT sync_apply_payload(?1)", -1, &st, NULL), "prepare");
@@ -229,30 +232,13 @@ le32(const unsigned char *p)
 int
 main(int argc, char **argv)
 {
-	sqlite3    *plain,
-			   *tracked,
-			   *empty,
-			   *uptodate;
-	double		t_plain,
-				t_tracked,
-				t_upd_plain,
-				t_upd,
-				t_del_plain,
-				t_del,
-				mb_plain,
-				mb_tracked,
-				t_pay,
-				t_apply_empty,
-				t_apply_lose,
-				t_apply_half,
-				t_plain_default,
-				t_tracked_default;
-	void	   *pay,
-			   *pay2;
-	int			len,
-				len2;
-	long long	won;
-	long long	changes;
+	sqlite3 *plain, *tracked, *empty, *uptodate;
+	double t_plain, t_tracked, t_upd_plain, t_upd, t_del_plain, t_del, mb_plain, mb_tracked, t_pay,
+		t_apply_empty, t_apply_lose, t_apply_half, t_plain_default, t_tracked_default;
+	void	 *pay, *pay2;
+	int		  len, len2;
+	long long won;
+	long long changes;
 
 	if (argc < 2)
 	{
@@ -279,15 +265,17 @@ main(int argc, char **argv)
 	empty = open_db("empty", 1);
 	t_apply_empty = apply(empty, pay, len, &won);
 	if (won != changes + nrows)
-		fprintf(stderr, "bench: warning: apply into empty won %lld, expected %lld\n", won, changes + nrows);
+		fprintf(stderr, "bench: warning: apply into empty won %lld, expected %lld\n", won,
+				changes + nrows);
 	uptodate = empty;
 	t_apply_lose = apply(uptodate, pay, len, &won);
 	if (won != 0)
 		fprintf(stderr, "bench: warning: apply into up-to-date replica won %lld\n", won);
 
 	/* half winning: the source edits every column of half the rows */
-	exec(tracked, "BEGIN; UPDATE items SET name = name || '*', qty = qty + 1, price = price + 1, note = upper(note) "
-		 "WHERE rowid % 2 = 0; COMMIT");
+	exec(tracked, "BEGIN; UPDATE items SET name = name || '*', qty = qty + 1, price = price + 1, "
+				  "note = upper(note) "
+				  "WHERE rowid % 2 = 0; COMMIT");
 	get_payload(tracked, 0, &pay2, &len2);
 	t_apply_half = apply(uptodate, pay2, len2, &won);
 	if (won != changes / 2)
@@ -295,8 +283,7 @@ main(int argc, char **argv)
 
 	/* the same tracked insert with SQLite's default 2 MiB page cache */
 	{
-		sqlite3    *p2,
-				   *t2;
+		sqlite3 *p2, *t2;
 
 		cache_sql = NULL;
 		p2 = open_db("plain2", 0);
@@ -314,25 +301,38 @@ main(int argc, char **argv)
 
 	{
 		const unsigned char *h = pay;
-		uint32_t	body = le32(h + 40),
-					stored = le32(h + 44);
-		double		per_change = (double) body / changes;
-		double		overhead = ((double) body - (double) raw_value_bytes) / changes;
+		uint32_t			 body = le32(h + 40), stored = le32(h + 44);
+		double				 per_change = (double) body / changes;
+		double				 overhead = ((double) body - (double) raw_value_bytes) / changes;
 
-		printf("SQLite (%d rows x 4 columns, TEXT UUIDv7 keys, one transaction, WAL, 8 MiB page cache)\n", nrows);
+		printf("SQLite (%d rows x 4 columns, TEXT UUIDv7 keys, one transaction, WAL, 8 MiB page "
+			   "cache)\n",
+			   nrows);
 		printf("| metric | value | target |\n|---|---|---|\n");
 		printf("| plain insert | %.0f rows/s | |\n", nrows / t_plain);
-		printf("| tracked insert | %.0f rows/s (%.2fx plain time) | <= 2.0x |\n", nrows / t_tracked, t_tracked / t_plain);
-		printf("| tracked insert, default 2 MiB page cache | %.0f rows/s (%.2fx plain time) | |\n", nrows / t_tracked_default, t_tracked_default / t_plain_default);
-		printf("| update one column, all rows | %.0f rows/s tracked, %.0f plain (%.2fx) | |\n", nrows / t_upd, nrows / t_upd_plain, t_upd / t_upd_plain);
-		printf("| delete all rows | %.0f rows/s tracked, %.0f plain (%.2fx) | |\n", nrows / t_del, nrows / t_del_plain, t_del / t_del_plain);
-		printf("| database size | %.1f MB plain, %.1f MB tracked (%.2fx) | <= 1.6x |\n", mb_plain, mb_tracked, mb_tracked / mb_plain);
-		printf("| sync_payload | %.0f column changes/s, %.1f bytes/change (%u B body, %u B stored) | |\n",
+		printf("| tracked insert | %.0f rows/s (%.2fx plain time) | <= 2.0x |\n", nrows / t_tracked,
+			   t_tracked / t_plain);
+		printf("| tracked insert, default 2 MiB page cache | %.0f rows/s (%.2fx plain time) | |\n",
+			   nrows / t_tracked_default, t_tracked_default / t_plain_default);
+		printf("| update one column, all rows | %.0f rows/s tracked, %.0f plain (%.2fx) | |\n",
+			   nrows / t_upd, nrows / t_upd_plain, t_upd / t_upd_plain);
+		printf("| delete all rows | %.0f rows/s tracked, %.0f plain (%.2fx) | |\n", nrows / t_del,
+			   nrows / t_del_plain, t_del / t_del_plain);
+		printf("| database size | %.1f MB plain, %.1f MB tracked (%.2fx) | <= 1.6x |\n", mb_plain,
+			   mb_tracked, mb_tracked / mb_plain);
+		printf("| sync_payload | %.0f column changes/s, %.1f bytes/change (%u B body, %u B stored) "
+			   "| |\n",
 			   changes / t_pay, per_change, body, stored);
-		printf("| payload overhead beyond raw value bytes (keys counted as values) | %.2f bytes/change | <= 4 |\n", overhead);
-		printf("| sync_apply_payload into empty replica | %.0f column changes/s | >= 500,000 |\n", changes / t_apply_empty);
-		printf("| sync_apply_payload, every change loses | %.0f column changes/s | >= 2,000,000 |\n", changes / t_apply_lose);
-		printf("| sync_apply_payload, half the changes win | %.0f column changes/s | |\n", changes / t_apply_half);
+		printf("| payload overhead beyond raw value bytes (keys counted as values) | %.2f "
+			   "bytes/change | <= 4 |\n",
+			   overhead);
+		printf("| sync_apply_payload into empty replica | %.0f column changes/s | >= 500,000 |\n",
+			   changes / t_apply_empty);
+		printf(
+			"| sync_apply_payload, every change loses | %.0f column changes/s | >= 2,000,000 |\n",
+			changes / t_apply_lose);
+		printf("| sync_apply_payload, half the changes win | %.0f column changes/s | |\n",
+			   changes / t_apply_half);
 	}
 	sqlite3_close(plain);
 	sqlite3_close(tracked);
@@ -341,7 +341,7 @@ main(int argc, char **argv)
 	free(pay2);
 	free(rows);
 	{
-		char		cmd[300];
+		char cmd[300];
 
 		snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
 		if (system(cmd) != 0)

@@ -21,24 +21,24 @@
 
 typedef struct apply_table
 {
-	db_table   *t;
+	db_table			*t;
 	const db_table_info *ti;
-	int		   *colmap;			/* payload column -> local column */
+	int					*colmap; /* payload column -> local column */
 } apply_table;
 
 typedef struct apply_ctx
 {
-	db_conn    *db;
-	pgs_reader	r;
+	db_conn		*db;
+	pgs_reader	 r;
 	apply_table *tables;
-	uint32_t   *sitemap;		/* payload site -> local site index */
-	int64_t		ver;			/* local version of this apply, 0 until needed */
-	int			maxcols;
-	pgs_stamp  *stamps;
-	int		   *wcols;
-	pgs_value  *wvals;
-	pgs_buf		blob;
-	uint64_t	max_hlc;
+	uint32_t	*sitemap; /* payload site -> local site index */
+	int64_t		 ver;	  /* local version of this apply, 0 until needed */
+	int			 maxcols;
+	pgs_stamp	*stamps;
+	int			*wcols;
+	pgs_value	*wvals;
+	pgs_buf		 blob;
+	uint64_t	 max_hlc;
 } apply_ctx;
 
 static pgs_rc
@@ -68,19 +68,17 @@ resolve(apply_ctx *a, pgs_err *err)
 	for (uint32_t i = 0; i < r->ntables; i++)
 	{
 		pgs_dict_table *d = &r->tables[i];
-		apply_table *at = &a->tables[i];
+		apply_table	   *at = &a->tables[i];
 
 		if ((rc = db_table_find(a->db, d->name, d->name_len, &at->t, err)) != PGS_OK)
 			return rc;
 		at->ti = db_table_describe(at->t);
 		if ((int) d->npk != at->ti->npk)
 		{
-			pgs_failf(err, PGS_ERR_SCHEMA,
-					  "Give the table the same primary key on every replica.",
-					  "primary key of table \"%s\" does not match the payload",
-					  at->ti->name);
-			pgs_err_detailf(err, "The payload has %u key columns, the local table %d.",
-							d->npk, at->ti->npk);
+			pgs_failf(err, PGS_ERR_SCHEMA, "Give the table the same primary key on every replica.",
+					  "primary key of table \"%s\" does not match the payload", at->ti->name);
+			pgs_err_detailf(err, "The payload has %u key columns, the local table %d.", d->npk,
+							at->ti->npk);
 			return PGS_ERR_SCHEMA;
 		}
 		for (uint32_t k = 0; k < d->npk; k++)
@@ -88,12 +86,12 @@ resolve(apply_ctx *a, pgs_err *err)
 			{
 				pgs_failf(err, PGS_ERR_SCHEMA,
 						  "Give the table the same primary key on every replica.",
-						  "primary key of table \"%s\" does not match the payload",
-						  at->ti->name);
-				char		nm[72];
+						  "primary key of table \"%s\" does not match the payload", at->ti->name);
+				char nm[72];
 
 				pgs_err_detailf(err, "Key column %u is \"%s\" in the payload and \"%s\" here.",
-								k + 1, pgs_name_for_msg(nm, d->pk_names[k], d->pk_name_lens[k]), at->ti->pk_names[k]);
+								k + 1, pgs_name_for_msg(nm, d->pk_names[k], d->pk_name_lens[k]),
+								at->ti->pk_names[k]);
 				return PGS_ERR_SCHEMA;
 			}
 		at->colmap = pgs_malloc(sizeof(int) * (d->ncols ? d->ncols : 1));
@@ -101,17 +99,18 @@ resolve(apply_ctx *a, pgs_err *err)
 			return oom(err);
 		for (uint32_t c = 0; c < d->ncols; c++)
 		{
-			int			found = -1;
+			int found = -1;
 
 			for (int l = 0; l < at->ti->ncols && found < 0; l++)
 				if (name_eq(d->col_names[c], d->col_name_lens[c], at->ti->col_names[l]))
 					found = l;
 			if (found < 0)
 			{
-				char		nm[72];
+				char nm[72];
 
 				pgs_failf(err, PGS_ERR_SCHEMA,
-						  "Add the column here (and call sync_init again) before applying payloads from replicas that have it.",
+						  "Add the column here (and call sync_init again) before applying payloads "
+						  "from replicas that have it.",
 						  "unknown column \"%s\" in table \"%s\"",
 						  pgs_name_for_msg(nm, d->col_names[c], d->col_name_lens[c]), at->ti->name);
 				return PGS_ERR_SCHEMA;
@@ -119,7 +118,8 @@ resolve(apply_ctx *a, pgs_err *err)
 			for (uint32_t k = 0; k < c; k++)
 				if (at->colmap[k] == found)
 				{
-					pgs_failf(err, PGS_ERR_CORRUPT, "The payload was damaged or forged; fetch it again from its sender.",
+					pgs_failf(err, PGS_ERR_CORRUPT,
+							  "The payload was damaged or forged; fetch it again from its sender.",
 							  "corrupt payload: column \"%s\" of table \"%s\" appears twice",
 							  at->ti->col_names[found], at->ti->name);
 					return PGS_ERR_CORRUPT;
@@ -152,17 +152,17 @@ need_version(apply_ctx *a, pgs_err *err)
 static pgs_rc
 apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 {
-	apply_table *at = &a->tables[g->table];
+	apply_table			*at = &a->tables[g->table];
 	const db_table_info *ti = at->ti;
-	pgs_rowclock rc = {.ncols = ti->ncols, .cols = a->stamps};
-	bool		found;
-	int64_t		lcl = 0;
-	const uint8_t *blob;
-	size_t		blob_len;
-	int			n = 0;
-	pgs_merge	life;
-	pgs_rc		r;
-	const uint8_t *in_sites = a->r.sites;
+	pgs_rowclock		 rc = {.ncols = ti->ncols, .cols = a->stamps};
+	bool				 found;
+	int64_t				 lcl = 0;
+	const uint8_t		*blob;
+	size_t				 blob_len;
+	int					 n = 0;
+	pgs_merge			 life;
+	pgs_rc				 r;
+	const uint8_t		*in_sites = a->r.sites;
 
 	st->changes += g->nchanges;
 	for (uint32_t i = 0; i < g->nchanges; i++)
@@ -186,10 +186,10 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 		for (uint32_t i = 0; i < g->nchanges; i++)
 		{
 			const pgs_change *c = &g->changes[i];
-			int			lc = at->colmap[c->col];
-			pgs_stamp  *s = &a->stamps[lc];
-			pgs_cellstamp in = {c->hlc, in_sites + 16 * c->site};
-			pgs_merge	m;
+			int				  lc = at->colmap[c->col];
+			pgs_stamp		 *s = &a->stamps[lc];
+			pgs_cellstamp	  in = {c->hlc, in_sites + 16 * c->site};
+			pgs_merge		  m;
 
 			if (s->hlc == 0)
 				m = PGS_MERGE_WIN;
@@ -224,9 +224,10 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 	{
 		/* a new life of the row: a delete, or a (re-)insert with its columns */
 		if (ti->algo == DB_ALGO_GSET && (g->cl & 1) == 0)
-			return pgs_failf(err, PGS_ERR_SCHEMA,
-							 "Make the table a cls table on every replica, or stop deleting from it.",
-							 "grow-only table \"%s\" cannot receive a delete", ti->name);
+			return pgs_failf(
+				err, PGS_ERR_SCHEMA,
+				"Make the table a cls table on every replica, or stop deleting from it.",
+				"grow-only table \"%s\" cannot receive a delete", ti->name);
 		if ((r = need_version(a, err)) != PGS_OK)
 			return r;
 		for (int i = 0; i < ti->ncols; i++)
@@ -236,7 +237,7 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 		for (uint32_t i = 0; i < g->nchanges; i++)
 		{
 			const pgs_change *c = &g->changes[i];
-			int			lc = at->colmap[c->col];
+			int				  lc = at->colmap[c->col];
 
 			a->wcols[n] = lc;
 			a->wvals[n] = c->value;
@@ -246,11 +247,11 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 			n++;
 		}
 		if (g->cl & 1)
-			r = db_row_write(a->db, at->t, g->pk, (lcl & 1) ? DB_WRITE_REPLACE : DB_WRITE_INSERT,
-							 n, a->wcols, a->wvals, err);
+			r = db_row_write(a->db, at->t, g->pk, (lcl & 1) ? DB_WRITE_REPLACE : DB_WRITE_INSERT, n,
+							 a->wcols, a->wvals, err);
 		else
 			r = db_row_delete(a->db, at->t, g->pk, err);
-		st->won++;				/* the row-life change itself */
+		st->won++; /* the row-life change itself */
 	}
 	if (r == PGS_ERR_PERMISSION)
 	{
@@ -272,19 +273,18 @@ apply_group(apply_ctx *a, const pgs_group *g, pgs_apply_stats *st, pgs_err *err)
 	pgs_rowclock_encode(&rc, &a->blob);
 	if (a->blob.oom)
 		return oom(err);
-	return db_clock_put(a->db, at->t, g->pk, found, g->cl, pgs_rowclock_max_ver(&rc),
-						a->blob.p, a->blob.len, err);
+	return db_clock_put(a->db, at->t, g->pk, found, g->cl, pgs_rowclock_max_ver(&rc), a->blob.p,
+						a->blob.len, err);
 }
 
 pgs_rc
-pgs_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
-		  pgs_err *err)
+pgs_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st, pgs_err *err)
 {
-	apply_ctx	a;
-	pgs_header	h;
-	const uint8_t *body;
-	uint8_t    *owned = NULL;
-	pgs_rc		rc;
+	apply_ctx		a;
+	pgs_header		h;
+	const uint8_t  *body;
+	uint8_t		   *owned = NULL;
+	pgs_rc			rc;
 	pgs_apply_stats dummy = {0};
 
 	memset(&a, 0, sizeof a);
@@ -298,8 +298,8 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
 	/* validation pass: the whole body must parse before anything is written */
 	if ((rc = pgs_reader_open(&a.r, body, h.body_len, err)) == PGS_OK)
 	{
-		pgs_group	g;
-		bool		done = false;
+		pgs_group g;
+		bool	  done = false;
 
 		while (rc == PGS_OK && !done)
 			rc = pgs_reader_next(&a.r, &g, &done, err);
@@ -314,8 +314,8 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
 		goto out;
 	for (;;)
 	{
-		pgs_group	g;
-		bool		done;
+		pgs_group g;
+		bool	  done;
 
 		if ((rc = pgs_reader_next(&a.r, &g, &done, err)) != PGS_OK || done)
 			break;

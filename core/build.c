@@ -16,25 +16,25 @@
 #include <xxhash.h>
 #include <zstd.h>
 
-uint64_t	pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len);
+uint64_t pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len);
 
 typedef struct build_ctx
 {
-	db_conn    *db;
+	db_conn				 *db;
 	const pgs_build_opts *o;
-	pgs_buf		rows;
-	uint64_t	nrows;
-	uint64_t	prev_hlc;
+	pgs_buf				  rows;
+	uint64_t			  nrows;
+	uint64_t			  prev_hlc;
 	/* local site index -> payload site index + 1 (0 = not yet used) */
-	uint32_t   *site_map;
-	uint32_t	site_map_cap;
-	uint32_t   *site_order;		/* payload index -> local index */
-	uint32_t	nsites;
+	uint32_t *site_map;
+	uint32_t  site_map_cap;
+	uint32_t *site_order; /* payload index -> local index */
+	uint32_t  nsites;
 	/* local site index -> 1 excluded, 2 not excluded, 0 unknown yet */
-	uint8_t    *excl;
-	uint32_t	excl_cap;
+	uint8_t			*excl;
+	uint32_t		 excl_cap;
 	pgs_build_stats *st;
-	bool		full;			/* max_rows reached: stop, more follows */
+	bool			 full; /* max_rows reached: stop, more follows */
 } build_ctx;
 
 /* excluded: whether local site idx is opts->exclude_site (no writes: the
@@ -43,15 +43,15 @@ static pgs_rc
 excluded(build_ctx *b, uint32_t idx, bool *out, pgs_err *err)
 {
 	const uint8_t *site;
-	pgs_rc		rc;
+	pgs_rc		   rc;
 
 	*out = false;
 	if (!b->o->exclude_site)
 		return PGS_OK;
 	if (idx >= b->excl_cap)
 	{
-		uint32_t	cap = b->excl_cap ? b->excl_cap : 16;
-		uint8_t    *n;
+		uint32_t cap = b->excl_cap ? b->excl_cap : 16;
+		uint8_t *n;
 
 		while (cap <= idx)
 			cap *= 2;
@@ -76,9 +76,8 @@ map_site(build_ctx *b, uint32_t local, uint32_t *out, pgs_err *err)
 {
 	if (local >= b->site_map_cap)
 	{
-		uint32_t	cap = b->site_map_cap ? b->site_map_cap : 16;
-		uint32_t   *m,
-				   *o;
+		uint32_t  cap = b->site_map_cap ? b->site_map_cap : 16;
+		uint32_t *m, *o;
 
 		while (cap <= local)
 			cap *= 2;
@@ -119,7 +118,7 @@ in_range(const build_ctx *b, int64_t ver)
 static uint64_t
 encoded_value_bytes(const pgs_value *v)
 {
-	uint8_t		tmp[PGS_VARINT_MAX];
+	uint8_t tmp[PGS_VARINT_MAX];
 
 	switch (v->type)
 	{
@@ -137,14 +136,14 @@ encoded_value_bytes(const pgs_value *v)
 
 /* build_table appends the row groups of one table; *used tells if any. */
 static pgs_rc
-build_table(build_ctx *b, db_table *t, uint32_t tidx, const pgs_value *after_pk,
-			bool *used, pgs_err *err)
+build_table(build_ctx *b, db_table *t, uint32_t tidx, const pgs_value *after_pk, bool *used,
+			pgs_err *err)
 {
 	const db_table_info *ti = db_table_describe(t);
-	db_cursor  *cur = NULL;
-	pgs_stamp  *stamps;
-	int		   *pick;
-	pgs_rc		rc;
+	db_cursor			*cur = NULL;
+	pgs_stamp			*stamps;
+	int					*pick;
+	pgs_rc				 rc;
 
 	*used = false;
 	stamps = pgs_malloc(sizeof(pgs_stamp) * (ti->ncols + 1));
@@ -155,28 +154,26 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, const pgs_value *after_pk,
 		pgs_free(pick);
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
 	}
-	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, b->o->max_rows > 0,
-							  after_pk, &cur, err)) != PGS_OK)
+	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, b->o->max_rows > 0, after_pk,
+							  &cur, err)) != PGS_OK)
 		goto out;
 	while (!b->full)
 	{
-		bool		done,
-					alive;
-		const pgs_value *pk,
-				   *vals;
-		int64_t		cl;
-		const uint8_t *blob;
-		size_t		blob_len;
-		pgs_rowclock rcl = {.ncols = ti->ncols, .cols = stamps};
-		int			n = 0;
-		bool		life,
-					skip;
-		uint32_t	s;
-		int			prev_col = -1;
-		uint64_t	ghlc;
-		uint32_t	gsite;
+		bool			 done, alive;
+		const pgs_value *pk, *vals;
+		int64_t			 cl;
+		const uint8_t	*blob;
+		size_t			 blob_len;
+		pgs_rowclock	 rcl = {.ncols = ti->ncols, .cols = stamps};
+		int				 n = 0;
+		bool			 life, skip;
+		uint32_t		 s;
+		int				 prev_col = -1;
+		uint64_t		 ghlc;
+		uint32_t		 gsite;
 
-		if ((rc = db_changes_next(cur, &done, &pk, &cl, &blob, &blob_len, &alive, &vals, err)) != PGS_OK)
+		if ((rc = db_changes_next(cur, &done, &pk, &cl, &blob, &blob_len, &alive, &vals, err)) !=
+			PGS_OK)
 			goto out;
 		if (done)
 			break;
@@ -225,12 +222,12 @@ build_table(build_ctx *b, db_table *t, uint32_t tidx, const pgs_value *after_pk,
 		pgs_buf_varint(&b->rows, s);
 		for (int k = 0; k < n; k++)
 		{
-			int			c = pick[k];
+			int				 c = pick[k];
 			const pgs_stamp *st = &stamps[c];
-			bool		own = st->hlc != ghlc || st->site != gsite;
-			int			delta = c - prev_col - 1;
-			uint8_t		head = (uint8_t) (vals[c].type | (own ? 8 : 0) |
-										  (delta < 15 ? delta : 15) << 4);
+			bool			 own = st->hlc != ghlc || st->site != gsite;
+			int				 delta = c - prev_col - 1;
+			uint8_t			 head =
+				(uint8_t) (vals[c].type | (own ? 8 : 0) | (delta < 15 ? delta : 15) << 4);
 
 			pgs_buf_u8(&b->rows, head);
 			if (own)
@@ -265,7 +262,7 @@ out:
 static bool *
 pgs_calloc_bools(int n)
 {
-	bool	   *p = pgs_malloc(sizeof(bool) * (n ? n : 1));
+	bool *p = pgs_malloc(sizeof(bool) * (n ? n : 1));
 
 	if (p)
 		memset(p, 0, sizeof(bool) * (n ? n : 1));
@@ -275,7 +272,7 @@ pgs_calloc_bools(int n)
 static void
 put_str(pgs_buf *b, const char *s)
 {
-	size_t		n = strlen(s);
+	size_t n = strlen(s);
 
 	pgs_buf_varint(b, n);
 	pgs_buf_put(b, s, n);
@@ -289,21 +286,20 @@ put_le(uint8_t *p, uint64_t v, int n)
 }
 
 pgs_rc
-pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *st,
-		  pgs_err *err)
+pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *st, pgs_err *err)
 {
-	build_ctx	b;
-	db_table  **tables;
-	int			ntables;
-	bool	   *used = NULL;
-	uint32_t	nused = 0;
-	pgs_buf		body;
-	pgs_rc		rc;
+	build_ctx		b;
+	db_table	  **tables;
+	int				ntables;
+	bool		   *used = NULL;
+	uint32_t		nused = 0;
+	pgs_buf			body;
+	pgs_rc			rc;
 	pgs_build_stats dummy = {0};
 
 	pgs_build_opts oo = *o;
-	pgs_token	tok;
-	uint32_t	first = 0;
+	pgs_token	   tok;
+	uint32_t	   first = 0;
 
 	memset(&b, 0, sizeof b);
 	memset(st ? st : &dummy, 0, sizeof dummy);
@@ -313,11 +309,10 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		if ((rc = pgs_token_decode(o->after, o->after_len, &tok, err)) != PGS_OK)
 			return rc;
 		if (tok.since != o->since)
-			return pgs_failf(err, PGS_ERR_MISUSE,
-							 "Pass the same since to every chunk of one pull.",
+			return pgs_failf(err, PGS_ERR_MISUSE, "Pass the same since to every chunk of one pull.",
 							 "continuation token was made for since %lld, not %lld",
 							 (long long) tok.since, (long long) o->since);
-		oo.until = tok.until;	/* pinned by the first chunk */
+		oo.until = tok.until; /* pinned by the first chunk */
 		if (!oo.max_rows)
 			oo.max_rows = UINT32_MAX;
 	}
@@ -331,9 +326,9 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		return rc;
 	if (o->after)
 	{
-		db_table   *tt = NULL;
-		pgs_err		ignored;
-		int			k = ntables;
+		db_table *tt = NULL;
+		pgs_err	  ignored;
+		int		  k = ntables;
 
 		if (db_table_find(db, tok.table, tok.table_len, &tt, &ignored) == PGS_OK)
 			for (k = 0; k < ntables && tables[k] != tt; k++)
@@ -341,7 +336,8 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		if (k == ntables || db_table_describe(tables[k])->npk != (int) tok.npk)
 			return pgs_fail(err, PGS_ERR_CORRUPT, "invalid continuation token",
 							"The token names a table or key this database does not sync.",
-							"Pass the cursor of the previous chunk unchanged, or restart the pull without one.");
+							"Pass the cursor of the previous chunk unchanged, or restart the pull "
+							"without one.");
 		first = (uint32_t) k;
 	}
 	used = pgs_calloc_bools(ntables);
@@ -349,8 +345,7 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
 	for (int t = (int) first; t < ntables && !b.full; t++)
 	{
-		if ((rc = build_table(&b, tables[t], nused,
-							  o->after && t == (int) first ? tok.pk : NULL,
+		if ((rc = build_table(&b, tables[t], nused, o->after && t == (int) first ? tok.pk : NULL,
 							  &used[t], err)) != PGS_OK)
 			goto out;
 		if (used[t])
@@ -359,7 +354,7 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 	/* a chunk that ends exactly at the last row announces more; the next
 	 * (empty) chunk then carries the final until */
 	if (b.nrows == 0 && !o->after)
-		goto out;				/* nothing to send: out stays empty */
+		goto out; /* nothing to send: out stays empty */
 
 	/* body = site dict, table dict, rows */
 	pgs_buf_varint(&body, b.nsites);
@@ -397,17 +392,18 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 	}
 	if (body.len > PGS_MAX_BODY)
 	{
-		rc = pgs_failf(err, PGS_ERR_TOO_BIG, "Sync more often, or pass a larger since to send less.",
-					   "payload too large: %zu bytes exceeds the limit of %u", body.len, PGS_MAX_BODY);
+		rc = pgs_failf(
+			err, PGS_ERR_TOO_BIG, "Sync more often, or pass a larger since to send less.",
+			"payload too large: %zu bytes exceeds the limit of %u", body.len, PGS_MAX_BODY);
 		goto out;
 	}
 	b.st->body_len = body.len;
 
 	{
-		uint8_t		flags = 0;
-		uint8_t		more = b.full ? PGS_FLAG_MORE : 0;
-		size_t		stored = body.len;
-		uint8_t    *hdr;
+		uint8_t	 flags = 0;
+		uint8_t	 more = b.full ? PGS_FLAG_MORE : 0;
+		size_t	 stored = body.len;
+		uint8_t *hdr;
 
 		if (!pgs_buf_reserve(out, PGS_HEADER_LEN + body.len))
 		{
@@ -416,11 +412,11 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 		}
 		if (o->compress && body.len >= 128)
 		{
-			size_t		bound = ZSTD_compressBound(body.len);
+			size_t bound = ZSTD_compressBound(body.len);
 
 			if (pgs_buf_reserve(out, PGS_HEADER_LEN + bound))
 			{
-				size_t		z = ZSTD_compress(out->p + PGS_HEADER_LEN, bound, body.p, body.len, 1);
+				size_t z = ZSTD_compress(out->p + PGS_HEADER_LEN, bound, body.p, body.len, 1);
 
 				if (!ZSTD_isError(z) && z < body.len)
 				{

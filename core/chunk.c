@@ -18,13 +18,14 @@
 static pgs_rc
 bad_token(pgs_err *err, const char *detail)
 {
-	return pgs_fail(err, PGS_ERR_CORRUPT, "invalid continuation token", detail,
-					"Pass the cursor of the previous chunk unchanged, or restart the pull without one.");
+	return pgs_fail(
+		err, PGS_ERR_CORRUPT, "invalid continuation token", detail,
+		"Pass the cursor of the previous chunk unchanged, or restart the pull without one.");
 }
 
 void
-pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table,
-				 uint32_t table_len, uint32_t npk, const pgs_value *pk)
+pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table, uint32_t table_len,
+				 uint32_t npk, const pgs_value *pk)
 {
 	pgs_buf_u8(b, PGS_TOKEN_VERSION);
 	pgs_buf_varint(b, (uint64_t) since);
@@ -43,9 +44,9 @@ pgs_rc
 pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err)
 {
 	const uint8_t *end = p + len;
-	uint64_t	u;
-	int			n;
-	pgs_rc		rc;
+	uint64_t	   u;
+	int			   n;
+	pgs_rc		   rc;
 
 	memset(t, 0, sizeof *t);
 	if (!p || len < 1 || len > PGS_MAX_TOKEN)
@@ -77,7 +78,7 @@ pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err)
 	t->npk = (uint32_t) u;
 	for (uint32_t i = 0; i < t->npk; i++)
 	{
-		uint8_t		type;
+		uint8_t type;
 
 		if (p >= end)
 			return bad_token(err, "The token is truncated.");
@@ -93,21 +94,19 @@ pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err)
 }
 
 pgs_rc
-pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok,
-					   pgs_err *err)
+pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok, pgs_err *err)
 {
-	pgs_header	h;
+	pgs_header	   h;
 	const uint8_t *body;
-	uint8_t    *owned = NULL;
-	pgs_reader	r;
-	pgs_group	g;
-	bool		done,
-				any = false;
-	uint32_t	last_table = 0;
-	pgs_value	last_pk[PGS_TOKEN_MAX_PK];
-	uint32_t	npk = 0;
-	db_table   *t;
-	pgs_rc		rc;
+	uint8_t		  *owned = NULL;
+	pgs_reader	   r;
+	pgs_group	   g;
+	bool		   done, any = false;
+	uint32_t	   last_table = 0;
+	pgs_value	   last_pk[PGS_TOKEN_MAX_PK];
+	uint32_t	   npk = 0;
+	db_table	  *t;
+	pgs_rc		   rc;
 
 	tok->len = 0;
 	if ((rc = pgs_payload_header(p, len, &h, err)) != PGS_OK)
@@ -147,8 +146,8 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok,
 		goto close;
 	}
 	/* the table must be synced here (a payload of this database) */
-	if ((rc = db_table_find(db, r.tables[last_table].name, r.tables[last_table].name_len,
-							&t, err)) != PGS_OK)
+	if ((rc = db_table_find(db, r.tables[last_table].name, r.tables[last_table].name_len, &t,
+							err)) != PGS_OK)
 		goto close;
 	pgs_token_encode(tok, h.since, h.until, r.tables[last_table].name,
 					 r.tables[last_table].name_len, npk, last_pk);

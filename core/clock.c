@@ -35,12 +35,12 @@
 pgs_rc
 pgs_uuid7(uint8_t out[16], pgs_err *err)
 {
-	uint64_t	ms = pgs_now_ms();
-	size_t		got = 0;
+	uint64_t ms = pgs_now_ms();
+	size_t	 got = 0;
 
 	while (got < 10)
 	{
-		ssize_t		n = getrandom(out + 6 + got, 10 - got, 0);
+		ssize_t n = getrandom(out + 6 + got, 10 - got, 0);
 
 		if (n < 0)
 		{
@@ -53,8 +53,8 @@ pgs_uuid7(uint8_t out[16], pgs_err *err)
 	}
 	for (int i = 0; i < 6; i++)
 		out[i] = (uint8_t) (ms >> (40 - 8 * i));
-	out[6] = (uint8_t) (0x70 | (out[6] & 0x0f));	/* version 7 */
-	out[8] = (uint8_t) (0x80 | (out[8] & 0x3f));	/* RFC 4122 variant */
+	out[6] = (uint8_t) (0x70 | (out[6] & 0x0f)); /* version 7 */
+	out[8] = (uint8_t) (0x80 | (out[8] & 0x3f)); /* RFC 4122 variant */
 	return PGS_OK;
 }
 
@@ -62,7 +62,7 @@ void
 pgs_uuid_format(const uint8_t u[16], char out[37])
 {
 	static const char hex[] = "0123456789abcdef";
-	int			o = 0;
+	int				  o = 0;
 
 	for (int i = 0; i < 16; i++)
 	{
@@ -89,14 +89,13 @@ hexval(char c)
 bool
 pgs_uuid_parse(const char *s, size_t len, uint8_t out[16])
 {
-	int			b = 0;
+	int b = 0;
 
 	if (len != 36)
 		return false;
 	for (size_t i = 0; i < 36;)
 	{
-		int			hi,
-					lo;
+		int hi, lo;
 
 		if (i == 8 || i == 13 || i == 18 || i == 23)
 		{
@@ -127,7 +126,7 @@ pgs_now_ms(void)
 uint64_t
 pgs_hlc_tick(uint64_t last, uint64_t now_ms)
 {
-	uint64_t	now = pgs_hlc_from_ms(now_ms);
+	uint64_t now = pgs_hlc_from_ms(now_ms);
 
 	return now > last ? now : last + 1;
 }
@@ -135,7 +134,7 @@ pgs_hlc_tick(uint64_t last, uint64_t now_ms)
 uint64_t
 pgs_hlc_receive(uint64_t last, uint64_t remote, uint64_t now_ms)
 {
-	uint64_t	bound = pgs_hlc_from_ms(now_ms + PGS_HLC_MAX_DRIFT_MS);
+	uint64_t bound = pgs_hlc_from_ms(now_ms + PGS_HLC_MAX_DRIFT_MS);
 
 	if (remote > bound)
 		remote = bound;
@@ -153,7 +152,7 @@ pgs_hlc_valid(uint64_t hlc)
 int64_t
 pgs_rowclock_max_ver(const pgs_rowclock *rc)
 {
-	int64_t		v = rc->cl_ver;
+	int64_t v = rc->cl_ver;
 
 	for (int i = 0; i < rc->ncols; i++)
 		if (rc->cols[i].hlc && rc->cols[i].ver > v)
@@ -170,15 +169,15 @@ same_stamp(const pgs_stamp *a, const pgs_stamp *b)
 void
 pgs_rowclock_encode(const pgs_rowclock *rc, pgs_buf *out)
 {
-	int			prev_end = 0;
+	int prev_end = 0;
 
 	pgs_buf_varint(out, (uint64_t) rc->cl_ver);
 	pgs_buf_varint(out, rc->cl_site);
 	for (int i = 0; i < rc->ncols;)
 	{
 		const pgs_stamp *s = &rc->cols[i];
-		int			j = i + 1;
-		uint8_t		le[8];
+		int				 j = i + 1;
+		uint8_t			 le[8];
 
 		if (s->hlc == 0)
 		{
@@ -203,13 +202,9 @@ pgs_rc
 pgs_rowclock_decode(const uint8_t *p, size_t len, pgs_rowclock *rc, pgs_err *err)
 {
 	const uint8_t *end = p + len;
-	uint64_t	u,
-				start,
-				count,
-				ver,
-				site;
-	uint64_t	pos = 0;
-	int			n;
+	uint64_t	   u, start, count, ver, site;
+	uint64_t	   pos = 0;
+	int			   n;
 
 	for (int i = 0; i < rc->ncols; i++)
 		rc->cols[i].hlc = 0, rc->cols[i].ver = 0, rc->cols[i].site = 0;
@@ -223,7 +218,7 @@ pgs_rowclock_decode(const uint8_t *p, size_t len, pgs_rowclock *rc, pgs_err *err
 	p += n;
 	while (p < end)
 	{
-		uint64_t	hlc = 0;
+		uint64_t hlc = 0;
 
 		if (!(n = pgs_varint_get(p, end, &start)))
 			goto bad;
@@ -257,6 +252,7 @@ pgs_rowclock_decode(const uint8_t *p, size_t len, pgs_rowclock *rc, pgs_err *err
 	}
 	return PGS_OK;
 bad:
-	return pgs_fail(err, PGS_ERR_DB, "corrupt row clock", "A clock row of a synced table cannot be decoded.",
+	return pgs_fail(err, PGS_ERR_DB, "corrupt row clock",
+					"A clock row of a synced table cannot be decoded.",
 					"Run PRAGMA integrity_check; if the database is sound, report this as a bug.");
 }

@@ -2,7 +2,8 @@
  * info.c — sync_payload_info: a payload rendered as JSON, for people
  * debugging sync. Uses cJSON. Integers are emitted as exact JSON numbers,
  * REALs with 17 significant digits (NaN and infinities as strings), BLOBs as
- * {"hex": "..."}, TEXT that is not valid UTF-8 or holds NUL as {"text_hex": "..."}. At most PGS_INFO_MAX_ROWS row groups are listed.
+ * {"hex": "..."}, TEXT that is not valid UTF-8 or holds NUL as {"text_hex": "..."}. At most
+ * PGS_INFO_MAX_ROWS row groups are listed.
  */
 #include "pgsync.h"
 
@@ -17,15 +18,15 @@
 static cJSON *
 json_str(const uint8_t *p, uint32_t len)
 {
-	char	   *s = pgs_malloc((size_t) len + 1);
-	cJSON	   *j;
-	uint32_t	i = 0;
+	char	*s = pgs_malloc((size_t) len + 1);
+	cJSON	*j;
+	uint32_t i = 0;
 
 	if (!s)
 		return NULL;
 	while (i < len)
 	{
-		uint32_t	n = 1;
+		uint32_t n = 1;
 
 		while (n <= 4 && i + n <= len && !pgs_utf8_valid(p + i, n))
 			n++;
@@ -48,7 +49,7 @@ static cJSON *json_value(const pgs_value *v);
 static cJSON *
 json_value(const pgs_value *v)
 {
-	char		num[40];
+	char num[40];
 
 	switch (v->type)
 	{
@@ -69,8 +70,8 @@ json_value(const pgs_value *v)
 				return json_str(v->v.p, v->len);
 			/* NUL or invalid UTF-8: JSON text cannot carry it as is */
 			{
-				cJSON	   *o = json_value(&(pgs_value) {.type = PGS_BLOB, .len = v->len, .v.p = v->v.p});
-				cJSON	   *h = o ? cJSON_DetachItemFromObject(o, "hex") : NULL;
+				cJSON *o = json_value(&(pgs_value){.type = PGS_BLOB, .len = v->len, .v.p = v->v.p});
+				cJSON *h = o ? cJSON_DetachItemFromObject(o, "hex") : NULL;
 
 				cJSON_Delete(o);
 				o = cJSON_CreateObject();
@@ -79,24 +80,24 @@ json_value(const pgs_value *v)
 				return o;
 			}
 		case PGS_BLOB:
-			{
-				static const char hex[] = "0123456789abcdef";
-				char	   *s = pgs_malloc((size_t) v->len * 2 + 1);
-				cJSON	   *o;
+		{
+			static const char hex[] = "0123456789abcdef";
+			char			 *s = pgs_malloc((size_t) v->len * 2 + 1);
+			cJSON			 *o;
 
-				if (!s)
-					return NULL;
-				for (uint32_t i = 0; i < v->len; i++)
-				{
-					s[2 * i] = hex[v->v.p[i] >> 4];
-					s[2 * i + 1] = hex[v->v.p[i] & 15];
-				}
-				s[2 * (size_t) v->len] = '\0';
-				o = cJSON_CreateObject();
-				cJSON_AddStringToObject(o, "hex", s);
-				pgs_free(s);
-				return o;
+			if (!s)
+				return NULL;
+			for (uint32_t i = 0; i < v->len; i++)
+			{
+				s[2 * i] = hex[v->v.p[i] >> 4];
+				s[2 * i + 1] = hex[v->v.p[i] & 15];
 			}
+			s[2 * (size_t) v->len] = '\0';
+			o = cJSON_CreateObject();
+			cJSON_AddStringToObject(o, "hex", s);
+			pgs_free(s);
+			return o;
+		}
 		default:
 			return cJSON_CreateNull();
 	}
@@ -105,7 +106,7 @@ json_value(const pgs_value *v)
 static cJSON *
 json_site(const uint8_t *site)
 {
-	char		u[37];
+	char u[37];
 
 	pgs_uuid_format(site, u);
 	return cJSON_CreateString(u);
@@ -114,16 +115,14 @@ json_site(const uint8_t *site)
 pgs_rc
 pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 {
-	pgs_header	h;
+	pgs_header	   h;
 	const uint8_t *body;
-	uint8_t    *owned = NULL;
-	pgs_reader	r;
-	pgs_rc		rc;
-	cJSON	   *root,
-			   *arr;
-	char	   *text;
-	uint64_t	shown = 0,
-				changes = 0;
+	uint8_t		  *owned = NULL;
+	pgs_reader	   r;
+	pgs_rc		   rc;
+	cJSON		  *root, *arr;
+	char		  *text;
+	uint64_t	   shown = 0, changes = 0;
 
 	*out = NULL;
 	if ((rc = pgs_payload_body(p, len, &h, &body, &owned, err)) != PGS_OK)
@@ -139,8 +138,8 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 	cJSON_AddBoolToObject(root, "compressed", h.flags & 1);
 	cJSON_AddBoolToObject(root, "more", (h.flags & 2) != 0);
 	cJSON_AddItemToObject(root, "origin", json_site(h.origin));
-	cJSON_AddItemToObject(root, "since", json_value(&(pgs_value) {.type = PGS_INT, .v.i = h.since}));
-	cJSON_AddItemToObject(root, "until", json_value(&(pgs_value) {.type = PGS_INT, .v.i = h.until}));
+	cJSON_AddItemToObject(root, "since", json_value(&(pgs_value){.type = PGS_INT, .v.i = h.since}));
+	cJSON_AddItemToObject(root, "until", json_value(&(pgs_value){.type = PGS_INT, .v.i = h.until}));
 	cJSON_AddNumberToObject(root, "body_bytes", h.body_len);
 	cJSON_AddNumberToObject(root, "stored_bytes", h.stored_len);
 	arr = cJSON_AddArrayToObject(root, "sites");
@@ -150,9 +149,7 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 	for (uint32_t t = 0; t < r.ntables; t++)
 	{
 		pgs_dict_table *d = &r.tables[t];
-		cJSON	   *o = cJSON_CreateObject(),
-				   *k,
-				   *c;
+		cJSON		   *o = cJSON_CreateObject(), *k, *c;
 
 		cJSON_AddItemToObject(o, "name", json_str(d->name, d->name_len));
 		k = cJSON_AddArrayToObject(o, "key");
@@ -166,12 +163,10 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 	arr = cJSON_AddArrayToObject(root, "rows");
 	for (;;)
 	{
-		pgs_group	g;
-		bool		done;
+		pgs_group		g;
+		bool			done;
 		pgs_dict_table *d;
-		cJSON	   *o,
-				   *k,
-				   *c;
+		cJSON		   *o, *k, *c;
 
 		if ((rc = pgs_reader_next(&r, &g, &done, err)) != PGS_OK)
 			break;
@@ -196,9 +191,11 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 			pgs_change *ch = &g.changes[i];
 			cJSON	   *e = cJSON_CreateObject();
 
-			cJSON_AddItemToObject(e, "column", json_str(d->col_names[ch->col], d->col_name_lens[ch->col]));
+			cJSON_AddItemToObject(e, "column",
+								  json_str(d->col_names[ch->col], d->col_name_lens[ch->col]));
 			cJSON_AddItemToObject(e, "value", json_value(&ch->value));
-			cJSON_AddItemToObject(e, "hlc", json_value(&(pgs_value) {.type = PGS_INT, .v.i = (int64_t) ch->hlc}));
+			cJSON_AddItemToObject(
+				e, "hlc", json_value(&(pgs_value){.type = PGS_INT, .v.i = (int64_t) ch->hlc}));
 			cJSON_AddNumberToObject(e, "hlc_ms", (double) (ch->hlc >> PGS_HLC_LOGICAL_BITS));
 			cJSON_AddItemToObject(e, "site", json_site(r.sites + 16 * ch->site));
 			cJSON_AddItemToArray(c, e);
@@ -216,13 +213,14 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 			rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory rendering payload JSON", NULL, NULL);
 		else
 		{
-			size_t		n = strlen(text);
+			size_t n = strlen(text);
 
 			*out = pgs_malloc(n + 1);
 			if (*out)
 				memcpy(*out, text, n + 1);
 			else
-				rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory rendering payload JSON", NULL, NULL);
+				rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory rendering payload JSON", NULL,
+							  NULL);
 			cJSON_free(text);
 		}
 	}

@@ -35,15 +35,14 @@ pgs_merge_life(int64_t local_cl, int64_t in_cl)
 }
 
 pgs_merge
-pgs_merge_cell(int64_t local_cl, const pgs_cellstamp *local, int64_t in_cl,
-			   const pgs_cellstamp *in)
+pgs_merge_cell(int64_t local_cl, const pgs_cellstamp *local, int64_t in_cl, const pgs_cellstamp *in)
 {
-	int			c;
+	int c;
 
 	if (in_cl != local_cl)
 		return in_cl > local_cl ? PGS_MERGE_WIN : PGS_MERGE_LOSE;
 	if ((in_cl & 1) == 0)
-		return PGS_MERGE_LOSE;	/* the row is deleted in this life */
+		return PGS_MERGE_LOSE; /* the row is deleted in this life */
 	if (!local)
 		return PGS_MERGE_WIN;
 	if (in->hlc != local->hlc)

@@ -17,7 +17,7 @@
 static uint64_t
 le64(const uint8_t *p)
 {
-	uint64_t	v = 0;
+	uint64_t v = 0;
 
 	for (int i = 0; i < 8; i++)
 		v |= (uint64_t) p[i] << (8 * i);
@@ -30,7 +30,7 @@ le32(const uint8_t *p)
 	return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24;
 }
 
-uint64_t	pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len);
+uint64_t pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len);
 
 uint64_t
 pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len)
@@ -38,8 +38,8 @@ pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len)
 	return XXH3_64bits_withSeed(body, len, XXH3_64bits(header48, 48));
 }
 
-#define CORRUPT(err, what) \
-	pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: " what, NULL, \
+#define CORRUPT(err, what)                                                                         \
+	pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: " what, NULL,                                 \
 			 "The payload was damaged or truncated in transit; fetch it again from its sender.")
 
 pgs_rc
@@ -74,14 +74,15 @@ pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *err)
 		return CORRUPT(err, "invalid version range in header");
 	if (h->body_len > PGS_MAX_BODY)
 		return pgs_failf(err, PGS_ERR_TOO_BIG, "Sync more often, or in smaller batches.",
-						 "payload too large: body of %u bytes exceeds the limit of %u",
-						 h->body_len, PGS_MAX_BODY);
+						 "payload too large: body of %u bytes exceeds the limit of %u", h->body_len,
+						 PGS_MAX_BODY);
 	if ((uint64_t) h->stored_len + PGS_HEADER_LEN != len)
 	{
-		pgs_failf(err, PGS_ERR_CORRUPT,
-				  "The payload was truncated or extended in transit; fetch it again from its sender.",
-				  "corrupt payload: length %zu does not match the header (expected %llu)",
-				  len, (unsigned long long) h->stored_len + PGS_HEADER_LEN);
+		pgs_failf(
+			err, PGS_ERR_CORRUPT,
+			"The payload was truncated or extended in transit; fetch it again from its sender.",
+			"corrupt payload: length %zu does not match the header (expected %llu)", len,
+			(unsigned long long) h->stored_len + PGS_HEADER_LEN);
 		return PGS_ERR_CORRUPT;
 	}
 	if (!(h->flags & 1) && h->stored_len != h->body_len)
@@ -94,8 +95,8 @@ pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *err)
 pgs_rc
 pgs_payload_until(const uint8_t *p, size_t len, int64_t *until, pgs_err *err)
 {
-	pgs_header	h;
-	pgs_rc		rc = pgs_payload_header(p, len, &h, err);
+	pgs_header h;
+	pgs_rc	   rc = pgs_payload_header(p, len, &h, err);
 
 	if (rc == PGS_OK)
 		*until = h.until;
@@ -103,12 +104,12 @@ pgs_payload_until(const uint8_t *p, size_t len, int64_t *until, pgs_err *err)
 }
 
 pgs_rc
-pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **body,
-				 uint8_t **owned, pgs_err *err)
+pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **body, uint8_t **owned,
+				 pgs_err *err)
 {
-	pgs_rc		rc = pgs_payload_header(p, len, h, err);
-	uint8_t    *out;
-	size_t		got;
+	pgs_rc			   rc = pgs_payload_header(p, len, h, err);
+	uint8_t			  *out;
+	size_t			   got;
 	unsigned long long fsize;
 
 	*owned = NULL;
@@ -129,11 +130,11 @@ pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **bo
 	 * allocate up to PGS_MAX_BODY before the data proves it.
 	 */
 	{
-		ZSTD_DCtx  *dctx = ZSTD_createDCtx();
-		size_t		cap = (size_t) h->stored_len * 4 + 65536;
-		ZSTD_inBuffer in = {p + PGS_HEADER_LEN, h->stored_len, 0};
+		ZSTD_DCtx	  *dctx = ZSTD_createDCtx();
+		size_t		   cap = (size_t) h->stored_len * 4 + 65536;
+		ZSTD_inBuffer  in = {p + PGS_HEADER_LEN, h->stored_len, 0};
 		ZSTD_outBuffer ob;
-		size_t		r = 1;
+		size_t		   r = 1;
 
 		if (cap > h->body_len)
 			cap = h->body_len ? h->body_len : 1;
@@ -141,7 +142,8 @@ pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **bo
 		if (!out)
 		{
 			ZSTD_freeDCtx(dctx);
-			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload", NULL, NULL);
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload", NULL,
+							NULL);
 		}
 		ob.dst = out;
 		ob.size = cap;
@@ -155,26 +157,27 @@ pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **bo
 				break;
 			if (ob.pos == ob.size)
 			{
-				size_t		ncap = ob.size * 2 > h->body_len ? h->body_len : ob.size * 2;
-				uint8_t    *n;
+				size_t	 ncap = ob.size * 2 > h->body_len ? h->body_len : ob.size * 2;
+				uint8_t *n;
 
 				if (ncap <= ob.size)
 				{
-					r = (size_t) -1;	/* more output than the header promised */
+					r = (size_t) -1; /* more output than the header promised */
 					break;
 				}
 				if (!(n = pgs_realloc(out, ncap)))
 				{
 					ZSTD_freeDCtx(dctx);
 					pgs_free(out);
-					return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload", NULL, NULL);
+					return pgs_fail(err, PGS_ERR_NOMEM, "out of memory decompressing a payload",
+									NULL, NULL);
 				}
 				out = n;
 				ob.dst = out;
 				ob.size = ncap;
 			}
 			else if (in.pos == in.size)
-				break;			/* input exhausted before the frame ended */
+				break; /* input exhausted before the frame ended */
 		}
 		got = ob.pos;
 		ZSTD_freeDCtx(dctx);
@@ -194,7 +197,7 @@ pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **bo
 static bool
 get_varint(pgs_reader *r, uint64_t *v)
 {
-	int			n = pgs_varint_get(r->p, r->end, v);
+	int n = pgs_varint_get(r->p, r->end, v);
 
 	r->p += n;
 	return n != 0;
@@ -203,7 +206,7 @@ get_varint(pgs_reader *r, uint64_t *v)
 static bool
 get_str(pgs_reader *r, const uint8_t **s, uint32_t *len)
 {
-	uint64_t	n;
+	uint64_t n;
 
 	if (!get_varint(r, &n) || n > PGS_MAX_NAME || n > (uint64_t) (r->end - r->p))
 		return false;
@@ -216,7 +219,7 @@ get_str(pgs_reader *r, const uint8_t **s, uint32_t *len)
 pgs_rc
 pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err)
 {
-	uint64_t	n;
+	uint64_t n;
 
 	memset(r, 0, sizeof *r);
 	r->p = body;
@@ -236,14 +239,13 @@ pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err)
 	for (uint32_t t = 0; t < r->ntables; t++)
 	{
 		pgs_dict_table *d = &r->tables[t];
-		uint64_t	npk,
-					ncols;
-		void	   *mem;
+		uint64_t		npk, ncols;
+		void		   *mem;
 
 		if (!get_str(r, &d->name, &d->name_len) || d->name_len == 0)
 			return CORRUPT(err, "bad table name");
-		if (!get_varint(r, &npk) || !get_varint(r, &ncols) || npk == 0 ||
-			npk > 32767 || ncols > 32767 ||	/* before the sum can wrap */
+		if (!get_varint(r, &npk) || !get_varint(r, &ncols) || npk == 0 || npk > 32767 ||
+			ncols > 32767 || /* before the sum can wrap */
 			npk + ncols > (uint64_t) (r->end - r->p) || npk + ncols > 32767)
 			return CORRUPT(err, "bad column counts");
 		d->npk = (uint32_t) npk;
@@ -279,12 +281,11 @@ pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err)
 pgs_rc
 pgs_reader_next(pgs_reader *r, pgs_group *g, bool *done, pgs_err *err)
 {
-	uint64_t	u,
-				site = 0;
-	uint64_t	hlc = r->prev_hlc;
+	uint64_t		u, site = 0;
+	uint64_t		hlc = r->prev_hlc;
 	pgs_dict_table *d;
-	int64_t		prev_col = -1;
-	pgs_rc		rc;
+	int64_t			prev_col = -1;
+	pgs_rc			rc;
 
 	if (r->row == r->nrows)
 	{
@@ -355,7 +356,7 @@ pgs_reader_next(pgs_reader *r, pgs_group *g, bool *done, pgs_err *err)
 		c->site = (uint32_t) site;
 		if (head & 8)
 		{
-			uint64_t	s;
+			uint64_t s;
 
 			if (!get_varint(r, &u))
 				return CORRUPT(err, "truncated stamp");

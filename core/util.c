@@ -44,7 +44,7 @@ pgs_failf(pgs_err *err, pgs_rc rc, const char *hint, const char *fmt, ...)
 {
 	if (err)
 	{
-		va_list		ap;
+		va_list ap;
 
 		va_start(ap, fmt);
 		vsnprintf(err->msg, sizeof err->msg, fmt, ap);
@@ -59,7 +59,7 @@ pgs_failf(pgs_err *err, pgs_rc rc, const char *hint, const char *fmt, ...)
 void
 pgs_err_detailf(pgs_err *err, const char *fmt, ...)
 {
-	va_list		ap;
+	va_list ap;
 
 	if (!err)
 		return;
@@ -72,8 +72,8 @@ pgs_err_detailf(pgs_err *err, const char *fmt, ...)
 static size_t
 utf8_char(const uint8_t *p, size_t len)
 {
-	uint32_t	c;
-	size_t		n;
+	uint32_t c;
+	size_t	 n;
 
 	if (len == 0 || p[0] == 0)
 		return 0;
@@ -95,7 +95,8 @@ utf8_char(const uint8_t *p, size_t len)
 			return 0;
 		c = c << 6 | (p[i] & 0x3f);
 	}
-	if ((n == 3 && (c < 0x800 || (c >= 0xd800 && c <= 0xdfff))) || (n == 4 && (c < 0x10000 || c > 0x10ffff)))
+	if ((n == 3 && (c < 0x800 || (c >= 0xd800 && c <= 0xdfff))) ||
+		(n == 4 && (c < 0x10000 || c > 0x10ffff)))
 		return 0;
 	return n;
 }
@@ -105,7 +106,7 @@ pgs_utf8_valid(const uint8_t *p, size_t len)
 {
 	while (len > 0)
 	{
-		size_t		n = utf8_char(p, len);
+		size_t n = utf8_char(p, len);
 
 		if (n == 0)
 			return false;
@@ -118,11 +119,11 @@ pgs_utf8_valid(const uint8_t *p, size_t len)
 const char *
 pgs_name_for_msg(char out[72], const uint8_t *name, size_t len)
 {
-	size_t		o = 0;
+	size_t o = 0;
 
 	while (len > 0 && o < 60)
 	{
-		size_t		n = utf8_char(name, len);
+		size_t n = utf8_char(name, len);
 
 		if (n == 0)
 		{
@@ -204,9 +205,9 @@ pgs_buf_free(pgs_buf *b)
 bool
 pgs_buf_reserve(pgs_buf *b, size_t extra)
 {
-	size_t		need;
-	size_t		cap;
-	uint8_t    *p;
+	size_t	 need;
+	size_t	 cap;
+	uint8_t *p;
 
 	if (b->oom)
 		return false;
@@ -268,7 +269,7 @@ pgs_buf_svarint(pgs_buf *b, int64_t v)
 int
 pgs_varint_put(uint8_t *out, uint64_t v)
 {
-	int			n = 0;
+	int n = 0;
 
 	while (v >= 0x80)
 	{
@@ -282,9 +283,9 @@ pgs_varint_put(uint8_t *out, uint64_t v)
 int
 pgs_varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v)
 {
-	uint64_t	r = 0;
-	int			shift = 0;
-	int			n = 0;
+	uint64_t r = 0;
+	int		 shift = 0;
+	int		 n = 0;
 
 	/* fast path: one byte */
 	if (p < end && p[0] < 0x80)
@@ -294,10 +295,10 @@ pgs_varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v)
 	}
 	while (p + n < end && n < PGS_VARINT_MAX)
 	{
-		uint8_t		byte = p[n++];
+		uint8_t byte = p[n++];
 
 		if (n == PGS_VARINT_MAX && byte > 1)
-			return 0;			/* would overflow 64 bits */
+			return 0; /* would overflow 64 bits */
 		r |= (uint64_t) (byte & 0x7f) << shift;
 		if (byte < 0x80)
 		{
@@ -306,5 +307,5 @@ pgs_varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v)
 		}
 		shift += 7;
 	}
-	return 0;					/* truncated or too long */
+	return 0; /* truncated or too long */
 }

@@ -19,7 +19,7 @@ put_le64(uint8_t *out, uint64_t v)
 static uint64_t
 get_le64(const uint8_t *p)
 {
-	uint64_t	v = 0;
+	uint64_t v = 0;
 
 	for (int i = 0; i < 8; i++)
 		v |= (uint64_t) p[i] << (8 * i);
@@ -35,15 +35,15 @@ pgs_value_put(pgs_buf *b, const pgs_value *v)
 			pgs_buf_svarint(b, v->v.i);
 			break;
 		case PGS_REAL:
-			{
-				uint64_t	bits;
-				uint8_t		tmp[8];
+		{
+			uint64_t bits;
+			uint8_t	 tmp[8];
 
-				memcpy(&bits, &v->v.r, 8);
-				put_le64(tmp, bits);
-				pgs_buf_put(b, tmp, 8);
-				break;
-			}
+			memcpy(&bits, &v->v.r, 8);
+			put_le64(tmp, bits);
+			pgs_buf_put(b, tmp, 8);
+			break;
+		}
 		case PGS_TEXT:
 		case PGS_BLOB:
 			pgs_buf_varint(b, v->len);
@@ -55,12 +55,11 @@ pgs_value_put(pgs_buf *b, const pgs_value *v)
 }
 
 pgs_rc
-pgs_value_get(const uint8_t **pp, const uint8_t *end, uint8_t type, pgs_value *v,
-			  pgs_err *err)
+pgs_value_get(const uint8_t **pp, const uint8_t *end, uint8_t type, pgs_value *v, pgs_err *err)
 {
 	const uint8_t *p = *pp;
-	uint64_t	u;
-	int			n;
+	uint64_t	   u;
+	int			   n;
 
 	v->type = type;
 	v->len = 0;
@@ -71,34 +70,39 @@ pgs_value_get(const uint8_t **pp, const uint8_t *end, uint8_t type, pgs_value *v
 			break;
 		case PGS_INT:
 			if (!(n = pgs_varint_get(p, end, &u)))
-				return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: truncated integer value", NULL, NULL);
+				return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: truncated integer value",
+								NULL, NULL);
 			v->v.i = pgs_unzigzag(u);
 			p += n;
 			break;
 		case PGS_REAL:
-			{
-				uint64_t	bits;
+		{
+			uint64_t bits;
 
-				if (end - p < 8)
-					return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: truncated real value", NULL, NULL);
-				bits = get_le64(p);
-				memcpy(&v->v.r, &bits, 8);
-				p += 8;
-				break;
-			}
+			if (end - p < 8)
+				return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: truncated real value", NULL,
+								NULL);
+			bits = get_le64(p);
+			memcpy(&v->v.r, &bits, 8);
+			p += 8;
+			break;
+		}
 		case PGS_TEXT:
 		case PGS_BLOB:
 			if (!(n = pgs_varint_get(p, end, &u)))
-				return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: truncated value length", NULL, NULL);
+				return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: truncated value length",
+								NULL, NULL);
 			p += n;
 			if (u > PGS_MAX_VALUE || u > (uint64_t) (end - p))
-				return pgs_fail(err, PGS_ERR_CORRUPT, "corrupt payload: value length exceeds the payload", NULL, NULL);
+				return pgs_fail(err, PGS_ERR_CORRUPT,
+								"corrupt payload: value length exceeds the payload", NULL, NULL);
 			v->len = (uint32_t) u;
 			v->v.p = p;
 			p += u;
 			break;
 		default:
-			return pgs_failf(err, PGS_ERR_CORRUPT, NULL, "corrupt payload: unknown value type %u", type);
+			return pgs_failf(err, PGS_ERR_CORRUPT, NULL, "corrupt payload: unknown value type %u",
+							 type);
 	}
 	*pp = p;
 	return PGS_OK;
@@ -120,22 +124,21 @@ pgs_value_cmp(const pgs_value *a, const pgs_value *b)
 		case PGS_INT:
 			return a->v.i < b->v.i ? -1 : a->v.i > b->v.i;
 		case PGS_REAL:
-			{
-				uint64_t	x,
-							y;
+		{
+			uint64_t x, y;
 
-				memcpy(&x, &a->v.r, 8);
-				memcpy(&y, &b->v.r, 8);
-				return x < y ? -1 : x > y;
-			}
+			memcpy(&x, &a->v.r, 8);
+			memcpy(&y, &b->v.r, 8);
+			return x < y ? -1 : x > y;
+		}
 		default:
-			{
-				uint32_t	n = a->len < b->len ? a->len : b->len;
-				int			c = n ? memcmp(a->v.p, b->v.p, n) : 0;
+		{
+			uint32_t n = a->len < b->len ? a->len : b->len;
+			int		 c = n ? memcmp(a->v.p, b->v.p, n) : 0;
 
-				if (c)
-					return c < 0 ? -1 : 1;
-				return a->len < b->len ? -1 : a->len > b->len;
-			}
+			if (c)
+				return c < 0 ? -1 : 1;
+			return a->len < b->len ? -1 : a->len > b->len;
+		}
 	}
 }

@@ -46,11 +46,11 @@
 PG_FUNCTION_INFO_V1(sync_capture);
 
 static FullTransactionId tick_xid = {0};
-FullTransactionId pg_wrote_xid = {0};	/* the transaction changed synced rows */
-static uint64_t tick_hlc = 0;
-static uint64_t backend_hlc = 0;
+FullTransactionId		 pg_wrote_xid = {0}; /* the transaction changed synced rows */
+static uint64_t			 tick_hlc = 0;
+static uint64_t			 backend_hlc = 0;
 
-#define HLC_PERSIST_SLACK ((uint64_t) 1000 << PGS_HLC_LOGICAL_BITS)	/* 1 s */
+#define HLC_PERSIST_SLACK ((uint64_t) 1000 << PGS_HLC_LOGICAL_BITS) /* 1 s */
 
 /* pg_txn_version: the local version of this transaction (assigns an xid). */
 int64_t
@@ -64,9 +64,9 @@ uint64_t
 pg_hlc_floor(void)
 {
 	static SPIPlanPtr plan = NULL;
-	pg_user_save us;
-	bool		isnull;
-	uint64_t	v = 0;
+	pg_user_save	  us;
+	bool			  isnull;
+	uint64_t		  v = 0;
 
 	pg_as_meta(&us);
 	if (plan == NULL)
@@ -80,8 +80,8 @@ pg_hlc_floor(void)
 		elog(ERROR, "reading pgsync.hlc failed");
 	pg_as_caller(&us);
 	if (SPI_processed == 1)
-		v = (uint64_t) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-												   SPI_tuptable->tupdesc, 1, &isnull));
+		v = (uint64_t) DatumGetInt64(
+			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return v;
 }
@@ -90,16 +90,17 @@ static void
 hlc_persist(uint64_t h)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			argt[1] = {INT8OID};
-	Datum		arg[1];
-	pg_user_save us;
+	Oid				  argt[1] = {INT8OID};
+	Datum			  arg[1];
+	pg_user_save	  us;
 
 	arg[0] = Int64GetDatum((int64) h);
 	pg_as_meta(&us);
 	if (plan == NULL)
 	{
 		plan = SPI_prepare("SELECT pg_catalog.setval('pgsync.hlc'::pg_catalog.regclass, $1) "
-						   "FROM pgsync.hlc WHERE last_value < $1", 1, argt);
+						   "FROM pgsync.hlc WHERE last_value < $1",
+						   1, argt);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed");
 		SPI_keepplan(plan);
@@ -115,8 +116,8 @@ uint64_t
 pg_txn_tick(void)
 {
 	FullTransactionId x = GetTopFullTransactionId();
-	uint64_t	floor_hlc;
-	uint64_t	tick;
+	uint64_t		  floor_hlc;
+	uint64_t		  tick;
 
 	if (FullTransactionIdEquals(x, tick_xid))
 		return tick_hlc;
@@ -151,12 +152,12 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 
 	if (t->fresh_blob == NULL || !FullTransactionIdEquals(t->fresh_xid, x))
 	{
-		int64_t		v = pg_txn_version();
-		uint64_t	tick = pg_txn_tick();
-		pgs_stamp  *st = palloc0(sizeof(pgs_stamp) * Max(t->ncols, 1));
+		int64_t		 v = pg_txn_version();
+		uint64_t	 tick = pg_txn_tick();
+		pgs_stamp	*st = palloc0(sizeof(pgs_stamp) * Max(t->ncols, 1));
 		pgs_rowclock rc;
-		pgs_buf		b;
-		int			i;
+		pgs_buf		 b;
+		int			 i;
 
 		for (i = 0; i < t->ncols; i++)
 		{
@@ -172,8 +173,8 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 		pgs_buf_init(&b);
 		pgs_rowclock_encode(&rc, &b);
 		if (b.oom)
-			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
-							errmsg("out of memory encoding a row clock")));
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory encoding a row clock")));
 		if (t->fresh_bytea)
 			pfree(t->fresh_bytea);
 		t->fresh_bytea = MemoryContextAlloc(t->cxt, b.len + VARHDRSZ);
@@ -192,7 +193,7 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 
 typedef struct clock_row
 {
-	bool		found;
+	bool		 found;
 	pgs_rowclock rc;
 } clock_row;
 
@@ -200,27 +201,29 @@ static void
 clock_read(db_table *t, Datum *pk, clock_row *r)
 {
 	pg_user_save us;
-	int			rc;
+	int			 rc;
 
 	memset(r, 0, sizeof(*r));
 	r->rc.ncols = t->ncols;
 	r->rc.cols = palloc0(sizeof(pgs_stamp) * Max(t->ncols, 1));
 	{
-		int64		cl;
-		bytea	   *clk;
-		int			f = pg_clock_lookup_direct(t, pk, &cl, &clk);
-		pgs_err		err;
+		int64	cl;
+		bytea  *clk;
+		int		f = pg_clock_lookup_direct(t, pk, &cl, &clk);
+		pgs_err err;
 
 		if (f == 0)
 			return;
 		if (f == 1)
 		{
-			if (pgs_rowclock_decode((const uint8_t *) VARDATA(clk), VARSIZE(clk) - VARHDRSZ,
-									&r->rc, &err) != PGS_OK)
-				ereport(ERROR,
-						(errcode(ERRCODE_DATA_CORRUPTED),
-						 errmsg("clock row of table %s is corrupt: %s", t->name, err.msg),
-						 errhint("Call sync_cleanup and sync_init on the table to rebuild its clocks.")));
+			if (pgs_rowclock_decode((const uint8_t *) VARDATA(clk), VARSIZE(clk) - VARHDRSZ, &r->rc,
+									&err) != PGS_OK)
+				ereport(
+					ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("clock row of table %s is corrupt: %s", t->name, err.msg),
+					 errhint(
+						 "Call sync_cleanup and sync_init on the table to rebuild its clocks.")));
 			r->rc.cl = cl;
 			r->found = true;
 			return;
@@ -233,19 +236,20 @@ clock_read(db_table *t, Datum *pk, clock_row *r)
 		elog(ERROR, "reading the clock of %s failed", t->name);
 	if (SPI_processed == 1)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[0];
-		TupleDesc	td = SPI_tuptable->tupdesc;
-		bool		isnull;
-		int64		cl = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
-		bytea	   *clk = DatumGetByteaPP(SPI_getbinval(tup, td, 2, &isnull));
-		pgs_err		err;
+		HeapTuple tup = SPI_tuptable->vals[0];
+		TupleDesc td = SPI_tuptable->tupdesc;
+		bool	  isnull;
+		int64	  cl = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+		bytea	 *clk = DatumGetByteaPP(SPI_getbinval(tup, td, 2, &isnull));
+		pgs_err	  err;
 
-		if (pgs_rowclock_decode((const uint8_t *) VARDATA_ANY(clk),
-								VARSIZE_ANY_EXHDR(clk), &r->rc, &err) != PGS_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("clock row of table %s is corrupt: %s", t->name, err.msg),
-					 errhint("Call sync_cleanup and sync_init on the table to rebuild its clocks.")));
+		if (pgs_rowclock_decode((const uint8_t *) VARDATA_ANY(clk), VARSIZE_ANY_EXHDR(clk), &r->rc,
+								&err) != PGS_OK)
+			ereport(
+				ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("clock row of table %s is corrupt: %s", t->name, err.msg),
+				 errhint("Call sync_cleanup and sync_init on the table to rebuild its clocks.")));
 		r->rc.cl = cl;
 		r->found = true;
 	}
@@ -255,17 +259,17 @@ clock_read(db_table *t, Datum *pk, clock_row *r)
 static void
 clock_write(db_table *t, Datum *pk, pgs_rowclock *rc)
 {
-	pgs_buf		b;
-	bytea	   *blob;
-	Datum	   *v = palloc(sizeof(Datum) * (t->npk + 3));
+	pgs_buf		 b;
+	bytea		*blob;
+	Datum		*v = palloc(sizeof(Datum) * (t->npk + 3));
 	pg_user_save us;
-	int			r;
+	int			 r;
 
 	pgs_buf_init(&b);
 	pgs_rowclock_encode(rc, &b);
 	if (b.oom)
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
-						errmsg("out of memory encoding a row clock")));
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory encoding a row clock")));
 	blob = palloc(b.len + VARHDRSZ);
 	SET_VARSIZE(blob, b.len + VARHDRSZ);
 	memcpy(VARDATA(blob), b.p, b.len);
@@ -295,9 +299,9 @@ stamp_after(uint64_t tick, uint64_t old)
 static int
 list_index_of_oid(List *l, Oid o)
 {
-	ListCell   *lc;
+	ListCell *lc;
 
-	foreach(lc, l)
+	foreach (lc, l)
 		if (lfirst_oid(lc) == o)
 			return foreach_current_index(lc);
 	return 0;
@@ -306,10 +310,10 @@ list_index_of_oid(List *l, Oid o)
 static bool
 direct_setup(db_table *t, Relation rel)
 {
-	List	   *ids;
-	ListCell   *lc;
-	Relation	pi;
-	int			i;
+	List	 *ids;
+	ListCell *lc;
+	Relation  pi;
+	int		  i;
 
 	if (t->direct_state != 0)
 		return t->direct_state > 0;
@@ -318,13 +322,12 @@ direct_setup(db_table *t, Relation rel)
 	if (!OidIsValid(t->pk_index))
 		return false;
 	ids = RelationGetIndexList(rel);
-	foreach(lc, ids)
+	foreach (lc, ids)
 	{
-		Relation	ir = index_open(lfirst_oid(lc), AccessShareLock);
-		bool		ok = ir->rd_index->indisready && ir->rd_index->indisvalid &&
-			ir->rd_rel->relam == BTREE_AM_OID &&
-			RelationGetIndexExpressions(ir) == NIL &&
-			RelationGetIndexPredicate(ir) == NIL;
+		Relation ir = index_open(lfirst_oid(lc), AccessShareLock);
+		bool	 ok = ir->rd_index->indisready && ir->rd_index->indisvalid &&
+				  ir->rd_rel->relam == BTREE_AM_OID && RelationGetIndexExpressions(ir) == NIL &&
+				  RelationGetIndexPredicate(ir) == NIL;
 
 		index_close(ir, AccessShareLock);
 		if (!ok)
@@ -333,9 +336,9 @@ direct_setup(db_table *t, Relation rel)
 	t->nindexes = list_length(ids);
 	t->index_info = MemoryContextAllocZero(t->cxt, sizeof(IndexInfo *) * (t->nindexes + 1));
 	i = 0;
-	foreach(lc, ids)
+	foreach (lc, ids)
 	{
-		Relation	ir = index_open(lfirst_oid(lc), AccessShareLock);
+		Relation	  ir = index_open(lfirst_oid(lc), AccessShareLock);
 		MemoryContext old = MemoryContextSwitchTo(t->cxt);
 
 		t->index_info[i++] = BuildIndexInfo(ir);
@@ -347,12 +350,12 @@ direct_setup(db_table *t, Relation rel)
 	t->eq_coll = MemoryContextAlloc(t->cxt, sizeof(Oid) * t->npk);
 	for (i = 0; i < t->npk; i++)
 	{
-		Oid			op;
+		Oid op;
 
 		if (pi->rd_index->indnkeyatts != t->npk || pi->rd_index->indkey.values[i] != i + 1)
 			break;
-		op = get_opfamily_member(pi->rd_opfamily[i], pi->rd_opcintype[i],
-								 pi->rd_opcintype[i], BTEqualStrategyNumber);
+		op = get_opfamily_member(pi->rd_opfamily[i], pi->rd_opcintype[i], pi->rd_opcintype[i],
+								 BTEqualStrategyNumber);
 		if (!OidIsValid(op))
 			break;
 		t->eq_proc[i] = get_opcode(op);
@@ -369,7 +372,7 @@ direct_setup(db_table *t, Relation rel)
 static void
 index_key_values(Relation ir, const Datum *values, Datum *iv)
 {
-	int			k;
+	int k;
 
 	for (k = 0; k < ir->rd_index->indnatts; k++)
 		iv[k] = values[ir->rd_index->indkey.values[k] - 1];
@@ -385,18 +388,17 @@ index_key_values(Relation ir, const Datum *values, Datum *iv)
 bool
 pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk)
 {
-	Relation	rel = table_open(t->clock_relid, RowExclusiveLock);
-	Relation	pi;
-	Datum		iv[INDEX_MAX_KEYS];
-	bool		in[INDEX_MAX_KEYS] = {false};
-	Datum	   *values;
-	bool	   *nulls;
-	HeapTuple	tup;
-	List	   *ids;
-	ListCell   *lc;
+	Relation  rel = table_open(t->clock_relid, RowExclusiveLock);
+	Relation  pi;
+	Datum	  iv[INDEX_MAX_KEYS];
+	bool	  in[INDEX_MAX_KEYS] = {false};
+	Datum	 *values;
+	bool	 *nulls;
+	HeapTuple tup;
+	List	 *ids;
+	ListCell *lc;
 
-	if (!direct_setup(t, rel) ||
-		list_length(ids = RelationGetIndexList(rel)) != t->nindexes)
+	if (!direct_setup(t, rel) || list_length(ids = RelationGetIndexList(rel)) != t->nindexes)
 	{
 		table_close(rel, NoLock);
 		return false;
@@ -423,25 +425,25 @@ pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk)
 	if (!index_insert(pi, iv, in, &tup->t_self, rel, UNIQUE_CHECK_PARTIAL, false,
 					  t->index_info[list_index_of_oid(ids, t->pk_index)]))
 	{
-		CommandCounterIncrement();	/* our tuple must be visible to delete it */
+		CommandCounterIncrement(); /* our tuple must be visible to delete it */
 		simple_heap_delete(rel, &tup->t_self);
 		index_close(pi, NoLock);
 		table_close(rel, NoLock);
 		heap_freetuple(tup);
 		return false;
 	}
-	foreach(lc, ids)
+	foreach (lc, ids)
 	{
-		Oid			ioid = lfirst_oid(lc);
-		Relation	ir;
+		Oid		 ioid = lfirst_oid(lc);
+		Relation ir;
 
 		if (ioid == t->pk_index)
 			continue;
 		ir = index_open(ioid, RowExclusiveLock);
 		index_key_values(ir, values, iv);
 		index_insert(ir, iv, in, &tup->t_self, rel,
-					 ir->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
-					 false, t->index_info[foreach_current_index(lc)]);
+					 ir->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO, false,
+					 t->index_info[foreach_current_index(lc)]);
 		index_close(ir, NoLock);
 	}
 	index_close(pi, NoLock);
@@ -460,14 +462,14 @@ pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk)
 int
 pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
 {
-	Relation	rel = table_open(t->clock_relid, AccessShareLock);
-	Relation	pi;
-	ScanKeyData keys[INDEX_MAX_KEYS];
-	IndexScanDesc scan;
+	Relation		rel = table_open(t->clock_relid, AccessShareLock);
+	Relation		pi;
+	ScanKeyData		keys[INDEX_MAX_KEYS];
+	IndexScanDesc	scan;
 	TupleTableSlot *slot;
-	Snapshot	snap;
-	bool		found;
-	int			i;
+	Snapshot		snap;
+	bool			found;
+	int				i;
 
 	if (!direct_setup(t, rel))
 	{
@@ -476,8 +478,8 @@ pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
 	}
 	pi = index_open(t->pk_index, AccessShareLock);
 	for (i = 0; i < t->npk; i++)
-		ScanKeyEntryInitialize(&keys[i], 0, i + 1, BTEqualStrategyNumber, InvalidOid,
-							   t->eq_coll[i], t->eq_proc[i], pk[i]);
+		ScanKeyEntryInitialize(&keys[i], 0, i + 1, BTEqualStrategyNumber, InvalidOid, t->eq_coll[i],
+							   t->eq_proc[i], pk[i]);
 	CommandCounterIncrement();
 	snap = RegisterSnapshot(GetTransactionSnapshot());
 	scan = index_beginscan(rel, pi, snap, t->npk, 0);
@@ -486,7 +488,7 @@ pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
 	found = index_getnext_slot(scan, ForwardScanDirection, slot);
 	if (found)
 	{
-		bool		isnull;
+		bool isnull;
 
 		*cl = DatumGetInt64(slot_getattr(slot, t->npk + 1, &isnull));
 		*clk = DatumGetByteaPCopy(slot_getattr(slot, t->npk + 3, &isnull));
@@ -503,19 +505,19 @@ pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
 static void
 capture_insert(db_table *t, Datum *pk)
 {
-	clock_row	r;
-	int64_t		v;
-	uint64_t	tick;
-	int			i;
+	clock_row r;
+	int64_t	  v;
+	uint64_t  tick;
+	int		  i;
 
 	/* common case: a key never seen */
 	{
-		uint8_t    *blob;
-		size_t		len;
-		bytea	   *bb;
-		Datum	   *vals = palloc(sizeof(Datum) * (t->npk + 3));
+		uint8_t		*blob;
+		size_t		 len;
+		bytea		*bb;
+		Datum		*vals = palloc(sizeof(Datum) * (t->npk + 3));
 		pg_user_save us;
-		int			rc;
+		int			 rc;
 
 		pg_capture_fresh(t, &blob, &len);
 		if (pg_clock_insert_direct(t, pk, 1, pg_txn_version(), t->fresh_bytea))
@@ -559,12 +561,12 @@ capture_insert(db_table *t, Datum *pk)
 static void
 capture_delete(db_table *t, Datum *pk)
 {
-	clock_row	r;
-	int			i;
+	clock_row r;
+	int		  i;
 
 	clock_read(t, pk, &r);
 	if (r.found && r.rc.cl % 2 == 0)
-		return;					/* already a tombstone */
+		return; /* already a tombstone */
 	r.rc.cl = r.found ? r.rc.cl + 1 : 2;
 	r.rc.cl_ver = pg_txn_version();
 	r.rc.cl_site = 0;
@@ -581,15 +583,15 @@ capture_delete(db_table *t, Datum *pk)
 static void
 capture_update(db_table *t, Datum *pk, const bool *changed)
 {
-	clock_row	r;
-	int64_t		v;
-	uint64_t	tick;
-	int			i;
+	clock_row r;
+	int64_t	  v;
+	uint64_t  tick;
+	int		  i;
 
 	clock_read(t, pk, &r);
 	if (!r.found || r.rc.cl % 2 == 0)
 	{
-		capture_insert(t, pk);	/* no live clock: treat as a new life */
+		capture_insert(t, pk); /* no live clock: treat as a new life */
 		return;
 	}
 	v = pg_txn_version();
@@ -608,8 +610,8 @@ capture_update(db_table *t, Datum *pk, const bool *changed)
 static void
 get_pk(db_table *t, HeapTuple tup, TupleDesc td, Datum *pk)
 {
-	int			i;
-	bool		isnull;
+	int	 i;
+	bool isnull;
 
 	for (i = 0; i < t->npk; i++)
 	{
@@ -622,10 +624,9 @@ get_pk(db_table *t, HeapTuple tup, TupleDesc td, Datum *pk)
 static bool
 same(pg_col *c, HeapTuple a, HeapTuple b, TupleDesc td)
 {
-	bool		na,
-				nb;
-	Datum		da = heap_getattr(a, c->attnum, td, &na);
-	Datum		db = heap_getattr(b, c->attnum, td, &nb);
+	bool  na, nb;
+	Datum da = heap_getattr(a, c->attnum, td, &na);
+	Datum db = heap_getattr(b, c->attnum, td, &nb);
 
 	if (na || nb)
 		return na == nb;
@@ -637,29 +638,27 @@ Datum
 sync_capture(PG_FUNCTION_ARGS)
 {
 	TriggerData *td;
-	db_table   *t;
-	TupleDesc	desc;
-	Datum	   *pk;
+	db_table	*t;
+	TupleDesc	 desc;
+	Datum		*pk;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("sync_capture() must be called as a trigger")));
+		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+						errmsg("sync_capture() must be called as a trigger")));
 	td = (TriggerData *) fcinfo->context;
 	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
 	{
 		if (!pg_applying)
-			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-					 errmsg("cannot truncate synced table \"%s\"",
-							RelationGetRelationName(td->tg_relation)),
-					 errhint("Use DELETE so the deletions reach the other replicas, or call sync_cleanup first.")));
+			ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+							errmsg("cannot truncate synced table \"%s\"",
+								   RelationGetRelationName(td->tg_relation)),
+							errhint("Use DELETE so the deletions reach the other replicas, or call "
+									"sync_cleanup first.")));
 		return PointerGetDatum(NULL);
 	}
 	if (!TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_AFTER(td->tg_event))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("sync_capture() must be an AFTER ROW trigger")));
+		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+						errmsg("sync_capture() must be an AFTER ROW trigger")));
 	if (pg_applying)
 		return PointerGetDatum(NULL);
 	pg_wrote_xid = GetTopFullTransactionId();
@@ -669,7 +668,7 @@ sync_capture(PG_FUNCTION_ARGS)
 		(t = pg_table_cached(RelationGetRelid(td->tg_relation))) != NULL)
 	{
 		FullTransactionId x = GetTopFullTransactionIdIfAny();
-		bool		done = false;
+		bool			  done = false;
 
 		if (t->fresh_bytea && FullTransactionIdEquals(t->fresh_xid, x))
 		{
@@ -692,9 +691,9 @@ sync_capture(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("cannot %s rows of table %s: it is synced as insert-only (gset)",
-						TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? "update" : "delete",
-						t->name),
-				 errhint("Rows of a gset table are never updated or deleted; sync the table with algorithm 'cls' to allow it.")));
+						TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? "update" : "delete", t->name),
+				 errhint("Rows of a gset table are never updated or deleted; sync the table with "
+						 "algorithm 'cls' to allow it.")));
 
 	if (TRIGGER_FIRED_BY_INSERT(td->tg_event))
 	{
@@ -708,12 +707,12 @@ sync_capture(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		HeapTuple	oldt = td->tg_trigtuple;
-		HeapTuple	newt = td->tg_newtuple;
-		bool		keychange = false;
-		bool		any = false;
-		bool	   *changed = palloc0(sizeof(bool) * Max(t->ncols, 1));
-		int			i;
+		HeapTuple oldt = td->tg_trigtuple;
+		HeapTuple newt = td->tg_newtuple;
+		bool	  keychange = false;
+		bool	  any = false;
+		bool	 *changed = palloc0(sizeof(bool) * Max(t->ncols, 1));
+		int		  i;
 
 		for (i = 0; i < t->npk; i++)
 			keychange |= !same(&t->pk[i], oldt, newt, desc);

@@ -33,28 +33,28 @@
 
 typedef struct site_by_idx
 {
-	uint32		idx;
-	uint8_t		site[PGS_SITE_LEN];
+	uint32	idx;
+	uint8_t site[PGS_SITE_LEN];
 } site_by_idx;
 
 typedef struct site_by_id
 {
-	uint8_t		site[PGS_SITE_LEN];
-	uint32		idx;
+	uint8_t site[PGS_SITE_LEN];
+	uint32	idx;
 } site_by_id;
 
 struct db_cursor
 {
-	db_conn    *db;
-	db_table   *t;
-	Portal		portal;
+	db_conn		  *db;
+	db_table	  *t;
+	Portal		   portal;
 	SPITupleTable *tt;
-	uint64		pos;
-	uint64		n;
-	bool		eof;
-	MemoryContext row_cxt;
-	pgs_value  *pk;
-	pgs_value  *cols;
+	uint64		   pos;
+	uint64		   n;
+	bool		   eof;
+	MemoryContext  row_cxt;
+	pgs_value	  *pk;
+	pgs_value	  *cols;
 };
 
 #define FETCH_BATCH 1000
@@ -64,7 +64,7 @@ struct db_cursor
 static void
 track(db_conn *db, db_table *t)
 {
-	db_table  **n;
+	db_table **n;
 
 	n = MemoryContextAlloc(db->cxt, sizeof(db_table *) * (db->ntables + 1));
 	if (db->ntables)
@@ -78,15 +78,15 @@ db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err)
 {
 	if (!db->tables_loaded)
 	{
-		Oid		   *relids;
-		int			n = pg_table_list(&relids);
-		int			i;
+		Oid *relids;
+		int	 n = pg_table_list(&relids);
+		int	 i;
 
 		db->ntables = 0;
 		db->tables = NULL;
 		for (i = 0; i < n; i++)
 		{
-			db_table   *t = pg_table_get(relids[i], true);
+			db_table *t = pg_table_get(relids[i], true);
 
 			if (t)
 				track(db, t);
@@ -99,16 +99,14 @@ db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err)
 }
 
 pgs_rc
-db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out,
-			  pgs_err *err)
+db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out, pgs_err *err)
 {
-	Oid			relid;
-	int			i;
-	db_table   *t;
+	Oid		  relid;
+	int		  i;
+	db_table *t;
 
 	for (i = 0; i < db->ntables; i++)
-		if (strlen(db->tables[i]->name) == len &&
-			memcmp(db->tables[i]->name, name, len) == 0)
+		if (strlen(db->tables[i]->name) == len && memcmp(db->tables[i]->name, name, len) == 0)
 		{
 			*out = db->tables[i];
 			return PGS_OK;
@@ -116,16 +114,17 @@ db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out,
 	relid = pg_table_by_name((const char *) name, len);
 	if (!OidIsValid(relid) || (t = pg_table_get(relid, true)) == NULL)
 	{
-		char		nm[72];
+		char nm[72];
 
 		pgs_failf(err, PGS_ERR_SCHEMA,
-				  "Create the table here and call sync_init on it (the name must match, schema-qualified when not in public).",
+				  "Create the table here and call sync_init on it (the name must match, "
+				  "schema-qualified when not in public).",
 				  "table \"%s\" of the payload is not synced here",
 				  pgs_name_for_msg(nm, name, len));
 		return PGS_ERR_SCHEMA;
 	}
 	if (db->tables_loaded)
-		db->tables_loaded = false;	/* tables[] is now a superset; reload on db_tables */
+		db->tables_loaded = false; /* tables[] is now a superset; reload on db_tables */
 	track(db, t);
 	*out = t;
 	return PGS_OK;
@@ -142,7 +141,7 @@ db_table_describe(db_table *t)
 static void
 site_maps(db_conn *db)
 {
-	HASHCTL		ctl;
+	HASHCTL ctl;
 
 	if (db->by_idx)
 		return;
@@ -150,21 +149,21 @@ site_maps(db_conn *db)
 	ctl.keysize = sizeof(uint32);
 	ctl.entrysize = sizeof(site_by_idx);
 	ctl.hcxt = db->cxt;
-	db->by_idx = hash_create("pgsync sites by idx", 64, &ctl,
-							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	db->by_idx =
+		hash_create("pgsync sites by idx", 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = PGS_SITE_LEN;
 	ctl.entrysize = sizeof(site_by_id);
 	ctl.hcxt = db->cxt;
-	db->by_site = hash_create("pgsync sites by id", 64, &ctl,
-							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	db->by_site =
+		hash_create("pgsync sites by id", 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
 static void
 site_remember(db_conn *db, uint32 idx, const uint8_t *site)
 {
 	site_by_idx *a;
-	site_by_id *b;
+	site_by_id	*b;
 
 	a = hash_search(db->by_idx, &idx, HASH_ENTER, NULL);
 	memcpy(a->site, site, PGS_SITE_LEN);
@@ -181,7 +180,7 @@ db_site_id(db_conn *db)
 static Datum
 uuid_datum(const uint8_t *site)
 {
-	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+	pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
 
 	memcpy(u->data, site, PGS_SITE_LEN);
 	return UUIDPGetDatum(u);
@@ -190,14 +189,13 @@ uuid_datum(const uint8_t *site)
 pgs_rc
 db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 {
-	static SPIPlanPtr sel = NULL,
-				ins = NULL;
-	Oid			argt[1] = {UUIDOID};
-	Datum		arg[1];
-	site_by_id *e;
-	pg_user_save us;
-	bool		isnull;
-	int			attempt;
+	static SPIPlanPtr sel = NULL, ins = NULL;
+	Oid				  argt[1] = {UUIDOID};
+	Datum			  arg[1];
+	site_by_id		 *e;
+	pg_user_save	  us;
+	bool			  isnull;
+	int				  attempt;
 
 	site_maps(db);
 	if (memcmp(site, db->site, PGS_SITE_LEN) == 0)
@@ -219,24 +217,26 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		if (sel == NULL)
 			elog(ERROR, "SPI_prepare failed");
 		SPI_keepplan(sel);
-		ins = SPI_prepare("INSERT INTO pgsync.sites (idx, site) "
-						  "VALUES (pg_catalog.nextval('pgsync.sites_idx_seq'::pg_catalog.regclass)::integer, $1) "
-						  "ON CONFLICT (site) DO NOTHING RETURNING idx", 1, argt);
+		ins = SPI_prepare(
+			"INSERT INTO pgsync.sites (idx, site) "
+			"VALUES (pg_catalog.nextval('pgsync.sites_idx_seq'::pg_catalog.regclass)::integer, $1) "
+			"ON CONFLICT (site) DO NOTHING RETURNING idx",
+			1, argt);
 		if (ins == NULL)
 			elog(ERROR, "SPI_prepare failed");
 		SPI_keepplan(ins);
 	}
 	for (attempt = 0; attempt < 2; attempt++)
 	{
-		SPIPlanPtr	p = attempt == 0 ? sel : ins;
-		int			rc = SPI_execute_plan(p, arg, NULL, false, 1);
+		SPIPlanPtr p = attempt == 0 ? sel : ins;
+		int		   rc = SPI_execute_plan(p, arg, NULL, false, 1);
 
 		if (rc != SPI_OK_SELECT && rc != SPI_OK_INSERT_RETURNING)
 			elog(ERROR, "pgsync: reading pgsync.sites failed");
 		if (SPI_processed == 1)
 		{
-			*idx = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
-											   SPI_tuptable->tupdesc, 1, &isnull));
+			*idx = DatumGetInt32(
+				SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 			SPI_freetuptable(SPI_tuptable);
 			pg_as_caller(&us);
 			site_remember(db, *idx, site);
@@ -258,11 +258,11 @@ pgs_rc
 db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 {
 	static SPIPlanPtr sel = NULL;
-	Oid			argt[1] = {INT4OID};
-	Datum		arg[1];
-	site_by_idx *e;
-	pg_user_save us;
-	bool		isnull;
+	Oid				  argt[1] = {INT4OID};
+	Datum			  arg[1];
+	site_by_idx		 *e;
+	pg_user_save	  us;
+	bool			  isnull;
 
 	site_maps(db);
 	if (idx == 0)
@@ -296,9 +296,9 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 						 "unknown site index %u in a row clock", idx);
 	}
 	{
-		pg_uuid_t  *u = DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[0],
-												   SPI_tuptable->tupdesc, 1, &isnull));
-		uint8_t		copy[PGS_SITE_LEN];
+		pg_uuid_t *u =
+			DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		uint8_t copy[PGS_SITE_LEN];
 
 		memcpy(copy, u->data, PGS_SITE_LEN);
 		SPI_freetuptable(SPI_tuptable);
@@ -347,20 +347,20 @@ pgs_rc
 db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 {
 	static SPIPlanPtr plan = NULL;
-	bool		isnull;
+	bool			  isnull;
 
 	if (plan == NULL)
 	{
 		plan = SPI_prepare("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
-						   "::pg_catalog.text::pg_catalog.int8 - 1", 0, NULL);
+						   "::pg_catalog.text::pg_catalog.int8 - 1",
+						   0, NULL);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed");
 		SPI_keepplan(plan);
 	}
 	if (SPI_execute_plan(plan, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "pgsync: reading the snapshot failed");
-	*until = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-										 1, &isnull));
+	*until = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return PGS_OK;
 }
@@ -369,18 +369,17 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 static Datum *
 pk_datums(db_table *t, const pgs_value *pk, int extra)
 {
-	Datum	   *d = palloc(sizeof(Datum) * (t->npk + extra + 1));
-	int			i;
+	Datum *d = palloc(sizeof(Datum) * (t->npk + extra + 1));
+	int	   i;
 
 	for (i = 0; i < t->npk; i++)
 	{
-		bool		isnull;
+		bool isnull;
 
 		d[i] = pg_value_datum(&t->pk[i], &pk[i], &isnull, t, pk);
 		if (isnull)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-					 errmsg("null primary key value for table %s in payload", t->name)));
+			ereport(ERROR, (errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+							errmsg("null primary key value for table %s in payload", t->name)));
 	}
 	return d;
 }
@@ -390,7 +389,7 @@ scratch(db_conn *db)
 {
 	/* per-row scratch, reset on every db_ call that needs it */
 	static MemoryContext cxt = NULL;
-	static uint64 call = 0;
+	static uint64		 call = 0;
 
 	if (cxt == NULL || call != db->call_id)
 	{
@@ -403,17 +402,17 @@ scratch(db_conn *db)
 }
 
 pgs_rc
-db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found,
-			 int64_t *cl, const uint8_t **blob, size_t *blob_len, pgs_err *err)
+db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
+			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
 {
 	MemoryContext row = scratch(db);
 	MemoryContext old = MemoryContextSwitchTo(row);
-	Datum	   *d = pk_datums(t, pk, 0);
-	pg_user_save us;
-	int			rc;
-	int64		dcl;
-	bytea	   *b = NULL;
-	int			f = pg_clock_lookup_direct(t, d, &dcl, &b);
+	Datum		 *d = pk_datums(t, pk, 0);
+	pg_user_save  us;
+	int			  rc;
+	int64		  dcl;
+	bytea		 *b = NULL;
+	int			  f = pg_clock_lookup_direct(t, d, &dcl, &b);
 
 	if (f < 0)
 	{
@@ -425,8 +424,8 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found,
 		f = SPI_processed == 1;
 		if (f)
 		{
-			bool		isnull;
-			HeapTuple	tup = SPI_tuptable->vals[0];
+			bool	  isnull;
+			HeapTuple tup = SPI_tuptable->vals[0];
 
 			dcl = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull));
 			b = DatumGetByteaPCopy(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
@@ -436,7 +435,7 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found,
 	*found = db->last_found = f == 1;
 	if (*found)
 	{
-		size_t		len;
+		size_t len;
 
 		*cl = db->last_cl = dcl;
 		len = VARSIZE_ANY_EXHDR(b);
@@ -465,16 +464,15 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found,
  * sync_apply_payload runs the apply again.
  */
 pgs_rc
-db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists,
-			 int64_t cl, int64_t ver, const uint8_t *blob, size_t blob_len,
-			 pgs_err *err)
+db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
+			 const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	Datum	   *d = pk_datums(t, pk, 5);
-	bytea	   *b = palloc(blob_len + VARHDRSZ);
-	pg_user_save us;
-	int			rc;
-	bool		ok;
+	Datum		 *d = pk_datums(t, pk, 5);
+	bytea		 *b = palloc(blob_len + VARHDRSZ);
+	pg_user_save  us;
+	int			  rc;
+	bool		  ok;
 
 	SET_VARSIZE(b, blob_len + VARHDRSZ);
 	memcpy(VARDATA(b), blob, blob_len);
@@ -492,7 +490,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists,
 		ok = SPI_processed == 1;
 	}
 	else if (pg_clock_insert_direct(t, d, cl, ver, b))
-		ok = true;				/* a new key: straight into heap and indexes */
+		ok = true; /* a new key: straight into heap and indexes */
 	else
 	{
 		/* the key exists or is being written: let the executor wait for it */
@@ -505,11 +503,10 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists,
 	if (!ok)
 	{
 		pg_apply_conflict = true;
-		ereport(ERROR,
-				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-				 errmsg("row %s of table %s was changed locally while a payload was applied",
-						pg_pk_text(t, pk), t->name),
-				 errhint("Apply the payload again.")));
+		ereport(ERROR, (errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+						errmsg("row %s of table %s was changed locally while a payload was applied",
+							   pg_pk_text(t, pk), t->name),
+						errhint("Apply the payload again.")));
 	}
 	MemoryContextSwitchTo(old);
 	return PGS_OK;
@@ -527,14 +524,13 @@ fast_write(db_conn *db, db_table *t)
 {
 	if (t->priv_call != db->call_id)
 	{
-		Oid			user = GetUserId();
+		Oid user = GetUserId();
 
-		t->fast_write =
-			pg_class_aclcheck(t->relid, user, ACL_INSERT) == ACLCHECK_OK &&
-			pg_class_aclcheck(t->relid, user, ACL_UPDATE) == ACLCHECK_OK &&
-			pg_class_aclcheck(t->relid, user, ACL_DELETE) == ACLCHECK_OK &&
-			pg_class_aclcheck(t->relid, user, ACL_SELECT) == ACLCHECK_OK &&
-			check_enable_rls(t->relid, InvalidOid, true) != RLS_ENABLED;
+		t->fast_write = pg_class_aclcheck(t->relid, user, ACL_INSERT) == ACLCHECK_OK &&
+						pg_class_aclcheck(t->relid, user, ACL_UPDATE) == ACLCHECK_OK &&
+						pg_class_aclcheck(t->relid, user, ACL_DELETE) == ACLCHECK_OK &&
+						pg_class_aclcheck(t->relid, user, ACL_SELECT) == ACLCHECK_OK &&
+						check_enable_rls(t->relid, InvalidOid, true) != RLS_ENABLED;
 		t->priv_call = db->call_id;
 	}
 	return t->fast_write;
@@ -549,17 +545,17 @@ typedef enum write_kind
 
 typedef struct write_args
 {
-	db_table   *t;
-	write_kind	kind;
+	db_table	  *t;
+	write_kind	   kind;
 	pg_merge_plan *m;
-	Datum	   *vals;
-	char	   *nulls;
+	Datum		  *vals;
+	char		  *nulls;
 } write_args;
 
 static void
 do_write(write_args *w)
 {
-	int			rc;
+	int rc;
 
 	switch (w->kind)
 	{
@@ -595,8 +591,8 @@ do_write(write_args *w)
 static pgs_rc
 guarded_write(db_conn *db, write_args *w, pgs_err *err)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
+	MemoryContext	cxt = CurrentMemoryContext;
+	ResourceOwner	owner = CurrentResourceOwner;
 	volatile pgs_rc rc = PGS_OK;
 
 	if (fast_write(db, w->t))
@@ -615,7 +611,7 @@ guarded_write(db_conn *db, write_args *w, pgs_err *err)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *ed;
+		ErrorData *ed;
 
 		MemoryContextSwitchTo(cxt);
 		ed = CopyErrorData();
@@ -639,13 +635,13 @@ guarded_write(db_conn *db, write_args *w, pgs_err *err)
 }
 
 pgs_rc
-db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode,
-			 int n, const int *cols, const pgs_value *vals, pgs_err *err)
+db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	write_args	w;
-	int			i;
-	pgs_rc		rc;
+	write_args	  w;
+	int			  i;
+	pgs_rc		  rc;
 
 	w.t = t;
 	if (mode == DB_WRITE_MERGE)
@@ -657,7 +653,7 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode,
 		memset(w.nulls, ' ', t->npk + n);
 		for (i = 0; i < n; i++)
 		{
-			bool		isnull;
+			bool isnull;
 
 			w.vals[t->npk + i] = pg_value_datum(&t->cols[cols[i]], &vals[i], &isnull, t, pk);
 			w.nulls[t->npk + i] = isnull ? 'n' : ' ';
@@ -674,8 +670,8 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode,
 		memset(w.nulls + t->npk, 'n', t->ncols);
 		for (i = 0; i < n; i++)
 		{
-			bool		isnull;
-			int			c = cols[i];
+			bool isnull;
+			int	 c = cols[i];
 
 			w.vals[t->npk + c] = pg_value_datum(&t->cols[c], &vals[i], &isnull, t, pk);
 			w.nulls[t->npk + c] = isnull ? 'n' : ' ';
@@ -696,8 +692,8 @@ pgs_rc
 db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	write_args	w;
-	pgs_rc		rc;
+	write_args	  w;
+	pgs_rc		  rc;
 
 	w.t = t;
 	w.kind = W_DELETE;
@@ -714,8 +710,7 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 
-	pg_reject_add(t->name, pg_pk_json(t, pk),
-				  db->sqlstate[0] ? db->sqlstate : "42501", why->msg);
+	pg_reject_add(t->name, pg_pk_json(t, pk), db->sqlstate[0] ? db->sqlstate : "42501", why->msg);
 	db->rejected++;
 	db->sqlstate[0] = '\0';
 	MemoryContextSwitchTo(old);
@@ -724,13 +719,12 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 /* ---- change enumeration -------------------------------------------------- */
 
 pgs_rc
-db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
-				bool by_key, const pgs_value *after_pk,
-				db_cursor **out, pgs_err *err)
+db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
+				const pgs_value *after_pk, db_cursor **out, pgs_err *err)
 {
-	db_cursor  *c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum	   *args = palloc(sizeof(Datum) * (t->npk + 2));
-	int			mode = !by_key ? 0 : after_pk ? 2 : 1;
+	db_cursor *c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
+	Datum	  *args = palloc(sizeof(Datum) * (t->npk + 2));
+	int		   mode = !by_key ? 0 : after_pk ? 2 : 1;
 
 	c->db = db;
 	c->t = t;
@@ -742,7 +736,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
 	if (mode == 2)
 	{
 		/* a token's key: converted (and checked) like a payload's key */
-		Datum	   *k = pk_datums(t, after_pk, 0);
+		Datum *k = pk_datums(t, after_pk, 0);
 
 		memcpy(args + 2, k, sizeof(Datum) * t->npk);
 	}
@@ -751,7 +745,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
 	else
 	{
 		/* planned at open: a chunk reads a small fraction of the rows */
-		int			level = NewGUCNestLevel();
+		int level = NewGUCNestLevel();
 
 		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
@@ -765,21 +759,20 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until,
 }
 
 pgs_rc
-db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
-				const uint8_t **blob, size_t *blob_len, bool *alive,
-				const pgs_value **cols, pgs_err *err)
+db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
+				size_t *blob_len, bool *alive, const pgs_value **cols, pgs_err *err)
 {
-	db_table   *t = c->t;
+	db_table	 *t = c->t;
 	MemoryContext old;
 
 	for (;;)
 	{
-		HeapTuple	tup;
-		TupleDesc	td;
-		bool		isnull;
-		bool		exists;
-		int			i;
-		bytea	   *b;
+		HeapTuple tup;
+		TupleDesc td;
+		bool	  isnull;
+		bool	  exists;
+		int		  i;
+		bytea	 *b;
 
 		if (c->tt == NULL || c->pos >= c->n)
 		{
@@ -814,7 +807,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
 		}
 		for (i = 0; i < t->npk; i++)
 		{
-			Datum		d = SPI_getbinval(tup, td, i + 1, &isnull);
+			Datum d = SPI_getbinval(tup, td, i + 1, &isnull);
 
 			pg_datum_value(&t->pk[i], d, isnull, &c->pk[i]);
 		}
@@ -825,7 +818,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
 		if (*alive)
 			for (i = 0; i < t->ncols; i++)
 			{
-				Datum		d = SPI_getbinval(tup, td, t->npk + 4 + i, &isnull);
+				Datum d = SPI_getbinval(tup, td, t->npk + 4 + i, &isnull);
 
 				pg_datum_value(&t->cols[i], d, isnull, &c->cols[i]);
 			}

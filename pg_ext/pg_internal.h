@@ -36,7 +36,7 @@ typedef enum pg_kind
 	PGK_FLOAT4,
 	PGK_FLOAT8,
 	PGK_NUMERIC,
-	PGK_TEXT,					/* text, varchar, bpchar */
+	PGK_TEXT, /* text, varchar, bpchar */
 	PGK_BYTEA,
 	PGK_BOOL,
 	PGK_UUID,
@@ -45,36 +45,36 @@ typedef enum pg_kind
 	PGK_TIMESTAMPTZ,
 	PGK_JSON,
 	PGK_JSONB,
-	PGK_OTHER					/* any other type: its text form */
+	PGK_OTHER /* any other type: its text form */
 } pg_kind;
 
 typedef struct pg_col
 {
-	char	   *name;
-	AttrNumber	attnum;			/* in the base table */
-	Oid			typid;			/* declared type (maybe a domain) */
-	int32		typmod;
-	Oid			coll;			/* column collation (InvalidOid if none) */
-	Oid			basetyp;		/* domain base type */
-	pg_kind		kind;
-	bool		isdomain;
-	int16		typlen;
-	bool		typbyval;
-	Oid			typinput;
-	Oid			typioparam;
-	Oid			typoutput;
-	bool		text_fast;		/* text-like without typmod: no input call */
-	FmgrInfo	infn;			/* input function, set up lazily */
-	bool		infn_ok;
+	char	  *name;
+	AttrNumber attnum; /* in the base table */
+	Oid		   typid;  /* declared type (maybe a domain) */
+	int32	   typmod;
+	Oid		   coll;	/* column collation (InvalidOid if none) */
+	Oid		   basetyp; /* domain base type */
+	pg_kind	   kind;
+	bool	   isdomain;
+	int16	   typlen;
+	bool	   typbyval;
+	Oid		   typinput;
+	Oid		   typioparam;
+	Oid		   typoutput;
+	bool	   text_fast; /* text-like without typmod: no input call */
+	FmgrInfo   infn;	  /* input function, set up lazily */
+	bool	   infn_ok;
 } pg_col;
 
 /* A merge-write plan for one set of columns. */
 typedef struct pg_merge_plan
 {
-	char		key[64];		/* hash key: hex of the column bitmap (prefix) */
-	char	   *cols_key;		/* full key when longer than 63 chars */
-	SPIPlanPtr	upd;
-	SPIPlanPtr	ins;
+	char	   key[64];	 /* hash key: hex of the column bitmap (prefix) */
+	char	  *cols_key; /* full key when longer than 63 chars */
+	SPIPlanPtr upd;
+	SPIPlanPtr ins;
 } pg_merge_plan;
 
 /*
@@ -84,110 +84,110 @@ typedef struct pg_merge_plan
  */
 struct db_table
 {
-	Oid			relid;			/* hash key */
-	bool		valid;
-	int			busy;			/* calls using it in this transaction */
-	MemoryContext cxt;			/* owns everything below except plans */
-	Oid			clock_relid;
-	char	   *name;			/* payload name: rel, or nsp.rel */
-	char	   *q_base;			/* quoted, qualified */
-	char	   *q_clock;
-	db_algo		algo;
-	int			npk;
-	int			ncols;
-	pg_col	   *pk;
-	pg_col	   *cols;
-	const char **pk_names;
-	const char **col_names;
+	Oid			  relid; /* hash key */
+	bool		  valid;
+	int			  busy; /* calls using it in this transaction */
+	MemoryContext cxt;	/* owns everything below except plans */
+	Oid			  clock_relid;
+	char		 *name;	  /* payload name: rel, or nsp.rel */
+	char		 *q_base; /* quoted, qualified */
+	char		 *q_clock;
+	db_algo		  algo;
+	int			  npk;
+	int			  ncols;
+	pg_col		 *pk;
+	pg_col		 *cols;
+	const char	**pk_names;
+	const char	**col_names;
 	db_table_info info;
-	Oid		   *pk_types;		/* npk */
-	Oid		   *row_types;		/* npk + ncols: pk then columns */
+	Oid			 *pk_types;	 /* npk */
+	Oid			 *row_types; /* npk + ncols: pk then columns */
 	/* plans (SPI_keepplan) */
-	SPIPlanPtr	p_clock_get;
-	SPIPlanPtr	p_clock_upsert;
-	SPIPlanPtr	p_clock_insnew;
-	SPIPlanPtr	p_clock_cas;
-	SPIPlanPtr	p_row_replace;
-	SPIPlanPtr	p_row_delete;
-	SPIPlanPtr	p_changes;
-	SPIPlanPtr	p_changes_key;	/* chunks: key order */
-	SPIPlanPtr	p_changes_after;	/* chunks: key order after $3.. */
-	HTAB	   *merge_plans;
-	int			nmerge_plans;
+	SPIPlanPtr p_clock_get;
+	SPIPlanPtr p_clock_upsert;
+	SPIPlanPtr p_clock_insnew;
+	SPIPlanPtr p_clock_cas;
+	SPIPlanPtr p_row_replace;
+	SPIPlanPtr p_row_delete;
+	SPIPlanPtr p_changes;
+	SPIPlanPtr p_changes_key;	/* chunks: key order */
+	SPIPlanPtr p_changes_after; /* chunks: key order after $3.. */
+	HTAB	  *merge_plans;
+	int		   nmerge_plans;
 	/* capture: the clock blob of a fresh row in the current transaction */
 	FullTransactionId fresh_xid;
-	uint8_t    *fresh_blob;
-	size_t		fresh_len;
-	bytea	   *fresh_bytea;	/* the same as a bytea (in cxt) */
+	uint8_t			 *fresh_blob;
+	size_t			  fresh_len;
+	bytea			 *fresh_bytea; /* the same as a bytea (in cxt) */
 	/* capture fast path: direct heap + index insert into the clock table */
-	int			direct_state;	/* 0 unknown, 1 usable, -1 not */
-	Oid			pk_index;
-	int			nindexes;
-	RegProcedure *eq_proc;		/* npk, equality of the clock key index */
-	Oid		   *eq_coll;
-	struct IndexInfo **index_info;	/* per index of the clock table, list order */
+	int				   direct_state; /* 0 unknown, 1 usable, -1 not */
+	Oid				   pk_index;
+	int				   nindexes;
+	RegProcedure	  *eq_proc; /* npk, equality of the clock key index */
+	Oid				  *eq_coll;
+	struct IndexInfo **index_info; /* per index of the clock table, list order */
 	/* apply: what this call may do without a subtransaction */
-	uint64		priv_call;
-	bool		fast_write;		/* full privileges, no RLS: no subxact */
+	uint64 priv_call;
+	bool   fast_write; /* full privileges, no RLS: no subxact */
 };
 
 /* Per-call state handed to the core as its db_conn. */
 struct db_conn
 {
 	MemoryContext cxt;
-	uint64		call_id;
-	uint8_t		site[PGS_SITE_LEN];
-	bool		have_ver;
-	int64_t		ver;
-	HTAB	   *by_idx;
-	HTAB	   *by_site;
-	db_table  **tables;
-	int			ntables;
-	bool		tables_loaded;
-	char		sqlstate[6];	/* of the last refused write */
-	int64_t		rejected;
+	uint64		  call_id;
+	uint8_t		  site[PGS_SITE_LEN];
+	bool		  have_ver;
+	int64_t		  ver;
+	HTAB		 *by_idx;
+	HTAB		 *by_site;
+	db_table	**tables;
+	int			  ntables;
+	bool		  tables_loaded;
+	char		  sqlstate[6]; /* of the last refused write */
+	int64_t		  rejected;
 	/* the clock row db_clock_get read last (for the compare-and-set) */
-	bool		last_found;
-	int64_t		last_cl;
-	bytea	   *last_blob;
-	size_t		last_cap;
+	bool	last_found;
+	int64_t last_cl;
+	bytea  *last_blob;
+	size_t	last_cap;
 };
 
 /* ---- pgsync.c ---- */
-extern bool pg_applying;		/* true while sync_apply_payload merges */
-extern bool pg_apply_conflict;	/* a local write raced with the apply */
+extern bool pg_applying;	   /* true while sync_apply_payload merges */
+extern bool pg_apply_conflict; /* a local write raced with the apply */
 void		pg_core_memory(MemoryContext cxt);
 void		pg_raise(const pgs_err *err) pg_attribute_noreturn();
 void		pg_conn_init(db_conn *db, MemoryContext cxt);
-void		pg_reject_add(const char *table, const char *pk_json,
-						  const char *sqlstate, const char *message);
+void		pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
+						  const char *message);
 Oid			pg_meta_owner(void);
 
 typedef struct pg_user_save
 {
-	Oid			user;
-	int			sec;
+	Oid user;
+	int sec;
 } pg_user_save;
-void		pg_as_meta(pg_user_save *s);
-void		pg_as_caller(const pg_user_save *s);
+void pg_as_meta(pg_user_save *s);
+void pg_as_caller(const pg_user_save *s);
 
 /* ---- pg_table.c ---- */
-db_table   *pg_table_get(Oid relid, bool missing_ok);
-db_table   *pg_table_cached(Oid relid);
-void		pg_table_release_all(void);
-void		pg_table_init(Oid relid, db_algo algo, Oid func_nsp);
-void		pg_table_cleanup(Oid relid);
-int			pg_table_list(Oid **relids);
-Oid			pg_table_by_name(const char *name, size_t len);
+db_table	  *pg_table_get(Oid relid, bool missing_ok);
+db_table	  *pg_table_cached(Oid relid);
+void		   pg_table_release_all(void);
+void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp);
+void		   pg_table_cleanup(Oid relid);
+int			   pg_table_list(Oid **relids);
+Oid			   pg_table_by_name(const char *name, size_t len);
 pg_merge_plan *pg_table_merge_plan(db_table *t, int n, const int *cols);
-void		pg_table_cache_setup(void);
-SPIPlanPtr	pg_plan_clock_get(db_table *t);
-SPIPlanPtr	pg_plan_clock_upsert(db_table *t);
-SPIPlanPtr	pg_plan_clock_insnew(db_table *t);
-SPIPlanPtr	pg_plan_clock_cas(db_table *t);
-SPIPlanPtr	pg_plan_row_replace(db_table *t);
-SPIPlanPtr	pg_plan_row_delete(db_table *t);
-SPIPlanPtr	pg_plan_changes(db_table *t, int mode);	/* 0, 1 by key, 2 by key after $3.. */
+void		   pg_table_cache_setup(void);
+SPIPlanPtr	   pg_plan_clock_get(db_table *t);
+SPIPlanPtr	   pg_plan_clock_upsert(db_table *t);
+SPIPlanPtr	   pg_plan_clock_insnew(db_table *t);
+SPIPlanPtr	   pg_plan_clock_cas(db_table *t);
+SPIPlanPtr	   pg_plan_row_replace(db_table *t);
+SPIPlanPtr	   pg_plan_row_delete(db_table *t);
+SPIPlanPtr	   pg_plan_changes(db_table *t, int mode); /* 0, 1 by key, 2 by key after $3.. */
 
 /* ---- pg_types.c ---- */
 pg_kind		pg_type_kind(Oid basetyp);
@@ -195,19 +195,18 @@ const char *pg_kind_name(pg_kind k);
 bool		pg_kind_pk_ok(pg_kind k);
 void		pg_col_setup(pg_col *c, Oid typid, int32 typmod);
 void		pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out);
-Datum		pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull,
-						   db_table *t, const pgs_value *pk);
-char	   *pg_pk_json(db_table *t, const pgs_value *pk);
-char	   *pg_pk_text(db_table *t, const pgs_value *pk);
+Datum pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk);
+char *pg_pk_json(db_table *t, const pgs_value *pk);
+char *pg_pk_text(db_table *t, const pgs_value *pk);
 
 /* ---- pg_capture.c ---- */
 extern FullTransactionId pg_wrote_xid;
-int64_t		pg_txn_version(void);
-uint64_t	pg_txn_tick(void);
-void		pg_hlc_observe(uint64_t hlc);
-uint64_t	pg_hlc_floor(void);
-void		pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
-int			pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
-bool		pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
+int64_t					 pg_txn_version(void);
+uint64_t				 pg_txn_tick(void);
+void					 pg_hlc_observe(uint64_t hlc);
+uint64_t				 pg_hlc_floor(void);
+void					 pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
+int						 pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
+bool pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
 
-#endif							/* PGSYNC_PG_INTERNAL_H */
+#endif /* PGSYNC_PG_INTERNAL_H */

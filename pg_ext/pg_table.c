@@ -37,7 +37,7 @@ static void
 table_inval(Datum arg, Oid relid)
 {
 	HASH_SEQ_STATUS st;
-	db_table   *t;
+	db_table	   *t;
 
 	if (table_cache == NULL)
 		return;
@@ -53,7 +53,7 @@ table_inval(Datum arg, Oid relid)
 void
 pg_table_cache_setup(void)
 {
-	HASHCTL		ctl;
+	HASHCTL ctl;
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(Oid);
@@ -67,7 +67,7 @@ void
 pg_table_release_all(void)
 {
 	HASH_SEQ_STATUS st;
-	db_table   *t;
+	db_table	   *t;
 
 	if (table_cache == NULL)
 		return;
@@ -99,7 +99,7 @@ table_free(db_table *t)
 	if (t->merge_plans)
 	{
 		HASH_SEQ_STATUS st;
-		pg_merge_plan *m;
+		pg_merge_plan  *m;
 
 		hash_seq_init(&st, t->merge_plans);
 		while ((m = hash_seq_search(&st)) != NULL)
@@ -117,10 +117,10 @@ table_free(db_table *t)
 static char *
 text_array_elem(Datum arr, int i, int *n)
 {
-	ArrayType  *a = DatumGetArrayTypeP(arr);
-	Datum	   *elems;
-	bool	   *nulls;
-	int			cnt;
+	ArrayType *a = DatumGetArrayTypeP(arr);
+	Datum	  *elems;
+	bool	  *nulls;
+	int		   cnt;
 
 	deconstruct_array(a, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &cnt);
 	*n = cnt;
@@ -132,17 +132,17 @@ text_array_elem(Datum arr, int i, int *n)
 static void
 col_resolve(db_table *t, pg_col *c, const char *name)
 {
-	Oid			typid;
-	int32		typmod;
-	Oid			coll;
+	Oid	  typid;
+	int32 typmod;
+	Oid	  coll;
 
 	c->name = pstrdup(name);
 	c->attnum = get_attnum(t->relid, name);
 	if (c->attnum == InvalidAttrNumber)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_COLUMN),
-				 errmsg("column \"%s\" of synced table %s no longer exists", name, t->name),
-				 errhint("Synced columns cannot be dropped or renamed; restore the column, or call sync_cleanup and sync_init again.")));
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_COLUMN),
+						errmsg("column \"%s\" of synced table %s no longer exists", name, t->name),
+						errhint("Synced columns cannot be dropped or renamed; restore the column, "
+								"or call sync_cleanup and sync_init again.")));
 	get_atttypetypmodcoll(t->relid, c->attnum, &typid, &typmod, &coll);
 	pg_col_setup(c, typid, typmod);
 	c->coll = coll;
@@ -153,25 +153,24 @@ static bool
 table_load(db_table *t)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			argt[1] = {OIDOID};
-	Datum		arg[1];
-	pg_user_save us;
-	HeapTuple	tup;
-	TupleDesc	td;
-	bool		isnull;
-	MemoryContext old;
-	Datum		pkarr,
-				colarr;
-	char	   *algo;
-	int			i,
-				n;
+	Oid				  argt[1] = {OIDOID};
+	Datum			  arg[1];
+	pg_user_save	  us;
+	HeapTuple		  tup;
+	TupleDesc		  td;
+	bool			  isnull;
+	MemoryContext	  old;
+	Datum			  pkarr, colarr;
+	char			 *algo;
+	int				  i, n;
 
 	arg[0] = ObjectIdGetDatum(t->relid);
 	pg_as_meta(&us);
 	if (plan == NULL)
 	{
 		plan = SPI_prepare("SELECT name, clock::oid, algo, pk_cols, cols "
-						   "FROM pgsync.tables WHERE tbl = $1", 1, argt);
+						   "FROM pgsync.tables WHERE tbl = $1",
+						   1, argt);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
@@ -182,8 +181,7 @@ table_load(db_table *t)
 	if (SPI_processed == 0)
 		return false;
 
-	t->cxt = AllocSetContextCreate(CacheMemoryContext, "pgsync table",
-								   ALLOCSET_SMALL_SIZES);
+	t->cxt = AllocSetContextCreate(CacheMemoryContext, "pgsync table", ALLOCSET_SMALL_SIZES);
 	old = MemoryContextSwitchTo(t->cxt);
 	tup = SPI_tuptable->vals[0];
 	td = SPI_tuptable->tupdesc;
@@ -199,10 +197,9 @@ table_load(db_table *t)
 	t->q_clock = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->clock_relid)),
 											get_rel_name(t->clock_relid));
 	if (get_rel_name(t->clock_relid) == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("clock table of synced table %s is missing", t->name),
-				 errhint("Call sync_cleanup and sync_init on the table again.")));
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
+						errmsg("clock table of synced table %s is missing", t->name),
+						errhint("Call sync_cleanup and sync_init on the table again.")));
 
 	text_array_elem(pkarr, -1, &t->npk);
 	text_array_elem(colarr, -1, &t->ncols);
@@ -247,8 +244,8 @@ table_load(db_table *t)
 db_table *
 pg_table_get(Oid relid, bool missing_ok)
 {
-	db_table   *t;
-	bool		found;
+	db_table *t;
+	bool	  found;
 
 	t = hash_search(table_cache, &relid, HASH_ENTER, &found);
 	if (found && (t->valid || t->busy > 0))
@@ -277,10 +274,9 @@ pg_table_get(Oid relid, bool missing_ok)
 		hash_search(table_cache, &relid, HASH_REMOVE, NULL);
 		if (missing_ok)
 			return NULL;
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("table %s is not synced", get_rel_name(relid)),
-				 errhint("Call sync_init('%s') first.", get_rel_name(relid))));
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("table %s is not synced", get_rel_name(relid)),
+						errhint("Call sync_init('%s') first.", get_rel_name(relid))));
 	}
 	t->busy++;
 	return t;
@@ -290,7 +286,7 @@ pg_table_get(Oid relid, bool missing_ok)
 db_table *
 pg_table_cached(Oid relid)
 {
-	db_table   *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
+	db_table *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
 
 	if (t == NULL || !t->valid)
 		return NULL;
@@ -303,8 +299,8 @@ int
 pg_table_list(Oid **relids)
 {
 	pg_user_save us;
-	uint64		i;
-	bool		isnull;
+	uint64		 i;
+	bool		 isnull;
 
 	pg_as_meta(&us);
 	if (SPI_execute("SELECT tbl::oid FROM pgsync.tables ORDER BY name", false, 0) != SPI_OK_SELECT)
@@ -312,8 +308,8 @@ pg_table_list(Oid **relids)
 	pg_as_caller(&us);
 	*relids = palloc(sizeof(Oid) * (SPI_processed + 1));
 	for (i = 0; i < SPI_processed; i++)
-		(*relids)[i] = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
-													  SPI_tuptable->tupdesc, 1, &isnull));
+		(*relids)[i] = DatumGetObjectId(
+			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
 	i = SPI_processed;
 	SPI_freetuptable(SPI_tuptable);
 	return (int) i;
@@ -324,11 +320,11 @@ Oid
 pg_table_by_name(const char *name, size_t len)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			argt[1] = {TEXTOID};
-	Datum		arg[1];
-	pg_user_save us;
-	Oid			res = InvalidOid;
-	bool		isnull;
+	Oid				  argt[1] = {TEXTOID};
+	Datum			  arg[1];
+	pg_user_save	  us;
+	Oid				  res = InvalidOid;
+	bool			  isnull;
 
 	arg[0] = PointerGetDatum(cstring_to_text_with_len(name, (int) len));
 	pg_as_meta(&us);
@@ -343,8 +339,8 @@ pg_table_by_name(const char *name, size_t len)
 		elog(ERROR, "reading pgsync.tables failed");
 	pg_as_caller(&us);
 	if (SPI_processed == 1)
-		res = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-											 SPI_tuptable->tupdesc, 1, &isnull));
+		res = DatumGetObjectId(
+			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return res;
 }
@@ -355,32 +351,31 @@ pg_table_by_name(const char *name, size_t len)
 static void
 where_pk(StringInfo b, db_table *t, const char *alias, int first)
 {
-	int			i;
+	int i;
 
 	for (i = 0; i < t->npk; i++)
-		appendStringInfo(b, "%s%s%s%s OPERATOR(pg_catalog.=) $%d",
-						 i ? " AND " : "", alias ? alias : "", alias ? "." : "",
-						 quote_identifier(t->pk[i].name), first + i);
+		appendStringInfo(b, "%s%s%s%s OPERATOR(pg_catalog.=) $%d", i ? " AND " : "",
+						 alias ? alias : "", alias ? "." : "", quote_identifier(t->pk[i].name),
+						 first + i);
 }
 
 static void
 pk_list(StringInfo b, db_table *t, const char *alias)
 {
-	int			i;
+	int i;
 
 	for (i = 0; i < t->npk; i++)
-		appendStringInfo(b, "%s%s%s%s", i ? ", " : "", alias ? alias : "",
-						 alias ? "." : "", quote_identifier(t->pk[i].name));
+		appendStringInfo(b, "%s%s%s%s", i ? ", " : "", alias ? alias : "", alias ? "." : "",
+						 quote_identifier(t->pk[i].name));
 }
 
 static SPIPlanPtr
 keep(const char *sql, int n, Oid *types)
 {
-	SPIPlanPtr	p = SPI_prepare(sql, n, types);
+	SPIPlanPtr p = SPI_prepare(sql, n, types);
 
 	if (p == NULL)
-		elog(ERROR, "pgsync: preparing \"%s\" failed: %s", sql,
-			 SPI_result_code_string(SPI_result));
+		elog(ERROR, "pgsync: preparing \"%s\" failed: %s", sql, SPI_result_code_string(SPI_result));
 	SPI_keepplan(p);
 	return p;
 }
@@ -406,8 +401,8 @@ static SPIPlanPtr
 clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 {
 	StringInfoData b;
-	Oid		   *types = palloc(sizeof(Oid) * (t->npk + 3));
-	int			i;
+	Oid			  *types = palloc(sizeof(Oid) * (t->npk + 3));
+	int			   i;
 
 	memcpy(types, t->pk_types, sizeof(Oid) * t->npk);
 	types[t->npk] = INT8OID;
@@ -424,7 +419,8 @@ clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 	{
 		appendStringInfoString(&b, "ON CONFLICT (");
 		pk_list(&b, t, NULL);
-		appendStringInfoString(&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
+		appendStringInfoString(
+			&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
 	}
 	else
 		appendStringInfoString(&b, "ON CONFLICT DO NOTHING");
@@ -459,8 +455,8 @@ pg_plan_clock_cas(db_table *t)
 	if (t->p_clock_cas == NULL)
 	{
 		StringInfoData b;
-		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 5));
-		int			n = t->npk;
+		Oid			  *types = palloc(sizeof(Oid) * (t->npk + 5));
+		int			   n = t->npk;
 
 		memcpy(types, t->pk_types, sizeof(Oid) * n);
 		types[n] = INT8OID;
@@ -469,10 +465,11 @@ pg_plan_clock_cas(db_table *t)
 		types[n + 3] = INT8OID;
 		types[n + 4] = BYTEAOID;
 		initStringInfo(&b);
-		appendStringInfo(&b, "UPDATE %s SET cl = $%d, ver = $%d, clk = $%d WHERE ",
-						 t->q_clock, n + 1, n + 2, n + 3);
+		appendStringInfo(&b, "UPDATE %s SET cl = $%d, ver = $%d, clk = $%d WHERE ", t->q_clock,
+						 n + 1, n + 2, n + 3);
 		where_pk(&b, t, NULL, 1);
-		appendStringInfo(&b, " AND cl OPERATOR(pg_catalog.=) $%d AND clk OPERATOR(pg_catalog.=) $%d",
+		appendStringInfo(&b,
+						 " AND cl OPERATOR(pg_catalog.=) $%d AND clk OPERATOR(pg_catalog.=) $%d",
 						 n + 4, n + 5);
 		t->p_clock_cas = keep(b.data, n + 5, types);
 	}
@@ -486,7 +483,7 @@ pg_plan_row_replace(db_table *t)
 	if (t->p_row_replace == NULL)
 	{
 		StringInfoData b;
-		int			i;
+		int			   i;
 
 		initStringInfo(&b);
 		appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
@@ -536,13 +533,15 @@ pg_plan_row_delete(db_table *t)
 SPIPlanPtr
 pg_plan_changes(db_table *t, int mode)
 {
-	SPIPlanPtr *slot = mode == 0 ? &t->p_changes : mode == 1 ? &t->p_changes_key : &t->p_changes_after;
+	SPIPlanPtr *slot = mode == 0   ? &t->p_changes
+					   : mode == 1 ? &t->p_changes_key
+								   : &t->p_changes_after;
 
 	if (*slot == NULL)
 	{
 		StringInfoData b;
-		Oid		   *types = palloc(sizeof(Oid) * (t->npk + 2));
-		int			i;
+		Oid			  *types = palloc(sizeof(Oid) * (t->npk + 2));
+		int			   i;
 
 		types[0] = types[1] = INT8OID;
 		for (i = 0; i < t->npk; i++)
@@ -551,8 +550,7 @@ pg_plan_changes(db_table *t, int mode)
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
 		pk_list(&b, t, "c");
-		appendStringInfo(&b, ", c.cl, c.clk, b.%s IS NOT NULL",
-						 quote_identifier(t->pk[0].name));
+		appendStringInfo(&b, ", c.cl, c.clk, b.%s IS NOT NULL", quote_identifier(t->pk[0].name));
 		for (i = 0; i < t->ncols; i++)
 			appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
 		appendStringInfo(&b, " FROM %s c LEFT JOIN %s b ON ", t->q_clock, t->q_base);
@@ -561,8 +559,7 @@ pg_plan_changes(db_table *t, int mode)
 			/* clock keys compare bytewise (COLLATE "C"): join in the base's
 			 * collation so that the base table's key index is used */
 			appendStringInfo(&b, "%sb.%s OPERATOR(pg_catalog.=) (c.%s", i ? " AND " : "",
-							 quote_identifier(t->pk[i].name),
-							 quote_identifier(t->pk[i].name));
+							 quote_identifier(t->pk[i].name), quote_identifier(t->pk[i].name));
 			if (OidIsValid(t->pk[i].coll))
 				appendStringInfo(&b, " COLLATE %s", generate_collation_name(t->pk[i].coll));
 			appendStringInfoChar(&b, ')');
@@ -604,8 +601,8 @@ pg_plan_changes(db_table *t, int mode)
 			 * the whole rest of the table per chunk (pg_database.c also
 			 * lowers cursor_tuple_fraction while the cursor is opened).
 			 */
-			SPIPlanPtr	p = SPI_prepare_cursor(b.data, mode == 2 ? 2 + t->npk : 2, types,
-											   CURSOR_OPT_FAST_PLAN);
+			SPIPlanPtr p =
+				SPI_prepare_cursor(b.data, mode == 2 ? 2 + t->npk : 2, types, CURSOR_OPT_FAST_PLAN);
 
 			if (p == NULL)
 				elog(ERROR, "pgsync: preparing \"%s\" failed: %s", b.data,
@@ -625,28 +622,28 @@ pg_plan_changes(db_table *t, int mode)
 pg_merge_plan *
 pg_table_merge_plan(db_table *t, int n, const int *cols)
 {
-	char		key[64];
+	char		   key[64];
 	StringInfoData k;
 	pg_merge_plan *m;
-	bool		found;
-	Oid		   *types;
+	bool		   found;
+	Oid			  *types;
 	StringInfoData b;
-	int			i;
-	MemoryContext old;
+	int			   i;
+	MemoryContext  old;
 
 	initStringInfo(&k);
 	for (i = 0; i < n; i++)
 		appendStringInfo(&k, "%d,", cols[i]);
 	if (t->merge_plans == NULL)
 	{
-		HASHCTL		ctl;
+		HASHCTL ctl;
 
 		memset(&ctl, 0, sizeof(ctl));
 		ctl.keysize = sizeof(key);
 		ctl.entrysize = sizeof(pg_merge_plan);
 		ctl.hcxt = t->cxt;
-		t->merge_plans = hash_create("pgsync merge plans", 16, &ctl,
-									 HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+		t->merge_plans =
+			hash_create("pgsync merge plans", 16, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	}
 	memset(key, 0, sizeof(key));
 	if (k.len < (int) sizeof(key) && t->nmerge_plans < 256)
@@ -676,8 +673,8 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 	initStringInfo(&b);
 	appendStringInfo(&b, "UPDATE %s SET ", t->q_base);
 	for (i = 0; i < n; i++)
-		appendStringInfo(&b, "%s%s = $%d", i ? ", " : "",
-						 quote_identifier(t->cols[cols[i]].name), t->npk + i + 1);
+		appendStringInfo(&b, "%s%s = $%d", i ? ", " : "", quote_identifier(t->cols[cols[i]].name),
+						 t->npk + i + 1);
 	appendStringInfoString(&b, " WHERE ");
 	where_pk(&b, t, NULL, 1);
 	m->upd = keep(b.data, t->npk + n, types);
@@ -711,7 +708,7 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 static void
 exec_sql(const char *sql, int expect)
 {
-	int			rc = SPI_execute(sql, false, 0);
+	int rc = SPI_execute(sql, false, 0);
 
 	if (rc != expect)
 		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
@@ -739,51 +736,43 @@ array_elem(StringInfo b, const char *s)
 void
 pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 {
-	Relation	rel;
-	Oid			pkidx;
-	Relation	idx;
-	TupleDesc	td;
-	char	   *nsp,
-			   *relname,
-			   *name,
-			   *clockname;
-	StringInfoData b,
-				pkarr,
-				colarr,
-				pkdef;
-	int			npk,
-				i,
-				j,
-				ncols = 0;
-	AttrNumber *pkatt;
-	pg_user_save us;
-	db_table   *t;
+	Relation	   rel;
+	Oid			   pkidx;
+	Relation	   idx;
+	TupleDesc	   td;
+	char		  *nsp, *relname, *name, *clockname;
+	StringInfoData b, pkarr, colarr, pkdef;
+	int			   npk, i, j, ncols = 0;
+	AttrNumber	  *pkatt;
+	pg_user_save   us;
+	db_table	  *t;
 
 	rel = table_open(relid, ShareRowExclusiveLock);
 	if (rel->rd_rel->relkind != RELKIND_RELATION)
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("\"%s\" is not a plain table", RelationGetRelationName(rel)),
-				 errhint("pgsync syncs ordinary tables; partitioned tables, views and foreign tables are not supported.")));
+		ereport(ERROR, (errcode(ERRCODE_WRONG_OBJECT_TYPE),
+						errmsg("\"%s\" is not a plain table", RelationGetRelationName(rel)),
+						errhint("pgsync syncs ordinary tables; partitioned tables, views and "
+								"foreign tables are not supported.")));
 	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("temporary table \"%s\" cannot be synced", RelationGetRelationName(rel))));
 	pkidx = RelationGetPrimaryKeyIndex(rel);
 	if (!OidIsValid(pkidx))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("table \"%s\" has no primary key", RelationGetRelationName(rel)),
-				 errhint("pgsync identifies rows by their primary key: add one (ALTER TABLE ... ADD PRIMARY KEY).")));
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("table \"%s\" has no primary key", RelationGetRelationName(rel)),
+						errhint("pgsync identifies rows by their primary key: add one (ALTER TABLE "
+								"... ADD PRIMARY KEY).")));
 	nsp = get_namespace_name(RelationGetNamespace(rel));
 	relname = pstrdup(RelationGetRelationName(rel));
 	name = strcmp(nsp, "public") == 0 ? relname : psprintf("%s.%s", nsp, relname);
 	clockname = psprintf("%s__sync_clock", relname);
 	if (strlen(clockname) >= NAMEDATALEN)
-		ereport(ERROR,
-				(errcode(ERRCODE_NAME_TOO_LONG),
-				 errmsg("table name \"%s\" is too long to sync", relname),
-				 errhint("The clock table name (table name + \"__sync_clock\") must fit in %d bytes; rename the table.", NAMEDATALEN - 1)));
+		ereport(ERROR, (errcode(ERRCODE_NAME_TOO_LONG),
+						errmsg("table name \"%s\" is too long to sync", relname),
+						errhint("The clock table name (table name + \"__sync_clock\") must fit in "
+								"%d bytes; rename the table.",
+								NAMEDATALEN - 1)));
 
 	idx = index_open(pkidx, AccessShareLock);
 	npk = idx->rd_index->indnkeyatts;
@@ -801,20 +790,24 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 	for (i = 0; i < npk; i++)
 	{
 		Form_pg_attribute a = TupleDescAttr(td, pkatt[i] - 1);
-		const char *an = NameStr(a->attname);
-		Oid			coll;
+		const char		 *an = NameStr(a->attname);
+		Oid				  coll;
 
 		if (!pg_kind_pk_ok(pg_type_kind(getBaseType(a->atttypid))))
-			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-					 errmsg("primary key column \"%s\" has type %s, which pgsync cannot use in a key",
-							an, format_type_be(a->atttypid)),
-					 errhint("Key columns may be integers, text, varchar, bytea, boolean, uuid, date, timestamp or timestamptz.")));
+			ereport(
+				ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("primary key column \"%s\" has type %s, which pgsync cannot use in a key",
+						an, format_type_be(a->atttypid)),
+				 errhint("Key columns may be integers, text, varchar, bytea, boolean, uuid, date, "
+						 "timestamp or timestamptz.")));
 		if (strcmp(an, "cl") == 0 || strcmp(an, "ver") == 0 || strcmp(an, "clk") == 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_DUPLICATE_COLUMN),
-					 errmsg("primary key column \"%s\" clashes with a clock table column", an),
-					 errhint("Rename the key column; \"cl\", \"ver\" and \"clk\" are used by pgsync.")));
+			ereport(
+				ERROR,
+				(errcode(ERRCODE_DUPLICATE_COLUMN),
+				 errmsg("primary key column \"%s\" clashes with a clock table column", an),
+				 errhint(
+					 "Rename the key column; \"cl\", \"ver\" and \"clk\" are used by pgsync.")));
 		if (i)
 			appendStringInfoChar(&pkarr, ',');
 		array_elem(&pkarr, an);
@@ -828,14 +821,13 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		if (OidIsValid(coll) && get_collation_isdeterministic(coll))
 			appendStringInfoString(&pkdef, " COLLATE pg_catalog.\"C\"");
 		else if (OidIsValid(coll) && coll != get_typcollation(a->atttypid))
-			appendStringInfo(&pkdef, " COLLATE %s",
-							 generate_collation_name(coll));
+			appendStringInfo(&pkdef, " COLLATE %s", generate_collation_name(coll));
 		appendStringInfoString(&pkdef, " NOT NULL, ");
 	}
 	for (i = 0; i < td->natts; i++)
 	{
 		Form_pg_attribute a = TupleDescAttr(td, i);
-		bool		iskey = false;
+		bool			  iskey = false;
 
 		if (a->attisdropped || a->attgenerated)
 			continue;
@@ -859,11 +851,10 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		StringInfoData cur;
 
 		if (t->algo != algo)
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("table %s is already synced with algorithm \"%s\"",
-							t->name, t->algo == DB_ALGO_GSET ? "gset" : "cls"),
-					 errhint("Call sync_cleanup first to change the algorithm.")));
+			ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+							errmsg("table %s is already synced with algorithm \"%s\"", t->name,
+								   t->algo == DB_ALGO_GSET ? "gset" : "cls"),
+							errhint("Call sync_cleanup first to change the algorithm.")));
 		initStringInfo(&cur);
 		appendStringInfoString(&cur, "{");
 		for (i = 0; i < t->ncols; i++)
@@ -878,14 +869,17 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("the columns of synced table %s changed since sync_init", t->name),
 					 errdetail("Synced columns: %s; the table now has: %s.", cur.data, colarr.data),
-					 errhint("Adding or removing synced columns is not supported yet; call sync_cleanup and sync_init to start over.")));
-		return;					/* idempotent */
+					 errhint("Adding or removing synced columns is not supported yet; call "
+							 "sync_cleanup and sync_init to start over.")));
+		return; /* idempotent */
 	}
 
 	/* clock table and metadata, as the metadata owner */
 	initStringInfo(&b);
 	pg_as_meta(&us);
-	appendStringInfo(&b, "CREATE TABLE %s (%scl bigint NOT NULL, ver bigint NOT NULL, clk bytea NOT NULL, PRIMARY KEY (",
+	appendStringInfo(&b,
+					 "CREATE TABLE %s (%scl bigint NOT NULL, ver bigint NOT NULL, clk bytea NOT "
+					 "NULL, PRIMARY KEY (",
 					 quote_qualified_identifier(nsp, clockname), pkdef.data);
 	for (i = 0; i < npk; i++)
 		appendStringInfo(&b, "%s%s", i ? ", " : "",
@@ -897,8 +891,8 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 	exec_sql(b.data, SPI_OK_UTILITY);
 
 	{
-		Oid			types[6] = {TEXTOID, OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		Datum		v[6];
+		Oid	  types[6] = {TEXTOID, OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum v[6];
 
 		v[0] = CStringGetTextDatum(name);
 		v[1] = ObjectIdGetDatum(relid);
@@ -906,22 +900,25 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		v[3] = CStringGetTextDatum(algo == DB_ALGO_GSET ? "gset" : "cls");
 		v[4] = CStringGetTextDatum(pkarr.data);
 		v[5] = CStringGetTextDatum(colarr.data);
-		if (SPI_execute_with_args("INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols) "
-								  "VALUES ($1, $2::regclass, $3::regclass, $4, $5::text[], $6::text[])",
-								  6, types, v, NULL, false, 0) != SPI_OK_INSERT)
+		if (SPI_execute_with_args(
+				"INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols) "
+				"VALUES ($1, $2::regclass, $3::regclass, $4, $5::text[], $6::text[])",
+				6, types, v, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: recording the table failed");
 	}
 	pg_as_caller(&us);
 
 	/* triggers, as the caller (the table owner) */
 	resetStringInfo(&b);
-	appendStringInfo(&b, "CREATE TRIGGER pgsync_capture AFTER INSERT OR UPDATE OR DELETE ON %s "
+	appendStringInfo(&b,
+					 "CREATE TRIGGER pgsync_capture AFTER INSERT OR UPDATE OR DELETE ON %s "
 					 "FOR EACH ROW EXECUTE FUNCTION %s.sync_capture()",
 					 quote_qualified_identifier(nsp, relname),
 					 quote_identifier(get_namespace_name(func_nsp)));
 	exec_sql(b.data, SPI_OK_UTILITY);
 	resetStringInfo(&b);
-	appendStringInfo(&b, "CREATE TRIGGER pgsync_truncate BEFORE TRUNCATE ON %s "
+	appendStringInfo(&b,
+					 "CREATE TRIGGER pgsync_truncate BEFORE TRUNCATE ON %s "
 					 "FOR EACH STATEMENT EXECUTE FUNCTION %s.sync_capture()",
 					 quote_qualified_identifier(nsp, relname),
 					 quote_identifier(get_namespace_name(func_nsp)));
@@ -931,11 +928,11 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 	/* backfill: every existing row gets a fresh clock of this transaction */
 	t = pg_table_get(relid, false);
 	{
-		uint8_t    *blob;
-		size_t		len;
-		bytea	   *bb;
-		Oid			types[2] = {INT8OID, BYTEAOID};
-		Datum		v[2];
+		uint8_t *blob;
+		size_t	 len;
+		bytea	*bb;
+		Oid		 types[2] = {INT8OID, BYTEAOID};
+		Datum	 v[2];
 
 		pg_capture_fresh(t, &blob, &len);
 		bb = palloc(len + VARHDRSZ);
@@ -961,11 +958,11 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 void
 pg_table_cleanup(Oid relid)
 {
-	db_table   *t = pg_table_get(relid, true);
+	db_table	  *t = pg_table_get(relid, true);
 	StringInfoData b;
-	pg_user_save us;
-	Oid			types[1] = {OIDOID};
-	Datum		v[1];
+	pg_user_save   us;
+	Oid			   types[1] = {OIDOID};
+	Datum		   v[1];
 
 	if (t == NULL)
 	{
@@ -984,8 +981,8 @@ pg_table_cleanup(Oid relid)
 	appendStringInfo(&b, "DROP TABLE IF EXISTS %s", t->q_clock);
 	exec_sql(b.data, SPI_OK_UTILITY);
 	v[0] = ObjectIdGetDatum(relid);
-	if (SPI_execute_with_args("DELETE FROM pgsync.tables WHERE tbl = $1::regclass",
-							  1, types, v, NULL, false, 0) != SPI_OK_DELETE)
+	if (SPI_execute_with_args("DELETE FROM pgsync.tables WHERE tbl = $1::regclass", 1, types, v,
+							  NULL, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "pgsync: removing the table failed");
 	pg_as_caller(&us);
 	t->valid = false;

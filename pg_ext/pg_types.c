@@ -102,8 +102,8 @@ pg_kind_pk_ok(pg_kind k)
 void
 pg_col_setup(pg_col *c, Oid typid, int32 typmod)
 {
-	int32		basemod = typmod;
-	bool		isdomain;
+	int32 basemod = typmod;
+	bool  isdomain;
 
 	c->typid = typid;
 	c->typmod = typmod;
@@ -112,14 +112,13 @@ pg_col_setup(pg_col *c, Oid typid, int32 typmod)
 	c->kind = pg_type_kind(c->basetyp);
 	getTypeInputInfo(typid, &c->typinput, &c->typioparam);
 	{
-		bool		varlena;
+		bool varlena;
 
 		getTypeOutputInfo(c->basetyp, &c->typoutput, &varlena);
 	}
 	get_typlenbyval(typid, &c->typlen, &c->typbyval);
 	c->isdomain = isdomain;
-	c->text_fast = c->kind == PGK_TEXT && typmod < 0 && !isdomain &&
-		c->basetyp != BPCHAROID;
+	c->text_fast = c->kind == PGK_TEXT && typmod < 0 && !isdomain && c->basetyp != BPCHAROID;
 	c->infn_ok = false;
 }
 
@@ -130,7 +129,7 @@ set_text(pgs_value *out, const char *p, size_t len)
 {
 	if (GetDatabaseEncoding() != PG_UTF8)
 	{
-		char	   *u = pg_server_to_any(p, (int) len, PG_UTF8);
+		char *u = pg_server_to_any(p, (int) len, PG_UTF8);
 
 		if (u != p)
 		{
@@ -152,10 +151,8 @@ set_cstring(pgs_value *out, const char *s)
 static char *
 format_tm(struct pg_tm *tm, fsec_t fsec, bool utc)
 {
-	return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s",
-					tm->tm_year, tm->tm_mon, tm->tm_mday,
-					tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec,
-					utc ? "Z" : "");
+	return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s", tm->tm_year, tm->tm_mon, tm->tm_mday,
+					tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec, utc ? "Z" : "");
 }
 
 /*
@@ -199,68 +196,65 @@ pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out)
 			return;
 		case PGK_TEXT:
 		case PGK_JSON:
-			{
-				text	   *t = DatumGetTextPP(d);
+		{
+			text *t = DatumGetTextPP(d);
 
-				set_text(out, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
-				return;
-			}
+			set_text(out, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+			return;
+		}
 		case PGK_BYTEA:
-			{
-				bytea	   *b = DatumGetByteaPP(d);
+		{
+			bytea *b = DatumGetByteaPP(d);
 
-				out->type = PGS_BLOB;
-				out->len = VARSIZE_ANY_EXHDR(b);
-				out->v.p = (const uint8_t *) VARDATA_ANY(b);
-				return;
-			}
+			out->type = PGS_BLOB;
+			out->len = VARSIZE_ANY_EXHDR(b);
+			out->v.p = (const uint8_t *) VARDATA_ANY(b);
+			return;
+		}
 		case PGK_UUID:
-			{
-				char	   *s = palloc(37);
+		{
+			char *s = palloc(37);
 
-				pgs_uuid_format(DatumGetUUIDP(d)->data, s);
-				set_text(out, s, 36);
-				return;
-			}
+			pgs_uuid_format(DatumGetUUIDP(d)->data, s);
+			set_text(out, s, 36);
+			return;
+		}
 		case PGK_DATE:
-			{
-				DateADT		date = DatumGetDateADT(d);
-				int			y,
-							m,
-							dd;
+		{
+			DateADT date = DatumGetDateADT(d);
+			int		y, m, dd;
 
-				if (!DATE_NOT_FINITE(date))
+			if (!DATE_NOT_FINITE(date))
+			{
+				j2date(date + POSTGRES_EPOCH_JDATE, &y, &m, &dd);
+				if (y > 0)
 				{
-					j2date(date + POSTGRES_EPOCH_JDATE, &y, &m, &dd);
-					if (y > 0)
-					{
-						set_cstring(out, psprintf("%04d-%02d-%02d", y, m, dd));
-						return;
-					}
+					set_cstring(out, psprintf("%04d-%02d-%02d", y, m, dd));
+					return;
 				}
-				break;			/* infinity, BC: output function */
 			}
+			break; /* infinity, BC: output function */
+		}
 		case PGK_TIMESTAMP:
 		case PGK_TIMESTAMPTZ:
-			{
-				Timestamp	ts = DatumGetTimestamp(d);
-				struct pg_tm tm;
-				fsec_t		fsec;
+		{
+			Timestamp	 ts = DatumGetTimestamp(d);
+			struct pg_tm tm;
+			fsec_t		 fsec;
 
-				if (!TIMESTAMP_NOT_FINITE(ts) &&
-					timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) == 0 &&
-					tm.tm_year > 0)
-				{
-					set_cstring(out, format_tm(&tm, fsec, c->kind == PGK_TIMESTAMPTZ));
-					return;
-				}
-				if (TIMESTAMP_NOT_FINITE(ts))
-				{
-					set_cstring(out, TIMESTAMP_IS_NOBEGIN(ts) ? "-infinity" : "infinity");
-					return;
-				}
-				break;
+			if (!TIMESTAMP_NOT_FINITE(ts) && timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) == 0 &&
+				tm.tm_year > 0)
+			{
+				set_cstring(out, format_tm(&tm, fsec, c->kind == PGK_TIMESTAMPTZ));
+				return;
 			}
+			if (TIMESTAMP_NOT_FINITE(ts))
+			{
+				set_cstring(out, TIMESTAMP_IS_NOBEGIN(ts) ? "-infinity" : "infinity");
+				return;
+			}
+			break;
+		}
 		default:
 			break;
 	}
@@ -272,7 +266,7 @@ pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out)
 static char *
 real_text(double r)
 {
-	char	   *buf;
+	char *buf;
 
 	if (isnan(r))
 		return pstrdup("NaN");
@@ -287,9 +281,8 @@ static void
 check_text(const pgs_value *v)
 {
 	if (memchr(v->v.p, 0, v->len) != NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
-				 errmsg("text value contains a NUL byte")));
+		ereport(ERROR, (errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+						errmsg("text value contains a NUL byte")));
 }
 
 /* text_server returns v's UTF-8 text as a NUL-terminated server string. */
@@ -304,8 +297,8 @@ text_server(const pgs_value *v)
 	}
 	else
 	{
-		char	   *s = pnstrdup((const char *) v->v.p, v->len);
-		char	   *c = pg_any_to_server(s, (int) v->len, PG_UTF8);
+		char *s = pnstrdup((const char *) v->v.p, v->len);
+		char *c = pg_any_to_server(s, (int) v->len, PG_UTF8);
 
 		return c;
 	}
@@ -327,9 +320,8 @@ int_range(pg_col *c, int64 i)
 {
 	if ((c->kind == PGK_INT2 && (i < PG_INT16_MIN || i > PG_INT16_MAX)) ||
 		(c->kind == PGK_INT4 && (i < PG_INT32_MIN || i > PG_INT32_MAX)))
-		ereport(ERROR,
-				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-				 errmsg("%s out of range", format_type_be(c->basetyp))));
+		ereport(ERROR, (errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+						errmsg("%s out of range", format_type_be(c->basetyp))));
 	return i;
 }
 
@@ -361,27 +353,23 @@ convert(pg_col *c, const pgs_value *v)
 					return int_datum(c, int_range(c, v->v.i));
 				case PGK_FLOAT4:
 				case PGK_FLOAT8:
-					{
-						double		r = (double) v->v.i;
-						bool		exact = r < 9223372036854775808.0 &&
-							(int64) r == v->v.i;
+				{
+					double r = (double) v->v.i;
+					bool   exact = r < 9223372036854775808.0 && (int64) r == v->v.i;
 
-						if (c->kind == PGK_FLOAT4)
-							exact = exact && (double) (float) r == r;
-						if (!exact)
-							ereport(ERROR,
-									(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-									 errmsg("integer %lld cannot be stored exactly in type %s",
-											(long long) v->v.i, format_type_be(c->basetyp))));
-						return c->kind == PGK_FLOAT4 ? Float4GetDatum((float4) r)
-							: Float8GetDatum(r);
-					}
+					if (c->kind == PGK_FLOAT4)
+						exact = exact && (double) (float) r == r;
+					if (!exact)
+						ereport(ERROR, (errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+										errmsg("integer %lld cannot be stored exactly in type %s",
+											   (long long) v->v.i, format_type_be(c->basetyp))));
+					return c->kind == PGK_FLOAT4 ? Float4GetDatum((float4) r) : Float8GetDatum(r);
+				}
 				case PGK_BOOL:
 					if (v->v.i != 0 && v->v.i != 1)
-						ereport(ERROR,
-								(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-								 errmsg("integer %lld is not a boolean (0 or 1)",
-										(long long) v->v.i)));
+						ereport(ERROR, (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+										errmsg("integer %lld is not a boolean (0 or 1)",
+											   (long long) v->v.i)));
 					return BoolGetDatum(v->v.i == 1);
 				case PGK_BYTEA:
 					break;
@@ -396,21 +384,18 @@ convert(pg_col *c, const pgs_value *v)
 					return Float8GetDatum(v->v.r);
 				case PGK_FLOAT4:
 					if (!isnan(v->v.r) && (double) (float) v->v.r != v->v.r)
-						ereport(ERROR,
-								(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-								 errmsg("value %s cannot be stored exactly in type real",
-										real_text(v->v.r))));
+						ereport(ERROR, (errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+										errmsg("value %s cannot be stored exactly in type real",
+											   real_text(v->v.r))));
 					return Float4GetDatum((float4) v->v.r);
 				case PGK_INT2:
 				case PGK_INT4:
 				case PGK_INT8:
-					if (!(v->v.r >= -9223372036854775808.0 &&
-						  v->v.r < 9223372036854775808.0) ||
+					if (!(v->v.r >= -9223372036854775808.0 && v->v.r < 9223372036854775808.0) ||
 						floor(v->v.r) != v->v.r)
-						ereport(ERROR,
-								(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-								 errmsg("value %s is not an integer of type %s",
-										real_text(v->v.r), format_type_be(c->basetyp))));
+						ereport(ERROR, (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+										errmsg("value %s is not an integer of type %s",
+											   real_text(v->v.r), format_type_be(c->basetyp))));
 					return int_datum(c, int_range(c, (int64) v->v.r));
 				case PGK_BYTEA:
 				case PGK_BOOL:
@@ -423,25 +408,25 @@ convert(pg_col *c, const pgs_value *v)
 			switch (c->kind)
 			{
 				case PGK_BYTEA:
-					{
-						bytea	   *b = palloc(v->len + VARHDRSZ);
+				{
+					bytea *b = palloc(v->len + VARHDRSZ);
 
-						SET_VARSIZE(b, v->len + VARHDRSZ);
-						memcpy(VARDATA(b), v->v.p, v->len);
-						return PointerGetDatum(b);
-					}
+					SET_VARSIZE(b, v->len + VARHDRSZ);
+					memcpy(VARDATA(b), v->v.p, v->len);
+					return PointerGetDatum(b);
+				}
 				case PGK_UUID:
-					{
-						pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+				{
+					pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
 
-						if (pgs_uuid_parse((const char *) v->v.p, v->len, u->data))
-							return UUIDPGetDatum(u);
-						return input_call(c, text_server(v));
-					}
+					if (pgs_uuid_parse((const char *) v->v.p, v->len, u->data))
+						return UUIDPGetDatum(u);
+					return input_call(c, text_server(v));
+				}
 				default:
 					if (c->text_fast)
 					{
-						char	   *s = text_server(v);
+						char *s = text_server(v);
 
 						return PointerGetDatum(cstring_to_text(s));
 					}
@@ -452,17 +437,17 @@ convert(pg_col *c, const pgs_value *v)
 			switch (c->kind)
 			{
 				case PGK_BYTEA:
-					{
-						bytea	   *b = palloc(v->len + VARHDRSZ);
+				{
+					bytea *b = palloc(v->len + VARHDRSZ);
 
-						SET_VARSIZE(b, v->len + VARHDRSZ);
-						memcpy(VARDATA(b), v->v.p, v->len);
-						return PointerGetDatum(b);
-					}
+					SET_VARSIZE(b, v->len + VARHDRSZ);
+					memcpy(VARDATA(b), v->v.p, v->len);
+					return PointerGetDatum(b);
+				}
 				case PGK_UUID:
 					if (v->len == 16)
 					{
-						pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+						pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
 
 						memcpy(u->data, v->v.p, 16);
 						return UUIDPGetDatum(u);
@@ -480,11 +465,13 @@ convert(pg_col *c, const pgs_value *v)
 			break;
 	}
 	ereport(ERROR,
-			(errcode(ERRCODE_DATATYPE_MISMATCH),
-			 errmsg("a payload %s cannot be stored in type %s",
-					v->type == PGS_INT ? "INTEGER" : v->type == PGS_REAL ? "REAL" :
-					v->type == PGS_TEXT ? "TEXT" : v->type == PGS_BLOB ? "BLOB" : "value",
-					format_type_be(c->typid))));
+			(errcode(ERRCODE_DATATYPE_MISMATCH), errmsg("a payload %s cannot be stored in type %s",
+														v->type == PGS_INT	  ? "INTEGER"
+														: v->type == PGS_REAL ? "REAL"
+														: v->type == PGS_TEXT ? "TEXT"
+														: v->type == PGS_BLOB ? "BLOB"
+																			  : "value",
+														format_type_be(c->typid))));
 	pg_unreachable();
 }
 
@@ -494,10 +481,9 @@ convert(pg_col *c, const pgs_value *v)
  * the SQLSTATE of the failed conversion. Memory: CurrentMemoryContext.
  */
 Datum
-pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull,
-			   db_table *t, const pgs_value *pk)
+pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk)
 {
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext  cxt = CurrentMemoryContext;
 	volatile Datum d = (Datum) 0;
 
 	*isnull = v->type == PGS_NULL;
@@ -511,19 +497,19 @@ pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull,
 	}
 	PG_CATCH();
 	{
-		ErrorData  *ed;
+		ErrorData *ed;
 
 		MemoryContextSwitchTo(cxt);
 		ed = CopyErrorData();
 		if (ed->elevel > ERROR)
 			PG_RE_THROW();
 		FlushErrorState();
-		ereport(ERROR,
-				(errcode(ed->sqlerrcode),
-				 errmsg("cannot store a synced value in column \"%s\" of table \"%s\"",
-						c->name, t->name),
-				 errdetail("Key %s: %s", pg_pk_text(t, pk), ed->message),
-				 errhint("Make the column type accept the value, or fix the value on the replica that wrote it; nothing of this payload was applied.")));
+		ereport(ERROR, (errcode(ed->sqlerrcode),
+						errmsg("cannot store a synced value in column \"%s\" of table \"%s\"",
+							   c->name, t->name),
+						errdetail("Key %s: %s", pg_pk_text(t, pk), ed->message),
+						errhint("Make the column type accept the value, or fix the value on the "
+								"replica that wrote it; nothing of this payload was applied.")));
 	}
 	PG_END_TRY();
 	return d;
@@ -549,27 +535,26 @@ value_json(StringInfo b, const pgs_value *v)
 				appendStringInfoString(b, real_text(v->v.r));
 			break;
 		case PGS_TEXT:
-			{
-				char	   *s = pnstrdup((const char *) v->v.p, v->len);
+		{
+			char *s = pnstrdup((const char *) v->v.p, v->len);
 
-				if (GetDatabaseEncoding() == PG_UTF8 &&
-					!pg_verifymbstr(s, (int) v->len, true))
-					s = pstrdup("(invalid UTF-8)");
-				escape_json(b, s);
-				break;
-			}
+			if (GetDatabaseEncoding() == PG_UTF8 && !pg_verifymbstr(s, (int) v->len, true))
+				s = pstrdup("(invalid UTF-8)");
+			escape_json(b, s);
+			break;
+		}
 		case PGS_BLOB:
-			{
-				StringInfoData h;
-				uint32		i;
+		{
+			StringInfoData h;
+			uint32		   i;
 
-				initStringInfo(&h);
-				appendStringInfoString(&h, "\\x");
-				for (i = 0; i < v->len && i < 1024; i++)
-					appendStringInfo(&h, "%02x", v->v.p[i]);
-				escape_json(b, h.data);
-				break;
-			}
+			initStringInfo(&h);
+			appendStringInfoString(&h, "\\x");
+			for (i = 0; i < v->len && i < 1024; i++)
+				appendStringInfo(&h, "%02x", v->v.p[i]);
+			escape_json(b, h.data);
+			break;
+		}
 		default:
 			appendStringInfoString(b, "null");
 	}
@@ -580,7 +565,7 @@ char *
 pg_pk_json(db_table *t, const pgs_value *pk)
 {
 	StringInfoData b;
-	int			i;
+	int			   i;
 
 	initStringInfo(&b);
 	appendStringInfoChar(&b, '{');
@@ -601,7 +586,7 @@ char *
 pg_pk_text(db_table *t, const pgs_value *pk)
 {
 	StringInfoData b;
-	int			i;
+	int			   i;
 
 	initStringInfo(&b);
 	appendStringInfoChar(&b, '(');

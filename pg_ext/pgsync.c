@@ -29,21 +29,21 @@ PG_MODULE_MAGIC;
 /* Key of the advisory lock that serializes applies (pgsync in ASCII). */
 #define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79)
 
-bool		pg_applying = false;
-bool		pg_apply_conflict = false;
+bool pg_applying = false;
+bool pg_apply_conflict = false;
 
 static MemoryContext core_cxt = NULL;
 static MemoryContext reject_cxt = NULL;
-static List *rejections = NIL;
-static uint64 call_counter = 0;
-static Oid	meta_owner = InvalidOid;
+static List			*rejections = NIL;
+static uint64		 call_counter = 0;
+static Oid			 meta_owner = InvalidOid;
 
 typedef struct pg_rejection
 {
-	char	   *table;
-	char	   *pk_json;
-	char		sqlstate[6];
-	char	   *message;
+	char *table;
+	char *pk_json;
+	char  sqlstate[6];
+	char *message;
 } pg_rejection;
 
 /* ---- allocator hooks --------------------------------------------------- */
@@ -51,8 +51,7 @@ typedef struct pg_rejection
 static void *
 core_malloc(size_t n)
 {
-	return MemoryContextAllocExtended(core_cxt ? core_cxt : CurrentMemoryContext,
-									  n ? n : 1,
+	return MemoryContextAllocExtended(core_cxt ? core_cxt : CurrentMemoryContext, n ? n : 1,
 									  MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
 }
 
@@ -91,7 +90,7 @@ pgsync_xact_cb(XactEvent event, void *arg)
 	}
 }
 
-void		_PG_init(void);
+void _PG_init(void);
 
 void
 _PG_init(void)
@@ -112,7 +111,7 @@ _PG_init(void)
 void
 pg_raise(const pgs_err *err)
 {
-	int			code;
+	int code;
 
 	switch (err->rc)
 	{
@@ -144,11 +143,9 @@ pg_raise(const pgs_err *err)
 			code = ERRCODE_INTERNAL_ERROR;
 			break;
 	}
-	ereport(ERROR,
-			(errcode(code),
-			 errmsg("%s", err->msg[0] ? err->msg : "pgsync error"),
-			 err->detail[0] ? errdetail("%s", err->detail) : 0,
-			 err->hint[0] ? errhint("%s", err->hint) : 0));
+	ereport(ERROR, (errcode(code), errmsg("%s", err->msg[0] ? err->msg : "pgsync error"),
+					err->detail[0] ? errdetail("%s", err->detail) : 0,
+					err->hint[0] ? errhint("%s", err->hint) : 0));
 	pg_unreachable();
 }
 
@@ -160,15 +157,17 @@ pg_meta_owner(void)
 {
 	if (!OidIsValid(meta_owner))
 	{
-		Oid			nsp = get_namespace_oid("pgsync", false);
-		Oid			rel = get_relname_relid("sites", nsp);
-		HeapTuple	tup;
+		Oid		  nsp = get_namespace_oid("pgsync", false);
+		Oid		  rel = get_relname_relid("sites", nsp);
+		HeapTuple tup;
 
 		if (!OidIsValid(rel))
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("pgsync metadata is missing"),
-					 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
+			ereport(
+				ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pgsync metadata is missing"),
+				 errhint(
+					 "Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
 		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(rel));
 		if (!HeapTupleIsValid(tup))
 			elog(ERROR, "cache lookup failed for relation %u", rel);
@@ -183,7 +182,7 @@ pg_meta_owner(void)
 void
 pg_as_meta(pg_user_save *s)
 {
-	Oid			owner = pg_meta_owner();
+	Oid owner = pg_meta_owner();
 
 	GetUserIdAndSecContext(&s->user, &s->sec);
 	SetUserIdAndSecContext(owner, s->sec | SECURITY_LOCAL_USERID_CHANGE);
@@ -202,9 +201,9 @@ void
 pg_conn_init(db_conn *db, MemoryContext cxt)
 {
 	pg_user_save us;
-	bool		isnull;
-	Datum		d;
-	int			rc;
+	bool		 isnull;
+	Datum		 d;
+	int			 rc;
 
 	memset(db, 0, sizeof(*db));
 	db->cxt = cxt;
@@ -213,10 +212,10 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 	rc = SPI_execute("SELECT site FROM pgsync.sites WHERE idx = 0", false, 1);
 	pg_as_caller(&us);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("pgsync site id is missing"),
-				 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
+		ereport(
+			ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE), errmsg("pgsync site id is missing"),
+			 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	memcpy(db->site, DatumGetUUIDP(d)->data, PGS_SITE_LEN);
 	SPI_freetuptable(SPI_tuptable);
@@ -225,8 +224,8 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 static MemoryContext
 call_context(void)
 {
-	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync call",
-											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext cxt =
+		AllocSetContextCreate(CurrentMemoryContext, "pgsync call", ALLOCSET_DEFAULT_SIZES);
 
 	pg_core_memory(cxt);
 	return cxt;
@@ -245,8 +244,8 @@ static void
 reject_reset(void)
 {
 	if (reject_cxt == NULL)
-		reject_cxt = AllocSetContextCreate(TopMemoryContext, "pgsync rejections",
-										   ALLOCSET_SMALL_SIZES);
+		reject_cxt =
+			AllocSetContextCreate(TopMemoryContext, "pgsync rejections", ALLOCSET_SMALL_SIZES);
 	else
 		MemoryContextReset(reject_cxt);
 	rejections = NIL;
@@ -254,8 +253,7 @@ reject_reset(void)
 
 /* pg_reject_add records one refused row of the running apply. */
 void
-pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
-			  const char *message)
+pg_reject_add(const char *table, const char *pk_json, const char *sqlstate, const char *message)
 {
 	MemoryContext old;
 	pg_rejection *r;
@@ -291,18 +289,17 @@ static void
 require_owner(Oid relid)
 {
 	if (!pg_class_ownercheck(relid, GetUserId()))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("must be owner of table %s", get_rel_name(relid))));
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						errmsg("must be owner of table %s", get_rel_name(relid))));
 }
 
 /* sync_init(tbl regclass, algo text): start syncing a table. */
 Datum
 sync_init(PG_FUNCTION_ARGS)
 {
-	Oid			relid = PG_GETARG_OID(0);
-	char	   *algo = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	db_algo		a;
+	Oid			  relid = PG_GETARG_OID(0);
+	char		 *algo = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	db_algo		  a;
 	MemoryContext cxt;
 
 	if (strcmp(algo, "cls") == 0)
@@ -327,7 +324,7 @@ sync_init(PG_FUNCTION_ARGS)
 Datum
 sync_cleanup(PG_FUNCTION_ARGS)
 {
-	Oid			relid = PG_GETARG_OID(0);
+	Oid relid = PG_GETARG_OID(0);
 
 	require_owner(relid);
 	SPI_connect();
@@ -340,8 +337,8 @@ sync_cleanup(PG_FUNCTION_ARGS)
 Datum
 sync_site_id(PG_FUNCTION_ARGS)
 {
-	db_conn		db;
-	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+	db_conn	   db;
+	pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
 
 	SPI_connect();
 	pg_conn_init(&db, CurrentMemoryContext);
@@ -354,8 +351,8 @@ sync_site_id(PG_FUNCTION_ARGS)
 Datum
 sync_db_version(PG_FUNCTION_ARGS)
 {
-	int64_t		v;
-	pgs_err		err;
+	int64_t v;
+	pgs_err err;
 
 	SPI_connect();
 	if (db_version_safe(NULL, &v, &err) != PGS_OK)
@@ -368,46 +365,43 @@ sync_db_version(PG_FUNCTION_ARGS)
 Datum
 sync_payload(PG_FUNCTION_ARGS)
 {
-	MemoryContext outer = CurrentMemoryContext;
-	MemoryContext cxt;
-	db_conn		db;
-	pgs_build_opts o;
+	MemoryContext	outer = CurrentMemoryContext;
+	MemoryContext	cxt;
+	db_conn			db;
+	pgs_build_opts	o;
 	pgs_build_stats st;
-	pgs_buf		out;
-	pgs_err		err;
-	pgs_rc		rc;
-	int64_t		until;
-	pg_user_save us;
-	bytea	   *res = NULL;
+	pgs_buf			out;
+	pgs_err			err;
+	pgs_rc			rc;
+	int64_t			until;
+	pg_user_save	us;
+	bytea		   *res = NULL;
 
 	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("since must not be null"),
-				 errhint("Pass 0 for everything, or the value of sync_payload_until() of the last payload.")));
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("since must not be null"),
+						errhint("Pass 0 for everything, or the value of sync_payload_until() of "
+								"the last payload.")));
 	memset(&o, 0, sizeof(o));
 	o.since = PG_GETARG_INT64(0);
 	if (o.since < 0)
 		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("since must not be negative")));
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("since must not be negative")));
 	if (!PG_ARGISNULL(1))
 		o.exclude_site = PG_GETARG_UUID_P(1)->data;
 	/* sync_payload(since, exclude_site, max_rows, cursor): one chunk */
 	if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
 	{
-		int32		m = PG_GETARG_INT32(2);
+		int32 m = PG_GETARG_INT32(2);
 
 		if (m < 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("max_rows must not be negative"),
-					 errhint("Pass 0 or NULL for no limit.")));
+			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							errmsg("max_rows must not be negative"),
+							errhint("Pass 0 or NULL for no limit.")));
 		o.max_rows = (uint32_t) m;
 	}
 	if (PG_NARGS() > 3 && !PG_ARGISNULL(3))
 	{
-		bytea	   *tok = PG_GETARG_BYTEA_PP(3);
+		bytea *tok = PG_GETARG_BYTEA_PP(3);
 
 		o.after = (const uint8_t *) VARDATA_ANY(tok);
 		o.after_len = VARSIZE_ANY_EXHDR(tok);
@@ -420,10 +414,9 @@ sync_payload(PG_FUNCTION_ARGS)
 	 */
 	if (FullTransactionIdIsValid(pg_wrote_xid) &&
 		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-				 errmsg("sync_payload cannot run in a transaction that changed synced rows"),
-				 errhint("Commit first, then call sync_payload in a new transaction.")));
+		ereport(ERROR, (errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+						errmsg("sync_payload cannot run in a transaction that changed synced rows"),
+						errhint("Commit first, then call sync_payload in a new transaction.")));
 	o.compress = 1;
 
 	cxt = call_context();
@@ -441,15 +434,14 @@ sync_payload(PG_FUNCTION_ARGS)
 		if (rc != PGS_OK)
 			pg_raise(&err);
 		if (out.oom)
-			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
-							errmsg("out of memory building a payload")));
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory building a payload")));
 		if (out.len > 0)
 		{
 			if (out.len > MaxAllocSize - VARHDRSZ)
-				ereport(ERROR,
-						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-						 errmsg("payload of %zu bytes is too large for a bytea", out.len),
-						 errhint("Pull in smaller steps.")));
+				ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+								errmsg("payload of %zu bytes is too large for a bytea", out.len),
+								errhint("Pull in smaller steps.")));
 			res = MemoryContextAlloc(outer, out.len + VARHDRSZ);
 			SET_VARSIZE(res, out.len + VARHDRSZ);
 			memcpy(VARDATA(res), out.p, out.len);
@@ -469,23 +461,23 @@ sync_payload(PG_FUNCTION_ARGS)
 Datum
 sync_payload_cursor(PG_FUNCTION_ARGS)
 {
-	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	bytea		 *p = PG_GETARG_BYTEA_PP(0);
 	MemoryContext outer = CurrentMemoryContext;
 	MemoryContext cxt;
-	db_conn		db;
-	pgs_buf		tok;
-	pgs_err		err;
-	pgs_rc		rc;
-	pg_user_save us;
-	bytea	   *res = NULL;
+	db_conn		  db;
+	pgs_buf		  tok;
+	pgs_err		  err;
+	pgs_rc		  rc;
+	pg_user_save  us;
+	bytea		 *res = NULL;
 
 	cxt = call_context();
 	SPI_connect();
 	pg_conn_init(&db, cxt);
 	pgs_buf_init(&tok);
 	pg_as_meta(&us);
-	rc = pgs_payload_next_token(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p),
-								&tok, &err);
+	rc = pgs_payload_next_token(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &tok,
+								&err);
 	pg_as_caller(&us);
 	if (rc != PGS_OK)
 		pg_raise(&err);
@@ -506,13 +498,13 @@ sync_payload_cursor(PG_FUNCTION_ARGS)
 Datum
 sync_payload_until(PG_FUNCTION_ARGS)
 {
-	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	bytea		 *p = PG_GETARG_BYTEA_PP(0);
 	MemoryContext cxt = call_context();
-	int64_t		until;
-	pgs_err		err;
+	int64_t		  until;
+	pgs_err		  err;
 
-	if (pgs_payload_until((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p),
-						  &until, &err) != PGS_OK)
+	if (pgs_payload_until((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &until, &err) !=
+		PGS_OK)
 		pg_raise(&err);
 	call_done(cxt);
 	PG_RETURN_INT64(until);
@@ -532,11 +524,11 @@ sync_payload_until(PG_FUNCTION_ARGS)
 Datum
 sync_apply_payload(PG_FUNCTION_ARGS)
 {
-	bytea	   *p = PG_GETARG_BYTEA_PP(0);
-	MemoryContext outer = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile int attempt;
-	volatile bool done = false;
+	bytea		   *p = PG_GETARG_BYTEA_PP(0);
+	MemoryContext	outer = CurrentMemoryContext;
+	ResourceOwner	owner = CurrentResourceOwner;
+	volatile int	attempt;
+	volatile bool	done = false;
 	pgs_apply_stats st;
 
 	/*
@@ -544,8 +536,7 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 	 * different orders would otherwise deadlock. Local writers do not take
 	 * this lock.
 	 */
-	DirectFunctionCall1(pg_advisory_xact_lock_int8,
-						Int64GetDatum(PGSYNC_APPLY_LOCK_KEY));
+	DirectFunctionCall1(pg_advisory_xact_lock_int8, Int64GetDatum(PGSYNC_APPLY_LOCK_KEY));
 	SPI_connect();
 	for (attempt = 1; !done; attempt++)
 	{
@@ -556,17 +547,16 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 		MemoryContextSwitchTo(outer);
 		PG_TRY();
 		{
-			db_conn		db;
-			pgs_err		err;
-			pgs_rc		rc;
+			db_conn db;
+			pgs_err err;
+			pgs_rc	rc;
 
 			reject_reset();
 			pg_apply_conflict = false;
 			pg_conn_init(&db, cxt);
 			memset(&err, 0, sizeof(err));
 			pg_applying = true;
-			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p),
-						   VARSIZE_ANY_EXHDR(p), &st, &err);
+			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &st, &err);
 			pg_applying = false;
 			if (rc != PGS_OK)
 				pg_raise(&err);
@@ -577,7 +567,7 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 		}
 		PG_CATCH();
 		{
-			ErrorData  *ed;
+			ErrorData *ed;
 
 			pg_applying = false;
 			MemoryContextSwitchTo(outer);
@@ -596,11 +586,9 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 	if (st.rejected > 0)
-		ereport(WARNING,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("%lld rows of the payload were rejected",
-						(long long) st.rejected),
-				 errhint("SELECT * FROM sync_rejections() lists them with the reason.")));
+		ereport(WARNING, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						  errmsg("%lld rows of the payload were rejected", (long long) st.rejected),
+						  errhint("SELECT * FROM sync_rejections() lists them with the reason.")));
 	PG_RETURN_INT64(st.won);
 }
 
@@ -608,14 +596,14 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 Datum
 sync_payload_info(PG_FUNCTION_ARGS)
 {
-	bytea	   *p = PG_GETARG_BYTEA_PP(0);
+	bytea		 *p = PG_GETARG_BYTEA_PP(0);
 	MemoryContext cxt = call_context();
-	char	   *json;
-	pgs_err		err;
-	Datum		res;
+	char		 *json;
+	pgs_err		  err;
+	Datum		  res;
 
-	if (pgs_payload_info((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p),
-						 &json, &err) != PGS_OK)
+	if (pgs_payload_info((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &json, &err) !=
+		PGS_OK)
 		pg_raise(&err);
 	res = DirectFunctionCall1(jsonb_in, CStringGetDatum(json));
 	call_done(cxt);
@@ -627,14 +615,14 @@ Datum
 sync_rejections(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	ListCell   *lc;
+	ListCell	  *lc;
 
 	InitMaterializedSRF(fcinfo, 0);
-	foreach(lc, rejections)
+	foreach (lc, rejections)
 	{
 		pg_rejection *r = lfirst(lc);
-		Datum		values[4];
-		bool		nulls[4] = {false, false, false, false};
+		Datum		  values[4];
+		bool		  nulls[4] = {false, false, false, false};
 
 		values[0] = CStringGetTextDatum(r->table);
 		values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum(r->pk_json));
@@ -649,8 +637,8 @@ sync_rejections(PG_FUNCTION_ARGS)
 Datum
 sync_uuid(PG_FUNCTION_ARGS)
 {
-	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
-	pgs_err		err;
+	pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
+	pgs_err	   err;
 
 	if (pgs_uuid7(u->data, &err) != PGS_OK)
 		pg_raise(&err);

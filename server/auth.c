@@ -30,8 +30,8 @@ static long
 b64url_decode(const char *in, size_t n, char *out, size_t cap)
 {
 	unsigned acc = 0;
-	int bits = 0;
-	size_t o = 0;
+	int		 bits = 0;
+	size_t	 o = 0;
 
 	for (size_t i = 0; i < n; i++)
 	{
@@ -70,9 +70,9 @@ static bool
 header_alg(const char *token, char *alg, size_t alglen)
 {
 	const char *dot = strchr(token, '.');
-	char hdr[1024];
-	cJSON *j, *a;
-	bool ok = false;
+	char		hdr[1024];
+	cJSON	   *j, *a;
+	bool		ok = false;
 
 	if (!dot || b64url_decode(token, (size_t) (dot - token), hdr, sizeof hdr) < 0)
 		return false;
@@ -110,16 +110,16 @@ role_allowed(const char *role)
 bool
 auth_check(const char *token, auth_info *out, srv_error *e)
 {
-	char alg[32];
-	jwt_t *jwt = NULL;
-	jwt_alg_t want;
+	char				 alg[32];
+	jwt_t				*jwt = NULL;
+	jwt_alg_t			 want;
 	const unsigned char *key;
-	int keylen, rc;
-	char *grants = NULL;
-	cJSON *claims = NULL, *c;
-	int64_t now = srv_wall_s();
-	const char *role;
-	bool ok = false;
+	int					 keylen, rc;
+	char				*grants = NULL;
+	cJSON				*claims = NULL, *c;
+	int64_t				 now = srv_wall_s();
+	const char			*role;
+	bool				 ok = false;
 
 	memset(out, 0, sizeof *out);
 	if (!token || !*token)

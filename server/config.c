@@ -32,10 +32,10 @@ typedef enum kind
 static const struct setting
 {
 	const char *key;
-	kind k;
-	size_t off;
-	long min;
-	long max;
+	kind		k;
+	size_t		off;
+	long		min;
+	long		max;
 	const char *help;
 } settings[] = {
 #define S(key, k, field, min, max, help)                                                           \
@@ -94,7 +94,7 @@ config_defaults(srv_config *c)
 	c->statement_timeout_ms = 30000;
 	c->max_wait_ms = 60000;
 	c->poll_ms = 1000;
-	c->pull_max_rows = 10000;	/* bounded memory for large first syncs */
+	c->pull_max_rows = 10000; /* bounded memory for large first syncs */
 	c->max_connections = 10000;
 	c->ws_ping_s = 30;
 	c->pull_filter = true;
@@ -150,8 +150,8 @@ config_set(srv_config *c, const char *key, const char *value, const char *where)
 	for (size_t i = 0; i < NSETTINGS; i++)
 	{
 		const struct setting *s = &settings[i];
-		void *field = (char *) c + s->off;
-		char *end = NULL;
+		void				 *field = (char *) c + s->off;
+		char				 *end = NULL;
 
 		if (strcmp(s->key, key) != 0)
 			continue;
@@ -237,9 +237,9 @@ bool
 config_load_file(srv_config *c, const char *path)
 {
 	FILE *f = fopen(path, "r");
-	char line[4096];
-	int lineno = 0;
-	bool ok = true;
+	char  line[4096];
+	int	  lineno = 0;
+	bool  ok = true;
 
 	if (!f)
 	{
@@ -263,7 +263,7 @@ config_load_file(srv_config *c, const char *path)
 		}
 		*eq = '\0';
 		{
-			char *v = trim(eq + 1);
+			char  *v = trim(eq + 1);
 			size_t n = strlen(v);
 
 			if (n >= 2 && ((v[0] == '"' && v[n - 1] == '"') || (v[0] == '\'' && v[n - 1] == '\'')))
@@ -284,9 +284,9 @@ config_load_env(srv_config *c)
 {
 	for (size_t i = 0; i < NSETTINGS; i++)
 	{
-		char name[64] = "PGSYNC_";
+		char		name[64] = "PGSYNC_";
 		const char *v;
-		size_t n = strlen(name);
+		size_t		n = strlen(name);
 
 		for (const char *k = settings[i].key; *k && n < sizeof name - 1; k++)
 			name[n++] = (char) toupper((unsigned char) *k);
@@ -302,7 +302,7 @@ read_file(const char *path, char *why, size_t whylen)
 {
 	FILE *f = fopen(path, "rb");
 	char *buf;
-	long n;
+	long  n;
 
 	if (!f)
 	{

@@ -41,28 +41,28 @@ uint64_t pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size
 
 typedef struct tbl
 {
-	bool checked; /* metadata read */
-	bool all;	  /* every row visible (no RLS) */
-	bool none;	  /* no row visible (no table, no privilege) */
-	char *qname;  /* quoted, qualified */
-	char **types; /* npk type names */
-	uint32_t npk;
-	pgs_buf *keys;	  /* npk array literals being built */
+	bool	  checked; /* metadata read */
+	bool	  all;	   /* every row visible (no RLS) */
+	bool	  none;	   /* no row visible (no table, no privilege) */
+	char	 *qname;   /* quoted, qualified */
+	char	**types;   /* npk type names */
+	uint32_t  npk;
+	pgs_buf	 *keys;	  /* npk array literals being built */
 	uint64_t *groups; /* group index of each key tuple */
-	size_t nkeys;
-	size_t cap;
+	size_t	  nkeys;
+	size_t	  cap;
 } tbl;
 
 typedef struct ctx
 {
-	PGconn *conn;
+	PGconn			*conn;
 	const auth_info *a;
-	bool in_txn; /* begun as the token's role (for checks) */
-	pgs_reader r;
-	tbl *t;
-	uint8_t *keep; /* per group: 0 drop, 1 keep, 2 pending */
-	bool *broken;
-	srv_error *e;
+	bool			 in_txn; /* begun as the token's role (for checks) */
+	pgs_reader		 r;
+	tbl				*t;
+	uint8_t			*keep; /* per group: 0 drop, 1 keep, 2 pending */
+	bool			*broken;
+	srv_error		*e;
 } ctx;
 
 static bool
@@ -89,7 +89,7 @@ static char *
 quoted_name(PGconn *conn, const uint8_t *name, uint32_t len)
 {
 	const uint8_t *dot = memchr(name, '.', len);
-	char *a, *b = NULL, *out;
+	char		  *a, *b = NULL, *out;
 
 	if (!dot)
 		return PQescapeIdentifier(conn, (const char *) name, len);
@@ -128,15 +128,15 @@ array_put(pgs_buf *b, const uint8_t *s, size_t n, bool first)
 
 typedef struct meta_slot
 {
-	char *key;
-	int64_t at;
-	bool all;
-	bool none;
+	char	*key;
+	int64_t	 at;
+	bool	 all;
+	bool	 none;
 	uint32_t npk;
-	char **types;
+	char   **types;
 } meta_slot;
 
-static meta_slot cache[META_SLOTS];
+static meta_slot	   cache[META_SLOTS];
 static pthread_mutex_t cache_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static unsigned
@@ -154,7 +154,7 @@ static bool
 cache_get(const char *key, tbl *t)
 {
 	meta_slot *m = &cache[key_hash(key)];
-	bool hit;
+	bool	   hit;
 
 	pthread_mutex_lock(&cache_mu);
 	hit = m->key && strcmp(m->key, key) == 0 && srv_now_ms() - m->at < META_TTL_MS &&
@@ -175,8 +175,8 @@ static void
 cache_put(const char *key, const tbl *t)
 {
 	meta_slot *m = &cache[key_hash(key)];
-	char **types = t->none ? NULL : calloc(t->npk, sizeof(char *));
-	char *k = strdup(key);
+	char	 **types = t->none ? NULL : calloc(t->npk, sizeof(char *));
+	char	  *k = strdup(key);
 
 	for (uint32_t i = 0; types && i < t->npk; i++)
 		types[i] = strdup(t->types[i] ? t->types[i] : "text");
@@ -206,11 +206,11 @@ static bool
 meta(ctx *c, uint32_t ti)
 {
 	pgs_dict_table *d = &c->r.tables[ti];
-	tbl *t = &c->t[ti];
-	pgs_buf names;
-	const char *vals[3];
-	PGresult *r;
-	char *key;
+	tbl			   *t = &c->t[ti];
+	pgs_buf			names;
+	const char	   *vals[3];
+	PGresult	   *r;
+	char		   *key;
 
 	t->checked = true;
 	t->npk = d->npk;
@@ -326,13 +326,13 @@ key_put(pgs_buf *b, const pgs_value *v, const char *type, bool first)
 static bool
 check(ctx *c, uint32_t ti)
 {
-	tbl *t = &c->t[ti];
+	tbl			   *t = &c->t[ti];
 	pgs_dict_table *d = &c->r.tables[ti];
-	pgs_buf sql;
-	const char **vals;
-	PGresult *r;
-	bool ok = true;
-	char num[32];
+	pgs_buf			sql;
+	const char	  **vals;
+	PGresult	   *r;
+	bool			ok = true;
+	char			num[32];
 
 	if (t->nkeys == 0)
 		return true;
@@ -445,7 +445,7 @@ collect(ctx *c, uint64_t gi, const pgs_group *g)
 	}
 	if (t->nkeys == t->cap)
 	{
-		size_t cap = t->cap ? t->cap * 2 : 256;
+		size_t	  cap = t->cap ? t->cap * 2 : 256;
 		uint64_t *n = realloc(t->groups, cap * sizeof(uint64_t));
 
 		if (!n)
@@ -484,7 +484,7 @@ put_group(pgs_buf *b, const pgs_group *g, uint32_t npk, uint64_t *prev_hlc)
 {
 	uint64_t ghlc;
 	uint32_t gsite;
-	int64_t prev_col = -1;
+	int64_t	 prev_col = -1;
 
 	pgs_buf_varint(b, g->table);
 	for (uint32_t i = 0; i < npk; i++)
@@ -505,8 +505,8 @@ put_group(pgs_buf *b, const pgs_group *g, uint32_t npk, uint64_t *prev_hlc)
 	for (uint32_t k = 0; k < g->nchanges; k++)
 	{
 		const pgs_change *ch = &g->changes[k];
-		bool own = ch->hlc != ghlc || ch->site != gsite;
-		int64_t delta = (int64_t) ch->col - prev_col - 1;
+		bool			  own = ch->hlc != ghlc || ch->site != gsite;
+		int64_t			  delta = (int64_t) ch->col - prev_col - 1;
 
 		pgs_buf_u8(b, (uint8_t) (ch->value.type | (own ? 8 : 0) | (delta < 15 ? delta : 15) << 4));
 		if (own)
@@ -534,12 +534,12 @@ encode(ctx *c, const pgs_header *h, const uint8_t *body, size_t blen, uint64_t k
 	   filter_result *out)
 {
 	pgs_reader r;
-	pgs_buf b;
-	pgs_err err;
-	uint64_t prev = 0, gi = 0;
-	uint8_t *p;
-	size_t stored;
-	uint8_t flags = 0;
+	pgs_buf	   b;
+	pgs_err	   err;
+	uint64_t   prev = 0, gi = 0;
+	uint8_t	  *p;
+	size_t	   stored;
+	uint8_t	   flags = 0;
 
 	pgs_buf_init(&b);
 	if (pgs_reader_open(&r, body, blen, &err) != PGS_OK)
@@ -564,7 +564,7 @@ encode(ctx *c, const pgs_header *h, const uint8_t *body, size_t blen, uint64_t k
 	for (;;)
 	{
 		pgs_group g;
-		bool done;
+		bool	  done;
 
 		if (pgs_reader_next(&r, &g, &done, &err) != PGS_OK)
 		{
@@ -617,13 +617,13 @@ bool
 filter_payload(PGconn *conn, const auth_info *a, const uint8_t *p, size_t len, filter_result *out,
 			   bool *broken, srv_error *e)
 {
-	ctx c = {.conn = conn, .a = a, .broken = broken, .e = e};
-	pgs_header h;
+	ctx			   c = {.conn = conn, .a = a, .broken = broken, .e = e};
+	pgs_header	   h;
 	const uint8_t *body;
-	uint8_t *owned = NULL;
-	pgs_err err;
-	uint64_t gi = 0, kept = 0;
-	bool ok = false;
+	uint8_t		  *owned = NULL;
+	pgs_err		   err;
+	uint64_t	   gi = 0, kept = 0;
+	bool		   ok = false;
 
 	memset(out, 0, sizeof *out);
 	if (pgs_payload_body(p, len, &h, &body, &owned, &err) != PGS_OK ||
@@ -645,7 +645,7 @@ filter_payload(PGconn *conn, const auth_info *a, const uint8_t *p, size_t len, f
 	for (;;)
 	{
 		pgs_group g;
-		bool done;
+		bool	  done;
 
 		if (pgs_reader_next(&c.r, &g, &done, &err) != PGS_OK)
 		{

@@ -8,12 +8,12 @@
 
 typedef struct filter_result
 {
-	bool changed;	  /* false: send the original payload */
+	bool	 changed; /* false: send the original payload */
 	uint8_t *payload; /* malloc'd; NULL when every row was dropped */
-	size_t len;
-	int64_t kept;
-	int64_t dropped;
-	bool in_txn; /* a transaction was begun: COMMIT it */
+	size_t	 len;
+	int64_t	 kept;
+	int64_t	 dropped;
+	bool	 in_txn; /* a transaction was begun: COMMIT it */
 } filter_result;
 
 /*

@@ -36,22 +36,22 @@
 typedef struct req
 {
 	srv_endpoint ep;
-	int64_t t0_us;
-	int status;
-	bool ready; /* checks done, body may follow */
-	auth_info auth;
-	uint8_t *body;
-	size_t len;
-	size_t cap;
-	size_t discarded;
-	bool too_big;
-	int64_t since;
-	char *token_hex; /* chunked pull: the token of a "c" cursor (malloc), or NULL */
-	uint32_t max_rows; /* chunked pull: rows per chunk, 0 = one payload */
-	char exclude[37];
-	bool has_exclude;
-	int64_t deadline; /* long-poll end, srv_now_ms(); 0 = no wait */
-	hub_waiter *w;
+	int64_t		 t0_us;
+	int			 status;
+	bool		 ready; /* checks done, body may follow */
+	auth_info	 auth;
+	uint8_t		*body;
+	size_t		 len;
+	size_t		 cap;
+	size_t		 discarded;
+	bool		 too_big;
+	int64_t		 since;
+	char		*token_hex; /* chunked pull: the token of a "c" cursor (malloc), or NULL */
+	uint32_t	 max_rows;	/* chunked pull: rows per chunk, 0 = one payload */
+	char		 exclude[37];
+	bool		 has_exclude;
+	int64_t		 deadline; /* long-poll end, srv_now_ms(); 0 = no wait */
+	hub_waiter	*w;
 } req;
 
 static struct MHD_Daemon *daemon_;
@@ -102,10 +102,10 @@ send_json(struct MHD_Connection *conn, req *r, int status, char *json)
 static enum MHD_Result
 send_error(struct MHD_Connection *conn, req *r, const srv_error *e)
 {
-	cJSON *j = cJSON_CreateObject();
-	char *text;
+	cJSON				*j = cJSON_CreateObject();
+	char				*text;
 	struct MHD_Response *resp;
-	char ra[16];
+	char				 ra[16];
 
 	cJSON_AddStringToObject(j, "error", e->error);
 	cJSON_AddStringToObject(j, "detail", e->detail);
@@ -144,7 +144,7 @@ fail(struct MHD_Connection *conn, req *r, int status, const char *error, const c
 	 const char *fmt, ...)
 {
 	srv_error e;
-	va_list ap;
+	va_list	  ap;
 
 	srv_fail(&e, status, error, hint, NULL);
 	if (fmt)
@@ -178,9 +178,9 @@ static enum MHD_Result
 send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, pull_result *pr)
 {
 	struct MHD_Response *resp;
-	char num[24];
-	char *cur = num;
-	bool more = pr && pr->more;
+	char				 num[24];
+	char				*cur = num;
+	bool				 more = pr && pr->more;
 
 	snprintf(num, sizeof num, "%lld", (long long) cursor);
 	if (more && !(cur = strdup(pr->more)))
@@ -206,6 +206,8 @@ send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, pull_result *pr
 		if (!resp)
 		{
 			free_pull(keep);
+			if (cur != num)
+				free(cur);
 			return MHD_NO;
 		}
 		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
@@ -252,9 +254,9 @@ authorize(struct MHD_Connection *conn, req *r, enum MHD_Result *ret)
 	const char *h =
 		MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
 	const char *token = NULL;
-	srv_error e;
-	int retry;
-	char ip[64];
+	srv_error	e;
+	int			retry;
+	char		ip[64];
 
 	if (h && strncasecmp(h, "Bearer ", 7) == 0)
 		for (token = h + 7; *token == ' '; token++)
@@ -332,8 +334,8 @@ static enum MHD_Result
 do_push(struct MHD_Connection *conn, req *r)
 {
 	push_result pr;
-	srv_error e;
-	char *json;
+	srv_error	e;
+	char	   *json;
 	const char *site;
 
 	if (r->too_big)
@@ -351,7 +353,7 @@ do_push(struct MHD_Connection *conn, req *r)
 	{
 		/* header, lengths and checksum, before spending a Postgres round trip */
 		pgs_header h;
-		pgs_err perr;
+		pgs_err	   perr;
 
 		if (pgs_payload_header(r->body, r->len, &h, &perr) != PGS_OK)
 			return fail(conn, r, 400, "malformed payload",
@@ -378,10 +380,10 @@ do_pull(struct MHD_Connection *conn, req *r)
 {
 	for (;;)
 	{
-		uint64_t g = hub_gen();
+		uint64_t	g = hub_gen();
 		pull_result pr;
-		srv_error e;
-		bool parked;
+		srv_error	e;
+		bool		parked;
 
 		if (!sync_pull(&r->auth, r->since, r->has_exclude ? r->exclude : NULL, r->max_rows,
 					   r->token_hex, &pr, &e))
@@ -419,10 +421,10 @@ static enum MHD_Result
 do_healthz(struct MHD_Connection *conn, req *r)
 {
 	srv_error e;
-	PGconn *c = pool_acquire(&e);
+	PGconn	 *c = pool_acquire(&e);
 	PGresult *res;
-	char *json;
-	bool ok;
+	char	 *json;
+	bool	  ok;
 
 	if (!c)
 	{
@@ -446,8 +448,8 @@ do_healthz(struct MHD_Connection *conn, req *r)
 static enum MHD_Result
 do_metrics(struct MHD_Connection *conn, req *r)
 {
-	size_t len;
-	char *text = metrics_render(&len);
+	size_t				 len;
+	char				*text = metrics_render(&len);
 	struct MHD_Response *resp;
 
 	if (!text)
@@ -468,8 +470,8 @@ route(req *r, const char *url, const char *method)
 {
 	static const struct
 	{
-		const char *path;
-		const char *method;
+		const char	*path;
+		const char	*method;
 		srv_endpoint ep;
 	} routes[] = {
 		{"/v1/push", "POST", EP_PUSH},	 {"/v1/pull", "GET", EP_PULL},	  {"/v1/ws", "GET", EP_WS},
@@ -532,10 +534,10 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 		const char *since = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "since");
 		const char *excl = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "exclude");
 		const char *wait = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "wait");
-		int64_t w = 0;
+		int64_t		w = 0;
 
 		const char *mr = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "max_rows");
-		int64_t mrv = cfg.pull_max_rows;
+		int64_t		mrv = cfg.pull_max_rows;
 
 		r->since = 0;
 		if (mr && (!parse_int(mr, 10000000, &mrv) || mrv < 1))
@@ -548,11 +550,11 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 		if (since && since[0] == 'c')
 		{
 			/* a chunk cursor: "c" + hex of the token (version, since, ...) */
-			size_t n = strlen(since + 1);
-			uint8_t head[16];
-			size_t hn = 0;
+			size_t	 n = strlen(since + 1);
+			uint8_t	 head[16] = {0};
+			size_t	 hn = 0;
 			uint64_t v = 0;
-			bool ok = n > 0 && n % 2 == 0 && n <= 2 * SRV_MAX_TOKEN;
+			bool	 ok = n > 0 && n % 2 == 0 && n <= 2 * SRV_MAX_TOKEN;
 
 			for (size_t i = 0; ok && i < n; i++)
 				ok = (since[1 + i] >= '0' && since[1 + i] <= '9') ||
@@ -615,7 +617,7 @@ static enum MHD_Result
 handler(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
 		const char *version, const char *upload_data, size_t *upload_data_size, void **con_cls)
 {
-	req *r = *con_cls;
+	req			   *r = *con_cls;
 	enum MHD_Result ret = MHD_YES;
 
 	(void) cls, (void) version;
@@ -647,7 +649,7 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 				}
 				if (r->len + n > r->cap)
 				{
-					size_t cap = r->cap ? r->cap : 65536;
+					size_t	 cap = r->cap ? r->cap : 65536;
 					uint8_t *b;
 
 					while (cap < r->len + n)
@@ -684,7 +686,7 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 		case EP_WS:
 		{
 			struct MHD_Response *resp = NULL;
-			srv_error e;
+			srv_error			 e;
 
 			if (!ws_upgrade(conn, &r->auth, &resp, &e))
 				return send_error(conn, r, &e);
@@ -727,14 +729,14 @@ static void
 mhd_log(void *cls, const char *fmt, va_list ap)
 {
 	static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-	static int64_t second;
-	static int count;
-	static int dropped;
-	char msg[512];
-	size_t n;
-	int64_t now = srv_now_ms() / 1000;
-	int skipped = 0;
-	bool show;
+	static int64_t		   second;
+	static int			   count;
+	static int			   dropped;
+	char				   msg[512];
+	size_t				   n;
+	int64_t				   now = srv_now_ms() / 1000;
+	int					   skipped = 0;
+	bool				   show;
 
 	(void) cls;
 	pthread_mutex_lock(&mu);
@@ -763,8 +765,8 @@ bool
 http_start(void)
 {
 	struct sockaddr_in6 a6;
-	struct sockaddr_in a4;
-	struct sockaddr *sa;
+	struct sockaddr_in	a4;
+	struct sockaddr	   *sa;
 	unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_ALLOW_UPGRADE |
 					 MHD_USE_ERROR_LOG;
 

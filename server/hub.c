@@ -36,24 +36,24 @@
 struct hub_waiter
 {
 	struct MHD_Connection *conn;
-	int64_t cursor;
-	int64_t deadline;
-	hub_wake state;
-	bool linked;
-	hub_waiter *prev, *next;
+	int64_t				   cursor;
+	int64_t				   deadline;
+	hub_wake			   state;
+	bool				   linked;
+	hub_waiter			  *prev, *next;
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t timer_cv = PTHREAD_COND_INITIALIZER;
-static hub_waiter *head;
-static int nwaiting;
-static uint64_t gen;
-static int64_t announced;
-static bool stopping; /* no new waiters */
-static bool threads_stop;
-static int stop_fd = -1;
-static pthread_t listener_tid, timer_tid;
-static bool started;
+static pthread_cond_t  timer_cv = PTHREAD_COND_INITIALIZER;
+static hub_waiter	  *head;
+static int			   nwaiting;
+static uint64_t		   gen;
+static int64_t		   announced;
+static bool			   stopping; /* no new waiters */
+static bool			   threads_stop;
+static int			   stop_fd = -1;
+static pthread_t	   listener_tid, timer_tid;
+static bool			   started;
 
 uint64_t
 hub_gen(void)
@@ -213,7 +213,7 @@ timer_main(void *arg)
 	pthread_mutex_lock(&mu);
 	while (!threads_stop)
 	{
-		int64_t now = srv_now_ms(), next = now + 1000;
+		int64_t			now = srv_now_ms(), next = now + 1000;
 		struct timespec ts;
 
 		for (hub_waiter *w = head, *n; w; w = n)
@@ -252,8 +252,8 @@ pause_ms(int ms)
 static PGconn *
 listen_connect(bool *logged_down)
 {
-	char why[256];
-	PGconn *c = pool_connect(why, sizeof why);
+	char	  why[256];
+	PGconn	 *c = pool_connect(why, sizeof why);
 	PGresult *r;
 
 	if (!c)
@@ -285,7 +285,7 @@ static int64_t
 poll_version(PGconn *c)
 {
 	PGresult *r = PQexec(c, "SELECT sync_db_version()");
-	int64_t v = -1;
+	int64_t	  v = -1;
 
 	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1)
 		v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
@@ -308,14 +308,14 @@ static void *
 listener_main(void *arg)
 {
 	PGconn *c = NULL;
-	bool logged_down = false;
+	bool	logged_down = false;
 	int64_t polled = -1, next_poll = 0;
 
 	(void) arg;
 	while (!threads_stop)
 	{
 		struct pollfd p[2];
-		int timeout, n;
+		int			  timeout, n;
 
 		if (!c)
 		{

@@ -38,10 +38,10 @@ srv_wall_s(void)
 void
 srv_log(const char *level, const char *fmt, ...)
 {
-	char ts[32], msg[1024];
+	char			ts[32], msg[1024];
 	struct timespec now;
-	struct tm tm;
-	va_list ap;
+	struct tm		tm;
+	va_list			ap;
 
 	clock_gettime(CLOCK_REALTIME, &now);
 	gmtime_r(&now.tv_sec, &tm);
@@ -96,7 +96,7 @@ int
 main(int argc, char **argv)
 {
 	sigset_t set;
-	int sig = 0;
+	int		 sig = 0;
 
 	config_defaults(&cfg);
 	for (int i = 1; i < argc; i++)
@@ -117,7 +117,7 @@ main(int argc, char **argv)
 		return 2;
 	for (int i = 1; i < argc; i++)
 	{
-		char key[64];
+		char		key[64];
 		const char *eq;
 
 		if (!strcmp(argv[i], "--config"))

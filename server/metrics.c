@@ -17,8 +17,8 @@
 
 static const char *const ep_names[EP_COUNT] = {"push",	  "pull",	 "longpoll", "ws",
 											   "healthz", "metrics", "other"};
-static const int statuses[] = {101, 200, 204, 400, 401, 403, 404, 405,
-							   409, 413, 422, 426, 429, 500, 503};
+static const int		 statuses[] = {101, 200, 204, 400, 401, 403, 404, 405,
+									   409, 413, 422, 426, 429, 500, 503};
 
 #define NSTATUS (sizeof statuses / sizeof statuses[0])
 /* upper bounds of the histogram buckets, in microseconds */
@@ -85,9 +85,9 @@ metrics_rate_limited(void)
 
 typedef struct out
 {
-	char *p;
+	char  *p;
 	size_t len, cap;
-	bool oom;
+	bool   oom;
 } out;
 
 static void put(out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -96,7 +96,7 @@ static void
 put(out *o, const char *fmt, ...)
 {
 	va_list ap;
-	int n;
+	int		n;
 
 	if (o->oom)
 		return;
@@ -117,7 +117,7 @@ put(out *o, const char *fmt, ...)
 		}
 		{
 			size_t cap = o->cap * 2 + (size_t) n;
-			char *p = realloc(o->p, cap);
+			char  *p = realloc(o->p, cap);
 
 			if (!p)
 			{

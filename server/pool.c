@@ -23,16 +23,16 @@
 typedef struct slot
 {
 	PGconn *conn;
-	bool busy;
+	bool	busy;
 } slot;
 
-static slot *slots;
-static int nslots;
+static slot			  *slots;
+static int			   nslots;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t freed = PTHREAD_COND_INITIALIZER;
-static int64_t down_until;
-static int64_t down_logged; /* when "cannot connect" was last logged */
-static char down_why[256];
+static pthread_cond_t  freed = PTHREAD_COND_INITIALIZER;
+static int64_t		   down_until;
+static int64_t		   down_logged; /* when "cannot connect" was last logged */
+static char			   down_why[256];
 
 static void
 quiet(void *arg, const char *message)
@@ -44,10 +44,10 @@ quiet(void *arg, const char *message)
 PGconn *
 pool_connect(char *why, size_t whylen)
 {
-	char ct[16], opts[64];
+	char		ct[16], opts[64];
 	const char *keys[] = {"dbname", "connect_timeout", "application_name", "options", NULL};
 	const char *vals[] = {cfg.database ? cfg.database : "", ct, SRV_NAME, opts, NULL};
-	PGconn *conn;
+	PGconn	   *conn;
 
 	snprintf(ct, sizeof ct, "%d", cfg.connect_timeout);
 	snprintf(opts, sizeof opts, "-c statement_timeout=%d", cfg.statement_timeout_ms);
@@ -77,7 +77,7 @@ pool_connect(char *why, size_t whylen)
 bool
 pool_start(void)
 {
-	char why[256];
+	char	why[256];
 	PGconn *first;
 
 	nslots = cfg.pool_size;
@@ -126,9 +126,9 @@ PGconn *
 pool_acquire(srv_error *e)
 {
 	struct timespec until;
-	slot *s = NULL;
-	int64_t now;
-	char why[256];
+	slot		   *s = NULL;
+	int64_t			now;
+	char			why[256];
 
 	clock_gettime(CLOCK_REALTIME, &until);
 	until.tv_sec += cfg.pool_wait_ms / 1000;

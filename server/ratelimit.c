@@ -22,13 +22,13 @@
 typedef struct bucket
 {
 	struct bucket *next;
-	double tokens;
-	int64_t last_ms;
-	char key[];
+	double		   tokens;
+	int64_t		   last_ms;
+	char		   key[];
 } bucket;
 
-static bucket *table[NBUCKETS];
-static long nentries;
+static bucket		  *table[NBUCKETS];
+static long			   nentries;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
 static unsigned
@@ -74,10 +74,10 @@ prune(int64_t now)
 bool
 ratelimit_take(const char *key, int *retry_after)
 {
-	int64_t now;
+	int64_t	 now;
 	unsigned h;
-	bucket *b;
-	bool ok;
+	bucket	*b;
+	bool	 ok;
 
 	*retry_after = 0;
 	if (cfg.rate_limit <= 0)

@@ -39,30 +39,31 @@
 
 typedef struct srv_config
 {
-	char *listen; /* address to bind, default 127.0.0.1 */
-	int port;
-	char *database;		  /* libpq conninfo or URI */
-	char *jwt_secret;	  /* HS256 key; NULL = HS256 off */
-	char *jwt_public_key; /* RS256 public key PEM path; NULL = off */
-	char *jwt_public_pem; /* its contents, loaded at start */
-	int jwt_leeway;		  /* seconds of clock skew allowed on exp/nbf */
-	char *role_claim;
-	char *default_role; /* role for tokens without the claim, or NULL */
-	char *roles[SRV_MAX_ROLES];
-	int nroles;
+	char  *listen; /* address to bind, default 127.0.0.1 */
+	int	   port;
+	char  *database;	   /* libpq conninfo or URI */
+	char  *jwt_secret;	   /* HS256 key; NULL = HS256 off */
+	char  *jwt_public_key; /* RS256 public key PEM path; NULL = off */
+	char  *jwt_public_pem; /* its contents, loaded at start */
+	int	   jwt_leeway;	   /* seconds of clock skew allowed on exp/nbf */
+	char  *role_claim;
+	char  *default_role; /* role for tokens without the claim, or NULL */
+	char  *roles[SRV_MAX_ROLES];
+	int	   nroles;
 	size_t max_body;
 	double rate_limit; /* requests per second per subject; 0 = off */
-	int rate_burst;
-	int pool_size;
-	int threads;
-	int pool_wait_ms;	 /* how long a request waits for a connection */
-	int connect_timeout; /* seconds, libpq connect_timeout */
-	int statement_timeout_ms;
-	int max_wait_ms; /* long-poll cap */
-	int pull_max_rows; /* rows per chunk of a pull when the client asks for none (0 = one payload) */
-	int poll_ms;	 /* sync_db_version() polling period */
-	int max_connections;
-	int ws_ping_s;
+	int	   rate_burst;
+	int	   pool_size;
+	int	   threads;
+	int	   pool_wait_ms;	/* how long a request waits for a connection */
+	int	   connect_timeout; /* seconds, libpq connect_timeout */
+	int	   statement_timeout_ms;
+	int	   max_wait_ms; /* long-poll cap */
+	int pull_max_rows;	/* rows per chunk of a pull when the client asks for none (0 = one payload)
+						 */
+	int	 poll_ms;		/* sync_db_version() polling period */
+	int	 max_connections;
+	int	 ws_ping_s;
 	bool pull_filter; /* drop rows the role cannot SELECT from pulls */
 	bool log_requests;
 } srv_config;
@@ -80,7 +81,7 @@ void config_usage(void);
 
 /* ---- logging (main.c) ---------------------------------------------------- */
 
-void srv_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void	srv_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int64_t srv_now_ms(void); /* monotonic milliseconds */
 int64_t srv_wall_s(void); /* Unix seconds */
 
@@ -88,8 +89,8 @@ int64_t srv_wall_s(void); /* Unix seconds */
 
 typedef struct srv_error
 {
-	int status;		 /* HTTP status */
-	int retry_after; /* seconds, 0 = no header */
+	int	 status;	  /* HTTP status */
+	int	 retry_after; /* seconds, 0 = no header */
 	char error[160];
 	char detail[640];
 	char hint[320];
@@ -115,10 +116,10 @@ PGconn *pool_connect(char *why, size_t whylen);
 
 typedef struct auth_info
 {
-	char role[SRV_ROLE_MAX + 1];
-	char *claims;	   /* JSON text of every claim (malloc) */
-	char subject[160]; /* rate-limit identity */
-	int64_t exp;	   /* 0 = no expiry */
+	char	role[SRV_ROLE_MAX + 1];
+	char   *claims;		  /* JSON text of every claim (malloc) */
+	char	subject[160]; /* rate-limit identity */
+	int64_t exp;		  /* 0 = no expiry */
 } auth_info;
 
 /* auth_check verifies a bearer token; 401/403 in e on failure. */
@@ -138,17 +139,17 @@ typedef struct push_result
 	int64_t applied;
 	int64_t nrejected;
 	int64_t server_version;
-	char *rejected_json; /* JSON array text (malloc) */
+	char   *rejected_json; /* JSON array text (malloc) */
 } push_result;
 
 typedef struct pull_result
 {
-	PGresult *res;			/* owns payload, or NULL */
-	uint8_t *owned;			/* or this malloc'd copy owns it (filtered) */
+	PGresult	  *res;		/* owns payload, or NULL */
+	uint8_t		  *owned;	/* or this malloc'd copy owns it (filtered) */
 	const uint8_t *payload; /* NULL = nothing new */
-	size_t len;
-	int64_t cursor; /* next since */
-	char *more;		/* chunked: "c<hex token>" cursor of the next chunk (malloc), or NULL */
+	size_t		   len;
+	int64_t		   cursor; /* next since */
+	char		  *more;   /* chunked: "c<hex token>" cursor of the next chunk (malloc), or NULL */
 } pull_result;
 
 /* Chunked pulls: a continuation cursor is "c" + the hex of the core's token. */
@@ -195,11 +196,11 @@ uint64_t hub_gen(void);
 hub_waiter *hub_suspend(struct MHD_Connection *conn, hub_waiter *w, uint64_t seen_gen,
 						int64_t cursor, int64_t deadline_ms, bool *parked);
 /* hub_release_all resumes every parked request (HUB_SHUTDOWN); no new ones. */
-void hub_release_all(void);
+void	 hub_release_all(void);
 hub_wake hub_result(hub_waiter *w);
-void hub_forget(hub_waiter *w); /* request over: free the waiter */
-int64_t hub_version(void);		/* highest version announced so far */
-int hub_waiting(void);
+void	 hub_forget(hub_waiter *w); /* request over: free the waiter */
+int64_t	 hub_version(void);			/* highest version announced so far */
+int		 hub_waiting(void);
 
 /* ---- ws.c ---------------------------------------------------------------- */
 
@@ -210,7 +211,7 @@ struct MHD_Response;
 bool ws_upgrade(struct MHD_Connection *conn, const auth_info *a, struct MHD_Response **resp,
 				srv_error *e);
 void ws_broadcast(int64_t version);
-int ws_clients(void);
+int	 ws_clients(void);
 /* ws_accept_key computes Sec-WebSocket-Accept (29 bytes incl. NUL). */
 void ws_accept_key(const char *key, char out[29]);
 

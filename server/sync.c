@@ -30,7 +30,7 @@
 #include "filter.h"
 
 static pthread_mutex_t site_mu = PTHREAD_MUTEX_INITIALIZER;
-static char server_site[37];
+static char			   server_site[37];
 
 const char *
 sync_server_site(void)
@@ -85,7 +85,7 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 	const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
 	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
 	const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
-	char d[640];
+	char		d[640];
 
 	if (!msg)
 		msg = PQerrorMessage(conn);
@@ -170,9 +170,9 @@ sync_begin_as(PGconn *conn, const auth_info *a, bool *broken, bool *retry, srv_e
 	char *role = PQescapeIdentifier(conn, a->role, strlen(a->role));
 	char *claims =
 		PQescapeLiteral(conn, a->claims ? a->claims : "{}", strlen(a->claims ? a->claims : "{}"));
-	char *sql;
+	char	 *sql;
 	PGresult *r;
-	bool ok = false;
+	bool	  ok = false;
 
 	if (!role || !claims ||
 		asprintf(&sql,
@@ -217,7 +217,7 @@ exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *brok
 		   srv_error *e)
 {
 	PGresult *r, *kept = NULL, *bad = NULL;
-	int i = 0;
+	int		  i = 0;
 
 	if (!PQsendQuery(conn, sql))
 	{
@@ -264,10 +264,10 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 		  bool *broken, bool *retry, srv_error *e)
 {
 	const char *vals[1] = {(const char *) body};
-	int lens[1] = {(int) len};
-	int fmts[1] = {1};
-	PGresult *r;
-	char sql[640];
+	int			lens[1] = {(int) len};
+	int			fmts[1] = {1};
+	PGresult   *r;
+	char		sql[640];
 
 	/* 3 round trips: begin as the role; apply; report + notify + commit */
 	if (!sync_begin_as(conn, a, broken, retry, e))
@@ -316,7 +316,7 @@ sync_push(const auth_info *a, const uint8_t *body, size_t len, push_result *out,
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
 		PGconn *conn = pool_acquire(e);
-		bool broken = false, retry = false, ok;
+		bool	broken = false, retry = false, ok;
 
 		if (!conn)
 			return false;
@@ -352,12 +352,12 @@ static bool
 pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
 		  const char *token_hex, pull_result *out, bool *broken, bool *retry, srv_error *e)
 {
-	char sincebuf[24], rowsbuf[16];
-	char *tokbuf = NULL;
+	char		sincebuf[24], rowsbuf[16];
+	char	   *tokbuf = NULL;
 	const char *vals[4] = {sincebuf, exclude, rowsbuf, NULL};
-	PGresult *r, *p;
-	int64_t safe;
-	bool chunked = max_rows > 0 || token_hex;
+	PGresult   *r, *p;
+	int64_t		safe;
+	bool		chunked = max_rows > 0 || token_hex;
 
 	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) since);
 	snprintf(rowsbuf, sizeof rowsbuf, "%u", max_rows);
@@ -414,7 +414,7 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, 
 	}
 	{
 		const uint8_t *b = (const uint8_t *) PQgetvalue(p, 0, 1);
-		size_t n = (size_t) PQgetlength(p, 0, 1);
+		size_t		   n = (size_t) PQgetlength(p, 0, 1);
 
 		if (n < 56 || memcmp(b, "PGSY", 4) != 0)
 		{
@@ -428,8 +428,8 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, 
 		out->len = n;
 		if (chunked && !PQgetisnull(p, 0, 2))
 		{
-			const uint8_t *t = (const uint8_t *) PQgetvalue(p, 0, 2);
-			size_t tn = (size_t) PQgetlength(p, 0, 2);
+			const uint8_t	 *t = (const uint8_t *) PQgetvalue(p, 0, 2);
+			size_t			  tn = (size_t) PQgetlength(p, 0, 2);
 			static const char hx[] = "0123456789abcdef";
 
 			if (tn == 0 || tn > SRV_MAX_TOKEN)
@@ -488,7 +488,7 @@ sync_pull(const auth_info *a, int64_t since, const char *exclude, uint32_t max_r
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
 		PGconn *conn = pool_acquire(e);
-		bool broken = false, retry = false, ok;
+		bool	broken = false, retry = false, ok;
 
 		if (!conn)
 			return false;

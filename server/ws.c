@@ -36,31 +36,31 @@
 
 typedef struct client
 {
-	struct client *prev, *next;
-	int fd;
+	struct client					 *prev, *next;
+	int								  fd;
 	struct MHD_UpgradeResponseHandle *urh;
-	uint8_t *in; /* grows up to IN_MAX: idle clients stay small */
-	size_t inlen;
-	size_t incap;
-	uint8_t *out;
-	size_t outlen;
-	int64_t last_rx;
-	int64_t last_ping;
-	int64_t exp;  /* token expiry, Unix seconds; 0 = none */
-	int64_t sent; /* last version announced to it */
-	bool closing;
-	bool want_out;
+	uint8_t							 *in; /* grows up to IN_MAX: idle clients stay small */
+	size_t							  inlen;
+	size_t							  incap;
+	uint8_t							 *out;
+	size_t							  outlen;
+	int64_t							  last_rx;
+	int64_t							  last_ping;
+	int64_t							  exp;	/* token expiry, Unix seconds; 0 = none */
+	int64_t							  sent; /* last version announced to it */
+	bool							  closing;
+	bool							  want_out;
 } client;
 
-static client *clients; /* ws thread only */
-static client *pending; /* under pending_mu */
+static client		  *clients; /* ws thread only */
+static client		  *pending; /* under pending_mu */
 static pthread_mutex_t pending_mu = PTHREAD_MUTEX_INITIALIZER;
-static atomic_llong bcast;
-static atomic_int nclients;
-static atomic_bool stop_flag;
-static int epfd = -1, evfd = -1;
-static pthread_t tid;
-static bool started;
+static atomic_llong	   bcast;
+static atomic_int	   nclients;
+static atomic_bool	   stop_flag;
+static int			   epfd = -1, evfd = -1;
+static pthread_t	   tid;
+static bool			   started;
 
 int
 ws_clients(void)
@@ -92,9 +92,9 @@ static void
 sha1(const uint8_t *msg, size_t n, uint8_t out[20])
 {
 	uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
-	uint8_t block[64];
+	uint8_t	 block[64];
 	uint64_t bits = (uint64_t) n * 8;
-	size_t total = ((n + 8) / 64 + 1) * 64;
+	size_t	 total = ((n + 8) / 64 + 1) * 64;
 
 	for (size_t off = 0; off < total; off += 64)
 	{
@@ -145,9 +145,9 @@ void
 ws_accept_key(const char *key, char out[29])
 {
 	static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-	char buf[128];
-	uint8_t md[21] = {0};
-	int o = 0;
+	char			  buf[128];
+	uint8_t			  md[21] = {0};
+	int				  o = 0;
 
 	snprintf(buf, sizeof buf, "%s" WS_GUID, key);
 	sha1((const uint8_t *) buf, strlen(buf), md);
@@ -169,8 +169,8 @@ ws_accept_key(const char *key, char out[29])
 static void
 queue(client *c, int opcode, const void *data, size_t n)
 {
-	uint8_t hdr[4];
-	size_t h = 2;
+	uint8_t	 hdr[4];
+	size_t	 h = 2;
 	uint8_t *o;
 
 	if (c->closing && opcode != 0x8)
@@ -201,7 +201,7 @@ static void
 queue_close(client *c, int code, const char *reason)
 {
 	uint8_t b[64];
-	size_t n = strlen(reason) < 60 ? strlen(reason) : 60;
+	size_t	n = strlen(reason) < 60 ? strlen(reason) : 60;
 
 	b[0] = (uint8_t) (code >> 8);
 	b[1] = (uint8_t) code;
@@ -214,7 +214,7 @@ static void
 queue_version(client *c, const char *type, int64_t v)
 {
 	char msg[160];
-	int n;
+	int	 n;
 
 	if (strcmp(type, "hello") == 0)
 		n = snprintf(msg, sizeof msg,
@@ -264,10 +264,10 @@ parse(client *c)
 	while (!c->closing)
 	{
 		uint8_t *p = c->in + pos;
-		size_t avail = c->inlen - pos, h = 2;
+		size_t	 avail = c->inlen - pos, h = 2;
 		uint64_t len;
-		int op;
-		bool fin;
+		int		 op;
+		bool	 fin;
 
 		if (avail < 2)
 			break;
@@ -364,7 +364,7 @@ adopt_pending(void)
 	pthread_mutex_unlock(&pending_mu);
 	while (list)
 	{
-		client *c = list;
+		client			  *c = list;
 		struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
 
 		list = c->next;
@@ -396,7 +396,7 @@ on_readable(client *c)
 
 		if (c->inlen == c->incap)
 		{
-			size_t cap = c->incap < 512 ? 512 : c->incap * 2;
+			size_t	 cap = c->incap < 512 ? 512 : c->incap * 2;
 			uint8_t *b;
 
 			if (c->incap >= IN_MAX || !(b = realloc(c->in, cap < IN_MAX ? cap : IN_MAX)))
@@ -462,13 +462,13 @@ static void *
 ws_main(void *arg)
 {
 	struct epoll_event evs[64];
-	int64_t last_tick = 0;
+	int64_t			   last_tick = 0;
 
 	(void) arg;
 	while (!atomic_load(&stop_flag))
 	{
-		int n = epoll_wait(epfd, evs, 64, 1000);
-		bool announce = false;
+		int		n = epoll_wait(epfd, evs, 64, 1000);
+		bool	announce = false;
 		int64_t now = srv_now_ms();
 
 		for (int i = 0; i < n; i++)
@@ -511,7 +511,7 @@ on_upgrade(void *cls, struct MHD_Connection *conn, void *req_cls, const char *ex
 		   size_t extra_in_size, MHD_socket sock, struct MHD_UpgradeResponseHandle *urh)
 {
 	client *c = calloc(1, sizeof *c);
-	int fl;
+	int		fl;
 
 	(void) conn, (void) req_cls;
 	if (c && extra_in_size && extra_in_size <= IN_MAX && (c->in = malloc(extra_in_size)) != NULL)

@@ -59,10 +59,11 @@ pk_values(db_table *t, sqlite3_value **argv, pgs_value *pk, pgs_err *err)
 	{
 		to_value(argv[i], &pk[i]);
 		if (pk[i].type == PGS_NULL)
-			return pgs_failf(err, PGS_ERR_VALUE,
-							 "Give every row of a synced table a primary key value (sync_uuid() makes one).",
-							 "primary key column \"%s\" of synced table \"%s\" is NULL",
-							 t->pk_names[i], t->name);
+			return pgs_failf(
+				err, PGS_ERR_VALUE,
+				"Give every row of a synced table a primary key value (sync_uuid() makes one).",
+				"primary key column \"%s\" of synced table \"%s\" is NULL", t->pk_names[i],
+				t->name);
 	}
 	return PGS_OK;
 }
@@ -77,16 +78,16 @@ put_clock(db_conn *c, db_table *t, const pgs_value *pk, bool exists, pgs_rowcloc
 {
 	for (int attempt = 0;; attempt++)
 	{
-		int64_t		old = pgs_rowclock_max_ver(rc),
-					ver;
-		pgs_rc		r;
+		int64_t old = pgs_rowclock_max_ver(rc), ver;
+		pgs_rc	r;
 
 		c->scratch.len = 0;
 		pgs_rowclock_encode(rc, &c->scratch);
 		if (c->scratch.oom)
 			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 		r = db_clock_put(c, t, pk, exists, rc->cl, old, c->scratch.p, c->scratch.len, err);
-		if (r == PGS_OK || attempt > 0 || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_NOTNULL)
+		if (r == PGS_OK || attempt > 0 ||
+			sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_NOTNULL)
 			return r;
 		c->txn_ver = 0;
 		if ((r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
@@ -101,11 +102,12 @@ put_clock(db_conn *c, db_table *t, const pgs_value *pk, bool exists, pgs_rowcloc
 
 /* new_life stamps every column for a row that starts a life at cl. */
 static pgs_rc
-new_life(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver, pgs_err *err)
+new_life(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
+		 pgs_err *err)
 {
-	pgs_stamp  *s = sl_stamps(c, t->ncols);
+	pgs_stamp	*s = sl_stamps(c, t->ncols);
 	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
-	uint64_t	hlc = sl_tick(c);
+	uint64_t	 hlc = sl_tick(c);
 
 	if (!s)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
@@ -118,11 +120,11 @@ static pgs_rc
 touch_columns(db_conn *c, db_table *t, const pgs_value *pk, const uint8_t *blob, size_t len,
 			  int64_t cl, int64_t ver, sqlite3_value **masks, pgs_err *err)
 {
-	pgs_stamp  *s = sl_stamps(c, t->ncols);
+	pgs_stamp	*s = sl_stamps(c, t->ncols);
 	pgs_rowclock rc = {.cl = cl, .ncols = t->ncols, .cols = s};
-	uint64_t	tick = sl_tick(c);
-	int			changed = 0;
-	pgs_rc		r;
+	uint64_t	 tick = sl_tick(c);
+	int			 changed = 0;
+	pgs_rc		 r;
 
 	if (!s)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
@@ -130,7 +132,7 @@ touch_columns(db_conn *c, db_table *t, const pgs_value *pk, const uint8_t *blob,
 		return r;
 	for (int i = 0; i < t->ncols; i++)
 	{
-		bool		bit = masks ? (sqlite3_value_int64(masks[i / 62]) >> (i % 62)) & 1 : true;
+		bool bit = masks ? (sqlite3_value_int64(masks[i / 62]) >> (i % 62)) & 1 : true;
 
 		if (!bit)
 			continue;
@@ -148,14 +150,13 @@ touch_columns(db_conn *c, db_table *t, const pgs_value *pk, const uint8_t *blob,
 pgs_rc
 sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 {
-	pgs_value	pk[64];
-	pgs_value  *pkv = t->npk <= 64 ? pk : sqlite3_malloc64(sizeof(pgs_value) * t->npk);
-	int64_t		ver,
-				cl;
-	bool		found;
+	pgs_value	   pk[64];
+	pgs_value	  *pkv = t->npk <= 64 ? pk : sqlite3_malloc64(sizeof(pgs_value) * t->npk);
+	int64_t		   ver, cl;
+	bool		   found;
 	const uint8_t *blob;
-	size_t		len;
-	pgs_rc		r;
+	size_t		   len;
+	pgs_rc		   r;
 
 	if (!pkv)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
@@ -169,14 +170,15 @@ sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 	if ((r = db_clock_get(c, t, pkv, &found, &cl, &blob, &len, err)) != PGS_OK)
 		goto out;
 	if (!found)
-		r = pgs_failf(err, PGS_ERR_DB, NULL, "clock row of table \"%s\" vanished during capture", t->name);
+		r = pgs_failf(err, PGS_ERR_DB, NULL, "clock row of table \"%s\" vanished during capture",
+					  t->name);
 	else if ((cl & 1) == 0)
-		r = new_life(c, t, pkv, true, cl + 1, ver, err);	/* resurrection */
+		r = new_life(c, t, pkv, true, cl + 1, ver, err); /* resurrection */
 	else if (t->algo == DB_ALGO_GSET)
 		r = pgs_failf(err, PGS_ERR_VALUE, "Tables synced with algo 'gset' only accept new rows.",
 					  "cannot replace a row of grow-only table \"%s\"", t->name);
 	else
-		r = touch_columns(c, t, pkv, blob, len, cl, ver, NULL, err);	/* INSERT OR REPLACE */
+		r = touch_columns(c, t, pkv, blob, len, cl, ver, NULL, err); /* INSERT OR REPLACE */
 out:
 	if (pkv != pk)
 		sqlite3_free(pkv);
@@ -186,19 +188,18 @@ out:
 static pgs_rc
 capture_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 {
-	int64_t		ver,
-				cl = 0;
-	bool		found;
+	int64_t		   ver, cl = 0;
+	bool		   found;
 	const uint8_t *blob;
-	size_t		len;
-	pgs_rc		r;
-	pgs_rowclock rc = {.ncols = 0, .cols = NULL};
+	size_t		   len;
+	pgs_rc		   r;
+	pgs_rowclock   rc = {.ncols = 0, .cols = NULL};
 
 	if ((r = sl_txn_version(c, false, &ver, err)) != PGS_OK ||
 		(r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
 		return r;
 	if (found && (cl & 1) == 0)
-		return PGS_OK;			/* already a tombstone */
+		return PGS_OK; /* already a tombstone */
 	rc.cl = found ? cl + 1 : 2;
 	rc.cl_ver = ver;
 	rc.cl_site = 0;
@@ -208,17 +209,17 @@ capture_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 static pgs_rc
 capture_update(db_conn *c, db_table *t, int argc, sqlite3_value **argv, pgs_err *err)
 {
-	int			nmask = (t->ncols + 61) / 62;
-	pgs_value	pk[64];
-	int64_t		ver,
-				cl;
-	bool		found;
+	int			   nmask = (t->ncols + 61) / 62;
+	pgs_value	   pk[64];
+	int64_t		   ver, cl;
+	bool		   found;
 	const uint8_t *blob;
-	size_t		len;
-	pgs_rc		r;
+	size_t		   len;
+	pgs_rc		   r;
 
 	if (argc != 1 + 2 * t->npk + nmask || t->npk > 64)
-		return pgs_failf(err, PGS_ERR_MISUSE, "Call sync_init on the table again to refresh its triggers.",
+		return pgs_failf(err, PGS_ERR_MISUSE,
+						 "Call sync_init on the table again to refresh its triggers.",
 						 "sync triggers of table \"%s\" are out of date", t->name);
 	if (sqlite3_value_int(argv[0]))
 	{
@@ -240,17 +241,20 @@ capture_update(db_conn *c, db_table *t, int argc, sqlite3_value **argv, pgs_err 
 void
 sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
-	pgs_err		err;
-	db_table   *t;
-	int			op;
-	pgs_rc		r = PGS_OK;
+	db_conn	 *c = sqlite3_user_data(ctx);
+	pgs_err	  err;
+	db_table *t;
+	int		  op;
+	pgs_rc	  r = PGS_OK;
 
 	if (c->applying)
 		return;
 	if (argc < 4)
 	{
-		sqlite3_result_error(ctx, "sqlitesync_capture: bad arguments (sync triggers are damaged; call sync_init again)", -1);
+		sqlite3_result_error(
+			ctx,
+			"sqlitesync_capture: bad arguments (sync triggers are damaged; call sync_init again)",
+			-1);
 		return;
 	}
 	if (!(t = sl_table_by_id(c, sqlite3_value_int64(argv[0]), &err)))
@@ -261,7 +265,8 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	if (t->ncols != sqlite3_value_int(argv[2]))
 	{
 		/* another connection changed the table's synced columns: reload */
-		if (sl_load(c, &err) != PGS_OK || !(t = sl_table_by_id(c, sqlite3_value_int64(argv[0]), &err)))
+		if (sl_load(c, &err) != PGS_OK ||
+			!(t = sl_table_by_id(c, sqlite3_value_int64(argv[0]), &err)))
 		{
 			sqlite3_result_error(ctx, err.msg, -1);
 			return;
@@ -269,11 +274,12 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	op = sqlite3_value_int(argv[1]);
 	argc--;
-	argv++;						/* drop the column count: argv[2] is now the first key */
+	argv++; /* drop the column count: argv[2] is now the first key */
 	if (t->algo == DB_ALGO_GSET && (op == 2 || op == 3))
 	{
-		char	   *m = sqlite3_mprintf("cannot %s grow-only table \"%s\": tables synced with algo 'gset' only accept inserts",
-										op == 2 ? "UPDATE" : "DELETE FROM", t->name);
+		char *m = sqlite3_mprintf(
+			"cannot %s grow-only table \"%s\": tables synced with algo 'gset' only accept inserts",
+			op == 2 ? "UPDATE" : "DELETE FROM", t->name);
 
 		sqlite3_result_error(ctx, m, -1);
 		sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
@@ -283,16 +289,20 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	if (op == 1)
 	{
 		if (argc != 2 + t->npk)
-			r = pgs_failf(&err, PGS_ERR_MISUSE, NULL, "sync triggers of table \"%s\" are out of date; call sync_init again", t->name);
+			r = pgs_failf(&err, PGS_ERR_MISUSE, NULL,
+						  "sync triggers of table \"%s\" are out of date; call sync_init again",
+						  t->name);
 		else
 			r = sl_capture_insert(c, t, argv + 2, &err);
 	}
 	else if (op == 3)
 	{
-		pgs_value	pk[64];
+		pgs_value pk[64];
 
 		if (argc != 2 + t->npk || t->npk > 64)
-			r = pgs_failf(&err, PGS_ERR_MISUSE, NULL, "sync triggers of table \"%s\" are out of date; call sync_init again", t->name);
+			r = pgs_failf(&err, PGS_ERR_MISUSE, NULL,
+						  "sync triggers of table \"%s\" are out of date; call sync_init again",
+						  t->name);
 		else if ((r = pk_values(t, argv + 2, pk, &err)) == PGS_OK)
 			r = capture_delete(c, t, pk, &err);
 	}

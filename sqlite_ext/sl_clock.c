@@ -23,7 +23,7 @@
 pgs_rc
 sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 {
-	int			s;
+	int s;
 
 	if (c->txn_ver && verify)
 	{
@@ -31,7 +31,7 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 			return err->rc;
 		s = sqlite3_step(c->st_ver_get);
 		if (s != SQLITE_ROW || sqlite3_column_int64(c->st_ver_get, 0) != c->txn_ver)
-			c->txn_ver = 0;		/* rolled back: take a new one */
+			c->txn_ver = 0; /* rolled back: take a new one */
 		sqlite3_reset(c->st_ver_get);
 	}
 	if (c->txn_ver)
@@ -41,7 +41,8 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 	}
 	if (sl_prepare(c, &c->st_ver_bump,
 				   "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, ?1) "
-				   "RETURNING db_version, hlc", err) != PGS_OK)
+				   "RETURNING db_version, hlc",
+				   err) != PGS_OK)
 		return err->rc;
 	sqlite3_bind_int64(c->st_ver_bump, 1, (sqlite3_int64) pgs_hlc_from_ms(pgs_now_ms()));
 	s = sqlite3_step(c->st_ver_bump);
@@ -78,7 +79,7 @@ sl_stamps(db_conn *c, int n)
 {
 	if (n + 1 > c->stamps_cap)
 	{
-		pgs_stamp  *s = sqlite3_realloc64(c->stamps, sizeof(pgs_stamp) * (n + 1));
+		pgs_stamp *s = sqlite3_realloc64(c->stamps, sizeof(pgs_stamp) * (n + 1));
 
 		if (!s)
 			return NULL;

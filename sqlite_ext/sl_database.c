@@ -26,7 +26,7 @@ sl_quote(const char *ident)
 pgs_rc
 sl_dberr(db_conn *c, pgs_err *err, const char *what)
 {
-	int			code = sqlite3_extended_errcode(c->db);
+	int code = sqlite3_extended_errcode(c->db);
 
 	pgs_failf(err, PGS_ERR_DB, NULL, "%s: %s", what, sqlite3_errmsg(c->db));
 	if ((code & 0xff) == SQLITE_CONSTRAINT || (code & 0xff) == SQLITE_MISMATCH)
@@ -50,7 +50,7 @@ sl_prepare(db_conn *c, sqlite3_stmt **st, const char *sql, pgs_err *err)
 pgs_rc
 sl_exec(db_conn *c, const char *sql, pgs_err *err)
 {
-	char	   *msg = NULL;
+	char *msg = NULL;
 
 	if (sqlite3_exec(c->db, sql, NULL, NULL, &msg) != SQLITE_OK)
 	{
@@ -114,9 +114,10 @@ sl_column_value(sqlite3_stmt *st, int i, pgs_value *v)
 	}
 }
 
-static sqlite3_stmt *row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, pgs_err *err);
-static pgs_rc run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *pk, int n,
-					  const pgs_value *vals, bool pk_first, int64_t *changed, pgs_err *err);
+static sqlite3_stmt *row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp,
+							  pgs_err *err);
+static pgs_rc run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *pk,
+					  int n, const pgs_value *vals, bool pk_first, int64_t *changed, pgs_err *err);
 
 /* ---- metadata ---- */
 
@@ -171,23 +172,24 @@ sl_unload_tables(db_conn *c)
 static pgs_rc
 load_tables(db_conn *c, pgs_err *err)
 {
-	sqlite3_stmt *st = NULL,
-			   *cs = NULL;
-	pgs_rc		rc = PGS_OK;
+	sqlite3_stmt *st = NULL, *cs = NULL;
+	pgs_rc		  rc = PGS_OK;
 
 	sl_unload_tables(c);
-	if (sqlite3_prepare_v2(c->db, "SELECT id, name, algo FROM sync_tables ORDER BY id", -1, &st, NULL) != SQLITE_OK ||
-		sqlite3_prepare_v2(c->db, "SELECT name, is_pk FROM sync_columns WHERE tbl = ?1 ORDER BY is_pk DESC, idx", -1, &cs, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db, "SELECT id, name, algo FROM sync_tables ORDER BY id", -1, &st,
+						   NULL) != SQLITE_OK ||
+		sqlite3_prepare_v2(
+			c->db, "SELECT name, is_pk FROM sync_columns WHERE tbl = ?1 ORDER BY is_pk DESC, idx",
+			-1, &cs, NULL) != SQLITE_OK)
 	{
 		rc = sl_dberr(c, err, "could not read sync metadata");
 		goto out;
 	}
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
-		db_table   *t = sqlite3_malloc(sizeof *t);
-		db_table  **n;
-		int			ncol = 0,
-					npk = 0;
+		db_table  *t = sqlite3_malloc(sizeof *t);
+		db_table **n;
+		int		   ncol = 0, npk = 0;
 
 		if (!t)
 			goto nomem;
@@ -202,7 +204,8 @@ load_tables(db_conn *c, pgs_err *err)
 		c->tables[c->ntables++] = t;
 		t->id = sqlite3_column_int64(st, 0);
 		t->name = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
-		t->algo = strcmp((const char *) sqlite3_column_text(st, 2), "gset") == 0 ? DB_ALGO_GSET : DB_ALGO_CLS;
+		t->algo = strcmp((const char *) sqlite3_column_text(st, 2), "gset") == 0 ? DB_ALGO_GSET
+																				 : DB_ALGO_CLS;
 		t->qname = sl_quote(t->name);
 		t->qclock = sqlite3_mprintf("\"%w__sync_clock\"", t->name);
 		sqlite3_bind_int64(cs, 1, t->id);
@@ -213,7 +216,8 @@ load_tables(db_conn *c, pgs_err *err)
 		t->pk_q = sqlite3_malloc64(sizeof(char *) * (npk + 1));
 		t->col_names = sqlite3_malloc64(sizeof(char *) * (ncol + 1));
 		t->col_q = sqlite3_malloc64(sizeof(char *) * (ncol + 1));
-		if (!t->name || !t->qname || !t->qclock || !t->pk_names || !t->pk_q || !t->col_names || !t->col_q)
+		if (!t->name || !t->qname || !t->qclock || !t->pk_names || !t->pk_q || !t->col_names ||
+			!t->col_q)
 			goto nomem;
 		while (sqlite3_step(cs) == SQLITE_ROW)
 		{
@@ -253,16 +257,17 @@ load_sites(db_conn *c, pgs_err *err)
 	sqlite3_stmt *st = NULL;
 
 	c->nsites = 0;
-	if (sqlite3_prepare_v2(c->db, "SELECT idx, site FROM sync_sites ORDER BY idx", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db, "SELECT idx, site FROM sync_sites ORDER BY idx", -1, &st, NULL) !=
+		SQLITE_OK)
 		return sl_dberr(c, err, "could not read sync_sites");
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
-		uint32_t	idx = (uint32_t) sqlite3_column_int64(st, 0);
+		uint32_t idx = (uint32_t) sqlite3_column_int64(st, 0);
 
 		if (idx >= c->sites_cap)
 		{
-			uint32_t	cap = c->sites_cap ? c->sites_cap * 2 : 16;
-			void	   *n;
+			uint32_t cap = c->sites_cap ? c->sites_cap * 2 : 16;
+			void	*n;
 
 			while (cap <= idx)
 				cap *= 2;
@@ -282,7 +287,8 @@ load_sites(db_conn *c, pgs_err *err)
 	}
 	sqlite3_finalize(st);
 	if (c->nsites == 0)
-		return pgs_fail(err, PGS_ERR_DB, "sync metadata is damaged: sync_sites has no own site", NULL,
+		return pgs_fail(err, PGS_ERR_DB, "sync metadata is damaged: sync_sites has no own site",
+						NULL,
 						"Restore the database from a backup, or call sync_init on a fresh copy.");
 	memcpy(c->site, c->sites[0], 16);
 	return PGS_OK;
@@ -292,10 +298,12 @@ int
 sl_load(db_conn *c, pgs_err *err)
 {
 	sqlite3_stmt *st = NULL;
-	int			exists = 0;
-	pgs_rc		rc;
+	int			  exists = 0;
+	pgs_rc		  rc;
 
-	if (sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sqlite_schema WHERE type='table' AND name='sync_state'", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(
+			c->db, "SELECT count(*) FROM sqlite_schema WHERE type='table' AND name='sync_state'",
+			-1, &st, NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read the schema");
 	if (sqlite3_step(st) == SQLITE_ROW)
 		exists = sqlite3_column_int(st, 0);
@@ -352,10 +360,11 @@ db_tables(db_conn *c, db_table ***tables, int *ntables, pgs_err *err)
 pgs_rc
 db_table_find(db_conn *c, const uint8_t *name, size_t len, db_table **out, pgs_err *err)
 {
-	char		buf[72];
+	char buf[72];
 
 	for (int i = 0; i < c->ntables; i++)
-		if (strlen(c->tables[i]->name) == len && sqlite3_strnicmp(c->tables[i]->name, (const char *) name, (int) len) == 0)
+		if (strlen(c->tables[i]->name) == len &&
+			sqlite3_strnicmp(c->tables[i]->name, (const char *) name, (int) len) == 0)
 		{
 			*out = c->tables[i];
 			return PGS_OK;
@@ -390,15 +399,16 @@ db_site_intern(db_conn *c, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		}
 	if (c->nsites >= c->sites_cap)
 	{
-		uint32_t	cap = c->sites_cap ? c->sites_cap * 2 : 16;
-		void	   *n = sqlite3_realloc64(c->sites, (sqlite3_uint64) cap * 16);
+		uint32_t cap = c->sites_cap ? c->sites_cap * 2 : 16;
+		void	*n = sqlite3_realloc64(c->sites, (sqlite3_uint64) cap * 16);
 
 		if (!n)
 			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory adding a site", NULL, NULL);
 		c->sites = n;
 		c->sites_cap = cap;
 	}
-	if (sl_prepare(c, &c->st_site_add, "INSERT INTO sync_sites(idx, site) VALUES(?1, ?2)", err) != PGS_OK)
+	if (sl_prepare(c, &c->st_site_add, "INSERT INTO sync_sites(idx, site) VALUES(?1, ?2)", err) !=
+		PGS_OK)
 		return err->rc;
 	sqlite3_bind_int64(c->st_site_add, 1, c->nsites);
 	sqlite3_bind_blob(c->st_site_add, 2, site, 16, SQLITE_STATIC);
@@ -417,7 +427,8 @@ pgs_rc
 db_site_lookup(db_conn *c, uint32_t idx, const uint8_t **site, pgs_err *err)
 {
 	if (idx >= c->nsites)
-		return pgs_failf(err, PGS_ERR_DB, NULL, "sync metadata is damaged: unknown site index %u", idx);
+		return pgs_failf(err, PGS_ERR_DB, NULL, "sync metadata is damaged: unknown site index %u",
+						 idx);
 	*site = c->sites[idx];
 	return PGS_OK;
 }
@@ -432,7 +443,7 @@ db_apply_version(db_conn *c, int64_t *ver, pgs_err *err)
 pgs_rc
 db_hlc_observe(db_conn *c, uint64_t hlc, pgs_err *err)
 {
-	char		sql[128];
+	char sql[128];
 
 	if (hlc > c->hlc)
 		c->hlc = hlc;
@@ -450,11 +461,11 @@ bind_pk(sqlite3_stmt *st, const db_table *t, const pgs_value *pk, int first)
 static char *
 pk_where(const db_table *t, int first)
 {
-	char	   *w = sqlite3_mprintf("");
+	char *w = sqlite3_mprintf("");
 
 	for (int i = 0; i < t->npk && w; i++)
 	{
-		char	   *n = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], first + i);
+		char *n = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], first + i);
 
 		sqlite3_free(w);
 		w = n;
@@ -465,11 +476,11 @@ pk_where(const db_table *t, int first)
 static char *
 pk_list(const db_table *t, const char *prefix)
 {
-	char	   *w = sqlite3_mprintf("");
+	char *w = sqlite3_mprintf("");
 
 	for (int i = 0; i < t->npk && w; i++)
 	{
-		char	   *n = sqlite3_mprintf("%s%s%s%s", w, i ? ", " : "", prefix, t->pk_q[i]);
+		char *n = sqlite3_mprintf("%s%s%s%s", w, i ? ", " : "", prefix, t->pk_q[i]);
 
 		sqlite3_free(w);
 		w = n;
@@ -480,9 +491,9 @@ pk_list(const db_table *t, const char *prefix)
 static pgs_rc
 prepare_fmt(db_conn *c, sqlite3_stmt **st, pgs_err *err, const char *fmt, ...)
 {
-	va_list		ap;
-	char	   *sql;
-	pgs_rc		rc;
+	va_list ap;
+	char   *sql;
+	pgs_rc	rc;
 
 	if (*st)
 		return PGS_OK;
@@ -514,8 +525,8 @@ prepare_fmt(db_conn *c, sqlite3_stmt **st, pgs_err *err, const char *fmt, ...)
 static int
 batch_size(db_table *t)
 {
-	int			per = t->npk + (t->ncols > 3 - t->npk ? t->ncols : 3);
-	int			b = 30000 / (per + 3);
+	int per = t->npk + (t->ncols > 3 - t->npk ? t->ncols : 3);
+	int b = 30000 / (per + 3);
 
 	return b < 1 ? 1 : b > SL_BATCH_MAX ? SL_BATCH_MAX : b;
 }
@@ -526,7 +537,8 @@ batch_alloc(db_table *t, pgs_err *err)
 	if (t->batch_rows)
 		return PGS_OK;
 	t->batch_rows = batch_size(t);
-	t->batch_vals = sqlite3_malloc64(sizeof(pgs_value) * (size_t) t->batch_rows * (t->npk + t->ncols + 1));
+	t->batch_vals =
+		sqlite3_malloc64(sizeof(pgs_value) * (size_t) t->batch_rows * (t->npk + t->ncols + 1));
 	t->batch_clock = sqlite3_malloc64(sizeof(int64_t) * 2 * (size_t) t->batch_rows);
 	t->batch_blob_len = sqlite3_malloc64(sizeof(size_t) * (size_t) t->batch_rows);
 	t->batch_ckeys = sqlite3_malloc64(sizeof(pgs_value) * (size_t) t->batch_rows * t->npk);
@@ -540,15 +552,15 @@ batch_alloc(db_table *t, pgs_err *err)
 
 /* multi_insert prepares INSERT INTO target(cols) VALUES (...) x nrows. */
 static pgs_rc
-multi_insert(db_conn *c, sqlite3_stmt **st, const char *target, const char *cols, int per, int nrows,
-			 pgs_err *err)
+multi_insert(db_conn *c, sqlite3_stmt **st, const char *target, const char *cols, int per,
+			 int nrows, pgs_err *err)
 {
-	char	   *sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES ", target, cols);
-	pgs_rc		rc;
+	char  *sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES ", target, cols);
+	pgs_rc rc;
 
 	for (int r = 0; r < nrows && sql; r++)
 	{
-		char	   *x = sqlite3_mprintf("%s%s(", sql, r ? ", " : "");
+		char *x = sqlite3_mprintf("%s%s(", sql, r ? ", " : "");
 
 		sqlite3_free(sql);
 		sql = x;
@@ -575,11 +587,11 @@ multi_insert(db_conn *c, sqlite3_stmt **st, const char *target, const char *cols
 static char *
 row_columns(const db_table *t)
 {
-	char	   *a = pk_list(t, "");
+	char *a = pk_list(t, "");
 
 	for (int i = 0; i < t->ncols && a; i++)
 	{
-		char	   *x = sqlite3_mprintf("%s, %s", a, t->col_q[i]);
+		char *x = sqlite3_mprintf("%s, %s", a, t->col_q[i]);
 
 		sqlite3_free(a);
 		a = x;
@@ -590,11 +602,11 @@ row_columns(const db_table *t)
 static pgs_rc
 flush_rows(db_conn *c, db_table *t, pgs_err *err)
 {
-	int			per = t->npk + t->ncols;
-	int			n = t->nbatch;
+	int			  per = t->npk + t->ncols;
+	int			  n = t->nbatch;
 	sqlite3_stmt *st = NULL;
-	char	   *cols;
-	pgs_rc		rc = PGS_OK;
+	char		 *cols;
+	pgs_rc		  rc = PGS_OK;
 
 	if (n == 0)
 		return PGS_OK;
@@ -606,7 +618,8 @@ flush_rows(db_conn *c, db_table *t, pgs_err *err)
 		if (!(cols = row_columns(t)))
 			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 		if (n == t->batch_rows)
-			rc = multi_insert(c, &t->batch_rows_st, t->qname, cols, per, n, err), st = t->batch_rows_st;
+			rc = multi_insert(c, &t->batch_rows_st, t->qname, cols, per, n, err),
+			st = t->batch_rows_st;
 		else
 			rc = multi_insert(c, &st, t->qname, cols, per, n, err);
 		sqlite3_free(cols);
@@ -618,7 +631,7 @@ flush_rows(db_conn *c, db_table *t, pgs_err *err)
 	if (sqlite3_step(st) != SQLITE_DONE)
 	{
 		/* retry row by row: a stray row is replaced, an error names its row */
-		int		   *all = sqlite3_malloc64(sizeof(int) * (t->ncols + 1));
+		int *all = sqlite3_malloc64(sizeof(int) * (t->ncols + 1));
 
 		sqlite3_reset(st);
 		if (!all)
@@ -645,11 +658,11 @@ done:
 static pgs_rc
 flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 {
-	int			per = 3 + t->npk;
-	int			n = t->nclock;
+	int			  per = 3 + t->npk;
+	int			  n = t->nclock;
 	sqlite3_stmt *st = NULL;
-	size_t		off = 0;
-	pgs_rc		rc = PGS_OK;
+	size_t		  off = 0;
+	pgs_rc		  rc = PGS_OK;
 
 	if (n == 0)
 		return PGS_OK;
@@ -658,14 +671,15 @@ flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 		st = t->batch_clock_st;
 	else
 	{
-		char	   *pk = pk_list(t, "");
-		char	   *cols = pk ? sqlite3_mprintf("cl, ver, clk, %s", pk) : NULL;
+		char *pk = pk_list(t, "");
+		char *cols = pk ? sqlite3_mprintf("cl, ver, clk, %s", pk) : NULL;
 
 		sqlite3_free(pk);
 		if (!cols)
 			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 		if (n == t->batch_rows)
-			rc = multi_insert(c, &t->batch_clock_st, t->qclock, cols, per, n, err), st = t->batch_clock_st;
+			rc = multi_insert(c, &t->batch_clock_st, t->qclock, cols, per, n, err),
+			st = t->batch_clock_st;
 		else
 			rc = multi_insert(c, &st, t->qclock, cols, per, n, err);
 		sqlite3_free(cols);
@@ -676,12 +690,14 @@ flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 	{
 		sqlite3_bind_int64(st, r * per + 1, t->batch_clock[2 * r]);
 		sqlite3_bind_int64(st, r * per + 2, t->batch_clock[2 * r + 1]);
-		sqlite3_bind_blob(st, r * per + 3, t->batch_blobs.p + off, (int) t->batch_blob_len[r], SQLITE_STATIC);
+		sqlite3_bind_blob(st, r * per + 3, t->batch_blobs.p + off, (int) t->batch_blob_len[r],
+						  SQLITE_STATIC);
 		off += t->batch_blob_len[r];
 		for (int k = 0; k < t->npk; k++)
 			sl_bind_value(st, r * per + 4 + k, &t->batch_ckeys[r * t->npk + k]);
 	}
-	rc = sqlite3_step(st) == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not write merged row clocks");
+	rc = sqlite3_step(st) == SQLITE_DONE ? PGS_OK
+										 : sl_dberr(c, err, "could not write merged row clocks");
 	sqlite3_reset(st);
 	sqlite3_clear_bindings(st);
 	if (st != t->batch_clock_st)
@@ -693,7 +709,7 @@ flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 pgs_rc
 sl_flush(db_conn *c, pgs_err *err)
 {
-	pgs_rc		rc = PGS_OK;
+	pgs_rc rc = PGS_OK;
 
 	for (int i = 0; i < c->ntables && rc == PGS_OK; i++)
 	{
@@ -713,14 +729,15 @@ db_apply_end(db_conn *c, pgs_err *err)
 	return c->pending ? sl_flush(c, err) : PGS_OK;
 }
 
-#define FLUSH_FIRST(c, err) \
-	do { \
-		if ((c)->pending) \
-		{ \
-			pgs_rc		frc_ = sl_flush(c, err); \
-			if (frc_ != PGS_OK) \
-				return frc_; \
-		} \
+#define FLUSH_FIRST(c, err)                                                                        \
+	do                                                                                             \
+	{                                                                                              \
+		if ((c)->pending)                                                                          \
+		{                                                                                          \
+			pgs_rc frc_ = sl_flush(c, err);                                                        \
+			if (frc_ != PGS_OK)                                                                    \
+				return frc_;                                                                       \
+		}                                                                                          \
 	} while (0)
 
 void
@@ -739,9 +756,9 @@ sl_discard(db_conn *c)
 static bool
 batch_row(db_table *t, const pgs_value *pk, int n, const int *cols, const pgs_value *vals)
 {
-	int			per = t->npk + t->ncols;
-	pgs_value  *row;
-	uint64_t	seen[4] = {0};
+	int		   per = t->npk + t->ncols;
+	pgs_value *row;
+	uint64_t   seen[4] = {0};
 
 	if (n != t->ncols || t->ncols > 256 || !t->batch_rows)
 		return false;
@@ -761,9 +778,10 @@ batch_row(db_table *t, const pgs_value *pk, int n, const int *cols, const pgs_va
 
 /* batch_clock queues a new clock row. */
 static bool
-batch_clock(db_table *t, const pgs_value *pk, int64_t cl, int64_t ver, const uint8_t *blob, size_t len)
+batch_clock(db_table *t, const pgs_value *pk, int64_t cl, int64_t ver, const uint8_t *blob,
+			size_t len)
 {
-	int			r = t->nclock;
+	int r = t->nclock;
 
 	if (!t->batch_rows)
 		return false;
@@ -783,12 +801,12 @@ pgs_rc
 db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
 			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
 {
-	pgs_rc		rc;
-	int			s;
+	pgs_rc rc;
+	int	   s;
 
 	if (!t->clock_get)
 	{
-		char	   *w = pk_where(t, 1);
+		char *w = pk_where(t, 1);
 
 		rc = prepare_fmt(c, &t->clock_get, err, "SELECT cl, clk FROM %s WHERE %s", t->qclock, w);
 		sqlite3_free(w);
@@ -800,7 +818,7 @@ db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t 
 	*found = s == SQLITE_ROW;
 	if (*found)
 	{
-		int			n = sqlite3_column_bytes(t->clock_get, 1);
+		int n = sqlite3_column_bytes(t->clock_get, 1);
 
 		*cl = sqlite3_column_int64(t->clock_get, 0);
 		c->clockbuf.len = 0;
@@ -830,12 +848,12 @@ db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t 
 #define VER_CHECKED "(SELECT db_version FROM sync_state WHERE db_version = ?2)"
 
 pgs_rc
-db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
-			 int64_t ver, const uint8_t *blob, size_t blob_len, pgs_err *err)
+db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
+			 const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
 	sqlite3_stmt **stp = exists ? &t->clock_upd : &t->clock_ins;
-	sqlite3_stmt *st;
-	pgs_rc		rc;
+	sqlite3_stmt  *st;
+	pgs_rc		   rc;
 
 	if (!exists && c->applying && !c->flushing && batch_alloc(t, err) == PGS_OK &&
 		batch_clock(t, pk, cl, ver, blob, blob_len))
@@ -847,28 +865,31 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 
 	if (!*stp)
 	{
-		char	   *sql;
+		char *sql;
 
 		if (exists)
 		{
-			char	   *w = pk_where(t, 4);
+			char *w = pk_where(t, 4);
 
-			sql = sqlite3_mprintf("UPDATE %s SET cl = ?1, ver = " VER_CHECKED ", clk = ?3 WHERE %s", t->qclock, w);
+			sql = sqlite3_mprintf("UPDATE %s SET cl = ?1, ver = " VER_CHECKED ", clk = ?3 WHERE %s",
+								  t->qclock, w);
 			sqlite3_free(w);
 		}
 		else
 		{
-			char	   *cols = pk_list(t, "");
-			char	   *vals = sqlite3_mprintf("");
+			char *cols = pk_list(t, "");
+			char *vals = sqlite3_mprintf("");
 
 			for (int i = 0; i < t->npk && vals; i++)
 			{
-				char	   *n = sqlite3_mprintf("%s, ?%d", vals, i + 4);
+				char *n = sqlite3_mprintf("%s, ?%d", vals, i + 4);
 
 				sqlite3_free(vals);
 				vals = n;
 			}
-			sql = sqlite3_mprintf("INSERT INTO %s(cl, ver, clk, %s) VALUES(?1, " VER_CHECKED ", ?3%s)", t->qclock, cols, vals);
+			sql = sqlite3_mprintf("INSERT INTO %s(cl, ver, clk, %s) VALUES(?1, " VER_CHECKED
+								  ", ?3%s)",
+								  t->qclock, cols, vals);
 			sqlite3_free(cols);
 			sqlite3_free(vals);
 		}
@@ -900,11 +921,9 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 static sqlite3_stmt *
 row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, pgs_err *err)
 {
-	uint64_t	key = (uint64_t) kind << 62;
-	bool		cacheable = t->ncols <= 62;
-	char	   *sql = NULL,
-			   *a = NULL,
-			   *b = NULL;
+	uint64_t	  key = (uint64_t) kind << 62;
+	bool		  cacheable = t->ncols <= 62;
+	char		 *sql = NULL, *a = NULL, *b = NULL;
 	sqlite3_stmt *st = NULL;
 
 	*temp = !cacheable;
@@ -918,12 +937,12 @@ row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, 
 	}
 	if (kind == 0)
 	{
-		char	   *w = pk_where(t, n + 1);
+		char *w = pk_where(t, n + 1);
 
 		a = sqlite3_mprintf("");
 		for (int i = 0; i < n && a; i++)
 		{
-			char	   *x = sqlite3_mprintf("%s%s%s = ?%d", a, i ? ", " : "", t->col_q[cols[i]], i + 1);
+			char *x = sqlite3_mprintf("%s%s%s = ?%d", a, i ? ", " : "", t->col_q[cols[i]], i + 1);
 
 			sqlite3_free(a);
 			a = x;
@@ -937,14 +956,14 @@ row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, 
 		b = sqlite3_mprintf("");
 		for (int i = 0; i < t->npk + n && b; i++)
 		{
-			char	   *x = sqlite3_mprintf("%s%s?%d", b, i ? ", " : "", i + 1);
+			char *x = sqlite3_mprintf("%s%s?%d", b, i ? ", " : "", i + 1);
 
 			sqlite3_free(b);
 			b = x;
 		}
 		for (int i = 0; i < n && a; i++)
 		{
-			char	   *x = sqlite3_mprintf("%s, %s", a, t->col_q[cols[i]]);
+			char *x = sqlite3_mprintf("%s, %s", a, t->col_q[cols[i]]);
 
 			sqlite3_free(a);
 			a = x;
@@ -980,7 +999,7 @@ static pgs_rc
 run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *pk, int n,
 		const pgs_value *vals, bool pk_first, int64_t *changed, pgs_err *err)
 {
-	int			s;
+	int			  s;
 	sqlite3_int64 before = sqlite3_total_changes64(c->db);
 
 	for (int i = 0; i < n; i++)
@@ -993,7 +1012,7 @@ run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *p
 		sqlite3_finalize(st);
 	if (s != SQLITE_DONE)
 	{
-		pgs_rc		rc = sl_dberr(c, err, "could not write a merged row");
+		pgs_rc rc = sl_dberr(c, err, "could not write a merged row");
 
 		pgs_err_detailf(err, "Table \"%s\".", t->name);
 		return rc;
@@ -1013,12 +1032,12 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
 	sqlite3_stmt *st;
-	bool		temp;
-	int64_t		changed = 0;
-	pgs_rc		rc;
+	bool		  temp;
+	int64_t		  changed = 0;
+	pgs_rc		  rc;
 
-	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing &&
-		batch_alloc(t, err) == PGS_OK && batch_row(t, pk, n, cols, vals))
+	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing && batch_alloc(t, err) == PGS_OK &&
+		batch_row(t, pk, n, cols, vals))
 	{
 		c->pending = true;
 		return t->nbatch == t->batch_rows ? flush_rows(c, t, err) : PGS_OK;
@@ -1032,7 +1051,7 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 		rc = run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
 		if (rc == PGS_OK || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_PRIMARYKEY)
 			return rc;
-		mode = DB_WRITE_REPLACE;	/* a stray row without a clock: replace it */
+		mode = DB_WRITE_REPLACE; /* a stray row without a clock: replace it */
 	}
 	if (mode == DB_WRITE_MERGE || (mode == DB_WRITE_REPLACE && n == t->ncols && n > 0))
 	{
@@ -1057,8 +1076,8 @@ db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 		FLUSH_FIRST(c, err);
 	if (!t->row_delete)
 	{
-		char	   *w = pk_where(t, 1);
-		pgs_rc		rc = prepare_fmt(c, &t->row_delete, err, "DELETE FROM %s WHERE %s", t->qname, w);
+		char  *w = pk_where(t, 1);
+		pgs_rc rc = prepare_fmt(c, &t->row_delete, err, "DELETE FROM %s WHERE %s", t->qname, w);
 
 		sqlite3_free(w);
 		if (rc != PGS_OK)
@@ -1085,7 +1104,7 @@ pgs_rc
 db_version_safe(db_conn *c, int64_t *until, pgs_err *err)
 {
 	sqlite3_stmt *st = NULL;
-	pgs_rc		rc = PGS_OK;
+	pgs_rc		  rc = PGS_OK;
 
 	if (sqlite3_prepare_v2(c->db, "SELECT db_version FROM sync_state", -1, &st, NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read db_version");
@@ -1099,23 +1118,23 @@ db_version_safe(db_conn *c, int64_t *until, pgs_err *err)
 
 struct db_cursor
 {
-	db_conn    *c;
-	db_table   *t;
+	db_conn		 *c;
+	db_table	 *t;
 	sqlite3_stmt *st;
-	pgs_value  *vals;			/* npk + ncols */
+	pgs_value	 *vals; /* npk + ncols */
 };
 
 pgs_rc
 db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_key,
 				const pgs_value *after_pk, db_cursor **out, pgs_err *err)
 {
-	db_cursor  *cur;
-	char	   *sel;
-	char	   *on;
-	char	   *sql;
-	char	   *keys = sqlite3_mprintf("");
-	char	   *params = sqlite3_mprintf("");
-	pgs_rc		rc;
+	db_cursor *cur;
+	char	  *sel;
+	char	  *on;
+	char	  *sql;
+	char	  *keys = sqlite3_mprintf("");
+	char	  *params = sqlite3_mprintf("");
+	pgs_rc	   rc;
 
 	FLUSH_FIRST(c, err);
 	cur = sqlite3_malloc(sizeof *cur);
@@ -1123,8 +1142,8 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	on = sqlite3_mprintf("");
 	for (int i = 0; i < t->npk && sel && on; i++)
 	{
-		char	   *x = sqlite3_mprintf("%s, c.%s", sel, t->pk_q[i]);
-		char	   *y = sqlite3_mprintf("%s%st.%s = c.%s", on, i ? " AND " : "", t->pk_q[i], t->pk_q[i]);
+		char *x = sqlite3_mprintf("%s, c.%s", sel, t->pk_q[i]);
+		char *y = sqlite3_mprintf("%s%st.%s = c.%s", on, i ? " AND " : "", t->pk_q[i], t->pk_q[i]);
 
 		sqlite3_free(sel);
 		sqlite3_free(on);
@@ -1133,7 +1152,7 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	}
 	for (int i = 0; i < t->ncols && sel; i++)
 	{
-		char	   *x = sqlite3_mprintf("%s, t.%s", sel, t->col_q[i]);
+		char *x = sqlite3_mprintf("%s, t.%s", sel, t->col_q[i]);
 
 		sqlite3_free(sel);
 		sel = x;
@@ -1142,8 +1161,8 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	 * (k..) > (?..) ORDER BY k.. is a range scan of it */
 	for (int i = 0; i < t->npk && keys && params; i++)
 	{
-		char	   *x = sqlite3_mprintf("%s%sc.%s", keys, i ? ", " : "", t->pk_q[i]);
-		char	   *y = sqlite3_mprintf("%s%s?%d", params, i ? ", " : "", i + 2);
+		char *x = sqlite3_mprintf("%s%sc.%s", keys, i ? ", " : "", t->pk_q[i]);
+		char *y = sqlite3_mprintf("%s%s?%d", params, i ? ", " : "", i + 2);
 
 		sqlite3_free(keys);
 		sqlite3_free(params);
@@ -1154,10 +1173,12 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1",
 							  sel, t->qclock, t->qname, on);
 	else if (!after_pk)
-		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1 ORDER BY %s",
-							  sel, t->qclock, t->qname, on, keys);
+		sql = sqlite3_mprintf(
+			"SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1 ORDER BY %s", sel,
+			t->qclock, t->qname, on, keys);
 	else
-		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE (%s) > (%s) AND c.ver > ?1 ORDER BY %s",
+		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE (%s) > (%s) "
+							  "AND c.ver > ?1 ORDER BY %s",
 							  sel, t->qclock, t->qname, on, keys, params, keys);
 	sqlite3_free(sel);
 	sqlite3_free(on);
@@ -1173,7 +1194,8 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	cur->c = c;
 	cur->t = t;
 	cur->vals = sqlite3_malloc64(sizeof(pgs_value) * (t->npk + t->ncols + 1));
-	rc = cur->vals ? sl_prepare(c, &cur->st, sql, err) : pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	rc = cur->vals ? sl_prepare(c, &cur->st, sql, err)
+				   : pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	sqlite3_free(sql);
 	if (rc != PGS_OK)
 	{
@@ -1184,18 +1206,17 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	if (by_key && after_pk)
 		for (int i = 0; i < t->npk; i++)
 			sl_bind_value(cur->st, i + 2, &after_pk[i]);
-	(void) until;				/* SQLite's until is the newest version anyway */
+	(void) until; /* SQLite's until is the newest version anyway */
 	*out = cur;
 	return PGS_OK;
 }
 
 pgs_rc
-db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl,
-				const uint8_t **blob, size_t *blob_len, bool *alive, const pgs_value **cols,
-				pgs_err *err)
+db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
+				size_t *blob_len, bool *alive, const pgs_value **cols, pgs_err *err)
 {
-	db_table   *t = cur->t;
-	int			s = sqlite3_step(cur->st);
+	db_table *t = cur->t;
+	int		  s = sqlite3_step(cur->st);
 
 	if (s == SQLITE_DONE)
 	{

@@ -27,7 +27,7 @@ static size_t
 on_body(char *p, size_t size, size_t nmemb, void *ud)
 {
 	sl_net_resp *r = ud;
-	size_t n = size * nmemb;
+	size_t		 n = size * nmemb;
 
 	if (r->len + n > r->max)
 	{
@@ -36,7 +36,7 @@ on_body(char *p, size_t size, size_t nmemb, void *ud)
 	}
 	if (r->len + n > r->cap)
 	{
-		size_t cap = r->cap ? r->cap : 16384;
+		size_t	 cap = r->cap ? r->cap : 16384;
 		uint8_t *b;
 
 		while (cap < r->len + n)
@@ -76,8 +76,8 @@ static size_t
 on_header(char *p, size_t size, size_t nmemb, void *ud)
 {
 	sl_net_resp *r = ud;
-	size_t n = size * nmemb;
-	char v[SL_CURSOR_MAX + 1];
+	size_t		 n = size * nmemb;
+	char		 v[SL_CURSOR_MAX + 1];
 
 	if (n >= 5 && strncmp(p, "HTTP/", 5) == 0)
 	{
@@ -137,7 +137,7 @@ server_error(const sl_net_resp *r)
 static void
 backoff(const sl_net_settings *s, int attempt, long retry_after_s)
 {
-	int64_t d = s->backoff_ms;
+	int64_t	 d = s->backoff_ms;
 	uint32_t rnd;
 
 	for (int i = 0; i < attempt && d < s->backoff_max_ms; i++)
@@ -162,7 +162,7 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 {
 	char *url = sqlite3_mprintf("%s%s", s->url, path);
 	char *auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
-	bool ok = false;
+	bool  ok = false;
 
 	*msg = NULL;
 	if (!n->curl && !(n->curl = curl_easy_init()))
@@ -173,8 +173,8 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 	for (int attempt = 0;; attempt++)
 	{
 		struct curl_slist *h = NULL;
-		CURLcode rc;
-		bool transient;
+		CURLcode		   rc;
+		bool			   transient;
 
 		sl_http_resp_free(r);
 		r->max = (size_t) s->max_payload;

@@ -63,7 +63,7 @@ static char *
 kv_text(sl_net *n, const char *key)
 {
 	sqlite3_stmt *st;
-	char *v = NULL;
+	char		 *v = NULL;
 
 	if (sqlite3_prepare_v2(n->db, "SELECT value FROM sync_network WHERE key = ?1", -1, &st, NULL) !=
 		SQLITE_OK)
@@ -78,7 +78,7 @@ kv_text(sl_net *n, const char *key)
 static int64_t
 kv_int(sl_net *n, const char *key, int64_t def)
 {
-	char *v = kv_text(n, key);
+	char   *v = kv_text(n, key);
 	int64_t r = def;
 
 	if (v && *v)
@@ -91,7 +91,7 @@ static bool
 kv_set(sl_net *n, const char *key, const char *value)
 {
 	sqlite3_stmt *st;
-	int rc;
+	int			  rc;
 
 	if (sqlite3_prepare_v2(n->db,
 						   value ? "INSERT OR REPLACE INTO sync_network(key, value) VALUES(?1, ?2)"
@@ -153,7 +153,7 @@ static void
 fail(sqlite3_context *ctx, sl_net *n, const char *fn, const char *fmt, ...)
 {
 	va_list ap;
-	char *m, *full, *url;
+	char   *m, *full, *url;
 
 	va_start(ap, fmt);
 	m = sqlite3_vmprintf(fmt, ap);
@@ -190,7 +190,7 @@ static bool
 query_int(sl_net *n, const char *sql, int64_t *out)
 {
 	sqlite3_stmt *st;
-	bool ok = false;
+	bool		  ok = false;
 
 	if (sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) != SQLITE_OK)
 		return false;
@@ -216,8 +216,8 @@ le64(const uint8_t *p)
 static char *
 now_iso(void)
 {
-	char b[32];
-	time_t t = time(NULL);
+	char	  b[32];
+	time_t	  t = time(NULL);
 	struct tm tm;
 
 	gmtime_r(&t, &tm);
@@ -267,12 +267,12 @@ static char *
 do_send(sl_net *n, sl_net_settings *s, char **msg)
 {
 	sqlite3_stmt *st;
-	int64_t safe, until, applied = 0, nrej = 0;
-	uint8_t *payload = NULL;
-	size_t len = 0;
-	sl_net_resp r = {0};
-	cJSON *j = NULL, *rej;
-	char *out = NULL;
+	int64_t		  safe, until, applied = 0, nrej = 0;
+	uint8_t		 *payload = NULL;
+	size_t		  len = 0;
+	sl_net_resp	  r = {0};
+	cJSON		 *j = NULL, *rej;
+	char		 *out = NULL;
 
 	*msg = NULL;
 	if (!query_int(n, "SELECT sync_db_version()", &safe))
@@ -339,7 +339,7 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 		cJSON_ArrayForEach(it, rej)
 		{
 			cJSON *pk = cJSON_GetObjectItemCaseSensitive(it, "pk");
-			char *pktext = pk ? cJSON_PrintUnformatted(pk) : NULL;
+			char  *pktext = pk ? cJSON_PrintUnformatted(pk) : NULL;
 			cJSON *t = cJSON_GetObjectItemCaseSensitive(it, "table"),
 				  *code = cJSON_GetObjectItemCaseSensitive(it, "code"),
 				  *m = cJSON_GetObjectItemCaseSensitive(it, "message");
@@ -392,9 +392,9 @@ static bool
 apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won, char **msg)
 {
 	sqlite3_stmt *st;
-	int64_t v0 = 0, v1 = 0;
-	char cur[24];
-	const char *cursor = r->cursor;
+	int64_t		  v0 = 0, v1 = 0;
+	char		  cur[24];
+	const char	 *cursor = r->cursor;
 
 	if (!cursor[0])
 	{
@@ -456,11 +456,11 @@ rollback:
 static char *
 do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
 {
-	char site[40] = "";
+	char		  site[40] = "";
 	sqlite3_stmt *st;
-	int64_t won = 0;
-	size_t bytes = 0;
-	bool reset = false;
+	int64_t		  won = 0;
+	size_t		  bytes = 0;
+	bool		  reset = false;
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -478,10 +478,10 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 	for (int round = 0; round < 100000; round++)
 	{
 		sl_net_resp r = {0};
-		char *path = sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld",
-									 s->recv_cursor ? s->recv_cursor : "0", site,
-									 (long long) (round == 0 ? wait_ms : 0));
-		bool more;
+		char	   *path = sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld",
+									   s->recv_cursor ? s->recv_cursor : "0", site,
+										   (long long) (round == 0 ? wait_ms : 0));
+		bool		more;
 
 		if (!sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg))
 		{
@@ -558,10 +558,10 @@ result_json(sqlite3_context *ctx, char *json)
 static void
 sync_network_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net	   *n = sqlite3_user_data(ctx);
 	const char *url = (const char *) sqlite3_value_text(argv[0]);
-	char *clean, *old;
-	size_t len;
+	char	   *clean, *old;
+	size_t		len;
 
 	if (!url || (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0))
 	{
@@ -601,7 +601,7 @@ sync_network_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
 
 	(void) argc;
@@ -619,9 +619,9 @@ sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_send(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char *msg, *json;
+	char		   *msg, *json;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_send", &s))
@@ -637,10 +637,10 @@ sync_network_send(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char *msg, *json;
-	int64_t np;
+	char		   *msg, *json;
+	int64_t			np;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_receive", &s))
@@ -656,10 +656,10 @@ sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char *msg, *sent, *recv;
-	int64_t np;
+	char		   *msg, *sent, *recv;
+	int64_t			np;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_sync", &s))
@@ -681,10 +681,10 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char *msg, *json;
-	int64_t timeout = sqlite3_value_int64(argv[0]), np;
+	char		   *msg, *json;
+	int64_t			timeout = sqlite3_value_int64(argv[0]), np;
 
 	(void) argc;
 	if (sqlite3_value_type(argv[0]) != SQLITE_INTEGER || timeout < 0)
@@ -707,12 +707,12 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	sl_net *n = sqlite3_user_data(ctx);
+	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	cJSON *j;
-	char *text, *v;
-	int64_t x, pending = 0;
-	pgs_err err;
+	cJSON		   *j;
+	char		   *text, *v;
+	int64_t			x, pending = 0;
+	pgs_err			err;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_status", &s))
@@ -785,7 +785,7 @@ net_free(void *arg)
 static const struct
 {
 	const char *name;
-	int nargs;
+	int			nargs;
 	void (*fn)(sqlite3_context *, int, sqlite3_value **);
 } functions[] = {
 	{"sync_network_init", 1, sync_network_init},
@@ -801,9 +801,9 @@ static const struct
 int
 sl_network_register(sqlite3 *db, db_conn *c)
 {
-	static int curl_ready = 0;
+	static int	 curl_ready = 0;
 	const size_t nf = sizeof functions / sizeof functions[0];
-	sl_net *n;
+	sl_net		*n;
 
 	if (!curl_ready)
 	{

@@ -21,24 +21,24 @@ int sl_network_register(sqlite3 *db, db_conn *c);
 
 /* ---- private to sl_network.c and sl_http.c ---- */
 
-#define SL_CURSOR_MAX 8200	/* chunk cursors: "c" + hex of a token of up to 4096 bytes */
+#define SL_CURSOR_MAX 8200 /* chunk cursors: "c" + hex of a token of up to 4096 bytes */
 
 /* Per connection: the database handle and a reused curl handle (keep-alive). */
 typedef struct sl_net
 {
 	sqlite3 *db;
 	db_conn *c;
-	CURL *curl;
-	char curl_err[CURL_ERROR_SIZE];
+	CURL	*curl;
+	char	 curl_err[CURL_ERROR_SIZE];
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
 typedef struct sl_net_settings
 {
-	char *url;
-	char *token;
-	char *server_site;
-	char *recv_cursor;
+	char   *url;
+	char   *token;
+	char   *server_site;
+	char   *recv_cursor;
 	int64_t send_cursor;
 	int64_t retries;
 	int64_t backoff_ms;
@@ -51,16 +51,16 @@ typedef struct sl_net_settings
 /* One HTTP answer: status, body (bounded by max_payload) and our headers. */
 typedef struct sl_net_resp
 {
-	long status;
+	long	 status;
 	uint8_t *body;
-	size_t len;
-	size_t cap;
-	size_t max;
-	bool overflow;
-	char cursor[SL_CURSOR_MAX + 1];
-	char site[40];
-	bool more;
-	long retry_after;
+	size_t	 len;
+	size_t	 cap;
+	size_t	 max;
+	bool	 overflow;
+	char	 cursor[SL_CURSOR_MAX + 1];
+	char	 site[40];
+	bool	 more;
+	long	 retry_after;
 } sl_net_resp;
 
 /*

@@ -30,25 +30,29 @@ pgs_rc
 sl_ensure_meta(db_conn *c, pgs_err *err)
 {
 	sqlite3_stmt *st = NULL;
-	pgs_rc		rc;
-	int			have_site = 0;
+	pgs_rc		  rc;
+	int			  have_site = 0;
 
 	if ((rc = sl_exec(c, meta_sql, err)) != PGS_OK)
 		return rc;
-	if ((rc = sl_exec(c, "INSERT OR IGNORE INTO sync_state(id, db_version, hlc, format) VALUES(1, 0, 0, 1)", err)) != PGS_OK)
+	if ((rc = sl_exec(
+			 c, "INSERT OR IGNORE INTO sync_state(id, db_version, hlc, format) VALUES(1, 0, 0, 1)",
+			 err)) != PGS_OK)
 		return rc;
-	if (sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sync_sites WHERE idx = 0", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sync_sites WHERE idx = 0", -1, &st, NULL) !=
+		SQLITE_OK)
 		return sl_dberr(c, err, "could not read sync_sites");
 	if (sqlite3_step(st) == SQLITE_ROW)
 		have_site = sqlite3_column_int(st, 0);
 	sqlite3_finalize(st);
 	if (!have_site)
 	{
-		uint8_t		site[16];
+		uint8_t site[16];
 
 		if ((rc = pgs_uuid7(site, err)) != PGS_OK)
 			return rc;
-		if (sqlite3_prepare_v2(c->db, "INSERT INTO sync_sites(idx, site) VALUES(0, ?1)", -1, &st, NULL) != SQLITE_OK)
+		if (sqlite3_prepare_v2(c->db, "INSERT INTO sync_sites(idx, site) VALUES(0, ?1)", -1, &st,
+							   NULL) != SQLITE_OK)
 			return sl_dberr(c, err, "could not create the site id");
 		sqlite3_bind_blob(st, 1, site, 16, SQLITE_STATIC);
 		if (sqlite3_step(st) != SQLITE_DONE)
@@ -63,10 +67,10 @@ sl_ensure_meta(db_conn *c, pgs_err *err)
 
 typedef struct col_desc
 {
-	char	   *name;
-	char	   *type;
-	char	   *coll;
-	int			pk;				/* position in the key, 1-based; 0 = not a key column */
+	char *name;
+	char *type;
+	char *coll;
+	int	  pk; /* position in the key, 1-based; 0 = not a key column */
 } col_desc;
 
 static void
@@ -86,35 +90,42 @@ static pgs_rc
 describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols, pgs_err *err)
 {
 	sqlite3_stmt *st = NULL;
-	col_desc   *cols = NULL;
-	int			n = 0,
-				npk = 0;
-	char	   *pkindex = NULL;
-	bool		without_rowid = false;
+	col_desc	 *cols = NULL;
+	int			  n = 0, npk = 0;
+	char		 *pkindex = NULL;
+	bool		  without_rowid = false;
 
 	*out = NULL;
 	*ncols = 0;
 	*canon = NULL;
-	if (sqlite3_prepare_v2(c->db, "SELECT name, sql FROM main.sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db,
+						   "SELECT name, sql FROM main.sqlite_schema WHERE type = 'table' AND name "
+						   "= ?1 COLLATE NOCASE",
+						   -1, &st, NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read the schema");
 	sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) == SQLITE_ROW)
 		*canon = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
 	sqlite3_finalize(st);
 	if (!*canon)
-		return pgs_failf(err, PGS_ERR_MISUSE, "Create the table first; sync_init takes the name of an existing table in the main database.",
+		return pgs_failf(err, PGS_ERR_MISUSE,
+						 "Create the table first; sync_init takes the name of an existing table in "
+						 "the main database.",
 						 "table \"%s\" does not exist", table);
 	if (strncmp(*canon, "sync_", 5) == 0 || strstr(*canon, "__sync_clock"))
-		return pgs_failf(err, PGS_ERR_MISUSE, NULL, "table \"%s\" belongs to sqlitesync and cannot be synced", *canon);
+		return pgs_failf(err, PGS_ERR_MISUSE, NULL,
+						 "table \"%s\" belongs to sqlitesync and cannot be synced", *canon);
 
 	/* WITHOUT ROWID tables and rowid tables with a non-INTEGER key have a pk index */
-	if (sqlite3_prepare_v2(c->db, "SELECT name FROM pragma_index_list(?1) WHERE origin = 'pk'", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db, "SELECT name FROM pragma_index_list(?1) WHERE origin = 'pk'", -1,
+						   &st, NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read the schema");
 	sqlite3_bind_text(st, 1, *canon, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) == SQLITE_ROW)
 		pkindex = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
 	sqlite3_finalize(st);
-	if (sqlite3_prepare_v2(c->db, "SELECT wr FROM pragma_table_list(?1) WHERE schema = 'main'", -1, &st, NULL) == SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db, "SELECT wr FROM pragma_table_list(?1) WHERE schema = 'main'", -1,
+						   &st, NULL) == SQLITE_OK)
 	{
 		sqlite3_bind_text(st, 1, *canon, -1, SQLITE_STATIC);
 		if (sqlite3_step(st) == SQLITE_ROW)
@@ -122,7 +133,9 @@ describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols
 		sqlite3_finalize(st);
 	}
 
-	if (sqlite3_prepare_v2(c->db, "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?1) ORDER BY cid", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db,
+						   "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?1) ORDER BY cid",
+						   -1, &st, NULL) != SQLITE_OK)
 	{
 		sqlite3_free(pkindex);
 		return sl_dberr(c, err, "could not read the table's columns");
@@ -130,10 +143,10 @@ describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols
 	sqlite3_bind_text(st, 1, *canon, -1, SQLITE_STATIC);
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
-		col_desc   *nc;
+		col_desc *nc;
 
 		if (sqlite3_column_int(st, 3) != 0)
-			continue;			/* generated or hidden column: computed, not synced */
+			continue; /* generated or hidden column: computed, not synced */
 		nc = sqlite3_realloc64(cols, sizeof(col_desc) * (n + 1));
 		if (!nc)
 			break;
@@ -153,51 +166,65 @@ describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols
 	{
 		sqlite3_free(pkindex);
 		return pgs_failf(err, PGS_ERR_MISUSE,
-						 "Add a primary key that is unique across devices, e.g. id TEXT PRIMARY KEY DEFAULT (sync_uuid()).",
+						 "Add a primary key that is unique across devices, e.g. id TEXT PRIMARY "
+						 "KEY DEFAULT (sync_uuid()).",
 						 "table \"%s\" has no primary key; synced tables need one", *canon);
 	}
 	if (!pkindex && !without_rowid)
 		return pgs_failf(err, PGS_ERR_MISUSE,
-						 "Use a key that is unique across devices, e.g. id TEXT PRIMARY KEY DEFAULT (sync_uuid()), or a BLOB key.",
-						 "table \"%s\" uses INTEGER PRIMARY KEY (the rowid alias); row ids collide across devices", *canon);
+						 "Use a key that is unique across devices, e.g. id TEXT PRIMARY KEY "
+						 "DEFAULT (sync_uuid()), or a BLOB key.",
+						 "table \"%s\" uses INTEGER PRIMARY KEY (the rowid alias); row ids collide "
+						 "across devices",
+						 *canon);
 	for (int i = 0; i < n; i++)
 		if (!cols[i].name || cols[i].name[0] == '\0' || strlen(cols[i].name) > PGS_MAX_NAME)
 		{
 			sqlite3_free(pkindex);
-			return pgs_failf(err, PGS_ERR_MISUSE, "Rename the column: names travel in payloads and must be 1 to 65535 bytes long.",
-							 "table \"%s\" has a column whose name cannot be synced", *canon);
+			return pgs_failf(
+				err, PGS_ERR_MISUSE,
+				"Rename the column: names travel in payloads and must be 1 to 65535 bytes long.",
+				"table \"%s\" has a column whose name cannot be synced", *canon);
 		}
 	if ((*canon)[0] == '\0' || strlen(*canon) > PGS_MAX_NAME)
 	{
 		sqlite3_free(pkindex);
-		return pgs_failf(err, PGS_ERR_MISUSE, "Rename the table: names travel in payloads and must be 1 to 65535 bytes long.",
-						 "table name \"%.40s\" cannot be synced", *canon);
+		return pgs_failf(
+			err, PGS_ERR_MISUSE,
+			"Rename the table: names travel in payloads and must be 1 to 65535 bytes long.",
+			"table name \"%.40s\" cannot be synced", *canon);
 	}
 	{
 		/* the UPDATE trigger passes 4 + 2 * keys + one mask per 62 columns */
-		int			nargs = 4 + 2 * npk + (n - npk + 61) / 62;
-		int			limit = sqlite3_limit(c->db, SQLITE_LIMIT_FUNCTION_ARG, -1);
+		int nargs = 4 + 2 * npk + (n - npk + 61) / 62;
+		int limit = sqlite3_limit(c->db, SQLITE_LIMIT_FUNCTION_ARG, -1);
 
 		if (nargs > limit)
 		{
 			sqlite3_free(pkindex);
-			return pgs_failf(err, PGS_ERR_MISUSE, "Use a primary key with fewer columns (a single UUID key is best).",
-							 "table \"%s\" has too many primary key columns to be synced (%d; its triggers would need %d function arguments, SQLite allows %d)",
+			return pgs_failf(err, PGS_ERR_MISUSE,
+							 "Use a primary key with fewer columns (a single UUID key is best).",
+							 "table \"%s\" has too many primary key columns to be synced (%d; its "
+							 "triggers would need %d function arguments, SQLite allows %d)",
 							 *canon, npk, nargs, limit);
 		}
 	}
 	if (npk > 64)
 	{
 		sqlite3_free(pkindex);
-		return pgs_failf(err, PGS_ERR_MISUSE, NULL, "table \"%s\" has more than 64 primary key columns", *canon);
+		return pgs_failf(err, PGS_ERR_MISUSE, NULL,
+						 "table \"%s\" has more than 64 primary key columns", *canon);
 	}
 	/* key collations, so the clock table compares keys exactly like the table */
-	if (pkindex && sqlite3_prepare_v2(c->db, "SELECT name, coll FROM pragma_index_xinfo(?1) WHERE key = 1", -1, &st, NULL) == SQLITE_OK)
+	if (pkindex &&
+		sqlite3_prepare_v2(c->db, "SELECT name, coll FROM pragma_index_xinfo(?1) WHERE key = 1", -1,
+						   &st, NULL) == SQLITE_OK)
 	{
 		sqlite3_bind_text(st, 1, pkindex, -1, SQLITE_STATIC);
 		while (sqlite3_step(st) == SQLITE_ROW)
 			for (int i = 0; i < n; i++)
-				if (cols[i].pk && sqlite3_stricmp(cols[i].name, (const char *) sqlite3_column_text(st, 0)) == 0)
+				if (cols[i].pk &&
+					sqlite3_stricmp(cols[i].name, (const char *) sqlite3_column_text(st, 0)) == 0)
 					cols[i].coll = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
 		sqlite3_finalize(st);
 	}
@@ -208,9 +235,8 @@ describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols
 static char *
 append(char *s, const char *fmt, ...)
 {
-	va_list		ap;
-	char	   *add,
-			   *r;
+	va_list ap;
+	char   *add, *r;
 
 	if (!s)
 		return NULL;
@@ -229,18 +255,17 @@ append(char *s, const char *fmt, ...)
  * (IS NOT alone would call them equal and the replicas would diverge).
  * SQLite cannot tell 0.0 from -0.0 in SQL, nor keep -0.0 in a REAL column.
  */
-#define DIFFERS "(OLD.\"%w\" IS NOT NEW.\"%w\" COLLATE BINARY OR typeof(OLD.\"%w\") <> typeof(NEW.\"%w\"))"
+#define DIFFERS                                                                                    \
+	"(OLD.\"%w\" IS NOT NEW.\"%w\" COLLATE BINARY OR typeof(OLD.\"%w\") <> typeof(NEW.\"%w\"))"
 
 static pgs_rc
 create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 {
-	char	   *sql = sqlite3_mprintf("CREATE TABLE IF NOT EXISTS \"%w__sync_clock\"(", t->name);
-	char	   *pkl = sqlite3_mprintf("");
-	char	   *newpk = sqlite3_mprintf(""),
-			   *oldpk = sqlite3_mprintf(""),
-			   *changed = sqlite3_mprintf("");
-	pgs_rc		rc;
-	int			k = 0;
+	char *sql = sqlite3_mprintf("CREATE TABLE IF NOT EXISTS \"%w__sync_clock\"(", t->name);
+	char *pkl = sqlite3_mprintf("");
+	char *newpk = sqlite3_mprintf(""), *oldpk = sqlite3_mprintf(""), *changed = sqlite3_mprintf("");
+	pgs_rc rc;
+	int	   k = 0;
 
 	/* key columns in key order */
 	for (int p = 1; p <= t->npk; p++)
@@ -253,22 +278,35 @@ create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 			pkl = append(pkl, "%s\"%w\"", p > 1 ? ", " : "", cols[i].name);
 			newpk = append(newpk, ", NEW.\"%w\"", cols[i].name);
 			oldpk = append(oldpk, ", OLD.\"%w\"", cols[i].name);
-			changed = append(changed, "%s" DIFFERS, p > 1 ? " OR " : "", cols[i].name, cols[i].name, cols[i].name, cols[i].name);
+			changed = append(changed, "%s" DIFFERS, p > 1 ? " OR " : "", cols[i].name, cols[i].name,
+							 cols[i].name, cols[i].name);
 		}
-	sql = append(sql, "cl INTEGER NOT NULL, ver INTEGER NOT NULL, clk BLOB NOT NULL, PRIMARY KEY(%s)) WITHOUT ROWID;", pkl);
-	sql = append(sql, "DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS \"%w__sync_upd\"; DROP TRIGGER IF EXISTS \"%w__sync_del\";",
+	sql = append(sql,
+				 "cl INTEGER NOT NULL, ver INTEGER NOT NULL, clk BLOB NOT NULL, PRIMARY KEY(%s)) "
+				 "WITHOUT ROWID;",
+				 pkl);
+	sql = append(sql,
+				 "DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS "
+				 "\"%w__sync_upd\"; DROP TRIGGER IF EXISTS \"%w__sync_del\";",
 				 t->name, t->name, t->name);
-	sql = append(sql, "CREATE TRIGGER \"%w__sync_ins\" AFTER INSERT ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 1, %d%s); END;",
+	sql = append(sql,
+				 "CREATE TRIGGER \"%w__sync_ins\" AFTER INSERT ON \"%w\" BEGIN SELECT "
+				 "sqlitesync_capture(%lld, 1, %d%s); END;",
 				 t->name, t->name, (long long) t->id, t->ncols, newpk);
-	sql = append(sql, "CREATE TRIGGER \"%w__sync_del\" AFTER DELETE ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 3, %d%s); END;",
+	sql = append(sql,
+				 "CREATE TRIGGER \"%w__sync_del\" AFTER DELETE ON \"%w\" BEGIN SELECT "
+				 "sqlitesync_capture(%lld, 3, %d%s); END;",
 				 t->name, t->name, (long long) t->id, t->ncols, oldpk);
-	sql = append(sql, "CREATE TRIGGER \"%w__sync_upd\" AFTER UPDATE ON \"%w\" BEGIN SELECT sqlitesync_capture(%lld, 2, %d, %s%s%s",
+	sql = append(sql,
+				 "CREATE TRIGGER \"%w__sync_upd\" AFTER UPDATE ON \"%w\" BEGIN SELECT "
+				 "sqlitesync_capture(%lld, 2, %d, %s%s%s",
 				 t->name, t->name, (long long) t->id, t->ncols, changed, oldpk, newpk);
 	for (int i = 0; i < t->ncols; i++)
 	{
 		if (i % 62 == 0)
 			sql = append(sql, i ? ", 0" : ", 0");
-		sql = append(sql, " | ((" DIFFERS ") << %d)", t->col_names[i], t->col_names[i], t->col_names[i], t->col_names[i], i % 62);
+		sql = append(sql, " | ((" DIFFERS ") << %d)", t->col_names[i], t->col_names[i],
+					 t->col_names[i], t->col_names[i], i % 62);
 		k++;
 	}
 	sql = append(sql, "); END;");
@@ -287,14 +325,15 @@ create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 static pgs_rc
 backfill(db_conn *c, db_table *t, pgs_err *err)
 {
-	char	   *sel = sqlite3_mprintf("SELECT ");
+	char		 *sel = sqlite3_mprintf("SELECT ");
 	sqlite3_stmt *st = NULL;
-	pgs_rc		rc = PGS_OK;
-	int			s;
+	pgs_rc		  rc = PGS_OK;
+	int			  s;
 
 	for (int i = 0; i < t->npk; i++)
 		sel = append(sel, "%st.%s", i ? ", " : "", t->pk_q[i]);
-	sel = append(sel, " FROM %s AS t WHERE NOT EXISTS (SELECT 1 FROM %s AS c WHERE ", t->qname, t->qclock);
+	sel = append(sel, " FROM %s AS t WHERE NOT EXISTS (SELECT 1 FROM %s AS c WHERE ", t->qname,
+				 t->qclock);
 	for (int i = 0; i < t->npk; i++)
 		sel = append(sel, "%sc.%s = t.%s", i ? " AND " : "", t->pk_q[i], t->pk_q[i]);
 	sel = append(sel, ")");
@@ -324,12 +363,13 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 			   db_table **out, pgs_err *err)
 {
 	sqlite3_stmt *st = NULL;
-	int64_t		id = 0;
-	char	   *have_algo = NULL;
-	pgs_rc		rc = PGS_OK;
-	int			next_idx = 0;
+	int64_t		  id = 0;
+	char		 *have_algo = NULL;
+	pgs_rc		  rc = PGS_OK;
+	int			  next_idx = 0;
 
-	if (sqlite3_prepare_v2(c->db, "SELECT id, algo FROM sync_tables WHERE name = ?1", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(c->db, "SELECT id, algo FROM sync_tables WHERE name = ?1", -1, &st,
+						   NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read sync_tables");
 	sqlite3_bind_text(st, 1, canon, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) == SQLITE_ROW)
@@ -340,7 +380,8 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 	sqlite3_finalize(st);
 	if (id && strcmp(have_algo, algo) != 0)
 	{
-		rc = pgs_failf(err, PGS_ERR_MISUSE, "Call sync_cleanup first to change a table's algorithm on every replica.",
+		rc = pgs_failf(err, PGS_ERR_MISUSE,
+					   "Call sync_cleanup first to change a table's algorithm on every replica.",
 					   "table \"%s\" is already synced with algo '%s'", canon, have_algo);
 		sqlite3_free(have_algo);
 		return rc;
@@ -348,7 +389,9 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 	sqlite3_free(have_algo);
 	if (!id)
 	{
-		if (sqlite3_prepare_v2(c->db, "INSERT INTO sync_tables(name, algo) VALUES(?1, ?2) RETURNING id", -1, &st, NULL) != SQLITE_OK)
+		if (sqlite3_prepare_v2(c->db,
+							   "INSERT INTO sync_tables(name, algo) VALUES(?1, ?2) RETURNING id",
+							   -1, &st, NULL) != SQLITE_OK)
 			return sl_dberr(c, err, "could not register the table");
 		sqlite3_bind_text(st, 1, canon, -1, SQLITE_STATIC);
 		sqlite3_bind_text(st, 2, algo, -1, SQLITE_STATIC);
@@ -363,7 +406,9 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 			for (int i = 0; i < ncols; i++)
 				if (cols[i].pk == p)
 				{
-					char	   *sql = sqlite3_mprintf("INSERT INTO sync_columns(tbl, is_pk, idx, name) VALUES(%lld, 1, %d, %Q)", (long long) id, p - 1, cols[i].name);
+					char *sql = sqlite3_mprintf(
+						"INSERT INTO sync_columns(tbl, is_pk, idx, name) VALUES(%lld, 1, %d, %Q)",
+						(long long) id, p - 1, cols[i].name);
 
 					rc = sql ? sl_exec(c, sql, err) : PGS_ERR_NOMEM;
 					sqlite3_free(sql);
@@ -372,13 +417,15 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 	else
 	{
 		/* the key must not have changed */
-		int			same = 0,
-					nkey = 0;
+		int same = 0, nkey = 0;
 
 		for (int i = 0; i < ncols; i++)
 			if (cols[i].pk)
 				nkey++;
-		if (sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sync_columns WHERE tbl = ?1 AND is_pk = 1 AND idx = ?2 AND name = ?3", -1, &st, NULL) != SQLITE_OK)
+		if (sqlite3_prepare_v2(c->db,
+							   "SELECT count(*) FROM sync_columns WHERE tbl = ?1 AND is_pk = 1 AND "
+							   "idx = ?2 AND name = ?3",
+							   -1, &st, NULL) != SQLITE_OK)
 			return sl_dberr(c, err, "could not read sync_columns");
 		for (int i = 0; i < ncols; i++)
 			if (cols[i].pk)
@@ -391,17 +438,23 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 				sqlite3_reset(st);
 			}
 		sqlite3_finalize(st);
-		sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sync_columns WHERE tbl = ?1 AND is_pk = 1", -1, &st, NULL);
+		sqlite3_prepare_v2(c->db, "SELECT count(*) FROM sync_columns WHERE tbl = ?1 AND is_pk = 1",
+						   -1, &st, NULL);
 		sqlite3_bind_int64(st, 1, id);
 		if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 0) != nkey)
 			same = -1;
 		sqlite3_finalize(st);
 		if (same != nkey)
-			return pgs_failf(err, PGS_ERR_MISUSE, "A synced table's primary key cannot change; call sync_cleanup and sync_init on every replica.",
+			return pgs_failf(err, PGS_ERR_MISUSE,
+							 "A synced table's primary key cannot change; call sync_cleanup and "
+							 "sync_init on every replica.",
 							 "primary key of table \"%s\" changed since sync_init", canon);
 	}
 	/* non-key columns: keep existing indexes, append new ones */
-	if (sqlite3_prepare_v2(c->db, "SELECT coalesce(max(idx) + 1, 0) FROM sync_columns WHERE tbl = ?1 AND is_pk = 0", -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(
+			c->db,
+			"SELECT coalesce(max(idx) + 1, 0) FROM sync_columns WHERE tbl = ?1 AND is_pk = 0", -1,
+			&st, NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read sync_columns");
 	sqlite3_bind_int64(st, 1, id);
 	if (sqlite3_step(st) == SQLITE_ROW)
@@ -409,13 +462,15 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 	sqlite3_finalize(st);
 	for (int i = 0; i < ncols && rc == PGS_OK; i++)
 	{
-		char	   *sql;
+		char *sql;
 
 		if (cols[i].pk)
 			continue;
-		sql = sqlite3_mprintf("INSERT INTO sync_columns(tbl, idx, name, is_pk) SELECT %lld, %d, %Q, 0 WHERE NOT EXISTS "
-							  "(SELECT 1 FROM sync_columns WHERE tbl = %lld AND is_pk = 0 AND name = %Q)",
-							  (long long) id, next_idx, cols[i].name, (long long) id, cols[i].name);
+		sql = sqlite3_mprintf(
+			"INSERT INTO sync_columns(tbl, idx, name, is_pk) SELECT %lld, %d, %Q, 0 WHERE NOT "
+			"EXISTS "
+			"(SELECT 1 FROM sync_columns WHERE tbl = %lld AND is_pk = 0 AND name = %Q)",
+			(long long) id, next_idx, cols[i].name, (long long) id, cols[i].name);
 		rc = sql ? sl_exec(c, sql, err) : PGS_ERR_NOMEM;
 		sqlite3_free(sql);
 		if (rc == PGS_OK && sqlite3_changes(c->db) > 0)
@@ -425,10 +480,11 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 		return rc;
 	/* a synced column that disappeared would silently stop syncing: refuse */
 	{
-		int			missing = 0;
-		char	   *gone = NULL;
+		int	  missing = 0;
+		char *gone = NULL;
 
-		if (sqlite3_prepare_v2(c->db, "SELECT name FROM sync_columns WHERE tbl = ?1 AND is_pk = 0", -1, &st, NULL) != SQLITE_OK)
+		if (sqlite3_prepare_v2(c->db, "SELECT name FROM sync_columns WHERE tbl = ?1 AND is_pk = 0",
+							   -1, &st, NULL) != SQLITE_OK)
 			return sl_dberr(c, err, "could not read sync_columns");
 		sqlite3_bind_int64(st, 1, id);
 		while (sqlite3_step(st) == SQLITE_ROW)
@@ -445,8 +501,10 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 		sqlite3_finalize(st);
 		if (missing)
 		{
-			rc = pgs_failf(err, PGS_ERR_MISUSE, "Dropping or renaming a synced column is not supported yet; restore the column.",
-						   "column \"%s\" of synced table \"%s\" no longer exists", gone, canon);
+			rc = pgs_failf(
+				err, PGS_ERR_MISUSE,
+				"Dropping or renaming a synced column is not supported yet; restore the column.",
+				"column \"%s\" of synced table \"%s\" no longer exists", gone, canon);
 			sqlite3_free(gone);
 			return rc;
 		}
@@ -461,14 +519,15 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 pgs_rc
 sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err)
 {
-	col_desc   *cols = NULL;
-	int			ncols = 0;
-	char	   *canon = NULL;
-	db_table   *t;
-	pgs_rc		rc;
+	col_desc *cols = NULL;
+	int		  ncols = 0;
+	char	 *canon = NULL;
+	db_table *t;
+	pgs_rc	  rc;
 
 	if (strcmp(algo, "cls") != 0 && strcmp(algo, "gset") != 0)
-		return pgs_failf(err, PGS_ERR_MISUSE, "Use 'cls' (the default) or 'gset'.", "unknown sync algorithm '%s'", algo);
+		return pgs_failf(err, PGS_ERR_MISUSE, "Use 'cls' (the default) or 'gset'.",
+						 "unknown sync algorithm '%s'", algo);
 	if ((rc = sl_exec(c, "SAVEPOINT sync_init", err)) != PGS_OK)
 		return rc;
 	if ((rc = sl_ensure_meta(c, err)) == PGS_OK &&
@@ -480,7 +539,7 @@ sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err)
 	sqlite3_free(canon);
 	if (rc != PGS_OK)
 	{
-		pgs_err		ignore;
+		pgs_err ignore;
 
 		sl_exec(c, "ROLLBACK TO sync_init", &ignore);
 		sl_exec(c, "RELEASE sync_init", &ignore);
@@ -495,30 +554,32 @@ sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err)
 pgs_rc
 sl_cleanup_table(db_conn *c, const char *table, pgs_err *err)
 {
-	db_table   *t;
-	char	   *sql;
-	pgs_rc		rc;
+	db_table *t;
+	char	 *sql;
+	pgs_rc	  rc;
 
 	if (!c->ready && (rc = sl_load(c, err)) != PGS_OK)
 		return rc;
 	if ((rc = sl_load(c, err)) != PGS_OK)
 		return rc;
 	if (!(t = sl_table_by_name(c, table)))
-		return pgs_failf(err, PGS_ERR_MISUSE, "sync_cleanup takes the name of a table passed to sync_init.",
+		return pgs_failf(err, PGS_ERR_MISUSE,
+						 "sync_cleanup takes the name of a table passed to sync_init.",
 						 "table \"%s\" is not synced", table);
-	sql = sqlite3_mprintf("SAVEPOINT sync_cleanup;"
-						  "DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS \"%w__sync_upd\";"
-						  "DROP TRIGGER IF EXISTS \"%w__sync_del\"; DROP TABLE IF EXISTS \"%w__sync_clock\";"
-						  "DELETE FROM sync_columns WHERE tbl = %lld; DELETE FROM sync_tables WHERE id = %lld;"
-						  "RELEASE sync_cleanup;",
-						  t->name, t->name, t->name, t->name, (long long) t->id, (long long) t->id);
+	sql = sqlite3_mprintf(
+		"SAVEPOINT sync_cleanup;"
+		"DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS \"%w__sync_upd\";"
+		"DROP TRIGGER IF EXISTS \"%w__sync_del\"; DROP TABLE IF EXISTS \"%w__sync_clock\";"
+		"DELETE FROM sync_columns WHERE tbl = %lld; DELETE FROM sync_tables WHERE id = %lld;"
+		"RELEASE sync_cleanup;",
+		t->name, t->name, t->name, t->name, (long long) t->id, (long long) t->id);
 	if (!sql)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	rc = sl_exec(c, sql, err);
 	sqlite3_free(sql);
 	if (rc != PGS_OK)
 	{
-		pgs_err		ignore;
+		pgs_err ignore;
 
 		sl_exec(c, "ROLLBACK TO sync_cleanup; RELEASE sync_cleanup", &ignore);
 	}

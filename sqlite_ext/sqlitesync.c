@@ -19,15 +19,14 @@ SQLITE_EXTENSION_INIT1
 static void
 result_err(sqlite3_context *ctx, const pgs_err *err)
 {
-	char	   *m;
+	char *m;
 
 	if (err->rc == PGS_ERR_NOMEM)
 	{
 		sqlite3_result_error_nomem(ctx);
 		return;
 	}
-	m = sqlite3_mprintf("%s%s%s%s%s", err->msg,
-						err->detail[0] ? ". " : "", err->detail,
+	m = sqlite3_mprintf("%s%s%s%s%s", err->msg, err->detail[0] ? ". " : "", err->detail,
 						err->hint[0] ? (err->detail[0] ? " " : ". ") : "", err->hint);
 	sqlite3_result_error(ctx, m ? m : err->msg, -1);
 	sqlite3_free(m);
@@ -58,7 +57,7 @@ result_err(sqlite3_context *ctx, const pgs_err *err)
 static bool
 ready(sqlite3_context *ctx, db_conn *c, const char *fn)
 {
-	pgs_err		err;
+	pgs_err err;
 
 	if (sl_load(c, &err) == PGS_OK)
 		return true;
@@ -74,9 +73,11 @@ blob_arg(sqlite3_context *ctx, sqlite3_value *v, const char *fn, const uint8_t *
 {
 	if (sqlite3_value_type(v) != SQLITE_BLOB)
 	{
-		char	   *m = sqlite3_mprintf("%s: the payload must be a BLOB (got %s); pass the value returned by sync_payload",
-										fn, sqlite3_value_type(v) == SQLITE_NULL ? "NULL" :
-										sqlite3_value_type(v) == SQLITE_TEXT ? "TEXT" : "a number");
+		char *m = sqlite3_mprintf(
+			"%s: the payload must be a BLOB (got %s); pass the value returned by sync_payload", fn,
+			sqlite3_value_type(v) == SQLITE_NULL   ? "NULL"
+			: sqlite3_value_type(v) == SQLITE_TEXT ? "TEXT"
+												   : "a number");
 
 		sqlite3_result_error(ctx, m, -1);
 		sqlite3_free(m);
@@ -93,7 +94,7 @@ static int
 pragma_int(sqlite3 *db, const char *sql)
 {
 	sqlite3_stmt *st;
-	int			v = 0;
+	int			  v = 0;
 
 	if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
 		v = sqlite3_column_int(st, 0);
@@ -106,7 +107,7 @@ pragma_int(sqlite3 *db, const char *sql)
 static void
 sync_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
+	db_conn	   *c = sqlite3_user_data(ctx);
 	const char *table = (const char *) sqlite3_value_text(argv[0]);
 	const char *algo = argc > 1 ? (const char *) sqlite3_value_text(argv[1]) : "cls";
 	pgs_err		err;
@@ -127,7 +128,7 @@ sync_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_cleanup(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
+	db_conn	   *c = sqlite3_user_data(ctx);
 	const char *table = (const char *) sqlite3_value_text(argv[0]);
 	pgs_err		err;
 
@@ -150,8 +151,8 @@ sync_cleanup(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_site_id(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
-	char		u[37];
+	db_conn *c = sqlite3_user_data(ctx);
+	char	 u[37];
 
 	(void) argc, (void) argv;
 	if (!ready(ctx, c, "sync_site_id"))
@@ -163,9 +164,9 @@ sync_site_id(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_db_version(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
-	int64_t		v;
-	pgs_err		err;
+	db_conn *c = sqlite3_user_data(ctx);
+	int64_t	 v;
+	pgs_err	 err;
 
 	(void) argc, (void) argv;
 	if (!ready(ctx, c, "sync_db_version"))
@@ -181,9 +182,9 @@ sync_db_version(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_uuid(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	uint8_t		b[16];
-	char		u[37];
-	pgs_err		err;
+	uint8_t b[16];
+	char	u[37];
+	pgs_err err;
 
 	(void) argc, (void) argv;
 	if (pgs_uuid7(b, &err) != PGS_OK)
@@ -205,11 +206,11 @@ sync_version(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
+	db_conn		  *c = sqlite3_user_data(ctx);
 	pgs_build_opts o = {.compress = 1};
-	uint8_t		excl[16];
-	pgs_buf		out;
-	pgs_err		err;
+	uint8_t		   excl[16];
+	pgs_buf		   out;
+	pgs_err		   err;
 
 	if (!ready(ctx, c, "sync_payload"))
 		return;
@@ -217,7 +218,10 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		o.since = 0;
 	else if (sqlite3_value_type(argv[0]) != SQLITE_INTEGER || sqlite3_value_int64(argv[0]) < 0)
 	{
-		sqlite3_result_error(ctx, "sync_payload: since must be a non-negative integer (0 for everything, or the value of sync_payload_until of the last payload)", -1);
+		sqlite3_result_error(ctx,
+							 "sync_payload: since must be a non-negative integer (0 for "
+							 "everything, or the value of sync_payload_until of the last payload)",
+							 -1);
 		return;
 	}
 	else
@@ -230,7 +234,9 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 				 !pgs_uuid_parse((const char *) sqlite3_value_text(argv[1]),
 								 (size_t) sqlite3_value_bytes(argv[1]), excl))
 		{
-			sqlite3_result_error(ctx, "sync_payload: exclude_site must be a site id as returned by sync_site_id()", -1);
+			sqlite3_result_error(
+				ctx, "sync_payload: exclude_site must be a site id as returned by sync_site_id()",
+				-1);
 			return;
 		}
 		o.exclude_site = excl;
@@ -242,7 +248,9 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		else if (sqlite3_value_type(argv[2]) != SQLITE_INTEGER ||
 				 sqlite3_value_int64(argv[2]) < 0 || sqlite3_value_int64(argv[2]) > UINT32_MAX)
 		{
-			sqlite3_result_error(ctx, "sync_payload: max_rows must be an integer from 0 (no limit) to 4294967295", -1);
+			sqlite3_result_error(
+				ctx, "sync_payload: max_rows must be an integer from 0 (no limit) to 4294967295",
+				-1);
 			return;
 		}
 		else
@@ -252,7 +260,10 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	{
 		if (sqlite3_value_type(argv[3]) != SQLITE_BLOB)
 		{
-			sqlite3_result_error(ctx, "sync_payload: cursor must be the BLOB returned by sync_payload_cursor, or NULL for the first chunk", -1);
+			sqlite3_result_error(ctx,
+								 "sync_payload: cursor must be the BLOB returned by "
+								 "sync_payload_cursor, or NULL for the first chunk",
+								 -1);
 			return;
 		}
 		o.after = sqlite3_value_blob(argv[3]);
@@ -262,8 +273,11 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (c->txn_ver && !sqlite3_get_autocommit(c->db))
 	{
-		sqlite3_result_error(ctx, "sync_payload: this transaction has uncommitted changes to synced tables. "
-							 "A payload must only carry committed changes; call sync_payload after COMMIT.", -1);
+		sqlite3_result_error(
+			ctx,
+			"sync_payload: this transaction has uncommitted changes to synced tables. "
+			"A payload must only carry committed changes; call sync_payload after COMMIT.",
+			-1);
 		return;
 	}
 	if (db_version_safe(c, &o.until, &err) != PGS_OK)
@@ -272,7 +286,7 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		return;
 	}
 	if (o.since >= o.until && !o.after)
-		return;					/* NULL: nothing newer */
+		return; /* NULL: nothing newer */
 	pgs_buf_init(&out);
 	if (pgs_build(c, &o, &out, NULL, &err) != PGS_OK)
 	{
@@ -290,11 +304,11 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_payload_cursor(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
+	db_conn		  *c = sqlite3_user_data(ctx);
 	const uint8_t *p;
-	size_t		n;
-	pgs_buf		tok;
-	pgs_err		err;
+	size_t		   n;
+	pgs_buf		   tok;
+	pgs_err		   err;
 
 	(void) argc;
 	if (!ready(ctx, c, "sync_payload_cursor"))
@@ -320,9 +334,9 @@ static void
 sync_payload_until(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
 	const uint8_t *p;
-	size_t		n;
-	int64_t		until;
-	pgs_err		err;
+	size_t		   n;
+	int64_t		   until;
+	pgs_err		   err;
 
 	(void) argc;
 	if (sqlite3_value_type(argv[0]) == SQLITE_NULL)
@@ -341,9 +355,9 @@ static void
 sync_payload_info(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
 	const uint8_t *p;
-	size_t		n;
-	char	   *json;
-	pgs_err		err;
+	size_t		   n;
+	char		  *json;
+	pgs_err		   err;
 
 	(void) argc;
 	if (!blob_arg(ctx, argv[0], "sync_payload_info", &p, &n))
@@ -360,14 +374,13 @@ sync_payload_info(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static void
 sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn    *c = sqlite3_user_data(ctx);
-	const uint8_t *p;
-	size_t		n;
+	db_conn		   *c = sqlite3_user_data(ctx);
+	const uint8_t  *p;
+	size_t			n;
 	pgs_apply_stats st;
-	pgs_err		err,
-				ignore;
-	pgs_rc		rc;
-	int			defer_fk;
+	pgs_err			err, ignore;
+	pgs_rc			rc;
+	int				defer_fk;
 
 	(void) argc;
 	if (!blob_arg(ctx, argv[0], "sync_apply_payload", &p, &n))
@@ -398,7 +411,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_exec(c, "RELEASE sync_apply", &ignore);
 		c->txn_ver = 0;
-		sl_load(c, &ignore);	/* sites interned in the savepoint are gone */
+		sl_load(c, &ignore); /* sites interned in the savepoint are gone */
 		result_err(ctx, &err);
 		return;
 	}
@@ -440,7 +453,7 @@ finalize_all(db_conn *c)
 static void
 conn_free(void *arg)
 {
-	db_conn    *c = arg;
+	db_conn *c = arg;
 
 	finalize_all(c);
 	sqlite3_free(c->sites);
@@ -460,11 +473,12 @@ conn_free(void *arg)
 typedef struct close_vtab
 {
 	sqlite3_vtab base;
-	db_conn    *c;
+	db_conn		*c;
 } close_vtab;
 
 static int
-close_connect(sqlite3 *db, void *aux, int argc, const char *const *argv, sqlite3_vtab **out, char **errmsg)
+close_connect(sqlite3 *db, void *aux, int argc, const char *const *argv, sqlite3_vtab **out,
+			  char **errmsg)
 {
 	close_vtab *v;
 	int			rc;
@@ -587,9 +601,8 @@ static const struct
 	const char *name;
 	int			nargs;
 	int			flags;
-	void		(*fn) (sqlite3_context *, int, sqlite3_value **);
-}			functions[] =
-{
+	void (*fn)(sqlite3_context *, int, sqlite3_value **);
+} functions[] = {
 	{"sync_init", 1, SQLITE_DIRECTONLY, sync_init},
 	{"sync_init", 2, SQLITE_DIRECTONLY, sync_init},
 	{"sync_cleanup", 1, SQLITE_DIRECTONLY, sync_cleanup},
@@ -611,12 +624,11 @@ static const struct
 #ifdef _WIN32
 __declspec(dllexport)
 #endif
-int
-sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines *pApi)
+	int sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines *pApi)
 {
 	static const pgs_allocator alloc = {sl_malloc, sl_realloc, sl_free};
-	db_conn    *c;
-	pgs_err		ignore;
+	db_conn					  *c;
+	pgs_err					   ignore;
 
 	SQLITE_EXTENSION_INIT2(pApi);
 	pgs_set_allocator(&alloc);
@@ -627,10 +639,10 @@ sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines
 	c->db = db;
 	for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++)
 	{
-		int			rc = sqlite3_create_function_v2(db, functions[i].name, functions[i].nargs,
-													SQLITE_UTF8 | functions[i].flags, c,
-													functions[i].fn, NULL, NULL,
-													i == sizeof functions / sizeof functions[0] - 1 ? conn_free : NULL);
+		int rc = sqlite3_create_function_v2(
+			db, functions[i].name, functions[i].nargs, SQLITE_UTF8 | functions[i].flags, c,
+			functions[i].fn, NULL, NULL,
+			i == sizeof functions / sizeof functions[0] - 1 ? conn_free : NULL);
 
 		if (rc != SQLITE_OK)
 		{
@@ -645,17 +657,19 @@ sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines
 		sqlite3_exec(db, "SELECT * FROM sqlitesync_close", NULL, NULL, NULL) != SQLITE_OK)
 	{
 		if (pzErrMsg)
-			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register its close hook: %s", sqlite3_errmsg(db));
+			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register its close hook: %s",
+										sqlite3_errmsg(db));
 		return SQLITE_ERROR;
 	}
 	if (sl_network_register(db, c) != SQLITE_OK)
 	{
 		if (pzErrMsg)
-			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register the sync_network functions");
+			*pzErrMsg =
+				sqlite3_mprintf("sqlitesync: could not register the sync_network functions");
 		return SQLITE_ERROR;
 	}
 	sqlite3_commit_hook(db, on_commit, c);
 	sqlite3_rollback_hook(db, on_rollback, c);
-	(void) sl_load(c, &ignore);	/* fine to fail before the first sync_init */
+	(void) sl_load(c, &ignore); /* fine to fail before the first sync_init */
 	return SQLITE_OK;
 }

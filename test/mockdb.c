@@ -20,94 +20,94 @@
 
 typedef struct mrow
 {
-	uint8_t    *key;
-	size_t		keylen;
-	pgs_value  *pk;				/* npk, owned */
-	bool		alive;
-	pgs_value  *vals;			/* ncols, owned, meaningful when alive */
-	bool		has_clock;
-	int64_t		cl;
-	int64_t		ver;
-	uint8_t    *clk;
-	size_t		clk_len;
+	uint8_t	  *key;
+	size_t	   keylen;
+	pgs_value *pk; /* npk, owned */
+	bool	   alive;
+	pgs_value *vals; /* ncols, owned, meaningful when alive */
+	bool	   has_clock;
+	int64_t	   cl;
+	int64_t	   ver;
+	uint8_t	  *clk;
+	size_t	   clk_len;
 } mrow;
 
 typedef struct mrows
 {
-	mrow	   *rows;
-	int			nrows;
-	int			cap;
-	int		   *hash;			/* entry index + 1, 0 = empty */
-	int			hcap;			/* power of two */
+	mrow *rows;
+	int	  nrows;
+	int	  cap;
+	int	 *hash; /* entry index + 1, 0 = empty */
+	int	  hcap; /* power of two */
 } mrows;
 
 struct db_table
 {
-	db_conn    *db;
-	char	   *name;
-	db_algo		algo;
-	int			npk;
-	int			ncols;
-	char	  **pk_names;
-	char	  **col_names;
+	db_conn		 *db;
+	char		 *name;
+	db_algo		  algo;
+	int			  npk;
+	int			  ncols;
+	char		**pk_names;
+	char		**col_names;
 	db_table_info info;
-	mrows		r;
+	mrows		  r;
 };
 
 typedef struct mdeny
 {
-	db_table   *t;
-	uint8_t    *key;
-	size_t		keylen;
+	db_table *t;
+	uint8_t	 *key;
+	size_t	  keylen;
 } mdeny;
 
 struct db_conn
 {
-	uint8_t		(*sites)[16];
-	uint32_t	nsites;
-	uint32_t	sites_cap;
-	db_table  **tables;
-	int			ntables;
-	int64_t		version;
-	int64_t		txn_ver;
-	bool		in_txn;
-	uint64_t	hlc;
-	uint64_t	clock_ms;
-	int			rejections;
-	mdeny	   *deny;
-	int			ndeny;
-	void	   *eph;			/* memory lent to the core until the next call */
-	pgs_buf		key;			/* scratch for key encoding */
+	uint8_t (*sites)[16];
+	uint32_t   nsites;
+	uint32_t   sites_cap;
+	db_table **tables;
+	int		   ntables;
+	int64_t	   version;
+	int64_t	   txn_ver;
+	bool	   in_txn;
+	uint64_t   hlc;
+	uint64_t   clock_ms;
+	int		   rejections;
+	mdeny	  *deny;
+	int		   ndeny;
+	void	  *eph; /* memory lent to the core until the next call */
+	pgs_buf	   key; /* scratch for key encoding */
 };
 
 struct db_cursor
 {
-	db_conn    *db;
-	db_table   *t;
-	int64_t		since;
-	int64_t		until;
-	int			next;
-	bool		by_key;			/* chunked: key order, after last */
-	bool		has_last;
-	pgs_value  *last;			/* npk copies: the previous key (by_key) */
-	pgs_value  *vals;			/* npk + ncols copies of the current row */
-	uint8_t    *blob;
+	db_conn	  *db;
+	db_table  *t;
+	int64_t	   since;
+	int64_t	   until;
+	int		   next;
+	bool	   by_key; /* chunked: key order, after last */
+	bool	   has_last;
+	pgs_value *last; /* npk copies: the previous key (by_key) */
+	pgs_value *vals; /* npk + ncols copies of the current row */
+	uint8_t	  *blob;
 };
 
 typedef struct mtable_snap
 {
-	mrows		r;
+	mrows r;
 } mtable_snap;
 
 struct mock_snap
 {
-	uint8_t		(*sites)[16];
-	uint32_t	nsites;
-	int64_t		version;
-	int64_t		txn_ver;
-	bool		in_txn;
-	uint64_t	hlc;
-	int			ntables;
+	uint8_t (*sites)[16];
+	uint32_t	 nsites;
+	int64_t		 version;
+	int64_t		 txn_ver;
+	bool		 in_txn;
+	uint64_t	 hlc;
+	int			 ntables;
 	mtable_snap *tables;
 };
 
@@ -116,7 +116,7 @@ struct mock_snap
 static void *
 xmalloc(size_t n)
 {
-	void	   *p = pgs_malloc(n);
+	void *p = pgs_malloc(n);
 
 	if (!p)
 	{
@@ -129,8 +129,8 @@ xmalloc(size_t n)
 static char *
 xstrdup(const char *s)
 {
-	size_t		n = strlen(s) + 1;
-	char	   *d = xmalloc(n);
+	size_t n = strlen(s) + 1;
+	char  *d = xmalloc(n);
 
 	memcpy(d, s, n);
 	return d;
@@ -139,7 +139,7 @@ xstrdup(const char *s)
 static void *
 xmemdup(const void *p, size_t n)
 {
-	void	   *d = xmalloc(n ? n : 1);
+	void *d = xmalloc(n ? n : 1);
 
 	if (n)
 		memcpy(d, p, n);
@@ -184,7 +184,8 @@ value_ok(const pgs_value *v)
 {
 	if (v->type > PGS_BLOB)
 		return false;
-	if ((v->type == PGS_TEXT || v->type == PGS_BLOB) && (v->len > PGS_MAX_VALUE || (v->len && !v->v.p)))
+	if ((v->type == PGS_TEXT || v->type == PGS_BLOB) &&
+		(v->len > PGS_MAX_VALUE || (v->len && !v->v.p)))
 		return false;
 	return true;
 }
@@ -225,7 +226,7 @@ rows_rehash(mrows *r, int hcap)
 	r->hcap = hcap;
 	for (int i = 0; i < r->nrows; i++)
 	{
-		uint64_t	h = key_hash(r->rows[i].key, r->rows[i].keylen) & (uint64_t) (hcap - 1);
+		uint64_t h = key_hash(r->rows[i].key, r->rows[i].keylen) & (uint64_t) (hcap - 1);
 
 		while (r->hash[h])
 			h = (h + 1) & (uint64_t) (hcap - 1);
@@ -236,14 +237,14 @@ rows_rehash(mrows *r, int hcap)
 static mrow *
 rows_find(mrows *r, const uint8_t *k, size_t n)
 {
-	uint64_t	h;
+	uint64_t h;
 
 	if (!r->hcap)
 		return NULL;
 	h = key_hash(k, n) & (uint64_t) (r->hcap - 1);
 	while (r->hash[h])
 	{
-		mrow	   *row = &r->rows[r->hash[h] - 1];
+		mrow *row = &r->rows[r->hash[h] - 1];
 
 		if (row->keylen == n && memcmp(row->key, k, n) == 0)
 			return row;
@@ -263,15 +264,15 @@ find_row(db_table *t, const pgs_value *pk)
 static mrow *
 get_row(db_table *t, const pgs_value *pk)
 {
-	mrow	   *row = find_row(t, pk);
-	mrows	   *r = &t->r;
+	mrow  *row = find_row(t, pk);
+	mrows *r = &t->r;
 
 	if (row)
 		return row;
 	if (r->nrows == r->cap)
 	{
-		int			cap = r->cap ? r->cap * 2 : 16;
-		mrow	   *n = pgs_realloc(r->rows, sizeof(mrow) * (size_t) cap);
+		int	  cap = r->cap ? r->cap * 2 : 16;
+		mrow *n = pgs_realloc(r->rows, sizeof(mrow) * (size_t) cap);
 
 		if (!n)
 			abort();
@@ -291,7 +292,7 @@ get_row(db_table *t, const pgs_value *pk)
 		rows_rehash(r, r->hcap ? r->hcap * 2 : 32);
 	else
 	{
-		uint64_t	h = key_hash(row->key, row->keylen) & (uint64_t) (r->hcap - 1);
+		uint64_t h = key_hash(row->key, row->keylen) & (uint64_t) (r->hcap - 1);
 
 		while (r->hash[h])
 			h = (h + 1) & (uint64_t) (r->hcap - 1);
@@ -312,7 +313,7 @@ rows_free(db_table *t, mrows *r)
 {
 	for (int i = 0; i < r->nrows; i++)
 	{
-		mrow	   *row = &r->rows[i];
+		mrow *row = &r->rows[i];
 
 		for (int k = 0; k < t->npk; k++)
 			value_free(&row->pk[k]);
@@ -359,7 +360,7 @@ rows_copy(db_table *t, mrows *dst, const mrows *src)
 db_conn *
 mock_open(const uint8_t site[16])
 {
-	db_conn    *db = xmalloc(sizeof *db);
+	db_conn *db = xmalloc(sizeof *db);
 
 	memset(db, 0, sizeof *db);
 	db->sites_cap = 4;
@@ -403,10 +404,10 @@ mock_close(db_conn *db)
 }
 
 db_table *
-mock_add_table(db_conn *db, const char *name, db_algo algo, int npk,
-			   const char *const *pk_names, int ncols, const char *const *col_names)
+mock_add_table(db_conn *db, const char *name, db_algo algo, int npk, const char *const *pk_names,
+			   int ncols, const char *const *col_names)
 {
-	db_table   *t = xmalloc(sizeof *t);
+	db_table *t = xmalloc(sizeof *t);
 
 	memset(t, 0, sizeof *t);
 	t->db = db;
@@ -427,7 +428,7 @@ mock_add_table(db_conn *db, const char *name, db_algo algo, int npk,
 	t->info.pk_names = (const char *const *) t->pk_names;
 	t->info.col_names = (const char *const *) t->col_names;
 	{
-		db_table  **n = pgs_realloc(db->tables, sizeof(db_table *) * (size_t) (db->ntables + 1));
+		db_table **n = pgs_realloc(db->tables, sizeof(db_table *) * (size_t) (db->ntables + 1));
 
 		if (!n)
 			abort();
@@ -505,7 +506,7 @@ mock_commit(db_conn *db)
 static int64_t
 take_version(db_conn *db)
 {
-	uint64_t	now;
+	uint64_t now;
 
 	if (db->in_txn && db->txn_ver)
 		return db->txn_ver;
@@ -575,7 +576,7 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		}
 	if (db->nsites == db->sites_cap)
 	{
-		void	   *n = pgs_realloc(db->sites, 16 * (size_t) db->sites_cap * 2);
+		void *n = pgs_realloc(db->sites, 16 * (size_t) db->sites_cap * 2);
 
 		if (!n)
 			abort();
@@ -630,7 +631,8 @@ check_pk(db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	for (int i = 0; i < t->npk; i++)
 		if (pk[i].type == PGS_NULL || !value_ok(&pk[i]))
-			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad key value in table \"%s\"", t->name);
+			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad key value in table \"%s\"",
+							 t->name);
 	return PGS_OK;
 }
 
@@ -638,8 +640,8 @@ pgs_rc
 db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
 			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
 {
-	mrow	   *row;
-	pgs_rc		rc;
+	mrow  *row;
+	pgs_rc rc;
 
 	eph_reset(db);
 	if ((rc = check_pk(t, pk, err)) != PGS_OK)
@@ -656,21 +658,22 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t
 }
 
 pgs_rc
-db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
-			 int64_t ver, const uint8_t *blob, size_t blob_len, pgs_err *err)
+db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
+			 const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
-	mrow	   *row;
-	pgs_stamp  *stamps;
+	mrow		*row;
+	pgs_stamp	*stamps;
 	pgs_rowclock rc;
-	pgs_rc		r;
+	pgs_rc		 r;
 
 	eph_reset(db);
 	if ((r = check_pk(t, pk, err)) != PGS_OK)
 		return r;
 	row = find_row(t, pk);
 	if ((row && row->has_clock) != exists)
-		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: db_clock_put(exists=%d) but the clock row %s",
-						 exists, exists ? "is missing" : "exists");
+		return pgs_failf(err, PGS_ERR_DB, NULL,
+						 "mockdb: db_clock_put(exists=%d) but the clock row %s", exists,
+						 exists ? "is missing" : "exists");
 	if (cl <= 0)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: causal length %lld", (long long) cl);
 	/* the blob must decode, and ver must be its largest version */
@@ -679,12 +682,14 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	rc.cols = stamps;
 	r = pgs_rowclock_decode(blob, blob_len, &rc, err);
 	if (r == PGS_OK && pgs_rowclock_max_ver(&rc) != ver)
-		r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock ver %lld is not the blob's largest version %lld",
+		r = pgs_failf(err, PGS_ERR_DB, NULL,
+					  "mockdb: clock ver %lld is not the blob's largest version %lld",
 					  (long long) ver, (long long) pgs_rowclock_max_ver(&rc));
 	if (r == PGS_OK)
 		for (uint32_t i = 0; i < (uint32_t) t->ncols && r == PGS_OK; i++)
 			if (stamps[i].hlc && stamps[i].site >= db->nsites)
-				r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock refers to unknown site %u", stamps[i].site);
+				r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock refers to unknown site %u",
+							  stamps[i].site);
 	if (r == PGS_OK && rc.cl_site >= db->nsites)
 		r = pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: clock refers to unknown site %u", rc.cl_site);
 	pgs_free(stamps);
@@ -715,8 +720,8 @@ pgs_rc
 db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
 			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
-	mrow	   *row;
-	pgs_rc		rc;
+	mrow  *row;
+	pgs_rc rc;
 
 	eph_reset(db);
 	if ((rc = check_pk(t, pk, err)) != PGS_OK)
@@ -724,22 +729,26 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	if (mode != DB_WRITE_MERGE && mode != DB_WRITE_REPLACE && mode != DB_WRITE_INSERT)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: write mode %d", (int) mode);
 	if (n < 0 || n > t->ncols)
-		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: row write of %d columns, table has %d", n, t->ncols);
+		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: row write of %d columns, table has %d", n,
+						 t->ncols);
 	for (int i = 0; i < n; i++)
 	{
 		if (cols[i] < 0 || cols[i] >= t->ncols)
-			return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: column index %d out of range", cols[i]);
+			return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: column index %d out of range",
+							 cols[i]);
 		for (int k = 0; k < i; k++)
 			if (cols[k] == cols[i])
-				return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: column %d written twice in one row write", cols[i]);
+				return pgs_failf(err, PGS_ERR_DB, NULL,
+								 "mockdb: column %d written twice in one row write", cols[i]);
 		if (!value_ok(&vals[i]))
 			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad value for column %d", cols[i]);
 	}
 	if (denied(db, t, pk))
-		return pgs_failf(err, PGS_ERR_PERMISSION, NULL, "mockdb: permission denied for table \"%s\"", t->name);
+		return pgs_failf(err, PGS_ERR_PERMISSION, NULL,
+						 "mockdb: permission denied for table \"%s\"", t->name);
 	row = get_row(t, pk);
 	if (mode != DB_WRITE_MERGE || !row->alive)
-		row_clear_vals(t, row);	/* a new life (or a fresh row): start from NULLs */
+		row_clear_vals(t, row); /* a new life (or a fresh row): start from NULLs */
 	row->alive = true;
 	for (int i = 0; i < n; i++)
 	{
@@ -752,14 +761,15 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 pgs_rc
 db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 {
-	mrow	   *row;
-	pgs_rc		rc;
+	mrow  *row;
+	pgs_rc rc;
 
 	eph_reset(db);
 	if ((rc = check_pk(t, pk, err)) != PGS_OK)
 		return rc;
 	if (denied(db, t, pk))
-		return pgs_failf(err, PGS_ERR_PERMISSION, NULL, "mockdb: permission denied for table \"%s\"", t->name);
+		return pgs_failf(err, PGS_ERR_PERMISSION, NULL,
+						 "mockdb: permission denied for table \"%s\"", t->name);
 	row = find_row(t, pk);
 	if (row && row->alive)
 	{
@@ -790,7 +800,7 @@ pgs_rc
 db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
 				const pgs_value *after_pk, db_cursor **cur, pgs_err *err)
 {
-	db_cursor  *c;
+	db_cursor *c;
 
 	(void) err;
 	eph_reset(db);
@@ -820,7 +830,7 @@ key_cmp(db_table *t, const pgs_value *a, const pgs_value *b)
 {
 	for (int i = 0; i < t->npk; i++)
 	{
-		int			r = pgs_value_cmp(&a[i], &b[i]);
+		int r = pgs_value_cmp(&a[i], &b[i]);
 
 		if (r)
 			return r;
@@ -841,22 +851,21 @@ cursor_drop_row(db_cursor *c)
 }
 
 pgs_rc
-db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
-				const uint8_t **blob, size_t *blob_len, bool *alive,
-				const pgs_value **cols, pgs_err *err)
+db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
+				size_t *blob_len, bool *alive, const pgs_value **cols, pgs_err *err)
 {
-	db_table   *t = c->t;
+	db_table *t = c->t;
 
 	(void) err;
 	cursor_drop_row(c);
 	if (c->by_key)
 	{
 		/* the smallest key above the last one (O(n) a row: tests only) */
-		int			best = -1;
+		int best = -1;
 
 		for (int k = 0; k < t->r.nrows; k++)
 		{
-			mrow	   *row = &t->r.rows[k];
+			mrow *row = &t->r.rows[k];
 
 			if (!row->has_clock || row->ver <= c->since)
 				continue;
@@ -881,7 +890,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl,
 	}
 	while (c->next < t->r.nrows)
 	{
-		mrow	   *row = &t->r.rows[c->next++];
+		mrow *row = &t->r.rows[c->next++];
 
 		/* database.h: every row above since; rows above until are welcome */
 		if (!row->has_clock || row->ver <= c->since)
@@ -931,9 +940,9 @@ db_changes_close(db_cursor *c)
 static pgs_rc
 put_local_clock(db_conn *db, db_table *t, const pgs_value *pk, bool exists, pgs_rowclock *rc)
 {
-	pgs_buf		b;
-	pgs_err		err;
-	pgs_rc		r;
+	pgs_buf b;
+	pgs_err err;
+	pgs_rc	r;
 
 	pgs_buf_init(&b);
 	pgs_rowclock_encode(rc, &b);
@@ -952,9 +961,9 @@ put_local_clock(db_conn *db, db_table *t, const pgs_value *pk, bool exists, pgs_
 static pgs_rc
 new_life(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver)
 {
-	pgs_stamp  *s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	pgs_stamp	*s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
 	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
-	uint64_t	hlc = tick(db);
+	uint64_t	 hlc = tick(db);
 
 	for (int i = 0; i < t->ncols; i++)
 		s[i].hlc = hlc, s[i].ver = ver, s[i].site = 0;
@@ -967,11 +976,11 @@ new_life(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
 static pgs_rc
 touch(db_conn *db, db_table *t, const pgs_value *pk, mrow *row, int64_t ver, const bool *mask)
 {
-	pgs_stamp  *s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	pgs_stamp	*s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
 	pgs_rowclock rc = {.cl = row->cl, .ncols = t->ncols, .cols = s};
-	uint64_t	now = tick(db);
-	int			changed = 0;
-	pgs_err		err;
+	uint64_t	 now = tick(db);
+	int			 changed = 0;
+	pgs_err		 err;
 
 	if (pgs_rowclock_decode(row->clk, row->clk_len, &rc, &err) != PGS_OK)
 		abort();
@@ -1003,10 +1012,10 @@ set_row(db_table *t, mrow *row, const pgs_value *vals)
 pgs_rc
 mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk, const pgs_value *vals)
 {
-	bool		autocommit = !db->in_txn;
-	pgs_rc		r = PGS_OK;
-	int64_t		ver;
-	mrow	   *row;
+	bool	autocommit = !db->in_txn;
+	pgs_rc	r = PGS_OK;
+	int64_t ver;
+	mrow   *row;
 
 	eph_reset(db);
 	if (check_pk(t, pk, NULL) != PGS_OK)
@@ -1021,9 +1030,9 @@ mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk, const pgs_value
 	if (!row->has_clock)
 		r = new_life(db, t, pk, false, 1, ver);
 	else if ((row->cl & 1) == 0)
-		r = new_life(db, t, pk, true, row->cl + 1, ver);	/* resurrection */
+		r = new_life(db, t, pk, true, row->cl + 1, ver); /* resurrection */
 	else
-		r = touch(db, t, pk, row, ver, NULL);	/* INSERT OR REPLACE */
+		r = touch(db, t, pk, row, ver, NULL); /* INSERT OR REPLACE */
 	row = find_row(t, pk);
 	set_row(t, row, vals);
 	if (autocommit)
@@ -1035,10 +1044,10 @@ pgs_rc
 mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const int *cols,
 				  const pgs_value *vals)
 {
-	bool		autocommit = !db->in_txn;
-	bool	   *mask;
-	int64_t		ver;
-	mrow	   *row;
+	bool	autocommit = !db->in_txn;
+	bool   *mask;
+	int64_t ver;
+	mrow   *row;
 
 	eph_reset(db);
 	row = find_row(t, pk);
@@ -1053,12 +1062,12 @@ mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const in
 	memset(mask, 0, sizeof(bool) * (size_t) (t->ncols + 1));
 	for (int i = 0; i < n; i++)
 	{
-		int			c = cols[i];
+		int c = cols[i];
 
 		if (c < 0 || c >= t->ncols)
 			abort();
 		if (pgs_value_cmp(&row->vals[c], &vals[i]) != 0)
-			mask[c] = true;		/* OLD.c IS NOT NEW.c */
+			mask[c] = true; /* OLD.c IS NOT NEW.c */
 		value_free(&row->vals[c]);
 		value_copy(&row->vals[c], &vals[i]);
 	}
@@ -1072,9 +1081,9 @@ mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const in
 pgs_rc
 mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk)
 {
-	bool		autocommit = !db->in_txn;
-	int64_t		ver;
-	mrow	   *row;
+	bool		 autocommit = !db->in_txn;
+	int64_t		 ver;
+	mrow		*row;
 	pgs_rowclock rc = {.ncols = 0, .cols = NULL};
 
 	eph_reset(db);
@@ -1105,7 +1114,7 @@ mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk)
 const pgs_value *
 mock_row_get(db_conn *db, db_table *t, const pgs_value *pk)
 {
-	mrow	   *row;
+	mrow *row;
 
 	(void) db;
 	row = find_row(t, pk);
@@ -1115,7 +1124,7 @@ mock_row_get(db_conn *db, db_table *t, const pgs_value *pk)
 bool
 mock_clock(db_conn *db, db_table *t, const pgs_value *pk, pgs_rowclock *out)
 {
-	mrow	   *row;
+	mrow *row;
 
 	(void) db;
 	row = find_row(t, pk);
@@ -1131,7 +1140,7 @@ mock_clock(db_conn *db, db_table *t, const pgs_value *pk, pgs_rowclock *out)
 int
 mock_row_count(db_conn *db, db_table *t)
 {
-	int			n = 0;
+	int n = 0;
 
 	(void) db;
 	for (int i = 0; i < t->r.nrows; i++)
@@ -1142,7 +1151,7 @@ mock_row_count(db_conn *db, db_table *t)
 int
 mock_clock_count(db_conn *db, db_table *t)
 {
-	int			n = 0;
+	int n = 0;
 
 	(void) db;
 	for (int i = 0; i < t->r.nrows; i++)
@@ -1161,7 +1170,7 @@ mock_site_count(db_conn *db)
 void
 mock_deny(db_conn *db, db_table *t, const pgs_value *pk)
 {
-	mdeny	   *n = pgs_realloc(db->deny, sizeof(mdeny) * (size_t) (db->ndeny + 1));
+	mdeny *n = pgs_realloc(db->deny, sizeof(mdeny) * (size_t) (db->ndeny + 1));
 
 	if (!n)
 		abort();
@@ -1216,27 +1225,32 @@ fmt_value(char *out, size_t cap, const pgs_value *v)
 static void
 fmt_key(char *out, size_t cap, const db_table *t, const pgs_value *pk)
 {
-	size_t		o = 0;
+	size_t o = 0;
 
 	out[0] = '\0';
 	for (int i = 0; i < t->npk && o < cap; i++)
 	{
-		char		v[64];
+		char v[64];
 
 		fmt_value(v, sizeof v, &pk[i]);
 		o += (size_t) snprintf(out + o, cap - o, "%s%s", i ? "," : "", v);
 	}
 }
 
-#define WHY(...) do { if (why) snprintf(why, whylen, __VA_ARGS__); return false; } while (0)
+#define WHY(...)                                                                                   \
+	do                                                                                             \
+	{                                                                                              \
+		if (why)                                                                                   \
+			snprintf(why, whylen, __VA_ARGS__);                                                    \
+		return false;                                                                              \
+	} while (0)
 
 static bool
 rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *why, size_t whylen)
 {
-	pgs_stamp  *sa = NULL,
-			   *sb = NULL;
-	bool		ok = true;
-	char		key[160];
+	pgs_stamp *sa = NULL, *sb = NULL;
+	bool	   ok = true;
+	char	   key[160];
 
 	if (ta->npk != tb->npk || ta->ncols != tb->ncols)
 		WHY("table %s: different shapes", ta->name);
@@ -1247,15 +1261,13 @@ rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *w
 	}
 	for (int pass = 0; pass < 2 && ok; pass++)
 	{
-		db_table   *t1 = pass ? tb : ta,
-				   *t2 = pass ? ta : tb;
+		db_table *t1 = pass ? tb : ta, *t2 = pass ? ta : tb;
 
 		for (int i = 0; i < t1->r.nrows && ok; i++)
 		{
-			mrow	   *r1 = &t1->r.rows[i];
-			mrow	   *r2 = rows_find(&t2->r, r1->key, r1->keylen);
-			bool		a1 = r1->alive,
-						a2 = r2 && r2->alive;
+			mrow *r1 = &t1->r.rows[i];
+			mrow *r2 = rows_find(&t2->r, r1->key, r1->keylen);
+			bool  a1 = r1->alive, a2 = r2 && r2->alive;
 
 			fmt_key(key, sizeof key, t1, r1->pk);
 			if (a1 != a2)
@@ -1270,14 +1282,13 @@ rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *w
 				for (int c = 0; c < t1->ncols; c++)
 					if (pgs_value_cmp(&r1->vals[c], &r2->vals[c]) != 0)
 					{
-						char		v1[64],
-									v2[64];
+						char v1[64], v2[64];
 
 						fmt_value(v1, sizeof v1, &r1->vals[c]);
 						fmt_value(v2, sizeof v2, &r2->vals[c]);
 						if (why)
-							snprintf(why, whylen, "table %s key (%s) column %s: %s vs %s", t1->name, key,
-									 t1->col_names[c], v1, v2);
+							snprintf(why, whylen, "table %s key (%s) column %s: %s vs %s", t1->name,
+									 key, t1->col_names[c], v1, v2);
 						ok = false;
 						break;
 					}
@@ -1286,7 +1297,8 @@ rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *w
 			if (r1->has_clock != (r2 && r2->has_clock))
 			{
 				if (why)
-					snprintf(why, whylen, "table %s key (%s): clock row on one side only", t1->name, key);
+					snprintf(why, whylen, "table %s key (%s): clock row on one side only", t1->name,
+							 key);
 				ok = false;
 				break;
 			}
@@ -1302,21 +1314,22 @@ rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *w
 			}
 			{
 				pgs_rowclock ca = {.ncols = ta->ncols, .cols = sa},
-							cb = {.ncols = ta->ncols, .cols = sb};
+							 cb = {.ncols = ta->ncols, .cols = sb};
 
 				if (pgs_rowclock_decode(r1->clk, r1->clk_len, &ca, NULL) != PGS_OK ||
 					pgs_rowclock_decode(r2->clk, r2->clk_len, &cb, NULL) != PGS_OK)
 					abort();
 				for (int c = 0; c < ta->ncols; c++)
 				{
-					bool		same = sa[c].hlc == sb[c].hlc;
+					bool same = sa[c].hlc == sb[c].hlc;
 
 					if (same && sa[c].hlc)
 						same = memcmp(a->sites[sa[c].site], b->sites[sb[c].site], 16) == 0;
 					if (!same)
 					{
 						if (why)
-							snprintf(why, whylen, "table %s key (%s) column %s: stamp %llu/%u vs %llu/%u",
+							snprintf(why, whylen,
+									 "table %s key (%s) column %s: stamp %llu/%u vs %llu/%u",
 									 ta->name, key, ta->col_names[c],
 									 (unsigned long long) sa[c].hlc, sa[c].site,
 									 (unsigned long long) sb[c].hlc, sb[c].site);
@@ -1339,7 +1352,7 @@ mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen)
 		WHY("different table counts");
 	for (int i = 0; i < a->ntables; i++)
 	{
-		db_table   *tb = mock_table(b, a->tables[i]->name);
+		db_table *tb = mock_table(b, a->tables[i]->name);
 
 		if (!tb)
 			WHY("table %s missing on the second replica", a->tables[i]->name);
@@ -1354,7 +1367,7 @@ mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen)
 mock_snap *
 mock_snapshot(db_conn *db)
 {
-	mock_snap  *s = xmalloc(sizeof *s);
+	mock_snap *s = xmalloc(sizeof *s);
 
 	s->sites = xmemdup(db->sites, 16 * (size_t) db->nsites);
 	s->nsites = db->nsites;
@@ -1392,16 +1405,14 @@ mock_same_state(db_conn *db, const mock_snap *s, char *why, size_t whylen)
 		WHY("table count changed");
 	for (int i = 0; i < db->ntables; i++)
 	{
-		const mrows *r1 = &s->tables[i].r,
-				   *r2 = &db->tables[i]->r;
-		db_table   *t = db->tables[i];
+		const mrows *r1 = &s->tables[i].r, *r2 = &db->tables[i]->r;
+		db_table	*t = db->tables[i];
 
 		if (r1->nrows != r2->nrows)
 			WHY("table %s: %d keys before, %d after", t->name, r1->nrows, r2->nrows);
 		for (int k = 0; k < r1->nrows; k++)
 		{
-			const mrow *x = &r1->rows[k],
-					   *y = &r2->rows[k];
+			const mrow *x = &r1->rows[k], *y = &r2->rows[k];
 
 			if (x->keylen != y->keylen || memcmp(x->key, y->key, x->keylen) != 0 ||
 				x->alive != y->alive || x->has_clock != y->has_clock || x->cl != y->cl ||
@@ -1422,13 +1433,13 @@ mock_restore(db_conn *db, mock_snap *s)
 {
 	for (int i = 0; i < db->ntables && i < s->ntables; i++)
 	{
-		mrows		tmp = db->tables[i]->r;
+		mrows tmp = db->tables[i]->r;
 
 		db->tables[i]->r = s->tables[i].r;
 		s->tables[i].r = tmp;
 	}
 	if (s->nsites > db->sites_cap)
-		abort();				/* sites only grow */
+		abort(); /* sites only grow */
 	memcpy(db->sites, s->sites, 16 * (size_t) s->nsites);
 	db->nsites = s->nsites;
 	db->version = s->version;
@@ -1447,9 +1458,9 @@ mock_snapshot_free(db_conn *db, mock_snap *s)
 pgs_rc
 mock_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st, pgs_err *err)
 {
-	bool		autocommit = !db->in_txn;
-	mock_snap  *snap;
-	pgs_rc		rc;
+	bool	   autocommit = !db->in_txn;
+	mock_snap *snap;
+	pgs_rc	   rc;
 
 	if (autocommit)
 		mock_begin(db);
@@ -1470,7 +1481,7 @@ mock_build(db_conn *db, int64_t since, const uint8_t *exclude_site, int compress
 		   pgs_err *err)
 {
 	pgs_build_opts o = {.since = since, .exclude_site = exclude_site, .compress = compress};
-	pgs_rc		rc;
+	pgs_rc		   rc;
 
 	if ((rc = db_version_safe(db, &o.until, err)) != PGS_OK)
 		return rc;
@@ -1484,20 +1495,20 @@ mock_build(db_conn *db, int64_t since, const uint8_t *exclude_site, int compress
 void
 mock_dump(db_conn *db, FILE *f)
 {
-	char		u[37];
+	char u[37];
 
 	pgs_uuid_format(db->sites[0], u);
 	fprintf(f, "replica %s version %lld hlc %llu\n", u, (long long) db->version,
 			(unsigned long long) db->hlc);
 	for (int i = 0; i < db->ntables; i++)
 	{
-		db_table   *t = db->tables[i];
+		db_table *t = db->tables[i];
 
 		fprintf(f, " table %s\n", t->name);
 		for (int k = 0; k < t->r.nrows; k++)
 		{
-			mrow	   *row = &t->r.rows[k];
-			char		key[160];
+			mrow *row = &t->r.rows[k];
+			char  key[160];
 
 			fmt_key(key, sizeof key, t, row->pk);
 			fprintf(f, "  (%s) %s cl=%lld ver=%lld", key, row->alive ? "alive" : "dead",
@@ -1505,7 +1516,7 @@ mock_dump(db_conn *db, FILE *f)
 			if (row->alive)
 				for (int c = 0; c < t->ncols; c++)
 				{
-					char		v[64];
+					char v[64];
 
 					fmt_value(v, sizeof v, &row->vals[c]);
 					fprintf(f, " %s=%s", t->col_names[c], v);
@@ -1520,7 +1531,7 @@ mock_dump(db_conn *db, FILE *f)
 void
 mock_reseal(uint8_t *p, size_t len)
 {
-	uint64_t	c;
+	uint64_t c;
 
 	if (len < PGS_HEADER_LEN)
 		return;
@@ -1532,7 +1543,7 @@ mock_reseal(uint8_t *p, size_t len)
 pgs_value
 mock_int(int64_t i)
 {
-	pgs_value	v = {.type = PGS_INT};
+	pgs_value v = {.type = PGS_INT};
 
 	v.v.i = i;
 	return v;
@@ -1541,7 +1552,7 @@ mock_int(int64_t i)
 pgs_value
 mock_real(double r)
 {
-	pgs_value	v = {.type = PGS_REAL};
+	pgs_value v = {.type = PGS_REAL};
 
 	v.v.r = r;
 	return v;
@@ -1550,7 +1561,7 @@ mock_real(double r)
 pgs_value
 mock_text(const char *s)
 {
-	pgs_value	v = {.type = PGS_TEXT, .len = (uint32_t) strlen(s)};
+	pgs_value v = {.type = PGS_TEXT, .len = (uint32_t) strlen(s)};
 
 	v.v.p = (const uint8_t *) s;
 	return v;
@@ -1559,7 +1570,7 @@ mock_text(const char *s)
 pgs_value
 mock_blob(const void *p, uint32_t len)
 {
-	pgs_value	v = {.type = PGS_BLOB, .len = len};
+	pgs_value v = {.type = PGS_BLOB, .len = len};
 
 	v.v.p = len ? p : (const uint8_t *) "";
 	return v;
@@ -1568,7 +1579,7 @@ mock_blob(const void *p, uint32_t len)
 pgs_value
 mock_null(void)
 {
-	pgs_value	v = {.type = PGS_NULL};
+	pgs_value v = {.type = PGS_NULL};
 
 	return v;
 }

@@ -32,30 +32,29 @@
 #include <stdio.h>
 
 /* mock_open: a replica with the given site id (NULL: a fresh UUIDv7). */
-db_conn    *mock_open(const uint8_t site[16]);
-void		mock_close(db_conn *db);
+db_conn *mock_open(const uint8_t site[16]);
+void	 mock_close(db_conn *db);
 
 /* mock_add_table: a synced table; names are copied. */
-db_table   *mock_add_table(db_conn *db, const char *name, db_algo algo, int npk,
-						   const char *const *pk_names, int ncols,
-						   const char *const *col_names);
-db_table   *mock_table(db_conn *db, const char *name);
+db_table *mock_add_table(db_conn *db, const char *name, db_algo algo, int npk,
+						 const char *const *pk_names, int ncols, const char *const *col_names);
+db_table *mock_table(db_conn *db, const char *name);
 
 /*
  * mock_add_std_tables: the schema shared by the tests, the fuzzer and its
  * corpus: items(id; name, qty, price, data), tags(k1, k2; a, b) and the
  * grow-only log(id; msg).
  */
-void		mock_add_std_tables(db_conn *db);
+void mock_add_std_tables(db_conn *db);
 
 /* ---- clocks and transactions ---- */
 
-void		mock_set_clock(db_conn *db, uint64_t ms);	/* 0 = wall clock */
-void		mock_advance(db_conn *db, int64_t ms);
-int64_t		mock_version(db_conn *db);	/* current db_version */
-uint64_t	mock_hlc(db_conn *db);	/* persisted HLC */
-void		mock_begin(db_conn *db);
-void		mock_commit(db_conn *db);
+void	 mock_set_clock(db_conn *db, uint64_t ms); /* 0 = wall clock */
+void	 mock_advance(db_conn *db, int64_t ms);
+int64_t	 mock_version(db_conn *db); /* current db_version */
+uint64_t mock_hlc(db_conn *db);		/* persisted HLC */
+void	 mock_begin(db_conn *db);
+void	 mock_commit(db_conn *db);
 
 /* ---- local edits, as the SQLite triggers capture them ---- */
 
@@ -64,43 +63,41 @@ void		mock_commit(db_conn *db);
  * vals has ncols values (NULL: every column NULL). PGS_ERR_VALUE when the key
  * holds a NULL or a live row of a grow-only table is replaced.
  */
-pgs_rc		mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk,
-							  const pgs_value *vals);
+pgs_rc mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk, const pgs_value *vals);
 /* mock_local_update sets n columns of a live row; no-op if the row is absent. */
-pgs_rc		mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n,
-							  const int *cols, const pgs_value *vals);
+pgs_rc mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const int *cols,
+						 const pgs_value *vals);
 /* mock_local_delete deletes a live row; no-op if absent. */
-pgs_rc		mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk);
+pgs_rc mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk);
 
 /* ---- inspection ---- */
 
 /* mock_row_get: the live row's ncols values (engine memory), or NULL. */
 const pgs_value *mock_row_get(db_conn *db, db_table *t, const pgs_value *pk);
 /* mock_clock: decode pk's clock; false when there is none. cols: ncols. */
-bool		mock_clock(db_conn *db, db_table *t, const pgs_value *pk,
-					   pgs_rowclock *out);
-int			mock_row_count(db_conn *db, db_table *t);	/* live rows */
-int			mock_clock_count(db_conn *db, db_table *t); /* clock rows */
-uint32_t	mock_site_count(db_conn *db);
+bool	 mock_clock(db_conn *db, db_table *t, const pgs_value *pk, pgs_rowclock *out);
+int		 mock_row_count(db_conn *db, db_table *t);	 /* live rows */
+int		 mock_clock_count(db_conn *db, db_table *t); /* clock rows */
+uint32_t mock_site_count(db_conn *db);
 
 /* ---- permissions ---- */
 
 /* mock_deny: db_row_write and db_row_delete of pk return PGS_ERR_PERMISSION. */
-void		mock_deny(db_conn *db, db_table *t, const pgs_value *pk);
-void		mock_allow_all(db_conn *db);
-int			mock_rejections(db_conn *db);	/* db_reject calls so far */
+void mock_deny(db_conn *db, db_table *t, const pgs_value *pk);
+void mock_allow_all(db_conn *db);
+int	 mock_rejections(db_conn *db); /* db_reject calls so far */
 
 /* ---- whole-replica comparison, snapshots ---- */
 
-#define MOCK_CMP_ROWS 1			/* live rows and their values, bit for bit */
-#define MOCK_CMP_CLOCKS 2		/* cl and every column's (hlc, site id) */
+#define MOCK_CMP_ROWS 1	  /* live rows and their values, bit for bit */
+#define MOCK_CMP_CLOCKS 2 /* cl and every column's (hlc, site id) */
 
 /*
  * mock_equal compares the synced tables of a and b (by table name and key).
  * On a difference it writes a description into why (may be NULL) and
  * returns false.
  */
-bool		mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen);
+bool mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen);
 
 /*
  * mock_snapshot copies the whole state (tables, clocks, sites, version, HLC);
@@ -109,36 +106,36 @@ bool		mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen);
  * pointers stay valid) and frees it; mock_snapshot_free drops it.
  */
 typedef struct mock_snap mock_snap;
-mock_snap  *mock_snapshot(db_conn *db);
-bool		mock_same_state(db_conn *db, const mock_snap *snap, char *why, size_t whylen);
-void		mock_restore(db_conn *db, mock_snap *snap);
-void		mock_snapshot_free(db_conn *db, mock_snap *snap);
+mock_snap				*mock_snapshot(db_conn *db);
+bool mock_same_state(db_conn *db, const mock_snap *snap, char *why, size_t whylen);
+void mock_restore(db_conn *db, mock_snap *snap);
+void mock_snapshot_free(db_conn *db, mock_snap *snap);
 
 /*
  * mock_apply runs pgs_apply the way an engine does: in a transaction, inside
  * a savepoint that is rolled back when pgs_apply fails.
  */
-pgs_rc		mock_apply(db_conn *db, const uint8_t *payload, size_t len,
-					   pgs_apply_stats *st, pgs_err *err);
+pgs_rc mock_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
+				  pgs_err *err);
 
 /* mock_build runs pgs_build with until = db_version_safe. */
-pgs_rc		mock_build(db_conn *db, int64_t since, const uint8_t *exclude_site,
-					   int compress, pgs_buf *out, pgs_err *err);
+pgs_rc mock_build(db_conn *db, int64_t since, const uint8_t *exclude_site, int compress,
+				  pgs_buf *out, pgs_err *err);
 
 /* mock_dump prints the tables (debugging aid). */
-void		mock_dump(db_conn *db, FILE *f);
+void mock_dump(db_conn *db, FILE *f);
 
 /* ---- payload surgery for tests ---- */
 
 /* mock_reseal recomputes the checksum at offset 48 of a payload (len >= 56). */
-void		mock_reseal(uint8_t *payload, size_t len);
+void mock_reseal(uint8_t *payload, size_t len);
 
 /* value constructors (TEXT/BLOB point at the caller's bytes) */
-pgs_value	mock_int(int64_t i);
-pgs_value	mock_real(double r);
-pgs_value	mock_text(const char *s);
-pgs_value	mock_blob(const void *p, uint32_t len);
-pgs_value	mock_null(void);
+pgs_value mock_int(int64_t i);
+pgs_value mock_real(double r);
+pgs_value mock_text(const char *s);
+pgs_value mock_blob(const void *p, uint32_t len);
+pgs_value mock_null(void);
 
 /*
  * In a cmocka test (cmocka.h included first): mock_test_allocator() binds the
@@ -170,4 +167,4 @@ mock_test_allocator(void)
 }
 #endif
 
-#endif							/* PGSYNC_MOCKDB_H */
+#endif /* PGSYNC_MOCKDB_H */

@@ -12,9 +12,9 @@
 
 /* ---- allocator: cmocka's, with an optional cap per allocation ---- */
 
-static size_t alloc_cap;		/* 0 = no cap */
-static size_t alloc_max;		/* largest request seen */
-static int	alloc_refused;
+static size_t alloc_cap; /* 0 = no cap */
+static size_t alloc_max; /* largest request seen */
+static int	  alloc_refused;
 
 static void *
 cap_malloc(size_t n)
@@ -63,19 +63,25 @@ setup(void **state)
 
 #define MS0 UINT64_C(1700000000000)
 
-static const uint8_t SITE_A[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xaa};
-static const uint8_t SITE_B[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xbb};
-static const uint8_t SITE_C[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xcc};
+static const uint8_t SITE_A[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xaa};
+static const uint8_t SITE_B[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xbb};
+static const uint8_t SITE_C[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xcc};
 
 enum
 {
-	NAME, QTY, PRICE, DATA			/* columns of items */
+	NAME,
+	QTY,
+	PRICE,
+	DATA /* columns of items */
 };
 
 static db_conn *
 replica(const uint8_t *site, uint64_t ms)
 {
-	db_conn    *db = mock_open(site);
+	db_conn *db = mock_open(site);
 
 	mock_add_std_tables(db);
 	mock_set_clock(db, ms);
@@ -85,7 +91,7 @@ replica(const uint8_t *site, uint64_t ms)
 static void
 assert_equal_dbs(db_conn *a, db_conn *b)
 {
-	char		why[512];
+	char why[512];
 
 	if (!mock_equal(a, b, MOCK_CMP_ROWS | MOCK_CMP_CLOCKS, why, sizeof why))
 		fail_msg("replicas differ: %s", why);
@@ -95,8 +101,8 @@ assert_equal_dbs(db_conn *a, db_conn *b)
 static pgs_apply_stats
 sync_once(db_conn *from, db_conn *to, int64_t since)
 {
-	pgs_buf		out;
-	pgs_err		err;
+	pgs_buf			out;
+	pgs_err			err;
 	pgs_apply_stats st = {0};
 
 	pgs_buf_init(&out);
@@ -111,8 +117,8 @@ sync_once(db_conn *from, db_conn *to, int64_t since)
 static void
 insert_item(db_conn *db, int64_t id, const char *name, int64_t qty, double price)
 {
-	pgs_value	pk = mock_int(id);
-	pgs_value	v[4] = {mock_text(name), mock_int(qty), mock_real(price), mock_null()};
+	pgs_value pk = mock_int(id);
+	pgs_value v[4] = {mock_text(name), mock_int(qty), mock_real(price), mock_null()};
 
 	assert_int_equal(mock_local_insert(db, mock_table(db, "items"), &pk, v), PGS_OK);
 }
@@ -120,7 +126,7 @@ insert_item(db_conn *db, int64_t id, const char *name, int64_t qty, double price
 static void
 update_col(db_conn *db, int64_t id, int col, pgs_value v)
 {
-	pgs_value	pk = mock_int(id);
+	pgs_value pk = mock_int(id);
 
 	assert_int_equal(mock_local_update(db, mock_table(db, "items"), &pk, 1, &col, &v), PGS_OK);
 }
@@ -136,9 +142,9 @@ rd32(const uint8_t *p)
 static cJSON *
 info_json(const uint8_t *p, size_t len)
 {
-	char	   *text = NULL;
-	pgs_err		err;
-	cJSON	   *j;
+	char   *text = NULL;
+	pgs_err err;
+	cJSON  *j;
 
 	if (pgs_payload_info(p, len, &text, &err) != PGS_OK)
 		fail_msg("payload_info: %s", err.msg);
@@ -179,7 +185,6 @@ jget(const cJSON *o, const char *k)
 /* ================================================================ */
 /* round trips                                                       */
 /* ================================================================ */
-
 
 #pragma GCC diagnostic pop
 

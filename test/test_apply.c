@@ -41,19 +41,25 @@ setup(void **state)
 
 #define MS0 UINT64_C(1700000000000)
 
-static const uint8_t SITE_A[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xaa};
-static const uint8_t SITE_B[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xbb};
-static const uint8_t SITE_C[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xcc};
+static const uint8_t SITE_A[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xaa};
+static const uint8_t SITE_B[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xbb};
+static const uint8_t SITE_C[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xcc};
 
 enum
 {
-	NAME, QTY, PRICE, DATA
+	NAME,
+	QTY,
+	PRICE,
+	DATA
 };
 
 static db_conn *
 replica(const uint8_t *site, uint64_t ms)
 {
-	db_conn    *db = mock_open(site);
+	db_conn *db = mock_open(site);
 
 	mock_add_std_tables(db);
 	mock_set_clock(db, ms);
@@ -69,7 +75,7 @@ items(db_conn *db)
 static void
 assert_converged(db_conn *a, db_conn *b)
 {
-	char		why[512];
+	char why[512];
 
 	if (!mock_equal(a, b, MOCK_CMP_ROWS | MOCK_CMP_CLOCKS, why, sizeof why))
 	{
@@ -83,7 +89,7 @@ assert_converged(db_conn *a, db_conn *b)
 static void
 build(db_conn *from, int64_t since, pgs_buf *out)
 {
-	pgs_err		err;
+	pgs_err err;
 
 	if (mock_build(from, since, NULL, 1, out, &err) != PGS_OK)
 		fail_msg("build: %s", err.msg);
@@ -93,7 +99,7 @@ static pgs_apply_stats
 apply(db_conn *to, const pgs_buf *p)
 {
 	pgs_apply_stats st = {0};
-	pgs_err		err;
+	pgs_err			err;
 
 	if (p->len && mock_apply(to, p->p, p->len, &st, &err) != PGS_OK)
 		fail_msg("apply: %s (%s)", err.msg, err.detail);
@@ -103,7 +109,7 @@ apply(db_conn *to, const pgs_buf *p)
 static pgs_apply_stats
 sync_once(db_conn *from, db_conn *to)
 {
-	pgs_buf		out;
+	pgs_buf			out;
 	pgs_apply_stats st;
 
 	pgs_buf_init(&out);
@@ -123,8 +129,8 @@ exchange(db_conn *a, db_conn *b)
 static void
 insert_item(db_conn *db, int64_t id, const char *name, int64_t qty)
 {
-	pgs_value	pk = mock_int(id);
-	pgs_value	v[4] = {mock_text(name), mock_int(qty), mock_real(1.0), mock_null()};
+	pgs_value pk = mock_int(id);
+	pgs_value v[4] = {mock_text(name), mock_int(qty), mock_real(1.0), mock_null()};
 
 	assert_int_equal(mock_local_insert(db, items(db), &pk, v), PGS_OK);
 }
@@ -132,7 +138,7 @@ insert_item(db_conn *db, int64_t id, const char *name, int64_t qty)
 static void
 set_col(db_conn *db, int64_t id, int col, pgs_value v)
 {
-	pgs_value	pk = mock_int(id);
+	pgs_value pk = mock_int(id);
 
 	assert_int_equal(mock_local_update(db, items(db), &pk, 1, &col, &v), PGS_OK);
 }
@@ -140,7 +146,7 @@ set_col(db_conn *db, int64_t id, int col, pgs_value v)
 static void
 delete_item(db_conn *db, int64_t id)
 {
-	pgs_value	pk = mock_int(id);
+	pgs_value pk = mock_int(id);
 
 	assert_int_equal(mock_local_delete(db, items(db), &pk), PGS_OK);
 }
@@ -148,7 +154,7 @@ delete_item(db_conn *db, int64_t id)
 static const pgs_value *
 row_of(db_conn *db, int64_t id)
 {
-	pgs_value	pk = mock_int(id);
+	pgs_value pk = mock_int(id);
 
 	return mock_row_get(db, items(db), &pk);
 }
@@ -168,8 +174,7 @@ assert_text(const pgs_value *v, const char *s)
 static void
 test_concurrent_different_columns_merge(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
 
 	(void) state;
 	insert_item(a, 1, "one", 1);
@@ -192,8 +197,7 @@ test_later_edit_of_same_column_wins(void **state)
 	(void) state;
 	for (int order = 0; order < 2; order++)
 	{
-		db_conn    *a = replica(SITE_A, MS0),
-				   *b = replica(SITE_B, MS0);
+		db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
 
 		insert_item(a, 1, "one", 1);
 		exchange(a, b);
@@ -215,11 +219,11 @@ test_later_edit_of_same_column_wins(void **state)
 static void
 test_edit_after_seeing_wins_despite_slow_clock(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0 + 60000),	/* a minute ahead */
-			   *b = replica(SITE_B, MS0);
-	pgs_stamp	cols[4];
+	db_conn *a = replica(SITE_A, MS0 + 60000), /* a minute ahead */
+		*b = replica(SITE_B, MS0);
+	pgs_stamp	 cols[4];
 	pgs_rowclock rc = {.cols = cols};
-	pgs_value	pk = mock_int(1);
+	pgs_value	 pk = mock_int(1);
 
 	(void) state;
 	insert_item(a, 1, "from a", 1);
@@ -238,8 +242,7 @@ test_edit_after_seeing_wins_despite_slow_clock(void **state)
 static void
 test_tie_broken_by_site(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
 
 	(void) state;
 	/* the same key inserted on both at the same millisecond: site B > site A */
@@ -258,13 +261,12 @@ test_delete_beats_concurrent_update(void **state)
 	(void) state;
 	for (int order = 0; order < 2; order++)
 	{
-		db_conn    *a = replica(SITE_A, MS0),
-				   *b = replica(SITE_B, MS0);
+		db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
 
 		insert_item(a, 1, "one", 1);
 		exchange(a, b);
 		mock_advance(a, 10);
-		mock_advance(b, 5000);	/* the update is later in time */
+		mock_advance(b, 5000); /* the update is later in time */
 		delete_item(a, 1);
 		set_col(b, 1, NAME, mock_text("updated"));
 		if (order)
@@ -282,11 +284,9 @@ test_delete_beats_concurrent_update(void **state)
 static void
 test_resurrection_after_delete(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0),
-			   *c = replica(SITE_C, MS0);
-	pgs_rowclock rc = {.cols = (pgs_stamp[4]) {{0}}};
-	pgs_value	pk = mock_int(1);
+	db_conn		*a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *c = replica(SITE_C, MS0);
+	pgs_rowclock rc = {.cols = (pgs_stamp[4]){{0}}};
+	pgs_value	 pk = mock_int(1);
 
 	(void) state;
 	insert_item(a, 1, "one", 1);
@@ -308,10 +308,10 @@ test_resurrection_after_delete(void **state)
 	assert_converged(a, c);
 	/* a concurrent delete of the old life does not undo the resurrection */
 	{
-		db_conn    *d = replica(SITE_C, MS0);
+		db_conn *d = replica(SITE_C, MS0);
 
 		insert_item(d, 1, "one", 1);
-		delete_item(d, 1);		/* cl 2, concurrently with b's cl 3 */
+		delete_item(d, 1); /* cl 2, concurrently with b's cl 3 */
 		sync_once(d, b);
 		assert_text(&row_of(b, 1)[NAME], "again");
 		mock_close(d);
@@ -330,11 +330,9 @@ test_resurrection_after_delete(void **state)
 static void
 test_partial_new_life_replaces_old_row(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0),
-			   *c = replica(SITE_C, MS0);
-	pgs_buf		p;
-	int64_t		since;
+	db_conn			*a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *c = replica(SITE_C, MS0);
+	pgs_buf			 p;
+	int64_t			 since;
 	const pgs_value *row;
 
 	(void) state;
@@ -344,16 +342,16 @@ test_partial_new_life_replaces_old_row(void **state)
 	sync_once(a, c);
 	mock_advance(a, 10);
 	delete_item(a, 1);
-	insert_item(a, 1, "new life", 7);	/* cl 3 */
+	insert_item(a, 1, "new life", 7); /* cl 3 */
 	sync_once(a, b);
 	since = mock_version(b);
 	mock_advance(b, 10);
 	set_col(b, 1, QTY, mock_int(8));
-	build(b, since, &p);		/* cl 3, qty only */
+	build(b, since, &p); /* cl 3, qty only */
 	apply(c, &p);
 	row = row_of(c, 1);
 	assert_non_null(row);
-	assert_int_equal(row[NAME].type, PGS_NULL);	/* not "one" from life 1 */
+	assert_int_equal(row[NAME].type, PGS_NULL); /* not "one" from life 1 */
 	assert_int_equal(row[PRICE].type, PGS_NULL);
 	assert_true(row[QTY].type == PGS_INT && row[QTY].v.i == 8);
 	sync_once(b, c);
@@ -368,8 +366,7 @@ test_partial_new_life_replaces_old_row(void **state)
 static void
 test_reinsert_concurrent_with_reinsert(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
 
 	(void) state;
 	insert_item(a, 1, "one", 1);
@@ -391,12 +388,11 @@ test_reinsert_concurrent_with_reinsert(void **state)
 static void
 test_duplicate_delivery_idempotent(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	pgs_buf		p;
+	db_conn		   *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	pgs_buf			p;
 	pgs_apply_stats st;
-	mock_snap  *snap;
-	char		why[256];
+	mock_snap	   *snap;
+	char			why[256];
 
 	(void) state;
 	pgs_buf_init(&p);
@@ -431,10 +427,9 @@ test_duplicate_delivery_idempotent(void **state)
 static void
 test_out_of_order_delivery(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	pgs_buf		p[4];
-	int64_t		v = 0;
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	pgs_buf	 p[4];
+	int64_t	 v = 0;
 
 	(void) state;
 	for (int i = 0; i < 4; i++)
@@ -464,7 +459,7 @@ test_out_of_order_delivery(void **state)
 
 		for (size_t k = 0; k < sizeof perms / sizeof perms[0]; k++)
 		{
-			db_conn    *r = replica(SITE_B, MS0);
+			db_conn *r = replica(SITE_B, MS0);
 
 			for (int i = 0; i < 4; i++)
 				apply(r, &p[perms[k][i]]);
@@ -481,12 +476,11 @@ test_out_of_order_delivery(void **state)
 static void
 test_permission_rejection(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	pgs_buf		p;
+	db_conn		   *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	pgs_buf			p;
 	pgs_apply_stats st;
-	pgs_value	k2 = mock_int(2);
-	pgs_rowclock rc = {.cols = (pgs_stamp[4]) {{0}}};
+	pgs_value		k2 = mock_int(2);
+	pgs_rowclock	rc = {.cols = (pgs_stamp[4]){{0}}};
 
 	(void) state;
 	pgs_buf_init(&p);
@@ -519,10 +513,8 @@ test_permission_rejection(void **state)
 	set_col(a, 1, NAME, mock_text("un"));
 	mock_deny(b, items(b), &k2);
 	{
-		pgs_stamp	before[4],
-					after[4];
-		pgs_rowclock r1 = {.cols = before},
-					r2 = {.cols = after};
+		pgs_stamp	 before[4], after[4];
+		pgs_rowclock r1 = {.cols = before}, r2 = {.cols = after};
 
 		assert_true(mock_clock(b, items(b), &k2, &r1));
 		build(a, 0, &p);
@@ -557,13 +549,13 @@ test_permission_rejection(void **state)
 static void
 test_future_clock_does_not_drag_ours(void **state)
 {
-	uint64_t	year = 365ull * 86400 * 1000;
-	db_conn    *a = replica(SITE_A, pgs_now_ms() + year),	/* a clock a year ahead */
-			   *b = replica(SITE_B, 0);	/* b on the wall clock */
-	pgs_stamp	cols[4];
+	uint64_t year = 365ull * 86400 * 1000;
+	db_conn *a = replica(SITE_A, pgs_now_ms() + year), /* a clock a year ahead */
+		*b = replica(SITE_B, 0);					   /* b on the wall clock */
+	pgs_stamp	 cols[4];
 	pgs_rowclock rc = {.cols = cols};
-	pgs_value	pk = mock_int(1);
-	uint64_t	limit;
+	pgs_value	 pk = mock_int(1);
+	uint64_t	 limit;
 
 	(void) state;
 	insert_item(a, 1, "from the future", 1);
@@ -592,10 +584,9 @@ test_future_clock_does_not_drag_ours(void **state)
 static void
 test_tombstone_for_unknown_key(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	pgs_value	pk = mock_int(1);
-	pgs_rowclock rc = {.cols = (pgs_stamp[4]) {{0}}};
+	db_conn		*a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	pgs_value	 pk = mock_int(1);
+	pgs_rowclock rc = {.cols = (pgs_stamp[4]){{0}}};
 
 	(void) state;
 	insert_item(a, 1, "short-lived", 1);
@@ -606,7 +597,7 @@ test_tombstone_for_unknown_key(void **state)
 	assert_true(rc.cl == 2);
 	/* and an old insert arriving later does not bring it back */
 	{
-		db_conn    *c = replica(SITE_C, MS0 + 99999);
+		db_conn *c = replica(SITE_C, MS0 + 99999);
 
 		insert_item(c, 1, "stale", 1);
 		sync_once(c, b);
@@ -621,10 +612,9 @@ test_tombstone_for_unknown_key(void **state)
 static void
 test_apply_stats_and_version(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
+	db_conn		   *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
 	pgs_apply_stats st;
-	int64_t		v;
+	int64_t			v;
 
 	(void) state;
 	insert_item(a, 1, "one", 1);
@@ -650,13 +640,13 @@ test_apply_stats_and_version(void **state)
 
 typedef struct rng
 {
-	uint64_t	s;
+	uint64_t s;
 } rng;
 
 static uint64_t
 rnd(rng *r)
 {
-	uint64_t	x = r->s;
+	uint64_t x = r->s;
 
 	x ^= x >> 12;
 	x ^= x << 25;
@@ -680,7 +670,7 @@ chance(rng *r, int pct)
 static pgs_value
 rand_value(rng *r)
 {
-	static const char *texts[] = {"a", "b", "\xc3\xbc", "", "longer text value"};
+	static const char	*texts[] = {"a", "b", "\xc3\xbc", "", "longer text value"};
 	static const uint8_t blob[] = {0, 1, 2, 0xff};
 
 	switch (rint_(r, 9))
@@ -721,11 +711,11 @@ static void
 rand_edit(rng *r, db_conn *db, int keyspace)
 {
 	static const char *const tables[] = {"items", "items", "tags", "log"};
-	db_table   *t = mock_table(db, tables[rint_(r, 4)]);
-	const db_table_info *ti = db_table_describe(t);
-	pgs_value	pk[2];
-	pgs_value	vals[4];
-	int			op = rint_(r, 10);
+	db_table				*t = mock_table(db, tables[rint_(r, 4)]);
+	const db_table_info		*ti = db_table_describe(t);
+	pgs_value				 pk[2];
+	pgs_value				 vals[4];
+	int						 op = rint_(r, 10);
 
 	rand_key(r, t, pk, keyspace);
 	for (int i = 0; i < ti->ncols; i++)
@@ -737,11 +727,11 @@ rand_edit(rng *r, db_conn *db, int keyspace)
 		return;
 	}
 	if (op < 3 || !mock_row_get(db, t, pk))
-		assert_int_equal(mock_local_insert(db, t, pk, vals), PGS_OK);	/* insert, re-insert, or replace */
+		assert_int_equal(mock_local_insert(db, t, pk, vals),
+						 PGS_OK); /* insert, re-insert, or replace */
 	else if (op < 8)
 	{
-		int			cols[4],
-					n = 0;
+		int cols[4], n = 0;
 
 		for (int i = 0; i < ti->ncols; i++)
 			if (chance(r, 50))
@@ -764,7 +754,7 @@ check_replica(db_conn *db, const char *ctx)
 	for (int ti = 0; ti < 3; ti++)
 	{
 		static const char *const names[] = {"items", "tags", "log"};
-		db_table   *t = mock_table(db, names[ti]);
+		db_table				*t = mock_table(db, names[ti]);
 
 		if (mock_clock_count(db, t) < mock_row_count(db, t))
 			fail_msg("%s: table %s has live rows without a clock", ctx, names[ti]);
@@ -774,31 +764,30 @@ check_replica(db_conn *db, const char *ctx)
 
 typedef struct flight
 {
-	uint8_t    *p;
-	size_t		len;
-	int			to;
+	uint8_t *p;
+	size_t	 len;
+	int		 to;
 } flight;
 
 typedef struct world
 {
-	int			n;
-	db_conn    *r[5];
-	uint8_t		sites[5][16];
-	int64_t		cursor[5][5];	/* cursor[to][from]: since for the next incremental pull */
-	flight		air[64];
-	int			nair;
-	bool		pg_horizon;		/* until below the current version, as on Postgres */
-	uint64_t	now;
+	int		 n;
+	db_conn *r[5];
+	uint8_t	 sites[5][16];
+	int64_t	 cursor[5][5]; /* cursor[to][from]: since for the next incremental pull */
+	flight	 air[64];
+	int		 nair;
+	bool	 pg_horizon; /* until below the current version, as on Postgres */
+	uint64_t now;
 } world;
 
 static void
-send_payload(world *w, rng *r, int from, int to, int64_t since, bool advance_cursor,
-			 bool exclude)
+send_payload(world *w, rng *r, int from, int to, int64_t since, bool advance_cursor, bool exclude)
 {
 	pgs_build_opts o = {.since = since, .compress = chance(r, 50)};
-	pgs_buf		out;
-	pgs_err		err;
-	int64_t		cur = mock_version(w->r[from]);
+	pgs_buf		   out;
+	pgs_err		   err;
+	int64_t		   cur = mock_version(w->r[from]);
 
 	o.until = cur;
 	if (w->pg_horizon && cur > since && chance(r, 40))
@@ -820,7 +809,7 @@ send_payload(world *w, rng *r, int from, int to, int64_t since, bool advance_cur
 	{
 		/* the receiver's cursor moves only when it has applied the payload */
 		/* in flight: delivered later, maybe out of order, maybe twice */
-		flight	   *f = &w->air[w->nair++];
+		flight *f = &w->air[w->nair++];
 
 		f->p = test_malloc(out.len);
 		memcpy(f->p, out.p, out.len);
@@ -842,15 +831,15 @@ send_payload(world *w, rng *r, int from, int to, int64_t since, bool advance_cur
 static void
 deliver_one(world *w, rng *r)
 {
-	int			k = rint_(r, w->nair);
-	flight		f = w->air[k];
-	pgs_err		err;
-	int			to = chance(r, 20) ? rint_(r, w->n) : f.to;	/* sometimes to someone else */
+	int		k = rint_(r, w->nair);
+	flight	f = w->air[k];
+	pgs_err err;
+	int		to = chance(r, 20) ? rint_(r, w->n) : f.to; /* sometimes to someone else */
 
 	if (mock_apply(w->r[to], f.p, f.len, NULL, &err) != PGS_OK)
 		fail_msg("delayed apply: %s", err.msg);
 	if (chance(r, 25))
-		return;					/* stays in flight: delivered again later */
+		return; /* stays in flight: delivered again later */
 	test_free(f.p);
 	w->air[k] = w->air[--w->nair];
 }
@@ -868,11 +857,11 @@ world_free(world *w)
 static bool
 run_one(uint64_t seed, bool pg_horizon)
 {
-	rng			r = {seed ? seed : 1};
-	world		w;
-	int			steps;
-	char		why[512];
-	bool		ok = true;
+	rng	  r = {seed ? seed : 1};
+	world w;
+	int	  steps;
+	char  why[512];
+	bool  ok = true;
 
 	memset(&w, 0, sizeof w);
 	w.pg_horizon = pg_horizon;
@@ -883,14 +872,14 @@ run_one(uint64_t seed, bool pg_horizon)
 		/* site ids in a random order relative to the replica index */
 		for (int b = 0; b < 16; b++)
 			w.sites[i][b] = (uint8_t) rnd(&r);
-		w.sites[i][15] = (uint8_t) i;	/* distinct */
+		w.sites[i][15] = (uint8_t) i; /* distinct */
 		w.r[i] = replica(w.sites[i], MS0 + (uint64_t) rint_(&r, 2000));
 	}
 	steps = 20 + rint_(&r, 60);
 	for (int s = 0; s < steps; s++)
 	{
-		int			a = rint_(&r, w.n);
-		int			keyspace = 2 + rint_(&r, 4);
+		int a = rint_(&r, w.n);
+		int keyspace = 2 + rint_(&r, 4);
 
 		/* clocks: mostly forward, skewed, sometimes a replica's goes back */
 		for (int i = 0; i < w.n; i++)
@@ -912,31 +901,30 @@ run_one(uint64_t seed, bool pg_horizon)
 				break;
 			case 5:
 			case 6:
-				{
-					int			b = rint_(&r, w.n);
-					int64_t		v = mock_version(w.r[a]);
-					int64_t		since = chance(&r, 50) ? w.cursor[b][a] : rint_(&r, (int) v + 1);
+			{
+				int		b = rint_(&r, w.n);
+				int64_t v = mock_version(w.r[a]);
+				int64_t since = chance(&r, 50) ? w.cursor[b][a] : rint_(&r, (int) v + 1);
 
-					if (b != a)
-						send_payload(&w, &r, a, b, since, since == w.cursor[b][a], chance(&r, 30));
-					break;
-				}
+				if (b != a)
+					send_payload(&w, &r, a, b, since, since == w.cursor[b][a], chance(&r, 30));
+				break;
+			}
 			case 7:
 			case 8:
 				if (w.nair)
 					deliver_one(&w, &r);
 				break;
 			default:
-				{
-					/* relay: b pulls from a, then c pulls from b */
-					int			b = rint_(&r, w.n),
-								c = rint_(&r, w.n);
+			{
+				/* relay: b pulls from a, then c pulls from b */
+				int b = rint_(&r, w.n), c = rint_(&r, w.n);
 
-					if (b != a)
-						send_payload(&w, &r, a, b, w.cursor[b][a], true, chance(&r, 30));
-					if (c != b)
-						send_payload(&w, &r, b, c, w.cursor[c][b], true, chance(&r, 30));
-				}
+				if (b != a)
+					send_payload(&w, &r, a, b, w.cursor[b][a], true, chance(&r, 30));
+				if (c != b)
+					send_payload(&w, &r, b, c, w.cursor[c][b], true, chance(&r, 30));
+			}
 		}
 		for (int i = 0; i < w.n; i++)
 			check_replica(w.r[i], "random phase");
@@ -955,14 +943,14 @@ run_one(uint64_t seed, bool pg_horizon)
 	/* incremental pulls, pair by pair, until a full round changes nothing */
 	for (int round = 0; round < 20; round++)
 	{
-		int64_t		won = 0;
+		int64_t won = 0;
 
 		for (int to = 0; to < w.n; to++)
 			for (int from = 0; from < w.n; from++)
 			{
-				pgs_build_opts o = {.since = w.cursor[to][from], .compress = 1};
-				pgs_buf		out;
-				pgs_err		err;
+				pgs_build_opts	o = {.since = w.cursor[to][from], .compress = 1};
+				pgs_buf			out;
+				pgs_err			err;
 				pgs_apply_stats st = {0};
 
 				if (to == from)
@@ -984,8 +972,8 @@ run_one(uint64_t seed, bool pg_horizon)
 	for (int i = 1; i < w.n && ok; i++)
 		if (!mock_equal(w.r[0], w.r[i], MOCK_CMP_ROWS | MOCK_CMP_CLOCKS, why, sizeof why))
 		{
-			fprintf(stderr, "DIVERGED (seed %" PRIu64 ", %d replicas): replica 0 vs %d: %s\n",
-					seed, w.n, i, why);
+			fprintf(stderr, "DIVERGED (seed %" PRIu64 ", %d replicas): replica 0 vs %d: %s\n", seed,
+					w.n, i, why);
 			mock_dump(w.r[0], stderr);
 			mock_dump(w.r[i], stderr);
 			ok = false;
@@ -1005,15 +993,16 @@ env_u64(const char *name, uint64_t dflt)
 static void
 property(bool pg_horizon)
 {
-	uint64_t	seed = env_u64("PGS_SEED", 20240601);
-	uint64_t	iters = env_u64("PGS_ITER", 500);
+	uint64_t seed = env_u64("PGS_SEED", 20240601);
+	uint64_t iters = env_u64("PGS_ITER", 500);
 
 	for (uint64_t i = 0; i < iters; i++)
 	{
-		uint64_t	s = seed + i * 0x9E3779B97F4A7C15ull;
+		uint64_t s = seed + i * 0x9E3779B97F4A7C15ull;
 
 		if (!run_one(s, pg_horizon))
-			fail_msg("convergence failed: rerun with PGS_SEED=%" PRIu64 " PGS_ITER=1 (run %" PRIu64 " of base seed %" PRIu64 ")",
+			fail_msg("convergence failed: rerun with PGS_SEED=%" PRIu64 " PGS_ITER=1 (run %" PRIu64
+					 " of base seed %" PRIu64 ")",
 					 s, i, seed);
 	}
 }

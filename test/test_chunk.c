@@ -19,25 +19,24 @@
 #include <string.h>
 #include "payload_fixtures.h"
 
-typedef void (*between_fn) (db_conn *from, int chunk);
+typedef void (*between_fn)(db_conn *from, int chunk);
 
 /* chunked pull of (since, ..] from -> to; returns the pinned until */
 static int64_t
-chunked_pull(db_conn *from, db_conn *to, int64_t since, uint32_t max_rows,
-			 int *nchunks, between_fn between)
+chunked_pull(db_conn *from, db_conn *to, int64_t since, uint32_t max_rows, int *nchunks,
+			 between_fn between)
 {
-	pgs_buf		out,
-				tok;
-	pgs_err		err;
-	int64_t		until = -1;
-	int			n = 0;
+	pgs_buf out, tok;
+	pgs_err err;
+	int64_t until = -1;
+	int		n = 0;
 
 	pgs_buf_init(&out);
 	pgs_buf_init(&tok);
 	for (;;)
 	{
-		pgs_build_opts o = {.since = since, .compress = 1, .max_rows = max_rows};
-		pgs_header	h;
+		pgs_build_opts	o = {.since = since, .compress = 1, .max_rows = max_rows};
+		pgs_header		h;
 		pgs_apply_stats st;
 
 		assert_int_equal(db_version_safe(from, &o.until, &err), PGS_OK);
@@ -52,19 +51,19 @@ chunked_pull(db_conn *from, db_conn *to, int64_t since, uint32_t max_rows,
 			fail_msg("build: %s (%s)", err.msg, err.detail);
 		if (out.len == 0)
 		{
-			assert_false(tok.len);	/* with a token there is always a payload */
+			assert_false(tok.len); /* with a token there is always a payload */
 			until = o.until;
 			break;
 		}
 		n++;
 		assert_int_equal(pgs_payload_header(out.p, out.len, &h, &err), PGS_OK);
 		if (until >= 0)
-			assert_true(h.until == until);	/* pinned */
+			assert_true(h.until == until); /* pinned */
 		until = h.until;
 		if (mock_apply(to, out.p, out.len, &st, &err) != PGS_OK)
 			fail_msg("apply: %s (%s)", err.msg, err.detail);
 		{
-			pgs_buf		next;
+			pgs_buf next;
 
 			pgs_buf_init(&next);
 			assert_int_equal(pgs_payload_next_token(from, out.p, out.len, &next, &err), PGS_OK);
@@ -93,9 +92,8 @@ populate(db_conn *a)
 		insert_item(a, i * 3 % 26, "item", i, i * 0.5);
 	for (int i = 0; i < 7; i++)
 	{
-		char		k[8];
-		pgs_value	pk[2],
-					v[2];
+		char	  k[8];
+		pgs_value pk[2], v[2];
 
 		snprintf(k, sizeof k, "k%d", i % 3);
 		pk[0] = mock_text(k);
@@ -106,14 +104,13 @@ populate(db_conn *a)
 	}
 	for (int i = 0; i < 4; i++)
 	{
-		pgs_value	pk = mock_int(i),
-					v = mock_text("log");
+		pgs_value pk = mock_int(i), v = mock_text("log");
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "log"), &pk, &v), PGS_OK);
 	}
 	update_col(a, 3, 0, mock_text("changed"));
 	{
-		pgs_value	pk = mock_int(6);
+		pgs_value pk = mock_int(6);
 
 		assert_int_equal(mock_local_delete(a, mock_table(a, "items"), &pk), PGS_OK);
 	}
@@ -122,9 +119,9 @@ populate(db_conn *a)
 static void
 test_chunked_equals_unchunked(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	db_conn    *ref = replica(SITE_B, MS0 + 1);
-	int			total = 25 + 7 + 4;
+	db_conn *a = replica(SITE_A, MS0);
+	db_conn *ref = replica(SITE_B, MS0 + 1);
+	int		 total = 25 + 7 + 4;
 
 	(void) state;
 	populate(a);
@@ -132,9 +129,9 @@ test_chunked_equals_unchunked(void **state)
 	assert_equal_dbs(a, ref);
 	for (uint32_t m = 1; m <= (uint32_t) total + 2; m++)
 	{
-		db_conn    *b = replica(SITE_B, MS0 + 1);
-		int			n;
-		int64_t		until = chunked_pull(a, b, 0, m, &n, NULL);
+		db_conn *b = replica(SITE_B, MS0 + 1);
+		int		 n;
+		int64_t	 until = chunked_pull(a, b, 0, m, &n, NULL);
 
 		assert_true(until == mock_version(a));
 		assert_int_equal(n, (total + (int) m - 1) / (int) m + (total % (int) m == 0 ? 1 : 0));
@@ -145,8 +142,8 @@ test_chunked_equals_unchunked(void **state)
 	insert_item(a, 100, "new", 1, 1);
 	update_col(a, 1, 1, mock_int(77));
 	{
-		db_conn    *b = replica(SITE_C, MS0 + 1);
-		int64_t		u = chunked_pull(a, b, 0, 5, NULL, NULL);
+		db_conn *b = replica(SITE_C, MS0 + 1);
+		int64_t	 u = chunked_pull(a, b, 0, 5, NULL, NULL);
 
 		insert_item(a, 101, "newer", 1, 1);
 		chunked_pull(a, b, u, 2, NULL, NULL);
@@ -160,7 +157,7 @@ test_chunked_equals_unchunked(void **state)
 static void
 mutate_between(db_conn *a, int chunk)
 {
-	pgs_value	pk;
+	pgs_value pk;
 
 	/* an already sent row, an unsent row, keys before and after the
 	 * position, a delete, and a row of an earlier table */
@@ -179,14 +176,14 @@ mutate_between(db_conn *a, int chunk)
 			mock_local_delete(a, mock_table(a, "items"), &pk);
 			break;
 		case 3:
-			{
-				pgs_value	k[2] = {mock_text("k0"), mock_int(0)};
-				int			col = 0;
-				pgs_value	v = mock_text("tag-upd");
+		{
+			pgs_value k[2] = {mock_text("k0"), mock_int(0)};
+			int		  col = 0;
+			pgs_value v = mock_text("tag-upd");
 
-				assert_int_equal(mock_local_update(a, mock_table(a, "tags"), k, 1, &col, &v), PGS_OK);
-			}
-			break;
+			assert_int_equal(mock_local_update(a, mock_table(a, "tags"), k, 1, &col, &v), PGS_OK);
+		}
+		break;
 		default:
 			insert_item(a, 9, "reborn", chunk, 0);
 			break;
@@ -199,9 +196,9 @@ test_changes_between_chunks(void **state)
 	(void) state;
 	for (uint32_t m = 1; m <= 8; m++)
 	{
-		db_conn    *a = replica(SITE_A, MS0);
-		db_conn    *b = replica(SITE_B, MS0 + 1);
-		int64_t		until;
+		db_conn *a = replica(SITE_A, MS0);
+		db_conn *b = replica(SITE_B, MS0 + 1);
+		int64_t	 until;
 
 		populate(a);
 		until = chunked_pull(a, b, 0, m, NULL, mutate_between);
@@ -217,10 +214,10 @@ test_changes_between_chunks(void **state)
 static pgs_rc
 build_with(db_conn *a, int64_t since, const uint8_t *tok, size_t len, pgs_err *err)
 {
-	pgs_build_opts o = {.since = since, .compress = 1, .max_rows = 2,
-	.after = tok, .after_len = len};
-	pgs_buf		out;
-	pgs_rc		rc;
+	pgs_build_opts o = {
+		.since = since, .compress = 1, .max_rows = 2, .after = tok, .after_len = len};
+	pgs_buf out;
+	pgs_rc	rc;
 
 	db_version_safe(a, &o.until, err);
 	pgs_buf_init(&out);
@@ -232,12 +229,12 @@ build_with(db_conn *a, int64_t since, const uint8_t *tok, size_t len, pgs_err *e
 static void
 test_forged_tokens(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	pgs_err		err;
-	pgs_buf		t;
-	pgs_value	pk1 = mock_int(5);
-	pgs_value	pk2[2] = {mock_text("k"), mock_int(1)};
-	pgs_value	bad = mock_null();
+	db_conn	 *a = replica(SITE_A, MS0);
+	pgs_err	  err;
+	pgs_buf	  t;
+	pgs_value pk1 = mock_int(5);
+	pgs_value pk2[2] = {mock_text("k"), mock_int(1)};
+	pgs_value bad = mock_null();
 
 	(void) state;
 	populate(a);
@@ -278,8 +275,8 @@ test_forged_tokens(void **state)
 	srand(7);
 	for (int i = 0; i < 2000; i++)
 	{
-		uint8_t		r[24];
-		size_t		n = (size_t) (rand() % 24);
+		uint8_t r[24];
+		size_t	n = (size_t) (rand() % 24);
 
 		for (size_t k = 0; k < n; k++)
 			r[k] = (uint8_t) rand();
@@ -294,12 +291,12 @@ test_forged_tokens(void **state)
 static void
 test_more_flag_in_header(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
+	db_conn		  *a = replica(SITE_A, MS0);
 	pgs_build_opts o = {.since = 0, .compress = 0, .max_rows = 1};
-	pgs_buf		out;
-	pgs_err		err;
-	pgs_header	h;
-	cJSON	   *j;
+	pgs_buf		   out;
+	pgs_err		   err;
+	pgs_header	   h;
+	cJSON		  *j;
 
 	(void) state;
 	populate(a);

@@ -29,7 +29,7 @@ setup(void **state)
 	return 0;
 }
 
-#define MS0 UINT64_C(1700000000000)	/* 2023-11-14 */
+#define MS0 UINT64_C(1700000000000) /* 2023-11-14 */
 
 /* ---- HLC ---- */
 
@@ -50,14 +50,14 @@ test_hlc_layout(void **state)
 static void
 test_hlc_tick_monotonic(void **state)
 {
-	uint64_t	last = 0;
-	uint64_t	now = MS0;
-	uint64_t	x = 88172645463325252ull;
+	uint64_t last = 0;
+	uint64_t now = MS0;
+	uint64_t x = 88172645463325252ull;
 
 	(void) state;
 	for (int i = 0; i < 100000; i++)
 	{
-		uint64_t	t;
+		uint64_t t;
 
 		/* the wall clock mostly advances, sometimes stalls, sometimes jumps back */
 		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
@@ -86,9 +86,7 @@ test_hlc_tick_monotonic(void **state)
 static void
 test_hlc_tick_clock_backwards(void **state)
 {
-	uint64_t	a,
-				b,
-				c;
+	uint64_t a, b, c;
 
 	(void) state;
 	a = pgs_hlc_tick(0, MS0);
@@ -108,10 +106,10 @@ test_hlc_tick_clock_backwards(void **state)
 static void
 test_hlc_receive_bound(void **state)
 {
-	uint64_t	now = MS0;
-	uint64_t	last = pgs_hlc_from_ms(now);
-	uint64_t	bound = pgs_hlc_from_ms(now + PGS_HLC_MAX_DRIFT_MS);
-	uint64_t	r;
+	uint64_t now = MS0;
+	uint64_t last = pgs_hlc_from_ms(now);
+	uint64_t bound = pgs_hlc_from_ms(now + PGS_HLC_MAX_DRIFT_MS);
+	uint64_t r;
 
 	(void) state;
 	assert_int_equal(PGS_HLC_MAX_DRIFT_MS, 5 * 60 * 1000);
@@ -130,7 +128,8 @@ test_hlc_receive_bound(void **state)
 	/* the next local tick is after the bounded stamp, and near now */
 	assert_true(pgs_hlc_tick(r, now) == bound + 1);
 	/* a local clock already past the bound is never moved back */
-	assert_true(pgs_hlc_receive(bound + 500, pgs_hlc_from_ms(now + 10 * PGS_HLC_MAX_DRIFT_MS), now) == bound + 500);
+	assert_true(pgs_hlc_receive(bound + 500, pgs_hlc_from_ms(now + 10 * PGS_HLC_MAX_DRIFT_MS),
+								now) == bound + 500);
 	/* the bound follows now */
 	assert_true(pgs_hlc_receive(0, UINT64_C(1) << 62, now + 1000) ==
 				pgs_hlc_from_ms(now + 1000 + PGS_HLC_MAX_DRIFT_MS));
@@ -139,7 +138,7 @@ test_hlc_receive_bound(void **state)
 static void
 test_hlc_valid(void **state)
 {
-	uint64_t	max_ms = (UINT64_C(1) << 47) - 1;
+	uint64_t max_ms = (UINT64_C(1) << 47) - 1;
 
 	(void) state;
 	assert_false(pgs_hlc_valid(0));
@@ -157,7 +156,7 @@ test_hlc_valid(void **state)
 static uint64_t
 uuid_ms(const uint8_t u[16])
 {
-	uint64_t	ms = 0;
+	uint64_t ms = 0;
 
 	for (int i = 0; i < 6; i++)
 		ms = ms << 8 | u[i];
@@ -167,20 +166,19 @@ uuid_ms(const uint8_t u[16])
 static void
 test_uuid7_format(void **state)
 {
-	uint8_t		prev[16] = {0};
+	uint8_t prev[16] = {0};
 
 	(void) state;
 	for (int i = 0; i < 200; i++)
 	{
-		uint8_t		u[16];
-		uint64_t	before = pgs_now_ms(),
-					after;
-		pgs_err		err;
+		uint8_t	 u[16];
+		uint64_t before = pgs_now_ms(), after;
+		pgs_err	 err;
 
 		assert_int_equal(pgs_uuid7(u, &err), PGS_OK);
 		after = pgs_now_ms();
-		assert_int_equal(u[6] >> 4, 7);		/* version */
-		assert_int_equal(u[8] >> 6, 2);		/* variant 10xx */
+		assert_int_equal(u[6] >> 4, 7); /* version */
+		assert_int_equal(u[8] >> 6, 2); /* variant 10xx */
 		assert_true(uuid_ms(u) >= before && uuid_ms(u) <= after);
 		/* the time prefix never goes back, and two ids differ */
 		assert_true(uuid_ms(u) >= uuid_ms(prev));
@@ -192,8 +190,7 @@ test_uuid7_format(void **state)
 static void
 test_uuid7_time_ordering(void **state)
 {
-	uint8_t		a[16],
-				b[16];
+	uint8_t			a[16], b[16];
 	struct timespec ts = {0, 3 * 1000 * 1000};
 
 	(void) state;
@@ -204,8 +201,7 @@ test_uuid7_time_ordering(void **state)
 	assert_true(uuid_ms(b) > uuid_ms(a));
 	assert_true(memcmp(b, a, 16) > 0);
 	{
-		char		sa[37],
-					sb[37];
+		char sa[37], sb[37];
 
 		pgs_uuid_format(a, sa);
 		pgs_uuid_format(b, sb);
@@ -217,9 +213,9 @@ static void
 test_uuid_roundtrip(void **state)
 {
 	static const uint8_t fixed[16] = {0x01, 0x8c, 0xcd, 0x1f, 0x2b, 0x3a, 0x7d, 0x4e,
-	0x9f, 0x00, 0xff, 0x10, 0xab, 0xcd, 0xef, 0x99};
-	char		s[37];
-	uint8_t		back[16];
+									  0x9f, 0x00, 0xff, 0x10, 0xab, 0xcd, 0xef, 0x99};
+	char				 s[37];
+	uint8_t				 back[16];
 
 	(void) state;
 	pgs_uuid_format(fixed, s);
@@ -234,7 +230,7 @@ test_uuid_roundtrip(void **state)
 	/* random ids */
 	for (int i = 0; i < 100; i++)
 	{
-		uint8_t		u[16];
+		uint8_t u[16];
 
 		assert_int_equal(pgs_uuid7(u, NULL), PGS_OK);
 		pgs_uuid_format(u, s);
@@ -253,7 +249,7 @@ test_uuid_roundtrip(void **state)
 	for (int pos = 0; pos < 16; pos++)
 		for (int v = 0; v < 256; v++)
 		{
-			uint8_t		u[16];
+			uint8_t u[16];
 
 			memcpy(u, fixed, 16);
 			u[pos] = (uint8_t) v;
@@ -284,10 +280,10 @@ test_uuid_parse_rejects(void **state)
 
 		for (size_t b = 0; b < sizeof bad; b++)
 		{
-			bool		dashpos = k == 8 || k == 13 || k == 18 || k == 23;
+			bool dashpos = k == 8 || k == 13 || k == 18 || k == 23;
 
 			if (dashpos ? bad[b] == '-' : bad[b] == '0')
-				continue;		/* that one is valid */
+				continue; /* that one is valid */
 			memcpy(s, good, 37);
 			s[k] = bad[b];
 			assert_false(pgs_uuid_parse(s, 36, out));
@@ -320,10 +316,10 @@ assert_clock_equal(const pgs_rowclock *a, const pgs_rowclock *b)
 static void
 roundtrip_clock(const pgs_rowclock *in, size_t *len_out)
 {
-	pgs_buf		b;
-	pgs_stamp  *cols = test_malloc(sizeof(pgs_stamp) * (size_t) (in->ncols + 1));
+	pgs_buf		 b;
+	pgs_stamp	*cols = test_malloc(sizeof(pgs_stamp) * (size_t) (in->ncols + 1));
 	pgs_rowclock out = {.ncols = in->ncols, .cols = cols};
-	pgs_err		err;
+	pgs_err		 err;
 
 	/* garbage in the destination must be overwritten */
 	memset(cols, 0x5a, sizeof(pgs_stamp) * (size_t) (in->ncols + 1));
@@ -335,7 +331,7 @@ roundtrip_clock(const pgs_rowclock *in, size_t *len_out)
 	assert_true(pgs_rowclock_max_ver(in) == pgs_rowclock_max_ver(&out));
 	/* decoding is stable: re-encoding gives the same bytes */
 	{
-		pgs_buf		b2;
+		pgs_buf b2;
 
 		pgs_buf_init(&b2);
 		pgs_rowclock_encode(&out, &b2);
@@ -353,15 +349,15 @@ static void
 test_rowclock_empty(void **state)
 {
 	pgs_rowclock rc = {.cl = 2, .cl_ver = 9, .cl_site = 3, .ncols = 0, .cols = NULL};
-	pgs_stamp	cols[4];
-	size_t		len;
+	pgs_stamp	 cols[4];
+	size_t		 len;
 
 	(void) state;
 	roundtrip_clock(&rc, &len);
-	assert_int_equal(len, 2);	/* cl_ver, cl_site */
+	assert_int_equal(len, 2); /* cl_ver, cl_site */
 	/* a tombstone blob (no column) decodes into any width with no stamps */
 	{
-		pgs_buf		b;
+		pgs_buf		 b;
 		pgs_rowclock out = {.ncols = 4, .cols = cols};
 
 		pgs_buf_init(&b);
@@ -376,7 +372,7 @@ test_rowclock_empty(void **state)
 	}
 	/* a width with every column unstamped is the same as no column */
 	{
-		pgs_stamp	z[3] = {{0}};
+		pgs_stamp	 z[3] = {{0}};
 		pgs_rowclock r3 = {.cl_ver = 9, .cl_site = 3, .ncols = 3, .cols = z};
 
 		roundtrip_clock(&r3, &len);
@@ -387,13 +383,13 @@ test_rowclock_empty(void **state)
 static void
 test_rowclock_one_run(void **state)
 {
-	pgs_stamp	s[50];
+	pgs_stamp	 s[50];
 	pgs_rowclock rc = {.cl = 1, .cl_ver = 300, .cl_site = 0, .ncols = 50, .cols = s};
-	size_t		len;
+	size_t		 len;
 
 	(void) state;
 	for (int i = 0; i < 50; i++)
-		s[i] = (pgs_stamp) {pgs_hlc_from_ms(MS0) + 3, 300, 0};
+		s[i] = (pgs_stamp){pgs_hlc_from_ms(MS0) + 3, 300, 0};
 	roundtrip_clock(&rc, &len);
 	/* cl_ver(2) cl_site(1) start(1) count(1) ver(2) hlc(8) site(1) */
 	assert_int_equal(len, 16);
@@ -406,28 +402,28 @@ test_rowclock_one_run(void **state)
 static void
 test_rowclock_sparse(void **state)
 {
-	pgs_stamp	s[10] = {{0}};
+	pgs_stamp	 s[10] = {{0}};
 	pgs_rowclock rc = {.cl = 3, .cl_ver = 4, .cl_site = 2, .ncols = 10, .cols = s};
 
 	(void) state;
-	s[3] = (pgs_stamp) {pgs_hlc_from_ms(MS0), 5, 1};
-	s[7] = (pgs_stamp) {pgs_hlc_from_ms(MS0) + 9, 8, 4};
+	s[3] = (pgs_stamp){pgs_hlc_from_ms(MS0), 5, 1};
+	s[7] = (pgs_stamp){pgs_hlc_from_ms(MS0) + 9, 8, 4};
 	roundtrip_clock(&rc, NULL);
 	assert_true(pgs_rowclock_max_ver(&rc) == 8);
 	/* last column only */
 	memset(s, 0, sizeof s);
-	s[9] = (pgs_stamp) {1, 2, 3};
+	s[9] = (pgs_stamp){1, 2, 3};
 	roundtrip_clock(&rc, NULL);
 	/* first column only */
 	memset(s, 0, sizeof s);
-	s[0] = (pgs_stamp) {1, 2, 3};
+	s[0] = (pgs_stamp){1, 2, 3};
 	roundtrip_clock(&rc, NULL);
 	/* adjacent columns that differ only in ver or only in site are separate runs */
 	memset(s, 0, sizeof s);
-	s[0] = (pgs_stamp) {100, 2, 3};
-	s[1] = (pgs_stamp) {100, 3, 3};
-	s[2] = (pgs_stamp) {100, 3, 4};
-	s[3] = (pgs_stamp) {101, 3, 4};
+	s[0] = (pgs_stamp){100, 2, 3};
+	s[1] = (pgs_stamp){100, 3, 3};
+	s[2] = (pgs_stamp){100, 3, 4};
+	s[3] = (pgs_stamp){101, 3, 4};
 	roundtrip_clock(&rc, NULL);
 	/* max_ver ignores unstamped columns' ver */
 	memset(s, 0, sizeof s);
@@ -438,23 +434,23 @@ test_rowclock_sparse(void **state)
 static void
 test_rowclock_many_columns(void **state)
 {
-	int			n = 3000;
-	pgs_stamp  *s = test_malloc(sizeof(pgs_stamp) * (size_t) n);
+	int			 n = 3000;
+	pgs_stamp	*s = test_malloc(sizeof(pgs_stamp) * (size_t) n);
 	pgs_rowclock rc = {.cl = 7, .cl_ver = 1, .cl_site = 70000, .ncols = n, .cols = s};
-	uint64_t	x = 1234567;
+	uint64_t	 x = 1234567;
 
 	(void) state;
 	for (int i = 0; i < n; i++)
 	{
 		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
 		if (x % 5 == 0)
-			s[i] = (pgs_stamp) {0, 0, 0};
+			s[i] = (pgs_stamp){0, 0, 0};
 		else if (i > 0 && x % 5 == 1)
-			s[i] = s[i - 1];	/* extends a run */
+			s[i] = s[i - 1]; /* extends a run */
 		else
-			s[i] = (pgs_stamp) {x >> 2, (int64_t) (x % 100000), (uint32_t) (x % 7)};
+			s[i] = (pgs_stamp){x >> 2, (int64_t) (x % 100000), (uint32_t) (x % 7)};
 	}
-	s[n - 1] = (pgs_stamp) {UINT64_MAX, INT64_MAX, UINT32_MAX};
+	s[n - 1] = (pgs_stamp){UINT64_MAX, INT64_MAX, UINT32_MAX};
 	roundtrip_clock(&rc, NULL);
 	assert_true(pgs_rowclock_max_ver(&rc) == INT64_MAX);
 	/* extremes in the header fields */
@@ -468,18 +464,20 @@ test_rowclock_many_columns(void **state)
 static size_t
 sample_blob(uint8_t *out, size_t *run_end, int *nruns)
 {
-	pgs_stamp	s[3] = {{pgs_hlc_from_ms(MS0), 300, 1}, {pgs_hlc_from_ms(MS0), 300, 1},
-	{pgs_hlc_from_ms(MS0) + 1, 301, 2}};
+	pgs_stamp	 s[3] = {{pgs_hlc_from_ms(MS0), 300, 1},
+						 {pgs_hlc_from_ms(MS0), 300, 1},
+						 {pgs_hlc_from_ms(MS0) + 1, 301, 2}};
 	pgs_rowclock rc = {.cl = 1, .cl_ver = 300, .cl_site = 1, .ncols = 3, .cols = s};
-	pgs_buf		b;
-	size_t		len;
+	pgs_buf		 b;
+	size_t		 len;
 
 	pgs_buf_init(&b);
 	pgs_rowclock_encode(&rc, &b);
 	len = b.len;
 	memcpy(out, b.p, len);
 	pgs_buf_free(&b);
-	/* header: cl_ver 300 (2 bytes) + cl_site (1); each run: start 1, count 1, ver 2, hlc 8, site 1 */
+	/* header: cl_ver 300 (2 bytes) + cl_site (1); each run: start 1, count 1, ver 2, hlc 8, site 1
+	 */
 	*nruns = 3;
 	run_end[0] = 3;
 	run_end[1] = 3 + 13;
@@ -491,10 +489,10 @@ sample_blob(uint8_t *out, size_t *run_end, int *nruns)
 static pgs_rc
 decode3(const uint8_t *p, size_t len)
 {
-	pgs_stamp	s[3];
+	pgs_stamp	 s[3];
 	pgs_rowclock rc = {.ncols = 3, .cols = s};
-	pgs_err		err;
-	pgs_rc		r = pgs_rowclock_decode(p, len, &rc, &err);
+	pgs_err		 err;
+	pgs_rc		 r = pgs_rowclock_decode(p, len, &rc, &err);
 
 	if (r != PGS_OK)
 	{
@@ -507,16 +505,16 @@ decode3(const uint8_t *p, size_t len)
 static void
 test_rowclock_truncated(void **state)
 {
-	uint8_t		blob[64];
-	size_t		ends[3];
-	int			nends;
-	size_t		len = sample_blob(blob, ends, &nends);
+	uint8_t blob[64];
+	size_t	ends[3];
+	int		nends;
+	size_t	len = sample_blob(blob, ends, &nends);
 
 	(void) state;
 	assert_int_equal(decode3(blob, len), PGS_OK);
 	for (size_t k = 0; k < len; k++)
 	{
-		bool		boundary = false;
+		bool boundary = false;
 
 		for (int e = 0; e < nends; e++)
 			boundary |= ends[e] == k;
@@ -529,7 +527,7 @@ test_rowclock_truncated(void **state)
 static void
 put_run(pgs_buf *b, uint64_t start, uint64_t count, uint64_t ver, uint64_t hlc, uint64_t site)
 {
-	uint8_t		le[8];
+	uint8_t le[8];
 
 	pgs_buf_varint(b, start);
 	pgs_buf_varint(b, count);
@@ -543,8 +541,8 @@ put_run(pgs_buf *b, uint64_t start, uint64_t count, uint64_t ver, uint64_t hlc, 
 static pgs_rc
 decode_built(uint64_t cl_ver, uint64_t cl_site, int nruns, const uint64_t runs[][5])
 {
-	pgs_buf		b;
-	pgs_rc		r;
+	pgs_buf b;
+	pgs_rc	r;
 
 	pgs_buf_init(&b);
 	pgs_buf_varint(&b, cl_ver);
@@ -570,54 +568,55 @@ test_rowclock_malformed(void **state)
 	assert_int_equal(decode_built(1, UINT64_C(1) << 32, 1, ok), PGS_ERR_DB);
 	assert_int_equal(decode_built(1, UINT32_MAX, 1, ok), PGS_OK);
 	{
-		const uint64_t r[][5] = {{0, 0, 1, 100, 0}};	/* empty run */
+		const uint64_t r[][5] = {{0, 0, 1, 100, 0}}; /* empty run */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{0, 4, 1, 100, 0}};	/* 4 columns in a 3-column table */
+		const uint64_t r[][5] = {{0, 4, 1, 100, 0}}; /* 4 columns in a 3-column table */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{3, 1, 1, 100, 0}};	/* starts past the end */
+		const uint64_t r[][5] = {{3, 1, 1, 100, 0}}; /* starts past the end */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{2, 1, 1, 100, 0}, {0, 1, 1, 100, 0}};	/* second run past the end */
+		const uint64_t r[][5] = {{2, 1, 1, 100, 0},
+								 {0, 1, 1, 100, 0}}; /* second run past the end */
 
 		assert_int_equal(decode_built(1, 0, 2, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{UINT64_MAX, 1, 1, 100, 0}};	/* huge start */
+		const uint64_t r[][5] = {{UINT64_MAX, 1, 1, 100, 0}}; /* huge start */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{1, UINT64_MAX, 1, 100, 0}};	/* huge count */
+		const uint64_t r[][5] = {{1, UINT64_MAX, 1, 100, 0}}; /* huge count */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{0, 1, UINT64_C(1) << 63, 100, 0}};	/* ver > INT64_MAX */
+		const uint64_t r[][5] = {{0, 1, UINT64_C(1) << 63, 100, 0}}; /* ver > INT64_MAX */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	{
-		const uint64_t r[][5] = {{0, 1, 1, 100, UINT64_C(1) << 32}};	/* site > UINT32_MAX */
+		const uint64_t r[][5] = {{0, 1, 1, 100, UINT64_C(1) << 32}}; /* site > UINT32_MAX */
 
 		assert_int_equal(decode_built(1, 0, 1, r), PGS_ERR_DB);
 	}
 	/* an 11-byte varint in the header */
 	{
-		uint8_t		b[] = {0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00, 0x00};
+		uint8_t b[] = {0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00, 0x00};
 
 		assert_int_equal(decode3(b, sizeof b), PGS_ERR_DB);
 	}
 	/* hlc cut short */
 	{
-		uint8_t		b[] = {1, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7};
+		uint8_t b[] = {1, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7};
 
 		assert_int_equal(decode3(b, sizeof b), PGS_ERR_DB);
 	}
@@ -626,15 +625,15 @@ test_rowclock_malformed(void **state)
 static void
 test_rowclock_wider_than_table(void **state)
 {
-	pgs_stamp	s[5];
+	pgs_stamp	 s[5];
 	pgs_rowclock rc = {.cl = 1, .cl_ver = 1, .ncols = 5, .cols = s};
 	pgs_rowclock narrow = {.ncols = 4, .cols = s};
-	pgs_buf		b;
-	pgs_err		err;
+	pgs_buf		 b;
+	pgs_err		 err;
 
 	(void) state;
 	for (int i = 0; i < 5; i++)
-		s[i] = (pgs_stamp) {10 + (uint64_t) i, 1, 0};
+		s[i] = (pgs_stamp){10 + (uint64_t) i, 1, 0};
 	pgs_buf_init(&b);
 	pgs_rowclock_encode(&rc, &b);
 	assert_int_equal(pgs_rowclock_decode(b.p, b.len, &narrow, &err), PGS_ERR_DB);
@@ -642,7 +641,7 @@ test_rowclock_wider_than_table(void **state)
 	assert_true(err.hint[0] != '\0');
 	/* a wider table reads it with the extra columns unstamped */
 	{
-		pgs_stamp	w[8];
+		pgs_stamp	 w[8];
 		pgs_rowclock wide = {.ncols = 8, .cols = w};
 
 		assert_int_equal(pgs_rowclock_decode(b.p, b.len, &wide, &err), PGS_OK);

@@ -22,24 +22,23 @@
 #include <string.h>
 #include "payload_fixtures.h"
 
-#define INFO_SKIP (-1)		/* an error pgs_payload_info cannot see (schema) */
-
-
+#define INFO_SKIP (-1) /* an error pgs_payload_info cannot see (schema) */
 
 static void
 apply_expect_(db_conn *db, const uint8_t *p, size_t len, pgs_rc want, int info_want,
 			  const char *what, int line)
 {
-	mock_snap  *snap = mock_snapshot(db);
-	pgs_err		err;
-	pgs_rc		rc;
-	char		why[256];
-	char	   *json = NULL;
+	mock_snap *snap = mock_snapshot(db);
+	pgs_err	   err;
+	pgs_rc	   rc;
+	char	   why[256];
+	char	  *json = NULL;
 
 	memset(&err, 0, sizeof err);
 	rc = pgs_apply(db, p, len, NULL, &err);
 	if (rc != want)
-		fail_msg("line %d (%s): pgs_apply returned %d, expected %d: %s", line, what, rc, want, err.msg);
+		fail_msg("line %d (%s): pgs_apply returned %d, expected %d: %s", line, what, rc, want,
+				 err.msg);
 	if (rc != PGS_OK)
 	{
 		if (err.rc != rc || err.msg[0] == '\0')
@@ -51,10 +50,11 @@ apply_expect_(db_conn *db, const uint8_t *p, size_t len, pgs_rc want, int info_w
 	/* pgs_payload_info reads the same bytes; schema errors are not its business */
 	rc = pgs_payload_info(p, len, &json, &err);
 	if (info_want != INFO_SKIP && rc != (pgs_rc) info_want)
-		fail_msg("line %d (%s): pgs_payload_info returned %d, expected %d", line, what, rc, info_want);
+		fail_msg("line %d (%s): pgs_payload_info returned %d, expected %d", line, what, rc,
+				 info_want);
 	if (rc == PGS_OK)
 	{
-		cJSON	   *j = cJSON_Parse(json);
+		cJSON *j = cJSON_Parse(json);
 
 		if (!j)
 			fail_msg("line %d (%s): payload_info is not JSON", line, what);
@@ -65,8 +65,9 @@ apply_expect_(db_conn *db, const uint8_t *p, size_t len, pgs_rc want, int info_w
 	pgs_free(json);
 }
 
-#define apply_expect(db, p, len, want) \
-	apply_expect_(db, p, len, want, (want) == PGS_ERR_SCHEMA ? INFO_SKIP : (int) (want), #want, __LINE__)
+#define apply_expect(db, p, len, want)                                                             \
+	apply_expect_(db, p, len, want, (want) == PGS_ERR_SCHEMA ? INFO_SKIP : (int) (want), #want,    \
+				  __LINE__)
 
 /* ---- a small encoder for forged bodies ---- */
 
@@ -136,14 +137,14 @@ f_change_int(pgs_buf *b, int delta, int64_t v)
 static uint8_t *
 seal_ex(const uint8_t *body, size_t blen, uint8_t flags, uint32_t body_len, size_t *len)
 {
-	uint8_t    *p = test_malloc(PGS_HEADER_LEN + blen + 1);
+	uint8_t *p = test_malloc(PGS_HEADER_LEN + blen + 1);
 
 	memset(p, 0, PGS_HEADER_LEN);
 	memcpy(p, "PGSY", 4);
 	p[4] = 1;
 	p[5] = flags;
 	memcpy(p + 8, SITE_A, 16);
-	p[32] = 9;					/* until = 9 */
+	p[32] = 9; /* until = 9 */
 	for (int i = 0; i < 4; i++)
 	{
 		p[40 + i] = (uint8_t) (body_len >> (8 * i));
@@ -166,9 +167,9 @@ seal(const pgs_buf *b, size_t *len)
 static void
 expect_body_(pgs_buf *b, pgs_rc want, int info_want, const char *what, int line)
 {
-	db_conn    *db = replica(SITE_C, MS0);
-	size_t		len;
-	uint8_t    *p;
+	db_conn *db = replica(SITE_C, MS0);
+	size_t	 len;
+	uint8_t *p;
 
 	/* a replica with some state, so "unchanged" means something */
 	insert_item(db, 1, "existing", 1, 1);
@@ -179,7 +180,7 @@ expect_body_(pgs_buf *b, pgs_rc want, int info_want, const char *what, int line)
 	mock_close(db);
 }
 
-#define expect_body(b, want) \
+#define expect_body(b, want)                                                                       \
 	expect_body_(b, want, (want) == PGS_ERR_SCHEMA ? INFO_SKIP : (int) (want), #want, __LINE__)
 /* a payload that only a replica's schema shows to be malformed */
 #define expect_body_apply_only(b, want) expect_body_(b, want, INFO_SKIP, #want, __LINE__)
@@ -187,7 +188,7 @@ expect_body_(pgs_buf *b, pgs_rc want, int info_want, const char *what, int line)
 static void
 test_forged_valid(void **state)
 {
-	pgs_buf		b;
+	pgs_buf b;
 
 	(void) state;
 	/* the encoder itself makes a valid payload */
@@ -205,11 +206,11 @@ test_forged_valid(void **state)
 	f_items_dict(&b);
 	pgs_buf_varint(&b, 1);
 	f_group(&b, 0, 7, 1, 0, 2, (int64_t) pgs_hlc_from_ms(MS0), 1);
-	pgs_buf_u8(&b, PGS_REAL | 8 | 1 << 4);	/* column 1, own stamp */
+	pgs_buf_u8(&b, PGS_REAL | 8 | 1 << 4); /* column 1, own stamp */
 	pgs_buf_svarint(&b, 5);
 	pgs_buf_varint(&b, 0);
 	pgs_buf_put(&b, "\0\0\0\0\0\0\xf0\x3f", 8);
-	pgs_buf_u8(&b, PGS_NULL | 15 << 4);	/* explicit column 3 */
+	pgs_buf_u8(&b, PGS_NULL | 15 << 4); /* explicit column 3 */
 	pgs_buf_varint(&b, 3);
 	expect_body(&b, PGS_OK);
 }
@@ -217,12 +218,12 @@ test_forged_valid(void **state)
 static void
 test_malformed_container(void **state)
 {
-	db_conn    *db = replica(SITE_B, MS0);
-	db_conn    *a = replica(SITE_A, MS0);
-	pgs_buf		out;
-	pgs_err		err;
-	uint8_t    *p;
-	size_t		len;
+	db_conn *db = replica(SITE_B, MS0);
+	db_conn *a = replica(SITE_A, MS0);
+	pgs_buf	 out;
+	pgs_err	 err;
+	uint8_t *p;
+	size_t	 len;
 
 	(void) state;
 	insert_item(db, 5, "mine", 5, 5);
@@ -239,7 +240,7 @@ test_malformed_container(void **state)
 	apply_expect(db, NULL, 0, PGS_ERR_CORRUPT);
 	apply_expect(db, p, 0, PGS_ERR_CORRUPT);
 	apply_expect(db, p, PGS_HEADER_LEN - 1, PGS_ERR_CORRUPT);
-	apply_expect(db, p, PGS_HEADER_LEN, PGS_ERR_CORRUPT);	/* length mismatch */
+	apply_expect(db, p, PGS_HEADER_LEN, PGS_ERR_CORRUPT); /* length mismatch */
 	/* bad magic */
 	p[0] = 'X';
 	apply_expect(db, p, len, PGS_ERR_CORRUPT);
@@ -289,7 +290,10 @@ test_malformed_container(void **state)
 		if (off >= 48 && off < 56)
 			continue;
 		p[off] ^= 0x10;
-		apply_expect(db, p, len, off < 4 ? PGS_ERR_CORRUPT : (off == 4 || (off >= 5 && off < 8)) ? PGS_ERR_VERSION : PGS_ERR_CORRUPT);
+		apply_expect(db, p, len,
+					 off < 4							   ? PGS_ERR_CORRUPT
+					 : (off == 4 || (off >= 5 && off < 8)) ? PGS_ERR_VERSION
+														   : PGS_ERR_CORRUPT);
 		p[off] ^= 0x10;
 	}
 	p[50] ^= 1;
@@ -297,7 +301,7 @@ test_malformed_container(void **state)
 	p[50] ^= 1;
 	/* since < 0, until < since (re-sealed) */
 	{
-		uint8_t		save[16];
+		uint8_t save[16];
 
 		memcpy(save, p + 24, 16);
 		memset(p + 24, 0xff, 8);
@@ -312,10 +316,10 @@ test_malformed_container(void **state)
 	}
 	/* body_len over the limit */
 	{
-		uint8_t		save[8];
+		uint8_t save[8];
 
 		memcpy(save, p + 40, 8);
-		p[40] = 1, p[41] = 0, p[42] = 0, p[43] = 0x40;	/* 1 GiB + 1 */
+		p[40] = 1, p[41] = 0, p[42] = 0, p[43] = 0x40; /* 1 GiB + 1 */
 		mock_reseal(p, len);
 		apply_expect(db, p, len, PGS_ERR_TOO_BIG);
 		/* stored != body without the compression flag */
@@ -343,9 +347,9 @@ test_malformed_container(void **state)
 static void
 rich_payload(pgs_buf *out, int compress)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	db_conn    *b = replica(SITE_B, MS0 + 3);
-	pgs_err		err;
+	db_conn *a = replica(SITE_A, MS0);
+	db_conn *b = replica(SITE_B, MS0 + 3);
+	pgs_err	 err;
 
 	insert_item(a, 1, "one", 1, 1.25);
 	insert_item(a, 2, "two", -2, -0.0);
@@ -357,19 +361,19 @@ rich_payload(pgs_buf *out, int compress)
 	mock_advance(a, 100);
 	update_col(a, 1, DATA, mock_blob("\x01\x02", 2));
 	{
-		pgs_value	pk = mock_int(2);
+		pgs_value pk = mock_int(2);
 
 		assert_int_equal(mock_local_delete(a, mock_table(a, "items"), &pk), PGS_OK);
 	}
 	{
-		pgs_value	pk[2] = {mock_text("k"), mock_real(2.5)};
-		pgs_value	v[2] = {mock_text("t"), mock_int(1 << 20)};
+		pgs_value pk[2] = {mock_text("k"), mock_real(2.5)};
+		pgs_value v[2] = {mock_text("t"), mock_int(1 << 20)};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "tags"), pk, v), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(9);
-		pgs_value	v = mock_text("log line");
+		pgs_value pk = mock_int(9);
+		pgs_value v = mock_text("log line");
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "log"), &pk, &v), PGS_OK);
 	}
@@ -382,10 +386,10 @@ rich_payload(pgs_buf *out, int compress)
 static void
 test_truncated_every_offset(void **state)
 {
-	pgs_buf		out;
-	db_conn    *db = replica(SITE_C, MS0);
-	size_t		blen;
-	uint8_t    *t;
+	pgs_buf	 out;
+	db_conn *db = replica(SITE_C, MS0);
+	size_t	 blen;
+	uint8_t *t;
 
 	(void) state;
 	insert_item(db, 1, "existing", 1, 1);
@@ -400,7 +404,7 @@ test_truncated_every_offset(void **state)
 	t = test_malloc(out.len);
 	for (size_t k = 0; k < blen; k++)
 	{
-		size_t		len = PGS_HEADER_LEN + k;
+		size_t len = PGS_HEADER_LEN + k;
 
 		memcpy(t, out.p, len);
 		for (int i = 0; i < 4; i++)
@@ -417,7 +421,7 @@ test_truncated_every_offset(void **state)
 	{
 		for (size_t k = 0; k < out.len - PGS_HEADER_LEN; k++)
 		{
-			size_t		len = PGS_HEADER_LEN + k;
+			size_t len = PGS_HEADER_LEN + k;
 
 			memcpy(t, out.p, len);
 			for (int i = 0; i < 4; i++)
@@ -434,10 +438,9 @@ test_truncated_every_offset(void **state)
 static void
 test_every_bit_flipped(void **state)
 {
-	pgs_buf		out;
-	uint8_t    *t;
-	int			ok = 0,
-				bad = 0;
+	pgs_buf	 out;
+	uint8_t *t;
+	int		 ok = 0, bad = 0;
 
 	(void) state;
 	pgs_buf_init(&out);
@@ -445,14 +448,14 @@ test_every_bit_flipped(void **state)
 	t = test_malloc(out.len);
 	for (size_t bit = 0; bit < out.len * 8; bit++)
 	{
-		db_conn    *db;
-		mock_snap  *snap;
-		pgs_err		err;
-		pgs_rc		rc;
-		char	   *json = NULL;
+		db_conn	  *db;
+		mock_snap *snap;
+		pgs_err	   err;
+		pgs_rc	   rc;
+		char	  *json = NULL;
 
 		if (bit / 8 >= 48 && bit / 8 < 56)
-			continue;			/* the checksum itself: resealing undoes it */
+			continue; /* the checksum itself: resealing undoes it */
 		memcpy(t, out.p, out.len);
 		t[bit / 8] ^= (uint8_t) (1u << (bit % 8));
 		mock_reseal(t, out.len);
@@ -477,7 +480,7 @@ test_every_bit_flipped(void **state)
 		}
 		else
 		{
-			char		why[256];
+			char why[256];
 
 			bad++;
 			assert_int_equal(err.rc, rc);
@@ -488,7 +491,7 @@ test_every_bit_flipped(void **state)
 		rc = pgs_payload_info(t, out.len, &json, &err);
 		if (rc == PGS_OK)
 		{
-			cJSON	   *j = cJSON_Parse(json);
+			cJSON *j = cJSON_Parse(json);
 
 			assert_non_null(j);
 			cJSON_Delete(j);
@@ -505,10 +508,10 @@ test_every_bit_flipped(void **state)
 static void
 test_forged_counts_no_huge_allocation(void **state)
 {
-	pgs_buf		b;
+	pgs_buf b;
 
 	(void) state;
-	alloc_cap = 1 << 20;		/* 1 MiB: more than any of these payloads needs */
+	alloc_cap = 1 << 20; /* 1 MiB: more than any of these payloads needs */
 	/* huge site count */
 	pgs_buf_init(&b);
 	pgs_buf_varint(&b, UINT64_C(1) << 40);
@@ -537,14 +540,14 @@ test_forged_counts_no_huge_allocation(void **state)
 	pgs_buf_varint(&b, 1);
 	f_str(&b, "items");
 	pgs_buf_varint(&b, 1);
-	pgs_buf_varint(&b, UINT64_MAX - 1);	/* npk + ncols = UINT64_MAX */
+	pgs_buf_varint(&b, UINT64_MAX - 1); /* npk + ncols = UINT64_MAX */
 	f_str(&b, "id");
 	expect_body(&b, PGS_ERR_CORRUPT);
 	pgs_buf_init(&b);
 	pgs_buf_varint(&b, 0);
 	pgs_buf_varint(&b, 1);
 	f_str(&b, "items");
-	pgs_buf_varint(&b, 40000);	/* over the 32767 limit alone */
+	pgs_buf_varint(&b, 40000); /* over the 32767 limit alone */
 	pgs_buf_varint(&b, 0);
 	for (int i = 0; i < 40000; i++)
 		pgs_buf_u8(&b, 0);
@@ -620,17 +623,26 @@ test_forged_compressed_size_no_huge_allocation(void **state)
 {
 	/* zstd frame header: magic, FHD (single segment, 4-byte FCS), FCS = 2^30 - 1,
 	 * then one last raw block of 0 bytes */
-	uint32_t	claim = (1u << 30) - 1;
-	uint8_t		frame[] = {0x28, 0xb5, 0x2f, 0xfd, 0xa0,
-		(uint8_t) claim, (uint8_t) (claim >> 8), (uint8_t) (claim >> 16), (uint8_t) (claim >> 24),
-	0x01, 0x00, 0x00};
-	size_t		len;
-	uint8_t    *p;
-	db_conn    *db = replica(SITE_C, MS0);
+	uint32_t claim = (1u << 30) - 1;
+	uint8_t	 frame[] = {0x28,
+						0xb5,
+						0x2f,
+						0xfd,
+						0xa0,
+						(uint8_t) claim,
+						(uint8_t) (claim >> 8),
+						(uint8_t) (claim >> 16),
+						(uint8_t) (claim >> 24),
+						0x01,
+						0x00,
+						0x00};
+	size_t	 len;
+	uint8_t *p;
+	db_conn *db = replica(SITE_C, MS0);
 
 	(void) state;
 	p = seal_ex(frame, sizeof frame, 1, claim, &len);
-	alloc_cap = 64u << 20;		/* 64 MiB */
+	alloc_cap = 64u << 20; /* 64 MiB */
 	apply_expect(db, p, len, PGS_ERR_CORRUPT);
 	if (alloc_max > (64u << 20))
 		fail_msg("a %zu-byte payload asked for a %zu-byte allocation", len, alloc_max);
@@ -641,8 +653,8 @@ test_forged_compressed_size_no_huge_allocation(void **state)
 static void
 test_malformed_indexes_and_types(void **state)
 {
-	pgs_buf		b;
-	int64_t		h0 = (int64_t) pgs_hlc_from_ms(MS0);
+	pgs_buf b;
+	int64_t h0 = (int64_t) pgs_hlc_from_ms(MS0);
 
 	(void) state;
 	/* table index out of range */
@@ -685,7 +697,7 @@ test_malformed_indexes_and_types(void **state)
 	f_items_dict(&b);
 	pgs_buf_varint(&b, 1);
 	f_group(&b, 0, 1, 1, 0, 1, h0, 0);
-	f_change_int(&b, 4, 1);		/* column 4 of 4 */
+	f_change_int(&b, 4, 1); /* column 4 of 4 */
 	expect_body(&b, PGS_ERR_CORRUPT);
 	pgs_buf_init(&b);
 	f_items_dict(&b);
@@ -708,9 +720,9 @@ test_malformed_indexes_and_types(void **state)
 	f_items_dict(&b);
 	pgs_buf_varint(&b, 1);
 	f_group(&b, 0, 1, 1, 0, 2, h0, 0);
-	f_change_int(&b, 2, 1);		/* column 2 */
+	f_change_int(&b, 2, 1); /* column 2 */
 	pgs_buf_u8(&b, PGS_INT | 15 << 4);
-	pgs_buf_varint(&b, 2);		/* column 2 again */
+	pgs_buf_varint(&b, 2); /* column 2 again */
 	pgs_buf_svarint(&b, 1);
 	expect_body(&b, PGS_ERR_CORRUPT);
 	pgs_buf_init(&b);
@@ -719,7 +731,7 @@ test_malformed_indexes_and_types(void **state)
 	f_group(&b, 0, 1, 1, 0, 2, h0, 0);
 	f_change_int(&b, 2, 1);
 	pgs_buf_u8(&b, PGS_INT | 15 << 4);
-	pgs_buf_varint(&b, 0);		/* back to column 0 */
+	pgs_buf_varint(&b, 0); /* back to column 0 */
 	pgs_buf_svarint(&b, 1);
 	expect_body(&b, PGS_ERR_CORRUPT);
 	/* a column change on a deleted row (even cl) */
@@ -750,7 +762,7 @@ test_malformed_indexes_and_types(void **state)
 	pgs_buf_init(&b);
 	f_items_dict(&b);
 	pgs_buf_varint(&b, 1);
-	f_group(&b, 0, 1, 1, 0, 1, -1, 0);	/* 0 - 1 = UINT64_MAX */
+	f_group(&b, 0, 1, 1, 0, 1, -1, 0); /* 0 - 1 = UINT64_MAX */
 	f_change_int(&b, 0, 1);
 	expect_body(&b, PGS_ERR_CORRUPT);
 	pgs_buf_init(&b);
@@ -836,8 +848,8 @@ test_malformed_indexes_and_types(void **state)
 static void
 test_malformed_schema(void **state)
 {
-	pgs_buf		b;
-	int64_t		h0 = (int64_t) pgs_hlc_from_ms(MS0);
+	pgs_buf b;
+	int64_t h0 = (int64_t) pgs_hlc_from_ms(MS0);
 
 	(void) state;
 	/* unknown table */
@@ -899,13 +911,13 @@ test_delete_to_gset(void **state)
 {
 	static const char *const pk[] = {"id"};
 	static const char *const cols[] = {"msg"};
-	pgs_buf		b;
-	db_conn    *db = replica(SITE_C, MS0);
-	size_t		len;
-	uint8_t    *p;
-	pgs_err		err;
-	mock_snap  *snap;
-	char		why[256];
+	pgs_buf					 b;
+	db_conn					*db = replica(SITE_C, MS0);
+	size_t					 len;
+	uint8_t					*p;
+	pgs_err					 err;
+	mock_snap				*snap;
+	char					 why[256];
 
 	(void) state;
 	/*
@@ -958,7 +970,7 @@ test_delete_to_gset(void **state)
 static void
 test_column_count_wraparound(void **state)
 {
-	pgs_buf		b;
+	pgs_buf b;
 
 	(void) state;
 	pgs_buf_init(&b);
@@ -982,8 +994,8 @@ static void
 test_duplicate_column_names(void **state)
 {
 	static const char *const cols[] = {"name", "name"};
-	pgs_buf		b;
-	int64_t		h0 = (int64_t) pgs_hlc_from_ms(MS0);
+	pgs_buf					 b;
+	int64_t					 h0 = (int64_t) pgs_hlc_from_ms(MS0);
 
 	(void) state;
 	pgs_buf_init(&b);
@@ -1008,12 +1020,12 @@ test_duplicate_column_names_overflow(void **state)
 {
 	static const char *const pk[] = {"id"};
 	static const char *const cols[] = {"msg", "msg", "msg", "msg", "msg", "msg"};
-	pgs_buf		b;
-	int64_t		h0 = (int64_t) pgs_hlc_from_ms(MS0);
+	pgs_buf					 b;
+	int64_t					 h0 = (int64_t) pgs_hlc_from_ms(MS0);
 
 	(void) state;
 	pgs_buf_init(&b);
-	f_dict(&b, 1, "log", 1, pk, 6, cols);	/* log has 1 column */
+	f_dict(&b, 1, "log", 1, pk, 6, cols); /* log has 1 column */
 	pgs_buf_varint(&b, 1);
 	f_group(&b, 0, 5, 1, 0, 6, h0, 0);
 	for (int i = 0; i < 6; i++)

@@ -31,7 +31,7 @@ setup(void **state)
 /* three site ids: LO < MID < HI by memcmp; MID and HI differ only in the
  * last byte, LO and MID across the sign bit of the first byte */
 static const uint8_t SITE_LO[16] = {0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+									0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 static const uint8_t SITE_MID[16] = {0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01};
 static const uint8_t SITE_HI[16] = {0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02};
 
@@ -41,8 +41,7 @@ static pgs_merge
 cell(int64_t lcl, uint64_t lhlc, const uint8_t *lsite, int64_t icl, uint64_t ihlc,
 	 const uint8_t *isite)
 {
-	pgs_cellstamp l = {lhlc, lsite},
-				i = {ihlc, isite};
+	pgs_cellstamp l = {lhlc, lsite}, i = {ihlc, isite};
 
 	return pgs_merge_cell(lcl, &l, icl, &i);
 }
@@ -53,10 +52,10 @@ static void
 test_life(void **state)
 {
 	(void) state;
-	assert_int_equal(pgs_merge_life(0, 1), PGS_MERGE_WIN);	/* unknown key */
-	assert_int_equal(pgs_merge_life(1, 2), PGS_MERGE_WIN);	/* delete */
-	assert_int_equal(pgs_merge_life(2, 3), PGS_MERGE_WIN);	/* resurrection */
-	assert_int_equal(pgs_merge_life(1, 4), PGS_MERGE_WIN);	/* skips lives */
+	assert_int_equal(pgs_merge_life(0, 1), PGS_MERGE_WIN); /* unknown key */
+	assert_int_equal(pgs_merge_life(1, 2), PGS_MERGE_WIN); /* delete */
+	assert_int_equal(pgs_merge_life(2, 3), PGS_MERGE_WIN); /* resurrection */
+	assert_int_equal(pgs_merge_life(1, 4), PGS_MERGE_WIN); /* skips lives */
 	assert_int_equal(pgs_merge_life(3, 3), PGS_MERGE_SAME);
 	assert_int_equal(pgs_merge_life(2, 2), PGS_MERGE_SAME);
 	assert_int_equal(pgs_merge_life(3, 2), PGS_MERGE_LOSE);
@@ -122,7 +121,8 @@ test_rung_same_life_by_hlc(void **state)
 	assert_int_equal(cell(3, T(100), SITE_HI, 3, T(100) + 1, SITE_LO), PGS_MERGE_WIN);
 	assert_int_equal(cell(3, T(100) + 1, SITE_LO, 3, T(100), SITE_HI), PGS_MERGE_LOSE);
 	/* compared as unsigned 64-bit integers */
-	assert_int_equal(cell(1, UINT64_C(1) << 62, SITE_HI, 1, (UINT64_C(1) << 63) + 5, SITE_LO), PGS_MERGE_WIN);
+	assert_int_equal(cell(1, UINT64_C(1) << 62, SITE_HI, 1, (UINT64_C(1) << 63) + 5, SITE_LO),
+					 PGS_MERGE_WIN);
 }
 
 /* rung 3: equal stamps, the larger site id (memcmp) wins */
@@ -143,7 +143,7 @@ test_rung_tie_by_site(void **state)
 static void
 test_rung_same_stamp_and_site_is_same(void **state)
 {
-	uint8_t		copy[16];
+	uint8_t copy[16];
 
 	(void) state;
 	memcpy(copy, SITE_MID, 16);
@@ -182,13 +182,13 @@ test_deleted_life_takes_no_cell(void **state)
 
 typedef struct stamp
 {
-	int64_t		cl;
-	uint64_t	hlc;
+	int64_t		   cl;
+	uint64_t	   hlc;
 	const uint8_t *site;
 } stamp;
 
 static stamp domain[6 * 6 * 3];
-static int	ndomain;
+static int	 ndomain;
 
 static void
 build_domain(void)
@@ -200,14 +200,13 @@ build_domain(void)
 	for (int64_t cl = 1; cl <= 6; cl++)
 		for (int h = 0; h < 6; h++)
 			for (int s = 0; s < 3; s++)
-				domain[ndomain++] = (stamp) {cl, hlcs[h], sites[s]};
+				domain[ndomain++] = (stamp){cl, hlcs[h], sites[s]};
 }
 
 static pgs_merge
 vs(const stamp *local, const stamp *in)
 {
-	pgs_cellstamp l = {local->hlc, local->site},
-				i = {in->hlc, in->site};
+	pgs_cellstamp l = {local->hlc, local->site}, i = {in->hlc, in->site};
 
 	return pgs_merge_cell(local->cl, &l, in->cl, &i);
 }
@@ -228,17 +227,15 @@ comparable(const stamp *a, const stamp *b)
 static void
 test_antisymmetric_and_total(void **state)
 {
-	int			checked = 0;
+	int checked = 0;
 
 	(void) state;
 	build_domain();
 	for (int i = 0; i < ndomain; i++)
 		for (int j = 0; j < ndomain; j++)
 		{
-			const stamp *a = &domain[i],
-					   *b = &domain[j];
-			pgs_merge	ab = vs(a, b),
-						ba = vs(b, a);
+			const stamp *a = &domain[i], *b = &domain[j];
+			pgs_merge	 ab = vs(a, b), ba = vs(b, a);
 
 			/* total: always one of the three answers */
 			assert_true(ab == PGS_MERGE_WIN || ab == PGS_MERGE_LOSE || ab == PGS_MERGE_SAME);
@@ -260,7 +257,8 @@ test_antisymmetric_and_total(void **state)
 			else if (a->hlc != b->hlc)
 				assert_int_equal(ab, b->hlc > a->hlc ? PGS_MERGE_WIN : PGS_MERGE_LOSE);
 			else if (memcmp(a->site, b->site, 16) != 0)
-				assert_int_equal(ab, memcmp(b->site, a->site, 16) > 0 ? PGS_MERGE_WIN : PGS_MERGE_LOSE);
+				assert_int_equal(ab,
+								 memcmp(b->site, a->site, 16) > 0 ? PGS_MERGE_WIN : PGS_MERGE_LOSE);
 			checked++;
 		}
 	assert_true(checked > ndomain * ndomain / 2);
@@ -288,16 +286,15 @@ test_transitive(void **state)
 static void
 test_fold_order_independent(void **state)
 {
-	uint64_t	x = 0x2545F4914F6CDD1Dull;
+	uint64_t x = 0x2545F4914F6CDD1Dull;
 
 	(void) state;
 	build_domain();
 	for (int round = 0; round < 2000; round++)
 	{
-		stamp		set[6];
-		int			n = 2 + (int) (x % 5);
-		stamp		first = {0},
-					best = {0};
+		stamp set[6];
+		int	  n = 2 + (int) (x % 5);
+		stamp first = {0}, best = {0};
 
 		for (int i = 0; i < n; i++)
 		{
@@ -306,13 +303,13 @@ test_fold_order_independent(void **state)
 		}
 		for (int perm = 0; perm < 24; perm++)
 		{
-			stamp		cur;
+			stamp cur;
 
 			/* a random permutation */
 			for (int i = n - 1; i > 0; i--)
 			{
-				int			k;
-				stamp		tmp;
+				int	  k;
+				stamp tmp;
 
 				x ^= x << 13, x ^= x >> 7, x ^= x << 17;
 				k = (int) (x % (uint64_t) (i + 1));
@@ -327,7 +324,7 @@ test_fold_order_independent(void **state)
 			else if (first.cl & 1)
 				assert_true(same_write(&first, &cur));
 			else
-				assert_true(first.cl == cur.cl);	/* a deleted life: no cell to agree on */
+				assert_true(first.cl == cur.cl); /* a deleted life: no cell to agree on */
 			best = cur;
 		}
 		/* and the winner beats or equals every write of the set */

@@ -26,36 +26,35 @@
 static void
 test_roundtrip_basic(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0 + 5);
+	db_conn		   *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0 + 5);
 	pgs_apply_stats st;
 
 	(void) state;
 	insert_item(a, 1, "one", 10, 1.5);
 	insert_item(a, 2, "two", 20, 2.5);
 	{
-		pgs_value	pk[2] = {mock_text("x"), mock_int(-3)};
-		pgs_value	v[2] = {mock_text("ax"), mock_blob("\x00\x01", 2)};
+		pgs_value pk[2] = {mock_text("x"), mock_int(-3)};
+		pgs_value v[2] = {mock_text("ax"), mock_blob("\x00\x01", 2)};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "tags"), pk, v), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(100);
-		pgs_value	v = mock_text("logged");
+		pgs_value pk = mock_int(100);
+		pgs_value v = mock_text("logged");
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "log"), &pk, &v), PGS_OK);
 	}
 	st = sync_once(a, b, 0);
-	assert_int_equal(st.won, 4 + 11);	/* 4 row lives + 4+4+2+1 columns */
+	assert_int_equal(st.won, 4 + 11); /* 4 row lives + 4+4+2+1 columns */
 	assert_int_equal(st.lost, 0);
 	assert_int_equal(st.changes, 11);
 	assert_int_equal(st.rejected, 0);
 	assert_equal_dbs(a, b);
 	/* the merged rows carry the sender's stamps, under the receiver's version */
 	{
-		pgs_stamp	cols[4];
+		pgs_stamp	 cols[4];
 		pgs_rowclock rc = {.cols = cols};
-		pgs_value	pk = mock_int(1);
+		pgs_value	 pk = mock_int(1);
 
 		assert_true(mock_clock(b, mock_table(b, "items"), &pk, &rc));
 		assert_true(rc.cl == 1);
@@ -67,8 +66,8 @@ test_roundtrip_basic(void **state)
 	assert_true(mock_hlc(b) >= mock_hlc(a));
 	/* applying the same payload again changes nothing */
 	{
-		mock_snap  *snap = mock_snapshot(b);
-		char		why[256];
+		mock_snap *snap = mock_snapshot(b);
+		char	   why[256];
 
 		st = sync_once(a, b, 0);
 		assert_int_equal(st.won, 0);
@@ -84,11 +83,11 @@ test_roundtrip_basic(void **state)
 static void
 test_empty_build(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	pgs_buf		out;
-	pgs_err		err;
+	db_conn		   *a = replica(SITE_A, MS0);
+	pgs_buf			out;
+	pgs_err			err;
 	pgs_build_stats st;
-	pgs_build_opts o = {.since = 0, .until = 0, .compress = 1};
+	pgs_build_opts	o = {.since = 0, .until = 0, .compress = 1};
 
 	(void) state;
 	pgs_buf_init(&out);
@@ -106,7 +105,7 @@ test_empty_build(void **state)
 static uint64_t
 bits_of(double d)
 {
-	uint64_t	u;
+	uint64_t u;
 
 	memcpy(&u, &d, 8);
 	return u;
@@ -115,7 +114,7 @@ bits_of(double d)
 static double
 double_of(uint64_t u)
 {
-	double		d;
+	double d;
 
 	memcpy(&d, &u, 8);
 	return d;
@@ -124,72 +123,72 @@ double_of(uint64_t u)
 static void
 test_value_edges(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	db_table   *items = mock_table(a, "items");
+	db_conn				 *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	db_table			 *items = mock_table(a, "items");
 	static const uint64_t reals[] = {
-		0x8000000000000000ull,	/* -0.0 */
-		0x0000000000000000ull,	/* +0.0 */
-		0x7ff8000000000000ull,	/* quiet NaN */
-		0x7ff8000000000123ull,	/* quiet NaN with payload */
-		0xfff8dead0000beefull,	/* negative NaN with payload */
-		0x7ff0000000000001ull,	/* signalling NaN */
-		0x7ff0000000000000ull,	/* +Inf */
-		0xfff0000000000000ull,	/* -Inf */
-		0x0000000000000001ull,	/* smallest subnormal */
-		0x800fffffffffffffull,	/* largest negative subnormal */
-		0x7fefffffffffffffull,	/* DBL_MAX */
-		0x0010000000000000ull,	/* DBL_MIN */
+		0x8000000000000000ull, /* -0.0 */
+		0x0000000000000000ull, /* +0.0 */
+		0x7ff8000000000000ull, /* quiet NaN */
+		0x7ff8000000000123ull, /* quiet NaN with payload */
+		0xfff8dead0000beefull, /* negative NaN with payload */
+		0x7ff0000000000001ull, /* signalling NaN */
+		0x7ff0000000000000ull, /* +Inf */
+		0xfff0000000000000ull, /* -Inf */
+		0x0000000000000001ull, /* smallest subnormal */
+		0x800fffffffffffffull, /* largest negative subnormal */
+		0x7fefffffffffffffull, /* DBL_MAX */
+		0x0010000000000000ull, /* DBL_MIN */
 	};
 	static const int64_t ints[] = {INT64_MIN, INT64_MAX, 0, -1, 1, INT64_MIN + 1, 63, -64, 64};
-	static const char utf8[] = "h\xc3\xa9llo \xe2\x9c\x93 \xf0\x9d\x84\x9e \xe6\x97\xa5\xe6\x9c\xac";
+	static const char	 utf8[] =
+		"h\xc3\xa9llo \xe2\x9c\x93 \xf0\x9d\x84\x9e \xe6\x97\xa5\xe6\x9c\xac";
 	static const char with_nul[] = {'a', '\0', 'b', '\0'};
-	uint8_t		allbytes[256];
-	int64_t		id = 10000;
+	uint8_t			  allbytes[256];
+	int64_t			  id = 10000;
 
 	(void) state;
 	for (int i = 0; i < 256; i++)
 		allbytes[i] = (uint8_t) i;
 	for (size_t i = 0; i < sizeof reals / sizeof reals[0]; i++)
 	{
-		pgs_value	pk = mock_int(id++);
-		pgs_value	v[4] = {mock_null(), mock_null(), mock_real(double_of(reals[i])), mock_null()};
+		pgs_value pk = mock_int(id++);
+		pgs_value v[4] = {mock_null(), mock_null(), mock_real(double_of(reals[i])), mock_null()};
 
 		assert_int_equal(mock_local_insert(a, items, &pk, v), PGS_OK);
 	}
 	for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
 	{
-		pgs_value	pk = mock_int(ints[i]);	/* as key too */
-		pgs_value	v[4] = {mock_null(), mock_int(ints[i]), mock_null(), mock_int(ints[i])};
+		pgs_value pk = mock_int(ints[i]); /* as key too */
+		pgs_value v[4] = {mock_null(), mock_int(ints[i]), mock_null(), mock_int(ints[i])};
 
 		assert_int_equal(mock_local_insert(a, items, &pk, v), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(1000);
-		pgs_value	v[4] = {mock_text(utf8), mock_null(), mock_null(), mock_blob(allbytes, 256)};
+		pgs_value pk = mock_int(1000);
+		pgs_value v[4] = {mock_text(utf8), mock_null(), mock_null(), mock_blob(allbytes, 256)};
 
 		assert_int_equal(mock_local_insert(a, items, &pk, v), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(1001);
-		pgs_value	t = {.type = PGS_TEXT, .len = sizeof with_nul};
-		pgs_value	v[4] = {mock_null(), mock_null(), mock_null(), mock_blob("", 0)};
+		pgs_value pk = mock_int(1001);
+		pgs_value t = {.type = PGS_TEXT, .len = sizeof with_nul};
+		pgs_value v[4] = {mock_null(), mock_null(), mock_null(), mock_blob("", 0)};
 
 		t.v.p = (const uint8_t *) with_nul;
 		v[0] = t;
 		assert_int_equal(mock_local_insert(a, items, &pk, v), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(1002);
-		pgs_value	v[4] = {mock_text(""), mock_real(-0.0), mock_int(0), mock_text("0")};
+		pgs_value pk = mock_int(1002);
+		pgs_value v[4] = {mock_text(""), mock_real(-0.0), mock_int(0), mock_text("0")};
 
 		assert_int_equal(mock_local_insert(a, items, &pk, v), PGS_OK);
 	}
 	/* keys of every type: TEXT with NUL and UTF-8, BLOB, REAL by bit pattern */
 	{
-		db_table   *tags = mock_table(a, "tags");
-		pgs_value	t = {.type = PGS_TEXT, .len = sizeof with_nul};
-		pgs_value	keys[][2] = {
+		db_table *tags = mock_table(a, "tags");
+		pgs_value t = {.type = PGS_TEXT, .len = sizeof with_nul};
+		pgs_value keys[][2] = {
 			{mock_text(utf8), mock_int(INT64_MIN)},
 			{mock_blob(allbytes, 256), mock_real(-0.0)},
 			{mock_blob(allbytes, 256), mock_real(0.0)},
@@ -201,18 +200,18 @@ test_value_edges(void **state)
 		keys[4][0] = t;
 		for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
 		{
-			pgs_value	v[2] = {mock_int((int64_t) i), mock_null()};
+			pgs_value v[2] = {mock_int((int64_t) i), mock_null()};
 
 			assert_int_equal(mock_local_insert(a, tags, keys[i], v), PGS_OK);
 		}
 		assert_int_equal(mock_row_count(a, tags), 5);
 	}
 	sync_once(a, b, 0);
-	assert_equal_dbs(a, b);		/* pgs_value_cmp: same type, same bits */
+	assert_equal_dbs(a, b); /* pgs_value_cmp: same type, same bits */
 	/* spot checks of the exact bits on the receiver */
 	for (size_t i = 0; i < sizeof reals / sizeof reals[0]; i++)
 	{
-		pgs_value	pk = mock_int(10000 + (int64_t) i);
+		pgs_value		 pk = mock_int(10000 + (int64_t) i);
 		const pgs_value *row = mock_row_get(b, mock_table(b, "items"), &pk);
 
 		assert_non_null(row);
@@ -221,14 +220,14 @@ test_value_edges(void **state)
 		assert_int_equal(row[NAME].type, PGS_NULL);
 	}
 	{
-		pgs_value	pk = mock_int(INT64_MIN);
+		pgs_value		 pk = mock_int(INT64_MIN);
 		const pgs_value *row = mock_row_get(b, mock_table(b, "items"), &pk);
 
 		assert_non_null(row);
 		assert_true(row[QTY].type == PGS_INT && row[QTY].v.i == INT64_MIN);
 	}
 	{
-		pgs_value	pk = mock_int(1001);
+		pgs_value		 pk = mock_int(1001);
 		const pgs_value *row = mock_row_get(b, mock_table(b, "items"), &pk);
 
 		assert_int_equal(row[NAME].type, PGS_TEXT);
@@ -245,7 +244,7 @@ test_value_edges(void **state)
 static void
 fill_random(uint8_t *p, size_t n, uint64_t seed)
 {
-	uint64_t	x = seed | 1;
+	uint64_t x = seed | 1;
 
 	for (size_t i = 0; i < n; i++)
 	{
@@ -257,22 +256,20 @@ fill_random(uint8_t *p, size_t n, uint64_t seed)
 static void
 test_large_values(void **state)
 {
-	size_t		n = 16u << 20;
-	uint8_t    *text = test_malloc(n),
-			   *blob = test_malloc(n);
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	pgs_buf		out;
-	pgs_err		err;
+	size_t	 n = 16u << 20;
+	uint8_t *text = test_malloc(n), *blob = test_malloc(n);
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	pgs_buf	 out;
+	pgs_err	 err;
 
 	(void) state;
 	for (size_t i = 0; i < n; i++)
 		text[i] = (uint8_t) ("pgsync large text value \xc3\xa9 "[i % 27]);
 	fill_random(blob, n, 42);
 	{
-		pgs_value	pk = mock_int(1);
-		pgs_value	t = {.type = PGS_TEXT, .len = (uint32_t) n};
-		pgs_value	v[4] = {mock_null(), mock_int(1), mock_null(), mock_blob(blob, (uint32_t) n)};
+		pgs_value pk = mock_int(1);
+		pgs_value t = {.type = PGS_TEXT, .len = (uint32_t) n};
+		pgs_value v[4] = {mock_null(), mock_int(1), mock_null(), mock_blob(blob, (uint32_t) n)};
 
 		t.v.p = text;
 		v[0] = t;
@@ -301,7 +298,7 @@ test_large_values(void **state)
 	assert_int_equal(mock_apply(b, out.p, out.len, NULL, &err), PGS_OK);
 	assert_equal_dbs(a, b);
 	{
-		pgs_value	pk = mock_int(1);
+		pgs_value		 pk = mock_int(1);
 		const pgs_value *row = mock_row_get(b, mock_table(b, "items"), &pk);
 
 		assert_int_equal(row[NAME].len, n);
@@ -319,11 +316,11 @@ test_large_values(void **state)
 static void
 test_compression_only_when_smaller(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	db_conn    *b;
-	pgs_buf		out;
-	pgs_err		err;
-	uint8_t		rnd[4096];
+	db_conn *a = replica(SITE_A, MS0);
+	db_conn *b;
+	pgs_buf	 out;
+	pgs_err	 err;
+	uint8_t	 rnd[4096];
 
 	(void) state;
 	pgs_buf_init(&out);
@@ -334,8 +331,8 @@ test_compression_only_when_smaller(void **state)
 	/* incompressible: stays raw although compression was asked for */
 	fill_random(rnd, sizeof rnd, 7);
 	{
-		pgs_value	pk = mock_int(2);
-		pgs_value	v[4] = {mock_null(), mock_null(), mock_null(), mock_blob(rnd, sizeof rnd)};
+		pgs_value pk = mock_int(2);
+		pgs_value v[4] = {mock_null(), mock_null(), mock_null(), mock_blob(rnd, sizeof rnd)};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "items"), &pk, v), PGS_OK);
 	}
@@ -353,7 +350,7 @@ test_compression_only_when_smaller(void **state)
 	assert_int_equal(mock_apply(b, out.p, out.len, NULL, &err), PGS_OK);
 	assert_equal_dbs(a, b);
 	{
-		cJSON	   *j = info_json(out.p, out.len);
+		cJSON *j = info_json(out.p, out.len);
 
 		assert_true(cJSON_IsTrue(jget(j, "compressed")));
 		assert_true(jnum(j, "stored_bytes") < jnum(j, "body_bytes"));
@@ -370,39 +367,39 @@ test_compression_only_when_smaller(void **state)
 static void
 test_payload_info_json(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	pgs_buf		out;
-	pgs_err		err;
-	cJSON	   *j;
-	char		site_a[37];
-	uint8_t		bl[3] = {0x00, 0xab, 0xff};
+	db_conn *a = replica(SITE_A, MS0);
+	pgs_buf	 out;
+	pgs_err	 err;
+	cJSON	*j;
+	char	 site_a[37];
+	uint8_t	 bl[3] = {0x00, 0xab, 0xff};
 
 	(void) state;
 	pgs_uuid_format(SITE_A, site_a);
 	{
-		pgs_value	pk = mock_int(INT64_MIN);
-		pgs_value	v[4] = {mock_text("caf\xc3\xa9 \"q\""), mock_int(INT64_MAX),
-		mock_real(double_of(0x7ff8000000000001ull)), mock_blob(bl, 3)};
+		pgs_value pk = mock_int(INT64_MIN);
+		pgs_value v[4] = {mock_text("caf\xc3\xa9 \"q\""), mock_int(INT64_MAX),
+						  mock_real(double_of(0x7ff8000000000001ull)), mock_blob(bl, 3)};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "items"), &pk, v), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(2);
-		pgs_value	v[4] = {mock_null(), mock_null(), mock_real(-INFINITY), mock_null()};
+		pgs_value pk = mock_int(2);
+		pgs_value v[4] = {mock_null(), mock_null(), mock_real(-INFINITY), mock_null()};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "items"), &pk, v), PGS_OK);
 		assert_int_equal(mock_local_delete(a, mock_table(a, "items"), &pk), PGS_OK);
 	}
 	{
-		pgs_value	pk = mock_int(3);
-		pgs_value	v[4] = {mock_null(), mock_null(), mock_real(0.1), mock_null()};
+		pgs_value pk = mock_int(3);
+		pgs_value v[4] = {mock_null(), mock_null(), mock_real(0.1), mock_null()};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "items"), &pk, v), PGS_OK);
 	}
 	pgs_buf_init(&out);
 	assert_int_equal(mock_build(a, 0, NULL, 0, &out, &err), PGS_OK);
 	{
-		char	   *text;
+		char *text;
 
 		assert_int_equal(pgs_payload_info(out.p, out.len, &text, &err), PGS_OK);
 		/* integers are exact in the text, not rounded through a double */
@@ -431,7 +428,7 @@ test_payload_info_json(void **state)
 		const cJSON *tables = jget(j, "tables");
 		const cJSON *t0 = cJSON_GetArrayItem(tables, 0);
 
-		assert_int_equal(cJSON_GetArraySize(tables), 1);	/* only tables with changes */
+		assert_int_equal(cJSON_GetArraySize(tables), 1); /* only tables with changes */
 		assert_string_equal(jstr(t0, "name"), "items");
 		assert_int_equal(cJSON_GetArraySize(jget(t0, "key")), 1);
 		assert_string_equal(cJSON_GetArrayItem(jget(t0, "key"), 0)->valuestring, "id");
@@ -440,14 +437,14 @@ test_payload_info_json(void **state)
 	}
 	{
 		const cJSON *rows = jget(j, "rows");
-		int			seen = 0;
+		int			 seen = 0;
 
 		assert_int_equal(cJSON_GetArraySize(rows), 3);
 		for (int i = 0; i < 3; i++)
 		{
 			const cJSON *r = cJSON_GetArrayItem(rows, i);
 			const cJSON *ch = jget(r, "changes");
-			double		key = cJSON_GetArrayItem(jget(r, "key"), 0)->valuedouble;
+			double		 key = cJSON_GetArrayItem(jget(r, "key"), 0)->valuedouble;
 
 			assert_string_equal(jstr(r, "table"), "items");
 			assert_string_equal(jstr(r, "cl_site"), site_a);
@@ -484,7 +481,7 @@ test_payload_info_json(void **state)
 				const cJSON *c = cJSON_GetArrayItem(ch, 2);
 
 				assert_true(cJSON_IsNumber(jget(c, "value")));
-				assert_true(jget(c, "value")->valuedouble == 0.1);	/* 17 digits round-trip */
+				assert_true(jget(c, "value")->valuedouble == 0.1); /* 17 digits round-trip */
 				assert_true(cJSON_IsNull(jget(cJSON_GetArrayItem(ch, 0), "value")));
 				seen |= 4;
 			}
@@ -494,9 +491,9 @@ test_payload_info_json(void **state)
 	cJSON_Delete(j);
 	/* infinities render as strings */
 	{
-		pgs_value	pk = mock_int(4);
-		pgs_value	v[4] = {mock_null(), mock_null(), mock_real(-INFINITY), mock_null()};
-		char	   *text;
+		pgs_value pk = mock_int(4);
+		pgs_value v[4] = {mock_null(), mock_null(), mock_real(-INFINITY), mock_null()};
+		char	 *text;
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "items"), &pk, v), PGS_OK);
 		assert_int_equal(mock_build(a, mock_version(a) - 1, NULL, 0, &out, &err), PGS_OK);
@@ -512,17 +509,17 @@ test_payload_info_json(void **state)
 static void
 test_payload_info_row_cap(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	pgs_buf		out;
-	pgs_err		err;
-	cJSON	   *j;
+	db_conn *a = replica(SITE_A, MS0);
+	pgs_buf	 out;
+	pgs_err	 err;
+	cJSON	*j;
 
 	(void) state;
 	mock_begin(a);
 	for (int i = 0; i < 10003; i++)
 	{
-		pgs_value	pk = mock_int(i);
-		pgs_value	v[4] = {mock_null(), mock_int(i), mock_null(), mock_null()};
+		pgs_value pk = mock_int(i);
+		pgs_value v[4] = {mock_null(), mock_int(i), mock_null(), mock_null()};
 
 		assert_int_equal(mock_local_insert(a, mock_table(a, "items"), &pk, v), PGS_OK);
 	}
@@ -543,21 +540,22 @@ test_payload_info_row_cap(void **state)
 static void
 test_value_codec(void **state)
 {
-	uint8_t		bytes[3] = {1, 2, 3};
-	pgs_value	vals[] = {
-		mock_null(), mock_int(INT64_MIN), mock_int(-1), mock_int(0), mock_int(INT64_MAX),
-		mock_real(-INFINITY), mock_real(-0.0), mock_real(0.0), mock_real(NAN),
-		mock_text(""), mock_text("a"), mock_text("ab"), mock_blob(bytes, 0), mock_blob(bytes, 3),
+	uint8_t	  bytes[3] = {1, 2, 3};
+	pgs_value vals[] = {
+		mock_null(),		 mock_int(INT64_MIN),  mock_int(-1),	mock_int(0),
+		mock_int(INT64_MAX), mock_real(-INFINITY), mock_real(-0.0), mock_real(0.0),
+		mock_real(NAN),		 mock_text(""),		   mock_text("a"),	mock_text("ab"),
+		mock_blob(bytes, 0), mock_blob(bytes, 3),
 	};
-	int			n = (int) (sizeof vals / sizeof vals[0]);
+	int n = (int) (sizeof vals / sizeof vals[0]);
 
 	(void) state;
 	for (int i = 0; i < n; i++)
 	{
-		pgs_buf		b;
-		pgs_value	back;
+		pgs_buf		   b;
+		pgs_value	   back;
 		const uint8_t *p;
-		pgs_err		err;
+		pgs_err		   err;
 
 		pgs_buf_init(&b);
 		pgs_value_put(&b, &vals[i]);
@@ -572,16 +570,18 @@ test_value_codec(void **state)
 			if (vals[i].type == PGS_TEXT || vals[i].type == PGS_BLOB)
 			{
 				if (k == 0 || vals[i].len > 0)
-					assert_int_equal(pgs_value_get(&p, b.p + k, vals[i].type, &back, &err), PGS_ERR_CORRUPT);
+					assert_int_equal(pgs_value_get(&p, b.p + k, vals[i].type, &back, &err),
+									 PGS_ERR_CORRUPT);
 			}
 			else
-				assert_int_equal(pgs_value_get(&p, b.p + k, vals[i].type, &back, &err), PGS_ERR_CORRUPT);
+				assert_int_equal(pgs_value_get(&p, b.p + k, vals[i].type, &back, &err),
+								 PGS_ERR_CORRUPT);
 		}
 		pgs_buf_free(&b);
 		/* the order is total and antisymmetric: type first, then content */
 		for (int k = 0; k < n; k++)
 		{
-			int			c = pgs_value_cmp(&vals[i], &vals[k]);
+			int c = pgs_value_cmp(&vals[i], &vals[k]);
 
 			assert_int_equal(c, -pgs_value_cmp(&vals[k], &vals[i]));
 			assert_int_equal(c == 0, i == k);
@@ -593,8 +593,8 @@ test_value_codec(void **state)
 	for (uint8_t t = 5; t < 8; t++)
 	{
 		const uint8_t *p = bytes;
-		pgs_value	v;
-		pgs_err		err;
+		pgs_value	   v;
+		pgs_err		   err;
 
 		assert_int_equal(pgs_value_get(&p, bytes + 3, t, &v, &err), PGS_ERR_CORRUPT);
 	}
@@ -603,13 +603,11 @@ test_value_codec(void **state)
 static void
 test_since_until_filtering(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0);
-	pgs_buf		out;
-	pgs_err		err;
-	int64_t		v1,
-				v2,
-				v3;
-	cJSON	   *j;
+	db_conn *a = replica(SITE_A, MS0);
+	pgs_buf	 out;
+	pgs_err	 err;
+	int64_t	 v1, v2, v3;
+	cJSON	*j;
 
 	(void) state;
 	pgs_buf_init(&out);
@@ -630,7 +628,7 @@ test_since_until_filtering(void **state)
 	assert_int_equal((int) jnum(j, "until"), (int) v3);
 	cJSON_Delete(j);
 	{
-		int64_t		until;
+		int64_t until;
 
 		assert_int_equal(pgs_payload_until(out.p, out.len, &until, &err), PGS_OK);
 		assert_true(until == v3);
@@ -689,19 +687,17 @@ test_since_until_filtering(void **state)
 static void
 test_until_below_current_version(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0);
-	pgs_buf		out;
-	pgs_err		err;
-	int64_t		v1,
-				v3;
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0);
+	pgs_buf	 out;
+	pgs_err	 err;
+	int64_t	 v1, v3;
 
 	(void) state;
 	pgs_buf_init(&out);
-	insert_item(a, 1, "one", 10, 1.5);	/* v1 */
+	insert_item(a, 1, "one", 10, 1.5); /* v1 */
 	v1 = mock_version(a);
-	insert_item(a, 2, "two", 20, 2.5);	/* v2: the slow writer of the story */
-	update_col(a, 1, NAME, mock_text("uno"));	/* v3 */
+	insert_item(a, 2, "two", 20, 2.5);		  /* v2: the slow writer of the story */
+	update_col(a, 1, NAME, mock_text("uno")); /* v3 */
 	v3 = mock_version(a);
 	{
 		pgs_build_opts o = {.since = 0, .until = v1, .compress = 1};
@@ -719,11 +715,11 @@ test_until_below_current_version(void **state)
 	}
 	/* b followed a's payloads back to back: it must hold row 1 whole */
 	{
-		pgs_value	pk = mock_int(1);
+		pgs_value		 pk = mock_int(1);
 		const pgs_value *row = mock_row_get(b, mock_table(b, "items"), &pk);
 
 		assert_non_null(row);
-		assert_int_equal(row[QTY].type, PGS_INT);	/* fails: qty was never sent */
+		assert_int_equal(row[QTY].type, PGS_INT); /* fails: qty was never sent */
 		assert_true(row[QTY].v.i == 10);
 	}
 	assert_equal_dbs(a, b);
@@ -735,14 +731,12 @@ test_until_below_current_version(void **state)
 static void
 test_relay_keeps_origin(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0 + 10),
-			   *c = replica(SITE_C, MS0 + 20);
-	pgs_buf		out;
-	pgs_err		err;
-	char		sa[37],
-				sb[37];
-	cJSON	   *j;
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0 + 10),
+			*c = replica(SITE_C, MS0 + 20);
+	pgs_buf out;
+	pgs_err err;
+	char	sa[37], sb[37];
+	cJSON  *j;
 
 	(void) state;
 	pgs_uuid_format(SITE_A, sa);
@@ -770,7 +764,10 @@ test_relay_keeps_origin(void **state)
 	/* and c, relaying further, still names a */
 	assert_int_equal(mock_build(c, 0, NULL, 0, &out, &err), PGS_OK);
 	j = info_json(out.p, out.len);
-	assert_string_equal(jstr(cJSON_GetArrayItem(jget(cJSON_GetArrayItem(jget(j, "rows"), 0), "changes"), 1), "site"), sa);
+	assert_string_equal(
+		jstr(cJSON_GetArrayItem(jget(cJSON_GetArrayItem(jget(j, "rows"), 0), "changes"), 1),
+			 "site"),
+		sa);
 	cJSON_Delete(j);
 	/* b edits one column: a relay now names both, each on its own change */
 	update_col(b, 1, QTY, mock_int(2));
@@ -796,11 +793,10 @@ test_relay_keeps_origin(void **state)
 static void
 test_exclude_site(void **state)
 {
-	db_conn    *a = replica(SITE_A, MS0),
-			   *b = replica(SITE_B, MS0 + 10);
-	pgs_buf		out;
-	pgs_err		err;
-	cJSON	   *j;
+	db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0 + 10);
+	pgs_buf	 out;
+	pgs_err	 err;
+	cJSON	*j;
 
 	(void) state;
 	pgs_buf_init(&out);
@@ -813,7 +809,7 @@ test_exclude_site(void **state)
 	/* b's own edits go out, a's do not */
 	update_col(b, 1, PRICE, mock_real(9.5));
 	{
-		pgs_value	pk = mock_int(2);
+		pgs_value pk = mock_int(2);
 
 		assert_int_equal(mock_local_delete(b, mock_table(b, "items"), &pk), PGS_OK);
 	}
@@ -826,7 +822,7 @@ test_exclude_site(void **state)
 	assert_equal_dbs(a, b);
 	/* a site nobody knows excludes nothing */
 	{
-		int64_t		before = mock_version(b);
+		int64_t before = mock_version(b);
 
 		assert_int_equal(mock_build(b, 0, SITE_C, 0, &out, &err), PGS_OK);
 		j = info_json(out.p, out.len);
@@ -834,7 +830,7 @@ test_exclude_site(void **state)
 		assert_int_equal((int) jnum(j, "change_count"), 4);
 		cJSON_Delete(j);
 		assert_true(mock_version(b) == before);
-		assert_int_equal(mock_site_count(b), 2);	/* not interned: building is read-only */
+		assert_int_equal(mock_site_count(b), 2); /* not interned: building is read-only */
 	}
 	pgs_buf_free(&out);
 	mock_close(a);
@@ -847,11 +843,11 @@ test_column_order_by_name(void **state)
 {
 	static const char *const pk[] = {"id"};
 	static const char *const cols[] = {"data", "price", "extra", "name", "qty"};
-	db_conn    *a = replica(SITE_A, MS0);
-	db_conn    *b = mock_open(SITE_B);
-	db_table   *bt = mock_add_table(b, "items", DB_ALGO_CLS, 1, pk, 5, cols);
-	pgs_buf		out;
-	pgs_err		err;
+	db_conn					*a = replica(SITE_A, MS0);
+	db_conn					*b = mock_open(SITE_B);
+	db_table				*bt = mock_add_table(b, "items", DB_ALGO_CLS, 1, pk, 5, cols);
+	pgs_buf					 out;
+	pgs_err					 err;
 
 	(void) state;
 	mock_set_clock(b, MS0);
@@ -860,7 +856,7 @@ test_column_order_by_name(void **state)
 	assert_int_equal(mock_build(a, 0, NULL, 0, &out, &err), PGS_OK);
 	assert_int_equal(mock_apply(b, out.p, out.len, NULL, &err), PGS_OK);
 	{
-		pgs_value	k = mock_int(1);
+		pgs_value		 k = mock_int(1);
 		const pgs_value *row = mock_row_get(b, bt, &k);
 
 		assert_non_null(row);

@@ -29,7 +29,7 @@ setup(void **state)
 static int
 expected_len(uint64_t v)
 {
-	int			n = 1;
+	int n = 1;
 
 	while (v >= 0x80)
 	{
@@ -42,9 +42,9 @@ expected_len(uint64_t v)
 static void
 roundtrip(uint64_t v)
 {
-	uint8_t		buf[PGS_VARINT_MAX + 4];
-	uint64_t	got = ~v;
-	int			n;
+	uint8_t	 buf[PGS_VARINT_MAX + 4];
+	uint64_t got = ~v;
+	int		 n;
 
 	memset(buf, 0xAA, sizeof buf);
 	n = pgs_varint_put(buf, v);
@@ -66,12 +66,38 @@ static void
 test_varint_edges(void **state)
 {
 	static const uint64_t edges[] = {
-		0, 1, 2, 63, 64, 127, 128, 129, 255, 256, 16383, 16384, 16385,
-		(1u << 21) - 1, 1u << 21, (1ull << 28) - 1, 1ull << 28, UINT32_MAX,
-		(uint64_t) UINT32_MAX + 1, (1ull << 35) - 1, 1ull << 35, (1ull << 42),
-		(1ull << 49) - 1, 1ull << 49, (1ull << 56) - 1, 1ull << 56,
-		(1ull << 62), (1ull << 63) - 1, 1ull << 63, (1ull << 63) + 1,
-		UINT64_MAX - 1, UINT64_MAX,
+		0,
+		1,
+		2,
+		63,
+		64,
+		127,
+		128,
+		129,
+		255,
+		256,
+		16383,
+		16384,
+		16385,
+		(1u << 21) - 1,
+		1u << 21,
+		(1ull << 28) - 1,
+		1ull << 28,
+		UINT32_MAX,
+		(uint64_t) UINT32_MAX + 1,
+		(1ull << 35) - 1,
+		1ull << 35,
+		(1ull << 42),
+		(1ull << 49) - 1,
+		1ull << 49,
+		(1ull << 56) - 1,
+		1ull << 56,
+		(1ull << 62),
+		(1ull << 63) - 1,
+		1ull << 63,
+		(1ull << 63) + 1,
+		UINT64_MAX - 1,
+		UINT64_MAX,
 	};
 
 	(void) state;
@@ -82,7 +108,7 @@ test_varint_edges(void **state)
 static void
 test_varint_lengths(void **state)
 {
-	uint8_t		buf[PGS_VARINT_MAX];
+	uint8_t buf[PGS_VARINT_MAX];
 
 	(void) state;
 	assert_int_equal(pgs_varint_put(buf, 0), 1);
@@ -112,7 +138,7 @@ test_varint_every_bit(void **state)
 	}
 	/* a deterministic pseudo-random sweep */
 	{
-		uint64_t	x = 0x9E3779B97F4A7C15ull;
+		uint64_t x = 0x9E3779B97F4A7C15ull;
 
 		for (int i = 0; i < 100000; i++)
 		{
@@ -127,13 +153,13 @@ test_varint_every_bit(void **state)
 static void
 test_varint_malformed(void **state)
 {
-	uint64_t	v = 12345;
-	uint8_t		b[16] = {0};
+	uint64_t v = 12345;
+	uint8_t	 b[16] = {0};
 
 	(void) state;
 	/* empty input */
 	assert_int_equal(pgs_varint_get(b, b, &v), 0);
-	assert_true(v == 12345);	/* untouched on failure */
+	assert_true(v == 12345); /* untouched on failure */
 	/* continuation bit on the last available byte */
 	b[0] = 0x80;
 	assert_int_equal(pgs_varint_get(b, b + 1, &v), 0);
@@ -167,9 +193,9 @@ static void
 test_varint_overlong_accepted(void **state)
 {
 	/* util.c documents that an over-long (non-minimal) encoding decodes the same */
-	uint8_t		b[10] = {0x80, 0x80, 0x00};
-	uint8_t		c[10] = {0xff, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00};
-	uint64_t	v = 99;
+	uint8_t	 b[10] = {0x80, 0x80, 0x00};
+	uint8_t	 c[10] = {0xff, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00};
+	uint64_t v = 99;
 
 	(void) state;
 	assert_int_equal(pgs_varint_get(b, b + 3, &v), 3);
@@ -182,8 +208,21 @@ static void
 test_zigzag(void **state)
 {
 	static const int64_t vals[] = {
-		0, 1, -1, 2, -2, 63, -64, 64, -65, INT32_MAX, INT32_MIN,
-		INT64_MAX, INT64_MIN, INT64_MAX - 1, INT64_MIN + 1,
+		0,
+		1,
+		-1,
+		2,
+		-2,
+		63,
+		-64,
+		64,
+		-65,
+		INT32_MAX,
+		INT32_MIN,
+		INT64_MAX,
+		INT64_MIN,
+		INT64_MAX - 1,
+		INT64_MIN + 1,
 	};
 
 	(void) state;
@@ -195,9 +234,9 @@ test_zigzag(void **state)
 	assert_true(pgs_zigzag(INT64_MIN) == UINT64_MAX);
 	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
 	{
-		uint8_t		buf[PGS_VARINT_MAX];
-		uint64_t	u;
-		int			n = pgs_varint_put(buf, pgs_zigzag(vals[i]));
+		uint8_t	 buf[PGS_VARINT_MAX];
+		uint64_t u;
+		int		 n = pgs_varint_put(buf, pgs_zigzag(vals[i]));
 
 		assert_true(pgs_unzigzag(pgs_zigzag(vals[i])) == vals[i]);
 		assert_int_equal(pgs_varint_get(buf, buf + n, &u), n);
@@ -206,7 +245,7 @@ test_zigzag(void **state)
 	/* small magnitudes stay short */
 	for (int64_t v = -64; v < 64; v++)
 	{
-		uint8_t		buf[PGS_VARINT_MAX];
+		uint8_t buf[PGS_VARINT_MAX];
 
 		assert_int_equal(pgs_varint_put(buf, pgs_zigzag(v)), 1);
 	}
@@ -219,10 +258,9 @@ test_zigzag(void **state)
 static void
 test_buf_varints(void **state)
 {
-	pgs_buf		b;
-	const uint8_t *p,
-			   *end;
-	uint64_t	u;
+	pgs_buf		   b;
+	const uint8_t *p, *end;
+	uint64_t	   u;
 
 	(void) state;
 	pgs_buf_init(&b);
@@ -238,7 +276,7 @@ test_buf_varints(void **state)
 	end = b.p + b.len;
 	for (uint64_t i = 0; i < 2000; i++)
 	{
-		int			n = pgs_varint_get(p, end, &u);
+		int n = pgs_varint_get(p, end, &u);
 
 		assert_true(n > 0);
 		assert_true(u == i * 0x10001ull);
@@ -261,14 +299,14 @@ test_buf_varints(void **state)
 static void
 test_buf_overflow_is_sticky(void **state)
 {
-	pgs_buf		b;
+	pgs_buf b;
 
 	(void) state;
 	pgs_buf_init(&b);
 	pgs_buf_u8(&b, 1);
 	assert_false(pgs_buf_reserve(&b, SIZE_MAX));
 	assert_true(b.oom);
-	pgs_buf_u8(&b, 2);			/* refused once oom */
+	pgs_buf_u8(&b, 2); /* refused once oom */
 	assert_int_equal(b.len, 1);
 	pgs_buf_free(&b);
 }

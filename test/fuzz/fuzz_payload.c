@@ -40,23 +40,24 @@ cap_realloc(void *p, size_t n)
 	return n > FUZZ_ALLOC_CAP ? NULL : realloc(p, n);
 }
 
-static const uint8_t FUZZ_SITE[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xcc};
-static const uint8_t FUZZ_SITE2[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xdd};
+static const uint8_t FUZZ_SITE[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+									  0x80, 0,	  0,	0, 0, 0, 0,	   0xcc};
+static const uint8_t FUZZ_SITE2[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+									   0x80, 0,	   0,	 0, 0, 0, 0,	0xdd};
 
 static db_conn *
 fuzz_replica(const uint8_t *site, bool rows)
 {
-	db_conn    *db = mock_open(site);
+	db_conn *db = mock_open(site);
 
 	mock_add_std_tables(db);
 	mock_set_clock(db, UINT64_C(1700000000000));
 	if (rows)
 	{
-		pgs_value	k1 = mock_int(1),
-					k2 = mock_int(2);
-		pgs_value	v[4] = {mock_text("one"), mock_int(1), mock_real(1.5), mock_null()};
-		pgs_value	tk[2] = {mock_text("x"), mock_int(0)};
-		pgs_value	tv[2] = {mock_text("a"), mock_int(2)};
+		pgs_value k1 = mock_int(1), k2 = mock_int(2);
+		pgs_value v[4] = {mock_text("one"), mock_int(1), mock_real(1.5), mock_null()};
+		pgs_value tk[2] = {mock_text("x"), mock_int(0)};
+		pgs_value tv[2] = {mock_text("a"), mock_int(2)};
 
 		mock_local_insert(db, mock_table(db, "items"), &k1, v);
 		mock_local_insert(db, mock_table(db, "items"), &k2, v);
@@ -70,10 +71,10 @@ fuzz_replica(const uint8_t *site, bool rows)
 static void
 check_rebuild(db_conn *db)
 {
-	db_conn    *fresh = fuzz_replica(FUZZ_SITE2, false);
-	pgs_buf		out;
-	pgs_err		err;
-	char		why[512];
+	db_conn *fresh = fuzz_replica(FUZZ_SITE2, false);
+	pgs_buf	 out;
+	pgs_err	 err;
+	char	 why[512];
 
 	pgs_buf_init(&out);
 	if (mock_build(db, 0, NULL, 1, &out, &err) != PGS_OK)
@@ -98,11 +99,11 @@ check_rebuild(db_conn *db)
 static void
 run(const uint8_t *p, size_t len)
 {
-	char	   *json = NULL;
-	pgs_err		err;
+	char		   *json = NULL;
+	pgs_err			err;
 	pgs_apply_stats st;
-	db_conn    *db;
-	pgs_rc		rc;
+	db_conn		   *db;
+	pgs_rc			rc;
 
 	if (pgs_payload_info(p, len, &json, &err) == PGS_OK)
 	{
@@ -116,7 +117,7 @@ run(const uint8_t *p, size_t len)
 	db = fuzz_replica(FUZZ_SITE, true);
 	rc = mock_apply(db, p, len, &st, &err);
 	if (rc != PGS_OK && (err.rc != rc || err.msg[0] == '\0'))
-		abort();				/* every failure explains itself */
+		abort(); /* every failure explains itself */
 	if (rc == PGS_OK)
 	{
 		pgs_apply_stats again;
@@ -136,7 +137,7 @@ run(const uint8_t *p, size_t len)
 	mock_close(db);
 }
 
-int			LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -152,15 +153,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	if (size > 0 && (data[0] & 1))
 	{
-		size_t		len = size - 1;
-		uint8_t    *copy = malloc(len ? len : 1);
+		size_t	 len = size - 1;
+		uint8_t *copy = malloc(len ? len : 1);
 
 		memcpy(copy, data + 1, len);
 		if (len >= PGS_HEADER_LEN)
 		{
 			if (data[0] & 2)
 			{
-				uint32_t	stored = (uint32_t) (len - PGS_HEADER_LEN);
+				uint32_t stored = (uint32_t) (len - PGS_HEADER_LEN);
 
 				for (int i = 0; i < 4; i++)
 				{
@@ -178,8 +179,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		run(data, size);
 	{
 		/* the same bytes as a continuation token (they come from clients) */
-		pgs_token	t;
-		pgs_err		err;
+		pgs_token t;
+		pgs_err	  err;
 
 		(void) pgs_token_decode(data, size, &t, &err);
 	}

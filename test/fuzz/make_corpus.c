@@ -20,19 +20,23 @@
 
 #define MS0 UINT64_C(1700000000000)
 
-static const uint8_t SITE_A[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xaa};
-static const uint8_t SITE_B[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0xbb};
+static const uint8_t SITE_A[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xaa};
+static const uint8_t SITE_B[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xbb};
 
 static const char *outdir;
 
 static void
 write_file(const char *name, uint8_t prefix, const pgs_buf *b)
 {
-	char		path[512];
-	FILE	   *f;
+	char  path[512];
+	FILE *f;
 
 	snprintf(path, sizeof path, "%s/%s%s", outdir, name,
-			 prefix == 1 ? "-reseal" : prefix == 3 ? "-refit" : "");
+			 prefix == 1   ? "-reseal"
+			 : prefix == 3 ? "-refit"
+						   : "");
 	if (!(f = fopen(path, "wb")))
 	{
 		perror(path);
@@ -47,8 +51,8 @@ write_file(const char *name, uint8_t prefix, const pgs_buf *b)
 static void
 emit(const char *name, db_conn *db, int64_t since, const uint8_t *exclude, int compress)
 {
-	pgs_buf		out;
-	pgs_err		err;
+	pgs_buf out;
+	pgs_err err;
 
 	pgs_buf_init(&out);
 	if (mock_build(db, since, exclude, compress, &out, &err) != PGS_OK || out.len == 0)
@@ -65,8 +69,8 @@ emit(const char *name, db_conn *db, int64_t since, const uint8_t *exclude, int c
 static void
 sync_all(db_conn *from, db_conn *to)
 {
-	pgs_buf		out;
-	pgs_err		err;
+	pgs_buf out;
+	pgs_err err;
 
 	pgs_buf_init(&out);
 	if (mock_build(from, 0, NULL, 1, &out, &err) != PGS_OK ||
@@ -81,7 +85,7 @@ sync_all(db_conn *from, db_conn *to)
 static db_conn *
 replica(const uint8_t *site, uint64_t ms)
 {
-	db_conn    *db = mock_open(site);
+	db_conn *db = mock_open(site);
 
 	mock_add_std_tables(db);
 	mock_set_clock(db, ms);
@@ -91,11 +95,8 @@ replica(const uint8_t *site, uint64_t ms)
 int
 main(int argc, char **argv)
 {
-	db_conn    *a,
-			   *b;
-	db_table   *items,
-			   *tags,
-			   *log;
+	db_conn	 *a, *b;
+	db_table *items, *tags, *log;
 
 	if (argc != 2)
 	{
@@ -116,11 +117,12 @@ main(int argc, char **argv)
 
 	/* 1. inserts into every table, every value type */
 	{
-		pgs_value	k = mock_int(1);
-		pgs_value	v[4] = {mock_text("one"), mock_int(-42), mock_real(2.5), mock_blob("\x00\xff", 2)};
-		pgs_value	tk[2] = {mock_text("x"), mock_int(0)};
-		pgs_value	tv[2] = {mock_null(), mock_real(-0.0)};
-		pgs_value	lv = mock_text("log line");
+		pgs_value k = mock_int(1);
+		pgs_value v[4] = {mock_text("one"), mock_int(-42), mock_real(2.5),
+						  mock_blob("\x00\xff", 2)};
+		pgs_value tk[2] = {mock_text("x"), mock_int(0)};
+		pgs_value tv[2] = {mock_null(), mock_real(-0.0)};
+		pgs_value lv = mock_text("log line");
 
 		mock_local_insert(a, items, &k, v);
 		k = mock_int(INT64_MIN);
@@ -136,9 +138,9 @@ main(int argc, char **argv)
 	/* 2. updates of single columns (a group per row, explicit deltas) */
 	mock_advance(a, 1000);
 	{
-		pgs_value	k = mock_int(1);
-		int			c = 3;
-		pgs_value	v = mock_text("changed");
+		pgs_value k = mock_int(1);
+		int		  c = 3;
+		pgs_value v = mock_text("changed");
 
 		mock_local_update(a, items, &k, 1, &c, &v);
 	}
@@ -146,9 +148,9 @@ main(int argc, char **argv)
 
 	/* 3. deletes and a resurrection */
 	{
-		pgs_value	k = mock_int(1);
-		pgs_value	k2 = mock_int(INT64_MIN);
-		pgs_value	v[4] = {mock_text("back"), mock_null(), mock_null(), mock_null()};
+		pgs_value k = mock_int(1);
+		pgs_value k2 = mock_int(INT64_MIN);
+		pgs_value v[4] = {mock_text("back"), mock_null(), mock_null(), mock_null()};
 
 		mock_local_delete(a, items, &k2);
 		mock_local_delete(a, items, &k);
@@ -161,9 +163,9 @@ main(int argc, char **argv)
 	sync_all(a, b);
 	mock_advance(b, 5000);
 	{
-		pgs_value	k = mock_int(1);
-		int			c = 1;
-		pgs_value	v = mock_int(99);
+		pgs_value k = mock_int(1);
+		int		  c = 1;
+		pgs_value v = mock_int(99);
 
 		mock_local_update(b, mock_table(b, "items"), &k, 1, &c, &v);
 	}
@@ -173,8 +175,9 @@ main(int argc, char **argv)
 	/* 5. compressed: enough similar rows for zstd to pay */
 	for (int i = 0; i < 40; i++)
 	{
-		pgs_value	k = mock_int(100 + i);
-		pgs_value	v[4] = {mock_text("repetitive repetitive"), mock_int(i), mock_real(0.25), mock_null()};
+		pgs_value k = mock_int(100 + i);
+		pgs_value v[4] = {mock_text("repetitive repetitive"), mock_int(i), mock_real(0.25),
+						  mock_null()};
 
 		mock_local_insert(a, items, &k, v);
 	}
