@@ -177,9 +177,7 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 					(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory encoding a row clock")));
 		if (t->fresh_bytea)
 			pfree(t->fresh_bytea);
-		t->fresh_bytea = MemoryContextAlloc(t->cxt, b.len + VARHDRSZ);
-		SET_VARSIZE(t->fresh_bytea, b.len + VARHDRSZ);
-		memcpy(VARDATA(t->fresh_bytea), b.p, b.len);
+		t->fresh_bytea = pg_bytea(t->cxt, b.p, b.len);
 		t->fresh_blob = (uint8_t *) VARDATA(t->fresh_bytea);
 		t->fresh_len = b.len;
 		t->fresh_xid = x;
@@ -270,9 +268,7 @@ clock_write(db_table *t, Datum *pk, pgs_rowclock *rc)
 	if (b.oom)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory encoding a row clock")));
-	blob = palloc(b.len + VARHDRSZ);
-	SET_VARSIZE(blob, b.len + VARHDRSZ);
-	memcpy(VARDATA(blob), b.p, b.len);
+	blob = pg_bytea(CurrentMemoryContext, b.p, b.len);
 	pgs_buf_free(&b);
 	memcpy(v, pk, sizeof(Datum) * t->npk);
 	v[t->npk] = Int64GetDatum(rc->cl);
@@ -522,9 +518,7 @@ capture_insert(db_table *t, Datum *pk)
 		pg_capture_fresh(t, &blob, &len);
 		if (pg_clock_insert_direct(t, pk, 1, pg_txn_version(), t->fresh_bytea))
 			return;
-		bb = palloc(len + VARHDRSZ);
-		SET_VARSIZE(bb, len + VARHDRSZ);
-		memcpy(VARDATA(bb), blob, len);
+		bb = t->fresh_bytea; /* pg_capture_fresh keeps the blob as a bytea */
 		memcpy(vals, pk, sizeof(Datum) * t->npk);
 		vals[t->npk] = Int64GetDatum(1);
 		vals[t->npk + 1] = Int64GetDatum(pg_txn_version());

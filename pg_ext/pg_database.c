@@ -469,13 +469,11 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 	Datum		 *d = pk_datums(t, pk, 5);
-	bytea		 *b = palloc(blob_len + VARHDRSZ);
+	bytea		 *b = pg_bytea(CurrentMemoryContext, blob, blob_len);
 	pg_user_save  us;
 	int			  rc;
 	bool		  ok;
 
-	SET_VARSIZE(b, blob_len + VARHDRSZ);
-	memcpy(VARDATA(b), blob, blob_len);
 	d[t->npk] = Int64GetDatum(cl);
 	d[t->npk + 1] = Int64GetDatum(ver);
 	d[t->npk + 2] = PointerGetDatum(b);

@@ -196,8 +196,10 @@ bool		pg_kind_pk_ok(pg_kind k);
 void		pg_col_setup(pg_col *c, Oid typid, int32 typmod);
 void		pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out);
 Datum pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk);
-char *pg_pk_json(db_table *t, const pgs_value *pk);
-char *pg_pk_text(db_table *t, const pgs_value *pk);
+/* pg_bytea: a bytea copy of len bytes at p, allocated in cxt. */
+bytea *pg_bytea(MemoryContext cxt, const void *p, size_t len);
+char  *pg_pk_json(db_table *t, const pgs_value *pk);
+char  *pg_pk_text(db_table *t, const pgs_value *pk);
 
 /* ---- pg_capture.c ---- */
 extern FullTransactionId pg_wrote_xid;

@@ -935,9 +935,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		Datum	 v[2];
 
 		pg_capture_fresh(t, &blob, &len);
-		bb = palloc(len + VARHDRSZ);
-		SET_VARSIZE(bb, len + VARHDRSZ);
-		memcpy(VARDATA(bb), blob, len);
+		bb = t->fresh_bytea; /* pg_capture_fresh keeps the blob as a bytea */
 		v[0] = Int64GetDatum(pg_txn_version());
 		v[1] = PointerGetDatum(bb);
 		resetStringInfo(&b);

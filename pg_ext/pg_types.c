@@ -408,13 +408,7 @@ convert(pg_col *c, const pgs_value *v)
 			switch (c->kind)
 			{
 				case PGK_BYTEA:
-				{
-					bytea *b = palloc(v->len + VARHDRSZ);
-
-					SET_VARSIZE(b, v->len + VARHDRSZ);
-					memcpy(VARDATA(b), v->v.p, v->len);
-					return PointerGetDatum(b);
-				}
+					return PointerGetDatum(pg_bytea(CurrentMemoryContext, v->v.p, v->len));
 				case PGK_UUID:
 				{
 					pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
@@ -437,13 +431,7 @@ convert(pg_col *c, const pgs_value *v)
 			switch (c->kind)
 			{
 				case PGK_BYTEA:
-				{
-					bytea *b = palloc(v->len + VARHDRSZ);
-
-					SET_VARSIZE(b, v->len + VARHDRSZ);
-					memcpy(VARDATA(b), v->v.p, v->len);
-					return PointerGetDatum(b);
-				}
+					return PointerGetDatum(pg_bytea(CurrentMemoryContext, v->v.p, v->len));
 				case PGK_UUID:
 					if (v->len == 16)
 					{
@@ -473,6 +461,16 @@ convert(pg_col *c, const pgs_value *v)
 																			  : "value",
 														format_type_be(c->typid))));
 	pg_unreachable();
+}
+
+bytea *
+pg_bytea(MemoryContext cxt, const void *p, size_t len)
+{
+	bytea *b = MemoryContextAlloc(cxt, len + VARHDRSZ);
+
+	SET_VARSIZE(b, len + VARHDRSZ);
+	memcpy(VARDATA(b), p, len);
+	return b;
 }
 
 /*

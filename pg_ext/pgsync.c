@@ -442,9 +442,7 @@ sync_payload(PG_FUNCTION_ARGS)
 				ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 								errmsg("payload of %zu bytes is too large for a bytea", out.len),
 								errhint("Pull in smaller steps.")));
-			res = MemoryContextAlloc(outer, out.len + VARHDRSZ);
-			SET_VARSIZE(res, out.len + VARHDRSZ);
-			memcpy(VARDATA(res), out.p, out.len);
+			res = pg_bytea(outer, out.p, out.len);
 		}
 	}
 	SPI_finish();
@@ -483,9 +481,7 @@ sync_payload_cursor(PG_FUNCTION_ARGS)
 		pg_raise(&err);
 	if (tok.len)
 	{
-		res = MemoryContextAlloc(outer, tok.len + VARHDRSZ);
-		SET_VARSIZE(res, tok.len + VARHDRSZ);
-		memcpy(VARDATA(res), tok.p, tok.len);
+		res = pg_bytea(outer, tok.p, tok.len);
 	}
 	SPI_finish();
 	call_done(cxt);
