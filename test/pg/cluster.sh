@@ -13,7 +13,11 @@
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MODE=${1:-test}
-PG_CONFIG=${PG_CONFIG:-pg_config}
+# a private copy of PostgreSQL with this checkout's extension (scripts/pg-tree.sh),
+# unless PG_CONFIG names another installation
+if [ -z "${PG_CONFIG:-}" ]; then
+	PG_CONFIG=$(PG_TREE_NO_INSTALL=1 bash "$ROOT/scripts/pg-tree.sh") || exit 1
+fi
 PGBIN=$($PG_CONFIG --bindir)
 PY=${PYTHON:-/usr/bin/python3}
 PORT=${PGSYNC_TEST_PORT:-$((55000 + RANDOM % 2000))}

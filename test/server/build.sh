@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test/server/build.sh WORKDIR — build what the server tests, the server
 # benchmark and the full demo need, and write WORKDIR/env.sh with the paths:
-#   - pg_ext installed into the local PostgreSQL 15 (when root);
+#   - pg_ext installed into a private copy of PostgreSQL (scripts/pg-tree.sh);
 #   - server/pgsync-server (SANITIZE=1: server/pgsync-server-asan);
 #   - the SQLite extension with the sync_network_* functions. Until the lead
 #     registers sl_network in sqlite_ext/sqlitesync.c, a patched copy of that
@@ -13,12 +13,8 @@ WORK=${1:?usage: build.sh WORKDIR}
 log="$WORK/build.log"
 fail() { cat "$log" >&2; echo "FAIL build-$1"; exit 1; }
 
-if [ "$(id -u)" -eq 0 ]; then
-  echo "build: pg_ext (make install)" >&2
-  { make -C pg_ext && make -C pg_ext install; } >"$log" 2>&1 || fail pg_ext
-else
-  echo "build: not root, using the installed pgsync extension" >&2
-fi
+echo "build: pg_ext (into a private PostgreSQL tree, scripts/pg-tree.sh)" >&2
+PG_CONFIG=$(bash scripts/pg-tree.sh 2>"$log") || fail pg_ext
 
 echo "build: server" >&2
 if [ "${SANITIZE:-0}" = 1 ]; then
@@ -47,6 +43,7 @@ gcc -std=c11 -D_GNU_SOURCE -fPIC -shared $CFLAGS_EXT -Wall -Wextra -Werror -Wsha
   -lzstd -lxxhash -lcjson -lm -lcurl >"$log" 2>&1 || fail sqlite-extension
 
 cat > "$WORK/env.sh" <<ENV
+export PGSYNC_PGBIN=$($PG_CONFIG --bindir)
 export PGSYNC_SERVER_BIN=$SERVER_BIN
 export PGSYNC_SQLITE_EXT=$WORK/ext/sqlitesync.so
 export PGSYNC_TEST_TMP=$WORK

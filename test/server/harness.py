@@ -21,7 +21,7 @@ import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = os.environ.get("PGSYNC_PGBIN", "/usr/lib/postgresql/15/bin")
 SERVER_BIN = os.environ.get("PGSYNC_SERVER_BIN", os.path.join(ROOT, "server", "pgsync-server"))
 EXT = os.environ.get("PGSYNC_SQLITE_EXT", "/tmp/netbuild/sqlitesync.so")
 SECRET = "test-secret-0123456789-0123456789-abcdef"
