@@ -32,21 +32,23 @@ $(B)/asan/sqlitesync.so: $(CORE_SRC) $(SQL_SRC) $(HDRS)
 	$(CC) $(BASE) -O1 -g $(SAN) -shared -o $@.tmp$$$$ $(CORE_SRC) $(SQL_SRC) $(EXT_LIBS) && mv -f $@.tmp$$$$ $@
 
 # cmocka unit tests of the core, under ASan + UBSan
-$(B)/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h $(wildcard test/*.h)
+MOCK_SRC  = $(wildcard test/mockdb*.c)
+
+$(B)/test_%: test/test_%.c $(CORE_SRC) $(HDRS) $(MOCK_SRC) $(wildcard test/*.h)
 	@mkdir -p $(B)
-	$(CC) $(BASE) -O1 -g $(SAN) -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS) -lcmocka
+	$(CC) $(BASE) -O1 -g $(SAN) -o $@ $< $(MOCK_SRC) $(CORE_SRC) $(LIBS) -lcmocka
 
 # the same unit tests without sanitizers, for valgrind
-$(B)/plain/test_%: test/test_%.c $(CORE_SRC) $(HDRS) test/mockdb.c test/mockdb.h
+$(B)/plain/test_%: test/test_%.c $(CORE_SRC) $(HDRS) $(MOCK_SRC) $(wildcard test/*.h)
 	@mkdir -p $(B)/plain
-	$(CC) $(BASE) -O1 -g -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS) -lcmocka
+	$(CC) $(BASE) -O1 -g -o $@ $< $(MOCK_SRC) $(CORE_SRC) $(LIBS) -lcmocka
 
 UNIT_TESTS = $(patsubst test/%.c,$(B)/%,$(wildcard test/test_*.c))
 
 # libFuzzer target for the payload decoder
-$(B)/fuzz_payload: test/fuzz/fuzz_payload.c $(CORE_SRC) $(HDRS) test/mockdb.c
+$(B)/fuzz_payload: test/fuzz/fuzz_payload.c $(CORE_SRC) $(HDRS) $(MOCK_SRC)
 	@mkdir -p $(B)
-	clang $(BASE) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -o $@ $< test/mockdb.c $(CORE_SRC) $(LIBS)
+	clang $(BASE) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -o $@ $< $(MOCK_SRC) $(CORE_SRC) $(LIBS)
 
 $(B)/bench_sqlite: bench/bench_sqlite.c $(HDRS)
 	@mkdir -p $(B)

@@ -108,23 +108,102 @@ typedef enum db_write_mode
 } db_write_mode;
 
 /*
+ * db_apply_careful: the apply that follows runs in careful mode (every row
+ * write isolated, so that a failing row can be rejected alone) or not (the
+ * fast path; a row error then makes the core return PGS_ERR_CAREFUL and the
+ * engine's wrapper applies again, carefully). docs/DESIGN.md, "fate".
+ */
+void db_apply_careful(db_conn *db, bool careful);
+
+/*
  * db_row_write writes n columns (local column indexes cols[], values vals[])
  * of row pk in one statement (RLS WITH CHECK sees the whole row).
- * PGS_ERR_PERMISSION means the row was refused and nothing was written: the
- * core counts it as rejected and goes on; any other error aborts the apply.
+ * PGS_ERR_ROW (or PGS_ERR_PERMISSION) means this row cannot be written here
+ * and nothing of it was: err has the reason and err->code its SQLSTATE; a
+ * write that would silently affect no row (RLS hiding it) is such an error.
+ * Any other error aborts the apply.
  */
 pgs_rc db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
 					const int *cols, const pgs_value *vals, pgs_err *err);
-/* db_row_delete deletes row pk if it exists (PGS_ERR_PERMISSION as above). */
+/* db_row_delete deletes row pk if it exists (errors as above). */
 pgs_rc db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err);
-/* db_reject records a refused row so the caller can report it. */
+/*
+ * db_row_forget removes row pk and its clock locally, without a tombstone
+ * and without capture (the row moved out of the caller's view), unless the
+ * engine protects it (SQLite: local changes not acknowledged by the server,
+ * or a pending rejection). *forgot tells which.
+ */
+pgs_rc db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err);
+/* db_reject records a refused row so the caller can report it (why->code). */
 void db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why);
+/* db_site_check: may this apply write a stamp of local site idx (Postgres:
+ * not another principal's device)? PGS_ERR_PERMISSION otherwise. */
+pgs_rc db_site_check(db_conn *db, uint32_t idx, pgs_err *err);
+
+/* db_table_parents: the synced tables t references by foreign keys (array
+ * owned by the engine, valid for the call). */
+pgs_rc db_table_parents(db_conn *db, db_table *t, db_table ***parents, int *n, pgs_err *err);
+
+/* ---- keys, snapshots and held changes (apply) -------------------------- */
+
+/* db_keys_*: every key of t that has a live row here (removal candidates);
+ * closed with db_changes_close. */
+pgs_rc db_keys_open(db_conn *db, db_table *t, db_cursor **cur, pgs_err *err);
+pgs_rc db_keys_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl, pgs_err *err);
+
+typedef enum db_snap_op
+{
+	DB_SNAP_BEGIN = 0, /* a snapshot of t starts: forget what was recorded */
+	DB_SNAP_SEEN = 1,  /* key pk is part of it */
+	DB_SNAP_END = 2	   /* complete: forget every live row not seen (db_row_forget rules) */
+} db_snap_op;
+/* db_snapshot: the receiving side of a snapshot (persisted across chunks). */
+pgs_rc db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err);
+
+/*
+ * Held changes (docs/DESIGN.md): changes this replica cannot store now
+ * (unknown table or column, a row its own constraints refuse) kept with
+ * their clocks as a one-group payload per (table name, encoded key).
+ * db_held_get: *frag NULL when none (engine memory, valid until the next
+ * db_ call); db_held_put: frag NULL deletes. code/message say why.
+ */
+pgs_rc db_held_get(db_conn *db, pgs_name table, pgs_name key, const uint8_t **frag, size_t *len,
+				   pgs_err *err);
+pgs_rc db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code,
+				   const char *message, const uint8_t *frag, size_t len, pgs_err *err);
 
 /* ---- change enumeration (payload building) -------------------------------- */
 
 /* db_version_safe: the highest version every change <= which is visible and
  * final (SQLite: db_version; Postgres: below the oldest running writer). */
 pgs_rc db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
+
+/*
+ * How the caller of a build may read a table (docs/DESIGN.md, "Visibility").
+ * SQLite: always FULL. Postgres: from the caller's privileges and RLS.
+ */
+typedef enum db_access
+{
+	DB_ACCESS_FULL = 0, /* sees every row: changes since `since` as they are */
+	DB_ACCESS_RLS = 1,	/* sees some rows: visible rows whole, the rest as candidates */
+	DB_ACCESS_NONE = 2	/* sees nothing */
+} db_access;
+
+/*
+ * db_table_view: the caller's access to t, and (view builds only, when view
+ * is true) whether t must go out as a snapshot because its visibility may
+ * have changed in (since, until] without the rows changing.
+ */
+pgs_rc db_table_view(db_conn *db, db_table *t, bool view, int64_t since, int64_t until,
+					 db_access *access, bool *snapshot, pgs_err *err);
+
+/* What db_changes_next says about a row. */
+typedef enum db_vis
+{
+	DB_VIS_CHANGES = 0, /* send the stamps newer than since (FULL access) */
+	DB_VIS_WHOLE = 1,	/* visible: send every written column */
+	DB_VIS_HIDDEN = 2	/* changed but not visible to the caller: a removal candidate */
+} db_vis;
 
 /* db_changes_open: rows of t whose clock ver is > since (committed rows above
  * until are welcome: the core sends every committed stamp newer than since
@@ -133,8 +212,11 @@ pgs_rc db_version_safe(db_conn *db, int64_t *until, pgs_err *err);
  * primary key (row-value order, the clock table's collation) and, when
  * after_pk (npk values) is not NULL, only rows whose key is > after_pk.
  * Without by_key the order is the engine's choice and after_pk is NULL. */
+/* access is db_table_view's; snapshot: every live visible row whatever its
+ * version (vis WHOLE), no tombstones. */
 pgs_rc db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
-					   const pgs_value *after_pk, db_cursor **cur, pgs_err *err);
+					   const pgs_value *after_pk, db_access access, bool snapshot,
+					   db_cursor **cur, pgs_err *err);
 /*
  * db_changes_next: the next row: pk (npk values), cl, the clock blob, and the
  * current column values (ncols; meaningful only when *alive). Everything
@@ -142,7 +224,7 @@ pgs_rc db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, b
  */
 pgs_rc db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl,
 					   const uint8_t **blob, size_t *blob_len, bool *alive, const pgs_value **cols,
-					   pgs_err *err);
+					   db_vis *vis, pgs_err *err);
 void   db_changes_close(db_cursor *cur);
 
 #endif /* PGSYNC_DATABASE_H */

@@ -1,41 +1,55 @@
 /*
  * build.c — pgs_build: the payload of every change with a local version in
- * (since, until].
+ * (since, until], as the caller may see it.
  *
  * The engine enumerates clock rows with a version above since together with
- * the row's current values (db_changes_*); the core decides which columns go
- * out (stamp version in range, origin not excluded), encodes the row groups,
- * and only then writes the dictionaries of the sites and tables actually used
- * in front of them. Compression is tried once at the end and kept only when
- * it makes the payload smaller.
+ * the row's current values (db_changes_*) and says, per table, how the
+ * caller may read it (db_table_view): FULL (changes go out as they are:
+ * the columns stamped after since), RLS (visible changed rows go out whole,
+ * changed rows the caller cannot see and tombstones as removal candidates:
+ * a salted hash of the key, never the key) or NONE (nothing). View builds
+ * (a server answering one device's pull) also send snapshots: every visible
+ * row of a table whose visibility may have changed, framed by the table's
+ * SNAP_BEGIN/SNAP_END attributes, so the receiver forgets what it no longer
+ * may see (docs/DESIGN.md, "Visibility").
+ *
+ * The core decides which columns go out and hands groups to the writer
+ * (writer.c), the only code that writes the format.
  */
 #include "pgsync.h"
 #include "../database.h"
 
+#include <stdlib.h>
 #include <string.h>
+#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
 #include <xxhash.h>
-#include <zstd.h>
-
-uint64_t pgs_payload_checksum(const uint8_t *header48, const uint8_t *body, size_t len);
 
 typedef struct build_ctx
 {
 	db_conn				 *db;
 	const pgs_build_opts *o;
-	pgs_buf				  rows;
+	pgs_writer			  w;
 	uint64_t			  nrows;
-	uint64_t			  prev_hlc;
 	/* local site index -> payload site index + 1 (0 = not yet used) */
 	uint32_t *site_map;
 	uint32_t  site_map_cap;
-	uint32_t *site_order; /* payload index -> local index */
-	uint32_t  nsites;
 	/* local site index -> 1 excluded, 2 not excluded, 0 unknown yet */
 	uint8_t			*excl;
 	uint32_t		 excl_cap;
 	pgs_build_stats *st;
 	bool			 full; /* max_rows reached: stop, more follows */
+	pgs_wchange		*ch;
+	int				 ch_cap;
+	/* the last row group's key, for the continuation token */
+	const db_table_info *last_table;
+	pgs_buf				 last_key; /* pgs_key_encode of it */
 } build_ctx;
+
+static pgs_rc
+oom(pgs_err *err)
+{
+	return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
+}
 
 /* excluded: whether local site idx is opts->exclude_site (no writes: the
  * excluded id is compared, never interned). */
@@ -56,7 +70,7 @@ excluded(build_ctx *b, uint32_t idx, bool *out, pgs_err *err)
 		while (cap <= idx)
 			cap *= 2;
 		if (!(n = pgs_realloc(b->excl, cap)))
-			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
+			return oom(err);
 		memset(n + b->excl_cap, 0, cap - b->excl_cap);
 		b->excl = n;
 		b->excl_cap = cap;
@@ -71,31 +85,31 @@ excluded(build_ctx *b, uint32_t idx, bool *out, pgs_err *err)
 	return PGS_OK;
 }
 
+/* map_site: the payload index of local site `local`, added on first use. */
 static pgs_rc
 map_site(build_ctx *b, uint32_t local, uint32_t *out, pgs_err *err)
 {
 	if (local >= b->site_map_cap)
 	{
 		uint32_t  cap = b->site_map_cap ? b->site_map_cap : 16;
-		uint32_t *m, *o;
+		uint32_t *m;
 
 		while (cap <= local)
 			cap *= 2;
-		m = pgs_realloc(b->site_map, sizeof(uint32_t) * cap);
-		if (!m)
-			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
+		if (!(m = pgs_realloc(b->site_map, sizeof(uint32_t) * cap)))
+			return oom(err);
 		memset(m + b->site_map_cap, 0, sizeof(uint32_t) * (cap - b->site_map_cap));
 		b->site_map = m;
-		o = pgs_realloc(b->site_order, sizeof(uint32_t) * cap);
-		if (!o)
-			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
-		b->site_order = o;
 		b->site_map_cap = cap;
 	}
 	if (!b->site_map[local])
 	{
-		b->site_order[b->nsites++] = local;
-		b->site_map[local] = b->nsites;
+		const uint8_t *site;
+		pgs_rc		   rc;
+
+		if ((rc = db_site_lookup(b->db, local, &site, err)) != PGS_OK)
+			return rc;
+		b->site_map[local] = pgs_writer_site_add(&b->w, site) + 1;
 	}
 	*out = b->site_map[local] - 1;
 	return PGS_OK;
@@ -134,176 +148,278 @@ encoded_value_bytes(const pgs_value *v)
 	}
 }
 
-/* build_table appends the row groups of one table; *used tells if any. */
+static int
+cmp_names(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *) a, *(const char *const *) b);
+}
+
+uint64_t
+pgs_table_fingerprint(const db_table_info *ti)
+{
+	XXH3_state_t st;
+	const char **sorted = pgs_malloc(sizeof(char *) * (ti->ncols ? ti->ncols : 1));
+	uint8_t		 zero = 0;
+
+	/* the key in key order, then the columns in name order (column order may
+	 * differ between replicas; names are what payloads match) */
+	XXH3_64bits_reset(&st);
+	for (int i = 0; i < ti->npk; i++)
+		XXH3_64bits_update(&st, ti->pk_names[i], strlen(ti->pk_names[i]) + 1);
+	XXH3_64bits_update(&st, &zero, 1);
+	if (sorted)
+	{
+		memcpy(sorted, ti->col_names, sizeof(char *) * ti->ncols);
+		qsort(sorted, (size_t) ti->ncols, sizeof(char *), cmp_names);
+		for (int i = 0; i < ti->ncols; i++)
+			XXH3_64bits_update(&st, sorted[i], strlen(sorted[i]) + 1);
+		pgs_free(sorted);
+	}
+	return XXH3_64bits_digest(&st);
+}
+
+/* add_table: the table's dictionary entry in this payload. */
+static uint32_t
+add_table(build_ctx *b, const db_table_info *ti)
+{
+	pgs_name *names = pgs_malloc(sizeof(pgs_name) * (size_t) (ti->npk + ti->ncols + 1));
+	uint32_t  idx;
+
+	if (!names)
+	{
+		b->w.oom = true;
+		return 0;
+	}
+	for (int i = 0; i < ti->npk; i++)
+		names[i] = (pgs_name){(const uint8_t *) ti->pk_names[i], (uint32_t) strlen(ti->pk_names[i])};
+	for (int i = 0; i < ti->ncols; i++)
+		names[ti->npk + i] =
+			(pgs_name){(const uint8_t *) ti->col_names[i], (uint32_t) strlen(ti->col_names[i])};
+	idx = pgs_writer_table(&b->w, (pgs_name){(const uint8_t *) ti->name, (uint32_t) strlen(ti->name)},
+						   (uint32_t) ti->npk, names, (uint32_t) ti->ncols, names + ti->npk);
+	pgs_free(names);
+	pgs_writer_table_fingerprint(&b->w, idx, pgs_table_fingerprint(ti));
+	return idx;
+}
+
+/*
+ * build_table appends the row groups of one table. first: the chunk starts
+ * this table at its first key (a snapshot then begins here).
+ */
 static pgs_rc
-build_table(build_ctx *b, db_table *t, uint32_t tidx, const pgs_value *after_pk, bool *used,
-			pgs_err *err)
+build_table(build_ctx *b, db_table *t, const pgs_value *after_pk, bool first, pgs_err *err)
 {
 	const db_table_info *ti = db_table_describe(t);
 	db_cursor			*cur = NULL;
 	pgs_stamp			*stamps;
-	int					*pick;
+	db_access			 access;
+	bool				 snapshot = false, have_idx = false, done = false;
+	uint32_t			 tidx = 0;
+	uint64_t			 salt = 0;
 	pgs_rc				 rc;
 
-	*used = false;
+	if ((rc = db_table_view(b->db, t, b->o->view, b->o->since, b->o->until, &access, &snapshot,
+							err)) != PGS_OK)
+		return rc;
+	snapshot = b->o->view && (snapshot || b->o->snapshot_all || b->o->since == 0);
+	if (access == DB_ACCESS_NONE)
+	{
+		/* nothing visible; a snapshot says so, so that the receiver forgets */
+		if (snapshot)
+		{
+			tidx = add_table(b, ti);
+			pgs_writer_table_snap(&b->w, tidx, (first ? PGS_SNAP_BEGIN : 0) | PGS_SNAP_END);
+		}
+		return PGS_OK;
+	}
 	stamps = pgs_malloc(sizeof(pgs_stamp) * (ti->ncols + 1));
-	pick = pgs_malloc(sizeof(int) * (ti->ncols + 1));
-	if (!stamps || !pick)
+	if (!stamps || (ti->ncols + 1 > b->ch_cap &&
+					!(b->ch = pgs_realloc(b->ch, sizeof(pgs_wchange) * (ti->ncols + 1)))))
 	{
 		pgs_free(stamps);
-		pgs_free(pick);
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
+		return oom(err);
+	}
+	if (ti->ncols + 1 > b->ch_cap)
+		b->ch_cap = ti->ncols + 1;
+	if (snapshot)
+	{
+		tidx = add_table(b, ti);
+		have_idx = true;
+		if (first)
+			pgs_writer_table_snap(&b->w, tidx, PGS_SNAP_BEGIN);
 	}
 	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, b->o->max_rows > 0, after_pk,
-							  &cur, err)) != PGS_OK)
+							  access, snapshot, &cur, err)) != PGS_OK)
 		goto out;
 	while (!b->full)
 	{
-		bool			 done, alive;
+		bool			 alive, life, skip, whole;
 		const pgs_value *pk, *vals;
 		int64_t			 cl;
 		const uint8_t	*blob;
 		size_t			 blob_len;
 		pgs_rowclock	 rcl = {.ncols = ti->ncols, .cols = stamps};
-		int				 n = 0;
-		bool			 life, skip;
-		uint32_t		 s;
-		int				 prev_col = -1;
-		uint64_t		 ghlc;
-		uint32_t		 gsite;
+		uint32_t		 n = 0, written = 0, s;
+		db_vis			 vis;
 
-		if ((rc = db_changes_next(cur, &done, &pk, &cl, &blob, &blob_len, &alive, &vals, err)) !=
-			PGS_OK)
+		if ((rc = db_changes_next(cur, &done, &pk, &cl, &blob, &blob_len, &alive, &vals, &vis,
+								  err)) != PGS_OK)
 			goto out;
 		if (done)
 			break;
 		if ((rc = pgs_rowclock_decode(blob, blob_len, &rcl, err)) != PGS_OK)
 			goto out;
-		if ((rc = excluded(b, rcl.cl_site, &skip, err)) != PGS_OK)
-			goto out;
-		life = in_range(b, rcl.cl_ver) && !skip;
-		if ((cl & 1) && alive)
-			for (int i = 0; i < ti->ncols; i++)
+		if (vis == DB_VIS_HIDDEN)
+		{
+			if (!have_idx)
 			{
-				if (!stamps[i].hlc || !in_range(b, stamps[i].ver))
-					continue;
-				if ((rc = excluded(b, stamps[i].site, &skip, err)) != PGS_OK)
-					goto out;
-				if (!skip)
-					pick[n++] = i;
+				tidx = add_table(b, ti);
+				have_idx = true;
 			}
-		if (n == 0 && !life)
-			continue;
-		*used = true;
+			/* changed, not visible: the receiver forgets it if it holds it */
+			if (!salt)
+			{
+				salt = pgs_random64() | 1;
+				pgs_writer_table_salt(&b->w, tidx, salt);
+			}
+			if ((rc = map_site(b, rcl.cl_site, &s, err)) != PGS_OK)
+				goto out;
+			pgs_writer_candidate(&b->w, tidx, pgs_key_hash(salt, (uint32_t) ti->npk, pk), cl, s);
+			b->st->candidates++;
+		}
+		else
+		{
+			bool news; /* something in range that the receiver did not write */
+
+			whole = vis == DB_VIS_WHOLE;
+			if ((rc = excluded(b, rcl.cl_site, &skip, err)) != PGS_OK)
+				goto out;
+			life = in_range(b, rcl.cl_ver) && !skip;
+			news = life;
+			if ((cl & 1) && alive)
+				for (int i = 0; i < ti->ncols; i++)
+				{
+					bool in;
+
+					if (!stamps[i].hlc)
+						continue;
+					written++;
+					in = in_range(b, stamps[i].ver);
+					if (in || !whole)
+					{
+						if ((rc = excluded(b, stamps[i].site, &skip, err)) != PGS_OK)
+							goto out;
+						in = in && !skip;
+						news |= in;
+					}
+					if (!whole && !in)
+						continue;
+					b->ch[n].col = (uint32_t) i;
+					b->ch[n].hlc = stamps[i].hlc;
+					b->ch[n].site = stamps[i].site; /* local index, mapped below */
+					b->ch[n].value = vals[i];
+					n++;
+				}
+			/* a whole row is sent when it has news for the receiver (its own
+			 * echo is not), or always in a snapshot */
+			if (!(snapshot || news))
+				continue;
+			if (!have_idx)
+			{
+				tidx = add_table(b, ti);
+				have_idx = true;
+			}
+			for (uint32_t k = 0; k < n; k++)
+			{
+				if ((rc = map_site(b, b->ch[k].site, &b->ch[k].site, err)) != PGS_OK)
+					goto out;
+				b->st->value_bytes += encoded_value_bytes(&b->ch[k].value);
+			}
+			if ((rc = map_site(b, rcl.cl_site, &s, err)) != PGS_OK)
+				goto out;
+			for (int i = 0; i < ti->npk; i++)
+				b->st->value_bytes += encoded_value_bytes(&pk[i]);
+			/* whole: every written column is in the group (a fresh row, or a
+			 * view of the row): a receiver that lacks the row can insert it */
+			pgs_writer_row(&b->w, tidx, (cl & 1) && (whole || n == written), pk, cl, s, n, b->ch);
+			b->st->changes += n;
+		}
 		b->nrows++;
 		b->st->rows++;
-		pgs_buf_varint(&b->rows, tidx);
-		for (int i = 0; i < ti->npk; i++)
-		{
-			pgs_buf_u8(&b->rows, pk[i].type);
-			pgs_value_put(&b->rows, &pk[i]);
-			b->st->value_bytes += encoded_value_bytes(&pk[i]);
-		}
-		pgs_buf_varint(&b->rows, (uint64_t) cl);
-		if ((rc = map_site(b, rcl.cl_site, &s, err)) != PGS_OK)
-			goto out;
-		pgs_buf_varint(&b->rows, s);
-		pgs_buf_varint(&b->rows, (uint64_t) n);
+		b->last_table = ti;
+		b->last_key.len = 0;
+		pgs_key_encode(&b->last_key, (uint32_t) ti->npk, pk);
 		if (b->o->max_rows && b->nrows >= b->o->max_rows)
 			b->full = true;
-		if (n == 0)
-			continue;
-		ghlc = stamps[pick[0]].hlc;
-		gsite = stamps[pick[0]].site;
-		pgs_buf_svarint(&b->rows, (int64_t) (ghlc - b->prev_hlc));
-		b->prev_hlc = ghlc;
-		if ((rc = map_site(b, gsite, &s, err)) != PGS_OK)
-			goto out;
-		pgs_buf_varint(&b->rows, s);
-		for (int k = 0; k < n; k++)
+		if (b->w.oom || b->last_key.oom)
 		{
-			int				 c = pick[k];
-			const pgs_stamp *st = &stamps[c];
-			bool			 own = st->hlc != ghlc || st->site != gsite;
-			int				 delta = c - prev_col - 1;
-			uint8_t			 head =
-				(uint8_t) (vals[c].type | (own ? 8 : 0) | (delta < 15 ? delta : 15) << 4);
-
-			pgs_buf_u8(&b->rows, head);
-			if (own)
-			{
-				pgs_buf_svarint(&b->rows, (int64_t) (st->hlc - ghlc));
-				if ((rc = map_site(b, st->site, &s, err)) != PGS_OK)
-					goto out;
-				pgs_buf_varint(&b->rows, s);
-			}
-			if (delta >= 15)
-				pgs_buf_varint(&b->rows, (uint64_t) c);
-			pgs_value_put(&b->rows, &vals[c]);
-			b->st->value_bytes += encoded_value_bytes(&vals[c]);
-			prev_col = c;
-		}
-		b->st->changes += (uint64_t) n;
-		if (b->rows.oom)
-		{
-			rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
+			rc = oom(err);
 			goto out;
 		}
 	}
+	if (done && snapshot)
+		pgs_writer_table_snap(&b->w, tidx, PGS_SNAP_END);
 	rc = PGS_OK;
 out:
 	if (cur)
 		db_changes_close(cur);
 	pgs_free(stamps);
-	pgs_free(pick);
 	return rc;
 }
 
-static bool *
-pgs_calloc_bools(int n)
+/* next_token: the continuation token after the chunk's last row group. */
+static pgs_rc
+next_token(build_ctx *b, pgs_buf *tok, pgs_err *err)
 {
-	bool *p = pgs_malloc(sizeof(bool) * (n ? n : 1));
+	const db_table_info *ti = b->last_table;
+	pgs_value			 pk[PGS_TOKEN_MAX_PK];
+	const uint8_t		*p = b->last_key.p, *end = p + b->last_key.len;
+	uint32_t			 flags = (b->o->view ? PGS_TOKEN_VIEW : 0) |
+					 (b->o->snapshot_all ? PGS_TOKEN_SNAPSHOT_ALL : 0);
+	pgs_rc				 rc;
 
-	if (p)
-		memset(p, 0, sizeof(bool) * (n ? n : 1));
-	return p;
-}
+	if (ti->npk > PGS_TOKEN_MAX_PK)
+		return pgs_failf(err, PGS_ERR_TOO_BIG, "Pull this table without max_rows.",
+						 "table \"%s\" has too many key columns for a chunked pull", ti->name);
+	for (int i = 0; i < ti->npk; i++)
+	{
+		uint8_t type = *p++;
 
-static void
-put_str(pgs_buf *b, const char *s)
-{
-	size_t n = strlen(s);
-
-	pgs_buf_varint(b, n);
-	pgs_buf_put(b, s, n);
-}
-
-static void
-put_le(uint8_t *p, uint64_t v, int n)
-{
-	for (int i = 0; i < n; i++)
-		p[i] = (uint8_t) (v >> (8 * i));
+		if ((rc = pgs_value_get(&p, end, type, &pk[i], err)) != PGS_OK)
+			return rc;
+	}
+	pgs_token_encode(tok, b->o->since, b->o->until, flags, (const uint8_t *) ti->name,
+					 (uint32_t) strlen(ti->name), (uint32_t) ti->npk, pk);
+	if (tok->oom)
+		return oom(err);
+	if (tok->len > PGS_MAX_TOKEN)
+	{
+		tok->len = 0;
+		return pgs_failf(err, PGS_ERR_TOO_BIG, "Pull this table without max_rows.",
+						 "primary key too long for a continuation token (limit %d bytes)",
+						 PGS_MAX_TOKEN);
+	}
+	return PGS_OK;
 }
 
 pgs_rc
-pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *st, pgs_err *err)
+pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_buf *next, pgs_build_stats *st,
+		  pgs_err *err)
 {
 	build_ctx		b;
 	db_table	  **tables;
 	int				ntables;
-	bool		   *used = NULL;
-	uint32_t		nused = 0;
-	pgs_buf			body;
 	pgs_rc			rc;
 	pgs_build_stats dummy = {0};
-
-	pgs_build_opts oo = *o;
-	pgs_token	   tok;
-	uint32_t	   first = 0;
+	pgs_build_opts	oo = *o;
+	pgs_token		tok;
+	uint32_t		first = 0;
 
 	memset(&b, 0, sizeof b);
 	memset(st ? st : &dummy, 0, sizeof dummy);
 	out->len = 0;
+	if (next)
+		next->len = 0;
 	if (o->after)
 	{
 		if ((rc = pgs_token_decode(o->after, o->after_len, &tok, err)) != PGS_OK)
@@ -313,6 +429,8 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 							 "continuation token was made for since %lld, not %lld",
 							 (long long) tok.since, (long long) o->since);
 		oo.until = tok.until; /* pinned by the first chunk */
+		oo.view = (tok.flags & PGS_TOKEN_VIEW) != 0;
+		oo.snapshot_all = (tok.flags & PGS_TOKEN_SNAPSHOT_ALL) != 0;
 		if (!oo.max_rows)
 			oo.max_rows = UINT32_MAX;
 	}
@@ -320,10 +438,10 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 	b.db = db;
 	b.o = o;
 	b.st = st ? st : &dummy;
-	pgs_buf_init(&b.rows);
-	pgs_buf_init(&body);
+	pgs_writer_init(&b.w);
+	pgs_buf_init(&b.last_key);
 	if ((rc = db_tables(db, &tables, &ntables, err)) != PGS_OK)
-		return rc;
+		goto out;
 	if (o->after)
 	{
 		db_table *tt = NULL;
@@ -334,119 +452,37 @@ pgs_build(db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *s
 			for (k = 0; k < ntables && tables[k] != tt; k++)
 				;
 		if (k == ntables || db_table_describe(tables[k])->npk != (int) tok.npk)
-			return pgs_fail(err, PGS_ERR_CORRUPT, "invalid continuation token",
-							"The token names a table or key this database does not sync.",
-							"Pass the cursor of the previous chunk unchanged, or restart the pull "
-							"without one.");
+		{
+			rc = pgs_fail(err, PGS_ERR_CORRUPT, "invalid continuation token",
+						  "The token names a table or key this database does not sync.",
+						  "Pass the cursor of the previous chunk unchanged, or restart the pull "
+						  "without one.");
+			goto out;
+		}
 		first = (uint32_t) k;
 	}
-	used = pgs_calloc_bools(ntables);
-	if (!used)
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
 	for (int t = (int) first; t < ntables && !b.full; t++)
 	{
-		if ((rc = build_table(&b, tables[t], nused, o->after && t == (int) first ? tok.pk : NULL,
-							  &used[t], err)) != PGS_OK)
+		bool resume = o->after && t == (int) first;
+
+		if ((rc = build_table(&b, tables[t], resume ? tok.pk : NULL, !resume, err)) != PGS_OK)
 			goto out;
-		if (used[t])
-			nused++;
 	}
 	/* a chunk that ends exactly at the last row announces more; the next
 	 * (empty) chunk then carries the final until */
-	if (b.nrows == 0 && !o->after)
+	if (b.w.ngroups == 0 && b.w.ntables == 0 && !o->after)
 		goto out; /* nothing to send: out stays empty */
-
-	/* body = site dict, table dict, rows */
-	pgs_buf_varint(&body, b.nsites);
-	for (uint32_t i = 0; i < b.nsites; i++)
-	{
-		const uint8_t *site;
-
-		if ((rc = db_site_lookup(db, b.site_order[i], &site, err)) != PGS_OK)
-			goto out;
-		pgs_buf_put(&body, site, PGS_SITE_LEN);
-	}
-	pgs_buf_varint(&body, nused);
-	for (int t = 0; t < ntables; t++)
-	{
-		const db_table_info *ti;
-
-		if (!used[t])
-			continue;
-		ti = db_table_describe(tables[t]);
-		put_str(&body, ti->name);
-		pgs_buf_varint(&body, (uint64_t) ti->npk);
-		pgs_buf_varint(&body, (uint64_t) ti->ncols);
-		for (int i = 0; i < ti->npk; i++)
-			put_str(&body, ti->pk_names[i]);
-		for (int i = 0; i < ti->ncols; i++)
-			put_str(&body, ti->col_names[i]);
-	}
-	pgs_buf_varint(&body, b.nrows);
-	pgs_buf_put(&body, b.rows.p, b.rows.len);
-	pgs_buf_free(&b.rows);
-	if (body.oom)
-	{
-		rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
-		goto out;
-	}
-	if (body.len > PGS_MAX_BODY)
-	{
-		rc = pgs_failf(
-			err, PGS_ERR_TOO_BIG, "Sync more often, or pass a larger since to send less.",
-			"payload too large: %zu bytes exceeds the limit of %u", body.len, PGS_MAX_BODY);
-		goto out;
-	}
-	b.st->body_len = body.len;
-
-	{
-		uint8_t	 flags = 0;
-		uint8_t	 more = b.full ? PGS_FLAG_MORE : 0;
-		size_t	 stored = body.len;
-		uint8_t *hdr;
-
-		if (!pgs_buf_reserve(out, PGS_HEADER_LEN + body.len))
-		{
-			rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory building a payload", NULL, NULL);
-			goto out;
-		}
-		if (o->compress && body.len >= 128)
-		{
-			size_t bound = ZSTD_compressBound(body.len);
-
-			if (pgs_buf_reserve(out, PGS_HEADER_LEN + bound))
-			{
-				size_t z = ZSTD_compress(out->p + PGS_HEADER_LEN, bound, body.p, body.len, 1);
-
-				if (!ZSTD_isError(z) && z < body.len)
-				{
-					flags = 1;
-					stored = z;
-				}
-			}
-		}
-		if (!flags)
-			memcpy(out->p + PGS_HEADER_LEN, body.p, body.len);
-		hdr = out->p;
-		memcpy(hdr, PGS_PAYLOAD_MAGIC, 4);
-		hdr[4] = PGS_PAYLOAD_VERSION;
-		hdr[5] = flags | more;
-		hdr[6] = hdr[7] = 0;
-		memcpy(hdr + 8, db_site_id(db), PGS_SITE_LEN);
-		put_le(hdr + 24, (uint64_t) o->since, 8);
-		put_le(hdr + 32, (uint64_t) o->until, 8);
-		put_le(hdr + 40, body.len, 4);
-		put_le(hdr + 44, stored, 4);
-		out->len = PGS_HEADER_LEN + stored;
-		put_le(hdr + 48, pgs_payload_checksum(hdr, hdr + PGS_HEADER_LEN, stored), 8);
-	}
-	rc = PGS_OK;
+	rc = pgs_writer_seal(&b.w, db_site_id(db), o->since, o->until, b.full ? PGS_FLAG_MORE : 0,
+						 o->compress != 0, out, err);
+	if (rc == PGS_OK)
+		b.st->body_len = b.w.body_len;
+	if (rc == PGS_OK && b.full && next)
+		rc = next_token(&b, next, err);
 out:
-	pgs_buf_free(&b.rows);
-	pgs_buf_free(&body);
+	pgs_writer_free(&b.w);
+	pgs_buf_free(&b.last_key);
 	pgs_free(b.site_map);
-	pgs_free(b.site_order);
 	pgs_free(b.excl);
-	pgs_free(used);
+	pgs_free(b.ch);
 	return rc;
 }

@@ -1,13 +1,15 @@
 /*
  * chunk.c — continuation tokens of chunked builds (docs/PAYLOAD.md, "Chunks").
  *
- * token := version:u8 (1)  since:varint  until:varint  table:str
- *          npk:varint  pk_value{npk}
+ * token := version:u8 (2)  since:varint  until:varint  flags:varint  table:str
+ *          npk:varint  pk_value{npk}          (version 1: no flags)
  *
  * since/until are the pull's bounds (until pinned by the first chunk), table
  * the payload name of the last row group's table (a name, not an index: the
  * set of synced tables may change between chunks) and pk_value its key,
- * encoded like a payload's pk_value. The next chunk starts after that key.
+ * encoded like a payload's pk_value; flags pin what the first chunk decided
+ * (PGS_TOKEN_VIEW, PGS_TOKEN_SNAPSHOT_ALL). The next chunk starts after that
+ * key.
  * Tokens come back from clients: everything is range-checked.
  */
 #include "pgsync.h"
@@ -24,12 +26,13 @@ bad_token(pgs_err *err, const char *detail)
 }
 
 void
-pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table, uint32_t table_len,
-				 uint32_t npk, const pgs_value *pk)
+pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, uint32_t flags, const uint8_t *table,
+				 uint32_t table_len, uint32_t npk, const pgs_value *pk)
 {
 	pgs_buf_u8(b, PGS_TOKEN_VERSION);
 	pgs_buf_varint(b, (uint64_t) since);
 	pgs_buf_varint(b, (uint64_t) until);
+	pgs_buf_varint(b, flags);
 	pgs_buf_varint(b, table_len);
 	pgs_buf_put(b, table, table_len);
 	pgs_buf_varint(b, npk);
@@ -46,12 +49,14 @@ pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err)
 	const uint8_t *end = p + len;
 	uint64_t	   u;
 	int			   n;
+	uint8_t		   version;
 	pgs_rc		   rc;
 
 	memset(t, 0, sizeof *t);
 	if (!p || len < 1 || len > PGS_MAX_TOKEN)
 		return bad_token(err, "The token is empty or too long.");
-	if (*p++ != PGS_TOKEN_VERSION)
+	version = *p++;
+	if (version < 1 || version > PGS_TOKEN_VERSION)
 		return bad_token(err, "Unknown token version.");
 	if (!(n = pgs_varint_get(p, end, &u)) || u > (uint64_t) INT64_MAX)
 		return bad_token(err, "Malformed since.");
@@ -61,7 +66,15 @@ pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err)
 		return bad_token(err, "Malformed until.");
 	p += n;
 	t->until = (int64_t) u;
-	if (t->until <= t->since)
+	if (version >= 2)
+	{
+		if (!(n = pgs_varint_get(p, end, &u)) || u > 3)
+			return bad_token(err, "Malformed flags.");
+		p += n;
+		t->flags = (uint32_t) u;
+	}
+	/* a pull from since to until >= since; equal only for a forced snapshot */
+	if (t->until < t->since || (t->until == t->since && !(t->flags & PGS_TOKEN_SNAPSHOT_ALL)))
 		return bad_token(err, "until is not above since.");
 	if (!(n = pgs_varint_get(p, end, &u)) || u == 0 || u > PGS_MAX_NAME ||
 		u > (uint64_t) (end - p - n))
@@ -115,7 +128,7 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok, 
 		return PGS_OK;
 	if ((rc = pgs_payload_body(p, len, &h, &body, &owned, err)) != PGS_OK)
 		return rc;
-	if ((rc = pgs_reader_open(&r, body, h.body_len, err)) != PGS_OK)
+	if ((rc = pgs_reader_open(&r, h.version, body, h.body_len, err)) != PGS_OK)
 		goto out;
 	for (;;)
 	{
@@ -123,6 +136,11 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok, 
 			goto close;
 		if (done)
 			break;
+		if (g.kind == PGS_GROUP_CANDIDATE)
+		{
+			any = false; /* its key is not in the payload */
+			continue;
+		}
 		any = true;
 		last_table = g.table;
 		npk = r.tables[g.table].npk;
@@ -136,7 +154,11 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok, 
 	}
 	if (!any)
 	{
-		rc = bad_token(err, "A chunk announcing more rows has no row.");
+		rc = pgs_fail(err, PGS_ERR_MISUSE, "cannot continue after this chunk",
+					  "The chunk ends with rows hidden from the caller, whose keys it does not "
+					  "carry.",
+					  "Use the cursor returned with the chunk (sync_pull), or pull without "
+					  "max_rows.");
 		goto close;
 	}
 	if (memcmp(h.origin, db_site_id(db), PGS_SITE_LEN) != 0)
@@ -149,7 +171,7 @@ pgs_payload_next_token(db_conn *db, const uint8_t *p, size_t len, pgs_buf *tok, 
 	if ((rc = db_table_find(db, r.tables[last_table].name, r.tables[last_table].name_len, &t,
 							err)) != PGS_OK)
 		goto close;
-	pgs_token_encode(tok, h.since, h.until, r.tables[last_table].name,
+	pgs_token_encode(tok, h.since, h.until, 0, r.tables[last_table].name,
 					 r.tables[last_table].name_len, npk, last_pk);
 	rc = tok->oom ? pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL) : PGS_OK;
 	if (rc == PGS_OK && tok->len > PGS_MAX_TOKEN)

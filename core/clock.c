@@ -58,6 +58,24 @@ pgs_uuid7(uint8_t out[16], pgs_err *err)
 	return PGS_OK;
 }
 
+uint64_t
+pgs_random64(void)
+{
+	uint64_t v = 0;
+	size_t	 got = 0;
+
+	while (got < sizeof v)
+	{
+		ssize_t n = getrandom((uint8_t *) &v + got, sizeof v - got, 0);
+
+		if (n < 0 && errno != EINTR)
+			return v ^ pgs_now_ms(); /* no entropy source: still unpredictable enough */
+		if (n > 0)
+			got += (size_t) n;
+	}
+	return v;
+}
+
 void
 pgs_uuid_format(const uint8_t u[16], char out[37])
 {

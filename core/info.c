@@ -127,7 +127,7 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 	*out = NULL;
 	if ((rc = pgs_payload_body(p, len, &h, &body, &owned, err)) != PGS_OK)
 		return rc;
-	if ((rc = pgs_reader_open(&r, body, h.body_len, err)) != PGS_OK)
+	if ((rc = pgs_reader_open(&r, h.version, body, h.body_len, err)) != PGS_OK)
 	{
 		pgs_reader_close(&r);
 		pgs_free(owned);
@@ -158,6 +158,18 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 		c = cJSON_AddArrayToObject(o, "columns");
 		for (uint32_t i = 0; i < d->ncols; i++)
 			cJSON_AddItemToArray(c, json_str(d->col_names[i], d->col_name_lens[i]));
+		if (d->has_fingerprint)
+		{
+			char fp[20];
+
+			snprintf(fp, sizeof fp, "%016llx", (unsigned long long) d->fingerprint);
+			cJSON_AddStringToObject(o, "fingerprint", fp);
+		}
+		if (d->snap)
+		{
+			cJSON_AddBoolToObject(o, "snapshot_begin", (d->snap & PGS_SNAP_BEGIN) != 0);
+			cJSON_AddBoolToObject(o, "snapshot_end", (d->snap & PGS_SNAP_END) != 0);
+		}
 		cJSON_AddItemToArray(arr, o);
 	}
 	arr = cJSON_AddArrayToObject(root, "rows");
@@ -179,9 +191,28 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 		d = &r.tables[g.table];
 		o = cJSON_CreateObject();
 		cJSON_AddItemToObject(o, "table", json_str(d->name, d->name_len));
+		if (g.kind == PGS_GROUP_CANDIDATE)
+		{
+			char hx[20];
+
+			snprintf(hx, sizeof hx, "%016llx", (unsigned long long) g.hash);
+			cJSON_AddStringToObject(o, "kind", "candidate");
+			cJSON_AddStringToObject(o, "key_hash", hx);
+			cJSON_AddNumberToObject(o, "cl", (double) g.cl);
+			cJSON_AddItemToArray(arr, o);
+			continue;
+		}
+		cJSON_AddStringToObject(o, "kind", g.kind == PGS_GROUP_ABSENT ? "absent"
+										   : g.whole				 ? "whole"
+																	 : "changes");
 		k = cJSON_AddArrayToObject(o, "key");
 		for (uint32_t i = 0; i < d->npk; i++)
 			cJSON_AddItemToArray(k, json_value(&g.pk[i]));
+		if (g.kind == PGS_GROUP_ABSENT)
+		{
+			cJSON_AddItemToArray(arr, o);
+			continue;
+		}
 		cJSON_AddNumberToObject(o, "cl", (double) g.cl);
 		cJSON_AddBoolToObject(o, "deleted", (g.cl & 1) == 0);
 		cJSON_AddItemToObject(o, "cl_site", json_site(r.sites + 16 * g.cl_site));

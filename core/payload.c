@@ -55,11 +55,11 @@ pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *err)
 						"A payload starts with the bytes \"PGSY\".",
 						"Pass the value returned by sync_payload, unchanged.");
 	h->version = p[4];
-	if (h->version != PGS_PAYLOAD_VERSION)
+	if (h->version < PGS_PAYLOAD_VERSION_MIN || h->version > PGS_PAYLOAD_VERSION)
 		return pgs_failf(err, PGS_ERR_VERSION,
 						 "Upgrade this replica's pgsync to read payloads from newer replicas.",
-						 "unsupported payload format version %u (this build reads version %d)",
-						 h->version, PGS_PAYLOAD_VERSION);
+						 "unsupported payload format version %u (this build reads versions %d to %d)",
+						 h->version, PGS_PAYLOAD_VERSION_MIN, PGS_PAYLOAD_VERSION);
 	h->flags = p[5];
 	if ((h->flags & ~3u) != 0 || p[6] != 0 || p[7] != 0)
 		return pgs_fail(err, PGS_ERR_VERSION, "unsupported payload flags",
@@ -216,12 +216,59 @@ get_str(pgs_reader *r, const uint8_t **s, uint32_t *len)
 	return true;
 }
 
+/* read_attrs: a format 2 table entry's attributes; unknown tags are skipped. */
+static bool
+read_attrs(pgs_reader *r, pgs_dict_table *d)
+{
+	uint64_t n, tag, len;
+
+	if (!get_varint(r, &n) || n > (uint64_t) (r->end - r->p))
+		return false;
+	for (uint64_t i = 0; i < n; i++)
+	{
+		const uint8_t *v;
+
+		if (!get_varint(r, &tag) || !get_varint(r, &len) || len > (uint64_t) (r->end - r->p))
+			return false;
+		v = r->p;
+		r->p += len;
+		switch (tag)
+		{
+			case 1: /* fingerprint */
+				if (len != 8)
+					return false;
+				d->has_fingerprint = true;
+				d->fingerprint = le64(v);
+				break;
+			case 2: /* snapshot flags */
+			{
+				uint64_t f;
+
+				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 3)
+					return false;
+				d->snap = (uint32_t) f;
+				break;
+			}
+			case 3: /* salt of the removal candidates */
+				if (len != 8)
+					return false;
+				d->has_salt = true;
+				d->salt = le64(v);
+				break;
+			default:
+				break; /* a newer writer's attribute: ignored */
+		}
+	}
+	return true;
+}
+
 pgs_rc
-pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err)
+pgs_reader_open(pgs_reader *r, uint8_t version, const uint8_t *body, size_t len, pgs_err *err)
 {
 	uint64_t n;
 
 	memset(r, 0, sizeof *r);
+	r->version = version;
 	r->p = body;
 	r->end = body + len;
 	if (!get_varint(r, &n) || n > (uint64_t) (r->end - r->p) / PGS_SITE_LEN)
@@ -263,6 +310,8 @@ pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err)
 		for (uint64_t i = 0; i < ncols; i++)
 			if (!get_str(r, &d->col_names[i], &d->col_name_lens[i]) || d->col_name_lens[i] == 0)
 				return CORRUPT(err, "bad column name");
+		if (version >= 2 && !read_attrs(r, d))
+			return CORRUPT(err, "bad table attributes");
 		if (npk > r->pk_cap)
 			r->pk_cap = (uint32_t) npk;
 	}
@@ -296,20 +345,48 @@ pgs_reader_next(pgs_reader *r, pgs_group *g, bool *done, pgs_err *err)
 	}
 	*done = false;
 	r->row++;
-	if (!get_varint(r, &u) || u >= r->ntables)
+	if (!get_varint(r, &u))
+		return CORRUPT(err, "table index out of range");
+	g->kind = PGS_GROUP_CHANGES;
+	if (r->version >= 2)
+	{
+		g->kind = (uint8_t) (u & 3);
+		u >>= 2;
+	}
+	if (u >= r->ntables)
 		return CORRUPT(err, "table index out of range");
 	g->table = (uint32_t) u;
 	d = &r->tables[u];
 	g->pk = r->pk_scratch;
-	for (uint32_t i = 0; i < d->npk; i++)
+	g->nchanges = 0;
+	g->hash = 0;
+	g->whole = g->kind == PGS_GROUP_WHOLE;
+	g->changes = r->ch_scratch;
+	if (g->kind == PGS_GROUP_CANDIDATE)
 	{
-		if (r->p >= r->end)
-			return CORRUPT(err, "truncated primary key");
-		u = *r->p++;
-		if (u == PGS_NULL || u > PGS_BLOB)
-			return CORRUPT(err, "bad primary key value type");
-		if ((rc = pgs_value_get(&r->p, r->end, (uint8_t) u, &g->pk[i], err)) != PGS_OK)
-			return rc;
+		if (r->end - r->p < 8)
+			return CORRUPT(err, "truncated key hash");
+		g->hash = le64(r->p);
+		r->p += 8;
+		if (!d->has_salt)
+			return CORRUPT(err, "removal candidate in a table without a salt");
+	}
+	else
+		for (uint32_t i = 0; i < d->npk; i++)
+		{
+			if (r->p >= r->end)
+				return CORRUPT(err, "truncated primary key");
+			u = *r->p++;
+			if (u == PGS_NULL || u > PGS_BLOB)
+				return CORRUPT(err, "bad primary key value type");
+			if ((rc = pgs_value_get(&r->p, r->end, (uint8_t) u, &g->pk[i], err)) != PGS_OK)
+				return rc;
+		}
+	if (g->kind == PGS_GROUP_ABSENT)
+	{
+		g->cl = 0;
+		g->cl_site = 0;
+		return PGS_OK;
 	}
 	if (!get_varint(r, &u) || u == 0 || u > PGS_MAX_CL)
 		return CORRUPT(err, "bad causal length");
@@ -317,11 +394,17 @@ pgs_reader_next(pgs_reader *r, pgs_group *g, bool *done, pgs_err *err)
 	if (!get_varint(r, &u) || u >= r->nsites)
 		return CORRUPT(err, "site index out of range");
 	g->cl_site = (uint32_t) u;
+	if (g->kind == PGS_GROUP_CANDIDATE)
+		return PGS_OK;
 	if (!get_varint(r, &u) || u > (uint64_t) (r->end - r->p) || u > d->ncols)
 		return CORRUPT(err, "bad change count");
 	g->nchanges = (uint32_t) u;
 	if (g->nchanges && (g->cl & 1) == 0)
 		return CORRUPT(err, "column change on a deleted row");
+	if (g->kind == PGS_GROUP_WHOLE && (g->cl & 1) == 0)
+		return CORRUPT(err, "whole row of a deleted row");
+	if (r->version < 2)
+		g->whole = (g->cl & 1) && g->nchanges == d->ncols;
 	if (g->nchanges > r->ch_cap)
 	{
 		pgs_change *n = pgs_realloc(r->ch_scratch, sizeof(pgs_change) * g->nchanges);

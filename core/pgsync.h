@@ -38,16 +38,32 @@ typedef enum pgs_rc
 	PGS_ERR_SCHEMA,		/* unknown table or column, schema mismatch */
 	PGS_ERR_VALUE,		/* a value cannot be stored in the target column */
 	PGS_ERR_PERMISSION, /* the role may not make this change (Postgres) */
-	PGS_ERR_DB			/* any other engine error */
+	PGS_ERR_DB,			/* any other engine error */
+	PGS_ERR_ROW,		/* this row cannot be stored here (a constraint, a conversion, a
+						 * trigger...): the row's own fate, code says why */
+	PGS_ERR_CAREFUL		/* a row failed on the fast path: apply again with careful set */
 } pgs_rc;
 
 typedef struct pgs_err
 {
 	pgs_rc rc;
+	char   code[6]; /* SQLSTATE-style code of a row's rejection ("23502", "PS001"), or "" */
 	char   msg[256];
 	char   detail[1024];
 	char   hint[256];
 } pgs_err;
+
+/*
+ * Rejection codes of pgsync itself (SQLSTATE-shaped, class PS). Engines
+ * report their own errors with their SQLSTATE (Postgres) or the closest one
+ * (SQLite: 23502 NOT NULL, 23514 CHECK, 23505 UNIQUE, 23503 FOREIGN KEY,
+ * P0001 trigger RAISE, 22000 other data errors).
+ */
+#define PGS_CODE_INCOMPLETE "PS001" /* a new life of a row without its whole row */
+#define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
+#define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
+/* pgs_err_code sets err->code (NULL or "" clears it). */
+void pgs_err_code(pgs_err *err, const char *code);
 
 /* pgs_fail fills err (may be NULL) and returns rc; detail/hint may be NULL. */
 pgs_rc pgs_fail(pgs_err *err, pgs_rc rc, const char *msg, const char *detail, const char *hint);
@@ -220,7 +236,8 @@ pgs_merge pgs_merge_cell(int64_t local_cl, const pgs_cellstamp *local, int64_t i
 /* ---- payloads -------------------------------------------------------- */
 
 #define PGS_PAYLOAD_MAGIC "PGSY"
-#define PGS_PAYLOAD_VERSION 1
+#define PGS_PAYLOAD_VERSION 2	  /* written */
+#define PGS_PAYLOAD_VERSION_MIN 1 /* oldest read */
 #define PGS_HEADER_LEN 56
 #define PGS_MAX_BODY (1u << 30)
 #define PGS_MAX_NAME 65535
@@ -249,6 +266,10 @@ pgs_rc pgs_payload_info(const uint8_t *p, size_t len, char **json, pgs_err *err)
 
 /* ---- decoded body ------------------------------------------------------ */
 
+/* Table attributes (format 2): snapshot flags (docs/PAYLOAD.md). */
+#define PGS_SNAP_BEGIN 1 /* this payload starts a snapshot of the table */
+#define PGS_SNAP_END 2	 /* the snapshot is complete: forget rows not received */
+
 typedef struct pgs_dict_table
 {
 	const uint8_t  *name;
@@ -259,6 +280,11 @@ typedef struct pgs_dict_table
 	uint32_t	   *pk_name_lens;
 	const uint8_t **col_names;
 	uint32_t	   *col_name_lens;
+	bool			has_fingerprint;
+	uint64_t		fingerprint; /* pgs_table_fingerprint of the sender's table */
+	uint32_t		snap;		 /* PGS_SNAP_* */
+	bool			has_salt;
+	uint64_t		salt; /* seed of the removal candidates' key hashes */
 } pgs_dict_table;
 
 typedef struct pgs_change
@@ -269,19 +295,32 @@ typedef struct pgs_change
 	pgs_value value;
 } pgs_change;
 
+/* Kinds of row groups (format 2; a format 1 group is PGS_GROUP_CHANGES). */
+typedef enum pgs_group_kind
+{
+	PGS_GROUP_CHANGES = 0,	 /* the row's changes since the pull's since */
+	PGS_GROUP_WHOLE = 1,	 /* the same, carrying every written column of the row */
+	PGS_GROUP_CANDIDATE = 2, /* a row the receiver may hold and must not keep: key hash only */
+	PGS_GROUP_ABSENT = 3	 /* the sender has no row for this key the receiver may see */
+} pgs_group_kind;
+
 typedef struct pgs_group
 {
 	uint32_t	table;
-	int64_t		cl;
-	uint32_t	cl_site;
+	uint8_t		kind; /* pgs_group_kind */
+	bool		whole;	 /* carries the whole row (kind WHOLE; format 1: every column) */
+	uint64_t	hash;	 /* CANDIDATE: pgs_key_hash(salt, key) */
+	int64_t		cl;		 /* CHANGES, WHOLE, CANDIDATE */
+	uint32_t	cl_site; /* CHANGES, WHOLE, CANDIDATE */
 	uint32_t	nchanges;
-	pgs_value  *pk;		 /* npk values, reader-owned scratch */
+	pgs_value  *pk;		 /* npk values (not CANDIDATE), reader-owned scratch */
 	pgs_change *changes; /* nchanges, reader-owned scratch */
 } pgs_group;
 
 /* A streaming reader over a verified body: dictionaries first, then groups. */
 typedef struct pgs_reader
 {
+	uint8_t			version; /* payload format version */
 	const uint8_t  *p;
 	const uint8_t  *end;
 	uint32_t		nsites;
@@ -298,7 +337,8 @@ typedef struct pgs_reader
 	uint32_t	ch_cap;
 } pgs_reader;
 
-pgs_rc pgs_reader_open(pgs_reader *r, const uint8_t *body, size_t len, pgs_err *err);
+pgs_rc pgs_reader_open(pgs_reader *r, uint8_t version, const uint8_t *body, size_t len,
+					   pgs_err *err);
 /* pgs_reader_next: PGS_OK with *done=false and g filled, or *done=true at the end
  * (trailing bytes are an error). g's arrays live until the next call. */
 pgs_rc pgs_reader_next(pgs_reader *r, pgs_group *g, bool *done, pgs_err *err);
@@ -309,6 +349,88 @@ void   pgs_value_put(pgs_buf *b, const pgs_value *v); /* without type byte */
 pgs_rc pgs_value_get(const uint8_t **p, const uint8_t *end, uint8_t type, pgs_value *v,
 					 pgs_err *err);
 int	   pgs_value_cmp(const pgs_value *a, const pgs_value *b);
+
+/* pgs_key_encode appends a key as the payload encodes it (type byte + value each). */
+void	 pgs_key_encode(pgs_buf *b, uint32_t npk, const pgs_value *pk);
+/* pgs_key_hash: the hash of a key that removal candidates carry. */
+uint64_t pgs_key_hash(uint64_t salt, uint32_t npk, const pgs_value *pk);
+/* pgs_random64: 64 random bits (salts). */
+uint64_t pgs_random64(void);
+
+/* ---- the writer: the one place that writes the payload format ----------- */
+
+typedef struct pgs_name
+{
+	const uint8_t *p;
+	uint32_t	   len;
+} pgs_name;
+
+typedef struct pgs_wchange
+{
+	uint32_t  col;	/* index in the table's dictionary entry, strictly increasing */
+	uint64_t  hlc;	/* valid stamp (pgs_hlc_valid) */
+	uint32_t  site; /* payload site index (pgs_writer_site) */
+	pgs_value value;
+} pgs_wchange;
+
+typedef struct pgs_wtable
+{
+	pgs_buf	 dict; /* name, key and column names, encoded */
+	uint32_t npk;
+	uint32_t ncols;
+	bool	 has_fingerprint;
+	uint64_t fingerprint;
+	uint32_t snap;
+	bool	 has_salt;
+	uint64_t salt;
+} pgs_wtable;
+
+/*
+ * A payload being written. Sites and tables are added as they are used;
+ * groups are appended; pgs_writer_seal writes header, dictionaries and the
+ * groups and compresses. Appends never fail: an allocation failure is
+ * sticky (oom) and reported by pgs_writer_seal.
+ */
+typedef struct pgs_writer
+{
+	pgs_buf		groups;
+	uint64_t	ngroups;
+	uint64_t	prev_hlc;
+	pgs_buf		sites; /* nsites * 16 bytes */
+	uint32_t	nsites;
+	pgs_wtable *tables;
+	uint32_t	ntables;
+	uint32_t	tables_cap;
+	bool		oom;
+	size_t		body_len; /* set by pgs_writer_seal: the body before compression */
+} pgs_writer;
+
+void	 pgs_writer_init(pgs_writer *w);
+void	 pgs_writer_free(pgs_writer *w);
+/* pgs_writer_site: the payload index of a site, added if new (linear search). */
+uint32_t pgs_writer_site(pgs_writer *w, const uint8_t site[16]);
+/* pgs_writer_site_add: add a site known to be new; returns its index. */
+uint32_t pgs_writer_site_add(pgs_writer *w, const uint8_t site[16]);
+/* pgs_writer_table adds a dictionary entry and returns its index. */
+uint32_t pgs_writer_table(pgs_writer *w, pgs_name name, uint32_t npk, const pgs_name *pk_names,
+						  uint32_t ncols, const pgs_name *col_names);
+void pgs_writer_table_fingerprint(pgs_writer *w, uint32_t table, uint64_t fp);
+void pgs_writer_table_snap(pgs_writer *w, uint32_t table, uint32_t snap_flags); /* ORed */
+void pgs_writer_table_salt(pgs_writer *w, uint32_t table, uint64_t salt);
+/* pgs_writer_row: a row group (kind CHANGES or WHOLE) of n changes; a
+ * deleted row (even cl) has none. */
+void pgs_writer_row(pgs_writer *w, uint32_t table, bool whole, const pgs_value *pk, int64_t cl,
+					uint32_t cl_site, uint32_t n, const pgs_wchange *ch);
+void pgs_writer_candidate(pgs_writer *w, uint32_t table, uint64_t hash, int64_t cl,
+						  uint32_t cl_site);
+void pgs_writer_absent(pgs_writer *w, uint32_t table, const pgs_value *pk);
+/*
+ * pgs_writer_seal writes the payload into out (replacing its content):
+ * header (origin, since, until, flags: PGS_FLAG_MORE may be passed), body,
+ * zstd when compress and smaller, checksum. Errors: NOMEM, TOO_BIG.
+ */
+pgs_rc pgs_writer_seal(pgs_writer *w, const uint8_t origin[16], int64_t since, int64_t until,
+					   uint8_t flags, bool compress, pgs_buf *out, pgs_err *err);
 
 /* ---- the two drivers (engine calls these) --------------------------- */
 
@@ -323,12 +445,16 @@ typedef struct pgs_build_opts
 	uint32_t	   max_rows;	 /* chunking: at most this many row groups, 0 = all */
 	const uint8_t *after;		 /* continuation token of the previous chunk, or NULL */
 	size_t		   after_len;
+	bool		   view;		  /* the receiver's view: snapshots (server pulls) */
+	bool		   snapshot_all; /* view: every table is a snapshot (pinned in the token) */
 } pgs_build_opts;
 
 /* Header flag bits (docs/PAYLOAD.md). */
 #define PGS_FLAG_ZSTD 1
 #define PGS_FLAG_MORE 2 /* a chunk: more chunks of this pull follow */
-#define PGS_TOKEN_VERSION 1
+#define PGS_TOKEN_VERSION 2
+#define PGS_TOKEN_VIEW 1		 /* token flag: a view build */
+#define PGS_TOKEN_SNAPSHOT_ALL 2 /* token flag: every table is a snapshot */
 #define PGS_MAX_TOKEN 65536 /* continuation token bytes (long keys) */
 
 /*
@@ -341,6 +467,7 @@ typedef struct pgs_token
 {
 	int64_t		   since;
 	int64_t		   until;
+	uint32_t	   flags; /* PGS_TOKEN_* */
 	const uint8_t *table; /* the table's payload name (points into the token) */
 	uint32_t	   table_len;
 	uint32_t	   npk;
@@ -348,8 +475,8 @@ typedef struct pgs_token
 } pgs_token;
 
 pgs_rc pgs_token_decode(const uint8_t *p, size_t len, pgs_token *t, pgs_err *err);
-void   pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, const uint8_t *table,
-						uint32_t table_len, uint32_t npk, const pgs_value *pk);
+void   pgs_token_encode(pgs_buf *b, int64_t since, int64_t until, uint32_t flags,
+						const uint8_t *table, uint32_t table_len, uint32_t npk, const pgs_value *pk);
 /*
  * pgs_payload_next_token: the continuation token for the chunk after this
  * payload (built by this replica), or tok->len == 0 when the payload is the
@@ -361,27 +488,42 @@ pgs_rc pgs_payload_next_token(struct db_conn *db, const uint8_t *p, size_t len, 
 typedef struct pgs_build_stats
 {
 	uint64_t rows;
+	uint64_t candidates; /* rows sent as removal candidates (included in rows) */
 	uint64_t changes;
 	uint64_t value_bytes; /* raw bytes of the values, keys included */
 	uint64_t body_len;
 } pgs_build_stats;
 
 /* pgs_build: a payload of every synced table's changes in (since, until].
- * out is left empty (len 0) when there is no change. */
-pgs_rc pgs_build(struct db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_build_stats *st,
-				 pgs_err *err);
+ * out is left empty (len 0) when there is nothing to send. When next_token
+ * is not NULL it receives the continuation token of the next chunk (len 0
+ * after the last chunk). */
+pgs_rc pgs_build(struct db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_buf *next_token,
+				 pgs_build_stats *st, pgs_err *err);
+/* pgs_table_fingerprint: hash of a table's key and column names (docs/PAYLOAD.md). */
+struct db_table_info;
+uint64_t pgs_table_fingerprint(const struct db_table_info *ti);
 
 typedef struct pgs_apply_stats
 {
 	int64_t won; /* winning column changes + row-life changes */
 	int64_t lost;
-	int64_t rejected; /* rows the engine refused (permissions) */
+	int64_t rejected; /* rows refused (reported through db_reject) */
 	int64_t changes;  /* column changes read */
+	int64_t rows_inserted; /* rows that started a life here */
+	int64_t rows_updated;  /* existing rows with winning columns */
+	int64_t rows_deleted;
+	int64_t rows_forgotten; /* moved out of the view: removed locally */
+	int64_t held;			/* groups kept aside (unknown table or column) */
 } pgs_apply_stats;
 
-/* pgs_apply merges a payload. The engine wraps it in a savepoint and rolls back
- * on any error: either everything (minus reported rejections) or nothing. */
-pgs_rc pgs_apply(struct db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
-				 pgs_err *err);
+/*
+ * pgs_apply merges a payload. The engine wraps it in a savepoint and rolls
+ * back on any error: either everything (minus reported rejections and held
+ * changes) or nothing. With careful false, a failing row makes it return
+ * PGS_ERR_CAREFUL: roll back and call it again with careful true.
+ */
+pgs_rc pgs_apply(struct db_conn *db, const uint8_t *payload, size_t len, bool careful,
+				 pgs_apply_stats *st, pgs_err *err);
 
 #endif /* PGSYNC_CORE_H */

@@ -32,6 +32,7 @@ pgs_fail(pgs_err *err, pgs_rc rc, const char *msg, const char *detail, const cha
 	if (err)
 	{
 		err->rc = rc;
+		err->code[0] = '\0';
 		copy_str(err->msg, sizeof err->msg, msg);
 		copy_str(err->detail, sizeof err->detail, detail);
 		copy_str(err->hint, sizeof err->hint, hint);
@@ -50,10 +51,18 @@ pgs_failf(pgs_err *err, pgs_rc rc, const char *hint, const char *fmt, ...)
 		vsnprintf(err->msg, sizeof err->msg, fmt, ap);
 		va_end(ap);
 		err->rc = rc;
+		err->code[0] = '\0';
 		err->detail[0] = '\0';
 		copy_str(err->hint, sizeof err->hint, hint);
 	}
 	return rc;
+}
+
+void
+pgs_err_code(pgs_err *err, const char *code)
+{
+	if (err)
+		copy_str(err->code, sizeof err->code, code);
 }
 
 void

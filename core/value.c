@@ -8,6 +8,8 @@
 #include "pgsync.h"
 
 #include <string.h>
+#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
+#include <xxhash.h>
 
 static void
 put_le64(uint8_t *out, uint64_t v)
@@ -141,4 +143,55 @@ pgs_value_cmp(const pgs_value *a, const pgs_value *b)
 			return a->len < b->len ? -1 : a->len > b->len;
 		}
 	}
+}
+
+void
+pgs_key_encode(pgs_buf *b, uint32_t npk, const pgs_value *pk)
+{
+	for (uint32_t i = 0; i < npk; i++)
+	{
+		pgs_buf_u8(b, pk[i].type);
+		pgs_value_put(b, &pk[i]);
+	}
+}
+
+uint64_t
+pgs_key_hash(uint64_t salt, uint32_t npk, const pgs_value *pk)
+{
+	XXH3_state_t st;
+
+	/* streamed: the same bytes as pgs_key_encode, without a buffer */
+	XXH3_64bits_reset_withSeed(&st, salt);
+	for (uint32_t i = 0; i < npk; i++)
+	{
+		uint8_t tmp[1 + PGS_VARINT_MAX];
+		int		n = 1;
+
+		tmp[0] = pk[i].type;
+		switch (pk[i].type)
+		{
+			case PGS_INT:
+				n += pgs_varint_put(tmp + 1, pgs_zigzag(pk[i].v.i));
+				XXH3_64bits_update(&st, tmp, (size_t) n);
+				break;
+			case PGS_REAL:
+			{
+				uint64_t bits;
+
+				memcpy(&bits, &pk[i].v.r, 8);
+				put_le64(tmp + 1, bits);
+				XXH3_64bits_update(&st, tmp, 9);
+				break;
+			}
+			case PGS_TEXT:
+			case PGS_BLOB:
+				n += pgs_varint_put(tmp + 1, pk[i].len);
+				XXH3_64bits_update(&st, tmp, (size_t) n);
+				XXH3_64bits_update(&st, pk[i].v.p, pk[i].len);
+				break;
+			default:
+				XXH3_64bits_update(&st, tmp, 1);
+		}
+	}
+	return XXH3_64bits_digest(&st);
 }

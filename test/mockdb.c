@@ -18,103 +18,12 @@
 #include <string.h>
 #include <xxhash.h>
 
-typedef struct mrow
-{
-	uint8_t	  *key;
-	size_t	   keylen;
-	pgs_value *pk; /* npk, owned */
-	bool	   alive;
-	pgs_value *vals; /* ncols, owned, meaningful when alive */
-	bool	   has_clock;
-	int64_t	   cl;
-	int64_t	   ver;
-	uint8_t	  *clk;
-	size_t	   clk_len;
-} mrow;
-
-typedef struct mrows
-{
-	mrow *rows;
-	int	  nrows;
-	int	  cap;
-	int	 *hash; /* entry index + 1, 0 = empty */
-	int	  hcap; /* power of two */
-} mrows;
-
-struct db_table
-{
-	db_conn		 *db;
-	char		 *name;
-	db_algo		  algo;
-	int			  npk;
-	int			  ncols;
-	char		**pk_names;
-	char		**col_names;
-	db_table_info info;
-	mrows		  r;
-};
-
-typedef struct mdeny
-{
-	db_table *t;
-	uint8_t	 *key;
-	size_t	  keylen;
-} mdeny;
-
-struct db_conn
-{
-	uint8_t (*sites)[16];
-	uint32_t   nsites;
-	uint32_t   sites_cap;
-	db_table **tables;
-	int		   ntables;
-	int64_t	   version;
-	int64_t	   txn_ver;
-	bool	   in_txn;
-	uint64_t   hlc;
-	uint64_t   clock_ms;
-	int		   rejections;
-	mdeny	  *deny;
-	int		   ndeny;
-	void	  *eph; /* memory lent to the core until the next call */
-	pgs_buf	   key; /* scratch for key encoding */
-};
-
-struct db_cursor
-{
-	db_conn	  *db;
-	db_table  *t;
-	int64_t	   since;
-	int64_t	   until;
-	int		   next;
-	bool	   by_key; /* chunked: key order, after last */
-	bool	   has_last;
-	pgs_value *last; /* npk copies: the previous key (by_key) */
-	pgs_value *vals; /* npk + ncols copies of the current row */
-	uint8_t	  *blob;
-};
-
-typedef struct mtable_snap
-{
-	mrows r;
-} mtable_snap;
-
-struct mock_snap
-{
-	uint8_t (*sites)[16];
-	uint32_t	 nsites;
-	int64_t		 version;
-	int64_t		 txn_ver;
-	bool		 in_txn;
-	uint64_t	 hlc;
-	int			 ntables;
-	mtable_snap *tables;
-};
+#include "mockdb_int.h"
 
 /* ---- small helpers ---- */
 
-static void *
-xmalloc(size_t n)
+void *
+mdb_xmalloc(size_t n)
 {
 	void *p = pgs_malloc(n);
 
@@ -126,51 +35,51 @@ xmalloc(size_t n)
 	return p;
 }
 
-static char *
-xstrdup(const char *s)
+char *
+mdb_xstrdup(const char *s)
 {
 	size_t n = strlen(s) + 1;
-	char  *d = xmalloc(n);
+	char  *d = mdb_xmalloc(n);
 
 	memcpy(d, s, n);
 	return d;
 }
 
-static void *
-xmemdup(const void *p, size_t n)
+void *
+mdb_xmemdup(const void *p, size_t n)
 {
-	void *d = xmalloc(n ? n : 1);
+	void *d = mdb_xmalloc(n ? n : 1);
 
 	if (n)
 		memcpy(d, p, n);
 	return d;
 }
 
-static void
-eph_reset(db_conn *db)
+void
+mdb_eph_reset(db_conn *db)
 {
 	pgs_free(db->eph);
 	db->eph = NULL;
 }
 
-static const void *
-eph_lend(db_conn *db, const void *p, size_t n)
+const void *
+mdb_eph_lend(db_conn *db, const void *p, size_t n)
 {
-	eph_reset(db);
-	db->eph = xmemdup(p, n);
+	mdb_eph_reset(db);
+	db->eph = mdb_xmemdup(p, n);
 	return db->eph;
 }
 
-static void
-value_copy(pgs_value *dst, const pgs_value *src)
+void
+mdb_value_copy(pgs_value *dst, const pgs_value *src)
 {
 	*dst = *src;
 	if (src->type == PGS_TEXT || src->type == PGS_BLOB)
-		dst->v.p = xmemdup(src->v.p, src->len);
+		dst->v.p = mdb_xmemdup(src->v.p, src->len);
 }
 
-static void
-value_free(pgs_value *v)
+void
+mdb_value_free(pgs_value *v)
 {
 	if (v->type == PGS_TEXT || v->type == PGS_BLOB)
 		pgs_free((void *) v->v.p);
@@ -179,8 +88,8 @@ value_free(pgs_value *v)
 	v->v.i = 0;
 }
 
-static bool
-value_ok(const pgs_value *v)
+bool
+mdb_value_ok(const pgs_value *v)
 {
 	if (v->type > PGS_BLOB)
 		return false;
@@ -190,16 +99,16 @@ value_ok(const pgs_value *v)
 	return true;
 }
 
-static uint64_t
-now_ms(db_conn *db)
+uint64_t
+mdb_now_ms(db_conn *db)
 {
 	return db->clock_ms ? db->clock_ms : pgs_now_ms();
 }
 
 /* ---- keys and the row store ---- */
 
-static void
-encode_key(db_conn *db, db_table *t, const pgs_value *pk)
+void
+mdb_encode_key(db_conn *db, db_table *t, const pgs_value *pk)
 {
 	db->key.len = 0;
 	for (int i = 0; i < t->npk; i++)
@@ -221,7 +130,7 @@ static void
 rows_rehash(mrows *r, int hcap)
 {
 	pgs_free(r->hash);
-	r->hash = xmalloc(sizeof(int) * (size_t) hcap);
+	r->hash = mdb_xmalloc(sizeof(int) * (size_t) hcap);
 	memset(r->hash, 0, sizeof(int) * (size_t) hcap);
 	r->hcap = hcap;
 	for (int i = 0; i < r->nrows; i++)
@@ -253,18 +162,18 @@ rows_find(mrows *r, const uint8_t *k, size_t n)
 	return NULL;
 }
 
-static mrow *
-find_row(db_table *t, const pgs_value *pk)
+mrow *
+mdb_find_row(db_table *t, const pgs_value *pk)
 {
-	encode_key(t->db, t, pk);
+	mdb_encode_key(t->db, t, pk);
 	return rows_find(&t->r, t->db->key.p, t->db->key.len);
 }
 
 /* get_row finds or creates the entry of pk (new: dead, no clock). */
-static mrow *
-get_row(db_table *t, const pgs_value *pk)
+mrow *
+mdb_get_row(db_table *t, const pgs_value *pk)
 {
-	mrow  *row = find_row(t, pk);
+	mrow  *row = mdb_find_row(t, pk);
 	mrows *r = &t->r;
 
 	if (row)
@@ -281,12 +190,12 @@ get_row(db_table *t, const pgs_value *pk)
 	}
 	row = &r->rows[r->nrows++];
 	memset(row, 0, sizeof *row);
-	row->key = xmemdup(t->db->key.p, t->db->key.len);
+	row->key = mdb_xmemdup(t->db->key.p, t->db->key.len);
 	row->keylen = t->db->key.len;
-	row->pk = xmalloc(sizeof(pgs_value) * (size_t) (t->npk ? t->npk : 1));
+	row->pk = mdb_xmalloc(sizeof(pgs_value) * (size_t) (t->npk ? t->npk : 1));
 	for (int i = 0; i < t->npk; i++)
-		value_copy(&row->pk[i], &pk[i]);
-	row->vals = xmalloc(sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
+		mdb_value_copy(&row->pk[i], &pk[i]);
+	row->vals = mdb_xmalloc(sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
 	memset(row->vals, 0, sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
 	if (r->nrows * 2 > r->hcap)
 		rows_rehash(r, r->hcap ? r->hcap * 2 : 32);
@@ -301,11 +210,11 @@ get_row(db_table *t, const pgs_value *pk)
 	return row;
 }
 
-static void
-row_clear_vals(db_table *t, mrow *row)
+void
+mdb_row_clear_vals(db_table *t, mrow *row)
 {
 	for (int i = 0; i < t->ncols; i++)
-		value_free(&row->vals[i]);
+		mdb_value_free(&row->vals[i]);
 }
 
 static void
@@ -316,8 +225,8 @@ rows_free(db_table *t, mrows *r)
 		mrow *row = &r->rows[i];
 
 		for (int k = 0; k < t->npk; k++)
-			value_free(&row->pk[k]);
-		row_clear_vals(t, row);
+			mdb_value_free(&row->pk[k]);
+		mdb_row_clear_vals(t, row);
 		pgs_free(row->pk);
 		pgs_free(row->vals);
 		pgs_free(row->key);
@@ -333,7 +242,7 @@ rows_copy(db_table *t, mrows *dst, const mrows *src)
 {
 	memset(dst, 0, sizeof *dst);
 	dst->cap = src->nrows ? src->nrows : 1;
-	dst->rows = xmalloc(sizeof(mrow) * (size_t) dst->cap);
+	dst->rows = mdb_xmalloc(sizeof(mrow) * (size_t) dst->cap);
 	dst->nrows = src->nrows;
 	for (int i = 0; i < src->nrows; i++)
 	{
@@ -341,15 +250,15 @@ rows_copy(db_table *t, mrows *dst, const mrows *src)
 		mrow	   *d = &dst->rows[i];
 
 		*d = *s;
-		d->key = xmemdup(s->key, s->keylen);
-		d->pk = xmalloc(sizeof(pgs_value) * (size_t) (t->npk ? t->npk : 1));
+		d->key = mdb_xmemdup(s->key, s->keylen);
+		d->pk = mdb_xmalloc(sizeof(pgs_value) * (size_t) (t->npk ? t->npk : 1));
 		for (int k = 0; k < t->npk; k++)
-			value_copy(&d->pk[k], &s->pk[k]);
-		d->vals = xmalloc(sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
+			mdb_value_copy(&d->pk[k], &s->pk[k]);
+		d->vals = mdb_xmalloc(sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
 		memset(d->vals, 0, sizeof(pgs_value) * (size_t) (t->ncols ? t->ncols : 1));
 		for (int k = 0; k < t->ncols; k++)
-			value_copy(&d->vals[k], &s->vals[k]);
-		d->clk = s->clk ? xmemdup(s->clk, s->clk_len) : NULL;
+			mdb_value_copy(&d->vals[k], &s->vals[k]);
+		d->clk = s->clk ? mdb_xmemdup(s->clk, s->clk_len) : NULL;
 	}
 	if (src->hcap)
 		rows_rehash(dst, src->hcap);
@@ -360,11 +269,11 @@ rows_copy(db_table *t, mrows *dst, const mrows *src)
 db_conn *
 mock_open(const uint8_t site[16])
 {
-	db_conn *db = xmalloc(sizeof *db);
+	db_conn *db = mdb_xmalloc(sizeof *db);
 
 	memset(db, 0, sizeof *db);
 	db->sites_cap = 4;
-	db->sites = xmalloc(16 * db->sites_cap);
+	db->sites = mdb_xmalloc(16 * db->sites_cap);
 	if (site)
 		memcpy(db->sites[0], site, 16);
 	else if (pgs_uuid7(db->sites[0], NULL) != PGS_OK)
@@ -397,9 +306,10 @@ mock_close(db_conn *db)
 		table_free(db->tables[i]);
 	pgs_free(db->tables);
 	mock_allow_all(db);
+	mock_view_free(db);
 	pgs_free(db->sites);
 	pgs_buf_free(&db->key);
-	eph_reset(db);
+	mdb_eph_reset(db);
 	pgs_free(db);
 }
 
@@ -407,20 +317,20 @@ db_table *
 mock_add_table(db_conn *db, const char *name, db_algo algo, int npk, const char *const *pk_names,
 			   int ncols, const char *const *col_names)
 {
-	db_table *t = xmalloc(sizeof *t);
+	db_table *t = mdb_xmalloc(sizeof *t);
 
 	memset(t, 0, sizeof *t);
 	t->db = db;
-	t->name = xstrdup(name);
+	t->name = mdb_xstrdup(name);
 	t->algo = algo;
 	t->npk = npk;
 	t->ncols = ncols;
-	t->pk_names = xmalloc(sizeof(char *) * (size_t) (npk ? npk : 1));
-	t->col_names = xmalloc(sizeof(char *) * (size_t) (ncols ? ncols : 1));
+	t->pk_names = mdb_xmalloc(sizeof(char *) * (size_t) (npk ? npk : 1));
+	t->col_names = mdb_xmalloc(sizeof(char *) * (size_t) (ncols ? ncols : 1));
 	for (int i = 0; i < npk; i++)
-		t->pk_names[i] = xstrdup(pk_names[i]);
+		t->pk_names[i] = mdb_xstrdup(pk_names[i]);
 	for (int i = 0; i < ncols; i++)
-		t->col_names[i] = xstrdup(col_names[i]);
+		t->col_names[i] = mdb_xstrdup(col_names[i]);
 	t->info.name = t->name;
 	t->info.algo = algo;
 	t->info.npk = npk;
@@ -503,25 +413,25 @@ mock_commit(db_conn *db)
 }
 
 /* take_version: the version of the open transaction, as sl_txn_version. */
-static int64_t
-take_version(db_conn *db)
+int64_t
+mdb_take_version(db_conn *db)
 {
 	uint64_t now;
 
 	if (db->in_txn && db->txn_ver)
 		return db->txn_ver;
 	db->version++;
-	now = pgs_hlc_from_ms(now_ms(db));
+	now = pgs_hlc_from_ms(mdb_now_ms(db));
 	db->hlc = db->hlc + 1 > now ? db->hlc + 1 : now;
 	if (db->in_txn)
 		db->txn_ver = db->version;
 	return db->version;
 }
 
-static uint64_t
-tick(db_conn *db)
+uint64_t
+mdb_tick(db_conn *db)
 {
-	db->hlc = pgs_hlc_tick(db->hlc, now_ms(db));
+	db->hlc = pgs_hlc_tick(db->hlc, mdb_now_ms(db));
 	return db->hlc;
 }
 
@@ -531,7 +441,7 @@ pgs_rc
 db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err)
 {
 	(void) err;
-	eph_reset(db);
+	mdb_eph_reset(db);
 	*tables = db->tables;
 	*ntables = db->ntables;
 	return PGS_OK;
@@ -540,7 +450,7 @@ db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err)
 pgs_rc
 db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out, pgs_err *err)
 {
-	eph_reset(db);
+	mdb_eph_reset(db);
 	for (int i = 0; i < db->ntables; i++)
 		if (strlen(db->tables[i]->name) == len && memcmp(db->tables[i]->name, name, len) == 0)
 		{
@@ -567,7 +477,7 @@ pgs_rc
 db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 {
 	(void) err;
-	eph_reset(db);
+	mdb_eph_reset(db);
 	for (uint32_t i = 0; i < db->nsites; i++)
 		if (memcmp(db->sites[i], site, 16) == 0)
 		{
@@ -591,10 +501,10 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 pgs_rc
 db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 {
-	eph_reset(db);
+	mdb_eph_reset(db);
 	if (idx >= db->nsites)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: unknown site index %u", idx);
-	*site = eph_lend(db, db->sites[idx], 16);
+	*site = mdb_eph_lend(db, db->sites[idx], 16);
 	return PGS_OK;
 }
 
@@ -602,8 +512,8 @@ pgs_rc
 db_apply_version(db_conn *db, int64_t *ver, pgs_err *err)
 {
 	(void) err;
-	eph_reset(db);
-	*ver = take_version(db);
+	mdb_eph_reset(db);
+	*ver = mdb_take_version(db);
 	return PGS_OK;
 }
 
@@ -612,7 +522,7 @@ db_apply_end(db_conn *db, pgs_err *err)
 {
 	/* the mock writes through: nothing was deferred */
 	(void) err;
-	eph_reset(db);
+	mdb_eph_reset(db);
 	return PGS_OK;
 }
 
@@ -620,17 +530,17 @@ pgs_rc
 db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err)
 {
 	(void) err;
-	eph_reset(db);
+	mdb_eph_reset(db);
 	if (hlc > db->hlc)
 		db->hlc = hlc;
 	return PGS_OK;
 }
 
-static pgs_rc
-check_pk(db_table *t, const pgs_value *pk, pgs_err *err)
+pgs_rc
+mdb_check_pk(db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	for (int i = 0; i < t->npk; i++)
-		if (pk[i].type == PGS_NULL || !value_ok(&pk[i]))
+		if (pk[i].type == PGS_NULL || !mdb_value_ok(&pk[i]))
 			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad key value in table \"%s\"",
 							 t->name);
 	return PGS_OK;
@@ -643,15 +553,15 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t
 	mrow  *row;
 	pgs_rc rc;
 
-	eph_reset(db);
-	if ((rc = check_pk(t, pk, err)) != PGS_OK)
+	mdb_eph_reset(db);
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK)
 		return rc;
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	*found = row && row->has_clock;
 	if (*found)
 	{
 		*cl = row->cl;
-		*blob = eph_lend(db, row->clk, row->clk_len);
+		*blob = mdb_eph_lend(db, row->clk, row->clk_len);
 		*blob_len = row->clk_len;
 	}
 	return PGS_OK;
@@ -666,10 +576,10 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	pgs_rowclock rc;
 	pgs_rc		 r;
 
-	eph_reset(db);
-	if ((r = check_pk(t, pk, err)) != PGS_OK)
+	mdb_eph_reset(db);
+	if ((r = mdb_check_pk(t, pk, err)) != PGS_OK)
 		return r;
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	if ((row && row->has_clock) != exists)
 		return pgs_failf(err, PGS_ERR_DB, NULL,
 						 "mockdb: db_clock_put(exists=%d) but the clock row %s", exists,
@@ -677,7 +587,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	if (cl <= 0)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: causal length %lld", (long long) cl);
 	/* the blob must decode, and ver must be its largest version */
-	stamps = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	stamps = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
 	rc.ncols = t->ncols;
 	rc.cols = stamps;
 	r = pgs_rowclock_decode(blob, blob_len, &rc, err);
@@ -695,9 +605,9 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	pgs_free(stamps);
 	if (r != PGS_OK)
 		return r;
-	row = get_row(t, pk);
+	row = mdb_get_row(t, pk);
 	pgs_free(row->clk);
-	row->clk = xmemdup(blob, blob_len);
+	row->clk = mdb_xmemdup(blob, blob_len);
 	row->clk_len = blob_len;
 	row->cl = cl;
 	row->ver = ver;
@@ -708,7 +618,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 static bool
 denied(db_conn *db, db_table *t, const pgs_value *pk)
 {
-	encode_key(db, t, pk);
+	mdb_encode_key(db, t, pk);
 	for (int i = 0; i < db->ndeny; i++)
 		if (db->deny[i].t == t && db->deny[i].keylen == db->key.len &&
 			memcmp(db->deny[i].key, db->key.p, db->key.len) == 0)
@@ -723,8 +633,8 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	mrow  *row;
 	pgs_rc rc;
 
-	eph_reset(db);
-	if ((rc = check_pk(t, pk, err)) != PGS_OK)
+	mdb_eph_reset(db);
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK)
 		return rc;
 	if (mode != DB_WRITE_MERGE && mode != DB_WRITE_REPLACE && mode != DB_WRITE_INSERT)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: write mode %d", (int) mode);
@@ -740,20 +650,20 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 			if (cols[k] == cols[i])
 				return pgs_failf(err, PGS_ERR_DB, NULL,
 								 "mockdb: column %d written twice in one row write", cols[i]);
-		if (!value_ok(&vals[i]))
+		if (!mdb_value_ok(&vals[i]))
 			return pgs_failf(err, PGS_ERR_VALUE, NULL, "mockdb: bad value for column %d", cols[i]);
 	}
 	if (denied(db, t, pk))
 		return pgs_failf(err, PGS_ERR_PERMISSION, NULL,
 						 "mockdb: permission denied for table \"%s\"", t->name);
-	row = get_row(t, pk);
+	row = mdb_get_row(t, pk);
 	if (mode != DB_WRITE_MERGE || !row->alive)
-		row_clear_vals(t, row); /* a new life (or a fresh row): start from NULLs */
+		mdb_row_clear_vals(t, row); /* a new life (or a fresh row): start from NULLs */
 	row->alive = true;
 	for (int i = 0; i < n; i++)
 	{
-		value_free(&row->vals[cols[i]]);
-		value_copy(&row->vals[cols[i]], &vals[i]);
+		mdb_value_free(&row->vals[cols[i]]);
+		mdb_value_copy(&row->vals[cols[i]], &vals[i]);
 	}
 	return PGS_OK;
 }
@@ -764,16 +674,16 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 	mrow  *row;
 	pgs_rc rc;
 
-	eph_reset(db);
-	if ((rc = check_pk(t, pk, err)) != PGS_OK)
+	mdb_eph_reset(db);
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK)
 		return rc;
 	if (denied(db, t, pk))
 		return pgs_failf(err, PGS_ERR_PERMISSION, NULL,
 						 "mockdb: permission denied for table \"%s\"", t->name);
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	if (row && row->alive)
 	{
-		row_clear_vals(t, row);
+		mdb_row_clear_vals(t, row);
 		row->alive = false;
 	}
 	return PGS_OK;
@@ -782,8 +692,10 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 void
 db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 {
-	eph_reset(db);
-	(void) t, (void) pk, (void) why;
+	mdb_eph_reset(db);
+	(void) t, (void) pk;
+	if (getenv("MOCK_DEBUG"))
+		fprintf(stderr, "mockdb: reject %s: %s %s\n", t->name, why->code, why->msg);
 	db->rejections++;
 }
 
@@ -791,33 +703,35 @@ pgs_rc
 db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 {
 	(void) err;
-	eph_reset(db);
+	mdb_eph_reset(db);
 	*until = db->version;
 	return PGS_OK;
 }
 
 pgs_rc
 db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
-				const pgs_value *after_pk, db_cursor **cur, pgs_err *err)
+				const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **cur,
+				pgs_err *err)
 {
 	db_cursor *c;
 
-	(void) err;
-	eph_reset(db);
-	c = xmalloc(sizeof *c);
+	(void) err, (void) access;
+	mdb_eph_reset(db);
+	c = mdb_xmalloc(sizeof *c);
 	memset(c, 0, sizeof *c);
 	c->db = db;
 	c->t = t;
 	c->since = since;
 	c->until = until;
 	c->by_key = by_key;
+	c->snapshot = snapshot;
 	if (by_key)
 	{
-		c->last = xmalloc(sizeof(pgs_value) * (size_t) t->npk);
+		c->last = mdb_xmalloc(sizeof(pgs_value) * (size_t) t->npk);
 		if (after_pk)
 		{
 			for (int i = 0; i < t->npk; i++)
-				value_copy(&c->last[i], &after_pk[i]);
+				mdb_value_copy(&c->last[i], &after_pk[i]);
 			c->has_last = true;
 		}
 	}
@@ -825,8 +739,8 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	return PGS_OK;
 }
 
-static int
-key_cmp(db_table *t, const pgs_value *a, const pgs_value *b)
+int
+mdb_key_cmp(db_table *t, const pgs_value *a, const pgs_value *b)
 {
 	for (int i = 0; i < t->npk; i++)
 	{
@@ -843,20 +757,32 @@ cursor_drop_row(db_cursor *c)
 {
 	if (c->vals)
 		for (int i = 0; i < c->t->npk + c->t->ncols; i++)
-			value_free(&c->vals[i]);
+			mdb_value_free(&c->vals[i]);
 	pgs_free(c->vals);
 	pgs_free(c->blob);
 	c->vals = NULL;
 	c->blob = NULL;
 }
 
+/* in_cursor: does this cursor enumerate row? */
+static bool
+in_cursor(const db_cursor *c, const mrow *row)
+{
+	if (!row->has_clock)
+		return false;
+	if (c->snapshot || c->keys)
+		return row->alive && (row->cl & 1);
+	return row->ver > c->since;
+}
+
 pgs_rc
 db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
-				size_t *blob_len, bool *alive, const pgs_value **cols, pgs_err *err)
+				size_t *blob_len, bool *alive, const pgs_value **cols, db_vis *vis, pgs_err *err)
 {
 	db_table *t = c->t;
 
 	(void) err;
+	*vis = c->snapshot ? DB_VIS_WHOLE : DB_VIS_CHANGES;
 	cursor_drop_row(c);
 	if (c->by_key)
 	{
@@ -867,11 +793,11 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 		{
 			mrow *row = &t->r.rows[k];
 
-			if (!row->has_clock || row->ver <= c->since)
+			if (!in_cursor(c, row))
 				continue;
-			if (c->has_last && key_cmp(t, row->pk, c->last) <= 0)
+			if (c->has_last && mdb_key_cmp(t, row->pk, c->last) <= 0)
 				continue;
-			if (best < 0 || key_cmp(t, row->pk, t->r.rows[best].pk) < 0)
+			if (best < 0 || mdb_key_cmp(t, row->pk, t->r.rows[best].pk) < 0)
 				best = k;
 		}
 		if (best < 0)
@@ -882,8 +808,8 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 			for (int i = 0; i < t->npk; i++)
 			{
 				if (c->has_last)
-					value_free(&c->last[i]);
-				value_copy(&c->last[i], &t->r.rows[best].pk[i]);
+					mdb_value_free(&c->last[i]);
+				mdb_value_copy(&c->last[i], &t->r.rows[best].pk[i]);
 			}
 			c->has_last = true;
 		}
@@ -893,19 +819,19 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 		mrow *row = &t->r.rows[c->next++];
 
 		/* database.h: every row above since; rows above until are welcome */
-		if (!row->has_clock || row->ver <= c->since)
+		if (!in_cursor(c, row))
 			continue;
-		c->vals = xmalloc(sizeof(pgs_value) * (size_t) (t->npk + t->ncols + 1));
+		c->vals = mdb_xmalloc(sizeof(pgs_value) * (size_t) (t->npk + t->ncols + 1));
 		for (int i = 0; i < t->npk; i++)
-			value_copy(&c->vals[i], &row->pk[i]);
+			mdb_value_copy(&c->vals[i], &row->pk[i]);
 		for (int i = 0; i < t->ncols; i++)
 		{
 			if (row->alive)
-				value_copy(&c->vals[t->npk + i], &row->vals[i]);
+				mdb_value_copy(&c->vals[t->npk + i], &row->vals[i]);
 			else
 				memset(&c->vals[t->npk + i], 0, sizeof(pgs_value));
 		}
-		c->blob = xmemdup(row->clk, row->clk_len);
+		c->blob = mdb_xmemdup(row->clk, row->clk_len);
 		*done = false;
 		*pk = c->vals;
 		*cols = c->vals + t->npk;
@@ -929,7 +855,7 @@ db_changes_close(db_cursor *c)
 	{
 		if (c->has_last)
 			for (int i = 0; i < c->t->npk; i++)
-				value_free(&c->last[i]);
+				mdb_value_free(&c->last[i]);
 		pgs_free(c->last);
 	}
 	pgs_free(c);
@@ -961,9 +887,9 @@ put_local_clock(db_conn *db, db_table *t, const pgs_value *pk, bool exists, pgs_
 static pgs_rc
 new_life(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver)
 {
-	pgs_stamp	*s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	pgs_stamp	*s = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
 	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
-	uint64_t	 hlc = tick(db);
+	uint64_t	 hlc = mdb_tick(db);
 
 	for (int i = 0; i < t->ncols; i++)
 		s[i].hlc = hlc, s[i].ver = ver, s[i].site = 0;
@@ -976,9 +902,9 @@ new_life(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl,
 static pgs_rc
 touch(db_conn *db, db_table *t, const pgs_value *pk, mrow *row, int64_t ver, const bool *mask)
 {
-	pgs_stamp	*s = xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	pgs_stamp	*s = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
 	pgs_rowclock rc = {.cl = row->cl, .ncols = t->ncols, .cols = s};
-	uint64_t	 now = tick(db);
+	uint64_t	 now = mdb_tick(db);
 	int			 changed = 0;
 	pgs_err		 err;
 
@@ -1002,11 +928,11 @@ touch(db_conn *db, db_table *t, const pgs_value *pk, mrow *row, int64_t ver, con
 static void
 set_row(db_table *t, mrow *row, const pgs_value *vals)
 {
-	row_clear_vals(t, row);
+	mdb_row_clear_vals(t, row);
 	row->alive = true;
 	if (vals)
 		for (int i = 0; i < t->ncols; i++)
-			value_copy(&row->vals[i], &vals[i]);
+			mdb_value_copy(&row->vals[i], &vals[i]);
 }
 
 pgs_rc
@@ -1017,23 +943,23 @@ mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk, const pgs_value
 	int64_t ver;
 	mrow   *row;
 
-	eph_reset(db);
-	if (check_pk(t, pk, NULL) != PGS_OK)
+	mdb_eph_reset(db);
+	if (mdb_check_pk(t, pk, NULL) != PGS_OK)
 		return PGS_ERR_VALUE;
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	if (row && row->alive && t->algo == DB_ALGO_GSET)
 		return PGS_ERR_VALUE;
 	if (autocommit)
 		mock_begin(db);
-	ver = take_version(db);
-	row = get_row(t, pk);
+	ver = mdb_take_version(db);
+	row = mdb_get_row(t, pk);
 	if (!row->has_clock)
 		r = new_life(db, t, pk, false, 1, ver);
 	else if ((row->cl & 1) == 0)
 		r = new_life(db, t, pk, true, row->cl + 1, ver); /* resurrection */
 	else
 		r = touch(db, t, pk, row, ver, NULL); /* INSERT OR REPLACE */
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	set_row(t, row, vals);
 	if (autocommit)
 		mock_commit(db);
@@ -1049,16 +975,16 @@ mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const in
 	int64_t ver;
 	mrow   *row;
 
-	eph_reset(db);
-	row = find_row(t, pk);
+	mdb_eph_reset(db);
+	row = mdb_find_row(t, pk);
 	if (!row || !row->alive)
 		return PGS_OK;
 	if (t->algo == DB_ALGO_GSET)
 		return PGS_ERR_VALUE;
 	if (autocommit)
 		mock_begin(db);
-	ver = take_version(db);
-	mask = xmalloc(sizeof(bool) * (size_t) (t->ncols + 1));
+	ver = mdb_take_version(db);
+	mask = mdb_xmalloc(sizeof(bool) * (size_t) (t->ncols + 1));
 	memset(mask, 0, sizeof(bool) * (size_t) (t->ncols + 1));
 	for (int i = 0; i < n; i++)
 	{
@@ -1068,8 +994,8 @@ mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const in
 			abort();
 		if (pgs_value_cmp(&row->vals[c], &vals[i]) != 0)
 			mask[c] = true; /* OLD.c IS NOT NEW.c */
-		value_free(&row->vals[c]);
-		value_copy(&row->vals[c], &vals[i]);
+		mdb_value_free(&row->vals[c]);
+		mdb_value_copy(&row->vals[c], &vals[i]);
 	}
 	touch(db, t, pk, row, ver, mask);
 	pgs_free(mask);
@@ -1086,16 +1012,16 @@ mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk)
 	mrow		*row;
 	pgs_rowclock rc = {.ncols = 0, .cols = NULL};
 
-	eph_reset(db);
-	row = find_row(t, pk);
+	mdb_eph_reset(db);
+	row = mdb_find_row(t, pk);
 	if (!row || !row->alive)
 		return PGS_OK;
 	if (t->algo == DB_ALGO_GSET)
 		return PGS_ERR_VALUE;
 	if (autocommit)
 		mock_begin(db);
-	ver = take_version(db);
-	row_clear_vals(t, row);
+	ver = mdb_take_version(db);
+	mdb_row_clear_vals(t, row);
 	row->alive = false;
 	if (!(row->has_clock && (row->cl & 1) == 0))
 	{
@@ -1117,7 +1043,7 @@ mock_row_get(db_conn *db, db_table *t, const pgs_value *pk)
 	mrow *row;
 
 	(void) db;
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	return row && row->alive ? row->vals : NULL;
 }
 
@@ -1127,7 +1053,7 @@ mock_clock(db_conn *db, db_table *t, const pgs_value *pk, pgs_rowclock *out)
 	mrow *row;
 
 	(void) db;
-	row = find_row(t, pk);
+	row = mdb_find_row(t, pk);
 	if (!row || !row->has_clock)
 		return false;
 	out->ncols = t->ncols;
@@ -1175,9 +1101,9 @@ mock_deny(db_conn *db, db_table *t, const pgs_value *pk)
 	if (!n)
 		abort();
 	db->deny = n;
-	encode_key(db, t, pk);
+	mdb_encode_key(db, t, pk);
 	db->deny[db->ndeny].t = t;
-	db->deny[db->ndeny].key = xmemdup(db->key.p, db->key.len);
+	db->deny[db->ndeny].key = mdb_xmemdup(db->key.p, db->key.len);
 	db->deny[db->ndeny].keylen = db->key.len;
 	db->ndeny++;
 }
@@ -1256,8 +1182,8 @@ rows_equal(db_conn *a, db_table *ta, db_conn *b, db_table *tb, int what, char *w
 		WHY("table %s: different shapes", ta->name);
 	if (what & MOCK_CMP_CLOCKS)
 	{
-		sa = xmalloc(sizeof(pgs_stamp) * (size_t) (ta->ncols + 1));
-		sb = xmalloc(sizeof(pgs_stamp) * (size_t) (ta->ncols + 1));
+		sa = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (ta->ncols + 1));
+		sb = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (ta->ncols + 1));
 	}
 	for (int pass = 0; pass < 2 && ok; pass++)
 	{
@@ -1367,16 +1293,16 @@ mock_equal(db_conn *a, db_conn *b, int what, char *why, size_t whylen)
 mock_snap *
 mock_snapshot(db_conn *db)
 {
-	mock_snap *s = xmalloc(sizeof *s);
+	mock_snap *s = mdb_xmalloc(sizeof *s);
 
-	s->sites = xmemdup(db->sites, 16 * (size_t) db->nsites);
+	s->sites = mdb_xmemdup(db->sites, 16 * (size_t) db->nsites);
 	s->nsites = db->nsites;
 	s->version = db->version;
 	s->txn_ver = db->txn_ver;
 	s->in_txn = db->in_txn;
 	s->hlc = db->hlc;
 	s->ntables = db->ntables;
-	s->tables = xmalloc(sizeof(mtable_snap) * (size_t) (db->ntables ? db->ntables : 1));
+	s->tables = mdb_xmalloc(sizeof(mtable_snap) * (size_t) (db->ntables ? db->ntables : 1));
 	for (int i = 0; i < db->ntables; i++)
 		rows_copy(db->tables[i], &s->tables[i].r, &db->tables[i]->r);
 	return s;
@@ -1465,12 +1391,19 @@ mock_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
 	if (autocommit)
 		mock_begin(db);
 	snap = mock_snapshot(db);
-	rc = pgs_apply(db, payload, len, st, err);
+	rc = pgs_apply(db, payload, len, false, st, err);
+	if (rc == PGS_ERR_CAREFUL)
+	{
+		/* a row failed on the fast path: again, isolating every row */
+		mock_restore(db, snap);
+		snap = mock_snapshot(db);
+		rc = pgs_apply(db, payload, len, true, st, err);
+	}
 	if (rc != PGS_OK)
 		mock_restore(db, snap);
 	else
 		snap_free(db, snap);
-	eph_reset(db);
+	mdb_eph_reset(db);
 	if (autocommit)
 		mock_commit(db);
 	return rc;
@@ -1487,8 +1420,8 @@ mock_build(db_conn *db, int64_t since, const uint8_t *exclude_site, int compress
 		return rc;
 	if (o.until < since)
 		o.until = since;
-	rc = pgs_build(db, &o, out, NULL, err);
-	eph_reset(db);
+	rc = pgs_build(db, &o, out, NULL, NULL, err);
+	mdb_eph_reset(db);
 	return rc;
 }
 

@@ -86,6 +86,17 @@ uint32_t mock_site_count(db_conn *db);
 void mock_deny(db_conn *db, db_table *t, const pgs_value *pk);
 void mock_allow_all(db_conn *db);
 int	 mock_rejections(db_conn *db); /* db_reject calls so far */
+/* mock_refuse_site: db_site_check refuses stamps of this site (PS002). */
+void mock_refuse_site(db_conn *db, const uint8_t site[16]);
+/* mock_add_parent: child references parent by a foreign key (apply order). */
+void mock_add_parent(db_conn *db, db_table *child, db_table *parent);
+
+/* ---- views and fates (mockdb_view.c) ---- */
+
+int	   mock_held_count(db_conn *db);
+int	   mock_forgotten(db_conn *db); /* rows removed by db_row_forget */
+pgs_rc mock_apply_held(db_conn *db, pgs_apply_stats *st, pgs_err *err);
+void   mock_view_free(db_conn *db);
 
 /* ---- whole-replica comparison, snapshots ---- */
 

@@ -322,18 +322,19 @@ test_resurrection_after_delete(void **state)
 }
 
 /*
- * A new life can arrive partial: a relay pulled from past the point where it
- * received the life sends the life's cl with only the columns changed since.
- * The receiver's row becomes exactly those columns (the old life's values do
- * not leak into the new one), and the rest follows with a fuller payload.
+ * A partial change set that starts a new life of a row (the receiver missed
+ * the re-insert) cannot be stored faithfully: it would mix the columns of
+ * two lives. It is rejected as incomplete (PS001) without touching the row
+ * or its clock, and the whole row that follows converges.
  */
 static void
-test_partial_new_life_replaces_old_row(void **state)
+test_partial_new_life_is_incomplete(void **state)
 {
 	db_conn			*a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *c = replica(SITE_C, MS0);
 	pgs_buf			 p;
 	int64_t			 since;
 	const pgs_value *row;
+	int				 rej;
 
 	(void) state;
 	pgs_buf_init(&p);
@@ -348,15 +349,16 @@ test_partial_new_life_replaces_old_row(void **state)
 	mock_advance(b, 10);
 	set_col(b, 1, QTY, mock_int(8));
 	build(b, since, &p); /* cl 3, qty only */
+	rej = mock_rejections(c);
 	apply(c, &p);
+	assert_int_equal(mock_rejections(c), rej + 1);
 	row = row_of(c, 1);
 	assert_non_null(row);
-	assert_int_equal(row[NAME].type, PGS_NULL); /* not "one" from life 1 */
-	assert_int_equal(row[PRICE].type, PGS_NULL);
-	assert_true(row[QTY].type == PGS_INT && row[QTY].v.i == 8);
+	assert_text(&row[NAME], "one"); /* life 1, untouched */
 	sync_once(b, c);
 	assert_converged(b, c);
 	assert_text(&row_of(c, 1)[NAME], "new life");
+	assert_true(row_of(c, 1)[QTY].v.i == 8);
 	pgs_buf_free(&p);
 	mock_close(a);
 	mock_close(b);
@@ -796,7 +798,7 @@ send_payload(world *w, rng *r, int from, int to, int64_t since, bool advance_cur
 		o.until = since;
 	o.exclude_site = exclude ? w->sites[to] : NULL;
 	pgs_buf_init(&out);
-	if (pgs_build(w->r[from], &o, &out, NULL, &err) != PGS_OK)
+	if (pgs_build(w->r[from], &o, &out, NULL, NULL, &err) != PGS_OK)
 		fail_msg("build: %s", err.msg);
 	if (out.len == 0)
 	{
@@ -958,7 +960,7 @@ run_one(uint64_t seed, bool pg_horizon)
 				o.until = mock_version(w.r[from]);
 				o.exclude_site = (round & 1) ? w.sites[to] : NULL;
 				pgs_buf_init(&out);
-				if (pgs_build(w.r[from], &o, &out, NULL, &err) != PGS_OK)
+				if (pgs_build(w.r[from], &o, &out, NULL, NULL, &err) != PGS_OK)
 					fail_msg("build: %s", err.msg);
 				if (out.len && mock_apply(w.r[to], out.p, out.len, &st, &err) != PGS_OK)
 					fail_msg("apply: %s", err.msg);
@@ -1037,7 +1039,7 @@ main(void)
 		cmocka_unit_test_setup(test_tie_broken_by_site, setup),
 		cmocka_unit_test_setup(test_delete_beats_concurrent_update, setup),
 		cmocka_unit_test_setup(test_resurrection_after_delete, setup),
-		cmocka_unit_test_setup(test_partial_new_life_replaces_old_row, setup),
+		cmocka_unit_test_setup(test_partial_new_life_is_incomplete, setup),
 		cmocka_unit_test_setup(test_reinsert_concurrent_with_reinsert, setup),
 		cmocka_unit_test_setup(test_duplicate_delivery_idempotent, setup),
 		cmocka_unit_test_setup(test_out_of_order_delivery, setup),

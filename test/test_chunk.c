@@ -47,7 +47,7 @@ chunked_pull(db_conn *from, db_conn *to, int64_t since, uint32_t max_rows, int *
 		}
 		else if (o.until <= since)
 			break;
-		if (pgs_build(from, &o, &out, NULL, &err) != PGS_OK)
+		if (pgs_build(from, &o, &out, NULL, NULL, &err) != PGS_OK)
 			fail_msg("build: %s (%s)", err.msg, err.detail);
 		if (out.len == 0)
 		{
@@ -221,7 +221,7 @@ build_with(db_conn *a, int64_t since, const uint8_t *tok, size_t len, pgs_err *e
 
 	db_version_safe(a, &o.until, err);
 	pgs_buf_init(&out);
-	rc = pgs_build(a, &o, &out, NULL, err);
+	rc = pgs_build(a, &o, &out, NULL, NULL, err);
 	pgs_buf_free(&out);
 	return rc;
 }
@@ -240,7 +240,7 @@ test_forged_tokens(void **state)
 	populate(a);
 	/* a good one first */
 	pgs_buf_init(&t);
-	pgs_token_encode(&t, 0, mock_version(a), (const uint8_t *) "items", 5, 1, &pk1);
+	pgs_token_encode(&t, 0, mock_version(a), 0, (const uint8_t *) "items", 5, 1, &pk1);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_OK);
 	/* wrong since */
 	assert_int_equal(build_with(a, 1, t.p, t.len, &err), PGS_ERR_MISUSE);
@@ -255,21 +255,21 @@ test_forged_tokens(void **state)
 	assert_int_equal(build_with(a, 0, t.p, t.len - 1, &err), PGS_ERR_CORRUPT);
 	/* unknown table, key count mismatch, NULL key, until <= since */
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, (const uint8_t *) "nope", 4, 1, &pk1);
+	pgs_token_encode(&t, 0, 10, 0, (const uint8_t *) "nope", 4, 1, &pk1);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, (const uint8_t *) "items", 5, 2, pk2);
+	pgs_token_encode(&t, 0, 10, 0, (const uint8_t *) "items", 5, 2, pk2);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, (const uint8_t *) "items", 5, 1, &bad);
+	pgs_token_encode(&t, 0, 10, 0, (const uint8_t *) "items", 5, 1, &bad);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	t.len = 0;
-	pgs_token_encode(&t, 5, 5, (const uint8_t *) "items", 5, 1, &pk1);
+	pgs_token_encode(&t, 5, 5, 0, (const uint8_t *) "items", 5, 1, &pk1);
 	assert_int_equal(build_with(a, 5, t.p, t.len, &err), PGS_ERR_CORRUPT);
 	/* a 2-key table with a 2-key token of the wrong types is still fine:
 	 * the engine compares row values */
 	t.len = 0;
-	pgs_token_encode(&t, 0, 10, (const uint8_t *) "tags", 4, 2, pk2);
+	pgs_token_encode(&t, 0, 10, 0, (const uint8_t *) "tags", 4, 2, pk2);
 	assert_int_equal(build_with(a, 0, t.p, t.len, &err), PGS_OK);
 	/* random bytes never crash */
 	srand(7);
@@ -302,7 +302,7 @@ test_more_flag_in_header(void **state)
 	populate(a);
 	db_version_safe(a, &o.until, &err);
 	pgs_buf_init(&out);
-	assert_int_equal(pgs_build(a, &o, &out, NULL, &err), PGS_OK);
+	assert_int_equal(pgs_build(a, &o, &out, NULL, NULL, &err), PGS_OK);
 	assert_int_equal(pgs_payload_header(out.p, out.len, &h, &err), PGS_OK);
 	assert_true(h.flags & PGS_FLAG_MORE);
 	j = info_json(out.p, out.len);

@@ -35,7 +35,7 @@ apply_expect_(db_conn *db, const uint8_t *p, size_t len, pgs_rc want, int info_w
 	char	  *json = NULL;
 
 	memset(&err, 0, sizeof err);
-	rc = pgs_apply(db, p, len, NULL, &err);
+	rc = pgs_apply(db, p, len, false, NULL, &err);
 	if (rc != want)
 		fail_msg("line %d (%s): pgs_apply returned %d, expected %d: %s", line, what, rc, want,
 				 err.msg);
@@ -248,14 +248,14 @@ test_malformed_container(void **state)
 	apply_expect(db, p, len, PGS_ERR_CORRUPT);
 	p[0] = 'P';
 	mock_reseal(p, len);
-	/* version 2, version 0 */
-	p[4] = 2;
+	/* a version newer than this build reads, version 0 */
+	p[4] = PGS_PAYLOAD_VERSION + 1;
 	mock_reseal(p, len);
 	apply_expect(db, p, len, PGS_ERR_VERSION);
 	p[4] = 0;
 	mock_reseal(p, len);
 	apply_expect(db, p, len, PGS_ERR_VERSION);
-	p[4] = 1;
+	p[4] = PGS_PAYLOAD_VERSION;
 	/* bit 1 ("more follows", a chunk) is accepted */
 	p[5] = 2;
 	mock_reseal(p, len);
@@ -462,7 +462,7 @@ test_every_bit_flipped(void **state)
 		db = replica(SITE_C, MS0);
 		insert_item(db, 1, "existing", 1, 1);
 		snap = mock_snapshot(db);
-		rc = pgs_apply(db, t, out.len, NULL, &err);
+		rc = pgs_apply(db, t, out.len, false, NULL, &err);
 		assert_true(rc == PGS_OK || rc == PGS_ERR_CORRUPT || rc == PGS_ERR_VERSION ||
 					rc == PGS_ERR_TOO_BIG || rc == PGS_ERR_SCHEMA);
 		if (rc == PGS_OK)
@@ -849,31 +849,9 @@ static void
 test_malformed_schema(void **state)
 {
 	pgs_buf b;
-	int64_t h0 = (int64_t) pgs_hlc_from_ms(MS0);
 
 	(void) state;
-	/* unknown table */
-	{
-		static const char *const cols[] = {"x"};
-
-		pgs_buf_init(&b);
-		f_dict(&b, 1, "nosuch", 1, ITEMS_PK, 1, cols);
-		pgs_buf_varint(&b, 1);
-		f_group(&b, 0, 1, 1, 0, 1, h0, 0);
-		f_change_int(&b, 0, 1);
-		expect_body(&b, PGS_ERR_SCHEMA);
-	}
-	/* unknown column */
-	{
-		static const char *const cols[] = {"name", "colour"};
-
-		pgs_buf_init(&b);
-		f_dict(&b, 1, "items", 1, ITEMS_PK, 2, cols);
-		pgs_buf_varint(&b, 1);
-		f_group(&b, 0, 1, 1, 0, 1, h0, 0);
-		f_change_int(&b, 0, 1);
-		expect_body(&b, PGS_ERR_SCHEMA);
-	}
+	/* (an unknown table or column is not an error: test_unknown_is_held) */
 	/* primary key mismatch: name, count */
 	{
 		static const char *const pk[] = {"ident"};
@@ -897,15 +875,15 @@ test_malformed_schema(void **state)
 		pgs_buf_varint(&b, 0);
 		expect_body(&b, PGS_ERR_SCHEMA);
 	}
-	/* a table name matching only by prefix */
+	/* a table name matching only by prefix is another table: held, not an error */
 	pgs_buf_init(&b);
 	f_dict(&b, 1, "item", 1, ITEMS_PK, 4, ITEMS_COLS);
 	pgs_buf_varint(&b, 1);
 	f_group(&b, 0, 1, 1, 0, 0, 0, 0);
-	expect_body(&b, PGS_ERR_SCHEMA);
+	expect_body(&b, PGS_OK);
 }
 
-/* a delete sent to a grow-only table is refused; the engine's savepoint undoes the rest */
+/* a delete sent to a grow-only table is that row's rejection; the rest applies */
 static void
 test_delete_to_gset(void **state)
 {
@@ -916,29 +894,10 @@ test_delete_to_gset(void **state)
 	size_t					 len;
 	uint8_t					*p;
 	pgs_err					 err;
-	mock_snap				*snap;
-	char					 why[256];
+	pgs_apply_stats			 st;
+	pgs_value				 k1 = mock_int(1), k2 = mock_int(2);
 
 	(void) state;
-	/*
-	 * The check is made row by row, after the site dictionary was interned
-	 * and earlier rows written: like both engines, mock_apply runs pgs_apply
-	 * in a savepoint that a failure rolls back.
-	 */
-	pgs_buf_init(&b);
-	f_dict(&b, 1, "log", 1, pk, 1, cols);
-	pgs_buf_varint(&b, 1);
-	f_group(&b, 0, 1, 2, 0, 0, 0, 0);
-	p = seal(&b, &len);
-	snap = mock_snapshot(db);
-	assert_int_equal(mock_apply(db, p, len, NULL, &err), PGS_ERR_SCHEMA);
-	assert_int_equal(err.rc, PGS_ERR_SCHEMA);
-	if (!mock_same_state(db, snap, why, sizeof why))
-		fail_msg("rolled-back apply changed the replica: %s", why);
-	mock_snapshot_free(db, snap);
-	test_free(p);
-	pgs_buf_free(&b);
-	/* after a row that was applied: mock_apply (with its savepoint) leaves nothing */
 	pgs_buf_init(&b);
 	f_dict(&b, 1, "log", 1, pk, 1, cols);
 	pgs_buf_varint(&b, 2);
@@ -947,14 +906,79 @@ test_delete_to_gset(void **state)
 	f_str(&b, "first");
 	f_group(&b, 0, 2, 2, 0, 0, 0, 0);
 	p = seal(&b, &len);
-	snap = mock_snapshot(db);
-	assert_int_equal(mock_apply(db, p, len, NULL, &err), PGS_ERR_SCHEMA);
-	assert_non_null(strstr(err.msg, "grow-only"));
-	if (!mock_same_state(db, snap, why, sizeof why))
-		fail_msg("rolled-back apply changed the replica: %s", why);
-	mock_snapshot_free(db, snap);
+	assert_int_equal(mock_apply(db, p, len, &st, &err), PGS_OK);
+	assert_int_equal(st.rejected, 1);
+	assert_int_equal(mock_rejections(db), 1);
+	assert_non_null(mock_row_get(db, mock_table(db, "log"), &k1));
+	assert_null(mock_row_get(db, mock_table(db, "log"), &k2));
+	{
+		pgs_rowclock rc;
+		pgs_stamp	 s[1];
+
+		rc.cols = s;
+		assert_false(mock_clock(db, mock_table(db, "log"), &k2, &rc)); /* clock untouched */
+	}
 	test_free(p);
 	pgs_buf_free(&b);
+	mock_close(db);
+}
+
+/* a table or column this replica does not have is held, the rest applies,
+ * and the held change fills in once the table exists */
+static void
+test_unknown_is_held(void **state)
+{
+	static const char *const pk[] = {"id"};
+	static const char *const xcols[] = {"x"};
+	pgs_name				 id = {(const uint8_t *) "id", 2};
+	pgs_name				 icols[2] = {{(const uint8_t *) "name", 4}, {(const uint8_t *) "colour", 6}};
+	pgs_name				 ncols[1] = {{(const uint8_t *) "x", 1}};
+	uint64_t				 h0 = pgs_hlc_from_ms(MS0);
+	db_conn					*db = replica(SITE_C, MS0);
+	pgs_writer				 w;
+	pgs_buf					 out;
+	pgs_err					 err;
+	pgs_apply_stats			 st;
+	pgs_value				 k1 = mock_int(1);
+	const pgs_value			*row;
+	uint32_t				 s, ti, tn;
+
+	(void) state;
+	pgs_writer_init(&w);
+	pgs_buf_init(&out);
+	s = pgs_writer_site(&w, SITE_A);
+	ti = pgs_writer_table(&w, (pgs_name){(const uint8_t *) "items", 5}, 1, &id, 2, icols);
+	tn = pgs_writer_table(&w, (pgs_name){(const uint8_t *) "nosuch", 6}, 1, &id, 1, ncols);
+	{
+		pgs_wchange ch[2] = {{0, h0, s, mock_text("one")}, {1, h0, s, mock_int(7)}};
+
+		pgs_writer_row(&w, ti, true, &k1, 1, s, 2, ch);
+	}
+	{
+		pgs_wchange ch[1] = {{0, h0, s, mock_int(42)}};
+
+		pgs_writer_row(&w, tn, true, &k1, 1, s, 1, ch);
+	}
+	assert_int_equal(pgs_writer_seal(&w, SITE_A, 0, 1, 0, false, &out, &err), PGS_OK);
+	pgs_writer_free(&w);
+	assert_int_equal(mock_apply(db, out.p, out.len, &st, &err), PGS_OK);
+	assert_int_equal(st.held, 2); /* items.colour of row 1, nosuch's row */
+	assert_int_equal(mock_held_count(db), 2);
+	row = mock_row_get(db, mock_table(db, "items"), &k1);
+	assert_non_null(row);
+	assert_int_equal(row[0].type, PGS_TEXT);
+	/* the same again: still one held row per key */
+	assert_int_equal(mock_apply(db, out.p, out.len, &st, &err), PGS_OK);
+	assert_int_equal(mock_held_count(db), 2);
+	/* the table arrives: the held row fills in; items.colour stays held */
+	mock_add_table(db, "nosuch", DB_ALGO_CLS, 1, pk, 1, xcols);
+	assert_int_equal(mock_apply_held(db, &st, &err), PGS_OK);
+	if (mock_held_count(db) != 1)
+		fail_msg("held %d after re-apply: %s", mock_held_count(db), err.msg);
+	row = mock_row_get(db, mock_table(db, "nosuch"), &k1);
+	assert_non_null(row);
+	assert_int_equal(row[0].v.i, 42);
+	pgs_buf_free(&out);
 	mock_close(db);
 }
 
@@ -1046,6 +1070,7 @@ main(void)
 		cmocka_unit_test_setup(test_malformed_indexes_and_types, setup),
 		cmocka_unit_test_setup(test_malformed_schema, setup),
 		cmocka_unit_test_setup(test_delete_to_gset, setup),
+		cmocka_unit_test_setup(test_unknown_is_held, setup),
 		cmocka_unit_test_setup(test_duplicate_column_names, setup),
 		cmocka_unit_test_setup(test_column_count_wraparound, setup),
 		cmocka_unit_test_setup(test_duplicate_column_names_overflow, setup),

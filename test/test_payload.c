@@ -91,7 +91,7 @@ test_empty_build(void **state)
 
 	(void) state;
 	pgs_buf_init(&out);
-	assert_int_equal(pgs_build(a, &o, &out, &st, &err), PGS_OK);
+	assert_int_equal(pgs_build(a, &o, &out, NULL, &st, &err), PGS_OK);
 	assert_int_equal(out.len, 0);
 	assert_int_equal(st.rows, 0);
 	insert_item(a, 1, "x", 1, 1);
@@ -408,7 +408,7 @@ test_payload_info_json(void **state)
 		pgs_free(text);
 	}
 	j = info_json(out.p, out.len);
-	assert_int_equal((int) jnum(j, "format_version"), 1);
+	assert_int_equal((int) jnum(j, "format_version"), PGS_PAYLOAD_VERSION);
 	assert_true(cJSON_IsFalse(jget(j, "compressed")));
 	assert_string_equal(jstr(j, "origin"), site_a);
 	assert_int_equal((int) jnum(j, "since"), 0);
@@ -666,7 +666,7 @@ test_since_until_filtering(void **state)
 	{
 		pgs_build_opts o = {.since = v1, .until = v2, .compress = 0};
 
-		assert_int_equal(pgs_build(a, &o, &out, NULL, &err), PGS_OK);
+		assert_int_equal(pgs_build(a, &o, &out, NULL, NULL, &err), PGS_OK);
 		j = info_json(out.p, out.len);
 		assert_int_equal((int) jnum(j, "row_count"), 2);
 		assert_int_equal((int) jnum(j, "change_count"), 5);
@@ -702,14 +702,14 @@ test_until_below_current_version(void **state)
 	{
 		pgs_build_opts o = {.since = 0, .until = v1, .compress = 1};
 
-		assert_int_equal(pgs_build(a, &o, &out, NULL, &err), PGS_OK);
+		assert_int_equal(pgs_build(a, &o, &out, NULL, NULL, &err), PGS_OK);
 		if (out.len)
 			assert_int_equal(mock_apply(b, out.p, out.len, NULL, &err), PGS_OK);
 	}
 	{
 		pgs_build_opts o = {.since = v1, .until = v3, .compress = 1};
 
-		assert_int_equal(pgs_build(a, &o, &out, NULL, &err), PGS_OK);
+		assert_int_equal(pgs_build(a, &o, &out, NULL, NULL, &err), PGS_OK);
 		assert_true(out.len > 0);
 		assert_int_equal(mock_apply(b, out.p, out.len, NULL, &err), PGS_OK);
 	}
