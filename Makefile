@@ -15,7 +15,7 @@ HDRS      = database.h $(wildcard core/*.h) $(wildcard sqlite_ext/*.h)
 
 B = build
 
-.PHONY: all deps demo test bench fuzz format lint clean pg install installcheck server
+.PHONY: all deps demo test test-pg bench fuzz format lint clean pg install installcheck server
 
 all: $(B)/sqlitesync.so
 
@@ -67,6 +67,12 @@ server:
 
 test: deps
 	@bash scripts/run-tests.sh
+
+# the Postgres suite against each major version: 15 on the host, newer ones
+# in Debian chroots cached under /var/cache/pgsync-chroots (docs/PG.md)
+VERSIONS ?= 15 16 17 18
+test-pg: deps all
+	@bash scripts/test-pg-matrix.sh $(VERSIONS)
 
 bench: deps all $(B)/bench_sqlite
 	@bash scripts/run-bench.sh

@@ -314,7 +314,7 @@ direct_setup(db_table *t, Relation rel)
 	if (t->direct_state != 0)
 		return t->direct_state > 0;
 	t->direct_state = -1;
-	t->pk_index = RelationGetPrimaryKeyIndex(rel);
+	t->pk_index = RelationGetPrimaryKeyIndex(rel, false);
 	if (!OidIsValid(t->pk_index))
 		return false;
 	ids = RelationGetIndexList(rel);
@@ -478,7 +478,7 @@ pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
 							   t->eq_proc[i], pk[i]);
 	CommandCounterIncrement();
 	snap = RegisterSnapshot(GetTransactionSnapshot());
-	scan = index_beginscan(rel, pi, snap, t->npk, 0);
+	scan = index_beginscan(rel, pi, snap, NULL, t->npk, 0);
 	index_rescan(scan, keys, t->npk, NULL, 0);
 	slot = table_slot_create(rel, NULL);
 	found = index_getnext_slot(scan, ForwardScanDirection, slot);

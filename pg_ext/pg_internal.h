@@ -20,6 +20,8 @@
 
 #include "postgres.h"
 
+#include "pg_compat.h"
+
 #include "access/transam.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -157,11 +159,12 @@ struct db_conn
 extern bool pg_applying;	   /* true while sync_apply_payload merges */
 extern bool pg_apply_conflict; /* a local write raced with the apply */
 void		pg_core_memory(MemoryContext cxt);
-void		pg_raise(const pgs_err *err) pg_attribute_noreturn();
 void		pg_conn_init(db_conn *db, MemoryContext cxt);
 void		pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
 						  const char *message);
 Oid			pg_meta_owner(void);
+
+pg_noreturn void pg_raise(const pgs_err *err);
 
 typedef struct pg_user_save
 {

@@ -23,6 +23,7 @@
 #include "catalog/pg_type.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -757,7 +758,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("temporary table \"%s\" cannot be synced", RelationGetRelationName(rel))));
-	pkidx = RelationGetPrimaryKeyIndex(rel);
+	pkidx = RelationGetPrimaryKeyIndex(rel, false);
 	if (!OidIsValid(pkidx))
 		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 						errmsg("table \"%s\" has no primary key", RelationGetRelationName(rel)),

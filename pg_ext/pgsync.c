@@ -288,7 +288,7 @@ PG_FUNCTION_INFO_V1(sync_version);
 static void
 require_owner(Oid relid)
 {
-	if (!pg_class_ownercheck(relid, GetUserId()))
+	if (!object_ownercheck(RelationRelationId, relid, GetUserId()))
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						errmsg("must be owner of table %s", get_rel_name(relid))));
 }

@@ -2,7 +2,8 @@
 # scripts/pg-tree.sh [DIR] — a private, relocated copy of the system's
 # PostgreSQL 15 (binaries copied, libraries linked, share copied) under DIR
 # (default build/pgtree), with this checkout's pgsync extension installed
-# into it. Prints the path of its pg_config.
+# into it. Prints the path of its pg_config. SYS_PG_CONFIG names the pg_config
+# of another installed major version to copy instead.
 #
 # Why: the tests install the extension they test into this tree instead of
 # the system's PostgreSQL, so several checkouts (or a CI run beside a

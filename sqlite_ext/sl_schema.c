@@ -265,7 +265,6 @@ create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 	char *pkl = sqlite3_mprintf("");
 	char *newpk = sqlite3_mprintf(""), *oldpk = sqlite3_mprintf(""), *changed = sqlite3_mprintf("");
 	pgs_rc rc;
-	int	   k = 0;
 
 	/* key columns in key order */
 	for (int p = 1; p <= t->npk; p++)
@@ -307,7 +306,6 @@ create_objects(db_conn *c, db_table *t, col_desc *cols, int ncols, pgs_err *err)
 			sql = append(sql, i ? ", 0" : ", 0");
 		sql = append(sql, " | ((" DIFFERS ") << %d)", t->col_names[i], t->col_names[i],
 					 t->col_names[i], t->col_names[i], i % 62);
-		k++;
 	}
 	sql = append(sql, "); END;");
 	sqlite3_free(pkl);
