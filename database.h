@@ -136,6 +136,11 @@ pgs_rc db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err
 pgs_rc db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err);
 /* db_reject records a refused row so the caller can report it (why->code). */
 void db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why);
+/* db_hold_rejected: true when a row this replica refuses is also kept aside
+ * (held) and tried again later (a SQLite device: the change is the server's
+ * and must not be lost); false when reporting is enough (Postgres: the
+ * sending device keeps its change and is told). */
+bool db_hold_rejected(db_conn *db);
 /* db_site_check: may this apply write a stamp of local site idx (Postgres:
  * not another principal's device)? PGS_ERR_PERMISSION otherwise. */
 pgs_rc db_site_check(db_conn *db, uint32_t idx, pgs_err *err);

@@ -566,6 +566,22 @@ defer_add(apply_ctx *a, uint64_t ordinal, const pgs_err *why)
 	a->ndefer++;
 }
 
+/* reject_row reports a refused row (and on a device keeps it aside). */
+static pgs_rc
+reject_row(apply_ctx *a, apply_table *at, const pgs_group *g, const pgs_err *why,
+		   pgs_apply_stats *st, pgs_err *err)
+{
+	char code[6], msg[256];
+
+	db_reject(a->db, at->t, g->pk, why);
+	st->rejected++;
+	if (!db_hold_rejected(a->db))
+		return PGS_OK;
+	memcpy(code, why->code, sizeof code);
+	memcpy(msg, why->msg, sizeof msg);
+	return hold(a, (uint32_t) (at - a->tables), g, NULL, code, msg, st, err);
+}
+
 /*
  * row_failed decides the fate of a row whose write failed: fast path ->
  * apply again carefully; careful -> defer (foreign key, not the last round)
@@ -587,17 +603,7 @@ row_failed(apply_ctx *a, apply_table *at, const pgs_group *g, uint64_t ordinal, 
 		if (a->ndefer > before)
 			return PGS_OK;
 	}
-	db_reject(a->db, at->t, g->pk, err);
-	st->rejected++;
-	return PGS_OK;
-}
-
-/* reject_row: a row refused by the rules (not by the engine). */
-static void
-reject_row(apply_ctx *a, apply_table *at, const pgs_group *g, pgs_err *why, pgs_apply_stats *st)
-{
-	db_reject(a->db, at->t, g->pk, why);
-	st->rejected++;
+	return reject_row(a, at, g, err, st, err);
 }
 
 /* apply_group merges one row group of a known table. */
@@ -643,8 +649,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 				  "change carries only some of its columns",
 				  ti->name);
 		pgs_err_code(&why, PGS_CODE_INCOMPLETE);
-		reject_row(a, at, g, &why, st);
-		return PGS_OK;
+		return reject_row(a, at, g, &why, st, err);
 	}
 	if (at->unknown_cols)
 	{
@@ -661,7 +666,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 		goto out;
 	if (!ok && life == PGS_MERGE_WIN)
 	{
-		reject_row(a, at, g, &a->site_why[g->cl_site], st);
+		r = reject_row(a, at, g, &a->site_why[g->cl_site], st, err);
 		goto out;
 	}
 	if (life == PGS_MERGE_SAME)
@@ -698,7 +703,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 				goto out;
 			if (!ok)
 			{
-				reject_row(a, at, g, &a->site_why[c->site], st);
+				r = reject_row(a, at, g, &a->site_why[c->site], st, err);
 				goto out;
 			}
 			a->wcols[n] = lc;
@@ -727,7 +732,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 					  "Make the table a cls table on every replica, or stop deleting from it.",
 					  "grow-only table \"%s\" cannot receive a delete", ti->name);
 			pgs_err_code(&why, "0A000");
-			reject_row(a, at, g, &why, st);
+			r = reject_row(a, at, g, &why, st, err);
 			goto out;
 		}
 		for (uint32_t i = 0; i < g->nchanges; i++)
@@ -738,7 +743,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 				goto out;
 			if (!ok)
 			{
-				reject_row(a, at, g, &a->site_why[g->changes[i].site], st);
+				r = reject_row(a, at, g, &a->site_why[g->changes[i].site], st, err);
 				goto out;
 			}
 		}

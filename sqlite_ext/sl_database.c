@@ -34,6 +34,55 @@ sl_dberr(db_conn *c, pgs_err *err, const char *what)
 	return err ? err->rc : PGS_ERR_DB;
 }
 
+/*
+ * sl_row_error: a row write failed. Constraint, type and size errors belong
+ * to the row (its own fate: careful mode rejects it alone, the fast path
+ * starts over carefully); anything else (I/O, locks, memory) is the
+ * engine's and aborts the apply.
+ */
+pgs_rc
+sl_row_error(db_conn *c, pgs_err *err, const char *what)
+{
+	int			code = sqlite3_extended_errcode(c->db);
+	const char *state = NULL;
+
+	switch (code)
+	{
+		case SQLITE_CONSTRAINT_NOTNULL:
+			state = "23502";
+			break;
+		case SQLITE_CONSTRAINT_CHECK:
+			state = "23514";
+			break;
+		case SQLITE_CONSTRAINT_UNIQUE:
+		case SQLITE_CONSTRAINT_PRIMARYKEY:
+			state = "23505";
+			break;
+		case SQLITE_CONSTRAINT_FOREIGNKEY:
+			state = "23503";
+			break;
+		case SQLITE_CONSTRAINT_TRIGGER:
+		case SQLITE_CONSTRAINT_FUNCTION:
+			state = "P0001";
+			break;
+		case SQLITE_CONSTRAINT_DATATYPE:
+		case SQLITE_MISMATCH:
+			state = "42804";
+			break;
+		case SQLITE_TOOBIG:
+			state = "54000";
+			break;
+		default:
+			if ((code & 0xff) == SQLITE_CONSTRAINT)
+				state = "23000";
+	}
+	if (!state)
+		return sl_dberr(c, err, what);
+	pgs_failf(err, c->careful ? PGS_ERR_ROW : PGS_ERR_CAREFUL, NULL, "%s", sqlite3_errmsg(c->db));
+	pgs_err_code(err, state);
+	return err->rc;
+}
+
 pgs_rc
 sl_prepare(db_conn *c, sqlite3_stmt **st, const char *sql, pgs_err *err)
 {
@@ -855,7 +904,7 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 	sqlite3_stmt  *st;
 	pgs_rc		   rc;
 
-	if (!exists && c->applying && !c->flushing && batch_alloc(t, err) == PGS_OK &&
+	if (!exists && c->applying && !c->flushing && !c->careful && batch_alloc(t, err) == PGS_OK &&
 		batch_clock(t, pk, cl, ver, blob, blob_len))
 	{
 		c->pending = true;
@@ -1012,7 +1061,7 @@ run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *p
 		sqlite3_finalize(st);
 	if (s != SQLITE_DONE)
 	{
-		pgs_rc rc = sl_dberr(c, err, "could not write a merged row");
+		pgs_rc rc = sl_row_error(c, err, "could not write a merged row");
 
 		pgs_err_detailf(err, "Table \"%s\".", t->name);
 		return rc;
@@ -1036,8 +1085,8 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 	int64_t		  changed = 0;
 	pgs_rc		  rc;
 
-	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing && batch_alloc(t, err) == PGS_OK &&
-		batch_row(t, pk, n, cols, vals))
+	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing && !c->careful &&
+		batch_alloc(t, err) == PGS_OK && batch_row(t, pk, n, cols, vals))
 	{
 		c->pending = true;
 		return t->nbatch == t->batch_rows ? flush_rows(c, t, err) : PGS_OK;
@@ -1087,17 +1136,10 @@ db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 	if (sqlite3_step(t->row_delete) != SQLITE_DONE)
 	{
 		sqlite3_reset(t->row_delete);
-		return sl_dberr(c, err, "could not delete a merged row");
+		return sl_row_error(c, err, "could not delete a merged row");
 	}
 	sqlite3_reset(t->row_delete);
 	return PGS_OK;
-}
-
-void
-db_reject(db_conn *c, db_table *t, const pgs_value *pk, const pgs_err *why)
-{
-	/* SQLite has no per-row permissions: db_row_write never returns PGS_ERR_PERMISSION. */
-	(void) c, (void) t, (void) pk, (void) why;
 }
 
 pgs_rc
@@ -1122,11 +1164,15 @@ struct db_cursor
 	db_table	 *t;
 	sqlite3_stmt *st;
 	pgs_value	 *vals; /* npk + ncols */
+	bool		  snapshot;
 };
 
+/* db_changes_open: access is always FULL on SQLite; a snapshot (never asked
+ * of SQLite, which builds no views) would be every row from version 0. */
 pgs_rc
 db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_key,
-				const pgs_value *after_pk, db_cursor **out, pgs_err *err)
+				const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **out,
+				pgs_err *err)
 {
 	db_cursor *cur;
 	char	  *sel;
@@ -1202,7 +1248,9 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 		db_changes_close(cur);
 		return rc;
 	}
-	sqlite3_bind_int64(cur->st, 1, since);
+	(void) access;
+	cur->snapshot = snapshot;
+	sqlite3_bind_int64(cur->st, 1, snapshot ? -1 : since);
 	if (by_key && after_pk)
 		for (int i = 0; i < t->npk; i++)
 			sl_bind_value(cur->st, i + 2, &after_pk[i]);
@@ -1213,11 +1261,12 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 
 pgs_rc
 db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
-				size_t *blob_len, bool *alive, const pgs_value **cols, pgs_err *err)
+				size_t *blob_len, bool *alive, const pgs_value **cols, db_vis *vis, pgs_err *err)
 {
 	db_table *t = cur->t;
 	int		  s = sqlite3_step(cur->st);
 
+	*vis = cur->snapshot ? DB_VIS_WHOLE : DB_VIS_CHANGES;
 	if (s == SQLITE_DONE)
 	{
 		*done = true;
@@ -1245,4 +1294,68 @@ db_changes_close(db_cursor *cur)
 	sqlite3_finalize(cur->st);
 	sqlite3_free(cur->vals);
 	sqlite3_free(cur);
+}
+
+/* db_keys_open: the keys of t's live rows, from its clock table. */
+pgs_rc
+db_keys_open(db_conn *c, db_table *t, db_cursor **out, pgs_err *err)
+{
+	db_cursor *cur;
+	char	  *keys = sqlite3_mprintf("");
+	char	  *sql;
+	pgs_rc	   rc;
+
+	FLUSH_FIRST(c, err);
+	for (int i = 0; i < t->npk && keys; i++)
+	{
+		char *x = sqlite3_mprintf("%s, %s", keys, t->pk_q[i]);
+
+		sqlite3_free(keys);
+		keys = x;
+	}
+	sql = keys ? sqlite3_mprintf("SELECT cl%s FROM %s WHERE cl %% 2 = 1", keys, t->qclock) : NULL;
+	sqlite3_free(keys);
+	cur = sqlite3_malloc(sizeof *cur);
+	if (!cur || !sql)
+	{
+		sqlite3_free(cur);
+		sqlite3_free(sql);
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	}
+	memset(cur, 0, sizeof *cur);
+	cur->c = c;
+	cur->t = t;
+	cur->vals = sqlite3_malloc64(sizeof(pgs_value) * (t->npk + 1));
+	rc = cur->vals ? (sqlite3_prepare_v2(c->db, sql, -1, &cur->st, NULL) == SQLITE_OK
+						  ? PGS_OK
+						  : sl_dberr(c, err, "could not read keys"))
+				   : pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	sqlite3_free(sql);
+	if (rc != PGS_OK)
+	{
+		db_changes_close(cur);
+		return rc;
+	}
+	*out = cur;
+	return PGS_OK;
+}
+
+pgs_rc
+db_keys_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t *cl, pgs_err *err)
+{
+	int s = sqlite3_step(cur->st);
+
+	if (s == SQLITE_DONE)
+	{
+		*done = true;
+		return PGS_OK;
+	}
+	if (s != SQLITE_ROW)
+		return sl_dberr(cur->c, err, "could not read keys");
+	*done = false;
+	*cl = sqlite3_column_int64(cur->st, 0);
+	for (int i = 0; i < cur->t->npk; i++)
+		sl_column_value(cur->st, 1 + i, &cur->vals[i]);
+	*pk = cur->vals;
+	return PGS_OK;
 }

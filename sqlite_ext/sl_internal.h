@@ -76,6 +76,17 @@ struct db_conn
 	pgs_buf		  scratch;
 	pgs_stamp	 *stamps;
 	int			  stamps_cap;
+	/* apply: careful mode, held changes, what forgetting protects (sl_fate.c) */
+	bool		  careful;
+	bool		  held_again; /* db_held_put wrote during this apply */
+	int64_t		  protect_ver; /* clock versions above are not acknowledged: kept */
+	bool		  protect_rejected;
+	sqlite3_stmt *st_held_get;
+	sqlite3_stmt *st_held_put;
+	sqlite3_stmt *st_held_del;
+	pgs_buf		  heldbuf;
+	db_table	**parents;
+	int			  parents_cap;
 };
 
 /* sl_database.c */
@@ -101,6 +112,15 @@ pgs_stamp *sl_stamps(db_conn *c, int n);
 /* sl_capture.c */
 void   sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 pgs_rc sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pk, pgs_err *err);
+
+/* sl_fate.c */
+extern const char sl_fate_meta_sql[];
+pgs_rc			  sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err);
+void			  sl_protect_load(db_conn *c);
+char			 *sl_pk_json(const db_table *t, const pgs_value *pk); /* sqlite3_malloc'd */
+/* sl_row_error: a failed row write: PGS_ERR_ROW (careful) or PGS_ERR_CAREFUL,
+ * with err->code the closest SQLSTATE; any other error is the engine's. */
+pgs_rc sl_row_error(db_conn *c, pgs_err *err, const char *what);
 
 /* sl_schema.c */
 pgs_rc sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err);

@@ -33,7 +33,8 @@ sl_ensure_meta(db_conn *c, pgs_err *err)
 	pgs_rc		  rc;
 	int			  have_site = 0;
 
-	if ((rc = sl_exec(c, meta_sql, err)) != PGS_OK)
+	if ((rc = sl_exec(c, meta_sql, err)) != PGS_OK ||
+		(rc = sl_exec(c, sl_fate_meta_sql, err)) != PGS_OK)
 		return rc;
 	if ((rc = sl_exec(
 			 c, "INSERT OR IGNORE INTO sync_state(id, db_version, hlc, format) VALUES(1, 0, 0, 1)",

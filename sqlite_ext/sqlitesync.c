@@ -90,17 +90,6 @@ blob_arg(sqlite3_context *ctx, sqlite3_value *v, const char *fn, const uint8_t *
 	return true;
 }
 
-static int
-pragma_int(sqlite3 *db, const char *sql)
-{
-	sqlite3_stmt *st;
-	int			  v = 0;
-
-	if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
-		v = sqlite3_column_int(st, 0);
-	sqlite3_finalize(st);
-	return v;
-}
 
 /* ---- SQL functions ---- */
 
@@ -121,6 +110,21 @@ sync_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	{
 		result_err(ctx, &err);
 		return;
+	}
+	{
+		/* changes kept aside while the table or a column was unknown fill in now */
+		int64_t n;
+
+		if (sl_exec(c, "SAVEPOINT sync_init_held", &err) != PGS_OK ||
+			sl_apply_held(c, NULL, &n, &err) != PGS_OK)
+		{
+			pgs_err ignore;
+
+			sl_exec(c, "ROLLBACK TO sync_init_held; RELEASE sync_init_held", &ignore);
+			result_err(ctx, &err);
+			return;
+		}
+		sl_exec(c, "RELEASE sync_init_held", &err);
 	}
 	sqlite3_result_int(ctx, 1);
 }
@@ -288,7 +292,7 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	if (o.since >= o.until && !o.after)
 		return; /* NULL: nothing newer */
 	pgs_buf_init(&out);
-	if (pgs_build(c, &o, &out, NULL, &err) != PGS_OK)
+	if (pgs_build(c, &o, &out, NULL, NULL, &err) != PGS_OK)
 	{
 		pgs_buf_free(&out);
 		result_err(ctx, &err);
@@ -380,7 +384,6 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	pgs_apply_stats st;
 	pgs_err			err, ignore;
 	pgs_rc			rc;
-	int				defer_fk;
 
 	(void) argc;
 	if (!blob_arg(ctx, argv[0], "sync_apply_payload", &p, &n))
@@ -393,18 +396,24 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		return;
 	}
 	/*
-	 * Rows of tables linked by foreign keys arrive in table order, not in
-	 * dependency order: check the keys at commit instead of per statement.
-	 * SQLite resets defer_foreign_keys at the end of the transaction.
+	 * Foreign keys are checked per statement (the core applies parents
+	 * first and retries a row whose parent comes later), so that a row that
+	 * really lacks its parent is this row's rejection, not a failed commit.
+	 * The fast path first; a row that fails sends the apply back, carefully.
 	 */
-	defer_fk = pragma_int(c->db, "PRAGMA defer_foreign_keys");
-	if (!defer_fk)
-		sl_exec(c, "PRAGMA defer_foreign_keys = ON", &ignore);
+	sl_protect_load(c);
 	c->applying = true;
-	rc = pgs_apply(c, p, n, &st, &err);
+	rc = pgs_apply(c, p, n, false, &st, &err);
+	if (rc == PGS_ERR_CAREFUL)
+	{
+		sl_discard(c);
+		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
+		c->txn_ver = 0;
+		sl_load(c, &ignore);
+		rc = pgs_apply(c, p, n, true, &st, &err);
+	}
 	c->applying = false;
-	if (!defer_fk && !sqlite3_get_autocommit(c->db))
-		sl_exec(c, "PRAGMA defer_foreign_keys = OFF", &ignore);
+	c->careful = false;
 	if (rc != PGS_OK)
 	{
 		sl_discard(c);
@@ -446,7 +455,11 @@ finalize_all(db_conn *c)
 	sqlite3_finalize(c->st_ver_get);
 	sqlite3_finalize(c->st_ver_bump);
 	sqlite3_finalize(c->st_site_add);
+	sqlite3_finalize(c->st_held_get);
+	sqlite3_finalize(c->st_held_put);
+	sqlite3_finalize(c->st_held_del);
 	c->st_ver_get = c->st_ver_bump = c->st_site_add = NULL;
+	c->st_held_get = c->st_held_put = c->st_held_del = NULL;
 	c->ready = false;
 }
 
@@ -458,6 +471,8 @@ conn_free(void *arg)
 	finalize_all(c);
 	sqlite3_free(c->sites);
 	sqlite3_free(c->stamps);
+	sqlite3_free(c->parents);
+	pgs_buf_free(&c->heldbuf);
 	pgs_buf_free(&c->clockbuf);
 	pgs_buf_free(&c->scratch);
 	sqlite3_free(c);

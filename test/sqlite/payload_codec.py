@@ -1,4 +1,4 @@
-"""payload_codec — an independent Python reader/writer of payload format v1.
+"""payload_codec — an independent Python reader/writer of payload formats 1 and 2.
 
 Written from docs/PAYLOAD.md, not from the C code, so that the tests can
 build payloads the extension never would (forged lengths, unknown tables,
@@ -117,8 +117,9 @@ def expected_header_error(p):
     h = header(p)
     if h.magic != MAGIC:
         return f'not a pgsync payload: bad magic. A payload starts with the bytes "PGSY". {fix}'
-    if h.version != 1:
-        return f"unsupported payload format version {h.version} (this build reads version 1). {upgrade}"
+    if h.version not in (1, 2):
+        return (f"unsupported payload format version {h.version} (this build reads versions 1 to 2). "
+                f"{upgrade}")
     if h.flags & ~3 or h.reserved:
         return f"unsupported payload flags. Reserved header bits are set. {upgrade}"
     if h.since < 0 or h.until < h.since:
@@ -213,13 +214,20 @@ class Change:
     site: int
 
 
+CHANGES, WHOLE, CANDIDATE, ABSENT = range(4)     # group kinds (format 2)
+ATTR_FINGERPRINT, ATTR_SNAPSHOT, ATTR_SALT = 1, 2, 3
+SNAP_BEGIN, SNAP_END = 1, 2
+
+
 @dataclass
 class Group:
     table: int
-    pk: list                    # [(type, value)]
+    pk: list                    # [(type, value)]; [] for a CANDIDATE
     cl: int
     cl_site: int
     changes: list = field(default_factory=list)
+    kind: int = CHANGES
+    hash: int = 0               # CANDIDATE: the salted key hash
 
 
 @dataclass
@@ -227,6 +235,7 @@ class Table:
     name: str
     pk: list
     cols: list
+    attrs: dict = field(default_factory=dict)   # format 2: tag -> bytes
 
 
 @dataclass
@@ -234,9 +243,11 @@ class Body:
     sites: list
     tables: list
     rows: list
+    version: int = 1
 
 
-def encode_body(b):
+def encode_body(b, version=None):
+    version = b.version if version is None else version
     out = bytearray(varint(len(b.sites)))
     for s in b.sites:
         assert len(s) == 16
@@ -248,12 +259,21 @@ def encode_body(b):
             out += enc_str(n)
         for n in t.cols:
             out += enc_str(n)
+        if version >= 2:
+            out += varint(len(t.attrs))
+            for tag, val in t.attrs.items():
+                out += varint(tag) + varint(len(val)) + val
     out += varint(len(b.rows))
     prev_hlc = 0
     for g in b.rows:
-        out += varint(g.table)
+        out += varint(g.table << 2 | g.kind if version >= 2 else g.table)
+        if version >= 2 and g.kind == CANDIDATE:
+            out += struct.pack("<Q", g.hash) + varint(g.cl) + varint(g.cl_site)
+            continue
         for t, v in g.pk:
             out += bytes([t]) + enc_value(t, v)
+        if version >= 2 and g.kind == ABSENT:
+            continue
         out += varint(g.cl) + varint(g.cl_site) + varint(len(g.changes))
         if not g.changes:
             continue
@@ -316,23 +336,38 @@ class _Cur:
         raise ValueError(t)
 
 
-def decode_body(raw):
+def decode_body(raw, version=1):
     c = _Cur(bytes(raw))
     sites = [c.take(16) for _ in range(c.varint())]
     tables = []
     for _ in range(c.varint()):
         name = c.str_()
         npk, ncols = c.varint(), c.varint()
-        tables.append(Table(name, [c.str_() for _ in range(npk)], [c.str_() for _ in range(ncols)]))
+        t = Table(name, [c.str_() for _ in range(npk)], [c.str_() for _ in range(ncols)])
+        if version >= 2:
+            for _ in range(c.varint()):
+                tag = c.varint()
+                t.attrs[tag] = c.take(c.varint())
+        tables.append(t)
     rows = []
     prev_hlc = 0
     for _ in range(c.varint()):
         t = c.varint()
+        kind = CHANGES
+        if version >= 2:
+            t, kind = t >> 2, t & 3
+        if kind == CANDIDATE:
+            h = struct.unpack("<Q", c.take(8))[0]
+            rows.append(Group(t, [], c.varint(), c.varint(), kind=kind, hash=h))
+            continue
         pk = []
         for _ in tables[t].pk:
             ty = c.u8()
             pk.append((ty, c.value(ty)))
-        g = Group(t, pk, c.varint(), c.varint())
+        if kind == ABSENT:
+            rows.append(Group(t, pk, 0, 0, kind=kind))
+            continue
+        g = Group(t, pk, c.varint(), c.varint(), kind=kind)
         n = c.varint()
         if n:
             ghlc = (prev_hlc + unzigzag(c.varint())) & ((1 << 64) - 1)
@@ -350,16 +385,20 @@ def decode_body(raw):
                 g.changes.append(Change(col, head & 7, c.value(head & 7), hlc, site))
         rows.append(g)
     assert c.i == len(c.b), "trailing bytes"
-    return Body(sites, tables, rows)
+    return Body(sites, tables, rows, version)
 
 
 def decode(p):
-    return header(p), decode_body(body(p))
+    h = header(p)
+    return h, decode_body(body(p), h.version)
 
 
-def make(b, origin=b"\x01" * 16, since=0, until=1, compress=False, version=1, flags=None):
-    """make seals a Body (or raw body bytes) into a payload."""
-    raw = b if isinstance(b, (bytes, bytearray)) else encode_body(b)
+def make(b, origin=b"\x01" * 16, since=0, until=1, compress=False, version=None, flags=None):
+    """make seals a Body (or raw body bytes) into a payload (the Body's format
+    version unless version says otherwise)."""
+    if version is None:
+        version = 1 if isinstance(b, (bytes, bytearray)) else b.version
+    raw = b if isinstance(b, (bytes, bytearray)) else encode_body(b, version)
     stored = zcompress(raw) if compress else raw
     fl = (1 if compress else 0) if flags is None else flags
     h = Header(MAGIC, version, fl, 0, origin, since, until, len(raw), len(stored), 0)

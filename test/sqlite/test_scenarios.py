@@ -367,10 +367,11 @@ def test_nan_in_payload_is_stored_as_null(replica):
     site = b"\x07" * 16
     hlc = pc.hlc_of_ms(1_700_000_000_000)
     b = pc.Body([site], [pc.Table("t", ["id"], ["a", "b", "c"])], [pc.Group(0, [(pc.TEXT, "k")], 1, 0, [
-        pc.Change(0, pc.REAL, nan, hlc, 0), pc.Change(1, pc.REAL, payload_nan, hlc, 0)])])
+        pc.Change(0, pc.REAL, nan, hlc, 0), pc.Change(1, pc.REAL, payload_nan, hlc, 0),
+        pc.Change(2, pc.NULL, None, hlc, 0)])])       # a new row comes whole
     p = pc.make(b, origin=site)
-    assert [c["value"] for c in r.info(p)["rows"][0]["changes"]] == ["NaN", "NaN"]
-    assert r.apply(p) == 3
+    assert [c["value"] for c in r.info(p)["rows"][0]["changes"]] == ["NaN", "NaN", None]
+    assert r.apply(p) == 4
     assert rows(r) == [("k", None, None, None)]
 
 
@@ -889,10 +890,11 @@ def test_many_sites(replica):
     sites = [bytes([0x01, 0x90]) + i.to_bytes(14, "big") for i in range(40)]
     hlc = pc.hlc_of_ms(1_700_000_000_000)
     rows_ = [pc.Group(0, [(pc.TEXT, f"k{i}")], 1, i, [pc.Change(0, pc.INT, i, hlc + i, i),
-                                                      pc.Change(1, pc.INT, i, hlc, (i + 1) % 40)])
+                                                      pc.Change(1, pc.INT, i, hlc, (i + 1) % 40),
+                                                      pc.Change(2, pc.NULL, None, hlc, i)])
              for i in range(40)]
     p = pc.make(pc.Body(sites, [pc.Table("t", ["id"], ["a", "b", "c"])], rows_), origin=sites[0])
-    assert r.apply(p) == 40 * 3
+    assert r.apply(p) == 40 * 4
     assert r.one("SELECT count(*) FROM sync_sites") == 41
     assert r.apply(p) == 0
     assert r.one("SELECT count(*) FROM sync_sites") == 41

@@ -1,0 +1,709 @@
+/*
+ * sl_fate.c — the receiving side of views and of every row's own fate, on
+ * SQLite (database.h: db_table_view, db_row_forget, db_snapshot, db_held_*,
+ * db_reject, db_table_parents, ...).
+ *
+ * A SQLite database is a device: what it cannot store of a payload is not
+ * lost but kept aside in sync_held (one row per table and key, the change
+ * with its clocks as a one-row payload), listed with its reason, and tried
+ * again at every receive and after every sync_init (sl_apply_held). Rows the
+ * server's view no longer contains are forgotten locally: base row and clock
+ * row deleted with capture off, no tombstone, unless the device still has
+ * something to say about them (a local change the server has not
+ * acknowledged, or a rejection the app has not resolved).
+ *
+ * Tables (created by sl_ensure_meta):
+ *   sync_held(tbl, k, code, message, frag, first_at, last_at, attempts)
+ *   sync_snapshots(tbl, tracking) + sync_snapshot_keys(tbl, k): a snapshot
+ *   being received; tracking = 0 when the table was empty at its beginning
+ *   (a first sync: nothing to forget, nothing recorded).
+ */
+#include "sl_internal.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+
+const char sl_fate_meta_sql[] =
+	"CREATE TABLE IF NOT EXISTS sync_held("
+	"  tbl TEXT NOT NULL, k BLOB NOT NULL, code TEXT, message TEXT, frag BLOB NOT NULL,"
+	"  first_at TEXT NOT NULL, last_at TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 1,"
+	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;"
+	"CREATE TABLE IF NOT EXISTS sync_snapshots(tbl INTEGER PRIMARY KEY, tracking INTEGER NOT "
+	"NULL);"
+	"CREATE TABLE IF NOT EXISTS sync_snapshot_keys(tbl INTEGER NOT NULL, k BLOB NOT NULL,"
+	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;";
+
+/* ---- views ---- */
+
+pgs_rc
+db_table_view(db_conn *c, db_table *t, bool view, int64_t since, int64_t until, db_access *access,
+			  bool *snapshot, pgs_err *err)
+{
+	(void) c, (void) t, (void) view, (void) since, (void) until, (void) err;
+	*access = DB_ACCESS_FULL; /* no roles in SQLite */
+	*snapshot = false;
+	return PGS_OK;
+}
+
+pgs_rc
+db_site_check(db_conn *c, uint32_t idx, pgs_err *err)
+{
+	(void) c, (void) idx, (void) err;
+	return PGS_OK;
+}
+
+void
+db_apply_careful(db_conn *c, bool careful)
+{
+	c->careful = careful;
+}
+
+bool
+db_hold_rejected(db_conn *c)
+{
+	(void) c;
+	return true;
+}
+
+/* ---- small SQL helpers ---- */
+
+static int
+step_done(sqlite3_stmt *st)
+{
+	int s = sqlite3_step(st);
+
+	sqlite3_reset(st);
+	return s;
+}
+
+static void
+now_iso(char out[32])
+{
+	time_t	  t = time(NULL);
+	struct tm tm;
+
+	gmtime_r(&t, &tm);
+	strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* where_pk: "pk1" = ?first AND ... (sqlite3_malloc'd) */
+static char *
+where_pk(const db_table *t, int first)
+{
+	char *w = sqlite3_mprintf("");
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char *n = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], first + i);
+
+		sqlite3_free(w);
+		w = n;
+	}
+	return w;
+}
+
+/* ---- keys as JSON (the form sync_network_rejected shows) ---- */
+
+char *
+sl_pk_json(const db_table *t, const pgs_value *pk)
+{
+	cJSON *o = cJSON_CreateObject();
+	char  *text, *out = NULL;
+
+	for (int i = 0; o && i < t->npk; i++)
+	{
+		const pgs_value *v = &pk[i];
+		cJSON			*j = NULL;
+
+		switch (v->type)
+		{
+			case PGS_INT:
+				j = cJSON_CreateNumber((double) v->v.i);
+				if (j && (v->v.i > (INT64_C(1) << 53) || v->v.i < -(INT64_C(1) << 53)))
+				{
+					/* beyond a double: the exact digits */
+					char num[24];
+
+					cJSON_Delete(j);
+					snprintf(num, sizeof num, "%lld", (long long) v->v.i);
+					j = cJSON_CreateRaw(num);
+				}
+				break;
+			case PGS_REAL:
+				j = cJSON_CreateNumber(v->v.r);
+				break;
+			case PGS_TEXT:
+			{
+				char *s = sqlite3_mprintf("%.*s", (int) v->len, (const char *) v->v.p);
+
+				j = cJSON_CreateString(s ? s : "");
+				sqlite3_free(s);
+				break;
+			}
+			case PGS_BLOB:
+			{
+				static const char hex[] = "0123456789abcdef";
+				char			 *s = sqlite3_malloc64((size_t) v->len * 2 + 3);
+
+				if (s)
+				{
+					s[0] = '\\';
+					s[1] = 'x';
+					for (uint32_t k = 0; k < v->len; k++)
+					{
+						s[2 + 2 * k] = hex[v->v.p[k] >> 4];
+						s[3 + 2 * k] = hex[v->v.p[k] & 15];
+					}
+					s[2 + 2 * (size_t) v->len] = '\0';
+					j = cJSON_CreateString(s);
+					sqlite3_free(s);
+				}
+				break;
+			}
+			default:
+				j = cJSON_CreateNull();
+		}
+		cJSON_AddItemToObject(o, t->pk_names[i], j);
+	}
+	text = o ? cJSON_PrintUnformatted(o) : NULL;
+	if (text)
+		out = sqlite3_mprintf("%s", text);
+	cJSON_free(text);
+	cJSON_Delete(o);
+	return out;
+}
+
+/* ---- rejections and held changes ---- */
+
+static bool
+table_exists(db_conn *c, const char *name)
+{
+	sqlite3_stmt *st;
+	bool		  yes = false;
+
+	if (sqlite3_prepare_v2(c->db, "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+						   -1, &st, NULL) == SQLITE_OK)
+	{
+		sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+		yes = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	return yes;
+}
+
+/*
+ * db_reject: this device cannot store a row the server sent (its own NOT
+ * NULL, CHECK, trigger...). The change itself is held by the core; the
+ * rejection is listed beside the server's in sync_network_rejected when the
+ * network client is in use (origin 'local').
+ */
+void
+db_reject(db_conn *c, db_table *t, const pgs_value *pk, const pgs_err *why)
+{
+	char		 *json;
+	sqlite3_stmt *st;
+	char		  now[32];
+
+	if (!table_exists(c, "sync_network_rejected") || !(json = sl_pk_json(t, pk)))
+		return;
+	now_iso(now);
+	if (sqlite3_prepare_v2(c->db,
+						   "INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
+						   "first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'local', ?3, ?4, "
+						   "?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
+						   "excluded.code, message = excluded.message, last_attempt = "
+						   "excluded.last_attempt, attempts = attempts + 1",
+						   -1, &st, NULL) == SQLITE_OK)
+	{
+		sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, json, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 3, why->code, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 4, why->msg, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 5, now, -1, SQLITE_STATIC);
+		sqlite3_step(st);
+		sqlite3_finalize(st);
+	}
+	sqlite3_free(json);
+}
+
+pgs_rc
+db_held_get(db_conn *c, pgs_name table, pgs_name key, const uint8_t **frag, size_t *len,
+			pgs_err *err)
+{
+	pgs_rc rc;
+	int	   s;
+
+	*frag = NULL;
+	*len = 0;
+	if ((rc = sl_prepare(c, &c->st_held_get, "SELECT frag FROM sync_held WHERE tbl = ?1 AND k = ?2",
+						 err)) != PGS_OK)
+		return rc;
+	sqlite3_bind_text(c->st_held_get, 1, (const char *) table.p, (int) table.len, SQLITE_STATIC);
+	sqlite3_bind_blob(c->st_held_get, 2, key.p, (int) key.len, SQLITE_STATIC);
+	s = sqlite3_step(c->st_held_get);
+	if (s == SQLITE_ROW)
+	{
+		c->heldbuf.len = 0;
+		pgs_buf_put(&c->heldbuf, sqlite3_column_blob(c->st_held_get, 0),
+					(size_t) sqlite3_column_bytes(c->st_held_get, 0));
+		*frag = c->heldbuf.p;
+		*len = c->heldbuf.len;
+	}
+	sqlite3_reset(c->st_held_get);
+	if (s != SQLITE_ROW && s != SQLITE_DONE)
+		return sl_dberr(c, err, "could not read held changes");
+	if (c->heldbuf.oom)
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	return PGS_OK;
+}
+
+pgs_rc
+db_held_put(db_conn *c, pgs_name table, pgs_name key, const char *code, const char *message,
+			const uint8_t *frag, size_t len, pgs_err *err)
+{
+	sqlite3_stmt **stp = frag ? &c->st_held_put : &c->st_held_del;
+	pgs_rc		   rc;
+	char		   now[32];
+
+	rc = sl_prepare(c, stp,
+					frag ? "INSERT INTO sync_held(tbl, k, code, message, frag, first_at, last_at) "
+						   "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT(tbl, k) DO UPDATE SET "
+						   "code = excluded.code, message = excluded.message, frag = excluded.frag, "
+						   "last_at = excluded.last_at, attempts = attempts + 1"
+						 : "DELETE FROM sync_held WHERE tbl = ?1 AND k = ?2",
+					err);
+	if (rc != PGS_OK)
+		return rc;
+	now_iso(now);
+	sqlite3_bind_text(*stp, 1, (const char *) table.p, (int) table.len, SQLITE_STATIC);
+	sqlite3_bind_blob(*stp, 2, key.p, (int) key.len, SQLITE_STATIC);
+	if (frag)
+	{
+		sqlite3_bind_text(*stp, 3, code, -1, SQLITE_STATIC);
+		sqlite3_bind_text(*stp, 4, message, -1, SQLITE_STATIC);
+		sqlite3_bind_blob(*stp, 5, frag, (int) len, SQLITE_STATIC);
+		sqlite3_bind_text(*stp, 6, now, -1, SQLITE_STATIC);
+		c->held_again = true;
+	}
+	if (step_done(*stp) != SQLITE_DONE)
+		return sl_dberr(c, err, "could not keep a change aside");
+	sqlite3_clear_bindings(*stp);
+	return PGS_OK;
+}
+
+/*
+ * sl_apply_held tries every held change again (of one table, or all when
+ * table is NULL): after sync_init made a table or column known, and at every
+ * receive. A change that applies now leaves the store (and its local
+ * rejection the list); one that still cannot be stored stays, with one more
+ * attempt counted. Runs inside the caller's transaction, with capture off.
+ */
+pgs_rc
+sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
+{
+	sqlite3_stmt *st = NULL;
+	pgs_rc		  rc = PGS_OK;
+	pgs_buf		  all;
+	int			  s;
+
+	*applied = 0;
+	if (!table_exists(c, "sync_held"))
+		return PGS_OK;
+	/* copy them out first: applying writes the same table */
+	pgs_buf_init(&all);
+	if (sqlite3_prepare_v2(c->db,
+						   table ? "SELECT tbl, k, frag FROM sync_held WHERE tbl = ?1"
+								 : "SELECT tbl, k, frag FROM sync_held",
+						   -1, &st, NULL) != SQLITE_OK)
+		return sl_dberr(c, err, "could not read held changes");
+	if (table)
+		sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+	while ((s = sqlite3_step(st)) == SQLITE_ROW)
+		for (int col = 0; col < 3; col++)
+		{
+			uint64_t n = (uint64_t) sqlite3_column_bytes(st, col);
+
+			pgs_buf_varint(&all, n);
+			pgs_buf_put(&all, sqlite3_column_blob(st, col), (size_t) n);
+		}
+	if (s != SQLITE_DONE)
+		rc = sl_dberr(c, err, "could not read held changes");
+	sqlite3_finalize(st);
+	if (all.oom)
+		rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	for (const uint8_t *p = all.p, *end = all.p + all.len; rc == PGS_OK && p < end;)
+	{
+		pgs_name		f[3];
+		pgs_apply_stats ast;
+		bool			was = c->applying;
+
+		for (int col = 0; col < 3; col++)
+		{
+			uint64_t n;
+			int		 k = pgs_varint_get(p, end, &n);
+
+			p += k;
+			f[col] = (pgs_name){p, (uint32_t) n};
+			p += n;
+		}
+		c->held_again = false;
+		c->applying = true;
+		rc = pgs_apply(c, f[2].p, f[2].len, true, &ast, err);
+		c->applying = was;
+		if (rc != PGS_OK)
+			break;
+		if (!c->held_again)
+		{
+			/* stored now: out of the store, and off the list */
+			rc = db_held_put(c, f[0], f[1], NULL, NULL, NULL, 0, err);
+			(*applied)++;
+			if (rc == PGS_OK && table_exists(c, "sync_network_rejected"))
+			{
+				db_table   *t = sl_table_by_name(c, (const char *) f[0].p);
+				pgs_value	pk[64];
+				const uint8_t *q = f[1].p, *qe = f[1].p + f[1].len;
+				bool		ok = t && t->npk <= 64;
+
+				for (int i = 0; ok && i < t->npk; i++)
+				{
+					uint8_t type = *q++;
+
+					ok = pgs_value_get(&q, qe, type, &pk[i], NULL) == PGS_OK;
+				}
+				if (ok)
+				{
+					char		 *json = sl_pk_json(t, pk);
+					sqlite3_stmt *d;
+
+					if (json && sqlite3_prepare_v2(c->db,
+												   "DELETE FROM sync_network_rejected WHERE tbl = "
+												   "?1 AND pk = ?2 AND origin = 'local'",
+												   -1, &d, NULL) == SQLITE_OK)
+					{
+						sqlite3_bind_text(d, 1, t->name, -1, SQLITE_STATIC);
+						sqlite3_bind_text(d, 2, json, -1, SQLITE_STATIC);
+						sqlite3_step(d);
+						sqlite3_finalize(d);
+					}
+					sqlite3_free(json);
+				}
+			}
+		}
+	}
+	pgs_buf_free(&all);
+	return rc;
+}
+
+/* ---- forgetting ---- */
+
+/* protected_row: the device still has something to say about this row. */
+static bool
+protected_row(db_conn *c, db_table *t, const pgs_value *pk, int64_t ver)
+{
+	bool		  yes = false;
+	char		 *json;
+	sqlite3_stmt *st;
+
+	if (ver > c->protect_ver)
+		return true; /* a local change the server has not acknowledged */
+	if (!c->protect_rejected)
+		return false;
+	if (!(json = sl_pk_json(t, pk)))
+		return true;
+	if (sqlite3_prepare_v2(c->db,
+						   "SELECT 1 FROM sync_network_rejected WHERE tbl = ?1 AND pk = ?2 AND "
+						   "origin = 'server'",
+						   -1, &st, NULL) == SQLITE_OK)
+	{
+		sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, json, -1, SQLITE_STATIC);
+		yes = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	sqlite3_free(json);
+	return yes;
+}
+
+/*
+ * sl_protect_load: what db_row_forget protects during this apply — local
+ * versions the server has not acknowledged (send_cursor of the network
+ * client), and rows of unresolved rejections. Without the network client,
+ * nothing (a plain payload exchange never forgets anyway).
+ */
+void
+sl_protect_load(db_conn *c)
+{
+	sqlite3_stmt *st;
+
+	c->protect_ver = INT64_MAX;
+	c->protect_rejected = false;
+	if (!table_exists(c, "sync_network"))
+		return;
+	if (sqlite3_prepare_v2(c->db, "SELECT value FROM sync_network WHERE key = 'send_cursor'", -1,
+						   &st, NULL) == SQLITE_OK)
+	{
+		if (sqlite3_step(st) == SQLITE_ROW)
+			c->protect_ver = sqlite3_column_int64(st, 0);
+		else
+			c->protect_ver = 0;
+		sqlite3_finalize(st);
+	}
+	c->protect_rejected = table_exists(c, "sync_network_rejected");
+}
+
+pgs_rc
+db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err)
+{
+	char		 *w, *sql;
+	sqlite3_stmt *st = NULL;
+	int64_t		  ver = -1;
+	pgs_rc		  rc = PGS_OK;
+	bool		  was = c->applying;
+
+	*forgot = false;
+	if ((rc = sl_flush(c, err)) != PGS_OK)
+		return rc;
+	if (!(w = where_pk(t, 1)))
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	sql = sqlite3_mprintf("SELECT ver FROM %s WHERE %s", t->qclock, w);
+	if (sql && sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) == SQLITE_OK)
+	{
+		for (int i = 0; i < t->npk; i++)
+			sl_bind_value(st, i + 1, &pk[i]);
+		if (sqlite3_step(st) == SQLITE_ROW)
+			ver = sqlite3_column_int64(st, 0);
+		sqlite3_finalize(st);
+	}
+	sqlite3_free(sql);
+	if (ver >= 0 && protected_row(c, t, pk, ver))
+	{
+		sqlite3_free(w);
+		return PGS_OK;
+	}
+	/* base row first (capture is off while applying), then its clock */
+	c->applying = true;
+	for (int pass = 0; pass < 2 && rc == PGS_OK; pass++)
+	{
+		sql = sqlite3_mprintf("DELETE FROM %s WHERE %s", pass ? t->qclock : t->qname, w);
+		st = NULL;
+		if (!sql || sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK)
+			rc = sl_dberr(c, err, "could not forget a row");
+		else
+		{
+			for (int i = 0; i < t->npk; i++)
+				sl_bind_value(st, i + 1, &pk[i]);
+			if (sqlite3_step(st) != SQLITE_DONE)
+			{
+				int code = sqlite3_extended_errcode(c->db);
+
+				/* a row that other rows still reference stays: not an error */
+				if (pass == 0 && (code & 0xff) == SQLITE_CONSTRAINT)
+				{
+					sqlite3_finalize(st);
+					sqlite3_free(sql);
+					c->applying = was;
+					sqlite3_free(w);
+					return PGS_OK;
+				}
+				rc = sl_dberr(c, err, "could not forget a row");
+			}
+			else if (pass == 0)
+				*forgot = sqlite3_changes(c->db) > 0 || ver >= 0;
+		}
+		sqlite3_finalize(st);
+		sqlite3_free(sql);
+	}
+	c->applying = was;
+	sqlite3_free(w);
+	return rc;
+}
+
+/* ---- snapshots ---- */
+
+static pgs_rc
+snap_sql(db_conn *c, pgs_err *err, const char *sql, int64_t id, const uint8_t *k, size_t klen,
+		 int64_t extra)
+{
+	sqlite3_stmt *st;
+	int			  s;
+
+	if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK)
+		return sl_dberr(c, err, "could not record a snapshot");
+	sqlite3_bind_int64(st, 1, id);
+	if (k)
+		sqlite3_bind_blob(st, 2, k, (int) klen, SQLITE_STATIC);
+	if (extra >= 0)
+		sqlite3_bind_int64(st, k ? 3 : 2, extra);
+	s = sqlite3_step(st);
+	sqlite3_finalize(st);
+	return s == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not record a snapshot");
+}
+
+static int64_t
+query_int(db_conn *c, const char *sql, int64_t id, int64_t def)
+{
+	sqlite3_stmt *st;
+	int64_t		  v = def;
+
+	if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) == SQLITE_OK)
+	{
+		sqlite3_bind_int64(st, 1, id);
+		if (sqlite3_step(st) == SQLITE_ROW)
+			v = sqlite3_column_int64(st, 0);
+		sqlite3_finalize(st);
+	}
+	return v;
+}
+
+pgs_rc
+db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err)
+{
+	pgs_rc rc;
+
+	switch (op)
+	{
+		case DB_SNAP_BEGIN:
+		{
+			char   *sql = sqlite3_mprintf("SELECT EXISTS (SELECT 1 FROM %s WHERE cl %% 2 = 1)",
+											t->qclock);
+			int64_t tracking = sql ? query_int(c, sql, 0, 1) : 1;
+
+			sqlite3_free(sql);
+			if ((rc = snap_sql(c, err, "DELETE FROM sync_snapshot_keys WHERE tbl = ?1", t->id, NULL,
+							   0, -1)) != PGS_OK)
+				return rc;
+			return snap_sql(c, err,
+							"INSERT OR REPLACE INTO sync_snapshots(tbl, tracking) VALUES(?1, ?2)",
+							t->id, NULL, 0, tracking);
+		}
+		case DB_SNAP_SEEN:
+		{
+			pgs_buf k;
+
+			if (query_int(c, "SELECT tracking FROM sync_snapshots WHERE tbl = ?1", t->id, 0) != 1)
+				return PGS_OK;
+			pgs_buf_init(&k);
+			pgs_key_encode(&k, (uint32_t) t->npk, pk);
+			rc = k.oom ? pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL)
+					   : snap_sql(c, err,
+								  "INSERT OR IGNORE INTO sync_snapshot_keys(tbl, k) VALUES(?1, ?2)",
+								  t->id, k.p, k.len, -1);
+			pgs_buf_free(&k);
+			return rc;
+		}
+		case DB_SNAP_END:
+		{
+			int64_t		  tracking =
+				query_int(c, "SELECT tracking FROM sync_snapshots WHERE tbl = ?1", t->id, -1);
+			db_cursor	 *cur;
+			pgs_buf		  gone;
+			sqlite3_stmt *seen = NULL;
+
+			if (tracking == 1)
+			{
+				/* collect the live keys the snapshot did not contain, then forget them */
+				pgs_buf_init(&gone);
+				if ((rc = db_keys_open(c, t, &cur, err)) != PGS_OK)
+					return rc;
+				if (sqlite3_prepare_v2(c->db,
+									   "SELECT 1 FROM sync_snapshot_keys WHERE tbl = ?1 AND k = ?2",
+									   -1, &seen, NULL) != SQLITE_OK)
+					rc = sl_dberr(c, err, "could not read a snapshot");
+				while (rc == PGS_OK)
+				{
+					bool			 done;
+					const pgs_value *key;
+					int64_t			 cl;
+					pgs_buf			 k;
+
+					if ((rc = db_keys_next(cur, &done, &key, &cl, err)) != PGS_OK || done)
+						break;
+					pgs_buf_init(&k);
+					pgs_key_encode(&k, (uint32_t) t->npk, key);
+					sqlite3_bind_int64(seen, 1, t->id);
+					sqlite3_bind_blob(seen, 2, k.p, (int) k.len, SQLITE_STATIC);
+					if (step_done(seen) != SQLITE_ROW)
+					{
+						pgs_buf_varint(&gone, k.len);
+						pgs_buf_put(&gone, k.p, k.len);
+					}
+					pgs_buf_free(&k);
+				}
+				sqlite3_finalize(seen);
+				db_changes_close(cur);
+				for (const uint8_t *p = gone.p, *end = gone.p + gone.len; rc == PGS_OK && p < end;)
+				{
+					uint64_t	   n;
+					const uint8_t *q, *qe;
+					pgs_value	   kv[64];
+					bool		   forgot;
+
+					p += pgs_varint_get(p, end, &n);
+					q = p;
+					qe = p + n;
+					p += n;
+					for (int i = 0; rc == PGS_OK && i < t->npk && i < 64; i++)
+					{
+						uint8_t type = *q++;
+
+						rc = pgs_value_get(&q, qe, type, &kv[i], err);
+					}
+					if (rc == PGS_OK)
+						rc = db_row_forget(c, t, kv, &forgot, err);
+				}
+				pgs_buf_free(&gone);
+				if (rc != PGS_OK)
+					return rc;
+			}
+			if ((rc = snap_sql(c, err, "DELETE FROM sync_snapshot_keys WHERE tbl = ?1", t->id, NULL,
+							   0, -1)) != PGS_OK)
+				return rc;
+			return snap_sql(c, err, "DELETE FROM sync_snapshots WHERE tbl = ?1", t->id, NULL, 0,
+							-1);
+		}
+	}
+	return PGS_OK;
+}
+
+/* ---- foreign keys between synced tables ---- */
+
+pgs_rc
+db_table_parents(db_conn *c, db_table *t, db_table ***parents, int *n, pgs_err *err)
+{
+	sqlite3_stmt *st;
+	int			  s;
+
+	*n = 0;
+	*parents = c->parents;
+	if (sqlite3_prepare_v2(c->db, "SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)", -1,
+						   &st, NULL) != SQLITE_OK)
+		return sl_dberr(c, err, "could not read foreign keys");
+	sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+	while ((s = sqlite3_step(st)) == SQLITE_ROW)
+	{
+		db_table *p = sl_table_by_name(c, (const char *) sqlite3_column_text(st, 0));
+
+		if (!p || p == t)
+			continue;
+		if (*n == c->parents_cap)
+		{
+			int		   cap = c->parents_cap ? c->parents_cap * 2 : 8;
+			db_table **np = sqlite3_realloc64(c->parents, sizeof(db_table *) * (size_t) cap);
+
+			if (!np)
+			{
+				sqlite3_finalize(st);
+				return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+			}
+			c->parents = np;
+			c->parents_cap = cap;
+		}
+		c->parents[(*n)++] = p;
+	}
+	sqlite3_finalize(st);
+	*parents = c->parents;
+	return s == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not read foreign keys");
+}
