@@ -629,7 +629,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 		if (g->changes[i].hlc > a->max_hlc)
 			a->max_hlc = g->changes[i].hlc;
 	if ((r = db_clock_get(a->db, at->t, g->pk, &found, &lcl, &blob, &blob_len, err)) != PGS_OK)
-		return r;
+		return r == PGS_ERR_ROW ? row_failed(a, at, g, ordinal, r, err, st) : r;
 	if (!found)
 		lcl = 0;
 	life = pgs_merge_life(lcl, g->cl);

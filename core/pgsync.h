@@ -23,7 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PGS_VERSION "0.1.0"
+#define PGS_VERSION "0.2.0"
 
 /* ---- errors ---------------------------------------------------------- */
 

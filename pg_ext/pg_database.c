@@ -43,20 +43,6 @@ typedef struct site_by_id
 	uint32	idx;
 } site_by_id;
 
-struct db_cursor
-{
-	db_conn		  *db;
-	db_table	  *t;
-	Portal		   portal;
-	SPITupleTable *tt;
-	uint64		   pos;
-	uint64		   n;
-	bool		   eof;
-	MemoryContext  row_cxt;
-	pgs_value	  *pk;
-	pgs_value	  *cols;
-};
-
 #define FETCH_BATCH 1000
 
 /* ---- schema ------------------------------------------------------------- */
@@ -401,18 +387,45 @@ scratch(db_conn *db)
 	return cxt;
 }
 
+typedef struct keys_args
+{
+	db_table		*t;
+	const pgs_value *pk;
+	Datum			*out;
+} keys_args;
+
+static pgs_rc guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err);
+
+static void
+keys_fn(db_conn *db, void *arg)
+{
+	keys_args *k = arg;
+
+	k->out = pk_datums(k->t, k->pk, 0);
+}
+
 pgs_rc
 db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
 			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
 {
 	MemoryContext row = scratch(db);
 	MemoryContext old = MemoryContextSwitchTo(row);
-	Datum		 *d = pk_datums(t, pk, 0);
+	keys_args	  ka = {t, pk, NULL};
+	Datum		 *d;
 	pg_user_save  us;
 	int			  rc;
 	int64		  dcl;
 	bytea		 *b = NULL;
-	int			  f = pg_clock_lookup_direct(t, d, &dcl, &b);
+	int			  f;
+
+	/* a key this table cannot hold (text into an integer key) is that row's fate */
+	if (guarded(db, keys_fn, &ka, err) != PGS_OK)
+	{
+		MemoryContextSwitchTo(old);
+		return PGS_ERR_ROW;
+	}
+	d = ka.out;
+	f = pg_clock_lookup_direct(t, d, &dcl, &b);
 
 	if (f < 0)
 	{
@@ -513,25 +526,27 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 /* ---- base rows ------------------------------------------------------------ */
 
 /*
- * fast_write: may this call write t without a subtransaction? Only when the
- * caller holds INSERT, UPDATE, DELETE and SELECT on it and row-level security
- * does not apply, so that no insufficient_privilege error can come back.
+ * Row writes and every row's own fate. On the fast path a row write runs
+ * directly: an error longjmps to sync_apply_payload, which, when the error
+ * is one a row can cause (pg_row_error), rolls the attempt back and applies
+ * again in careful mode. In careful mode every row write, with the
+ * conversion of its values, runs in its own subtransaction: a failing row
+ * comes back as PGS_ERR_ROW with its SQLSTATE and message, and the core
+ * rejects it alone. A write that Postgres turns into "0 rows affected"
+ * because row-level security hides the row is an error too (42501): a
+ * change the role may not make never passes as applied.
  */
-static bool
-fast_write(db_conn *db, db_table *t)
-{
-	if (t->priv_call != db->call_id)
-	{
-		Oid user = GetUserId();
 
-		t->fast_write = pg_class_aclcheck(t->relid, user, ACL_INSERT) == ACLCHECK_OK &&
-						pg_class_aclcheck(t->relid, user, ACL_UPDATE) == ACLCHECK_OK &&
-						pg_class_aclcheck(t->relid, user, ACL_DELETE) == ACLCHECK_OK &&
-						pg_class_aclcheck(t->relid, user, ACL_SELECT) == ACLCHECK_OK &&
-						check_enable_rls(t->relid, InvalidOid, true) != RLS_ENABLED;
-		t->priv_call = db->call_id;
-	}
-	return t->fast_write;
+void
+db_apply_careful(db_conn *db, bool careful)
+{
+	db->careful = careful;
+}
+
+bool
+db_hold_rejected(db_conn *db)
+{
+	return false; /* the sending device keeps its change and is told */
 }
 
 typedef enum write_kind
@@ -543,66 +558,152 @@ typedef enum write_kind
 
 typedef struct write_args
 {
-	db_table	  *t;
-	write_kind	   kind;
-	pg_merge_plan *m;
-	Datum		  *vals;
-	char		  *nulls;
+	db_table		*t;
+	write_kind		 kind;
+	const pgs_value *pk;
+	int				 n;
+	const int		*cols;
+	const pgs_value *vals;
+	pg_merge_plan	*m;
 } write_args;
 
-static void
-do_write(write_args *w)
+/* row_exists: does the base row exist, whoever may see it? */
+static bool
+row_exists(db_table *t, Datum *keys)
 {
-	int rc;
+	pg_user_save us;
+	int			 rc;
+	bool		 yes;
 
-	switch (w->kind)
+	pg_as_meta(&us);
+	rc = SPI_execute_plan(pg_plan_row_exists(t), keys, NULL, false, 1);
+	pg_as_caller(&us);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading %s failed", t->name);
+	yes = SPI_processed > 0;
+	SPI_freetuptable(SPI_tuptable);
+	return yes;
+}
+
+static void
+hidden_row(db_table *t, const char *what)
+{
+	ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					errmsg("row-level security prevents %s this row of table \"%s\"", what,
+						   t->name),
+					errdetail("The row exists, but the role's policies do not let it %s it.",
+							  strcmp(what, "deleting") == 0 ? "delete" : "update")));
+}
+
+/* do_write converts the values and writes; ereports on any failure. */
+static void
+do_write(db_conn *db, write_args *w)
+{
+	db_table *t = w->t;
+	Datum	 *vals;
+	char	 *nulls;
+	int		  i, rc;
+
+	if (w->kind == W_DELETE)
 	{
-		case W_DELETE:
-			rc = SPI_execute_plan(pg_plan_row_delete(w->t), w->vals, w->nulls, false, 0);
-			if (rc != SPI_OK_DELETE)
-				elog(ERROR, "pgsync: delete from %s failed", w->t->name);
-			break;
-		case W_REPLACE:
-			rc = SPI_execute_plan(pg_plan_row_replace(w->t), w->vals, w->nulls, false, 0);
-			if (rc != SPI_OK_INSERT)
-				elog(ERROR, "pgsync: insert into %s failed", w->t->name);
-			break;
-		case W_MERGE:
-			rc = SPI_execute_plan(w->m->upd, w->vals, w->nulls, false, 0);
-			if (rc != SPI_OK_UPDATE)
-				elog(ERROR, "pgsync: update of %s failed", w->t->name);
-			if (SPI_processed == 0)
-			{
-				rc = SPI_execute_plan(w->m->ins, w->vals, w->nulls, false, 0);
-				if (rc != SPI_OK_INSERT)
-					elog(ERROR, "pgsync: insert into %s failed", w->t->name);
-			}
-			break;
+		vals = pk_datums(t, w->pk, 0);
+		rc = SPI_execute_plan(pg_plan_row_delete(t), vals, NULL, false, 0);
+		if (rc != SPI_OK_DELETE)
+			elog(ERROR, "pgsync: delete from %s failed", t->name);
+		if (SPI_processed == 0 && row_exists(t, vals))
+			hidden_row(t, "deleting");
+		return;
 	}
+	if (w->kind == W_MERGE)
+	{
+		w->m = pg_table_merge_plan(t, w->n, w->cols);
+		vals = pk_datums(t, w->pk, w->n);
+		nulls = palloc(t->npk + w->n + 1);
+		memset(nulls, ' ', t->npk + w->n);
+		for (i = 0; i < w->n; i++)
+		{
+			bool isnull;
+
+			vals[t->npk + i] = pg_value_datum(&t->cols[w->cols[i]], &w->vals[i], &isnull, t, w->pk);
+			nulls[t->npk + i] = isnull ? 'n' : ' ';
+		}
+		rc = SPI_execute_plan(w->m->upd, vals, nulls, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "pgsync: update of %s failed", t->name);
+		if (SPI_processed == 0)
+		{
+			/* absent, or hidden from the role: the upsert raises for a hidden row */
+			rc = SPI_execute_plan(w->m->ins, vals, nulls, false, 0);
+			if (rc != SPI_OK_INSERT)
+				elog(ERROR, "pgsync: insert into %s failed", t->name);
+			if (SPI_processed == 0 && row_exists(t, vals))
+				hidden_row(t, "updating");
+		}
+		return;
+	}
+	/* a new life: the row is exactly these columns, the others null */
+	vals = pk_datums(t, w->pk, t->ncols);
+	nulls = palloc(t->npk + t->ncols + 1);
+	memset(nulls, ' ', t->npk);
+	memset(nulls + t->npk, 'n', t->ncols);
+	for (i = 0; i < w->n; i++)
+	{
+		bool isnull;
+		int	 c = w->cols[i];
+
+		vals[t->npk + c] = pg_value_datum(&t->cols[c], &w->vals[i], &isnull, t, w->pk);
+		nulls[t->npk + c] = isnull ? 'n' : ' ';
+	}
+	rc = SPI_execute_plan(pg_plan_row_replace(t), vals, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "pgsync: insert into %s failed", t->name);
+	if (SPI_processed == 0 && row_exists(t, vals))
+		hidden_row(t, "updating");
 }
 
 /*
- * guarded_write runs do_write in a subtransaction; insufficient_privilege
- * (42501, also raised by row-level security) comes back as
- * PGS_ERR_PERMISSION with err filled, any other error is re-thrown.
+ * pg_row_error: is this error a row's own fate (its data, its constraints,
+ * the role's rights on it, a trigger on it) rather than the transaction's
+ * or the server's? Everything but: transaction rollback (40: serialization,
+ * deadlock — the apply is retried whole), insufficient resources (53),
+ * operator intervention (57: cancel, shutdown), system errors (58), lost
+ * connections (08), invalid transaction state (25), corrupted data or index
+ * (XX001, XX002).
+ */
+bool
+pg_row_error(int code)
+{
+	const char *s = unpack_sql_state(code);
+
+	if (strncmp(s, "40", 2) == 0 || strncmp(s, "53", 2) == 0 || strncmp(s, "57", 2) == 0 ||
+		strncmp(s, "58", 2) == 0 || strncmp(s, "08", 2) == 0 || strncmp(s, "25", 2) == 0 ||
+		strcmp(s, "XX001") == 0 || strcmp(s, "XX002") == 0)
+		return false;
+	return true;
+}
+
+/*
+ * guarded runs fn(db, arg) in a subtransaction (careful mode); a row's error
+ * comes back as PGS_ERR_ROW with err filled (code = SQLSTATE), others are
+ * re-thrown. On the fast path it just runs fn.
  */
 static pgs_rc
-guarded_write(db_conn *db, write_args *w, pgs_err *err)
+guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err)
 {
 	MemoryContext	cxt = CurrentMemoryContext;
 	ResourceOwner	owner = CurrentResourceOwner;
 	volatile pgs_rc rc = PGS_OK;
 
-	if (fast_write(db, w->t))
+	if (!db->careful)
 	{
-		do_write(w);
+		fn(db, arg);
 		return PGS_OK;
 	}
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		do_write(w);
+		fn(db, arg);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
@@ -617,19 +718,27 @@ guarded_write(db_conn *db, write_args *w, pgs_err *err)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		if (ed->sqlerrcode != ERRCODE_INSUFFICIENT_PRIVILEGE)
+		if (!pg_row_error(ed->sqlerrcode) || pg_apply_conflict)
 			ReThrowError(ed);
 		memset(err, 0, sizeof(*err));
-		err->rc = PGS_ERR_PERMISSION;
-		strlcpy(err->msg, ed->message ? ed->message : "permission denied", sizeof(err->msg));
+		err->rc = PGS_ERR_ROW;
+		strlcpy(err->msg, ed->message ? ed->message : "row refused", sizeof(err->msg));
 		if (ed->detail)
 			strlcpy(err->detail, ed->detail, sizeof(err->detail));
-		strlcpy(db->sqlstate, unpack_sql_state(ed->sqlerrcode), sizeof(db->sqlstate));
+		if (ed->hint)
+			strlcpy(err->hint, ed->hint, sizeof(err->hint));
+		strlcpy(err->code, unpack_sql_state(ed->sqlerrcode), sizeof(err->code));
 		FreeErrorData(ed);
-		rc = PGS_ERR_PERMISSION;
+		rc = PGS_ERR_ROW;
 	}
 	PG_END_TRY();
 	return rc;
+}
+
+static void
+write_fn(db_conn *db, void *arg)
+{
+	do_write(db, arg);
 }
 
 pgs_rc
@@ -637,45 +746,15 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	write_args	  w;
-	int			  i;
-	pgs_rc		  rc;
+	write_args	  w = {.t = t,
+					   .kind = mode == DB_WRITE_MERGE ? W_MERGE : W_REPLACE,
+					   .pk = pk,
+					   .n = n,
+					   .cols = cols,
+					   .vals = vals,
+					   .m = NULL};
+	pgs_rc		  rc = guarded(db, write_fn, &w, err);
 
-	w.t = t;
-	if (mode == DB_WRITE_MERGE)
-	{
-		w.kind = W_MERGE;
-		w.m = pg_table_merge_plan(t, n, cols);
-		w.vals = pk_datums(t, pk, n);
-		w.nulls = palloc(t->npk + n + 1);
-		memset(w.nulls, ' ', t->npk + n);
-		for (i = 0; i < n; i++)
-		{
-			bool isnull;
-
-			w.vals[t->npk + i] = pg_value_datum(&t->cols[cols[i]], &vals[i], &isnull, t, pk);
-			w.nulls[t->npk + i] = isnull ? 'n' : ' ';
-		}
-	}
-	else
-	{
-		/* a new life: the row is exactly these columns, the others null */
-		w.kind = W_REPLACE;
-		w.m = NULL;
-		w.vals = pk_datums(t, pk, t->ncols);
-		w.nulls = palloc(t->npk + t->ncols + 1);
-		memset(w.nulls, ' ', t->npk);
-		memset(w.nulls + t->npk, 'n', t->ncols);
-		for (i = 0; i < n; i++)
-		{
-			bool isnull;
-			int	 c = cols[i];
-
-			w.vals[t->npk + c] = pg_value_datum(&t->cols[c], &vals[i], &isnull, t, pk);
-			w.nulls[t->npk + c] = isnull ? 'n' : ' ';
-		}
-	}
-	rc = guarded_write(db, &w, err);
 	if (w.m && w.m->cols_key)
 	{
 		/* one-off plan (too many column sets): free it */
@@ -690,17 +769,53 @@ pgs_rc
 db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	write_args	  w;
-	pgs_rc		  rc;
+	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
+	pgs_rc		  rc = guarded(db, write_fn, &w, err);
 
-	w.t = t;
-	w.kind = W_DELETE;
-	w.m = NULL;
-	w.vals = pk_datums(t, pk, 0);
-	w.nulls = NULL;
-	rc = guarded_write(db, &w, err);
 	MemoryContextSwitchTo(old);
 	return rc;
+}
+
+/* db_row_forget: Postgres is not a device, but a payload may still say so. */
+static void
+forget_fn(db_conn *db, void *arg)
+{
+	write_args	*w = arg;
+	Datum		*vals = pk_datums(w->t, w->pk, 0);
+	pg_user_save us;
+	StringInfoData b;
+
+	if (SPI_execute_plan(pg_plan_row_delete(w->t), vals, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "pgsync: forgetting a row of %s failed", w->t->name);
+	initStringInfo(&b);
+	appendStringInfo(&b, "DELETE FROM %s WHERE ", w->t->q_clock);
+	for (int i = 0; i < w->t->npk; i++)
+		appendStringInfo(&b, "%s%s OPERATOR(pg_catalog.=) $%d", i ? " AND " : "",
+						 quote_identifier(w->t->pk[i].name), i + 1);
+	pg_as_meta(&us);
+	if (SPI_execute_with_args(b.data, w->t->npk, w->t->pk_types, vals, NULL, false, 0) !=
+		SPI_OK_DELETE)
+		elog(ERROR, "pgsync: forgetting a clock of %s failed", w->t->name);
+	pg_as_caller(&us);
+}
+
+pgs_rc
+db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err)
+{
+	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
+	pgs_rc		  rc = guarded(db, forget_fn, &w, err);
+
+	MemoryContextSwitchTo(old);
+	*forgot = rc == PGS_OK;
+	return rc == PGS_ERR_ROW ? PGS_OK : rc;
+}
+
+/* db_snapshot: Postgres pulls from no one as a device: snapshots are ignored. */
+pgs_rc
+db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err)
+{
+	return PGS_OK;
 }
 
 void
@@ -708,38 +823,322 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 
-	pg_reject_add(t->name, pg_pk_json(t, pk), db->sqlstate[0] ? db->sqlstate : "42501", why->msg);
+	pg_reject_add(t->name, pg_pk_json(t, pk), why->code[0] ? why->code : "42501", why->msg);
 	db->rejected++;
-	db->sqlstate[0] = '\0';
 	MemoryContextSwitchTo(old);
+}
+
+/* db_table_parents: synced tables t references by foreign keys. */
+pgs_rc
+db_table_parents(db_conn *db, db_table *t, db_table ***parents, int *n, pgs_err *err)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid				  types[1] = {OIDOID};
+	Datum			  vals[1] = {ObjectIdGetDatum(t->relid)};
+	pg_user_save	  us;
+	db_table		**out;
+	uint64			  k;
+
+	if (plan == NULL)
+	{
+		plan = SPI_prepare("SELECT DISTINCT confrelid FROM pg_catalog.pg_constraint WHERE "
+						   "contype = 'f' AND conrelid = $1 AND confrelid <> $1",
+						   1, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed");
+		SPI_keepplan(plan);
+	}
+	pg_as_meta(&us);
+	if (SPI_execute_plan(plan, vals, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading foreign keys failed");
+	pg_as_caller(&us);
+	out = MemoryContextAlloc(db->cxt, sizeof(db_table *) * (SPI_processed + 1));
+	*n = 0;
+	{
+		uint64 cnt = SPI_processed;
+		Oid	  *rels = palloc(sizeof(Oid) * (cnt + 1));
+
+		for (k = 0; k < cnt; k++)
+		{
+			bool isnull;
+
+			rels[k] = DatumGetObjectId(
+				SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		SPI_freetuptable(SPI_tuptable);
+		for (k = 0; k < cnt; k++)
+		{
+			db_table *p = pg_table_get(rels[k], true);
+
+			if (p)
+				out[(*n)++] = p;
+		}
+	}
+	*parents = out;
+	return PGS_OK;
+}
+
+/* ---- held changes ---------------------------------------------------------- */
+
+pgs_rc
+db_held_get(db_conn *db, pgs_name table, pgs_name key, const uint8_t **frag, size_t *len,
+			pgs_err *err)
+{
+	Oid			 types[2] = {TEXTOID, BYTEAOID};
+	Datum		 vals[2];
+	pg_user_save us;
+	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+
+	vals[0] = PointerGetDatum(cstring_to_text_with_len((const char *) table.p, (int) table.len));
+	vals[1] = PointerGetDatum(pg_bytea(CurrentMemoryContext, key.p, key.len));
+	pg_as_meta(&us);
+	if (SPI_execute_with_args("SELECT frag FROM pgsync.held WHERE tbl = $1 AND k = $2", 2, types,
+							  vals, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading pgsync.held failed");
+	pg_as_caller(&us);
+	*frag = NULL;
+	*len = 0;
+	if (SPI_processed == 1)
+	{
+		bool   isnull;
+		bytea *b = DatumGetByteaPCopy(
+			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+		*frag = (const uint8_t *) VARDATA(b);
+		*len = VARSIZE(b) - VARHDRSZ;
+	}
+	SPI_freetuptable(SPI_tuptable);
+	MemoryContextSwitchTo(old);
+	return PGS_OK;
+}
+
+pgs_rc
+db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code, const char *message,
+			const uint8_t *frag, size_t len, pgs_err *err)
+{
+	Oid			 types[5] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, BYTEAOID};
+	Datum		 vals[5];
+	pg_user_save us;
+	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+	int			 rc;
+
+	vals[0] = PointerGetDatum(cstring_to_text_with_len((const char *) table.p, (int) table.len));
+	vals[1] = PointerGetDatum(pg_bytea(CurrentMemoryContext, key.p, key.len));
+	pg_as_meta(&us);
+	if (frag)
+	{
+		vals[2] = CStringGetTextDatum(code ? code : "");
+		vals[3] = CStringGetTextDatum(message ? message : "");
+		vals[4] = PointerGetDatum(pg_bytea(CurrentMemoryContext, frag, len));
+		rc = SPI_execute_with_args(
+			"INSERT INTO pgsync.held (tbl, k, code, message, frag) VALUES ($1, $2, $3, $4, $5) "
+			"ON CONFLICT (tbl, k) DO UPDATE SET code = excluded.code, message = excluded.message, "
+			"frag = excluded.frag, last_at = now(), attempts = pgsync.held.attempts + 1",
+			5, types, vals, NULL, false, 0);
+	}
+	else
+		rc = SPI_execute_with_args("DELETE FROM pgsync.held WHERE tbl = $1 AND k = $2", 2, types,
+								   vals, NULL, false, 0);
+	pg_as_caller(&us);
+	if (rc < 0)
+		elog(ERROR, "pgsync: writing pgsync.held failed");
+	MemoryContextSwitchTo(old);
+	return PGS_OK;
 }
 
 /* ---- change enumeration -------------------------------------------------- */
 
-pgs_rc
-db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
-				const pgs_value *after_pk, db_cursor **out, pgs_err *err)
+/*
+ * Four ways to read, chosen by the caller's access (db_table_view) and
+ * whether the table goes out as a snapshot:
+ *
+ *   full, changes    clock rows above since joined to their base rows, as the
+ *                    metadata owner (the caller may see every row anyway)
+ *   full, snapshot   live clock rows joined to their base rows
+ *   rls, changes     clock rows above since as the metadata owner; their base
+ *                    rows probed in batches of FETCH_BATCH keys as the caller:
+ *                    a row the probe does not return is not visible (HIDDEN)
+ *   rls, snapshot    the caller's base rows in the base key order; their clock
+ *                    rows probed in batches as the metadata owner
+ *
+ * Every query is read-only SPI, so all of them read the statement's
+ * snapshot: rows, visibility and until (db_version_safe) agree.
+ */
+typedef struct probe_hit
 {
-	db_cursor *c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum	  *args = palloc(sizeof(Datum) * (t->npk + 2));
-	int		   mode = !by_key ? 0 : after_pk ? 2 : 1;
+	size_t off; /* key bytes in keys */
+	size_t len;
+	uint64 row; /* tuple of the probe */
+} probe_hit;
 
-	c->db = db;
-	c->t = t;
-	c->row_cxt = AllocSetContextCreate(db->cxt, "pgsync changes", ALLOCSET_DEFAULT_SIZES);
-	c->pk = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * t->npk);
-	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * Max(t->ncols, 1));
-	args[0] = Int64GetDatum(since);
-	args[1] = Int64GetDatum(until);
-	if (mode == 2)
+struct db_cursor
+{
+	db_conn		  *db;
+	db_table	  *t;
+	int			   how; /* 0 full join, 1 rls changes, 2 rls snapshot, 3 keys */
+	bool		   snapshot;
+	Portal		   portal;
+	SPITupleTable *tt;
+	uint64		   pos;
+	uint64		   n;
+	bool		   eof;
+	MemoryContext  row_cxt;
+	MemoryContext  batch_cxt;
+	pgs_value	  *pk;
+	pgs_value	  *cols;
+	/* rls: the probe of the current batch, sorted by encoded key */
+	SPITupleTable *probe;
+	probe_hit	  *hits;
+	uint64		   nhits;
+	pgs_buf		   keys;
+};
+
+static int
+cmp_hit_keys(const uint8_t *base, const probe_hit *a, const uint8_t *k, size_t klen)
+{
+	int c = memcmp(base + a->off, k, Min(a->len, klen));
+
+	return c ? c : (a->len < klen ? -1 : a->len > klen);
+}
+
+static const uint8_t *qsort_keys;
+
+static int
+cmp_hits(const void *x, const void *y)
+{
+	const probe_hit *b = y;
+
+	return cmp_hit_keys(qsort_keys, x, qsort_keys + b->off, b->len);
+}
+
+/* encode_tuple_key: the key of tuple tup (key columns first) as payload bytes. */
+static void
+encode_tuple_key(db_table *t, HeapTuple tup, TupleDesc td, pgs_buf *out, pgs_value *scratch)
+{
+	for (int i = 0; i < t->npk; i++)
 	{
-		/* a token's key: converted (and checked) like a payload's key */
-		Datum *k = pk_datums(t, after_pk, 0);
+		bool  isnull;
+		Datum d = SPI_getbinval(tup, td, i + 1, &isnull);
 
-		memcpy(args + 2, k, sizeof(Datum) * t->npk);
+		pg_datum_value(&t->pk[i], d, isnull, &scratch[i]);
 	}
-	if (mode == 0)
-		c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+	pgs_key_encode(out, (uint32_t) t->npk, scratch);
+}
+
+/*
+ * probe_batch: the rows of the other side for the keys of c->tt (base rows
+ * as the caller, or clock rows as the metadata owner), indexed by key.
+ */
+static void
+probe_batch(db_cursor *c, bool clock)
+{
+	db_table	 *t = c->t;
+	Datum		 *arrays = palloc(sizeof(Datum) * t->npk);
+	uint64		  n = 0;
+	pg_user_save  us;
+	int			  rc;
+	MemoryContext old = MemoryContextSwitchTo(c->batch_cxt);
+
+	for (int i = 0; i < t->npk; i++)
+	{
+		Datum *elems = palloc(sizeof(Datum) * (c->n + 1));
+		int16  typlen;
+		bool   typbyval;
+		char   typalign;
+
+		n = 0;
+		for (uint64 r = 0; r < c->n; r++)
+		{
+			bool isnull;
+
+			/* rls changes: only live clock rows can have a visible row */
+			if (!clock)
+			{
+				int64 cl = DatumGetInt64(
+					SPI_getbinval(c->tt->vals[r], c->tt->tupdesc, t->npk + 1, &isnull));
+
+				if ((cl & 1) == 0)
+					continue;
+			}
+			elems[n++] = SPI_getbinval(c->tt->vals[r], c->tt->tupdesc, i + 1, &isnull);
+		}
+		get_typlenbyvalalign(t->pk[i].basetyp, &typlen, &typbyval, &typalign);
+		arrays[i] = PointerGetDatum(
+			construct_array(elems, (int) n, t->pk[i].basetyp, typlen, typbyval, typalign));
+	}
+	MemoryContextSwitchTo(old);
+	if (c->probe)
+		SPI_freetuptable(c->probe);
+	c->probe = NULL;
+	c->nhits = 0;
+	c->keys.len = 0;
+	if (n == 0)
+		return;
+	if (clock)
+		pg_as_meta(&us);
+	rc = SPI_execute_plan(pg_plan_probe(t, clock), arrays, NULL, true, 0);
+	if (clock)
+		pg_as_caller(&us);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: probing rows of %s failed", t->name);
+	c->probe = SPI_tuptable;
+	old = MemoryContextSwitchTo(c->batch_cxt);
+	c->hits = palloc(sizeof(probe_hit) * (SPI_processed + 1));
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		size_t off = c->keys.len;
+
+		encode_tuple_key(t, c->probe->vals[r], c->probe->tupdesc, &c->keys, c->pk);
+		c->hits[r] = (probe_hit){off, c->keys.len - off, r};
+	}
+	MemoryContextSwitchTo(old);
+	c->nhits = SPI_processed;
+	if (c->keys.oom)
+		elog(ERROR, "pgsync: out of memory probing rows");
+	qsort_keys = c->keys.p;
+	qsort(c->hits, c->nhits, sizeof(probe_hit), cmp_hits);
+}
+
+/* probe_find: the probe tuple of the key of tuple tup, or NULL. */
+static HeapTuple
+probe_find(db_cursor *c, HeapTuple tup, TupleDesc td)
+{
+	pgs_buf k;
+	uint64	lo = 0, hi = c->nhits;
+	HeapTuple found = NULL;
+
+	if (!c->probe)
+		return NULL;
+	pgs_buf_init(&k);
+	encode_tuple_key(c->t, tup, td, &k, c->pk);
+	while (lo < hi)
+	{
+		uint64 mid = (lo + hi) / 2;
+		int	   r = cmp_hit_keys(c->keys.p, &c->hits[mid], k.p, k.len);
+
+		if (r == 0)
+		{
+			found = c->probe->vals[c->hits[mid].row];
+			break;
+		}
+		if (r < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	pgs_buf_free(&k);
+	return found;
+}
+
+static void
+cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_start)
+{
+	pg_user_save us;
+
+	if (as_meta)
+		pg_as_meta(&us);
+	if (!fast_start)
+		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
 	else
 	{
 		/* planned at open: a chunk reads a small fraction of the rows */
@@ -747,47 +1146,108 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 
 		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
-		c->portal = SPI_cursor_open(NULL, pg_plan_changes(t, mode), args, NULL, true);
+		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
 		AtEOXact_GUC(true, level);
 	}
+	if (as_meta)
+		pg_as_caller(&us);
 	if (c->portal == NULL)
-		elog(ERROR, "pgsync: opening the changes of %s failed", t->name);
+		elog(ERROR, "pgsync: opening the rows of %s failed", c->t->name);
+}
+
+pgs_rc
+db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
+				const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **out,
+				pgs_err *err)
+{
+	db_cursor	*c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
+	Datum		*args = palloc(sizeof(Datum) * (t->npk + 2));
+	int			 order = !by_key ? 0 : after_pk ? 2 : 1;
+	pg_read_kind kind;
+
+	c->db = db;
+	c->t = t;
+	c->row_cxt = AllocSetContextCreate(db->cxt, "pgsync changes", ALLOCSET_DEFAULT_SIZES);
+	c->batch_cxt = AllocSetContextCreate(db->cxt, "pgsync batch", ALLOCSET_DEFAULT_SIZES);
+	c->pk = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * t->npk);
+	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * Max(t->ncols, 1));
+	pgs_buf_init(&c->keys);
+	args[0] = Int64GetDatum(since);
+	args[1] = Int64GetDatum(until);
+	if (order == 2)
+	{
+		/* a token's key: converted (and checked) like a payload's key */
+		Datum *k = pk_datums(t, after_pk, 0);
+
+		memcpy(args + 2, k, sizeof(Datum) * t->npk);
+	}
+	if (access == DB_ACCESS_RLS)
+	{
+		c->how = snapshot ? 2 : 1;
+		kind = snapshot ? PGR_BASE : PGR_CLOCKS;
+	}
+	else
+		kind = snapshot ? PGR_SNAPSHOT : PGR_CHANGES;
+	c->snapshot = snapshot;
+	/* the rls snapshot reads the base table as the caller, all else as the owner */
+	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2, order > 0);
 	*out = c;
 	return PGS_OK;
 }
 
+/* fetch: the next batch of the cursor (and its probe); false at the end. */
+static bool
+fetch(db_cursor *c)
+{
+	pg_user_save us;
+
+	if (c->tt)
+		SPI_freetuptable(c->tt);
+	c->tt = NULL;
+	if (c->eof)
+		return false;
+	MemoryContextReset(c->batch_cxt);
+	c->hits = NULL;
+	if (c->how != 2)
+		pg_as_meta(&us);
+	SPI_cursor_fetch(c->portal, true, FETCH_BATCH);
+	if (c->how != 2)
+		pg_as_caller(&us);
+	c->tt = SPI_tuptable;
+	c->n = SPI_processed;
+	c->pos = 0;
+	if (c->n < FETCH_BATCH)
+		c->eof = true;
+	if (c->n == 0)
+		return false;
+	if (c->how == 1 || c->how == 2)
+		probe_batch(c, c->how == 2);
+	return true;
+}
+
 pgs_rc
 db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
-				size_t *blob_len, bool *alive, const pgs_value **cols, pgs_err *err)
+				size_t *blob_len, bool *alive, const pgs_value **cols, db_vis *vis, pgs_err *err)
 {
 	db_table	 *t = c->t;
 	MemoryContext old;
 
 	for (;;)
 	{
-		HeapTuple tup;
-		TupleDesc td;
+		HeapTuple tup, row = NULL, clk;
+		TupleDesc td, rtd = NULL, ctd;
 		bool	  isnull;
 		bool	  exists;
-		int		  i;
+		int		  i, first_col;
 		bytea	 *b;
 
 		if (c->tt == NULL || c->pos >= c->n)
 		{
-			if (c->tt)
-				SPI_freetuptable(c->tt);
-			c->tt = NULL;
-			if (c->eof)
+			if (!fetch(c))
 			{
 				*done = true;
 				return PGS_OK;
 			}
-			SPI_cursor_fetch(c->portal, true, FETCH_BATCH);
-			c->tt = SPI_tuptable;
-			c->n = SPI_processed;
-			c->pos = 0;
-			if (c->n < FETCH_BATCH)
-				c->eof = true;
 			if (c->n == 0)
 				continue;
 		}
@@ -795,28 +1255,69 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 		td = c->tt->tupdesc;
 		MemoryContextReset(c->row_cxt);
 		old = MemoryContextSwitchTo(c->row_cxt);
-		*cl = DatumGetInt64(SPI_getbinval(tup, td, t->npk + 1, &isnull));
-		exists = DatumGetBool(SPI_getbinval(tup, td, t->npk + 3, &isnull));
-		if ((*cl & 1) && !exists)
+		clk = tup;
+		ctd = td;
+		if (c->how == 2)
 		{
-			/* clock says alive but the row is gone (written with capture off) */
-			MemoryContextSwitchTo(old);
-			continue;
+			/* a visible base row: its clock from the probe */
+			clk = probe_find(c, tup, td);
+			if (!clk)
+			{
+				MemoryContextSwitchTo(old);
+				continue; /* written with capture off: not synced */
+			}
+			ctd = c->probe->tupdesc;
+			row = tup;
+			rtd = td;
+		}
+		*cl = DatumGetInt64(SPI_getbinval(clk, ctd, t->npk + 1, &isnull));
+		if (c->how == 0)
+		{
+			exists = DatumGetBool(SPI_getbinval(tup, td, t->npk + 3, &isnull));
+			row = tup;
+			rtd = td;
+			first_col = t->npk + 4;
+			*vis = c->snapshot ? DB_VIS_WHOLE : DB_VIS_CHANGES;
+			if ((*cl & 1) && !exists)
+			{
+				/* clock says alive but the row is gone (written with capture off) */
+				MemoryContextSwitchTo(old);
+				continue;
+			}
+		}
+		else if (c->how == 1)
+		{
+			row = (*cl & 1) ? probe_find(c, tup, td) : NULL;
+			rtd = c->probe ? c->probe->tupdesc : NULL;
+			exists = row != NULL;
+			first_col = t->npk + 1;
+			*vis = exists ? DB_VIS_WHOLE : DB_VIS_HIDDEN;
+		}
+		else
+		{
+			exists = true;
+			first_col = t->npk + 1;
+			*vis = DB_VIS_WHOLE;
+			if ((*cl & 1) == 0)
+			{
+				MemoryContextSwitchTo(old);
+				continue; /* a live row with a tombstone clock: capture was off */
+			}
 		}
 		for (i = 0; i < t->npk; i++)
 		{
-			Datum d = SPI_getbinval(tup, td, i + 1, &isnull);
+			Datum d = SPI_getbinval(clk, ctd, i + 1, &isnull);
 
 			pg_datum_value(&t->pk[i], d, isnull, &c->pk[i]);
 		}
-		b = DatumGetByteaPP(SPI_getbinval(tup, td, t->npk + 2, &isnull));
+		b = DatumGetByteaPP(SPI_getbinval(clk, ctd, t->npk + 2, &isnull));
 		*blob = (const uint8_t *) VARDATA_ANY(b);
 		*blob_len = VARSIZE_ANY_EXHDR(b);
 		*alive = (*cl & 1) && exists;
 		if (*alive)
 			for (i = 0; i < t->ncols; i++)
 			{
-				Datum d = SPI_getbinval(tup, td, t->npk + 4 + i, &isnull);
+				Datum d = SPI_getbinval(row, rtd, first_col + i, &isnull);
 
 				pg_datum_value(&t->cols[i], d, isnull, &c->cols[i]);
 			}
@@ -831,8 +1332,66 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 void
 db_changes_close(db_cursor *c)
 {
+	pg_user_save us;
+
 	if (c->tt)
 		SPI_freetuptable(c->tt);
+	if (c->probe)
+		SPI_freetuptable(c->probe);
+	if (c->how != 2)
+		pg_as_meta(&us);
 	SPI_cursor_close(c->portal);
+	if (c->how != 2)
+		pg_as_caller(&us);
+	pgs_buf_free(&c->keys);
 	MemoryContextDelete(c->row_cxt);
+	MemoryContextDelete(c->batch_cxt);
+}
+
+/* db_keys_open: the keys of live clock rows (as the metadata owner). */
+pgs_rc
+db_keys_open(db_conn *db, db_table *t, db_cursor **out, pgs_err *err)
+{
+	db_cursor *c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
+	Datum	   args[2] = {Int64GetDatum(0), Int64GetDatum(0)};
+
+	c->db = db;
+	c->t = t;
+	c->how = 3;
+	c->row_cxt = AllocSetContextCreate(db->cxt, "pgsync keys", ALLOCSET_DEFAULT_SIZES);
+	c->batch_cxt = AllocSetContextCreate(db->cxt, "pgsync batch", ALLOCSET_DEFAULT_SIZES);
+	c->pk = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * t->npk);
+	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value));
+	pgs_buf_init(&c->keys);
+	cursor_open(c, pg_plan_read(t, PGR_KEYS, 0), args, true, false);
+	*out = c;
+	return PGS_OK;
+}
+
+pgs_rc
+db_keys_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, pgs_err *err)
+{
+	HeapTuple	  tup;
+	bool		  isnull;
+	MemoryContext old;
+
+	if (c->tt == NULL || c->pos >= c->n)
+	{
+		if (!fetch(c) || c->n == 0)
+		{
+			*done = true;
+			return PGS_OK;
+		}
+	}
+	tup = c->tt->vals[c->pos++];
+	MemoryContextReset(c->row_cxt);
+	old = MemoryContextSwitchTo(c->row_cxt);
+	for (int i = 0; i < c->t->npk; i++)
+		pg_datum_value(&c->t->pk[i], SPI_getbinval(tup, c->tt->tupdesc, i + 1, &isnull), isnull,
+					   &c->pk[i]);
+	*cl = DatumGetInt64(SPI_getbinval(tup, c->tt->tupdesc, c->t->npk + 1, &isnull));
+	MemoryContextSwitchTo(old);
+	*pk = c->pk;
+	*done = false;
+	return PGS_OK;
 }

@@ -111,9 +111,10 @@ struct db_table
 	SPIPlanPtr p_clock_cas;
 	SPIPlanPtr p_row_replace;
 	SPIPlanPtr p_row_delete;
-	SPIPlanPtr p_changes;
-	SPIPlanPtr p_changes_key;	/* chunks: key order */
-	SPIPlanPtr p_changes_after; /* chunks: key order after $3.. */
+	SPIPlanPtr p_read[5][3]; /* pg_plan_read(kind, order) */
+	SPIPlanPtr p_probe_base;
+	SPIPlanPtr p_probe_clock;
+	SPIPlanPtr p_row_exists;
 	HTAB	  *merge_plans;
 	int		   nmerge_plans;
 	/* capture: the clock blob of a fresh row in the current transaction */
@@ -128,9 +129,6 @@ struct db_table
 	RegProcedure	  *eq_proc; /* npk, equality of the clock key index */
 	Oid				  *eq_coll;
 	struct IndexInfo **index_info; /* per index of the clock table, list order */
-	/* apply: what this call may do without a subtransaction */
-	uint64 priv_call;
-	bool   fast_write; /* full privileges, no RLS: no subxact */
 };
 
 /* Per-call state handed to the core as its db_conn. */
@@ -146,8 +144,8 @@ struct db_conn
 	db_table	**tables;
 	int			  ntables;
 	bool		  tables_loaded;
-	char		  sqlstate[6]; /* of the last refused write */
 	int64_t		  rejected;
+	bool		  careful; /* db_apply_careful: isolate every row write */
 	/* the clock row db_clock_get read last (for the compare-and-set) */
 	bool	last_found;
 	int64_t last_cl;
@@ -165,6 +163,8 @@ void		pg_reject_add(const char *table, const char *pk_json, const char *sqlstate
 Oid			pg_meta_owner(void);
 
 pg_noreturn void pg_raise(const pgs_err *err);
+void			 pg_payload_guard(void); /* ERROR in a transaction that changed synced rows */
+bool			 pg_row_error(int sqlerrcode); /* an error that is one row's own fate */
 
 typedef struct pg_user_save
 {
@@ -190,7 +190,23 @@ SPIPlanPtr	   pg_plan_clock_insnew(db_table *t);
 SPIPlanPtr	   pg_plan_clock_cas(db_table *t);
 SPIPlanPtr	   pg_plan_row_replace(db_table *t);
 SPIPlanPtr	   pg_plan_row_delete(db_table *t);
-SPIPlanPtr	   pg_plan_changes(db_table *t, int mode); /* 0, 1 by key, 2 by key after $3.. */
+/*
+ * What a build or a key scan reads (pg_plan_read). Parameters: $1 since,
+ * $2 until, then the npk key values of "after" (order 2).
+ */
+typedef enum pg_read_kind
+{
+	PGR_CHANGES = 0,  /* clock rows with ver > $1 joined to their base row */
+	PGR_SNAPSHOT = 1, /* live clock rows joined to their base row */
+	PGR_CLOCKS = 2,	  /* clock rows with ver > $1 only (RLS: rows probed as the caller) */
+	PGR_BASE = 3,	  /* base rows only, read as the caller (RLS snapshot) */
+	PGR_KEYS = 4	  /* keys of live clock rows */
+} pg_read_kind;
+SPIPlanPtr pg_plan_read(db_table *t, pg_read_kind kind, int order); /* 0 any, 1 key, 2 after */
+/* pg_plan_probe: the base rows (as the caller) or clock rows (as the metadata
+ * owner) of the keys in arrays $1.. (one per key column). */
+SPIPlanPtr pg_plan_probe(db_table *t, bool clock);
+SPIPlanPtr pg_plan_row_exists(db_table *t);
 
 /* ---- pg_types.c ---- */
 pg_kind		pg_type_kind(Oid basetyp);
@@ -203,6 +219,18 @@ Datum pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, c
 bytea *pg_bytea(MemoryContext cxt, const void *p, size_t len);
 char  *pg_pk_json(db_table *t, const pgs_value *pk);
 char  *pg_pk_text(db_table *t, const pgs_value *pk);
+
+/* ---- pg_view.c ---- */
+extern bool	   pg_have_device; /* sync_device was called in this transaction */
+extern uint8_t pg_cur_device[PGS_SITE_LEN];
+extern char	   pg_cur_principal[256];
+void		   pg_device_reset(void);
+void		   pg_vis_bump(Oid relid);
+bool		   pg_vis_changed_in(Oid relid, int64 since, int64 until);
+void		   pg_watch_refresh(Oid relid);
+db_access	   pg_table_access(db_table *t);
+bytea		  *pg_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len);
+uint8_t		  *pg_cursor_open(const uint8_t *p, size_t len, size_t *tok_len);
 
 /* ---- pg_capture.c ---- */
 extern FullTransactionId pg_wrote_xid;

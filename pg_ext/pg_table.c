@@ -94,9 +94,12 @@ table_free(db_table *t)
 	free_plan(&t->p_clock_cas);
 	free_plan(&t->p_row_replace);
 	free_plan(&t->p_row_delete);
-	free_plan(&t->p_changes);
-	free_plan(&t->p_changes_key);
-	free_plan(&t->p_changes_after);
+	for (int k = 0; k < 5; k++)
+		for (int o = 0; o < 3; o++)
+			free_plan(&t->p_read[k][o]);
+	free_plan(&t->p_probe_base);
+	free_plan(&t->p_probe_clock);
+	free_plan(&t->p_row_exists);
 	if (t->merge_plans)
 	{
 		HASH_SEQ_STATUS st;
@@ -231,7 +234,6 @@ table_load(db_table *t)
 	t->info.col_names = t->col_names;
 	t->fresh_xid = InvalidFullTransactionId;
 	t->fresh_blob = NULL;
-	t->priv_call = 0;
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
 	return true;
@@ -527,92 +529,196 @@ pg_plan_row_delete(db_table *t)
 	return t->p_row_delete;
 }
 
+/* clock_coll: the collation of clock key column i (pg_table_init's rule). */
+static const char *
+clock_coll(db_table *t, int i)
+{
+	Oid coll = t->pk[i].coll;
+
+	if (!OidIsValid(coll))
+		return NULL;
+	if (get_collation_isdeterministic(coll))
+		return "pg_catalog.\"C\"";
+	return generate_collation_name(coll);
+}
+
+/* base_coll: the collation of base key column i, or NULL. */
+static const char *
+base_coll(db_table *t, int i)
+{
+	return OidIsValid(t->pk[i].coll) ? generate_collation_name(t->pk[i].coll) : NULL;
+}
+
 /*
- * pg_plan_changes: clock rows with ver > $1 joined to their base row:
- * pk.., cl, clk, alive, cols..
+ * pg_plan_read: the reads of builds and key scans (pg_internal.h). Key order
+ * is the clock table's key index (COLLATE "C"), except for PGR_BASE, which
+ * walks the base table's key index in its own collation.
  */
 SPIPlanPtr
-pg_plan_changes(db_table *t, int mode)
+pg_plan_read(db_table *t, pg_read_kind kind, int order)
 {
-	SPIPlanPtr *slot = mode == 0   ? &t->p_changes
-					   : mode == 1 ? &t->p_changes_key
-								   : &t->p_changes_after;
+	SPIPlanPtr *slot = &t->p_read[kind][order];
+	const char *a = kind == PGR_BASE ? "b" : "c";
 
 	if (*slot == NULL)
 	{
 		StringInfoData b;
 		Oid			  *types = palloc(sizeof(Oid) * (t->npk + 2));
 		int			   i;
+		SPIPlanPtr	   p;
 
 		types[0] = types[1] = INT8OID;
 		for (i = 0; i < t->npk; i++)
 			types[2 + i] = t->pk_types[i];
-
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
-		pk_list(&b, t, "c");
-		appendStringInfo(&b, ", c.cl, c.clk, b.%s IS NOT NULL", quote_identifier(t->pk[0].name));
-		for (i = 0; i < t->ncols; i++)
-			appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
-		appendStringInfo(&b, " FROM %s c LEFT JOIN %s b ON ", t->q_clock, t->q_base);
-		for (i = 0; i < t->npk; i++)
+		pk_list(&b, t, a);
+		switch (kind)
 		{
-			/* clock keys compare bytewise (COLLATE "C"): join in the base's
-			 * collation so that the base table's key index is used */
-			appendStringInfo(&b, "%sb.%s OPERATOR(pg_catalog.=) (c.%s", i ? " AND " : "",
-							 quote_identifier(t->pk[i].name), quote_identifier(t->pk[i].name));
-			if (OidIsValid(t->pk[i].coll))
-				appendStringInfo(&b, " COLLATE %s", generate_collation_name(t->pk[i].coll));
-			appendStringInfoChar(&b, ')');
+			case PGR_CHANGES:
+			case PGR_SNAPSHOT:
+				appendStringInfo(&b, ", c.cl, c.clk, b.%s IS NOT NULL",
+								 quote_identifier(t->pk[0].name));
+				for (i = 0; i < t->ncols; i++)
+					appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
+				appendStringInfo(&b, " FROM %s c %s JOIN %s b ON ", t->q_clock,
+								 kind == PGR_CHANGES ? "LEFT" : "", t->q_base);
+				for (i = 0; i < t->npk; i++)
+				{
+					/* clock keys compare bytewise (COLLATE "C"): join in the base's
+					 * collation so that the base table's key index is used */
+					const char *bc = base_coll(t, i);
+
+					appendStringInfo(&b, "%sb.%s OPERATOR(pg_catalog.=) (c.%s%s%s)",
+									 i ? " AND " : "", quote_identifier(t->pk[i].name),
+									 quote_identifier(t->pk[i].name), bc ? " COLLATE " : "",
+									 bc ? bc : "");
+				}
+				break;
+			case PGR_CLOCKS:
+			case PGR_KEYS:
+				appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
+				break;
+			case PGR_BASE:
+				for (i = 0; i < t->ncols; i++)
+					appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
+				appendStringInfo(&b, " FROM %s b", t->q_base);
+				break;
 		}
 		/*
 		 * No upper bound on the row's ver: a row whose newest stamp is past
 		 * until (a later transaction committed before this snapshot) may
-		 * still hold stamps <= until, which this payload must carry; the core
-		 * picks the stamps in (since, until] and the rest goes next time.
+		 * still hold stamps <= until, which this payload must carry.
 		 */
-		if (mode == 0)
-			appendStringInfoString(&b, " WHERE c.ver > $1 AND $2 IS NOT NULL ORDER BY c.ver");
+		appendStringInfoString(&b, " WHERE $2 IS NOT NULL");
+		if (kind == PGR_CHANGES || kind == PGR_CLOCKS)
+			appendStringInfoString(&b, " AND c.ver > $1");
+		else if (kind == PGR_SNAPSHOT || kind == PGR_KEYS)
+			appendStringInfoString(&b, " AND c.cl % 2 = 1 AND $1 IS NOT NULL");
 		else
+			appendStringInfoString(&b, " AND $1 IS NOT NULL");
+		if (order == 2)
 		{
-			/*
-			 * Chunks: the clock table's key order (its primary key index, in
-			 * the clock's collation "C"), after the previous chunk's key.
-			 */
-			appendStringInfoString(&b, " WHERE ");
-			if (mode == 2)
-			{
-				appendStringInfoChar(&b, '(');
-				pk_list(&b, t, "c");
-				appendStringInfoString(&b, ") > (");
-				for (i = 0; i < t->npk; i++)
-					appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 3);
-				appendStringInfoString(&b, ") AND ");
-			}
-			appendStringInfoString(&b, "c.ver > $1 AND $2 IS NOT NULL ORDER BY ");
-			pk_list(&b, t, "c");
+			appendStringInfoString(&b, " AND (");
+			pk_list(&b, t, a);
+			appendStringInfoString(&b, ") > (");
+			for (i = 0; i < t->npk; i++)
+				appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 3);
+			appendStringInfoChar(&b, ')');
 		}
-		if (mode == 0)
-			*slot = keep(b.data, 2, types);
-		else
+		if (order > 0)
 		{
-			/*
-			 * A chunk reads max_rows rows of a possibly huge range: plan for
-			 * a fast start (key index scan + nested loop), never a sort of
-			 * the whole rest of the table per chunk (pg_database.c also
-			 * lowers cursor_tuple_fraction while the cursor is opened).
-			 */
-			SPIPlanPtr p =
-				SPI_prepare_cursor(b.data, mode == 2 ? 2 + t->npk : 2, types, CURSOR_OPT_FAST_PLAN);
-
-			if (p == NULL)
-				elog(ERROR, "pgsync: preparing \"%s\" failed: %s", b.data,
-					 SPI_result_code_string(SPI_result));
-			SPI_keepplan(p);
-			*slot = p;
+			appendStringInfoString(&b, " ORDER BY ");
+			pk_list(&b, t, a);
 		}
+		else if (kind == PGR_CHANGES)
+			appendStringInfoString(&b, " ORDER BY c.ver");
+		/*
+		 * A chunk reads max_rows rows of a possibly huge range: plan for a
+		 * fast start (key index scan + nested loop), never a sort of the
+		 * whole rest of the table per chunk (pg_database.c also lowers
+		 * cursor_tuple_fraction while the cursor is opened).
+		 */
+		p = SPI_prepare_cursor(b.data, order == 2 ? 2 + t->npk : 2, types,
+							   order ? CURSOR_OPT_FAST_PLAN : 0);
+		if (p == NULL)
+			elog(ERROR, "pgsync: preparing \"%s\" failed: %s", b.data,
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*slot = p;
 	}
 	return *slot;
+}
+
+/*
+ * pg_plan_probe: the rows of a batch of keys, given as one array per key
+ * column: base rows with their columns (run as the caller: privileges and
+ * row-level security decide), or clock rows (as the metadata owner).
+ */
+SPIPlanPtr
+pg_plan_probe(db_table *t, bool clock)
+{
+	SPIPlanPtr *slot = clock ? &t->p_probe_clock : &t->p_probe_base;
+
+	if (*slot == NULL)
+	{
+		StringInfoData b;
+		Oid			  *types = palloc(sizeof(Oid) * t->npk);
+		const char	  *a = clock ? "c" : "b";
+		int			   i;
+
+		initStringInfo(&b);
+		appendStringInfoString(&b, "SELECT ");
+		pk_list(&b, t, a);
+		if (clock)
+			appendStringInfo(&b, ", c.cl, c.clk FROM %s c JOIN pg_catalog.unnest(", t->q_clock);
+		else
+		{
+			for (i = 0; i < t->ncols; i++)
+				appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
+			appendStringInfo(&b, " FROM %s b JOIN pg_catalog.unnest(", t->q_base);
+		}
+		for (i = 0; i < t->npk; i++)
+		{
+			Oid arr = get_array_type(t->pk[i].basetyp);
+
+			if (!OidIsValid(arr))
+				elog(ERROR, "pgsync: no array type for key column %s of %s", t->pk[i].name,
+					 t->name);
+			types[i] = arr;
+			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+		}
+		appendStringInfoString(&b, ") AS k(");
+		for (i = 0; i < t->npk; i++)
+			appendStringInfo(&b, "%sk%d", i ? ", " : "", i);
+		appendStringInfoString(&b, ") ON ");
+		for (i = 0; i < t->npk; i++)
+		{
+			const char *coll = clock ? clock_coll(t, i) : base_coll(t, i);
+
+			appendStringInfo(&b, "%s%s.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "",
+							 a, quote_identifier(t->pk[i].name), i, coll ? " COLLATE " : "",
+							 coll ? coll : "");
+		}
+		*slot = keep(b.data, t->npk, types);
+	}
+	return *slot;
+}
+
+/* pg_plan_row_exists: SELECT 1 FROM base WHERE pk = $1.. (as the owner). */
+SPIPlanPtr
+pg_plan_row_exists(db_table *t)
+{
+	if (t->p_row_exists == NULL)
+	{
+		StringInfoData b;
+
+		initStringInfo(&b);
+		appendStringInfo(&b, "SELECT 1 FROM %s WHERE ", t->q_base);
+		where_pk(&b, t, NULL, 1);
+		t->p_row_exists = keep(b.data, t->npk, t->pk_types);
+	}
+	return t->p_row_exists;
 }
 
 /*
@@ -872,6 +978,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 					 errdetail("Synced columns: %s; the table now has: %s.", cur.data, colarr.data),
 					 errhint("Adding or removing synced columns is not supported yet; call "
 							 "sync_cleanup and sync_init to start over.")));
+		pg_watch_refresh(relid);
 		return; /* idempotent */
 	}
 
@@ -902,8 +1009,10 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		v[4] = CStringGetTextDatum(pkarr.data);
 		v[5] = CStringGetTextDatum(colarr.data);
 		if (SPI_execute_with_args(
-				"INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols) "
-				"VALUES ($1, $2::regclass, $3::regclass, $4, $5::text[], $6::text[])",
+				"INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols, rls) "
+				"SELECT $1, $2::regclass, $3::regclass, $4, $5::text[], $6::text[], "
+				"CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN r.relforcerowsecurity THEN "
+				"'forced' ELSE 'on' END FROM pg_catalog.pg_class r WHERE r.oid = $2",
 				6, types, v, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: recording the table failed");
 	}
@@ -950,6 +1059,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 			elog(ERROR, "pgsync: backfilling the clock table failed");
 		pg_as_caller(&us);
 	}
+	pg_watch_refresh(relid);
 	CacheInvalidateRelcacheByRelid(relid);
 }
 

@@ -87,6 +87,7 @@ pgsync_xact_cb(XactEvent event, void *arg)
 		pg_applying = false;
 		core_cxt = NULL;
 		pg_table_release_all();
+		pg_device_reset();
 	}
 }
 
@@ -293,6 +294,54 @@ require_owner(Oid relid)
 						errmsg("must be owner of table %s", get_rel_name(relid))));
 }
 
+/*
+ * apply_held: changes held while the table (or a column) was unknown here
+ * fill in now: each held fragment leaves pgsync.held and is applied; what
+ * still cannot be stored is held again by the apply. SPI connected.
+ */
+static void
+apply_held(Oid relid, MemoryContext cxt)
+{
+	db_table	*t = pg_table_get(relid, false);
+	Oid			 types[1] = {TEXTOID};
+	Datum		 vals[1] = {CStringGetTextDatum(t->name)};
+	pg_user_save us;
+	uint64		 n;
+	bytea	   **frags;
+
+	pg_as_meta(&us);
+	if (SPI_execute_with_args("DELETE FROM pgsync.held WHERE tbl = $1 RETURNING frag", 1, types,
+							  vals, NULL, false, 0) != SPI_OK_DELETE_RETURNING)
+		elog(ERROR, "pgsync: reading pgsync.held failed");
+	pg_as_caller(&us);
+	n = SPI_processed;
+	frags = palloc(sizeof(bytea *) * (n + 1));
+	for (uint64 i = 0; i < n; i++)
+	{
+		bool isnull;
+
+		frags[i] = DatumGetByteaPCopy(
+			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	SPI_freetuptable(SPI_tuptable);
+	for (uint64 i = 0; i < n; i++)
+	{
+		db_conn			db;
+		pgs_apply_stats st;
+		pgs_err			err;
+
+		pg_conn_init(&db, cxt);
+		pg_applying = true;
+		if (pgs_apply(&db, (const uint8_t *) VARDATA(frags[i]), VARSIZE(frags[i]) - VARHDRSZ, true,
+					  &st, &err) != PGS_OK)
+		{
+			pg_applying = false;
+			pg_raise(&err);
+		}
+		pg_applying = false;
+	}
+}
+
 /* sync_init(tbl regclass, algo text): start syncing a table. */
 Datum
 sync_init(PG_FUNCTION_ARGS)
@@ -315,6 +364,7 @@ sync_init(PG_FUNCTION_ARGS)
 	cxt = call_context();
 	SPI_connect();
 	pg_table_init(relid, a, get_func_namespace(fcinfo->flinfo->fn_oid));
+	apply_held(relid, cxt);
 	SPI_finish();
 	call_done(cxt);
 	PG_RETURN_VOID();
@@ -361,7 +411,26 @@ sync_db_version(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(v);
 }
 
-/* sync_payload(since bigint, exclude_site uuid): changes in (since, safe]. */
+/*
+ * pg_payload_guard: a payload carries committed changes only: built inside a
+ * transaction that changed synced rows it would hand out changes that may
+ * still roll back.
+ */
+void
+pg_payload_guard(void)
+{
+	if (FullTransactionIdIsValid(pg_wrote_xid) &&
+		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
+		ereport(ERROR, (errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+						errmsg("sync_payload cannot run in a transaction that changed synced rows"),
+						errhint("Commit first, then call sync_payload in a new transaction.")));
+}
+
+/*
+ * sync_payload(since bigint, exclude_site uuid): changes in (since, safe],
+ * as the caller may see them (privileges and row-level security apply; rows
+ * the caller may not see go out as removal candidates).
+ */
 Datum
 sync_payload(PG_FUNCTION_ARGS)
 {
@@ -374,7 +443,6 @@ sync_payload(PG_FUNCTION_ARGS)
 	pgs_err			err;
 	pgs_rc			rc;
 	int64_t			until;
-	pg_user_save	us;
 	bytea		   *res = NULL;
 
 	if (PG_ARGISNULL(0))
@@ -407,16 +475,7 @@ sync_payload(PG_FUNCTION_ARGS)
 		o.after_len = VARSIZE_ANY_EXHDR(tok);
 	}
 
-	/*
-	 * A payload carries committed changes only: built inside a transaction
-	 * that changed synced rows it would hand out changes that may still roll
-	 * back.
-	 */
-	if (FullTransactionIdIsValid(pg_wrote_xid) &&
-		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
-		ereport(ERROR, (errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-						errmsg("sync_payload cannot run in a transaction that changed synced rows"),
-						errhint("Commit first, then call sync_payload in a new transaction.")));
+	pg_payload_guard();
 	o.compress = 1;
 
 	cxt = call_context();
@@ -428,9 +487,8 @@ sync_payload(PG_FUNCTION_ARGS)
 	{
 		o.until = until;
 		pgs_buf_init(&out);
-		pg_as_meta(&us);
-		rc = pgs_build(&db, &o, &out, &st, &err);
-		pg_as_caller(&us);
+		/* as the caller: the engine reads clocks as the metadata owner */
+		rc = pgs_build(&db, &o, &out, NULL, &st, &err);
 		if (rc != PGS_OK)
 			pg_raise(&err);
 		if (out.oom)
@@ -525,7 +583,23 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 	ResourceOwner	owner = CurrentResourceOwner;
 	volatile int	attempt;
 	volatile bool	done = false;
+	volatile bool	careful = false;
 	pgs_apply_stats st;
+
+	/* acting for a device (sync_device): the payload must be that device's */
+	if (pg_have_device && VARSIZE_ANY_EXHDR(p) >= PGS_HEADER_LEN &&
+		memcmp((const uint8_t *) VARDATA_ANY(p) + 8, pg_cur_device, PGS_SITE_LEN) != 0)
+	{
+		char a[37], b[37];
+
+		pgs_uuid_format((const uint8_t *) VARDATA_ANY(p) + 8, a);
+		pgs_uuid_format(pg_cur_device, b);
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("payload was built by device %s, not by this request's device %s", a, b),
+				 errhint("A device pushes the payloads it builds itself (sync_payload), with its "
+						 "own site id.")));
+	}
 
 	/*
 	 * Applies are serialized: two payloads touching the same rows in
@@ -552,8 +626,12 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			pg_conn_init(&db, cxt);
 			memset(&err, 0, sizeof(err));
 			pg_applying = true;
-			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &st, &err);
+			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), careful,
+						   &st, &err);
 			pg_applying = false;
+			if (rc == PGS_ERR_CAREFUL)
+				ereport(ERROR, (errcode(ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION),
+								errmsg("a row of the payload failed: applying it carefully")));
 			if (rc != PGS_OK)
 				pg_raise(&err);
 			ReleaseCurrentSubTransaction();
@@ -564,6 +642,7 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 		PG_CATCH();
 		{
 			ErrorData *ed;
+			bool	   conflict = pg_apply_conflict;
 
 			pg_applying = false;
 			MemoryContextSwitchTo(outer);
@@ -572,7 +651,16 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(outer);
 			CurrentResourceOwner = owner;
-			if (!pg_apply_conflict || attempt >= APPLY_ATTEMPTS)
+			/*
+			 * A local writer raced with a clock write: again, the same way.
+			 * A row failed on the fast path: again, each row isolated, so
+			 * that it alone is rejected. Anything else is the apply's error.
+			 */
+			if (conflict && attempt < APPLY_ATTEMPTS)
+				;
+			else if (!conflict && !careful && pg_row_error(ed->sqlerrcode))
+				careful = true;
+			else
 				ReThrowError(ed);
 			FreeErrorData(ed);
 			pg_apply_conflict = false;

@@ -54,7 +54,8 @@ CREATE ROLE pgsync_stranger;
 GRANT ALL ON errs TO pgsync_stranger;
 SET ROLE pgsync_stranger;
 SELECT sync_init('errs');
-SELECT sync_payload(0);
+-- sync_payload reads as the caller: the stranger sees errs (GRANT ALL), nothing else
+SELECT t->>'name' AS visible_table FROM jsonb_array_elements(sync_payload_info(sync_payload(0))->'tables') t;
 -- capture works for a role that may write the table but not the metadata
 UPDATE errs SET v = 'changed by stranger' WHERE id = 1;
 RESET ROLE;

@@ -101,11 +101,18 @@ CREATE TABLE bad (id int PRIMARY KEY, a int, r real, n smallint);
 SELECT sync_init('bad');
 SELECT try_apply(:'pb0');
 SELECT * FROM bad ORDER BY id;
+-- each value Postgres cannot store is its row's rejection, with the reason
+SET client_min_messages = error;
 SELECT try_apply(:'pb1');		-- TEXT 'not a number' into int
+SELECT table_name, pk, sqlstate, message FROM sync_rejections();
 SELECT try_apply(:'pb2');		-- REAL 0.1 is not exact in real
+SELECT table_name, pk, sqlstate, message FROM sync_rejections();
 SELECT try_apply(:'pb3');		-- 99999 is out of smallint range
+SELECT table_name, pk, sqlstate, message FROM sync_rejections();
 SELECT try_apply(:'pb4');		-- 1e300 out of real range
--- nothing of the refused payloads was applied
+SELECT table_name, pk, sqlstate, message FROM sync_rejections();
+RESET client_min_messages;
+-- nothing of the refused rows was applied
 SELECT * FROM bad ORDER BY id;
 SELECT id, cl FROM bad__sync_clock ORDER BY id;
 

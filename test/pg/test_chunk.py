@@ -115,10 +115,13 @@ def main():
         check(False, "cursor of a payload built elsewhere refused")
     except psycopg2.Error:
         check(True, "cursor of a payload built elsewhere refused")
-    # PUBLIC may not call the chunked overload either
+    # sync_payload reads as the caller (RLS applies): anybody may call it;
+    # sync_device, which says which device a request acts for, is the server's
     check(one(a, "SELECT has_function_privilege('public', "
-                 "'sync_payload(bigint, uuid, integer, bytea)', 'execute')") is False,
-          "chunked sync_payload is revoked from PUBLIC")
+                 "'sync_payload(bigint, uuid, integer, bytea)', 'execute')") is True,
+          "chunked sync_payload is open to PUBLIC (it reads as the caller)")
+    check(one(a, "SELECT has_function_privilege('public', 'sync_device(uuid, text)', 'execute')")
+          is False, "sync_device is revoked from PUBLIC")
     a.close()
     b.close()
     drop_db("pgsync_t_chunk_a")
