@@ -564,6 +564,58 @@ def request_log_lines(env):
             check(isinstance(pull["status"], int) and isinstance(pull["ms"], (int, float)), pull)
 
 
+def _dashboard_exprs(node, out):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("expr", "query") and isinstance(v, str) and "pgsync_" in v:
+                out.append(v)
+            else:
+                _dashboard_exprs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _dashboard_exprs(v, out)
+    return out
+
+
+@test
+def grafana_dashboard_metrics(env):
+    """Every metric and label the dashboard in docs/ queries exists in /metrics."""
+    path = os.path.join(ROOT, "docs", "grafana-pgsync.json")
+    with open(path) as f:
+        dash = json.load(f)
+    exprs = _dashboard_exprs(dash, [])
+    check(len(exprs) >= 10, exprs)
+    s = env.server()
+    a = env.client("a", "alice", s)
+    a.q("INSERT INTO items VALUES('g1', 'x', 1, 1)")
+    a.sync()
+    text = http("GET", s.url + "/metrics")[2].decode()
+    samples = {}                                   # name -> label names seen
+    for ln in text.splitlines():
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ", ln)
+        if m and not ln.startswith("#"):
+            samples.setdefault(m[1], set()).update(re.findall(r'(\w+)="', m[2] or ""))
+    # Prometheus adds the target's own labels; histogram_quantile's le is on the buckets
+    added = {"instance", "job"}
+    used = set()
+    for e in exprs:
+        names = set(re.findall(r"\b(pgsync_[a-z0-9_]+)\b", e))
+        check(names, e)
+        for n in names:
+            check(n in samples, f"dashboard queries {n}, which /metrics does not have: {e}")
+        used |= names
+        labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", e))
+        for grp in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", e):
+            labels |= {x.strip() for x in grp.split(",") if x.strip()}
+        have = set().union(*(samples[n] for n in names))
+        for lb in labels - added:
+            check(lb in have, f"dashboard uses label {lb!r} that {sorted(names)} do not have: {e}")
+    # and the dashboard shows every metric family the server exports
+    families = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    missing = {f for f in families if not any(u == f or u.startswith(f + "_") for u in used)}
+    check(not missing, f"metrics not on the dashboard: {sorted(missing)}")
+
+
 @test
 def rls_push_and_pull(env):
     s = env.server()
