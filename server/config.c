@@ -68,7 +68,8 @@ static const struct setting
 	S("max_wait_ms", K_INT, max_wait_ms, 0, 3600000, "cap of a long-poll wait (60000)"),
 	S("pull_max_rows", K_INT, pull_max_rows, 0, 10000000,
 	  "rows per chunk of a pull when the client sends no max_rows (10000; 0 = one payload)"),
-	S("poll_ms", K_INT, poll_ms, 50, 3600000, "sync_db_version() polling period (1000)"),
+	S("poll_ms", K_INT, poll_ms, 0, 3600000,
+	  "sync_db_version() polling period, 0 = off, else at least 50 (1000)"),
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),
 	S("ws_ping_s", K_INT, ws_ping_s, 1, 3600, "WebSocket ping period (30)"),
@@ -461,6 +462,14 @@ config_finish(srv_config *c)
 					c->default_role);
 			return false;
 		}
+	}
+	if (c->poll_ms > 0 && c->poll_ms < 50)
+	{
+		fprintf(stderr,
+				SRV_NAME
+				": invalid value %d for poll_ms (from %s): expected 0 (off) or at least 50\n",
+				c->poll_ms, config_source("poll_ms"));
+		return false;
 	}
 	if (c->max_wait_ms > 0 && c->max_wait_ms / 1000 + 10 > 3600)
 		c->max_wait_ms = 3590 * 1000;

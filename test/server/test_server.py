@@ -503,6 +503,7 @@ def check_config(env):
         f"tls_cert = {env.base}/nope.pem\ntls_key = {c['key']}\n": "could not read tls_cert",
         f"tls_cert = {c['key']}\ntls_key = {c['key']}\n": "holds no PEM certificate",
         "allowed_roles =\n": "allowed_roles is empty",
+        "poll_ms = 10\n": "expected 0 (off) or at least 50",
         "no equals sign\n": "expected key = value",
     }
     for extra, want in bad.items():
@@ -511,6 +512,10 @@ def check_config(env):
         r = _run_server(["--config", conf, "--check-config"])
         check(r.returncode == 2 and want in r.stderr, (extra, r.returncode, r.stderr))
     shutil.rmtree(os.path.dirname(other["ca"]), ignore_errors=True)
+    with open(conf, "w") as f:
+        f.write(base)
+    r = _run_server(["--config", conf, "--check-config", "--poll-ms=0"])   # 0 = off, as documented
+    check(r.returncode == 0 and re.search(r"poll_ms\s+0 ", r.stdout), r)
     r = _run_server(["--check-config", "--listen=127.0.0.1"])
     check(r.returncode == 2 and "no JWT key" in r.stderr, r.stderr)
 
