@@ -16,7 +16,7 @@ HDRS      = database.h $(wildcard core/*.h) $(wildcard sqlite_ext/*.h)
 B = build
 
 .PHONY: all deps demo test bench fuzz format lint clean pg install installcheck server \
-	install-pg install-sqlite install-server install-docs uninstall
+	install-pg install-sqlite install-server install-docs uninstall deb test-packages
 
 all: $(B)/sqlitesync.so
 
@@ -159,6 +159,20 @@ install-server: server
 install-docs:
 	$(INSTALL) -d $(DESTDIR)$(DOCDIR)
 	$(INSTALL) -m 644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+
+# ---- Debian packages (debian/; docs/SERVER.md, "Packages") -------------------
+# built from a copy of the checkout (tracked and new files) into build/deb/
+deb:
+	@bash scripts/deps packages
+	rm -rf $(B)/deb
+	mkdir -p $(B)/deb/src
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(B)/deb/src
+	cd $(B)/deb/src && pg_buildext updatecontrol && dpkg-buildpackage -us -uc -b
+	@ls -1 $(B)/deb/*.deb
+
+# build them, lintian, install them here, smoke-test the installed files, purge
+test-packages:
+	@bash test/packages/run.sh
 
 # uninstall removes what install put in place; the settings file only if it
 # is still the example (edited settings are kept, and said so), never the user
