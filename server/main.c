@@ -142,7 +142,7 @@ main(int argc, char **argv)
 
 	if (!pool_start() || !hub_start() || !ws_start() || !http_start())
 	{
-		srv_log("FATAL", "start-up failed");
+		srv_log("FATAL", "start-up failed: see the messages above");
 		return 1;
 	}
 	srv_log("LOG",
