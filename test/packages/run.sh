@@ -83,7 +83,7 @@ echo "  built: ${PKGS[*]}"
 
 # ---- 2. lintian -----------------------------------------------------------------
 t=$(date +%s)
-lintian --pedantic --info --show-overrides "$WORK"/*.changes >"$WORK/lintian.log" 2>&1
+lintian --pedantic --info --show-overrides "${DEBS[@]}" >"$WORK/lintian.log" 2>&1
 grep -E '^[EWIPXO]: ' "$WORK/lintian.log" | sed 's/^/  /'
 n_bad=$(grep -cE '^[EW]: ' "$WORK/lintian.log")
 echo "  lintian: $n_bad errors and warnings, $(grep -cE '^[IPX]: ' "$WORK/lintian.log") info/pedantic/experimental tags," \
