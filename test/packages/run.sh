@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # test/packages/run.sh — `make test-packages` (and part of `make test`):
 #
-#   1. build the Debian packages from a copy of this checkout (tracked and
-#      new files, no build products) the Debian way: pg_buildext
-#      updatecontrol, dpkg-buildpackage -b;
-#   2. lintian on them: errors and warnings fail (overrides in debian/ say
-#      why they are there), info and pedantic tags are printed;
+#   1. build the Debian source and binary packages from a copy of this
+#      checkout (tracked and new files, no build products) the Debian way:
+#      pg_buildext updatecontrol, dpkg-buildpackage;
+#   2. lintian on them (source and binaries): errors and warnings fail
+#      (overrides in debian/ say why they are there), info, pedantic and
+#      experimental tags are printed;
 #   3. make install / make uninstall into a staging DESTDIR;
 #   4. dpkg -i the packages on this machine and run test/packages/smoke.py,
 #      which uses the installed files only;
@@ -71,10 +72,10 @@ trap 'exit 130' INT TERM
 t=$(date +%s)
 mkdir -p "$WORK/src"
 git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$WORK/src"
-(cd "$WORK/src" && pg_buildext updatecontrol && dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1
+(cd "$WORK/src" && pg_buildext updatecontrol && dpkg-buildpackage -us -uc) >"$WORK/build.log" 2>&1
 rc=$?
 [ $rc = 0 ] || tail -40 "$WORK/build.log"
-result "package build (dpkg-buildpackage, pg_buildext for $(cd "$WORK/src" && pg_buildext supported-versions | xargs))" $rc "$(since "$t")"
+result "package build (dpkg-buildpackage source and binaries, pg_buildext for $(cd "$WORK/src" && pg_buildext supported-versions | xargs))" $rc "$(since "$t")"
 [ $rc = 0 ] || exit 1
 mapfile -t DEBS < <(ls "$WORK"/*.deb | grep -v -- '-dbgsym_')
 PKGS=()
@@ -83,7 +84,8 @@ echo "  built: ${PKGS[*]}"
 
 # ---- 2. lintian -----------------------------------------------------------------
 t=$(date +%s)
-lintian --pedantic --info --show-overrides "${DEBS[@]}" >"$WORK/lintian.log" 2>&1
+lintian --pedantic --display-info --display-experimental --show-overrides "$WORK"/*.dsc "${DEBS[@]}" \
+	>"$WORK/lintian.log" 2>&1
 grep -E '^[EWIPXO]: ' "$WORK/lintian.log" | sed 's/^/  /'
 n_bad=$(grep -cE '^[EW]: ' "$WORK/lintian.log")
 echo "  lintian: $n_bad errors and warnings, $(grep -cE '^[IPX]: ' "$WORK/lintian.log") info/pedantic/experimental tags," \
