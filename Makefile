@@ -15,8 +15,7 @@ HDRS      = database.h $(wildcard core/*.h) $(wildcard sqlite_ext/*.h)
 
 B = build
 
-.PHONY: all deps demo test bench fuzz format lint clean pg install installcheck server \
-	install-pg install-sqlite install-server install-docs uninstall deb test-packages
+.PHONY: all deps demo test bench fuzz format lint clean pg install installcheck server
 
 all: $(B)/sqlitesync.so
 
@@ -113,6 +112,8 @@ MULTIARCH     := $(shell $(CC) -print-multiarch 2>/dev/null)
 LOADER_DIRS    = /lib /usr/lib $(if $(MULTIARCH),/lib/$(MULTIARCH) /usr/lib/$(MULTIARCH))
 DOCS           = README.md LICENSE $(wildcard docs/*.md) docs/grafana-pgsync.json
 CONF           = $(SYSCONFDIR)/pgsync/pgsync-server.conf
+
+.PHONY: install-pg install-sqlite install-server install-docs uninstall deb test-packages
 
 install: install-pg install-sqlite install-server install-docs
 
