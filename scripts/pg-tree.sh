@@ -32,6 +32,14 @@ if [ ! -x "$T_BIN/postgres" ] || [ "$T_BIN/postgres" -ot "$bindir/postgres" ]; t
 	done
 	chmod -R a+rX "$DIR"
 fi
+# The library directory is links to the system's files; pgsync's own must be
+# real files of the tree, or installing into the tree would write through a
+# link into the system's PostgreSQL (llvm-lto -o does follow the link of
+# bitcode/pgsync.index.bc when the system has a pgsync of its own).
+for f in "$DIR$pkglibdir/pgsync.so" "$DIR$pkglibdir/bitcode/pgsync.index.bc"; do
+	if [ -L "$f" ]; then rm -f "$f"; fi
+done
+if [ -d "$DIR$pkglibdir/bitcode/pgsync" ]; then find "$DIR$pkglibdir/bitcode/pgsync" -type l -delete; fi
 PG_CONFIG=$T_BIN/pg_config
 if [ "${PG_TREE_NO_INSTALL:-0}" != 1 ]; then
 	make -s -C "$ROOT/pg_ext" PG_CONFIG="$PG_CONFIG" >/dev/null

@@ -3,7 +3,8 @@
 # runs every suite, and ends with one line "N passed, N failed".
 # Suites: core unit tests (cmocka, ASan+UBSan), the SQLite extension through
 # SQL (pytest; normal build and ASan+UBSan build), valgrind, the PostgreSQL
-# extension (throwaway cluster) and the sync server (end to end).
+# extension (throwaway cluster), the sync server (end to end) and the Debian
+# packages (built, installed on this machine, smoke-tested, purged).
 set -u
 cd "$(dirname "$0")/.."
 PY=/usr/bin/python3
@@ -112,6 +113,11 @@ fi
 if [ -x test/server/run.sh ]; then
   note "sync server end to end"
   run_passfail server bash test/server/run.sh
+fi
+
+if [ -x test/packages/run.sh ]; then
+  note "Debian packages: build, lintian, install here, smoke test, purge (root only, ~40 s)"
+  run_passfail packages bash test/packages/run.sh
 fi
 
 echo

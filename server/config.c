@@ -10,12 +10,16 @@
  */
 #include "server.h"
 
+#include "../core/pgsync.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 srv_config cfg;
 
@@ -64,16 +68,33 @@ static const struct setting
 	S("max_wait_ms", K_INT, max_wait_ms, 0, 3600000, "cap of a long-poll wait (60000)"),
 	S("pull_max_rows", K_INT, pull_max_rows, 0, 10000000,
 	  "rows per chunk of a pull when the client sends no max_rows (10000; 0 = one payload)"),
-	S("poll_ms", K_INT, poll_ms, 50, 3600000, "sync_db_version() polling period (1000)"),
+	S("poll_ms", K_INT, poll_ms, 0, 3600000,
+	  "sync_db_version() polling period, 0 = off, else at least 50 (1000)"),
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),
 	S("ws_ping_s", K_INT, ws_ping_s, 1, 3600, "WebSocket ping period (30)"),
 	S("pull_filter", K_BOOL, pull_filter, 0, 0, "apply row-level security to pulls (true)"),
 	S("log_requests", K_BOOL, log_requests, 0, 0, "one log line per request (false)"),
+	S("log_format", K_STR, log_format, 0, 0, "text or json: the shape of log lines (text)"),
+	S("tls_cert", K_STR, tls_cert, 0, 0,
+	  "PEM certificate (chain) file: serve HTTPS, TLS 1.2+ (none: plain HTTP)"),
+	S("tls_key", K_STR, tls_key, 0, 0, "PEM private key file of tls_cert"),
 #undef S
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])
+
+/* where each setting's value came from, for messages and --check-config */
+static char *sources[NSETTINGS];
+
+const char *
+config_source(const char *key)
+{
+	for (size_t i = 0; i < NSETTINGS; i++)
+		if (strcmp(settings[i].key, key) == 0)
+			return sources[i] ? sources[i] : "the default";
+	return "the default";
+}
 
 void
 config_defaults(srv_config *c)
@@ -98,6 +119,7 @@ config_defaults(srv_config *c)
 	c->max_connections = 10000;
 	c->ws_ping_s = 30;
 	c->pull_filter = true;
+	c->log_format = strdup("text");
 }
 
 static char *
@@ -155,6 +177,8 @@ config_set(srv_config *c, const char *key, const char *value, const char *where)
 
 		if (strcmp(s->key, key) != 0)
 			continue;
+		free(sources[i]);
+		sources[i] = strdup(where);
 		errno = 0;
 		switch (s->k)
 		{
@@ -297,8 +321,9 @@ config_load_env(srv_config *c)
 	return true;
 }
 
-static char *
-read_file(const char *path, char *why, size_t whylen)
+/* srv_read_file: a whole file of at most 1 MB as a malloc'd string, or NULL + why. */
+char *
+srv_read_file(const char *path, char *why, size_t whylen)
 {
 	FILE *f = fopen(path, "rb");
 	char *buf;
@@ -329,7 +354,41 @@ read_file(const char *path, char *why, size_t whylen)
 	return buf;
 }
 
-/* config_finish checks the combination and loads the key file. */
+/*
+ * database_name: the database the conninfo or URI connects to, as libpq
+ * would pick it (dbname, else PGDATABASE, else the user name), for log
+ * lines. Returns malloc'd text.
+ */
+static char *
+database_name(const char *conninfo)
+{
+	PQconninfoOption *opts = PQconninfoParse(conninfo ? conninfo : "", NULL);
+	const char		 *db = NULL, *user = NULL;
+	char			 *out;
+
+	for (PQconninfoOption *o = opts; o && o->keyword; o++)
+	{
+		if (strcmp(o->keyword, "dbname") == 0 && o->val && *o->val)
+			db = o->val;
+		if (strcmp(o->keyword, "user") == 0 && o->val && *o->val)
+			user = o->val;
+	}
+	if (!db)
+		db = getenv("PGDATABASE");
+	if (!db || !*db)
+		db = user ? user : getenv("PGUSER");
+	if (!db || !*db)
+	{
+		struct passwd *pw = getpwuid(geteuid());
+
+		db = pw ? pw->pw_name : "?";
+	}
+	out = strdup(db);
+	PQconninfoFree(opts);
+	return out;
+}
+
+/* config_finish checks the combination and loads the key files. */
 bool
 config_finish(srv_config *c)
 {
@@ -344,6 +403,18 @@ config_finish(srv_config *c)
 								 "file); every /v1 request needs a token.\n");
 		return false;
 	}
+	if (c->jwt_secret && strcmp(c->jwt_secret, SRV_EXAMPLE_SECRET) == 0)
+	{
+		fprintf(stderr,
+				SRV_NAME
+				": jwt_secret (from %s) is the example value of pgsync-server.conf.example\n"
+				"DETAIL: Anyone who read the example could sign tokens for this server.\n"
+				"HINT: Set jwt_secret to the HS256 secret your identity provider signs "
+				"tokens with (generate one with: openssl rand -base64 48), or remove it and "
+				"use jwt_public_key.\n",
+				config_source("jwt_secret"));
+		return false;
+	}
 	if (c->jwt_secret && strlen(c->jwt_secret) < 32)
 	{
 		fprintf(stderr, SRV_NAME ": jwt_secret is shorter than 32 bytes\n"
@@ -354,7 +425,7 @@ config_finish(srv_config *c)
 	if (c->jwt_public_key)
 	{
 		free(c->jwt_public_pem);
-		c->jwt_public_pem = read_file(c->jwt_public_key, why, sizeof why);
+		c->jwt_public_pem = srv_read_file(c->jwt_public_key, why, sizeof why);
 		if (!c->jwt_public_pem)
 		{
 			fprintf(stderr, SRV_NAME ": could not read jwt_public_key \"%s\": %s\n",
@@ -392,9 +463,28 @@ config_finish(srv_config *c)
 			return false;
 		}
 	}
+	if (c->poll_ms > 0 && c->poll_ms < 50)
+	{
+		fprintf(stderr,
+				SRV_NAME
+				": invalid value %d for poll_ms (from %s): expected 0 (off) or at least 50\n",
+				c->poll_ms, config_source("poll_ms"));
+		return false;
+	}
 	if (c->max_wait_ms > 0 && c->max_wait_ms / 1000 + 10 > 3600)
 		c->max_wait_ms = 3590 * 1000;
-	return true;
+	if (!c->log_format ||
+		(strcmp(c->log_format, "text") != 0 && strcmp(c->log_format, "json") != 0))
+	{
+		fprintf(stderr,
+				SRV_NAME ": invalid value \"%s\" for log_format (from %s): expected text or json\n",
+				c->log_format ? c->log_format : "", config_source("log_format"));
+		return false;
+	}
+	srv_log_set_json(strcmp(c->log_format, "json") == 0);
+	free(c->dbname);
+	c->dbname = database_name(c->database);
+	return tls_load(c);
 }
 
 void
@@ -411,13 +501,101 @@ config_free(srv_config *c)
 	c->nroles = 0;
 	free(c->jwt_public_pem);
 	c->jwt_public_pem = NULL;
+	free(c->dbname);
+	c->dbname = NULL;
+	for (size_t i = 0; i < NSETTINGS; i++)
+	{
+		free(sources[i]);
+		sources[i] = NULL;
+	}
+	tls_free();
 }
 
 void
 config_usage(void)
 {
-	printf("usage: " SRV_NAME " [--config FILE] [--KEY=VALUE ...]\n\n"
+	printf("usage: " SRV_NAME " [--config FILE] [--KEY=VALUE ...] [--check-config]\n"
+		   "       " SRV_NAME " --version | --help\n\n"
+		   "  --check-config  read and check every setting and file, print them, exit\n"
+		   "                  (0: valid, 2: not); does not connect to PostgreSQL\n\n"
 		   "Settings (file: key = value; environment: PGSYNC_KEY; command line: --key=value):\n");
 	for (size_t i = 0; i < NSETTINGS; i++)
 		printf("  %-22s %s\n", settings[i].key, settings[i].help);
+}
+
+/* print_conninfo prints a conninfo or URI as key=value pairs, password hidden. */
+static void
+print_conninfo(const char *conninfo)
+{
+	char			 *err = NULL;
+	PQconninfoOption *opts = PQconninfoParse(conninfo ? conninfo : "", &err);
+	bool			  any = false;
+
+	if (!opts)
+	{
+		printf("(not parseable: %s)", err ? err : "out of memory");
+		PQfreemem(err);
+		return;
+	}
+	for (PQconninfoOption *o = opts; o->keyword; o++)
+		if (o->val && *o->val)
+		{
+			printf("%s%s=%s", any ? " " : "", o->keyword,
+				   strcmp(o->keyword, "password") == 0 ? "********" : o->val);
+			any = true;
+		}
+	if (!any)
+		printf("(libpq defaults: PGHOST, PGDATABASE, ... or the local socket)");
+	PQconninfoFree(opts);
+}
+
+void
+config_print_checked(const srv_config *c)
+{
+	printf(SRV_NAME " %s: configuration is valid\n\n", PGS_VERSION);
+	for (size_t i = 0; i < NSETTINGS; i++)
+	{
+		const struct setting *st = &settings[i];
+		const void			 *field = (const char *) c + st->off;
+
+		printf("  %-22s ", st->key);
+		switch (st->k)
+		{
+			case K_STR:
+			{
+				const char *v = *(char *const *) field;
+
+				if (strcmp(st->key, "database") == 0)
+					print_conninfo(v);
+				else if (!v)
+					printf("(none)");
+				else if (strcmp(st->key, "jwt_secret") == 0)
+					printf("(set, %zu bytes)", strlen(v));
+				else
+					printf("%s", v);
+				break;
+			}
+			case K_INT:
+				printf("%d", *(const int *) field);
+				break;
+			case K_SIZE:
+				printf("%zu", *(const size_t *) field);
+				break;
+			case K_DOUBLE:
+				printf("%g", *(const double *) field);
+				break;
+			case K_BOOL:
+				printf("%s", *(const bool *) field ? "true" : "false");
+				break;
+			case K_ROLES:
+				for (int r = 0; r < c->nroles; r++)
+					printf("%s%s", r ? "," : "", c->roles[r]);
+				break;
+		}
+		printf("  (from %s)\n", sources[i] ? sources[i] : "the default");
+	}
+	printf("\n  TLS: %s\n",
+		   tls_enabled() ? tls_summary() : "off: plain HTTP (terminate TLS at a proxy)");
+	printf("  Not checked: that PostgreSQL is reachable and has the pgsync extension "
+		   "(GET /healthz on the running server answers that).\n");
 }

@@ -52,6 +52,10 @@ typedef struct req
 	bool		 has_exclude;
 	int64_t		 deadline; /* long-poll end, srv_now_ms(); 0 = no wait */
 	hub_waiter	*w;
+	char		 method[12]; /* for the request log line */
+	char		 path[160];
+	char		 error[160]; /* the error answered, if any, and its detail */
+	char		 detail[640];
 } req;
 
 static struct MHD_Daemon *daemon_;
@@ -110,6 +114,8 @@ send_error(struct MHD_Connection *conn, req *r, const srv_error *e)
 	cJSON_AddStringToObject(j, "error", e->error);
 	cJSON_AddStringToObject(j, "detail", e->detail);
 	cJSON_AddStringToObject(j, "hint", e->hint);
+	snprintf(r->error, sizeof r->error, "%s", e->error);
+	snprintf(r->detail, sizeof r->detail, "%s", e->detail);
 	text = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
 	if (!text)
@@ -626,6 +632,8 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 		if (!(r = calloc(1, sizeof *r)))
 			return MHD_NO;
 		r->t0_us = now_us();
+		snprintf(r->method, sizeof r->method, "%s", method);
+		snprintf(r->path, sizeof r->path, "%s", url);
 		*con_cls = r;
 		if (!first_call(conn, r, url, method, &ret))
 			return ret;
@@ -701,6 +709,29 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 	}
 }
 
+/* log_request writes the request's log line: what, for whom, how it ended and why. */
+static void
+log_request(struct MHD_Connection *conn, const req *r, enum MHD_RequestTerminationCode toe)
+{
+	char			ip[64];
+	srv_request_log l = {
+		.method = r->method,
+		.path = r->path,
+		.route = metrics_endpoint_name(r->ep),
+		.status = r->status ? r->status : 499,
+		.ms = (double) (now_us() - r->t0_us) / 1000.0,
+		.role = r->auth.role,
+		.database = cfg.dbname,
+		.client = ip + 3, /* after "ip:" */
+		.error = r->error,
+		.detail = r->detail,
+		.closed_early = toe != MHD_REQUEST_TERMINATED_COMPLETED_OK,
+	};
+
+	client_addr(conn, ip, sizeof ip);
+	srv_log_request(&l);
+}
+
 static void
 completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 		  enum MHD_RequestTerminationCode toe)
@@ -712,9 +743,7 @@ completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 		return;
 	metrics_request(r->ep, r->status ? r->status : 499, now_us() - r->t0_us);
 	if (cfg.log_requests)
-		srv_log("LOG", "request endpoint=%d status=%d %.1f ms%s", (int) r->ep, r->status,
-				(double) (now_us() - r->t0_us) / 1000.0,
-				toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (connection closed early)");
+		log_request(conn, r, toe);
 	hub_forget(r->w);
 	auth_free(&r->auth);
 	free(r->body);
@@ -790,12 +819,15 @@ http_start(void)
 		srv_log("FATAL", "listen = \"%s\" is not a numeric IPv4 or IPv6 address", cfg.listen);
 		return false;
 	}
+	if (tls_enabled())
+		flags |= MHD_USE_TLS; /* certificate, key, TLS 1.2+: tls.c */
 	daemon_ = MHD_start_daemon(
 		flags, (uint16_t) cfg.port, NULL, NULL, handler, NULL, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
-		NULL, MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned) cfg.threads,
-		MHD_OPTION_CONNECTION_LIMIT, (unsigned) cfg.max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-		(unsigned) 120, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) 65536,
-		MHD_OPTION_NOTIFY_COMPLETED, completed, NULL, MHD_OPTION_END);
+		NULL, MHD_OPTION_ARRAY, tls_mhd_options(), MHD_OPTION_SOCK_ADDR, sa,
+		MHD_OPTION_THREAD_POOL_SIZE, (unsigned) cfg.threads, MHD_OPTION_CONNECTION_LIMIT,
+		(unsigned) cfg.max_connections, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) 120,
+		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) 65536, MHD_OPTION_NOTIFY_COMPLETED, completed,
+		NULL, MHD_OPTION_END);
 	if (!daemon_)
 	{
 		srv_log("FATAL", "cannot listen on %s:%d (address in use, or not permitted)", cfg.listen,

@@ -8,69 +8,24 @@
  * SIGINT) in the reverse order: stop accepting, release every parked
  * long-poll and WebSocket (libmicrohttpd must not be stopped with suspended
  * connections), stop the daemon, the hub, close the pool.
+ *
+ * --version prints ours and the libraries'; --check-config reads and checks
+ * every setting and file exactly as a start would, prints the result and
+ * exits (0 valid, 2 not) without connecting to anything.
  */
 #include "server.h"
 
+#include "../core/pgsync.h"
+
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <time.h>
 
-int64_t
-srv_now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-int64_t
-srv_wall_s(void)
-{
-	return (int64_t) time(NULL);
-}
-
-void
-srv_log(const char *level, const char *fmt, ...)
-{
-	char			ts[32], msg[1024];
-	struct timespec now;
-	struct tm		tm;
-	va_list			ap;
-
-	clock_gettime(CLOCK_REALTIME, &now);
-	gmtime_r(&now.tv_sec, &tm);
-	strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	va_end(ap);
-	/* one write per line so that lines of several threads do not mix */
-	fprintf(stderr, "%s.%03ldZ %s %s\n", ts, now.tv_nsec / 1000000, level, msg);
-}
-
-bool
-srv_fail(srv_error *e, int status, const char *error, const char *hint, const char *detail_fmt, ...)
-{
-	va_list ap;
-
-	e->status = status;
-	e->retry_after = status == 503 ? 1 : 0;
-	snprintf(e->error, sizeof e->error, "%s", error);
-	snprintf(e->hint, sizeof e->hint, "%s", hint ? hint : "");
-	e->detail[0] = '\0';
-	if (detail_fmt)
-	{
-		va_start(ap, detail_fmt);
-		vsnprintf(e->detail, sizeof e->detail, detail_fmt, ap);
-		va_end(ap);
-	}
-	return false;
-}
+#include <gnutls/gnutls.h>
+#include <microhttpd.h>
 
 static void
 raise_fd_limit(void)
@@ -92,19 +47,38 @@ raise_fd_limit(void)
 	}
 }
 
+/* print_version: ours, and the libraries that decide behaviour in the field. */
+static void
+print_version(void)
+{
+	printf(SRV_NAME " %s (sync protocol %s)\n", PGS_VERSION, SRV_PROTOCOL);
+	printf("libmicrohttpd %s (TLS %s), libpq %d, GnuTLS %s\n", MHD_get_version(),
+		   MHD_is_feature_supported(MHD_FEATURE_TLS) == MHD_YES ? "available" : "not available",
+		   PQlibVersion(), gnutls_check_version(NULL));
+}
+
 int
 main(int argc, char **argv)
 {
 	sigset_t set;
 	int		 sig = 0;
 
+	bool check_only = false;
+
 	config_defaults(&cfg);
 	for (int i = 1; i < argc; i++)
+	{
 		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
 		{
 			config_usage();
 			return 0;
 		}
+		if (!strcmp(argv[i], "--version") || !strcmp(argv[i], "-V"))
+		{
+			print_version();
+			return 0;
+		}
+	}
 	for (int i = 1; i < argc; i++)
 		if (!strcmp(argv[i], "--config") || !strncmp(argv[i], "--config=", 9))
 		{
@@ -127,6 +101,11 @@ main(int argc, char **argv)
 		}
 		if (!strncmp(argv[i], "--config=", 9))
 			continue;
+		if (!strcmp(argv[i], "--check-config"))
+		{
+			check_only = true;
+			continue;
+		}
 		if (strncmp(argv[i], "--", 2) != 0 || !(eq = strchr(argv[i], '=')) ||
 			eq - argv[i] - 2 >= (long) sizeof key)
 		{
@@ -145,6 +124,12 @@ main(int argc, char **argv)
 	}
 	if (!config_finish(&cfg))
 		return 2;
+	if (check_only)
+	{
+		config_print_checked(&cfg);
+		config_free(&cfg);
+		return 0;
+	}
 
 	/* every thread inherits this mask; main collects the signals below */
 	sigemptyset(&set);
@@ -157,11 +142,16 @@ main(int argc, char **argv)
 
 	if (!pool_start() || !hub_start() || !ws_start() || !http_start())
 	{
-		srv_log("FATAL", "start-up failed");
+		srv_log("FATAL", "start-up failed: see the messages above");
 		return 1;
 	}
-	srv_log("LOG", SRV_NAME " listening on %s:%d (pool %d, threads %d, roles %d)", cfg.listen,
-			cfg.port, cfg.pool_size, cfg.threads, cfg.nroles);
+	srv_log("LOG",
+			SRV_NAME
+			" %s listening on %s://%s%s%s:%d (%s; database %s, pool %d, threads %d, roles %d)",
+			PGS_VERSION, tls_enabled() ? "https" : "http", strchr(cfg.listen, ':') ? "[" : "",
+			cfg.listen, strchr(cfg.listen, ':') ? "]" : "", cfg.port,
+			tls_enabled() ? tls_summary() : "plain HTTP", cfg.dbname, cfg.pool_size, cfg.threads,
+			cfg.nroles);
 
 	for (;;)
 	{

@@ -33,6 +33,12 @@ static atomic_ullong hist[EP_COUNT][NBOUNDS + 1];
 static atomic_ullong hist_sum_us[EP_COUNT];
 static atomic_ullong bytes_in, bytes_out, applied, rejected, notifications, rate_limited;
 
+const char *
+metrics_endpoint_name(srv_endpoint ep)
+{
+	return ep >= 0 && ep < EP_COUNT ? ep_names[ep] : "other";
+}
+
 void
 metrics_request(srv_endpoint ep, int status, int64_t usec)
 {

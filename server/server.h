@@ -4,8 +4,10 @@
  * operator's guide).
  *
  * One concern per file:
- *   main.c       start-up, signals, orderly shutdown
+ *   main.c       start-up, signals, orderly shutdown, --version, --check-config
  *   config.c     settings from defaults, a config file, the environment, argv
+ *   log.c        log lines (text or JSON), clocks, srv_fail
+ *   tls.c        TLS certificate and key for libmicrohttpd (GnuTLS)
  *   http.c       libmicrohttpd glue: routing, bodies, limits, JSON errors
  *   sync.c       push and pull: the per-request Postgres transactions
  *   pool.c       the libpq connection pool (health, reconnect, fail fast)
@@ -61,29 +63,74 @@ typedef struct srv_config
 	int	   max_wait_ms; /* long-poll cap */
 	int pull_max_rows;	/* rows per chunk of a pull when the client asks for none (0 = one payload)
 						 */
-	int	 poll_ms;		/* sync_db_version() polling period */
-	int	 max_connections;
-	int	 ws_ping_s;
-	bool pull_filter; /* drop rows the role cannot SELECT from pulls */
-	bool log_requests;
+	int	  poll_ms;		/* sync_db_version() polling period */
+	int	  max_connections;
+	int	  ws_ping_s;
+	bool  pull_filter; /* drop rows the role cannot SELECT from pulls */
+	bool  log_requests;
+	char *log_format; /* "text" or "json" */
+	char *tls_cert;	  /* PEM certificate (chain) path; NULL = plain HTTP */
+	char *tls_key;	  /* PEM private key path */
+	char *dbname;	  /* the database `database` names, for log lines (derived) */
 } srv_config;
+
+/* The jwt_secret of pgsync-server.conf.example: refused at start. */
+#define SRV_EXAMPLE_SECRET "change-me-to-at-least-32-random-bytes-please"
 
 extern srv_config cfg;
 
 void config_defaults(srv_config *c);
 /* config_load_file/env/args return false with a message on stderr. */
-bool config_load_file(srv_config *c, const char *path);
-bool config_load_env(srv_config *c);
-bool config_set(srv_config *c, const char *key, const char *value, const char *where);
-bool config_finish(srv_config *c);
-void config_free(srv_config *c);
-void config_usage(void);
+bool  config_load_file(srv_config *c, const char *path);
+bool  config_load_env(srv_config *c);
+bool  config_set(srv_config *c, const char *key, const char *value, const char *where);
+bool  config_finish(srv_config *c);
+void  config_free(srv_config *c);
+void  config_usage(void);
+char *srv_read_file(const char *path, char *why, size_t whylen);
+/* config_source: where key's value came from ("default", "PGSYNC_PORT", "FILE:LINE", ...). */
+const char *config_source(const char *key);
+/* config_print_checked prints the settings in effect (--check-config). */
+void config_print_checked(const srv_config *c);
 
-/* ---- logging (main.c) ---------------------------------------------------- */
+/* ---- log.c: log lines, clocks --------------------------------------------- */
 
-void	srv_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* srv_log writes one line: level is LOG, WARNING, ERROR or FATAL. */
+void srv_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void srv_log_set_json(bool json); /* log_format = json */
+
+/* One answered request (log_requests); NULL or "" fields are left out. */
+typedef struct srv_request_log
+{
+	const char *method;
+	const char *path;
+	const char *route; /* endpoint name: push, pull, longpoll, ws, healthz, metrics, other */
+	int			status;
+	double		ms;
+	const char *role;
+	const char *database;
+	const char *client; /* address */
+	const char *error;	/* what the client was told, and why */
+	const char *detail;
+	bool		closed_early; /* the client went away before the answer */
+} srv_request_log;
+
+void	srv_log_request(const srv_request_log *r);
 int64_t srv_now_ms(void); /* monotonic milliseconds */
 int64_t srv_wall_s(void); /* Unix seconds */
+
+/* ---- tls.c ---------------------------------------------------------------- */
+
+struct MHD_OptionItem;
+
+/* tls_load reads and checks tls_cert/tls_key (both or neither); false with a
+ * message on stderr. Called by config_finish. */
+bool tls_load(const srv_config *c);
+bool tls_enabled(void);
+/* tls_mhd_options: items for MHD_OPTION_ARRAY (only MHD_OPTION_END without TLS). */
+const struct MHD_OptionItem *tls_mhd_options(void);
+const char					*tls_summary(void); /* "TLS 1.2+, certificate ... valid until ..." */
+void						 tls_free(void);
 
 /* ---- errors -------------------------------------------------------------- */
 
@@ -229,11 +276,12 @@ typedef enum srv_endpoint
 	EP_COUNT
 } srv_endpoint;
 
-void metrics_request(srv_endpoint ep, int status, int64_t usec);
-void metrics_bytes(uint64_t in, uint64_t out);
-void metrics_changes(int64_t applied, int64_t rejected);
-void metrics_notification(void);
-void metrics_rate_limited(void);
+const char *metrics_endpoint_name(srv_endpoint ep); /* "push", "pull", ... */
+void		metrics_request(srv_endpoint ep, int status, int64_t usec);
+void		metrics_bytes(uint64_t in, uint64_t out);
+void		metrics_changes(int64_t applied, int64_t rejected);
+void		metrics_notification(void);
+void		metrics_rate_limited(void);
 /* metrics_render returns malloc'd Prometheus text. */
 char *metrics_render(size_t *len);
 

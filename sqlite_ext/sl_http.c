@@ -12,6 +12,11 @@
  *     the server's error, detail and hint.
  * Bodies are bounded by max_payload; connect and transfer timeouts come from
  * the settings (a long-poll adds its wait to the transfer timeout).
+ *
+ * TLS (https:// urls): the certificate chain and host name are always
+ * verified, against the system's CA store or the ca_file setting (a PEM
+ * file, for private CAs and self-signed test setups); TLS 1.2 or newer. A
+ * certificate that is not accepted fails at once with what to do.
  */
 #include "sl_network.h"
 
@@ -153,6 +158,56 @@ backoff(const sl_net_settings *s, int attempt, long retry_after_s)
 }
 
 /*
+ * set_options prepares n->curl for one attempt; the first option libcurl
+ * refuses is returned (never ignored: a refused CAINFO or SSLVERSION
+ * would silently weaken TLS).
+ */
+static CURLcode
+set_options(sl_net *n, const sl_net_settings *s, const char *url, struct curl_slist *h,
+			const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r)
+{
+	CURL	*c = n->curl;
+	CURLcode rc = CURLE_OK;
+
+#define SET(opt, val)                                                                              \
+	do                                                                                             \
+	{                                                                                              \
+		if ((rc = curl_easy_setopt(c, opt, val)) != CURLE_OK)                                      \
+			return rc;                                                                             \
+	} while (0)
+	SET(CURLOPT_URL, url);
+	SET(CURLOPT_PROTOCOLS_STR, "http,https");
+	SET(CURLOPT_HTTPHEADER, h);
+	SET(CURLOPT_NOSIGNAL, 1L);
+	SET(CURLOPT_ERRORBUFFER, n->curl_err);
+	SET(CURLOPT_CONNECTTIMEOUT_MS, (long) s->connect_timeout_ms);
+	SET(CURLOPT_TIMEOUT_MS, (long) (s->timeout_ms + wait_ms));
+	SET(CURLOPT_TCP_KEEPALIVE, 1L);
+	SET(CURLOPT_USERAGENT, "sqlitesync/" PGS_VERSION);
+	SET(CURLOPT_WRITEFUNCTION, on_body);
+	SET(CURLOPT_WRITEDATA, r);
+	SET(CURLOPT_HEADERFUNCTION, on_header);
+	SET(CURLOPT_HEADERDATA, r);
+	if (strncmp(url, "https://", 8) == 0)
+	{
+		/* libcurl's defaults, stated: verify the chain and the host name */
+		SET(CURLOPT_SSL_VERIFYPEER, 1L);
+		SET(CURLOPT_SSL_VERIFYHOST, 2L);
+		SET(CURLOPT_SSLVERSION, (long) CURL_SSLVERSION_TLSv1_2);
+		if (s->ca_file && *s->ca_file)
+			SET(CURLOPT_CAINFO, s->ca_file);
+	}
+	if (body)
+	{
+		SET(CURLOPT_POST, 1L);
+		SET(CURLOPT_POSTFIELDS, (const char *) body);
+		SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) len);
+	}
+#undef SET
+	return rc;
+}
+
+/*
  * sl_http_call makes one request with retries. Returns true with r filled
  * (status 2xx); false with *msg (sqlite3_malloc'd) saying what failed.
  */
@@ -183,29 +238,24 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 			h = curl_slist_append(h, auth);
 		if (body)
 			h = curl_slist_append(h, "Content-Type: application/octet-stream");
-		curl_easy_setopt(n->curl, CURLOPT_URL, url);
-		curl_easy_setopt(n->curl, CURLOPT_HTTPHEADER, h);
-		curl_easy_setopt(n->curl, CURLOPT_NOSIGNAL, 1L);
-		curl_easy_setopt(n->curl, CURLOPT_ERRORBUFFER, n->curl_err);
-		curl_easy_setopt(n->curl, CURLOPT_CONNECTTIMEOUT_MS, (long) s->connect_timeout_ms);
-		curl_easy_setopt(n->curl, CURLOPT_TIMEOUT_MS, (long) (s->timeout_ms + wait_ms));
-		curl_easy_setopt(n->curl, CURLOPT_TCP_KEEPALIVE, 1L);
-		curl_easy_setopt(n->curl, CURLOPT_USERAGENT, "sqlitesync/" PGS_VERSION);
-		curl_easy_setopt(n->curl, CURLOPT_WRITEFUNCTION, on_body);
-		curl_easy_setopt(n->curl, CURLOPT_WRITEDATA, r);
-		curl_easy_setopt(n->curl, CURLOPT_HEADERFUNCTION, on_header);
-		curl_easy_setopt(n->curl, CURLOPT_HEADERDATA, r);
-		if (body)
+		sqlite3_free(*msg);
+		*msg = NULL;
+		if ((auth || body) && !h)
 		{
-			curl_easy_setopt(n->curl, CURLOPT_POST, 1L);
-			curl_easy_setopt(n->curl, CURLOPT_POSTFIELDS, (const char *) body);
-			curl_easy_setopt(n->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) len);
+			*msg = sqlite3_mprintf("out of memory building the request headers");
+			break;
+		}
+		if ((rc = set_options(n, s, url, h, body, len, wait_ms, r)) != CURLE_OK)
+		{
+			curl_slist_free_all(h);
+			*msg = sqlite3_mprintf("cannot set up the HTTP request: %s (libcurl %s)",
+								   curl_easy_strerror(rc),
+								   curl_version_info(CURLVERSION_NOW)->version);
+			break; /* a libcurl without https, or out of memory: retrying changes nothing */
 		}
 		n->curl_err[0] = '\0';
 		rc = curl_easy_perform(n->curl);
 		curl_slist_free_all(h);
-		sqlite3_free(*msg);
-		*msg = NULL;
 		if (rc == CURLE_OK)
 		{
 			curl_easy_getinfo(n->curl, CURLINFO_RESPONSE_CODE, &r->status);
@@ -235,6 +285,25 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 				n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
 			break; /* offline: fail fast */
 		}
+		else if (rc == CURLE_SSL_CACERT_BADFILE)
+		{
+			*msg = sqlite3_mprintf("cannot use the CA file ca_file = '%s' (%s); fix the path: "
+								   "UPDATE sync_network SET value = '/path/to/ca.pem' WHERE key = "
+								   "'ca_file'",
+								   s->ca_file ? s->ca_file : "",
+								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			break;
+		}
+		else if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_ISSUER_ERROR)
+		{
+			*msg = sqlite3_mprintf(
+				"the server's TLS certificate was not accepted (%s). Check that the url names a "
+				"host the certificate is for; if the server uses a private CA or a self-signed "
+				"certificate, name its CA file: INSERT OR REPLACE INTO sync_network(key, value) "
+				"VALUES ('ca_file', '/path/to/ca.pem')",
+				n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			break; /* retrying cannot make a certificate valid */
+		}
 		else if (rc == CURLE_WRITE_ERROR && r->overflow)
 		{
 			*msg = sqlite3_mprintf(
@@ -245,16 +314,20 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 		}
 		else
 		{
-			*msg = sqlite3_mprintf("transfer failed (%s)",
-								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			*msg = sqlite3_mprintf("transfer failed (%s)%s",
+								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc),
+								   rc == CURLE_GOT_NOTHING && strncmp(url, "http://", 7) == 0
+									   ? " (if the server serves HTTPS, use an https:// url)"
+									   : "");
 			transient = true;
 		}
 		if (!transient || attempt >= s->retries)
 		{
 			if (transient)
 			{
-				char *m = sqlite3_mprintf(
-					"%s after %d attempts; nothing was lost, sync again later", *msg, attempt + 1);
+				char *m =
+					sqlite3_mprintf("%s after %d attempt%s; nothing was lost, sync again later",
+									*msg, attempt + 1, attempt ? "s" : "");
 
 				sqlite3_free(*msg);
 				*msg = m;

@@ -122,6 +122,7 @@ free_settings(sl_net_settings *s)
 	sqlite3_free(s->token);
 	sqlite3_free(s->server_site);
 	sqlite3_free(s->recv_cursor);
+	sqlite3_free(s->ca_file);
 	memset(s, 0, sizeof *s);
 }
 
@@ -141,6 +142,7 @@ load_settings(sl_net *n, sl_net_settings *s)
 	s->connect_timeout_ms = kv_int(n, "connect_timeout_ms", 3000);
 	s->timeout_ms = kv_int(n, "timeout_ms", 30000);
 	s->max_payload = kv_int(n, "max_payload", 256LL << 20);
+	s->ca_file = kv_text(n, "ca_file");
 	if (s->retries < 0)
 		s->retries = 0;
 	return true;

@@ -46,6 +46,7 @@ typedef struct sl_net_settings
 	int64_t connect_timeout_ms;
 	int64_t timeout_ms;
 	int64_t max_payload;
+	char   *ca_file; /* PEM CA file for https, NULL = the system's store */
 } sl_net_settings;
 
 /* One HTTP answer: status, body (bounded by max_payload) and our headers. */

@@ -118,12 +118,29 @@ def token(sub, role="app_user", ttl=3600, **extra):
 
 # ---- HTTP -------------------------------------------------------------------
 
-def http(method, url, body=None, headers=None, timeout=30):
-    """Returns (status, headers dict lower-case, body bytes)."""
-    assert url.startswith("http://127.0.0.1:")
-    hostport, _, path = url[len("http://"):].partition("/")
+def tls_context(ca, minimum=None, maximum=None):
+    """A client TLS context that trusts only the CA file ca."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    if minimum:
+        ctx.minimum_version = minimum
+    if maximum:
+        ctx.maximum_version = maximum
+    return ctx
+
+
+def http(method, url, body=None, headers=None, timeout=30, ca=None):
+    """Returns (status, headers dict lower-case, body bytes). https:// urls
+    are verified against the CA file ca."""
+    scheme, _, rest = url.partition("://")
+    assert scheme in ("http", "https") and rest.startswith(("127.0.0.1:", "localhost:")), url
+    hostport, _, path = rest.partition("/")
     host, port = hostport.split(":")
-    c = httplib.HTTPConnection(host, int(port), timeout=timeout)
+    if scheme == "https":
+        c = httplib.HTTPSConnection(host, int(port), timeout=timeout, context=tls_context(ca))
+    else:
+        c = httplib.HTTPConnection(host, int(port), timeout=timeout)
     try:
         chunked = (headers or {}).get("Transfer-Encoding") == "chunked"
         c.request(method, "/" + path, body=body, headers=headers or {}, encode_chunked=chunked)
@@ -184,11 +201,16 @@ class Postgres:
 
 
 class Server:
-    def __init__(self, env, name="s1", **settings):
+    """A pgsync-server process; with tls_cert/tls_key it serves https, and ca
+    is the CA file that verifies its certificate."""
+
+    def __init__(self, env, name="s1", ca=None, **settings):
         self.env = env
         self.name = name
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca = ca
+        scheme = "https" if "tls_cert" in settings else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log = os.path.join(env.base, f"{name}.log")
         self.settings = {
             "port": str(self.port), "listen": "127.0.0.1",
@@ -209,7 +231,7 @@ class Server:
             deadline = time.time() + 10
             while time.time() < deadline:
                 try:
-                    http("GET", self.url + "/healthz", timeout=2)
+                    http("GET", self.url + "/healthz", timeout=2, ca=self.ca)
                     return self
                 except OSError:
                     if self.proc.poll() is not None:
@@ -244,7 +266,7 @@ class Server:
 class Client:
     """A SQLite replica with the sqlitesync extension (network functions included)."""
 
-    def __init__(self, env, name, token_=None, server=None):
+    def __init__(self, env, name, token_=None, server=None, url=None, ca_file=None):
         self.path = os.path.join(env.base, f"{name}.db")
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.enable_load_extension(True)
@@ -254,9 +276,12 @@ class Client:
         self.db.executescript(CLIENT_SCHEMA)
         self.db.execute("SELECT sync_init('items')")
         self.db.execute("SELECT sync_init('notes')")
-        if server:
-            self.db.execute("SELECT sync_network_init(?, ?)", (server.url, token_))
+        if server or url:
+            self.db.execute("SELECT sync_network_init(?, ?)", (url or server.url, token_))
             self.db.execute("UPDATE sync_network SET value = 50 WHERE key = 'backoff_ms'")
+        if ca_file:
+            self.db.execute("INSERT OR REPLACE INTO sync_network(key, value) VALUES ('ca_file', ?)",
+                            (ca_file,))
         env.clients.append(self)
 
     def q(self, sql, *args):
@@ -307,8 +332,8 @@ class Env:
     def server(self, name="s1", **settings):
         return Server(self, name, **settings).start()
 
-    def client(self, name, sub="alice", server=None):
-        return Client(self, name, token(sub), server)
+    def client(self, name, sub="alice", server=None, **kw):
+        return Client(self, name, token(sub), server, **kw)
 
     def close(self, keep=False):
         for c in self.clients:

@@ -19,7 +19,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EXT, CLIENT_SCHEMA, Env, Postgres, Server, Client, child_env, http, tmpdir, token, jwt_hs256, jwt_rs256  # noqa: E402
+from harness import EXT, ROOT, CLIENT_SCHEMA, Env, Postgres, Server, Client, child_env, http, tls_context, tmpdir, token, jwt_hs256, jwt_rs256  # noqa: E402
 from tools import Proxy, WebSocket  # noqa: E402
 
 TESTS = []
@@ -341,6 +341,284 @@ def websocket_notifications(env):
     op, data = ws.recv()
     check(op == 0x8 and data[:2] == b"\x03\xea", (op, data))
     ws.close()
+
+
+# ---- TLS, operator comforts ------------------------------------------------------
+
+def _make_certs(d, san="IP:127.0.0.1"):
+    """A private CA and a server certificate it signed for san, under d."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, env=child_env(), cwd=d)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "30",
+            "-subj", "/CN=pgsync test CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=pgsync test server")
+    with open(os.path.join(d, "ext.cnf"), "w") as f:
+        f.write(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "30", "-extfile", "ext.cnf")
+    return {k: os.path.join(d, v) for k, v in
+            {"ca": "ca.pem", "ca_key": "ca.key", "cert": "server.pem", "key": "server.key"}.items()}
+
+
+def _tls_handshake(port, ca, lo, hi):
+    """The TLS version a client limited to [lo, hi] negotiates, or None if refused."""
+    import socket
+    import ssl
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # TLS 1.1 is deprecated: the point
+        ctx = tls_context(ca, lo, hi)
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")                # let OpenSSL offer TLS 1.1 at all
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="127.0.0.1") as t:
+                return t.version()
+    except (ssl.SSLError, OSError):
+        return None
+
+
+@test
+def tls_end_to_end(env):
+    import ssl
+    from harness import free_port, _record_pid
+    c = _make_certs(env.base)
+    s = env.server(tls_cert=c["cert"], tls_key=c["key"], ca=c["ca"])
+    check(s.url.startswith("https://"), s.url)
+    st, h, b = http("GET", s.url + "/healthz", ca=c["ca"])
+    check(st == 200 and json.loads(b)["postgres"] == "ok", (st, b))
+    # two SQLite replicas over https, verifying the server with ca_file
+    a = env.client("a", "alice", s, ca_file=c["ca"])
+    b2 = env.client("b", "alice", s, ca_file=c["ca"])
+    a.q("INSERT INTO items VALUES('t1', 'over tls', 1, 1.5)")
+    a.sync()
+    b2.sync()
+    check(items(b2) == [("t1", "over tls", 1, 1.5)], items(b2))
+    check(pg_items(env) == [("t1", "over tls", 1, 1.5)], pg_items(env))
+    check(a.status()["last_error"] is None, a.status())
+    # a long-poll over TLS is woken by a push
+    t, out = run_bg(lambda: b2.one("SELECT sync_network_wait(5000)"))
+    time.sleep(0.3)
+    a.q("INSERT INTO items VALUES('t2', 'woken', 2, 0)")
+    a.send()
+    t.join(6)
+    check(out.get("result") == 1 and out["dt"] < 3, out)
+    check(b2.one("SELECT name FROM items WHERE id = 't2'") == "woken")
+    # WebSocket notifications over TLS (wss)
+    ws = WebSocket(s.port, token("alice"), ssl_context=tls_context(c["ca"]))
+    check(ws.status == 101 and ws.recv_json()["type"] == "hello", ws.head)
+    a.q("INSERT INTO items VALUES('t3', 'ws', 3, 0)")
+    a.send()
+    check(ws.recv_json(timeout=3)["type"] == "changes")
+    ws.close()
+    # without the CA the client refuses the server, at once, and says what to do
+    n = env.client("n", "alice", s)
+    t0 = time.time()
+    e = sql_error(lambda: n.sync())
+    check("certificate" in e and "ca_file" in e and "attempt" not in e, e)
+    check(time.time() - t0 < 2, time.time() - t0)
+    check("ca_file" in n.status()["last_error"], n.status())
+    # the host name is verified too: the certificate is for 127.0.0.1 only
+    ln = Client(env, "l", token("alice"), url=f"https://localhost:{s.port}", ca_file=c["ca"])
+    e = sql_error(lambda: ln.sync())
+    check("certificate" in e and "localhost" in e, e)
+    # a wrong ca_file is named as such
+    bad = Client(env, "bad", token("alice"), server=s, ca_file=os.path.join(env.base, "missing.pem"))
+    e = sql_error(lambda: bad.sync())
+    check("ca_file" in e, e)
+    # plain HTTP on the TLS port gets no answer
+    p = Client(env, "p", token("alice"), url=f"http://127.0.0.1:{s.port}")
+    p.q("INSERT INTO sync_network(key, value) VALUES ('retries', 0)")
+    e = sql_error(lambda: p.sync())
+    check("transfer failed" in e and "use an https:// url" in e, e)
+    # TLS 1.2 and 1.3 are accepted, 1.1 is refused ...
+    check(_tls_handshake(s.port, c["ca"], ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2) == "TLSv1.2")
+    check(_tls_handshake(s.port, c["ca"], ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3) == "TLSv1.3")
+    check(_tls_handshake(s.port, c["ca"], ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1) is None)
+    # ... by the server: the same client does get TLS 1.1 from a server that offers it
+    port = free_port()
+    o = subprocess.Popen(["openssl", "s_server", "-accept", str(port), "-cert", c["cert"], "-key", c["key"],
+                          "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0", "-www", "-quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    env.procs.append(o)
+    _record_pid(o.pid)
+    got = None
+    for _ in range(50):
+        got = _tls_handshake(port, c["ca"], ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1)
+        if got:
+            break
+        time.sleep(0.1)
+    check(got == "TLSv1.1", got)
+    # /metrics over https counts the requests like plain HTTP does
+    st, h, b = http("GET", s.url + "/metrics", ca=c["ca"])
+    check(st == 200 and b'pgsync_requests_total{endpoint="push",status="200"}' in b, b[:300])
+    s.stop()
+    check("listening on https://127.0.0.1" in open(s.log).read(), open(s.log).read()[-2000:])
+
+
+def _run_server(args, env_=None, timeout=10):
+    from harness import SERVER_BIN
+    return subprocess.run([SERVER_BIN, *args], capture_output=True, text=True, timeout=timeout,
+                          env=child_env(env_))
+
+
+@test
+def check_config(env):
+    from harness import SECRET
+    c = _make_certs(env.base)
+    v = _run_server(["--version"])
+    check(v.returncode == 0 and re.match(r"pgsync-server \d+\.\d+\.\d+ \(sync protocol 1\)", v.stdout), v)
+    check("TLS available" in v.stdout, v.stdout)
+    conf = os.path.join(env.base, "good.conf")
+    base = (f"listen = 127.0.0.1\nport = 18443\n"
+            f"database = host=127.0.0.1 port=1 dbname=app user=authenticator password=sekrit\n"
+            f"jwt_secret = '{SECRET}'\nallowed_roles = app_user\n")
+    with open(conf, "w") as f:
+        f.write(base + f"tls_cert = {c['cert']}\ntls_key = {c['key']}\nlog_format = json\n")
+    t0 = time.time()
+    r = _run_server(["--config", conf, "--check-config", "--pool-size=3"])
+    check(r.returncode == 0 and "configuration is valid" in r.stdout, (r.returncode, r.stdout, r.stderr))
+    check(time.time() - t0 < 5, "--check-config must not wait for PostgreSQL")
+    check("sekrit" not in r.stdout and SECRET not in r.stdout and "password=********" in r.stdout, r.stdout)
+    check(re.search(r"pool_size\s+3\s+\(from the command line\)", r.stdout), r.stdout)
+    check(re.search(r"tls_cert\s+\S+server\.pem\s+\(from \S+good\.conf:6\)", r.stdout), r.stdout)
+    check('TLS 1.2+, certificate "CN=pgsync test server"' in r.stdout, r.stdout)
+    # the example config as shipped is refused for its secret, and only for it
+    example = os.path.join(ROOT, "server", "pgsync-server.conf.example")
+    r = _run_server(["--config", example, "--check-config"])
+    check(r.returncode == 2 and "is the example value" in r.stderr and "HINT:" in r.stderr, r.stderr)
+    r = _run_server(["--config", example, "--check-config", "--jwt-secret=" + SECRET])
+    check(r.returncode == 0, r.stderr)
+    r = _run_server(["--config", example], {"PGSYNC_PORT": "1"})   # a real start is refused the same way
+    check(r.returncode == 2 and "is the example value" in r.stderr, r.stderr)
+    # bad configurations: exit status 2 and a message that names the setting or file
+    other = _make_certs(tmpdir("pgsync-other-"))
+    bad = {
+        "colour = blue\n": 'unknown setting "colour"',
+        "port = 99999\n": "for port",
+        "log_format = xml\n": "for log_format",
+        f"tls_cert = {c['cert']}\n": "but tls_key is not",
+        f"tls_key = {c['key']}\n": "but tls_cert is not",
+        f"tls_cert = {c['cert']}\ntls_key = {other['key']}\n": "is not the private key of tls_cert",
+        f"tls_cert = {env.base}/nope.pem\ntls_key = {c['key']}\n": "could not read tls_cert",
+        f"tls_cert = {c['key']}\ntls_key = {c['key']}\n": "holds no PEM certificate",
+        "allowed_roles =\n": "allowed_roles is empty",
+        "poll_ms = 10\n": "expected 0 (off) or at least 50",
+        "no equals sign\n": "expected key = value",
+    }
+    for extra, want in bad.items():
+        with open(conf, "w") as f:
+            f.write(base + extra)
+        r = _run_server(["--config", conf, "--check-config"])
+        check(r.returncode == 2 and want in r.stderr, (extra, r.returncode, r.stderr))
+    shutil.rmtree(os.path.dirname(other["ca"]), ignore_errors=True)
+    with open(conf, "w") as f:
+        f.write(base)
+    r = _run_server(["--config", conf, "--check-config", "--poll-ms=0"])   # 0 = off, as documented
+    check(r.returncode == 0 and re.search(r"poll_ms\s+0 ", r.stdout), r)
+    r = _run_server(["--check-config", "--listen=127.0.0.1"])
+    check(r.returncode == 2 and "no JWT key" in r.stderr, r.stderr)
+
+
+def _request_lines(text, fmt):
+    out = []
+    for ln in text.splitlines():
+        if fmt == "json":
+            j = json.loads(ln)            # every line is one JSON object
+            check({"ts", "level", "msg"} <= set(j), ln)
+            if j["msg"] == "request":
+                out.append(j)
+        else:
+            m = re.match(r"\S+Z (LOG|WARNING) request (\S+) (\S+)(.*)$", ln)
+            if m:
+                j = {"level": m[1], "method": m[2], "path": m[3]}
+                for k, v1, v2 in re.findall(r' (\w+)=(?:"((?:[^"\\]|\\.)*)"|(\S+))', m[4]):
+                    j[k] = json.loads(f'"{v1}"') if v1 else v2
+                for k in ("status",):
+                    j[k] = int(j[k])
+                out.append(j)
+    return out
+
+
+@test
+def request_log_lines(env):
+    now = int(time.time())
+    for fmt in ("text", "json"):
+        s = env.server(f"log_{fmt}", log_requests="on", log_format=fmt)
+        ok = {"Authorization": "Bearer " + token("alice")}
+        old = {"Authorization": "Bearer " + jwt_hs256({"sub": "alice", "role": "app_user", "exp": now - 3600})}
+        check(http("GET", s.url + "/v1/pull?since=0", headers=ok)[0] in (200, 204))
+        check(http("GET", s.url + "/v1/pull?since=0", headers=old)[0] == 401)
+        check(http("POST", s.url + "/v1/push", body=b"x" * 100, headers=ok)[0] == 400)
+        check(http("GET", s.url + "/nope")[0] == 404)
+        s.stop()
+        lines = _request_lines(open(s.log).read(), fmt)
+        check(len(lines) == 5, lines)         # healthz (start-up wait) + the four above
+        by = {(j["path"], j["status"]): j for j in lines}
+        pull = by[("/v1/pull", 200)] if ("/v1/pull", 200) in by else by[("/v1/pull", 204)]
+        check(pull["method"] == "GET" and pull["route"] == "pull" and pull["role"] == "app_user"
+              and pull["database"] == env.db and pull["client"] == "127.0.0.1" and "error" not in pull, pull)
+        check(float(pull["ms"]) >= 0, pull)
+        e = by[("/v1/pull", 401)]
+        check(e["error"] == "token expired" and "expired" in e["detail"] and "role" not in e, e)
+        e = by[("/v1/push", 400)]
+        check(e["method"] == "POST" and e["error"] == "malformed payload" and e["role"] == "app_user", e)
+        e = by[("/nope", 404)]
+        check(e["route"] == "other" and e["error"] == "not found", e)
+        if fmt == "json":
+            check(isinstance(pull["status"], int) and isinstance(pull["ms"], (int, float)), pull)
+
+
+def _dashboard_exprs(node, out):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("expr", "query") and isinstance(v, str) and "pgsync_" in v:
+                out.append(v)
+            else:
+                _dashboard_exprs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _dashboard_exprs(v, out)
+    return out
+
+
+@test
+def grafana_dashboard_metrics(env):
+    """Every metric and label the dashboard in docs/ queries exists in /metrics."""
+    path = os.path.join(ROOT, "docs", "grafana-pgsync.json")
+    with open(path) as f:
+        dash = json.load(f)
+    exprs = _dashboard_exprs(dash, [])
+    check(len(exprs) >= 10, exprs)
+    s = env.server()
+    a = env.client("a", "alice", s)
+    a.q("INSERT INTO items VALUES('g1', 'x', 1, 1)")
+    a.sync()
+    text = http("GET", s.url + "/metrics")[2].decode()
+    samples = {}                                   # name -> label names seen
+    for ln in text.splitlines():
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ", ln)
+        if m and not ln.startswith("#"):
+            samples.setdefault(m[1], set()).update(re.findall(r'(\w+)="', m[2] or ""))
+    # Prometheus adds the target's own labels; histogram_quantile's le is on the buckets
+    added = {"instance", "job"}
+    used = set()
+    for e in exprs:
+        names = set(re.findall(r"\b(pgsync_[a-z0-9_]+)\b", e))
+        check(names, e)
+        for n in names:
+            check(n in samples, f"dashboard queries {n}, which /metrics does not have: {e}")
+        used |= names
+        labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", e))
+        for grp in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", e):
+            labels |= {x.strip() for x in grp.split(",") if x.strip()}
+        have = set().union(*(samples[n] for n in names))
+        for lb in labels - added:
+            check(lb in have, f"dashboard uses label {lb!r} that {sorted(names)} do not have: {e}")
+    # and the dashboard shows every metric family the server exports
+    families = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    missing = {f for f in families if not any(u == f or u.startswith(f + "_") for u in used)}
+    check(not missing, f"metrics not on the dashboard: {sorted(missing)}")
 
 
 @test

@@ -87,8 +87,10 @@ class Proxy:
 class WebSocket:
     """Just enough RFC 6455 client to test /v1/ws."""
 
-    def __init__(self, port, token, path="/v1/ws"):
+    def __init__(self, port, token, path="/v1/ws", ssl_context=None):
         self.s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if ssl_context:  # wss://
+            self.s = ssl_context.wrap_socket(self.s, server_hostname="127.0.0.1")
         key = base64.b64encode(os.urandom(16)).decode()
         self.s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
