@@ -232,4 +232,13 @@ pgs_rc db_changes_next(db_cursor *cur, bool *done, const pgs_value **pk, int64_t
 					   db_vis *vis, pgs_err *err);
 void   db_changes_close(db_cursor *cur);
 
+/*
+ * db_row_read: row pk as the caller may see it now: *visible false when
+ * there is no live row the caller may see (deleted, hidden, never there);
+ * else its causal length, clock blob and ncols values (engine memory, valid
+ * until the next db_ call).
+ */
+pgs_rc db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_t *cl,
+				   const uint8_t **blob, size_t *blob_len, const pgs_value **cols, pgs_err *err);
+
 #endif /* PGSYNC_DATABASE_H */

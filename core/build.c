@@ -486,3 +486,96 @@ out:
 	pgs_free(b.ch);
 	return rc;
 }
+
+pgs_rc
+pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, pgs_err *err)
+{
+	build_ctx		b;
+	pgs_build_stats st;
+	pgs_build_opts	o = {.since = 0, .until = 0, .compress = 1};
+	pgs_stamp	   *stamps = NULL;
+	int				cap = 0;
+	pgs_rc			rc = PGS_OK;
+	const db_table_info **seen = pgs_malloc(sizeof(void *) * (n ? n : 1));
+	uint32_t	   *idx = pgs_malloc(sizeof(uint32_t) * (n ? n : 1));
+	uint32_t		nseen = 0;
+
+	memset(&b, 0, sizeof b);
+	memset(&st, 0, sizeof st);
+	b.db = db;
+	b.o = &o;
+	b.st = &st;
+	pgs_writer_init(&b.w);
+	pgs_buf_init(&b.last_key);
+	if (!seen || !idx)
+	{
+		rc = oom(err);
+		goto out;
+	}
+	for (uint32_t r = 0; r < n && rc == PGS_OK; r++)
+	{
+		const db_table_info *ti = db_table_describe(rows[r].t);
+		uint32_t			 tidx = 0, k, s, nch = 0;
+		bool				 visible;
+		int64_t				 cl;
+		const uint8_t		*blob;
+		size_t				 blen;
+		const pgs_value		*vals;
+		pgs_rowclock		 rcl;
+
+		for (k = 0; k < nseen && seen[k] != ti; k++)
+			;
+		if (k == nseen)
+		{
+			seen[nseen] = ti;
+			idx[nseen++] = add_table(&b, ti);
+		}
+		tidx = idx[k];
+		if (ti->ncols + 1 > cap)
+		{
+			cap = ti->ncols + 1;
+			pgs_free(stamps);
+			stamps = pgs_malloc(sizeof(pgs_stamp) * cap);
+			if (!stamps || (cap > b.ch_cap && !(b.ch = pgs_realloc(b.ch, sizeof(pgs_wchange) * cap))))
+			{
+				rc = oom(err);
+				break;
+			}
+			if (cap > b.ch_cap)
+				b.ch_cap = cap;
+		}
+		if ((rc = db_row_read(db, rows[r].t, rows[r].pk, &visible, &cl, &blob, &blen, &vals, err)) !=
+			PGS_OK)
+			break;
+		if (!visible)
+		{
+			pgs_writer_absent(&b.w, tidx, rows[r].pk);
+			continue;
+		}
+		rcl = (pgs_rowclock){.ncols = ti->ncols, .cols = stamps};
+		if ((rc = pgs_rowclock_decode(blob, blen, &rcl, err)) != PGS_OK)
+			break;
+		for (int i = 0; i < ti->ncols && rc == PGS_OK; i++)
+		{
+			if (!stamps[i].hlc)
+				continue;
+			if ((rc = map_site(&b, stamps[i].site, &s, err)) != PGS_OK)
+				break;
+			b.ch[nch++] = (pgs_wchange){(uint32_t) i, stamps[i].hlc, s, vals[i]};
+		}
+		if (rc == PGS_OK && (rc = map_site(&b, rcl.cl_site, &s, err)) == PGS_OK)
+			pgs_writer_row(&b.w, tidx, true, rows[r].pk, cl, s, nch, b.ch);
+	}
+	if (rc == PGS_OK)
+		rc = pgs_writer_seal(&b.w, db_site_id(db), 0, 0, 0, true, out, err);
+out:
+	pgs_writer_free(&b.w);
+	pgs_buf_free(&b.last_key);
+	pgs_free(b.site_map);
+	pgs_free(b.excl);
+	pgs_free(b.ch);
+	pgs_free(stamps);
+	pgs_free(seen);
+	pgs_free(idx);
+	return rc;
+}

@@ -187,3 +187,4 @@ out:
 	pgs_free(owned);
 	return rc;
 }
+

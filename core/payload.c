@@ -93,6 +93,17 @@ pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *err)
 }
 
 pgs_rc
+pgs_payload_origin(const uint8_t *p, size_t len, uint8_t origin[16])
+{
+	pgs_header h;
+	pgs_rc	   rc = pgs_payload_header(p, len, &h, NULL);
+
+	if (rc == PGS_OK)
+		memcpy(origin, h.origin, 16);
+	return rc;
+}
+
+pgs_rc
 pgs_payload_until(const uint8_t *p, size_t len, int64_t *until, pgs_err *err)
 {
 	pgs_header h;

@@ -259,6 +259,8 @@ pgs_rc pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *
  * caller must pgs_free(*body). Runs pgs_payload_header first. */
 pgs_rc pgs_payload_body(const uint8_t *p, size_t len, pgs_header *h, const uint8_t **body,
 						uint8_t **owned, pgs_err *err);
+/* pgs_payload_origin: the site that built the payload, after full header verification. */
+pgs_rc pgs_payload_origin(const uint8_t *p, size_t len, uint8_t origin[16]);
 /* pgs_payload_until: the header's until, after full header verification. */
 pgs_rc pgs_payload_until(const uint8_t *p, size_t len, int64_t *until, pgs_err *err);
 /* pgs_payload_info renders the payload as JSON text (caller pgs_free()s). */
@@ -455,7 +457,32 @@ typedef struct pgs_build_opts
 #define PGS_TOKEN_VERSION 2
 #define PGS_TOKEN_VIEW 1		 /* token flag: a view build */
 #define PGS_TOKEN_SNAPSHOT_ALL 2 /* token flag: every table is a snapshot */
-#define PGS_MAX_TOKEN 65536 /* continuation token bytes (long keys) */
+#define PGS_MAX_TOKEN 4000 /* continuation token bytes (long keys: pull without max_rows) */
+#define PGS_MAX_SEALED (PGS_MAX_TOKEN + 64) /* a token as an engine seals it (pg_view.c) */
+
+/*
+ * Pull cursors as clients store them (docs/PROTOCOL.md, "Cursors"), the one
+ * text form of a pull position:
+ *   "<since>[.<gen>]"                 the since of the next pull, and the
+ *                                     generation of the device's view
+ *   "c<since>.<gen>.<hex>"            inside a chunked pull: the since of the
+ *                                     pull and the sealed continuation token
+ * ASCII, at most PGS_MAX_CURSOR characters.
+ */
+#define PGS_MAX_CURSOR (1 + 20 + 1 + 10 + 1 + 2 * PGS_MAX_SEALED)
+typedef struct pgs_cursor
+{
+	int64_t	 since;
+	int32_t	 gen;
+	uint8_t *sealed; /* NULL unless a chunk cursor: caller's buffer */
+	size_t	 sealed_len;
+} pgs_cursor;
+/* pgs_cursor_parse: false when s is not a cursor; sealed bytes go to buf
+ * (PGS_MAX_SEALED bytes). */
+bool pgs_cursor_parse(const char *s, pgs_cursor *c, uint8_t *buf);
+/* pgs_cursor_format writes the cursor text (NUL-terminated) into out. */
+void pgs_cursor_format(pgs_buf *out, int64_t since, int32_t gen, const uint8_t *sealed,
+					   size_t sealed_len);
 
 /*
  * A continuation token (docs/PAYLOAD.md, "Chunks"): where the next chunk of a
@@ -500,6 +527,20 @@ typedef struct pgs_build_stats
  * after the last chunk). */
 pgs_rc pgs_build(struct db_conn *db, const pgs_build_opts *o, pgs_buf *out, pgs_buf *next_token,
 				 pgs_build_stats *st, pgs_err *err);
+/*
+ * pgs_build_rows: a payload of exactly these rows, whole, as the caller may
+ * see them, each row it may not see (or that is gone) as ABSENT: the answer
+ * to a receiver that asks for rows it lacks (POST /v1/rows). since and
+ * until are 0: it is not a pull.
+ */
+struct db_table;
+typedef struct pgs_row_ref
+{
+	struct db_table *t;
+	const pgs_value *pk;
+} pgs_row_ref;
+pgs_rc pgs_build_rows(struct db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out,
+					  pgs_err *err);
 /* pgs_table_fingerprint: hash of a table's key and column names (docs/PAYLOAD.md). */
 struct db_table_info;
 uint64_t pgs_table_fingerprint(const struct db_table_info *ti);

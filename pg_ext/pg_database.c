@@ -1395,3 +1395,84 @@ db_keys_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, pgs_er
 	*done = false;
 	return PGS_OK;
 }
+
+/* ---- one row as the caller may see it ------------------------------------- */
+
+pgs_rc
+db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_t *cl,
+			const uint8_t **blob, size_t *blob_len, const pgs_value **cols, pgs_err *err)
+{
+	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+	Datum		 *keys = pk_datums(t, pk, 0);
+	Datum		 *arrays = palloc(sizeof(Datum) * t->npk);
+	pgs_value	 *vals = palloc(sizeof(pgs_value) * Max(t->ncols, 1));
+	bool		  found;
+	int64_t		  dcl;
+	const uint8_t *b;
+	size_t		  bl;
+	pgs_rc		  rc;
+
+	*visible = false;
+	for (int i = 0; i < t->npk; i++)
+	{
+		int16 typlen;
+		bool  typbyval;
+		char  typalign;
+
+		get_typlenbyvalalign(t->pk[i].basetyp, &typlen, &typbyval, &typalign);
+		arrays[i] = PointerGetDatum(
+			construct_array(&keys[i], 1, t->pk[i].basetyp, typlen, typbyval, typalign));
+	}
+	/* the base row as the caller: privileges and row-level security decide */
+	if (SPI_execute_plan(pg_plan_probe(t, false), arrays, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading a row of %s failed", t->name);
+	if (SPI_processed == 1)
+	{
+		HeapTuple tup = SPI_tuptable->vals[0];
+		TupleDesc td = SPI_tuptable->tupdesc;
+
+		for (int i = 0; i < t->ncols; i++)
+		{
+			bool  isnull;
+			Datum d = SPI_getbinval(tup, td, t->npk + 1 + i, &isnull);
+
+			pg_datum_value(&t->cols[i], d, isnull, &vals[i]);
+		}
+		*visible = true;
+	}
+	MemoryContextSwitchTo(old);
+	if (!*visible)
+		return PGS_OK;
+	/* its clock as the metadata owner (scratch is reset by db_clock_get:
+	 * the values were converted into memory it does not own) */
+	old = MemoryContextSwitchTo(db->cxt);
+	{
+		pgs_value *copy = palloc(sizeof(pgs_value) * Max(t->ncols, 1));
+
+		for (int i = 0; i < t->ncols; i++)
+		{
+			copy[i] = vals[i];
+			if (vals[i].type == PGS_TEXT || vals[i].type == PGS_BLOB)
+			{
+				uint8_t *p = palloc(vals[i].len + 1);
+
+				memcpy(p, vals[i].v.p, vals[i].len);
+				copy[i].v.p = p;
+			}
+		}
+		vals = copy;
+	}
+	MemoryContextSwitchTo(old);
+	if ((rc = db_clock_get(db, t, pk, &found, &dcl, &b, &bl, err)) != PGS_OK)
+		return rc;
+	if (!found || !(dcl & 1))
+	{
+		*visible = false;
+		return PGS_OK;
+	}
+	*cl = dcl;
+	*blob = b;
+	*blob_len = bl;
+	*cols = vals;
+	return PGS_OK;
+}

@@ -671,12 +671,12 @@ pg_plan_probe(db_table *t, bool clock)
 		appendStringInfoString(&b, "SELECT ");
 		pk_list(&b, t, a);
 		if (clock)
-			appendStringInfo(&b, ", c.cl, c.clk FROM %s c JOIN pg_catalog.unnest(", t->q_clock);
+			appendStringInfo(&b, ", c.cl, c.clk FROM %s c JOIN ROWS FROM (", t->q_clock);
 		else
 		{
 			for (i = 0; i < t->ncols; i++)
 				appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
-			appendStringInfo(&b, " FROM %s b JOIN pg_catalog.unnest(", t->q_base);
+			appendStringInfo(&b, " FROM %s b JOIN ROWS FROM (", t->q_base);
 		}
 		for (i = 0; i < t->npk; i++)
 		{
@@ -686,7 +686,7 @@ pg_plan_probe(db_table *t, bool clock)
 				elog(ERROR, "pgsync: no array type for key column %s of %s", t->pk[i].name,
 					 t->name);
 			types[i] = arr;
-			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
+			appendStringInfo(&b, "%spg_catalog.unnest($%d)", i ? ", " : "", i + 1);
 		}
 		appendStringInfoString(&b, ") AS k(");
 		for (i = 0; i < t->npk; i++)

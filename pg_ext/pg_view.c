@@ -32,6 +32,7 @@
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rls.h"
@@ -119,6 +120,10 @@ pg_vis_changed_in(Oid relid, int64 since, int64 until)
 
 	if (until <= since)
 		return false;
+	vals[0] = ObjectIdGetDatum(relid);
+	vals[1] = Int64GetDatum(since);
+	vals[2] = Int64GetDatum(until);
+	pg_as_meta(&us); /* also for the prepare: names resolve as the owner */
 	if (plan == NULL)
 	{
 		plan = SPI_prepare("SELECT 1 FROM pgsync.vis_log WHERE tbl = $1 AND ver > $2 AND ver <= $3 "
@@ -128,10 +133,6 @@ pg_vis_changed_in(Oid relid, int64 since, int64 until)
 			elog(ERROR, "SPI_prepare failed");
 		SPI_keepplan(plan);
 	}
-	vals[0] = ObjectIdGetDatum(relid);
-	vals[1] = Int64GetDatum(since);
-	vals[2] = Int64GetDatum(until);
-	pg_as_meta(&us);
 	if (SPI_execute_plan(plan, vals, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.vis_log failed");
 	pg_as_caller(&us);
@@ -452,6 +453,8 @@ db_site_check(db_conn *db, uint32_t idx, pgs_err *err)
 			return rc;
 		if (memcmp(site, pg_cur_device, PGS_SITE_LEN) == 0)
 			return PGS_OK;
+		vals[0] = uuid_datum(site);
+		pg_as_meta(&us);
 		if (plan == NULL)
 		{
 			plan = SPI_prepare("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
@@ -459,8 +462,6 @@ db_site_check(db_conn *db, uint32_t idx, pgs_err *err)
 				elog(ERROR, "SPI_prepare failed");
 			SPI_keepplan(plan);
 		}
-		vals[0] = uuid_datum(site);
-		pg_as_meta(&us);
 		if (SPI_execute_plan(plan, vals, NULL, true, 1) != SPI_OK_SELECT)
 			elog(ERROR, "pgsync: reading pgsync.devices failed");
 		pg_as_caller(&us);
@@ -574,38 +575,46 @@ fingerprint(db_conn *db)
 
 /*
  * device_view: record this pull for the device and say whether every table
- * must be a snapshot: the device's fingerprint changed now, or changed
- * within (since, until] (a snapshot the device has not applied yet).
+ * must be a snapshot: what decides the device's view (its fingerprint)
+ * changed now, or changed since the pull whose generation the device last
+ * saw (seen_gen, carried in its cursor: a device that did not apply the
+ * snapshot comes back with the old generation and gets it again).
  */
 static bool
-device_view(db_conn *db, int64 since, int64 until)
+device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 {
-	Oid	   types[4] = {UUIDOID, BYTEAOID, INT8OID, INT8OID};
+	Oid	   types[4] = {UUIDOID, BYTEAOID, INT8OID, INT4OID};
 	Datum  vals[4];
 	uint64 fp = fingerprint(db);
 	bytea *fpb = pg_bytea(CurrentMemoryContext, &fp, sizeof fp);
 	bool   changed, isnull, stale;
-	int64  fp_ver;
+	int32  cur;
 
 	vals[0] = uuid_datum(pg_cur_device);
-	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_ver, last_seen < now() - interval '1 "
+	vals[1] = PointerGetDatum(fpb);
+	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, last_seen < now() - interval '1 "
 			  "minute' FROM pgsync.devices WHERE site = $1",
-			  2, types, (Datum[]){vals[0], PointerGetDatum(fpb)}, true, 1);
+			  2, types, vals, true, 1);
 	if (SPI_processed != 1)
+	{
+		*gen = 0;
 		return true; /* unknown device (sync_device not called?): start over */
+	}
 	changed = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	fp_ver = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	cur = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	stale = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+	if (changed)
+		cur = cur == PG_INT32_MAX ? 1 : cur + 1;
 	if (changed || stale)
 	{
-		vals[1] = PointerGetDatum(fpb);
 		vals[2] = Int64GetDatum(since);
-		vals[3] = Int64GetDatum(changed ? current_xid8() : fp_ver);
-		meta_exec("UPDATE pgsync.devices SET fingerprint = $2, fp_ver = $4, last_seen = now(), "
+		vals[3] = Int32GetDatum(cur);
+		meta_exec("UPDATE pgsync.devices SET fingerprint = $2, fp_gen = $4, last_seen = now(), "
 				  "acked = greatest(acked, $3) WHERE site = $1",
 				  4, types, vals, false, 0);
 	}
-	return changed || (fp_ver > since && fp_ver <= until);
+	*gen = cur;
+	return changed || seen_gen != cur;
 }
 
 /* ---- sealed cursors ------------------------------------------------------ */
@@ -756,8 +765,9 @@ sync_pull(PG_FUNCTION_ARGS)
 	MemoryContext	outer = CurrentMemoryContext;
 	MemoryContext	cxt;
 	TupleDesc		tupdesc;
-	Datum			values[3];
-	bool			nulls[3] = {true, true, false};
+	Datum			values[4];
+	bool			nulls[4] = {true, true, false, false};
+	int32			gen = 0, seen_gen = PG_NARGS() > 3 && !PG_ARGISNULL(3) ? PG_GETARG_INT32(3) : 0;
 	db_conn			db;
 	pgs_build_opts	o;
 	pgs_build_stats st;
@@ -799,17 +809,25 @@ sync_pull(PG_FUNCTION_ARGS)
 	}
 	if (db_version_safe(&db, &until, &err) != PGS_OK)
 		pg_raise(&err);
-	o.until = until < o.since ? o.since : until;
+	if (o.since > until)
+		ereport(ERROR,
+				(errcode(MAKE_SQLSTATE('P', 'S', '4', '0', '9')), errmsg("cursor ahead of server"),
+				 errdetail("since=%lld is newer than anything this database has handed out "
+						   "(%lld).",
+						   (long long) o.since, (long long) until),
+				 errhint("The database was replaced or restored from a backup: pull again from 0 "
+						 "and send everything.")));
+	o.until = until;
 	o.view = true;
 	o.compress = 1;
 	if (pg_have_device)
 	{
+		bool all = device_view(&db, o.since, seen_gen, &gen);
+
 		o.exclude_site = pg_cur_device;
 		if (!o.after)
-			o.snapshot_all = device_view(&db, o.since, o.until);
+			o.snapshot_all = all; /* later chunks: pinned in the token */
 	}
-	else if (!o.after)
-		o.snapshot_all = false;
 	pgs_buf_init(&out);
 	pgs_buf_init(&next);
 	if (o.since < o.until || o.after || o.snapshot_all)
@@ -837,9 +855,104 @@ sync_pull(PG_FUNCTION_ARGS)
 		values[1] = PointerGetDatum(pg_cursor_seal(outer, next.p, next.len));
 		nulls[1] = false;
 	}
+	values[3] = Int32GetDatum(gen);
 	SPI_finish();
 	pg_core_memory(NULL);
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(cxt);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ---- rows a device asks for ------------------------------------------------ */
+
+/* json_key: the key of t named by a JSON object {col: value} (strings and numbers). */
+static bool
+json_key(db_table *t, cJSON *o, pgs_value *pk)
+{
+	if (!cJSON_IsObject(o))
+		return false;
+	for (int i = 0; i < t->npk; i++)
+	{
+		cJSON *v = cJSON_GetObjectItemCaseSensitive(o, t->pk_names[i]);
+
+		if (cJSON_IsString(v))
+			pk[i] = (pgs_value){.type = PGS_TEXT,
+								.len = (uint32_t) strlen(v->valuestring),
+								.v.p = (const uint8_t *) v->valuestring};
+		else if (cJSON_IsNumber(v) && v->valuedouble == (double) (int64) v->valuedouble)
+			pk[i] = (pgs_value){.type = PGS_INT, .v.i = (int64) v->valuedouble};
+		else if (cJSON_IsNumber(v))
+			pk[i] = (pgs_value){.type = PGS_REAL, .v.r = v->valuedouble};
+		else if (cJSON_IsBool(v))
+			pk[i] = (pgs_value){.type = PGS_INT, .v.i = cJSON_IsTrue(v) ? 1 : 0};
+		else
+			return false;
+	}
+	return true;
+}
+
+#define ROWS_MAX 10000
+
+PG_FUNCTION_INFO_V1(sync_rows);
+
+/*
+ * sync_rows(keys jsonb): a payload of the rows a receiver lacks, whole, as
+ * the caller may see them; each key it may not see (or that is gone, or in
+ * a table not synced here) comes back ABSENT, so the receiver forgets it.
+ * keys: [{"table": "notes", "pk": {"id": "n1"}}, ...], at most 10000.
+ */
+Datum
+sync_rows(PG_FUNCTION_ARGS)
+{
+	char		 *keys = DatumGetCString(DirectFunctionCall1(jsonb_out, PG_GETARG_DATUM(0)));
+	MemoryContext outer = CurrentMemoryContext, cxt;
+	cJSON		 *j = cJSON_Parse(keys), *it;
+	pgs_row_ref	 *rows;
+	uint32		  n = 0;
+	db_conn		  db;
+	pgs_buf		  out;
+	pgs_err		  err;
+	bytea		 *res;
+
+	if (!cJSON_IsArray(j) || cJSON_GetArraySize(j) > ROWS_MAX)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						errmsg("keys must be a JSON array of at most %d {\"table\", \"pk\"} objects",
+							   ROWS_MAX)));
+	pg_payload_guard();
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync rows", ALLOCSET_DEFAULT_SIZES);
+	pg_core_memory(cxt);
+	SPI_connect();
+	pg_conn_init(&db, cxt);
+	rows = palloc(sizeof(pgs_row_ref) * (cJSON_GetArraySize(j) + 1));
+	cJSON_ArrayForEach(it, j)
+	{
+		cJSON	 *tn = cJSON_GetObjectItemCaseSensitive(it, "table");
+		db_table *t;
+		pgs_value *pk;
+
+		if (!cJSON_IsString(tn))
+			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							errmsg("every key needs a \"table\" name")));
+		if (db_table_find(&db, (const uint8_t *) tn->valuestring, strlen(tn->valuestring), &t,
+						  &err) != PGS_OK)
+			continue; /* not synced here: nothing to send */
+		pk = palloc(sizeof(pgs_value) * t->npk);
+		if (!json_key(t, cJSON_GetObjectItemCaseSensitive(it, "pk"), pk))
+			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							errmsg("key of table \"%s\" is not an object of its key columns",
+								   t->name)));
+		rows[n].t = t;
+		rows[n].pk = pk;
+		n++;
+	}
+	pgs_buf_init(&out);
+	if (pgs_build_rows(&db, rows, n, &out, &err) != PGS_OK)
+		pg_raise(&err);
+	res = pg_bytea(outer, out.p, out.len);
+	SPI_finish();
+	pg_core_memory(NULL);
+	cJSON_Delete(j);
+	MemoryContextSwitchTo(outer);
+	MemoryContextDelete(cxt);
+	PG_RETURN_BYTEA_P(res);
 }

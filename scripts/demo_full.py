@@ -16,8 +16,7 @@ from harness import Env, EXT, token  # noqa: E402
 
 SCHEMA = """
 CREATE EXTENSION pgsync;
-GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) TO authenticator;
-GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid, integer, bytea) TO authenticator;
+GRANT EXECUTE ON FUNCTION sync_device(uuid, text) TO authenticator;
 CREATE TABLE todos(id text PRIMARY KEY, owner text NOT NULL, title text, done integer DEFAULT 0);
 SELECT sync_init('todos');
 ALTER TABLE todos ENABLE ROW LEVEL SECURITY;

@@ -107,6 +107,33 @@ role_allowed(const char *role)
 }
 
 /* auth_check verifies token and fills out (auth_free it even on failure). */
+/*
+ * time_claim reads a NumericDate claim (RFC 7519: seconds since the epoch).
+ * Absent is fine; anything else than a finite number in [0, 253402300799]
+ * (year 9999) is a 401: such a value cannot be compared without overflow.
+ */
+static bool
+time_claim(const cJSON *claims, const char *name, int64_t *out, bool *present, srv_error *e)
+{
+	const cJSON *c = cJSON_GetObjectItemCaseSensitive(claims, name);
+	double		 v;
+
+	*present = c != NULL;
+	*out = 0;
+	if (!c)
+		return true;
+	if (!cJSON_IsNumber(c))
+		return srv_fail(e, 401, "invalid token", auth_hint, "The %s claim is not a number.", name);
+	v = c->valuedouble;
+	if (!(v >= 0 && v <= 253402300799.0)) /* also false for NaN */
+		return srv_fail(e, 401, "invalid token", auth_hint,
+						"The %s claim is out of range: a time in seconds since 1970, before the "
+						"year 10000, is expected.",
+						name);
+	*out = (int64_t) v;
+	return true;
+}
+
 bool
 auth_check(const char *token, auth_info *out, srv_error *e)
 {
@@ -161,30 +188,42 @@ auth_check(const char *token, auth_info *out, srv_error *e)
 		srv_fail(e, 401, "invalid token", auth_hint, "The token's claims are not a JSON object.");
 		goto out;
 	}
-	c = cJSON_GetObjectItemCaseSensitive(claims, "exp");
-	if (c && !cJSON_IsNumber(c))
+	/* times: numbers of seconds in [0, year 9999], checked before any arithmetic */
 	{
-		srv_fail(e, 401, "invalid token", auth_hint, "The exp claim is not a number.");
-		goto out;
-	}
-	if (c)
-	{
-		out->exp = (int64_t) c->valuedouble;
-		if (now > out->exp + cfg.jwt_leeway)
+		int64_t exp = 0, nbf = 0, iat = 0;
+		bool	has_exp, has_nbf, has_iat;
+
+		if (!time_claim(claims, "exp", &exp, &has_exp, e) ||
+			!time_claim(claims, "nbf", &nbf, &has_nbf, e) ||
+			!time_claim(claims, "iat", &iat, &has_iat, e))
+			goto out;
+		if (has_exp)
 		{
-			srv_fail(e, 401, "token expired",
-					 "Get a new token from your identity provider and retry.",
-					 "The token expired %lld seconds ago.", (long long) (now - out->exp));
+			out->exp = exp;
+			if (now > exp + cfg.jwt_leeway)
+			{
+				srv_fail(e, 401, "token expired",
+						 "Get a new token from your identity provider and retry.",
+						 "The token expired %lld seconds ago.", (long long) (now - exp));
+				goto out;
+			}
+		}
+		if (has_nbf && now + cfg.jwt_leeway < nbf)
+		{
+			srv_fail(e, 401, "token not yet valid",
+					 "Check the clocks of the server and of the token issuer.",
+					 "The token's nbf claim is %lld seconds in the future.",
+					 (long long) (nbf - now));
 			goto out;
 		}
-	}
-	c = cJSON_GetObjectItemCaseSensitive(claims, "nbf");
-	if (c && (!cJSON_IsNumber(c) || now + cfg.jwt_leeway < (int64_t) c->valuedouble))
-	{
-		srv_fail(e, 401, "token not yet valid",
-				 "Check the clocks of the server and of the token issuer.",
-				 "The token's nbf claim is in the future.");
-		goto out;
+		if (has_iat && now + cfg.jwt_leeway < iat)
+		{
+			srv_fail(e, 401, "token not yet valid",
+					 "Check the clocks of the server and of the token issuer.",
+					 "The token's iat claim says it was issued %lld seconds in the future.",
+					 (long long) (iat - now));
+			goto out;
+		}
 	}
 	c = cJSON_GetObjectItemCaseSensitive(claims, cfg.role_claim);
 	if (c && !cJSON_IsString(c))
@@ -215,6 +254,11 @@ auth_check(const char *token, auth_info *out, srv_error *e)
 	else
 		snprintf(out->subject, sizeof out->subject, "tok:%016llx",
 				 (unsigned long long) fnv1a(token));
+	/* the principal that owns the devices it syncs: the subject, else the role */
+	if (cJSON_IsString(c) && c->valuestring[0] && strlen(c->valuestring) < sizeof out->principal)
+		snprintf(out->principal, sizeof out->principal, "%s", c->valuestring);
+	else
+		snprintf(out->principal, sizeof out->principal, "role:%s", role);
 	out->claims = grants;
 	grants = NULL;
 	ok = true;

@@ -73,7 +73,6 @@ static const struct setting
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),
 	S("ws_ping_s", K_INT, ws_ping_s, 1, 3600, "WebSocket ping period (30)"),
-	S("pull_filter", K_BOOL, pull_filter, 0, 0, "apply row-level security to pulls (true)"),
 	S("log_requests", K_BOOL, log_requests, 0, 0, "one log line per request (false)"),
 	S("log_format", K_STR, log_format, 0, 0, "text or json: the shape of log lines (text)"),
 	S("tls_cert", K_STR, tls_cert, 0, 0,
@@ -118,7 +117,6 @@ config_defaults(srv_config *c)
 	c->pull_max_rows = 10000; /* bounded memory for large first syncs */
 	c->max_connections = 10000;
 	c->ws_ping_s = 30;
-	c->pull_filter = true;
 	c->log_format = strdup("text");
 }
 

@@ -46,7 +46,9 @@ typedef struct req
 	size_t		 discarded;
 	bool		 too_big;
 	int64_t		 since;
-	char		*token_hex; /* chunked pull: the token of a "c" cursor (malloc), or NULL */
+	int32_t		 gen;		 /* generation of the device's view, from the cursor */
+	uint8_t		*sealed;	 /* chunked pull: the sealed token of a chunk cursor (malloc) */
+	size_t		 sealed_len;
 	uint32_t	 max_rows;	/* chunked pull: rows per chunk, 0 = one payload */
 	char		 exclude[37];
 	bool		 has_exclude;
@@ -135,7 +137,8 @@ send_error(struct MHD_Connection *conn, req *r, const srv_error *e)
 	if (e->status == 426)
 		MHD_add_response_header(resp, "Sec-WebSocket-Version", "13");
 	if (e->status == 405)
-		MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->ep == EP_PUSH ? "POST" : "GET");
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
+								r->ep == EP_PUSH || r->ep == EP_ROWS ? "POST" : "GET");
 	if (e->status == 413)
 		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
 	return queue(conn, r, e->status, resp);
@@ -181,14 +184,18 @@ free_pull(void *cls)
 }
 
 static enum MHD_Result
-send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, pull_result *pr)
+send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, int32_t gen, pull_result *pr)
 {
 	struct MHD_Response *resp;
-	char				 num[24];
+	char				 num[48];
 	char				*cur = num;
 	bool				 more = pr && pr->more;
+	pgs_buf				 text;
 
-	snprintf(num, sizeof num, "%lld", (long long) cursor);
+	pgs_buf_init(&text);
+	pgs_cursor_format(&text, cursor, gen, NULL, 0);
+	snprintf(num, sizeof num, "%s", text.p ? (const char *) text.p : "0");
+	pgs_buf_free(&text);
 	if (more && !(cur = strdup(pr->more)))
 	{
 		pull_result_free(pr);
@@ -352,10 +359,6 @@ do_push(struct MHD_Connection *conn, req *r)
 		return fail(conn, r, 400, "empty body",
 					"Send the payload returned by sync_payload as the body.",
 					"POST /v1/push needs a payload.");
-	if (r->len < 56 || memcmp(r->body, "PGSY", 4) != 0)
-		return fail(conn, r, 400, "malformed payload",
-					"Send the bytes returned by sync_payload unchanged.",
-					"The body (%zu bytes) does not start with a pgsync payload header.", r->len);
 	{
 		/* header, lengths and checksum, before spending a Postgres round trip */
 		pgs_header h;
@@ -380,6 +383,46 @@ do_push(struct MHD_Connection *conn, req *r)
 	return send_json(conn, r, 200, json);
 }
 
+/*
+ * do_rows: POST /v1/rows?exclude=<site>, body {"rows": [{"table", "pk"}]}:
+ * the rows a device lacks, whole, as the token's role may see them.
+ */
+static enum MHD_Result
+do_rows(struct MHD_Connection *conn, req *r)
+{
+	const char *excl = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "exclude");
+	cJSON	   *j, *rows;
+	char	   *keys;
+	pull_result pr;
+	srv_error	e;
+	bool		ok;
+
+	if (r->too_big)
+		return fail(conn, r, 413, "request too large", "Ask for fewer rows at a time.",
+					"The body exceeds the server's limit of %zu bytes.", cfg.max_body);
+	if (excl && *excl && !valid_uuid(excl))
+		return fail(conn, r, 400, "bad site id", "Pass the client's sync_site_id().",
+					"exclude=\"%.64s\" is not a UUID.", excl);
+	j = cJSON_ParseWithLength((const char *) r->body, r->len);
+	rows = cJSON_GetObjectItemCaseSensitive(j, "rows");
+	if (!cJSON_IsArray(rows))
+	{
+		cJSON_Delete(j);
+		return fail(conn, r, 400, "bad request",
+					"Send {\"rows\": [{\"table\": ..., \"pk\": {...}}]} (docs/PROTOCOL.md).",
+					"The body is not the JSON of POST /v1/rows.");
+	}
+	keys = cJSON_PrintUnformatted(rows);
+	cJSON_Delete(j);
+	if (!keys)
+		return MHD_NO;
+	ok = sync_rows(&r->auth, excl && *excl ? excl : NULL, keys, strlen(keys), &pr, &e);
+	cJSON_free(keys);
+	if (!ok)
+		return send_error(conn, r, &e);
+	return send_cursor(conn, r, 0, 0, &pr);
+}
+
 /* do_pull pulls; parks the request when nothing is new and it may wait. */
 static enum MHD_Result
 do_pull(struct MHD_Connection *conn, req *r)
@@ -391,33 +434,26 @@ do_pull(struct MHD_Connection *conn, req *r)
 		srv_error	e;
 		bool		parked;
 
-		if (!sync_pull(&r->auth, r->since, r->has_exclude ? r->exclude : NULL, r->max_rows,
-					   r->token_hex, &pr, &e))
+		if (!sync_pull(&r->auth, r->since, r->gen, r->has_exclude ? r->exclude : NULL,
+					   r->max_rows, r->sealed, r->sealed_len, &pr, &e))
 			return send_error(conn, r, &e);
 		if (pr.payload)
-			return send_cursor(conn, r, pr.cursor, &pr);
-		if (pr.more)
-		{
-			/* the filter hid every row of this chunk: go on with the next */
-			free(r->token_hex);
-			r->token_hex = strdup(pr.more + 1);
-			pull_result_free(&pr);
-			if (!r->token_hex)
-				return MHD_NO;
-			continue;
-		}
-		if (r->token_hex)
+			return send_cursor(conn, r, pr.cursor, pr.gen, &pr);
+		if (r->sealed)
 		{
 			/* a chunk always has a payload; the pull is over */
-			free(r->token_hex);
-			r->token_hex = NULL;
+			free(r->sealed);
+			r->sealed = NULL;
+			r->sealed_len = 0;
 		}
 		r->since = pr.cursor;
+		r->gen = pr.gen;
+		pull_result_free(&pr);
 		if (r->deadline == 0 || srv_now_ms() >= r->deadline)
-			return send_cursor(conn, r, r->since, NULL);
+			return send_cursor(conn, r, r->since, r->gen, NULL);
 		r->w = hub_suspend(conn, r->w, g, r->since, r->deadline, &parked);
 		if (!r->w)
-			return send_cursor(conn, r, r->since, NULL);
+			return send_cursor(conn, r, r->since, r->gen, NULL);
 		if (parked)
 			return MHD_YES; /* resumed by hub.c: we run again */
 	}
@@ -481,6 +517,7 @@ route(req *r, const char *url, const char *method)
 		srv_endpoint ep;
 	} routes[] = {
 		{"/v1/push", "POST", EP_PUSH},	 {"/v1/pull", "GET", EP_PULL},	  {"/v1/ws", "GET", EP_WS},
+		{"/v1/rows", "POST", EP_ROWS},
 		{"/healthz", "GET", EP_HEALTHZ}, {"/metrics", "GET", EP_METRICS},
 	};
 
@@ -520,7 +557,7 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 		return true;
 	if (!authorize(conn, r, ret))
 		return false;
-	if (r->ep == EP_PUSH)
+	if (r->ep == EP_PUSH || r->ep == EP_ROWS)
 	{
 		const char *cl =
 			MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
@@ -553,43 +590,30 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 			return false;
 		}
 		r->max_rows = (uint32_t) mrv;
-		if (since && since[0] == 'c')
+		if (since)
 		{
-			/* a chunk cursor: "c" + hex of the token (version, since, ...) */
-			size_t	 n = strlen(since + 1);
-			uint8_t	 head[16] = {0};
-			size_t	 hn = 0;
-			uint64_t v = 0;
-			bool	 ok = n > 0 && n % 2 == 0 && n <= 2 * SRV_MAX_TOKEN;
+			pgs_cursor c;
+			uint8_t	  *buf = malloc(PGS_MAX_SEALED);
 
-			for (size_t i = 0; ok && i < n; i++)
-				ok = (since[1 + i] >= '0' && since[1 + i] <= '9') ||
-					 (since[1 + i] >= 'a' && since[1 + i] <= 'f');
-			for (size_t i = 0; ok && i < n / 2 && hn < sizeof head; i++)
+			if (!buf || !pgs_cursor_parse(since, &c, buf))
 			{
-				char b[3] = {since[1 + 2 * i], since[2 + 2 * i], 0};
-
-				head[hn++] = (uint8_t) strtoul(b, NULL, 16);
-			}
-			ok = ok && hn >= 2 && head[0] == 1 && pgs_varint_get(head + 1, head + hn, &v) > 0 &&
-				 v <= (uint64_t) INT64_MAX;
-			if (!ok || !(r->token_hex = strdup(since + 1)))
-			{
+				free(buf);
 				*ret = fail(conn, r, 400, "bad cursor",
 							"Pass back the X-Pgsync-Cursor of the last pull, or 0.",
 							"since=\"%.64s\" is not a cursor this server handed out.", since);
 				return false;
 			}
-			r->since = (int64_t) v;
-			if (!r->max_rows)
-				r->max_rows = 10000; /* a chunk cursor without max_rows */
-		}
-		else if (since && !parse_int(since, INT64_MAX, &r->since))
-		{
-			*ret = fail(conn, r, 400, "bad cursor",
-						"Pass back the X-Pgsync-Cursor of the last pull, or 0.",
-						"since=\"%.64s\" is not a cursor this server handed out.", since);
-			return false;
+			r->since = c.since;
+			r->gen = c.gen;
+			if (c.sealed)
+			{
+				r->sealed = buf;
+				r->sealed_len = c.sealed_len;
+				if (!r->max_rows)
+					r->max_rows = 10000; /* a chunk cursor without max_rows */
+			}
+			else
+				free(buf);
 		}
 		if (excl && *excl)
 		{
@@ -638,12 +662,13 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 		if (!first_call(conn, r, url, method, &ret))
 			return ret;
 		r->ready = true;
-		if (r->ep == EP_PUSH)
+		if (r->ep == EP_PUSH || r->ep == EP_ROWS)
 			return MHD_YES; /* the body follows */
 	}
 	switch (r->ep)
 	{
 		case EP_PUSH:
+		case EP_ROWS:
 			if (*upload_data_size)
 			{
 				size_t n = *upload_data_size;
@@ -673,7 +698,7 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 				r->len += n;
 				return MHD_YES;
 			}
-			return do_push(conn, r);
+			return r->ep == EP_PUSH ? do_push(conn, r) : do_rows(conn, r);
 		case EP_PULL:
 		case EP_LONGPOLL:
 			if (*upload_data_size)
@@ -688,7 +713,7 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 				if (s == HUB_WAITING)
 					return MHD_YES; /* spurious call while parked */
 				if (s != HUB_CHANGED)
-					return send_cursor(conn, r, r->since, NULL);
+					return send_cursor(conn, r, r->since, r->gen, NULL);
 			}
 			return do_pull(conn, r);
 		case EP_WS:
@@ -747,7 +772,7 @@ completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	hub_forget(r->w);
 	auth_free(&r->auth);
 	free(r->body);
-	free(r->token_hex);
+	free(r->sealed);
 	free(r);
 	*con_cls = NULL;
 }

@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const ep_names[EP_COUNT] = {"push",	  "pull",	 "longpoll", "ws",
+static const char *const ep_names[EP_COUNT] = {"push",	  "pull",	 "longpoll", "ws", "rows",
 											   "healthz", "metrics", "other"};
 static const int		 statuses[] = {101, 200, 204, 400, 401, 403, 404, 405,
 									   409, 413, 422, 426, 429, 500, 503};

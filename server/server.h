@@ -66,7 +66,6 @@ typedef struct srv_config
 	int	  poll_ms;		/* sync_db_version() polling period */
 	int	  max_connections;
 	int	  ws_ping_s;
-	bool  pull_filter; /* drop rows the role cannot SELECT from pulls */
 	bool  log_requests;
 	char *log_format; /* "text" or "json" */
 	char *tls_cert;	  /* PEM certificate (chain) path; NULL = plain HTTP */
@@ -165,7 +164,8 @@ typedef struct auth_info
 {
 	char	role[SRV_ROLE_MAX + 1];
 	char   *claims;		  /* JSON text of every claim (malloc) */
-	char	subject[160]; /* rate-limit identity */
+	char	subject[160];	/* rate-limit identity */
+	char	principal[200]; /* owner of the devices it syncs: sub, else "role:<role>" */
 	int64_t exp;		  /* 0 = no expiry */
 } auth_info;
 
@@ -192,23 +192,23 @@ typedef struct push_result
 typedef struct pull_result
 {
 	PGresult	  *res;		/* owns payload, or NULL */
-	uint8_t		  *owned;	/* or this malloc'd copy owns it (filtered) */
 	const uint8_t *payload; /* NULL = nothing new */
 	size_t		   len;
 	int64_t		   cursor; /* next since */
-	char		  *more;   /* chunked: "c<hex token>" cursor of the next chunk (malloc), or NULL */
+	int32_t		   gen;	   /* generation of the device's view (in the cursor) */
+	char		  *more;   /* chunked: the cursor text of the next chunk (malloc), or NULL */
 } pull_result;
 
-/* Chunked pulls: a continuation cursor is "c" + the hex of the core's token. */
-#define SRV_MAX_TOKEN 4096
-#define SRV_MAX_CURSOR (1 + 2 * SRV_MAX_TOKEN)
-
 bool sync_push(const auth_info *a, const uint8_t *body, size_t len, push_result *out, srv_error *e);
-/* sync_pull: max_rows > 0 chunks the pull; token_hex (NULL for the first
- * chunk) is the hex of the continuation token of a "c" cursor. */
-bool sync_pull(const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
-			   const char *token_hex, pull_result *out, srv_error *e);
+/* sync_pull: max_rows > 0 chunks the pull; sealed (NULL for the first chunk)
+ * is the sealed continuation of a chunk cursor (pgs_cursor_parse). */
+bool sync_pull(const auth_info *a, int64_t since, int32_t gen, const char *exclude,
+			   uint32_t max_rows, const uint8_t *sealed, size_t sealed_len, pull_result *out,
+			   srv_error *e);
 void pull_result_free(pull_result *r);
+/* sync_rows: the rows a device lacks, whole (body: the JSON of POST /v1/rows). */
+bool sync_rows(const auth_info *a, const char *device, const char *json, size_t len,
+			   pull_result *out, srv_error *e);
 /* sync_server_site: the server's site id text ("" until known). */
 const char *sync_server_site(void);
 /* sync_learn_site reads sync_site_id() on conn once; harmless to repeat. */
@@ -270,6 +270,7 @@ typedef enum srv_endpoint
 	EP_PULL,
 	EP_LONGPOLL,
 	EP_WS,
+	EP_ROWS,
 	EP_HEALTHZ,
 	EP_METRICS,
 	EP_OTHER,

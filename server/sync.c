@@ -1,33 +1,37 @@
 /*
  * sync.c — the Postgres side of push and pull.
  *
- * Push, 3 round trips, role and claims first so that RLS judges every row:
- *   BEGIN; SET LOCAL ROLE "r"; SELECT set_config('request.jwt.claims', c, true);
+ * Both act for the device the request names and as the token's role, so
+ * that privileges and RLS judge every row, in one transaction:
+ *
+ * Push, 3 round trips:
+ *   BEGIN; SELECT sync_device('<payload origin>', '<principal>');
+ *   SET LOCAL ROLE "r"; SELECT set_config('request.jwt.claims', c, true);
  *   SELECT sync_apply_payload($1);
  *   SELECT sync_db_version(), <sync_rejections() as JSON>,
- *          pg_notify('pgsync_changes', pg_current_xact_id()::text);  -- if anything won
+ *          pg_notify('pgsync_changes', ...);        -- if anything won
  *   COMMIT;
- * Pull, 1 round trip when nothing is new (autocommit, as the server's login
- * role, to which sync_payload is granted; it reads every synced row):
- *   SELECT s.v, sync_payload($since[, $exclude])
- *     FROM (SELECT sync_db_version() AS v OFFSET 0) s;
- * then filter.c drops the rows the token's role may not SELECT.
- *
- * The cursor of an empty pull is the safe version read *before* the payload
- * was built (the OFFSET 0 fence orders the two): the payload would have held
- * every change up to it, so nothing is skipped. A since above the safe
- * version means the database was replaced or restored (409). Every request
- * is idempotent, so a connection that broke under us is retried once on a
+ * Pull, 3 round trips, one snapshot (REPEATABLE READ):
+ *   BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sync_device('<exclude>', ...);
+ *   SET LOCAL ROLE "r"; SELECT set_config(...);
+ *   SELECT payload, next_cursor, until FROM sync_pull($since, $max_rows, $cursor);
+ *   COMMIT;
+ * sync_pull builds the device's exact view inside Postgres (docs/DESIGN.md,
+ * "Visibility"); the server passes bytes through and never reads or writes
+ * the payload format. sync_device binds a site id to the principal that
+ * first used it and refuses another principal's (403). Every request is
+ * idempotent, so a connection that broke under us is retried once on a
  * fresh connection, serialization failures and deadlocks up to 3 times.
  */
 #include "server.h"
+
+#include "core/pgsync.h"
 
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "filter.h"
 
 static pthread_mutex_t site_mu = PTHREAD_MUTEX_INITIALIZER;
 static char			   server_site[37];
@@ -101,7 +105,15 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 		return PQstatus(conn) != CONNECTION_OK || !st || sqlstate_is(st, "08") ||
 			   sqlstate_is(st, "57P");
 	}
-	if (sqlstate_is(st, "22P03") || sqlstate_is(st, "0A000") || sqlstate_is(st, "22023") ||
+	if (sqlstate_is(st, "22023") && strcmp(what, "sync_rows") == 0)
+		srv_fail(e, 400, "bad request",
+				 "Send {\"rows\": [{\"table\": ..., \"pk\": {...}}]} (docs/PROTOCOL.md).", "%s", d);
+	else if (sqlstate_is(st, "PS409"))
+		srv_fail(e, 409, "cursor ahead of server",
+				 "The server's database was replaced or restored from a backup: pull again from 0 "
+				 "and send everything.",
+				 "%s", d);
+	else if (sqlstate_is(st, "22P03") || sqlstate_is(st, "0A000") || sqlstate_is(st, "22023") ||
 		sqlstate_is(st, "22004"))
 		srv_fail(e, 400, "malformed payload",
 				 hint ? hint : "Send the bytes returned by sync_payload unchanged.", "%s", d);
@@ -115,11 +127,15 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 					  : "Migrate the server schema (and call sync_init) before clients use new "
 						"tables or columns.",
 				 "%s", d);
-	else if (sqlstate_is(st, "42501") && strcmp(what, "sync_payload") == 0)
-		srv_fail(e, 500, "server may not read changes",
-				 "The administrator must GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) "
-				 "and sync_payload(bigint, uuid, integer, bytea) to the server's login role.",
+	else if (sqlstate_is(st, "42501") && strcmp(what, "sync_device") == 0 &&
+			 strstr(d, "permission denied for function"))
+		srv_fail(e, 500, "server may not act for devices",
+				 "The administrator must GRANT EXECUTE ON FUNCTION sync_device(uuid, text) to the "
+				 "server's login role (docs/SERVER.md).",
 				 "%s", d);
+	else if (sqlstate_is(st, "42501") && strcmp(what, "sync_device") == 0)
+		srv_fail(e, 403, "device belongs to another principal",
+				 hint ? hint : "Each device keeps its own site id.", "%s", d);
 	else if (sqlstate_is(st, "42501"))
 		srv_fail(e, 403, "forbidden",
 				 hint ? hint : "Ask an administrator for the privileges this request needs.", "%s",
@@ -160,50 +176,53 @@ checked(PGconn *conn, PGresult *r, const char *what, bool *broken, bool *retry, 
 	return NULL;
 }
 
+static PGresult *exec_multi(PGconn *conn, const char *sql, int keep, const char *what,
+							bool *broken, bool *retry, srv_error *e);
+
 /*
- * sync_begin_as opens a transaction as the token's role with its claims, in one
- * round trip: BEGIN; SET LOCAL ROLE "r"; SELECT set_config(...).
+ * begin_for opens the transaction of a request in one round trip: BEGIN
+ * (REPEATABLE READ for pulls: one snapshot), sync_device for the device (when
+ * the request names one), then SET LOCAL ROLE and the claims. The device is
+ * set before SET ROLE: only the server's login role may execute sync_device.
  */
-bool
-sync_begin_as(PGconn *conn, const auth_info *a, bool *broken, bool *retry, srv_error *e)
+static bool
+begin_for(PGconn *conn, const auth_info *a, const char *device, bool snapshot, bool *broken,
+		  bool *retry, srv_error *e)
 {
-	char *role = PQescapeIdentifier(conn, a->role, strlen(a->role));
-	char *claims =
-		PQescapeLiteral(conn, a->claims ? a->claims : "{}", strlen(a->claims ? a->claims : "{}"));
-	char	 *sql;
+	char	 *role = PQescapeIdentifier(conn, a->role, strlen(a->role));
+	char	 *claims = PQescapeLiteral(conn, a->claims ? a->claims : "{}",
+									   strlen(a->claims ? a->claims : "{}"));
+	char	 *principal = PQescapeLiteral(conn, a->principal, strlen(a->principal));
+	char	 *dev = device ? PQescapeLiteral(conn, device, strlen(device)) : NULL;
+	char	 *sql = NULL, *what = "SET ROLE";
 	PGresult *r;
 	bool	  ok = false;
+	int		  n;
 
-	if (!role || !claims ||
+	if (!role || !claims || !principal || (device && !dev) ||
 		asprintf(&sql,
-				 "BEGIN; SET LOCAL ROLE %s; SELECT set_config('request.jwt.claims', %s, true)",
-				 role, claims) < 0)
+				 "BEGIN%s; %s%s%s%s%sSET LOCAL ROLE %s; SELECT set_config('request.jwt.claims', "
+				 "%s, true)",
+				 snapshot ? " ISOLATION LEVEL REPEATABLE READ" : "",
+				 dev ? "SELECT sync_device(" : "", dev ? dev : "", dev ? "::uuid, " : "",
+				 dev ? principal : "", dev ? "); " : "", role, claims) < 0)
 	{
-		PQfreemem(role);
-		PQfreemem(claims);
 		srv_fail(e, 500, "internal error", NULL, "Out of memory preparing the request.");
-		return false;
+		goto out;
 	}
-	r = PQexec(conn, sql);
-	free(sql);
-	if (PQresultStatus(r) == PGRES_TUPLES_OK)
-		ok = true;
-	else
+	n = dev ? 4 : 3;
+	r = exec_multi(conn, sql, n - 1, what, broken, retry, e);
+	if (r)
 	{
-		const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-
-		*broken = sync_pg_error(conn, r, "SET ROLE", e);
-		if (!*broken && st &&
-			(strcmp(st, "42501") == 0 || strcmp(st, "22023") == 0 || strcmp(st, "42704") == 0))
-			srv_fail(
-				e, 500, "server cannot act as the token's role",
-				"The administrator must create the role and GRANT it to the server's login role.",
-				"SET ROLE %s failed: %s", role, PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY));
-		*retry = false;
+		ok = true;
+		PQclear(r);
 	}
-	PQclear(r);
+out:
+	free(sql);
 	PQfreemem(role);
 	PQfreemem(claims);
+	PQfreemem(principal);
+	PQfreemem(dev);
 	return ok;
 }
 
@@ -238,7 +257,20 @@ exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *brok
 	}
 	if (bad || !kept)
 	{
+		const char *m = bad ? PQresultErrorField(bad, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+		const char *st = bad ? PQresultErrorField(bad, PG_DIAG_SQLSTATE) : NULL;
+
+		/* which statement failed: the device check, the role, or the rest */
+		if (m && (strstr(m, "sync_device") || strstr(m, "belongs to another principal") ||
+				  strstr(m, "is this database's own")))
+			what = "sync_device";
 		*broken = sync_pg_error(conn, bad, what, e);
+		if (!*broken && st && strcmp(what, "SET ROLE") == 0 &&
+			(strcmp(st, "42501") == 0 || strcmp(st, "22023") == 0 || strcmp(st, "42704") == 0))
+			srv_fail(
+				e, 500, "server cannot act as the token's role",
+				"The administrator must create the role and GRANT it to the server's login role.",
+				"SET ROLE failed: %s", m ? m : "");
 		*retry = retryable(e, bad);
 		PQclear(bad);
 		PQclear(kept);
@@ -247,15 +279,6 @@ exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *brok
 	return kept;
 }
 
-static int64_t
-le64(const uint8_t *p)
-{
-	uint64_t v = 0;
-
-	for (int i = 7; i >= 0; i--)
-		v = (v << 8) | p[i];
-	return (int64_t) v;
-}
 
 /* ---- push ---------------------------------------------------------------- */
 
@@ -268,9 +291,20 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 	int			fmts[1] = {1};
 	PGresult   *r;
 	char		sql[640];
+	char		origin[37];
 
-	/* 3 round trips: begin as the role; apply; report + notify + commit */
-	if (!sync_begin_as(conn, a, broken, retry, e))
+	/* 3 round trips: begin for the payload's device, as the role; apply;
+	 * report + notify + commit */
+	{
+		uint8_t site[16];
+
+		if (pgs_payload_origin(body, len, site) != PGS_OK)
+			return srv_fail(e, 400, "malformed payload",
+							"Send the bytes returned by sync_payload unchanged.",
+							"The body is not a pgsync payload.");
+		pgs_uuid_format(site, origin);
+	}
+	if (!begin_for(conn, a, origin, false, broken, retry, e))
 		return false;
 	r = checked(
 		conn,
@@ -333,6 +367,7 @@ sync_push(const auth_info *a, const uint8_t *body, size_t len, push_result *out,
 
 /* ---- pull ---------------------------------------------------------------- */
 
+
 static int64_t
 be64(const char *p)
 {
@@ -344,129 +379,78 @@ be64(const char *p)
 }
 
 /*
- * pull_once: one round trip when nothing is new. The safe version is read
- * in a subquery fenced with OFFSET 0, so it is evaluated before the payload
- * is built (the cursor of an empty pull must not pass anything unbuilt).
+ * pull_once: the device's view from sync_pull, in one REPEATABLE READ
+ * transaction (3 round trips). The cursor of the next chunk is the hex of
+ * the sealed cursor sync_pull returns (the server never looks inside).
  */
 static bool
-pull_once(PGconn *conn, const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
-		  const char *token_hex, pull_result *out, bool *broken, bool *retry, srv_error *e)
+pull_once(PGconn *conn, const auth_info *a, int64_t since, int32_t gen, const char *exclude,
+		  uint32_t max_rows, const uint8_t *sealed, size_t sealed_len, pull_result *out,
+		  bool *broken, bool *retry, srv_error *e)
 {
-	char		sincebuf[24], rowsbuf[16];
-	char	   *tokbuf = NULL;
-	const char *vals[4] = {sincebuf, exclude, rowsbuf, NULL};
-	PGresult   *r, *p;
-	int64_t		safe;
-	bool		chunked = max_rows > 0 || token_hex;
+	char		sincebuf[24], rowsbuf[16], genbuf[16];
+	const char *vals[4] = {sincebuf, rowsbuf, (const char *) sealed, genbuf};
+	int			lens[4] = {0, 0, (int) sealed_len, 0};
+	int			fmts[4] = {0, 0, 1, 0};
+	PGresult   *p, *r;
 
 	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) since);
 	snprintf(rowsbuf, sizeof rowsbuf, "%u", max_rows);
-	if (token_hex)
-	{
-		/* bytea input in hex form; sync_payload validates the token */
-		if (asprintf(&tokbuf, "\\x%s", token_hex) < 0)
-			return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
-		vals[3] = tokbuf;
-	}
-	if (chunked)
-		/* one chunk and the cursor of the next one (NULL after the last) */
-		p = checked(conn,
-					PQexecParams(conn,
-								 "SELECT s.v, q.p, sync_payload_cursor(q.p) FROM "
-								 "(SELECT sync_db_version() AS v OFFSET 0) s, LATERAL "
-								 "(SELECT sync_payload($1::bigint, $2::uuid, $3::int, $4::bytea) "
-								 "AS p OFFSET 0) q",
-								 4, NULL, vals, NULL, NULL, 1),
-					"sync_payload", broken, retry, e);
-	else
-		p = checked(conn,
-					PQexecParams(conn,
-								 exclude ? "SELECT s.v, sync_payload($1::bigint, $2::uuid) FROM "
-										   "(SELECT sync_db_version() AS v OFFSET 0) s"
-										 : "SELECT s.v, sync_payload($1::bigint) FROM (SELECT "
-										   "sync_db_version() AS v OFFSET 0) s",
-								 exclude ? 2 : 1, NULL, vals, NULL, NULL, 1),
-					"sync_payload", broken, retry, e);
-	free(tokbuf);
+	snprintf(genbuf, sizeof genbuf, "%d", (int) gen);
+	if (!begin_for(conn, a, exclude, true, broken, retry, e))
+		return false;
+	p = checked(conn,
+				PQexecParams(conn,
+							 "SELECT payload, next_cursor, until, gen FROM "
+							 "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
+							 4, NULL, vals, lens, fmts, 1),
+				"sync_pull", broken, retry, e);
 	if (!p)
 		return false;
-	if (PQntuples(p) != 1 || PQgetlength(p, 0, 0) != 8)
+	if (PQntuples(p) != 1 || PQgetlength(p, 0, 2) != 8 || PQgetlength(p, 0, 3) != 4)
 	{
 		PQclear(p);
-		return srv_fail(e, 500, "internal error", NULL,
-						"sync_db_version() returned an unexpected result.");
+		return srv_fail(e, 500, "internal error", NULL, "sync_pull returned an unexpected result.");
 	}
-	safe = be64(PQgetvalue(p, 0, 0));
-	if (since > safe)
+	out->cursor = be64(PQgetvalue(p, 0, 2));
+	{
+		const uint8_t *g = (const uint8_t *) PQgetvalue(p, 0, 3);
+
+		out->gen = (int32_t) ((uint32_t) g[0] << 24 | (uint32_t) g[1] << 16 |
+							  (uint32_t) g[2] << 8 | g[3]);
+	}
+	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
 	{
 		PQclear(p);
-		return srv_fail(e, 409, "cursor ahead of server",
-						"The server's database was replaced or restored from a backup: pull again "
-						"from 0 and send everything.",
-						"since=%lld is newer than anything this database has handed out (%lld).",
-						(long long) since, (long long) safe);
+		return false;
 	}
-	out->cursor = safe > since ? safe : since;
-	if (PQgetisnull(p, 0, 1))
+	PQclear(r);
+	if (PQgetisnull(p, 0, 0))
 	{
 		PQclear(p);
 		return true;
 	}
+	out->res = p;
+	out->payload = (const uint8_t *) PQgetvalue(p, 0, 0);
+	out->len = (size_t) PQgetlength(p, 0, 0);
+	if (!PQgetisnull(p, 0, 1))
 	{
-		const uint8_t *b = (const uint8_t *) PQgetvalue(p, 0, 1);
-		size_t		   n = (size_t) PQgetlength(p, 0, 1);
+		size_t	tn = (size_t) PQgetlength(p, 0, 1);
+		pgs_buf c;
 
-		if (n < 56 || memcmp(b, "PGSY", 4) != 0)
+		if (tn == 0 || tn > PGS_MAX_SEALED)
+			return srv_fail(e, 500, "internal error",
+							"Use shorter primary keys, or pull without max_rows.",
+							"A continuation cursor of %zu bytes does not fit the protocol.", tn);
+		/* the chunk cursor: this pull's since, the view's generation, the seal */
+		pgs_buf_init(&c);
+		pgs_cursor_format(&c, since, out->gen, (const uint8_t *) PQgetvalue(p, 0, 1), tn);
+		if (c.oom || !(out->more = strdup((const char *) c.p)))
 		{
-			PQclear(p);
-			return srv_fail(e, 500, "internal error", NULL,
-							"sync_payload returned %zu bytes that are not a payload.", n);
+			pgs_buf_free(&c);
+			return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
 		}
-		out->cursor = le64(b + 32);
-		out->res = p;
-		out->payload = b;
-		out->len = n;
-		if (chunked && !PQgetisnull(p, 0, 2))
-		{
-			const uint8_t	 *t = (const uint8_t *) PQgetvalue(p, 0, 2);
-			size_t			  tn = (size_t) PQgetlength(p, 0, 2);
-			static const char hx[] = "0123456789abcdef";
-
-			if (tn == 0 || tn > SRV_MAX_TOKEN)
-				return srv_fail(e, 500, "internal error",
-								"Use shorter primary keys, or pull without max_rows.",
-								"A continuation token of %zu bytes does not fit in a cursor.", tn);
-			if (!(out->more = malloc(2 * tn + 2)))
-				return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
-			out->more[0] = 'c';
-			for (size_t i = 0; i < tn; i++)
-			{
-				out->more[1 + 2 * i] = hx[t[i] >> 4];
-				out->more[2 + 2 * i] = hx[t[i] & 15];
-			}
-			out->more[1 + 2 * tn] = '\0';
-		}
-	}
-	if (cfg.pull_filter)
-	{
-		filter_result f;
-
-		if (!filter_payload(conn, a, out->payload, out->len, &f, broken, e))
-			return false;
-		if (f.changed)
-		{
-			PQclear(out->res);
-			out->res = NULL;
-			out->owned = f.payload;
-			out->payload = f.payload;
-			out->len = f.len;
-		}
-		if (f.in_txn)
-		{
-			if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
-				return false;
-			PQclear(r);
-		}
+		pgs_buf_free(&c);
 	}
 	return true;
 }
@@ -475,14 +459,13 @@ void
 pull_result_free(pull_result *r)
 {
 	PQclear(r->res);
-	free(r->owned);
 	free(r->more);
 	memset(r, 0, sizeof *r);
 }
 
 bool
-sync_pull(const auth_info *a, int64_t since, const char *exclude, uint32_t max_rows,
-		  const char *token_hex, pull_result *out, srv_error *e)
+sync_pull(const auth_info *a, int64_t since, int32_t gen, const char *exclude, uint32_t max_rows,
+		  const uint8_t *sealed, size_t sealed_len, pull_result *out, srv_error *e)
 {
 	memset(out, 0, sizeof *out);
 	for (int attempt = 0; attempt < 4; attempt++)
@@ -492,7 +475,71 @@ sync_pull(const auth_info *a, int64_t since, const char *exclude, uint32_t max_r
 
 		if (!conn)
 			return false;
-		ok = pull_once(conn, a, since, exclude, max_rows, token_hex, out, &broken, &retry, e);
+		ok = pull_once(conn, a, since, gen, exclude, max_rows, sealed, sealed_len, out, &broken,
+					   &retry, e);
+		pool_release(conn, broken);
+		if (ok)
+			return true;
+		pull_result_free(out);
+		if (!(broken && attempt == 0) && !retry)
+			return false;
+	}
+	return false;
+}
+
+/* ---- rows a device lacks ------------------------------------------------- */
+
+static bool
+rows_once(PGconn *conn, const auth_info *a, const char *device, const char *json, size_t len,
+		  pull_result *out, bool *broken, bool *retry, srv_error *e)
+{
+	char	   *body = strndup(json, len);
+	const char *vals[1] = {body};
+	PGresult   *p, *r;
+
+	if (!body)
+		return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+	if (!begin_for(conn, a, device, true, broken, retry, e))
+	{
+		free(body);
+		return false;
+	}
+	p = checked(conn,
+				PQexecParams(conn, "SELECT sync_rows($1::jsonb)", 1, NULL, vals, NULL, NULL, 1),
+				"sync_rows", broken, retry, e);
+	free(body);
+	if (!p)
+		return false;
+	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
+	{
+		PQclear(p);
+		return false;
+	}
+	PQclear(r);
+	if (PQntuples(p) != 1 || PQgetisnull(p, 0, 0))
+	{
+		PQclear(p);
+		return srv_fail(e, 500, "internal error", NULL, "sync_rows returned no payload.");
+	}
+	out->res = p;
+	out->payload = (const uint8_t *) PQgetvalue(p, 0, 0);
+	out->len = (size_t) PQgetlength(p, 0, 0);
+	return true;
+}
+
+bool
+sync_rows(const auth_info *a, const char *device, const char *json, size_t len, pull_result *out,
+		  srv_error *e)
+{
+	memset(out, 0, sizeof *out);
+	for (int attempt = 0; attempt < 4; attempt++)
+	{
+		PGconn *conn = pool_acquire(e);
+		bool	broken = false, retry = false, ok;
+
+		if (!conn)
+			return false;
+		ok = rows_once(conn, a, device, json, len, out, &broken, &retry, e);
 		pool_release(conn, broken);
 		if (ok)
 			return true;

@@ -21,6 +21,7 @@
 #include "sl_internal.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -706,4 +707,239 @@ db_table_parents(db_conn *c, db_table *t, db_table ***parents, int *n, pgs_err *
 	sqlite3_finalize(st);
 	*parents = c->parents;
 	return s == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not read foreign keys");
+}
+
+/* ---- sending a row again, whole ---- */
+
+/*
+ * sl_touch_row gives every stamp of row pk (and its life) the current local
+ * version, keeping every HLC and site: the next build sends the row whole,
+ * with its true clocks, so the server decides column by column as usual.
+ * This is how a device re-sends a row the server lacks (rejected before,
+ * retried by the app, or answered PS001). *found = false without a clock.
+ */
+pgs_rc
+sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err *err)
+{
+	const uint8_t *blob;
+	size_t		   len;
+	int64_t		   cl, ver;
+	pgs_stamp	  *s;
+	pgs_rowclock   rc;
+	pgs_rc		   r;
+
+	*found = false;
+	if ((r = db_clock_get(c, t, pk, found, &cl, &blob, &len, err)) != PGS_OK || !*found)
+		return r;
+	if (!(s = sl_stamps(c, t->ncols)))
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	rc = (pgs_rowclock){.ncols = t->ncols, .cols = s};
+	if ((r = pgs_rowclock_decode(blob, len, &rc, err)) != PGS_OK ||
+		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
+		return r;
+	rc.cl = cl;
+	rc.cl_ver = ver;
+	for (int i = 0; i < t->ncols; i++)
+		if (s[i].hlc)
+			s[i].ver = ver;
+	c->scratch.len = 0;
+	pgs_rowclock_encode(&rc, &c->scratch);
+	if (c->scratch.oom)
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	return db_clock_put(c, t, pk, true, cl, ver, c->scratch.p, c->scratch.len, err);
+}
+
+/*
+ * sl_pk_from_json: the key of t named by the JSON object text json (the form
+ * sync_network_rejected shows: {"col": value, ...}). Strings are TEXT, or a
+ * BLOB for "\x..." when no TEXT key of that value has a clock; numbers are
+ * INTEGER when integral, else REAL. TEXT/BLOB point into *store
+ * (sqlite3_free it). False when json does not name every key column.
+ */
+bool
+sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char **store)
+{
+	cJSON *j = cJSON_Parse(json);
+	size_t need = 0, off = 0;
+	bool   ok = cJSON_IsObject(j) && t->npk <= 64;
+
+	*store = NULL;
+	for (int i = 0; ok && i < t->npk; i++)
+	{
+		cJSON *v = cJSON_GetObjectItemCaseSensitive(j, t->pk_names[i]);
+
+		ok = cJSON_IsString(v) || cJSON_IsNumber(v);
+		if (ok && cJSON_IsString(v))
+			need += strlen(v->valuestring) + 1;
+	}
+	if (ok && !(*store = sqlite3_malloc64(need + 1)))
+		ok = false;
+	for (int pass = 0; ok && pass < 2; pass++)
+	{
+		bool any_hex = false, found;
+		int64_t		   cl;
+		const uint8_t *b;
+		size_t		   bl;
+		pgs_err		   err;
+
+		off = 0;
+		for (int i = 0; i < t->npk; i++)
+		{
+			cJSON *v = cJSON_GetObjectItemCaseSensitive(j, t->pk_names[i]);
+
+			if (cJSON_IsNumber(v))
+			{
+				double d = v->valuedouble;
+
+				if (d == (double) (int64_t) d)
+					pk[i] = (pgs_value){.type = PGS_INT, .v.i = (int64_t) d};
+				else
+					pk[i] = (pgs_value){.type = PGS_REAL, .v.r = d};
+				continue;
+			}
+			{
+				const char *sv = v->valuestring;
+				size_t		n = strlen(sv);
+				bool		hex = n >= 2 && n % 2 == 0 && sv[0] == '\\' && sv[1] == 'x';
+
+				any_hex |= hex;
+				if (pass == 1 && hex)
+				{
+					/* the BLOB of "\x..." */
+					uint8_t *o = (uint8_t *) *store + off;
+
+					for (size_t k = 2; k + 1 < n; k += 2)
+					{
+						char h[3] = {sv[k], sv[k + 1], 0};
+
+						o[(k - 2) / 2] = (uint8_t) strtoul(h, NULL, 16);
+					}
+					pk[i] = (pgs_value){.type = PGS_BLOB, .len = (uint32_t) (n - 2) / 2,
+										.v.p = o};
+				}
+				else
+				{
+					memcpy(*store + off, sv, n + 1);
+					pk[i] = (pgs_value){.type = PGS_TEXT, .len = (uint32_t) n,
+										.v.p = (const uint8_t *) *store + off};
+				}
+				off += n + 1;
+			}
+		}
+		if (pass == 1 || !any_hex)
+			break;
+		/* TEXT first; a BLOB key only when no TEXT key of that spelling exists */
+		if (db_clock_get(c, t, pk, &found, &cl, &b, &bl, &err) == PGS_OK && found)
+			break;
+	}
+	cJSON_Delete(j);
+	if (!ok)
+	{
+		sqlite3_free(*store);
+		*store = NULL;
+	}
+	return ok;
+}
+
+/* sl_forget_now forgets row pk whatever protects it (an app's discard). */
+pgs_rc
+sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	int64_t pv = c->protect_ver;
+	bool	pr = c->protect_rejected, forgot;
+	pgs_rc	rc;
+
+	c->protect_ver = INT64_MAX;
+	c->protect_rejected = false;
+	rc = db_row_forget(c, t, pk, &forgot, err);
+	c->protect_ver = pv;
+	c->protect_rejected = pr;
+	return rc;
+}
+
+/* db_row_read: a live row and its clock (SQLite has no roles: every row is visible). */
+pgs_rc
+db_row_read(db_conn *c, db_table *t, const pgs_value *pk, bool *visible, int64_t *cl,
+			const uint8_t **blob, size_t *blob_len, const pgs_value **cols, pgs_err *err)
+{
+	char  *sel = sqlite3_mprintf("SELECT c.cl, c.clk");
+	char  *sql;
+	pgs_rc rc = PGS_OK;
+	int	   s;
+
+	*visible = false;
+	if ((rc = sl_flush(c, err)) != PGS_OK)
+		goto out;
+	for (int i = 0; i < t->ncols && sel; i++)
+	{
+		char *x = sqlite3_mprintf("%s, t.%s", sel, t->col_q[i]);
+
+		sqlite3_free(sel);
+		sel = x;
+	}
+	{
+		/* join on every key column, the key bound once */
+		char *on = sqlite3_mprintf("");
+		char *wk = sqlite3_mprintf("");
+
+		for (int i = 0; i < t->npk && on && wk; i++)
+		{
+			char *x = sqlite3_mprintf("%s%sc.%s = t.%s", on, i ? " AND " : "", t->pk_q[i],
+									  t->pk_q[i]);
+			char *y = sqlite3_mprintf("%s%sc.%s = ?%d", wk, i ? " AND " : "", t->pk_q[i], i + 1);
+
+			sqlite3_free(on);
+			sqlite3_free(wk);
+			on = x;
+			wk = y;
+		}
+		sql = sel && on && wk ? sqlite3_mprintf("%s FROM %s AS c JOIN %s AS t ON %s WHERE %s", sel,
+												t->qclock, t->qname, on, wk)
+							  : NULL;
+		sqlite3_free(on);
+		sqlite3_free(wk);
+	}
+	if (!sql)
+	{
+		rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		goto out;
+	}
+	sqlite3_finalize(c->st_row_read);
+	c->st_row_read = NULL;
+	if (sqlite3_prepare_v2(c->db, sql, -1, &c->st_row_read, NULL) != SQLITE_OK)
+	{
+		sqlite3_free(sql);
+		rc = sl_dberr(c, err, "could not read a row");
+		goto out;
+	}
+	sqlite3_free(sql);
+	for (int i = 0; i < t->npk; i++)
+		sl_bind_value(c->st_row_read, i + 1, &pk[i]);
+	s = sqlite3_step(c->st_row_read);
+	if (s == SQLITE_ROW && (sqlite3_column_int64(c->st_row_read, 0) & 1))
+	{
+		if (!c->row_vals || c->row_vals_cap < t->ncols + 1)
+		{
+			sqlite3_free(c->row_vals);
+			c->row_vals = sqlite3_malloc64(sizeof(pgs_value) * (t->ncols + 1));
+			c->row_vals_cap = c->row_vals ? t->ncols + 1 : 0;
+		}
+		if (!c->row_vals)
+		{
+			rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+			goto out;
+		}
+		*visible = true;
+		*cl = sqlite3_column_int64(c->st_row_read, 0);
+		*blob = sqlite3_column_blob(c->st_row_read, 1);
+		*blob_len = (size_t) sqlite3_column_bytes(c->st_row_read, 1);
+		for (int i = 0; i < t->ncols; i++)
+			sl_column_value(c->st_row_read, 2 + i, &c->row_vals[i]);
+		*cols = c->row_vals;
+	}
+	else if (s != SQLITE_ROW && s != SQLITE_DONE)
+		rc = sl_dberr(c, err, "could not read a row");
+out:
+	sqlite3_free(sel);
+	return rc;
 }

@@ -254,6 +254,7 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 			break; /* a libcurl without https, or out of memory: retrying changes nothing */
 		}
 		n->curl_err[0] = '\0';
+		n->unavailable = false;
 		rc = curl_easy_perform(n->curl);
 		curl_slist_free_all(h);
 		if (rc == CURLE_OK)
@@ -275,6 +276,7 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 			}
 			transient =
 				r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
+			n->unavailable = transient;
 		}
 		else if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
 				 rc == CURLE_COULDNT_RESOLVE_PROXY)
@@ -283,6 +285,7 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 				"server unreachable (%s); the device is offline or the server is down. "
 				"Nothing was lost: local changes stay pending and the next sync sends them.",
 				n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
+			n->unavailable = true;
 			break; /* offline: fail fast */
 		}
 		else if (rc == CURLE_SSL_CACERT_BADFILE)

@@ -87,6 +87,9 @@ struct db_conn
 	pgs_buf		  heldbuf;
 	db_table	**parents;
 	int			  parents_cap;
+	sqlite3_stmt *st_row_read; /* db_row_read: kept until the next one */
+	pgs_value	 *row_vals;
+	int			  row_vals_cap;
 };
 
 /* sl_database.c */
@@ -118,6 +121,9 @@ extern const char sl_fate_meta_sql[];
 pgs_rc			  sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err);
 void			  sl_protect_load(db_conn *c);
 char			 *sl_pk_json(const db_table *t, const pgs_value *pk); /* sqlite3_malloc'd */
+bool	sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char **store);
+pgs_rc	sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err *err);
+pgs_rc	sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
 /* sl_row_error: a failed row write: PGS_ERR_ROW (careful) or PGS_ERR_CAREFUL,
  * with err->code the closest SQLSTATE; any other error is the engine's. */
 pgs_rc sl_row_error(db_conn *c, pgs_err *err, const char *what);

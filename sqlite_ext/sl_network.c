@@ -46,15 +46,15 @@
 #include <cjson/cJSON.h>
 
 static const char meta_sql[] =
-	"CREATE TABLE IF NOT EXISTS sync_network(key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
-	"CREATE TABLE IF NOT EXISTS sync_network_rejected("
-	"  id INTEGER PRIMARY KEY, at TEXT NOT NULL, tbl TEXT, pk TEXT, code TEXT, message TEXT);";
+	"CREATE TABLE IF NOT EXISTS sync_network(key TEXT PRIMARY KEY, value) WITHOUT ROWID;";
 
 /* ---- the sync_network table -------------------------------------------------- */
 
 static bool
 exec(sl_net *n, const char *sql)
 {
+	if (sql == meta_sql)
+		return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
 }
 
@@ -205,15 +205,6 @@ query_int(sl_net *n, const char *sql, int64_t *out)
 	return ok;
 }
 
-static int64_t
-le64(const uint8_t *p)
-{
-	uint64_t v = 0;
-
-	for (int i = 7; i >= 0; i--)
-		v = (v << 8) | p[i];
-	return (int64_t) v;
-}
 
 static char *
 now_iso(void)
@@ -264,19 +255,31 @@ forget_server(sl_net *n, sl_net_settings *s, const char *site, const char *why)
 
 /* ---- send ------------------------------------------------------------------- */
 
-/* do_send pushes pending changes; returns JSON (sqlite3_malloc) or NULL + *msg. */
+/*
+ * send_once pushes pending changes once; returns JSON (sqlite3_malloc) or
+ * NULL + *msg; *again when a row must go out again at once (PS001).
+ */
 static char *
-do_send(sl_net *n, sl_net_settings *s, char **msg)
+send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 {
 	sqlite3_stmt *st;
-	int64_t		  safe, until, applied = 0, nrej = 0;
+	int64_t		  safe, until, applied = 0, nrej = 0, old = s->send_cursor;
 	uint8_t		 *payload = NULL;
 	size_t		  len = 0;
 	sl_net_resp	  r = {0};
-	cJSON		 *j = NULL, *rej;
+	cJSON		 *j = NULL;
 	char		 *out = NULL;
 
 	*msg = NULL;
+	*again = false;
+	/* refused rows the app changed since go out whole */
+	if (!exec(n, "SAVEPOINT sync_network_whole") || !sl_rejected_before_send(n, s->send_cursor) ||
+		!exec(n, "RELEASE sync_network_whole"))
+	{
+		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
+		exec(n, "ROLLBACK TO sync_network_whole; RELEASE sync_network_whole");
+		return NULL;
+	}
 	if (!query_int(n, "SELECT sync_db_version()", &safe))
 	{
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
@@ -322,7 +325,11 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 			"{\"sent_bytes\":0,\"applied\":0,\"rejected\":0,\"send_cursor\":%lld}",
 			(long long) s->send_cursor);
 	}
-	until = le64(payload + 32);
+	if (pgs_payload_until(payload, len, &until, NULL) != PGS_OK)
+	{
+		*msg = sqlite3_mprintf("sync_payload returned bytes that are not a payload");
+		goto out;
+	}
 	if (!sl_http_call(n, s, "/v1/push", payload, len, 0, &r, msg))
 		goto out;
 	j = cJSON_ParseWithLength((const char *) r.body, r.len);
@@ -333,33 +340,9 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 	}
 	applied = (int64_t) cJSON_GetObjectItemCaseSensitive(j, "applied")->valuedouble;
 	exec(n, "SAVEPOINT sync_network_send");
-	rej = cJSON_GetObjectItemCaseSensitive(j, "rejected");
-	if (cJSON_IsArray(rej))
-	{
-		cJSON *it;
-
-		cJSON_ArrayForEach(it, rej)
-		{
-			cJSON *pk = cJSON_GetObjectItemCaseSensitive(it, "pk");
-			char  *pktext = pk ? cJSON_PrintUnformatted(pk) : NULL;
-			cJSON *t = cJSON_GetObjectItemCaseSensitive(it, "table"),
-				  *code = cJSON_GetObjectItemCaseSensitive(it, "code"),
-				  *m = cJSON_GetObjectItemCaseSensitive(it, "message");
-			char *sql = sqlite3_mprintf(
-				"INSERT INTO sync_network_rejected(at, tbl, pk, code, message) "
-				"VALUES(strftime('%%Y-%%m-%%dT%%H:%%M:%%SZ','now'), %Q, %Q, %Q, %Q)",
-				cJSON_IsString(t) ? t->valuestring : NULL, pktext,
-				cJSON_IsString(code) ? code->valuestring : NULL,
-				cJSON_IsString(m) ? m->valuestring : NULL);
-
-			exec(n, sql);
-			sqlite3_free(sql);
-			cJSON_free(pktext);
-			nrej++;
-		}
-	}
 	{
 		cJSON *site = cJSON_GetObjectItemCaseSensitive(j, "server_site");
+		cJSON *rej = cJSON_GetObjectItemCaseSensitive(j, "rejected");
 
 		if (cJSON_IsString(site) && strlen(site->valuestring) == 36 && s->server_site &&
 			strcmp(s->server_site, site->valuestring) != 0)
@@ -372,6 +355,14 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 			{
 				kv_set_int(n, "send_cursor", until);
 				s->send_cursor = until;
+			}
+			/* every refused row listed; earlier refusals that went out resolved */
+			if (cJSON_IsArray(rej) && !sl_rejected_after_push(n, rej, old, until, &nrej, again))
+			{
+				*msg = sqlite3_mprintf("recording the server's answer failed: %s",
+									   sqlite3_errmsg(n->db));
+				exec(n, "ROLLBACK TO sync_network_send; RELEASE sync_network_send");
+				goto out;
 			}
 		}
 	}
@@ -387,6 +378,25 @@ out:
 	return out;
 }
 
+/* do_send pushes pending changes (and, once, rows the server asked whole). */
+static char *
+do_send(sl_net *n, sl_net_settings *s, char **msg)
+{
+	bool  again;
+	char *first = send_once(n, s, &again, msg);
+
+	if (first && again)
+	{
+		char *second = send_once(n, s, &again, msg);
+
+		if (!second)
+			return first; /* the first answer stands; the row goes next time */
+		sqlite3_free(first);
+		return second;
+	}
+	return first;
+}
+
 /* ---- receive ----------------------------------------------------------------- */
 
 /* apply_received merges one pulled payload and moves the cursors, atomically. */
@@ -400,7 +410,10 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won
 
 	if (!cursor[0])
 	{
-		snprintf(cur, sizeof cur, "%lld", (long long) le64(r->body + 32));
+		int64_t until = 0;
+
+		pgs_payload_until(r->body, r->len, &until, NULL);
+		snprintf(cur, sizeof cur, "%lld", (long long) until);
 		cursor = cur;
 	}
 	if (!exec(n, "SAVEPOINT sync_network_recv"))
@@ -541,6 +554,18 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 		if (!more)
 			break;
 	}
+	/* held changes again; rows this device lacks, whole */
+	{
+		int64_t fetched = 0;
+
+		if (!sl_rejected_after_receive(n))
+		{
+			*msg = sqlite3_mprintf("trying held changes again failed: %s", sqlite3_errmsg(n->db));
+			return NULL;
+		}
+		if (!sl_want_fetch(n, s, &fetched, msg))
+			return NULL;
+	}
 	succeeded(n);
 	return sqlite3_mprintf(
 		"{\"payloads\":%lld,\"received_bytes\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
@@ -660,23 +685,48 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
 	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char		   *msg, *sent, *recv;
+	char		   *msg, *sent, *recv, *send_msg = NULL;
 	int64_t			np;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_sync", &s))
 		return;
+	/* the receive always runs: a failed send (or a refused row) blocks nothing */
 	if (!(sent = do_send(n, &s, &msg)))
-		fail(ctx, n, "sync_network_sync", "sending failed: %s", msg);
-	else if (!(recv = do_receive(n, &s, 0, &np, &msg)))
-		fail(ctx, n, "sync_network_sync", "local changes were sent, but receiving failed: %s", msg);
+	{
+		cJSON *e = cJSON_CreateObject();
+		char  *txt;
+
+		cJSON_AddStringToObject(e, "error", msg ? msg : "sending failed");
+		txt = cJSON_PrintUnformatted(e);
+		cJSON_Delete(e);
+		sent = txt ? sqlite3_mprintf("%s", txt) : NULL;
+		cJSON_free(txt);
+		send_msg = msg;
+		msg = NULL;
+		if (n->unavailable)
+			s.retries = 0; /* the server is out of reach: try the receive once */
+	}
+	if (!(recv = do_receive(n, &s, 0, &np, &msg)))
+		fail(ctx, n, "sync_network_sync", "%s%s%sreceiving failed: %s",
+			 send_msg ? "sending failed: " : "", send_msg ? send_msg : "", send_msg ? "; " : "",
+			 msg);
 	else
 	{
-		result_json(ctx, sqlite3_mprintf("{\"send\":%s,\"receive\":%s}", sent, recv));
+		if (send_msg)
+		{
+			/* recorded for sync_network_status() */
+			char *full = sqlite3_mprintf("sync_network_sync: sending failed: %s", send_msg);
+
+			kv_set(n, "last_error", full);
+			sqlite3_free(full);
+		}
+		result_json(ctx, sqlite3_mprintf("{\"send\":%s,\"receive\":%s}", sent ? sent : "null", recv));
 		sqlite3_free(recv);
 	}
 	sqlite3_free(sent);
 	sqlite3_free(msg);
+	sqlite3_free(send_msg);
 	free_settings(&s);
 }
 
@@ -758,7 +808,11 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	cJSON_AddNumberToObject(j, "failures", (double) kv_int(n, "failures", 0));
 	cJSON_AddNumberToObject(
 		j, "rejected",
-		query_int(n, "SELECT count(*) FROM sync_network_rejected", &x) ? (double) x : 0);
+		query_int(n, "SELECT count(*) FROM sync_network_rejected WHERE origin = 'server'", &x)
+			? (double) x
+			: 0);
+	cJSON_AddNumberToObject(
+		j, "held", query_int(n, "SELECT count(*) FROM sync_held", &x) ? (double) x : 0);
 	cJSON_AddBoolToObject(j, "has_token", s.token != NULL);
 	text = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
@@ -797,6 +851,10 @@ static const struct
 	{"sync_network_receive", 0, sync_network_receive},
 	{"sync_network_sync", 0, sync_network_sync},
 	{"sync_network_wait", 1, sync_network_wait},
+	{"sync_network_retry", 0, sl_sync_network_retry},
+	{"sync_network_retry", 2, sl_sync_network_retry},
+	{"sync_network_discard", 0, sl_sync_network_discard},
+	{"sync_network_discard", 2, sl_sync_network_discard},
 	{"sync_network_status", 0, sync_network_status},
 };
 

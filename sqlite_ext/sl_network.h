@@ -11,6 +11,7 @@
 
 #include "sl_internal.h"
 
+#include <cjson/cJSON.h>
 #include <curl/curl.h>
 
 /*
@@ -21,7 +22,7 @@ int sl_network_register(sqlite3 *db, db_conn *c);
 
 /* ---- private to sl_network.c and sl_http.c ---- */
 
-#define SL_CURSOR_MAX 8200 /* chunk cursors: "c" + hex of a token of up to 4096 bytes */
+#define SL_CURSOR_MAX PGS_MAX_CURSOR /* the server's cursors (core/cursor.c) */
 
 /* Per connection: the database handle and a reused curl handle (keep-alive). */
 typedef struct sl_net
@@ -30,6 +31,7 @@ typedef struct sl_net
 	db_conn *c;
 	CURL	*curl;
 	char	 curl_err[CURL_ERROR_SIZE];
+	bool	 unavailable; /* the last call failed: offline, or the server busy or down */
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
@@ -73,5 +75,16 @@ typedef struct sl_net_resp
 bool sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_t *body,
 				  size_t len, int64_t wait_ms, sl_net_resp *r, char **msg);
 void sl_http_resp_free(sl_net_resp *r);
+
+/* ---- sl_rejected.c: rejections, retry, discard, rows fetched whole ---- */
+
+bool sl_rejected_meta(sqlite3 *db);
+bool sl_rejected_before_send(sl_net *n, int64_t send_cursor);
+bool sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor,
+							int64_t until, int64_t *nrej, bool *again);
+bool sl_rejected_after_receive(sl_net *n);
+bool sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg);
+void sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 
 #endif

@@ -458,6 +458,8 @@ finalize_all(db_conn *c)
 	sqlite3_finalize(c->st_held_get);
 	sqlite3_finalize(c->st_held_put);
 	sqlite3_finalize(c->st_held_del);
+	sqlite3_finalize(c->st_row_read);
+	c->st_row_read = NULL;
 	c->st_ver_get = c->st_ver_bump = c->st_site_add = NULL;
 	c->st_held_get = c->st_held_put = c->st_held_del = NULL;
 	c->ready = false;
@@ -472,6 +474,7 @@ conn_free(void *arg)
 	sqlite3_free(c->sites);
 	sqlite3_free(c->stamps);
 	sqlite3_free(c->parents);
+	sqlite3_free(c->row_vals);
 	pgs_buf_free(&c->heldbuf);
 	pgs_buf_free(&c->clockbuf);
 	pgs_buf_free(&c->scratch);

@@ -373,3 +373,25 @@ db_hold_rejected(db_conn *db)
 	(void) db;
 	return false;
 }
+
+pgs_rc
+db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_t *cl,
+			const uint8_t **blob, size_t *blob_len, const pgs_value **cols, pgs_err *err)
+{
+	mrow  *row;
+	pgs_rc rc;
+
+	mdb_eph_reset(db);
+	*visible = false;
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK)
+		return rc;
+	row = mdb_find_row(t, pk);
+	if (!row || !row->alive || !row->has_clock || !(row->cl & 1))
+		return PGS_OK;
+	*visible = true;
+	*cl = row->cl;
+	*blob = mdb_eph_lend(db, row->clk, row->clk_len);
+	*blob_len = row->clk_len;
+	*cols = row->vals;
+	return PGS_OK;
+}

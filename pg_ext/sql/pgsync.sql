@@ -35,7 +35,7 @@ CREATE TABLE pgsync.tables (
 -- Devices (docs/DESIGN.md, "Visibility" and "Device identity"): the principal
 -- (token subject) that first presented a site id owns it; fingerprint is a
 -- hash of what decides the device's view beyond the rows (role, memberships,
--- claims, access to each table), fp_ver the version at which it last changed;
+-- claims, access to each table), fp_gen its generation (in the device's cursor);
 -- acked is the since of the device's last pull (everything at or below it
 -- was applied there), for the garbage-collection horizon.
 CREATE TABLE pgsync.devices (
@@ -44,7 +44,7 @@ CREATE TABLE pgsync.devices (
 	first_seen timestamptz NOT NULL DEFAULT now(),
 	last_seen timestamptz NOT NULL DEFAULT now(),
 	fingerprint bytea,
-	fp_ver bigint NOT NULL DEFAULT 0,
+	fp_gen integer NOT NULL DEFAULT 0,
 	acked bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX ON pgsync.devices (principal);
@@ -172,10 +172,16 @@ COMMENT ON FUNCTION sync_device(uuid, text) IS
 'for the sync server: the rest of this transaction acts for device (a site id) of principal (the token subject). The first principal to present a site id owns it; another principal''s site is refused (42501). sync_pull then builds that device''s view and sync_apply_payload refuses payloads and changes attributed to other principals'' devices';
 
 CREATE FUNCTION sync_pull(since bigint, max_rows integer DEFAULT 0, cursor bytea DEFAULT NULL,
-	OUT payload bytea, OUT next_cursor bytea, OUT until bigint)
+	seen_gen integer DEFAULT 0,
+	OUT payload bytea, OUT next_cursor bytea, OUT until bigint, OUT gen integer)
 RETURNS record AS 'MODULE_PATHNAME', 'sync_pull' LANGUAGE C CALLED ON NULL INPUT VOLATILE;
-COMMENT ON FUNCTION sync_pull(bigint, integer, bytea) IS
-'one pull of the device set by sync_device, as the caller may see it, in the statement''s snapshot: payload (NULL when nothing is new), next_cursor (the sealed cursor of the next chunk, NULL after the last) and until (the since of the next pull). Tables whose visibility may have changed without their rows changing come as snapshots (docs/DESIGN.md)';
+COMMENT ON FUNCTION sync_pull(bigint, integer, bytea, integer) IS
+'one pull of the device set by sync_device, as the caller may see it, in the statement''s snapshot: payload (NULL when nothing is new), next_cursor (the sealed cursor of the next chunk, NULL after the last), until (the since of the next pull) and gen (pass it as seen_gen next time: it changes when what decides the device''s view changes, and a pull with an older seen_gen is a snapshot of every table). Tables whose visibility may have changed without their rows changing come as snapshots (docs/DESIGN.md)';
+
+CREATE FUNCTION sync_rows(keys jsonb)
+RETURNS bytea AS 'MODULE_PATHNAME', 'sync_rows' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_rows(jsonb) IS
+'a payload of the rows named by keys ([{"table": ..., "pk": {...}}]), whole, as the caller may see them; keys it may not see come back absent. For a receiver that lacks a row (POST /v1/rows)';
 
 CREATE FUNCTION sync_watch(tbl regclass, depends_on regclass)
 RETURNS void AS 'MODULE_PATHNAME', 'sync_watch' LANGUAGE C STRICT VOLATILE;

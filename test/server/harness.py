@@ -49,8 +49,7 @@ GRANT app_user TO authenticator;
 
 SCHEMA = """
 CREATE EXTENSION pgsync;
-GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) TO authenticator;
-GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid, integer, bytea) TO authenticator;
+GRANT EXECUTE ON FUNCTION sync_device(uuid, text) TO authenticator;
 CREATE TABLE items(id text PRIMARY KEY, name text, qty integer, price double precision);
 CREATE TABLE notes(id text PRIMARY KEY, owner text NOT NULL, body text);
 SELECT sync_init('items');

@@ -1,0 +1,638 @@
+/*
+ * sl_rejected.c — the device's side of "every change has its own fate":
+ * the rejection list, sending a row again whole, discarding a change, and
+ * asking the server for rows this device lacks (docs/DESIGN.md, "fate").
+ *
+ *   sync_network_rejected(tbl, pk, origin, code, message, first_attempt,
+ *                         last_attempt, attempts)
+ *       origin 'server': the server refused a change of ours; it stays local
+ *       (and is never forgotten by a pull) until it lands or is discarded.
+ *       origin 'local': this device could not store a server's row; the row
+ *       is held (sync_held) and tried again at every receive.
+ *   sync_network_want(tbl, pk): rows to fetch whole (POST /v1/rows): a
+ *       discarded change (the server's version replaces it), or a change the
+ *       server sent for a row this device does not have (PS001).
+ *
+ * A row the server refused and the app then fixed (UPDATE) goes out whole,
+ * not as the changed column only: the server may not have it at all. The
+ * same happens by itself, once, for a row the server answers PS001.
+ */
+#include "sl_network.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+
+const char sl_rejected_meta_sql[] =
+	"CREATE TABLE IF NOT EXISTS sync_network_rejected("
+	"  tbl TEXT NOT NULL, pk TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'server',"
+	"  code TEXT, message TEXT, first_attempt TEXT NOT NULL, last_attempt TEXT NOT NULL,"
+	"  attempts INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (tbl, pk, origin)) WITHOUT ROWID;"
+	"CREATE TABLE IF NOT EXISTS sync_network_want("
+	"  tbl TEXT NOT NULL, pk TEXT NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;";
+
+static bool
+exec(sqlite3 *db, const char *sql)
+{
+	return sqlite3_exec(db, sql, NULL, NULL, NULL) == SQLITE_OK;
+}
+
+/*
+ * sl_rejected_meta creates the tables; a list of an older version
+ * (id, at, tbl, pk, code, message: one row per refusal) becomes one row
+ * per (table, key) with its first and last attempt and the count.
+ */
+bool
+sl_rejected_meta(sqlite3 *db)
+{
+	sqlite3_stmt *st;
+	bool		  old = false;
+
+	if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info('sync_network_rejected') WHERE name = 'at'",
+						   -1, &st, NULL) == SQLITE_OK)
+	{
+		old = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	if (old && !exec(db, "SAVEPOINT sync_rejected_upgrade;"
+						 "ALTER TABLE sync_network_rejected RENAME TO sync_network_rejected_v1;"))
+		return false;
+	if (!exec(db, sl_rejected_meta_sql))
+		return false;
+	if (old)
+		return exec(db,
+					"INSERT OR IGNORE INTO sync_network_rejected(tbl, pk, origin, code, message, "
+					"first_attempt, last_attempt, attempts) SELECT coalesce(tbl, ''), "
+					"coalesce(pk, ''), 'server', code, message, min(at), max(at), count(*) FROM "
+					"sync_network_rejected_v1 GROUP BY tbl, pk;"
+					"DROP TABLE sync_network_rejected_v1; RELEASE sync_rejected_upgrade;");
+	return true;
+}
+
+static void
+now_iso(char out[32])
+{
+	time_t	  t = time(NULL);
+	struct tm tm;
+
+	gmtime_r(&t, &tm);
+	strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* row_of: the table and key of a list entry; false when gone or malformed. */
+static bool
+row_of(sl_net *n, const char *tbl, const char *pkjson, db_table **t, pgs_value *pk, char **store)
+{
+	pgs_err err;
+
+	*store = NULL;
+	if (sl_load(n->c, &err) != PGS_OK || !(*t = sl_table_by_name(n->c, tbl)))
+		return false;
+	return sl_pk_from_json(n->c, *t, pkjson, pk, store);
+}
+
+/* clock_ver: the local version of the row's newest stamp, -1 without a clock. */
+static int64_t
+clock_ver(sl_net *n, db_table *t, const pgs_value *pk)
+{
+	char		 *w = sqlite3_mprintf(""), *sql;
+	sqlite3_stmt *st;
+	int64_t		  v = -1;
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char *x = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], i + 1);
+
+		sqlite3_free(w);
+		w = x;
+	}
+	sql = w ? sqlite3_mprintf("SELECT ver FROM %s WHERE %s", t->qclock, w) : NULL;
+	if (sql && sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) == SQLITE_OK)
+	{
+		for (int i = 0; i < t->npk; i++)
+			sl_bind_value(st, i + 1, &pk[i]);
+		if (sqlite3_step(st) == SQLITE_ROW)
+			v = sqlite3_column_int64(st, 0);
+		sqlite3_finalize(st);
+	}
+	sqlite3_free(w);
+	sqlite3_free(sql);
+	return v;
+}
+
+/* touch: send row (tbl, pkjson) whole with the next push. */
+static bool
+touch(sl_net *n, const char *tbl, const char *pkjson, bool *found)
+{
+	db_table *t;
+	pgs_value pk[64];
+	char	 *store;
+	pgs_err	  err;
+	bool	  ok;
+
+	*found = false;
+	if (!row_of(n, tbl, pkjson, &t, pk, &store))
+		return true;
+	ok = sl_touch_row(n->c, t, pk, found, &err) == PGS_OK;
+	sqlite3_free(store);
+	return ok;
+}
+
+/*
+ * sl_rejected_before_send: a refused row the app changed since (a fix by
+ * UPDATE) goes out whole: the server may not have the row at all, and a
+ * changed column alone could not be stored there. Inside the caller's
+ * savepoint.
+ */
+bool
+sl_rejected_before_send(sl_net *n, int64_t send_cursor)
+{
+	sqlite3_stmt *st;
+	char		**rows = NULL;
+	int			  nrows = 0;
+	bool		  ok = true;
+
+	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
+						   -1, &st, NULL) != SQLITE_OK)
+		return true;
+	while (sqlite3_step(st) == SQLITE_ROW)
+	{
+		char **nr = sqlite3_realloc64(rows, sizeof(char *) * (size_t) (nrows + 2));
+
+		if (!nr)
+			break;
+		rows = nr;
+		rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
+		rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
+	}
+	sqlite3_finalize(st);
+	for (int i = 0; i + 1 < nrows && ok; i += 2)
+	{
+		db_table *t;
+		pgs_value pk[64];
+		char	 *store;
+
+		if (!rows[i] || !rows[i + 1] || !row_of(n, rows[i], rows[i + 1], &t, pk, &store))
+			continue;
+		if (clock_ver(n, t, pk) > send_cursor)
+		{
+			bool	found;
+			pgs_err err;
+
+			ok = sl_touch_row(n->c, t, pk, &found, &err) == PGS_OK;
+		}
+		sqlite3_free(store);
+	}
+	for (int i = 0; i < nrows; i++)
+		sqlite3_free(rows[i]);
+	sqlite3_free(rows);
+	return ok;
+}
+
+/*
+ * sl_rejected_after_push records the server's answer to a push of the local
+ * versions (old_cursor, until]: every refused row (one entry per row, with
+ * its attempts), and every earlier refusal whose row went out in this push
+ * and was not refused again is resolved. A row answered PS001 (the server
+ * lacks it and got only some columns) is sent again whole, once: *again
+ * tells the caller to push again now. Inside the caller's savepoint.
+ */
+bool
+sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int64_t until,
+					   int64_t *nrej, bool *again)
+{
+	sqlite3_stmt *up = NULL, *sel = NULL;
+	const cJSON	 *it;
+	char		  now[32];
+	char		**seen = NULL;
+	int			  nseen = 0;
+	bool		  ok = true;
+
+	*nrej = 0;
+	*again = false;
+	now_iso(now);
+	if (sqlite3_prepare_v2(n->db,
+						   "INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
+						   "first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'server', ?3, ?4, "
+						   "?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
+						   "excluded.code, message = excluded.message, last_attempt = "
+						   "excluded.last_attempt, attempts = attempts + 1 RETURNING attempts",
+						   -1, &up, NULL) != SQLITE_OK)
+		return false;
+	cJSON_ArrayForEach(it, rejected)
+	{
+		const cJSON *pk = cJSON_GetObjectItemCaseSensitive(it, "pk");
+		const cJSON *t = cJSON_GetObjectItemCaseSensitive(it, "table");
+		const cJSON *code = cJSON_GetObjectItemCaseSensitive(it, "code");
+		const cJSON *m = cJSON_GetObjectItemCaseSensitive(it, "message");
+		char		*pktext = pk ? cJSON_PrintUnformatted(pk) : NULL;
+		int64_t		 attempts = 1;
+		char	   **ns;
+
+		if (!cJSON_IsString(t) || !pktext)
+		{
+			cJSON_free(pktext);
+			continue;
+		}
+		sqlite3_bind_text(up, 1, t->valuestring, -1, SQLITE_TRANSIENT);
+		sqlite3_bind_text(up, 2, pktext, -1, SQLITE_TRANSIENT);
+		sqlite3_bind_text(up, 3, cJSON_IsString(code) ? code->valuestring : NULL, -1,
+						  SQLITE_TRANSIENT);
+		sqlite3_bind_text(up, 4, cJSON_IsString(m) ? m->valuestring : NULL, -1, SQLITE_TRANSIENT);
+		sqlite3_bind_text(up, 5, now, -1, SQLITE_STATIC);
+		if (sqlite3_step(up) == SQLITE_ROW)
+			attempts = sqlite3_column_int64(up, 0);
+		else
+			ok = false;
+		sqlite3_reset(up);
+		(*nrej)++;
+		if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_INCOMPLETE) == 0 &&
+			attempts <= 1)
+		{
+			bool found;
+
+			ok = ok && touch(n, t->valuestring, pktext, &found);
+			*again |= found;
+		}
+		ns = sqlite3_realloc64(seen, sizeof(char *) * (size_t) (nseen + 2));
+		if (ns)
+		{
+			seen = ns;
+			seen[nseen++] = sqlite3_mprintf("%s", t->valuestring);
+			seen[nseen++] = sqlite3_mprintf("%s", pktext);
+		}
+		cJSON_free(pktext);
+	}
+	sqlite3_finalize(up);
+	/* earlier refusals: resolved when their row went out and was not refused */
+	if (ok && sqlite3_prepare_v2(n->db,
+								 "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
+								 -1, &sel, NULL) == SQLITE_OK)
+	{
+		char **gone = NULL;
+		int	   ngone = 0;
+
+		while (sqlite3_step(sel) == SQLITE_ROW)
+		{
+			const char *tb = (const char *) sqlite3_column_text(sel, 0);
+			const char *pj = (const char *) sqlite3_column_text(sel, 1);
+			bool		again_refused = false;
+			db_table   *t;
+			pgs_value	pk[64];
+			char	   *store;
+			int64_t		v;
+
+			for (int i = 0; i + 1 < nseen && !again_refused; i += 2)
+				again_refused = seen[i] && seen[i + 1] && strcmp(seen[i], tb) == 0 &&
+								strcmp(seen[i + 1], pj) == 0;
+			if (again_refused || !row_of(n, tb, pj, &t, pk, &store))
+				continue;
+			v = clock_ver(n, t, pk);
+			sqlite3_free(store);
+			if (v > old_cursor && v <= until)
+			{
+				char **ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2));
+
+				if (!ng)
+					break;
+				gone = ng;
+				gone[ngone++] = sqlite3_mprintf("%s", tb);
+				gone[ngone++] = sqlite3_mprintf("%s", pj);
+			}
+		}
+		sqlite3_finalize(sel);
+		for (int i = 0; i + 1 < ngone; i += 2)
+		{
+			char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = "
+										"%Q AND origin = 'server'",
+										gone[i], gone[i + 1]);
+
+			ok = ok && sql && exec(n->db, sql);
+			sqlite3_free(sql);
+		}
+		for (int i = 0; i < ngone; i++)
+			sqlite3_free(gone[i]);
+		sqlite3_free(gone);
+	}
+	for (int i = 0; i < nseen; i++)
+		sqlite3_free(seen[i]);
+	sqlite3_free(seen);
+	return ok;
+}
+
+/* ---- after a receive ---- */
+
+/*
+ * sl_rejected_after_receive: held changes are tried again (a row refused
+ * here, or a table or column this app version lacked); a row that arrived
+ * incomplete (PS001) is asked for whole.
+ */
+bool
+sl_rejected_after_receive(sl_net *n)
+{
+	int64_t		  applied;
+	pgs_err		  err;
+	sqlite3_stmt *st;
+	bool		  ok;
+
+	if (!exec(n->db, "SAVEPOINT sync_held_retry"))
+		return false;
+	ok = sl_apply_held(n->c, NULL, &applied, &err) == PGS_OK;
+	if (ok && sqlite3_prepare_v2(n->db, "SELECT tbl, k FROM sync_held WHERE code = 'PS001'", -1, &st,
+								 NULL) == SQLITE_OK)
+	{
+		while (sqlite3_step(st) == SQLITE_ROW)
+		{
+			const char	  *tb = (const char *) sqlite3_column_text(st, 0);
+			const uint8_t *k = sqlite3_column_blob(st, 1), *ke = k + sqlite3_column_bytes(st, 1);
+			db_table	  *t = sl_table_by_name(n->c, tb);
+			pgs_value	   pk[64];
+			bool		   good = t && t->npk <= 64;
+			char		  *json, *sql;
+
+			for (int i = 0; good && i < t->npk; i++)
+			{
+				uint8_t type = *k++;
+
+				good = pgs_value_get(&k, ke, type, &pk[i], NULL) == PGS_OK;
+			}
+			if (!good || !(json = sl_pk_json(t, pk)))
+				continue;
+			sql = sqlite3_mprintf("INSERT OR IGNORE INTO sync_network_want(tbl, pk) VALUES(%Q, %Q)",
+								  t->name, json);
+			exec(n->db, sql);
+			sqlite3_free(sql);
+			sqlite3_free(json);
+		}
+		sqlite3_finalize(st);
+	}
+	if (!ok)
+	{
+		exec(n->db, "ROLLBACK TO sync_held_retry");
+		exec(n->db, "RELEASE sync_held_retry");
+		return false;
+	}
+	return exec(n->db, "RELEASE sync_held_retry");
+}
+
+/*
+ * sl_want_fetch asks the server for the wanted rows (POST /v1/rows) and
+ * applies the answer: each row arrives whole, or ABSENT (it is forgotten
+ * here). A discarded change thus becomes the server's version. The list
+ * empties in the same local transaction as the apply.
+ */
+bool
+sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
+{
+	sqlite3_stmt *st;
+	cJSON		 *req = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(req, "rows");
+	char		 *body;
+	sl_net_resp	  r = {0};
+	bool		  ok = true;
+
+	*rows = 0;
+	*msg = NULL;
+	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_want LIMIT 1000", -1, &st,
+						   NULL) != SQLITE_OK)
+	{
+		cJSON_Delete(req);
+		return true; /* no list yet */
+	}
+	while (sqlite3_step(st) == SQLITE_ROW)
+	{
+		cJSON *o = cJSON_CreateObject();
+		cJSON *pk = cJSON_Parse((const char *) sqlite3_column_text(st, 1));
+
+		cJSON_AddStringToObject(o, "table", (const char *) sqlite3_column_text(st, 0));
+		cJSON_AddItemToObject(o, "pk", pk ? pk : cJSON_CreateObject());
+		cJSON_AddItemToArray(arr, o);
+		(*rows)++;
+	}
+	sqlite3_finalize(st);
+	if (*rows == 0)
+	{
+		cJSON_Delete(req);
+		return true;
+	}
+	body = cJSON_PrintUnformatted(req);
+	cJSON_Delete(req);
+	if (!body)
+		return false;
+	{
+		char site[37];
+		char *path;
+
+		pgs_uuid_format(n->c->site, site);
+		path = sqlite3_mprintf("/v1/rows?exclude=%s", site);
+		ok = path && sl_http_call(n, s, path, (const uint8_t *) body, strlen(body), 0, &r, msg);
+		sqlite3_free(path);
+	}
+	cJSON_free(body);
+	if (ok && r.status == 200)
+	{
+		sqlite3_stmt *ap;
+
+		if (!exec(n->db, "SAVEPOINT sync_want"))
+			ok = false;
+		else if (sqlite3_prepare_v2(n->db, "SELECT sync_apply_payload(?1)", -1, &ap, NULL) ==
+				 SQLITE_OK)
+		{
+			sqlite3_bind_blob64(ap, 1, r.body, r.len, SQLITE_STATIC);
+			ok = sqlite3_step(ap) == SQLITE_ROW;
+			if (!ok)
+				*msg = sqlite3_mprintf("applying the rows the server sent failed: %s",
+									   sqlite3_errmsg(n->db));
+			sqlite3_finalize(ap);
+			/* the rows came (or are known gone): the held incomplete ones too */
+			ok = ok && exec(n->db, "DELETE FROM sync_held WHERE code = 'PS001';"
+								   "DELETE FROM sync_network_want;");
+			exec(n->db, ok ? "RELEASE sync_want" : "ROLLBACK TO sync_want; RELEASE sync_want");
+		}
+	}
+	sl_http_resp_free(&r);
+	return ok;
+}
+
+/* ---- SQL functions ---- */
+
+/* entry: (table, key) arguments, NULL when argc == 0 (all). */
+static bool
+args_of(sqlite3_context *ctx, int argc, sqlite3_value **argv, const char *fn, const char **tbl,
+		const char **pk)
+{
+	*tbl = *pk = NULL;
+	if (argc == 0)
+		return true;
+	*tbl = (const char *) sqlite3_value_text(argv[0]);
+	*pk = (const char *) sqlite3_value_text(argv[1]);
+	if (!*tbl || !*pk)
+	{
+		char *m = sqlite3_mprintf("%s: pass the table and the key exactly as "
+								  "sync_network_rejected shows them (tbl, pk)",
+								  fn);
+
+		sqlite3_result_error(ctx, m, -1);
+		sqlite3_free(m);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * sync_network_retry([table, key]): send a refused row again, whole, with
+ * the next push (after the app fixed it). Without arguments every refused
+ * row. Returns the number of rows queued.
+ */
+void
+sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	sl_net		 *n = sqlite3_user_data(ctx);
+	const char	 *tbl, *pk;
+	sqlite3_stmt *st;
+	int64_t		  count = 0;
+	bool		  ok = true;
+
+	if (!args_of(ctx, argc, argv, "sync_network_retry", &tbl, &pk) || !sl_rejected_meta(n->db))
+		return;
+	if (!exec(n->db, "SAVEPOINT sync_network_retry"))
+	{
+		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
+		return;
+	}
+	if (sqlite3_prepare_v2(n->db,
+						   "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server' AND "
+						   "(?1 IS NULL OR (tbl = ?1 AND pk = ?2))",
+						   -1, &st, NULL) == SQLITE_OK)
+	{
+		char **rows = NULL;
+		int	   nrows = 0;
+
+		sqlite3_bind_text(st, 1, tbl, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, pk, -1, SQLITE_STATIC);
+		while (sqlite3_step(st) == SQLITE_ROW)
+		{
+			char **nr = sqlite3_realloc64(rows, sizeof(char *) * (size_t) (nrows + 2));
+
+			if (!nr)
+				break;
+			rows = nr;
+			rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
+			rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
+		}
+		sqlite3_finalize(st);
+		for (int i = 0; i + 1 < nrows && ok; i += 2)
+		{
+			bool found;
+
+			ok = touch(n, rows[i], rows[i + 1], &found);
+			count += found;
+		}
+		for (int i = 0; i < nrows; i++)
+			sqlite3_free(rows[i]);
+		sqlite3_free(rows);
+	}
+	if (!ok)
+	{
+		exec(n->db, "ROLLBACK TO sync_network_retry; RELEASE sync_network_retry");
+		sqlite3_result_error(ctx, "sync_network_retry: could not queue the row", -1);
+		return;
+	}
+	exec(n->db, "RELEASE sync_network_retry");
+	if (tbl && count == 0)
+	{
+		sqlite3_result_error(ctx,
+							 "sync_network_retry: no such refused row; pass tbl and pk exactly as "
+							 "sync_network_rejected shows them",
+							 -1);
+		return;
+	}
+	sqlite3_result_int64(ctx, count);
+}
+
+/*
+ * sync_network_discard([table, key]): give up a refused local change. The
+ * row leaves this device at once, without a change that would propagate,
+ * and the next receive brings the server's current version (or nothing, if
+ * the server has none). Without arguments every refused row. Returns the
+ * number of rows discarded.
+ */
+void
+sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	sl_net		 *n = sqlite3_user_data(ctx);
+	const char	 *tbl, *pk;
+	sqlite3_stmt *st;
+	int64_t		  count = 0;
+	bool		  ok = true;
+	char		**rows = NULL;
+	int			  nrows = 0;
+
+	if (!args_of(ctx, argc, argv, "sync_network_discard", &tbl, &pk) || !sl_rejected_meta(n->db))
+		return;
+	if (!exec(n->db, "SAVEPOINT sync_network_discard"))
+	{
+		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
+		return;
+	}
+	if (sqlite3_prepare_v2(n->db,
+						   "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server' AND "
+						   "(?1 IS NULL OR (tbl = ?1 AND pk = ?2))",
+						   -1, &st, NULL) == SQLITE_OK)
+	{
+		sqlite3_bind_text(st, 1, tbl, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, pk, -1, SQLITE_STATIC);
+		while (sqlite3_step(st) == SQLITE_ROW)
+		{
+			char **nr = sqlite3_realloc64(rows, sizeof(char *) * (size_t) (nrows + 2));
+
+			if (!nr)
+				break;
+			rows = nr;
+			rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
+			rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
+		}
+		sqlite3_finalize(st);
+	}
+	for (int i = 0; i + 1 < nrows && ok; i += 2)
+	{
+		db_table *t;
+		pgs_value key[64];
+		char	 *store, *sql;
+		pgs_err	  err;
+
+		if (row_of(n, rows[i], rows[i + 1], &t, key, &store))
+		{
+			ok = sl_forget_now(n->c, t, key, &err) == PGS_OK;
+			sqlite3_free(store);
+		}
+		sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = %Q AND "
+							  "origin = 'server';"
+							  "INSERT OR IGNORE INTO sync_network_want(tbl, pk) VALUES(%Q, %Q);",
+							  rows[i], rows[i + 1], rows[i], rows[i + 1]);
+		ok = ok && sql && exec(n->db, sql);
+		sqlite3_free(sql);
+		count++;
+	}
+	for (int i = 0; i < nrows; i++)
+		sqlite3_free(rows[i]);
+	sqlite3_free(rows);
+	if (!ok)
+	{
+		exec(n->db, "ROLLBACK TO sync_network_discard; RELEASE sync_network_discard");
+		sqlite3_result_error(ctx, "sync_network_discard: could not discard the row", -1);
+		return;
+	}
+	exec(n->db, "RELEASE sync_network_discard");
+	if (tbl && count == 0)
+	{
+		sqlite3_result_error(ctx,
+							 "sync_network_discard: no such refused row; pass tbl and pk exactly as "
+							 "sync_network_rejected shows them",
+							 -1);
+		return;
+	}
+	sqlite3_result_int64(ctx, count);
+}
