@@ -45,7 +45,7 @@ typedef struct apply_table
 {
 	db_table			*t; /* NULL: not synced here, its changes are held */
 	const db_table_info *ti;
-	int					*colmap; /* payload column -> local column, -1: held */
+	int					*colmap; /* payload column -> local column, or COL_HELD, COL_DROPPED */
 	bool				 unknown_cols;
 	int					 order; /* position in dependency order */
 	cand				*cands;
@@ -94,6 +94,10 @@ oom(pgs_err *err)
 	return pgs_fail(err, PGS_ERR_NOMEM, "out of memory applying a payload", NULL, NULL);
 }
 
+/* colmap values that are not a local column */
+#define COL_HELD (-1)	 /* unknown here (a newer replica's column): kept aside */
+#define COL_DROPPED (-2) /* dropped here (sync_alter, DROP COLUMN): ignored */
+
 static bool
 name_eq(const uint8_t *a, uint32_t alen, const char *b)
 {
@@ -140,19 +144,35 @@ resolve_table(apply_ctx *a, uint32_t i, pgs_err *err)
 		return oom(err);
 	for (uint32_t c = 0; c < d->ncols; c++)
 	{
-		int found = -1;
+		int	 found = COL_HELD;
+		bool by_name = false;
 
 		for (int l = 0; l < at->ti->ncols && found < 0; l++)
 			if (name_eq(d->col_names[c], d->col_name_lens[c], at->ti->col_names[l]))
-				found = l;
+				found = l, by_name = true;
+		/* a column renamed or dropped here, or renamed by the sender (aliases) */
+		for (int h = 0; h < at->ti->nhist && found == COL_HELD; h++)
+			if (name_eq(d->col_names[c], d->col_name_lens[c], at->ti->hist_names[h]))
+				found = at->ti->hist_cols[h] >= 0 ? at->ti->hist_cols[h] : COL_DROPPED;
+		for (uint32_t k = 0; k < d->nalias && found == COL_HELD; k++)
+			for (int l = 0; l < at->ti->ncols && found < 0 && d->alias_cols[k] == c; l++)
+				if (name_eq(d->alias_names[k], d->alias_name_lens[k], at->ti->col_names[l]))
+					found = l;
 		for (uint32_t k = 0; k < c && found >= 0; k++)
 			if (at->colmap[k] == found)
+			{
+				if (!by_name)
+				{
+					found = COL_HELD; /* a former name beside the current one: kept aside */
+					break;
+				}
 				return pgs_failf(
 					err, PGS_ERR_CORRUPT,
 					"The payload was damaged or forged; fetch it again from its sender.",
 					"corrupt payload: column \"%s\" of table \"%s\" appears twice",
 					at->ti->col_names[found], at->ti->name);
-		if (found < 0)
+			}
+		if (found == COL_HELD)
 			at->unknown_cols = true; /* a newer replica's column: held */
 		at->colmap[c] = found;
 	}
@@ -659,7 +679,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 			return oom(err);
 		memset(sel, 0, sizeof(bool) * (a->r.tables[tix].ncols + 1));
 		for (uint32_t i = 0; i < g->nchanges; i++)
-			if (at->colmap[g->changes[i].col] < 0)
+			if (at->colmap[g->changes[i].col] == COL_HELD)
 				sel[g->changes[i].col] = held_part = true;
 	}
 	if ((r = site_allowed(a, g->cl_site, &ok, err)) != PGS_OK)

@@ -199,6 +199,11 @@ add_table(build_ctx *b, const db_table_info *ti)
 						   (uint32_t) ti->npk, names, (uint32_t) ti->ncols, names + ti->npk);
 	pgs_free(names);
 	pgs_writer_table_fingerprint(&b->w, idx, pgs_table_fingerprint(ti));
+	for (int h = 0; h < ti->nhist; h++)
+		if (ti->hist_cols[h] >= 0 && ti->hist_cols[h] < ti->ncols)
+			pgs_writer_table_alias(
+				&b->w, idx, (uint32_t) ti->hist_cols[h],
+				(pgs_name){(const uint8_t *) ti->hist_names[h], (uint32_t) strlen(ti->hist_names[h])});
 	return idx;
 }
 

@@ -219,6 +219,13 @@ void pgs_rowclock_encode(const pgs_rowclock *rc, pgs_buf *out);
 /* pgs_rowclock_decode parses a blob into rc (rc->cols/ncols preset; extra columns
  * in the blob beyond ncols are an error). */
 pgs_rc pgs_rowclock_decode(const uint8_t *p, size_t len, pgs_rowclock *rc, pgs_err *err);
+/*
+ * pgs_rowclock_drop_col: the blob of a row clock of ncols columns without
+ * column col (the later ones move down one), appended to out; the stamps
+ * and versions of the others are kept (a dropped column, docs/MIGRATIONS.md).
+ */
+pgs_rc pgs_rowclock_drop_col(const uint8_t *p, size_t len, int ncols, int col, pgs_buf *out,
+							 pgs_err *err);
 
 /* ---- merge ------------------------------------------------------------ */
 
@@ -294,6 +301,10 @@ typedef struct pgs_dict_table
 	uint32_t		snap;		 /* PGS_SNAP_* */
 	bool			has_salt;
 	uint64_t		salt; /* seed of the removal candidates' key hashes */
+	uint32_t		nalias; /* former names of the sender's columns (attribute 4) */
+	uint32_t	   *alias_cols;
+	const uint8_t **alias_names;
+	uint32_t	   *alias_name_lens;
 } pgs_dict_table;
 
 typedef struct pgs_change
@@ -392,6 +403,8 @@ typedef struct pgs_wtable
 	uint32_t snap;
 	bool	 has_salt;
 	uint64_t salt;
+	uint32_t nalias;
+	pgs_buf	 aliases; /* nalias x (varint column, name) */
 } pgs_wtable;
 
 /*
@@ -426,6 +439,8 @@ uint32_t pgs_writer_table(pgs_writer *w, pgs_name name, uint32_t npk, const pgs_
 void pgs_writer_table_fingerprint(pgs_writer *w, uint32_t table, uint64_t fp);
 void pgs_writer_table_snap(pgs_writer *w, uint32_t table, uint32_t snap_flags); /* ORed */
 void pgs_writer_table_salt(pgs_writer *w, uint32_t table, uint64_t salt);
+/* pgs_writer_table_alias: column col of the table was once called name. */
+void pgs_writer_table_alias(pgs_writer *w, uint32_t table, uint32_t col, pgs_name name);
 /* pgs_writer_row: a row group (kind CHANGES or WHOLE) of n changes; a
  * deleted row (even cl) has none. */
 void pgs_writer_row(pgs_writer *w, uint32_t table, bool whole, const pgs_value *pk, int64_t cl,

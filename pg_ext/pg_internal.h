@@ -178,7 +178,10 @@ void pg_as_caller(const pg_user_save *s);
 db_table	  *pg_table_get(Oid relid, bool missing_ok);
 db_table	  *pg_table_cached(Oid relid);
 void		   pg_table_release_all(void);
-void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp);
+void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
+							 bool allow_seq_keys);
+/* pg_table_reconcile: after ALTER TABLE of a synced table (the DDL event trigger) */
+void		   pg_table_reconcile(Oid relid);
 void		   pg_table_cleanup(Oid relid);
 int			   pg_table_list(Oid **relids);
 Oid			   pg_table_by_name(const char *name, size_t len);

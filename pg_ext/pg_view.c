@@ -273,9 +273,11 @@ sync_visibility_changed(PG_FUNCTION_ARGS)
 }
 
 /*
- * sync_on_ddl_end: policy, RLS and privilege changes of synced tables.
- * Policies: refresh the table's watches and log it. ALTER TABLE: log it
- * when its row-level security switched (pgsync.tables.rls remembers).
+ * sync_on_ddl_end: schema, policy, RLS and privilege changes of synced
+ * tables. ALTER TABLE: renamed, dropped and retyped columns are recorded or
+ * refused (pg_table_reconcile), and the table is logged when its row-level
+ * security switched (pgsync.tables.rls remembers). Policies: refresh the
+ * table's watches and log it.
  * GRANT, REVOKE, DROP POLICY: every synced table (they are rare, and the
  * command does not always say which table).
  */
@@ -294,6 +296,23 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 	if (strcmp(tag, "GRANT") == 0 || strcmp(tag, "REVOKE") == 0 || strcmp(tag, "DROP POLICY") == 0)
 		meta_exec("SELECT tbl::pg_catalog.oid FROM pgsync.tables", 0, NULL, NULL, true, 0);
 	else if (strcmp(tag, "ALTER TABLE") == 0)
+	{
+		/* renamed, dropped or retyped synced columns first (pg_table.c) */
+		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
+				  "pg_catalog.pg_event_trigger_ddl_commands() c "
+				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid",
+				  0, NULL, NULL, true, 0);
+		n = SPI_processed;
+		rels = palloc(sizeof(Oid) * (n + 1));
+		for (uint64 i = 0; i < n; i++)
+		{
+			bool isnull;
+
+			rels[i] = DatumGetObjectId(
+				SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		for (uint64 i = 0; i < n; i++)
+			pg_table_reconcile(rels[i]);
 		meta_exec(
 			"SELECT t.tbl::pg_catalog.oid FROM pg_catalog.pg_event_trigger_ddl_commands() c "
 			"JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid "
@@ -301,6 +320,7 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 			"WHERE t.rls IS DISTINCT FROM (CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN "
 			"r.relforcerowsecurity THEN 'forced' ELSE 'on' END)",
 			0, NULL, NULL, true, 0);
+	}
 	else
 		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
 				  "pg_catalog.pg_event_trigger_ddl_commands() c "

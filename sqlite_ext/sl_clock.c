@@ -67,6 +67,9 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 	*ver = c->txn_ver;
 	if (c->hlc > PGS_HLC_MAX || (int64_t) c->hlc < 0)
 		return sl_repair_clock(c, *ver, err);
+	/* renamed columns and column positions found at load (sl_alter.c) */
+	if (c->alter_dirty)
+		return sl_alter_persist(c, err);
 	return PGS_OK;
 }
 

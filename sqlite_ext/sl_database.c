@@ -205,6 +205,11 @@ free_table(db_table *t)
 	sqlite3_free(t->name);
 	sqlite3_free(t->qname);
 	sqlite3_free(t->qclock);
+	for (int i = 0; i < t->nhist; i++)
+		sqlite3_free(t->hist_names[i]);
+	sqlite3_free(t->hist_names);
+	sqlite3_free(t->hist_cols);
+	sqlite3_free(t->cids);
 	sqlite3_free(t);
 }
 
@@ -290,6 +295,8 @@ load_tables(db_conn *c, pgs_err *err)
 		t->info.ncols = t->ncols;
 		t->info.pk_names = (const char *const *) t->pk_names;
 		t->info.col_names = (const char *const *) t->col_names;
+		if ((rc = sl_alter_resolve(c, t, err)) != PGS_OK) /* renamed columns, former names */
+			goto out;
 	}
 	goto out;
 nomem:

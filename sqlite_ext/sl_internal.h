@@ -52,6 +52,13 @@ struct db_table
 	size_t		 *batch_blob_len;
 	sqlite3_stmt *batch_rows_st;
 	sqlite3_stmt *batch_clock_st;
+	/* schema changes (sl_alter.c) */
+	int	   nhist; /* former column names: hist_names[i] is column hist_cols[i] (-1 dropped) */
+	char **hist_names;
+	int	  *hist_cols;
+	int	  *cids;	   /* the SQLite column id of each synced column */
+	int	   renames;	   /* renames found at load, the first entries of hist */
+	bool   alter_dirty; /* positions or renames to record at the next write */
 };
 
 struct db_conn
@@ -65,6 +72,8 @@ struct db_conn
 	int64_t	   txn_ver;	 /* version of the open write txn, 0 = none */
 	uint64_t   hlc;		 /* last stamp issued in this txn */
 	bool	   clock_suspect; /* the persisted HLC was past the format's range at load */
+	bool	   alter_dirty;	  /* some table has schema changes to record (sl_alter.c) */
+	bool	   alter_lenient; /* loading for sync_cleanup: a changed table is no error */
 	db_table **tables;
 	int		   ntables;
 	uint8_t (*sites)[16];
@@ -106,6 +115,12 @@ void	  sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v);
 void	  sl_column_value(sqlite3_stmt *st, int i, pgs_value *v);
 pgs_rc	  sl_exec(db_conn *c, const char *sql, pgs_err *err);
 char	 *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
+
+/* sl_alter.c */
+extern const char *sl_alter_meta_sql;
+pgs_rc			   sl_alter_resolve(db_conn *c, db_table *t, pgs_err *err);
+pgs_rc			   sl_alter_persist(db_conn *c, pgs_err *err);
+int				   sl_alter_register(sqlite3 *db, db_conn *c);
 
 /* sl_clock.c */
 pgs_rc	   sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err);

@@ -34,7 +34,8 @@ sl_ensure_meta(db_conn *c, pgs_err *err)
 	int			  have_site = 0;
 
 	if ((rc = sl_exec(c, meta_sql, err)) != PGS_OK ||
-		(rc = sl_exec(c, sl_fate_meta_sql, err)) != PGS_OK)
+		(rc = sl_exec(c, sl_fate_meta_sql, err)) != PGS_OK ||
+		(rc = sl_exec(c, sl_alter_meta_sql, err)) != PGS_OK)
 		return rc;
 	if ((rc = sl_exec(
 			 c, "INSERT OR IGNORE INTO sync_state(id, db_version, hlc, format) VALUES(1, 0, 0, 1)",
@@ -515,6 +516,19 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 	return PGS_OK;
 }
 
+/* record_renames: columns renamed with ALTER TABLE since the last write are
+ * recorded (sl_alter.c) before sync_init compares the table with its metadata. */
+static pgs_rc
+record_renames(db_conn *c, pgs_err *err)
+{
+	pgs_rc rc;
+
+	c->alter_lenient = true; /* other tables' troubles are not this call's */
+	rc = sl_load(c, err);
+	c->alter_lenient = false;
+	return rc == PGS_OK ? sl_alter_persist(c, err) : rc;
+}
+
 pgs_rc
 sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err)
 {
@@ -529,7 +543,7 @@ sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err)
 						 "unknown sync algorithm '%s'", algo);
 	if ((rc = sl_exec(c, "SAVEPOINT sync_init", err)) != PGS_OK)
 		return rc;
-	if ((rc = sl_ensure_meta(c, err)) == PGS_OK &&
+	if ((rc = sl_ensure_meta(c, err)) == PGS_OK && (rc = record_renames(c, err)) == PGS_OK &&
 		(rc = describe(c, table, &canon, &cols, &ncols, err)) == PGS_OK &&
 		(rc = register_table(c, canon, algo, cols, ncols, &t, err)) == PGS_OK &&
 		(rc = create_objects(c, t, cols, ncols, err)) == PGS_OK)
@@ -557,9 +571,11 @@ sl_cleanup_table(db_conn *c, const char *table, pgs_err *err)
 	char	 *sql;
 	pgs_rc	  rc;
 
-	if (!c->ready && (rc = sl_load(c, err)) != PGS_OK)
-		return rc;
-	if ((rc = sl_load(c, err)) != PGS_OK)
+	/* a renamed or dropped table (or column) can still be cleaned up */
+	c->alter_lenient = true;
+	rc = sl_load(c, err);
+	c->alter_lenient = false;
+	if (rc != PGS_OK)
 		return rc;
 	if (!(t = sl_table_by_name(c, table)))
 		return pgs_failf(err, PGS_ERR_MISUSE,
@@ -581,6 +597,17 @@ sl_cleanup_table(db_conn *c, const char *table, pgs_err *err)
 		pgs_err ignore;
 
 		sl_exec(c, "ROLLBACK TO sync_cleanup; RELEASE sync_cleanup", &ignore);
+	}
+	else
+	{
+		pgs_err ignore; /* tables of sl_alter.c: missing in databases of older builds */
+
+		sql = sqlite3_mprintf("DELETE FROM sync_column_history WHERE tbl = %lld;"
+							  "DELETE FROM sync_column_pos WHERE tbl = %lld",
+							  (long long) t->id, (long long) t->id);
+		if (sql)
+			sl_exec(c, sql, &ignore);
+		sqlite3_free(sql);
 	}
 	sl_load(c, err);
 	return rc;

@@ -142,8 +142,13 @@ sync_cleanup(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, "sync_cleanup: table name must not be NULL", -1);
 		return;
 	}
+	c->alter_lenient = true; /* a renamed or dropped table can still be cleaned up */
 	if (!ready(ctx, c, "sync_cleanup"))
+	{
+		c->alter_lenient = false;
 		return;
+	}
+	c->alter_lenient = false;
 	if (sl_cleanup_table(c, table, &err) != PGS_OK)
 	{
 		result_err(ctx, &err);
@@ -677,6 +682,12 @@ __declspec(dllexport)
 		if (pzErrMsg)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register its close hook: %s",
 										sqlite3_errmsg(db));
+		return SQLITE_ERROR;
+	}
+	if (sl_alter_register(db, c) != SQLITE_OK)
+	{
+		if (pzErrMsg)
+			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_alter");
 		return SQLITE_ERROR;
 	}
 	if (sl_network_register(db, c) != SQLITE_OK)
