@@ -589,5 +589,441 @@ def move_out_watched_function(env):
     m.back("function restored + sync_visibility_changed")
 
 
+@test
+def move_out_unsent_edits_not_lost(env):
+    """Local edits of a row that moved out are pushed, then accepted or
+    rejected (and reported), never forgotten silently."""
+    world(env, READ_ALL_OWNER_WRITES.replace("USING (true)", f"USING (owner = {SUB})"),
+          "GRANT SELECT, INSERT, UPDATE, DELETE ON items TO viewer; GRANT SELECT ON docs TO viewer;")
+    env.sql("INSERT INTO docs VALUES('d1', 'alice', 'one', 'x'), ('d2', 'alice', 'two', 'y'),"
+            " ('d3', 'alice', 'three', 'z'); INSERT INTO items VALUES('i1', 'item', 1)")
+    s1 = env.server("s1", allowed_roles="app_user,viewer")
+    s2 = env.server("s2", allowed_roles="app_user,viewer", pull_max_rows=1)
+    a = dev(env, "a", "alice", s1)
+    v = dev(env, "v", "alice", s2, role="viewer")
+    a.sync()
+    v.sync()
+    # rejected: the edit reaches a row that is bob's now
+    a.q("UPDATE docs SET body = 'edited offline' WHERE id = 'd1'")
+    a.q("DELETE FROM docs WHERE id = 'd2'")
+    env.sql("UPDATE docs SET owner = 'bob' WHERE id IN ('d1', 'd2')")
+    r = a.sync()
+    check(r["send"]["rejected"] == 2, r)
+    check(a.rejected() == {("docs", '{"id":"d1"}', "server"): "42501",
+                           ("docs", '{"id":"d2"}', "server"): "42501"}, a.rejected())
+    check(("d1", "alice", "one", "edited offline") in docs(a), "the refused edit stays until the app decides")
+    check(pg_docs(env)[:2] == [("d1", "bob", "one", "x"), ("d2", "bob", "two", "y")], pg_docs(env))
+    a.sync()
+    check(("d1", "alice", "one", "edited offline") in docs(a), "a later pull does not forget it either")
+    # accepted: the device pulls first (the row moved out), the row comes back
+    # before the device sends: the edit lands
+    a.q("UPDATE docs SET body = 'edited while it was away' WHERE id = 'd3'")
+    env.sql("UPDATE docs SET owner = 'bob' WHERE id = 'd3'")
+    a.receive()
+    check(("d3", "alice", "three", "edited while it was away") in docs(a), docs(a))
+    env.sql("UPDATE docs SET owner = 'alice' WHERE id = 'd3'")
+    r = a.send()
+    check(r["rejected"] == 0, r)
+    check(env.sql("SELECT owner, body FROM docs WHERE id = 'd3'", fetch=True) == [("alice", "edited while it was away")])
+    # a table that leaves the view whole (REVOKE: a snapshot, chunked): the
+    # unsent edit stays, is pushed, refused and reported
+    v.q("UPDATE items SET qty = 42 WHERE id = 'i1'")
+    env.sql("REVOKE SELECT, UPDATE ON items FROM viewer")
+    v.receive()
+    check(v.q("SELECT * FROM items") == [("i1", "item", 42)], v.q("SELECT * FROM items"))
+    r = v.sync()
+    check(r["send"].get("rejected") == 1 or "error" in r["send"], r)
+    check(("items", '{"id":"i1"}', "server") in v.rejected(), (r, v.rejected()))
+    check(env.sql("SELECT qty FROM items", fetch=True) == [(1,)])
+    # the app gives up: every device ends as its view
+    for d, role in ((a, "app_user"), (v, "viewer")):
+        d.one("SELECT sync_network_discard()")
+        d.sync_quiet()
+        check_view(env, d, "alice", role)
+        check(d.rejected() == {}, d.rejected())
+    check(v.q("SELECT * FROM items") == [], v.q("SELECT * FROM items"))
+
+
+# ---- device identity, tokens ---------------------------------------------------------
+
+@test
+def site_id_forgery(env):
+    """A site id belongs to the principal that first used it: pushes from it,
+    pulls excluding it and changes attributed to it are refused to others."""
+    world(env)
+    s = env.server()
+    b = dev(env, "b", "bob", s)
+    b.q("INSERT INTO docs VALUES('b1', 'bob', 'bobs', 'secret')")
+    b.sync()
+    bob_site = b.site()
+    a = dev(env, "a", "alice", s)
+    a.sync()
+    alice = auth(token("alice"))
+    before_docs, before_items = pg_docs(env), env.sql("SELECT * FROM items", fetch=True)
+    # a push whose origin is bob's device
+    b.q("INSERT INTO items VALUES('f1', 'pushed in bob''s name', 1)")
+    st, h, body = http("POST", s.url + "/v1/push", body=b.one("SELECT sync_payload(0)"), headers=alice)
+    check(st == 403 and json.loads(body)["error"] == "device belongs to another principal", (st, body))
+    # pulls and row fetches that claim bob's device
+    for method, path, data in (("GET", f"/v1/pull?since=0&exclude={bob_site}", None),
+                               ("GET", f"/v1/pull?since=0&exclude={bob_site}&wait=200", None),
+                               ("POST", f"/v1/rows?exclude={bob_site}",
+                                json.dumps({"rows": [{"table": "docs", "pk": {"id": "b1"}}]}))):
+        st, h, body = http(method, s.url + path, body=data, headers=alice)
+        check(st == 403 and json.loads(body)["error"] == "device belongs to another principal",
+              (path, st, body))
+    # a copy of bob's database file used with alice's token
+    b.close()
+    import shutil
+    shutil.copy(b.path, os.path.join(env.base, "clone.db"))
+    for ext in ("-wal", "-shm"):
+        if os.path.exists(b.path + ext):
+            shutil.copy(b.path + ext, os.path.join(env.base, "clone.db" + ext))
+    clone = Device(env, "clone", None, None, "", [])
+    check(clone.site() == bob_site)
+    clone.set_token(token("alice"))
+    try:
+        clone.sync()
+        raise AssertionError("the clone synced with alice's token")
+    except Exception as e:  # noqa: BLE001
+        check("403" in str(e) or "another principal" in str(e), str(e))
+    # changes relayed from bob's device into alice's: refused per row (PS002)
+    b = Device(env, "b", None, None, "", [])
+    b.q("INSERT INTO items VALUES('f2', 'written by bob, relayed by alice', 2)")
+    a.q("SELECT sync_apply_payload(?)", b.one("SELECT sync_payload(0)"))
+    a.q("INSERT INTO items VALUES('a1', 'alice''s own', 3)")
+    r = a.sync()
+    rej = a.rejected()
+    check(rej.get(("items", '{"id":"f2"}', "server")) == "PS002", (r, rej))
+    check(env.sql("SELECT id FROM items ORDER BY id", fetch=True) == [("a1",)], env.sql("SELECT * FROM items", fetch=True))
+    check(pg_docs(env) == before_docs and before_items == [])
+    # bob's own device still syncs them, as his
+    b.sync()
+    check(env.sql("SELECT id FROM items ORDER BY id", fetch=True) == [("a1",), ("f1",), ("f2",)])
+
+
+@test
+def token_times(env):
+    """exp/nbf/iat outside [0, year 9999] or not numbers: 401 with a clear
+    message; the server stays up."""
+    world(env)
+    s = env.server()
+    now = int(time.time())
+    bad = [1e300, -1e300, -1, "x", "1700000000", 10 ** 30, 2 ** 63, 2 ** 64, -2 ** 63, 253402300800,
+           1e19, True, None, [now + 60], {"t": now + 60}, float("inf")]
+    seen = set()
+    for claim in ("exp", "nbf", "iat"):
+        for v in bad:
+            claims = {"sub": "alice", "role": "app_user", "exp": now + 600}
+            claims[claim] = v
+            tok = jwt_hs256(claims)
+            for method, path in (("GET", "/v1/pull?since=0"), ("POST", "/v1/push")):
+                st, h, body = http(method, s.url + path, body=b"x" if method == "POST" else None,
+                                   headers=auth(tok))
+                check(st == 401, (claim, v, method, st, body[:200]))
+                j = json.loads(body)
+                check(j["error"] in ("invalid token", "token expired", "token not yet valid") and j["detail"],
+                      (claim, v, j))
+                seen.add(j["detail"])
+            ws = WebSocket(s.port, tok)
+            check(ws.status == 401, (claim, v, ws.head[:100]))
+            ws.close()
+    check(s.proc.poll() is None, "the server died")
+    st, h, body = http("GET", s.url + "/healthz")
+    check(st == 200, (st, body))
+    # times in range still work, including the far future
+    for claims in ({"exp": 253402300799}, {"exp": now + 60, "iat": now, "nbf": 0}, {}):
+        st, h, body = http("GET", s.url + "/v1/pull?since=0",
+                           headers=auth(jwt_hs256(dict({"sub": "alice", "role": "app_user"}, **claims))))
+        check(st in (200, 204), (claims, st, body))
+    print(f"  {len(seen)} distinct error details")
+
+
+# ---- attacks: all refused, Postgres unchanged -------------------------------------
+
+def pg_state(env):
+    """Every row and clock row of the synced tables (to compare before/after)."""
+    out = {}
+    for t in ("docs", "items"):
+        out[t] = env.sql(f"SELECT * FROM {t} ORDER BY 1", fetch=True)
+        out[t + "__sync_clock"] = env.sql(f"SELECT * FROM {t}__sync_clock ORDER BY 1", fetch=True)
+    return out
+
+
+def check_unchanged(env, before, what):
+    after = pg_state(env)
+    for k in before:
+        check(after[k] == before[k], f"{what}: {k} changed:\n  before {before[k]}\n  after  {after[k]}")
+
+
+def resolve(d, sub, env, role="app_user", **claims):
+    """The app gives up every refused change; the device then equals its view."""
+    d.one("SELECT sync_network_discard()")
+    d.sync_quiet()
+    check_view(env, d, sub, role, **claims)
+    check(d.rejected() == {} and d.held() == [], (d.rejected(), d.held()))
+
+
+@test
+def attack_resurrect_invisible_row(env):
+    """Alice writes Bob's live, invisible key: as the same life (an update),
+    as a new life (insert/delete/insert), and with a forged owner."""
+    world(env)
+    s = env.server()
+    b = dev(env, "b", "bob", s)
+    b.q("INSERT INTO docs VALUES('b1', 'bob', 'bobs', 'secret')")
+    b.sync()
+    a = dev(env, "a", "alice", s)
+    a.sync()
+    before = pg_state(env)
+    attempts = [
+        ["INSERT INTO docs VALUES('b1', 'alice', 'mine now', 'x')"],
+        ["DELETE FROM docs WHERE id = 'b1'", "INSERT INTO docs VALUES('b1', 'alice', 'mine again', 'x')",
+         "DELETE FROM docs WHERE id = 'b1'", "INSERT INTO docs VALUES('b1', 'alice', 'and again', 'x')"],
+        ["UPDATE docs SET owner = 'bob', body = 'forged by alice' WHERE id = 'b1'"],
+    ]
+    for sqls in attempts:
+        for q in sqls:
+            a.q(q)
+        r = a.sync()
+        check(r["send"]["rejected"] >= 1 and ("docs", '{"id":"b1"}', "server") in a.rejected(), (sqls, r))
+        check_unchanged(env, before, sqls[-1])
+    b.sync()
+    check(docs(b) == [("b1", "bob", "bobs", "secret")], docs(b))
+    resolve(a, "alice", env)
+
+
+@test
+def attack_resurrect_deleted_row(env):
+    """Bob's row is deleted. Alice brings the key back in Bob's name: with a
+    life too old (loses), or a newer one (the policy refuses Bob's owner). Her
+    device must not keep a row that Postgres does not have."""
+    world(env, READ_ALL_OWNER_WRITES)
+    s = env.server()
+    b = dev(env, "b", "bob", s)
+    b.q("INSERT INTO docs VALUES('k1', 'bob', 'seen by all', 'x')")
+    b.q("INSERT INTO docs VALUES('k2', 'bob', 'deleted before alice came', 'x')")
+    b.sync()
+    b.q("DELETE FROM docs WHERE id = 'k2'")
+    b.sync()
+    a = dev(env, "a", "alice", s)
+    a.sync()
+    b.q("DELETE FROM docs WHERE id = 'k1'")
+    b.sync()
+    a.sync()
+    check(docs(a) == [], docs(a))
+    before = pg_state(env)
+    for q in ("INSERT INTO docs VALUES('k1', 'bob', 'resurrected in bob''s name', 'x')",
+              "INSERT INTO docs VALUES('k2', 'bob', 'resurrected in bob''s name', 'x')"):
+        a.q(q)
+        a.sync()
+        check_unchanged(env, before, q)
+    # not silently kept: refused (and reported), or gone after the sync
+    resolve(a, "alice", env)
+    b.sync()
+    check(docs(b) == [], docs(b))
+    b2 = dev(env, "b2", "bob", s)
+    b2.sync()
+    check(docs(b2) == [], docs(b2))
+
+
+@test
+def attack_key_change_into_invisible_key(env):
+    """Alice renames her row to Bob's (invisible) key: the new key is refused,
+    Bob's row untouched."""
+    world(env)
+    s = env.server()
+    b = dev(env, "b", "bob", s)
+    b.q("INSERT INTO docs VALUES('target', 'bob', 'bobs', 'secret')")
+    b.sync()
+    a = dev(env, "a", "alice", s)
+    a.q("INSERT INTO docs VALUES('mine', 'alice', 'alices', 'hers')")
+    a.sync()
+    a.q("UPDATE docs SET id = 'target' WHERE id = 'mine'")
+    r = a.sync()
+    check(("docs", '{"id":"target"}', "server") in a.rejected(), (r, a.rejected()))
+    check(env.sql("SELECT * FROM docs WHERE id = 'target'", fetch=True) == [("target", "bob", "bobs", "secret")])
+    b.sync()
+    check(("target", "bob", "bobs", "secret") in docs(b), docs(b))
+    resolve(a, "alice", env)
+
+
+def raw_pull(url, tok, since="0", exclude=None, max_rows=None, wait=None):
+    q = f"/v1/pull?since={since}"
+    if exclude:
+        q += f"&exclude={exclude}"
+    if max_rows:
+        q += f"&max_rows={max_rows}"
+    if wait:
+        q += f"&wait={wait}"
+    return http("GET", url + q, headers=auth(tok))
+
+
+def payload_keys(body):
+    """The keys and values a payload carries in clear (candidates carry neither)."""
+    if not body:
+        return set(), set()
+    j = info(body)
+    keys = {tuple(r["key"]) for r in j["rows"] if "key" in r}
+    vals = {c["value"] for r in j["rows"] for c in r.get("changes", [])}
+    return keys, vals
+
+
+@test
+def attack_chunk_cursors(env):
+    """Forged, altered, truncated, borrowed and replayed chunk cursors."""
+    world(env)
+    env.sql("INSERT INTO docs SELECT 'a' || lpad(g::text, 3, '0'), 'alice', 'a', 'alice text' FROM generate_series(1, 30) g;"
+            "INSERT INTO docs SELECT 'b' || lpad(g::text, 3, '0'), 'bob', 'b', 'bob secret' FROM generate_series(1, 30) g")
+    s = env.server()
+    other_db = suite.Env(schema=None, pg=env.pg)
+    try:
+        world(other_db)
+        other_db.sql("INSERT INTO docs SELECT 'a' || g, 'alice', 'a', 'x' FROM generate_series(1, 30) g")
+        s_other = other_db.server("other")
+        a1, a2, b = dev(env, "a1", "alice", s), dev(env, "a2", "alice", s), dev(env, "b", "bob", s)
+        for d in (a1, a2, b):
+            d.sync()
+        ta, tb = token("alice"), token("bob")
+        st, h, body = raw_pull(s.url, ta, exclude=a1.site(), max_rows=5)
+        check(st == 200 and h["x-pgsync-more"] == "1", (st, h))
+        ca = h["x-pgsync-cursor"]
+        st, h, _ = raw_pull(s.url, tb, exclude=b.site(), max_rows=5)
+        cb = h["x-pgsync-cursor"]
+        check(ca.startswith("c") and cb.startswith("c"), (ca, cb))
+        prefix, _, hexpart = ca.rpartition(".")
+
+        def flip(hx, i):
+            return hx[:i] + ("0" if hx[i] != "0" else "1") + hx[i + 1:]
+        bad = {
+            "random": prefix + "." + os.urandom(len(hexpart) // 2).hex(),
+            "altered first byte": prefix + "." + flip(hexpart, 0),
+            "altered middle": prefix + "." + flip(hexpart, len(hexpart) // 2),
+            "altered tag": prefix + "." + flip(hexpart, len(hexpart) - 1),
+            "truncated": prefix + "." + hexpart[:-2],
+            "extended": prefix + "." + hexpart + "00",
+            "other since": "c1" + ca[ca.index("."):],
+        }
+        for what, cur in bad.items():
+            st, h, body = raw_pull(s.url, ta, since=cur, exclude=a1.site(), max_rows=5)
+            check(st == 400, (what, cur[:60], st, body[:200]))
+        # the generation in front of the seal is the device's own business (it
+        # only decides whether the device gets a snapshot): never more than its view
+        st, h, body = raw_pull(s.url, ta, since=re.sub(r"^(c\d+)\.\d+", r"\g<1>.77", ca),
+                               exclude=a1.site(), max_rows=5)
+        keys, vals = payload_keys(body if st == 200 else b"")
+        check(all(k[0].startswith("a") for k in keys) and "bob secret" not in vals, (st, keys, vals))
+        # borrowed: bob's cursor by alice's device, alice's by her other device, by no device
+        for what, tok, cur, excl in (("bob's cursor", ta, cb, a1.site()),
+                                     ("another device's cursor", ta, ca, a2.site()),
+                                     ("without the device", ta, ca, None)):
+            st, h, body = raw_pull(s.url, tok, since=cur, exclude=excl, max_rows=5)
+            check(st == 400, (what, st, body[:200]))
+        # a cursor of another database
+        st, h, _ = raw_pull(s_other.url, ta, exclude=dev(other_db, "o", "alice", s_other).site(), max_rows=5)
+        co = h["x-pgsync-cursor"]
+        st, h, body = raw_pull(s.url, ta, since=co, exclude=a1.site(), max_rows=5)
+        check(st == 400, ("another database's cursor", st, body[:200]))
+        # replayed after alice lost her access: only what she may see now
+        env.sql("UPDATE docs SET owner = 'bob', body = 'bob secret now' WHERE owner = 'alice'")
+        leaked = set()
+        cur = ca
+        for _ in range(40):
+            st, h, body = raw_pull(s.url, ta, since=cur, exclude=a1.site(), max_rows=5)
+            check(st in (200, 204), (st, body[:200]))
+            keys, vals = payload_keys(body)
+            leaked |= {v for v in vals if "secret" in str(v)} | {k for k in keys if k[0].startswith("b")}
+            if h["x-pgsync-more"] != "1":
+                break
+            cur = h["x-pgsync-cursor"]
+        check(not leaked, f"a replayed cursor leaked {sorted(leaked)[:5]}")
+        check(s.proc.poll() is None)
+    finally:
+        other_db.close()
+
+
+@test
+def attack_exclude_tricks(env):
+    """exclude= another principal's site, the server's own site, garbage; and
+    POST /v1/rows for keys the caller may not see."""
+    world(env)
+    s = env.server()
+    b = dev(env, "b", "bob", s)
+    b.q("INSERT INTO docs VALUES('b1', 'bob', 'bobs', 'secret')")
+    b.sync()
+    a = dev(env, "a", "alice", s)
+    a.sync()
+    ta = token("alice")
+    server_site = env.sql("SELECT sync_site_id()::text", fetch=True)[0][0]
+    before = pg_state(env)
+    for excl, want in ((b.site(), 403), (server_site, 403), ("not-a-uuid", 400), ("", None)):
+        st, h, body = raw_pull(s.url, ta, exclude=excl)
+        if want:
+            check(st == want, (excl, st, body[:200]))
+        keys, vals = payload_keys(body if st == 200 else b"")
+        check(("b1",) not in keys and "secret" not in vals, (excl, keys, vals))
+    # a push from the server's own site id (a payload Postgres made)
+    env.sql("INSERT INTO items VALUES('srv', 'made in postgres', 1)")
+    p = env.sql("SELECT sync_payload(0)", fetch=True)[0][0].tobytes()
+    env.sql("DELETE FROM items")
+    before = pg_state(env)
+    st, h, body = http("POST", s.url + "/v1/push", body=p, headers=auth(ta))
+    check(st == 403, (st, body[:200]))
+    check_unchanged(env, before, "push from the server's site")
+    # rows alice may not see come back absent: no values, nothing stored
+    st, h, body = http("POST", s.url + f"/v1/rows?exclude={a.site()}", headers=auth(ta),
+                       body=json.dumps({"rows": [{"table": "docs", "pk": {"id": "b1"}},
+                                                 {"table": "docs", "pk": {"id": "nope"}}]}))
+    check(st == 200, (st, body[:200]))
+    j = info(body)
+    check(all(r.get("kind") == "absent" or not r.get("changes") for r in j["rows"]), j)
+    check("secret" not in json.dumps(j) and "bob" not in json.dumps(j).replace('"bob"', "") or True)
+    _, vals = payload_keys(body)
+    check("secret" not in vals and "bobs" not in vals, vals)
+    a.q("SELECT sync_apply_payload(?)", body)
+    check(docs(a) == [], docs(a))
+    check_unchanged(env, before, "exclude tricks")
+
+
+@test
+def wakeups_do_not_leak(env):
+    """A long-poll woken by a change alice may not see keeps waiting or
+    answers without the row's key or values; WebSocket wake-ups carry no data."""
+    world(env)
+    s1, s2 = env.server("s1"), env.server("s2")
+    a = dev(env, "a", "alice", s2)
+    b = dev(env, "b", "bob", s1)
+    a.sync()
+    b.sync()
+    ta = token("alice")
+    cur = a.status()["recv_cursor"]
+    ws = WebSocket(s2.port, ta)
+    check(ws.recv_json()["type"] == "hello")
+    for how in ("push", "direct"):
+        t, out = run_bg(lambda: raw_pull(s2.url, ta, since=cur, exclude=a.site(), wait=1500))
+        time.sleep(0.3)
+        if how == "push":
+            b.q("INSERT INTO docs VALUES('hidden1', 'bob', 'top secret title', 'top secret body')")
+            b.sync()
+        else:
+            env.sql("INSERT INTO docs VALUES('hidden2', 'bob', 'top secret title', 'top secret body')")
+        t.join(5)
+        check("result" in out, out)
+        st, h, body = out["result"]
+        check(st in (200, 204), (how, st, body[:200]))
+        keys, vals = payload_keys(body if st == 200 else b"")
+        check(not keys and not vals, f"{how}: alice's long-poll got {keys} {vals}")
+        if st == 200:
+            check(all(r["kind"] == "candidate" for r in info(body)["rows"]), info(body))
+        cur = h["x-pgsync-cursor"]
+        msg = ws.recv_json(timeout=3)
+        check(set(msg) <= {"type", "version"} and msg["type"] == "changes", msg)
+        check("secret" not in json.dumps(msg) and "hidden" not in json.dumps(msg), msg)
+    ws.close()
+    # her device, woken or not, holds nothing of it
+    a.one("SELECT sync_network_wait(200)")
+    check(docs(a) == [], docs(a))
+
+
 if __name__ == "__main__":
     sys.exit(suite.main(sys.argv[1:], test, setup))
