@@ -16,7 +16,10 @@
  * documented in docs/DESIGN.md: a cell written with a future stamp wins
  * concurrent edits until the real time passes it, but any later local edit of
  * that very cell still beats it (cell stamp + 1). Stamps past year ~6400
- * (physical part >= 2^47 ms) or equal to 0 are malformed and refused.
+ * (physical part >= 2^47 ms) or equal to 0 are malformed and refused, and
+ * never made here: a wall clock past that range is ignored (the clock then
+ * moves logically), and a persisted clock past it (written by a build
+ * without this rule) is repaired by the engines (sl_clock.c).
  *
  * Row clock blob (stored beside each row, never sent as is):
  *   varint cl_ver, varint cl_site,
@@ -144,9 +147,10 @@ pgs_now_ms(void)
 uint64_t
 pgs_hlc_tick(uint64_t last, uint64_t now_ms)
 {
-	uint64_t now = pgs_hlc_from_ms(now_ms);
+	uint64_t now = now_ms <= PGS_HLC_MAX_MS ? pgs_hlc_from_ms(now_ms) : 0;
+	uint64_t next = now > last ? now : last + 1;
 
-	return now > last ? now : last + 1;
+	return next > PGS_HLC_MAX || next < last ? PGS_HLC_MAX : next;
 }
 
 uint64_t

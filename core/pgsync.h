@@ -175,7 +175,14 @@ pgs_hlc_from_ms(uint64_t ms)
 {
 	return ms << PGS_HLC_LOGICAL_BITS;
 }
-/* pgs_hlc_tick returns the next local stamp after last (>= now). */
+/* The largest stamp any replica accepts (physical part below 2^47 ms, year ~6429). */
+#define PGS_HLC_MAX_MS ((UINT64_C(1) << 47) - 1)
+#define PGS_HLC_MAX ((PGS_HLC_MAX_MS << PGS_HLC_LOGICAL_BITS) | 0xffff)
+/*
+ * pgs_hlc_tick returns the next local stamp after last (>= now): never one a
+ * peer refuses. A wall clock past the format's range (a device whose clock
+ * reads year 7000) is ignored and the clock moves logically, last + 1.
+ */
 uint64_t pgs_hlc_tick(uint64_t last, uint64_t now_ms);
 /* pgs_hlc_receive returns last advanced by a remote stamp, bounded by skew policy. */
 uint64_t pgs_hlc_receive(uint64_t last, uint64_t remote, uint64_t now_ms);

@@ -1155,13 +1155,65 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 		elog(ERROR, "pgsync: opening the rows of %s failed", c->t->name);
 }
 
+/*
+ * changed_keys: when at most PG_KEYED_MAX rows of t changed since args[0]
+ * (after the key in args[2..], order 2), their keys as one array per key
+ * column in arrays[], and true. An incremental pull in key order then reads
+ * exactly those rows (PGR_CHANGES_IN, PGR_CLOCKS_IN), whatever the planner
+ * believes of the table: the keys come from the ver index (sequential scans
+ * are off while it is planned: right after a bulk load the clock table has
+ * no statistics, and the planner would guess a third of it changed and walk
+ * the whole table in key order, for every idle device's poll). More changes
+ * than that: false, and the key-order walk reads them chunk by chunk.
+ */
+static bool
+changed_keys(db_table *t, Datum *args, int order, Datum *arrays)
+{
+	pg_user_save us;
+	SPIPlanPtr	 plan;
+	int			 rc, level;
+	uint64		 n;
+
+	pg_as_meta(&us);
+	level = NewGUCNestLevel();
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+	plan = pg_plan_read(t, PGR_CHANGED_KEYS, order == 2 ? 2 : 0);
+	rc = SPI_execute_plan(plan, args, NULL, true, 0);
+	AtEOXact_GUC(true, level);
+	pg_as_caller(&us);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading the changed keys of %s failed", t->name);
+	n = SPI_processed;
+	if (n > PG_KEYED_MAX)
+	{
+		SPI_freetuptable(SPI_tuptable);
+		return false;
+	}
+	for (int i = 0; i < t->npk; i++)
+	{
+		Datum *elems = palloc(sizeof(Datum) * (n + 1));
+		int16  typlen;
+		bool   typbyval, isnull;
+		char   typalign;
+
+		for (uint64 r = 0; r < n; r++)
+			elems[r] = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, i + 1, &isnull);
+		get_typlenbyvalalign(t->pk[i].basetyp, &typlen, &typbyval, &typalign);
+		arrays[i] = PointerGetDatum(
+			construct_array(elems, (int) n, t->pk[i].basetyp, typlen, typbyval, typalign));
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return true;
+}
+
 pgs_rc
 db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
 				const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **out,
 				pgs_err *err)
 {
 	db_cursor	*c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum		*args = palloc(sizeof(Datum) * (t->npk + 2));
+	Datum		*args = palloc(sizeof(Datum) * (2 * t->npk + 2));
 	int			 order = !by_key ? 0 : after_pk ? 2 : 1;
 	pg_read_kind kind;
 
@@ -1189,8 +1241,11 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	else
 		kind = snapshot ? PGR_SNAPSHOT : PGR_CHANGES;
 	c->snapshot = snapshot;
+	if (order > 0 && !snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
+		kind = kind == PGR_CLOCKS ? PGR_CLOCKS_IN : PGR_CHANGES_IN;
 	/* the rls snapshot reads the base table as the caller, all else as the owner */
-	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2, order > 0);
+	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2,
+				order > 0 && kind != PGR_CHANGES_IN && kind != PGR_CLOCKS_IN);
 	*out = c;
 	return PGS_OK;
 }

@@ -111,7 +111,7 @@ struct db_table
 	SPIPlanPtr p_clock_cas;
 	SPIPlanPtr p_row_replace;
 	SPIPlanPtr p_row_delete;
-	SPIPlanPtr p_read[5][3]; /* pg_plan_read(kind, order) */
+	SPIPlanPtr p_read[8][3]; /* pg_plan_read(kind, order): PGR_NKINDS kinds */
 	SPIPlanPtr p_probe_base;
 	SPIPlanPtr p_probe_clock;
 	SPIPlanPtr p_row_exists;
@@ -192,16 +192,23 @@ SPIPlanPtr	   pg_plan_row_replace(db_table *t);
 SPIPlanPtr	   pg_plan_row_delete(db_table *t);
 /*
  * What a build or a key scan reads (pg_plan_read). Parameters: $1 since,
- * $2 until, then the npk key values of "after" (order 2).
+ * $2 until, then the npk key values of "after" (order 2), then (the _IN
+ * kinds) one array of keys per key column.
  */
 typedef enum pg_read_kind
 {
-	PGR_CHANGES = 0,  /* clock rows with ver > $1 joined to their base row */
-	PGR_SNAPSHOT = 1, /* live clock rows joined to their base row */
-	PGR_CLOCKS = 2,	  /* clock rows with ver > $1 only (RLS: rows probed as the caller) */
-	PGR_BASE = 3,	  /* base rows only, read as the caller (RLS snapshot) */
-	PGR_KEYS = 4	  /* keys of live clock rows */
+	PGR_CHANGES = 0,	  /* clock rows with ver > $1 joined to their base row */
+	PGR_SNAPSHOT = 1,	  /* live clock rows joined to their base row */
+	PGR_CLOCKS = 2,		  /* clock rows with ver > $1 only (RLS: rows probed as the caller) */
+	PGR_BASE = 3,		  /* base rows only, read as the caller (RLS snapshot) */
+	PGR_KEYS = 4,		  /* keys of live clock rows */
+	PGR_CHANGED_KEYS = 5, /* keys of clock rows with ver > $1, at most PG_KEYED_MAX + 1 */
+	PGR_CHANGES_IN = 6,	  /* PGR_CHANGES of the keys in the arrays */
+	PGR_CLOCKS_IN = 7	  /* PGR_CLOCKS of the keys in the arrays */
 } pg_read_kind;
+#define PGR_NKINDS 8 /* the size of db_table.p_read */
+/* an incremental pull of at most this many rows of a table reads them by key */
+#define PG_KEYED_MAX 10000
 SPIPlanPtr pg_plan_read(db_table *t, pg_read_kind kind, int order); /* 0 any, 1 key, 2 after */
 /* pg_plan_probe: the base rows (as the caller) or clock rows (as the metadata
  * owner) of the keys in arrays $1.. (one per key column). */

@@ -94,7 +94,7 @@ table_free(db_table *t)
 	free_plan(&t->p_clock_cas);
 	free_plan(&t->p_row_replace);
 	free_plan(&t->p_row_delete);
-	for (int k = 0; k < 5; k++)
+	for (int k = 0; k < PGR_NKINDS; k++)
 		for (int o = 0; o < 3; o++)
 			free_plan(&t->p_read[k][o]);
 	free_plan(&t->p_probe_base);
@@ -550,6 +550,38 @@ base_coll(db_table *t, int i)
 }
 
 /*
+ * keys_join: " JOIN ROWS FROM (unnest($first), ...) AS k(k0, ...) ON c.key =
+ * k.k0 ...": the clock rows of the keys in one array per key column; their
+ * types go to types[first - 1 ...].
+ */
+static void
+keys_join(StringInfo b, db_table *t, Oid *types, int first)
+{
+	appendStringInfoString(b, " JOIN ROWS FROM (");
+	for (int i = 0; i < t->npk; i++)
+	{
+		Oid arr = get_array_type(t->pk[i].basetyp);
+
+		if (!OidIsValid(arr))
+			elog(ERROR, "pgsync: no array type for key column %s of %s", t->pk[i].name, t->name);
+		types[first - 1 + i] = arr;
+		appendStringInfo(b, "%spg_catalog.unnest($%d)", i ? ", " : "", first + i);
+	}
+	appendStringInfoString(b, ") AS k(");
+	for (int i = 0; i < t->npk; i++)
+		appendStringInfo(b, "%sk%d", i ? ", " : "", i);
+	appendStringInfoString(b, ") ON ");
+	for (int i = 0; i < t->npk; i++)
+	{
+		const char *coll = clock_coll(t, i);
+
+		appendStringInfo(b, "%sc.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "",
+						 quote_identifier(t->pk[i].name), i, coll ? " COLLATE " : "",
+						 coll ? coll : "");
+	}
+}
+
+/*
  * pg_plan_read: the reads of builds and key scans (pg_internal.h). Key order
  * is the clock table's key index (COLLATE "C"), except for PGR_BASE, which
  * walks the base table's key index in its own collation.
@@ -563,7 +595,9 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 	if (*slot == NULL)
 	{
 		StringInfoData b;
-		Oid			  *types = palloc(sizeof(Oid) * (t->npk + 2));
+		bool		   in = kind == PGR_CHANGES_IN || kind == PGR_CLOCKS_IN;
+		int			   nargs = (order == 2 ? 2 + t->npk : 2) + (in ? t->npk : 0);
+		Oid			  *types = palloc(sizeof(Oid) * (2 + 2 * t->npk));
 		int			   i;
 		SPIPlanPtr	   p;
 
@@ -576,13 +610,17 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		switch (kind)
 		{
 			case PGR_CHANGES:
+			case PGR_CHANGES_IN:
 			case PGR_SNAPSHOT:
 				appendStringInfo(&b, ", c.cl, c.clk, b.%s IS NOT NULL",
 								 quote_identifier(t->pk[0].name));
 				for (i = 0; i < t->ncols; i++)
 					appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
-				appendStringInfo(&b, " FROM %s c %s JOIN %s b ON ", t->q_clock,
-								 kind == PGR_CHANGES ? "LEFT" : "", t->q_base);
+				appendStringInfo(&b, " FROM %s c", t->q_clock);
+				if (in)
+					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
+				appendStringInfo(&b, " %s JOIN %s b ON ", kind == PGR_SNAPSHOT ? "" : "LEFT",
+								 t->q_base);
 				for (i = 0; i < t->npk; i++)
 				{
 					/* clock keys compare bytewise (COLLATE "C"): join in the base's
@@ -596,8 +634,14 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 				}
 				break;
 			case PGR_CLOCKS:
+			case PGR_CLOCKS_IN:
 			case PGR_KEYS:
 				appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
+				if (in)
+					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
+				break;
+			case PGR_CHANGED_KEYS:
+				appendStringInfo(&b, " FROM %s c", t->q_clock);
 				break;
 			case PGR_BASE:
 				for (i = 0; i < t->ncols; i++)
@@ -611,7 +655,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		 * still hold stamps <= until, which this payload must carry.
 		 */
 		appendStringInfoString(&b, " WHERE $2 IS NOT NULL");
-		if (kind == PGR_CHANGES || kind == PGR_CLOCKS)
+		if (kind == PGR_CHANGES || kind == PGR_CLOCKS || kind == PGR_CHANGED_KEYS || in)
 			appendStringInfoString(&b, " AND c.ver > $1");
 		else if (kind == PGR_SNAPSHOT || kind == PGR_KEYS)
 			appendStringInfoString(&b, " AND c.cl % 2 = 1 AND $1 IS NOT NULL");
@@ -626,7 +670,9 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 				appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 3);
 			appendStringInfoChar(&b, ')');
 		}
-		if (order > 0)
+		if (kind == PGR_CHANGED_KEYS)
+			appendStringInfo(&b, " LIMIT %d", PG_KEYED_MAX + 1);
+		else if (order > 0)
 		{
 			appendStringInfoString(&b, " ORDER BY ");
 			pk_list(&b, t, a);
@@ -639,8 +685,8 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		 * whole rest of the table per chunk (pg_database.c also lowers
 		 * cursor_tuple_fraction while the cursor is opened).
 		 */
-		p = SPI_prepare_cursor(b.data, order == 2 ? 2 + t->npk : 2, types,
-							   order ? CURSOR_OPT_FAST_PLAN : 0);
+		p = SPI_prepare_cursor(b.data, nargs, types,
+							   order && !in && kind != PGR_CHANGED_KEYS ? CURSOR_OPT_FAST_PLAN : 0);
 		if (p == NULL)
 			elog(ERROR, "pgsync: preparing \"%s\" failed: %s", b.data,
 				 SPI_result_code_string(SPI_result));

@@ -17,7 +17,8 @@ from harness import Env, EXT, token  # noqa: E402
 SCHEMA = """
 CREATE EXTENSION pgsync;
 GRANT EXECUTE ON FUNCTION sync_device(uuid, text) TO authenticator;
-CREATE TABLE todos(id text PRIMARY KEY, owner text NOT NULL, title text, done integer DEFAULT 0);
+CREATE TABLE todos(id text PRIMARY KEY, owner text NOT NULL,
+                   title text CHECK (length(title) <= 30), done integer DEFAULT 0);
 SELECT sync_init('todos');
 ALTER TABLE todos ENABLE ROW LEVEL SECURITY;
 CREATE POLICY mine ON todos
@@ -87,20 +88,32 @@ def main():
         laptop.sql("SELECT sync_network_sync()")
         phone.sql("SELECT sync_network_sync()")
         phone.sql("SELECT id, title FROM todos ORDER BY id")
-        say("offline again: the same todo edited on both, one deleted, one forged for bob")
+        say("offline again: the same todo edited on both, one deleted, one forged for bob, "
+            "one with a title longer than the server allows")
         phone.sql("UPDATE todos SET title = 'buy oat milk' WHERE id = 't1'")
         time.sleep(0.01)
         laptop.sql("UPDATE todos SET title = 'buy milk and bread' WHERE id = 't1'")   # later: wins
         laptop.sql("UPDATE todos SET done = 1 WHERE id = 't2'")
         phone.sql("DELETE FROM todos WHERE id = 't3'")
         phone.sql("INSERT INTO todos VALUES('t4', 'bob', 'not yours', 0)")          # RLS refuses it
+        phone.sql("INSERT INTO todos VALUES('t6', 'alice', 'renew passport, book photos first', 0)")  # CHECK
         phone.sql("SELECT sync_network_status()")
 
-        say("back online: sync both (the forged row is reported as rejected)")
+        say("back online: sync both (the forged row and the too-long title are rejected, "
+            "each alone; everything else lands)")
         phone.sql("SELECT sync_network_sync()")
         laptop.sql("SELECT sync_network_sync()")
         phone.sql("SELECT sync_network_sync()")
-        phone.sql("SELECT tbl, pk, code, message FROM sync_network_rejected")
+        phone.sql("SELECT tbl, pk, code, message FROM sync_network_rejected ORDER BY pk")
+
+        say("the app decides each rejected row's fate: fix t6 (it goes again with the next sync), "
+            "give up t4 (the server's version, here none, comes back)")
+        phone.sql("UPDATE todos SET title = 'renew passport' WHERE id = 't6'")
+        phone.sql("""SELECT sync_network_discard('todos', '{"id":"t4"}')""")
+        phone.sql("SELECT sync_network_sync()")
+        laptop.sql("SELECT sync_network_sync()")
+        phone.sql("SELECT count(*) AS still_rejected FROM sync_network_rejected")
+        phone.sql("SELECT id, owner, title FROM todos ORDER BY id")
 
         say("real time: the laptop waits (long-poll on server 2), the phone writes through server 1")
         result = {}
@@ -135,9 +148,8 @@ def main():
         for r in want:
             print("  " + " | ".join(str(x) for x in r))
         la_ok = la == want
-        ph_ok = [r for r in ph if r[0] != "t4"] == want
-        print(f"  laptop == postgres: {la_ok}   phone == postgres: {ph_ok} "
-              "(plus t4, which stays local on the phone: the server rejected it)")
+        ph_ok = ph == want
+        print(f"  laptop == postgres: {la_ok}   phone == postgres: {ph_ok}")
         laptop.sql("SELECT sync_network_status()")
         if not (la_ok and ph_ok):
             print("DEMO FAILED: replicas differ")

@@ -18,6 +18,7 @@
  */
 #include "sl_internal.h"
 
+#include <stdio.h>
 #include <string.h>
 
 pgs_rc
@@ -44,7 +45,8 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 				   "RETURNING db_version, hlc",
 				   err) != PGS_OK)
 		return err->rc;
-	sqlite3_bind_int64(c->st_ver_bump, 1, (sqlite3_int64) pgs_hlc_from_ms(pgs_now_ms()));
+	/* now as a stamp, 0 when the wall clock reads past the format's range */
+	sqlite3_bind_int64(c->st_ver_bump, 1, (sqlite3_int64) pgs_hlc_tick(0, pgs_now_ms()));
 	s = sqlite3_step(c->st_ver_bump);
 	if (s != SQLITE_ROW)
 	{
@@ -53,12 +55,143 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 	}
 	c->txn_ver = sqlite3_column_int64(c->st_ver_bump, 0);
 	c->hlc = (uint64_t) sqlite3_column_int64(c->st_ver_bump, 1);
+	if (c->clock_suspect)
+	{
+		c->clock_suspect = false;
+		c->hlc = PGS_HLC_MAX + 1; /* repair below */
+	}
 	s = sqlite3_step(c->st_ver_bump);
 	sqlite3_reset(c->st_ver_bump);
 	if (s != SQLITE_DONE)
 		return sl_dberr(c, err, "could not take a new db_version");
 	*ver = c->txn_ver;
+	if (c->hlc > PGS_HLC_MAX || (int64_t) c->hlc < 0)
+		return sl_repair_clock(c, *ver, err);
 	return PGS_OK;
+}
+
+/*
+ * sl_repair_clock: the persisted HLC is past the format's range (a clock
+ * that once read a year past 6400, under a build without pgs_hlc_tick's
+ * rule). No peer ever accepted such a stamp, so every cell stamped past the
+ * range is stamped again now, with this transaction's version (it goes out
+ * with the next push), and the clock restarts from now (or from 1 when the
+ * wall clock is still past the range). Done once; O(rows).
+ */
+pgs_rc
+sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
+{
+	uint64_t fresh = pgs_hlc_tick(0, pgs_now_ms());
+	char	 sql[96];
+	pgs_rc	 rc;
+
+	if ((rc = sl_load(c, err)) != PGS_OK)
+		return rc;
+	for (int i = 0; i < c->ntables; i++)
+	{
+		db_table	 *t = c->tables[i];
+		sqlite3_stmt *sel = NULL;
+		char		 *q;
+		pgs_stamp	 *st;
+		int			  s;
+
+		/* every clock row: decode, restamp, write back */
+		{
+			char *keys = sqlite3_mprintf(""), *w = sqlite3_mprintf("");
+
+			for (int k = 0; k < t->npk && keys && w; k++)
+			{
+				char *x = sqlite3_mprintf("%s, %s", keys, t->pk_q[k]);
+				char *y = sqlite3_mprintf("%s%s%s = ?%d", w, k ? " AND " : "", t->pk_q[k], k + 3);
+
+				sqlite3_free(keys);
+				sqlite3_free(w);
+				keys = x;
+				w = y;
+			}
+			q = keys ? sqlite3_mprintf("SELECT clk%s FROM %s", keys, t->qclock) : NULL;
+			s = q ? sqlite3_prepare_v2(c->db, q, -1, &sel, NULL) : SQLITE_NOMEM;
+			sqlite3_free(q);
+			q = w ? sqlite3_mprintf("UPDATE %s SET clk = ?1, ver = ?2 WHERE %s", t->qclock, w)
+				  : NULL;
+			sqlite3_free(keys);
+			sqlite3_free(w);
+		}
+		if (s != SQLITE_OK || !q || !(st = sl_stamps(c, t->ncols)))
+		{
+			sqlite3_finalize(sel);
+			sqlite3_free(q);
+			return sl_dberr(c, err, "could not repair the clock");
+		}
+		{
+			pgs_buf		  all;
+			sqlite3_stmt *up = NULL;
+
+			/* read everything first: the update writes the table being read */
+			pgs_buf_init(&all);
+			while ((s = sqlite3_step(sel)) == SQLITE_ROW)
+			{
+				pgs_rowclock rcl = {.ncols = t->ncols, .cols = st};
+				bool		 bad = false;
+				pgs_value	 pk;
+
+				if (pgs_rowclock_decode(sqlite3_column_blob(sel, 0),
+										(size_t) sqlite3_column_bytes(sel, 0), &rcl,
+										NULL) != PGS_OK)
+					continue;
+				for (int k = 0; k < t->ncols; k++)
+					if (st[k].hlc > PGS_HLC_MAX)
+					{
+						st[k].hlc = fresh;
+						st[k].ver = ver;
+						bad = true;
+					}
+				if (!bad)
+					continue;
+				c->scratch.len = 0;
+				pgs_rowclock_encode(&rcl, &c->scratch);
+				pgs_buf_varint(&all, c->scratch.len);
+				pgs_buf_put(&all, c->scratch.p, c->scratch.len);
+				for (int k = 0; k < t->npk; k++)
+				{
+					sl_column_value(sel, 1 + k, &pk);
+					pgs_key_encode(&all, 1, &pk);
+				}
+			}
+			sqlite3_finalize(sel);
+			s = sqlite3_prepare_v2(c->db, q, -1, &up, NULL);
+			sqlite3_free(q);
+			for (const uint8_t *p = all.p, *end = all.p + all.len; s == SQLITE_OK && p < end;)
+			{
+				uint64_t  n;
+				pgs_value keys[64];
+
+				p += pgs_varint_get(p, end, &n);
+				sqlite3_bind_blob(up, 1, p, (int) n, SQLITE_TRANSIENT);
+				p += n;
+				sqlite3_bind_int64(up, 2, ver);
+				for (int k = 0; k < t->npk && k < 64; k++)
+				{
+					uint8_t type = *p++;
+
+					if (pgs_value_get(&p, end, type, &keys[k], NULL) != PGS_OK)
+						break;
+					sl_bind_value(up, 3 + k, &keys[k]);
+				}
+				s = sqlite3_step(up) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+				sqlite3_reset(up);
+			}
+			sqlite3_finalize(up);
+			pgs_buf_free(&all);
+			if (s != SQLITE_OK)
+				return sl_dberr(c, err, "could not repair the clock");
+		}
+	}
+	snprintf(sql, sizeof sql, "UPDATE sync_state SET hlc = %lld", (long long) fresh);
+	c->hlc = fresh;
+	rc = sl_exec(c, sql, err);
+	c->clock_suspect = false;
+	return rc;
 }
 
 uint64_t

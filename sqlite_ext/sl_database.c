@@ -366,6 +366,17 @@ sl_load(db_conn *c, pgs_err *err)
 	}
 	if ((rc = load_sites(c, err)) != PGS_OK || (rc = load_tables(c, err)) != PGS_OK)
 		return rc;
+	/* a persisted clock past the format's range is repaired by the next write */
+	if (sqlite3_prepare_v2(c->db, "SELECT hlc FROM sync_state", -1, &st, NULL) == SQLITE_OK)
+	{
+		if (sqlite3_step(st) == SQLITE_ROW)
+		{
+			int64_t h = sqlite3_column_int64(st, 0);
+
+			c->clock_suspect = h < 0 || (uint64_t) h > PGS_HLC_MAX;
+		}
+		sqlite3_finalize(st);
+	}
 	c->ready = true;
 	return PGS_OK;
 }

@@ -64,6 +64,7 @@ struct db_conn
 	bool	   flushing; /* row-by-row retry of a failed batch */
 	int64_t	   txn_ver;	 /* version of the open write txn, 0 = none */
 	uint64_t   hlc;		 /* last stamp issued in this txn */
+	bool	   clock_suspect; /* the persisted HLC was past the format's range at load */
 	db_table **tables;
 	int		   ntables;
 	uint8_t (*sites)[16];
@@ -109,6 +110,7 @@ char	 *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
 /* sl_clock.c */
 pgs_rc	   sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err);
 uint64_t   sl_tick(db_conn *c);
+pgs_rc	   sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err);
 void	   sl_txn_end(db_conn *c);
 pgs_stamp *sl_stamps(db_conn *c, int n);
 

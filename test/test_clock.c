@@ -104,6 +104,27 @@ test_hlc_tick_clock_backwards(void **state)
 }
 
 static void
+test_hlc_tick_year_7000(void **state)
+{
+	uint64_t y7000 = UINT64_C(7000 - 1970) * 365 * 86400 * 1000;
+	uint64_t a;
+
+	(void) state;
+	/* a wall clock past the format's range is ignored: the clock moves logically */
+	a = pgs_hlc_tick(0, y7000);
+	assert_true(a == 1);
+	a = pgs_hlc_tick(pgs_hlc_from_ms(MS0), y7000);
+	assert_true(a == pgs_hlc_from_ms(MS0) + 1);
+	assert_true(pgs_hlc_tick(0, PGS_HLC_MAX_MS) == pgs_hlc_from_ms(PGS_HLC_MAX_MS));
+	assert_true(pgs_hlc_tick(0, PGS_HLC_MAX_MS + 1) == 1);
+	/* and never runs past the largest stamp a peer accepts */
+	assert_true(pgs_hlc_tick(PGS_HLC_MAX, MS0) == PGS_HLC_MAX);
+	assert_true(pgs_hlc_tick(PGS_HLC_MAX + 5, MS0) == PGS_HLC_MAX);
+	assert_true(pgs_hlc_tick(UINT64_MAX, MS0) == PGS_HLC_MAX);
+	assert_true(pgs_hlc_tick(PGS_HLC_MAX - 1, y7000) == PGS_HLC_MAX);
+}
+
+static void
 test_hlc_receive_bound(void **state)
 {
 	uint64_t now = MS0;
@@ -660,6 +681,7 @@ main(void)
 		cmocka_unit_test_setup(test_hlc_layout, setup),
 		cmocka_unit_test_setup(test_hlc_tick_monotonic, setup),
 		cmocka_unit_test_setup(test_hlc_tick_clock_backwards, setup),
+		cmocka_unit_test_setup(test_hlc_tick_year_7000, setup),
 		cmocka_unit_test_setup(test_hlc_receive_bound, setup),
 		cmocka_unit_test_setup(test_hlc_valid, setup),
 		cmocka_unit_test_setup(test_uuid7_format, setup),

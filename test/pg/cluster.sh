@@ -4,7 +4,8 @@
 #   bash test/pg/cluster.sh          build + install pg_ext, start a throwaway
 #                                    cluster, run pg_regress and the python
 #                                    tests, stop the cluster (even on failure)
-#   bash test/pg/cluster.sh bench    same cluster, run bench/pg_bench.py
+#   bash test/pg/cluster.sh bench    same cluster, run bench/pg_bench.py and
+#                                    bench/pg_bench_pull.py (bench-pull: only that)
 #   bash test/pg/cluster.sh shell    start a cluster and open psql on it
 #
 # The server is a private copy of /usr/lib/postgresql/15 (scripts/pg-tree.sh);
@@ -98,10 +99,15 @@ shell)
 	"$PGBIN/psql"
 	exit 0
 	;;
-bench)
-	"$PY" "$ROOT/bench/pg_bench.py"
-	rc=$?
-	result bench $rc
+bench | bench-pull)
+	rc=0
+	if [ "$MODE" = bench ]; then
+		"$PY" "$ROOT/bench/pg_bench.py" || rc=$?
+		result bench $rc
+		echo
+	fi
+	"$PY" "$ROOT/bench/pg_bench_pull.py" || rc=$?
+	result bench-pull $rc
 	echo "$passed passed, $failed failed"
 	exit $rc
 	;;

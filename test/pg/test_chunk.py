@@ -64,8 +64,9 @@ def main():
         c.execute("UPDATE t SET v = 'early' WHERE id = %s", (k,))
         c.execute("UPDATE t SET v = 'late' WHERE id = %s", (5000 - k,))
         c.execute("DELETE FROM t WHERE id = %s", (200 + k,))
-        c.execute("INSERT INTO t VALUES (%s, 'head')", (-k,))
-        c.execute("INSERT INTO kv VALUES ('Aa', %s, '\\x02')", (10000 + k,))
+        c.execute("INSERT INTO t VALUES (%s, 'head') ON CONFLICT (id) DO UPDATE SET v = 'again'",
+                  (-k,))
+        c.execute("INSERT INTO kv VALUES ('Aa', %s, '\\x02') ON CONFLICT DO NOTHING", (10000 + k,))
 
     until, n = chunked_pull(a, b, 0, 400, between)
     check(n >= 14, f"chunked first sync in {n} chunks")
@@ -73,6 +74,22 @@ def main():
     check(until2 > until, "the next pull from the pinned until moves on")
     check(table(a, "t") == table(b, "t") and table(a, "kv") == table(b, "kv"),
           "PG -> PG chunked pull with changes between chunks converges")
+    # incremental chunked pulls: read by key (at most 10,000 changed rows a
+    # table) and by walking the table in key order (more), both resumed by key
+    cur.execute("UPDATE t SET v = v || '+' WHERE id % 3 = 0")
+    cur.execute("UPDATE kv SET val = '\\x03' WHERE k2 % 2 = 0")
+    cur.execute("DELETE FROM t WHERE id % 7 = 0")
+    until3, n3 = chunked_pull(a, b, until2, 400, between)
+    until3, _ = chunked_pull(a, b, until3, 400)    # what changed between the chunks
+    check(n3 >= 5 and table(a, "t") == table(b, "t") and table(a, "kv") == table(b, "kv"),
+          f"incremental chunked pull of ~2,000 changed rows by key ({n3} chunks) converges")
+    cur.execute("INSERT INTO t SELECT g, 'bulk' FROM generate_series(100001, 112000) g")
+    cur.execute("UPDATE t SET v = 'x' || v WHERE id % 2 = 1")
+    until4, n4 = chunked_pull(a, b, until3, 3000, between)
+    until4, _ = chunked_pull(a, b, until4, 3000)
+    check(n4 >= 5 and table(a, "t") == table(b, "t") and table(a, "kv") == table(b, "kv"),
+          f"incremental chunked pull of ~14,000 changed rows in key order ({n4} chunks) converges")
+    until2 = until4
 
     # PG -> SQLite
     s = sqlite3.connect(":memory:", isolation_level=None)

@@ -904,3 +904,109 @@ def test_many_sites(replica):
     assert table_rows(peer, "t") == table_rows(r, "t")
     got = {row["key"][0]: row["changes"][1]["site"] for row in peer.info(peer.payload(0))["rows"]}
     assert got["k5"] == str(__import__("uuid").UUID(bytes=sites[6]))
+
+
+MAX_HLC = (((1 << 47) - 1) << 16) | 0xFFFF
+Y7000_MS = (7000 - 1970) * 365 * 86400 * 1000
+
+
+def _blob_hlcs(blob):
+    """_blob_hlcs: the (offset, hlc) of every run of a row clock blob
+    (varint cl_ver, varint cl_site, then runs: start, count, ver, 8-byte hlc, site)."""
+    def varint(i):
+        v = s = 0
+        while True:
+            b = blob[i]
+            v |= (b & 0x7F) << s
+            i += 1
+            s += 7
+            if b < 0x80:
+                return v, i
+    out = []
+    _, i = varint(0)
+    _, i = varint(i)
+    while i < len(blob):
+        for _ in range(3):
+            _, i = varint(i)
+        out.append((i, struct.unpack_from("<Q", blob, i)[0]))
+        _, i = varint(i + 8)
+    return out
+
+
+def test_year_7000_stamps_are_repaired(replica):
+    """A device whose clock once read year 7000 (under a build that stamped
+    it): the persisted clock and the cells past the format's range are stamped
+    again at the next write, and every later payload is valid for its peers."""
+    r = replica("r")
+    peer = replica("peer")
+    for x in (r, peer):
+        x.x(SCHEMA)
+        x.init("t")
+    r.x("INSERT INTO t VALUES ('k1', 1, 2, 3), ('k2', 'x', 'y', 'z')")
+    r.conn.commit()
+    bad = pc.hlc_of_ms(Y7000_MS)
+    assert bad > MAX_HLC
+    (blob,) = r.q("SELECT clk FROM t__sync_clock WHERE id = 'k1'")[0]
+    blob = bytearray(blob)
+    for off, _ in _blob_hlcs(bytes(blob)):
+        struct.pack_into("<Q", blob, off, bad)
+    r.x("UPDATE t__sync_clock SET clk = ? WHERE id = 'k1'", bytes(blob))
+    r.x("UPDATE sync_state SET hlc = ?", bad - (1 << 64))
+    r.conn.commit()
+    r.close()
+    r = replica("r")
+    # the old payload would carry the stamps no peer accepts; the next write repairs
+    r.x("UPDATE t SET a = 'after' WHERE id = 'k2'")
+    r.conn.commit()
+    for (blob,) in r.q("SELECT clk FROM t__sync_clock"):
+        assert all(0 < h <= MAX_HLC for _, h in _blob_hlcs(blob))
+    assert 0 < r.one("SELECT hlc FROM sync_state") <= MAX_HLC
+    assert peer.apply(r.payload(0)) > 0
+    assert rows(peer) == rows(r) == [("k1", 1, 2, 3), ("k2", "after", "y", "z")]
+    # and the repaired stamps are near now, so the device's later edits still win
+    peer.x("UPDATE t SET b = 'peer' WHERE id = 'k1'")
+    peer.conn.commit()
+    sync(peer, r)
+    assert rows(r)[0] == ("k1", 1, "peer", 3)
+
+
+def test_year_7000_wall_clock(replica, tmp_path):
+    """A device whose wall clock reads year 7000 writes stamps peers accept
+    (its clock moves logically), and after the clock is fixed it keeps syncing."""
+    import subprocess
+    import sys
+    lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+    if not os.path.exists(lib):
+        pytest.fail("faketime is missing: scripts/deps installs it")
+    r = replica("r")
+    peer = replica("peer")
+    for x in (r, peer):
+        x.x(SCHEMA)
+        x.init("t")
+    r.x("INSERT INTO t VALUES ('k', 1, 2, 3)")
+    r.conn.commit()
+    r.close()
+    code = (
+        "import sys; sys.path.insert(0, %r); import synclib\n"
+        "c = synclib.connect(%r)\n"
+        "c.execute(\"UPDATE t SET a = 'y7000' WHERE id = 'k'\")\n"
+        "c.execute(\"INSERT INTO t VALUES ('n', 'from', 'the', 'future')\")\n"
+        "c.commit(); c.close()\n" % (os.path.dirname(__file__), str(tmp_path / "r.db")))
+    env = dict(os.environ, FAKETIME="@7000-01-01 00:00:00", FAKETIME_DONT_FAKE_MONOTONIC="1",
+               LD_PRELOAD=" ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib])))
+    year = subprocess.run(["date", "+%Y"], env=env, check=True, capture_output=True, text=True)
+    assert year.stdout.strip() == "7000"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    r = replica("r")
+    for (blob,) in r.q("SELECT clk FROM t__sync_clock"):
+        assert all(0 < h <= MAX_HLC for _, h in _blob_hlcs(blob))
+    assert peer.apply(r.payload(0)) > 0
+    assert rows(peer) == rows(r) == [("k", "y7000", 2, 3), ("n", "from", "the", "future")]
+    # clock fixed: edits go on, both ways
+    r.x("UPDATE t SET b = 'now' WHERE id = 'k'")
+    r.conn.commit()
+    peer.x("UPDATE t SET c = 'peer' WHERE id = 'n'")
+    peer.conn.commit()
+    sync(r, peer)
+    sync(peer, r)
+    assert rows(peer) == rows(r) == [("k", "y7000", "now", 3), ("n", "from", "the", "peer")]
