@@ -1154,6 +1154,9 @@ def typed(rows):
     return sorted(tuple((type(v).__name__, v) for v in r) for r in rows)
 
 
+STATS = {"rows": 0, "device writes": 0, "discarded": 0, "failed syncs": 0}
+
+
 class Oracle:
     """One schedule: a fresh database, two servers, devices of several users
     and roles, random operations, then every device against its view."""
@@ -1217,6 +1220,7 @@ class Oracle:
         what, sql, args = rng.choice(ops)
         d.q(sql, *args)
         self.note(f"{d.name}: {what} {args}")
+        STATS["device writes"] += 1
 
     def direct_op(self):
         rng, env = self.rng, self.env
@@ -1270,6 +1274,7 @@ class Oracle:
             # a whole request refused (e.g. the role lost a privilege): the
             # device must get over it once resolved; note it
             self.note(f"{d.name}: {how} failed: {str(e)[:160]}")
+            STATS["failed syncs"] += 1
             return
         self.note(f"{d.name}: {how}")
 
@@ -1291,7 +1296,7 @@ class Oracle:
 
     def resolve(self):
         for d in self.devices:
-            d.one("SELECT sync_network_discard()")
+            STATS["discarded"] += d.one("SELECT sync_network_discard()")
         for rnd in range(8):
             moved = False
             for d in self.devices:
@@ -1299,7 +1304,7 @@ class Oracle:
                 moved |= r["send"].get("sent_bytes", 0) > 0 or r["receive"]["payloads"] > 0
                 if d.rejected("server"):
                     # refused again (the view moved while we resolved): give up again
-                    d.one("SELECT sync_network_discard()")
+                    STATS["discarded"] += d.one("SELECT sync_network_discard()")
                     moved = True
             if not moved:
                 return
@@ -1316,6 +1321,7 @@ class Oracle:
                 except psycopg2.errors.InsufficientPrivilege:
                     want = []
                 got = d.q(f"SELECT * FROM {t} ORDER BY {order}")
+                STATS["rows"] += len(want)
                 if typed(got) != typed(want):
                     problems.append(f"{d.name} ({d.role} {claims}) {t}:\n      device {got}\n      view   {want}")
             if d.held() or d.rejected():
@@ -1364,7 +1370,7 @@ def oracle_views(env):
         for i, ex, _ in failures:
             print(f"  schedule {i}: " + str(ex).replace("\n", " ")[:300])
     print(f"  oracle: {ran} schedules run, seed {seed}, {n_ops} operations each, {len(failures)} failed, "
-          f"{time.time() - t0:.1f}s")
+          f"{time.time() - t0:.1f}s; " + ", ".join(f"{v} {k}" for k, v in STATS.items()))
     if failures:
         i, ex, log = failures[0]
         print(f"  first failing schedule: {i} (rerun: PGS_SEED={seed} PGS_SCHEDULES={i + 1} PGS_SCHEDULE={i})")
