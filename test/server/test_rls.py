@@ -1369,6 +1369,7 @@ def oracle_views(env):
     if os.environ.get("PGS_KEEP_GOING"):
         for i, ex, _ in failures:
             print(f"  schedule {i}: " + str(ex).replace("\n", " ")[:300])
+    env.sql("REVOKE readers FROM app_user, viewer")      # roles are the cluster's: leave them as found
     print(f"  oracle: {ran} schedules run, seed {seed}, {n_ops} operations each, {len(failures)} failed, "
           f"{time.time() - t0:.1f}s; " + ", ".join(f"{v} {k}" for k, v in STATS.items()))
     if failures:
