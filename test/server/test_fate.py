@@ -415,6 +415,7 @@ db.enable_load_extension(True); db.load_extension({EXT!r})
 db.execute("INSERT INTO t VALUES('w1', NULL, 'written in year 7000', 1, NULL, '1', NULL)")
 print(db.execute("SELECT sync_network_sync()").fetchone()[0])
 print(db.execute("SELECT hlc FROM sync_state").fetchone()[0])
+print(db.execute("SELECT sync_payload_info(sync_payload(0))").fetchone()[0])
 """
     res = subprocess.run(["faketime", "7000-01-01 00:00:00", sys.executable, "-c", script],
                          capture_output=True, text=True, timeout=60, env=child_env())
@@ -427,6 +428,9 @@ print(db.execute("SELECT hlc FROM sync_state").fetchone()[0])
     check(a.rejected() == {}, a.rejected())
     hlc = int(out[1]) & ((1 << 64) - 1)
     check((hlc >> 16) < (1 << 47), f"the persisted HLC is beyond the format: {hlc}")
+    limit = (datetime.datetime(2200, 1, 1) - datetime.datetime(1970, 1, 1)).total_seconds() * 1000
+    stamps = [c["hlc_ms"] for row in json.loads(out[2])["rows"] for c in row.get("changes", [])]
+    check(stamps and all(0 < ms < limit for ms in stamps), f"stamps written in year 7000: {stamps}")
     # the clock is right again: edits on both sides sync, the later one wins
     b.sync()
     b.q("UPDATE t SET name = 'edited on b' WHERE id = 'w1'")
