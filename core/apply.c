@@ -65,6 +65,7 @@ typedef struct apply_ctx
 	const uint8_t *body;
 	size_t		 body_len;
 	uint8_t		 version;
+	uint8_t		 origin[16]; /* the sender (payload header) */
 	pgs_reader	 r;
 	apply_table *tables;
 	int			*by_order; /* dependency order -> payload table index */
@@ -653,6 +654,28 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 	if (!found)
 		lcl = 0;
 	life = pgs_merge_life(lcl, g->cl);
+	if (life == PGS_MERGE_LOSE && g->cl == 1 && (lcl & 1) == 0 && !db_hold_rejected(a->db) &&
+		g->cl_site < a->r.nsites && memcmp(a->r.sites + 16 * g->cl_site, a->origin, 16) == 0)
+	{
+		/*
+		 * A first life of the key, born at the sender, that a delete here
+		 * ended or that came after a delete the sender never learned of (it
+		 * joined afterwards, or the row is hidden from it): by causal length
+		 * the delete wins, so the sender is told instead of being left with a
+		 * row nobody else has.
+		 */
+		pgs_err why;
+
+		pgs_failf(&why, PGS_ERR_ROW,
+				  "Give new rows keys that are unique across devices (sync_uuid()), or discard "
+				  "this row (sync_network_discard).",
+				  "row of table \"%s\" was deleted: the change belongs to the life of the row "
+				  "that the delete ended, or the key had been used and deleted before the "
+				  "sender knew it",
+				  ti->name);
+		pgs_err_code(&why, PGS_CODE_DELETED);
+		return reject_row(a, at, g, &why, st, err);
+	}
 	if (life == PGS_MERGE_LOSE || (life == PGS_MERGE_SAME && (g->cl & 1) == 0))
 	{
 		st->lost += g->nchanges;
@@ -1119,6 +1142,7 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 	a.body = body;
 	a.body_len = h.body_len;
 	a.version = h.version;
+	memcpy(a.origin, h.origin, sizeof a.origin);
 
 	/* validation pass: the whole body must parse before anything is written */
 	if ((rc = pgs_reader_open(&a.r, h.version, body, h.body_len, err)) == PGS_OK)

@@ -292,7 +292,7 @@ read_attrs(pgs_reader *r, pgs_dict_table *d)
 			{
 				uint64_t f;
 
-				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 3)
+				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 7)
 					return false;
 				d->snap = (uint32_t) f;
 				break;

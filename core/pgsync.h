@@ -62,6 +62,7 @@ typedef struct pgs_err
 #define PGS_CODE_INCOMPLETE "PS001" /* a new life of a row without its whole row */
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
+#define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 
@@ -285,6 +286,7 @@ pgs_rc pgs_payload_info(const uint8_t *p, size_t len, char **json, pgs_err *err)
 /* Table attributes (format 2): snapshot flags (docs/PAYLOAD.md). */
 #define PGS_SNAP_BEGIN 1 /* this payload starts a snapshot of the table */
 #define PGS_SNAP_END 2	 /* the snapshot is complete: forget rows not received */
+#define PGS_SNAP_PART 4	 /* this payload's rows of the table are part of a snapshot */
 
 typedef struct pgs_dict_table
 {

@@ -234,7 +234,7 @@ put_attrs(pgs_buf *b, const pgs_wtable *t)
 	if (t->snap)
 	{
 		pgs_buf_varint(b, 2);
-		pgs_buf_varint(b, 1); /* snap <= 3: one varint byte */
+		pgs_buf_varint(b, 1); /* snap <= 7: one varint byte */
 		pgs_buf_varint(b, t->snap);
 	}
 	if (t->has_salt)

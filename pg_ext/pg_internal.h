@@ -155,6 +155,11 @@ struct db_conn
 
 /* ---- pgsync.c ---- */
 extern bool pg_applying;	   /* true while sync_apply_payload merges */
+/* the row the apply is writing now (its clock is the apply's): the capture
+ * skips exactly that row, and records what the write causes elsewhere
+ * (ON DELETE CASCADE, triggers writing other synced rows) */
+extern Oid	  pg_apply_relid;
+extern Datum *pg_apply_key;
 extern bool pg_apply_conflict; /* a local write raced with the apply */
 void		pg_core_memory(MemoryContext cxt);
 void		pg_conn_init(db_conn *db, MemoryContext cxt);
@@ -201,7 +206,7 @@ SPIPlanPtr	   pg_plan_row_delete(db_table *t);
 typedef enum pg_read_kind
 {
 	PGR_CHANGES = 0,	  /* clock rows with ver > $1 joined to their base row */
-	PGR_SNAPSHOT = 1,	  /* live clock rows joined to their base row */
+	PGR_SNAPSHOT = 1,	  /* every clock row (tombstones too) joined to its base row */
 	PGR_CLOCKS = 2,		  /* clock rows with ver > $1 only (RLS: rows probed as the caller) */
 	PGR_BASE = 3,		  /* base rows only, read as the caller (RLS snapshot) */
 	PGR_KEYS = 4,		  /* keys of live clock rows */

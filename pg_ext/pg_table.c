@@ -671,8 +671,9 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 				appendStringInfo(&b, " FROM %s c", t->q_clock);
 				if (in)
 					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
-				appendStringInfo(&b, " %s JOIN %s b ON ", kind == PGR_SNAPSHOT ? "" : "LEFT",
-								 t->q_base);
+				/* a snapshot carries tombstones too: a receiver that re-inserts a
+				 * deleted key must know the life it ended (causal length) */
+				appendStringInfo(&b, " LEFT JOIN %s b ON ", t->q_base);
 				for (i = 0; i < t->npk; i++)
 				{
 					/* clock keys compare bytewise (COLLATE "C"): join in the base's
@@ -709,7 +710,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		appendStringInfoString(&b, " WHERE $2 IS NOT NULL");
 		if (kind == PGR_CHANGES || kind == PGR_CLOCKS || kind == PGR_CHANGED_KEYS || in)
 			appendStringInfoString(&b, " AND c.ver > $1");
-		else if (kind == PGR_SNAPSHOT || kind == PGR_KEYS)
+		else if (kind == PGR_KEYS)
 			appendStringInfoString(&b, " AND c.cl % 2 = 1 AND $1 IS NOT NULL");
 		else
 			appendStringInfoString(&b, " AND $1 IS NOT NULL");

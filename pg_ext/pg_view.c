@@ -151,6 +151,8 @@ pg_vis_changed_in(Oid relid, int64 since, int64 until)
 void
 pg_watch_refresh(Oid relid)
 {
+	/* every read here sees the command's own writes (read_only = false: a new
+	 * command id), the policy just created and the watches just written */
 	Oid	  types[1] = {OIDOID};
 	Datum vals[1] = {ObjectIdGetDatum(relid)};
 
@@ -175,7 +177,7 @@ pg_watch_refresh(Oid relid)
 			  "FROM (SELECT DISTINCT depends_on FROM pgsync.watches) w WHERE NOT EXISTS "
 			  "(SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = w.depends_on AND t.tgname = "
 			  "'pgsync_vis')",
-			  0, NULL, NULL, true, 0);
+			  0, NULL, NULL, false, 0);
 	{
 		uint64 n = SPI_processed;
 		char **ddl = palloc(sizeof(char *) * (n + 1));
@@ -188,7 +190,7 @@ pg_watch_refresh(Oid relid)
 	meta_exec("SELECT pg_catalog.format('DROP TRIGGER pgsync_vis ON %s', t.tgrelid::pg_catalog."
 			  "regclass) FROM pg_catalog.pg_trigger t WHERE t.tgname = 'pgsync_vis' AND NOT EXISTS "
 			  "(SELECT 1 FROM pgsync.watches w WHERE w.depends_on = t.tgrelid)",
-			  0, NULL, NULL, true, 0);
+			  0, NULL, NULL, false, 0);
 	{
 		uint64 n = SPI_processed;
 		char **ddl = palloc(sizeof(char *) * (n + 1));
@@ -294,14 +296,14 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 	tag = GetCommandTagName(ev->tag);
 	SPI_connect();
 	if (strcmp(tag, "GRANT") == 0 || strcmp(tag, "REVOKE") == 0 || strcmp(tag, "DROP POLICY") == 0)
-		meta_exec("SELECT tbl::pg_catalog.oid FROM pgsync.tables", 0, NULL, NULL, true, 0);
+		meta_exec("SELECT tbl::pg_catalog.oid FROM pgsync.tables", 0, NULL, NULL, false, 0);
 	else if (strcmp(tag, "ALTER TABLE") == 0)
 	{
 		/* renamed, dropped or retyped synced columns first (pg_table.c) */
 		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
 				  "pg_catalog.pg_event_trigger_ddl_commands() c "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid",
-				  0, NULL, NULL, true, 0);
+				  0, NULL, NULL, false, 0);
 		n = SPI_processed;
 		rels = palloc(sizeof(Oid) * (n + 1));
 		for (uint64 i = 0; i < n; i++)
@@ -319,14 +321,14 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 			"JOIN pg_catalog.pg_class r ON r.oid = c.objid "
 			"WHERE t.rls IS DISTINCT FROM (CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN "
 			"r.relforcerowsecurity THEN 'forced' ELSE 'on' END)",
-			0, NULL, NULL, true, 0);
+			0, NULL, NULL, false, 0);
 	}
 	else
 		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
 				  "pg_catalog.pg_event_trigger_ddl_commands() c "
 				  "JOIN pg_catalog.pg_policy p ON p.oid = c.objid "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = p.polrelid",
-				  0, NULL, NULL, true, 0);
+				  0, NULL, NULL, false, 0);
 	n = SPI_processed;
 	rels = palloc(sizeof(Oid) * (n + 1));
 	for (uint64 i = 0; i < n; i++)

@@ -29,7 +29,9 @@ PG_MODULE_MAGIC;
 /* Key of the advisory lock that serializes applies (pgsync in ASCII). */
 #define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79)
 
-bool pg_applying = false;
+bool   pg_applying = false;
+Oid	   pg_apply_relid = InvalidOid;
+Datum *pg_apply_key = NULL;
 bool pg_apply_conflict = false;
 
 static MemoryContext core_cxt = NULL;

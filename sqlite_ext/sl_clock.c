@@ -88,7 +88,9 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 	char	 sql[96];
 	pgs_rc	 rc;
 
-	if ((rc = sl_load(c, err)) != PGS_OK)
+	/* runs inside a write (often a capture trigger): the loaded tables and the
+	 * caller's buffers (c->scratch, sl_stamps) stay as they are */
+	if (!c->ready && (rc = sl_load(c, err)) != PGS_OK)
 		return rc;
 	for (int i = 0; i < c->ntables; i++)
 	{
@@ -120,18 +122,20 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 			sqlite3_free(keys);
 			sqlite3_free(w);
 		}
-		if (s != SQLITE_OK || !q || !(st = sl_stamps(c, t->ncols)))
+		if (s != SQLITE_OK || !q ||
+			!(st = sqlite3_malloc64(sizeof(pgs_stamp) * (size_t) (t->ncols + 1))))
 		{
 			sqlite3_finalize(sel);
 			sqlite3_free(q);
 			return sl_dberr(c, err, "could not repair the clock");
 		}
 		{
-			pgs_buf		  all;
+			pgs_buf		  all, one;
 			sqlite3_stmt *up = NULL;
 
 			/* read everything first: the update writes the table being read */
 			pgs_buf_init(&all);
+			pgs_buf_init(&one);
 			while ((s = sqlite3_step(sel)) == SQLITE_ROW)
 			{
 				pgs_rowclock rcl = {.ncols = t->ncols, .cols = st};
@@ -151,10 +155,10 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 					}
 				if (!bad)
 					continue;
-				c->scratch.len = 0;
-				pgs_rowclock_encode(&rcl, &c->scratch);
-				pgs_buf_varint(&all, c->scratch.len);
-				pgs_buf_put(&all, c->scratch.p, c->scratch.len);
+				one.len = 0;
+				pgs_rowclock_encode(&rcl, &one);
+				pgs_buf_varint(&all, one.len);
+				pgs_buf_put(&all, one.p, one.len);
 				for (int k = 0; k < t->npk; k++)
 				{
 					sl_column_value(sel, 1 + k, &pk);
@@ -186,6 +190,8 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 			}
 			sqlite3_finalize(up);
 			pgs_buf_free(&all);
+			pgs_buf_free(&one);
+			sqlite3_free(st);
 			if (s != SQLITE_OK)
 				return sl_dberr(c, err, "could not repair the clock");
 		}

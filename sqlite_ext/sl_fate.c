@@ -363,7 +363,8 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 			(*applied)++;
 			if (rc == PGS_OK && table_exists(c, "sync_network_rejected"))
 			{
-				db_table   *t = sl_table_by_name(c, (const char *) f[0].p);
+				char	   *tn = sqlite3_mprintf("%.*s", (int) f[0].len, (const char *) f[0].p);
+				db_table   *t = tn ? sl_table_by_name(c, tn) : NULL;
 				pgs_value	pk[64];
 				const uint8_t *q = f[1].p, *qe = f[1].p + f[1].len;
 				bool		ok = t && t->npk <= 64;
@@ -391,6 +392,7 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 					}
 					sqlite3_free(json);
 				}
+				sqlite3_free(tn);
 			}
 		}
 	}
