@@ -88,12 +88,17 @@ sl_log_layout(db_conn *c, db_table *t, pgs_err *err)
 		sqlite3_free(bulk);
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	}
+	/* layout 2: the bulkver column, the marker table and the index */
 	t->layout = query_int(c, "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'bulkver'",
 						  clock, 0) &&
 						query_int(c,
 								  "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND "
 								  "name = ?1",
-								  bulk, 0)
+								  bulk, 0) &&
+						query_int(c,
+								  "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND "
+								  "name = ?1 || '_ver'",
+								  clock, 0)
 					? 2
 					: 1;
 	sqlite3_free(bulk);
