@@ -377,3 +377,41 @@ def test_blob_and_integer_keys_in_bulk(replica):
     for table in ("k", "n"):
         check_pulls(a, versions, table)
         assert synclib.table_rows(a, table) == synclib.table_rows(b, table)
+
+
+CRASH = """
+import os, sys
+sys.path.insert(0, {here!r})
+import synclib
+r = synclib.Replica({path!r})
+r.x("BEGIN")
+r.conn.executemany("INSERT INTO t VALUES(?, 0, 'w')", ((f"c{{i:04d}}",) for i in range(600)))
+if {commit}:
+    r.x("COMMIT")
+    r.x("BEGIN")
+    r.conn.executemany("INSERT INTO t VALUES(?, 0, 'w')", ((f"d{{i:04d}}",) for i in range(600)))
+os._exit(3)  # no commit, no close: what a crash leaves
+"""
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_crash_mid_transaction(a, commit):
+    import os
+    import subprocess
+    import sys
+
+    insert(a, ["before"])
+    v = a.version()
+    code = CRASH.format(here=os.path.dirname(__file__), path=str(a.path), commit=commit)
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 3
+    a.close()
+    a = synclib.Replica(a.path, "a")
+    try:
+        assert a.one("SELECT count(*) FROM t") == 1 + (600 if commit else 0)
+        assert [m[0] for m in markers(a)] == ([v + 1] if commit else [])
+        assert synclib.integrity(a) == ["ok"]
+        check_pulls(a, range(a.version() + 1))
+        insert(a, ["after"])
+        assert pulled_keys(a, a.version() - 1) == [("after",)]
+    finally:
+        a.close()
