@@ -476,6 +476,24 @@ life_clock(db_conn *c, db_table *t, pgs_rowclock *rc)
 	return true;
 }
 
+/* fire_version: the transaction's version (sl_log_version). Taking one may
+ * reload the metadata (sl_repair_clock), so *t is looked up again. */
+static bool
+fire_version(sqlite3_context *ctx, db_conn *c, db_table **t, sqlite3_value *seq)
+{
+	int64_t id = (*t)->id;
+	pgs_err err;
+	pgs_rc	r;
+
+	if ((r = sl_log_version(c, sqlite3_value_int64(seq), &err)) != PGS_OK ||
+		!(*t = sl_table_by_id(c, id, &err)))
+	{
+		fire_fail(ctx, r != PGS_OK ? r : err.rc, &err);
+		return false;
+	}
+	return true;
+}
+
 /* fire_begin: version, index or marker, for a row about to be written. */
 static bool
 fire_begin(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *seq, const pgs_value *pk)
@@ -483,8 +501,14 @@ fire_begin(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *seq, co
 	pgs_err err;
 	pgs_rc	r;
 
-	if ((r = sl_log_version(c, sqlite3_value_int64(seq), &err)) != PGS_OK ||
-		(r = sl_log_row(c, t, pk, &err)) != PGS_OK)
+	if (!fire_version(ctx, c, &t, seq))
+		return false;
+	if (!t->layout && (r = sl_log_layout(c, t, &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return false;
+	}
+	if ((r = sl_log_row(c, t, pk, &err)) != PGS_OK)
 	{
 		fire_fail(ctx, r, &err);
 		return false;
@@ -523,6 +547,7 @@ sl_fire_ins(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (!fire_begin(ctx, c, t, argv[3], pk))
 		return;
+	t = c->fire_t;
 	if (!life_clock(c, t, &rc))
 	{
 		sqlite3_result_error_nomem(ctx);
@@ -576,8 +601,9 @@ sl_fire_upd(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	{
 		/* primary key change: delete of the old key + insert of the new one,
 		 * written from C (rare; indexed rows) */
-		if ((r = sl_log_version(c, sqlite3_value_int64(argv[3]), &err)) == PGS_OK &&
-			(r = pk_values(t, oldpk, pk, &err)) == PGS_OK &&
+		if (!fire_version(ctx, c, &t, argv[3]))
+			return;
+		if ((r = pk_values(t, oldpk, pk, &err)) == PGS_OK &&
 			(r = capture_delete(c, t, pk, &err)) == PGS_OK)
 			r = sl_capture_insert(c, t, newpk, &err);
 		if (r != PGS_OK)
