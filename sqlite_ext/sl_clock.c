@@ -8,11 +8,13 @@
  * are never handed out twice, across connections and processes alike.
  *
  * A savepoint rolled back inside the transaction may undo that UPDATE while
- * the cache survives. Capture does not re-read sync_state before each write
- * (that costs ~10% of a tracked insert); instead every clock write checks its
- * version in the same statement (VER_CHECKED in sl_database.c) and a
- * mismatch makes the capture take a fresh version (sl_capture.c). A merge
- * checks once, here, with verify = true.
+ * the cache survives. The bump also increments sync_state.seq, and each
+ * capture trigger passes the current seq in: a seq that is not the one we
+ * wrote makes capture check the version (sl_log_version in sl_log.c).
+ * Clock writes made from C check their version in the same statement
+ * (VER_CHECKED in sl_database.c) and a mismatch makes the capture take a
+ * fresh version (sl_capture.c). A merge checks once, here, with verify =
+ * true.
  * The persisted HLC is advanced at the same moment, and the connection then
  * ticks it in memory for each write of the transaction.
  */
@@ -41,8 +43,11 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 		return PGS_OK;
 	}
 	if (sl_prepare(c, &c->st_ver_bump,
-				   "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, ?1) "
-				   "RETURNING db_version, hlc",
+				   c->has_seq == 1
+					   ? "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, "
+						 "?1), seq = seq + 1 RETURNING db_version, hlc, seq"
+					   : "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, "
+						 "?1) RETURNING db_version, hlc",
 				   err) != PGS_OK)
 		return err->rc;
 	/* now as a stamp, 0 when the wall clock reads past the format's range */
@@ -60,6 +65,8 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 		c->clock_suspect = false;
 		c->hlc = PGS_HLC_MAX + 1; /* repair below */
 	}
+	if (c->has_seq == 1)
+		c->seq = sqlite3_column_int64(c->st_ver_bump, 2);
 	s = sqlite3_step(c->st_ver_bump);
 	sqlite3_reset(c->st_ver_bump);
 	if (s != SQLITE_DONE)
@@ -214,6 +221,7 @@ void
 sl_txn_end(db_conn *c)
 {
 	c->txn_ver = 0;
+	sl_log_reset(c);
 }
 
 pgs_stamp *
