@@ -93,6 +93,9 @@ def mixed_versions_add_column_and_table(env):
     check(old.rows("items") == [("i1", "one, edited on v1", 2), ("i2", "two", 3)], old.rows("items"))
     st = old.status()
     check(st["held"] > 0 and st["last_error"] is None, st)
+    held = old.q("SELECT tbl, pk, code, message FROM sync_network_held ORDER BY tbl, pk")
+    check(("items", '{"id":"i1"}', "PS003") in [h[:3] for h in held] and
+          any('"barcode"' in h[3] for h in held) and any(h[0] == "tags" for h in held), held)
     check(before != st["recv_cursor"], st)
     # v1 upgrades last: its held values fill in at sync_init, no re-download
     old.q("ALTER TABLE items ADD COLUMN barcode TEXT")
