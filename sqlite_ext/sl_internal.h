@@ -140,6 +140,8 @@ struct db_conn
 	int64_t	  fire_ver;
 	uint64_t *fire_mask; /* changed columns of an UPDATE */
 	int		  fire_mask_cap;
+	bool	 *fire_changed; /* the same, one flag per column (pgs_local_edit) */
+	int		  fire_changed_cap;
 	pgs_buf	  fire_blob;
 };
 

@@ -487,6 +487,7 @@ conn_free(void *arg)
 	pgs_buf_free(&c->scratch);
 	pgs_buf_free(&c->fire_blob);
 	sqlite3_free(c->fire_mask);
+	sqlite3_free(c->fire_changed);
 	sqlite3_free(c);
 }
 
