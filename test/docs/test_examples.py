@@ -29,7 +29,9 @@ and after the engines, separated by ";", options:
                           TEXT, and at least one must
 
 Lines after the first line of the comment, up to "-->", are setup SQL run
-(on the same engines) before the block and not shown to readers. A block that
+(on the same engines) before the block and not shown to readers. The SQLite
+database has build/sqlitesync loaded when it is opened, unless one of the
+file's SQLite examples loads it itself (`.load`, `load_extension`). A block that
 fails, a marker that is not right before a ```sql block, an unknown word in a
 marker and a skip without a reason are failures. Dot commands: only `.load`
 (SQLite). Errors name the file, the line of the statement and the engine.
@@ -104,6 +106,7 @@ class Block:
         return f"{os.path.relpath(self.path, ROOT)}:{self.line}"
 
 
+LOADS = re.compile(r"^\s*\.load\s|load_extension\s*\(", re.M)
 MARKER = re.compile(r"<!--\s*example:(.*?)-->", re.S)
 
 
@@ -242,11 +245,12 @@ def bind(sql, binds):
 class SQLite:
     name = "sqlite"
 
-    def __init__(self, tag):
+    def __init__(self, tag, preload):
         self.dir = tempfile.mkdtemp(prefix=f"pgsync-docs-{tag}-")
         self.db = sqlite3.connect(os.path.join(self.dir, "example.db"), isolation_level=None)
         self.db.enable_load_extension(True)
-        self.loaded = False
+        if preload:
+            self.db.load_extension(EXT)
 
     def run(self, stmt):
         if stmt.startswith("."):
@@ -254,12 +258,7 @@ class SQLite:
             if cmd[0] != ".load" or len(cmd) != 2:
                 raise RuntimeError(f"unsupported dot command {cmd[0]} (only .load PATH)")
             self.db.load_extension(cmd[1])
-            self.loaded = True
             return
-        if not self.loaded and "load_extension" not in stmt:
-            self.db.load_extension(EXT)
-        if "load_extension" in stmt:
-            self.loaded = True
         # one statement at a time, like the sqlite3 shell; a trigger body may
         # have been split at its inner ';': the caller joins until complete
         self.db.execute(stmt).fetchall()
@@ -366,6 +365,10 @@ def main(args):
         if not blocks:
             continue
         tag = os.path.splitext(os.path.basename(path))[0]
+        # a file whose SQLite examples load the extension themselves shows how;
+        # otherwise it is loaded when the database is opened
+        preload = not any(LOADS.search(b.setup + b.sql) for b in blocks
+                          if "sqlite" in b.engines and not b.skip)
         engines = {}
         try:
             for b in blocks:
@@ -382,7 +385,7 @@ def main(args):
                             result("FAIL", b.where(), "postgres: no server (PGHOST is not set); "
                                    "run bash test/docs/run.sh")
                             continue
-                        engines[name] = SQLite(tag) if name == "sqlite" else Postgres(tag)
+                        engines[name] = SQLite(tag, preload) if name == "sqlite" else Postgres(tag)
                     why = run_block(engines[name], b)
                     if why is not None:
                         engines[name].reset()
