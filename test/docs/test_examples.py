@@ -30,8 +30,9 @@ and after the engines, separated by ";", options:
 
 Lines after the first line of the comment, up to "-->", are setup SQL run
 (on the same engines) before the block and not shown to readers. The SQLite
-database has build/sqlitesync loaded when it is opened, unless one of the
-file's SQLite examples loads it itself (`.load`, `load_extension`). A block that
+database has build/sqlitesync loaded when it is opened, and the Postgres
+database has the pgsync extension, unless one of the file's examples for that
+engine does it itself (`.load` or `load_extension`; `CREATE EXTENSION pgsync`). A block that
 fails, a marker that is not right before a ```sql block, an unknown word in a
 marker and a skip without a reason are failures. Dot commands: only `.load`
 (SQLite). Errors name the file, the line of the statement and the engine.
@@ -106,7 +107,8 @@ class Block:
         return f"{os.path.relpath(self.path, ROOT)}:{self.line}"
 
 
-LOADS = re.compile(r"^\s*\.load\s|load_extension\s*\(", re.M)
+LOADS = {"sqlite": re.compile(r"^\s*\.load\s|load_extension\s*\(", re.M),
+         "postgres": re.compile(r"CREATE\s+EXTENSION\s+(IF\s+NOT\s+EXISTS\s+)?pgsync", re.I)}
 MARKER = re.compile(r"<!--\s*example:(.*?)-->", re.S)
 
 
@@ -280,7 +282,7 @@ class SQLite:
 class Postgres:
     name = "postgres"
 
-    def __init__(self, tag):
+    def __init__(self, tag, preload):
         import psycopg2
         self.psycopg2 = psycopg2
         self.dbname = "docs_" + re.sub(r"\W", "_", tag.lower())
@@ -293,6 +295,9 @@ class Postgres:
             self.roles = {r[0] for r in c.fetchall()}
         self.db = psycopg2.connect(dbname=self.dbname)
         self.db.autocommit = True
+        if preload:
+            with self.db.cursor() as c:
+                c.execute("CREATE EXTENSION pgsync")
 
     def run(self, stmt):
         if stmt.startswith(".") or stmt.startswith("\\"):
@@ -367,8 +372,8 @@ def main(args):
         tag = os.path.splitext(os.path.basename(path))[0]
         # a file whose SQLite examples load the extension themselves shows how;
         # otherwise it is loaded when the database is opened
-        preload = not any(LOADS.search(b.setup + b.sql) for b in blocks
-                          if "sqlite" in b.engines and not b.skip)
+        preload = {e: not any(LOADS[e].search(b.setup + b.sql) for b in blocks
+                              if e in b.engines and not b.skip) for e in ENGINES}
         engines = {}
         try:
             for b in blocks:
@@ -385,7 +390,7 @@ def main(args):
                             result("FAIL", b.where(), "postgres: no server (PGHOST is not set); "
                                    "run bash test/docs/run.sh")
                             continue
-                        engines[name] = SQLite(tag, preload) if name == "sqlite" else Postgres(tag)
+                        engines[name] = (SQLite if name == "sqlite" else Postgres)(tag, preload[name])
                     why = run_block(engines[name], b)
                     if why is not None:
                         engines[name].reset()
