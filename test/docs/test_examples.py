@@ -36,6 +36,8 @@ engine does it itself (`.load` or `load_extension`; `CREATE EXTENSION pgsync`). 
 fails, a marker that is not right before a ```sql block, an unknown word in a
 marker and a skip without a reason are failures. Dot commands: only `.load`
 (SQLite). Errors name the file, the line of the statement and the engine.
+Every run starts with a self-check: a small document of good and bad blocks
+and markers must come out as expected, so the checker cannot pass everything.
 """
 import os
 import re
@@ -358,6 +360,60 @@ def run_block(eng, b):
     return None
 
 
+SELF_CHECK = """
+<!-- example: sqlite -->
+```sql
+CREATE TABLE t(id TEXT PRIMARY KEY NOT NULL, a TEXT);   -- ; inside a comment
+INSERT INTO t VALUES ('x', 'semi;colon');
+SELECT sync_init('t');
+```
+
+```sql
+SELECT no_such_function();
+```
+
+<!-- example: sqlite; error no such table -->
+```sql
+SELECT 1;
+```
+
+<!-- example: skip -->
+```sql
+SELECT 1;
+```
+
+<!-- example: sqlite; bind :n = (SELECT count(*) FROM t) -->
+Not a block.
+"""
+
+
+def self_check():
+    """The checker itself: a passing block passes, a failing one, a missing
+    expected error and bad markers are caught. Runs on SQLite only."""
+    d = tempfile.mkdtemp(prefix="pgsync-docs-self-")
+    path = os.path.join(d, "self.md")
+    with open(path, "w") as f:
+        f.write(SELF_CHECK)
+    try:
+        blocks = extract(path)
+        eng = SQLite("self", True)
+        try:
+            got = [(b.line, bool(b.problems), b.skip is None and not b.problems
+                    and run_block(eng, b) is None) for b in blocks]
+        finally:
+            eng.close()
+    finally:
+        os.unlink(path)
+        os.rmdir(d)
+    # (line, marker problem, ran as the marker says)
+    want = [(4, False, True), (10, False, False), (15, False, False), (20, True, False),
+            (23, True, False)]
+    if got == want:
+        result("PASS", "test_examples self-check")
+    else:
+        result("FAIL", "test_examples self-check", f"got {got}, want {want}")
+
+
 def main(args):
     files = [os.path.join(ROOT, "README.md")] + sorted(
         os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
@@ -365,6 +421,7 @@ def main(args):
     if args:
         files = [f for f in files if os.path.basename(f) in args]
     have_pg = bool(os.environ.get("PGHOST"))
+    self_check()
     for path in files:
         blocks = extract(path)
         if not blocks:
