@@ -12,8 +12,9 @@ cluster's superuser), so a block may use what earlier blocks of its file made.
 Prints "PASS file:line engine", "FAIL ..." and "SKIP ... (reason)" per block
 and engine, then "N passed, N failed, N skipped".
 
-The marker rule (strict). The line right before a ```sql fence may be one
-HTML comment that says how the block runs:
+The marker rule (strict). The line right before a ```sql fence may end an
+HTML comment, starting at the beginning of a line, that says how the block
+runs:
 
     <!-- example: sqlite -->                 SQLite only
     <!-- example: postgres -->               Postgres only
@@ -111,7 +112,7 @@ class Block:
 
 LOADS = {"sqlite": re.compile(r"^\s*\.load\s|load_extension\s*\(", re.M),
          "postgres": re.compile(r"CREATE\s+EXTENSION\s+(IF\s+NOT\s+EXISTS\s+)?pgsync", re.I)}
-MARKER = re.compile(r"<!--\s*example:(.*?)-->", re.S)
+MARKER = re.compile(r"^<!--\s*example:(.*?)-->", re.S | re.M)  # at the start of a line
 
 
 def extract(path):
