@@ -309,10 +309,10 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 		}
 		else if (rc == CURLE_WRITE_ERROR && r->overflow)
 		{
-			*msg = sqlite3_mprintf(
-				"the server's answer is larger than max_payload (%lld bytes); "
-				"raise it: UPDATE sync_network SET value = ... WHERE key = 'max_payload'",
-				(long long) s->max_payload);
+			*msg = sqlite3_mprintf("the server's answer is larger than max_payload (%lld bytes); "
+								   "raise it: INSERT OR REPLACE INTO sync_network(key, value) "
+								   "VALUES ('max_payload', ...)",
+								   (long long) s->max_payload);
 			break;
 		}
 		else
