@@ -563,23 +563,28 @@ sl_rejected_after_receive(sl_net *n)
  * here). A discarded change thus becomes the server's version. The list
  * empties in the same local transaction as the apply.
  */
-bool
-sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
+#define WANT_BATCH 1000
+
+/* want_batch: one request of at most WANT_BATCH wanted rows (in key order);
+ * *more when the list had more. */
+static bool
+want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool *more)
 {
 	sqlite3_stmt *st;
 	cJSON		 *req = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(req, "rows");
-	char		 *body;
+	char		 *body, *last_tbl = NULL, *last_pk = NULL;
 	sl_net_resp	  r = {0};
 	bool		  ok = true;
+	int64_t		  k = 0;
 
-	*rows = 0;
-	*msg = NULL;
-	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_want LIMIT 1000", -1, &st,
-						   NULL) != SQLITE_OK)
+	*more = false;
+	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_want ORDER BY tbl, pk LIMIT ?1",
+						   -1, &st, NULL) != SQLITE_OK)
 	{
 		cJSON_Delete(req);
 		return true; /* no list yet */
 	}
+	sqlite3_bind_int(st, 1, WANT_BATCH);
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
 		cJSON *o = cJSON_CreateObject();
@@ -588,10 +593,16 @@ sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
 		cJSON_AddStringToObject(o, "table", (const char *) sqlite3_column_text(st, 0));
 		cJSON_AddItemToObject(o, "pk", pk ? pk : cJSON_CreateObject());
 		cJSON_AddItemToArray(arr, o);
-		(*rows)++;
+		sqlite3_free(last_tbl);
+		sqlite3_free(last_pk);
+		last_tbl = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
+		last_pk = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
+		k++;
 	}
 	sqlite3_finalize(st);
-	if (*rows == 0)
+	*rows += k;
+	*more = k == WANT_BATCH;
+	if (k == 0)
 	{
 		cJSON_Delete(req);
 		return true;
@@ -629,13 +640,39 @@ sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
 				*msg = sqlite3_mprintf("applying the rows the server sent failed: %s",
 									   sqlite3_errmsg(n->db));
 			sqlite3_finalize(ap);
-			/* the rows came (or are known gone): the held incomplete ones too */
-			ok = ok && exec(n->db, "DELETE FROM sync_held WHERE code = 'PS001';"
-								   "DELETE FROM sync_network_want;");
+			/* the rows came (or are known gone): off the list; after the last
+			 * batch the held incomplete ones too (they were all on it) */
+			if (ok)
+			{
+				char *sql = sqlite3_mprintf("DELETE FROM sync_network_want WHERE (tbl, pk) <= "
+											"(%Q, %Q)%s",
+											last_tbl, last_pk,
+											*more ? ""
+												  : "; DELETE FROM sync_held WHERE code = 'PS001'");
+
+				ok = sql && exec(n->db, sql);
+				sqlite3_free(sql);
+			}
 			exec(n->db, ok ? "RELEASE sync_want" : "ROLLBACK TO sync_want; RELEASE sync_want");
 		}
 	}
+	else
+		*more = false; /* not now (the list stays for the next receive): never a stuck device */
 	sl_http_resp_free(&r);
+	sqlite3_free(last_tbl);
+	sqlite3_free(last_pk);
+	return ok;
+}
+
+bool
+sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
+{
+	bool more = true, ok = true;
+
+	*rows = 0;
+	*msg = NULL;
+	for (int i = 0; ok && more && i < 1000; i++)
+		ok = want_batch(n, s, rows, msg, &more);
 	return ok;
 }
 

@@ -109,6 +109,27 @@ def fate_world(env):
 
 
 @test
+def discard_many_rows(env):
+    """More refused rows than one POST /v1/rows request takes (1,000): a
+    discard of all of them fetches them in batches and settles every one."""
+    fate_world(env)
+    s = env.server()
+    a = dev(env, "a", s)
+    a.q("BEGIN")
+    for i in range(1100):
+        a.q("INSERT INTO t VALUES(?, NULL, 'neg', -1, NULL, 1, NULL)", f"n{i:04d}")
+    a.q("COMMIT")
+    r = a.sync()
+    check(r["send"]["rejected"] == 1100 and len(a.rejected()) == 1100, r)
+    a.q("SELECT sync_network_discard()")
+    a.sync()
+    check(a.q("SELECT count(*) FROM t WHERE qty = -1") == [(0,)], a.q("SELECT count(*) FROM t"))
+    check(a.rejected() == {} and a.q("SELECT count(*) FROM sync_network_want") == [(0,)],
+          (len(a.rejected()), a.q("SELECT count(*) FROM sync_network_want")))
+    check([r[0] for r in a.rows("t")] == [r[0] for r in pg_rows(env, "t")], (a.rows("t"), pg_rows(env, "t")))
+
+
+@test
 def push_mixed_error_classes(env):
     """One push: good rows and one bad row of each class. The good rows land,
     each bad row is reported with its SQLSTATE (answer and
