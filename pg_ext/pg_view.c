@@ -275,6 +275,23 @@ sync_visibility_changed(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* result_oids: the first column of the last SPI result, as oids (palloc'd). */
+static Oid *
+result_oids(uint64 *n)
+{
+	Oid *rels = palloc(sizeof(Oid) * (SPI_processed + 1));
+
+	*n = SPI_processed;
+	for (uint64 i = 0; i < *n; i++)
+	{
+		bool isnull;
+
+		rels[i] = DatumGetObjectId(
+			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return rels;
+}
+
 /*
  * sync_on_ddl_end: schema, policy, RLS and privilege changes of synced
  * tables. ALTER TABLE: renamed, dropped and retyped columns are recorded or
@@ -305,15 +322,7 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 				  "pg_catalog.pg_event_trigger_ddl_commands() c "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid",
 				  0, NULL, NULL, false, 0);
-		n = SPI_processed;
-		rels = palloc(sizeof(Oid) * (n + 1));
-		for (uint64 i = 0; i < n; i++)
-		{
-			bool isnull;
-
-			rels[i] = DatumGetObjectId(
-				SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-		}
+		rels = result_oids(&n);
 		for (uint64 i = 0; i < n; i++)
 			pg_table_reconcile(rels[i]);
 		meta_exec(
@@ -330,15 +339,7 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 				  "JOIN pg_catalog.pg_policy p ON p.oid = c.objid "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = p.polrelid",
 				  0, NULL, NULL, false, 0);
-	n = SPI_processed;
-	rels = palloc(sizeof(Oid) * (n + 1));
-	for (uint64 i = 0; i < n; i++)
-	{
-		bool isnull;
-
-		rels[i] = DatumGetObjectId(
-			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-	}
+	rels = result_oids(&n);
 	for (uint64 i = 0; i < n; i++)
 	{
 		Oid	  types[1] = {OIDOID};
