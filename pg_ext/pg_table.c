@@ -763,7 +763,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			appendStringInfoString(&b, " ORDER BY ");
 			pk_list(&b, t, a);
 		}
-		else if (kind == PGR_CHANGES)
+		else if (kind == PGR_CHANGES || kind == PGR_CHANGES_IN)
 			appendStringInfoString(&b, " ORDER BY c.ver");
 		/*
 		 * A chunk reads max_rows rows of a possibly huge range: plan for a
@@ -1314,6 +1314,10 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 		pg_as_meta(&us);
 		if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: backfilling the clock table failed");
+		/* statistics now, not at autovacuum's first visit: pulls plan on them */
+		resetStringInfo(&b);
+		appendStringInfo(&b, "ANALYZE %s", t->q_clock);
+		exec_sql(b.data, SPI_OK_UTILITY);
 		pg_as_caller(&us);
 	}
 	pg_watch_refresh(relid);
