@@ -409,6 +409,30 @@ bg_perform(void *arg, CURL *c)
 	return rc;
 }
 
+/* bg_yield: between two chunks of a pull, a local commit or a stop goes first. */
+static bool
+bg_yield(void *arg)
+{
+	syncer *y = arg;
+	bool	w;
+
+	pthread_mutex_lock(&y->mu);
+	w = y->woken || y->stop;
+	pthread_mutex_unlock(&y->mu);
+	return w;
+}
+
+/* more: did the receive stop early (bg_yield) with chunks left? */
+static bool
+more(const char *json)
+{
+	cJSON *j = json ? cJSON_Parse(json) : NULL;
+	bool   yes = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "more"));
+
+	cJSON_Delete(j);
+	return yes;
+}
+
 /* busy: the syncer's connection waits for the app's writers, but not past a stop. */
 static int
 busy(void *arg, int count)
@@ -526,6 +550,18 @@ succeeded(schedule *sc)
 	sc->next_try = 0;
 	free(sc->blocked_token);
 	sc->blocked_token = NULL;
+}
+
+/* changed: did the receive summary json report rows changed here? */
+static bool
+changed(const char *json)
+{
+	cJSON *j = json ? cJSON_Parse(json) : NULL;
+	cJSON *r = cJSON_GetObjectItemCaseSensitive(j, "rows_changed");
+	bool   yes = cJSON_IsNumber(r) && r->valuedouble > 0;
+
+	cJSON_Delete(j);
+	return yes;
 }
 
 static void
@@ -654,9 +690,9 @@ run(syncer *y, sl_net *n)
 				json = sl_net_receive(n, &s, 0, NULL, &np, &msg);
 				if (json)
 				{
-					need_pull = false;
+					need_pull = more(json);
 					succeeded(&sc);
-					if (np > 0)
+					if (changed(json))
 						announce_events(y);
 				}
 				else if (!stopping(y))
@@ -714,7 +750,8 @@ run(syncer *y, sl_net *n)
 					if (json)
 					{
 						succeeded(&sc);
-						if (np > 0)
+						need_pull = more(json);
+						if (changed(json))
 							announce_events(y);
 					}
 					else if (!stopping(y))
@@ -791,6 +828,7 @@ bg_main(void *arg)
 		sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL); /* a lost commit is pulled or pushed again */
 	c->net->background = true;
 	c->net->perform = bg_perform;
+	c->net->yield = bg_yield;
 	c->net->perform_arg = y;
 	c->net->chunk_rows = y->o.chunk_rows;
 	pthread_mutex_lock(&y->mu);

@@ -674,7 +674,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 {
 	recv_totals tot;
 	size_t		bytes = 0;
-	bool		reset = false;
+	bool		reset = false, requested = false, cut = false;
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -702,7 +702,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 			got = true;
 		}
 		else
-			got = sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg);
+			requested |= got = sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg);
 		sqlite3_free(path);
 		if (!got)
 		{
@@ -761,6 +761,12 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		sl_http_resp_free(&r);
 		if (!more)
 			break;
+		if (n->yield && n->yield(n->perform_arg))
+		{
+			/* the background syncer has a push to make: the next chunk later */
+			cut = true;
+			break;
+		}
 	}
 	kv_set(n, "progress", NULL);
 	/* held changes again; rows this device lacks, whole */
@@ -783,16 +789,19 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		if (!sl_want_fetch(n, s, &fetched, msg))
 			return NULL;
 	}
-	succeeded(n);
+	/* an answer to a request made earlier (the long-poll) says nothing about
+	 * the token of now: only a request of this call clears a failure */
+	if (!first || requested)
+		succeeded(n);
 	return sqlite3_mprintf(
 		"{\"payloads\":%lld,\"received_bytes\":%lld,\"rows\":%lld,\"rows_changed\":%lld,"
 		"\"inserted\":%lld,\"updated\":%lld,\"deleted\":%lld,\"moved_out\":%lld,"
-		"\"columns_changed\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
+		"\"columns_changed\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"%s}",
 		(long long) *npayloads, (long long) bytes, (long long) tot.rows,
 		(long long) (tot.inserted + tot.updated + tot.deleted + tot.moved_out),
 		(long long) tot.inserted, (long long) tot.updated, (long long) tot.deleted,
 		(long long) tot.moved_out, (long long) tot.columns, (long long) tot.columns,
-		s->recv_cursor ? s->recv_cursor : "0");
+		s->recv_cursor ? s->recv_cursor : "0", cut ? ",\"more\":true" : "");
 }
 
 /* ---- for the background syncer (sl_background.c) ------------------------------- */
