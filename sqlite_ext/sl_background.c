@@ -7,7 +7,7 @@
  *   sync_network_stop()                 stop it (this process) -> {"stopped"}
  *
  * options_json (every key optional, integers in milliseconds unless said):
- *   debounce_ms (10)  wait after a local commit, so that bursts go out together
+ *   debounce_ms (5)   wait after a local commit, so that bursts go out together
  *   poll_ms (100)     how often PRAGMA data_version is read (other processes' commits)
  *   interval_ms (60000)  full send + receive, whatever happened (safety net)
  *   wait_ms (25000)   long-poll wait of GET /v1/pull
@@ -63,7 +63,7 @@ static const struct
 	size_t		off;
 	int64_t		def, min, max;
 } opt_defs[] = {
-	{"debounce_ms", offsetof(bg_opts, debounce_ms), 10, 0, 60000},
+	{"debounce_ms", offsetof(bg_opts, debounce_ms), 5, 0, 60000},
 	{"poll_ms", offsetof(bg_opts, poll_ms), 100, 10, 3600000},
 	{"interval_ms", offsetof(bg_opts, interval_ms), 60000, 100, 86400000},
 	{"wait_ms", offsetof(bg_opts, wait_ms), 25000, 0, 600000},

@@ -58,7 +58,14 @@ static bool
 exec(sl_net *n, const char *sql)
 {
 	if (sql == meta_sql)
-		return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
+	{
+		/* once per connection (a background syncer reads its settings often);
+		 * the app dropping the tables later is not something we survive */
+		if (!n->meta_ready)
+			n->meta_ready = sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK &&
+							sl_rejected_meta(n->db);
+		return n->meta_ready;
+	}
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
 }
 
@@ -585,7 +592,8 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
 		return false;
 	}
-	query_int(n, "SELECT sync_db_version()", &v0);
+	/* the committed counter (nothing of ours is pending inside this savepoint) */
+	query_int(n, "SELECT db_version FROM sync_state", &v0);
 	if (sqlite3_prepare_v2(n->db, "SELECT sync_apply_payload(?1)", -1, &st, NULL) != SQLITE_OK)
 		goto fail;
 	sqlite3_bind_blob64(st, 1, r->body, r->len, SQLITE_STATIC);
@@ -597,7 +605,7 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 		goto rollback;
 	}
 	sqlite3_finalize(st);
-	query_int(n, "SELECT sync_db_version()", &v1);
+	query_int(n, "SELECT db_version FROM sync_state", &v1);
 	if (!kv_set(n, "recv_cursor", cursor) || (r->site[0] && !kv_set(n, "server_site", r->site)))
 		goto fail;
 	/* nothing was pending: the apply's own version needs no sending back
@@ -645,14 +653,16 @@ rollback:
 char *
 sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms)
 {
-	char		  site[40] = "";
 	sqlite3_stmt *st;
 	char		  rows[40] = "";
+	const char	 *site = n->site;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
+	if (!n->site[0] &&
+		sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
 	{
+		/* a database's site id never changes: read once */
 		if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 36)
-			memcpy(site, sqlite3_column_text(st, 0), 37);
+			memcpy(n->site, sqlite3_column_text(st, 0), 37);
 		sqlite3_finalize(st);
 	}
 	if (!site[0])

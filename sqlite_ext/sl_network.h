@@ -47,6 +47,8 @@ typedef struct sl_net
 	void	   *perform_arg;
 	int64_t		chunk_rows;	 /* rows per pulled chunk (0: the server's pull_max_rows) */
 	bool		background;	 /* the syncer's own connection */
+	bool		meta_ready;	 /* sync_network and its companions exist */
+	char		site[40];	 /* sync_site_id(), once known */
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
