@@ -409,30 +409,6 @@ bg_perform(void *arg, CURL *c)
 	return rc;
 }
 
-/* bg_yield: between two chunks of a pull, a local commit or a stop goes first. */
-static bool
-bg_yield(void *arg)
-{
-	syncer *y = arg;
-	bool	w;
-
-	pthread_mutex_lock(&y->mu);
-	w = y->woken || y->stop;
-	pthread_mutex_unlock(&y->mu);
-	return w;
-}
-
-/* more: did the receive stop early (bg_yield) with chunks left? */
-static bool
-more(const char *json)
-{
-	cJSON *j = json ? cJSON_Parse(json) : NULL;
-	bool   yes = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "more"));
-
-	cJSON_Delete(j);
-	return yes;
-}
-
 /* busy: the syncer's connection waits for the app's writers, but not past a stop. */
 static int
 busy(void *arg, int count)
@@ -541,6 +517,9 @@ failed(syncer *y, sl_net *n, schedule *sc, const sl_net_settings *s, long retry_
 		sc->blocked_token = strdup(s->token ? s->token : "");
 		sc->next_try = mono_ms() + y->o.retry_max_ms;
 	}
+	else if (n->err_code && strcmp(n->err_code, "offline") != 0 &&
+			 strcmp(n->err_code, "unavailable") != 0 && strcmp(n->err_code, "local") != 0)
+		sc->next_try = mono_ms() + y->o.retry_max_ms; /* an administrator must act */
 }
 
 static void
@@ -690,7 +669,7 @@ run(syncer *y, sl_net *n)
 				json = sl_net_receive(n, &s, 0, NULL, &np, &msg);
 				if (json)
 				{
-					need_pull = more(json);
+					need_pull = false;
 					succeeded(&sc);
 					if (changed(json))
 						announce_events(y);
@@ -750,7 +729,7 @@ run(syncer *y, sl_net *n)
 					if (json)
 					{
 						succeeded(&sc);
-						need_pull = more(json);
+						need_pull = false;
 						if (changed(json))
 							announce_events(y);
 					}
@@ -828,7 +807,6 @@ bg_main(void *arg)
 		sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL); /* a lost commit is pulled or pushed again */
 	c->net->background = true;
 	c->net->perform = bg_perform;
-	c->net->yield = bg_yield;
 	c->net->perform_arg = y;
 	c->net->chunk_rows = y->o.chunk_rows;
 	pthread_mutex_lock(&y->mu);

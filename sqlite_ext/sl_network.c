@@ -578,6 +578,7 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 	char			 cur[24];
 	const char		*cursor = r->cursor;
 	pgs_apply_stats *a = &n->c->last_apply;
+	bool			 own;
 
 	if (!cursor[0])
 	{
@@ -587,9 +588,15 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 		snprintf(cur, sizeof cur, "%lld", (long long) until);
 		cursor = cur;
 	}
+	/* outside the app's transaction, take the write lock first: a deferred
+	 * transaction that read before another connection committed could not
+	 * write (SQLITE_BUSY_SNAPSHOT, which no busy timeout can wait out) */
+	own = sqlite3_get_autocommit(n->db) && exec(n, "BEGIN IMMEDIATE");
 	if (!exec(n, "SAVEPOINT sync_network_recv"))
 	{
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
+		if (own)
+			exec(n, "ROLLBACK");
 		return false;
 	}
 	/* the committed counter (nothing of ours is pending inside this savepoint) */
@@ -625,7 +632,7 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 		tot->pr.rows_total = r->rows_total;
 	if (r->more && !progress_store(n, &tot->pr))
 		goto fail;
-	if (!exec(n, "RELEASE sync_network_recv"))
+	if (!exec(n, "RELEASE sync_network_recv") || (own && !exec(n, "COMMIT")))
 		goto fail;
 	tot->rows += a->rows;
 	tot->inserted += a->rows_inserted;
@@ -646,6 +653,8 @@ fail:
 rollback:
 	exec(n, "ROLLBACK TO sync_network_recv");
 	exec(n, "RELEASE sync_network_recv");
+	if (own && !sqlite3_get_autocommit(n->db))
+		exec(n, "ROLLBACK");
 	return false;
 }
 
@@ -684,7 +693,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 {
 	recv_totals tot;
 	size_t		bytes = 0;
-	bool		reset = false, requested = false, cut = false;
+	bool		reset = false, requested = false;
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -771,12 +780,6 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		sl_http_resp_free(&r);
 		if (!more)
 			break;
-		if (n->yield && n->yield(n->perform_arg))
-		{
-			/* the background syncer has a push to make: the next chunk later */
-			cut = true;
-			break;
-		}
 	}
 	kv_set(n, "progress", NULL);
 	/* held changes again; rows this device lacks, whole */
@@ -811,7 +814,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		(long long) (tot.inserted + tot.updated + tot.deleted + tot.moved_out),
 		(long long) tot.inserted, (long long) tot.updated, (long long) tot.deleted,
 		(long long) tot.moved_out, (long long) tot.columns, (long long) tot.columns,
-		s->recv_cursor ? s->recv_cursor : "0", cut ? ",\"more\":true" : "");
+		s->recv_cursor ? s->recv_cursor : "0", "");
 }
 
 /* ---- for the background syncer (sl_background.c) ------------------------------- */

@@ -43,7 +43,6 @@ typedef struct sl_net
 	const char *err_code; /* static string, NULL = no classified failure */
 	long		err_status;
 	CURLcode (*perform)(void *arg, CURL *c);
-	bool (*yield)(void *arg); /* between chunks: true = stop the receive here for now */
 	void	   *perform_arg;
 	int64_t		chunk_rows;	 /* rows per pulled chunk (0: the server's pull_max_rows) */
 	bool		background;	 /* the syncer's own connection */
