@@ -615,6 +615,37 @@ get_pk(db_table *t, HeapTuple tup, TupleDesc td, Datum *pk)
 	}
 }
 
+/*
+ * applying_this_row: is the trigger's row the one sync_apply_payload is
+ * writing (its clock is the apply's)? A row the write changes elsewhere (a
+ * cascaded delete, a trigger's write to another synced row) is captured
+ * like any local write, so that it reaches the other replicas.
+ */
+static bool
+applying_this_row(TriggerData *td)
+{
+	Oid		  relid = RelationGetRelid(td->tg_relation);
+	db_table *t;
+	bool	  same_row = true;
+
+	if (!OidIsValid(pg_apply_relid))
+		return true; /* held changes, or a write outside do_write: the apply's */
+	if (relid != pg_apply_relid || !pg_apply_key)
+		return false;
+	if ((t = pg_table_cached(relid)) == NULL)
+		return true;
+	for (int i = 0; i < t->npk && same_row; i++)
+	{
+		bool  isnull;
+		Datum d = heap_getattr(td->tg_trigtuple, t->pk[i].attnum,
+							   RelationGetDescr(td->tg_relation), &isnull);
+
+		same_row = !isnull && datum_image_eq(d, pg_apply_key[i], t->pk[i].typbyval, t->pk[i].typlen);
+	}
+	t->busy--;
+	return same_row;
+}
+
 static bool
 same(pg_col *c, HeapTuple a, HeapTuple b, TupleDesc td)
 {
@@ -653,7 +684,7 @@ sync_capture(PG_FUNCTION_ARGS)
 	if (!TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_AFTER(td->tg_event))
 		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 						errmsg("sync_capture() must be an AFTER ROW trigger")));
-	if (pg_applying)
+	if (pg_applying && applying_this_row(td))
 		return PointerGetDatum(NULL);
 	pg_wrote_xid = GetTopFullTransactionId();
 

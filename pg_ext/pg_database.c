@@ -595,9 +595,32 @@ hidden_row(db_table *t, const char *what)
 							  strcmp(what, "deleting") == 0 ? "delete" : "update")));
 }
 
-/* do_write converts the values and writes; ereports on any failure. */
+static void do_write_row(db_conn *db, write_args *w);
+
+/* do_write converts the values and writes; ereports on any failure. The
+ * capture trigger skips this row only (pg_apply_relid, pg_apply_key). */
 static void
 do_write(db_conn *db, write_args *w)
+{
+	Oid	   relid = pg_apply_relid;
+	Datum *key = pg_apply_key;
+
+	pg_apply_relid = w->t->relid;
+	pg_apply_key = pk_datums(w->t, w->pk, 0);
+	PG_TRY();
+	{
+		do_write_row(db, w);
+	}
+	PG_FINALLY();
+	{
+		pg_apply_relid = relid;
+		pg_apply_key = key;
+	}
+	PG_END_TRY();
+}
+
+static void
+do_write_row(db_conn *db, write_args *w)
 {
 	db_table *t = w->t;
 	Datum	 *vals;
@@ -727,6 +750,15 @@ guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err)
 			strlcpy(err->detail, ed->detail, sizeof(err->detail));
 		if (ed->hint)
 			strlcpy(err->hint, ed->hint, sizeof(err->hint));
+		else if (ed->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE && ed->message &&
+				 strncmp(ed->message, "permission denied for schema ", 29) == 0)
+		{
+			/* name the grant: the role is the caller's, the schema in the message */
+			const char *role = GetUserNameFromId(GetUserId(), false);
+
+			snprintf(err->hint, sizeof(err->hint), "GRANT USAGE ON SCHEMA %s TO %s;",
+					 ed->message + 29, quote_identifier(role));
+		}
 		strlcpy(err->code, unpack_sql_state(ed->sqlerrcode), sizeof(err->code));
 		FreeErrorData(ed);
 		rc = PGS_ERR_ROW;

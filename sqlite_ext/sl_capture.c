@@ -1,8 +1,12 @@
 /*
- * sl_capture.c — change capture: the C function behind the triggers.
+ * sl_capture.c — change capture: the C functions behind the triggers.
  *
- * sync_init creates three AFTER triggers per table that call
- * sqlitesync_capture(table_id, op, ...):
+ * sync_init creates three AFTER triggers per table. Their WHEN clauses call
+ * sqlitesync_capture(table_id, op, ncols, ...) with ops 4, 5, 6 and their
+ * bodies write the clock row in SQL (see "the capture triggers" below).
+ * Databases whose tables sync_init has not migrated yet still have the
+ * triggers of before, whose body is one call with ops 1, 2, 3, and the
+ * function writes the clock row itself:
  * (after the op comes the table's synced column count as the triggers know it;
  * another connection's sync_init after ALTER TABLE ADD COLUMN changes it and
  * makes this connection reload its metadata)
@@ -11,8 +15,8 @@
  *                 mask k has bit i set when column 62*k+i changed
  *                 (OLD.c IS NOT NEW.c, computed by the trigger itself)
  *   op 3 DELETE: pk...                       (OLD values)
- * The function updates the row's clock row and nothing else: exactly one
- * B-tree written per captured row (see sl_database.c for why). A connection
+ * Either way one clock row is written per captured row, and in bulk
+ * transactions nothing else (sl_log.c says why that matters). A connection
  * that did not load the extension cannot run these triggers ("no such
  * function: sqlitesync_capture"), so its write fails instead of being lost.
  * Writes made by sync_apply_payload are skipped here (c->applying).
@@ -20,6 +24,10 @@
 #include "sl_internal.h"
 
 #include <string.h>
+
+static void sl_fire_ins(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+static void sl_fire_upd(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+static void sl_fire_del(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 
 static void
 to_value(sqlite3_value *in, pgs_value *v)
@@ -247,6 +255,19 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	int		  op;
 	pgs_rc	  r = PGS_OK;
 
+	if (argc >= 4)
+	{
+		/* the triggers sync_init writes since the change log (ops 4 to 7) */
+		op = sqlite3_value_int(argv[1]);
+		if (op == 4)
+			sl_fire_ins(ctx, argc, argv);
+		else if (op == 5 || op == 7)
+			sl_fire_upd(ctx, argc, argv);
+		else if (op == 6)
+			sl_fire_del(ctx, argc, argv);
+		if (op >= 4 && op <= 7)
+			return;
+	}
 	if (c->applying)
 		return;
 	if (argc < 4)
@@ -316,4 +337,511 @@ sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		else if (r == PGS_ERR_VALUE)
 			sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
 	}
+}
+
+/*
+ * ---- the capture triggers (layout 2) ----
+ *
+ * sync_init writes triggers that change the clock row themselves, in SQL, so
+ * that a captured row costs no statement of its own (sl_schema.c has their
+ * text). Each trigger's WHEN clause calls sqlitesync_capture with
+ *   op 4 INSERT: (table_id, 4, ncols, seq, NEW.pk...)
+ *   op 5 UPDATE: (table_id, 5, ncols, seq, OLD.pk..., NEW.pk..., OLD.c, NEW.c...)
+ *       every column's old and new value, compared here
+ *   op 7 UPDATE of a table too wide for op 5's arguments: the same with
+ *       masks instead of pairs, as for op 2
+ *   op 6 DELETE: (table_id, 6, ncols, seq, OLD.pk...)
+ * (seq is sync_state.seq, see sl_log_version), which returns 0 when there
+ * is nothing to write (applying a payload, no column changed, a key change,
+ * handled here) and otherwise takes the version, decides between index and
+ * bulk marker (sl_log_row) and stages what the body's statement asks for:
+ *   sqlitesync_ver()        the version
+ *   sqlitesync_bulk(old)    the bulkver column (sl_log.c)
+ *   sqlitesync_fresh()      the clock blob of a new row
+ *   sqlitesync_relife(cl, clk)  an INSERT meeting an existing clock row:
+ *                               resurrection or INSERT OR REPLACE
+ *   sqlitesync_touch(cl, clk)   an UPDATE: the changed columns restamped
+ *   sqlitesync_tomb(cl)         a DELETE
+ *   sqlitesync_done(pk...)  after the UPDATE of the clock row: when it found
+ *                           no row, the C paths above write it
+ * The body runs right after its WHEN clause, with no other capture between.
+ */
+
+static bool
+differs(sqlite3_value *a, sqlite3_value *b)
+{
+	int ta = sqlite3_value_type(a), n;
+
+	/* the identity the triggers' DIFFERS tests: type, then exact value */
+	if (ta != sqlite3_value_type(b))
+		return true;
+	switch (ta)
+	{
+		case SQLITE_INTEGER:
+			return sqlite3_value_int64(a) != sqlite3_value_int64(b);
+		case SQLITE_FLOAT:
+			return sqlite3_value_double(a) != sqlite3_value_double(b);
+		case SQLITE_TEXT:
+			n = sqlite3_value_bytes(a);
+			return n != sqlite3_value_bytes(b) ||
+				   (n && memcmp(sqlite3_value_text(a), sqlite3_value_text(b), (size_t) n) != 0);
+		case SQLITE_BLOB:
+			n = sqlite3_value_bytes(a);
+			return n != sqlite3_value_bytes(b) ||
+				   (n && memcmp(sqlite3_value_blob(a), sqlite3_value_blob(b), (size_t) n) != 0);
+		default:
+			return false;
+	}
+}
+
+static void
+fire_fail(sqlite3_context *ctx, pgs_rc r, const pgs_err *err)
+{
+	sqlite3_result_error(ctx, err->msg, -1);
+	if (r == PGS_ERR_NOMEM)
+		sqlite3_result_error_nomem(ctx);
+	else if (r == PGS_ERR_VALUE)
+		sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
+}
+
+static void
+fire_stale(sqlite3_context *ctx, db_table *t)
+{
+	char *m = sqlite3_mprintf("sync triggers of table \"%s\" are out of date; call sync_init again",
+							  t->name);
+
+	sqlite3_result_error(ctx, m ? m : "sync triggers are out of date", -1);
+	sqlite3_free(m);
+}
+
+/* fire_table: the table a trigger fires for, metadata reloaded when another
+ * connection's sync_init changed its columns. NULL with the error set. */
+static db_table *
+fire_table(sqlite3_context *ctx, db_conn *c, sqlite3_value **argv)
+{
+	int64_t	  id = sqlite3_value_int64(argv[0]);
+	pgs_err	  err;
+	db_table *t = sl_table_by_id(c, id, &err);
+
+	if (t && t->ncols != sqlite3_value_int(argv[2]) &&
+		(sl_load(c, &err) != PGS_OK || !(t = sl_table_by_id(c, id, &err))))
+		t = NULL;
+	if (t && !t->layout && sl_log_layout(c, t, &err) != PGS_OK)
+		t = NULL;
+	if (!t)
+		sqlite3_result_error(ctx, err.msg, -1);
+	return t;
+}
+
+static bool
+fire_gset(sqlite3_context *ctx, db_table *t, int op)
+{
+	char *m;
+
+	if (t->algo != DB_ALGO_GSET)
+		return false;
+	m = sqlite3_mprintf(
+		"cannot %s grow-only table \"%s\": tables synced with algo 'gset' only accept inserts",
+		op == 2 ? "UPDATE" : "DELETE FROM", t->name);
+	sqlite3_result_error(ctx, m, -1);
+	sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
+	sqlite3_free(m);
+	return true;
+}
+
+/* fire_blob encodes rc into c->fire_blob and returns it as the result. */
+static void
+fire_blob(sqlite3_context *ctx, db_conn *c, const pgs_rowclock *rc)
+{
+	c->fire_blob.len = 0;
+	pgs_rowclock_encode(rc, &c->fire_blob);
+	if (c->fire_blob.oom)
+		sqlite3_result_error_nomem(ctx);
+	else
+		sqlite3_result_blob(ctx, c->fire_blob.p, (int) c->fire_blob.len, SQLITE_TRANSIENT);
+}
+
+/* life_clock: every column stamped now, at the staged version. */
+static bool
+life_clock(db_conn *c, db_table *t, pgs_rowclock *rc)
+{
+	pgs_stamp *s = sl_stamps(c, t->ncols);
+	uint64_t   hlc = sl_tick(c);
+
+	if (!s)
+		return false;
+	for (int i = 0; i < t->ncols; i++)
+		s[i].hlc = hlc, s[i].ver = c->fire_ver, s[i].site = 0;
+	*rc = (pgs_rowclock){.cl_ver = c->fire_ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
+	return true;
+}
+
+/* fire_version: the transaction's version (sl_log_version). Taking one may
+ * reload the metadata (sl_repair_clock), so *t is looked up again. */
+static bool
+fire_version(sqlite3_context *ctx, db_conn *c, db_table **t, sqlite3_value *seq)
+{
+	int64_t id = (*t)->id;
+	pgs_err err;
+	pgs_rc	r;
+
+	if ((r = sl_log_version(c, sqlite3_value_int64(seq), &err)) != PGS_OK ||
+		!(*t = sl_table_by_id(c, id, &err)))
+	{
+		fire_fail(ctx, r != PGS_OK ? r : err.rc, &err);
+		return false;
+	}
+	return true;
+}
+
+/* fire_begin: version, index or marker, for a row about to be written. */
+static bool
+fire_begin(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *seq, const pgs_value *pk)
+{
+	pgs_err err;
+	pgs_rc	r;
+
+	if (!fire_version(ctx, c, &t, seq))
+		return false;
+	if (!t->layout && (r = sl_log_layout(c, t, &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return false;
+	}
+	if ((r = sl_log_row(c, t, pk, &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return false;
+	}
+	c->fire_t = t;
+	c->fire_pending = false;
+	return true;
+}
+
+static void
+sl_fire_ins(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn		*c = sqlite3_user_data(ctx);
+	pgs_value	 pk[64];
+	pgs_rowclock rc;
+	pgs_err		 err;
+	pgs_rc		 r;
+	db_table	*t;
+
+	if (c->applying)
+	{
+		sqlite3_result_int(ctx, 0);
+		return;
+	}
+	if (!(t = fire_table(ctx, c, argv)))
+		return;
+	if (argc != 4 + t->npk || t->npk > 64)
+	{
+		fire_stale(ctx, t);
+		return;
+	}
+	if ((r = pk_values(t, argv + 4, pk, &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return;
+	}
+	if (!fire_begin(ctx, c, t, argv[3], pk))
+		return;
+	t = c->fire_t;
+	if (!life_clock(c, t, &rc))
+	{
+		sqlite3_result_error_nomem(ctx);
+		return;
+	}
+	c->fire_blob.len = 0;
+	pgs_rowclock_encode(&rc, &c->fire_blob);
+	if (c->fire_blob.oom)
+	{
+		sqlite3_result_error_nomem(ctx);
+		return;
+	}
+	c->fire_op = 1;
+	sqlite3_result_int(ctx, 1);
+}
+
+static void
+sl_fire_upd(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn		   *c = sqlite3_user_data(ctx);
+	pgs_value		pk[64];
+	pgs_err			err;
+	pgs_rc			r = PGS_OK;
+	db_table	   *t;
+	sqlite3_value **oldpk, **newpk, **cols;
+	bool			pairs, key = false, any = false;
+	int				nmask;
+
+	if (c->applying)
+	{
+		sqlite3_result_int(ctx, 0);
+		return;
+	}
+	if (!(t = fire_table(ctx, c, argv)))
+		return;
+	if (fire_gset(ctx, t, 2))
+		return;
+	pairs = sqlite3_value_int(argv[1]) == 5;
+	nmask = (t->ncols + 61) / 62;
+	if (t->npk > 64 || argc != 4 + 2 * t->npk + (pairs ? 2 * t->ncols : nmask))
+	{
+		fire_stale(ctx, t);
+		return;
+	}
+	oldpk = argv + 4;
+	newpk = oldpk + t->npk;
+	cols = newpk + t->npk;
+	for (int i = 0; i < t->npk; i++)
+		key = key || differs(oldpk[i], newpk[i]);
+	if (key)
+	{
+		/* primary key change: delete of the old key + insert of the new one,
+		 * written from C (rare; indexed rows) */
+		if (!fire_version(ctx, c, &t, argv[3]))
+			return;
+		if ((r = pk_values(t, oldpk, pk, &err)) == PGS_OK &&
+			(r = capture_delete(c, t, pk, &err)) == PGS_OK)
+			r = sl_capture_insert(c, t, newpk, &err);
+		if (r != PGS_OK)
+			fire_fail(ctx, r, &err);
+		else
+			sqlite3_result_int(ctx, 0);
+		return;
+	}
+	if (nmask > c->fire_mask_cap)
+	{
+		uint64_t *m = sqlite3_realloc64(c->fire_mask, sizeof(uint64_t) * (size_t) nmask);
+
+		if (!m)
+		{
+			sqlite3_result_error_nomem(ctx);
+			return;
+		}
+		c->fire_mask = m;
+		c->fire_mask_cap = nmask;
+	}
+	for (int k = 0; k < nmask; k++)
+		c->fire_mask[k] = pairs ? 0 : (uint64_t) sqlite3_value_int64(cols[k]);
+	for (int i = 0; pairs && i < t->ncols; i++)
+		if (differs(cols[2 * i], cols[2 * i + 1]))
+			c->fire_mask[i / 62] |= UINT64_C(1) << (i % 62);
+	for (int k = 0; k < nmask; k++)
+		any = any || c->fire_mask[k] != 0;
+	if (!any)
+	{
+		sqlite3_result_int(ctx, 0); /* no column changed: nothing to capture */
+		return;
+	}
+	if ((r = pk_values(t, newpk, pk, &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return;
+	}
+	if (!fire_begin(ctx, c, t, argv[3], pk))
+		return;
+	c->fire_op = 2;
+	c->fire_pending = true;
+	sqlite3_result_int(ctx, 1);
+}
+
+static void
+sl_fire_del(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn	 *c = sqlite3_user_data(ctx);
+	pgs_value pk[64];
+	pgs_err	  err;
+	pgs_rc	  r;
+	db_table *t;
+
+	if (c->applying)
+	{
+		sqlite3_result_int(ctx, 0);
+		return;
+	}
+	if (!(t = fire_table(ctx, c, argv)))
+		return;
+	if (fire_gset(ctx, t, 3))
+		return;
+	if (argc != 4 + t->npk || t->npk > 64)
+	{
+		fire_stale(ctx, t);
+		return;
+	}
+	if ((r = pk_values(t, argv + 4, pk, &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return;
+	}
+	if (!fire_begin(ctx, c, t, argv[3], pk))
+		return;
+	c->fire_op = 3;
+	c->fire_pending = true;
+	sqlite3_result_int(ctx, 1);
+}
+
+void
+sl_fire_ver(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn *c = sqlite3_user_data(ctx);
+
+	(void) argc, (void) argv;
+	sqlite3_result_int64(ctx, c->fire_ver);
+}
+
+void
+sl_fire_bulk(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn *c = sqlite3_user_data(ctx);
+	int64_t	 old = argc > 0 ? sqlite3_value_int64(argv[0]) : 0;
+
+	/* bulk: unindexed under the marker; otherwise anything but ver */
+	sqlite3_result_int64(ctx, c->fire_bulk ? c->fire_ver : old == c->fire_ver ? 0 : old);
+}
+
+void
+sl_fire_fresh(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn *c = sqlite3_user_data(ctx);
+
+	(void) argc, (void) argv;
+	sqlite3_result_blob(ctx, c->fire_blob.p, (int) c->fire_blob.len, SQLITE_TRANSIENT);
+}
+
+/* fire_restamp: blob with the columns in mask (NULL: all) restamped. */
+static void
+fire_restamp(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *clk,
+			 const uint64_t *mask)
+{
+	pgs_stamp	*s = sl_stamps(c, t->ncols);
+	pgs_rowclock rc = {.ncols = t->ncols, .cols = s};
+	uint64_t	 tick = sl_tick(c);
+	pgs_err		 err;
+	pgs_rc		 r;
+
+	if (!s)
+	{
+		sqlite3_result_error_nomem(ctx);
+		return;
+	}
+	if ((r = pgs_rowclock_decode(sqlite3_value_blob(clk), (size_t) sqlite3_value_bytes(clk), &rc,
+								 &err)) != PGS_OK)
+	{
+		fire_fail(ctx, r, &err);
+		return;
+	}
+	for (int i = 0; i < t->ncols; i++)
+	{
+		if (mask && !((mask[i / 62] >> (i % 62)) & 1))
+			continue;
+		/* an edit made after seeing the cell's stamp always beats it */
+		s[i].hlc = s[i].hlc >= tick ? s[i].hlc + 1 : tick;
+		s[i].ver = c->fire_ver;
+		s[i].site = 0;
+	}
+	fire_blob(ctx, c, &rc);
+}
+
+void
+sl_fire_relife(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn		*c = sqlite3_user_data(ctx);
+	db_table	*t = c->fire_t;
+	pgs_rowclock rc;
+
+	if (argc != 2 || !t)
+	{
+		sqlite3_result_error(ctx, "sqlitesync_relife: called outside a capture trigger", -1);
+		return;
+	}
+	if ((sqlite3_value_int64(argv[0]) & 1) == 0)
+	{
+		/* resurrection: a new life, every column stamped */
+		if (!life_clock(c, t, &rc))
+			sqlite3_result_error_nomem(ctx);
+		else
+			fire_blob(ctx, c, &rc);
+		return;
+	}
+	if (t->algo == DB_ALGO_GSET)
+	{
+		char *m = sqlite3_mprintf("cannot replace a row of grow-only table \"%s\"", t->name);
+
+		sqlite3_result_error(ctx, m, -1);
+		sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
+		sqlite3_free(m);
+		return;
+	}
+	fire_restamp(ctx, c, t, argv[1], NULL); /* INSERT OR REPLACE of a live row */
+}
+
+void
+sl_fire_touch(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn		*c = sqlite3_user_data(ctx);
+	db_table	*t = c->fire_t;
+	pgs_rowclock rc;
+
+	if (argc != 2 || !t || c->fire_op != 2)
+	{
+		sqlite3_result_error(ctx, "sqlitesync_touch: called outside a capture trigger", -1);
+		return;
+	}
+	c->fire_pending = false;
+	if ((sqlite3_value_int64(argv[0]) & 1) == 0)
+	{
+		/* the clock says deleted but the row is there: a new life */
+		if (!life_clock(c, t, &rc))
+			sqlite3_result_error_nomem(ctx);
+		else
+			fire_blob(ctx, c, &rc);
+		return;
+	}
+	fire_restamp(ctx, c, t, argv[1], c->fire_mask);
+}
+
+void
+sl_fire_tomb(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn		*c = sqlite3_user_data(ctx);
+	pgs_rowclock rc = {.cl_ver = c->fire_ver, .cl_site = 0, .ncols = 0, .cols = NULL};
+
+	if (argc != 1 || !c->fire_t || c->fire_op != 3)
+	{
+		sqlite3_result_error(ctx, "sqlitesync_tomb: called outside a capture trigger", -1);
+		return;
+	}
+	c->fire_pending = false;
+	rc.cl = sqlite3_value_int64(argv[0]) + 1;
+	fire_blob(ctx, c, &rc);
+}
+
+void
+sl_fire_done(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn	 *c = sqlite3_user_data(ctx);
+	db_table *t = c->fire_t;
+	pgs_value pk[64];
+	pgs_err	  err;
+	pgs_rc	  r;
+
+	if (!c->fire_pending)
+		return;
+	c->fire_pending = false;
+	if (!t || argc != t->npk || t->npk > 64)
+	{
+		sqlite3_result_error(ctx, "sqlitesync_done: called outside a capture trigger", -1);
+		return;
+	}
+	/* the trigger's UPDATE found no clock row to change: an UPDATE of a row
+	 * without one (a new life), or a DELETE of a row without one or whose
+	 * clock already says deleted */
+	if ((r = pk_values(t, argv, pk, &err)) == PGS_OK)
+		r = c->fire_op == 2 ? new_life(c, t, pk, false, 1, c->fire_ver, &err)
+							: capture_delete(c, t, pk, &err);
+	if (r != PGS_OK)
+		fire_fail(ctx, r, &err);
 }

@@ -123,6 +123,81 @@ clock_ver(sl_net *n, db_table *t, const pgs_value *pk)
 	return v;
 }
 
+static int64_t
+db_version_now(sl_net *n)
+{
+	sqlite3_stmt *st;
+	int64_t		  v = 0;
+
+	if (sqlite3_prepare_v2(n->db, "SELECT db_version FROM sync_state", -1, &st, NULL) == SQLITE_OK)
+	{
+		if (sqlite3_step(st) == SQLITE_ROW)
+			v = sqlite3_column_int64(st, 0);
+		sqlite3_finalize(st);
+	}
+	return v;
+}
+
+/*
+ * cursor_follow: what the server's rows wrote here since version v0 needs no
+ * sending back: when nothing was pending at v0, the send cursor moves along
+ * (as after a pull).
+ */
+static void
+cursor_follow(sl_net *n, int64_t v0)
+{
+	int64_t v1 = db_version_now(n);
+	char   *sql;
+
+	if (v1 <= v0)
+		return;
+	sql = sqlite3_mprintf("UPDATE sync_network SET value = '%lld' WHERE key = 'send_cursor' AND "
+						  "CAST(value AS INTEGER) = %lld",
+						  (long long) v1, (long long) v0);
+	if (sql)
+		exec(n->db, sql);
+	sqlite3_free(sql);
+}
+
+/* row_alive: whether the row is live here, or deleted here by this device
+ * (false: forgotten, or deleted by another replica's change). */
+static bool
+row_alive(sl_net *n, db_table *t, const pgs_value *pk)
+{
+	char		 *w = sqlite3_mprintf(""), *sql;
+	sqlite3_stmt *st;
+	bool		  alive = false;
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char *x = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], i + 1);
+
+		sqlite3_free(w);
+		w = x;
+	}
+	sql = w ? sqlite3_mprintf("SELECT cl, clk FROM %s WHERE %s", t->qclock, w) : NULL;
+	if (sql && sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) == SQLITE_OK)
+	{
+		for (int i = 0; i < t->npk; i++)
+			sl_bind_value(st, i + 1, &pk[i]);
+		if (sqlite3_step(st) == SQLITE_ROW)
+		{
+			const uint8_t *b = sqlite3_column_blob(st, 1), *be = b + sqlite3_column_bytes(st, 1);
+			uint64_t	   cl_ver = 0, cl_site = 0;
+			int			   k = b ? pgs_varint_get(b, be, &cl_ver) : 0;
+
+			if (k)
+				pgs_varint_get(b + k, be, &cl_site);
+			/* a row this device deleted itself (site 0) is its own refused change */
+			alive = (sqlite3_column_int64(st, 0) & 1) != 0 || cl_site == 0;
+		}
+		sqlite3_finalize(st);
+	}
+	sqlite3_free(w);
+	sqlite3_free(sql);
+	return alive;
+}
+
 /* touch: send row (tbl, pkjson) whole with the next push. */
 static bool
 touch(sl_net *n, const char *tbl, const char *pkjson, bool *found)
@@ -333,14 +408,17 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 bool
 sl_rejected_after_receive(sl_net *n)
 {
-	int64_t		  applied;
+	int64_t		  applied, v0;
 	pgs_err		  err;
 	sqlite3_stmt *st;
 	bool		  ok;
 
 	if (!exec(n->db, "SAVEPOINT sync_held_retry"))
 		return false;
+	v0 = db_version_now(n);
 	ok = sl_apply_held(n->c, NULL, &applied, &err) == PGS_OK;
+	if (ok)
+		cursor_follow(n, v0);
 	if (ok && sqlite3_prepare_v2(n->db, "SELECT tbl, k FROM sync_held WHERE code = 'PS001'", -1, &st,
 								 NULL) == SQLITE_OK)
 	{
@@ -368,6 +446,107 @@ sl_rejected_after_receive(sl_net *n)
 			sqlite3_free(json);
 		}
 		sqlite3_finalize(st);
+	}
+	/* a row this device refused whose change is no longer held (it applied, or a
+	 * newer version of the row did) is settled */
+	if (ok && sqlite3_prepare_v2(n->db,
+								 "SELECT r.tbl, r.pk FROM sync_network_rejected r WHERE r.origin = "
+								 "'local'",
+								 -1, &st, NULL) == SQLITE_OK)
+	{
+		char **gone = NULL;
+		int	   ngone = 0;
+
+		while (sqlite3_step(st) == SQLITE_ROW)
+		{
+			const char	 *tb = (const char *) sqlite3_column_text(st, 0);
+			const char	 *pj = (const char *) sqlite3_column_text(st, 1);
+			db_table	 *t;
+			pgs_value	  pk[64];
+			char		 *store;
+			pgs_buf		  k;
+			sqlite3_stmt *h;
+			bool		  held = true;
+			char		**ng;
+
+			if (!row_of(n, tb, pj, &t, pk, &store))
+				continue;
+			pgs_buf_init(&k);
+			pgs_key_encode(&k, (uint32_t) t->npk, pk);
+			sqlite3_free(store);
+			if (!k.oom && sqlite3_prepare_v2(n->db,
+											 "SELECT count(*) FROM sync_held WHERE tbl = ?1 AND "
+											 "k = ?2",
+											 -1, &h, NULL) == SQLITE_OK)
+			{
+				sqlite3_bind_text(h, 1, t->name, -1, SQLITE_STATIC);
+				sqlite3_bind_blob(h, 2, k.p, (int) k.len, SQLITE_STATIC);
+				if (sqlite3_step(h) == SQLITE_ROW)
+					held = sqlite3_column_int(h, 0) > 0;
+				sqlite3_finalize(h);
+			}
+			pgs_buf_free(&k);
+			if (held || !(ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2))))
+				continue;
+			gone = ng;
+			gone[ngone++] = sqlite3_mprintf("%s", tb);
+			gone[ngone++] = sqlite3_mprintf("%s", pj);
+		}
+		sqlite3_finalize(st);
+		for (int i = 0; i + 1 < ngone; i += 2)
+		{
+			char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = "
+										"%Q AND origin = 'local'",
+										gone[i], gone[i + 1]);
+
+			ok = ok && sql && exec(n->db, sql);
+			sqlite3_free(sql);
+		}
+		for (int i = 0; i < ngone; i++)
+			sqlite3_free(gone[i]);
+		sqlite3_free(gone);
+	}
+	/* a refused row that the server's version removed here (deleted, moved out) is settled */
+	if (ok && sqlite3_prepare_v2(n->db,
+								 "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
+								 -1, &st, NULL) == SQLITE_OK)
+	{
+		char **gone = NULL;
+		int	   ngone = 0;
+
+		while (sqlite3_step(st) == SQLITE_ROW)
+		{
+			const char *tb = (const char *) sqlite3_column_text(st, 0);
+			const char *pj = (const char *) sqlite3_column_text(st, 1);
+			db_table   *t;
+			pgs_value	pk[64];
+			char	   *store;
+			bool		alive;
+			char	  **ng;
+
+			if (!row_of(n, tb, pj, &t, pk, &store))
+				continue;
+			alive = row_alive(n, t, pk);
+			sqlite3_free(store);
+			if (alive || !(ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2))))
+				continue;
+			gone = ng;
+			gone[ngone++] = sqlite3_mprintf("%s", tb);
+			gone[ngone++] = sqlite3_mprintf("%s", pj);
+		}
+		sqlite3_finalize(st);
+		for (int i = 0; i + 1 < ngone; i += 2)
+		{
+			char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = "
+										"%Q AND origin = 'server'",
+										gone[i], gone[i + 1]);
+
+			ok = ok && sql && exec(n->db, sql);
+			sqlite3_free(sql);
+		}
+		for (int i = 0; i < ngone; i++)
+			sqlite3_free(gone[i]);
+		sqlite3_free(gone);
 	}
 	if (!ok)
 	{
@@ -440,8 +619,12 @@ sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
 		else if (sqlite3_prepare_v2(n->db, "SELECT sync_apply_payload(?1)", -1, &ap, NULL) ==
 				 SQLITE_OK)
 		{
+			int64_t v0 = db_version_now(n);
+
 			sqlite3_bind_blob64(ap, 1, r.body, r.len, SQLITE_STATIC);
 			ok = sqlite3_step(ap) == SQLITE_ROW;
+			if (ok)
+				cursor_follow(n, v0);
 			if (!ok)
 				*msg = sqlite3_mprintf("applying the rows the server sent failed: %s",
 									   sqlite3_errmsg(n->db));

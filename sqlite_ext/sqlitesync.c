@@ -90,7 +90,6 @@ blob_arg(sqlite3_context *ctx, sqlite3_value *v, const char *fn, const uint8_t *
 	return true;
 }
 
-
 /* ---- SQL functions ---- */
 
 static void
@@ -144,8 +143,13 @@ sync_cleanup(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, "sync_cleanup: table name must not be NULL", -1);
 		return;
 	}
+	c->alter_lenient = true; /* a renamed or dropped table can still be cleaned up */
 	if (!ready(ctx, c, "sync_cleanup"))
+	{
+		c->alter_lenient = false;
 		return;
+	}
+	c->alter_lenient = false;
 	if (sl_cleanup_table(c, table, &err) != PGS_OK)
 	{
 		result_err(ctx, &err);
@@ -477,6 +481,9 @@ finalize_all(db_conn *c)
 	sqlite3_finalize(c->st_row_read);
 	sqlite3_finalize(c->st_event);
 	c->st_row_read = c->st_event = NULL;
+	sqlite3_finalize(c->st_seq_bump);
+	c->st_seq_bump = NULL;
+	c->has_seq = -1;
 	c->st_ver_get = c->st_ver_bump = c->st_site_add = NULL;
 	c->st_held_get = c->st_held_put = c->st_held_del = NULL;
 	c->ready = false;
@@ -496,6 +503,8 @@ conn_free(void *arg)
 	pgs_buf_free(&c->heldbuf);
 	pgs_buf_free(&c->clockbuf);
 	pgs_buf_free(&c->scratch);
+	pgs_buf_free(&c->fire_blob);
+	sqlite3_free(c->fire_mask);
 	sqlite3_free(c);
 }
 
@@ -655,6 +664,14 @@ static const struct
 	{"sync_uuid", 0, SQLITE_INNOCUOUS, sync_uuid},
 	{"sync_version", 0, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_version},
 	/* called by the capture triggers; see sl_capture.c */
+	{"sqlitesync_ver", 0, 0, sl_fire_ver},
+	{"sqlitesync_bulk", 1, 0, sl_fire_bulk},
+	{"sqlitesync_fresh", 0, 0, sl_fire_fresh},
+	{"sqlitesync_relife", 2, 0, sl_fire_relife},
+	{"sqlitesync_touch", 2, 0, sl_fire_touch},
+	{"sqlitesync_tomb", 1, 0, sl_fire_tomb},
+	{"sqlitesync_done", -1, 0, sl_fire_done},
+	/* the capture triggers' WHEN clauses, and the older triggers (last: owns c) */
 	{"sqlitesync_capture", -1, 0, sl_capture},
 };
 
@@ -676,6 +693,7 @@ sl_attach(sqlite3 *db, char **pzErrMsg, db_conn **out)
 	if (!c)
 		return SQLITE_NOMEM;
 	memset(c, 0, sizeof *c);
+	c->has_seq = -1;
 	c->db = db;
 	for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++)
 	{
@@ -699,6 +717,12 @@ sl_attach(sqlite3 *db, char **pzErrMsg, db_conn **out)
 		if (pzErrMsg)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register its close hook: %s",
 										sqlite3_errmsg(db));
+		return SQLITE_ERROR;
+	}
+	if (sl_alter_register(db, c) != SQLITE_OK)
+	{
+		if (pzErrMsg)
+			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_alter");
 		return SQLITE_ERROR;
 	}
 	if (sl_network_register(db, c) != SQLITE_OK || sl_pending_register(db, c) != SQLITE_OK)
