@@ -666,10 +666,11 @@ sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms)
 	char		  rows[40] = "";
 	const char	 *site = n->site;
 
-	if (!n->site[0] &&
-		sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
+	/* through sync_site_id() every time: it also checks that the synced
+	 * tables are still usable (a renamed table fails here, with what to do) */
+	n->site[0] = '\0';
+	if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
 	{
-		/* a database's site id never changes: read once */
 		if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 36)
 			memcpy(n->site, sqlite3_column_text(st, 0), 37);
 		sqlite3_finalize(st);
