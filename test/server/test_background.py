@@ -219,7 +219,11 @@ def bg_token_expired_then_recovers(env):
     check(st["token_expires_at"] and st["token_expires_at"].endswith("Z"), st)
     time.sleep(2.5)
     a.execute("INSERT INTO items VALUES ('t2', 'after', 2, 2)")
-    err = until(lambda: status(a)["last_error"], what="an error")
+    try:
+        err = until(lambda: status(a)["last_error"], what="an error")
+    except AssertionError:
+        print("  status:", status(a), "server rows:", pg_count(env))
+        raise
     check(err["code"] == "token_expired" and err["http_status"] == 401, err)
     check(pg_count(env) == 1)
     one(a, "SELECT sync_network_set_token(?)", token("alice"))
