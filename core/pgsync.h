@@ -608,6 +608,7 @@ typedef struct pgs_apply_stats
 	int64_t rows_deleted;
 	int64_t rows_forgotten; /* moved out of the view: removed locally */
 	int64_t held;			/* groups kept aside (unknown table or column) */
+	int64_t rows;			/* row groups in the payload (rows, whatever their fate) */
 } pgs_apply_stats;
 
 /*

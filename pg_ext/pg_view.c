@@ -49,6 +49,7 @@ char	pg_cur_principal[256];
 
 PG_FUNCTION_INFO_V1(sync_device);
 PG_FUNCTION_INFO_V1(sync_pull);
+PG_FUNCTION_INFO_V1(sync_pull_total);
 PG_FUNCTION_INFO_V1(sync_watch);
 PG_FUNCTION_INFO_V1(sync_visibility_changed);
 PG_FUNCTION_INFO_V1(sync_vis_trigger);
@@ -899,6 +900,41 @@ sync_pull(PG_FUNCTION_ARGS)
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(cxt);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * sync_pull_total() -> bigint: the rows a pull from 0 sends the caller,
+ * counted as the caller (privileges and RLS apply) in the statement's
+ * snapshot: every visible row of every synced table it may read (a pull
+ * from 0 is a snapshot of every table: live visible rows, no tombstones).
+ * O(visible rows); the server calls it once per first sync.
+ */
+Datum
+sync_pull_total(PG_FUNCTION_ARGS)
+{
+	Oid	 *relids;
+	int	  n;
+	int64 total = 0;
+
+	SPI_connect();
+	n = pg_table_list(&relids);
+	for (int i = 0; i < n; i++)
+	{
+		db_table *t = pg_table_get(relids[i], true);
+		char	 *sql;
+		bool	  isnull;
+
+		if (!t || t->npk < 1 || pg_table_access(t) == DB_ACCESS_NONE)
+			continue;
+		/* count a key column: column privileges may be all the caller has */
+		sql = psprintf("SELECT count(%s) FROM %s", quote_identifier(t->pk[0].name), t->q_base);
+		if (SPI_execute(sql, true, 0) == SPI_OK_SELECT && SPI_processed == 1)
+			total += DatumGetInt64(
+				SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		pfree(sql);
+	}
+	SPI_finish();
+	PG_RETURN_INT64(total);
 }
 
 /* ---- rows a device asks for ------------------------------------------------ */

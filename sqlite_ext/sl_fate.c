@@ -468,7 +468,7 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 	sqlite3_stmt *st = NULL;
 	int64_t		  ver = -1;
 	pgs_rc		  rc = PGS_OK;
-	bool		  was = c->applying;
+	bool		  was = c->applying, had_row = false;
 
 	*forgot = false;
 	if ((rc = sl_flush(c, err)) != PGS_OK)
@@ -518,13 +518,18 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 				rc = sl_dberr(c, err, "could not forget a row");
 			}
 			else if (pass == 0)
-				*forgot = sqlite3_changes(c->db) > 0 || ver >= 0;
+			{
+				had_row = sqlite3_changes(c->db) > 0;
+				*forgot = had_row || ver >= 0;
+			}
 		}
 		sqlite3_finalize(st);
 		sqlite3_free(sql);
 	}
 	c->applying = was;
 	sqlite3_free(w);
+	if (rc == PGS_OK && had_row && was)
+		sl_event(c, t, pk, "move-out"); /* an apply's forget, not an app's discard */
 	return rc;
 }
 

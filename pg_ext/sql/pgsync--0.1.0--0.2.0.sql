@@ -122,6 +122,11 @@ RETURNS bytea AS 'MODULE_PATHNAME', 'sync_rows' LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION sync_rows(jsonb) IS
 'a payload of the rows named by keys ([{"table": ..., "pk": {...}}]), whole, as the caller may see them; keys it may not see come back absent. For a receiver that lacks a row (POST /v1/rows)';
 
+CREATE FUNCTION sync_pull_total()
+RETURNS bigint AS 'MODULE_PATHNAME', 'sync_pull_total' LANGUAGE C STRICT STABLE;
+COMMENT ON FUNCTION sync_pull_total() IS
+'the number of rows a pull from 0 sends the caller: every row of the synced tables it may see (privileges and row-level security apply), in the statement''s snapshot. The server sends it with the first chunk of a first sync (X-Pgsync-Rows-Total) for the device''s progress';
+
 CREATE FUNCTION sync_watch(tbl regclass, depends_on regclass)
 RETURNS void AS 'MODULE_PATHNAME', 'sync_watch' LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION sync_watch(regclass, regclass) IS

@@ -527,7 +527,8 @@ def receive_runs_when_send_fails(env):
     r = json.loads(a.one("SELECT sync_network_sync()"))
     check("error" in r["send"], r)
     check("incoming" in [x[0] for x in t_rows(a)], t_rows(a))
-    check("413" in (a.status()["last_error"] or "") or "large" in (a.status()["last_error"] or ""), a.status())
+    check("413" in ((a.status()["last_error"] or {}).get("message") or "") or
+          "large" in ((a.status()["last_error"] or {}).get("message") or ""), a.status())
 
 
 # ---- randomized: failing rows inside convergence schedules ------------------------
