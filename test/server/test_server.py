@@ -582,26 +582,12 @@ def _dashboard_exprs(node, out):
     return out
 
 
-@test
-def grafana_dashboard_metrics(env):
-    """Every metric and label the dashboard in docs/ queries exists in /metrics."""
-    path = os.path.join(ROOT, "docs", "grafana-pgsync.json")
-    with open(path) as f:
-        dash = json.load(f)
-    exprs = _dashboard_exprs(dash, [])
-    check(len(exprs) >= 10, exprs)
-    s = env.server()
-    a = env.client("a", "alice", s)
-    a.q("INSERT INTO items VALUES('g1', 'x', 1, 1)")
-    a.sync()
-    text = http("GET", s.url + "/metrics")[2].decode()
+def _dashboard_check(exprs, text, added):
     samples = {}                                   # name -> label names seen
     for ln in text.splitlines():
         m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ", ln)
         if m and not ln.startswith("#"):
             samples.setdefault(m[1], set()).update(re.findall(r'(\w+)="', m[2] or ""))
-    # Prometheus adds the target's own labels; histogram_quantile's le is on the buckets
-    added = {"instance", "job"}
     used = set()
     for e in exprs:
         names = set(re.findall(r"\b(pgsync_[a-z0-9_]+)\b", e))
@@ -619,6 +605,51 @@ def grafana_dashboard_metrics(env):
     families = set(re.findall(r"^# TYPE (\S+)", text, re.M))
     missing = {f for f in families if not any(u == f or u.startswith(f + "_") for u in used)}
     check(not missing, f"metrics not on the dashboard: {sorted(missing)}")
+
+
+@test
+def grafana_dashboard_metrics(env):
+    """Every metric and label the dashboard in docs/ queries exists in /metrics:
+    of a server with one database (no database label: Prometheus reads a missing
+    label as empty, which the dashboard's database=~".*" matches) and of one
+    with [database] sections (every series labelled by database)."""
+    path = os.path.join(ROOT, "docs", "grafana-pgsync.json")
+    with open(path) as f:
+        dash = json.load(f)
+    exprs = _dashboard_exprs(dash, [])
+    check(len(exprs) >= 10, exprs)
+    s = env.server()
+    a = env.client("a", "alice", s)
+    a.q("INSERT INTO items VALUES('g1', 'x', 1, 1)")
+    a.sync()
+    text = http("GET", s.url + "/metrics")[2].decode()
+    # Prometheus adds the target's own labels; histogram_quantile's le is on the buckets
+    _dashboard_check(exprs, text, {"instance", "job", "database"})
+    check('database="' not in text, "one database: no database label, as before")
+    other = env.extra_db()
+    m = env.server("multi", conf=_two_db_conf(env, other))
+    check(http("POST", m.url + "/db/one/v1/push", body=a.one("SELECT sync_payload(0)"),
+               headers={"Authorization": "Bearer " + token("alice", db="one")})[0] == 200)
+    text = _metrics_when(m, 'pgsync_requests_total{endpoint="push",status="200",database="one"} 1')
+    _dashboard_check(exprs, text, {"instance", "job"})
+
+
+def _metrics_when(s, line, timeout=3):
+    """/metrics once it has line (a request is counted when its answer is sent)."""
+    deadline = time.time() + timeout
+    while True:
+        text = http("GET", s.url + "/metrics")[2].decode()
+        if line in text or time.time() > deadline:
+            check(line in text, f"{line} not in /metrics:\n{text[:3000]}")
+            return text
+        time.sleep(0.05)
+
+
+def _two_db_conf(env, other, claim="db", extra_one="", extra_two="", dsn_two=None):
+    """A config with [database one] (the test's database) and [database two]."""
+    return (f"database_claim = {claim}\n" if claim else "") + (
+        f"[database one]\ndatabase = {env.pg.dsn(user='authenticator', db=env.db)}\n{extra_one}"
+        f"[database two]\ndatabase = {dsn_two or env.pg.dsn(user='authenticator', db=other)}\n{extra_two}")
 
 
 @test
