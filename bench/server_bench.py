@@ -29,7 +29,7 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test", "server"))
 from harness import Env, http, token  # noqa: E402
-from tools import WebSocket  # noqa: E402
+from tools import RawHTTP, WebSocket  # noqa: E402
 
 SECONDS = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
 PHASES = set(sys.argv[2:]) or {"push", "pull", "latency", "idle", "fanout"}
@@ -228,45 +228,6 @@ def phase_idle(env, rows):
             w.close()
         for sk in socks:
             sk.close()
-
-
-class RawHTTP:
-    """A keep-alive HTTP/1.1 connection read without blocking: feed() takes
-    what arrived and says when one whole response is in."""
-
-    def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port))
-        self.s.setblocking(False)
-        self.buf = b""
-        self.status = 0
-        self.body = b""
-        self.headers = {}
-
-    def send(self, path, tok):
-        self.buf = b""
-        self.s.setblocking(True)
-        self.s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n".encode())
-        self.s.setblocking(False)
-
-    def feed(self):
-        try:
-            d = self.s.recv(1 << 16)
-        except BlockingIOError:
-            return False
-        if not d:
-            raise EOFError("server closed the connection")
-        self.buf += d
-        head, sep, rest = self.buf.partition(b"\r\n\r\n")
-        if not sep:
-            return False
-        lines = head.decode().split("\r\n")
-        self.status = int(lines[0].split()[1])
-        self.headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        n = int(self.headers.get("content-length", "0"))
-        if len(rest) < n:
-            return False
-        self.body = rest[:n]
-        return True
 
 
 def register_devices(url, tok, n):
