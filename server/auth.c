@@ -190,9 +190,9 @@ payload_json(const char *token)
 bool
 auth_peek_claim(const char *token, const char *name, char *out, size_t outlen)
 {
-	cJSON	   *j = token && strlen(token) <= TOKEN_MAX ? payload_json(token) : NULL;
+	cJSON		*j = token && strlen(token) <= TOKEN_MAX ? payload_json(token) : NULL;
 	const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, name);
-	bool		ok = cJSON_IsString(c) && strlen(c->valuestring) < outlen;
+	bool		 ok = cJSON_IsString(c) && strlen(c->valuestring) < outlen;
 
 	if (ok)
 		strcpy(out, c->valuestring);

@@ -614,8 +614,8 @@ db_source(const srv_config *c, int db, size_t i)
 static bool
 check_db(srv_config *c, srv_db *db)
 {
-	srv_dbconf *d = &db->c;
-	char		why[256], where[SRV_DBNAME_MAX + 32] = "";
+	srv_dbconf		 *d = &db->c;
+	char			  why[256], where[SRV_DBNAME_MAX + 32] = "";
 	char			 *err = NULL;
 	size_t			  i = 0;
 	PQconninfoOption *opts;
@@ -687,12 +687,11 @@ check_db(srv_config *c, srv_db *db)
 	}
 	if (d->nroles == 0)
 	{
-		fprintf(
-			stderr,
-			SRV_NAME
-			": %sallowed_roles is empty\n"
-			"HINT: list the Postgres roles tokens may act as, e.g. allowed_roles = app_user.\n",
-			where);
+		fprintf(stderr,
+				SRV_NAME
+				": %sallowed_roles is empty\n"
+				"HINT: list the Postgres roles tokens may act as, e.g. allowed_roles = app_user.\n",
+				where);
 		return false;
 	}
 	if (d->default_role)

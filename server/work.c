@@ -202,8 +202,8 @@ work_reap(srv_db *db)
 	}
 	pthread_mutex_unlock(&w->mu);
 	snprintf(detail, sizeof detail,
-			 "All %d Postgres connections of database %s stayed busy for %d ms.",
-			 db->c.pool_size, db->name, db->c.pool_wait_ms);
+			 "All %d Postgres connections of database %s stayed busy for %d ms.", db->c.pool_size,
+			 db->name, db->c.pool_wait_ms);
 	while (expired)
 	{
 		srv_job *j = expired;
@@ -331,10 +331,10 @@ run_group(srv_db *db, srv_job **jobs, int n, bool *done)
 static void *
 worker_main(void *arg)
 {
-	srv_db	  *db = arg;
-	srv_work  *w = db->work;
-	srv_job  **batch = malloc(sizeof(srv_job *) * MAX_GROUP);
-	bool	  *done = malloc(sizeof(bool) * MAX_GROUP);
+	srv_db	 *db = arg;
+	srv_work *w = db->work;
+	srv_job **batch = malloc(sizeof(srv_job *) * MAX_GROUP);
+	bool	 *done = malloc(sizeof(bool) * MAX_GROUP);
 
 	if (!batch || !done)
 	{
@@ -410,10 +410,10 @@ work_start(srv_db *db)
 bool
 work_quiesce(srv_db *db, int wait_ms)
 {
-	srv_work		*w = db->work;
-	srv_job			*queued;
-	struct timespec	 until;
-	bool			 idle;
+	srv_work	   *w = db->work;
+	srv_job		   *queued;
+	struct timespec until;
+	bool			idle;
 
 	if (!w)
 		return true;

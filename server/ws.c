@@ -564,8 +564,8 @@ has_token(const char *list, const char *tok)
 }
 
 bool
-ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a,
-		   struct MHD_Response **resp, srv_error *e)
+ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a, struct MHD_Response **resp,
+		   srv_error *e)
 {
 	const char *upgrade = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Upgrade");
 	const char *connection = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Connection");
@@ -595,8 +595,8 @@ ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a,
 	 * database's index (below 256) travel in the closure pointer itself */
 	_Static_assert(sizeof(intptr_t) >= sizeof(int64_t), "needs 64-bit pointers");
 	_Static_assert(SRV_MAX_DBS <= 256, "the database index takes 8 bits");
-	*resp = MHD_create_response_for_upgrade(on_upgrade,
-											(void *) (intptr_t) (a->exp << 8 | db->index));
+	*resp =
+		MHD_create_response_for_upgrade(on_upgrade, (void *) (intptr_t) (a->exp << 8 | db->index));
 	if (!*resp)
 		return srv_fail(e, 500, "internal error", NULL, "Cannot create the upgrade response.");
 	MHD_add_response_header(*resp, MHD_HTTP_HEADER_UPGRADE, "websocket");

@@ -735,7 +735,8 @@ def _round_ms(c, i):
 def _pg_pids(pg):
     with open(os.path.join(pg.data, "postmaster.pid")) as f:
         pm = int(f.readline())
-    kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout.split()
+    kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True,
+                          env=child_env()).stdout.split()
     return [pm] + [int(k) for k in kids]
 
 
