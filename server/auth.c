@@ -127,12 +127,16 @@ canonical(const cJSON *claims)
 	const cJSON *it;
 	const char **names;
 	int			 n = 0;
-	size_t		 len = 3, cap;
-	char		*out;
+	cJSON		*sorted = cJSON_CreateObject();
+	char		*text, *out;
 
 	names = malloc(sizeof(char *) * (size_t) (cJSON_GetArraySize(claims) + 1));
-	if (!names)
+	if (!names || !sorted)
+	{
+		free(names);
+		cJSON_Delete(sorted);
 		return NULL;
+	}
 	cJSON_ArrayForEach(it, claims)
 	{
 		if (strcmp(it->string, "exp") == 0 || strcmp(it->string, "iat") == 0 ||
@@ -141,36 +145,15 @@ canonical(const cJSON *claims)
 		names[n++] = it->string;
 	}
 	qsort(names, (size_t) n, sizeof(char *), cmp_name);
-	cap = 256;
-	out = malloc(cap);
-	if (out)
-		strcpy(out, "{");
-	for (int i = 0; i < n && out; i++)
-	{
-		char  *v = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(claims, names[i]));
-		char  *k;
-		size_t need;
-
-		cJSON *key = cJSON_CreateString(names[i]);
-
-		k = key ? cJSON_PrintUnformatted(key) : NULL;
-		cJSON_Delete(key);
-		need = len + (k ? strlen(k) : 0) + (v ? strlen(v) : 0) + 3;
-		if (!k || !v || (need > cap && !(out = realloc(out, cap = need * 2))))
-		{
-			cJSON_free(k);
-			cJSON_free(v);
-			free(out);
-			free(names);
-			return NULL;
-		}
-		len += (size_t) sprintf(out + len - 2, "%s%s:%s", i ? "," : "", k, v);
-		cJSON_free(k);
-		cJSON_free(v);
-	}
-	if (out)
-		strcpy(out + len - 2, "}");
+	/* references: printed in insertion order, owned by claims */
+	for (int i = 0; i < n; i++)
+		cJSON_AddItemReferenceToObject(sorted, names[i],
+									   cJSON_GetObjectItemCaseSensitive(claims, names[i]));
+	text = cJSON_PrintUnformatted(sorted);
+	cJSON_Delete(sorted);
 	free(names);
+	out = text ? strdup(text) : NULL;
+	cJSON_free(text);
 	return out;
 }
 

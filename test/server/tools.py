@@ -158,6 +158,7 @@ class RawHTTP:
     what arrived and says when one whole response is in."""
 
     def __init__(self, port):
+        self.port = port
         self.s = socket.create_connection(("127.0.0.1", port))
         self.s.setblocking(False)
         self.buf = b""
@@ -166,7 +167,11 @@ class RawHTTP:
         self.headers = {}
 
     def send(self, path, tok):
+        if self.headers.get("connection", "").lower() == "close":
+            self.s.close()             # the server said so: a new connection, as curl does
+            self.s = socket.create_connection(("127.0.0.1", self.port))
         self.buf = b""
+        self.headers = {}
         self.s.setblocking(True)
         self.s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n".encode())
         self.s.setblocking(False)
