@@ -290,9 +290,9 @@ read_attrs(pgs_reader *r, pgs_dict_table *d)
 				break;
 			case 2: /* snapshot flags */
 			{
-				uint64_t f;
+				uint64_t f = 0;
 
-				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 7)
+				if (len == 0 || pgs_varint_get(v, v + len, &f) != (int) len || f > 7)
 					return false;
 				d->snap = (uint32_t) f;
 				break;
