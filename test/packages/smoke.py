@@ -162,8 +162,8 @@ def postgres_extension():
     PGC.sql("CREATE DATABASE app")
     PGC.sql("""
         CREATE EXTENSION pgsync;
-        GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) TO authenticator;
-        GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid, integer, bytea) TO authenticator;
+        -- what docs/SERVER.md tells an operator to grant the server's login role
+        GRANT EXECUTE ON FUNCTION sync_device(uuid, text) TO authenticator;
         CREATE TABLE notes(id text PRIMARY KEY, body text);
         SELECT sync_init('notes');
         GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO app_user;""", db="app")
