@@ -422,8 +422,8 @@ word(const char **p, const char *w)
 
 	while (*s == ' ' || *s == '\t' || *s == '\n')
 		s++;
-	if (sqlite3_strnicmp(s, w, (int) n) != 0 || (s[n] && s[n] != ' ' && s[n] != '\t' &&
-												 s[n] != '\n' && s[n] != '"'))
+	if (sqlite3_strnicmp(s, w, (int) n) != 0 ||
+		(s[n] && s[n] != ' ' && s[n] != '\t' && s[n] != '\n' && s[n] != '"'))
 		return false;
 	*p = s + n;
 	return true;
@@ -522,10 +522,11 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (verb < 0 || strchr(cmd, ';'))
 	{
-		sqlite3_result_error(ctx,
-							 "sync_alter: pass one column change: 'ADD COLUMN name type ...', "
-							 "'DROP COLUMN name' or 'RENAME COLUMN old TO new' (docs/MIGRATIONS.md)",
-							 -1);
+		sqlite3_result_error(
+			ctx,
+			"sync_alter: pass one column change: 'ADD COLUMN name type ...', "
+			"'DROP COLUMN name' or 'RENAME COLUMN old TO new' (docs/MIGRATIONS.md)",
+			-1);
 		return;
 	}
 	if (sl_load(c, &err) != PGS_OK)
@@ -581,11 +582,11 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		if (rc == PGS_OK && verb == 2)
 		{
 			/* found again by position, recorded now */
-			if ((rc = sl_load(c, &err)) == PGS_OK)
+			if ((rc = sl_reload(c, &err)) == PGS_OK)
 				rc = sl_alter_persist(c, &err);
 		}
 	}
-	if (rc == PGS_OK && (rc = sl_load(c, &err)) == PGS_OK)
+	if (rc == PGS_OK && (rc = sl_reload(c, &err)) == PGS_OK)
 		rc = sl_alter_persist(c, &err);
 	if (rc == PGS_OK && verb == 0)
 	{
@@ -606,6 +607,7 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		return;
 	}
 	sl_exec(c, "RELEASE sync_alter", &err);
+	c->ready = false; /* what it wrote is read at the next call */
 	sqlite3_result_int(ctx, 1);
 }
 

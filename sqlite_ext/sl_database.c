@@ -351,12 +351,51 @@ load_sites(db_conn *c, pgs_err *err)
 	return PGS_OK;
 }
 
+/*
+ * The metadata's fingerprint: the schema cookie (any DDL: sync_init,
+ * sync_alter, a rename, and a savepoint rollback of one, restores another
+ * value), the data version (another connection committed: it may have added
+ * sites or changed settings) and the number of sites (this connection's own
+ * site added in a savepoint the app rolled back). Equal fingerprints: what
+ * is in memory is what the tables hold. false when it cannot be read.
+ */
+static bool
+fingerprint(db_conn *c, int64_t fp[3])
+{
+	bool ok;
+
+	if (!c->st_loaded &&
+		sqlite3_prepare_v3(c->db,
+						   "SELECT (SELECT schema_version FROM pragma_schema_version), "
+						   "(SELECT data_version FROM pragma_data_version), "
+						   "(SELECT count(*) FROM sync_sites)",
+						   -1, SQLITE_PREPARE_PERSISTENT, &c->st_loaded, NULL) != SQLITE_OK)
+	{
+		sqlite3_finalize(c->st_loaded);
+		c->st_loaded = NULL;
+		return false;
+	}
+	ok = sqlite3_step(c->st_loaded) == SQLITE_ROW;
+	if (ok)
+		for (int i = 0; i < 3; i++)
+			fp[i] = sqlite3_column_int64(c->st_loaded, i);
+	sqlite3_reset(c->st_loaded);
+	return ok;
+}
+
 int
 sl_load(db_conn *c, pgs_err *err)
 {
 	sqlite3_stmt *st = NULL;
 	int			  exists = 0;
 	pgs_rc		  rc;
+	int64_t		  fp[3];
+
+	/* every sync_* call loads: nothing to do when nothing changed (a full
+	 * load re-reads every table's layout and re-prepares its statements) */
+	if (c->ready && fingerprint(c, fp) && memcmp(fp, c->loaded_fp, sizeof fp) == 0 &&
+		(int64_t) c->nsites == fp[2])
+		return PGS_OK;
 
 	if (sqlite3_prepare_v2(
 			c->db, "SELECT count(*) FROM sqlite_schema WHERE type='table' AND name='sync_state'",
@@ -386,8 +425,17 @@ sl_load(db_conn *c, pgs_err *err)
 		sqlite3_finalize(st);
 	}
 	sl_log_load(c);
+	if (!fingerprint(c, c->loaded_fp))
+		memset(c->loaded_fp, 0xff, sizeof c->loaded_fp); /* never equal: load every time */
 	c->ready = true;
 	return PGS_OK;
+}
+
+int
+sl_reload(db_conn *c, pgs_err *err)
+{
+	c->ready = false;
+	return sl_load(c, err);
 }
 
 db_table *
@@ -398,7 +446,7 @@ sl_table_by_id(db_conn *c, int64_t id, pgs_err *err)
 		for (int i = 0; i < c->ntables; i++)
 			if (c->tables[i]->id == id)
 				return c->tables[i];
-		if (pass == 0 && sl_load(c, err) != PGS_OK)
+		if (pass == 0 && sl_reload(c, err) != PGS_OK) /* one this connection just registered */
 			return NULL;
 	}
 	pgs_failf(err, PGS_ERR_MISUSE, "Call sync_init on the table again.",
@@ -1099,8 +1147,8 @@ run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *p
 static pgs_rc delete_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
 
 static pgs_rc
-row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
-		  const int *cols, const pgs_value *vals, bool *inserted, pgs_err *err)
+row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n, const int *cols,
+		  const pgs_value *vals, bool *inserted, pgs_err *err)
 {
 	sqlite3_stmt *st;
 	bool		  temp;

@@ -35,19 +35,19 @@ int sl_network_register(sqlite3 *db, db_conn *c);
  */
 typedef struct sl_net
 {
-	sqlite3 *db;
-	db_conn *c;
-	CURL	*curl;
-	char	 curl_err[CURL_ERROR_SIZE];
-	bool	 unavailable; /* the last call failed: offline, or the server busy or down */
-	const char *err_code; /* static string, NULL = no classified failure */
+	sqlite3	   *db;
+	db_conn	   *c;
+	CURL	   *curl;
+	char		curl_err[CURL_ERROR_SIZE];
+	bool		unavailable; /* the last call failed: offline, or the server busy or down */
+	const char *err_code;	 /* static string, NULL = no classified failure */
 	long		err_status;
 	CURLcode (*perform)(void *arg, CURL *c);
-	void	   *perform_arg;
-	int64_t		chunk_rows;	 /* rows per pulled chunk (0: the server's pull_max_rows) */
-	bool		background;	 /* the syncer's own connection */
-	bool		meta_ready;	 /* sync_network and its companions exist */
-	char		site[40];	 /* sync_site_id(), once known */
+	void   *perform_arg;
+	int64_t chunk_rows; /* rows per pulled chunk (0: the server's pull_max_rows) */
+	bool	background; /* the syncer's own connection */
+	bool	meta_ready; /* sync_network and its companions exist */
+	char	site[40];	/* sync_site_id(), once known */
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
@@ -105,8 +105,8 @@ void sl_http_resp_free(sl_net_resp *r);
 bool sl_http_prepare(CURL *c, char *errbuf, const sl_net_settings *s, const char *path,
 					 const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r,
 					 sl_http_req *q, char **msg);
-bool sl_http_outcome(sl_net *n, CURL *c, const char *errbuf, const sl_net_settings *s,
-					 CURLcode rc, sl_net_resp *r, bool *transient, char **msg);
+bool sl_http_outcome(sl_net *n, CURL *c, const char *errbuf, const sl_net_settings *s, CURLcode rc,
+					 sl_net_resp *r, bool *transient, char **msg);
 void sl_http_req_free(sl_http_req *q);
 
 /* ---- sl_network.c, for sl_background.c ---- */
@@ -117,11 +117,11 @@ char *sl_net_kv_text(sl_net *n, const char *key); /* sqlite3_free it */
 /* sl_net_send / sl_net_receive: one push / every chunk of a pull; JSON
  * summary (sqlite3_malloc) or NULL + *msg, the failure recorded for status.
  * first: an answer to GET /v1/pull already fetched (the long-poll), or NULL. */
-char *sl_net_send(sl_net *n, sl_net_settings *s, char **msg);
-char *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
-					 int64_t *npayloads, char **msg);
-void  sl_net_record_error(sl_net *n, const char *fn, const char *msg);
-char *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms); /* sqlite3_free */
+char   *sl_net_send(sl_net *n, sl_net_settings *s, char **msg);
+char   *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
+					   int64_t *npayloads, char **msg);
+void	sl_net_record_error(sl_net *n, const char *fn, const char *msg);
+char   *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms); /* sqlite3_free */
 int64_t sl_jwt_exp(const char *token); /* the token's exp claim, 0 when none */
 
 /* ---- sl_background.c ---- */
@@ -139,14 +139,14 @@ void		sl_background_kick(sl_net *n); /* settings changed: wake the syncer now */
 
 /* ---- sl_events.c ---- */
 
-int	 sl_pending_register(sqlite3 *db, db_conn *c);
+int sl_pending_register(sqlite3 *db, db_conn *c);
 
 /* ---- sl_rejected.c: rejections, retry, discard, rows fetched whole ---- */
 
 bool sl_rejected_meta(sqlite3 *db);
 bool sl_rejected_before_send(sl_net *n, int64_t send_cursor);
-bool sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor,
-							int64_t until, int64_t *nrej, bool *again);
+bool sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int64_t until,
+							int64_t *nrej, bool *again);
 bool sl_rejected_after_receive(sl_net *n);
 bool sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg);
 void sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv);

@@ -454,7 +454,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_events_reset(c);
 		c->txn_ver = 0;
-		sl_load(c, &ignore);
+		sl_reload(c, &ignore);
 		memset(&st, 0, sizeof st);
 		rc = pgs_apply(c, p, n, true, &st, &err);
 	}
@@ -469,7 +469,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_exec(c, "RELEASE sync_apply", &ignore);
 		c->txn_ver = 0;
-		sl_load(c, &ignore); /* sites interned in the savepoint are gone */
+		sl_reload(c, &ignore); /* sites interned in the savepoint are gone */
 		result_err(ctx, &err);
 		return;
 	}
@@ -509,6 +509,8 @@ finalize_all(db_conn *c)
 	sqlite3_finalize(c->st_ver_get);
 	sqlite3_finalize(c->st_ver_bump);
 	sqlite3_finalize(c->st_site_add);
+	sqlite3_finalize(c->st_loaded);
+	c->st_loaded = NULL;
 	sqlite3_finalize(c->st_held_get);
 	sqlite3_finalize(c->st_held_put);
 	sqlite3_finalize(c->st_held_del);
