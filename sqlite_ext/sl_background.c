@@ -102,6 +102,9 @@ static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t  reg_cv = PTHREAD_COND_INITIALIZER;
 static syncer		  *reg_head;
 static int			   reg_count; /* read without the lock by the commit hook (atomic) */
+/* sets the extension up on a syncer's own connection (sl_attach, given at
+ * registration: the same function for every connection of the process) */
+static int (*attach_fn)(sqlite3 *db, char **errmsg, db_conn **out);
 
 static int64_t
 mono_ms(void)
@@ -794,7 +797,7 @@ bg_main(void *arg)
 	pthread_mutex_unlock(&y->mu);
 	if (sqlite3_open_v2(y->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) !=
 			SQLITE_OK ||
-		sl_attach(db, &err, &c) != SQLITE_OK || !c || !c->net)
+		!attach_fn || attach_fn(db, &err, &c) != SQLITE_OK || !c || !c->net)
 	{
 		/* recorded for sync_network_status() through the next app call: nothing
 		 * else can report from here; stopped so that status says so */
@@ -1085,7 +1088,7 @@ sl_background_committed(db_conn *c, int64_t ver)
 	release(y);
 }
 
-void
+static void
 sl_background_kick(sl_net *n)
 {
 	syncer *y = __atomic_load_n(&reg_count, __ATOMIC_SEQ_CST) ? find(db_path(n->db)) : NULL;
@@ -1144,7 +1147,7 @@ events_mark(sl_net *n)
 	return m;
 }
 
-int
+static int
 sl_background_wait(sl_net *n, int64_t timeout_ms)
 {
 	const char *path = db_path(n->db);
@@ -1204,7 +1207,7 @@ sl_background_wait(sl_net *n, int64_t timeout_ms)
 	return -1;
 }
 
-const char *
+static const char *
 sl_background_state(sl_net *n, long *pid)
 {
 	const char *path = db_path(n->db);
@@ -1227,12 +1230,21 @@ sl_background_state(sl_net *n, long *pid)
 	return "stopped";
 }
 
+static const sl_bg_ops ops = {
+	.wait = sl_background_wait,
+	.state = sl_background_state,
+	.kick = sl_background_kick,
+};
+
 int
-sl_background_register(sqlite3 *db, db_conn *c, sl_net *n)
+sl_background_register(sqlite3 *db, db_conn *c, sl_net *n,
+					   int (*attach)(sqlite3 *db, char **errmsg, db_conn **out))
 {
 	int rc;
 
 	(void) c;
+	attach_fn = attach;
+	n->bg = &ops;
 	rc = sqlite3_create_function_v2(db, "sync_network_start", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY, n,
 									sync_network_start, NULL, NULL, NULL);
 	if (rc == SQLITE_OK)

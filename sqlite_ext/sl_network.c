@@ -928,7 +928,8 @@ sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
 		return;
 	}
-	sl_background_kick(n); /* a syncer waiting for a new token tries at once */
+	if (n->bg)
+		n->bg->kick(n); /* a syncer waiting for a new token tries at once */
 	sqlite3_result_int(ctx, 1);
 }
 
@@ -1054,7 +1055,7 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (!need_settings(ctx, n, "sync_network_wait", &s))
 		return;
-	if ((w = sl_background_wait(n, timeout)) >= 0)
+	if ((w = n->bg ? n->bg->wait(n, timeout) : -1) >= 0)
 	{
 		sqlite3_result_text(ctx, w ? "changes" : "timeout", -1, SQLITE_STATIC);
 		free_settings(&s);
@@ -1240,7 +1241,7 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		add_time(j, "token_expires_at", exp);
 	else
 		cJSON_AddNullToObject(j, "token_expires_at");
-	state = sl_background_state(n, &pid);
+	state = n->bg ? n->bg->state(n, &pid) : "stopped";
 	{
 		cJSON *bg = cJSON_AddObjectToObject(j, "background");
 
@@ -1327,5 +1328,5 @@ sl_network_register(sqlite3 *db, db_conn *c)
 		}
 	}
 	c->net = n;
-	return sl_background_register(db, c, n);
+	return SQLITE_OK;
 }

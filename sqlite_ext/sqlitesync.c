@@ -762,7 +762,9 @@ sl_attach(sqlite3 *db, char **pzErrMsg, db_conn **out)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_alter");
 		return SQLITE_ERROR;
 	}
-	if (sl_network_register(db, c) != SQLITE_OK || sl_pending_register(db, c) != SQLITE_OK)
+	if (sl_network_register(db, c) != SQLITE_OK ||
+		sl_background_register(db, c, c->net, sl_attach) != SQLITE_OK ||
+		sl_pending_register(db, c) != SQLITE_OK)
 	{
 		if (pzErrMsg)
 			*pzErrMsg =
