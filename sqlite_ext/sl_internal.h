@@ -175,7 +175,9 @@ pgs_rc	  sl_dberr(db_conn *c, pgs_err *err, const char *what);
 void	  sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v);
 void	  sl_column_value(sqlite3_stmt *st, int i, pgs_value *v);
 pgs_rc	  sl_exec(db_conn *c, const char *sql, pgs_err *err);
-char	 *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
+/* sl_execf: sl_exec of a sqlite3_mprintf format (%Q, %w, ...). */
+pgs_rc sl_execf(db_conn *c, pgs_err *err, const char *fmt, ...);
+char  *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
 
 /* sl_alter.c */
 extern const char *sl_alter_meta_sql;
