@@ -310,6 +310,13 @@ db_apply_version(db_conn *db, int64_t *ver, pgs_err *err)
 	return PGS_OK;
 }
 
+/* db_apply_lock: nothing yet (sync_apply_payload still serializes applies). */
+pgs_rc
+db_apply_lock(db_conn *db, const db_lock_key *keys, uint32_t n, pgs_err *err)
+{
+	return PGS_OK;
+}
+
 /* db_apply_end: nothing is deferred on Postgres (every row is written as
  * it is merged). */
 pgs_rc
