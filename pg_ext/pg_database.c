@@ -310,13 +310,6 @@ db_apply_version(db_conn *db, int64_t *ver, pgs_err *err)
 	return PGS_OK;
 }
 
-/* db_apply_lock: nothing yet (sync_apply_payload still serializes applies). */
-pgs_rc
-db_apply_lock(db_conn *db, const db_lock_key *keys, uint32_t n, pgs_err *err)
-{
-	return PGS_OK;
-}
-
 /* db_apply_end: nothing is deferred on Postgres (every row is written as
  * it is merged). */
 pgs_rc
@@ -497,6 +490,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	d[t->npk] = Int64GetDatum(cl);
 	d[t->npk + 1] = Int64GetDatum(ver);
 	d[t->npk + 2] = PointerGetDatum(b);
+	pg_lock_clock(t, pk);
 	pg_as_meta(&us);
 	if (exists && db->last_found)
 	{
@@ -672,7 +666,9 @@ do_write(db_conn *db, write_args *w)
  * pg_row_error: is this error a row's own fate (its data, its constraints,
  * the role's rights on it, a trigger on it) rather than the transaction's
  * or the server's? Everything but: transaction rollback (40: serialization,
- * deadlock — the apply is retried whole), insufficient resources (53),
+ * deadlock — the apply is retried whole), a lock not available (55P03: the
+ * apply gave way or a lock wait was cut short, pg_lock.c; it waits and runs
+ * again), insufficient resources (53),
  * operator intervention (57: cancel, shutdown), system errors (58), lost
  * connections (08), invalid transaction state (25), corrupted data or index
  * (XX001, XX002).
@@ -684,7 +680,7 @@ pg_row_error(int code)
 
 	if (strncmp(s, "40", 2) == 0 || strncmp(s, "53", 2) == 0 || strncmp(s, "57", 2) == 0 ||
 		strncmp(s, "58", 2) == 0 || strncmp(s, "08", 2) == 0 || strncmp(s, "25", 2) == 0 ||
-		strcmp(s, "XX001") == 0 || strcmp(s, "XX002") == 0)
+		strcmp(s, "55P03") == 0 || strcmp(s, "XX001") == 0 || strcmp(s, "XX002") == 0)
 		return false;
 	return true;
 }
@@ -760,7 +756,10 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 					   .cols = cols,
 					   .vals = vals,
 					   .m = NULL};
-	pgs_rc		  rc = guarded(db, write_fn, &w, err);
+	pgs_rc		  rc;
+
+	pg_lock_row(db, t, pk);
+	rc = guarded(db, write_fn, &w, err);
 
 	if (w.m && w.m->cols_key)
 	{
@@ -777,7 +776,10 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
-	pgs_rc		  rc = guarded(db, write_fn, &w, err);
+	pgs_rc		  rc;
+
+	pg_lock_row(db, t, pk);
+	rc = guarded(db, write_fn, &w, err);
 
 	MemoryContextSwitchTo(old);
 	return rc;
@@ -811,7 +813,10 @@ db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_e
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
-	pgs_rc		  rc = guarded(db, forget_fn, &w, err);
+	pgs_rc		  rc;
+
+	pg_lock_row(db, t, pk);
+	rc = guarded(db, forget_fn, &w, err);
 
 	MemoryContextSwitchTo(old);
 	*forgot = rc == PGS_OK;
