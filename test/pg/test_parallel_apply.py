@@ -8,17 +8,21 @@ Devices. Six Postgres databases start from one seed state (120 items, 60
 tags with a two-column key) and make random changes in rounds (updates,
 deletes, re-inserts of the shared keys; inserts and deletes of keys of their
 own; now and then one applies another's state, so their histories
-interleave). After every round a device's whole state is one payload: 24
-payloads that overlap on the shared keys and are disjoint on the own keys.
-Whole states merge in any order to the same result, so a serial oracle
-exists.
+interleave). After every round each device has two payloads: its whole
+state (150-200 rows: an apply of it takes table locks) and the changes of
+the round (a few dozen rows, as a device pushes: row locks). They overlap
+on the shared keys and are disjoint on the own keys. Whole states merge in
+any order to the same result, and so do the incremental payloads as long
+as each device's come in their order (a partial row's life came whole in
+an earlier one), so a serial oracle exists.
 
-1. Parallel applies: six threads apply the payloads (and random duplicates)
+1. Parallel applies: six threads apply the payloads (each device's
+   incremental ones in order, whole states and random duplicates in any)
    into one hub, some in transactions held open for a few milliseconds the
-   way the server's push holds them; an oracle applies them one by one in
-   another order. No apply may fail, and hub and oracle must hold the same
-   rows, causal lengths and per-column stamps (compared through
-   sync_payload_info).
+   way the server's push holds them; an oracle applies them one by one,
+   interleaved in another order. No apply may fail, and hub and oracle must
+   hold the same rows, causal lengths and per-column stamps (compared
+   through sync_payload_info).
 2. With local writers: the same, on a fresh hub, while four writers change
    the shared keys (each its own share: writers never conflict with each
    other, only with applies) in transactions of one to four statements in
@@ -156,33 +160,63 @@ def device_round(c, rnd, me, others):
 
 
 def make_devices(rnd, seed):
+    """Per device: its whole state after each round, and the sequence of its
+    incremental payloads (the changes of each round, as a device pushes)."""
     devs = [db(f"dev{i}", seed)[1] for i in range(DEVICES)]
-    payloads = []
+    fulls, incs = [], [[] for _ in devs]
+    sinces = [one(c, "SELECT sync_db_version()") for c in devs]
     for _ in range(ROUNDS):
         for i, c in enumerate(devs):
             device_round(c, rnd, f"d{i}", [d for d in devs if d is not c])
-            p, _ = pull(c, 0)
-            payloads.append(p)
-    return payloads
+            fulls.append(pull(c, 0)[0])
+            p, sinces[i] = pull(c, sinces[i])
+            if p:
+                incs[i].append(p)
+    return fulls, incs
+
+
+def sequences(rnd, fulls, incs, dups=0):
+    """What the appliers apply: each device's incremental payloads in order
+    (they carry partial rows whose lives came whole in earlier ones), each
+    whole state alone, and dups random extra whole states."""
+    seqs = [list(s) for s in incs] + [[p] for p in fulls]
+    seqs += [[rnd.choice(fulls)] for _ in range(dups)]
+    rnd.shuffle(seqs)
+    return seqs
+
+
+def serial(rnd, conn, seqs):
+    """Applies seqs one payload at a time, interleaving them at random but
+    keeping the order inside each."""
+    seqs = [list(s) for s in seqs if s]
+    while seqs:
+        s = rnd.choice(seqs)
+        one(conn, "SELECT sync_apply_payload(%s)", (s.pop(0),))
+        if not s:
+            seqs.remove(s)
 
 
 # ---- appliers ----------------------------------------------------------------
 
-def appliers(dbname, work, errors, stats, rnd_seed, until=None):
-    """APPLIERS threads take payloads from work (a list used as a queue); with
-    until, they go on applying random ones of `work` until then."""
+def appliers(dbname, seqs, errors, stats, rnd_seed, until=None):
+    """APPLIERS threads take sequences of payloads from seqs (a queue) and
+    apply each in its order; with until, they then go on applying random
+    payloads of seqs again until then."""
     lock = threading.Lock()
-    queue = list(work)
-    pool = list(work)
+    queue = [list(s) for s in seqs]
+    pool = [p for s in seqs for p in s]
 
     def run(i):
         rnd = random.Random(rnd_seed + i)
         c = connect(dbname, autocommit=False)
         cur = c.cursor()
+        mine = []
         while True:
             with lock:
-                if queue:
-                    p = queue.pop()
+                if not mine and queue:
+                    mine = queue.pop()
+                if mine:
+                    p = mine.pop(0)
                 elif until is not None and time.time() < until:
                     p = rnd.choice(pool)
                 else:
@@ -205,17 +239,15 @@ def appliers(dbname, work, errors, stats, rnd_seed, until=None):
 
 # ---- part 1 ------------------------------------------------------------------
 
-def part1(rnd, seed, payloads):
+def part1(rnd, seed, fulls, incs):
     hub_name, hub = db("hub1", seed)
     _, oracle = db("oracle1", seed)
-    work = payloads + [rnd.choice(payloads) for _ in range(len(payloads) // 3)]
-    rnd.shuffle(work)
+    seqs = sequences(rnd, fulls, incs, dups=len(fulls) // 3)
     errors, stats = [], {"applies": 0}
-    ts = appliers(hub_name, work, errors, stats, rnd.randrange(1 << 30))
+    ts = appliers(hub_name, seqs, errors, stats, rnd.randrange(1 << 30))
     for t in ts:
         t.start()
-    for p in rnd.sample(payloads, len(payloads)):
-        one(oracle, "SELECT sync_apply_payload(%s)", (p,))
+    serial(rnd, oracle, seqs)
     for t in ts:
         t.join()
     check(not errors, f"{stats['applies']} parallel applies, no error: " + "; ".join(errors[:3]))
@@ -300,7 +332,7 @@ def mirror(hub_name, m_name, stop, errors, box):
         time.sleep(0.02)
 
 
-def part2(rnd, seed, payloads):
+def part2(rnd, seed, fulls, incs):
     hub_name, hub = db("hub2", seed)
     m_name, mir = db("mirror2", seed)
     _, oracle = db("oracle2", seed)
@@ -308,7 +340,8 @@ def part2(rnd, seed, payloads):
     stop = threading.Event()
     lasts = [dict() for _ in range(WRITERS)]
     box = {"since": 0}
-    ts = appliers(hub_name, payloads, errors, stats, rnd.randrange(1 << 30),
+    seqs = sequences(rnd, fulls, incs)
+    ts = appliers(hub_name, seqs, errors, stats, rnd.randrange(1 << 30),
                   until=time.time() + RUN_SECONDS)
     ws = [threading.Thread(target=writer, args=(hub_name, w, random.Random(rnd.randrange(1 << 30)),
                                                 stop, errors, lasts[w], stats))
@@ -333,8 +366,7 @@ def part2(rnd, seed, payloads):
     same_state(hub, mir, "the mirror, pulling incrementally during the run, equals the hub")
 
     # no device change lost: oracle = every device payload, serially, then the hub
-    for p in rnd.sample(payloads, len(payloads)):
-        one(oracle, "SELECT sync_apply_payload(%s)", (p,))
+    serial(rnd, oracle, seqs)
     p, _ = pull(hub, 0)
     one(oracle, "SELECT sync_apply_payload(%s)", (p,))
     same_state(hub, oracle, "hub == device payloads applied serially + the hub's own changes")
@@ -466,10 +498,11 @@ def main():
                            FROM generate_series(0, {TAGS // 2 - 1}) g, generate_series(0, 1) j""")
     seed, _ = pull(s, 0)
     t0 = time.time()
-    payloads = make_devices(rnd, seed)
-    print(f"{len(payloads)} device payloads in {time.time() - t0:.1f} s")
-    part1(rnd, seed, payloads)
-    part2(rnd, seed, payloads)
+    fulls, incs = make_devices(rnd, seed)
+    print(f"{len(fulls)} whole states and {sum(map(len, incs))} incremental payloads of "
+          f"{DEVICES} devices in {time.time() - t0:.1f} s")
+    part1(rnd, seed, fulls, incs)
+    part2(rnd, seed, fulls, incs)
     part3(seed)
     for c in list(DBS):
         drop_db(c)
