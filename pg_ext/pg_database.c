@@ -19,6 +19,7 @@
  */
 #include "pg_internal.h"
 
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
@@ -27,6 +28,8 @@
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "utils/resowner.h"
 #include "utils/rls.h"
 #include "utils/uuid.h"
@@ -840,51 +843,40 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 	MemoryContextSwitchTo(old);
 }
 
-/* db_table_parents: synced tables t references by foreign keys. */
+/*
+ * db_table_parents: synced tables t references by foreign keys. From the
+ * relcache's foreign-key list (kept current by relcache invalidation), not
+ * a catalog query: every apply asks, for every table of its payload.
+ */
 pgs_rc
 db_table_parents(db_conn *db, db_table *t, db_table ***parents, int *n, pgs_err *err)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid				  types[1] = {OIDOID};
-	Datum			  vals[1] = {ObjectIdGetDatum(t->relid)};
-	pg_user_save	  us;
-	db_table		**out;
-	uint64			  k;
+	Relation   rel = table_open(t->relid, AccessShareLock);
+	List	  *fks = RelationGetFKeyList(rel);
+	Oid		  *rels = palloc(sizeof(Oid) * (list_length(fks) + 1));
+	int		   nrels = 0;
+	db_table **out;
+	ListCell  *lc;
 
-	if (plan == NULL)
+	foreach (lc, fks)
 	{
-		plan = SPI_prepare("SELECT DISTINCT confrelid FROM pg_catalog.pg_constraint WHERE "
-						   "contype = 'f' AND conrelid = $1 AND confrelid <> $1",
-						   1, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
+		ForeignKeyCacheInfo *fk = lfirst(lc);
+		bool				 seen = fk->confrelid == t->relid;
+
+		for (int k = 0; k < nrels && !seen; k++)
+			seen = rels[k] == fk->confrelid;
+		if (!seen)
+			rels[nrels++] = fk->confrelid;
 	}
-	pg_as_meta(&us);
-	if (SPI_execute_plan(plan, vals, NULL, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "pgsync: reading foreign keys failed");
-	pg_as_caller(&us);
-	out = MemoryContextAlloc(db->cxt, sizeof(db_table *) * (SPI_processed + 1));
+	table_close(rel, NoLock);
+	out = MemoryContextAlloc(db->cxt, sizeof(db_table *) * (nrels + 1));
 	*n = 0;
+	for (int k = 0; k < nrels; k++)
 	{
-		uint64 cnt = SPI_processed;
-		Oid	  *rels = palloc(sizeof(Oid) * (cnt + 1));
+		db_table *p = pg_table_get(rels[k], true);
 
-		for (k = 0; k < cnt; k++)
-		{
-			bool isnull;
-
-			rels[k] = DatumGetObjectId(
-				SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1, &isnull));
-		}
-		SPI_freetuptable(SPI_tuptable);
-		for (k = 0; k < cnt; k++)
-		{
-			db_table *p = pg_table_get(rels[k], true);
-
-			if (p)
-				out[(*n)++] = p;
-		}
+		if (p)
+			out[(*n)++] = p;
 	}
 	*parents = out;
 	return PGS_OK;

@@ -78,8 +78,8 @@ static const pgs_value *cur_pk;
 
 typedef struct lock_row
 {
-	Oid		relid;
-	uint32	hash;
+	Oid		  relid;
+	uint32	  hash;
 	db_table *t;
 } lock_row;
 
@@ -197,8 +197,8 @@ db_apply_lock(db_conn *db, const db_lock_key *keys, uint32_t n, pgs_err *err)
 		lk = db->locks = MemoryContextAllocZero(db->cxt, sizeof(struct pg_locks));
 	late = lk->taken;
 	for (uint32 i = 0; i < n; i++)
-		rows[i] = (lock_row){keys[i].t->relid, (uint32) (keys[i].hash ^ (keys[i].hash >> 32)),
-							 keys[i].t};
+		rows[i] =
+			(lock_row){keys[i].t->relid, (uint32) (keys[i].hash ^ (keys[i].hash >> 32)), keys[i].t};
 	qsort(rows, n, sizeof(lock_row), cmp_rows);
 	for (uint32 i = 0; i < n; i++)
 		if (m == 0 || cmp_rows(&rows[m - 1], &rows[i]) != 0)
@@ -511,7 +511,7 @@ wait_locked(db_table *t, Datum *pk)
 static void
 backoff(int round)
 {
-	long ms = 1L << Min(round, 6); /* 1 ms .. 64 ms */
+	long ms = 1L << Min(round, 6); /* 2 ms .. 64 ms, plus as much jitter */
 
 	ms += (long) pg_prng_uint64_range(&pg_global_prng_state, 0, (uint64) ms);
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms,

@@ -659,7 +659,8 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 {
 	pgs_rc r;
 
-	if ((r = mdb_check_pk(t, pk, err)) != PGS_OK || (r = mdb_check_locked(db, t, pk, err)) != PGS_OK)
+	if ((r = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(r = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return r;
 	return clock_put(db, t, pk, exists, cl, ver, blob, blob_len, err);
 }
@@ -683,7 +684,8 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	pgs_rc rc;
 
 	mdb_eph_reset(db);
-	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK || (rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return rc;
 	if (mode != DB_WRITE_MERGE && mode != DB_WRITE_REPLACE && mode != DB_WRITE_INSERT)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: write mode %d", (int) mode);
@@ -724,7 +726,8 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 	pgs_rc rc;
 
 	mdb_eph_reset(db);
-	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK || (rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return rc;
 	if (denied(db, t, pk))
 		return pgs_failf(err, PGS_ERR_PERMISSION, NULL,

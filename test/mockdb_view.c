@@ -78,7 +78,8 @@ db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_e
 	pgs_rc rc;
 
 	*forgot = false;
-	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK || (rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return rc;
 	return forget_row(db, t, pk, forgot, err);
 }

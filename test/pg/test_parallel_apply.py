@@ -47,6 +47,9 @@ an earlier one), so a serial oracle exists.
    already wrote (the deadlock test_concurrency used to hit), gives way
    instead: the local transaction never fails; the same when the local
    transaction merely locked the row (SELECT ... FOR UPDATE).
+4. Foreign keys: a payload that lists the child table first applies parents
+   first and deletes children first, without rejections, also while another
+   apply adds children of the same new parent.
 
 PGSYNC_SEED fixes the random choices (printed); thread timing still varies.
 Bounded: part 2 runs RUN_SECONDS, everything else stops by itself.
@@ -488,6 +491,50 @@ def part3(seed):
         w.close()
 
 
+def part4():
+    """Foreign keys: a payload whose child table comes first still applies
+    parents first (inserts) and children first (deletes), with no rejection,
+    while another apply adds children to the same parent."""
+    ddl = ["CREATE TABLE b_lists (id text PRIMARY KEY, name text)",
+           "CREATE TABLE a_todos (id text PRIMARY KEY, list text REFERENCES b_lists, t text)",
+           "SELECT sync_init('a_todos')", "SELECT sync_init('b_lists')"]
+    names = [f"pgsync_t_par_fk{i}" for i in range(3)]
+    DBS.extend(names)
+    hub, d1, d2 = (fresh_db(n, ddl) for n in names)
+    d1.cursor().execute("INSERT INTO b_lists VALUES ('l1', 'one')")
+    d1.cursor().execute("INSERT INTO a_todos VALUES ('t1', 'l1', 'first')")
+    p1, _ = pull(d1, 0)
+    check([t["name"] for t in one(hub, "SELECT sync_payload_info(%s)", (p1,))["tables"]][0] ==
+          "a_todos", "the payload lists the child table first")
+    # parents first on the fast path, not after a failed attempt (a sequence
+    # counts every insert tried, rolled back or not)
+    c = d2.cursor()
+    c.execute("CREATE SEQUENCE tries")
+    c.execute("""CREATE FUNCTION count_try() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM nextval('tries'); RETURN NEW; END $$""")
+    c.execute("CREATE TRIGGER tries BEFORE INSERT ON a_todos FOR EACH ROW EXECUTE FUNCTION count_try()")
+    one(d2, "SELECT sync_apply_payload(%s)", (p1,))
+    check(one(d2, "SELECT last_value FROM tries") == 1, "the child row was written once: parents first")
+    c.execute("DROP TRIGGER tries ON a_todos")
+    d2.cursor().execute("INSERT INTO a_todos VALUES ('t2', 'l1', 'second')")
+    p2, _ = pull(d2, 0)
+    t, box = in_thread(lambda: one(connect(names[0]), "SELECT sync_apply_payload(%s)", (p2,)))
+    one(hub, "SELECT sync_apply_payload(%s)", (p1,))
+    t.join(10)
+    check("error" not in box and not rows(hub, "SELECT * FROM sync_rejections()") and
+          rows(hub, "SELECT id, list FROM a_todos ORDER BY id") == [("t1", "l1"), ("t2", "l1")],
+          f"parents first: two concurrent applies of children of one new parent {box.get('error', '')}")
+    d2.cursor().execute("DELETE FROM a_todos")
+    d2.cursor().execute("DELETE FROM b_lists")
+    p3, _ = pull(d2, 0)
+    one(hub, "SELECT sync_apply_payload(%s)", (p3,))
+    check(not rows(hub, "SELECT * FROM sync_rejections()") and
+          one(hub, "SELECT count(*) FROM b_lists") == 0 and one(hub, "SELECT count(*) FROM a_todos") == 0,
+          "children first: deleting a parent and its children applies without rejection")
+    for c in (hub, d1, d2):
+        c.close()
+
+
 def main():
     print("seed", SEED)
     rnd = random.Random(SEED)
@@ -504,6 +551,7 @@ def main():
     part1(rnd, seed, fulls, incs)
     part2(rnd, seed, fulls, incs)
     part3(seed)
+    part4()
     for c in list(DBS):
         drop_db(c)
     return 0
