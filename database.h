@@ -52,6 +52,16 @@ typedef struct db_table_info
 	int				   ncols; /* non-key columns */
 	const char *const *pk_names;
 	const char *const *col_names;
+	/*
+	 * Former column names (docs/MIGRATIONS.md): hist_names[i] was renamed to
+	 * column hist_cols[i], or dropped (-1). Payloads naming them still apply
+	 * (renamed) or are ignored (dropped) instead of being held; a renamed
+	 * column travels with its former names so that replicas that still use
+	 * them can match it.
+	 */
+	int				   nhist;
+	const char *const *hist_names;
+	const int		  *hist_cols;
 } db_table_info;
 
 /* ---- schema ---------------------------------------------------------- */

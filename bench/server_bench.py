@@ -142,7 +142,7 @@ def main():
 
                 def waiter():
                     while True:
-                        if b.one("SELECT sync_network_wait(5000)") and \
+                        if b.one("SELECT sync_network_wait(5000)") == "changes" and \
                                 b.one("SELECT count(*) FROM items WHERE id = ?", f"lat{k}"):
                             seen["t"] = time.perf_counter()
                             return

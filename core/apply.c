@@ -34,6 +34,7 @@
 #include "pgsync.h"
 #include "../database.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -48,8 +49,9 @@ typedef struct apply_table
 {
 	db_table			*t; /* NULL: not synced here, its changes are held */
 	const db_table_info *ti;
-	int					*colmap; /* payload column -> local column, -1: held */
+	int					*colmap; /* payload column -> local column, or COL_HELD, COL_DROPPED */
 	bool				 unknown_cols;
+	char				 why_held[256]; /* what differs, for the held columns */
 	int					 order; /* position in dependency order */
 	cand				*cands;
 	uint32_t			 ncands;
@@ -75,6 +77,7 @@ typedef struct apply_ctx
 	const uint8_t *body;
 	size_t		 body_len;
 	uint8_t		 version;
+	uint8_t		 origin[16]; /* the sender (payload header) */
 	pgs_reader	 r;
 	apply_table *tables;
 	int			*by_order; /* dependency order -> payload table index */
@@ -107,6 +110,10 @@ oom(pgs_err *err)
 {
 	return pgs_fail(err, PGS_ERR_NOMEM, "out of memory applying a payload", NULL, NULL);
 }
+
+/* colmap values that are not a local column */
+#define COL_HELD (-1)	 /* unknown here (a newer replica's column): kept aside */
+#define COL_DROPPED (-2) /* dropped here (sync_alter, DROP COLUMN): ignored */
 
 static bool
 name_eq(const uint8_t *a, uint32_t alen, const char *b)
@@ -154,20 +161,51 @@ resolve_table(apply_ctx *a, uint32_t i, pgs_err *err)
 		return oom(err);
 	for (uint32_t c = 0; c < d->ncols; c++)
 	{
-		int found = -1;
+		int	 found = COL_HELD;
+		bool by_name = false;
 
 		for (int l = 0; l < at->ti->ncols && found < 0; l++)
 			if (name_eq(d->col_names[c], d->col_name_lens[c], at->ti->col_names[l]))
-				found = l;
+				found = l, by_name = true;
+		/* a column renamed or dropped here, or renamed by the sender (aliases) */
+		for (int h = 0; h < at->ti->nhist && found == COL_HELD; h++)
+			if (name_eq(d->col_names[c], d->col_name_lens[c], at->ti->hist_names[h]))
+				found = at->ti->hist_cols[h] >= 0 ? at->ti->hist_cols[h] : COL_DROPPED;
+		for (uint32_t k = 0; k < d->nalias && found == COL_HELD; k++)
+			for (int l = 0; l < at->ti->ncols && found < 0 && d->alias_cols[k] == c; l++)
+				if (name_eq(d->alias_names[k], d->alias_name_lens[k], at->ti->col_names[l]))
+					found = l;
 		for (uint32_t k = 0; k < c && found >= 0; k++)
 			if (at->colmap[k] == found)
+			{
+				if (!by_name)
+				{
+					found = COL_HELD; /* a former name beside the current one: kept aside */
+					break;
+				}
 				return pgs_failf(
 					err, PGS_ERR_CORRUPT,
 					"The payload was damaged or forged; fetch it again from its sender.",
 					"corrupt payload: column \"%s\" of table \"%s\" appears twice",
 					at->ti->col_names[found], at->ti->name);
-		if (found < 0)
-			at->unknown_cols = true; /* a newer replica's column: held */
+			}
+		if (found == COL_HELD)
+		{
+			/* a newer replica's column: held; say which (the fingerprints differ) */
+			size_t used = strlen(at->why_held);
+			char   nm[72];
+
+			if (!at->unknown_cols)
+				used = (size_t) snprintf(at->why_held, sizeof at->why_held,
+										 "the sender's table \"%s\" has columns this replica's "
+										 "lacks (add them and call sync_init): ",
+										 at->ti->name);
+			if (used < sizeof at->why_held)
+				snprintf(at->why_held + used, sizeof at->why_held - used, "%s\"%s\"",
+						 at->unknown_cols ? ", " : "",
+						 pgs_name_for_msg(nm, d->col_names[c], d->col_name_lens[c]));
+			at->unknown_cols = true;
+		}
 		at->colmap[c] = found;
 	}
 	if (at->ti->ncols > a->maxcols)
@@ -647,6 +685,28 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 	if (!found)
 		lcl = 0;
 	life = pgs_merge_life(lcl, g->cl);
+	if (life == PGS_MERGE_LOSE && g->cl == 1 && (lcl & 1) == 0 && !db_hold_rejected(a->db) &&
+		g->cl_site < a->r.nsites && memcmp(a->r.sites + 16 * g->cl_site, a->origin, 16) == 0)
+	{
+		/*
+		 * A first life of the key, born at the sender, that a delete here
+		 * ended or that came after a delete the sender never learned of (it
+		 * joined afterwards, or the row is hidden from it): by causal length
+		 * the delete wins, so the sender is told instead of being left with a
+		 * row nobody else has.
+		 */
+		pgs_err why;
+
+		pgs_failf(&why, PGS_ERR_ROW,
+				  "Give new rows keys that are unique across devices (sync_uuid()), or discard "
+				  "this row (sync_network_discard).",
+				  "row of table \"%s\" was deleted: the change belongs to the life of the row "
+				  "that the delete ended, or the key had been used and deleted before the "
+				  "sender knew it",
+				  ti->name);
+		pgs_err_code(&why, PGS_CODE_DELETED);
+		return reject_row(a, at, g, &why, st, err);
+	}
 	if (life == PGS_MERGE_LOSE || (life == PGS_MERGE_SAME && (g->cl & 1) == 0))
 	{
 		st->lost += g->nchanges;
@@ -673,7 +733,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 			return oom(err);
 		memset(sel, 0, sizeof(bool) * (a->r.tables[tix].ncols + 1));
 		for (uint32_t i = 0; i < g->nchanges; i++)
-			if (at->colmap[g->changes[i].col] < 0)
+			if (at->colmap[g->changes[i].col] == COL_HELD)
 				sel[g->changes[i].col] = held_part = true;
 	}
 	if ((r = site_allowed(a, g->cl_site, &ok, err)) != PGS_OK)
@@ -819,7 +879,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 held:
 	r = PGS_OK;
 	if (held_part)
-		r = hold(a, tix, g, sel, PGS_CODE_HELD, "column unknown here", st, err);
+		r = hold(a, tix, g, sel, PGS_CODE_HELD, at->why_held, st, err);
 out:
 	pgs_free(sel);
 	return r;
@@ -1051,7 +1111,10 @@ pass(apply_ctx *a, int only_table, int phase, pgs_apply_stats *st, pgs_err *err)
 		{
 			/* a table this replica does not sync (yet): held */
 			if (g.kind == PGS_GROUP_CHANGES || g.kind == PGS_GROUP_WHOLE)
-				rc = hold(a, g.table, &g, NULL, PGS_CODE_HELD, "table unknown here", st, err);
+				rc = hold(a, g.table, &g, NULL, PGS_CODE_HELD,
+						  "the sender syncs a table this replica does not (create it and call "
+						  "sync_init)",
+						  st, err);
 		}
 		else if (g.kind == PGS_GROUP_CANDIDATE)
 			rc = a->only ? PGS_OK : add_candidate(at, &g, err);
@@ -1184,6 +1247,7 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 	a.body = body;
 	a.body_len = h.body_len;
 	a.version = h.version;
+	memcpy(a.origin, h.origin, sizeof a.origin);
 
 	/* validation pass: the whole body must parse before anything is written */
 	if ((rc = pgs_reader_open(&a.r, h.version, body, h.body_len, err)) == PGS_OK)
@@ -1191,9 +1255,13 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 		pgs_group g;
 		bool	  done = false;
 
+		st->rows = 0;
 		while (rc == PGS_OK && !done)
 			if ((rc = pgs_reader_next(&a.r, &g, &done, err)) == PGS_OK && !done)
+			{
+				st->rows++;
 				rc = note_row(&a, &g, err);
+			}
 	}
 	if (rc != PGS_OK)
 		goto out;

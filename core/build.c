@@ -199,6 +199,11 @@ add_table(build_ctx *b, const db_table_info *ti)
 						   (uint32_t) ti->npk, names, (uint32_t) ti->ncols, names + ti->npk);
 	pgs_free(names);
 	pgs_writer_table_fingerprint(&b->w, idx, pgs_table_fingerprint(ti));
+	for (int h = 0; h < ti->nhist; h++)
+		if (ti->hist_cols[h] >= 0 && ti->hist_cols[h] < ti->ncols)
+			pgs_writer_table_alias(
+				&b->w, idx, (uint32_t) ti->hist_cols[h],
+				(pgs_name){(const uint8_t *) ti->hist_names[h], (uint32_t) strlen(ti->hist_names[h])});
 	return idx;
 }
 
@@ -228,7 +233,8 @@ build_table(build_ctx *b, db_table *t, const pgs_value *after_pk, bool first, pg
 		if (snapshot)
 		{
 			tidx = add_table(b, ti);
-			pgs_writer_table_snap(&b->w, tidx, (first ? PGS_SNAP_BEGIN : 0) | PGS_SNAP_END);
+			pgs_writer_table_snap(&b->w, tidx,
+								  PGS_SNAP_PART | (first ? PGS_SNAP_BEGIN : 0) | PGS_SNAP_END);
 		}
 		return PGS_OK;
 	}
@@ -245,8 +251,8 @@ build_table(build_ctx *b, db_table *t, const pgs_value *after_pk, bool first, pg
 	{
 		tidx = add_table(b, ti);
 		have_idx = true;
-		if (first)
-			pgs_writer_table_snap(&b->w, tidx, PGS_SNAP_BEGIN);
+		/* every chunk of a snapshot says so: its rows are part of it */
+		pgs_writer_table_snap(&b->w, tidx, PGS_SNAP_PART | (first ? PGS_SNAP_BEGIN : 0));
 	}
 	if ((rc = db_changes_open(b->db, t, b->o->since, b->o->until, b->o->max_rows > 0, after_pk,
 							  access, snapshot, &cur, err)) != PGS_OK)
@@ -498,6 +504,7 @@ pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, p
 	pgs_rc			rc = PGS_OK;
 	const db_table_info **seen = pgs_malloc(sizeof(void *) * (n ? n : 1));
 	uint32_t	   *idx = pgs_malloc(sizeof(uint32_t) * (n ? n : 1));
+	bool		   *hidden = pgs_malloc(sizeof(bool) * (n ? n : 1));
 	uint32_t		nseen = 0;
 
 	memset(&b, 0, sizeof b);
@@ -507,7 +514,7 @@ pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, p
 	b.st = &st;
 	pgs_writer_init(&b.w);
 	pgs_buf_init(&b.last_key);
-	if (!seen || !idx)
+	if (!seen || !idx || !hidden)
 	{
 		rc = oom(err);
 		goto out;
@@ -527,10 +534,22 @@ pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, p
 			;
 		if (k == nseen)
 		{
+			db_access access;
+			bool	  snap;
+
+			/* a table the caller may not read at all: every key is absent */
+			if ((rc = db_table_view(db, rows[r].t, false, 0, 0, &access, &snap, err)) != PGS_OK)
+				break;
 			seen[nseen] = ti;
+			hidden[nseen] = access == DB_ACCESS_NONE;
 			idx[nseen++] = add_table(&b, ti);
 		}
 		tidx = idx[k];
+		if (hidden[k])
+		{
+			pgs_writer_absent(&b.w, tidx, rows[r].pk);
+			continue;
+		}
 		if (ti->ncols + 1 > cap)
 		{
 			cap = ti->ncols + 1;
@@ -577,5 +596,6 @@ out:
 	pgs_free(stamps);
 	pgs_free(seen);
 	pgs_free(idx);
+	pgs_free(hidden);
 	return rc;
 }

@@ -278,3 +278,27 @@ bad:
 					"A clock row of a synced table cannot be decoded.",
 					"Run PRAGMA integrity_check; if the database is sound, report this as a bug.");
 }
+
+pgs_rc
+pgs_rowclock_drop_col(const uint8_t *p, size_t len, int ncols, int col, pgs_buf *out,
+					  pgs_err *err)
+{
+	pgs_stamp	*st;
+	pgs_rowclock rc;
+	pgs_rc		 r;
+
+	if (ncols <= 0 || col < 0 || col >= ncols)
+		return pgs_failf(err, PGS_ERR_MISUSE, NULL, "column %d of %d cannot be dropped", col, ncols);
+	if (!(st = pgs_malloc(sizeof(pgs_stamp) * (size_t) ncols)))
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	rc.ncols = ncols;
+	rc.cols = st;
+	if ((r = pgs_rowclock_decode(p, len, &rc, err)) == PGS_OK)
+	{
+		memmove(st + col, st + col + 1, sizeof(pgs_stamp) * (size_t) (ncols - col - 1));
+		rc.ncols = ncols - 1;
+		pgs_rowclock_encode(&rc, out);
+	}
+	pgs_free(st);
+	return r;
+}

@@ -165,6 +165,25 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 			snprintf(fp, sizeof fp, "%016llx", (unsigned long long) d->fingerprint);
 			cJSON_AddStringToObject(o, "fingerprint", fp);
 		}
+		if (d->nalias)
+		{
+			/* {"former name": "column"} */
+			cJSON *al = cJSON_AddObjectToObject(o, "former_names");
+
+			for (uint32_t i = 0; al && i < d->nalias; i++)
+			{
+				char *nm = pgs_malloc(d->alias_name_lens[i] + 1);
+
+				if (!nm)
+					break;
+				memcpy(nm, d->alias_names[i], d->alias_name_lens[i]);
+				nm[d->alias_name_lens[i]] = '\0';
+				cJSON_AddItemToObject(al, nm,
+									  json_str(d->col_names[d->alias_cols[i]],
+											   d->col_name_lens[d->alias_cols[i]]));
+				pgs_free(nm);
+			}
+		}
 		if (d->snap)
 		{
 			cJSON_AddBoolToObject(o, "snapshot_begin", (d->snap & PGS_SNAP_BEGIN) != 0);

@@ -227,6 +227,43 @@ get_str(pgs_reader *r, const uint8_t **s, uint32_t *len)
 	return true;
 }
 
+/* read_aliases: attribute 4, varint n then n x (varint column, name). */
+static bool
+read_aliases(pgs_reader *r, pgs_dict_table *d, const uint8_t *v, size_t len)
+{
+	const uint8_t *save_p = r->p, *save_end = r->end;
+	uint64_t	   n;
+	bool		   ok = true;
+	void		  *mem;
+
+	r->p = v;
+	r->end = v + len;
+	if (!get_varint(r, &n) || n == 0 || n > len)
+		ok = false;
+	else if (!(mem = pgs_malloc((size_t) n * (sizeof(uint8_t *) + 2 * sizeof(uint32_t)))))
+		ok = false;
+	else
+	{
+		d->alias_names = mem;
+		d->alias_cols = (uint32_t *) (d->alias_names + n);
+		d->alias_name_lens = d->alias_cols + n;
+		d->nalias = (uint32_t) n;
+		for (uint64_t i = 0; i < n && ok; i++)
+		{
+			uint64_t col;
+
+			ok = get_varint(r, &col) && col < d->ncols &&
+				 get_str(r, &d->alias_names[i], &d->alias_name_lens[i]) &&
+				 d->alias_name_lens[i] > 0;
+			d->alias_cols[i] = (uint32_t) col;
+		}
+		ok = ok && r->p == r->end;
+	}
+	r->p = save_p;
+	r->end = save_end;
+	return ok;
+}
+
 /* read_attrs: a format 2 table entry's attributes; unknown tags are skipped. */
 static bool
 read_attrs(pgs_reader *r, pgs_dict_table *d)
@@ -255,7 +292,7 @@ read_attrs(pgs_reader *r, pgs_dict_table *d)
 			{
 				uint64_t f;
 
-				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 3)
+				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 7)
 					return false;
 				d->snap = (uint32_t) f;
 				break;
@@ -265,6 +302,10 @@ read_attrs(pgs_reader *r, pgs_dict_table *d)
 					return false;
 				d->has_salt = true;
 				d->salt = le64(v);
+				break;
+			case 4: /* former column names */
+				if (d->nalias || !read_aliases(r, d, v, (size_t) len))
+					return false;
 				break;
 			default:
 				break; /* a newer writer's attribute: ignored */
@@ -484,7 +525,10 @@ pgs_reader_close(pgs_reader *r)
 {
 	if (r->tables)
 		for (uint32_t t = 0; t < r->ntables; t++)
+		{
 			pgs_free((void *) r->tables[t].pk_names);
+			pgs_free((void *) r->tables[t].alias_names);
+		}
 	pgs_free(r->tables);
 	pgs_free(r->pk_scratch);
 	pgs_free(r->ch_scratch);

@@ -62,6 +62,7 @@ typedef struct pgs_err
 #define PGS_CODE_INCOMPLETE "PS001" /* a new life of a row without its whole row */
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
+#define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 
@@ -219,6 +220,41 @@ void pgs_rowclock_encode(const pgs_rowclock *rc, pgs_buf *out);
 /* pgs_rowclock_decode parses a blob into rc (rc->cols/ncols preset; extra columns
  * in the blob beyond ncols are an error). */
 pgs_rc pgs_rowclock_decode(const uint8_t *p, size_t len, pgs_rowclock *rc, pgs_err *err);
+/*
+ * pgs_rowclock_drop_col: the blob of a row clock of ncols columns without
+ * column col (the later ones move down one), appended to out; the stamps
+ * and versions of the others are kept (a dropped column, docs/MIGRATIONS.md).
+ */
+pgs_rc pgs_rowclock_drop_col(const uint8_t *p, size_t len, int ncols, int col, pgs_buf *out,
+							 pgs_err *err);
+
+/* ---- local edits (local.c) --------------------------------------------- */
+
+typedef enum pgs_local_op
+{
+	PGS_LOCAL_INSERT,
+	PGS_LOCAL_UPDATE,
+	PGS_LOCAL_DELETE
+} pgs_local_op;
+
+typedef enum pgs_local_result
+{
+	PGS_LOCAL_WRITE, /* write rc as the row's clock */
+	PGS_LOCAL_NONE,	 /* nothing to write (a delete of a deleted row, no column changed) */
+	PGS_LOCAL_GSET	 /* refused: a grow-only table accepts only new rows */
+} pgs_local_result;
+
+/*
+ * pgs_local_edit: the row clock after a local write (local.c has the rules).
+ * rc: the row's clock as decoded (found) or with cl ignored (not found), its
+ * ncols stamps set or zeroed; rewritten in place. changed[i]: column i was
+ * written by an UPDATE (NULL: all). ver: this transaction's version; tick:
+ * its HLC stamp. algo: the table's db_algo (database.h).
+ */
+pgs_local_result pgs_local_edit(pgs_rowclock *rc, bool found, pgs_local_op op, int algo,
+								const bool *changed, int64_t ver, uint64_t tick);
+/* pgs_local_stamp: one cell written locally: max(tick, stamp + 1), at ver, local site. */
+void pgs_local_stamp(pgs_stamp *s, int64_t ver, uint64_t tick);
 
 /* ---- merge ------------------------------------------------------------ */
 
@@ -278,6 +314,7 @@ pgs_rc pgs_payload_info(const uint8_t *p, size_t len, char **json, pgs_err *err)
 /* Table attributes (format 2): snapshot flags (docs/PAYLOAD.md). */
 #define PGS_SNAP_BEGIN 1 /* this payload starts a snapshot of the table */
 #define PGS_SNAP_END 2	 /* the snapshot is complete: forget rows not received */
+#define PGS_SNAP_PART 4	 /* this payload's rows of the table are part of a snapshot */
 
 typedef struct pgs_dict_table
 {
@@ -294,6 +331,10 @@ typedef struct pgs_dict_table
 	uint32_t		snap;		 /* PGS_SNAP_* */
 	bool			has_salt;
 	uint64_t		salt; /* seed of the removal candidates' key hashes */
+	uint32_t		nalias; /* former names of the sender's columns (attribute 4) */
+	uint32_t	   *alias_cols;
+	const uint8_t **alias_names;
+	uint32_t	   *alias_name_lens;
 } pgs_dict_table;
 
 typedef struct pgs_change
@@ -392,6 +433,8 @@ typedef struct pgs_wtable
 	uint32_t snap;
 	bool	 has_salt;
 	uint64_t salt;
+	uint32_t nalias;
+	pgs_buf	 aliases; /* nalias x (varint column, name) */
 } pgs_wtable;
 
 /*
@@ -426,6 +469,8 @@ uint32_t pgs_writer_table(pgs_writer *w, pgs_name name, uint32_t npk, const pgs_
 void pgs_writer_table_fingerprint(pgs_writer *w, uint32_t table, uint64_t fp);
 void pgs_writer_table_snap(pgs_writer *w, uint32_t table, uint32_t snap_flags); /* ORed */
 void pgs_writer_table_salt(pgs_writer *w, uint32_t table, uint64_t salt);
+/* pgs_writer_table_alias: column col of the table was once called name. */
+void pgs_writer_table_alias(pgs_writer *w, uint32_t table, uint32_t col, pgs_name name);
 /* pgs_writer_row: a row group (kind CHANGES or WHOLE) of n changes; a
  * deleted row (even cl) has none. */
 void pgs_writer_row(pgs_writer *w, uint32_t table, bool whole, const pgs_value *pk, int64_t cl,
@@ -563,6 +608,7 @@ typedef struct pgs_apply_stats
 	int64_t rows_deleted;
 	int64_t rows_forgotten; /* moved out of the view: removed locally */
 	int64_t held;			/* groups kept aside (unknown table or column) */
+	int64_t rows;			/* row groups in the payload (rows, whatever their fate) */
 } pgs_apply_stats;
 
 /*

@@ -48,7 +48,10 @@ void
 pgs_writer_free(pgs_writer *w)
 {
 	for (uint32_t i = 0; i < w->ntables; i++)
+	{
 		pgs_buf_free(&w->tables[i].dict);
+		pgs_buf_free(&w->tables[i].aliases);
+	}
 	pgs_free(w->tables);
 	pgs_buf_free(&w->groups);
 	pgs_buf_free(&w->sites);
@@ -93,6 +96,7 @@ pgs_writer_table(pgs_writer *w, pgs_name name, uint32_t npk, const pgs_name *pk_
 	t = &w->tables[w->ntables];
 	memset(t, 0, sizeof *t);
 	pgs_buf_init(&t->dict);
+	pgs_buf_init(&t->aliases);
 	put_name(&t->dict, name);
 	pgs_buf_varint(&t->dict, npk);
 	pgs_buf_varint(&t->dict, ncols);
@@ -129,6 +133,19 @@ pgs_writer_table_salt(pgs_writer *w, uint32_t table, uint64_t salt)
 	{
 		w->tables[table].has_salt = true;
 		w->tables[table].salt = salt;
+	}
+}
+
+void
+pgs_writer_table_alias(pgs_writer *w, uint32_t table, uint32_t col, pgs_name name)
+{
+	if (table < w->ntables && col < w->tables[table].ncols)
+	{
+		pgs_wtable *t = &w->tables[table];
+
+		pgs_buf_varint(&t->aliases, col);
+		put_name(&t->aliases, name);
+		t->nalias++;
 	}
 }
 
@@ -203,7 +220,8 @@ static void
 put_attrs(pgs_buf *b, const pgs_wtable *t)
 {
 	uint8_t le[8];
-	int		n = (t->has_fingerprint ? 1 : 0) + (t->snap ? 1 : 0) + (t->has_salt ? 1 : 0);
+	int		n = (t->has_fingerprint ? 1 : 0) + (t->snap ? 1 : 0) + (t->has_salt ? 1 : 0) +
+			(t->nalias ? 1 : 0);
 
 	pgs_buf_varint(b, (uint64_t) n);
 	if (t->has_fingerprint)
@@ -216,7 +234,7 @@ put_attrs(pgs_buf *b, const pgs_wtable *t)
 	if (t->snap)
 	{
 		pgs_buf_varint(b, 2);
-		pgs_buf_varint(b, 1); /* snap <= 3: one varint byte */
+		pgs_buf_varint(b, 1); /* snap <= 7: one varint byte */
 		pgs_buf_varint(b, t->snap);
 	}
 	if (t->has_salt)
@@ -225,6 +243,16 @@ put_attrs(pgs_buf *b, const pgs_wtable *t)
 		pgs_buf_varint(b, 8);
 		put_le(le, t->salt, 8);
 		pgs_buf_put(b, le, 8);
+	}
+	if (t->nalias)
+	{
+		uint8_t tmp[10];
+		int		k = pgs_varint_put(tmp, t->nalias);
+
+		pgs_buf_varint(b, 4);
+		pgs_buf_varint(b, (uint64_t) k + t->aliases.len);
+		pgs_buf_put(b, tmp, (size_t) k);
+		pgs_buf_put(b, t->aliases.p, t->aliases.len);
 	}
 }
 
@@ -247,7 +275,7 @@ pgs_writer_seal(pgs_writer *w, const uint8_t origin[16], int64_t since, int64_t 
 	{
 		pgs_buf_put(&body, w->tables[i].dict.p, w->tables[i].dict.len);
 		put_attrs(&body, &w->tables[i]);
-		w->oom |= w->tables[i].dict.oom;
+		w->oom |= w->tables[i].dict.oom || w->tables[i].aliases.oom;
 	}
 	pgs_buf_varint(&body, w->ngroups);
 	pgs_buf_put(&body, w->groups.p, w->groups.len);

@@ -599,9 +599,32 @@ hidden_row(db_table *t, const char *what)
 							  strcmp(what, "deleting") == 0 ? "delete" : "update")));
 }
 
-/* do_write converts the values and writes; ereports on any failure. */
+static void do_write_row(db_conn *db, write_args *w);
+
+/* do_write converts the values and writes; ereports on any failure. The
+ * capture trigger skips this row only (pg_apply_relid, pg_apply_key). */
 static void
 do_write(db_conn *db, write_args *w)
+{
+	Oid	   relid = pg_apply_relid;
+	Datum *key = pg_apply_key;
+
+	pg_apply_relid = w->t->relid;
+	pg_apply_key = pk_datums(w->t, w->pk, 0);
+	PG_TRY();
+	{
+		do_write_row(db, w);
+	}
+	PG_FINALLY();
+	{
+		pg_apply_relid = relid;
+		pg_apply_key = key;
+	}
+	PG_END_TRY();
+}
+
+static void
+do_write_row(db_conn *db, write_args *w)
 {
 	db_table *t = w->t;
 	Datum	 *vals;
@@ -733,6 +756,15 @@ guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err)
 			strlcpy(err->detail, ed->detail, sizeof(err->detail));
 		if (ed->hint)
 			strlcpy(err->hint, ed->hint, sizeof(err->hint));
+		else if (ed->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE && ed->message &&
+				 strncmp(ed->message, "permission denied for schema ", 29) == 0)
+		{
+			/* name the grant: the role is the caller's, the schema in the message */
+			const char *role = GetUserNameFromId(GetUserId(), false);
+
+			snprintf(err->hint, sizeof(err->hint), "GRANT USAGE ON SCHEMA %s TO %s;",
+					 ed->message + 29, quote_identifier(role));
+		}
 		strlcpy(err->code, unpack_sql_state(ed->sqlerrcode), sizeof(err->code));
 		FreeErrorData(ed);
 		rc = PGS_ERR_ROW;
@@ -1162,8 +1194,8 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 /*
  * changed_keys: when at most PG_KEYED_MAX rows of t changed since args[0]
  * (after the key in args[2..], order 2), their keys as one array per key
- * column in arrays[], and true. An incremental pull in key order then reads
- * exactly those rows (PGR_CHANGES_IN, PGR_CLOCKS_IN), whatever the planner
+ * column in arrays[], and true. An incremental pull then reads exactly
+ * those rows (PGR_CHANGES_IN, PGR_CLOCKS_IN), whatever the planner
  * believes of the table: the keys come from the ver index (sequential scans
  * are off while it is planned: right after a bulk load the clock table has
  * no statistics, and the planner would guess a third of it changed and walk
@@ -1245,7 +1277,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	else
 		kind = snapshot ? PGR_SNAPSHOT : PGR_CHANGES;
 	c->snapshot = snapshot;
-	if (order > 0 && !snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
+	if (!snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
 		kind = kind == PGR_CLOCKS ? PGR_CLOCKS_IN : PGR_CHANGES_IN;
 	/* the rls snapshot reads the base table as the caller, all else as the owner */
 	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2,

@@ -163,6 +163,11 @@ struct db_conn
 
 /* ---- pgsync.c ---- */
 extern bool pg_applying;	   /* true while sync_apply_payload merges */
+/* the row the apply is writing now (its clock is the apply's): the capture
+ * skips exactly that row, and records what the write causes elsewhere
+ * (ON DELETE CASCADE, triggers writing other synced rows) */
+extern Oid	  pg_apply_relid;
+extern Datum *pg_apply_key;
 extern bool pg_apply_conflict; /* a local write raced with the apply */
 void		pg_core_memory(MemoryContext cxt);
 void		pg_conn_init(db_conn *db, MemoryContext cxt);
@@ -186,7 +191,11 @@ void pg_as_caller(const pg_user_save *s);
 db_table	  *pg_table_get(Oid relid, bool missing_ok);
 db_table	  *pg_table_cached(Oid relid);
 void		   pg_table_release_all(void);
-void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp);
+void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
+							 bool allow_seq_keys);
+void		   pg_table_reload(Oid relid);
+/* pg_table_reconcile: after ALTER TABLE of a synced table (the DDL event trigger) */
+void		   pg_table_reconcile(Oid relid);
 void		   pg_table_cleanup(Oid relid);
 int			   pg_table_list(Oid **relids);
 Oid			   pg_table_by_name(const char *name, size_t len);
@@ -206,7 +215,7 @@ SPIPlanPtr	   pg_plan_row_delete(db_table *t);
 typedef enum pg_read_kind
 {
 	PGR_CHANGES = 0,	  /* clock rows with ver > $1 joined to their base row */
-	PGR_SNAPSHOT = 1,	  /* live clock rows joined to their base row */
+	PGR_SNAPSHOT = 1,	  /* every clock row (tombstones too) joined to its base row */
 	PGR_CLOCKS = 2,		  /* clock rows with ver > $1 only (RLS: rows probed as the caller) */
 	PGR_BASE = 3,		  /* base rows only, read as the caller (RLS snapshot) */
 	PGR_KEYS = 4,		  /* keys of live clock rows */

@@ -30,9 +30,12 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
+#include "utils/syscache.h"
 #include "utils/ruleutils.h"
 
 static HTAB *table_cache = NULL;
+
+static void load_history(db_table *t);
 
 static void
 table_inval(Datum arg, Oid relid)
@@ -236,7 +239,56 @@ table_load(db_table *t)
 	t->fresh_blob = NULL;
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
+	load_history(t);
 	return true;
+}
+
+/* load_history: the table's former column names (pgsync.column_history). */
+static void
+load_history(db_table *t)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid				  argt[1] = {OIDOID};
+	Datum			  arg[1] = {ObjectIdGetDatum(t->relid)};
+	pg_user_save	  us;
+	MemoryContext	  old;
+	uint64			  n;
+	char			**names;
+	int				 *cols;
+
+	pg_as_meta(&us);
+	if (plan == NULL)
+	{
+		plan = SPI_prepare("SELECT name, now FROM pgsync.column_history WHERE tbl = $1 ORDER BY name",
+						   1, argt);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+	}
+	if (SPI_execute_plan(plan, arg, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading pgsync.column_history failed");
+	pg_as_caller(&us);
+	n = SPI_processed;
+	if (n == 0)
+		return;
+	old = MemoryContextSwitchTo(t->cxt);
+	names = palloc(sizeof(char *) * n);
+	cols = palloc(sizeof(int) * n);
+	for (uint64 i = 0; i < n; i++)
+	{
+		char *now = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+
+		names[i] = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		cols[i] = -1;
+		for (int c = 0; now && c < t->ncols; c++)
+			if (strcmp(t->cols[c].name, now) == 0)
+				cols[i] = c;
+	}
+	t->info.nhist = (int) n;
+	t->info.hist_names = (const char *const *) names;
+	t->info.hist_cols = cols;
+	MemoryContextSwitchTo(old);
+	SPI_freetuptable(SPI_tuptable);
 }
 
 /*
@@ -283,6 +335,35 @@ pg_table_get(Oid relid, bool missing_ok)
 	}
 	t->busy++;
 	return t;
+}
+
+/*
+ * pg_table_reload: rebuild the entry of relid from its metadata now, in
+ * place (its address stays, its busy count too), for a call that changed
+ * the metadata and goes on using the table (sync_init after ADD COLUMN,
+ * then the held values of the new columns). Nothing else may hold pointers
+ * into the old entry's columns. SPI connected.
+ */
+void
+pg_table_reload(Oid relid)
+{
+	db_table *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
+	int		  busy;
+
+	if (t == NULL)
+		return;
+	busy = t->busy;
+	table_free(t);
+	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
+	t->relid = relid;
+	t->valid = true;
+	if (!table_load(t))
+	{
+		table_free(t);
+		hash_search(table_cache, &relid, HASH_REMOVE, NULL);
+		return;
+	}
+	t->busy = busy;
 }
 
 /* pg_table_cached: the entry if cached and valid (busy++), else NULL; no SPI. */
@@ -550,13 +631,16 @@ base_coll(db_table *t, int i)
 }
 
 /*
- * keys_join: " JOIN ROWS FROM (unnest($first), ...) AS k(k0, ...) ON c.key =
- * k.k0 ...": the clock rows of the keys in one array per key column; their
- * types go to types[first - 1 ...].
+ * keys_join: " JOIN ROWS FROM (unnest($first), ...) AS k(k0, ...) ON
+ * alias.key = k.k0 ...": the rows (of the clock, alias "c", or of the base
+ * table, "b") of the keys in one array per key column; their types go to
+ * types[first - 1 ...].
  */
 static void
-keys_join(StringInfo b, db_table *t, Oid *types, int first)
+keys_join(StringInfo b, db_table *t, const char *alias, Oid *types, int first)
 {
+	bool clock = strcmp(alias, "c") == 0;
+
 	appendStringInfoString(b, " JOIN ROWS FROM (");
 	for (int i = 0; i < t->npk; i++)
 	{
@@ -573,9 +657,10 @@ keys_join(StringInfo b, db_table *t, Oid *types, int first)
 	appendStringInfoString(b, ") ON ");
 	for (int i = 0; i < t->npk; i++)
 	{
-		const char *coll = clock_coll(t, i);
+		/* in the collation of the side whose key index the join uses */
+		const char *coll = clock ? clock_coll(t, i) : base_coll(t, i);
 
-		appendStringInfo(b, "%sc.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "",
+		appendStringInfo(b, "%s%s.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "", alias,
 						 quote_identifier(t->pk[i].name), i, coll ? " COLLATE " : "",
 						 coll ? coll : "");
 	}
@@ -618,9 +703,10 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 					appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
 				appendStringInfo(&b, " FROM %s c", t->q_clock);
 				if (in)
-					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
-				appendStringInfo(&b, " %s JOIN %s b ON ", kind == PGR_SNAPSHOT ? "" : "LEFT",
-								 t->q_base);
+					keys_join(&b, t, "c", types, order == 2 ? 3 + t->npk : 3);
+				/* a snapshot carries tombstones too: a receiver that re-inserts a
+				 * deleted key must know the life it ended (causal length) */
+				appendStringInfo(&b, " LEFT JOIN %s b ON ", t->q_base);
 				for (i = 0; i < t->npk; i++)
 				{
 					/* clock keys compare bytewise (COLLATE "C"): join in the base's
@@ -638,7 +724,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			case PGR_KEYS:
 				appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
 				if (in)
-					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
+					keys_join(&b, t, "c", types, order == 2 ? 3 + t->npk : 3);
 				break;
 			case PGR_CHANGED_KEYS:
 				appendStringInfo(&b, " FROM %s c", t->q_clock);
@@ -657,7 +743,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		appendStringInfoString(&b, " WHERE $2 IS NOT NULL");
 		if (kind == PGR_CHANGES || kind == PGR_CLOCKS || kind == PGR_CHANGED_KEYS || in)
 			appendStringInfoString(&b, " AND c.ver > $1");
-		else if (kind == PGR_SNAPSHOT || kind == PGR_KEYS)
+		else if (kind == PGR_KEYS)
 			appendStringInfoString(&b, " AND c.cl % 2 = 1 AND $1 IS NOT NULL");
 		else
 			appendStringInfoString(&b, " AND $1 IS NOT NULL");
@@ -677,7 +763,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			appendStringInfoString(&b, " ORDER BY ");
 			pk_list(&b, t, a);
 		}
-		else if (kind == PGR_CHANGES)
+		else if (kind == PGR_CHANGES || kind == PGR_CHANGES_IN)
 			appendStringInfoString(&b, " ORDER BY c.ver");
 		/*
 		 * A chunk reads max_rows rows of a possibly huge range: plan for a
@@ -717,35 +803,14 @@ pg_plan_probe(db_table *t, bool clock)
 		appendStringInfoString(&b, "SELECT ");
 		pk_list(&b, t, a);
 		if (clock)
-			appendStringInfo(&b, ", c.cl, c.clk FROM %s c JOIN ROWS FROM (", t->q_clock);
+			appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
 		else
 		{
 			for (i = 0; i < t->ncols; i++)
 				appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
-			appendStringInfo(&b, " FROM %s b JOIN ROWS FROM (", t->q_base);
+			appendStringInfo(&b, " FROM %s b", t->q_base);
 		}
-		for (i = 0; i < t->npk; i++)
-		{
-			Oid arr = get_array_type(t->pk[i].basetyp);
-
-			if (!OidIsValid(arr))
-				elog(ERROR, "pgsync: no array type for key column %s of %s", t->pk[i].name,
-					 t->name);
-			types[i] = arr;
-			appendStringInfo(&b, "%spg_catalog.unnest($%d)", i ? ", " : "", i + 1);
-		}
-		appendStringInfoString(&b, ") AS k(");
-		for (i = 0; i < t->npk; i++)
-			appendStringInfo(&b, "%sk%d", i ? ", " : "", i);
-		appendStringInfoString(&b, ") ON ");
-		for (i = 0; i < t->npk; i++)
-		{
-			const char *coll = clock ? clock_coll(t, i) : base_coll(t, i);
-
-			appendStringInfo(&b, "%s%s.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "",
-							 a, quote_identifier(t->pk[i].name), i, coll ? " COLLATE " : "",
-							 coll ? coll : "");
-		}
+		keys_join(&b, t, a, types, 1);
 		*slot = keep(b.data, t->npk, types);
 	}
 	return *slot;
@@ -886,15 +951,107 @@ array_elem(StringInfo b, const char *s)
  * triggers, records the table and backfills a clock row for every existing
  * row. Idempotent; SPI connected, caller owns the table.
  */
+/*
+ * key_from_sequence: whether key column a of relid is filled by a sequence
+ * (identity, serial, or a nextval() default): such keys collide between
+ * replicas (docs/PG.md).
+ */
+static bool
+key_from_sequence(Oid relid, Form_pg_attribute a)
+{
+	Oid	  types[2] = {OIDOID, INT2OID};
+	Datum v[2] = {ObjectIdGetDatum(relid), Int16GetDatum(a->attnum)};
+	bool  isnull, seq = false;
+
+	if (a->attidentity != '\0')
+		return true;
+	if (!a->atthasdef)
+		return false;
+	if (SPI_execute_with_args("SELECT pg_catalog.pg_get_expr(adbin, adrelid) ~ 'nextval\\(' "
+							  "FROM pg_catalog.pg_attrdef WHERE adrelid = $1 AND adnum = $2",
+							  2, types, v, NULL, true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+		seq = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) &&
+			  !isnull;
+	return seq;
+}
+
+/*
+ * append_new_columns: sync_init after ALTER TABLE ... ADD COLUMN. The new
+ * columns join the end of the clock blobs' column order; existing rows keep
+ * their clocks, the new cells unstamped (the column's default stays local
+ * until someone writes it: docs/MIGRATIONS.md), so nothing is re-sent.
+ * Values held for those columns are applied by sync_init right after.
+ */
+static void
+append_new_columns(db_table *t)
+{
+	Relation	   rel = table_open(t->relid, AccessShareLock);
+	TupleDesc	   td = RelationGetDescr(rel);
+	StringInfoData names, atts, types;
+	int			   added = 0;
+	pg_user_save   us;
+
+	initStringInfo(&names);
+	initStringInfo(&atts);
+	initStringInfo(&types);
+	for (int i = 0; i < td->natts; i++)
+	{
+		Form_pg_attribute a = TupleDescAttr(td, i);
+		bool			  known = false;
+
+		if (a->attisdropped || a->attgenerated)
+			continue;
+		for (int k = 0; k < t->npk && !known; k++)
+			known = t->pk[k].attnum == a->attnum;
+		for (int k = 0; k < t->ncols && !known; k++)
+			known = t->cols[k].attnum == a->attnum;
+		if (known)
+			continue;
+		appendStringInfoString(&names, added ? "," : "{");
+		appendStringInfoString(&atts, added ? "," : "{");
+		appendStringInfoString(&types, added ? "," : "{");
+		array_elem(&names, NameStr(a->attname));
+		appendStringInfo(&atts, "%d", (int) a->attnum);
+		appendStringInfo(&types, "%u", a->atttypid);
+		added++;
+	}
+	table_close(rel, AccessShareLock);
+	if (!added)
+		return;
+	appendStringInfoChar(&names, '}');
+	appendStringInfoChar(&atts, '}');
+	appendStringInfoChar(&types, '}');
+	{
+		Oid	  at[4] = {OIDOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum v[4] = {ObjectIdGetDatum(t->relid), CStringGetTextDatum(names.data),
+					  CStringGetTextDatum(atts.data), CStringGetTextDatum(types.data)};
+
+		pg_as_meta(&us);
+		if (SPI_execute_with_args("UPDATE pgsync.tables SET cols = cols || $2::text[], "
+								  "col_attnums = col_attnums || $3::int2[], "
+								  "col_types = col_types || $4::oid[] WHERE tbl = $1::regclass",
+								  4, at, v, NULL, false, 0) != SPI_OK_UPDATE ||
+			SPI_execute_with_args("DELETE FROM pgsync.column_history WHERE tbl = $1::regclass "
+								  "AND name = ANY ($2::text[])",
+								  2, at, v, NULL, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "pgsync: recording the new columns failed");
+		pg_as_caller(&us);
+	}
+	CacheInvalidateRelcacheByRelid(t->relid);
+	CommandCounterIncrement();
+	pg_table_reload(t->relid);
+}
+
 void
-pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
+pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool allow_seq_keys)
 {
 	Relation	   rel;
 	Oid			   pkidx;
 	Relation	   idx;
 	TupleDesc	   td;
 	char		  *nsp, *relname, *name, *clockname;
-	StringInfoData b, pkarr, colarr, pkdef;
+	StringInfoData b, pkarr, colarr, pkdef, pkatts, colatts, coltypes;
 	int			   npk, i, j, ncols = 0;
 	AttrNumber	  *pkatt;
 	pg_user_save   us;
@@ -918,7 +1075,12 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 								"... ADD PRIMARY KEY).")));
 	nsp = get_namespace_name(RelationGetNamespace(rel));
 	relname = pstrdup(RelationGetRelationName(rel));
-	name = strcmp(nsp, "public") == 0 ? relname : psprintf("%s.%s", nsp, relname);
+	/* the name in payloads: the table's own, whatever its schema (docs/PG.md) */
+	name = want_name ? pstrdup(want_name) : relname;
+	if (name[0] == '\0' || strlen(name) > PGS_MAX_NAME)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						errmsg("\"%s\" cannot be a table's name in payloads", name),
+						errhint("Pass a name of 1 to %d bytes.", PGS_MAX_NAME)));
 	clockname = psprintf("%s__sync_clock", relname);
 	if (strlen(clockname) >= NAMEDATALEN)
 		ereport(ERROR, (errcode(ERRCODE_NAME_TOO_LONG),
@@ -938,8 +1100,14 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 	initStringInfo(&pkarr);
 	initStringInfo(&colarr);
 	initStringInfo(&pkdef);
+	initStringInfo(&pkatts);
+	initStringInfo(&colatts);
+	initStringInfo(&coltypes);
 	appendStringInfoString(&pkarr, "{");
 	appendStringInfoString(&colarr, "{");
+	appendStringInfoString(&pkatts, "{");
+	appendStringInfoString(&colatts, "{");
+	appendStringInfoString(&coltypes, "{");
 	for (i = 0; i < npk; i++)
 	{
 		Form_pg_attribute a = TupleDescAttr(td, pkatt[i] - 1);
@@ -961,9 +1129,24 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 				 errmsg("primary key column \"%s\" clashes with a clock table column", an),
 				 errhint(
 					 "Rename the key column; \"cl\", \"ver\" and \"clk\" are used by pgsync.")));
+		if (!allow_seq_keys && key_from_sequence(relid, a))
+			ereport(
+				ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("primary key column \"%s\" of table %s is generated by a sequence", an,
+						RelationGetRelationName(rel)),
+				 errdetail("Every replica generates the same ids (1, 2, 3, ...): two different "
+						   "rows made on two replicas would have one key and merge into one."),
+				 errhint("Use a key that is unique across devices: uuid PRIMARY KEY DEFAULT "
+						 "sync_uuid() (or text DEFAULT sync_uuid()::text). If only this database "
+						 "ever inserts rows, pass allow_sequence_keys => true.")));
 		if (i)
+		{
 			appendStringInfoChar(&pkarr, ',');
+			appendStringInfoChar(&pkatts, ',');
+		}
 		array_elem(&pkarr, an);
+		appendStringInfo(&pkatts, "%d", (int) a->attnum);
 		appendStringInfo(&pkdef, "%s %s", quote_identifier(an),
 						 format_type_with_typemod(a->atttypid, a->atttypmod));
 		/*
@@ -989,43 +1172,61 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		if (iskey)
 			continue;
 		if (ncols)
+		{
 			appendStringInfoChar(&colarr, ',');
+			appendStringInfoChar(&colatts, ',');
+			appendStringInfoChar(&coltypes, ',');
+		}
 		array_elem(&colarr, NameStr(a->attname));
+		appendStringInfo(&colatts, "%d", (int) a->attnum);
+		appendStringInfo(&coltypes, "%u", a->atttypid);
 		ncols++;
 	}
 	appendStringInfoString(&pkarr, "}");
 	appendStringInfoString(&colarr, "}");
+	appendStringInfoString(&pkatts, "}");
+	appendStringInfoString(&colatts, "}");
+	appendStringInfoString(&coltypes, "}");
 	table_close(rel, NoLock);
 
 	/* already synced? */
 	t = pg_table_get(relid, true);
 	if (t != NULL)
 	{
-		StringInfoData cur;
 
 		if (t->algo != algo)
 			ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 							errmsg("table %s is already synced with algorithm \"%s\"", t->name,
 								   t->algo == DB_ALGO_GSET ? "gset" : "cls"),
 							errhint("Call sync_cleanup first to change the algorithm.")));
-		initStringInfo(&cur);
-		appendStringInfoString(&cur, "{");
-		for (i = 0; i < t->ncols; i++)
-		{
-			if (i)
-				appendStringInfoChar(&cur, ',');
-			array_elem(&cur, t->cols[i].name);
-		}
-		appendStringInfoString(&cur, "}");
-		if (strcmp(cur.data, colarr.data) != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("the columns of synced table %s changed since sync_init", t->name),
-					 errdetail("Synced columns: %s; the table now has: %s.", cur.data, colarr.data),
-					 errhint("Adding or removing synced columns is not supported yet; call "
-							 "sync_cleanup and sync_init to start over.")));
+		if (want_name && strcmp(want_name, t->name) != 0)
+			ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+							errmsg("table %s is already synced as \"%s\"", relname, t->name),
+							errhint("A table's name in payloads cannot change; call sync_init "
+									"without a name.")));
+		append_new_columns(t);
 		pg_watch_refresh(relid);
 		return; /* idempotent */
+	}
+	{
+		Oid	  types[1] = {TEXTOID};
+		Datum v[1] = {CStringGetTextDatum(name)};
+
+		pg_as_meta(&us);
+		if (SPI_execute_with_args("SELECT tbl::pg_catalog.text FROM pgsync.tables WHERE name = $1",
+								  1, types, v, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "pgsync: reading pgsync.tables failed");
+		pg_as_caller(&us);
+		if (SPI_processed > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DUPLICATE_OBJECT),
+					 errmsg("table %s is already synced as \"%s\"",
+							SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), name),
+					 errdetail("Payloads name tables without their schema; two synced tables "
+							   "cannot share a name."),
+					 errhint("Give this one another name in payloads: sync_init('%s.%s', name => "
+							 "'%s_%s'); its SQLite replicas then call their table %s_%s.",
+							 nsp, relname, nsp, relname, nsp, relname)));
 	}
 
 	/* clock table and metadata, as the metadata owner */
@@ -1045,8 +1246,9 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 	exec_sql(b.data, SPI_OK_UTILITY);
 
 	{
-		Oid	  types[6] = {TEXTOID, OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		Datum v[6];
+		Oid	  types[9] = {TEXTOID, OIDOID, TEXTOID, TEXTOID, TEXTOID,
+						  TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum v[9];
 
 		v[0] = CStringGetTextDatum(name);
 		v[1] = ObjectIdGetDatum(relid);
@@ -1054,13 +1256,22 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		v[3] = CStringGetTextDatum(algo == DB_ALGO_GSET ? "gset" : "cls");
 		v[4] = CStringGetTextDatum(pkarr.data);
 		v[5] = CStringGetTextDatum(colarr.data);
+		v[6] = CStringGetTextDatum(pkatts.data);
+		v[7] = CStringGetTextDatum(colatts.data);
+		v[8] = CStringGetTextDatum(coltypes.data);
 		if (SPI_execute_with_args(
-				"INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols, rls) "
+				"INSERT INTO pgsync.tables (name, tbl, clock, algo, pk_cols, cols, rls, "
+				"pk_attnums, col_attnums, col_types) "
 				"SELECT $1, $2::regclass, $3::regclass, $4, $5::text[], $6::text[], "
 				"CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN r.relforcerowsecurity THEN "
-				"'forced' ELSE 'on' END FROM pg_catalog.pg_class r WHERE r.oid = $2",
-				6, types, v, NULL, false, 0) != SPI_OK_INSERT)
+				"'forced' ELSE 'on' END, $7::int2[], $8::int2[], $9::oid[] "
+				"FROM pg_catalog.pg_class r WHERE r.oid = $2",
+				9, types, v, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: recording the table failed");
+		/* a table synced again after sync_cleanup starts without former names */
+		if (SPI_execute_with_args("DELETE FROM pgsync.column_history WHERE tbl = $1::regclass", 1,
+								  types + 1, v + 1, NULL, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "pgsync: clearing the column history failed");
 	}
 	pg_as_caller(&us);
 
@@ -1103,6 +1314,10 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp)
 		pg_as_meta(&us);
 		if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: backfilling the clock table failed");
+		/* statistics now, not at autovacuum's first visit: pulls plan on them */
+		resetStringInfo(&b);
+		appendStringInfo(&b, "ANALYZE %s", t->q_clock);
+		exec_sql(b.data, SPI_OK_UTILITY);
 		pg_as_caller(&us);
 	}
 	pg_watch_refresh(relid);
@@ -1142,4 +1357,257 @@ pg_table_cleanup(Oid relid)
 	pg_as_caller(&us);
 	t->valid = false;
 	CacheInvalidateRelcacheByRelid(relid);
+}
+
+/* ---- schema changes of synced tables (docs/MIGRATIONS.md) ---------------- */
+
+static int16 *
+int2_array(Datum d, int *n)
+{
+	ArrayType *a = DatumGetArrayTypeP(d);
+	Datum	  *elems;
+	bool	  *nulls;
+	int16	  *out;
+
+	deconstruct_array(a, INT2OID, 2, true, TYPALIGN_SHORT, &elems, &nulls, n);
+	out = palloc(sizeof(int16) * (*n + 1));
+	for (int i = 0; i < *n; i++)
+		out[i] = DatumGetInt16(elems[i]);
+	return out;
+}
+
+static Oid *
+oid_array(Datum d, int *n)
+{
+	ArrayType *a = DatumGetArrayTypeP(d);
+	Datum	  *elems;
+	bool	  *nulls;
+	Oid		  *out;
+
+	deconstruct_array(a, OIDOID, sizeof(Oid), true, TYPALIGN_INT, &elems, &nulls, n);
+	out = palloc(sizeof(Oid) * (*n + 1));
+	for (int i = 0; i < *n; i++)
+		out[i] = DatumGetObjectId(elems[i]);
+	return out;
+}
+
+static void
+meta_sql(const char *sql, int nargs, Oid *types, Datum *vals, int expect)
+{
+	pg_user_save us;
+	int			 rc;
+
+	pg_as_meta(&us);
+	rc = SPI_execute_with_args(sql, nargs, types, vals, NULL, false, 0);
+	pg_as_caller(&us);
+	if (rc != expect)
+		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
+}
+
+/* kind_of: how values of a type travel, or -1 for a type that is gone */
+static int
+kind_of(Oid typid)
+{
+	if (!OidIsValid(typid) || !SearchSysCacheExists1(TYPEOID, ObjectIdGetDatum(typid)))
+		return -1;
+	return (int) pg_type_kind(getBaseType(typid));
+}
+
+/*
+ * pg_table_reconcile: the DDL event trigger's check of an ALTER TABLE of a
+ * synced table, in the same transaction. Supported: RENAME COLUMN (the
+ * column travels under its new name, its former name is kept in
+ * pgsync.column_history so that older replicas still match it), DROP COLUMN
+ * (its stamp leaves every clock blob; payloads that still carry it are
+ * ignored), a type change that keeps how values travel (varchar(10) to
+ * text, integer to bigint), RENAME TO and SET SCHEMA (the name in payloads
+ * stays). Refused with the supported way: a change of the primary key, a
+ * rename of a key column, a type change that changes how values travel.
+ */
+void
+pg_table_reconcile(Oid relid)
+{
+	Oid			   at[1] = {OIDOID};
+	Datum		   av[1] = {ObjectIdGetDatum(relid)};
+	pg_user_save   us;
+	HeapTuple	   tup;
+	TupleDesc	   std, td;
+	bool		   isnull;
+	char		  *name, *q_clock;
+	int			   npk, ncols, n, natts;
+	int16		  *pkatt, *colatt;
+	Oid			  *coltyp;
+	char		 **pknames, **colnames;
+	Relation	   rel;
+	Oid			   pkidx;
+	bool		   changed = false;
+	StringInfoData b;
+
+	pg_as_meta(&us);
+	if (SPI_execute_with_args("SELECT name, pk_cols, pk_attnums, cols, col_attnums, col_types, "
+							  "clock::pg_catalog.text FROM pgsync.tables WHERE tbl = $1",
+							  1, at, av, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading pgsync.tables failed");
+	pg_as_caller(&us);
+	if (SPI_processed == 0)
+		return;
+	tup = SPI_tuptable->vals[0];
+	std = SPI_tuptable->tupdesc;
+	name = SPI_getvalue(tup, std, 1);
+	q_clock = SPI_getvalue(tup, std, 7);
+	(void) SPI_getbinval(tup, std, 3, &isnull);
+	if (isnull)
+		return; /* recorded by a build that did not keep attnums */
+	text_array_elem(SPI_getbinval(tup, std, 2, &isnull), -1, &npk);
+	pknames = palloc(sizeof(char *) * (npk + 1));
+	for (int i = 0; i < npk; i++)
+		pknames[i] = text_array_elem(SPI_getbinval(tup, std, 2, &isnull), i, &n);
+	pkatt = int2_array(SPI_getbinval(tup, std, 3, &isnull), &n);
+	text_array_elem(SPI_getbinval(tup, std, 4, &isnull), -1, &ncols);
+	colnames = palloc(sizeof(char *) * (ncols + 1));
+	for (int i = 0; i < ncols; i++)
+		colnames[i] = text_array_elem(SPI_getbinval(tup, std, 4, &isnull), i, &n);
+	colatt = int2_array(SPI_getbinval(tup, std, 5, &isnull), &n);
+	coltyp = oid_array(SPI_getbinval(tup, std, 6, &isnull), &n);
+
+	rel = table_open(relid, AccessShareLock);
+	td = RelationGetDescr(rel);
+	natts = td->natts;
+
+	/* the key: same columns, same names */
+	pkidx = RelationGetPrimaryKeyIndex(rel, false);
+	{
+		bool same = OidIsValid(pkidx);
+
+		if (same)
+		{
+			Relation idx = index_open(pkidx, AccessShareLock);
+
+			same = idx->rd_index->indnkeyatts == npk;
+			for (int i = 0; same && i < npk; i++)
+				same = idx->rd_index->indkey.values[i] == pkatt[i];
+			index_close(idx, AccessShareLock);
+		}
+		if (!same)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("the primary key of synced table %s cannot change", name),
+					 errdetail("Every replica identifies the table's rows by that key."),
+					 errhint("Create a new table with the new key, sync_init it, copy the rows and "
+							 "drop the old table (docs/MIGRATIONS.md).")));
+		for (int i = 0; i < npk; i++)
+			if (strcmp(NameStr(TupleDescAttr(td, pkatt[i] - 1)->attname), pknames[i]) != 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("key column \"%s\" of synced table %s cannot be renamed",
+								pknames[i], name),
+						 errdetail("Payloads name key columns; every replica must use one name."),
+						 errhint("Keep the key column's name (docs/MIGRATIONS.md).")));
+	}
+
+	/* the columns, last first: a drop moves the later ones down */
+	initStringInfo(&b);
+	for (int i = ncols - 1; i >= 0; i--)
+	{
+		Form_pg_attribute a = colatt[i] >= 1 && colatt[i] <= natts
+								  ? TupleDescAttr(td, colatt[i] - 1)
+								  : NULL;
+		Oid				  ht[3] = {OIDOID, TEXTOID, TEXTOID};
+		Datum			  hv[3];
+
+		hv[0] = ObjectIdGetDatum(relid);
+		hv[1] = CStringGetTextDatum(colnames[i]);
+		if (!a || a->attisdropped)
+		{
+			Oid	  dt[2] = {INT4OID, INT4OID};
+			Datum dv[2] = {Int32GetDatum(ncols), Int32GetDatum(i)};
+
+			resetStringInfo(&b);
+			appendStringInfo(&b,
+							 "UPDATE %s SET clk = pgsync.rowclock_drop(clk, $1, $2)", q_clock);
+			meta_sql(b.data, 2, dt, dv, SPI_OK_UPDATE);
+			meta_sql("INSERT INTO pgsync.column_history (tbl, name, now) VALUES ($1, $2, NULL) "
+					 "ON CONFLICT (tbl, name) DO UPDATE SET now = NULL, at = now()",
+					 2, ht, hv, SPI_OK_INSERT);
+			meta_sql("UPDATE pgsync.column_history SET now = NULL WHERE tbl = $1 AND now = $2", 2,
+					 ht, hv, SPI_OK_UPDATE);
+			memmove(colnames + i, colnames + i + 1, sizeof(char *) * (ncols - i - 1));
+			memmove(colatt + i, colatt + i + 1, sizeof(int16) * (ncols - i - 1));
+			memmove(coltyp + i, coltyp + i + 1, sizeof(Oid) * (ncols - i - 1));
+			ncols--;
+			changed = true;
+			continue;
+		}
+		if (strcmp(NameStr(a->attname), colnames[i]) != 0)
+		{
+			hv[2] = CStringGetTextDatum(NameStr(a->attname));
+			meta_sql("UPDATE pgsync.column_history SET now = $3 WHERE tbl = $1 AND now = $2", 3,
+					 ht, hv, SPI_OK_UPDATE);
+			meta_sql("INSERT INTO pgsync.column_history (tbl, name, now) VALUES ($1, $2, $3) "
+					 "ON CONFLICT (tbl, name) DO UPDATE SET now = $3, at = now()",
+					 3, ht, hv, SPI_OK_INSERT);
+			/* renamed back to a former name: it is its name again */
+			meta_sql("DELETE FROM pgsync.column_history WHERE tbl = $1 AND name = $3", 3, ht, hv,
+					 SPI_OK_DELETE);
+			colnames[i] = pstrdup(NameStr(a->attname));
+			changed = true;
+		}
+		if (a->atttypid != coltyp[i])
+		{
+			int was = kind_of(coltyp[i]), is = kind_of(a->atttypid);
+
+			if (was >= 0 && was != is)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("the type of synced column \"%s\" of table %s cannot change to %s",
+								NameStr(a->attname), name, format_type_be(a->atttypid)),
+						 errdetail("Its values would travel in another form (docs/TYPES.md): "
+								   "older replicas would receive values they cannot read."),
+						 errhint("Add a new column of the new type, copy the values, and drop the "
+								 "old column (docs/MIGRATIONS.md).")));
+			coltyp[i] = a->atttypid;
+			changed = true;
+		}
+	}
+	table_close(rel, AccessShareLock);
+	if (!changed)
+		return;
+	{
+		StringInfoData cn, ca, ct;
+		Oid			   ut[4] = {OIDOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		   uv[4];
+
+		initStringInfo(&cn);
+		initStringInfo(&ca);
+		initStringInfo(&ct);
+		appendStringInfoChar(&cn, '{');
+		appendStringInfoChar(&ca, '{');
+		appendStringInfoChar(&ct, '{');
+		for (int i = 0; i < ncols; i++)
+		{
+			if (i)
+			{
+				appendStringInfoChar(&cn, ',');
+				appendStringInfoChar(&ca, ',');
+				appendStringInfoChar(&ct, ',');
+			}
+			array_elem(&cn, colnames[i]);
+			appendStringInfo(&ca, "%d", (int) colatt[i]);
+			appendStringInfo(&ct, "%u", coltyp[i]);
+		}
+		appendStringInfoChar(&cn, '}');
+		appendStringInfoChar(&ca, '}');
+		appendStringInfoChar(&ct, '}');
+		uv[0] = ObjectIdGetDatum(relid);
+		uv[1] = CStringGetTextDatum(cn.data);
+		uv[2] = CStringGetTextDatum(ca.data);
+		uv[3] = CStringGetTextDatum(ct.data);
+		meta_sql("UPDATE pgsync.tables SET cols = $2::text[], col_attnums = $3::int2[], "
+				 "col_types = $4::oid[] WHERE tbl = $1::regclass",
+				 4, ut, uv, SPI_OK_UPDATE);
+	}
+	CacheInvalidateRelcacheByRelid(relid);
+	CommandCounterIncrement();
+	/* later writes of this transaction capture the new column list */
+	pg_table_reload(relid);
 }

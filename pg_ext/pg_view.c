@@ -22,6 +22,7 @@
 #include "pg_internal.h"
 
 #include "access/xact.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/event_trigger.h"
 #include "commands/trigger.h"
@@ -48,6 +49,7 @@ char	pg_cur_principal[256];
 
 PG_FUNCTION_INFO_V1(sync_device);
 PG_FUNCTION_INFO_V1(sync_pull);
+PG_FUNCTION_INFO_V1(sync_pull_total);
 PG_FUNCTION_INFO_V1(sync_watch);
 PG_FUNCTION_INFO_V1(sync_visibility_changed);
 PG_FUNCTION_INFO_V1(sync_vis_trigger);
@@ -151,6 +153,8 @@ pg_vis_changed_in(Oid relid, int64 since, int64 until)
 void
 pg_watch_refresh(Oid relid)
 {
+	/* every read here sees the command's own writes (read_only = false: a new
+	 * command id), the policy just created and the watches just written */
 	Oid	  types[1] = {OIDOID};
 	Datum vals[1] = {ObjectIdGetDatum(relid)};
 
@@ -175,7 +179,7 @@ pg_watch_refresh(Oid relid)
 			  "FROM (SELECT DISTINCT depends_on FROM pgsync.watches) w WHERE NOT EXISTS "
 			  "(SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = w.depends_on AND t.tgname = "
 			  "'pgsync_vis')",
-			  0, NULL, NULL, true, 0);
+			  0, NULL, NULL, false, 0);
 	{
 		uint64 n = SPI_processed;
 		char **ddl = palloc(sizeof(char *) * (n + 1));
@@ -188,7 +192,7 @@ pg_watch_refresh(Oid relid)
 	meta_exec("SELECT pg_catalog.format('DROP TRIGGER pgsync_vis ON %s', t.tgrelid::pg_catalog."
 			  "regclass) FROM pg_catalog.pg_trigger t WHERE t.tgname = 'pgsync_vis' AND NOT EXISTS "
 			  "(SELECT 1 FROM pgsync.watches w WHERE w.depends_on = t.tgrelid)",
-			  0, NULL, NULL, true, 0);
+			  0, NULL, NULL, false, 0);
 	{
 		uint64 n = SPI_processed;
 		char **ddl = palloc(sizeof(char *) * (n + 1));
@@ -272,10 +276,29 @@ sync_visibility_changed(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* result_oids: the first column of the last SPI result, as oids (palloc'd). */
+static Oid *
+result_oids(uint64 *n)
+{
+	Oid *rels = palloc(sizeof(Oid) * (SPI_processed + 1));
+
+	*n = SPI_processed;
+	for (uint64 i = 0; i < *n; i++)
+	{
+		bool isnull;
+
+		rels[i] = DatumGetObjectId(
+			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return rels;
+}
+
 /*
- * sync_on_ddl_end: policy, RLS and privilege changes of synced tables.
- * Policies: refresh the table's watches and log it. ALTER TABLE: log it
- * when its row-level security switched (pgsync.tables.rls remembers).
+ * sync_on_ddl_end: schema, policy, RLS and privilege changes of synced
+ * tables. ALTER TABLE: renamed, dropped and retyped columns are recorded or
+ * refused (pg_table_reconcile), and the table is logged when its row-level
+ * security switched (pgsync.tables.rls remembers). Policies: refresh the
+ * table's watches and log it.
  * GRANT, REVOKE, DROP POLICY: every synced table (they are rare, and the
  * command does not always say which table).
  */
@@ -292,30 +315,32 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 	tag = GetCommandTagName(ev->tag);
 	SPI_connect();
 	if (strcmp(tag, "GRANT") == 0 || strcmp(tag, "REVOKE") == 0 || strcmp(tag, "DROP POLICY") == 0)
-		meta_exec("SELECT tbl::pg_catalog.oid FROM pgsync.tables", 0, NULL, NULL, true, 0);
+		meta_exec("SELECT tbl::pg_catalog.oid FROM pgsync.tables", 0, NULL, NULL, false, 0);
 	else if (strcmp(tag, "ALTER TABLE") == 0)
+	{
+		/* renamed, dropped or retyped synced columns first (pg_table.c) */
+		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
+				  "pg_catalog.pg_event_trigger_ddl_commands() c "
+				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid",
+				  0, NULL, NULL, false, 0);
+		rels = result_oids(&n);
+		for (uint64 i = 0; i < n; i++)
+			pg_table_reconcile(rels[i]);
 		meta_exec(
 			"SELECT t.tbl::pg_catalog.oid FROM pg_catalog.pg_event_trigger_ddl_commands() c "
 			"JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid "
 			"JOIN pg_catalog.pg_class r ON r.oid = c.objid "
 			"WHERE t.rls IS DISTINCT FROM (CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN "
 			"r.relforcerowsecurity THEN 'forced' ELSE 'on' END)",
-			0, NULL, NULL, true, 0);
+			0, NULL, NULL, false, 0);
+	}
 	else
 		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
 				  "pg_catalog.pg_event_trigger_ddl_commands() c "
 				  "JOIN pg_catalog.pg_policy p ON p.oid = c.objid "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = p.polrelid",
-				  0, NULL, NULL, true, 0);
-	n = SPI_processed;
-	rels = palloc(sizeof(Oid) * (n + 1));
-	for (uint64 i = 0; i < n; i++)
-	{
-		bool isnull;
-
-		rels[i] = DatumGetObjectId(
-			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-	}
+				  0, NULL, NULL, false, 0);
+	rels = result_oids(&n);
 	for (uint64 i = 0; i < n; i++)
 	{
 		Oid	  types[1] = {OIDOID};
@@ -342,6 +367,20 @@ db_access
 pg_table_access(db_table *t)
 {
 	Oid user = GetUserId();
+	Oid nsp = get_rel_namespace(t->relid);
+
+	if (object_aclcheck(NamespaceRelationId, nsp, user, ACL_USAGE) != ACLCHECK_OK &&
+		pg_class_aclcheck(t->relid, user, ACL_SELECT) == ACLCHECK_OK)
+	{
+		const char *role = GetUserNameFromId(user, false), *schema = get_namespace_name(nsp);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role %s may read synced table %s but not use its schema %s", role,
+						t->name, schema),
+				 errhint("GRANT USAGE ON SCHEMA %s TO %s;", quote_identifier(schema),
+						 quote_identifier(role))));
+	}
 
 	if (pg_class_aclcheck(t->relid, user, ACL_SELECT) != ACLCHECK_OK)
 	{
@@ -861,6 +900,41 @@ sync_pull(PG_FUNCTION_ARGS)
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(cxt);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * sync_pull_total() -> bigint: the rows a pull from 0 sends the caller,
+ * counted as the caller (privileges and RLS apply) in the statement's
+ * snapshot: every visible row of every synced table it may read (a pull
+ * from 0 is a snapshot of every table: live visible rows, no tombstones).
+ * O(visible rows); the server calls it once per first sync.
+ */
+Datum
+sync_pull_total(PG_FUNCTION_ARGS)
+{
+	Oid	 *relids;
+	int	  n;
+	int64 total = 0;
+
+	SPI_connect();
+	n = pg_table_list(&relids);
+	for (int i = 0; i < n; i++)
+	{
+		db_table *t = pg_table_get(relids[i], true);
+		char	 *sql;
+		bool	  isnull;
+
+		if (!t || t->npk < 1 || pg_table_access(t) == DB_ACCESS_NONE)
+			continue;
+		/* count a key column: column privileges may be all the caller has */
+		sql = psprintf("SELECT count(%s) FROM %s", quote_identifier(t->pk[0].name), t->q_base);
+		if (SPI_execute(sql, true, 0) == SPI_OK_SELECT && SPI_processed == 1)
+			total += DatumGetInt64(
+				SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		pfree(sql);
+	}
+	SPI_finish();
+	PG_RETURN_INT64(total);
 }
 
 /* ---- rows a device asks for ------------------------------------------------ */

@@ -27,7 +27,9 @@
 
 PG_MODULE_MAGIC;
 
-bool pg_applying = false;
+bool   pg_applying = false;
+Oid	   pg_apply_relid = InvalidOid;
+Datum *pg_apply_key = NULL;
 bool pg_apply_conflict = false;
 
 static MemoryContext core_cxt = NULL;
@@ -281,6 +283,8 @@ pg_reject_add(const char *table, const char *pk_json, const char *sqlstate, cons
 /* ---- SQL functions ---------------------------------------------------------- */
 
 PG_FUNCTION_INFO_V1(sync_init);
+PG_FUNCTION_INFO_V1(sync_alter);
+PG_FUNCTION_INFO_V1(sync_rowclock_drop);
 PG_FUNCTION_INFO_V1(sync_cleanup);
 PG_FUNCTION_INFO_V1(sync_site_id);
 PG_FUNCTION_INFO_V1(sync_db_version);
@@ -349,14 +353,25 @@ apply_held(Oid relid, MemoryContext cxt)
 	}
 }
 
-/* sync_init(tbl regclass, algo text): start syncing a table. */
+/*
+ * sync_init(tbl regclass, algo text, name text, allow_sequence_keys bool):
+ * start syncing a table, or sync its new columns.
+ */
 Datum
 sync_init(PG_FUNCTION_ARGS)
 {
-	Oid			  relid = PG_GETARG_OID(0);
-	char		 *algo = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	Oid			  relid;
+	char		 *algo = PG_ARGISNULL(1) ? "cls" : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	char		 *name = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2))
+															: NULL;
+	bool		  allow_seq = PG_NARGS() > 3 && !PG_ARGISNULL(3) && PG_GETARG_BOOL(3);
 	db_algo		  a;
 	MemoryContext cxt;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						errmsg("sync_init needs a table"), errhint("Pass the table's name.")));
+	relid = PG_GETARG_OID(0);
 
 	if (strcmp(algo, "cls") == 0)
 		a = DB_ALGO_CLS;
@@ -370,11 +385,101 @@ sync_init(PG_FUNCTION_ARGS)
 	require_owner(relid);
 	cxt = call_context();
 	SPI_connect();
-	pg_table_init(relid, a, get_func_namespace(fcinfo->flinfo->fn_oid));
+	pg_table_init(relid, a, get_func_namespace(fcinfo->flinfo->fn_oid), name, allow_seq);
 	apply_held(relid, cxt);
 	SPI_finish();
 	call_done(cxt);
 	PG_RETURN_VOID();
+}
+
+/* alter_verb: the clause sync_alter runs, or NULL (ADD, DROP, RENAME [COLUMN]) */
+static const char *
+alter_verb(const char *cmd)
+{
+	static const char *const verbs[] = {"add", "drop", "rename"};
+
+	while (*cmd == ' ' || *cmd == '\t' || *cmd == '\n')
+		cmd++;
+	for (int i = 0; i < 3; i++)
+	{
+		size_t n = strlen(verbs[i]);
+
+		if (pg_strncasecmp(cmd, verbs[i], n) == 0 && (cmd[n] == ' ' || cmd[n] == '\t'))
+		{
+			const char *rest = cmd + n;
+
+			while (*rest == ' ' || *rest == '\t')
+				rest++;
+			/* RENAME TO (the table) and ADD/DROP CONSTRAINT are not column changes */
+			if (pg_strncasecmp(rest, "constraint", 10) == 0 ||
+				(i == 2 && pg_strncasecmp(rest, "to ", 3) == 0))
+				return NULL;
+			return verbs[i];
+		}
+	}
+	return NULL;
+}
+
+/*
+ * sync_alter(tbl regclass, command text): ALTER TABLE tbl command, for
+ * ADD COLUMN (synced at once), DROP COLUMN, RENAME COLUMN. On Postgres the
+ * event trigger keeps the clocks right for a plain ALTER TABLE too; this is
+ * the call both engines share (docs/MIGRATIONS.md).
+ */
+Datum
+sync_alter(PG_FUNCTION_ARGS)
+{
+	Oid			   relid = PG_GETARG_OID(0);
+	char		  *cmd = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	const char	  *verb = alter_verb(cmd);
+	StringInfoData b;
+	MemoryContext  cxt;
+	db_algo		   algo;
+
+	if (!verb || strchr(cmd, ';'))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("sync_alter cannot run \"%s\"", cmd),
+				 errhint("Pass one column change: 'ADD COLUMN name type ...', 'DROP COLUMN name' "
+						 "or 'RENAME COLUMN old TO new' (docs/MIGRATIONS.md).")));
+	require_owner(relid);
+	cxt = call_context();
+	SPI_connect();
+	algo = pg_table_get(relid, false)->algo; /* a synced table */
+	initStringInfo(&b);
+	appendStringInfo(&b, "ALTER TABLE %s %s",
+					 quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+												get_rel_name(relid)),
+					 cmd);
+	if (SPI_execute(b.data, false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "pgsync: \"%s\" failed", b.data);
+	CommandCounterIncrement();
+	if (strcmp(verb, "add") == 0)
+	{
+		pg_table_init(relid, algo, get_func_namespace(fcinfo->flinfo->fn_oid), NULL, false);
+		apply_held(relid, cxt);
+	}
+	SPI_finish();
+	call_done(cxt);
+	PG_RETURN_VOID();
+}
+
+/* pgsync.rowclock_drop(clk bytea, ncols int, col int): a blob without one column. */
+Datum
+sync_rowclock_drop(PG_FUNCTION_ARGS)
+{
+	bytea  *in = PG_GETARG_BYTEA_PP(0);
+	pgs_buf out;
+	pgs_err err;
+	bytea  *res;
+
+	pgs_buf_init(&out);
+	if (pgs_rowclock_drop_col((const uint8_t *) VARDATA_ANY(in), VARSIZE_ANY_EXHDR(in),
+							  PG_GETARG_INT32(1), PG_GETARG_INT32(2), &out, &err) != PGS_OK)
+		pg_raise(&err);
+	res = pg_bytea(CurrentMemoryContext, out.p, out.len);
+	pgs_buf_free(&out);
+	PG_RETURN_BYTEA_P(res);
 }
 
 /* sync_cleanup(tbl regclass): stop syncing a table, drop its metadata. */

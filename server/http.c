@@ -235,6 +235,13 @@ send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, int32_t gen, pu
 	}
 	MHD_add_response_header(resp, "X-Pgsync-Cursor", cur);
 	MHD_add_response_header(resp, "X-Pgsync-More", more ? "1" : "0");
+	if (pr && pr->payload && pr->rows_total >= 0)
+	{
+		char total[24];
+
+		snprintf(total, sizeof total, "%lld", (long long) pr->rows_total);
+		MHD_add_response_header(resp, "X-Pgsync-Rows-Total", total);
+	}
 	if (cur != num)
 		free(cur);
 	add_site(resp);

@@ -202,7 +202,7 @@ metrics_render(size_t *len)
 		"# TYPE pgsync_changes_applied_total counter\npgsync_changes_applied_total %llu\n",
 		get(&applied));
 	put(&o,
-		"# HELP pgsync_changes_rejected_total Rows refused by row-level security or privileges.\n"
+		"# HELP pgsync_changes_rejected_total Rows a push could not store (its rejected list).\n"
 		"# TYPE pgsync_changes_rejected_total counter\npgsync_changes_rejected_total %llu\n",
 		get(&rejected));
 	put(&o,

@@ -197,6 +197,7 @@ typedef struct pull_result
 	int64_t		   cursor; /* next since */
 	int32_t		   gen;	   /* generation of the device's view (in the cursor) */
 	char		  *more;   /* chunked: the cursor text of the next chunk (malloc), or NULL */
+	int64_t		   rows_total; /* first chunk of a pull from 0: sync_pull_total(), else -1 */
 } pull_result;
 
 bool sync_push(const auth_info *a, const uint8_t *body, size_t len, push_result *out, srv_error *e);

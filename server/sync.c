@@ -393,25 +393,33 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, int32_t gen, const ch
 	int			lens[4] = {0, 0, (int) sealed_len, 0};
 	int			fmts[4] = {0, 0, 1, 0};
 	PGresult   *p, *r;
+	bool		first;
 
 	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) since);
 	snprintf(rowsbuf, sizeof rowsbuf, "%u", max_rows);
 	snprintf(genbuf, sizeof genbuf, "%d", (int) gen);
 	if (!begin_for(conn, a, exclude, true, broken, retry, e))
 		return false;
+	/* a first sync (from 0) also counts the rows it will send, in the same
+	 * snapshot, for the device's progress (X-Pgsync-Rows-Total) */
+	first = since == 0 && !sealed;
 	p = checked(conn,
 				PQexecParams(conn,
-							 "SELECT payload, next_cursor, until, gen FROM "
-							 "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
+							 first ? "SELECT payload, next_cursor, until, gen, sync_pull_total() "
+									 "FROM sync_pull($1::bigint, $2::int, $3::bytea, $4::int)"
+								   : "SELECT payload, next_cursor, until, gen FROM "
+									 "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
 							 4, NULL, vals, lens, fmts, 1),
 				"sync_pull", broken, retry, e);
 	if (!p)
 		return false;
-	if (PQntuples(p) != 1 || PQgetlength(p, 0, 2) != 8 || PQgetlength(p, 0, 3) != 4)
+	if (PQntuples(p) != 1 || PQgetlength(p, 0, 2) != 8 || PQgetlength(p, 0, 3) != 4 ||
+		(first && PQgetlength(p, 0, 4) != 8))
 	{
 		PQclear(p);
 		return srv_fail(e, 500, "internal error", NULL, "sync_pull returned an unexpected result.");
 	}
+	out->rows_total = first ? be64(PQgetvalue(p, 0, 4)) : -1;
 	out->cursor = be64(PQgetvalue(p, 0, 2));
 	{
 		const uint8_t *g = (const uint8_t *) PQgetvalue(p, 0, 3);
@@ -468,6 +476,7 @@ sync_pull(const auth_info *a, int64_t since, int32_t gen, const char *exclude, u
 		  const uint8_t *sealed, size_t sealed_len, pull_result *out, srv_error *e)
 {
 	memset(out, 0, sizeof *out);
+	out->rows_total = -1;
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
 		PGconn *conn = pool_acquire(e);
@@ -532,6 +541,7 @@ sync_rows(const auth_info *a, const char *device, const char *json, size_t len, 
 		  srv_error *e)
 {
 	memset(out, 0, sizeof *out);
+	out->rows_total = -1;
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
 		PGconn *conn = pool_acquire(e);

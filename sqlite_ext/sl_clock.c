@@ -8,11 +8,13 @@
  * are never handed out twice, across connections and processes alike.
  *
  * A savepoint rolled back inside the transaction may undo that UPDATE while
- * the cache survives. Capture does not re-read sync_state before each write
- * (that costs ~10% of a tracked insert); instead every clock write checks its
- * version in the same statement (VER_CHECKED in sl_database.c) and a
- * mismatch makes the capture take a fresh version (sl_capture.c). A merge
- * checks once, here, with verify = true.
+ * the cache survives. The bump also increments sync_state.seq, and each
+ * capture trigger passes the current seq in: a seq that is not the one we
+ * wrote makes capture check the version (sl_log_version in sl_log.c).
+ * Clock writes made from C check their version in the same statement
+ * (VER_CHECKED in sl_database.c) and a mismatch makes the capture take a
+ * fresh version (sl_capture.c). A merge checks once, here, with verify =
+ * true.
  * The persisted HLC is advanced at the same moment, and the connection then
  * ticks it in memory for each write of the transaction.
  */
@@ -41,8 +43,11 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 		return PGS_OK;
 	}
 	if (sl_prepare(c, &c->st_ver_bump,
-				   "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, ?1) "
-				   "RETURNING db_version, hlc",
+				   c->has_seq == 1
+					   ? "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, "
+						 "?1), seq = seq + 1 RETURNING db_version, hlc, seq"
+					   : "UPDATE sync_state SET db_version = db_version + 1, hlc = max(hlc + 1, "
+						 "?1) RETURNING db_version, hlc",
 				   err) != PGS_OK)
 		return err->rc;
 	/* now as a stamp, 0 when the wall clock reads past the format's range */
@@ -60,6 +65,8 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 		c->clock_suspect = false;
 		c->hlc = PGS_HLC_MAX + 1; /* repair below */
 	}
+	if (c->has_seq == 1)
+		c->seq = sqlite3_column_int64(c->st_ver_bump, 2);
 	s = sqlite3_step(c->st_ver_bump);
 	sqlite3_reset(c->st_ver_bump);
 	if (s != SQLITE_DONE)
@@ -67,6 +74,9 @@ sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err)
 	*ver = c->txn_ver;
 	if (c->hlc > PGS_HLC_MAX || (int64_t) c->hlc < 0)
 		return sl_repair_clock(c, *ver, err);
+	/* renamed columns and column positions found at load (sl_alter.c) */
+	if (c->alter_dirty)
+		return sl_alter_persist(c, err);
 	return PGS_OK;
 }
 
@@ -85,7 +95,9 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 	char	 sql[96];
 	pgs_rc	 rc;
 
-	if ((rc = sl_load(c, err)) != PGS_OK)
+	/* runs inside a write (often a capture trigger): the loaded tables and the
+	 * caller's buffers (c->scratch, sl_stamps) stay as they are */
+	if (!c->ready && (rc = sl_load(c, err)) != PGS_OK)
 		return rc;
 	for (int i = 0; i < c->ntables; i++)
 	{
@@ -117,18 +129,20 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 			sqlite3_free(keys);
 			sqlite3_free(w);
 		}
-		if (s != SQLITE_OK || !q || !(st = sl_stamps(c, t->ncols)))
+		if (s != SQLITE_OK || !q ||
+			!(st = sqlite3_malloc64(sizeof(pgs_stamp) * (size_t) (t->ncols + 1))))
 		{
 			sqlite3_finalize(sel);
 			sqlite3_free(q);
 			return sl_dberr(c, err, "could not repair the clock");
 		}
 		{
-			pgs_buf		  all;
+			pgs_buf		  all, one;
 			sqlite3_stmt *up = NULL;
 
 			/* read everything first: the update writes the table being read */
 			pgs_buf_init(&all);
+			pgs_buf_init(&one);
 			while ((s = sqlite3_step(sel)) == SQLITE_ROW)
 			{
 				pgs_rowclock rcl = {.ncols = t->ncols, .cols = st};
@@ -148,10 +162,10 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 					}
 				if (!bad)
 					continue;
-				c->scratch.len = 0;
-				pgs_rowclock_encode(&rcl, &c->scratch);
-				pgs_buf_varint(&all, c->scratch.len);
-				pgs_buf_put(&all, c->scratch.p, c->scratch.len);
+				one.len = 0;
+				pgs_rowclock_encode(&rcl, &one);
+				pgs_buf_varint(&all, one.len);
+				pgs_buf_put(&all, one.p, one.len);
 				for (int k = 0; k < t->npk; k++)
 				{
 					sl_column_value(sel, 1 + k, &pk);
@@ -183,6 +197,8 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 			}
 			sqlite3_finalize(up);
 			pgs_buf_free(&all);
+			pgs_buf_free(&one);
+			sqlite3_free(st);
 			if (s != SQLITE_OK)
 				return sl_dberr(c, err, "could not repair the clock");
 		}
@@ -205,6 +221,7 @@ void
 sl_txn_end(db_conn *c)
 {
 	c->txn_ver = 0;
+	sl_log_reset(c);
 }
 
 pgs_stamp *

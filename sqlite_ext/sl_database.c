@@ -2,11 +2,10 @@
  * sl_database.c — the database.h seam implemented on SQLite.
  *
  * Storage per synced table T (created by sl_schema.c):
- *   "T__sync_clock"(pk columns..., cl, ver, clk) WITHOUT ROWID, one row per key.
- * There is deliberately no index on ver: a second B-tree written from the
- * capture path makes SQLite open a statement journal for every row and
- * doubles the cost of a tracked insert (measured: 150k vs 63k rows/s), so
- * change enumeration scans the clock table, which holds ~60 bytes a row;
+ *   "T__sync_clock"(pk columns..., cl, ver, clk, bulkver) WITHOUT ROWID, one
+ *   row per key, with the change index and bulk markers of sl_log.c, which
+ *   answer incremental pulls; a pull since 0 (or a database sync_init has
+ *   not migrated yet) scans the clock table, ~60 bytes a row.
  * sync_payload returns at once when nothing is newer than since.
  */
 #include "sl_internal.h"
@@ -205,12 +204,19 @@ free_table(db_table *t)
 	sqlite3_free(t->name);
 	sqlite3_free(t->qname);
 	sqlite3_free(t->qclock);
+	for (int i = 0; i < t->nhist; i++)
+		sqlite3_free(t->hist_names[i]);
+	sqlite3_free(t->hist_names);
+	sqlite3_free(t->hist_cols);
+	sqlite3_free(t->cids);
+	sl_log_free(t);
 	sqlite3_free(t);
 }
 
 void
 sl_unload_tables(db_conn *c)
 {
+	c->fire_t = NULL;
 	for (int i = 0; i < c->ntables; i++)
 		free_table(c->tables[i]);
 	sqlite3_free(c->tables);
@@ -290,6 +296,8 @@ load_tables(db_conn *c, pgs_err *err)
 		t->info.ncols = t->ncols;
 		t->info.pk_names = (const char *const *) t->pk_names;
 		t->info.col_names = (const char *const *) t->col_names;
+		if ((rc = sl_alter_resolve(c, t, err)) != PGS_OK) /* renamed columns, former names */
+			goto out;
 	}
 	goto out;
 nomem:
@@ -377,6 +385,7 @@ sl_load(db_conn *c, pgs_err *err)
 		}
 		sqlite3_finalize(st);
 	}
+	sl_log_load(c);
 	c->ready = true;
 	return PGS_OK;
 }
@@ -1098,15 +1107,18 @@ run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *p
  * OR REPLACE), so SQLite needs no statement journal per row. A REPLACE of
  * every column is an UPDATE; a partial REPLACE deletes the old row first.
  */
-pgs_rc
-db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
-			 const int *cols, const pgs_value *vals, pgs_err *err)
+static pgs_rc delete_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
+
+static pgs_rc
+row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+		  const int *cols, const pgs_value *vals, bool *inserted, pgs_err *err)
 {
 	sqlite3_stmt *st;
 	bool		  temp;
 	int64_t		  changed = 0;
 	pgs_rc		  rc;
 
+	*inserted = mode == DB_WRITE_INSERT;
 	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing && !c->careful &&
 		batch_alloc(t, err) == PGS_OK && batch_row(t, pk, n, cols, vals))
 	{
@@ -1132,16 +1144,42 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 			return rc;
 		if (changed > 0)
 			return PGS_OK;
+		*inserted = mode == DB_WRITE_MERGE; /* the row was not there */
 	}
-	else if ((rc = db_row_delete(c, t, pk, err)) != PGS_OK)
+	else if ((rc = delete_row(c, t, pk, err)) != PGS_OK)
 		return rc;
 	if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
 		return err->rc;
 	return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
 }
 
+/* db_row_write: row_write, and the change event (sl_events.c) when it succeeded. */
+pgs_rc
+db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+			 const int *cols, const pgs_value *vals, pgs_err *err)
+{
+	bool   inserted = false;
+	bool   retry = c->flushing; /* a batched row written again: already recorded */
+	pgs_rc rc = row_write(c, t, pk, mode, n, cols, vals, &inserted, err);
+
+	if (rc == PGS_OK && !retry)
+		sl_event(c, t, pk, inserted ? "insert" : "update");
+	return rc;
+}
+
+/* db_row_delete: delete_row, and the change event when a row went. */
 pgs_rc
 db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	pgs_rc rc = delete_row(c, t, pk, err);
+
+	if (rc == PGS_OK && sqlite3_changes(c->db) > 0)
+		sl_event(c, t, pk, "delete");
+	return rc;
+}
+
+static pgs_rc
+delete_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	if (!c->flushing)
 		FLUSH_FIRST(c, err);
@@ -1203,8 +1241,18 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	char	  *keys = sqlite3_mprintf("");
 	char	  *params = sqlite3_mprintf("");
 	pgs_rc	   rc;
+	bool	   use_log = false;
+	int		   lo_kind = 0;
 
 	FLUSH_FIRST(c, err);
+	/* the change log (sl_log.c) answers incremental pulls */
+	if (since > 0 && !snapshot &&
+		(rc = sl_log_plan(c, t, since, &use_log, &lo_kind, err)) != PGS_OK)
+	{
+		sqlite3_free(keys);
+		sqlite3_free(params);
+		return rc;
+	}
 	cur = sqlite3_malloc(sizeof *cur);
 	sel = sqlite3_mprintf("c.cl, c.clk, t.%s IS NOT NULL", t->pk_q[0]);
 	on = sqlite3_mprintf("");
@@ -1237,7 +1285,11 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 		keys = x;
 		params = y;
 	}
-	if (!by_key)
+	if (use_log)
+		sql = keys && sel && on
+				  ? sl_log_select(t, sel, on, keys, by_key, by_key && after_pk, lo_kind)
+				  : NULL;
+	else if (!by_key)
 		sql = sqlite3_mprintf("SELECT %s FROM %s AS c LEFT JOIN %s AS t ON %s WHERE c.ver > ?1",
 							  sel, t->qclock, t->qname, on);
 	else if (!after_pk)
@@ -1276,6 +1328,9 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	if (by_key && after_pk)
 		for (int i = 0; i < t->npk; i++)
 			sl_bind_value(cur->st, i + 2, &after_pk[i]);
+	if (use_log && lo_kind == 2)
+		for (int i = 0; i < t->npk; i++)
+			sl_bind_value(cur->st, t->npk + i + 2, &t->pull_lo[i]);
 	(void) until; /* SQLite's until is the newest version anyway */
 	*out = cur;
 	return PGS_OK;

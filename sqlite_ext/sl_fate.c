@@ -35,7 +35,11 @@ const char sl_fate_meta_sql[] =
 	"CREATE TABLE IF NOT EXISTS sync_snapshots(tbl INTEGER PRIMARY KEY, tracking INTEGER NOT "
 	"NULL);"
 	"CREATE TABLE IF NOT EXISTS sync_snapshot_keys(tbl INTEGER NOT NULL, k BLOB NOT NULL,"
-	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;";
+	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;"
+	/* what is kept aside and why, for the app (docs/MIGRATIONS.md) */
+	"CREATE VIEW IF NOT EXISTS sync_network_held AS SELECT tbl,"
+	"  coalesce(sqlitesync_key_json(tbl, k), hex(k)) AS pk, code, message, first_at, last_at,"
+	"  attempts FROM sync_held;";
 
 /* ---- views ---- */
 
@@ -363,7 +367,8 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 			(*applied)++;
 			if (rc == PGS_OK && table_exists(c, "sync_network_rejected"))
 			{
-				db_table   *t = sl_table_by_name(c, (const char *) f[0].p);
+				char	   *tn = sqlite3_mprintf("%.*s", (int) f[0].len, (const char *) f[0].p);
+				db_table   *t = tn ? sl_table_by_name(c, tn) : NULL;
 				pgs_value	pk[64];
 				const uint8_t *q = f[1].p, *qe = f[1].p + f[1].len;
 				bool		ok = t && t->npk <= 64;
@@ -391,6 +396,7 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 					}
 					sqlite3_free(json);
 				}
+				sqlite3_free(tn);
 			}
 		}
 	}
@@ -462,7 +468,7 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 	sqlite3_stmt *st = NULL;
 	int64_t		  ver = -1;
 	pgs_rc		  rc = PGS_OK;
-	bool		  was = c->applying;
+	bool		  was = c->applying, had_row = false;
 
 	*forgot = false;
 	if ((rc = sl_flush(c, err)) != PGS_OK)
@@ -512,13 +518,18 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 				rc = sl_dberr(c, err, "could not forget a row");
 			}
 			else if (pass == 0)
-				*forgot = sqlite3_changes(c->db) > 0 || ver >= 0;
+			{
+				had_row = sqlite3_changes(c->db) > 0;
+				*forgot = had_row || ver >= 0;
+			}
 		}
 		sqlite3_finalize(st);
 		sqlite3_free(sql);
 	}
 	c->applying = was;
 	sqlite3_free(w);
+	if (rc == PGS_OK && had_row && was)
+		sl_event(c, t, pk, "move-out"); /* an apply's forget, not an app's discard */
 	return rc;
 }
 

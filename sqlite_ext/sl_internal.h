@@ -21,6 +21,23 @@ typedef struct sl_stmt_slot
 	sqlite3_stmt *stmt;
 } sl_stmt_slot;
 
+/*
+ * sl_cap: what capture knows about one table in the current transaction
+ * (sl_log.c): how many rows it captured, whether it switched to bulk mode,
+ * and which keys the bulk marker of this version covers.
+ */
+typedef struct sl_cap
+{
+	int64_t	   ver;	   /* transaction version this is about; 0 = nothing yet */
+	int		   rows;   /* rows captured at ver */
+	bool	   bulk;   /* more than SL_LOG_ROWS: rows go unindexed, under a marker */
+	bool	   marked; /* the marker of ver covers keys >= lo (every key if all) */
+	bool	   all;
+	int		   widen; /* marker writes at ver */
+	pgs_value *lo;	  /* npk values; TEXT and BLOB bytes in lobuf */
+	pgs_buf	   lobuf;
+} sl_cap;
+
 struct db_table
 {
 	int64_t		  id;	  /* sync_tables.id */
@@ -52,6 +69,27 @@ struct db_table
 	size_t		 *batch_blob_len;
 	sqlite3_stmt *batch_rows_st;
 	sqlite3_stmt *batch_clock_st;
+	/* schema changes (sl_alter.c) */
+	int	   nhist; /* former column names: hist_names[i] is column hist_cols[i] (-1 dropped) */
+	char **hist_names;
+	int	  *hist_cols;
+	int	  *cids;	   /* the SQLite column id of each synced column */
+	int	   renames;	   /* renames found at load, the first entries of hist */
+	bool   alter_dirty; /* positions or renames to record at the next write */
+	/* change log (sl_log.c): 0 not looked at yet, 1 legacy layout (pulls scan
+	 * the clock table), 2 indexed clock table with bulk markers */
+	int			  layout;
+	int			  keycmp;	  /* key order comparable in C: -1 unknown, 0 no, 1 yes */
+	uint8_t		 *key_nocase; /* npk flags: the key column is COLLATE NOCASE */
+	sl_cap		  cap;
+	sqlite3_stmt *mark_put;
+	sqlite3_stmt *mark_min;
+	sqlite3_stmt *log_count;
+	pgs_value	 *pull_lo; /* lower bound of a pull's bulk scan (bytes in pull_lobuf) */
+	pgs_buf		  pull_lobuf;
+	/* change events of the running apply (sl_events.c) */
+	int64_t		  ev_count;
+	int64_t		  ev_seq;
 };
 
 struct db_conn
@@ -65,6 +103,8 @@ struct db_conn
 	int64_t	   txn_ver;	 /* version of the open write txn, 0 = none */
 	uint64_t   hlc;		 /* last stamp issued in this txn */
 	bool	   clock_suspect; /* the persisted HLC was past the format's range at load */
+	bool	   alter_dirty;	  /* some table has schema changes to record (sl_alter.c) */
+	bool	   alter_lenient; /* loading for sync_cleanup: a changed table is no error */
 	db_table **tables;
 	int		   ntables;
 	uint8_t (*sites)[16];
@@ -79,7 +119,7 @@ struct db_conn
 	int			  stamps_cap;
 	/* apply: careful mode, held changes, what forgetting protects (sl_fate.c) */
 	bool		  careful;
-	bool		  held_again; /* db_held_put wrote during this apply */
+	bool		  held_again;  /* db_held_put wrote during this apply */
 	int64_t		  protect_ver; /* clock versions above are not acknowledged: kept */
 	bool		  protect_rejected;
 	sqlite3_stmt *st_held_get;
@@ -91,7 +131,33 @@ struct db_conn
 	sqlite3_stmt *st_row_read; /* db_row_read: kept until the next one */
 	pgs_value	 *row_vals;
 	int			  row_vals_cap;
+	/* change log (sl_log.c, sl_clock.c) */
+	int			  has_seq; /* sync_state has seq: -1 unknown, 0 no, 1 yes */
+	int64_t		  seq;	   /* sync_state.seq after this transaction last wrote it */
+	sqlite3_stmt *st_seq_bump;
+	/* the capture trigger firing in progress (sl_capture.c) */
+	db_table *fire_t;
+	int		  fire_op;		/* 2 UPDATE, 3 DELETE: clock row expected */
+	bool	  fire_pending; /* the trigger's clock UPDATE found no row yet */
+	bool	  fire_bulk;	/* the row goes unindexed, under the marker */
+	int64_t	  fire_ver;
+	uint64_t *fire_mask; /* changed columns of an UPDATE */
+	int		  fire_mask_cap;
+	bool	 *fire_changed; /* the same, one flag per column (pgs_local_edit) */
+	int		  fire_changed_cap;
+	pgs_buf	  fire_blob;
+	/* change events (sl_events.c) and the last apply's counts */
+	bool			ev_ready; /* the event tables exist */
+	bool			ev_any;	  /* the running apply recorded events */
+	int64_t			ev_keep;  /* changes_keep; 0 = no events */
+	sqlite3_stmt   *st_event;
+	pgs_apply_stats last_apply;
+	bool			started_syncer; /* this connection ran sync_network_start */
+	struct sl_net  *net;			/* its network client (sl_network.c) */
 };
+
+/* sqlitesync.c: the extension's set-up of a connection (also the syncer's own) */
+int sl_attach(sqlite3 *db, char **errmsg, db_conn **out);
 
 /* sl_database.c */
 pgs_rc	  sl_flush(db_conn *c, pgs_err *err); /* write batched rows */
@@ -107,6 +173,12 @@ void	  sl_column_value(sqlite3_stmt *st, int i, pgs_value *v);
 pgs_rc	  sl_exec(db_conn *c, const char *sql, pgs_err *err);
 char	 *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
 
+/* sl_alter.c */
+extern const char *sl_alter_meta_sql;
+pgs_rc			   sl_alter_resolve(db_conn *c, db_table *t, pgs_err *err);
+pgs_rc			   sl_alter_persist(db_conn *c, pgs_err *err);
+int				   sl_alter_register(sqlite3 *db, db_conn *c);
+
 /* sl_clock.c */
 pgs_rc	   sl_txn_version(db_conn *c, bool verify, int64_t *ver, pgs_err *err);
 uint64_t   sl_tick(db_conn *c);
@@ -117,6 +189,29 @@ pgs_stamp *sl_stamps(db_conn *c, int n);
 /* sl_capture.c */
 void   sl_capture(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 pgs_rc sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pk, pgs_err *err);
+/* the functions the bodies of the capture triggers call (layout 2) */
+void sl_fire_ver(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_fire_bulk(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_fire_fresh(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_fire_relife(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_fire_touch(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_fire_tomb(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void sl_fire_done(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+
+/* sl_log.c */
+#define SL_LOG_ROWS 256	  /* rows a transaction indexes per table before bulk mode */
+#define SL_LOG_WIDEN 8	  /* marker writes per table and version before it covers all */
+#define SL_LOG_MARKS 64	  /* markers per table before the older ones are coalesced */
+#define SL_LOG_SCAN 20000 /* indexed changes above which a pull scans instead */
+pgs_rc sl_log_layout(db_conn *c, db_table *t, pgs_err *err); /* sets t->layout */
+pgs_rc sl_log_version(db_conn *c, int64_t seq, pgs_err *err);
+void   sl_log_load(db_conn *c);
+pgs_rc sl_log_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
+void   sl_log_reset(db_conn *c);
+void   sl_log_free(db_table *t);
+pgs_rc sl_log_plan(db_conn *c, db_table *t, int64_t since, bool *use, int *lo_kind, pgs_err *err);
+char  *sl_log_select(const db_table *t, const char *sel, const char *on, const char *keys,
+					 bool by_key, bool after, int lo_kind);
 
 /* sl_fate.c */
 extern const char sl_fate_meta_sql[];
@@ -129,6 +224,12 @@ pgs_rc	sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 /* sl_row_error: a failed row write: PGS_ERR_ROW (careful) or PGS_ERR_CAREFUL,
  * with err->code the closest SQLSTATE; any other error is the engine's. */
 pgs_rc sl_row_error(db_conn *c, pgs_err *err, const char *what);
+
+/* sl_events.c: change events of applies (docs/CLIENT.md) */
+pgs_rc sl_events_begin(db_conn *c, pgs_err *err);
+void   sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind);
+pgs_rc sl_events_end(db_conn *c, pgs_err *err);
+void   sl_events_reset(db_conn *c);
 
 /* sl_schema.c */
 pgs_rc sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err);

@@ -526,7 +526,9 @@ def test_add_column_on_one_side_only(pair):
     p = a.payload(0)
     assert b.apply(p) == 2                         # the row and column a
     assert b.q("SELECT * FROM t") == [("k", 1)]
-    assert b.q("SELECT tbl, code, message FROM sync_held") == [("t", "PS003", "column unknown here")]
+    assert b.q("SELECT tbl, code, message FROM sync_held") == [
+        ("t", "PS003", 'the sender\'s table "t" has columns this replica\'s lacks (add them and call '
+         'sync_init): "c"')]
     b.x("ALTER TABLE t ADD COLUMN c")
     b.init("t")
     assert b.q("SELECT count(*) FROM sync_held") == [(0,)]
@@ -553,16 +555,27 @@ def test_drop_synced_column_is_refused_by_sqlite(db):
         "error in trigger t__sync_upd after drop column: no such column: OLD.b", "SQLITE_ERROR")
 
 
+def test_rename_synced_column_is_recorded(db):
+    """RENAME COLUMN is supported (docs/MIGRATIONS.md): the column travels under
+    its new name with its former one beside it, its clocks unchanged."""
+    db.x("INSERT INTO t VALUES ('k', 1, 2)")
+    stamps = db.q("SELECT clk FROM t__sync_clock")
+    db.x("ALTER TABLE t RENAME COLUMN a TO aa")
+    assert db.one("SELECT sync_init('t')") == 1
+    assert db.q("SELECT clk FROM t__sync_clock") == stamps
+    info = db.info(db.payload(0))
+    assert info["tables"][0]["columns"] == ["aa", "b"]
+    assert info["tables"][0]["former_names"] == {"a": "aa"}
+    assert db.q("SELECT name, now FROM sync_column_history") == [("a", "aa")]
+
+
 @pytest.mark.parametrize("ddl, msg", [
-    ("ALTER TABLE t RENAME COLUMN a TO aa",
-     'column "a" of synced table "t" no longer exists. Dropping or renaming a synced column is '
-     "not supported yet; restore the column."),
     ("DROP TABLE t; CREATE TABLE t(id TEXT, a, b, PRIMARY KEY(id, a))",
      'primary key of table "t" changed since sync_init. A synced table\'s primary key cannot '
      "change; call sync_cleanup and sync_init on every replica."),
     ("DROP TABLE t; CREATE TABLE t(key TEXT PRIMARY KEY, a, b)",
-     'primary key of table "t" changed since sync_init. A synced table\'s primary key cannot '
-     "change; call sync_cleanup and sync_init on every replica."),
+     'key column "id" of synced table "t" was renamed or removed. Rename the key column back: '
+     "payloads name key columns, and every replica must use one name (docs/MIGRATIONS.md)."),
 ])
 def test_incompatible_schema_changes_are_refused(db, ddl, msg):
     db.x("INSERT INTO t VALUES ('k', 1, 2)")
