@@ -27,6 +27,14 @@
 
 PG_MODULE_MAGIC;
 
+/*
+ * pgsync.serialize_applies: every apply takes one global advisory lock until
+ * commit, the way applies ran before they ran concurrently. Off by default;
+ * there only to measure the difference in one run (bench/server_bench.py).
+ */
+#define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79) /* "pgsyaply" */
+static bool serialize_applies = false;
+
 bool   pg_applying = false;
 Oid	   pg_apply_relid = InvalidOid;
 Datum *pg_apply_key = NULL;
@@ -101,6 +109,10 @@ _PG_init(void)
 	pgs_set_allocator(&a);
 	RegisterXactCallback(pgsync_xact_cb, NULL);
 	pg_table_cache_setup();
+	DefineCustomBoolVariable("pgsync.serialize_applies",
+							 "Applies run one at a time (one global lock until commit).",
+							 "For comparisons only: applies run concurrently without it.",
+							 &serialize_applies, false, PGC_SUSET, 0, NULL, NULL, NULL);
 }
 
 /* ---- errors --------------------------------------------------------------- */
@@ -721,6 +733,8 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 						 "own site id.")));
 	}
 
+	if (serialize_applies)
+		DirectFunctionCall1(pg_advisory_xact_lock_int8, Int64GetDatum(PGSYNC_APPLY_LOCK_KEY));
 	SPI_connect();
 	while (!done)
 	{

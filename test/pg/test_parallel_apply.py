@@ -46,7 +46,9 @@ an earlier one), so a serial oracle exists.
    transaction holds, while that transaction then needs a row the apply
    already wrote (the deadlock test_concurrency used to hit), gives way
    instead: the local transaction never fails; the same when the local
-   transaction merely locked the row (SELECT ... FOR UPDATE).
+   transaction merely locked the row (SELECT ... FOR UPDATE); with
+   pgsync.serialize_applies = on (the old global lock, for benchmarks) an
+   apply of other rows waits for an open apply.
 4. Foreign keys: a payload that lists the child table first applies parents
    first and deletes children first, without rejections, also while another
    apply adds children of the same new parent.
@@ -489,6 +491,28 @@ def part3(seed):
               [(lv,), (dv if lock_only else lv,)],
               "... and the newer change of each cell won")
         w.close()
+
+    # pgsync.serialize_applies = on (for benchmarks): the old global lock, so
+    # an apply of other rows waits for an open apply again
+    def serialized(p):
+        c = connect(hub_name)
+        c.cursor().execute("SET pgsync.serialize_applies = on")
+        return one(c, "SELECT sync_apply_payload(%s)", (p,))
+    p4 = change("UPDATE items SET n = -4 WHERE id = 'k4'")
+    p5 = change("UPDATE items SET n = -5 WHERE id = 'k5'")
+    a = connect(hub_name, autocommit=False)
+    a.cursor().execute("SET pgsync.serialize_applies = on")
+    a.cursor().execute("SELECT sync_apply_payload(%s)", (p4,))
+    t5, b5 = in_thread(lambda: serialized(p5))
+    time.sleep(0.5)
+    check(t5.is_alive(), "with pgsync.serialize_applies an apply of other rows waits for an open apply")
+    t_commit = time.time()
+    a.commit()
+    t5.join(10)
+    check("error" not in b5 and not t5.is_alive() and b5["t"] >= t_commit and
+          rows(hub, "SELECT n FROM items WHERE id IN ('k4', 'k5') ORDER BY id") == [(-4,), (-5,)],
+          f"... and goes on when it commits {b5.get('error', '')}")
+    a.close()
 
 
 def part4():
