@@ -15,7 +15,8 @@ server's default pool):
 
 Applies used to run one at a time (one advisory lock until commit); they now
 run in parallel and queue only for the rows they share (docs/PG.md,
-"Concurrency"). Prints applies/s and, for disjoint keys, the speed-up of 8
+"Concurrency"). 8 connections run once more with the old lock
+(pgsync.serialize_applies = on) for comparison. Prints applies/s and, for disjoint keys, the speed-up of 8
 connections over one (target >= 3x on a machine with the cores for it; a
 2-core machine running clients and server measures much less).
 """
@@ -31,7 +32,8 @@ import psycopg2
 ROOT = os.environ.get("PGSYNC_ROOT", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 EXT = os.environ.get("SQLITESYNC_EXT", os.path.join(ROOT, "build", "sqlitesync.so"))
 SECONDS = float(os.environ.get("PGSYNC_BENCH_SECONDS", "1.5"))
-# payloads per connection: enough for 1 connection alone at ~3,000/s, then 8
+# payloads per connection: enough for 1 connection alone at ~3,500/s, then 8
+# twice (concurrent, serialized)
 # at ~12,000/s in all (a payload takes ~1 ms to make)
 SCALE = float(os.environ.get("PGSYNC_BENCH_SCALE", "1"))
 DB = "pgsync_bench_apply"
@@ -64,9 +66,13 @@ def one_row_payloads(n, write, seed_payload=None):
     return out
 
 
-def run(workers, payloads):
-    """Applies payloads[w] from `workers` connections for SECONDS; applies/s."""
+def run(workers, payloads, serialized=False):
+    """Applies payloads[w] from `workers` connections for SECONDS; applies/s.
+    serialized: with the old global lock (pgsync.serialize_applies)."""
     conns = [psycopg2.connect(dbname=DB) for _ in range(workers)]
+    for c in conns:
+        c.cursor().execute(f"SET pgsync.serialize_applies = {'on' if serialized else 'off'}")
+        c.commit()
     done = [0] * workers
     errors = []
     start = threading.Barrier(workers + 1)
@@ -128,7 +134,7 @@ def main():
     t0 = time.perf_counter()
     disjoint, hot = [], []
     for w in range(max(counts)):
-        per = int(SCALE * SECONDS * (4500 if w == 0 else 1500)) + 100
+        per = int(SCALE * SECONDS * (6000 if w == 0 else 2200)) + 100
         disjoint.append(one_row_payloads(
             per, lambda c, i, w=w: c.execute("INSERT INTO items VALUES (?, 'new', ?)",
                                              (f"d{w}-{i}", i))))
@@ -140,15 +146,20 @@ def main():
           f"payloads made in {time.perf_counter() - t0:.1f} s)")
     res = {}
     for kind, pl in (("disjoint", disjoint), ("hot", hot)):
-        for n in counts:
-            rate, errs, done = run(n, pl)
-            res[(kind, n)] = rate
-            print(f"  {kind:<8} {n:>2} connections  {rate:>8,.0f} applies/s  {errs} errors")
+        # 8 connections with the old global lock too, right after 8 without
+        for n, ser in [(n, False) for n in counts] + [(max(counts), True)]:
+            rate, errs, done = run(n, pl, ser)
+            res[(kind, n, ser)] = rate
+            how = "serialized" if ser else "concurrent"
+            print(f"  {kind:<8} {n:>2} connections, {how:<10}  {rate:>8,.0f} applies/s  {errs} errors")
             for w in range(n):  # the next run goes on with payloads not applied yet
                 pl[w] = pl[w][done[w]:]
-    up = res[("disjoint", 8)] / res[("disjoint", 1)]
+    up = res[("disjoint", 8, False)] / res[("disjoint", 1, False)]
     print(f"  disjoint keys, 8 connections over 1: {up:.1f}x (target >= 3x with >= 4 cores: "
           f"{'met' if up >= 3 else 'missed' if os.cpu_count() >= 4 else 'not measurable here'})")
+    for kind in ("disjoint", "hot"):
+        r = res[(kind, 8, False)] / res[(kind, 8, True)]
+        print(f"  {kind} keys, 8 connections, concurrent over serialized: {r:.1f}x")
     hub.close()
     admin.cursor().execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     admin.close()
