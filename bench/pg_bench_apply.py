@@ -159,7 +159,8 @@ def main():
           f"{'met' if up >= 3 else 'missed' if os.cpu_count() >= 4 else 'not measurable here'})")
     for kind in ("disjoint", "hot"):
         r = res[(kind, 8, False)] / res[(kind, 8, True)]
-        print(f"  {kind} keys, 8 connections, concurrent over serialized: {r:.1f}x")
+        print(f"  {kind} keys, 8 connections, concurrent over serialized: {r:.1f}x "
+              f"(the 3x target is on pushes with 50 clients: server_bench)")
     hub.close()
     admin.cursor().execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     admin.close()
