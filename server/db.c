@@ -21,6 +21,15 @@ db_find(const char *name, size_t n)
 	return NULL;
 }
 
+/* what each hub does with the jobs it hands back (hub.c sits below both) */
+static const hub_ops hub_to_workers = {
+	.finish = work_finish,
+	.requeue = work_requeue,
+	.requeue_list = work_requeue_list,
+	.reap = work_reap,
+	.announced = ws_broadcast,
+};
+
 bool
 db_start_all(void)
 {
@@ -28,7 +37,8 @@ db_start_all(void)
 	{
 		srv_db *db = &cfg.dbs[i];
 
-		if (!metrics_init(db) || !pool_start(db) || !work_start(db) || !hub_start(db))
+		if (!metrics_init(db) || !pool_start(db) || !work_start(db) ||
+			!hub_start(db, &hub_to_workers))
 		{
 			srv_log("FATAL", "cannot start the threads of database %s", db->name);
 			return false;

@@ -62,8 +62,8 @@ exec(sl_net *n, const char *sql)
 		/* once per connection (a background syncer reads its settings often);
 		 * the app dropping the tables later is not something we survive */
 		if (!n->meta_ready)
-			n->meta_ready = sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK &&
-							sl_rejected_meta(n->db);
+			n->meta_ready =
+				sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
 		return n->meta_ready;
 	}
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
@@ -253,7 +253,6 @@ query_int(sl_net *n, const char *sql, int64_t *out)
 	return ok;
 }
 
-
 static char *
 now_iso(void)
 {
@@ -344,7 +343,7 @@ typedef struct progress
 	const char *phase;
 	int64_t		rows_done;
 	int64_t		bytes_done;
-	int64_t		rows_total; /* -1 = unknown */
+	int64_t		rows_total;	 /* -1 = unknown */
 	int64_t		bytes_total; /* -1 = unknown */
 	char		started_at[32];
 } progress;
@@ -434,7 +433,7 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 		sqlite3_finalize(st);
 		return NULL;
 	}
-	if (sqlite3_column_type(st, 0) == SQLITE_BLOB && sqlite3_column_bytes(st, 0) >= 56)
+	if (sqlite3_column_type(st, 0) == SQLITE_BLOB && sqlite3_column_bytes(st, 0) >= PGS_HEADER_LEN)
 	{
 		len = (size_t) sqlite3_column_bytes(st, 0);
 		/* copy, so that no statement (read lock) stays open during the upload */
@@ -563,9 +562,9 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 /* What a receive did, in rows and in columns (docs/CLIENT.md, "Counts"). */
 typedef struct recv_totals
 {
-	int64_t	 rows;		  /* row groups received */
+	int64_t	 rows; /* row groups received */
 	int64_t	 inserted, updated, deleted, moved_out;
-	int64_t	 columns;	  /* winning column changes + row-life changes (the old "applied") */
+	int64_t	 columns; /* winning column changes + row-life changes (the old "applied") */
 	progress pr;
 } recv_totals;
 
@@ -751,13 +750,13 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		}
 		if (r.status == 200)
 		{
-			if (r.len < 56 || !apply_received(n, s, &r, &tot, msg))
+			if (r.len < PGS_HEADER_LEN || !apply_received(n, s, &r, &tot, msg))
 			{
 				if (!*msg)
 					*msg = sqlite3_mprintf("the server sent %lld bytes that are not a payload",
 										   (long long) r.len);
-				n->err_code = r.len < 56 ? "server" : "local";
-				n->err_status = r.len < 56 ? r.status : 0;
+				n->err_code = r.len < PGS_HEADER_LEN ? "server" : "local";
+				n->err_status = r.len < PGS_HEADER_LEN ? r.status : 0;
 				sl_http_resp_free(&r);
 				kv_set(n, "progress", NULL);
 				return NULL;
@@ -1011,7 +1010,8 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 			kv_set(n, "last_error", full);
 			sqlite3_free(full);
 		}
-		result_json(ctx, sqlite3_mprintf("{\"send\":%s,\"receive\":%s}", sent ? sent : "null", recv));
+		result_json(ctx,
+					sqlite3_mprintf("{\"send\":%s,\"receive\":%s}", sent ? sent : "null", recv));
 		sqlite3_free(recv);
 	}
 	sqlite3_free(sent);
@@ -1112,45 +1112,6 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	free_settings(&s);
 }
 
-/* b64url_decode: base64url (no padding) into out (len <= cap); bytes written or -1. */
-static int
-b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap)
-{
-	uint32_t acc = 0;
-	int		 bits = 0;
-	size_t	 k = 0;
-
-	for (size_t i = 0; i < n; i++)
-	{
-		int c = in[i], v;
-
-		if (c >= 'A' && c <= 'Z')
-			v = c - 'A';
-		else if (c >= 'a' && c <= 'z')
-			v = c - 'a' + 26;
-		else if (c >= '0' && c <= '9')
-			v = c - '0' + 52;
-		else if (c == '-' || c == '+')
-			v = 62;
-		else if (c == '_' || c == '/')
-			v = 63;
-		else if (c == '=')
-			break;
-		else
-			return -1;
-		acc = (acc << 6) | (uint32_t) v;
-		bits += 6;
-		if (bits >= 8)
-		{
-			bits -= 8;
-			if (k >= cap)
-				return -1;
-			out[k++] = (uint8_t) (acc >> bits);
-		}
-	}
-	return (int) k;
-}
-
 /*
  * sl_jwt_exp: the exp claim of a JWT (seconds since 1970), 0 when the
  * token is not a JWT or has none. The signature is not checked: this is for
@@ -1161,12 +1122,12 @@ sl_jwt_exp(const char *token)
 {
 	const char *a = token ? strchr(token, '.') : NULL, *b = a ? strchr(a + 1, '.') : NULL;
 	uint8_t		buf[4096];
-	int			len;
+	long		len;
 	cJSON	   *j, *exp;
 	int64_t		r = 0;
 
 	if (!b || (size_t) (b - a - 1) > sizeof buf * 4 / 3 ||
-		(len = b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf)) <= 0)
+		(len = pgs_b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf)) <= 0)
 		return 0;
 	j = cJSON_ParseWithLength((const char *) buf, (size_t) len);
 	exp = cJSON_GetObjectItemCaseSensitive(j, "exp");
@@ -1272,8 +1233,8 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		query_int(n, "SELECT count(*) FROM sync_network_rejected WHERE origin = 'server'", &x)
 			? (double) x
 			: 0);
-	cJSON_AddNumberToObject(
-		j, "held", query_int(n, "SELECT count(*) FROM sync_held", &x) ? (double) x : 0);
+	cJSON_AddNumberToObject(j, "held",
+							query_int(n, "SELECT count(*) FROM sync_held", &x) ? (double) x : 0);
 	cJSON_AddBoolToObject(j, "has_token", s.token != NULL);
 	if ((exp = sl_jwt_exp(s.token)) > 0)
 		add_time(j, "token_expires_at", exp);
