@@ -50,7 +50,7 @@ typedef struct srv_hub
 	bool			threads_stop;
 	bool			listening;
 	int				stop_fd;
-	int				notify_fd; /* hub_notify wakes the listener */
+	int				notify_fd;		/* hub_notify wakes the listener */
 	int64_t			notify_pending; /* newest push xid not yet NOTIFYed; 0: none */
 	pthread_t		listener_tid, timer_tid;
 	bool			started;
