@@ -134,7 +134,7 @@ def main():
     t0 = time.perf_counter()
     disjoint, hot = [], []
     for w in range(max(counts)):
-        per = int(SCALE * SECONDS * (6000 if w == 0 else 2200)) + 100
+        per = int(SCALE * SECONDS * (7500 if w == 0 else 2200)) + 100
         disjoint.append(one_row_payloads(
             per, lambda c, i, w=w: c.execute("INSERT INTO items VALUES (?, 'new', ?)",
                                              (f"d{w}-{i}", i))))
