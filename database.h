@@ -86,6 +86,24 @@ pgs_rc db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *
  * call are stamped with (one version per apply, like a local transaction).
  */
 pgs_rc db_apply_version(db_conn *db, int64_t *ver, pgs_err *err);
+/*
+ * db_apply_lock: the rows the apply may write, announced before it writes
+ * any of them, so that an engine with concurrent writers can lock them in
+ * one order (Postgres: docs/PG.md, "Concurrency"; SQLite has one writer and
+ * does nothing). keys[i].hash is pgs_key_hash(PGS_LOCK_SALT, npk, pk), the
+ * same for the same key in every apply; keys may repeat and come in any
+ * order. Called once after the payload is resolved with every row it
+ * carries, and again (fewer rows, after some were written) for rows found
+ * later, such as local keys matched by removal candidates: an engine must
+ * not wait for those while it holds the first ones.
+ */
+typedef struct db_lock_key
+{
+	db_table *t;
+	uint64_t  hash;
+} db_lock_key;
+#define PGS_LOCK_SALT UINT64_C(0x7067737972776c6b) /* "pgsyrwlk" */
+pgs_rc db_apply_lock(db_conn *db, const db_lock_key *keys, uint32_t n, pgs_err *err);
 /* db_apply_end: the merge succeeded; write anything the engine deferred
  * (SQLite batches new rows) while the payload is still in memory. */
 pgs_rc db_apply_end(db_conn *db, pgs_err *err);

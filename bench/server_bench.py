@@ -3,7 +3,16 @@
     bench/server_bench.sh [seconds_per_phase]
 
 Phases (one throwaway PostgreSQL, two server processes, SQLite clients):
-  push     50 SQLite clients in parallel: insert one row, sync_network_send()
+  push     1, 10 and 50 SQLite clients in parallel: insert one row,
+           sync_network_send() (server: 8 pool connections, 8 threads);
+           each with concurrent applies and with serialized ones
+           (pgsync.serialize_applies = on: one global lock, as before
+           issue 11), back to back; target for 50: concurrent >= 3x serialized
+  pushraw  the same pushes without the SQLite clients' own cost: one-row
+           payloads made beforehand by one device per client, then 1, 10
+           and 50 threads POST them (keep-alive); concurrent and serialized
+           applies, alternating, best of 3 runs each; same target (what
+           Postgres and the server sustain)
   pull     50 clients in parallel: GET /v1/pull of the last 100 changed rows
   pull204  50 clients in parallel: GET /v1/pull with nothing new (cursor check)
   latency  A writes + sends through server 1, B waits on server 2
@@ -18,6 +27,7 @@ Phases (one throwaway PostgreSQL, two server processes, SQLite clients):
 Prints a small table. Every phase stops by itself.
 
     bench/server_bench.sh 5 fanout      only the fan-out phase
+    bench/server_bench.sh 5 push        only the pushes
 """
 import os
 import selectors
@@ -32,8 +42,12 @@ from harness import Env, http, token  # noqa: E402
 from tools import RawHTTP, WebSocket  # noqa: E402
 
 SECONDS = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
-PHASES = set(sys.argv[2:]) or {"push", "pull", "latency", "idle", "fanout"}
+PHASES = set(sys.argv[2:]) or {"push", "pushraw", "pull", "latency", "idle", "fanout"}
 CLIENTS = 50
+# pushes/s with 50 clients: target 3x those of serialized applies (every apply
+# holding one global lock until commit, as before issue 11), measured in the
+# same run: pgsync.serialize_applies = on brings the old lock back
+PUSH50_FACTOR = 3
 FANOUT = 1000
 FANOUT_TARGET_MS = 100
 
@@ -85,6 +99,8 @@ def main():
 
         if PHASES & {"push", "pull"}:
             phase_push_pull(env, rows, s1)
+        if "pushraw" in PHASES:
+            phase_push_raw(env, rows, s1)
         if "latency" in PHASES:
             phase_latency(env, rows, s1, s2)
         if "idle" in PHASES:
@@ -100,6 +116,115 @@ def main():
         print(f"{name:<{w}}  {val:>12}  {note}")
 
 
+def serialize(env, on):
+    """pgsync.serialize_applies for every backend: the old global apply lock."""
+    import psycopg2
+    c = psycopg2.connect(env.pg.dsn(db=env.db))
+    c.autocommit = True
+    try:
+        with c.cursor() as cur:
+            cur.execute("LOAD 'pgsync'")  # ALTER SYSTEM knows the setting once loaded
+            cur.execute(f"ALTER SYSTEM SET pgsync.serialize_applies = {'on' if on else 'off'}")
+            cur.execute("SELECT pg_reload_conf()")
+    finally:
+        c.close()
+    time.sleep(0.5)  # every backend of the pool has read it
+
+
+def compare(rows, nc, got, what):
+    """got[serialized] = (pushes/s, errors): two rows, the second with the ratio."""
+    for on in (True, False):
+        rate, err = got[on]
+        note = f"{err} errors"
+        if not on:
+            ratio = rate / max(got[True][0], 1e-9)
+            note += f"; {ratio:.1f}x serialized"
+            if nc == CLIENTS:
+                note += f"; target >= {PUSH50_FACTOR}x: {'met' if ratio >= PUSH50_FACTOR else 'MISSED'}"
+        rows.append((f"push (1 row, {what}), {nc:>2} clients, "
+                     f"{'serialized' if on else 'concurrent'} applies", f"{rate:,.0f} /s", note))
+
+
+def phase_push_raw(env, rows, s1):
+    """Pushes of payloads made beforehand: what the server and Postgres
+    sustain, without the SQLite clients' cost (on 2 cores they take as much
+    CPU as server and Postgres together)."""
+    import http.client
+    import sqlite3
+    from harness import CLIENT_SCHEMA, EXT
+    # pushes per client and run: about a second of work at the rates of 2
+    # cores; each side runs REPEAT times, alternating, and keeps its best run
+    # (other work on the machine only ever slows a run down)
+    per = {1: 600, 10: 100, CLIENTS: 30}
+    REPEAT = 3
+
+    def device():
+        c = sqlite3.connect(":memory:", isolation_level=None)
+        c.enable_load_extension(True)
+        c.load_extension(EXT)
+        c.executescript(CLIENT_SCHEMA)
+        c.execute("SELECT sync_init('items')")
+        c.execute("SELECT sync_init('notes')")
+        return c
+    devs = [device() for _ in range(CLIENTS)]
+    toks = [token(f"raw{i}") for i in range(CLIENTS)]
+    seq = [0] * CLIENTS
+
+    def payloads(i, n):
+        c, out = devs[i], []
+        for _ in range(n):
+            seq[i] += 1
+            since = c.execute("SELECT sync_db_version()").fetchone()[0]
+            c.execute("INSERT INTO items VALUES(?, 'bench', ?, 1.5)", (f"r{i}-{seq[i]}", seq[i]))
+            out.append(bytes(c.execute("SELECT sync_payload(?)", (since,)).fetchone()[0]))
+        return out
+
+    def run(nc, lists):
+        errors = [0] * nc
+
+        def loop(i):
+            h = http.client.HTTPConnection("127.0.0.1", s1.port, timeout=30)
+            for body in lists[i]:
+                try:
+                    h.request("POST", "/v1/push", body=body,
+                              headers={"Authorization": "Bearer " + toks[i],
+                                       "Content-Type": "application/octet-stream"})
+                    r = h.getresponse()
+                    r.read()
+                    if r.status != 200:
+                        errors[i] += 1
+                except Exception:  # noqa: BLE001
+                    errors[i] += 1
+                    h.close()
+                    h = http.client.HTTPConnection("127.0.0.1", s1.port, timeout=30)
+            h.close()
+        ts = [threading.Thread(target=loop, args=(i,)) for i in range(nc)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return sum(map(len, lists)) / (time.perf_counter() - t0), sum(errors)
+
+    # every device's first push registers its site, and the pool warms up,
+    # outside the measured runs
+    run(CLIENTS, [payloads(i, 20) for i in range(CLIENTS)])
+    for nc in (1, 10, CLIENTS):
+        got = {True: (0, 0), False: (0, 0)}
+        for k in range(REPEAT):
+            for on in ((True, False) if k % 2 == 0 else (False, True)):
+                lists = [payloads(i, per[nc]) for i in range(nc)]
+                serialize(env, on)
+                print(f"pushraw: {nc} clients, {'serialized' if on else 'concurrent'} applies",
+                      file=sys.stderr, flush=True)
+                rate, err = run(nc, lists)
+                got[on] = (max(rate, got[on][0]), got[on][1] + err)
+        serialize(env, False)
+        compare(rows, nc, got, f"payload made beforehand -> server, best of {REPEAT}")
+    for c in devs:
+        c.close()
+
+
 def phase_push_pull(env, rows, s1):
     if True:
         # -- push: 50 replicas, one row per push -------------------------------
@@ -110,8 +235,25 @@ def phase_push_pull(env, rows, s1):
             seq[i] += 1
             clients[i].q("INSERT INTO items VALUES(?, 'bench', ?, 1.5)", f"c{i}-{seq[i]}", seq[i])
             clients[i].one("SELECT sync_network_send()")
-        n, err, dt = parallel(CLIENTS, push, SECONDS)
-        rows.append(("push (1 row, SQLite client -> server)", f"{n / dt:,.0f} /s", f"{err} errors"))
+        if "push" not in PHASES:
+            parallel(CLIENTS, push, 1.0)  # rows for the pull phases
+        for nc in ((1, 10, CLIENTS) if "push" in PHASES else ()):
+            got = {}
+            # the order alternates, so that a machine getting busier or quieter
+            # during the run does not favour one side
+            for on in ((True, False) if nc != 10 else (False, True)):
+                serialize(env, on)
+                what = "serialized" if on else "concurrent"
+                print(f"push: {nc} clients, {what} applies", file=sys.stderr, flush=True)
+                n, err, dt = parallel(nc, push, SECONDS)
+                got[on] = (n / dt, err)
+            serialize(env, False)
+            compare(rows, nc, got, "SQLite client -> server")
+        if "pull" not in PHASES:
+            for c in clients:
+                c.close()
+            env.clients.clear()
+            return
 
         # -- pull: the last 100 changed rows, raw HTTP ----------------------------
         st, h, _ = http("GET", s1.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + token("x")})

@@ -7,7 +7,10 @@
  *      whole body once to validate it, before any write;
  *   2. resolve the dictionaries by name. A table or column this replica
  *      does not have is not an error: its changes are held (kept aside with
- *      their clocks, db_held_*) and everything else applies;
+ *      their clocks, db_held_*) and everything else applies; then announce
+ *      every row the payload may write (db_apply_lock: an engine with
+ *      concurrent writers locks them there, in an order of its own, before
+ *      the first write);
  *   3. apply the row groups table by table in foreign-key order (parents
  *      first; deletes and removals children first) — one pass in payload
  *      order when no synced table references another. For each group: read
@@ -61,6 +64,13 @@ typedef struct deferred
 	pgs_err	 why;
 } deferred;
 
+/* a row the payload may write: its table (payload index) and key hash */
+typedef struct row_note
+{
+	uint32_t table;
+	uint64_t hash;
+} row_note;
+
 typedef struct apply_ctx
 {
 	db_conn		*db;
@@ -89,6 +99,10 @@ typedef struct apply_ctx
 	bool	  final_round;
 	uint64_t *only; /* when set: apply only these group ordinals (sorted) */
 	uint32_t  nonly;
+	/* rows of the payload, noted by the validation pass for db_apply_lock */
+	row_note *notes;
+	uint32_t  nnotes;
+	uint32_t  notes_cap;
 } apply_ctx;
 
 static pgs_rc
@@ -904,6 +918,34 @@ cmp_cand(const void *x, const void *y)
 	return a->hash < b->hash ? -1 : a->hash > b->hash;
 }
 
+/* lock_keys announces n encoded keys of table at (db_apply_lock). */
+static pgs_rc
+lock_keys(apply_ctx *a, apply_table *at, const uint8_t *p, const uint8_t *end, uint32_t n,
+		  pgs_err *err)
+{
+	db_lock_key *lk = pgs_malloc(sizeof(db_lock_key) * n);
+	pgs_value	*pk = pgs_malloc(sizeof(pgs_value) * at->ti->npk);
+	pgs_rc		 r = PGS_OK;
+
+	if (!lk || !pk)
+		r = oom(err);
+	for (uint32_t i = 0; r == PGS_OK && i < n; i++)
+	{
+		for (int k = 0; r == PGS_OK && k < at->ti->npk; k++)
+		{
+			uint8_t type = *p++;
+
+			r = pgs_value_get(&p, end, type, &pk[k], err);
+		}
+		lk[i] = (db_lock_key){at->t, pgs_key_hash(PGS_LOCK_SALT, (uint32_t) at->ti->npk, pk)};
+	}
+	if (r == PGS_OK)
+		r = db_apply_lock(a->db, lk, n, err);
+	pgs_free(lk);
+	pgs_free(pk);
+	return r;
+}
+
 /* match_candidates: every local key of table tix whose salted hash is a
  * removal candidate of this payload. One pass over the local keys. */
 static pgs_rc
@@ -972,6 +1014,9 @@ match_candidates(apply_ctx *a, uint32_t tix, pgs_apply_stats *st, pgs_err *err)
 		keys = pgs_malloc(sizeof(pgs_value) * at->ti->npk);
 		if (!keys)
 			r = oom(err);
+		/* these rows were not in the payload: announce them before writing */
+		if (r == PGS_OK)
+			r = lock_keys(a, at, p, end, nhits, err);
 		for (uint32_t i = 0; r == PGS_OK && i < nhits; i++)
 		{
 			for (int k = 0; r == PGS_OK && k < at->ti->npk; k++)
@@ -1139,6 +1184,46 @@ retry_deferred(apply_ctx *a, pgs_apply_stats *st, pgs_err *err)
 	return PGS_OK;
 }
 
+/* note_row remembers a row group of the validation pass for db_apply_lock. */
+static pgs_rc
+note_row(apply_ctx *a, const pgs_group *g, pgs_err *err)
+{
+	if (g->kind != PGS_GROUP_CHANGES && g->kind != PGS_GROUP_WHOLE && g->kind != PGS_GROUP_ABSENT)
+		return PGS_OK; /* candidates: their local keys are locked when matched */
+	if (a->nnotes == a->notes_cap)
+	{
+		uint32_t  cap = a->notes_cap ? a->notes_cap * 2 : 64;
+		row_note *n = pgs_realloc(a->notes, sizeof(row_note) * cap);
+
+		if (!n)
+			return oom(err);
+		a->notes = n;
+		a->notes_cap = cap;
+	}
+	a->notes[a->nnotes].table = g->table;
+	a->notes[a->nnotes].hash = pgs_key_hash(PGS_LOCK_SALT, a->r.tables[g->table].npk, g->pk);
+	a->nnotes++;
+	return PGS_OK;
+}
+
+/* lock_rows announces the noted rows of tables synced here (db_apply_lock). */
+static pgs_rc
+lock_rows(apply_ctx *a, pgs_err *err)
+{
+	db_lock_key *keys = pgs_malloc(sizeof(db_lock_key) * (a->nnotes ? a->nnotes : 1));
+	uint32_t	 n = 0;
+	pgs_rc		 rc;
+
+	if (!keys)
+		return oom(err);
+	for (uint32_t i = 0; i < a->nnotes; i++)
+		if (a->tables[a->notes[i].table].t)
+			keys[n++] = (db_lock_key){a->tables[a->notes[i].table].t, a->notes[i].hash};
+	rc = db_apply_lock(a->db, keys, n, err);
+	pgs_free(keys);
+	return rc;
+}
+
 pgs_rc
 pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_apply_stats *st,
 		  pgs_err *err)
@@ -1173,11 +1258,16 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 		st->rows = 0;
 		while (rc == PGS_OK && !done)
 			if ((rc = pgs_reader_next(&a.r, &g, &done, err)) == PGS_OK && !done)
+			{
 				st->rows++;
+				rc = note_row(&a, &g, err);
+			}
 	}
 	if (rc != PGS_OK)
 		goto out;
 	if ((rc = resolve(&a, &deps, err)) != PGS_OK)
+		goto out;
+	if ((rc = lock_rows(&a, err)) != PGS_OK)
 		goto out;
 	db_apply_careful(db, careful);
 	for (uint32_t i = 0; i < a.r.ntables; i++)
@@ -1222,6 +1312,7 @@ out:
 	pgs_free(a.wvals);
 	pgs_free(a.defer);
 	pgs_free(a.only);
+	pgs_free(a.notes);
 	pgs_buf_free(&a.blob);
 	pgs_reader_close(&a.r);
 	pgs_free(owned);

@@ -19,6 +19,7 @@
  */
 #include "pg_internal.h"
 
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
@@ -27,6 +28,8 @@
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "utils/resowner.h"
 #include "utils/rls.h"
 #include "utils/uuid.h"
@@ -490,6 +493,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	d[t->npk] = Int64GetDatum(cl);
 	d[t->npk + 1] = Int64GetDatum(ver);
 	d[t->npk + 2] = PointerGetDatum(b);
+	pg_lock_clock(t, pk);
 	pg_as_meta(&us);
 	if (exists && db->last_found)
 	{
@@ -688,7 +692,9 @@ do_write_row(db_conn *db, write_args *w)
  * pg_row_error: is this error a row's own fate (its data, its constraints,
  * the role's rights on it, a trigger on it) rather than the transaction's
  * or the server's? Everything but: transaction rollback (40: serialization,
- * deadlock — the apply is retried whole), insufficient resources (53),
+ * deadlock — the apply is retried whole), a lock not available (55P03: the
+ * apply gave way or a lock wait was cut short, pg_lock.c; it waits and runs
+ * again), insufficient resources (53),
  * operator intervention (57: cancel, shutdown), system errors (58), lost
  * connections (08), invalid transaction state (25), corrupted data or index
  * (XX001, XX002).
@@ -700,7 +706,7 @@ pg_row_error(int code)
 
 	if (strncmp(s, "40", 2) == 0 || strncmp(s, "53", 2) == 0 || strncmp(s, "57", 2) == 0 ||
 		strncmp(s, "58", 2) == 0 || strncmp(s, "08", 2) == 0 || strncmp(s, "25", 2) == 0 ||
-		strcmp(s, "XX001") == 0 || strcmp(s, "XX002") == 0)
+		strcmp(s, "55P03") == 0 || strcmp(s, "XX001") == 0 || strcmp(s, "XX002") == 0)
 		return false;
 	return true;
 }
@@ -785,7 +791,10 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 					   .cols = cols,
 					   .vals = vals,
 					   .m = NULL};
-	pgs_rc		  rc = guarded(db, write_fn, &w, err);
+	pgs_rc		  rc;
+
+	pg_lock_row(db, t, pk);
+	rc = guarded(db, write_fn, &w, err);
 
 	if (w.m && w.m->cols_key)
 	{
@@ -802,7 +811,10 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
-	pgs_rc		  rc = guarded(db, write_fn, &w, err);
+	pgs_rc		  rc;
+
+	pg_lock_row(db, t, pk);
+	rc = guarded(db, write_fn, &w, err);
 
 	MemoryContextSwitchTo(old);
 	return rc;
@@ -836,7 +848,10 @@ db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_e
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
-	pgs_rc		  rc = guarded(db, forget_fn, &w, err);
+	pgs_rc		  rc;
+
+	pg_lock_row(db, t, pk);
+	rc = guarded(db, forget_fn, &w, err);
 
 	MemoryContextSwitchTo(old);
 	*forgot = rc == PGS_OK;
@@ -860,51 +875,40 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 	MemoryContextSwitchTo(old);
 }
 
-/* db_table_parents: synced tables t references by foreign keys. */
+/*
+ * db_table_parents: synced tables t references by foreign keys. From the
+ * relcache's foreign-key list (kept current by relcache invalidation), not
+ * a catalog query: every apply asks, for every table of its payload.
+ */
 pgs_rc
 db_table_parents(db_conn *db, db_table *t, db_table ***parents, int *n, pgs_err *err)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid				  types[1] = {OIDOID};
-	Datum			  vals[1] = {ObjectIdGetDatum(t->relid)};
-	pg_user_save	  us;
-	db_table		**out;
-	uint64			  k;
+	Relation   rel = table_open(t->relid, AccessShareLock);
+	List	  *fks = RelationGetFKeyList(rel);
+	Oid		  *rels = palloc(sizeof(Oid) * (list_length(fks) + 1));
+	int		   nrels = 0;
+	db_table **out;
+	ListCell  *lc;
 
-	if (plan == NULL)
+	foreach (lc, fks)
 	{
-		plan = SPI_prepare("SELECT DISTINCT confrelid FROM pg_catalog.pg_constraint WHERE "
-						   "contype = 'f' AND conrelid = $1 AND confrelid <> $1",
-						   1, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
+		ForeignKeyCacheInfo *fk = lfirst(lc);
+		bool				 seen = fk->confrelid == t->relid;
+
+		for (int k = 0; k < nrels && !seen; k++)
+			seen = rels[k] == fk->confrelid;
+		if (!seen)
+			rels[nrels++] = fk->confrelid;
 	}
-	pg_as_meta(&us);
-	if (SPI_execute_plan(plan, vals, NULL, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "pgsync: reading foreign keys failed");
-	pg_as_caller(&us);
-	out = MemoryContextAlloc(db->cxt, sizeof(db_table *) * (SPI_processed + 1));
+	table_close(rel, NoLock);
+	out = MemoryContextAlloc(db->cxt, sizeof(db_table *) * (nrels + 1));
 	*n = 0;
+	for (int k = 0; k < nrels; k++)
 	{
-		uint64 cnt = SPI_processed;
-		Oid	  *rels = palloc(sizeof(Oid) * (cnt + 1));
+		db_table *p = pg_table_get(rels[k], true);
 
-		for (k = 0; k < cnt; k++)
-		{
-			bool isnull;
-
-			rels[k] = DatumGetObjectId(
-				SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1, &isnull));
-		}
-		SPI_freetuptable(SPI_tuptable);
-		for (k = 0; k < cnt; k++)
-		{
-			db_table *p = pg_table_get(rels[k], true);
-
-			if (p)
-				out[(*n)++] = p;
-		}
+		if (p)
+			out[(*n)++] = p;
 	}
 	*parents = out;
 	return PGS_OK;

@@ -9,6 +9,8 @@
  *   pg_database.c  the database.h seam used by core/ (apply and build)
  *   pg_capture.c   the row trigger that records local edits in clock tables
  *   pg_types.c     mapping between Postgres Datums and core pgs_values
+ *   pg_lock.c      concurrent applies: row locks in one order, giving way to
+ *                  local writers, waiting between attempts
  *
  * Metadata (pgsync.*, clock tables) is always read and written as the owner
  * of the pgsync schema objects ("meta owner"), the way RI triggers switch to
@@ -25,6 +27,7 @@
 #include "access/transam.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "storage/lock.h"
 #include "utils/hsearch.h"
 
 #include "../database.h"
@@ -151,6 +154,11 @@ struct db_conn
 	int64_t last_cl;
 	bytea  *last_blob;
 	size_t	last_cap;
+	/* pg_lock.c: > 0 inside sync_apply_payload's retry loop: lock waits of
+	 * the merge last at most this long, and a row being written by another
+	 * transaction makes the apply give way */
+	int				 lock_wait_ms;
+	struct pg_locks *locks; /* what db_apply_lock took in this attempt */
 };
 
 /* ---- pgsync.c ---- */
@@ -223,6 +231,27 @@ SPIPlanPtr pg_plan_read(db_table *t, pg_read_kind kind, int order); /* 0 any, 1 
  * owner) of the keys in arrays $1.. (one per key column). */
 SPIPlanPtr pg_plan_probe(db_table *t, bool clock);
 SPIPlanPtr pg_plan_row_exists(db_table *t);
+
+/* ---- pg_lock.c ---- */
+/* an apply of more rows than this locks their tables instead of the rows */
+#define PG_LOCK_ROWS_MAX 64
+/* how long an apply that holds rows may wait for a lock */
+#define PG_LOCK_WAIT_MS 1
+/* why the running attempt gave way: what to wait for before the next one */
+typedef struct pg_yield
+{
+	bool		  armed; /* our lock_timeout is in effect (db_apply_lock) */
+	bool		  set;
+	TransactionId xid; /* a transaction writing a row the apply writes */
+	bool		  have_tag;
+	LOCKTAG		  tag; /* or another apply's lock on a row found late */
+	LOCKMODE	  tag_mode;
+} pg_yield;
+extern pg_yield pg_apply_yield;
+void			pg_lock_row(db_conn *db, db_table *t, const pgs_value *pk);
+void			pg_lock_clock(db_table *t, const pgs_value *pk);
+void			pg_apply_wait(int round);
+void			pg_apply_yield_reset(void);
 
 /* ---- pg_types.c ---- */
 pg_kind		pg_type_kind(Oid basetyp);

@@ -20,14 +20,20 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 #include "utils/uuid.h"
 
 PG_MODULE_MAGIC;
 
-/* Key of the advisory lock that serializes applies (pgsync in ASCII). */
-#define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79)
+/*
+ * pgsync.serialize_applies: every apply takes one global advisory lock until
+ * commit, the way applies ran before they ran concurrently. Off by default;
+ * there only to measure the difference in one run (bench/server_bench.py).
+ */
+#define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79) /* "pgsyaply" */
+static bool serialize_applies = false;
 
 bool   pg_applying = false;
 Oid	   pg_apply_relid = InvalidOid;
@@ -103,6 +109,10 @@ _PG_init(void)
 	pgs_set_allocator(&a);
 	RegisterXactCallback(pgsync_xact_cb, NULL);
 	pg_table_cache_setup();
+	DefineCustomBoolVariable("pgsync.serialize_applies",
+							 "Applies run one at a time (one global lock until commit).",
+							 "For comparisons only: applies run concurrently without it.",
+							 &serialize_applies, false, PGC_SUSET, 0, NULL, NULL, NULL);
 }
 
 /* ---- errors --------------------------------------------------------------- */
@@ -203,16 +213,25 @@ pg_as_caller(const pg_user_save *s)
 void
 pg_conn_init(db_conn *db, MemoryContext cxt)
 {
-	pg_user_save us;
-	bool		 isnull;
-	Datum		 d;
-	int			 rc;
+	static SPIPlanPtr plan = NULL;
+	pg_user_save	  us;
+	bool			  isnull;
+	Datum			  d;
+	int				  rc;
 
 	memset(db, 0, sizeof(*db));
 	db->cxt = cxt;
 	db->call_id = ++call_counter;
 	pg_as_meta(&us);
-	rc = SPI_execute("SELECT site FROM pgsync.sites WHERE idx = 0", false, 1);
+	if (plan == NULL)
+	{
+		/* prepared once: parsing and planning it cost as much as a small apply */
+		plan = SPI_prepare("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed");
+		SPI_keepplan(plan);
+	}
+	rc = SPI_execute_plan(plan, NULL, NULL, false, 1);
 	pg_as_caller(&us);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		ereport(
@@ -672,13 +691,21 @@ sync_payload_until(PG_FUNCTION_ARGS)
 /*
  * sync_apply_payload(payload bytea): merge; returns the winning changes.
  *
- * The merge runs in a subtransaction. When a local writer changed a row
- * between the clock read and the clock write of that row (pg_database.c
- * detects it with a compare-and-set on the clock), the subtransaction is
- * rolled back and the whole apply runs again: by then the writer has
- * committed and the retry merges against its clock.
+ * Applies run concurrently (pg_lock.c). Each attempt runs in a
+ * subtransaction, and is rolled back and run again when:
+ *   - a local writer changed a row between the clock read and the clock
+ *     write of that row (the compare-and-set in db_clock_put): at once, the
+ *     writer has committed by then; at most APPLY_CONFLICTS times;
+ *   - it gave way to another transaction writing one of its rows, a lock
+ *     wait of the merge was cut short, or it was chosen as a deadlock
+ *     victim: after waiting, holding nothing, for what was in the way
+ *     (pg_apply_wait); at most APPLY_YIELDS times, then 40001;
+ *   - a row failed on the fast path: once more in careful mode, where every
+ *     row write is isolated and a failing row is rejected alone.
+ * None of these errors reaches the caller before the limits.
  */
-#define APPLY_ATTEMPTS 8
+#define APPLY_CONFLICTS 8
+#define APPLY_YIELDS 64
 
 Datum
 sync_apply_payload(PG_FUNCTION_ARGS)
@@ -686,7 +713,7 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 	bytea		   *p = PG_GETARG_BYTEA_PP(0);
 	MemoryContext	outer = CurrentMemoryContext;
 	ResourceOwner	owner = CurrentResourceOwner;
-	volatile int	attempt;
+	volatile int	conflicts = 0, yields = 0;
 	volatile bool	done = false;
 	volatile bool	careful = false;
 	pgs_apply_stats st;
@@ -706,14 +733,10 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 						 "own site id.")));
 	}
 
-	/*
-	 * Applies are serialized: two payloads touching the same rows in
-	 * different orders would otherwise deadlock. Local writers do not take
-	 * this lock.
-	 */
-	DirectFunctionCall1(pg_advisory_xact_lock_int8, Int64GetDatum(PGSYNC_APPLY_LOCK_KEY));
+	if (serialize_applies)
+		DirectFunctionCall1(pg_advisory_xact_lock_int8, Int64GetDatum(PGSYNC_APPLY_LOCK_KEY));
 	SPI_connect();
-	for (attempt = 1; !done; attempt++)
+	while (!done)
 	{
 		MemoryContext cxt = call_context();
 
@@ -725,15 +748,20 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			db_conn db;
 			pgs_err err;
 			pgs_rc	rc;
+			int		guc;
 
 			reject_reset();
 			pg_apply_conflict = false;
+			pg_apply_yield_reset();
 			pg_conn_init(&db, cxt);
+			db.lock_wait_ms = PG_LOCK_WAIT_MS;
 			memset(&err, 0, sizeof(err));
+			guc = NewGUCNestLevel(); /* db_apply_lock sets lock_timeout */
 			pg_applying = true;
 			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), careful,
 						   &st, &err);
 			pg_applying = false;
+			AtEOXact_GUC(true, guc);
 			if (rc == PGS_ERR_CAREFUL)
 				ereport(ERROR, (errcode(ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION),
 								errmsg("a row of the payload failed: applying it carefully")));
@@ -748,6 +776,7 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 		{
 			ErrorData *ed;
 			bool	   conflict = pg_apply_conflict;
+			bool	   yield;
 
 			pg_applying = false;
 			MemoryContextSwitchTo(outer);
@@ -756,19 +785,27 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(outer);
 			CurrentResourceOwner = owner;
-			/*
-			 * A local writer raced with a clock write: again, the same way.
-			 * A row failed on the fast path: again, each row isolated, so
-			 * that it alone is rejected. Anything else is the apply's error.
-			 */
-			if (conflict && attempt < APPLY_ATTEMPTS)
-				;
+			/* 55P03 is ours only while our lock_timeout was in effect */
+			yield = pg_apply_yield.set || ed->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED ||
+					(ed->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && pg_apply_yield.armed);
+			if (conflict && conflicts < APPLY_CONFLICTS)
+				conflicts++; /* again, the same way */
+			else if (!conflict && yield && yields < APPLY_YIELDS)
+				pg_apply_wait(++yields);
+			else if (!conflict && yield)
+				ereport(ERROR,
+						(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+						 errmsg("could not apply the payload: rows it writes stayed busy"),
+						 errdetail("%d attempts gave way to other transactions; the last: %s",
+								   yields, ed->message),
+						 errhint("Apply the payload again.")));
 			else if (!conflict && !careful && pg_row_error(ed->sqlerrcode))
-				careful = true;
+				careful = true; /* each row isolated, so that it alone is rejected */
 			else
 				ReThrowError(ed);
 			FreeErrorData(ed);
 			pg_apply_conflict = false;
+			pg_apply_yield_reset();
 		}
 		PG_END_TRY();
 		call_done(cxt);

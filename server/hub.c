@@ -3,9 +3,11 @@
  *
  * Each database has its own hub: a listener and a timer thread, its waiters.
  * The listener thread keeps its own Postgres connection that LISTENs on
- * pgsync_changes (pushes NOTIFY it with their transaction id, from any server
- * process) and, every poll_ms, reads sync_db_version() to catch changes
- * written directly in Postgres, which do not notify. Each heard change bumps
+ * pgsync_changes (every server process NOTIFYs it, from this same
+ * connection, with the transaction ids of its pushes after they commit:
+ * hub_notify; one NOTIFY at a time, the newest id standing for those that
+ * came meanwhile) and, every poll_ms, reads sync_db_version() to catch
+ * changes written directly in Postgres, which do not notify. Each heard change bumps
  * the generation counter, raises the announced version, hands the parked
  * long-polls whose cursor is below it back to the workers (all at once, so
  * that work.c pulls those with the same view together) and tells the
@@ -48,6 +50,8 @@ typedef struct srv_hub
 	bool			threads_stop;
 	bool			listening;
 	int				stop_fd;
+	int				notify_fd;		/* hub_notify wakes the listener */
+	int64_t			notify_pending; /* newest push xid not yet NOTIFYed; 0: none */
 	pthread_t		listener_tid, timer_tid;
 	bool			started;
 	const hub_ops  *ops;
@@ -357,6 +361,62 @@ set_listening(srv_hub *h, bool up)
 	pthread_mutex_unlock(&h->mu);
 }
 
+void
+hub_notify(srv_db *db, int64_t v)
+{
+	srv_hub *h = db->hub;
+	uint64_t one = 1;
+
+	if (!h)
+		return;
+	pthread_mutex_lock(&h->mu);
+	if (v > h->notify_pending)
+		h->notify_pending = v;
+	pthread_mutex_unlock(&h->mu);
+	if (write(h->notify_fd, &one, sizeof one) < 0)
+		srv_log("WARNING", "cannot signal the listener thread: %s", strerror(errno));
+}
+
+/*
+ * send_notify: NOTIFY the newest pending push (false: the connection
+ * failed). What comes in while it is sent waits for the next one: one
+ * NOTIFY at a time per process, however many pushes commit.
+ */
+static bool
+send_notify(srv_db *db, PGconn *c)
+{
+	srv_hub	 *h = db->hub;
+	int64_t	  v;
+	char	  sql[96];
+	PGresult *r;
+	bool	  ok;
+
+	pthread_mutex_lock(&h->mu);
+	v = h->notify_pending;
+	h->notify_pending = 0;
+	pthread_mutex_unlock(&h->mu);
+	if (v <= 0)
+		return true;
+	snprintf(sql, sizeof sql, "SELECT pg_notify('" SRV_NOTIFY_CHANNEL "', '%lld')", (long long) v);
+	r = PQexec(c, sql);
+	ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+	if (!ok && PQstatus(c) == CONNECTION_OK)
+	{
+		srv_log("WARNING", "database %s: NOTIFY failed: %s", db->name, PQresultErrorMessage(r));
+		ok = true; /* the other servers' polling finds the change */
+	}
+	PQclear(r);
+	if (!ok)
+	{
+		/* again after the reconnect */
+		pthread_mutex_lock(&h->mu);
+		if (v > h->notify_pending)
+			h->notify_pending = v;
+		pthread_mutex_unlock(&h->mu);
+	}
+	return ok;
+}
+
 static void *
 listener_main(void *arg)
 {
@@ -369,7 +429,7 @@ listener_main(void *arg)
 
 	while (!__atomic_load_n(&h->threads_stop, __ATOMIC_RELAXED))
 	{
-		struct pollfd p[2];
+		struct pollfd p[3];
 		int			  timeout, n;
 
 		if (!c)
@@ -401,7 +461,17 @@ listener_main(void *arg)
 			if (v > polled)
 				polled = v;
 		}
-		/* notifications may have arrived with the poll's result */
+		if (!send_notify(db, c))
+		{
+			srv_log("WARNING", "database %s: notification listener lost its connection: %s",
+					db->name, "NOTIFY failed");
+			logged_down = true;
+			set_listening(h, false);
+			PQfinish(c);
+			c = NULL;
+			continue;
+		}
+		/* notifications may have arrived with the poll's (or NOTIFY's) result */
 		PQconsumeInput(c);
 		for (PGnotify *nt; (nt = PQnotifies(c)) != NULL; PQfreemem(nt))
 			announce(db, strtoll(nt->extra, NULL, 10));
@@ -412,11 +482,20 @@ listener_main(void *arg)
 		p[0].events = POLLIN;
 		p[1].fd = h->stop_fd;
 		p[1].events = POLLIN;
-		n = poll(p, 2, timeout);
+		p[2].fd = h->notify_fd;
+		p[2].events = POLLIN;
+		n = poll(p, 3, timeout);
 		if (n < 0 && errno != EINTR)
 			break;
 		if (p[1].revents)
 			break;
+		if (p[2].revents)
+		{
+			uint64_t k;
+
+			if (read(h->notify_fd, &k, sizeof k) < 0 && errno != EAGAIN)
+				srv_log("WARNING", "cannot read the listener's wake-up: %s", strerror(errno));
+		}
 		if (n > 0 && p[0].revents)
 		{
 			if (!PQconsumeInput(c) || PQstatus(c) != CONNECTION_OK)
@@ -456,7 +535,8 @@ hub_start(srv_db *db, const hub_ops *ops)
 	pthread_cond_init(&h->timer_cv, NULL);
 	db->hub = h;
 	h->stop_fd = eventfd(0, EFD_CLOEXEC);
-	if (h->stop_fd < 0)
+	h->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (h->stop_fd < 0 || h->notify_fd < 0)
 		return false;
 	if (pthread_create(&h->timer_tid, NULL, timer_main, db) != 0)
 		return false;
@@ -495,6 +575,8 @@ hub_stop(srv_db *db)
 	}
 	if (h->stop_fd >= 0)
 		close(h->stop_fd);
+	if (h->notify_fd >= 0)
+		close(h->notify_fd);
 	pthread_mutex_destroy(&h->mu);
 	pthread_cond_destroy(&h->timer_cv);
 	free(h);

@@ -258,6 +258,7 @@ typedef struct push_result
 	int64_t applied;
 	int64_t nrejected;
 	int64_t server_version;
+	int64_t xid;		   /* the push's transaction (0: it applied nothing), for hub_notify */
 	char   *rejected_json; /* JSON array text (malloc) */
 } push_result;
 
@@ -407,6 +408,12 @@ void	hub_release_all(srv_db *db);
 int64_t hub_version(srv_db *db); /* highest version announced so far */
 int		hub_waiting(srv_db *db);
 bool	hub_listening(srv_db *db); /* the LISTEN connection is up */
+/*
+ * hub_notify: a push committed transaction v; the listener NOTIFYs every
+ * server of it, one NOTIFY at a time for all of this process's pushes (the
+ * newest v stands for those that came meanwhile).
+ */
+void hub_notify(srv_db *db, int64_t v);
 
 /* ---- ws.c ---------------------------------------------------------------- */
 

@@ -9,8 +9,11 @@
  *   SET LOCAL ROLE "r"; SELECT set_config('request.jwt.claims', c, true);
  *   SELECT sync_apply_payload($1);
  *   SELECT sync_db_version(), <sync_rejections() as JSON>,
- *          pg_notify('pgsync_changes', ...);        -- if anything won
+ *          pg_current_xact_id();                    -- if anything won
  *   COMMIT;
+ * and then, if anything won, hub_notify: the listener's connection sends
+ *   SELECT pg_notify('pgsync_changes', '<xid>');
+ * for this and every push that committed while it was sending the last one.
  * Pull, 3 round trips, one snapshot (REPEATABLE READ):
  *   BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sync_device('<exclude>', ...);
  *   SET LOCAL ROLE "r"; SELECT set_config(...);
@@ -306,7 +309,9 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 	char		origin[37];
 
 	/* 3 round trips: begin for the payload's device, as the role; apply;
-	 * report + notify + commit */
+	 * report + commit. The NOTIFY follows from the listener's connection
+	 * (hub_notify): one in the push's transaction would take Postgres' one
+	 * notify lock in every push's commit and serialize the commits. */
 	{
 		uint8_t site[16];
 
@@ -336,8 +341,7 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 			 "(SELECT coalesce(json_agg(json_build_object('table', x.table_name, 'pk', x.pk, "
 			 "'code', x.sqlstate, 'message', x.message)), '[]') FROM sync_rejections() x) AS j) s; "
 			 "COMMIT",
-			 out->applied > 0 ? "pg_notify('" SRV_NOTIFY_CHANNEL "', pg_current_xact_id()::text)"
-							  : "NULL");
+			 out->applied > 0 ? "pg_current_xact_id()::text" : "NULL");
 	if (!(r = exec_multi(conn, sql, 0, "sync_rejections", broken, retry, e)))
 		return false;
 	if (PQntuples(r) != 1 || PQnfields(r) < 3)
@@ -348,6 +352,7 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 	}
 	out->server_version = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
 	out->nrejected = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+	out->xid = PQgetisnull(r, 0, 3) ? 0 : strtoll(PQgetvalue(r, 0, 3), NULL, 10);
 	free(out->rejected_json);
 	out->rejected_json = strdup(PQgetvalue(r, 0, 1));
 	PQclear(r);
@@ -369,6 +374,8 @@ sync_push(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_
 			return false;
 		ok = push_once(conn, a, body, len, out, &broken, &retry, e);
 		pool_release(db, conn, broken);
+		if (ok && out->xid > 0)
+			hub_notify(db, out->xid);
 		if (ok)
 			return true;
 		/* a lost connection is retried once, a serialization failure 3 times */

@@ -396,6 +396,17 @@ sl_flush(db_conn *c, pgs_err *err)
 	return rc;
 }
 
+/* db_apply_lock: SQLite has one writer at a time: nothing to lock. */
+pgs_rc
+db_apply_lock(db_conn *c, const db_lock_key *keys, uint32_t n, pgs_err *err)
+{
+	(void) c;
+	(void) keys;
+	(void) n;
+	(void) err;
+	return PGS_OK;
+}
+
 pgs_rc
 db_apply_end(db_conn *c, pgs_err *err)
 {

@@ -308,6 +308,7 @@ mock_close(db_conn *db)
 	mock_allow_all(db);
 	mock_view_free(db);
 	pgs_free(db->sites);
+	pgs_free(db->locked);
 	pgs_buf_free(&db->key);
 	mdb_eph_reset(db);
 	pgs_free(db);
@@ -517,12 +518,49 @@ db_apply_version(db_conn *db, int64_t *ver, pgs_err *err)
 	return PGS_OK;
 }
 
+/* db_apply_lock: the mock remembers the rows, to refuse writes of others. */
+pgs_rc
+db_apply_lock(db_conn *db, const db_lock_key *keys, uint32_t n, pgs_err *err)
+{
+	mdb_eph_reset(db);
+	if (db->nlocked + n > db->locked_cap)
+	{
+		uint32_t	 cap = (db->nlocked + n) * 2;
+		db_lock_key *k = pgs_realloc(db->locked, sizeof(db_lock_key) * cap);
+
+		if (!k)
+			return pgs_fail(err, PGS_ERR_NOMEM, "mockdb: out of memory", NULL, NULL);
+		db->locked = k;
+		db->locked_cap = cap;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		if (!keys[i].t)
+			return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: db_apply_lock of a NULL table");
+	if (n)
+		memcpy(db->locked + db->nlocked, keys, sizeof(db_lock_key) * n);
+	db->nlocked += n;
+	return PGS_OK;
+}
+
+pgs_rc
+mdb_check_locked(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	uint64_t h = pgs_key_hash(PGS_LOCK_SALT, (uint32_t) t->npk, pk);
+
+	for (uint32_t i = 0; i < db->nlocked; i++)
+		if (db->locked[i].t == t && db->locked[i].hash == h)
+			return PGS_OK;
+	return pgs_failf(err, PGS_ERR_DB, NULL,
+					 "mockdb: row of table \"%s\" written without db_apply_lock", t->name);
+}
+
 pgs_rc
 db_apply_end(db_conn *db, pgs_err *err)
 {
 	/* the mock writes through: nothing was deferred */
 	(void) err;
 	mdb_eph_reset(db);
+	db->nlocked = 0; /* the next apply announces its own rows */
 	return PGS_OK;
 }
 
@@ -567,9 +605,9 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t
 	return PGS_OK;
 }
 
-pgs_rc
-db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
-			 const uint8_t *blob, size_t blob_len, pgs_err *err)
+static pgs_rc
+clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
+		  const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
 	mrow		*row;
 	pgs_stamp	*stamps;
@@ -615,6 +653,18 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 	return PGS_OK;
 }
 
+pgs_rc
+db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
+			 const uint8_t *blob, size_t blob_len, pgs_err *err)
+{
+	pgs_rc r;
+
+	if ((r = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(r = mdb_check_locked(db, t, pk, err)) != PGS_OK)
+		return r;
+	return clock_put(db, t, pk, exists, cl, ver, blob, blob_len, err);
+}
+
 static bool
 denied(db_conn *db, db_table *t, const pgs_value *pk)
 {
@@ -634,7 +684,8 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	pgs_rc rc;
 
 	mdb_eph_reset(db);
-	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK)
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return rc;
 	if (mode != DB_WRITE_MERGE && mode != DB_WRITE_REPLACE && mode != DB_WRITE_INSERT)
 		return pgs_failf(err, PGS_ERR_DB, NULL, "mockdb: write mode %d", (int) mode);
@@ -675,7 +726,8 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 	pgs_rc rc;
 
 	mdb_eph_reset(db);
-	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK)
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return rc;
 	if (denied(db, t, pk))
 		return pgs_failf(err, PGS_ERR_PERMISSION, NULL,
@@ -874,7 +926,7 @@ put_local_clock(db_conn *db, db_table *t, const pgs_value *pk, bool exists, pgs_
 	pgs_rowclock_encode(rc, &b);
 	if (b.oom)
 		abort();
-	r = db_clock_put(db, t, pk, exists, rc->cl, pgs_rowclock_max_ver(rc), b.p, b.len, &err);
+	r = clock_put(db, t, pk, exists, rc->cl, pgs_rowclock_max_ver(rc), b.p, b.len, &err);
 	pgs_buf_free(&b);
 	if (r != PGS_OK)
 	{
@@ -1368,12 +1420,14 @@ mock_apply(db_conn *db, const uint8_t *payload, size_t len, pgs_apply_stats *st,
 	if (autocommit)
 		mock_begin(db);
 	snap = mock_snapshot(db);
+	db->nlocked = 0;
 	rc = pgs_apply(db, payload, len, false, st, err);
 	if (rc == PGS_ERR_CAREFUL)
 	{
 		/* a row failed on the fast path: again, isolating every row */
 		mock_restore(db, snap);
 		snap = mock_snapshot(db);
+		db->nlocked = 0;
 		rc = pgs_apply(db, payload, len, true, st, err);
 	}
 	if (rc != PGS_OK)

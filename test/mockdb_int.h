@@ -81,6 +81,11 @@ struct db_conn
 	int		   nbad_sites;
 	db_table **parent_of; /* pairs: child, parent */
 	int		   nparent_of;
+	/* rows db_apply_lock announced in the running apply; a row write, delete,
+	 * forget or clock write of any other row is an error (mdb_check_locked) */
+	db_lock_key *locked;
+	uint32_t	 nlocked;
+	uint32_t	 locked_cap;
 };
 
 struct db_cursor
@@ -130,6 +135,8 @@ mrow	*mdb_find_row(db_table *t, const pgs_value *pk);
 mrow	*mdb_get_row(db_table *t, const pgs_value *pk);
 void	 mdb_row_clear_vals(db_table *t, mrow *row);
 pgs_rc	 mdb_check_pk(db_table *t, const pgs_value *pk, pgs_err *err);
+/* mdb_check_locked: PGS_ERR_DB unless the running apply announced pk of t. */
+pgs_rc	 mdb_check_locked(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err);
 int		 mdb_key_cmp(db_table *t, const pgs_value *a, const pgs_value *b);
 int64_t	 mdb_take_version(db_conn *db);
 uint64_t mdb_tick(db_conn *db);

@@ -44,8 +44,8 @@ db_apply_careful(db_conn *db, bool careful)
 	db->careful = careful;
 }
 
-pgs_rc
-db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err)
+static pgs_rc
+forget_row(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err)
 {
 	mrow  *row;
 	pgs_rc rc;
@@ -69,6 +69,19 @@ db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_e
 	db->forgotten++;
 	*forgot = true;
 	return PGS_OK;
+}
+
+/* db_row_forget: the core forgets only rows it announced (db_apply_lock). */
+pgs_rc
+db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_err *err)
+{
+	pgs_rc rc;
+
+	*forgot = false;
+	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
+		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
+		return rc;
+	return forget_row(db, t, pk, forgot, err);
 }
 
 pgs_rc
@@ -226,7 +239,7 @@ db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_er
 
 				if (!row->alive || snap_has(s, row->key, row->keylen))
 					continue;
-				if ((rc = db_row_forget(db, t, row->pk, &forgot, err)) != PGS_OK)
+				if ((rc = forget_row(db, t, row->pk, &forgot, err)) != PGS_OK)
 					return rc;
 			}
 			snap_clear(s);

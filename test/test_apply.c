@@ -611,6 +611,52 @@ test_tombstone_for_unknown_key(void **state)
 	mock_close(b);
 }
 
+/*
+ * Removal candidates name local rows the payload does not carry: the core
+ * announces them to db_apply_lock before it forgets or deletes them (the mock
+ * refuses a write of a row that was not announced).
+ */
+static void
+test_removal_candidates_are_announced(void **state)
+{
+	db_conn		   *a = replica(SITE_A, MS0);
+	pgs_writer		w;
+	pgs_buf			out;
+	pgs_err			err;
+	pgs_apply_stats st = {0};
+	const uint64_t	salt = UINT64_C(0x5a17);
+	pgs_name		pkn[1] = {{(const uint8_t *) "id", 2}};
+	pgs_name		cols[4] = {{(const uint8_t *) "name", 4},
+							   {(const uint8_t *) "qty", 3},
+							   {(const uint8_t *) "price", 5},
+							   {(const uint8_t *) "data", 4}};
+	pgs_value		k1 = mock_int(1), k2 = mock_int(2);
+	uint32_t		t, sb;
+
+	(void) state;
+	insert_item(a, 1, "moves out", 1);
+	insert_item(a, 2, "deleted elsewhere", 2);
+	insert_item(a, 3, "stays", 3);
+	pgs_writer_init(&w);
+	sb = pgs_writer_site(&w, SITE_B);
+	t = pgs_writer_table(&w, (pgs_name){(const uint8_t *) "items", 5}, 1, pkn, 4, cols);
+	pgs_writer_table_salt(&w, t, salt);
+	pgs_writer_candidate(&w, t, pgs_key_hash(salt, 1, &k1), 1, sb); /* alive, hidden: forget */
+	pgs_writer_candidate(&w, t, pgs_key_hash(salt, 1, &k2), 2, sb); /* a newer delete */
+	pgs_buf_init(&out);
+	assert_int_equal(pgs_writer_seal(&w, SITE_B, 0, 0, 0, false, &out, &err), PGS_OK);
+	pgs_writer_free(&w);
+	if (mock_apply(a, out.p, out.len, &st, &err) != PGS_OK)
+		fail_msg("apply: %s", err.msg);
+	assert_int_equal(mock_forgotten(a), 1);
+	assert_null(row_of(a, 1));
+	assert_null(row_of(a, 2));
+	assert_non_null(row_of(a, 3));
+	assert_int_equal(st.rows_deleted, 1);
+	pgs_buf_free(&out);
+	mock_close(a);
+}
+
 static void
 test_apply_stats_and_version(void **state)
 {
@@ -1046,6 +1092,7 @@ main(void)
 		cmocka_unit_test_setup(test_permission_rejection, setup),
 		cmocka_unit_test_setup(test_future_clock_does_not_drag_ours, setup),
 		cmocka_unit_test_setup(test_tombstone_for_unknown_key, setup),
+		cmocka_unit_test_setup(test_removal_candidates_are_announced, setup),
 		cmocka_unit_test_setup(test_apply_stats_and_version, setup),
 		cmocka_unit_test_setup(test_property_convergence, setup),
 		cmocka_unit_test_setup(test_property_convergence_pg_horizon, setup),

@@ -4,7 +4,8 @@
 #   bash test/pg/cluster.sh          build + install pg_ext, start a throwaway
 #                                    cluster, run pg_regress and the python
 #                                    tests, stop the cluster (even on failure)
-#   bash test/pg/cluster.sh bench    same cluster, run bench/pg_bench.py and
+#   bash test/pg/cluster.sh bench    same cluster, run bench/pg_bench.py,
+#                                    bench/pg_bench_apply.py and
 #                                    bench/pg_bench_pull.py (bench-pull: only that)
 #   bash test/pg/cluster.sh shell    start a cluster and open psql on it
 #   bash test/pg/cluster.sh run CMD  start a cluster, run CMD with PGHOST, PGPORT,
@@ -111,6 +112,9 @@ bench | bench-pull)
 	if [ "$MODE" = bench ]; then
 		"$PY" "$ROOT/bench/pg_bench.py" || rc=$?
 		result bench $rc
+		echo
+		"$PY" "$ROOT/bench/pg_bench_apply.py" || rc=$?
+		result bench-apply $rc
 		echo
 	fi
 	"$PY" "$ROOT/bench/pg_bench_pull.py" || rc=$?

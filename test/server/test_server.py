@@ -9,6 +9,7 @@ Prints "PASS name" / "FAIL name" per test; exit status 1 if any failed.
 import json
 import re
 import os
+import select
 import shutil
 import signal
 import sqlite3
@@ -991,7 +992,18 @@ def pull_group_exact(env):
     since, gen = (int(x) for x in curs[sites[0]].split("."))
     env.sql("INSERT INTO items VALUES('direct', 'sql', 1, 1)")   # by the server's own site
     clients[1].q("INSERT INTO items VALUES('dev1', 'c1', 2, 2)")
+    # the server NOTIFYs after the push's commit, in a transaction of its own:
+    # wait for it, so that no transaction runs between the pulls compared below
+    lc = psycopg2.connect(env.pg.dsn(db=env.db))
+    lc.autocommit = True
+    lc.cursor().execute("LISTEN pgsync_changes")
     clients[1].send()                                          # by sites[1]
+    deadline = time.time() + 10
+    while not lc.notifies and time.time() < deadline:
+        select.select([lc], [], [], 0.2)
+        lc.poll()
+    check(lc.notifies, "the push was notified")
+    lc.close()
     claims = json.dumps({"sub": "fleet", "role": "app_user"})
     c = psycopg2.connect(env.pg.dsn(user="authenticator", db=env.db))
     try:
