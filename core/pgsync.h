@@ -157,6 +157,13 @@ typedef struct pgs_value
 /* ---- identity and clocks --------------------------------------------- */
 
 #define PGS_SITE_LEN 16
+/*
+ * The site of canonical forms (docs/TYPES.md, "One form on every replica"):
+ * a cell whose value Postgres stored in a form other than the one it
+ * received is re-stamped (received hlc + 1, this site). The nil UUID, so that
+ * it loses every tie: any real edit with the same hlc beats it.
+ */
+extern const uint8_t PGS_SITE_CANON[16];
 /* pgs_uuid7 fills out with a fresh UUIDv7 (48-bit ms time, random rest). */
 pgs_rc pgs_uuid7(uint8_t out[16], pgs_err *err);
 /* pgs_uuid_format writes the canonical 36-char form plus NUL into out[37]. */
@@ -580,6 +587,7 @@ typedef struct pgs_apply_stats
 	int64_t rows_deleted;
 	int64_t rows_forgotten; /* moved out of the view: removed locally */
 	int64_t held;			/* groups kept aside (unknown table or column) */
+	int64_t restamped;		/* winning cells stored in another form: re-stamped */
 } pgs_apply_stats;
 
 /*

@@ -1138,6 +1138,21 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 	return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
 }
 
+/*
+ * db_row_forms: SQLite stores the values it receives as they are bound; the
+ * declared type's affinity may still convert one (TEXT '1.50' in a NUMERIC
+ * column becomes REAL 1.5), which is the app's choice of column type and is
+ * never sent back as a change: a device is not an authority on forms, two
+ * devices converting differently would re-stamp each other forever
+ * (docs/TYPES.md, "One form on every replica").
+ */
+bool
+db_row_forms(db_conn *c, int n, bool *differs)
+{
+	(void) c, (void) n, (void) differs;
+	return false;
+}
+
 pgs_rc
 db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 {

@@ -81,6 +81,11 @@ struct db_conn
 	int		   nbad_sites;
 	db_table **parent_of; /* pairs: child, parent */
 	int		   nparent_of;
+	/* mock_canonical: values stored in forms of the replica's own */
+	bool  canonical;
+	bool  forms_any; /* the last db_row_write stored some value differently */
+	bool *forms;	 /* ... which (per value of that write) */
+	int	  forms_cap;
 };
 
 struct db_cursor
