@@ -649,6 +649,8 @@ do_write_row(db_conn *db, write_args *w)
 
 			vals[t->npk + i] = pg_value_datum(&t->cols[w->cols[i]], &w->vals[i], &isnull, t, w->pk);
 			nulls[t->npk + i] = isnull ? 'n' : ' ';
+			if (pg_form_differs(&t->cols[w->cols[i]], &w->vals[i], vals[t->npk + i], isnull))
+				db->forms[i] = db->forms_any = true;
 		}
 		rc = SPI_execute_plan(w->m->upd, vals, nulls, false, 0);
 		if (rc != SPI_OK_UPDATE)
@@ -676,6 +678,8 @@ do_write_row(db_conn *db, write_args *w)
 
 		vals[t->npk + c] = pg_value_datum(&t->cols[c], &w->vals[i], &isnull, t, w->pk);
 		nulls[t->npk + c] = isnull ? 'n' : ' ';
+		if (pg_form_differs(&t->cols[c], &w->vals[i], vals[t->npk + c], isnull))
+			db->forms[i] = db->forms_any = true;
 	}
 	rc = SPI_execute_plan(pg_plan_row_replace(t), vals, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
@@ -769,6 +773,7 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+	pgs_rc		  rc;
 	write_args	  w = {.t = t,
 					   .kind = mode == DB_WRITE_MERGE ? W_MERGE : W_REPLACE,
 					   .pk = pk,
@@ -776,8 +781,16 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 					   .cols = cols,
 					   .vals = vals,
 					   .m = NULL};
-	pgs_rc		  rc = guarded(db, write_fn, &w, err);
 
+	if (n > db->forms_cap)
+	{
+		db->forms = MemoryContextAlloc(db->cxt, sizeof(bool) * n);
+		db->forms_cap = n;
+	}
+	if (n > 0)
+		memset(db->forms, 0, sizeof(bool) * n);
+	db->forms_any = false;
+	rc = guarded(db, write_fn, &w, err);
 	if (w.m && w.m->cols_key)
 	{
 		/* one-off plan (too many column sets): free it */
@@ -786,6 +799,16 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	}
 	MemoryContextSwitchTo(old);
 	return rc;
+}
+
+/* db_row_forms: pg_form_differs of each value of the last db_row_write */
+bool
+db_row_forms(db_conn *db, int n, bool *differs)
+{
+	if (!db->forms_any)
+		return false;
+	memcpy(differs, db->forms, sizeof(bool) * n);
+	return true;
 }
 
 pgs_rc

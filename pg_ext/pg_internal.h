@@ -151,6 +151,10 @@ struct db_conn
 	int64_t last_cl;
 	bytea  *last_blob;
 	size_t	last_cap;
+	/* db_row_forms: which values of the last row write were stored in another form */
+	bool *forms;
+	int	  forms_cap;
+	bool  forms_any;
 };
 
 /* ---- pgsync.c ---- */
@@ -230,6 +234,7 @@ bool		pg_kind_pk_ok(pg_kind k);
 void		pg_col_setup(pg_col *c, Oid typid, int32 typmod);
 void		pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out);
 Datum pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk);
+bool  pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull);
 /* pg_bytea: a bytea copy of len bytes at p, allocated in cxt. */
 bytea *pg_bytea(MemoryContext cxt, const void *p, size_t len);
 char  *pg_pk_json(db_table *t, const pgs_value *pk);

@@ -513,6 +513,47 @@ pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const p
 	return d;
 }
 
+/*
+ * pg_form_differs: would this database send d (v converted for column c by
+ * pg_value_datum) as a value other than v, byte for byte? Then the core
+ * re-stamps the cell with the stored form (db_row_forms; docs/TYPES.md, "One
+ * form on every replica"). The conversions that keep every value as it is
+ * (integers into integers, bit-exact reals, plain text, bytes) answer
+ * without converting back; the others compare with pg_datum_value.
+ */
+bool
+pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
+{
+	pgs_value out;
+
+	if (isnull)
+		return v->type != PGS_NULL;
+	switch (v->type)
+	{
+		case PGS_INT:
+			if (c->kind == PGK_INT2 || c->kind == PGK_INT4 || c->kind == PGK_INT8 ||
+				c->kind == PGK_BOOL)
+				return false; /* range-checked, 0 or 1 */
+			break;
+		case PGS_REAL:
+			if (c->kind == PGK_FLOAT8 || c->kind == PGK_FLOAT4)
+				return false; /* exactness-checked */
+			break;
+		case PGS_TEXT:
+			if (c->text_fast && GetDatabaseEncoding() == PG_UTF8)
+				return false; /* the same bytes */
+			break;
+		case PGS_BLOB:
+			if (c->kind == PGK_BYTEA)
+				return false;
+			break;
+		default:
+			break;
+	}
+	pg_datum_value(c, d, false, &out);
+	return pgs_value_cmp(&out, v) != 0;
+}
+
 /* ---- keys as text ------------------------------------------------------- */
 
 static void
