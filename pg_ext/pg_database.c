@@ -754,6 +754,15 @@ guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err)
 			strlcpy(err->detail, ed->detail, sizeof(err->detail));
 		if (ed->hint)
 			strlcpy(err->hint, ed->hint, sizeof(err->hint));
+		else if (ed->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE && ed->message &&
+				 strncmp(ed->message, "permission denied for schema ", 29) == 0)
+		{
+			/* name the grant: the role is the caller's, the schema in the message */
+			const char *role = GetUserNameFromId(GetUserId(), false);
+
+			snprintf(err->hint, sizeof(err->hint), "GRANT USAGE ON SCHEMA %s TO %s;",
+					 ed->message + 29, quote_identifier(role));
+		}
 		strlcpy(err->code, unpack_sql_state(ed->sqlerrcode), sizeof(err->code));
 		FreeErrorData(ed);
 		rc = PGS_ERR_ROW;

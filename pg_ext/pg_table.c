@@ -337,6 +337,35 @@ pg_table_get(Oid relid, bool missing_ok)
 	return t;
 }
 
+/*
+ * pg_table_reload: rebuild the entry of relid from its metadata now, in
+ * place (its address stays, its busy count too), for a call that changed
+ * the metadata and goes on using the table (sync_init after ADD COLUMN,
+ * then the held values of the new columns). Nothing else may hold pointers
+ * into the old entry's columns. SPI connected.
+ */
+void
+pg_table_reload(Oid relid)
+{
+	db_table *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
+	int		  busy;
+
+	if (t == NULL)
+		return;
+	busy = t->busy;
+	table_free(t);
+	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
+	t->relid = relid;
+	t->valid = true;
+	if (!table_load(t))
+	{
+		table_free(t);
+		hash_search(table_cache, &relid, HASH_REMOVE, NULL);
+		return;
+	}
+	t->busy = busy;
+}
+
 /* pg_table_cached: the entry if cached and valid (busy++), else NULL; no SPI. */
 db_table *
 pg_table_cached(Oid relid)
@@ -1028,6 +1057,7 @@ append_new_columns(db_table *t)
 	}
 	CacheInvalidateRelcacheByRelid(t->relid);
 	CommandCounterIncrement();
+	pg_table_reload(t->relid);
 }
 
 void
@@ -1590,4 +1620,7 @@ pg_table_reconcile(Oid relid)
 				 4, ut, uv, SPI_OK_UPDATE);
 	}
 	CacheInvalidateRelcacheByRelid(relid);
+	CommandCounterIncrement();
+	/* later writes of this transaction capture the new column list */
+	pg_table_reload(relid);
 }

@@ -22,6 +22,7 @@
 #include "pg_internal.h"
 
 #include "access/xact.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/event_trigger.h"
 #include "commands/trigger.h"
@@ -364,6 +365,20 @@ db_access
 pg_table_access(db_table *t)
 {
 	Oid user = GetUserId();
+	Oid nsp = get_rel_namespace(t->relid);
+
+	if (object_aclcheck(NamespaceRelationId, nsp, user, ACL_USAGE) != ACLCHECK_OK &&
+		pg_class_aclcheck(t->relid, user, ACL_SELECT) == ACLCHECK_OK)
+	{
+		const char *role = GetUserNameFromId(user, false), *schema = get_namespace_name(nsp);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role %s may read synced table %s but not use its schema %s", role,
+						t->name, schema),
+				 errhint("GRANT USAGE ON SCHEMA %s TO %s;", quote_identifier(schema),
+						 quote_identifier(role))));
+	}
 
 	if (pg_class_aclcheck(t->relid, user, ACL_SELECT) != ACLCHECK_OK)
 	{

@@ -35,7 +35,11 @@ const char sl_fate_meta_sql[] =
 	"CREATE TABLE IF NOT EXISTS sync_snapshots(tbl INTEGER PRIMARY KEY, tracking INTEGER NOT "
 	"NULL);"
 	"CREATE TABLE IF NOT EXISTS sync_snapshot_keys(tbl INTEGER NOT NULL, k BLOB NOT NULL,"
-	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;";
+	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;"
+	/* what is kept aside and why, for the app (docs/MIGRATIONS.md) */
+	"CREATE VIEW IF NOT EXISTS sync_network_held AS SELECT tbl,"
+	"  coalesce(sqlitesync_key_json(tbl, k), hex(k)) AS pk, code, message, first_at, last_at,"
+	"  attempts FROM sync_held;";
 
 /* ---- views ---- */
 
