@@ -402,6 +402,7 @@ keys_fn(db_conn *db, void *arg)
 	keys_args *k = arg;
 
 	k->out = pk_datums(k->t, k->pk, 0);
+	pg_key_forms(k->t, k->pk, k->out); /* docs/TYPES.md, "Key columns" */
 }
 
 pgs_rc

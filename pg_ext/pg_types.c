@@ -33,6 +33,8 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
+static void value_json(StringInfo b, const pgs_value *v);
+
 /* pg_type_kind classifies a (base) type. */
 pg_kind
 pg_type_kind(Oid basetyp)
@@ -552,6 +554,36 @@ pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
 	}
 	pg_datum_value(c, d, false, &out);
 	return pgs_value_cmp(&out, v) != 0;
+}
+
+/*
+ * pg_key_forms: a key must arrive in the form Postgres stores it. Unlike a
+ * column value a key cannot be re-stamped: it names the row, and a device
+ * that wrote 'A0EEBC99-...' would keep its row beside the 'a0eebc99-...' one
+ * Postgres sends (and removal candidates, hashed over the key's bytes, would
+ * never match it). So such a row is refused (PS005) with the form to use.
+ */
+void
+pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d)
+{
+	for (int i = 0; i < t->npk; i++)
+		if (pg_form_differs(&t->pk[i], &pk[i], d[i], false))
+		{
+			pgs_value	   out;
+			StringInfoData b;
+
+			pg_datum_value(&t->pk[i], d[i], false, &out);
+			initStringInfo(&b);
+			value_json(&b, &out);
+			ereport(ERROR,
+					(errcode(MAKE_SQLSTATE('P', 'S', '0', '0', '5')),
+					 errmsg("key column \"%s\" of table \"%s\" is not in the form Postgres stores",
+							t->pk[i].name, t->name),
+					 errdetail("Key %s: Postgres stores it as %s.", pg_pk_text(t, pk), b.data),
+					 errhint("Write keys in their canonical form (sync_uuid() for uuid keys; "
+							 "docs/TYPES.md, \"Key columns\"), then sync_network_discard "
+							 "this row.")));
+		}
 }
 
 /* ---- keys as text ------------------------------------------------------- */

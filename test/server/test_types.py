@@ -369,6 +369,44 @@ def held_column_canonical_when_added(env):
     check(env.sql("SELECT sync_db_version()", fetch=True)[0][0] == quiet_h)
 
 
+@test
+def key_forms_refused(env):
+    """A key cannot be re-stamped (it names the row): one that Postgres would
+    store in another form is refused alone (PS005, with the form to use),
+    the rest applies; discarding it leaves every replica identical. The nil
+    site of canonical forms cannot be registered as a device."""
+    env.sql(PG_BASE + """
+CREATE TABLE k(id uuid PRIMARY KEY, name text);
+CREATE TABLE d(day date PRIMARY KEY, name text);
+SELECT sync_init('k'), sync_init('d');
+GRANT SELECT, INSERT, UPDATE, DELETE ON k, d TO app_user;""")
+    s = env.server()
+    schema = "CREATE TABLE k(id TEXT PRIMARY KEY, name TEXT); CREATE TABLE d(day TEXT PRIMARY KEY, name TEXT);"
+    a = dev(env, "a", s, schema, ["k", "d"])
+    b = dev(env, "b", s, schema, ["k", "d"])
+    a.q("INSERT INTO k VALUES(?, 'upper')", UUID.upper())
+    a.q("INSERT INTO k VALUES(?, 'canonical')", UUID.replace("a0", "b0"))
+    a.q("INSERT INTO d VALUES('2024-5-6', 'short'), ('2024-05-07', 'canonical')")
+    r = a.sync()
+    check(r["send"]["rejected"] == 2, r)
+    rej = a.q("SELECT tbl, code, message FROM sync_network_rejected ORDER BY tbl")
+    check([(t, c) for t, c, _m in rej] == [("d", "PS005"), ("k", "PS005")], rej)
+    check(all("not in the form Postgres stores" in m for _t, _c, m in rej), rej)
+    check(env.sql("SELECT id::text, name FROM k", fetch=True) == [(UUID.replace("a0", "b0"), "canonical")])
+    check(env.sql("SELECT day::text, name FROM d", fetch=True) == [("2024-05-07", "canonical")])
+    a.one("SELECT sync_network_discard()")
+    settle([a, b])
+    for t in ("k", "d"):
+        check(a.rows(t) == b.rows(t) == [tuple(r) for r in env.sql(f"SELECT {'id' if t == 'k' else 'day'}::text, "
+                                                                     f"name FROM {t} ORDER BY 1", fetch=True)],
+              (t, a.rows(t), b.rows(t)))
+    try:
+        env.sql("SELECT sync_device(%s, 'mallory')", (CANON_SITE,))
+        raise AssertionError("the canonical site was registered as a device")
+    except Exception as e:  # noqa: BLE001
+        check("stamps canonical forms" in str(e), str(e))
+
+
 # ---- randomized: canonicalizing writes among concurrent edits ---------------------
 
 RCASES = [
