@@ -658,7 +658,9 @@ row_failed(apply_ctx *a, apply_table *at, const pgs_group *g, uint64_t ordinal, 
  * whose pulls exclude only its own site), that any later edit still beats
  * (a later hlc; the same hlc too, as the canonical site loses every tie),
  * and that never comes back: receivers store it as sent and Postgres would
- * store it in the same form. docs/TYPES.md, "One form on every replica".
+ * store it in the same form. A value that already carries a canonical stamp
+ * is never re-stamped: each write is canonicalized at most once, so there is
+ * no loop in any topology. docs/TYPES.md, "One form on every replica".
  */
 static pgs_rc
 restamp(apply_ctx *a, int n, pgs_apply_stats *st, pgs_err *err)
@@ -679,6 +681,10 @@ restamp(apply_ctx *a, int n, pgs_apply_stats *st, pgs_err *err)
 				return r;
 			a->have_canon = true;
 		}
+		if (s->site == a->canon_site)
+			continue; /* canonicalized once already (by another Postgres): kept, so
+					   * that two replicas with different column types cannot
+					   * re-stamp each other forever */
 		s->hlc++;
 		s->site = a->canon_site;
 		if (s->hlc > a->max_hlc)

@@ -63,7 +63,7 @@ typedef struct pgs_err
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
 #define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
-#define PGS_CODE_KEY_FORM "PS005" /* a key not in the form Postgres stores (docs/TYPES.md) */
+#define PGS_CODE_KEY_FORM "PS005"	  /* a key not in the form Postgres stores (docs/TYPES.md) */
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 

@@ -679,14 +679,16 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 		{
 			bool differs = false;
 
+			uint8_t from = db->canonical == 1 ? 'A' : 'a', to = db->canonical == 1 ? 'a' : 'A';
+
 			if (v->type == PGS_TEXT)
 				for (uint32_t k = 0; k < v->len; k++)
-					if (v->v.p[k] >= 'A' && v->v.p[k] <= 'Z')
+					if (v->v.p[k] >= from && v->v.p[k] <= from + 25)
 					{
-						((uint8_t *) v->v.p)[k] = (uint8_t) (v->v.p[k] - 'A' + 'a');
+						((uint8_t *) v->v.p)[k] = (uint8_t) (v->v.p[k] - from + to);
 						differs = true;
 					}
-			if (v->type == PGS_REAL && v->v.r == 0 && signbit(v->v.r))
+			if (db->canonical == 1 && v->type == PGS_REAL && v->v.r == 0 && signbit(v->v.r))
 			{
 				v->v.r = 0.0;
 				differs = true;
@@ -708,9 +710,9 @@ db_row_forms(db_conn *db, int n, bool *differs)
 }
 
 void
-mock_canonical(db_conn *db, bool on)
+mock_canonical(db_conn *db, int mode)
 {
-	db->canonical = on;
+	db->canonical = mode;
 }
 
 pgs_rc

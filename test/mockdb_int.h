@@ -82,7 +82,7 @@ struct db_conn
 	db_table **parent_of; /* pairs: child, parent */
 	int		   nparent_of;
 	/* mock_canonical: values stored in forms of the replica's own */
-	bool  canonical;
+	int	  canonical; /* 0, 1 lower case, 2 upper case */
 	bool  forms_any; /* the last db_row_write stored some value differently */
 	bool *forms;	 /* ... which (per value of that write) */
 	int	  forms_cap;

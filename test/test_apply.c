@@ -636,7 +636,6 @@ test_apply_stats_and_version(void **state)
 	mock_close(b);
 }
 
-
 /* ---- one form on every replica (docs/TYPES.md) ---- */
 
 static const uint8_t SITE_P[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
@@ -689,7 +688,7 @@ test_canonical_form_reaches_writer(void **state)
 	int64_t			pv, av, bv;
 
 	(void) state;
-	mock_canonical(p, true);
+	mock_canonical(p, 1);
 	insert_item(a, 1, "White", 1);
 	was = stamp_of(a, 1, NAME);
 	st = pull(a, p, SITE_P, 0); /* the push */
@@ -743,7 +742,7 @@ test_canonical_same_bytes_not_restamped(void **state)
 	int64_t			pv;
 
 	(void) state;
-	mock_canonical(p, true);
+	mock_canonical(p, 1);
 	insert_item(a, 1, "white", 1);
 	st = pull(a, p, SITE_P, 0);
 	assert_int_equal(st.restamped, 0);
@@ -769,11 +768,10 @@ test_canonical_later_edit_wins(void **state)
 	(void) state;
 	for (int order = 0; order < 2; order++)
 	{
-		db_conn	 *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0),
-				 *p = replica(SITE_P, MS0);
+		db_conn	 *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *p = replica(SITE_P, MS0);
 		pgs_stamp first, second;
 
-		mock_canonical(p, true);
+		mock_canonical(p, 1);
 		insert_item(a, 1, "White", 1);
 		first = stamp_of(a, 1, NAME);
 		pull(a, p, SITE_P, 0);
@@ -817,7 +815,7 @@ test_canonical_concurrent_edits(void **state)
 		db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *p = replica(SITE_P, MS0);
 		uint64_t h;
 
-		mock_canonical(p, true);
+		mock_canonical(p, 1);
 		insert_item(a, 1, "one", 1);
 		pull(a, p, SITE_P, 0);
 		pull(p, b, SITE_B, 0);
@@ -859,6 +857,44 @@ test_canonical_concurrent_edits(void **state)
 	}
 }
 
+/*
+ * Two replicas that both canonicalize, differently (two Postgres databases
+ * whose column types differ): each write is re-stamped once, by the first
+ * that stores it; the other keeps that canonical stamp and its own form.
+ * Syncing ends: no ping-pong.
+ */
+static void
+test_canonical_twice_no_loop(void **state)
+{
+	db_conn *a = replica(SITE_A, MS0), *p = replica(SITE_P, MS0), *q = replica(SITE_C, MS0);
+	int64_t	 won = 0;
+
+	(void) state;
+	mock_canonical(p, 1);
+	mock_canonical(q, 2);
+	insert_item(a, 1, "Mixed", 1);
+	pull(a, p, SITE_P, 0);
+	assert_text(&row_of(p, 1)[NAME], "mixed");
+	for (int round = 0; round < 10; round++)
+	{
+		won = 0;
+		won += pull(p, q, SITE_C, 0).won;
+		won += pull(q, p, SITE_P, 0).won;
+		won += pull(p, a, SITE_A, 0).won;
+		won += pull(q, a, SITE_A, 0).won;
+		won += pull(a, q, SITE_C, 0).won;
+		won += pull(a, p, SITE_P, 0).won;
+	}
+	assert_int_equal(won, 0);
+	assert_text(&row_of(p, 1)[NAME], "mixed");
+	assert_text(&row_of(q, 1)[NAME], "MIXED");
+	assert_text(&row_of(a, 1)[NAME], "mixed");
+	assert_memory_equal(site_of(q, stamp_of(q, 1, NAME).site), PGS_SITE_CANON, 16);
+	mock_close(a);
+	mock_close(p);
+	mock_close(q);
+}
+
 /* ================================================================ */
 /* property test                                                     */
 /* ================================================================ */
@@ -895,7 +931,7 @@ chance(rng *r, int pct)
 static pgs_value
 rand_value(rng *r)
 {
-	static const char	*texts[] = {"a", "b", "\xc3\xbc", "", "longer text value", "A", "Mixed Case"};
+	static const char *texts[] = {"a", "b", "\xc3\xbc", "", "longer text value", "A", "Mixed Case"};
 	static const uint8_t blob[] = {0, 1, 2, 0xff};
 
 	switch (rint_(r, 9))
@@ -1105,7 +1141,7 @@ run_one(uint64_t seed, bool pg_horizon, bool canonical)
 		w.r[i] = replica(w.sites[i], MS0 + (uint64_t) rint_(&r, 2000));
 	}
 	if (canonical)
-		mock_canonical(w.r[0], true);
+		mock_canonical(w.r[0], 1);
 	steps = 20 + rint_(&r, 60);
 	for (int s = 0; s < steps; s++)
 	{
@@ -1296,6 +1332,7 @@ main(void)
 		cmocka_unit_test_setup(test_canonical_same_bytes_not_restamped, setup),
 		cmocka_unit_test_setup(test_canonical_later_edit_wins, setup),
 		cmocka_unit_test_setup(test_canonical_concurrent_edits, setup),
+		cmocka_unit_test_setup(test_canonical_twice_no_loop, setup),
 		cmocka_unit_test_setup(test_property_convergence, setup),
 		cmocka_unit_test_setup(test_property_convergence_pg_horizon, setup),
 		cmocka_unit_test_setup(test_property_convergence_canonical, setup),
