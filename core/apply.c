@@ -1222,8 +1222,10 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 		pgs_group g;
 		bool	  done = false;
 
+		st->rows = 0;
 		while (rc == PGS_OK && !done)
-			rc = pgs_reader_next(&a.r, &g, &done, err);
+			if ((rc = pgs_reader_next(&a.r, &g, &done, err)) == PGS_OK && !done)
+				st->rows++;
 	}
 	if (rc != PGS_OK)
 		goto out;

@@ -13,3 +13,7 @@ if [ -x bench/server_bench.sh ]; then
   echo
   bash bench/server_bench.sh
 fi
+if [ -x bench/bg_bench.sh ]; then
+  echo
+  bash bench/bg_bench.sh
+fi
