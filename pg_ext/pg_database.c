@@ -1524,6 +1524,13 @@ db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_
 	pgs_rc		  rc;
 
 	*visible = false;
+	if (!pg_key_canonical(t, pk, keys))
+	{
+		/* not a key Postgres stores (docs/TYPES.md, "Key columns"): that row is
+		 * absent here, even when the converted key names another one */
+		MemoryContextSwitchTo(old);
+		return PGS_OK;
+	}
 	for (int i = 0; i < t->npk; i++)
 	{
 		int16 typlen;

@@ -562,7 +562,17 @@ pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
  * that wrote 'A0EEBC99-...' would keep its row beside the 'a0eebc99-...' one
  * Postgres sends (and removal candidates, hashed over the key's bytes, would
  * never match it). So such a row is refused (PS005) with the form to use.
+ * pg_key_canonical only answers whether every key column is in that form.
  */
+bool
+pg_key_canonical(db_table *t, const pgs_value *pk, const Datum *d)
+{
+	for (int i = 0; i < t->npk; i++)
+		if (pg_form_differs(&t->pk[i], &pk[i], d[i], false))
+			return false;
+	return true;
+}
+
 void
 pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d)
 {

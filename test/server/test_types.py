@@ -80,6 +80,15 @@ CASES = [
     ("int_array", "integer[]", "TEXT", "{1, 2,3}", "{1,2,3}"),
     ("text_array", "text[]", "TEXT", '{"a",b, "c d"}', '{a,b,"c d"}'),
     ("jsonb_null", "jsonb", "TEXT", None, None),
+    # other payload types than Postgres sends back: re-stamped for the type alone
+    ("tstz_half", "timestamptz", "TEXT", "2024-05-06 12:00:00+05:30", "2024-05-06 06:30:00.000000Z"),
+    ("real_int", "real", "", 2, 2.0),
+    ("text_int", "text", "", 42, "42"),
+    ("text_real", "text", "", 1.25, "1.25"),
+    ("text_blob", "text", "", b"hi", "hi"),
+    ("varchar_int", "varchar(10)", "", 7, "7"),
+    ("jsonb_blob", "jsonb", "", b'{"b":1,"a":2}', '{"a": 2, "b": 1}'),
+    ("json_blob", "json", "", b'{"b":1}', '{"b":1}'),
 ]
 COLS = [c[0] for c in CASES]
 
@@ -378,27 +387,32 @@ def key_forms_refused(env):
     env.sql(PG_BASE + """
 CREATE TABLE k(id uuid PRIMARY KEY, name text);
 CREATE TABLE d(day date PRIMARY KEY, name text);
-SELECT sync_init('k'), sync_init('d');
-GRANT SELECT, INSERT, UPDATE, DELETE ON k, d TO app_user;""")
+CREATE TABLE t(at timestamp PRIMARY KEY, name text);
+SELECT sync_init('k'), sync_init('d'), sync_init('t');
+GRANT SELECT, INSERT, UPDATE, DELETE ON k, d, t TO app_user;""")
     s = env.server()
-    schema = "CREATE TABLE k(id TEXT PRIMARY KEY, name TEXT); CREATE TABLE d(day TEXT PRIMARY KEY, name TEXT);"
-    a = dev(env, "a", s, schema, ["k", "d"])
-    b = dev(env, "b", s, schema, ["k", "d"])
+    schema = ("CREATE TABLE k(id TEXT PRIMARY KEY, name TEXT); CREATE TABLE d(day TEXT PRIMARY KEY, name TEXT);"
+              "CREATE TABLE t(at TEXT PRIMARY KEY, name TEXT);")
+    a = dev(env, "a", s, schema, ["k", "d", "t"])
+    b = dev(env, "b", s, schema, ["k", "d", "t"])
     a.q("INSERT INTO k VALUES(?, 'upper')", UUID.upper())
     a.q("INSERT INTO k VALUES(?, 'canonical')", UUID.replace("a0", "b0"))
     a.q("INSERT INTO d VALUES('2024-5-6', 'short'), ('2024-05-07', 'canonical')")
+    a.q("INSERT INTO t VALUES('2024-05-06 12:00:00', 'short'), ('2024-05-06 12:00:00.000000', 'canonical')")
     r = a.sync()
-    check(r["send"]["rejected"] == 2, r)
+    check(r["send"]["rejected"] == 3, r)
     rej = a.q("SELECT tbl, code, message FROM sync_network_rejected ORDER BY tbl")
-    check([(t, c) for t, c, _m in rej] == [("d", "PS005"), ("k", "PS005")], rej)
+    check([(t, c) for t, c, _m in rej] == [("d", "PS005"), ("k", "PS005"), ("t", "PS005")], rej)
     check(all("not in the form Postgres stores" in m for _t, _c, m in rej), rej)
     check(env.sql("SELECT id::text, name FROM k", fetch=True) == [(UUID.replace("a0", "b0"), "canonical")])
     check(env.sql("SELECT day::text, name FROM d", fetch=True) == [("2024-05-07", "canonical")])
+    check(env.sql("SELECT at::text, name FROM t", fetch=True) == [("2024-05-06 12:00:00", "canonical")])
     a.one("SELECT sync_network_discard()")
     settle([a, b])
-    for t in ("k", "d"):
-        check(a.rows(t) == b.rows(t) == [tuple(r) for r in env.sql(f"SELECT {'id' if t == 'k' else 'day'}::text, "
-                                                                     f"name FROM {t} ORDER BY 1", fetch=True)],
+    keys = {"k": "id::text", "d": "day::text", "t": "to_char(at, 'YYYY-MM-DD HH24:MI:SS.US')"}
+    for t in ("k", "d", "t"):
+        check(a.rows(t) == b.rows(t) == [tuple(r) for r in env.sql(f"SELECT {keys[t]}, name FROM {t} ORDER BY 1",
+                                                                     fetch=True)],
               (t, a.rows(t), b.rows(t)))
     try:
         env.sql("SELECT sync_device(%s, 'mallory')", (CANON_SITE,))
