@@ -150,11 +150,63 @@ set_cstring(pgs_value *out, const char *s)
 	set_text(out, s, strlen(s));
 }
 
+/* put_num writes v (>= 0) in decimal, zero-padded to width digits (printf's %0*d) */
+static char *
+put_num(char *p, int v, int width)
+{
+	char tmp[12];
+	int	 n = 0;
+
+	do
+	{
+		tmp[n++] = (char) ('0' + v % 10);
+		v /= 10;
+	} while (v > 0);
+	while (n < width)
+		tmp[n++] = '0';
+	while (n > 0)
+		*p++ = tmp[--n];
+	return p;
+}
+
+/*
+ * format_ymd, format_tm: "YYYY-MM-DD" and "YYYY-MM-DD HH:MM:SS.ffffff[Z]",
+ * the bytes of psprintf("%04d-%02d-%02d ...") without its cost: every
+ * timestamp is formatted on each pull and, to check its form, on each apply.
+ */
+static char *
+format_ymd(char *p, int y, int m, int d)
+{
+	p = put_num(p, y, 4);
+	*p++ = '-';
+	p = put_num(p, m, 2);
+	*p++ = '-';
+	return put_num(p, d, 2);
+}
+
 static char *
 format_tm(struct pg_tm *tm, fsec_t fsec, bool utc)
 {
-	return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s", tm->tm_year, tm->tm_mon, tm->tm_mday,
-					tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec, utc ? "Z" : "");
+	char *s, *p;
+
+	if (tm->tm_year < 0 || tm->tm_mon < 0 || tm->tm_mday < 0 || tm->tm_hour < 0 || tm->tm_min < 0 ||
+		tm->tm_sec < 0 || fsec < 0)
+		return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s", tm->tm_year, tm->tm_mon,
+						tm->tm_mday, tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec, utc ? "Z" : "");
+	s = p = palloc(48);
+	p = format_ymd(p, tm->tm_year, tm->tm_mon, tm->tm_mday);
+	*p++ = ' ';
+	p = put_num(p, tm->tm_hour, 2);
+	*p++ = ':';
+	p = put_num(p, tm->tm_min, 2);
+	*p++ = ':';
+	p = put_num(p, tm->tm_sec, 2);
+	*p++ = '.';
+	p = put_num(p, (int) fsec, 6);
+	if (utc)
+		*p++ = 'Z';
+	*p = '\0';
+	return s;
 }
 
 /*
@@ -229,9 +281,12 @@ pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out)
 			if (!DATE_NOT_FINITE(date))
 			{
 				j2date(date + POSTGRES_EPOCH_JDATE, &y, &m, &dd);
-				if (y > 0)
+				if (y > 0 && m > 0 && dd > 0)
 				{
-					set_cstring(out, psprintf("%04d-%02d-%02d", y, m, dd));
+					char *s = palloc(16);
+
+					*format_ymd(s, y, m, dd) = '\0';
+					set_cstring(out, s);
 					return;
 				}
 			}
