@@ -153,6 +153,17 @@ void db_apply_careful(db_conn *db, bool careful);
  */
 pgs_rc db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
 					const int *cols, const pgs_value *vals, pgs_err *err);
+/*
+ * db_row_forms: after a db_row_write that succeeded, did the engine store
+ * some of its values in a form of its own? When it returns true it fills
+ * differs[0..n): differs[i] when the value this replica would now send for
+ * that column is not vals[i] byte for byte (Postgres: jsonb spacing, a
+ * timestamptz offset, a numeric's scale...). False, leaving differs alone,
+ * when every value was stored as received (SQLite: always). The core then
+ * re-stamps those cells (docs/TYPES.md, "One form on every replica"); the
+ * engine writes nothing more.
+ */
+bool db_row_forms(db_conn *db, int n, bool *differs);
 /* db_row_delete deletes row pk if it exists (errors as above). */
 pgs_rc db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err);
 /*

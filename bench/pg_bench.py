@@ -11,7 +11,9 @@ PGUSER; it creates and drops the databases pgsync_bench_a/b).
            loop). Target: tracked <= 2.5x plain.
   apply    sync_apply_payload of the 400,000-column-change payload of those
            rows into an empty synced table (target >= 150,000 changes/s),
-           then the same payload again (everything loses).
+           then the same payload again (everything loses); a payload of
+           jsonb, timestamptz, numeric(10,2) and uuid columns (the values
+           Postgres converts back to check their form, docs/TYPES.md).
 """
 import os
 import statistics
@@ -103,6 +105,32 @@ def main():
     assert lost_won == 0, lost_won
     e, l = statistics.median(apply_empty), statistics.median(apply_lose)
 
+    # typed columns: each value costs Postgres an output conversion, the form
+    # check (docs/TYPES.md, "One form on every replica")
+    tddl = "(id text PRIMARY KEY, doc jsonb, at timestamptz, price numeric(10,2), ref uuid)"
+    a.execute("CREATE TABLE src_ids AS SELECT id, n FROM t")
+    a.execute("SELECT sync_cleanup('t')")
+    a.execute("DROP TABLE t")
+    a.execute(f"CREATE TABLE ty {tddl}")
+    a.execute("SELECT sync_init('ty')")
+    a.execute(f"""INSERT INTO ty SELECT id, jsonb_build_object('color', 'white', 'size', n, 'tags',
+                    jsonb_build_array('a', 'b')), now() + n * interval '1 second', n * 1.25,
+                    gen_random_uuid() FROM src_ids""")
+    a.execute("SELECT sync_payload(0)")
+    typed_payload = a.fetchone()[0]
+    a.execute("SELECT (sync_payload_info(%s)->>'change_count')::bigint", (typed_payload,))
+    typed_changes = a.fetchone()[0]
+    b.execute("TRUNCATE pl")
+    b.execute("INSERT INTO pl VALUES (%s)", (typed_payload,))
+    apply_typed = []
+    for _ in range(REPS):
+        b.execute("DROP TABLE IF EXISTS ty")
+        b.execute(f"CREATE TABLE ty {tddl}")
+        b.execute("SELECT sync_init('ty')")
+        b.execute("CHECKPOINT")
+        apply_typed.append(timed(b, "SELECT sync_apply_payload(p) FROM pl"))
+    ty = statistics.median(apply_typed)
+
     print(f"pgsync PostgreSQL bench: {ROWS} rows, median of {REPS} runs")
     print(f"{'case':<44} {'seconds':>9} {'rate':>16} {'ratio':>7}")
     ok = True
@@ -115,6 +143,7 @@ def main():
           f"  ({len(payload):,} bytes)")
     print(f"{'apply into empty table':<44} {e:9.3f} {changes / e:8,.0f} changes/s  (won {won:,})")
     print(f"{'apply again (up to date, all lose)':<44} {l:9.3f} {changes / l:8,.0f} changes/s")
+    print(f"{'apply, jsonb/timestamptz/numeric/uuid':<44} {ty:9.3f} {typed_changes / ty:8,.0f} changes/s")
     ok &= changes / e >= 150000
     print("targets: tracked <= 2.5x plain (INSERT .. SELECT), apply >= 150,000 changes/s:",
           "met" if ok else "NOT met")

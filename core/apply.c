@@ -90,6 +90,9 @@ typedef struct apply_ctx
 	pgs_stamp	*stamps;
 	int			*wcols;
 	pgs_value	*wvals;
+	bool		*differs;	 /* db_row_forms of the last row write */
+	uint32_t	 canon_site; /* local index of PGS_SITE_CANON, once interned */
+	bool		 have_canon;
 	pgs_buf		 blob;
 	uint64_t	 max_hlc;
 	/* careful mode: rows failing on a foreign key, tried again at the end */
@@ -333,7 +336,8 @@ resolve(apply_ctx *a, bool *deps, pgs_err *err)
 	a->stamps = pgs_malloc(sizeof(pgs_stamp) * (a->maxcols + 1));
 	a->wcols = pgs_malloc(sizeof(int) * (a->maxcols + 1));
 	a->wvals = pgs_malloc(sizeof(pgs_value) * (a->maxcols + 1));
-	if (!a->stamps || !a->wcols || !a->wvals)
+	a->differs = pgs_malloc(sizeof(bool) * (a->maxcols + 1));
+	if (!a->stamps || !a->wcols || !a->wvals || !a->differs)
 		return oom(err);
 	return order_tables(a, deps, err);
 }
@@ -658,6 +662,52 @@ row_failed(apply_ctx *a, apply_table *at, const pgs_group *g, uint64_t ordinal, 
 	return reject_row(a, at, g, err, st, err);
 }
 
+/*
+ * restamp: the row write just made stored some of its n winning values in
+ * a form of the engine's own (db_row_forms: Postgres' jsonb, timestamptz,
+ * numeric...). Each such cell, whose stored value already is that form,
+ * gets a new stamp: the received one's immediate successor (hlc + 1) at the
+ * canonical site, with this apply's version. So it is a change of this
+ * replica that beats the received form everywhere (also on the writer,
+ * whose pulls exclude only its own site), that any later edit still beats
+ * (a later hlc; the same hlc too, as the canonical site loses every tie),
+ * and that never comes back: receivers store it as sent and Postgres would
+ * store it in the same form. A value that already carries a canonical stamp
+ * is never re-stamped: each write is canonicalized at most once, so there is
+ * no loop in any topology. docs/TYPES.md, "One form on every replica".
+ */
+static pgs_rc
+restamp(apply_ctx *a, int n, pgs_apply_stats *st, pgs_err *err)
+{
+	pgs_rc r;
+
+	if (!db_row_forms(a->db, n, a->differs))
+		return PGS_OK;
+	for (int k = 0; k < n; k++)
+	{
+		pgs_stamp *s = &a->stamps[a->wcols[k]];
+
+		if (!a->differs[k] || s->hlc >= PGS_HLC_MAX)
+			continue; /* stored as received, or no successor (a forged stamp) */
+		if (!a->have_canon)
+		{
+			if ((r = db_site_intern(a->db, PGS_SITE_CANON, &a->canon_site, err)) != PGS_OK)
+				return r;
+			a->have_canon = true;
+		}
+		if (s->site == a->canon_site)
+			continue; /* canonicalized once already (by another Postgres): kept, so
+					   * that two replicas with different column types cannot
+					   * re-stamp each other forever */
+		s->hlc++;
+		s->site = a->canon_site;
+		if (s->hlc > a->max_hlc)
+			a->max_hlc = s->hlc;
+		st->restamped++;
+	}
+	return PGS_OK;
+}
+
 /* apply_group merges one row group of a known table. */
 static pgs_rc
 apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pgs_apply_stats *st,
@@ -853,6 +903,8 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 		goto out;
 	}
 	if (r != PGS_OK)
+		goto out;
+	if (n > 0 && (g->cl & 1) && (r = restamp(a, n, st, err)) != PGS_OK)
 		goto out;
 	if (life == PGS_MERGE_WIN)
 	{
@@ -1310,6 +1362,7 @@ out:
 	pgs_free(a.stamps);
 	pgs_free(a.wcols);
 	pgs_free(a.wvals);
+	pgs_free(a.differs);
 	pgs_free(a.defer);
 	pgs_free(a.only);
 	pgs_free(a.notes);

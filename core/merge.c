@@ -26,6 +26,9 @@
 
 #include <string.h>
 
+/* the nil UUID: below every real site id, so a canonical form loses ties */
+const uint8_t PGS_SITE_CANON[16] = {0};
+
 pgs_merge
 pgs_merge_life(int64_t local_cl, int64_t in_cl)
 {

@@ -63,6 +63,7 @@ typedef struct pgs_err
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
 #define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
+#define PGS_CODE_KEY_FORM "PS005"	  /* a key not in the form Postgres stores (docs/TYPES.md) */
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 
@@ -157,6 +158,13 @@ typedef struct pgs_value
 /* ---- identity and clocks --------------------------------------------- */
 
 #define PGS_SITE_LEN 16
+/*
+ * The site of canonical forms (docs/TYPES.md, "One form on every replica"):
+ * a cell whose value Postgres stored in a form other than the one it
+ * received is re-stamped (received hlc + 1, this site). The nil UUID, so that
+ * it loses every tie: any real edit with the same hlc beats it.
+ */
+extern const uint8_t PGS_SITE_CANON[16];
 /* pgs_uuid7 fills out with a fresh UUIDv7 (48-bit ms time, random rest). */
 pgs_rc pgs_uuid7(uint8_t out[16], pgs_err *err);
 /* pgs_b64url_decode decodes base64url (padding optional; the standard
@@ -614,6 +622,7 @@ typedef struct pgs_apply_stats
 	int64_t rows_deleted;
 	int64_t rows_forgotten; /* moved out of the view: removed locally */
 	int64_t held;			/* groups kept aside (unknown table or column) */
+	int64_t restamped;		/* winning cells stored in another form: re-stamped */
 	int64_t rows;			/* row groups in the payload (rows, whatever their fate) */
 } pgs_apply_stats;
 

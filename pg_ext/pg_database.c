@@ -405,6 +405,7 @@ keys_fn(db_conn *db, void *arg)
 	keys_args *k = arg;
 
 	k->out = pk_datums(k->t, k->pk, 0);
+	pg_key_forms(k->t, k->pk, k->out); /* docs/TYPES.md, "Key columns" */
 }
 
 pgs_rc
@@ -653,6 +654,8 @@ do_write_row(db_conn *db, write_args *w)
 
 			vals[t->npk + i] = pg_value_datum(&t->cols[w->cols[i]], &w->vals[i], &isnull, t, w->pk);
 			nulls[t->npk + i] = isnull ? 'n' : ' ';
+			if (pg_form_differs(&t->cols[w->cols[i]], &w->vals[i], vals[t->npk + i], isnull))
+				db->forms[i] = db->forms_any = true;
 		}
 		rc = SPI_execute_plan(w->m->upd, vals, nulls, false, 0);
 		if (rc != SPI_OK_UPDATE)
@@ -680,6 +683,8 @@ do_write_row(db_conn *db, write_args *w)
 
 		vals[t->npk + c] = pg_value_datum(&t->cols[c], &w->vals[i], &isnull, t, w->pk);
 		nulls[t->npk + c] = isnull ? 'n' : ' ';
+		if (pg_form_differs(&t->cols[c], &w->vals[i], vals[t->npk + c], isnull))
+			db->forms[i] = db->forms_any = true;
 	}
 	rc = SPI_execute_plan(pg_plan_row_replace(t), vals, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
@@ -784,6 +789,7 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+	pgs_rc		  rc;
 	write_args	  w = {.t = t,
 					   .kind = mode == DB_WRITE_MERGE ? W_MERGE : W_REPLACE,
 					   .pk = pk,
@@ -791,11 +797,17 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 					   .cols = cols,
 					   .vals = vals,
 					   .m = NULL};
-	pgs_rc		  rc;
 
+	if (n > db->forms_cap)
+	{
+		db->forms = MemoryContextAlloc(db->cxt, sizeof(bool) * n);
+		db->forms_cap = n;
+	}
+	if (n > 0)
+		memset(db->forms, 0, sizeof(bool) * n);
+	db->forms_any = false;
 	pg_lock_row(db, t, pk);
 	rc = guarded(db, write_fn, &w, err);
-
 	if (w.m && w.m->cols_key)
 	{
 		/* one-off plan (too many column sets): free it */
@@ -804,6 +816,16 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	}
 	MemoryContextSwitchTo(old);
 	return rc;
+}
+
+/* db_row_forms: pg_form_differs of each value of the last db_row_write */
+bool
+db_row_forms(db_conn *db, int n, bool *differs)
+{
+	if (!db->forms_any)
+		return false;
+	memcpy(differs, db->forms, sizeof(bool) * n);
+	return true;
 }
 
 pgs_rc
@@ -1504,6 +1526,13 @@ db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_
 	pgs_rc		  rc;
 
 	*visible = false;
+	if (!pg_key_canonical(t, pk, keys))
+	{
+		/* not a key Postgres stores (docs/TYPES.md, "Key columns"): that row is
+		 * absent here, even when the converted key names another one */
+		MemoryContextSwitchTo(old);
+		return PGS_OK;
+	}
 	for (int i = 0; i < t->npk; i++)
 	{
 		int16 typlen;

@@ -159,6 +159,10 @@ struct db_conn
 	 * transaction makes the apply give way */
 	int				 lock_wait_ms;
 	struct pg_locks *locks; /* what db_apply_lock took in this attempt */
+	/* db_row_forms: which values of the last row write were stored in another form */
+	bool *forms;
+	int	  forms_cap;
+	bool  forms_any;
 };
 
 /* ---- pgsync.c ---- */
@@ -260,6 +264,9 @@ bool		pg_kind_pk_ok(pg_kind k);
 void		pg_col_setup(pg_col *c, Oid typid, int32 typmod);
 void		pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out);
 Datum pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk);
+bool  pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull);
+bool  pg_key_canonical(db_table *t, const pgs_value *pk, const Datum *d);
+void  pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d);
 /* pg_bytea: a bytea copy of len bytes at p, allocated in cxt. */
 bytea *pg_bytea(MemoryContext cxt, const void *p, size_t len);
 char  *pg_pk_json(db_table *t, const pgs_value *pk);

@@ -199,14 +199,21 @@ table_load(db_table *t)
 	pkarr = SPI_getbinval(tup, td, 4, &isnull);
 	colarr = SPI_getbinval(tup, td, 5, &isnull);
 
-	t->q_base = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->relid)),
-										   get_rel_name(t->relid));
-	t->q_clock = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->clock_relid)),
-											get_rel_name(t->clock_relid));
+	/* checked before quoting (a NULL name would crash it): a table dropped while
+	 * event triggers were off (single-user mode) leaves its entry behind */
+	if (get_rel_name(t->relid) == NULL)
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
+						errmsg("synced table %s is missing", t->name),
+						errhint("It was dropped while pgsync's event triggers were off: delete its row "
+								"from pgsync.tables and drop its clock table.")));
 	if (get_rel_name(t->clock_relid) == NULL)
 		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
 						errmsg("clock table of synced table %s is missing", t->name),
 						errhint("Call sync_cleanup and sync_init on the table again.")));
+	t->q_base = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->relid)),
+										   get_rel_name(t->relid));
+	t->q_clock = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->clock_relid)),
+											get_rel_name(t->clock_relid));
 
 	text_array_elem(pkarr, -1, &t->npk);
 	text_array_elem(colarr, -1, &t->ncols);

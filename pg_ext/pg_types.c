@@ -33,6 +33,8 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
+static void value_json(StringInfo b, const pgs_value *v);
+
 /* pg_type_kind classifies a (base) type. */
 pg_kind
 pg_type_kind(Oid basetyp)
@@ -148,11 +150,63 @@ set_cstring(pgs_value *out, const char *s)
 	set_text(out, s, strlen(s));
 }
 
+/* put_num writes v (>= 0) in decimal, zero-padded to width digits (printf's %0*d) */
+static char *
+put_num(char *p, int v, int width)
+{
+	char tmp[12];
+	int	 n = 0;
+
+	do
+	{
+		tmp[n++] = (char) ('0' + v % 10);
+		v /= 10;
+	} while (v > 0);
+	while (n < width)
+		tmp[n++] = '0';
+	while (n > 0)
+		*p++ = tmp[--n];
+	return p;
+}
+
+/*
+ * format_ymd, format_tm: "YYYY-MM-DD" and "YYYY-MM-DD HH:MM:SS.ffffff[Z]",
+ * the bytes of psprintf("%04d-%02d-%02d ...") without its cost: every
+ * timestamp is formatted on each pull and, to check its form, on each apply.
+ */
+static char *
+format_ymd(char *p, int y, int m, int d)
+{
+	p = put_num(p, y, 4);
+	*p++ = '-';
+	p = put_num(p, m, 2);
+	*p++ = '-';
+	return put_num(p, d, 2);
+}
+
 static char *
 format_tm(struct pg_tm *tm, fsec_t fsec, bool utc)
 {
-	return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s", tm->tm_year, tm->tm_mon, tm->tm_mday,
-					tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec, utc ? "Z" : "");
+	char *s, *p;
+
+	if (tm->tm_year < 0 || tm->tm_mon < 0 || tm->tm_mday < 0 || tm->tm_hour < 0 || tm->tm_min < 0 ||
+		tm->tm_sec < 0 || fsec < 0)
+		return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s", tm->tm_year, tm->tm_mon,
+						tm->tm_mday, tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec, utc ? "Z" : "");
+	s = p = palloc(48);
+	p = format_ymd(p, tm->tm_year, tm->tm_mon, tm->tm_mday);
+	*p++ = ' ';
+	p = put_num(p, tm->tm_hour, 2);
+	*p++ = ':';
+	p = put_num(p, tm->tm_min, 2);
+	*p++ = ':';
+	p = put_num(p, tm->tm_sec, 2);
+	*p++ = '.';
+	p = put_num(p, (int) fsec, 6);
+	if (utc)
+		*p++ = 'Z';
+	*p = '\0';
+	return s;
 }
 
 /*
@@ -227,9 +281,12 @@ pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out)
 			if (!DATE_NOT_FINITE(date))
 			{
 				j2date(date + POSTGRES_EPOCH_JDATE, &y, &m, &dd);
-				if (y > 0)
+				if (y > 0 && m > 0 && dd > 0)
 				{
-					set_cstring(out, psprintf("%04d-%02d-%02d", y, m, dd));
+					char *s = palloc(16);
+
+					*format_ymd(s, y, m, dd) = '\0';
+					set_cstring(out, s);
 					return;
 				}
 			}
@@ -511,6 +568,87 @@ pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const p
 	}
 	PG_END_TRY();
 	return d;
+}
+
+/*
+ * pg_form_differs: would this database send d (v converted for column c by
+ * pg_value_datum) as a value other than v, byte for byte? Then the core
+ * re-stamps the cell with the stored form (db_row_forms; docs/TYPES.md, "One
+ * form on every replica"). The conversions that keep every value as it is
+ * (integers into integers, bit-exact reals, plain text, bytes) answer
+ * without converting back; the others compare with pg_datum_value.
+ */
+bool
+pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
+{
+	pgs_value out;
+
+	if (isnull)
+		return v->type != PGS_NULL;
+	switch (v->type)
+	{
+		case PGS_INT:
+			if (c->kind == PGK_INT2 || c->kind == PGK_INT4 || c->kind == PGK_INT8 ||
+				c->kind == PGK_BOOL)
+				return false; /* range-checked, 0 or 1 */
+			break;
+		case PGS_REAL:
+			if (c->kind == PGK_FLOAT8 || c->kind == PGK_FLOAT4)
+				return false; /* exactness-checked */
+			break;
+		case PGS_TEXT:
+			if (c->text_fast && GetDatabaseEncoding() == PG_UTF8)
+				return false; /* the same bytes */
+			break;
+		case PGS_BLOB:
+			if (c->kind == PGK_BYTEA)
+				return false;
+			break;
+		default:
+			break;
+	}
+	pg_datum_value(c, d, false, &out);
+	return pgs_value_cmp(&out, v) != 0;
+}
+
+/*
+ * pg_key_forms: a key must arrive in the form Postgres stores it. Unlike a
+ * column value a key cannot be re-stamped: it names the row, and a device
+ * that wrote 'A0EEBC99-...' would keep its row beside the 'a0eebc99-...' one
+ * Postgres sends (and removal candidates, hashed over the key's bytes, would
+ * never match it). So such a row is refused (PS005) with the form to use.
+ * pg_key_canonical only answers whether every key column is in that form.
+ */
+bool
+pg_key_canonical(db_table *t, const pgs_value *pk, const Datum *d)
+{
+	for (int i = 0; i < t->npk; i++)
+		if (pg_form_differs(&t->pk[i], &pk[i], d[i], false))
+			return false;
+	return true;
+}
+
+void
+pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d)
+{
+	for (int i = 0; i < t->npk; i++)
+		if (pg_form_differs(&t->pk[i], &pk[i], d[i], false))
+		{
+			pgs_value	   out;
+			StringInfoData b;
+
+			pg_datum_value(&t->pk[i], d[i], false, &out);
+			initStringInfo(&b);
+			value_json(&b, &out);
+			ereport(ERROR,
+					(errcode(MAKE_SQLSTATE('P', 'S', '0', '0', '5')),
+					 errmsg("key column \"%s\" of table \"%s\" is not in the form Postgres stores",
+							t->pk[i].name, t->name),
+					 errdetail("Key %s: Postgres stores it as %s.", pg_pk_text(t, pk), b.data),
+					 errhint("Write keys in their canonical form (sync_uuid() for uuid keys; "
+							 "docs/TYPES.md, \"Key columns\"), then sync_network_discard "
+							 "this row.")));
+		}
 }
 
 /* ---- keys as text ------------------------------------------------------- */

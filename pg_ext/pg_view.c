@@ -434,6 +434,10 @@ sync_device(PG_FUNCTION_ARGS)
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						errmsg("site id %s is this database's own", u),
 						errhint("A device needs a site id of its own; sqlitesync makes one.")));
+	if (memcmp(PGS_SITE_CANON, dev->data, PGS_SITE_LEN) == 0)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						errmsg("site id %s stamps canonical forms, not a device's changes", u),
+						errhint("A device needs a site id of its own; sqlitesync makes one.")));
 	vals[0] = UUIDPGetDatum(dev);
 	vals[1] = CStringGetTextDatum(principal);
 	meta_exec("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types, vals, true, 1);

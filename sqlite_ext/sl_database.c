@@ -757,6 +757,21 @@ row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int 
 	return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
 }
 
+/*
+ * db_row_forms: SQLite stores the values it receives as they are bound; the
+ * declared type's affinity may still convert one (TEXT '1.50' in a NUMERIC
+ * column becomes REAL 1.5), which is the app's choice of column type and is
+ * never sent back as a change: a device is not an authority on forms, two
+ * devices converting differently would re-stamp each other forever
+ * (docs/TYPES.md, "One form on every replica").
+ */
+bool
+db_row_forms(db_conn *c, int n, bool *differs)
+{
+	(void) c, (void) n, (void) differs;
+	return false;
+}
+
 /* db_row_write: row_write, and the change event (sl_events.c) when it succeeded. */
 pgs_rc
 db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,

@@ -14,6 +14,7 @@
  */
 #include "mockdb.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
@@ -309,6 +310,7 @@ mock_close(db_conn *db)
 	mock_view_free(db);
 	pgs_free(db->sites);
 	pgs_free(db->locked);
+	pgs_free(db->forms);
 	pgs_buf_free(&db->key);
 	mdb_eph_reset(db);
 	pgs_free(db);
@@ -684,6 +686,7 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	pgs_rc rc;
 
 	mdb_eph_reset(db);
+	db->forms_any = false;
 	if ((rc = mdb_check_pk(t, pk, err)) != PGS_OK ||
 		(rc = mdb_check_locked(db, t, pk, err)) != PGS_OK)
 		return rc;
@@ -711,12 +714,56 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	if (mode != DB_WRITE_MERGE || !row->alive)
 		mdb_row_clear_vals(t, row); /* a new life (or a fresh row): start from NULLs */
 	row->alive = true;
+	if (db->canonical && n > db->forms_cap)
+	{
+		pgs_free(db->forms);
+		db->forms = mdb_xmalloc(sizeof(bool) * (size_t) n);
+		db->forms_cap = n;
+	}
 	for (int i = 0; i < n; i++)
 	{
-		mdb_value_free(&row->vals[cols[i]]);
-		mdb_value_copy(&row->vals[cols[i]], &vals[i]);
+		pgs_value *v = &row->vals[cols[i]];
+
+		mdb_value_free(v);
+		mdb_value_copy(v, &vals[i]);
+		if (db->canonical)
+		{
+			bool differs = false;
+
+			uint8_t from = db->canonical == 1 ? 'A' : 'a', to = db->canonical == 1 ? 'a' : 'A';
+
+			if (v->type == PGS_TEXT)
+				for (uint32_t k = 0; k < v->len; k++)
+					if (v->v.p[k] >= from && v->v.p[k] <= from + 25)
+					{
+						((uint8_t *) v->v.p)[k] = (uint8_t) (v->v.p[k] - from + to);
+						differs = true;
+					}
+			if (db->canonical == 1 && v->type == PGS_REAL && v->v.r == 0 && signbit(v->v.r))
+			{
+				v->v.r = 0.0;
+				differs = true;
+			}
+			db->forms[i] = differs;
+			db->forms_any |= differs;
+		}
 	}
 	return PGS_OK;
+}
+
+bool
+db_row_forms(db_conn *db, int n, bool *differs)
+{
+	if (!db->forms_any)
+		return false;
+	memcpy(differs, db->forms, sizeof(bool) * (size_t) n);
+	return true;
+}
+
+void
+mock_canonical(db_conn *db, int mode)
+{
+	db->canonical = mode;
 }
 
 pgs_rc

@@ -88,6 +88,14 @@ void mock_allow_all(db_conn *db);
 int	 mock_rejections(db_conn *db); /* db_reject calls so far */
 /* mock_refuse_site: db_site_check refuses stamps of this site (PS002). */
 void mock_refuse_site(db_conn *db, const uint8_t site[16]);
+/*
+ * mock_canonical: the replica stores values in forms of its own, as Postgres
+ * does (db_row_forms, docs/TYPES.md): mode 1 lower-cases the ASCII letters
+ * of TEXT and stores REAL -0.0 as 0.0; mode 2 upper-cases them (another
+ * column type); 0: as received. Local edits (mock_local_*) store what they
+ * are given.
+ */
+void mock_canonical(db_conn *db, int mode);
 /* mock_add_parent: child references parent by a foreign key (apply order). */
 void mock_add_parent(db_conn *db, db_table *child, db_table *parent);
 

@@ -86,6 +86,11 @@ struct db_conn
 	db_lock_key *locked;
 	uint32_t	 nlocked;
 	uint32_t	 locked_cap;
+	/* mock_canonical: values stored in forms of the replica's own */
+	int	  canonical; /* 0, 1 lower case, 2 upper case */
+	bool  forms_any; /* the last db_row_write stored some value differently */
+	bool *forms;	 /* ... which (per value of that write) */
+	int	  forms_cap;
 };
 
 struct db_cursor

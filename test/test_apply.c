@@ -682,6 +682,265 @@ test_apply_stats_and_version(void **state)
 	mock_close(b);
 }
 
+/* ---- one form on every replica (docs/TYPES.md) ---- */
+
+static const uint8_t SITE_P[16] = {0x01, 0x8b, 0xd0, 0, 0, 0, 0x70, 0,
+								   0x80, 0,	   0,	 0, 0, 0, 0,	0xff};
+
+/* pull: to applies from's changes since `since`, without to's own stamps
+ * (the way a device pulls and pushes); returns the stats */
+static pgs_apply_stats
+pull(db_conn *from, db_conn *to, const uint8_t *to_site, int64_t since)
+{
+	pgs_buf			out;
+	pgs_err			err;
+	pgs_apply_stats st;
+
+	pgs_buf_init(&out);
+	if (mock_build(from, since, to_site, 0, &out, &err) != PGS_OK)
+		fail_msg("build: %s", err.msg);
+	st = apply(to, &out);
+	pgs_buf_free(&out);
+	return st;
+}
+
+static pgs_stamp
+stamp_of(db_conn *db, int64_t id, int col)
+{
+	pgs_stamp	 cols[4];
+	pgs_rowclock rc = {.cols = cols};
+	pgs_value	 pk = mock_int(id);
+
+	assert_true(mock_clock(db, items(db), &pk, &rc));
+	return cols[col];
+}
+
+static const uint8_t *
+site_of(db_conn *db, uint32_t idx)
+{
+	const uint8_t *s;
+	pgs_err		   err;
+
+	assert_int_equal(db_site_lookup(db, idx, &s, &err), PGS_OK);
+	return s;
+}
+
+static void
+test_canonical_form_reaches_writer(void **state)
+{
+	db_conn		   *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *p = replica(SITE_P, MS0);
+	pgs_apply_stats st;
+	pgs_stamp		was, now;
+	int64_t			pv, av, bv;
+
+	(void) state;
+	mock_canonical(p, 1);
+	insert_item(a, 1, "White", 1);
+	was = stamp_of(a, 1, NAME);
+	st = pull(a, p, SITE_P, 0); /* the push */
+	assert_int_equal(st.restamped, 1);
+	assert_text(&row_of(p, 1)[NAME], "white");
+	now = stamp_of(p, 1, NAME);
+	assert_true(now.hlc == was.hlc + 1);
+	assert_memory_equal(site_of(p, now.site), PGS_SITE_CANON, 16);
+	/* the other cells keep the writer's stamps */
+	assert_memory_equal(site_of(p, stamp_of(p, 1, QTY).site), SITE_A, 16);
+	/* the writer (its pulls exclude its own site) and another device take it */
+	st = pull(p, a, SITE_A, 0);
+	assert_int_equal(st.won, 1);
+	assert_int_equal(st.restamped, 0);
+	pull(p, b, SITE_B, 0);
+	assert_text(&row_of(a, 1)[NAME], "white");
+	assert_converged(a, p);
+	assert_converged(b, p);
+	/* a further round changes nothing anywhere: no ping-pong */
+	pv = mock_version(p), av = mock_version(a), bv = mock_version(b);
+	for (int round = 0; round < 3; round++)
+	{
+		assert_int_equal(pull(a, p, SITE_P, 0).won, 0);
+		assert_int_equal(pull(b, p, SITE_P, 0).won, 0);
+		assert_int_equal(pull(p, a, SITE_A, 0).won, 0);
+		assert_int_equal(pull(p, b, SITE_B, 0).won, 0);
+		exchange(a, b);
+	}
+	assert_true(mock_version(p) == pv && mock_version(a) == av && mock_version(b) == bv);
+	/* the writer's clock passed the re-stamp: its next edit wins everywhere */
+	assert_true(mock_hlc(a) >= now.hlc);
+	set_col(a, 1, NAME, mock_text("black"));
+	assert_true(stamp_of(a, 1, NAME).hlc > now.hlc);
+	st = pull(a, p, SITE_P, av);
+	assert_int_equal(st.won, 1);
+	assert_int_equal(st.restamped, 0);
+	pull(p, b, SITE_B, pv);
+	assert_text(&row_of(b, 1)[NAME], "black");
+	assert_converged(a, p);
+	assert_converged(b, p);
+	mock_close(a);
+	mock_close(b);
+	mock_close(p);
+}
+
+static void
+test_canonical_same_bytes_not_restamped(void **state)
+{
+	db_conn		   *a = replica(SITE_A, MS0), *p = replica(SITE_P, MS0);
+	pgs_apply_stats st;
+	int64_t			pv;
+
+	(void) state;
+	mock_canonical(p, 1);
+	insert_item(a, 1, "white", 1);
+	st = pull(a, p, SITE_P, 0);
+	assert_int_equal(st.restamped, 0);
+	assert_memory_equal(site_of(p, stamp_of(p, 1, NAME).site), SITE_A, 16);
+	pv = mock_version(p);
+	/* nothing for the writer: its own stamps only */
+	st = pull(p, a, SITE_A, 0);
+	assert_int_equal(st.changes, 0);
+	assert_true(mock_version(p) == pv);
+	assert_converged(a, p);
+	mock_close(a);
+	mock_close(p);
+}
+
+/*
+ * The writer's later edit, made before the re-stamp reaches it (a push, then
+ * an edit in the same millisecond), beats the canonical form of its earlier
+ * value, whichever arrives first; and is canonicalized in turn.
+ */
+static void
+test_canonical_later_edit_wins(void **state)
+{
+	(void) state;
+	for (int order = 0; order < 2; order++)
+	{
+		db_conn	 *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *p = replica(SITE_P, MS0);
+		pgs_stamp first, second;
+
+		mock_canonical(p, 1);
+		insert_item(a, 1, "White", 1);
+		first = stamp_of(a, 1, NAME);
+		pull(a, p, SITE_P, 0);
+		pull(p, b, SITE_B, 0);
+		set_col(a, 1, NAME, mock_text("Grey")); /* same millisecond */
+		second = stamp_of(a, 1, NAME);
+		assert_true(second.hlc > first.hlc && second.hlc <= first.hlc + 2);
+		assert_true(stamp_of(p, 1, NAME).hlc == first.hlc + 1);
+		if (order)
+		{
+			/* the re-stamp reaches the writer first: the later edit stays */
+			pull(p, a, SITE_A, 0);
+			assert_text(&row_of(a, 1)[NAME], "Grey");
+		}
+		assert_int_equal(pull(a, p, SITE_P, 0).restamped, 1);
+		assert_text(&row_of(p, 1)[NAME], "grey");
+		assert_true(stamp_of(p, 1, NAME).hlc == second.hlc + 1);
+		pull(p, a, SITE_A, 0);
+		pull(p, b, SITE_B, 0);
+		exchange(a, b);
+		assert_text(&row_of(a, 1)[NAME], "grey");
+		assert_converged(a, p);
+		assert_converged(b, p);
+		mock_close(a);
+		mock_close(b);
+		mock_close(p);
+	}
+}
+
+/*
+ * Another device's concurrent edit at exactly the re-stamp's hlc beats it
+ * too; one at the writer's own hlc (a true tie, decided by site ids) is
+ * decided by what Postgres applied first, the same way on every replica.
+ */
+static void
+test_canonical_concurrent_edits(void **state)
+{
+	(void) state;
+	for (int order = 0; order < 2; order++)
+	{
+		db_conn *a = replica(SITE_A, MS0), *b = replica(SITE_B, MS0), *p = replica(SITE_P, MS0);
+		uint64_t h;
+
+		mock_canonical(p, 1);
+		insert_item(a, 1, "one", 1);
+		pull(a, p, SITE_P, 0);
+		pull(p, b, SITE_B, 0);
+		mock_advance(a, 10);
+		mock_advance(b, 10);
+		set_col(a, 1, NAME, mock_text("A-side"));
+		h = stamp_of(a, 1, NAME).hlc;
+		/* b's edit one logical tick later than a's, made without seeing it */
+		mock_begin(b);
+		set_col(b, 1, QTY, mock_int(7)); /* moves b's clock to h */
+		set_col(b, 1, NAME, mock_text("B-side"));
+		mock_commit(b);
+		if (stamp_of(b, 1, NAME).hlc != h + 1)
+			fail_msg("setup: b's stamp %" PRIu64 " is not h + 1 = %" PRIu64,
+					 stamp_of(b, 1, NAME).hlc, h + 1);
+		if (order)
+		{
+			pull(a, p, SITE_P, 0);
+			pull(b, p, SITE_P, 0);
+		}
+		else
+		{
+			pull(b, p, SITE_P, 0);
+			pull(a, p, SITE_P, 0);
+		}
+		for (int round = 0; round < 2; round++)
+		{
+			pull(p, a, SITE_A, 0);
+			pull(p, b, SITE_B, 0);
+			pull(a, p, SITE_P, 0);
+			pull(b, p, SITE_P, 0);
+		}
+		assert_text(&row_of(p, 1)[NAME], "b-side");
+		assert_converged(a, p);
+		assert_converged(b, p);
+		mock_close(a);
+		mock_close(b);
+		mock_close(p);
+	}
+}
+
+/*
+ * Two replicas that both canonicalize, differently (two Postgres databases
+ * whose column types differ): each write is re-stamped once, by the first
+ * that stores it; the other keeps that canonical stamp and its own form.
+ * Syncing ends: no ping-pong.
+ */
+static void
+test_canonical_twice_no_loop(void **state)
+{
+	db_conn *a = replica(SITE_A, MS0), *p = replica(SITE_P, MS0), *q = replica(SITE_C, MS0);
+	int64_t	 won = 0;
+
+	(void) state;
+	mock_canonical(p, 1);
+	mock_canonical(q, 2);
+	insert_item(a, 1, "Mixed", 1);
+	pull(a, p, SITE_P, 0);
+	assert_text(&row_of(p, 1)[NAME], "mixed");
+	for (int round = 0; round < 10; round++)
+	{
+		won = 0;
+		won += pull(p, q, SITE_C, 0).won;
+		won += pull(q, p, SITE_P, 0).won;
+		won += pull(p, a, SITE_A, 0).won;
+		won += pull(q, a, SITE_A, 0).won;
+		won += pull(a, q, SITE_C, 0).won;
+		won += pull(a, p, SITE_P, 0).won;
+	}
+	assert_int_equal(won, 0);
+	assert_text(&row_of(p, 1)[NAME], "mixed");
+	assert_text(&row_of(q, 1)[NAME], "MIXED");
+	assert_text(&row_of(a, 1)[NAME], "mixed");
+	assert_memory_equal(site_of(q, stamp_of(q, 1, NAME).site), PGS_SITE_CANON, 16);
+	mock_close(a);
+	mock_close(p);
+	mock_close(q);
+}
+
 /* ================================================================ */
 /* property test                                                     */
 /* ================================================================ */
@@ -718,7 +977,7 @@ chance(rng *r, int pct)
 static pgs_value
 rand_value(rng *r)
 {
-	static const char	*texts[] = {"a", "b", "\xc3\xbc", "", "longer text value"};
+	static const char *texts[] = {"a", "b", "\xc3\xbc", "", "longer text value", "A", "Mixed Case"};
 	static const uint8_t blob[] = {0, 1, 2, 0xff};
 
 	switch (rint_(r, 9))
@@ -736,7 +995,7 @@ rand_value(rng *r)
 		case 5:
 			return mock_blob(blob, (uint32_t) rint_(r, 5));
 		default:
-			return mock_text(texts[rint_(r, 5)]);
+			return mock_text(texts[rint_(r, 7)]);
 	}
 }
 
@@ -817,6 +1076,8 @@ typedef struct flight
 	int		 to;
 } flight;
 
+static int64_t restamps_seen; /* by the canonical property runs */
+
 typedef struct world
 {
 	int		 n;
@@ -826,6 +1087,7 @@ typedef struct world
 	flight	 air[64];
 	int		 nair;
 	bool	 pg_horizon; /* until below the current version, as on Postgres */
+	bool	 canonical;	 /* replica 0 stores forms of its own (mock_canonical) */
 	uint64_t now;
 } world;
 
@@ -903,7 +1165,7 @@ world_free(world *w)
 
 /* run one random history; returns false (after printing) on divergence */
 static bool
-run_one(uint64_t seed, bool pg_horizon)
+run_one(uint64_t seed, bool pg_horizon, bool canonical)
 {
 	rng	  r = {seed ? seed : 1};
 	world w;
@@ -913,6 +1175,7 @@ run_one(uint64_t seed, bool pg_horizon)
 
 	memset(&w, 0, sizeof w);
 	w.pg_horizon = pg_horizon;
+	w.canonical = canonical;
 	w.n = 2 + rint_(&r, 4);
 	w.now = MS0;
 	for (int i = 0; i < w.n; i++)
@@ -923,6 +1186,8 @@ run_one(uint64_t seed, bool pg_horizon)
 		w.sites[i][15] = (uint8_t) i; /* distinct */
 		w.r[i] = replica(w.sites[i], MS0 + (uint64_t) rint_(&r, 2000));
 	}
+	if (canonical)
+		mock_canonical(w.r[0], 1);
 	steps = 20 + rint_(&r, 60);
 	for (int s = 0; s < steps; s++)
 	{
@@ -1012,6 +1277,7 @@ run_one(uint64_t seed, bool pg_horizon)
 					fail_msg("apply: %s", err.msg);
 				w.cursor[to][from] = o.until;
 				won += st.won;
+				restamps_seen += st.restamped;
 				pgs_buf_free(&out);
 			}
 		if (won == 0 && round > 0)
@@ -1039,7 +1305,7 @@ env_u64(const char *name, uint64_t dflt)
 }
 
 static void
-property(bool pg_horizon)
+property(bool pg_horizon, bool canonical)
 {
 	uint64_t seed = env_u64("PGS_SEED", 20240601);
 	uint64_t iters = env_u64("PGS_ITER", 500);
@@ -1048,7 +1314,7 @@ property(bool pg_horizon)
 	{
 		uint64_t s = seed + i * 0x9E3779B97F4A7C15ull;
 
-		if (!run_one(s, pg_horizon))
+		if (!run_one(s, pg_horizon, canonical))
 			fail_msg("convergence failed: rerun with PGS_SEED=%" PRIu64 " PGS_ITER=1 (run %" PRIu64
 					 " of base seed %" PRIu64 ")",
 					 s, i, seed);
@@ -1059,7 +1325,7 @@ static void
 test_property_convergence(void **state)
 {
 	(void) state;
-	property(false);
+	property(false, false);
 }
 
 /*
@@ -1072,7 +1338,22 @@ static void
 test_property_convergence_pg_horizon(void **state)
 {
 	(void) state;
-	property(true);
+	property(true, false);
+}
+
+/*
+ * The same with replica 0 storing values in forms of its own, as Postgres
+ * does: its re-stamps reach every replica (the writers too), every replica
+ * ends with the same bytes, and the final rounds end (no ping-pong).
+ */
+static void
+test_property_convergence_canonical(void **state)
+{
+	(void) state;
+	restamps_seen = 0;
+	property(true, true);
+	if (restamps_seen == 0)
+		fail_msg("no value was re-stamped: the test does not exercise db_row_forms");
 }
 
 int
@@ -1094,8 +1375,14 @@ main(void)
 		cmocka_unit_test_setup(test_tombstone_for_unknown_key, setup),
 		cmocka_unit_test_setup(test_removal_candidates_are_announced, setup),
 		cmocka_unit_test_setup(test_apply_stats_and_version, setup),
+		cmocka_unit_test_setup(test_canonical_form_reaches_writer, setup),
+		cmocka_unit_test_setup(test_canonical_same_bytes_not_restamped, setup),
+		cmocka_unit_test_setup(test_canonical_later_edit_wins, setup),
+		cmocka_unit_test_setup(test_canonical_concurrent_edits, setup),
+		cmocka_unit_test_setup(test_canonical_twice_no_loop, setup),
 		cmocka_unit_test_setup(test_property_convergence, setup),
 		cmocka_unit_test_setup(test_property_convergence_pg_horizon, setup),
+		cmocka_unit_test_setup(test_property_convergence_canonical, setup),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

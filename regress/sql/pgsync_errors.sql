@@ -69,3 +69,15 @@ ALTER TABLE errs ADD COLUMN extra int;
 SELECT sync_init('errs');
 DROP OWNED BY pgsync_stranger;
 DROP ROLE pgsync_stranger;
+-- a synced table dropped while the event triggers were off: named, no crash
+CREATE TABLE stale(id text PRIMARY KEY, v text);
+SELECT sync_init('stale');
+INSERT INTO stale VALUES ('a', 'x');
+CREATE TABLE stale_p AS SELECT sync_payload(0) AS p;
+ALTER EVENT TRIGGER pgsync_sql_drop DISABLE;
+DROP TABLE stale;
+ALTER EVENT TRIGGER pgsync_sql_drop ENABLE;
+\c
+SELECT sync_apply_payload(p) FROM stale_p;
+DELETE FROM pgsync.tables WHERE name = 'stale';
+DROP TABLE stale__sync_clock, stale_p;
