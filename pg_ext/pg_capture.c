@@ -582,10 +582,11 @@ applying_this_row(TriggerData *td)
 	for (int i = 0; i < t->npk && same_row; i++)
 	{
 		bool  isnull;
-		Datum d = heap_getattr(td->tg_trigtuple, t->pk[i].attnum,
-							   RelationGetDescr(td->tg_relation), &isnull);
+		Datum d = heap_getattr(td->tg_trigtuple, t->pk[i].attnum, RelationGetDescr(td->tg_relation),
+							   &isnull);
 
-		same_row = !isnull && datum_image_eq(d, pg_apply_key[i], t->pk[i].typbyval, t->pk[i].typlen);
+		same_row =
+			!isnull && datum_image_eq(d, pg_apply_key[i], t->pk[i].typbyval, t->pk[i].typlen);
 	}
 	t->busy--;
 	return same_row;
@@ -711,4 +712,55 @@ sync_capture(PG_FUNCTION_ARGS)
 	pg_core_memory(NULL);
 	SPI_finish();
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * pg_payload_guard: a payload carries committed changes only: built inside a
+ * transaction that changed synced rows it would hand out changes that may
+ * still roll back.
+ */
+void
+pg_payload_guard(void)
+{
+	if (FullTransactionIdIsValid(pg_wrote_xid) &&
+		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
+		ereport(ERROR, (errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+						errmsg("sync_payload cannot run in a transaction that changed synced rows"),
+						errhint("Commit first, then call sync_payload in a new transaction.")));
+}
+
+/*
+ * pg_capture_backfill: sync_init of a new table: every existing row gets a
+ * fresh clock of this transaction (life 1, every column stamped now), and
+ * the clock table its statistics (pulls plan on them).
+ */
+void
+pg_capture_backfill(Oid relid)
+{
+	db_table	  *t = pg_table_get(relid, false);
+	StringInfoData b;
+	uint8_t		  *blob;
+	size_t		   len;
+	Oid			   types[2] = {INT8OID, BYTEAOID};
+	Datum		   v[2];
+	pg_user_save   us;
+
+	pg_capture_fresh(t, &blob, &len);
+	v[0] = Int64GetDatum(pg_txn_version());
+	v[1] = PointerGetDatum(t->fresh_bytea); /* pg_capture_fresh keeps the blob as a bytea */
+	initStringInfo(&b);
+	appendStringInfo(&b, "INSERT INTO %s (", t->q_clock);
+	pg_pk_list(&b, t, NULL);
+	appendStringInfoString(&b, ", cl, ver, clk) SELECT ");
+	pg_pk_list(&b, t, NULL);
+	appendStringInfo(&b, ", 1, $1, $2 FROM %s ON CONFLICT DO NOTHING", t->q_base);
+	pg_as_meta(&us);
+	if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "pgsync: backfilling the clock table failed");
+	resetStringInfo(&b);
+	appendStringInfo(&b, "ANALYZE %s", t->q_clock);
+	if (SPI_execute(b.data, false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "pgsync: \"%s\" failed", b.data);
+	pg_as_caller(&us);
+	pfree(b.data);
 }

@@ -166,21 +166,35 @@ struct db_conn
 };
 
 /* ---- pgsync.c ---- */
-extern bool pg_applying;	   /* true while sync_apply_payload merges */
+extern bool pg_applying; /* true while sync_apply_payload merges */
 /* the row the apply is writing now (its clock is the apply's): the capture
  * skips exactly that row, and records what the write causes elsewhere
  * (ON DELETE CASCADE, triggers writing other synced rows) */
 extern Oid	  pg_apply_relid;
 extern Datum *pg_apply_key;
-extern bool pg_apply_conflict; /* a local write raced with the apply */
-void		pg_core_memory(MemoryContext cxt);
-void		pg_conn_init(db_conn *db, MemoryContext cxt);
-void		pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
-						  const char *message);
-Oid			pg_meta_owner(void);
+extern bool	  pg_apply_conflict; /* a local write raced with the apply */
+void		  pg_core_memory(MemoryContext cxt);
+void		  pg_session_setup(void); /* _PG_init: the core allocates through palloc */
+
+/* one row the running apply refused (sync_rejections()) */
+typedef struct pg_rejection
+{
+	char *table;
+	char *pk_json;
+	char  sqlstate[6];
+	char *message;
+} pg_rejection;
+void  pg_reject_reset(void);
+List *pg_rejections(void);
+void  pg_conn_init(db_conn *db, MemoryContext cxt);
+void  pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
+					const char *message);
+Oid	  pg_meta_owner(void);
 
 pg_noreturn void pg_raise(const pgs_err *err);
-void			 pg_payload_guard(void); /* ERROR in a transaction that changed synced rows */
+void			 pg_capture_backfill(Oid relid); /* clocks for a new synced table's rows */
+void			 pg_pk_list(StringInfo b, const db_table *t, const char *alias); /* "k1", "k2" */
+void			 pg_payload_guard(void);	   /* ERROR in a transaction that changed synced rows */
 bool			 pg_row_error(int sqlerrcode); /* an error that is one row's own fate */
 
 typedef struct pg_user_save
@@ -192,12 +206,14 @@ void pg_as_meta(pg_user_save *s);
 void pg_as_caller(const pg_user_save *s);
 
 /* ---- pg_table.c ---- */
-db_table	  *pg_table_get(Oid relid, bool missing_ok);
-db_table	  *pg_table_cached(Oid relid);
-void		   pg_table_release_all(void);
-void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
-							 bool allow_seq_keys);
-void		   pg_table_reload(Oid relid);
+db_table *pg_table_get(Oid relid, bool missing_ok);
+db_table *pg_table_cached(Oid relid);
+void	  pg_table_release_all(void);
+/* pg_table_init: sync_init's metadata and triggers; true for a table synced
+ * now (its rows need clocks: pg_capture_backfill), false when it was already. */
+bool pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
+				   bool allow_seq_keys);
+void pg_table_reload(Oid relid);
 /* pg_table_reconcile: after ALTER TABLE of a synced table (the DDL event trigger) */
 void		   pg_table_reconcile(Oid relid);
 void		   pg_table_cleanup(Oid relid);

@@ -202,10 +202,10 @@ table_load(db_table *t)
 	/* checked before quoting (a NULL name would crash it): a table dropped while
 	 * event triggers were off (single-user mode) leaves its entry behind */
 	if (get_rel_name(t->relid) == NULL)
-		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
-						errmsg("synced table %s is missing", t->name),
-						errhint("It was dropped while pgsync's event triggers were off: delete its row "
-								"from pgsync.tables and drop its clock table.")));
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE), errmsg("synced table %s is missing", t->name),
+				 errhint("It was dropped while pgsync's event triggers were off: delete its row "
+						 "from pgsync.tables and drop its clock table.")));
 	if (get_rel_name(t->clock_relid) == NULL)
 		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
 						errmsg("clock table of synced table %s is missing", t->name),
@@ -266,8 +266,8 @@ load_history(db_table *t)
 	pg_as_meta(&us);
 	if (plan == NULL)
 	{
-		plan = SPI_prepare("SELECT name, now FROM pgsync.column_history WHERE tbl = $1 ORDER BY name",
-						   1, argt);
+		plan = SPI_prepare(
+			"SELECT name, now FROM pgsync.column_history WHERE tbl = $1 ORDER BY name", 1, argt);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
@@ -450,8 +450,8 @@ where_pk(StringInfo b, db_table *t, const char *alias, int first)
 						 first + i);
 }
 
-static void
-pk_list(StringInfo b, db_table *t, const char *alias)
+void
+pg_pk_list(StringInfo b, const db_table *t, const char *alias)
 {
 	int i;
 
@@ -501,7 +501,7 @@ clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 	types[t->npk + 2] = BYTEAOID;
 	initStringInfo(&b);
 	appendStringInfo(&b, "INSERT INTO %s%s (", t->q_clock, alias);
-	pk_list(&b, t, NULL);
+	pg_pk_list(&b, t, NULL);
 	appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
 	for (i = 0; i < t->npk + 3; i++)
 		appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
@@ -509,7 +509,7 @@ clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 	if (strcmp(conflict, "update") == 0)
 	{
 		appendStringInfoString(&b, "ON CONFLICT (");
-		pk_list(&b, t, NULL);
+		pg_pk_list(&b, t, NULL);
 		appendStringInfoString(
 			&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
 	}
@@ -578,14 +578,14 @@ pg_plan_row_replace(db_table *t)
 
 		initStringInfo(&b);
 		appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
-		pk_list(&b, t, NULL);
+		pg_pk_list(&b, t, NULL);
 		for (i = 0; i < t->ncols; i++)
 			appendStringInfo(&b, ", %s", quote_identifier(t->cols[i].name));
 		appendStringInfoString(&b, ") VALUES (");
 		for (i = 0; i < t->npk + t->ncols; i++)
 			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
 		appendStringInfoString(&b, ") ON CONFLICT (");
-		pk_list(&b, t, NULL);
+		pg_pk_list(&b, t, NULL);
 		if (t->ncols == 0)
 			appendStringInfoString(&b, ") DO NOTHING");
 		else
@@ -698,7 +698,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			types[2 + i] = t->pk_types[i];
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
-		pk_list(&b, t, a);
+		pg_pk_list(&b, t, a);
 		switch (kind)
 		{
 			case PGR_CHANGES:
@@ -757,7 +757,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		if (order == 2)
 		{
 			appendStringInfoString(&b, " AND (");
-			pk_list(&b, t, a);
+			pg_pk_list(&b, t, a);
 			appendStringInfoString(&b, ") > (");
 			for (i = 0; i < t->npk; i++)
 				appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 3);
@@ -768,7 +768,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		else if (order > 0)
 		{
 			appendStringInfoString(&b, " ORDER BY ");
-			pk_list(&b, t, a);
+			pg_pk_list(&b, t, a);
 		}
 		else if (kind == PGR_CHANGES || kind == PGR_CHANGES_IN)
 			appendStringInfoString(&b, " ORDER BY c.ver");
@@ -808,7 +808,7 @@ pg_plan_probe(db_table *t, bool clock)
 
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
-		pk_list(&b, t, a);
+		pg_pk_list(&b, t, a);
 		if (clock)
 			appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
 		else
@@ -906,14 +906,14 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 
 	resetStringInfo(&b);
 	appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
-	pk_list(&b, t, NULL);
+	pg_pk_list(&b, t, NULL);
 	for (i = 0; i < n; i++)
 		appendStringInfo(&b, ", %s", quote_identifier(t->cols[cols[i]].name));
 	appendStringInfoString(&b, ") VALUES (");
 	for (i = 0; i < t->npk + n; i++)
 		appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
 	appendStringInfoString(&b, ") ON CONFLICT (");
-	pk_list(&b, t, NULL);
+	pg_pk_list(&b, t, NULL);
 	if (n == 0)
 		appendStringInfoString(&b, ") DO NOTHING");
 	else
@@ -978,8 +978,9 @@ key_from_sequence(Oid relid, Form_pg_attribute a)
 							  "FROM pg_catalog.pg_attrdef WHERE adrelid = $1 AND adnum = $2",
 							  2, types, v, NULL, true, 1) == SPI_OK_SELECT &&
 		SPI_processed == 1)
-		seq = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) &&
-			  !isnull;
+		seq =
+			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) &&
+			!isnull;
 	return seq;
 }
 
@@ -1050,7 +1051,7 @@ append_new_columns(db_table *t)
 	pg_table_reload(t->relid);
 }
 
-void
+bool
 pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool allow_seq_keys)
 {
 	Relation	   rel;
@@ -1212,8 +1213,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 							errhint("A table's name in payloads cannot change; call sync_init "
 									"without a name.")));
 		append_new_columns(t);
-		pg_watch_refresh(relid);
-		return; /* idempotent */
+		return false; /* idempotent */
 	}
 	{
 		Oid	  types[1] = {TEXTOID};
@@ -1253,7 +1253,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 	exec_sql(b.data, SPI_OK_UTILITY);
 
 	{
-		Oid	  types[9] = {TEXTOID, OIDOID, TEXTOID, TEXTOID, TEXTOID,
+		Oid	  types[9] = {TEXTOID, OIDOID,	TEXTOID, TEXTOID, TEXTOID,
 						  TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 		Datum v[9];
 
@@ -1299,36 +1299,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 	exec_sql(b.data, SPI_OK_UTILITY);
 	CommandCounterIncrement();
 
-	/* backfill: every existing row gets a fresh clock of this transaction */
-	t = pg_table_get(relid, false);
-	{
-		uint8_t *blob;
-		size_t	 len;
-		bytea	*bb;
-		Oid		 types[2] = {INT8OID, BYTEAOID};
-		Datum	 v[2];
-
-		pg_capture_fresh(t, &blob, &len);
-		bb = t->fresh_bytea; /* pg_capture_fresh keeps the blob as a bytea */
-		v[0] = Int64GetDatum(pg_txn_version());
-		v[1] = PointerGetDatum(bb);
-		resetStringInfo(&b);
-		appendStringInfo(&b, "INSERT INTO %s (", t->q_clock);
-		pk_list(&b, t, NULL);
-		appendStringInfoString(&b, ", cl, ver, clk) SELECT ");
-		pk_list(&b, t, NULL);
-		appendStringInfo(&b, ", 1, $1, $2 FROM %s ON CONFLICT DO NOTHING", t->q_base);
-		pg_as_meta(&us);
-		if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
-			elog(ERROR, "pgsync: backfilling the clock table failed");
-		/* statistics now, not at autovacuum's first visit: pulls plan on them */
-		resetStringInfo(&b);
-		appendStringInfo(&b, "ANALYZE %s", t->q_clock);
-		exec_sql(b.data, SPI_OK_UTILITY);
-		pg_as_caller(&us);
-	}
-	pg_watch_refresh(relid);
-	CacheInvalidateRelcacheByRelid(relid);
+	return true; /* new: its rows need clocks (pg_capture_backfill) */
 }
 
 /* pg_table_cleanup: sync_cleanup's body. */
@@ -1516,11 +1487,10 @@ pg_table_reconcile(Oid relid)
 	initStringInfo(&b);
 	for (int i = ncols - 1; i >= 0; i--)
 	{
-		Form_pg_attribute a = colatt[i] >= 1 && colatt[i] <= natts
-								  ? TupleDescAttr(td, colatt[i] - 1)
-								  : NULL;
-		Oid				  ht[3] = {OIDOID, TEXTOID, TEXTOID};
-		Datum			  hv[3];
+		Form_pg_attribute a =
+			colatt[i] >= 1 && colatt[i] <= natts ? TupleDescAttr(td, colatt[i] - 1) : NULL;
+		Oid	  ht[3] = {OIDOID, TEXTOID, TEXTOID};
+		Datum hv[3];
 
 		hv[0] = ObjectIdGetDatum(relid);
 		hv[1] = CStringGetTextDatum(colnames[i]);
@@ -1530,8 +1500,7 @@ pg_table_reconcile(Oid relid)
 			Datum dv[2] = {Int32GetDatum(ncols), Int32GetDatum(i)};
 
 			resetStringInfo(&b);
-			appendStringInfo(&b,
-							 "UPDATE %s SET clk = pgsync.rowclock_drop(clk, $1, $2)", q_clock);
+			appendStringInfo(&b, "UPDATE %s SET clk = pgsync.rowclock_drop(clk, $1, $2)", q_clock);
 			meta_sql(b.data, 2, dt, dv, SPI_OK_UPDATE);
 			meta_sql("INSERT INTO pgsync.column_history (tbl, name, now) VALUES ($1, $2, NULL) "
 					 "ON CONFLICT (tbl, name) DO UPDATE SET now = NULL, at = now()",
@@ -1548,8 +1517,8 @@ pg_table_reconcile(Oid relid)
 		if (strcmp(NameStr(a->attname), colnames[i]) != 0)
 		{
 			hv[2] = CStringGetTextDatum(NameStr(a->attname));
-			meta_sql("UPDATE pgsync.column_history SET now = $3 WHERE tbl = $1 AND now = $2", 3,
-					 ht, hv, SPI_OK_UPDATE);
+			meta_sql("UPDATE pgsync.column_history SET now = $3 WHERE tbl = $1 AND now = $2", 3, ht,
+					 hv, SPI_OK_UPDATE);
 			meta_sql("INSERT INTO pgsync.column_history (tbl, name, now) VALUES ($1, $2, $3) "
 					 "ON CONFLICT (tbl, name) DO UPDATE SET now = $3, at = now()",
 					 3, ht, hv, SPI_OK_INSERT);

@@ -2,10 +2,12 @@
  * pgsync.c — the SQL-callable functions of the pgsync PostgreSQL extension.
  *
  * Each wrapper converts its arguments, sets up one memory context for the
- * core (the core allocates only through pgs_malloc, bound here to palloc in
- * that context, so an ERROR anywhere frees everything), calls one core
- * function and maps a failing pgs_rc through pg_raise(), the one place where
- * core errors become ereport(ERROR).
+ * core (the core allocates only through pgs_malloc, bound to palloc in that
+ * context by pg_session.c, so an ERROR anywhere frees everything), calls one
+ * core function and maps a failing pgs_rc through pg_raise() (pg_session.c),
+ * the one place where core errors become ereport(ERROR). The top of pg_ext:
+ * pg_view.c, pg_database.c, pg_lock.c, pg_capture.c, pg_table.c, pg_types.c
+ * and pg_session.c sit below it, in that order, none calling one above.
  *
  * SQL name = C name: sync_apply_payload in SQL is sync_apply_payload here.
  */
@@ -21,6 +23,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 #include "utils/uuid.h"
@@ -35,56 +38,6 @@ PG_MODULE_MAGIC;
 #define PGSYNC_APPLY_LOCK_KEY INT64CONST(0x7067737970706c79) /* "pgsyaply" */
 static bool serialize_applies = false;
 
-bool   pg_applying = false;
-Oid	   pg_apply_relid = InvalidOid;
-Datum *pg_apply_key = NULL;
-bool pg_apply_conflict = false;
-
-static MemoryContext core_cxt = NULL;
-static MemoryContext reject_cxt = NULL;
-static List			*rejections = NIL;
-static uint64		 call_counter = 0;
-static Oid			 meta_owner = InvalidOid;
-
-typedef struct pg_rejection
-{
-	char *table;
-	char *pk_json;
-	char  sqlstate[6];
-	char *message;
-} pg_rejection;
-
-/* ---- allocator hooks --------------------------------------------------- */
-
-static void *
-core_malloc(size_t n)
-{
-	return MemoryContextAllocExtended(core_cxt ? core_cxt : CurrentMemoryContext, n ? n : 1,
-									  MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
-}
-
-static void *
-core_realloc(void *p, size_t n)
-{
-	if (p == NULL)
-		return core_malloc(n);
-	return repalloc_huge(p, n ? n : 1);
-}
-
-static void
-core_free(void *p)
-{
-	if (p != NULL)
-		pfree(p);
-}
-
-/* pg_core_memory makes the core allocate in cxt until the next call. */
-void
-pg_core_memory(MemoryContext cxt)
-{
-	core_cxt = cxt;
-}
-
 static void
 pgsync_xact_cb(XactEvent event, void *arg)
 {
@@ -93,7 +46,7 @@ pgsync_xact_cb(XactEvent event, void *arg)
 		event == XACT_EVENT_PREPARE)
 	{
 		pg_applying = false;
-		core_cxt = NULL;
+		pg_core_memory(NULL);
 		pg_table_release_all();
 		pg_device_reset();
 	}
@@ -104,143 +57,13 @@ void _PG_init(void);
 void
 _PG_init(void)
 {
-	static const pgs_allocator a = {core_malloc, core_realloc, core_free};
-
-	pgs_set_allocator(&a);
+	pg_session_setup();
 	RegisterXactCallback(pgsync_xact_cb, NULL);
 	pg_table_cache_setup();
 	DefineCustomBoolVariable("pgsync.serialize_applies",
 							 "Applies run one at a time (one global lock until commit).",
 							 "For comparisons only: applies run concurrently without it.",
 							 &serialize_applies, false, PGC_SUSET, 0, NULL, NULL, NULL);
-}
-
-/* ---- errors --------------------------------------------------------------- */
-
-/*
- * pg_raise turns a core error into ereport(ERROR); the only mapper from
- * pgs_rc to SQLSTATE.
- */
-void
-pg_raise(const pgs_err *err)
-{
-	int code;
-
-	switch (err->rc)
-	{
-		case PGS_ERR_MISUSE:
-			code = ERRCODE_INVALID_PARAMETER_VALUE;
-			break;
-		case PGS_ERR_CORRUPT:
-			code = ERRCODE_INVALID_BINARY_REPRESENTATION;
-			break;
-		case PGS_ERR_VERSION:
-			code = ERRCODE_FEATURE_NOT_SUPPORTED;
-			break;
-		case PGS_ERR_TOO_BIG:
-			code = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
-			break;
-		case PGS_ERR_NOMEM:
-			code = ERRCODE_OUT_OF_MEMORY;
-			break;
-		case PGS_ERR_SCHEMA:
-			code = ERRCODE_UNDEFINED_OBJECT;
-			break;
-		case PGS_ERR_VALUE:
-			code = ERRCODE_INVALID_TEXT_REPRESENTATION;
-			break;
-		case PGS_ERR_PERMISSION:
-			code = ERRCODE_INSUFFICIENT_PRIVILEGE;
-			break;
-		default:
-			code = ERRCODE_INTERNAL_ERROR;
-			break;
-	}
-	ereport(ERROR, (errcode(code), errmsg("%s", err->msg[0] ? err->msg : "pgsync error"),
-					err->detail[0] ? errdetail("%s", err->detail) : 0,
-					err->hint[0] ? errhint("%s", err->hint) : 0));
-	pg_unreachable();
-}
-
-/* ---- users ---------------------------------------------------------------- */
-
-/* pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. */
-Oid
-pg_meta_owner(void)
-{
-	if (!OidIsValid(meta_owner))
-	{
-		Oid		  nsp = get_namespace_oid("pgsync", false);
-		Oid		  rel = get_relname_relid("sites", nsp);
-		HeapTuple tup;
-
-		if (!OidIsValid(rel))
-			ereport(
-				ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("pgsync metadata is missing"),
-				 errhint(
-					 "Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
-		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(rel));
-		if (!HeapTupleIsValid(tup))
-			elog(ERROR, "cache lookup failed for relation %u", rel);
-		meta_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
-		ReleaseSysCache(tup);
-	}
-	return meta_owner;
-}
-
-/* pg_as_meta switches to the metadata owner; pg_as_caller switches back.
- * An ERROR in between is safe: transaction abort restores the user. */
-void
-pg_as_meta(pg_user_save *s)
-{
-	Oid owner = pg_meta_owner();
-
-	GetUserIdAndSecContext(&s->user, &s->sec);
-	SetUserIdAndSecContext(owner, s->sec | SECURITY_LOCAL_USERID_CHANGE);
-}
-
-void
-pg_as_caller(const pg_user_save *s)
-{
-	SetUserIdAndSecContext(s->user, s->sec);
-}
-
-/* ---- per-call state --------------------------------------------------- */
-
-/* pg_conn_init fills db for one call; SPI must be connected. */
-void
-pg_conn_init(db_conn *db, MemoryContext cxt)
-{
-	static SPIPlanPtr plan = NULL;
-	pg_user_save	  us;
-	bool			  isnull;
-	Datum			  d;
-	int				  rc;
-
-	memset(db, 0, sizeof(*db));
-	db->cxt = cxt;
-	db->call_id = ++call_counter;
-	pg_as_meta(&us);
-	if (plan == NULL)
-	{
-		/* prepared once: parsing and planning it cost as much as a small apply */
-		plan = SPI_prepare("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
-	rc = SPI_execute_plan(plan, NULL, NULL, false, 1);
-	pg_as_caller(&us);
-	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		ereport(
-			ERROR,
-			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE), errmsg("pgsync site id is missing"),
-			 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	memcpy(db->site, DatumGetUUIDP(d)->data, PGS_SITE_LEN);
-	SPI_freetuptable(SPI_tuptable);
 }
 
 static MemoryContext
@@ -260,38 +83,6 @@ call_done(MemoryContext cxt)
 	MemoryContextDelete(cxt);
 }
 
-/* ---- rejections ----------------------------------------------------------- */
-
-static void
-reject_reset(void)
-{
-	if (reject_cxt == NULL)
-		reject_cxt =
-			AllocSetContextCreate(TopMemoryContext, "pgsync rejections", ALLOCSET_SMALL_SIZES);
-	else
-		MemoryContextReset(reject_cxt);
-	rejections = NIL;
-}
-
-/* pg_reject_add records one refused row of the running apply. */
-void
-pg_reject_add(const char *table, const char *pk_json, const char *sqlstate, const char *message)
-{
-	MemoryContext old;
-	pg_rejection *r;
-
-	if (reject_cxt == NULL)
-		reject_reset();
-	old = MemoryContextSwitchTo(reject_cxt);
-	r = palloc0(sizeof(pg_rejection));
-	r->table = pstrdup(table);
-	r->pk_json = pstrdup(pk_json);
-	strlcpy(r->sqlstate, sqlstate, sizeof(r->sqlstate));
-	r->message = pstrdup(message);
-	rejections = lappend(rejections, r);
-	MemoryContextSwitchTo(old);
-}
-
 /* ---- SQL functions ---------------------------------------------------------- */
 
 PG_FUNCTION_INFO_V1(sync_init);
@@ -308,6 +99,19 @@ PG_FUNCTION_INFO_V1(sync_payload_info);
 PG_FUNCTION_INFO_V1(sync_rejections);
 PG_FUNCTION_INFO_V1(sync_uuid);
 PG_FUNCTION_INFO_V1(sync_version);
+
+/* init_table: sync_init's body (also after sync_alter's ADD COLUMN): the
+ * metadata and triggers, the clocks of a new table's rows, the watches. */
+static void
+init_table(Oid relid, db_algo algo, Oid func_nsp, const char *name, bool allow_seq)
+{
+	if (pg_table_init(relid, algo, func_nsp, name, allow_seq))
+	{
+		pg_capture_backfill(relid);
+		CacheInvalidateRelcacheByRelid(relid);
+	}
+	pg_watch_refresh(relid);
+}
 
 static void
 require_owner(Oid relid)
@@ -372,17 +176,16 @@ apply_held(Oid relid, MemoryContext cxt)
 Datum
 sync_init(PG_FUNCTION_ARGS)
 {
-	Oid			  relid;
-	char		 *algo = PG_ARGISNULL(1) ? "cls" : text_to_cstring(PG_GETARG_TEXT_PP(1));
-	char		 *name = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2))
-															: NULL;
-	bool		  allow_seq = PG_NARGS() > 3 && !PG_ARGISNULL(3) && PG_GETARG_BOOL(3);
+	Oid	  relid;
+	char *algo = PG_ARGISNULL(1) ? "cls" : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	char *name = PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL;
+	bool  allow_seq = PG_NARGS() > 3 && !PG_ARGISNULL(3) && PG_GETARG_BOOL(3);
 	db_algo		  a;
 	MemoryContext cxt;
 
 	if (PG_ARGISNULL(0))
-		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-						errmsg("sync_init needs a table"), errhint("Pass the table's name.")));
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("sync_init needs a table"),
+						errhint("Pass the table's name.")));
 	relid = PG_GETARG_OID(0);
 
 	if (strcmp(algo, "cls") == 0)
@@ -397,7 +200,7 @@ sync_init(PG_FUNCTION_ARGS)
 	require_owner(relid);
 	cxt = call_context();
 	SPI_connect();
-	pg_table_init(relid, a, get_func_namespace(fcinfo->flinfo->fn_oid), name, allow_seq);
+	init_table(relid, a, get_func_namespace(fcinfo->flinfo->fn_oid), name, allow_seq);
 	apply_held(relid, cxt);
 	SPI_finish();
 	call_done(cxt);
@@ -468,7 +271,7 @@ sync_alter(PG_FUNCTION_ARGS)
 	CommandCounterIncrement();
 	if (strcmp(verb, "add") == 0)
 	{
-		pg_table_init(relid, algo, get_func_namespace(fcinfo->flinfo->fn_oid), NULL, false);
+		init_table(relid, algo, get_func_namespace(fcinfo->flinfo->fn_oid), NULL, false);
 		apply_held(relid, cxt);
 	}
 	SPI_finish();
@@ -533,21 +336,6 @@ sync_db_version(PG_FUNCTION_ARGS)
 		pg_raise(&err);
 	SPI_finish();
 	PG_RETURN_INT64(v);
-}
-
-/*
- * pg_payload_guard: a payload carries committed changes only: built inside a
- * transaction that changed synced rows it would hand out changes that may
- * still roll back.
- */
-void
-pg_payload_guard(void)
-{
-	if (FullTransactionIdIsValid(pg_wrote_xid) &&
-		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
-		ereport(ERROR, (errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-						errmsg("sync_payload cannot run in a transaction that changed synced rows"),
-						errhint("Commit first, then call sync_payload in a new transaction.")));
 }
 
 /*
@@ -750,7 +538,7 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			pgs_rc	rc;
 			int		guc;
 
-			reject_reset();
+			pg_reject_reset();
 			pg_apply_conflict = false;
 			pg_apply_yield_reset();
 			pg_conn_init(&db, cxt);
@@ -844,7 +632,7 @@ sync_rejections(PG_FUNCTION_ARGS)
 	ListCell	  *lc;
 
 	InitMaterializedSRF(fcinfo, 0);
-	foreach (lc, rejections)
+	foreach (lc, pg_rejections())
 	{
 		pg_rejection *r = lfirst(lc);
 		Datum		  values[4];

@@ -1,0 +1,237 @@
+/*
+ * pg_session.c — what every file of pg_ext shares for one backend and one
+ * call, at the bottom of the extension (it calls nothing of it): the core's
+ * allocator bound to palloc in the call's memory context, the one mapper of
+ * core errors to ereport (pg_raise), switching to the metadata owner and
+ * back (pg_as_meta, pg_as_caller), a call's db_conn (pg_conn_init), the
+ * state of the running apply (pg_applying, pg_apply_relid, pg_apply_key,
+ * pg_apply_conflict) and the rows it refused (pg_reject_add, for
+ * sync_rejections()).
+ */
+#include "pg_internal.h"
+
+#include "catalog/namespace.h"
+#include "miscadmin.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/syscache.h"
+#include "utils/uuid.h"
+
+bool   pg_applying = false;
+Oid	   pg_apply_relid = InvalidOid;
+Datum *pg_apply_key = NULL;
+bool   pg_apply_conflict = false;
+
+static MemoryContext core_cxt = NULL;
+static MemoryContext reject_cxt = NULL;
+static List			*rejections = NIL;
+static uint64		 call_counter = 0;
+static Oid			 meta_owner = InvalidOid;
+
+/* ---- allocator hooks --------------------------------------------------- */
+
+static void *
+core_malloc(size_t n)
+{
+	return MemoryContextAllocExtended(core_cxt ? core_cxt : CurrentMemoryContext, n ? n : 1,
+									  MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
+}
+
+static void *
+core_realloc(void *p, size_t n)
+{
+	if (p == NULL)
+		return core_malloc(n);
+	return repalloc_huge(p, n ? n : 1);
+}
+
+static void
+core_free(void *p)
+{
+	if (p != NULL)
+		pfree(p);
+}
+
+/* pg_core_memory makes the core allocate in cxt until the next call. */
+void
+pg_core_memory(MemoryContext cxt)
+{
+	core_cxt = cxt;
+}
+
+/* pg_session_setup: once per backend (_PG_init): the core allocates through palloc. */
+void
+pg_session_setup(void)
+{
+	static const pgs_allocator a = {core_malloc, core_realloc, core_free};
+
+	pgs_set_allocator(&a);
+}
+
+/* ---- errors --------------------------------------------------------------- */
+
+/*
+ * pg_raise turns a core error into ereport(ERROR); the only mapper from
+ * pgs_rc to SQLSTATE.
+ */
+void
+pg_raise(const pgs_err *err)
+{
+	int code;
+
+	switch (err->rc)
+	{
+		case PGS_ERR_MISUSE:
+			code = ERRCODE_INVALID_PARAMETER_VALUE;
+			break;
+		case PGS_ERR_CORRUPT:
+			code = ERRCODE_INVALID_BINARY_REPRESENTATION;
+			break;
+		case PGS_ERR_VERSION:
+			code = ERRCODE_FEATURE_NOT_SUPPORTED;
+			break;
+		case PGS_ERR_TOO_BIG:
+			code = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+			break;
+		case PGS_ERR_NOMEM:
+			code = ERRCODE_OUT_OF_MEMORY;
+			break;
+		case PGS_ERR_SCHEMA:
+			code = ERRCODE_UNDEFINED_OBJECT;
+			break;
+		case PGS_ERR_VALUE:
+			code = ERRCODE_INVALID_TEXT_REPRESENTATION;
+			break;
+		case PGS_ERR_PERMISSION:
+			code = ERRCODE_INSUFFICIENT_PRIVILEGE;
+			break;
+		default:
+			code = ERRCODE_INTERNAL_ERROR;
+			break;
+	}
+	ereport(ERROR, (errcode(code), errmsg("%s", err->msg[0] ? err->msg : "pgsync error"),
+					err->detail[0] ? errdetail("%s", err->detail) : 0,
+					err->hint[0] ? errhint("%s", err->hint) : 0));
+	pg_unreachable();
+}
+
+/* ---- users ---------------------------------------------------------------- */
+
+/* pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. */
+Oid
+pg_meta_owner(void)
+{
+	if (!OidIsValid(meta_owner))
+	{
+		Oid		  nsp = get_namespace_oid("pgsync", false);
+		Oid		  rel = get_relname_relid("sites", nsp);
+		HeapTuple tup;
+
+		if (!OidIsValid(rel))
+			ereport(
+				ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pgsync metadata is missing"),
+				 errhint(
+					 "Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
+		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(rel));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for relation %u", rel);
+		meta_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
+	}
+	return meta_owner;
+}
+
+/* pg_as_meta switches to the metadata owner; pg_as_caller switches back.
+ * An ERROR in between is safe: transaction abort restores the user. */
+void
+pg_as_meta(pg_user_save *s)
+{
+	Oid owner = pg_meta_owner();
+
+	GetUserIdAndSecContext(&s->user, &s->sec);
+	SetUserIdAndSecContext(owner, s->sec | SECURITY_LOCAL_USERID_CHANGE);
+}
+
+void
+pg_as_caller(const pg_user_save *s)
+{
+	SetUserIdAndSecContext(s->user, s->sec);
+}
+
+/* ---- per-call state --------------------------------------------------- */
+
+/* pg_conn_init fills db for one call; SPI must be connected. */
+void
+pg_conn_init(db_conn *db, MemoryContext cxt)
+{
+	static SPIPlanPtr plan = NULL;
+	pg_user_save	  us;
+	bool			  isnull;
+	Datum			  d;
+	int				  rc;
+
+	memset(db, 0, sizeof(*db));
+	db->cxt = cxt;
+	db->call_id = ++call_counter;
+	pg_as_meta(&us);
+	if (plan == NULL)
+	{
+		/* prepared once: parsing and planning it cost as much as a small apply */
+		plan = SPI_prepare("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed");
+		SPI_keepplan(plan);
+	}
+	rc = SPI_execute_plan(plan, NULL, NULL, false, 1);
+	pg_as_caller(&us);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		ereport(
+			ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE), errmsg("pgsync site id is missing"),
+			 errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION pgsync.")));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	memcpy(db->site, DatumGetUUIDP(d)->data, PGS_SITE_LEN);
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/* ---- rejections ----------------------------------------------------------- */
+
+/* pg_reject_reset: a new apply starts with no rejections. */
+void
+pg_reject_reset(void)
+{
+	if (reject_cxt == NULL)
+		reject_cxt =
+			AllocSetContextCreate(TopMemoryContext, "pgsync rejections", ALLOCSET_SMALL_SIZES);
+	else
+		MemoryContextReset(reject_cxt);
+	rejections = NIL;
+}
+
+/* pg_reject_add records one refused row of the running apply. */
+void
+pg_reject_add(const char *table, const char *pk_json, const char *sqlstate, const char *message)
+{
+	MemoryContext old;
+	pg_rejection *r;
+
+	if (reject_cxt == NULL)
+		pg_reject_reset();
+	old = MemoryContextSwitchTo(reject_cxt);
+	r = palloc0(sizeof(pg_rejection));
+	r->table = pstrdup(table);
+	r->pk_json = pstrdup(pk_json);
+	strlcpy(r->sqlstate, sqlstate, sizeof(r->sqlstate));
+	r->message = pstrdup(message);
+	rejections = lappend(rejections, r);
+	MemoryContextSwitchTo(old);
+}
+
+/* pg_rejections: the rows the last apply of this backend refused (pg_rejection). */
+List *
+pg_rejections(void)
+{
+	return rejections;
+}
