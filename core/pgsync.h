@@ -63,6 +63,7 @@ typedef struct pgs_err
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
 #define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
+#define PGS_CODE_FLOOR "PS005" /* a first life at or below the table's collected floor: renumber */
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 
@@ -473,6 +474,13 @@ typedef struct pgs_build_opts
 	size_t		   after_len;
 	bool		   view;		  /* the receiver's view: snapshots (server pulls) */
 	bool		   snapshot_all; /* view: every table is a snapshot (pinned in the token) */
+	/*
+	 * push to the only peer (a device's push to its server): a group is whole
+	 * only when it starts a life made here after since; an edit of a life the
+	 * receiver knew never is, so a receiver that lost the row to GC refuses
+	 * it (PS001) instead of bringing it back (docs/DESIGN.md, "Tombstone GC").
+	 */
+	bool		   known_lives_partial;
 } pgs_build_opts;
 
 /* Header flag bits (docs/PAYLOAD.md). */

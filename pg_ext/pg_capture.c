@@ -16,7 +16,7 @@
  * max(tick, old stamp + 1) so it always beats the value it overwrites.
  *
  * Trigger. AFTER ROW on INSERT/UPDATE/DELETE (plus BEFORE TRUNCATE, refused):
- *   insert of a new key        cl = 1, all columns stamped (fresh blob, cached
+ *   insert of a new key        cl = 1 (above the GC floor: pg_gc.c), all columns stamped (fresh blob, cached
  *                              per transaction; one INSERT .. DO NOTHING)
  *   insert of a tombstoned key cl + 1, all columns stamped
  *   update                     changed columns stamped; key change = delete
@@ -515,12 +515,14 @@ capture_insert(db_table *t, Datum *pk)
 		pg_user_save us;
 		int			 rc;
 
+		int64		 cl1 = pg_gc_life(t, false); /* 1, or above the GC floor */
+
 		pg_capture_fresh(t, &blob, &len);
-		if (pg_clock_insert_direct(t, pk, 1, pg_txn_version(), t->fresh_bytea))
+		if (pg_clock_insert_direct(t, pk, cl1, pg_txn_version(), t->fresh_bytea))
 			return;
 		bb = t->fresh_bytea; /* pg_capture_fresh keeps the blob as a bytea */
 		memcpy(vals, pk, sizeof(Datum) * t->npk);
-		vals[t->npk] = Int64GetDatum(1);
+		vals[t->npk] = Int64GetDatum(cl1);
 		vals[t->npk + 1] = Int64GetDatum(pg_txn_version());
 		vals[t->npk + 2] = PointerGetDatum(bb);
 		pg_as_meta(&us);
@@ -538,7 +540,7 @@ capture_insert(db_table *t, Datum *pk)
 	if (!r.found || r.rc.cl % 2 == 0)
 	{
 		/* new life: cl + 1, every column stamped */
-		r.rc.cl = r.found ? r.rc.cl + 1 : 1;
+		r.rc.cl = r.found ? r.rc.cl + 1 : pg_gc_life(t, false);
 		r.rc.cl_ver = v;
 		r.rc.cl_site = 0;
 	}
@@ -561,7 +563,7 @@ capture_delete(db_table *t, Datum *pk)
 	clock_read(t, pk, &r);
 	if (r.found && r.rc.cl % 2 == 0)
 		return; /* already a tombstone */
-	r.rc.cl = r.found ? r.rc.cl + 1 : 2;
+	r.rc.cl = r.found ? r.rc.cl + 1 : pg_gc_life(t, true);
 	r.rc.cl_ver = pg_txn_version();
 	r.rc.cl_site = 0;
 	for (i = 0; i < t->ncols; i++)

@@ -117,6 +117,9 @@ struct db_table
 	SPIPlanPtr p_row_exists;
 	HTAB	  *merge_plans;
 	int		   nmerge_plans;
+	/* tombstone GC (pg_gc.c): the largest cl collected, read under the clock lock */
+	int64 gc_floor;
+	bool  gc_floor_known;
 	/* capture: the clock blob of a fresh row in the current transaction */
 	FullTransactionId fresh_xid;
 	uint8_t			 *fresh_blob;
@@ -161,6 +164,11 @@ extern bool pg_applying;	   /* true while sync_apply_payload merges */
 extern Oid	  pg_apply_relid;
 extern Datum *pg_apply_key;
 extern bool pg_apply_conflict; /* a local write raced with the apply */
+/* pg_gc.c */
+int64 pg_gc_lock_floor(db_table *t);
+int64 pg_gc_life(db_table *t, bool del);
+void  pg_gc_check_since(int64 since);
+
 void		pg_core_memory(MemoryContext cxt);
 void		pg_conn_init(db_conn *db, MemoryContext cxt);
 void		pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,

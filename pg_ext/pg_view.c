@@ -596,7 +596,8 @@ fingerprint(db_conn *db)
 }
 
 /*
- * device_view: record this pull for the device and say whether every table
+ * device_view: record this pull for the device (acked = since whenever it
+ * moves: what the device holds, for the GC horizon) and say whether every table
  * must be a snapshot: what decides the device's view (its fingerprint)
  * changed now, or changed since the pull whose generation the device last
  * saw (seen_gen, carried in its cursor: a device that did not apply the
@@ -614,9 +615,10 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 
 	vals[0] = uuid_datum(pg_cur_device);
 	vals[1] = PointerGetDatum(fpb);
+	vals[2] = Int64GetDatum(since);
 	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, last_seen < now() - interval '1 "
-			  "minute' FROM pgsync.devices WHERE site = $1",
-			  2, types, vals, true, 1);
+			  "minute' OR acked < $3 FROM pgsync.devices WHERE site = $1",
+			  3, types, vals, true, 1);
 	if (SPI_processed != 1)
 	{
 		*gen = 0;
@@ -629,7 +631,13 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 		cur = cur == PG_INT32_MAX ? 1 : cur + 1;
 	if (changed || stale)
 	{
-		vals[2] = Int64GetDatum(since);
+		/*
+		 * acked is kept current on every pull that moves it (the GC horizon,
+		 * docs/DESIGN.md); last_seen at least once a minute. Losing this
+		 * write in a crash only holds the horizon back: no commit flush.
+		 */
+		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 		vals[3] = Int32GetDatum(cur);
 		meta_exec("UPDATE pgsync.devices SET fingerprint = $2, fp_gen = $4, last_seen = now(), "
 				  "acked = greatest(acked, $3) WHERE site = $1",
@@ -839,6 +847,7 @@ sync_pull(PG_FUNCTION_ARGS)
 						   (long long) o.since, (long long) until),
 				 errhint("The database was replaced or restored from a backup: pull again from 0 "
 						 "and send everything.")));
+	pg_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
 	o.until = until;
 	o.view = true;
 	o.compress = 1;

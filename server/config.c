@@ -70,6 +70,10 @@ static const struct setting
 	  "rows per chunk of a pull when the client sends no max_rows (10000; 0 = one payload)"),
 	S("poll_ms", K_INT, poll_ms, 0, 3600000,
 	  "sync_db_version() polling period, 0 = off, else at least 50 (1000)"),
+	S("gc_interval", K_INT, gc_interval, 0, 31536000,
+	  "seconds between tombstone collections (sync_gc), 0 = never (3600)"),
+	S("gc_retention_days", K_DOUBLE, gc_retention_days, 0, 36500,
+	  "a device silent longer stops holding the GC horizon back (30)"),
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),
 	S("ws_ping_s", K_INT, ws_ping_s, 1, 3600, "WebSocket ping period (30)"),
@@ -114,6 +118,8 @@ config_defaults(srv_config *c)
 	c->statement_timeout_ms = 30000;
 	c->max_wait_ms = 60000;
 	c->poll_ms = 1000;
+	c->gc_interval = 3600;
+	c->gc_retention_days = 30;
 	c->pull_max_rows = 10000; /* bounded memory for large first syncs */
 	c->max_connections = 10000;
 	c->ws_ping_s = 30;
@@ -467,6 +473,16 @@ config_finish(srv_config *c)
 				SRV_NAME
 				": invalid value %d for poll_ms (from %s): expected 0 (off) or at least 50\n",
 				c->poll_ms, config_source("poll_ms"));
+		return false;
+	}
+	if (!(c->gc_retention_days > 0))
+	{
+		fprintf(stderr,
+				SRV_NAME ": invalid value %g for gc_retention_days (from %s): expected a positive "
+						 "number of days (fractions allowed)\n"
+						 "HINT: a device silent longer than this is made to re-sync from a "
+						 "snapshot; 30 is a good start.\n",
+				c->gc_retention_days, config_source("gc_retention_days"));
 		return false;
 	}
 	if (c->max_wait_ms > 0 && c->max_wait_ms / 1000 + 10 > 3600)

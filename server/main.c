@@ -140,7 +140,7 @@ main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	raise_fd_limit();
 
-	if (!pool_start() || !hub_start() || !ws_start() || !http_start())
+	if (!pool_start() || !hub_start() || !gc_start() || !ws_start() || !http_start())
 	{
 		srv_log("FATAL", "start-up failed: see the messages above");
 		return 1;
@@ -167,6 +167,7 @@ main(int argc, char **argv)
 	srv_log("LOG", "received %s, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
 	http_stop(); /* releases long-polls and WebSockets first */
 	hub_stop();
+	gc_stop();
 	pool_stop();
 	ratelimit_stop();
 	config_free(&cfg);

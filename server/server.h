@@ -64,6 +64,8 @@ typedef struct srv_config
 	int pull_max_rows;	/* rows per chunk of a pull when the client asks for none (0 = one payload)
 						 */
 	int	  poll_ms;		/* sync_db_version() polling period */
+	int	   gc_interval;		  /* seconds between sync_gc runs, 0 = never */
+	double gc_retention_days; /* silent devices stop holding the horizon back */
 	int	  max_connections;
 	int	  ws_ping_s;
 	bool  log_requests;
@@ -147,6 +149,10 @@ bool srv_fail(srv_error *e, int status, const char *error, const char *hint, con
 			  ...) __attribute__((format(printf, 5, 6)));
 
 /* ---- pool.c -------------------------------------------------------------- */
+
+/* gc.c: the tombstone collection schedule (sync_gc every gc_interval). */
+bool gc_start(void);
+void gc_stop(void);
 
 bool pool_start(void);
 void pool_stop(void);

@@ -87,6 +87,7 @@ struct db_table
 	sqlite3_stmt *log_count;
 	pgs_value	 *pull_lo; /* lower bound of a pull's bulk scan (bytes in pull_lobuf) */
 	pgs_buf		  pull_lobuf;
+	int64_t		  gc_floor; /* largest cl collected here (sl_gc.c); lives start above it */
 };
 
 struct db_conn
@@ -141,6 +142,9 @@ struct db_conn
 	uint64_t *fire_mask; /* changed columns of an UPDATE */
 	int		  fire_mask_cap;
 	pgs_buf	  fire_blob;
+	/* tombstone GC (sl_gc.c) */
+	bool	pushing;	   /* sync_payload builds a push to the server (known lives partial) */
+	int64_t gc_floor_ver; /* fire_ver at which the tables' floors were last read */
 };
 
 /* sl_database.c */
@@ -208,6 +212,13 @@ pgs_rc	sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 /* sl_row_error: a failed row write: PGS_ERR_ROW (careful) or PGS_ERR_CAREFUL,
  * with err->code the closest SQLSTATE; any other error is the engine's. */
 pgs_rc sl_row_error(db_conn *c, pgs_err *err, const char *what);
+
+/* sl_gc.c */
+int64_t sl_gc_life(db_conn *c, db_table *t, bool del);
+int64_t sl_gc_floor_known(db_conn *c, db_table *t);
+pgs_rc	sl_gc_renumber(db_conn *c, db_table *t, const pgs_value *pk, int64_t floor, bool *found,
+					   pgs_err *err);
+int		sl_gc_register(sqlite3 *db, db_conn *c);
 
 /* sl_schema.c */
 pgs_rc sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err);
