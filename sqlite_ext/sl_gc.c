@@ -79,7 +79,7 @@ sl_gc_floor_known(db_conn *c, db_table *t)
 static pgs_rc
 raise_floor(db_conn *c, db_table *t, int64_t f, pgs_err *err)
 {
-	sqlite3_stmt *st;
+	sqlite3_stmt *st = NULL;
 	pgs_rc		  rc;
 
 	if ((rc = sl_exec(c, floor_meta_sql, err)) != PGS_OK)

@@ -59,12 +59,16 @@ def server_gc(env, days=30):
     return env.sql("SELECT sync_gc(%s::interval)::text", (f"{days} days",), fetch=True)[0][0]
 
 
+def clock_of(env):
+    return env.sql("SELECT clock::text FROM pgsync.tables WHERE name = 'items'", fetch=True)[0][0]
+
+
 def server_meta(env):
     """(live clock rows, tombstones, their bytes) on Postgres."""
     r = env.sql("SELECT count(*) FILTER (WHERE cl % 2 = 1), count(*) FILTER (WHERE cl % 2 = 0), "
                 "coalesce(sum(pg_column_size(c.*)) FILTER (WHERE cl % 2 = 1), 0), "
                 "coalesce(sum(pg_column_size(c.*)) FILTER (WHERE cl % 2 = 0), 0) "
-                "FROM pgsync.items__sync_clock c", fetch=True)[0]
+                f"FROM {clock_of(env)} c", fetch=True)[0]
     return tuple(int(x) for x in r)
 
 
@@ -175,7 +179,7 @@ def gc_reinsert_after_collection(env):
     a.sync()
     b.sync()
     check(rows(b) == [("k", "again", 2)], rows(b))
-    check(env.sql("SELECT cl FROM pgsync.items__sync_clock WHERE id = 'k'", fetch=True)[0][0] > 2)
+    check(env.sql(f"SELECT cl FROM {clock_of(env)} WHERE id = 'k'", fetch=True)[0][0] > 2)
     # a device that never saw k2 inserts it after the server collected it
     a.db.execute("INSERT INTO items VALUES ('k2', 'one', 1)")
     settle([a, b, c])
@@ -219,7 +223,7 @@ def gc_reinsert_race(env):
     g = json.loads(server_gc(env))
     check(g["busy"] == ["items"] and g["collected"] == 0 and time.time() - t0 < 5, g)
     w.commit()
-    check(env.sql("SELECT cl FROM pgsync.items__sync_clock WHERE id = 'k'", fetch=True)[0][0] == 3)
+    check(env.sql(f"SELECT cl FROM {clock_of(env)} WHERE id = 'k'", fetch=True)[0][0] == 3)
     settle([a, b])
     check(rows(a) == rows(b) == [("k", "revived", 2)], (rows(a), rows(b)))
     # 2. GC holds the table (its transaction is open) while a device pushes a re-insert
