@@ -13,3 +13,7 @@ if [ -x bench/server_bench.sh ]; then
   echo
   bash bench/server_bench.sh
 fi
+if [ -x bench/gc_bench.sh ]; then
+  echo
+  bash bench/gc_bench.sh
+fi
