@@ -41,6 +41,8 @@ run_once(PGconn **conn)
 				cfg.gc_interval);
 		return;
 	}
+	/* a large collection may take longer than a request's statement_timeout */
+	PQclear(PQexec(*conn, "SET statement_timeout = 0"));
 	snprintf(secs, sizeof secs, "%.3f", cfg.gc_retention_days * 86400.0);
 	res = PQexecParams(*conn,
 					   "SELECT sync_gc(pg_catalog.make_interval(secs => $1::pg_catalog.float8))"
