@@ -349,8 +349,7 @@ build_table(build_ctx *b, db_table *t, const pgs_value *after_pk, bool first, pg
 			 * view of the row): a receiver that lacks the row can insert it */
 			pgs_writer_row(&b->w, tidx,
 						   (cl & 1) && (whole || (n == written && (!b->o->known_lives_partial ||
-																   (in_range(b, rcl.cl_ver) &&
-																	rcl.cl_site == 0)))),
+																   in_range(b, rcl.cl_ver)))),
 						   pk, cl, s, n, b->ch);
 			b->st->changes += n;
 		}

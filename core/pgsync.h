@@ -476,9 +476,10 @@ typedef struct pgs_build_opts
 	bool		   snapshot_all; /* view: every table is a snapshot (pinned in the token) */
 	/*
 	 * push to the only peer (a device's push to its server): a group is whole
-	 * only when it starts a life made here after since; an edit of a life the
-	 * receiver knew never is, so a receiver that lost the row to GC refuses
-	 * it (PS001) instead of bringing it back (docs/DESIGN.md, "Tombstone GC").
+	 * only when its life began here after since (made or learned); an edit of
+	 * a life the receiver knew never is, so a receiver that lost the row to GC
+	 * refuses it (PS001) instead of bringing it back (docs/DESIGN.md,
+	 * "Tombstone GC").
 	 */
 	bool		   known_lives_partial;
 } pgs_build_opts;

@@ -220,10 +220,10 @@ life_of(sl_net *n, db_table *t, const pgs_value *pk, int64_t *cl, uint64_t *cl_v
 
 /*
  * gc_lost: the server answered PS001 (it lacks the row) for a live row whose
- * life it had: made elsewhere (it came through the server) or made here and
- * pushed before this push (cl_ver <= old_cursor) and not refused then (the
- * caller checks that the refusal is new). The server collected the row's
- * tombstone: the row was deleted (docs/DESIGN.md, "Tombstone GC").
+ * life it had acknowledged: the life began here before this push (cl_ver <=
+ * old_cursor: pushed, or received) and was not refused then (the caller
+ * checks that the refusal is new). The server collected the row's tombstone:
+ * the row was deleted (docs/DESIGN.md, "Tombstone GC").
  */
 static bool
 gc_lost(sl_net *n, const char *tbl, const char *pkjson, int64_t old_cursor)
@@ -235,10 +235,12 @@ gc_lost(sl_net *n, const char *tbl, const char *pkjson, int64_t old_cursor)
 	uint64_t  cl_ver, cl_site;
 	bool	  lost = false;
 
+	(void) cl_site;
+
 	if (!row_of(n, tbl, pkjson, &t, pk, &store))
 		return false;
 	if (life_of(n, t, pk, &cl, &cl_ver, &cl_site) && (cl & 1))
-		lost = cl_site != 0 || (int64_t) cl_ver <= old_cursor;
+		lost = (int64_t) cl_ver <= old_cursor;
 	sqlite3_free(store);
 	return lost;
 }
