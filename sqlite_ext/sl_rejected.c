@@ -219,7 +219,8 @@ life_of(sl_net *n, db_table *t, const pgs_value *pk, int64_t *cl, uint64_t *cl_v
 }
 
 /*
- * gc_lost: the server answered PS001 (it lacks the row) for a live row whose
+ * gc_lost: the server answered PS006 (it lacks the row, whose life is older
+ * than what it collected) for a live row whose
  * life it had acknowledged: the life began here before this push (cl_ver <=
  * old_cursor: pushed, or received) and was not refused then (the caller
  * checks that the refusal is new). The server collected the row's tombstone:
@@ -420,7 +421,7 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 			ok = false;
 		sqlite3_reset(up);
 		(*nrej)++;
-		if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_INCOMPLETE) == 0 &&
+		if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_GONE) == 0 &&
 			attempts <= 1 && gc_lost(n, t->valuestring, pktext, old_cursor))
 		{
 			/* the server knew this life and lost it to GC: it was deleted */
