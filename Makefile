@@ -95,6 +95,7 @@ lint:
 pg:
 	$(MAKE) -C pg_ext
 installcheck:
+	@echo "installcheck: pg_regress against a running PostgreSQL with pgsync installed (PGHOST, PGPORT, PGUSER select it); for a throwaway cluster: bash test/pg/cluster.sh"
 	$(MAKE) -C pg_ext installcheck
 
 # ---- make install / make uninstall ------------------------------------------

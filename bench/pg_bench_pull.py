@@ -14,6 +14,7 @@ cluster; `make bench` runs it).
            shown beside it.
   pull0    an incremental pull with nothing new, under RLS and without
            (the cost of every idle device's poll).
+  pull1    one changed row in a table of 10k, 100k and 1M rows (target <= 1 ms).
   apply    sync_apply_payload of a 50,000-row payload (200,000 column
            changes) into a table with a CHECK constraint, with 0 %, 1 % and
            10 % of the rows failing it (each rejected alone, the rest
@@ -123,6 +124,41 @@ def bench_pull(db):
     return out
 
 
+def bench_incremental(admin):
+    """One changed row in a table of 10k, 100k and 1M rows: sync_payload(since)
+    (what an idle device's poll costs when something changed). Median of 20."""
+    ac = admin.cursor()
+    ac.execute("DROP DATABASE IF EXISTS pgsync_bench_inc")
+    ac.execute("CREATE DATABASE pgsync_bench_inc")
+    db = connect("pgsync_bench_inc")
+    cur = db.cursor()
+    cur.execute("CREATE EXTENSION pgsync")
+    out = []
+    for n in (10_000, 100_000, 1_000_000):
+        cur.execute("DROP TABLE IF EXISTS inc")
+        cur.execute("CREATE TABLE inc(id text PRIMARY KEY, title text, n int, x float8)")
+        cur.execute("SELECT sync_init('inc')")
+        cur.execute(f"INSERT INTO inc SELECT sync_uuid()::text, 'title ' || g, g, g * 0.5 "
+                    f"FROM generate_series(1, {n}) g")
+        cur.execute("VACUUM ANALYZE inc")
+        times = []
+        for i in range(20):
+            cur.execute("SELECT sync_db_version()")
+            since = cur.fetchone()[0]
+            cur.execute("UPDATE inc SET n = n + 1 WHERE id = (SELECT id FROM inc OFFSET %s LIMIT 1)",
+                        ((i * 7919) % n,))
+            t0 = time.perf_counter()
+            cur.execute("SELECT sync_payload(%s)", (since,))
+            p = cur.fetchone()[0]
+            times.append(time.perf_counter() - t0)
+            cur.execute("SELECT (sync_payload_info(%s)->>'row_count')::int", (p,))
+            assert cur.fetchone()[0] == 1
+        out.append((n, statistics.median(times)))
+    db.close()
+    ac.execute("DROP DATABASE IF EXISTS pgsync_bench_inc")
+    return out
+
+
 def bench_apply(admin):
     ac = admin.cursor()
     for db in ("pgsync_bench_src", "pgsync_bench_dst"):
@@ -204,6 +240,13 @@ def main():
     print(f"{'incremental pull, nothing new, RLS':<52} {big[1] * 1000:8.2f}ms "
           f"{'':>16} {big[1] / small[1]:6.2f}x")
     ok &= ok_pull
+    print()
+    print("pgsync PostgreSQL incremental pull: one changed row, sync_payload(since), median of 20")
+    for n, t in bench_incremental(admin):
+        met = t <= 0.001
+        ok &= met
+        print(f"{'one changed row of ' + format(n, ',') + ' rows':<52} {t * 1000:8.2f}ms"
+              f"{'':>17}target <= 1 ms: {'met' if met else 'missed'}")
     changes, res = bench_apply(admin)
     print()
     print(f"pgsync PostgreSQL apply with failing rows: {APPLY_ROWS:,} rows ({changes:,} changes), "

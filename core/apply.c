@@ -31,6 +31,7 @@
 #include "pgsync.h"
 #include "../database.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,6 +48,7 @@ typedef struct apply_table
 	const db_table_info *ti;
 	int					*colmap; /* payload column -> local column, or COL_HELD, COL_DROPPED */
 	bool				 unknown_cols;
+	char				 why_held[256]; /* what differs, for the held columns */
 	int					 order; /* position in dependency order */
 	cand				*cands;
 	uint32_t			 ncands;
@@ -174,7 +176,22 @@ resolve_table(apply_ctx *a, uint32_t i, pgs_err *err)
 					at->ti->col_names[found], at->ti->name);
 			}
 		if (found == COL_HELD)
-			at->unknown_cols = true; /* a newer replica's column: held */
+		{
+			/* a newer replica's column: held; say which (the fingerprints differ) */
+			size_t used = strlen(at->why_held);
+			char   nm[72];
+
+			if (!at->unknown_cols)
+				used = (size_t) snprintf(at->why_held, sizeof at->why_held,
+										 "the sender's table \"%s\" has columns this replica's "
+										 "lacks (add them and call sync_init): ",
+										 at->ti->name);
+			if (used < sizeof at->why_held)
+				snprintf(at->why_held + used, sizeof at->why_held - used, "%s\"%s\"",
+						 at->unknown_cols ? ", " : "",
+						 pgs_name_for_msg(nm, d->col_names[c], d->col_name_lens[c]));
+			at->unknown_cols = true;
+		}
 		at->colmap[c] = found;
 	}
 	if (at->ti->ncols > a->maxcols)
@@ -900,7 +917,7 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 held:
 	r = PGS_OK;
 	if (held_part)
-		r = hold(a, tix, g, sel, PGS_CODE_HELD, "column unknown here", st, err);
+		r = hold(a, tix, g, sel, PGS_CODE_HELD, at->why_held, st, err);
 out:
 	pgs_free(sel);
 	return r;
@@ -1101,7 +1118,10 @@ pass(apply_ctx *a, int only_table, int phase, pgs_apply_stats *st, pgs_err *err)
 		{
 			/* a table this replica does not sync (yet): held */
 			if (g.kind == PGS_GROUP_CHANGES || g.kind == PGS_GROUP_WHOLE)
-				rc = hold(a, g.table, &g, NULL, PGS_CODE_HELD, "table unknown here", st, err);
+				rc = hold(a, g.table, &g, NULL, PGS_CODE_HELD,
+						  "the sender syncs a table this replica does not (create it and call "
+						  "sync_init)",
+						  st, err);
 		}
 		else if (g.kind == PGS_GROUP_CANDIDATE)
 			rc = a->only ? PGS_OK : add_candidate(at, &g, err);
@@ -1202,8 +1222,10 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 		pgs_group g;
 		bool	  done = false;
 
+		st->rows = 0;
 		while (rc == PGS_OK && !done)
-			rc = pgs_reader_next(&a.r, &g, &done, err);
+			if ((rc = pgs_reader_next(&a.r, &g, &done, err)) == PGS_OK && !done)
+				st->rows++;
 	}
 	if (rc != PGS_OK)
 		goto out;

@@ -230,6 +230,42 @@ pgs_rc pgs_rowclock_decode(const uint8_t *p, size_t len, pgs_rowclock *rc, pgs_e
 pgs_rc pgs_rowclock_drop_col(const uint8_t *p, size_t len, int ncols, int col, pgs_buf *out,
 							 pgs_err *err);
 
+/* ---- local edits (local.c) --------------------------------------------- */
+
+typedef enum pgs_local_op
+{
+	PGS_LOCAL_INSERT,
+	PGS_LOCAL_UPDATE,
+	PGS_LOCAL_DELETE
+} pgs_local_op;
+
+typedef enum pgs_local_result
+{
+	PGS_LOCAL_WRITE, /* write rc as the row's clock */
+	PGS_LOCAL_NONE,	 /* nothing to write (a delete of a deleted row, no column changed) */
+	PGS_LOCAL_GSET	 /* refused: a grow-only table accepts only new rows */
+} pgs_local_result;
+
+/*
+ * pgs_local_edit: the row clock after a local write (local.c has the rules).
+ * rc: the row's clock as decoded (found) or with cl ignored (not found), its
+ * ncols stamps set or zeroed; rewritten in place. changed[i]: column i was
+ * written by an UPDATE (NULL: all). ver: this transaction's version; tick:
+ * its HLC stamp. algo: the table's db_algo (database.h).
+ */
+pgs_local_result pgs_local_edit(pgs_rowclock *rc, bool found, pgs_local_op op, int algo,
+								const bool *changed, int64_t ver, uint64_t tick);
+/*
+ * pgs_local_above_floor: after pgs_local_edit of a key without a clock row
+ * (its cl 1, or 2 for a delete), moves the life above floor, the largest cl
+ * a tombstone GC collected from the table (docs/DESIGN.md, "Tombstone GC
+ * with a horizon"): to floor + 1 (+ 2), floor rounded up to even. floor 0
+ * leaves it.
+ */
+void pgs_local_above_floor(pgs_rowclock *rc, int64_t floor);
+/* pgs_local_stamp: one cell written locally: max(tick, stamp + 1), at ver, local site. */
+void pgs_local_stamp(pgs_stamp *s, int64_t ver, uint64_t tick);
+
 /* ---- merge ------------------------------------------------------------ */
 
 typedef enum pgs_merge
@@ -590,6 +626,7 @@ typedef struct pgs_apply_stats
 	int64_t rows_deleted;
 	int64_t rows_forgotten; /* moved out of the view: removed locally */
 	int64_t held;			/* groups kept aside (unknown table or column) */
+	int64_t rows;			/* row groups in the payload (rows, whatever their fate) */
 } pgs_apply_stats;
 
 /*

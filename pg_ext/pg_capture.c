@@ -12,17 +12,17 @@
  *
  * HLC. One stamp per transaction (pg_txn_tick), advanced past the persisted
  * floor (sequence pgsync.hlc, non-transactional, so writers never block on
- * it) and past this backend's last stamp; a column edit is stamped
- * max(tick, old stamp + 1) so it always beats the value it overwrites.
+ * it) and past this backend's last stamp.
  *
- * Trigger. AFTER ROW on INSERT/UPDATE/DELETE (plus BEFORE TRUNCATE, refused):
- *   insert of a new key        cl = 1 (above the GC floor: pg_gc.c), all columns stamped (fresh blob, cached
- *                              per transaction; one INSERT .. DO NOTHING)
- *   insert of a tombstoned key cl + 1, all columns stamped
- *   update                     changed columns stamped; key change = delete
- *                              of the old key + insert of the new
- *   delete                     cl + 1 (even), column stamps cleared
- * Writes of sync_apply_payload are not captured (pg_applying).
+ * Trigger. AFTER ROW on INSERT/UPDATE/DELETE (plus BEFORE TRUNCATE, refused).
+ * How a write changes the row's clock is the core's (core/local.c,
+ * pgs_local_edit); here is only the I/O, and the fast path of the insert of
+ * a key never seen (its fresh blob cached per transaction, written straight
+ * into the clock table's heap and indexes). A key without a clock row starts
+ * its life above the table's GC floor (pg_gc.c, pgs_local_above_floor). A
+ * key change is a delete of the old key plus an insert of the new one.
+ * Writes of sync_apply_payload are not captured (pg_applying), except what
+ * they cause elsewhere (applying_this_row).
  */
 #include "pg_internal.h"
 
@@ -152,24 +152,13 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 
 	if (t->fresh_blob == NULL || !FullTransactionIdEquals(t->fresh_xid, x))
 	{
-		int64_t		 v = pg_txn_version();
-		uint64_t	 tick = pg_txn_tick();
 		pgs_stamp	*st = palloc0(sizeof(pgs_stamp) * Max(t->ncols, 1));
-		pgs_rowclock rc;
+		pgs_rowclock rc = {.ncols = t->ncols, .cols = st};
 		pgs_buf		 b;
-		int			 i;
 
-		for (i = 0; i < t->ncols; i++)
-		{
-			st[i].hlc = tick;
-			st[i].ver = v;
-			st[i].site = 0;
-		}
-		rc.cl = 1;
-		rc.cl_ver = v;
-		rc.cl_site = 0;
-		rc.ncols = t->ncols;
-		rc.cols = st;
+		/* the insert of a key never seen, by the core's rules */
+		(void) pgs_local_edit(&rc, false, PGS_LOCAL_INSERT, t->algo, NULL, pg_txn_version(),
+							  pg_txn_tick());
 		pgs_buf_init(&b);
 		pgs_rowclock_encode(&rc, &b);
 		if (b.oom)
@@ -281,10 +270,22 @@ clock_write(db_table *t, Datum *pk, pgs_rowclock *rc)
 		elog(ERROR, "writing the clock of %s failed", t->name);
 }
 
-static uint64_t
-stamp_after(uint64_t tick, uint64_t old)
+/*
+ * local_edit: the clock change of a local write by the core's rules
+ * (core/local.c): read the clock row, apply, write. A grow-only table's
+ * refusal is raised by sync_capture before it gets here.
+ */
+static void
+local_edit(db_table *t, Datum *pk, clock_row *r, pgs_local_op op, const bool *changed)
 {
-	return old >= tick ? old + 1 : tick;
+	clock_read(t, pk, r);
+	if (pgs_local_edit(&r->rc, r->found, op, t->algo, changed, pg_txn_version(),
+					   op == PGS_LOCAL_DELETE ? 0 : pg_txn_tick()) == PGS_LOCAL_WRITE)
+	{
+		if (!r->found) /* a key without a clock: its life starts above the GC floor (pg_gc.c) */
+			pgs_local_above_floor(&r->rc, pg_gc_lock_floor(t));
+		clock_write(t, pk, &r->rc);
+	}
 }
 
 /*
@@ -502,9 +503,6 @@ static void
 capture_insert(db_table *t, Datum *pk)
 {
 	clock_row r;
-	int64_t	  v;
-	uint64_t  tick;
-	int		  i;
 
 	/* common case: a key never seen */
 	{
@@ -514,7 +512,6 @@ capture_insert(db_table *t, Datum *pk)
 		Datum		*vals = palloc(sizeof(Datum) * (t->npk + 3));
 		pg_user_save us;
 		int			 rc;
-
 		int64		 cl1 = pg_gc_life(t, false); /* 1, or above the GC floor */
 
 		pg_capture_fresh(t, &blob, &len);
@@ -534,23 +531,7 @@ capture_insert(db_table *t, Datum *pk)
 			return;
 	}
 
-	clock_read(t, pk, &r);
-	v = pg_txn_version();
-	tick = pg_txn_tick();
-	if (!r.found || r.rc.cl % 2 == 0)
-	{
-		/* new life: cl + 1, every column stamped */
-		r.rc.cl = r.found ? r.rc.cl + 1 : pg_gc_life(t, false);
-		r.rc.cl_ver = v;
-		r.rc.cl_site = 0;
-	}
-	for (i = 0; i < t->ncols; i++)
-	{
-		r.rc.cols[i].hlc = stamp_after(tick, r.rc.cols[i].hlc);
-		r.rc.cols[i].ver = v;
-		r.rc.cols[i].site = 0;
-	}
-	clock_write(t, pk, &r.rc);
+	local_edit(t, pk, &r, PGS_LOCAL_INSERT, NULL);
 }
 
 /* capture_delete: the row with key pk is gone. */
@@ -558,21 +539,8 @@ static void
 capture_delete(db_table *t, Datum *pk)
 {
 	clock_row r;
-	int		  i;
 
-	clock_read(t, pk, &r);
-	if (r.found && r.rc.cl % 2 == 0)
-		return; /* already a tombstone */
-	r.rc.cl = r.found ? r.rc.cl + 1 : pg_gc_life(t, true);
-	r.rc.cl_ver = pg_txn_version();
-	r.rc.cl_site = 0;
-	for (i = 0; i < t->ncols; i++)
-	{
-		r.rc.cols[i].hlc = 0;
-		r.rc.cols[i].ver = 0;
-		r.rc.cols[i].site = 0;
-	}
-	clock_write(t, pk, &r.rc);
+	local_edit(t, pk, &r, PGS_LOCAL_DELETE, NULL);
 }
 
 /* capture_update: columns with changed[i] were written. */
@@ -580,27 +548,8 @@ static void
 capture_update(db_table *t, Datum *pk, const bool *changed)
 {
 	clock_row r;
-	int64_t	  v;
-	uint64_t  tick;
-	int		  i;
 
-	clock_read(t, pk, &r);
-	if (!r.found || r.rc.cl % 2 == 0)
-	{
-		capture_insert(t, pk); /* no live clock: treat as a new life */
-		return;
-	}
-	v = pg_txn_version();
-	tick = pg_txn_tick();
-	for (i = 0; i < t->ncols; i++)
-	{
-		if (!changed[i])
-			continue;
-		r.rc.cols[i].hlc = stamp_after(tick, r.rc.cols[i].hlc);
-		r.rc.cols[i].ver = v;
-		r.rc.cols[i].site = 0;
-	}
-	clock_write(t, pk, &r.rc);
+	local_edit(t, pk, &r, PGS_LOCAL_UPDATE, changed);
 }
 
 static void

@@ -39,6 +39,16 @@ object_ownercheck(Oid classid, Oid objectid, Oid roleid)
 	Assert(classid == RelationRelationId);
 	return pg_class_ownercheck(objectid, roleid);
 }
+
+/* and the privilege checks into object_aclcheck; pg_ext asks about schemas */
+#include "catalog/pg_namespace.h"
+
+static inline AclResult
+object_aclcheck(Oid classid, Oid objectid, Oid roleid, AclMode mode)
+{
+	Assert(classid == NamespaceRelationId);
+	return pg_namespace_aclcheck(objectid, roleid, mode);
+}
 #endif
 
 /*

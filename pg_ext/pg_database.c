@@ -750,6 +750,15 @@ guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err)
 			strlcpy(err->detail, ed->detail, sizeof(err->detail));
 		if (ed->hint)
 			strlcpy(err->hint, ed->hint, sizeof(err->hint));
+		else if (ed->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE && ed->message &&
+				 strncmp(ed->message, "permission denied for schema ", 29) == 0)
+		{
+			/* name the grant: the role is the caller's, the schema in the message */
+			const char *role = GetUserNameFromId(GetUserId(), false);
+
+			snprintf(err->hint, sizeof(err->hint), "GRANT USAGE ON SCHEMA %s TO %s;",
+					 ed->message + 29, quote_identifier(role));
+		}
 		strlcpy(err->code, unpack_sql_state(ed->sqlerrcode), sizeof(err->code));
 		FreeErrorData(ed);
 		rc = PGS_ERR_ROW;
@@ -1181,8 +1190,8 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 /*
  * changed_keys: when at most PG_KEYED_MAX rows of t changed since args[0]
  * (after the key in args[2..], order 2), their keys as one array per key
- * column in arrays[], and true. An incremental pull in key order then reads
- * exactly those rows (PGR_CHANGES_IN, PGR_CLOCKS_IN), whatever the planner
+ * column in arrays[], and true. An incremental pull then reads exactly
+ * those rows (PGR_CHANGES_IN, PGR_CLOCKS_IN), whatever the planner
  * believes of the table: the keys come from the ver index (sequential scans
  * are off while it is planned: right after a bulk load the clock table has
  * no statistics, and the planner would guess a third of it changed and walk
@@ -1264,7 +1273,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	else
 		kind = snapshot ? PGR_SNAPSHOT : PGR_CHANGES;
 	c->snapshot = snapshot;
-	if (order > 0 && !snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
+	if (!snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
 		kind = kind == PGR_CLOCKS ? PGR_CLOCKS_IN : PGR_CHANGES_IN;
 	/* the rls snapshot reads the base table as the caller, all else as the owner */
 	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2,

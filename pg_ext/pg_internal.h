@@ -193,6 +193,7 @@ db_table	  *pg_table_cached(Oid relid);
 void		   pg_table_release_all(void);
 void		   pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
 							 bool allow_seq_keys);
+void		   pg_table_reload(Oid relid);
 /* pg_table_reconcile: after ALTER TABLE of a synced table (the DDL event trigger) */
 void		   pg_table_reconcile(Oid relid);
 void		   pg_table_cleanup(Oid relid);

@@ -337,6 +337,35 @@ pg_table_get(Oid relid, bool missing_ok)
 	return t;
 }
 
+/*
+ * pg_table_reload: rebuild the entry of relid from its metadata now, in
+ * place (its address stays, its busy count too), for a call that changed
+ * the metadata and goes on using the table (sync_init after ADD COLUMN,
+ * then the held values of the new columns). Nothing else may hold pointers
+ * into the old entry's columns. SPI connected.
+ */
+void
+pg_table_reload(Oid relid)
+{
+	db_table *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
+	int		  busy;
+
+	if (t == NULL)
+		return;
+	busy = t->busy;
+	table_free(t);
+	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
+	t->relid = relid;
+	t->valid = true;
+	if (!table_load(t))
+	{
+		table_free(t);
+		hash_search(table_cache, &relid, HASH_REMOVE, NULL);
+		return;
+	}
+	t->busy = busy;
+}
+
 /* pg_table_cached: the entry if cached and valid (busy++), else NULL; no SPI. */
 db_table *
 pg_table_cached(Oid relid)
@@ -602,13 +631,16 @@ base_coll(db_table *t, int i)
 }
 
 /*
- * keys_join: " JOIN ROWS FROM (unnest($first), ...) AS k(k0, ...) ON c.key =
- * k.k0 ...": the clock rows of the keys in one array per key column; their
- * types go to types[first - 1 ...].
+ * keys_join: " JOIN ROWS FROM (unnest($first), ...) AS k(k0, ...) ON
+ * alias.key = k.k0 ...": the rows (of the clock, alias "c", or of the base
+ * table, "b") of the keys in one array per key column; their types go to
+ * types[first - 1 ...].
  */
 static void
-keys_join(StringInfo b, db_table *t, Oid *types, int first)
+keys_join(StringInfo b, db_table *t, const char *alias, Oid *types, int first)
 {
+	bool clock = strcmp(alias, "c") == 0;
+
 	appendStringInfoString(b, " JOIN ROWS FROM (");
 	for (int i = 0; i < t->npk; i++)
 	{
@@ -625,9 +657,10 @@ keys_join(StringInfo b, db_table *t, Oid *types, int first)
 	appendStringInfoString(b, ") ON ");
 	for (int i = 0; i < t->npk; i++)
 	{
-		const char *coll = clock_coll(t, i);
+		/* in the collation of the side whose key index the join uses */
+		const char *coll = clock ? clock_coll(t, i) : base_coll(t, i);
 
-		appendStringInfo(b, "%sc.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "",
+		appendStringInfo(b, "%s%s.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "", alias,
 						 quote_identifier(t->pk[i].name), i, coll ? " COLLATE " : "",
 						 coll ? coll : "");
 	}
@@ -670,7 +703,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 					appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
 				appendStringInfo(&b, " FROM %s c", t->q_clock);
 				if (in)
-					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
+					keys_join(&b, t, "c", types, order == 2 ? 3 + t->npk : 3);
 				/* a snapshot carries tombstones too: a receiver that re-inserts a
 				 * deleted key must know the life it ended (causal length) */
 				appendStringInfo(&b, " LEFT JOIN %s b ON ", t->q_base);
@@ -691,7 +724,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			case PGR_KEYS:
 				appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
 				if (in)
-					keys_join(&b, t, types, order == 2 ? 3 + t->npk : 3);
+					keys_join(&b, t, "c", types, order == 2 ? 3 + t->npk : 3);
 				break;
 			case PGR_CHANGED_KEYS:
 				appendStringInfo(&b, " FROM %s c", t->q_clock);
@@ -730,7 +763,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			appendStringInfoString(&b, " ORDER BY ");
 			pk_list(&b, t, a);
 		}
-		else if (kind == PGR_CHANGES)
+		else if (kind == PGR_CHANGES || kind == PGR_CHANGES_IN)
 			appendStringInfoString(&b, " ORDER BY c.ver");
 		/*
 		 * A chunk reads max_rows rows of a possibly huge range: plan for a
@@ -770,35 +803,14 @@ pg_plan_probe(db_table *t, bool clock)
 		appendStringInfoString(&b, "SELECT ");
 		pk_list(&b, t, a);
 		if (clock)
-			appendStringInfo(&b, ", c.cl, c.clk FROM %s c JOIN ROWS FROM (", t->q_clock);
+			appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
 		else
 		{
 			for (i = 0; i < t->ncols; i++)
 				appendStringInfo(&b, ", b.%s", quote_identifier(t->cols[i].name));
-			appendStringInfo(&b, " FROM %s b JOIN ROWS FROM (", t->q_base);
+			appendStringInfo(&b, " FROM %s b", t->q_base);
 		}
-		for (i = 0; i < t->npk; i++)
-		{
-			Oid arr = get_array_type(t->pk[i].basetyp);
-
-			if (!OidIsValid(arr))
-				elog(ERROR, "pgsync: no array type for key column %s of %s", t->pk[i].name,
-					 t->name);
-			types[i] = arr;
-			appendStringInfo(&b, "%spg_catalog.unnest($%d)", i ? ", " : "", i + 1);
-		}
-		appendStringInfoString(&b, ") AS k(");
-		for (i = 0; i < t->npk; i++)
-			appendStringInfo(&b, "%sk%d", i ? ", " : "", i);
-		appendStringInfoString(&b, ") ON ");
-		for (i = 0; i < t->npk; i++)
-		{
-			const char *coll = clock ? clock_coll(t, i) : base_coll(t, i);
-
-			appendStringInfo(&b, "%s%s.%s OPERATOR(pg_catalog.=) (k.k%d%s%s)", i ? " AND " : "",
-							 a, quote_identifier(t->pk[i].name), i, coll ? " COLLATE " : "",
-							 coll ? coll : "");
-		}
+		keys_join(&b, t, a, types, 1);
 		*slot = keep(b.data, t->npk, types);
 	}
 	return *slot;
@@ -1028,6 +1040,7 @@ append_new_columns(db_table *t)
 	}
 	CacheInvalidateRelcacheByRelid(t->relid);
 	CommandCounterIncrement();
+	pg_table_reload(t->relid);
 }
 
 void
@@ -1301,6 +1314,10 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 		pg_as_meta(&us);
 		if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: backfilling the clock table failed");
+		/* statistics now, not at autovacuum's first visit: pulls plan on them */
+		resetStringInfo(&b);
+		appendStringInfo(&b, "ANALYZE %s", t->q_clock);
+		exec_sql(b.data, SPI_OK_UTILITY);
 		pg_as_caller(&us);
 	}
 	pg_watch_refresh(relid);
@@ -1590,4 +1607,7 @@ pg_table_reconcile(Oid relid)
 				 4, ut, uv, SPI_OK_UPDATE);
 	}
 	CacheInvalidateRelcacheByRelid(relid);
+	CommandCounterIncrement();
+	/* later writes of this transaction capture the new column list */
+	pg_table_reload(relid);
 }

@@ -22,6 +22,7 @@
 #include "pg_internal.h"
 
 #include "access/xact.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/event_trigger.h"
 #include "commands/trigger.h"
@@ -30,6 +31,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
@@ -48,6 +50,8 @@ char	pg_cur_principal[256];
 
 PG_FUNCTION_INFO_V1(sync_device);
 PG_FUNCTION_INFO_V1(sync_pull);
+PG_FUNCTION_INFO_V1(sync_pull_total);
+PG_FUNCTION_INFO_V1(sync_pull_group);
 PG_FUNCTION_INFO_V1(sync_watch);
 PG_FUNCTION_INFO_V1(sync_visibility_changed);
 PG_FUNCTION_INFO_V1(sync_vis_trigger);
@@ -274,6 +278,23 @@ sync_visibility_changed(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* result_oids: the first column of the last SPI result, as oids (palloc'd). */
+static Oid *
+result_oids(uint64 *n)
+{
+	Oid *rels = palloc(sizeof(Oid) * (SPI_processed + 1));
+
+	*n = SPI_processed;
+	for (uint64 i = 0; i < *n; i++)
+	{
+		bool isnull;
+
+		rels[i] = DatumGetObjectId(
+			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return rels;
+}
+
 /*
  * sync_on_ddl_end: schema, policy, RLS and privilege changes of synced
  * tables. ALTER TABLE: renamed, dropped and retyped columns are recorded or
@@ -304,15 +325,7 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 				  "pg_catalog.pg_event_trigger_ddl_commands() c "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid",
 				  0, NULL, NULL, false, 0);
-		n = SPI_processed;
-		rels = palloc(sizeof(Oid) * (n + 1));
-		for (uint64 i = 0; i < n; i++)
-		{
-			bool isnull;
-
-			rels[i] = DatumGetObjectId(
-				SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-		}
+		rels = result_oids(&n);
 		for (uint64 i = 0; i < n; i++)
 			pg_table_reconcile(rels[i]);
 		meta_exec(
@@ -329,15 +342,7 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 				  "JOIN pg_catalog.pg_policy p ON p.oid = c.objid "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = p.polrelid",
 				  0, NULL, NULL, false, 0);
-	n = SPI_processed;
-	rels = palloc(sizeof(Oid) * (n + 1));
-	for (uint64 i = 0; i < n; i++)
-	{
-		bool isnull;
-
-		rels[i] = DatumGetObjectId(
-			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-	}
+	rels = result_oids(&n);
 	for (uint64 i = 0; i < n; i++)
 	{
 		Oid	  types[1] = {OIDOID};
@@ -364,6 +369,20 @@ db_access
 pg_table_access(db_table *t)
 {
 	Oid user = GetUserId();
+	Oid nsp = get_rel_namespace(t->relid);
+
+	if (object_aclcheck(NamespaceRelationId, nsp, user, ACL_USAGE) != ACLCHECK_OK &&
+		pg_class_aclcheck(t->relid, user, ACL_SELECT) == ACLCHECK_OK)
+	{
+		const char *role = GetUserNameFromId(user, false), *schema = get_namespace_name(nsp);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role %s may read synced table %s but not use its schema %s", role,
+						t->name, schema),
+				 errhint("GRANT USAGE ON SCHEMA %s TO %s;", quote_identifier(schema),
+						 quote_identifier(role))));
+	}
 
 	if (pg_class_aclcheck(t->relid, user, ACL_SELECT) != ACLCHECK_OK)
 	{
@@ -887,6 +906,241 @@ sync_pull(PG_FUNCTION_ARGS)
 		nulls[1] = false;
 	}
 	values[3] = Int32GetDatum(gen);
+	SPI_finish();
+	pg_core_memory(NULL);
+	MemoryContextSwitchTo(outer);
+	MemoryContextDelete(cxt);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * sync_pull_total() -> bigint: the rows a pull from 0 sends the caller,
+ * counted as the caller (privileges and RLS apply) in the statement's
+ * snapshot: every visible row of every synced table it may read (a pull
+ * from 0 is a snapshot of every table: live visible rows, no tombstones).
+ * O(visible rows); the server calls it once per first sync.
+ */
+Datum
+sync_pull_total(PG_FUNCTION_ARGS)
+{
+	Oid	 *relids;
+	int	  n;
+	int64 total = 0;
+
+	SPI_connect();
+	n = pg_table_list(&relids);
+	for (int i = 0; i < n; i++)
+	{
+		db_table *t = pg_table_get(relids[i], true);
+		char	 *sql;
+		bool	  isnull;
+
+		if (!t || t->npk < 1 || pg_table_access(t) == DB_ACCESS_NONE)
+			continue;
+		/* count a key column: column privileges may be all the caller has */
+		sql = psprintf("SELECT count(%s) FROM %s", quote_identifier(t->pk[0].name), t->q_base);
+		if (SPI_execute(sql, true, 0) == SPI_OK_SELECT && SPI_processed == 1)
+			total += DatumGetInt64(
+				SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		pfree(sql);
+	}
+	SPI_finish();
+	PG_RETURN_INT64(total);
+}
+
+/* ---- one pull for many devices ------------------------------------------- */
+
+/* payload_sites: the site dictionary of a payload (palloc'd, *n ids of 16 bytes). */
+static uint8_t *
+payload_sites(const uint8_t *p, size_t len, uint32_t *n)
+{
+	pgs_header	   h;
+	const uint8_t *body;
+	uint8_t		  *owned = NULL, *out;
+	pgs_reader	   r;
+	pgs_err		   err;
+
+	if (pgs_payload_body(p, len, &h, &body, &owned, &err) != PGS_OK ||
+		pgs_reader_open(&r, h.version, body, h.body_len, &err) != PGS_OK)
+		pg_raise(&err);
+	*n = r.nsites;
+	out = palloc((size_t) r.nsites * 16 + 1);
+	memcpy(out, r.sites, (size_t) r.nsites * 16);
+	pgs_reader_close(&r);
+	pgs_free(owned);
+	return out;
+}
+
+/*
+ * sync_pull_group(since, max_rows, seen_gen, devices) -> (payload, until,
+ * served): one pull for several devices of the principal bound by
+ * sync_device, pulling as the caller (one role, one set of claims) with the
+ * same since and seen_gen, e.g. the long-polls one push wakes.
+ *
+ * served[i] says that payload (NULL: nothing new) and until are exactly what
+ * sync_pull would have returned to devices[i], its gen being seen_gen
+ * (only the random salt of removal candidates may differ), and that its
+ * pull was recorded as sync_pull records it. That holds when the device
+ * belongs to the principal, what decides its view has not changed
+ * (fingerprint and generation: no snapshot of every table is due), and no
+ * change, whole row or removal candidate in the payload carries its site id
+ * (sync_pull would have left its own changes out). The payload is built
+ * once without a device, so only the device's own changes can make it
+ * differ, and they would all put the device's site in the payload's site
+ * dictionary. A chunked result (more than max_rows rows) serves nobody: chunk
+ * cursors are sealed for one device. Devices not served pull alone.
+ */
+Datum
+sync_pull_group(PG_FUNCTION_ARGS)
+{
+	MemoryContext	outer = CurrentMemoryContext;
+	MemoryContext	cxt;
+	TupleDesc		tupdesc;
+	Datum			values[3];
+	bool			nulls[3] = {true, false, false};
+	int32			seen_gen = PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2);
+	ArrayType	   *arr;
+	Datum		   *elems, *out_served;
+	bool		   *elem_nulls, *served, *is_stale;
+	int				n, nstale = 0;
+	Datum		   *stale;
+	db_conn			db;
+	pgs_build_opts	o;
+	pgs_build_stats st;
+	pgs_buf			out, next;
+	pgs_err			err;
+	int64_t			until;
+	uint64			fp;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "sync_pull_group must return a record");
+	if (!pg_have_device)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						errmsg("sync_pull_group needs the principal bound by sync_device"),
+						errhint("The sync server calls sync_device(device, principal) in the "
+								"same transaction first.")));
+	if (PG_ARGISNULL(0) || PG_GETARG_INT64(0) < 0 || PG_ARGISNULL(3))
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						errmsg("since must be 0 or more and devices not NULL")));
+	memset(&o, 0, sizeof o);
+	o.since = PG_GETARG_INT64(0);
+	if (!PG_ARGISNULL(1))
+	{
+		if (PG_GETARG_INT32(1) < 0)
+			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							errmsg("max_rows must not be negative")));
+		o.max_rows = (uint32_t) PG_GETARG_INT32(1);
+	}
+	arr = PG_GETARG_ARRAYTYPE_P(3);
+	deconstruct_array(arr, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR, &elems, &elem_nulls, &n);
+	if (n > 100000)
+		ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						errmsg("sync_pull_group takes at most 100000 devices")));
+	served = palloc0(sizeof(bool) * (n + 1));
+	is_stale = palloc0(sizeof(bool) * (n + 1));
+	stale = palloc(sizeof(Datum) * (n + 1));
+	pg_payload_guard();
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync pull group", ALLOCSET_DEFAULT_SIZES);
+	pg_core_memory(cxt);
+	SPI_connect();
+	pg_conn_init(&db, cxt);
+	if (db_version_safe(&db, &until, &err) != PGS_OK)
+		pg_raise(&err);
+	if (o.since > until)
+		ereport(ERROR,
+				(errcode(MAKE_SQLSTATE('P', 'S', '4', '0', '9')), errmsg("cursor ahead of server"),
+				 errdetail("since=%lld is newer than anything this database has handed out "
+						   "(%lld).",
+						   (long long) o.since, (long long) until),
+				 errhint("The database was replaced or restored from a backup: pull again from 0 "
+						 "and send everything.")));
+	pg_gc_check_since(o.since); /* PS410 for the whole group: they share since */
+	o.until = until;
+	o.view = true;
+	o.compress = 1;
+	/* which devices would get no snapshot of every table (device_view) */
+	fp = fingerprint(&db);
+	{
+		Oid	  types[4] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID};
+		Datum vals[4];
+
+		vals[0] = PointerGetDatum(arr);
+		vals[1] = CStringGetTextDatum(pg_cur_principal);
+		vals[2] = PointerGetDatum(pg_bytea(CurrentMemoryContext, &fp, sizeof fp));
+		vals[3] = Int32GetDatum(seen_gen);
+		meta_exec("SELECT d.i::int4, v.last_seen < now() - interval '1 minute' FROM "
+				  "unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site = "
+				  "d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
+				  4, types, vals, true, 0);
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			bool  isnull;
+			int32 i = DatumGetInt32(
+				SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+
+			if (i >= 1 && i <= n && !elem_nulls[i - 1])
+			{
+				served[i - 1] = true;
+				is_stale[i - 1] = DatumGetBool(
+					SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull));
+			}
+		}
+	}
+	pgs_buf_init(&out);
+	pgs_buf_init(&next);
+	if (o.since < o.until)
+	{
+		pgs_rc rc = pgs_build(&db, &o, &out, &next, &st, &err);
+
+		if (rc != PGS_OK)
+			pg_raise(&err);
+	}
+	if (next.len)
+		memset(served, 0, sizeof(bool) * n);
+	else if (out.len)
+	{
+		uint32_t nsites;
+		uint8_t *sites = payload_sites(out.p, out.len, &nsites);
+
+		for (int i = 0; i < n; i++)
+			for (uint32_t k = 0; k < nsites && served[i]; k++)
+				if (memcmp(sites + 16 * (size_t) k, DatumGetUUIDP(elems[i])->data,
+						   PGS_SITE_LEN) == 0)
+					served[i] = false;
+	}
+	/* record the pulls of the served devices the way device_view does */
+	for (int i = 0; i < n; i++)
+		if (served[i] && is_stale[i])
+			stale[nstale++] = elems[i];
+	if (nstale)
+	{
+		Oid	  types[2] = {UUIDARRAYOID, INT8OID};
+		Datum vals[2];
+
+		vals[0] = PointerGetDatum(
+			construct_array(stale, nstale, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+		vals[1] = Int64GetDatum(o.since);
+		meta_exec("UPDATE pgsync.devices SET last_seen = now(), acked = greatest(acked, $2) "
+				  "WHERE site = ANY($1)",
+				  2, types, vals, false, 0);
+	}
+	if (out.len && !next.len)
+	{
+		int64_t pu;
+
+		values[0] = PointerGetDatum(pg_bytea(outer, out.p, out.len));
+		nulls[0] = false;
+		if (pgs_payload_until(out.p, out.len, &pu, &err) != PGS_OK)
+			pg_raise(&err);
+		values[1] = Int64GetDatum(pu);
+	}
+	else
+		values[1] = Int64GetDatum(o.until);
+	out_served = MemoryContextAlloc(outer, sizeof(Datum) * (n + 1));
+	for (int i = 0; i < n; i++)
+		out_served[i] = BoolGetDatum(served[i]);
+	MemoryContextSwitchTo(outer);
+	values[2] = PointerGetDatum(construct_array(out_served, n, BOOLOID, 1, true, TYPALIGN_CHAR));
 	SPI_finish();
 	pg_core_memory(NULL);
 	MemoryContextSwitchTo(outer);

@@ -13,6 +13,10 @@ if [ -x bench/server_bench.sh ]; then
   echo
   bash bench/server_bench.sh
 fi
+if [ -x bench/bg_bench.sh ]; then
+  echo
+  bash bench/bg_bench.sh
+fi
 if [ -x bench/gc_bench.sh ]; then
   echo
   bash bench/gc_bench.sh

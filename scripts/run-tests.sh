@@ -3,8 +3,9 @@
 # runs every suite, and ends with one line "N passed, N failed".
 # Suites: core unit tests (cmocka, ASan+UBSan), the SQLite extension through
 # SQL (pytest; normal build and ASan+UBSan build), valgrind, the PostgreSQL
-# extension (throwaway cluster), the sync server (end to end) and the Debian
-# packages (built, installed on this machine, smoke-tested, purged).
+# extension (throwaway cluster), the SQL examples of README.md and docs/*.md,
+# the sync server (end to end) and the Debian packages (built, installed on
+# this machine, smoke-tested, purged).
 set -u
 cd "$(dirname "$0")/.."
 PY=/usr/bin/python3
@@ -108,6 +109,11 @@ fi
 if [ -x test/pg/cluster.sh ]; then
   note "PostgreSQL extension (throwaway cluster)"
   run_passfail pg bash test/pg/cluster.sh
+fi
+
+if [ -x test/docs/run.sh ]; then
+  note "SQL examples of README.md and docs/*.md (test/docs)"
+  run_passfail docs bash test/docs/run.sh
 fi
 
 if [ -x test/server/run.sh ]; then

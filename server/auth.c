@@ -8,7 +8,11 @@
  * (2) libjwt verifies the signature with that key; (3) exp and nbf, when
  * present, hold within jwt_leeway seconds; (4) its role claim (or
  * default_role) is in allowed_roles. Failures of (1)-(3) are 401, of (4) 403.
- * The verified claims go to Postgres verbatim as request.jwt.claims.
+ * Keys and roles are the request's database's (each [database] section may
+ * have its own). The verified claims go to Postgres verbatim as
+ * request.jwt.claims; their canonical form (every claim but exp, iat, nbf
+ * and jti, sorted by name: what pg_ext's device fingerprint hashes) is the
+ * key under which pulls may share one computation (work.c).
  */
 #include "server.h"
 
@@ -98,12 +102,96 @@ fnv1a(const char *s)
 }
 
 static bool
-role_allowed(const char *role)
+role_allowed(const srv_db *db, const char *role)
 {
-	for (int i = 0; i < cfg.nroles; i++)
-		if (strcmp(cfg.roles[i], role) == 0)
+	for (int i = 0; i < db->c.nroles; i++)
+		if (strcmp(db->c.roles[i], role) == 0)
 			return true;
 	return false;
+}
+
+static int
+cmp_name(const void *a, const void *b)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+/*
+ * canonical: the claims that decide a view, in a stable text form (malloc):
+ * "name":value pairs sorted by name, without exp, iat, nbf and jti (the
+ * fingerprint of pg_ext/pg_view.c ignores the same claims).
+ */
+static char *
+canonical(const cJSON *claims)
+{
+	const cJSON *it;
+	const char **names;
+	int			 n = 0;
+	cJSON		*sorted = cJSON_CreateObject();
+	char		*text, *out;
+
+	names = malloc(sizeof(char *) * (size_t) (cJSON_GetArraySize(claims) + 1));
+	if (!names || !sorted)
+	{
+		free(names);
+		cJSON_Delete(sorted);
+		return NULL;
+	}
+	cJSON_ArrayForEach(it, claims)
+	{
+		if (strcmp(it->string, "exp") == 0 || strcmp(it->string, "iat") == 0 ||
+			strcmp(it->string, "nbf") == 0 || strcmp(it->string, "jti") == 0)
+			continue;
+		names[n++] = it->string;
+	}
+	qsort(names, (size_t) n, sizeof(char *), cmp_name);
+	/* references: printed in insertion order, owned by claims */
+	for (int i = 0; i < n; i++)
+		cJSON_AddItemReferenceToObject(sorted, names[i],
+									   cJSON_GetObjectItemCaseSensitive(claims, names[i]));
+	text = cJSON_PrintUnformatted(sorted);
+	cJSON_Delete(sorted);
+	free(names);
+	out = text ? strdup(text) : NULL;
+	cJSON_free(text);
+	return out;
+}
+
+/* payload_json: the token's claims, parsed without verifying anything. */
+static cJSON *
+payload_json(const char *token)
+{
+	const char *a = strchr(token, '.'), *b;
+	char		buf[TOKEN_MAX];
+
+	if (!a || !(b = strchr(a + 1, '.')) || (size_t) (b - a - 1) >= sizeof buf ||
+		b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf) < 0)
+		return NULL;
+	return cJSON_Parse(buf);
+}
+
+bool
+auth_peek_claim(const char *token, const char *name, char *out, size_t outlen)
+{
+	cJSON		*j = token && strlen(token) <= TOKEN_MAX ? payload_json(token) : NULL;
+	const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, name);
+	bool		 ok = cJSON_IsString(c) && strlen(c->valuestring) < outlen;
+
+	if (ok)
+		strcpy(out, c->valuestring);
+	cJSON_Delete(j);
+	return ok;
+}
+
+char *
+auth_claim_string(const auth_info *a, const char *name)
+{
+	cJSON		*j = a->claims ? cJSON_Parse(a->claims) : NULL;
+	const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, name);
+	char		*out = cJSON_IsString(c) ? strdup(c->valuestring) : NULL;
+
+	cJSON_Delete(j);
+	return out;
 }
 
 /* auth_check verifies token and fills out (auth_free it even on failure). */
@@ -135,8 +223,9 @@ time_claim(const cJSON *claims, const char *name, int64_t *out, bool *present, s
 }
 
 bool
-auth_check(const char *token, auth_info *out, srv_error *e)
+auth_check(const srv_db *db, const char *token, auth_info *out, srv_error *e)
 {
+	const srv_dbconf	*dc = &db->c;
 	char				 alg[32];
 	jwt_t				*jwt = NULL;
 	jwt_alg_t			 want;
@@ -157,23 +246,23 @@ auth_check(const char *token, auth_info *out, srv_error *e)
 	if (!header_alg(token, alg, sizeof alg))
 		return srv_fail(e, 401, "invalid token", auth_hint,
 						"The token is not a JWT (header.payload.signature).");
-	if (strcmp(alg, "HS256") == 0 && cfg.jwt_secret)
+	if (strcmp(alg, "HS256") == 0 && dc->jwt_secret)
 	{
 		want = JWT_ALG_HS256;
-		key = (const unsigned char *) cfg.jwt_secret;
-		keylen = (int) strlen(cfg.jwt_secret);
+		key = (const unsigned char *) dc->jwt_secret;
+		keylen = (int) strlen(dc->jwt_secret);
 	}
-	else if (strcmp(alg, "RS256") == 0 && cfg.jwt_public_pem)
+	else if (strcmp(alg, "RS256") == 0 && dc->jwt_public_pem)
 	{
 		want = JWT_ALG_RS256;
-		key = (const unsigned char *) cfg.jwt_public_pem;
-		keylen = (int) strlen(cfg.jwt_public_pem);
+		key = (const unsigned char *) dc->jwt_public_pem;
+		keylen = (int) strlen(dc->jwt_public_pem);
 	}
 	else
 		return srv_fail(e, 401, "invalid token",
 						"Sign tokens with an algorithm this server has a key for.",
 						"Tokens signed with \"%s\" are not accepted here (accepted:%s%s).", alg,
-						cfg.jwt_secret ? " HS256" : "", cfg.jwt_public_pem ? " RS256" : "");
+						dc->jwt_secret ? " HS256" : "", dc->jwt_public_pem ? " RS256" : "");
 	rc = jwt_decode(&jwt, token, key, keylen);
 	if (rc != 0 || !jwt || jwt_get_alg(jwt) != want)
 	{
@@ -232,7 +321,7 @@ auth_check(const char *token, auth_info *out, srv_error *e)
 				 "The %s claim is not a string.", cfg.role_claim);
 		goto out;
 	}
-	role = c ? c->valuestring : cfg.default_role;
+	role = c ? c->valuestring : dc->default_role;
 	if (!role)
 	{
 		srv_fail(e, 403, "role not allowed",
@@ -240,7 +329,7 @@ auth_check(const char *token, auth_info *out, srv_error *e)
 				 "The token has no \"%s\" claim.", cfg.role_claim);
 		goto out;
 	}
-	if (strlen(role) >= sizeof out->role || !role_allowed(role))
+	if (strlen(role) >= sizeof out->role || !role_allowed(db, role))
 	{
 		srv_fail(e, 403, "role not allowed",
 				 "Use a token for one of the roles in the server's allowed_roles.",
@@ -259,6 +348,11 @@ auth_check(const char *token, auth_info *out, srv_error *e)
 		snprintf(out->principal, sizeof out->principal, "%s", c->valuestring);
 	else
 		snprintf(out->principal, sizeof out->principal, "role:%s", role);
+	if (!(out->canon = canonical(claims)))
+	{
+		srv_fail(e, 500, "internal error", NULL, "Out of memory reading the token.");
+		goto out;
+	}
 	out->claims = grants;
 	grants = NULL;
 	ok = true;
@@ -274,5 +368,7 @@ void
 auth_free(auth_info *a)
 {
 	free(a->claims);
+	free(a->canon);
 	a->claims = NULL;
+	a->canon = NULL;
 }

@@ -2,16 +2,24 @@
  * http.c — the libmicrohttpd side: routes, request bodies, limits, and the
  * JSON error responses of docs/PROTOCOL.md.
  *
- * libmicrohttpd runs an epoll thread pool; each request is handled by the
- * thread that owns its connection, which blocks on Postgres (so there are
- * about as many threads as pooled connections). A long-poll that finds
- * nothing new is *suspended* (hub.c) instead of holding a thread: a parked
- * request costs a socket and a few hundred bytes. When resumed, the handler
- * runs again and either pulls again or answers 204.
+ * libmicrohttpd runs an epoll thread pool; each thread serves many
+ * connections, so a handler here never waits for Postgres: a request that
+ * needs its database suspends its connection and becomes a job of that
+ * database's workers (work.c), which resume it once the answer is in; the
+ * handler then runs again and sends it. A long-poll that finds nothing new
+ * stays suspended, parked in the hub (hub.c): it costs a socket and a few
+ * hundred bytes, no thread.
  *
- * Order of checks for /v1 routes, before any body is read: route and
- * method (404/405), token (401/403), rate limit (429), declared body size
- * (413). A chunked body that grows past max_body is discarded and answered
+ * Which database: /db/NAME/v1/... names it in the path; /v1/... takes the
+ * database named by the token's database_claim, or the only one. When
+ * database_claim is set, every token must carry it and it must name the
+ * request's database (403 otherwise), so a token of one tenant never opens
+ * another's, whatever the path says. /healthz is the server's (and, with
+ * one database, that database's); /db/NAME/healthz is the database's.
+ *
+ * Order of checks for /v1 routes, before any body is read: database (404),
+ * route and method (404/405), token (401/403), rate limit (429), declared
+ * body size (413). A chunked body that grows past max_body is discarded and answered
  * with 413 at its end (libmicrohttpd only lets a response be queued before
  * or after the upload), or the connection is cut past 4 x max_body.
  */
@@ -36,6 +44,9 @@
 typedef struct req
 {
 	srv_endpoint ep;
+	srv_db		*db;		/* NULL until known (several databases) */
+	bool		 submitted; /* job handed to the workers */
+	srv_job		 job;
 	int64_t		 t0_us;
 	int			 status;
 	bool		 ready; /* checks done, body may follow */
@@ -53,7 +64,6 @@ typedef struct req
 	char		 exclude[37];
 	bool		 has_exclude;
 	int64_t		 deadline; /* long-poll end, srv_now_ms(); 0 = no wait */
-	hub_waiter	*w;
 	char		 method[12]; /* for the request log line */
 	char		 path[160];
 	char		 error[160]; /* the error answered, if any, and its detail */
@@ -166,61 +176,49 @@ fail(struct MHD_Connection *conn, req *r, int status, const char *error, const c
 }
 
 static void
-add_site(struct MHD_Response *resp)
+add_site(srv_db *db, struct MHD_Response *resp)
 {
-	const char *site = sync_server_site();
+	char site[37];
 
+	sync_server_site(db, site);
 	if (site[0])
 		MHD_add_response_header(resp, "X-Pgsync-Site", site);
 }
 
 static void
-free_pull(void *cls)
+free_share(void *cls)
 {
-	pull_result *p = cls;
-
-	pull_result_free(p);
-	free(p);
+	pull_share_unref(cls);
 }
 
+/*
+ * send_cursor answers a pull: 200 with the payload of p (its reference
+ * passes to the response), or 204 with cursor and gen when p is NULL.
+ */
 static enum MHD_Result
-send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, int32_t gen, pull_result *pr)
+send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, int32_t gen, pull_share *p)
 {
 	struct MHD_Response *resp;
 	char				 num[48];
-	char				*cur = num;
-	bool				 more = pr && pr->more;
 	pgs_buf				 text;
 
+	if (p)
+	{
+		cursor = p->cursor;
+		gen = p->gen;
+	}
 	pgs_buf_init(&text);
 	pgs_cursor_format(&text, cursor, gen, NULL, 0);
 	snprintf(num, sizeof num, "%s", text.p ? (const char *) text.p : "0");
 	pgs_buf_free(&text);
-	if (more && !(cur = strdup(pr->more)))
+	if (p)
 	{
-		pull_result_free(pr);
-		return MHD_NO;
-	}
-	if (pr && pr->payload)
-	{
-		pull_result *keep = malloc(sizeof *keep);
-
-		if (!keep)
-		{
-			pull_result_free(pr);
-			if (cur != num)
-				free(cur);
-			return MHD_NO;
-		}
-		*keep = *pr;
-		metrics_bytes(0, keep->len);
-		resp = MHD_create_response_from_buffer_with_free_callback_cls(
-			keep->len, (void *) keep->payload, free_pull, keep);
+		metrics_bytes(r->db, 0, p->len);
+		resp = MHD_create_response_from_buffer_with_free_callback_cls(p->len, (void *) p->payload,
+																	  free_share, p);
 		if (!resp)
 		{
-			free_pull(keep);
-			if (cur != num)
-				free(cur);
+			pull_share_unref(p);
 			return MHD_NO;
 		}
 		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
@@ -228,17 +226,18 @@ send_cursor(struct MHD_Connection *conn, req *r, int64_t cursor, int32_t gen, pu
 	else
 		resp = MHD_create_response_from_buffer(0, (void *) "", MHD_RESPMEM_PERSISTENT);
 	if (!resp)
-	{
-		if (cur != num)
-			free(cur);
 		return MHD_NO;
+	MHD_add_response_header(resp, "X-Pgsync-Cursor", p && p->more ? p->more : num);
+	MHD_add_response_header(resp, "X-Pgsync-More", p && p->more ? "1" : "0");
+	if (p && p->rows_total >= 0)
+	{
+		char total[24];
+
+		snprintf(total, sizeof total, "%lld", (long long) p->rows_total);
+		MHD_add_response_header(resp, "X-Pgsync-Rows-Total", total);
 	}
-	MHD_add_response_header(resp, "X-Pgsync-Cursor", cur);
-	MHD_add_response_header(resp, "X-Pgsync-More", more ? "1" : "0");
-	if (cur != num)
-		free(cur);
-	add_site(resp);
-	return queue(conn, r, pr && pr->payload ? 200 : 204, resp);
+	add_site(r->db, resp);
+	return queue(conn, r, p ? 200 : 204, resp);
 }
 
 /* ---- request checks ------------------------------------------------------- */
@@ -260,7 +259,57 @@ client_addr(struct MHD_Connection *conn, char *out, size_t n)
 				  (socklen_t) (n - 3));
 }
 
-/* authorize: token, then rate limit; false with the response queued. */
+/* databases_list: "a, b, c" for messages. */
+static void
+databases_list(char *out, size_t n)
+{
+	size_t len = 0;
+
+	out[0] = '\0';
+	for (int i = 0; i < cfg.ndbs && len + 1 < n; i++)
+		len += (size_t) snprintf(out + len, n - len, "%s%s", i ? ", " : "", cfg.dbs[i].name);
+}
+
+/*
+ * pick_db: the request's database when the path did not name it: the one
+ * the token's database_claim names (read before verification only to pick
+ * the key that verifies it), or the only one. False with e.
+ */
+static bool
+pick_db(req *r, const char *token, srv_error *e)
+{
+	char name[SRV_DBNAME_MAX + 1], list[512];
+
+	if (r->db)
+		return true;
+	if (cfg.database_claim && token && auth_peek_claim(token, cfg.database_claim, name, sizeof name))
+	{
+		if (!(r->db = db_find(name, strlen(name))))
+			return srv_fail(e, 403, "unknown database",
+							"Ask your identity provider for a token of a database this server "
+							"fronts.",
+							"The token's %s claim names \"%.64s\", which is not a database of "
+							"this server.",
+							cfg.database_claim, name);
+		return true;
+	}
+	if (cfg.ndbs == 1)
+	{
+		r->db = &cfg.dbs[0];
+		return true;
+	}
+	databases_list(list, sizeof list);
+	if (cfg.database_claim)
+		return srv_fail(e, 403, "token names no database",
+						"Use a token with the database claim, or a url /db/NAME/...",
+						"This server fronts several databases (%s) and the token has no \"%s\" "
+						"claim.",
+						list, cfg.database_claim);
+	return srv_fail(e, 404, "which database?", "Use a url /db/NAME/... (docs/SERVER.md).",
+					"This server fronts several databases: %s.", list);
+}
+
+/* authorize: database, token, then rate limit; false with the response queued. */
 static bool
 authorize(struct MHD_Connection *conn, req *r, enum MHD_Result *ret)
 {
@@ -270,6 +319,7 @@ authorize(struct MHD_Connection *conn, req *r, enum MHD_Result *ret)
 	srv_error	e;
 	int			retry;
 	char		ip[64];
+	srv_db	   *limit_db;
 
 	if (h && strncasecmp(h, "Bearer ", 7) == 0)
 		for (token = h + 7; *token == ' '; token++)
@@ -279,27 +329,47 @@ authorize(struct MHD_Connection *conn, req *r, enum MHD_Result *ret)
 	if (h && !token)
 		srv_fail(&e, 401, "invalid token", "Send Authorization: Bearer <token>.",
 				 "The Authorization header does not use the Bearer scheme.");
-	if (token && auth_check(token, &r->auth, &e))
-	{
-		if (!ratelimit_take(r->auth.subject, &retry))
-			goto limited;
-		return true;
-	}
-	client_addr(conn, ip, sizeof ip);
-	if (!token && !h)
+	else if (!token)
 		srv_fail(
 			&e, 401, "missing token",
 			"Send Authorization: Bearer <token> with a token signed by your identity provider.",
 			"The request has no bearer token.");
-	if (!ratelimit_take(ip, &retry))
+	else if (pick_db(r, token, &e) && auth_check(r->db, token, &r->auth, &e))
+	{
+		char *claim = cfg.database_claim ? auth_claim_string(&r->auth, cfg.database_claim) : NULL;
+		bool  ok = true;
+
+		if (cfg.database_claim && !claim)
+			ok = srv_fail(&e, 403, "token names no database",
+						  "Use a token with the database claim of the database it is for.",
+						  "The token has no \"%s\" claim.", cfg.database_claim);
+		else if (claim && strcmp(claim, r->db->name) != 0)
+			ok = srv_fail(&e, 403, "token is for another database",
+						  "Use a token issued for this database.",
+						  "The token's %s claim names \"%.64s\"; this request is for database "
+						  "\"%s\".",
+						  cfg.database_claim, claim, r->db->name);
+		free(claim);
+		if (ok)
+		{
+			if (!ratelimit_take(r->db, r->auth.subject, &retry))
+				goto limited;
+			return true;
+		}
+		r->auth.role[0] = '\0'; /* not acting as it: keep it out of the log line */
+	}
+	client_addr(conn, ip, sizeof ip);
+	limit_db = r->db ? r->db : &cfg.dbs[0];
+	if (!ratelimit_take(limit_db, ip, &retry))
 		goto limited;
 	*ret = send_error(conn, r, &e);
 	return false;
 limited:
-	metrics_rate_limited();
+	limit_db = r->db ? r->db : &cfg.dbs[0];
+	metrics_rate_limited(r->db);
 	srv_fail(&e, 429, "rate limit exceeded", "Slow down and retry after the delay in Retry-After.",
-			 "This client may make %g requests per second (burst %d).", cfg.rate_limit,
-			 cfg.rate_burst);
+			 "This client may make %g requests per second (burst %d).", limit_db->c.rate_limit,
+			 limit_db->c.rate_burst);
 	e.retry_after = retry;
 	*ret = send_error(conn, r, &e);
 	return false;
@@ -343,14 +413,25 @@ parse_int(const char *s, int64_t max, int64_t *out)
 
 /* ---- handlers --------------------------------------------------------------- */
 
+/* submit hands r's job to its database's workers; answers 503 when it cannot. */
+static enum MHD_Result
+submit(struct MHD_Connection *conn, req *r, job_kind kind)
+{
+	srv_error e;
+
+	r->job.kind = kind;
+	r->job.db = r->db;
+	r->job.conn = conn;
+	r->job.auth = &r->auth;
+	if (!work_submit(&r->job, &e))
+		return send_error(conn, r, &e);
+	r->submitted = true;
+	return MHD_YES; /* work.c resumes the connection: the handler runs again */
+}
+
 static enum MHD_Result
 do_push(struct MHD_Connection *conn, req *r)
 {
-	push_result pr;
-	srv_error	e;
-	char	   *json;
-	const char *site;
-
 	if (r->too_big)
 		return fail(conn, r, 413, "payload too large",
 					"Sync more often so that each push is smaller.",
@@ -369,17 +450,26 @@ do_push(struct MHD_Connection *conn, req *r)
 						"Send the bytes returned by sync_payload unchanged.", "%s%s%s", perr.msg,
 						perr.detail[0] ? ": " : "", perr.detail);
 	}
-	metrics_bytes(r->len, 0);
-	if (!sync_push(&r->auth, r->body, r->len, &pr, &e))
-		return send_error(conn, r, &e);
-	metrics_changes(pr.applied, pr.nrejected);
-	site = sync_server_site();
+	metrics_bytes(r->db, r->len, 0);
+	r->job.body = r->body;
+	r->job.len = r->len;
+	return submit(conn, r, JOB_PUSH);
+}
+
+static enum MHD_Result
+push_answer(struct MHD_Connection *conn, req *r)
+{
+	push_result *pr = &r->job.push;
+	char		*json;
+	char		 site[37];
+
+	metrics_changes(r->db, pr->applied, pr->nrejected);
+	sync_server_site(r->db, site);
 	if (asprintf(
 			&json,
 			"{\"applied\":%lld,\"rejected\":%s,\"server_version\":%lld,\"server_site\":\"%s\"}",
-			(long long) pr.applied, pr.rejected_json, (long long) pr.server_version, site) < 0)
+			(long long) pr->applied, pr->rejected_json, (long long) pr->server_version, site) < 0)
 		json = NULL;
-	free(pr.rejected_json);
 	return send_json(conn, r, 200, json);
 }
 
@@ -393,9 +483,6 @@ do_rows(struct MHD_Connection *conn, req *r)
 	const char *excl = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "exclude");
 	cJSON	   *j, *rows;
 	char	   *keys;
-	pull_result pr;
-	srv_error	e;
-	bool		ok;
 
 	if (r->too_big)
 		return fail(conn, r, 413, "request too large", "Ask for fewer rows at a time.",
@@ -416,75 +503,121 @@ do_rows(struct MHD_Connection *conn, req *r)
 	cJSON_Delete(j);
 	if (!keys)
 		return MHD_NO;
-	ok = sync_rows(&r->auth, excl && *excl ? excl : NULL, keys, strlen(keys), &pr, &e);
+	/* the keys replace the body: the job reads them from there */
+	free(r->body);
+	r->body = (uint8_t *) strdup(keys);
 	cJSON_free(keys);
-	if (!ok)
-		return send_error(conn, r, &e);
-	return send_cursor(conn, r, 0, 0, &pr);
+	if (!r->body)
+		return MHD_NO;
+	r->len = strlen((const char *) r->body);
+	if (excl && *excl)
+	{
+		memcpy(r->exclude, excl, 37);
+		r->has_exclude = true;
+	}
+	r->job.body = r->body;
+	r->job.len = r->len;
+	r->job.exclude = r->has_exclude ? r->exclude : NULL;
+	return submit(conn, r, JOB_ROWS);
 }
 
-/* do_pull pulls; parks the request when nothing is new and it may wait. */
+/* do_pull pulls; work.c parks the request when nothing is new and it may wait. */
 static enum MHD_Result
 do_pull(struct MHD_Connection *conn, req *r)
 {
-	for (;;)
-	{
-		uint64_t	g = hub_gen();
-		pull_result pr;
-		srv_error	e;
-		bool		parked;
+	srv_job *j = &r->job;
 
-		if (!sync_pull(&r->auth, r->since, r->gen, r->has_exclude ? r->exclude : NULL,
-					   r->max_rows, r->sealed, r->sealed_len, &pr, &e))
-			return send_error(conn, r, &e);
-		if (pr.payload)
-			return send_cursor(conn, r, pr.cursor, pr.gen, &pr);
-		if (r->sealed)
-		{
-			/* a chunk always has a payload; the pull is over */
-			free(r->sealed);
-			r->sealed = NULL;
-			r->sealed_len = 0;
-		}
-		r->since = pr.cursor;
-		r->gen = pr.gen;
-		pull_result_free(&pr);
-		if (r->deadline == 0 || srv_now_ms() >= r->deadline)
-			return send_cursor(conn, r, r->since, r->gen, NULL);
-		r->w = hub_suspend(conn, r->w, g, r->since, r->deadline, &parked);
-		if (!r->w)
-			return send_cursor(conn, r, r->since, r->gen, NULL);
-		if (parked)
-			return MHD_YES; /* resumed by hub.c: we run again */
-	}
+	j->since = r->since;
+	j->gen = r->gen;
+	j->sealed = r->sealed;
+	j->sealed_len = r->sealed_len;
+	j->max_rows = r->max_rows;
+	j->exclude = r->has_exclude ? r->exclude : NULL;
+	j->deadline = r->deadline;
+	return submit(conn, r, JOB_PULL);
 }
 
+/* answer sends the answer of a finished job. */
+static enum MHD_Result
+answer(struct MHD_Connection *conn, req *r)
+{
+	srv_job	   *j = &r->job;
+	pull_share *p = j->pull;
+	char	   *json;
+
+	j->pull = NULL; /* passes to the response */
+	if (j->failed)
+	{
+		pull_share_unref(p);
+		return send_error(conn, r, &j->e);
+	}
+	switch (j->kind)
+	{
+		case JOB_PUSH:
+			return push_answer(conn, r);
+		case JOB_PULL:
+			return send_cursor(conn, r, j->since, j->gen, p);
+		case JOB_ROWS:
+			return send_cursor(conn, r, 0, 0, p);
+		case JOB_HEALTH:
+		{
+			char site[37];
+
+			sync_server_site(r->db, site);
+			if (asprintf(&json,
+						 "{\"status\":\"%s\",\"postgres\":\"%s\",\"server_site\":\"%s\","
+						 "\"version\":%lld,\"database\":\"%s\"}",
+						 j->health_ok ? "ok" : "unavailable", j->health_ok ? "ok" : "down", site,
+						 (long long) hub_version(r->db), r->db->name) < 0)
+				return MHD_NO;
+			return send_json(conn, r, j->health_ok ? 200 : 503, json);
+		}
+	}
+	return MHD_NO;
+}
+
+/*
+ * do_healthz: one database (the path's, or the only one): a query on it,
+ * through its workers. The server with several databases: at once, from
+ * what each database's pool and listener last saw; 200 while the process
+ * serves, even when a database is down (a balancer must not take every
+ * tenant away for one).
+ */
 static enum MHD_Result
 do_healthz(struct MHD_Connection *conn, req *r)
 {
-	srv_error e;
-	PGconn	 *c = pool_acquire(&e);
-	PGresult *res;
-	char	 *json;
-	bool	  ok;
+	cJSON *j, *dbs;
+	char  *text;
+	bool   all = true;
 
-	if (!c)
+	if (r->db || cfg.ndbs == 1)
 	{
-		if (asprintf(&json, "{\"status\":\"unavailable\",\"postgres\":\"down\",\"detail\":\"%s\"}",
-					 "connection failed") < 0)
-			return MHD_NO;
-		return send_json(conn, r, 503, json);
+		if (!r->db)
+			r->db = &cfg.dbs[0];
+		return submit(conn, r, JOB_HEALTH);
 	}
-	res = PQexec(c, "SELECT 1");
-	ok = PQresultStatus(res) == PGRES_TUPLES_OK;
-	PQclear(res);
-	pool_release(c, !ok);
-	if (asprintf(&json,
-				 "{\"status\":\"%s\",\"postgres\":\"%s\",\"server_site\":\"%s\",\"version\":%lld}",
-				 ok ? "ok" : "unavailable", ok ? "ok" : "down", sync_server_site(),
-				 (long long) hub_version()) < 0)
+	j = cJSON_CreateObject();
+	dbs = cJSON_AddObjectToObject(j, "databases");
+	for (int i = 0; i < cfg.ndbs; i++)
+	{
+		bool   up = !pool_down(&cfg.dbs[i]) && hub_listening(&cfg.dbs[i]);
+		cJSON *d = cJSON_AddObjectToObject(dbs, cfg.dbs[i].name);
+
+		cJSON_AddStringToObject(d, "postgres", up ? "ok" : "down");
+		cJSON_AddNumberToObject(d, "version", (double) hub_version(&cfg.dbs[i]));
+		all &= up;
+	}
+	cJSON_AddStringToObject(j, "status", all ? "ok" : "degraded");
+	text = cJSON_PrintUnformatted(j);
+	cJSON_Delete(j);
+	if (!text)
 		return MHD_NO;
-	return send_json(conn, r, ok ? 200 : 503, json);
+	{
+		char *copy = strdup(text); /* send_json frees with free() */
+
+		cJSON_free(text);
+		return send_json(conn, r, 200, copy);
+	}
 }
 
 static enum MHD_Result
@@ -539,18 +672,42 @@ static bool
 first_call(struct MHD_Connection *conn, req *r, const char *url, const char *method,
 		   enum MHD_Result *ret)
 {
-	int rc = route(r, url, method);
+	int rc;
 
+	if (cfg.ndbs == 1)
+		r->db = &cfg.dbs[0];
+	if (strncmp(url, "/db/", 4) == 0)
+	{
+		/* /db/NAME/rest: the database named in the path */
+		const char *name = url + 4, *slash = strchr(name, '/');
+		srv_db	   *db = slash ? db_find(name, (size_t) (slash - name)) : NULL;
+
+		if (!db)
+		{
+			char list[512];
+
+			databases_list(list, sizeof list);
+			r->db = NULL;
+			*ret = fail(conn, r, 404, "unknown database",
+						"Use /db/NAME/v1/... with one of the databases this server fronts.",
+						"No database \"%.*s\" here; the databases are: %s.",
+						(int) (slash ? slash - name : (long) strnlen(name, 64)), name, list);
+			return false;
+		}
+		r->db = db;
+		url = slash;
+	}
+	rc = route(r, url, method);
 	if (rc == 404)
 	{
 		*ret = fail(conn, r, 404, "not found", "See docs/PROTOCOL.md for the routes.",
-					"No route for %s %s.", method, url);
+					"No route for %s %s.", method, r->path);
 		return false;
 	}
 	if (rc == 405)
 	{
-		*ret =
-			fail(conn, r, 405, "method not allowed", NULL, "%s is not allowed on %s.", method, url);
+		*ret = fail(conn, r, 405, "method not allowed", NULL, "%s is not allowed on %s.", method,
+					r->path);
 		return false;
 	}
 	if (r->ep == EP_HEALTHZ || r->ep == EP_METRICS)
@@ -580,7 +737,7 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 		int64_t		w = 0;
 
 		const char *mr = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "max_rows");
-		int64_t		mrv = cfg.pull_max_rows;
+		int64_t		mrv = r->db->c.pull_max_rows;
 
 		r->since = 0;
 		if (mr && (!parse_int(mr, 10000000, &mrv) || mrv < 1))
@@ -662,8 +819,21 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 		if (!first_call(conn, r, url, method, &ret))
 			return ret;
 		r->ready = true;
-		if (r->ep == EP_PUSH || r->ep == EP_ROWS)
-			return MHD_YES; /* the body follows */
+		/*
+		 * Work starts at the next call, once libmicrohttpd has read the whole
+		 * request (a body, or none): an answer queued before that closes the
+		 * connection (Connection: close), which a fan-out to many kept-alive
+		 * clients pays for in teardown.
+		 */
+		if (r->ep != EP_WS && r->ep != EP_METRICS)
+			return MHD_YES;
+	}
+	if (r->submitted)
+	{
+		/* resumed by work.c: the answer is in */
+		if (r->job.state != JS_DONE)
+			return MHD_YES;
+		return answer(conn, r);
 	}
 	switch (r->ep)
 	{
@@ -706,22 +876,13 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 				*upload_data_size = 0; /* a GET with a body: ignore it */
 				return MHD_YES;
 			}
-			if (r->w)
-			{
-				hub_wake s = hub_result(r->w);
-
-				if (s == HUB_WAITING)
-					return MHD_YES; /* spurious call while parked */
-				if (s != HUB_CHANGED)
-					return send_cursor(conn, r, r->since, r->gen, NULL);
-			}
 			return do_pull(conn, r);
 		case EP_WS:
 		{
 			struct MHD_Response *resp = NULL;
 			srv_error			 e;
 
-			if (!ws_upgrade(conn, &r->auth, &resp, &e))
+			if (!ws_upgrade(conn, r->db, &r->auth, &resp, &e))
 				return send_error(conn, r, &e);
 			return queue(conn, r, MHD_HTTP_SWITCHING_PROTOCOLS, resp);
 		}
@@ -746,7 +907,7 @@ log_request(struct MHD_Connection *conn, const req *r, enum MHD_RequestTerminati
 		.status = r->status ? r->status : 499,
 		.ms = (double) (now_us() - r->t0_us) / 1000.0,
 		.role = r->auth.role,
-		.database = cfg.dbname,
+		.database = r->db ? r->db->name : NULL,
 		.client = ip + 3, /* after "ip:" */
 		.error = r->error,
 		.detail = r->detail,
@@ -766,10 +927,11 @@ completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	(void) cls, (void) conn;
 	if (!r)
 		return;
-	metrics_request(r->ep, r->status ? r->status : 499, now_us() - r->t0_us);
+	metrics_request(r->db, r->ep, r->status ? r->status : 499, now_us() - r->t0_us);
 	if (cfg.log_requests)
 		log_request(conn, r, toe);
-	hub_forget(r->w);
+	pull_share_unref(r->job.pull);
+	free(r->job.push.rejected_json);
 	auth_free(&r->auth);
 	free(r->body);
 	free(r->sealed);
@@ -851,7 +1013,7 @@ http_start(void)
 		NULL, MHD_OPTION_ARRAY, tls_mhd_options(), MHD_OPTION_SOCK_ADDR, sa,
 		MHD_OPTION_THREAD_POOL_SIZE, (unsigned) cfg.threads, MHD_OPTION_CONNECTION_LIMIT,
 		(unsigned) cfg.max_connections, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) 120,
-		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) 65536, MHD_OPTION_NOTIFY_COMPLETED, completed,
+		MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) 32768, MHD_OPTION_NOTIFY_COMPLETED, completed,
 		NULL, MHD_OPTION_END);
 	if (!daemon_)
 	{
@@ -862,20 +1024,44 @@ http_start(void)
 	return true;
 }
 
-/* http_stop: stop accepting, release parked requests and WebSockets, stop. */
-void
+/*
+ * http_stop: stop accepting; finish parked long-polls (204) and queued jobs
+ * (503); wait up to 5 s for the jobs Postgres is running; close
+ * WebSockets; stop. False when a database still holds requests (it does
+ * not answer): libmicrohttpd must not stop with suspended connections, so
+ * the caller exits without the rest of the orderly stop.
+ */
+bool
 http_stop(void)
 {
 	MHD_socket fd;
+	int64_t	   until = srv_now_ms() + 5000;
+	bool	   clean = true;
 
 	if (!daemon_)
-		return;
+		return true;
 	fd = MHD_quiesce_daemon(daemon_);
 	if (fd != MHD_INVALID_SOCKET)
 		close(fd);
-	hub_release_all();
+	for (int i = 0; i < cfg.ndbs; i++)
+		hub_release_all(&cfg.dbs[i]);
+	for (int i = 0; i < cfg.ndbs; i++)
+	{
+		int64_t left = until - srv_now_ms();
+
+		if (!work_quiesce(&cfg.dbs[i], left > 0 ? (int) left : 0))
+		{
+			srv_log("WARNING",
+					"database %s does not answer: stopping without waiting for its requests",
+					cfg.dbs[i].name);
+			clean = false;
+		}
+	}
 	ws_stop();
-	usleep(100 * 1000); /* let resumed long-polls answer */
+	if (!clean)
+		return false;
+	usleep(100 * 1000); /* let resumed requests answer */
 	MHD_stop_daemon(daemon_);
 	daemon_ = NULL;
+	return true;
 }

@@ -1,23 +1,26 @@
 /*
  * hub.c — change notifications: who hears them and who is woken.
  *
+ * Each database has its own hub: a listener and a timer thread, its waiters.
  * The listener thread keeps its own Postgres connection that LISTENs on
  * pgsync_changes (pushes NOTIFY it with their transaction id, from any server
  * process) and, every poll_ms, reads sync_db_version() to catch changes
  * written directly in Postgres, which do not notify. Each heard change bumps
- * the generation counter, raises the announced version, wakes the parked
- * long-polls whose cursor is below it and tells the WebSocket thread. After
- * a reconnect it announces unconditionally (notifications may have been
- * missed while it was away).
+ * the generation counter, raises the announced version, hands the parked
+ * long-polls whose cursor is below it back to the workers (all at once, so
+ * that work.c pulls those with the same view together) and tells the
+ * WebSocket thread. After a reconnect it announces unconditionally
+ * (notifications may have been missed while it was away).
  *
- * The timer thread resumes long-polls whose wait ran out.
+ * The timer thread finishes long-polls whose wait ran out (204), and asks
+ * work.c to answer jobs that waited too long for a connection (503).
  *
- * Invariant: a waiter is on the list exactly while its connection is
- * suspended, and both suspending and resuming happen under `mu`, so a
- * connection is never resumed twice or resumed before it was suspended
- * (undefined behaviour in libmicrohttpd). A request records hub_gen()
- * before its pull query; if a notification arrives between that query and
- * hub_suspend, the request is not parked at all (no lost wake-up).
+ * Invariants: a parked job's connection stays suspended (work.c suspended it
+ * when the request was queued; only work_finish resumes it), and a job is
+ * unlinked under `mu` before anyone else touches it, so it is requeued or
+ * finished exactly once. A worker records hub_gen() before its pull query;
+ * if a notification arrives between that query and hub_park, the job is not
+ * parked at all but pulled again (no lost wake-up).
  */
 #include "server.h"
 
@@ -31,199 +34,235 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <microhttpd.h>
-
-struct hub_waiter
+typedef struct srv_hub
 {
-	struct MHD_Connection *conn;
-	int64_t				   cursor;
-	int64_t				   deadline;
-	hub_wake			   state;
-	bool				   linked;
-	hub_waiter			  *prev, *next;
-};
-
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t  timer_cv = PTHREAD_COND_INITIALIZER;
-static hub_waiter	  *head;
-static int			   nwaiting;
-static uint64_t		   gen;
-static int64_t		   announced;
-static bool			   stopping; /* no new waiters */
-static bool			   threads_stop;
-static int			   stop_fd = -1;
-static pthread_t	   listener_tid, timer_tid;
-static bool			   started;
+	pthread_mutex_t mu;
+	pthread_cond_t	timer_cv;
+	srv_job		   *head; /* parked long-polls (linked through next/prev) */
+	int				nwaiting;
+	uint64_t		gen;
+	int64_t			announced;
+	bool			stopping; /* no new waiters */
+	bool			threads_stop;
+	bool			listening;
+	int				stop_fd;
+	pthread_t		listener_tid, timer_tid;
+	bool			started;
+} srv_hub;
 
 uint64_t
-hub_gen(void)
+hub_gen(srv_db *db)
 {
+	srv_hub *h = db->hub;
 	uint64_t g;
 
-	pthread_mutex_lock(&mu);
-	g = gen;
-	pthread_mutex_unlock(&mu);
+	pthread_mutex_lock(&h->mu);
+	g = h->gen;
+	pthread_mutex_unlock(&h->mu);
 	return g;
 }
 
 int64_t
-hub_version(void)
+hub_version(srv_db *db)
 {
-	int64_t v;
+	srv_hub *h = db->hub;
+	int64_t	 v;
 
-	pthread_mutex_lock(&mu);
-	v = announced;
-	pthread_mutex_unlock(&mu);
+	if (!h)
+		return 0;
+	pthread_mutex_lock(&h->mu);
+	v = h->announced;
+	pthread_mutex_unlock(&h->mu);
 	return v;
 }
 
 int
-hub_waiting(void)
+hub_waiting(srv_db *db)
 {
-	int n;
+	srv_hub *h = db->hub;
+	int		 n;
 
-	pthread_mutex_lock(&mu);
-	n = nwaiting;
-	pthread_mutex_unlock(&mu);
+	if (!h)
+		return 0;
+	pthread_mutex_lock(&h->mu);
+	n = h->nwaiting;
+	pthread_mutex_unlock(&h->mu);
 	return n;
 }
 
+bool
+hub_listening(srv_db *db)
+{
+	srv_hub *h = db->hub;
+	bool	 up;
+
+	if (!h)
+		return false;
+	pthread_mutex_lock(&h->mu);
+	up = h->listening;
+	pthread_mutex_unlock(&h->mu);
+	return up;
+}
+
+/* unlink_waiter: mu held, w parked. */
 static void
-unlink_waiter(hub_waiter *w)
+unlink_waiter(srv_hub *h, srv_job *w)
 {
 	if (w->prev)
 		w->prev->next = w->next;
 	else
-		head = w->next;
+		h->head = w->next;
 	if (w->next)
 		w->next->prev = w->prev;
 	w->prev = w->next = NULL;
-	w->linked = false;
-	nwaiting--;
-}
-
-/* wake resumes w with state s; mu held, w linked. */
-static void
-wake(hub_waiter *w, hub_wake s)
-{
-	w->state = s;
-	unlink_waiter(w);
-	MHD_resume_connection(w->conn);
-}
-
-hub_waiter *
-hub_suspend(struct MHD_Connection *conn, hub_waiter *w, uint64_t seen_gen, int64_t cursor,
-			int64_t deadline_ms, bool *parked)
-{
-	*parked = false;
-	if (!w && !(w = calloc(1, sizeof *w)))
-		return NULL;
-	pthread_mutex_lock(&mu);
-	if (stopping)
-	{
-		pthread_mutex_unlock(&mu);
-		free(w);
-		return NULL;
-	}
-	w->conn = conn;
-	w->cursor = cursor;
-	w->deadline = deadline_ms;
-	if (gen != seen_gen)
-	{
-		w->state = HUB_CHANGED; /* missed while we queried: go again */
-		pthread_mutex_unlock(&mu);
-		return w;
-	}
-	w->state = HUB_WAITING;
-	w->prev = NULL;
-	w->next = head;
-	if (head)
-		head->prev = w;
-	head = w;
-	w->linked = true;
-	nwaiting++;
-	*parked = true;
-	MHD_suspend_connection(conn);
-	pthread_cond_signal(&timer_cv);
-	pthread_mutex_unlock(&mu);
-	return w;
-}
-
-hub_wake
-hub_result(hub_waiter *w)
-{
-	hub_wake s;
-
-	pthread_mutex_lock(&mu);
-	s = w->state;
-	pthread_mutex_unlock(&mu);
-	return s;
+	h->nwaiting--;
 }
 
 void
-hub_forget(hub_waiter *w)
+hub_park(srv_job *j, uint64_t seen_gen)
 {
-	if (!w)
+	srv_hub *h = j->db->hub;
+
+	pthread_mutex_lock(&h->mu);
+	if (h->stopping)
+	{
+		pthread_mutex_unlock(&h->mu);
+		work_finish(j); /* nothing new (204) */
 		return;
-	pthread_mutex_lock(&mu);
-	if (w->linked)
-		unlink_waiter(w); /* not expected: MHD completes only resumed requests */
-	pthread_mutex_unlock(&mu);
-	free(w);
+	}
+	if (h->gen != seen_gen)
+	{
+		/* a change was announced while we queried: pull again */
+		pthread_mutex_unlock(&h->mu);
+		work_requeue(j);
+		return;
+	}
+	j->prev = NULL;
+	j->next = h->head;
+	if (h->head)
+		h->head->prev = j;
+	h->head = j;
+	h->nwaiting++;
+	pthread_cond_signal(&h->timer_cv);
+	pthread_mutex_unlock(&h->mu);
+}
+
+/* take_all: every parked job, unlinked (mu held). */
+static srv_job *
+take_all(srv_hub *h)
+{
+	srv_job *all = h->head;
+
+	h->head = NULL;
+	h->nwaiting = 0;
+	return all;
 }
 
 void
-hub_release_all(void)
+hub_release_all(srv_db *db)
 {
-	pthread_mutex_lock(&mu);
-	stopping = true;
-	while (head)
-		wake(head, HUB_SHUTDOWN);
-	pthread_mutex_unlock(&mu);
+	srv_hub *h = db->hub;
+	srv_job *all;
+
+	if (!h)
+		return;
+	pthread_mutex_lock(&h->mu);
+	h->stopping = true;
+	all = take_all(h);
+	pthread_mutex_unlock(&h->mu);
+	while (all)
+	{
+		srv_job *j = all;
+
+		all = j->next;
+		j->next = j->prev = NULL;
+		work_finish(j);
+	}
 }
 
-/* announce records a change at version (0 = unknown) and wakes whom it concerns. */
+/*
+ * announce records a change at version (0 = unknown) and sends the parked
+ * long-polls it concerns to the workers, all at once: those with the same
+ * view are pulled together (work.c).
+ */
 static void
-announce(int64_t version)
+announce(srv_db *db, int64_t version)
 {
-	int64_t v;
+	srv_hub *h = db->hub;
+	srv_job *woken = NULL;
+	int64_t	 v;
 
-	metrics_notification();
-	pthread_mutex_lock(&mu);
-	gen++;
-	if (version > announced)
-		announced = version;
-	v = announced;
-	for (hub_waiter *w = head, *next; w; w = next)
+	metrics_notification(db);
+	pthread_mutex_lock(&h->mu);
+	h->gen++;
+	if (version > h->announced)
+		h->announced = version;
+	v = h->announced;
+	for (srv_job *w = h->head, *next; w; w = next)
 	{
 		next = w->next;
-		if (version == 0 || version > w->cursor)
-			wake(w, HUB_CHANGED);
+		if (version == 0 || version > w->since)
+		{
+			unlink_waiter(h, w);
+			w->next = woken;
+			woken = w;
+		}
 	}
-	pthread_mutex_unlock(&mu);
-	ws_broadcast(v);
+	pthread_mutex_unlock(&h->mu);
+	ws_broadcast(db, v);
+	if (woken)
+		work_requeue_list(db, woken);
 }
 
 /* ---- timer thread ---------------------------------------------------------- */
 
+/* timer_main finishes long-polls whose wait ran out (204) and queued jobs
+ * that waited pool_wait_ms for a connection (503). */
 static void *
 timer_main(void *arg)
 {
-	(void) arg;
-	pthread_mutex_lock(&mu);
-	while (!threads_stop)
-	{
-		int64_t			now = srv_now_ms(), next = now + 1000;
-		struct timespec ts;
+	srv_db	*db = arg;
+	srv_hub *h = db->hub;
 
-		for (hub_waiter *w = head, *n; w; w = n)
+	pthread_mutex_lock(&h->mu);
+	while (!h->threads_stop)
+	{
+		int64_t			now = srv_now_ms(), next = now + 1000, q;
+		struct timespec ts;
+		srv_job		   *expired = NULL;
+
+		for (srv_job *w = h->head, *n; w; w = n)
 		{
 			n = w->next;
 			if (w->deadline <= now)
-				wake(w, HUB_TIMEOUT);
+			{
+				unlink_waiter(h, w);
+				w->next = expired;
+				expired = w;
+			}
 			else if (w->deadline < next)
 				next = w->deadline;
 		}
+		pthread_mutex_unlock(&h->mu);
+		while (expired)
+		{
+			srv_job *j = expired;
+
+			expired = j->next;
+			j->next = NULL;
+			work_finish(j);
+		}
+		if ((q = work_reap(db)) != 0 && q < next)
+			next = q;
+		/* a job queued from now on expires pool_wait_ms later: look again by then */
+		if (next > now + db->c.pool_wait_ms / 2 + 10)
+			next = now + db->c.pool_wait_ms / 2 + 10;
+		pthread_mutex_lock(&h->mu);
+		if (h->threads_stop)
+			break;
+		now = srv_now_ms();
+		if (next <= now)
+			continue;
 		clock_gettime(CLOCK_REALTIME, &ts);
 		ts.tv_sec += (next - now) / 1000;
 		ts.tv_nsec += (long) ((next - now) % 1000) * 1000000L;
@@ -232,9 +271,9 @@ timer_main(void *arg)
 			ts.tv_sec++;
 			ts.tv_nsec -= 1000000000L;
 		}
-		pthread_cond_timedwait(&timer_cv, &mu, &ts);
+		pthread_cond_timedwait(&h->timer_cv, &h->mu, &ts);
 	}
-	pthread_mutex_unlock(&mu);
+	pthread_mutex_unlock(&h->mu);
 	return NULL;
 }
 
@@ -242,47 +281,49 @@ timer_main(void *arg)
 
 /* pause_ms sleeps unless asked to stop; false when stopping. */
 static bool
-pause_ms(int ms)
+pause_ms(srv_hub *h, int ms)
 {
-	struct pollfd p = {.fd = stop_fd, .events = POLLIN};
+	struct pollfd p = {.fd = h->stop_fd, .events = POLLIN};
 
 	return poll(&p, 1, ms) == 0;
 }
 
 static PGconn *
-listen_connect(bool *logged_down)
+listen_connect(srv_db *db, bool *logged_down)
 {
 	char	  why[256];
-	PGconn	 *c = pool_connect(why, sizeof why);
+	PGconn	 *c = pool_connect(db, why, sizeof why);
 	PGresult *r;
 
 	if (!c)
 	{
 		if (!*logged_down)
-			srv_log("WARNING", "notification listener cannot connect (%s); retrying every second",
-					why);
+			srv_log("WARNING",
+					"database %s: notification listener cannot connect (%s); retrying every "
+					"second",
+					db->name, why);
 		*logged_down = true;
 		return NULL;
 	}
 	r = PQexec(c, "LISTEN " SRV_NOTIFY_CHANNEL);
 	if (PQresultStatus(r) != PGRES_COMMAND_OK)
 	{
-		srv_log("WARNING", "LISTEN failed: %s", PQresultErrorMessage(r));
+		srv_log("WARNING", "database %s: LISTEN failed: %s", db->name, PQresultErrorMessage(r));
 		PQclear(r);
 		PQfinish(c);
 		return NULL;
 	}
 	PQclear(r);
 	if (*logged_down)
-		srv_log("LOG", "notification listener connected again");
+		srv_log("LOG", "database %s: notification listener connected again", db->name);
 	*logged_down = false;
-	sync_learn_site(c);
+	sync_learn_site(db, c);
 	return c;
 }
 
 /* poll_version reads sync_db_version(); -1 when the connection failed. */
 static int64_t
-poll_version(PGconn *c)
+poll_version(srv_db *db, PGconn *c)
 {
 	PGresult *r = PQexec(c, "SELECT sync_db_version()");
 	int64_t	  v = -1;
@@ -291,11 +332,12 @@ poll_version(PGconn *c)
 		v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
 	else if (PQstatus(c) == CONNECTION_OK)
 	{
-		static int64_t last_log;
+		static _Thread_local int64_t last_log;
 
 		if (srv_now_ms() - last_log > 60000)
 		{
-			srv_log("WARNING", "polling sync_db_version() failed: %s", PQresultErrorMessage(r));
+			srv_log("WARNING", "database %s: polling sync_db_version() failed: %s", db->name,
+					PQresultErrorMessage(r));
 			last_log = srv_now_ms();
 		}
 		v = 0;
@@ -304,56 +346,68 @@ poll_version(PGconn *c)
 	return v;
 }
 
+static void
+set_listening(srv_hub *h, bool up)
+{
+	pthread_mutex_lock(&h->mu);
+	h->listening = up;
+	pthread_mutex_unlock(&h->mu);
+}
+
 static void *
 listener_main(void *arg)
 {
-	PGconn *c = NULL;
-	bool	logged_down = false;
-	int64_t polled = -1, next_poll = 0;
+	srv_db	*db = arg;
+	srv_hub *h = db->hub;
+	PGconn	*c = NULL;
+	bool	 logged_down = false;
+	int64_t	 polled = -1, next_poll = 0;
+	int		 poll_ms = db->c.poll_ms;
 
-	(void) arg;
-	while (!threads_stop)
+	while (!__atomic_load_n(&h->threads_stop, __ATOMIC_RELAXED))
 	{
 		struct pollfd p[2];
 		int			  timeout, n;
 
 		if (!c)
 		{
-			if (!(c = listen_connect(&logged_down)))
+			if (!(c = listen_connect(db, &logged_down)))
 			{
-				if (!pause_ms(1000))
+				if (!pause_ms(h, 1000))
 					break;
 				continue;
 			}
+			set_listening(h, true);
 			polled = -1;
-			announce(0); /* we may have missed notifications */
+			announce(db, 0); /* we may have missed notifications */
 		}
-		if (cfg.poll_ms > 0 && srv_now_ms() >= next_poll)
+		if (poll_ms > 0 && srv_now_ms() >= next_poll)
 		{
-			int64_t v = poll_version(c);
+			int64_t v = poll_version(db, c);
 
-			next_poll = srv_now_ms() + cfg.poll_ms;
+			next_poll = srv_now_ms() + poll_ms;
 			if (v < 0)
 			{
+				set_listening(h, false);
 				PQfinish(c);
 				c = NULL;
 				continue;
 			}
 			if (polled >= 0 && v > polled)
-				announce(v);
+				announce(db, v);
 			if (v > polled)
 				polled = v;
 		}
 		/* notifications may have arrived with the poll's result */
 		PQconsumeInput(c);
 		for (PGnotify *nt; (nt = PQnotifies(c)) != NULL; PQfreemem(nt))
-			announce(strtoll(nt->extra, NULL, 10));
-		timeout = cfg.poll_ms > 0 ? (int) (next_poll - srv_now_ms()) : 1000;
+			announce(db, strtoll(nt->extra, NULL, 10));
+		timeout = poll_ms > 0 ? (int) (next_poll - srv_now_ms()) : 1000;
 		if (timeout < 0)
 			timeout = 0;
 		p[0].fd = PQsocket(c);
 		p[0].events = POLLIN;
-		p[1].fd = stop_fd;
+		p[1].fd = h->stop_fd;
 		p[1].events = POLLIN;
 		n = poll(p, 2, timeout);
 		if (n < 0 && errno != EINTR)
@@ -370,14 +424,16 @@ listener_main(void *arg)
 				for (char *q = why; *q; q++)
 					if (*q == '\n' || *q == '\t')
 						*q = ' ';
-				srv_log("WARNING", "notification listener lost its connection: %s", why);
+				srv_log("WARNING", "database %s: notification listener lost its connection: %s",
+						db->name, why);
 				logged_down = true;
+				set_listening(h, false);
 				PQfinish(c);
 				c = NULL;
 				continue;
 			}
 			for (PGnotify *nt; (nt = PQnotifies(c)) != NULL; PQfreemem(nt))
-				announce(strtoll(nt->extra, NULL, 10));
+				announce(db, strtoll(nt->extra, NULL, 10));
 		}
 	}
 	if (c)
@@ -386,35 +442,57 @@ listener_main(void *arg)
 }
 
 bool
-hub_start(void)
+hub_start(srv_db *db)
 {
-	stop_fd = eventfd(0, EFD_CLOEXEC);
-	if (stop_fd < 0)
+	srv_hub *h = calloc(1, sizeof *h);
+
+	if (!h)
 		return false;
-	if (pthread_create(&timer_tid, NULL, timer_main, NULL) != 0)
+	pthread_mutex_init(&h->mu, NULL);
+	pthread_cond_init(&h->timer_cv, NULL);
+	db->hub = h;
+	h->stop_fd = eventfd(0, EFD_CLOEXEC);
+	if (h->stop_fd < 0)
 		return false;
-	if (pthread_create(&listener_tid, NULL, listener_main, NULL) != 0)
+	if (pthread_create(&h->timer_tid, NULL, timer_main, db) != 0)
 		return false;
-	started = true;
+	if (pthread_create(&h->listener_tid, NULL, listener_main, db) != 0)
+	{
+		pthread_mutex_lock(&h->mu);
+		h->threads_stop = true;
+		pthread_cond_signal(&h->timer_cv);
+		pthread_mutex_unlock(&h->mu);
+		pthread_join(h->timer_tid, NULL);
+		return false;
+	}
+	h->started = true;
 	return true;
 }
 
 void
-hub_stop(void)
+hub_stop(srv_db *db)
 {
+	srv_hub *h = db->hub;
 	uint64_t one = 1;
 
-	if (!started)
+	if (!h)
 		return;
-	hub_release_all();
-	pthread_mutex_lock(&mu);
-	threads_stop = true;
-	pthread_cond_signal(&timer_cv);
-	pthread_mutex_unlock(&mu);
-	if (write(stop_fd, &one, sizeof one) < 0)
-		srv_log("WARNING", "cannot signal the listener thread: %s", strerror(errno));
-	pthread_join(timer_tid, NULL);
-	pthread_join(listener_tid, NULL);
-	close(stop_fd);
-	started = false;
+	if (h->started)
+	{
+		hub_release_all(db);
+		pthread_mutex_lock(&h->mu);
+		__atomic_store_n(&h->threads_stop, true, __ATOMIC_RELAXED);
+		pthread_cond_signal(&h->timer_cv);
+		pthread_mutex_unlock(&h->mu);
+		if (write(h->stop_fd, &one, sizeof one) < 0)
+			srv_log("WARNING", "cannot signal the listener thread: %s", strerror(errno));
+		pthread_join(h->timer_tid, NULL);
+		pthread_join(h->listener_tid, NULL);
+	}
+	if (h->stop_fd >= 0)
+		close(h->stop_fd);
+	pthread_mutex_destroy(&h->mu);
+	pthread_cond_destroy(&h->timer_cv);
+	free(h);
+	db->hub = NULL;
 }

@@ -1,13 +1,14 @@
 /*
  * main.c — pgsync-server start-up and shutdown.
  *
- * Start: settings, the connection pool (Postgres may still be down: the
- * server starts anyway and answers 503 until it is back), the hub (LISTEN
- * and long-poll timers), the WebSocket thread, then the HTTP daemon last so
- * that no request arrives before its dependencies exist. Stop (SIGTERM or
- * SIGINT) in the reverse order: stop accepting, release every parked
- * long-poll and WebSocket (libmicrohttpd must not be stopped with suspended
- * connections), stop the daemon, the hub, close the pool.
+ * Start: settings, then per database (db.c) its connection pool (Postgres
+ * may still be down: the server starts anyway and answers 503 until it is
+ * back), workers and hub (LISTEN and long-poll timers), the WebSocket
+ * thread, then the HTTP daemon last so that no request arrives before its
+ * dependencies exist. Stop (SIGTERM or SIGINT) in the reverse order: stop
+ * accepting, finish every parked long-poll, queued request and WebSocket
+ * (libmicrohttpd must not be stopped with suspended connections), stop the
+ * daemon, the databases' hubs, workers and pools.
  *
  * --version prints ours and the libraries'; --check-config reads and checks
  * every setting and file exactly as a start would, prints the result and
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <gnutls/gnutls.h>
 #include <microhttpd.h>
@@ -140,18 +142,30 @@ main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	raise_fd_limit();
 
-	if (!pool_start() || !hub_start() || !gc_start() || !ws_start() || !http_start())
+	if (!db_start_all() || !ws_start() || !http_start())
 	{
 		srv_log("FATAL", "start-up failed: see the messages above");
 		return 1;
 	}
-	srv_log("LOG",
-			SRV_NAME
-			" %s listening on %s://%s%s%s:%d (%s; database %s, pool %d, threads %d, roles %d)",
-			PGS_VERSION, tls_enabled() ? "https" : "http", strchr(cfg.listen, ':') ? "[" : "",
-			cfg.listen, strchr(cfg.listen, ':') ? "]" : "", cfg.port,
-			tls_enabled() ? tls_summary() : "plain HTTP", cfg.dbname, cfg.pool_size, cfg.threads,
-			cfg.nroles);
+	if (!cfg.sections)
+		srv_log("LOG",
+				SRV_NAME
+				" %s listening on %s://%s%s%s:%d (%s; database %s, pool %d, threads %d, roles %d)",
+				PGS_VERSION, tls_enabled() ? "https" : "http", strchr(cfg.listen, ':') ? "[" : "",
+				cfg.listen, strchr(cfg.listen, ':') ? "]" : "", cfg.port,
+				tls_enabled() ? tls_summary() : "plain HTTP", cfg.dbs[0].dbname,
+				cfg.dbs[0].c.pool_size, cfg.threads, cfg.dbs[0].c.nroles);
+	else
+	{
+		srv_log("LOG", SRV_NAME " %s listening on %s://%s%s%s:%d (%s; %d databases, threads %d)",
+				PGS_VERSION, tls_enabled() ? "https" : "http", strchr(cfg.listen, ':') ? "[" : "",
+				cfg.listen, strchr(cfg.listen, ':') ? "]" : "", cfg.port,
+				tls_enabled() ? tls_summary() : "plain HTTP", cfg.ndbs, cfg.threads);
+		for (int i = 0; i < cfg.ndbs; i++)
+			srv_log("LOG", "database %s: /db/%s/v1/... -> Postgres database %s (pool %d, roles %d)",
+					cfg.dbs[i].name, cfg.dbs[i].name, cfg.dbs[i].dbname, cfg.dbs[i].c.pool_size,
+					cfg.dbs[i].c.nroles);
+	}
 
 	for (;;)
 	{
@@ -165,10 +179,12 @@ main(int argc, char **argv)
 		break;
 	}
 	srv_log("LOG", "received %s, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
-	http_stop(); /* releases long-polls and WebSockets first */
-	hub_stop();
-	gc_stop();
-	pool_stop();
+	if (!http_stop()) /* releases long-polls, queued requests and WebSockets first */
+	{
+		srv_log("LOG", "stopped (a database did not answer)");
+		_exit(0);
+	}
+	db_stop_all();
 	ratelimit_stop();
 	config_free(&cfg);
 	srv_log("LOG", "stopped");

@@ -5,7 +5,12 @@
  * status class, so recording costs a few atomic adds and needs no lock; the
  * rendering reads the arrays without stopping writers (Prometheus tolerates
  * a counter read mid-request). Statuses outside the table are counted as
- * "other". Durations are kept in microseconds.
+ * "other". Durations are kept in microseconds. Every database has its own
+ * set. A server with [database] sections renders each with a
+ * database="NAME" label (last, after the others); requests that reach no
+ * database (an unknown route, /metrics) are counted with database="". A
+ * server with one database renders exactly what it did before sections
+ * existed: no database label, so dashboards and alerts keep working.
  */
 #include "server.h"
 
@@ -28,10 +33,36 @@ static const int64_t bounds[] = {500,	  1000,		2500,	  5000,	   10000,	25000,
 
 #define NBOUNDS (sizeof bounds / sizeof bounds[0])
 
-static atomic_ullong requests[EP_COUNT][NSTATUS + 1];
-static atomic_ullong hist[EP_COUNT][NBOUNDS + 1];
-static atomic_ullong hist_sum_us[EP_COUNT];
-static atomic_ullong bytes_in, bytes_out, applied, rejected, notifications, rate_limited;
+typedef struct srv_metrics
+{
+	atomic_ullong requests[EP_COUNT][NSTATUS + 1];
+	atomic_ullong hist[EP_COUNT][NBOUNDS + 1];
+	atomic_ullong hist_sum_us[EP_COUNT];
+	atomic_ullong bytes_in, bytes_out, applied, rejected, notifications, rate_limited;
+	atomic_ullong pulls_computed, pulls_answered;
+} srv_metrics;
+
+static srv_metrics nodb; /* requests without a database */
+
+static srv_metrics *
+of(srv_db *db)
+{
+	return db && db->m ? db->m : &nodb;
+}
+
+bool
+metrics_init(srv_db *db)
+{
+	db->m = calloc(1, sizeof(srv_metrics));
+	return db->m != NULL;
+}
+
+void
+metrics_free(srv_db *db)
+{
+	free(db->m);
+	db->m = NULL;
+}
 
 const char *
 metrics_endpoint_name(srv_endpoint ep)
@@ -40,9 +71,10 @@ metrics_endpoint_name(srv_endpoint ep)
 }
 
 void
-metrics_request(srv_endpoint ep, int status, int64_t usec)
+metrics_request(srv_db *db, srv_endpoint ep, int status, int64_t usec)
 {
-	size_t s = NSTATUS, b = NBOUNDS;
+	size_t		 s = NSTATUS, b = NBOUNDS;
+	srv_metrics *m = of(db);
 
 	if (ep < 0 || ep >= EP_COUNT)
 		ep = EP_OTHER;
@@ -57,36 +89,46 @@ metrics_request(srv_endpoint ep, int status, int64_t usec)
 			b = i;
 			break;
 		}
-	atomic_fetch_add_explicit(&requests[ep][s], 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&hist[ep][b], 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&hist_sum_us[ep], (unsigned long long) usec, memory_order_relaxed);
-}
-
-void
-metrics_bytes(uint64_t in, uint64_t out)
-{
-	atomic_fetch_add_explicit(&bytes_in, in, memory_order_relaxed);
-	atomic_fetch_add_explicit(&bytes_out, out, memory_order_relaxed);
-}
-
-void
-metrics_changes(int64_t a, int64_t r)
-{
-	atomic_fetch_add_explicit(&applied, (unsigned long long) (a > 0 ? a : 0), memory_order_relaxed);
-	atomic_fetch_add_explicit(&rejected, (unsigned long long) (r > 0 ? r : 0),
+	atomic_fetch_add_explicit(&m->requests[ep][s], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&m->hist[ep][b], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&m->hist_sum_us[ep], (unsigned long long) usec,
 							  memory_order_relaxed);
 }
 
 void
-metrics_notification(void)
+metrics_bytes(srv_db *db, uint64_t in, uint64_t out)
 {
-	atomic_fetch_add_explicit(&notifications, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&of(db)->bytes_in, in, memory_order_relaxed);
+	atomic_fetch_add_explicit(&of(db)->bytes_out, out, memory_order_relaxed);
 }
 
 void
-metrics_rate_limited(void)
+metrics_changes(srv_db *db, int64_t a, int64_t r)
 {
-	atomic_fetch_add_explicit(&rate_limited, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&of(db)->applied, (unsigned long long) (a > 0 ? a : 0),
+							  memory_order_relaxed);
+	atomic_fetch_add_explicit(&of(db)->rejected, (unsigned long long) (r > 0 ? r : 0),
+							  memory_order_relaxed);
+}
+
+void
+metrics_notification(srv_db *db)
+{
+	atomic_fetch_add_explicit(&of(db)->notifications, 1, memory_order_relaxed);
+}
+
+void
+metrics_rate_limited(srv_db *db)
+{
+	atomic_fetch_add_explicit(&of(db)->rate_limited, 1, memory_order_relaxed);
+}
+
+void
+metrics_pull_computed(srv_db *db, int answered)
+{
+	atomic_fetch_add_explicit(&of(db)->pulls_computed, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&of(db)->pulls_answered, (unsigned long long) answered,
+							  memory_order_relaxed);
 }
 
 typedef struct out
@@ -142,95 +184,151 @@ get(atomic_ullong *a)
 	return atomic_load_explicit(a, memory_order_relaxed);
 }
 
+/* label: ,database="NAME" after other labels (lone: {database="NAME"}), or
+ * nothing with one database. */
+static const char *
+label(char *buf, size_t n, const char *name, bool lone)
+{
+	if (!cfg.sections)
+		return "";
+	snprintf(buf, n, lone ? "{database=\"%s\"}" : ",database=\"%s\"", name);
+	return buf;
+}
+
+/* counter: one line per database of the counter at offset off of srv_metrics. */
+static void
+counter(out *o, const char *name, const char *help, size_t off)
+{
+	char lb[SRV_DBNAME_MAX + 20];
+
+	put(o, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+	for (int d = 0; d < cfg.ndbs; d++)
+		put(o, "%s%s %llu\n", name, label(lb, sizeof lb, cfg.dbs[d].name, true),
+			get((atomic_ullong *) ((char *) cfg.dbs[d].m + off)));
+}
+
 char *
 metrics_render(size_t *len)
 {
-	out o = {.p = malloc(16384), .cap = 16384};
-	int idle, busy, closed;
+	out			o = {.p = malloc(16384), .cap = 16384};
+	int			nm = cfg.ndbs + 1;
+	srv_metrics *ms[SRV_MAX_DBS + 1];
+	const char *names[SRV_MAX_DBS + 1];
+	char		lb[SRV_DBNAME_MAX + 20];
 
 	if (!o.p)
 		return NULL;
 	o.p[0] = '\0';
+	for (int d = 0; d < cfg.ndbs; d++)
+	{
+		ms[d] = of(&cfg.dbs[d]);
+		names[d] = cfg.dbs[d].name;
+	}
+	ms[cfg.ndbs] = &nodb;
+	names[cfg.ndbs] = "";
+	if (!cfg.sections)
+		nm = 1; /* one database: everything is counted there */
 	put(&o, "# HELP pgsync_requests_total HTTP requests by endpoint and status.\n"
 			"# TYPE pgsync_requests_total counter\n");
-	for (int e = 0; e < EP_COUNT; e++)
-		for (size_t s = 0; s <= NSTATUS; s++)
-		{
-			unsigned long long v = get(&requests[e][s]);
+	for (int d = 0; d < nm; d++)
+		for (int e = 0; e < EP_COUNT; e++)
+			for (size_t s = 0; s <= NSTATUS; s++)
+			{
+				unsigned long long v = get(&ms[d]->requests[e][s]);
 
-			if (!v)
-				continue;
-			if (s < NSTATUS)
-				put(&o, "pgsync_requests_total{endpoint=\"%s\",status=\"%d\"} %llu\n", ep_names[e],
-					statuses[s], v);
-			else
-				put(&o, "pgsync_requests_total{endpoint=\"%s\",status=\"other\"} %llu\n",
-					ep_names[e], v);
-		}
+				if (!v)
+					continue;
+				if (s < NSTATUS)
+					put(&o, "pgsync_requests_total{endpoint=\"%s\",status=\"%d\"%s} %llu\n",
+						ep_names[e], statuses[s], label(lb, sizeof lb, names[d], false), v);
+				else
+					put(&o, "pgsync_requests_total{endpoint=\"%s\",status=\"other\"%s} %llu\n",
+						ep_names[e], label(lb, sizeof lb, names[d], false), v);
+			}
 	put(&o,
 		"# HELP pgsync_request_duration_seconds Request duration (long-polls include the wait).\n"
 		"# TYPE pgsync_request_duration_seconds histogram\n");
-	for (int e = 0; e < EP_COUNT; e++)
-	{
-		unsigned long long cum = 0;
-
-		for (size_t b = 0; b <= NBOUNDS; b++)
+	for (int d = 0; d < nm; d++)
+		for (int e = 0; e < EP_COUNT; e++)
 		{
-			cum += get(&hist[e][b]);
-			if (b < NBOUNDS)
-				put(&o, "pgsync_request_duration_seconds_bucket{endpoint=\"%s\",le=\"%g\"} %llu\n",
-					ep_names[e], (double) bounds[b] / 1e6, cum);
-			else
-				put(&o,
-					"pgsync_request_duration_seconds_bucket{endpoint=\"%s\",le=\"+Inf\"} %llu\n",
-					ep_names[e], cum);
+			unsigned long long cum = 0;
+
+			if (d == cfg.ndbs && e != EP_OTHER && e != EP_METRICS && e != EP_HEALTHZ)
+				continue; /* only these reach no database */
+			if (d < cfg.ndbs && cfg.sections && e == EP_METRICS)
+				continue; /* /metrics is the server's */
+			for (size_t b = 0; b <= NBOUNDS; b++)
+			{
+				cum += get(&ms[d]->hist[e][b]);
+				if (b < NBOUNDS)
+					put(&o,
+						"pgsync_request_duration_seconds_bucket{endpoint=\"%s\",le=\"%g\"%s} "
+						"%llu\n",
+						ep_names[e], (double) bounds[b] / 1e6,
+						label(lb, sizeof lb, names[d], false), cum);
+				else
+					put(&o,
+						"pgsync_request_duration_seconds_bucket{endpoint=\"%s\",le=\"+Inf\"%s} "
+						"%llu\n",
+						ep_names[e], label(lb, sizeof lb, names[d], false), cum);
+			}
+			put(&o, "pgsync_request_duration_seconds_sum{endpoint=\"%s\"%s} %.6f\n", ep_names[e],
+				label(lb, sizeof lb, names[d], false), (double) get(&ms[d]->hist_sum_us[e]) / 1e6);
+			put(&o, "pgsync_request_duration_seconds_count{endpoint=\"%s\"%s} %llu\n",
+				ep_names[e], label(lb, sizeof lb, names[d], false), cum);
 		}
-		put(&o, "pgsync_request_duration_seconds_sum{endpoint=\"%s\"} %.6f\n", ep_names[e],
-			(double) get(&hist_sum_us[e]) / 1e6);
-		put(&o, "pgsync_request_duration_seconds_count{endpoint=\"%s\"} %llu\n", ep_names[e], cum);
+	counter(&o, "pgsync_payload_bytes_in_total", "Payload bytes received by pushes.",
+			offsetof(srv_metrics, bytes_in));
+	counter(&o, "pgsync_payload_bytes_out_total", "Payload bytes sent by pulls.",
+			offsetof(srv_metrics, bytes_out));
+	counter(&o, "pgsync_changes_applied_total", "Changes that won the merge on the server.",
+			offsetof(srv_metrics, applied));
+	counter(&o, "pgsync_changes_rejected_total",
+			"Rows refused by row-level security or privileges.", offsetof(srv_metrics, rejected));
+	counter(&o, "pgsync_notifications_total",
+			"Change notifications heard (NOTIFY or version poll).",
+			offsetof(srv_metrics, notifications));
+	counter(&o, "pgsync_rate_limited_total", "Requests refused with 429.",
+			offsetof(srv_metrics, rate_limited));
+	counter(&o, "pgsync_pulls_computed_total",
+			"Pulls computed by Postgres (one may answer many waiting devices).",
+			offsetof(srv_metrics, pulls_computed));
+	counter(&o, "pgsync_pulls_answered_total", "Pull requests answered by those computations.",
+			offsetof(srv_metrics, pulls_answered));
+	put(&o, "# HELP pgsync_clients_connected Clients holding a connection open.\n"
+			"# TYPE pgsync_clients_connected gauge\n");
+	for (int d = 0; d < cfg.ndbs; d++)
+	{
+		put(&o, "pgsync_clients_connected{kind=\"longpoll\"%s} %d\n",
+			label(lb, sizeof lb, names[d], false), hub_waiting(&cfg.dbs[d]));
+		put(&o, "pgsync_clients_connected{kind=\"websocket\"%s} %d\n",
+			label(lb, sizeof lb, names[d], false), atomic_load(&cfg.dbs[d].ws_clients));
 	}
-	put(&o,
-		"# HELP pgsync_payload_bytes_in_total Payload bytes received by pushes.\n"
-		"# TYPE pgsync_payload_bytes_in_total counter\npgsync_payload_bytes_in_total %llu\n",
-		get(&bytes_in));
-	put(&o,
-		"# HELP pgsync_payload_bytes_out_total Payload bytes sent by pulls.\n"
-		"# TYPE pgsync_payload_bytes_out_total counter\npgsync_payload_bytes_out_total %llu\n",
-		get(&bytes_out));
-	put(&o,
-		"# HELP pgsync_changes_applied_total Changes that won the merge on the server.\n"
-		"# TYPE pgsync_changes_applied_total counter\npgsync_changes_applied_total %llu\n",
-		get(&applied));
-	put(&o,
-		"# HELP pgsync_changes_rejected_total Rows refused by row-level security or privileges.\n"
-		"# TYPE pgsync_changes_rejected_total counter\npgsync_changes_rejected_total %llu\n",
-		get(&rejected));
-	put(&o,
-		"# HELP pgsync_notifications_total Change notifications heard (NOTIFY or version poll).\n"
-		"# TYPE pgsync_notifications_total counter\npgsync_notifications_total %llu\n",
-		get(&notifications));
-	put(&o,
-		"# HELP pgsync_rate_limited_total Requests refused with 429.\n"
-		"# TYPE pgsync_rate_limited_total counter\npgsync_rate_limited_total %llu\n",
-		get(&rate_limited));
-	put(&o,
-		"# HELP pgsync_clients_connected Clients holding a connection open.\n"
-		"# TYPE pgsync_clients_connected gauge\n"
-		"pgsync_clients_connected{kind=\"longpoll\"} "
-		"%d\npgsync_clients_connected{kind=\"websocket\"} %d\n",
-		hub_waiting(), ws_clients());
-	pool_counts(&idle, &busy, &closed);
-	put(&o,
-		"# HELP pgsync_pg_pool_connections Pooled Postgres connections by state.\n"
-		"# TYPE pgsync_pg_pool_connections gauge\n"
-		"pgsync_pg_pool_connections{state=\"idle\"} %d\npgsync_pg_pool_connections{state=\"busy\"} "
-		"%d\n"
-		"pgsync_pg_pool_connections{state=\"closed\"} %d\n",
-		idle, busy, closed);
-	put(&o,
-		"# HELP pgsync_server_version Highest change version announced to this process.\n"
-		"# TYPE pgsync_server_version gauge\npgsync_server_version %lld\n",
-		(long long) hub_version());
+	put(&o, "# HELP pgsync_pg_pool_connections Pooled Postgres connections by state.\n"
+			"# TYPE pgsync_pg_pool_connections gauge\n");
+	for (int d = 0; d < cfg.ndbs; d++)
+	{
+		int idle, busy, closed;
+
+		pool_counts(&cfg.dbs[d], &idle, &busy, &closed);
+		label(lb, sizeof lb, names[d], false);
+		put(&o,
+			"pgsync_pg_pool_connections{state=\"idle\"%s} %d\n"
+			"pgsync_pg_pool_connections{state=\"busy\"%s} %d\n"
+			"pgsync_pg_pool_connections{state=\"closed\"%s} %d\n",
+			cfg.sections ? lb : "", idle, cfg.sections ? lb : "", busy, cfg.sections ? lb : "",
+			closed);
+	}
+	put(&o, "# HELP pgsync_queued_requests Requests waiting for a Postgres connection.\n"
+			"# TYPE pgsync_queued_requests gauge\n");
+	for (int d = 0; d < cfg.ndbs; d++)
+		put(&o, "pgsync_queued_requests%s %d\n", label(lb, sizeof lb, names[d], true),
+			work_queued(&cfg.dbs[d]));
+	put(&o, "# HELP pgsync_server_version Highest change version announced to this process.\n"
+			"# TYPE pgsync_server_version gauge\n");
+	for (int d = 0; d < cfg.ndbs; d++)
+		put(&o, "pgsync_server_version%s %lld\n", label(lb, sizeof lb, names[d], true),
+			(long long) hub_version(&cfg.dbs[d]));
 	if (o.oom)
 	{
 		free(o.p);

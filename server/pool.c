@@ -11,6 +11,9 @@
  * connect timeout. Connections are opened with statement_timeout and an
  * application_name, and with notices silenced (sync_apply_payload's
  * "rows were rejected" WARNING is read through sync_rejections() instead).
+ * Each database has a pool of its own (its pool_size); the worker threads
+ * of work.c are as many as its slots, so in practice an acquire finds a
+ * free slot at once and the waiting happens in the job queue.
  */
 #include "server.h"
 
@@ -26,13 +29,16 @@ typedef struct slot
 	bool	busy;
 } slot;
 
-static slot			  *slots;
-static int			   nslots;
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t  freed = PTHREAD_COND_INITIALIZER;
-static int64_t		   down_until;
-static int64_t		   down_logged; /* when "cannot connect" was last logged */
-static char			   down_why[256];
+typedef struct srv_pool
+{
+	slot		   *slots;
+	int				nslots;
+	pthread_mutex_t mu;
+	pthread_cond_t	freed;
+	int64_t			down_until;
+	int64_t			down_logged; /* when "cannot connect" was last logged */
+	char			down_why[256];
+} srv_pool;
 
 static void
 quiet(void *arg, const char *message)
@@ -42,15 +48,15 @@ quiet(void *arg, const char *message)
 
 /* pool_connect opens one connection; NULL with the reason in why. */
 PGconn *
-pool_connect(char *why, size_t whylen)
+pool_connect(srv_db *db, char *why, size_t whylen)
 {
 	char		ct[16], opts[64];
 	const char *keys[] = {"dbname", "connect_timeout", "application_name", "options", NULL};
-	const char *vals[] = {cfg.database ? cfg.database : "", ct, SRV_NAME, opts, NULL};
+	const char *vals[] = {db->c.database ? db->c.database : "", ct, SRV_NAME, opts, NULL};
 	PGconn	   *conn;
 
-	snprintf(ct, sizeof ct, "%d", cfg.connect_timeout);
-	snprintf(opts, sizeof opts, "-c statement_timeout=%d", cfg.statement_timeout_ms);
+	snprintf(ct, sizeof ct, "%d", db->c.connect_timeout);
+	snprintf(opts, sizeof opts, "-c statement_timeout=%d", db->c.statement_timeout_ms);
 	conn = PQconnectdbParams(keys, vals, 1);
 	if (!conn)
 	{
@@ -75,103 +81,136 @@ pool_connect(char *why, size_t whylen)
 }
 
 bool
-pool_start(void)
+pool_start(srv_db *db)
 {
-	char	why[256];
-	PGconn *first;
+	char	  why[256];
+	PGconn	 *first;
+	srv_pool *p = calloc(1, sizeof *p);
 
-	nslots = cfg.pool_size;
-	slots = calloc((size_t) nslots, sizeof(slot));
-	if (!slots)
+	if (!p)
 		return false;
+	pthread_mutex_init(&p->mu, NULL);
+	pthread_cond_init(&p->freed, NULL);
+	p->nslots = db->c.pool_size;
+	p->slots = calloc((size_t) p->nslots, sizeof(slot));
+	if (!p->slots)
+	{
+		free(p);
+		return false;
+	}
+	db->pool = p;
 	/* one eager connection: fail loudly on a wrong conninfo, but start anyway */
-	first = pool_connect(why, sizeof why);
+	first = pool_connect(db, why, sizeof why);
 	if (first)
 	{
-		slots[0].conn = first;
-		sync_learn_site(first);
+		p->slots[0].conn = first;
+		sync_learn_site(db, first);
 	}
 	else
+	{
+		p->down_logged = srv_now_ms();
 		srv_log("WARNING",
-				"cannot connect to Postgres yet (%s); answering 503 until it is reachable", why);
+				"database %s: cannot connect to Postgres yet (%s); answering 503 until it is "
+				"reachable",
+				db->name, why);
+	}
 	return true;
 }
 
 void
-pool_stop(void)
+pool_stop(srv_db *db)
 {
-	pthread_mutex_lock(&mu);
-	for (int i = 0; i < nslots; i++)
-		if (slots[i].conn && !slots[i].busy)
+	srv_pool *p = db->pool;
+
+	if (!p)
+		return;
+	pthread_mutex_lock(&p->mu);
+	for (int i = 0; i < p->nslots; i++)
+		if (p->slots[i].conn && !p->slots[i].busy)
 		{
-			PQfinish(slots[i].conn);
-			slots[i].conn = NULL;
+			PQfinish(p->slots[i].conn);
+			p->slots[i].conn = NULL;
 		}
-	pthread_mutex_unlock(&mu);
-	free(slots);
-	slots = NULL;
-	nslots = 0;
+	pthread_mutex_unlock(&p->mu);
+	free(p->slots);
+	pthread_mutex_destroy(&p->mu);
+	pthread_cond_destroy(&p->freed);
+	free(p);
+	db->pool = NULL;
 }
 
 static void
-give_back(slot *s)
+give_back(srv_pool *p, slot *s)
 {
-	pthread_mutex_lock(&mu);
+	pthread_mutex_lock(&p->mu);
 	s->busy = false;
-	pthread_cond_signal(&freed);
-	pthread_mutex_unlock(&mu);
+	pthread_cond_signal(&p->freed);
+	pthread_mutex_unlock(&p->mu);
+}
+
+bool
+pool_down(srv_db *db)
+{
+	srv_pool *p = db->pool;
+	bool	  down;
+
+	pthread_mutex_lock(&p->mu);
+	down = p->down_logged != 0;
+	pthread_mutex_unlock(&p->mu);
+	return down;
 }
 
 PGconn *
-pool_acquire(srv_error *e)
+pool_acquire(srv_db *db, srv_error *e)
 {
 	struct timespec until;
 	slot		   *s = NULL;
 	int64_t			now;
 	char			why[256];
+	srv_pool	   *p = db->pool;
 
 	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += cfg.pool_wait_ms / 1000;
-	until.tv_nsec += (long) (cfg.pool_wait_ms % 1000) * 1000000L;
+	until.tv_sec += db->c.pool_wait_ms / 1000;
+	until.tv_nsec += (long) (db->c.pool_wait_ms % 1000) * 1000000L;
 	if (until.tv_nsec >= 1000000000L)
 	{
 		until.tv_sec++;
 		until.tv_nsec -= 1000000000L;
 	}
-	pthread_mutex_lock(&mu);
+	pthread_mutex_lock(&p->mu);
 	for (;;)
 	{
 		/* prefer a slot that already holds a connection */
-		for (int i = 0; i < nslots && !s; i++)
-			if (!slots[i].busy && slots[i].conn)
-				s = &slots[i];
-		for (int i = 0; i < nslots && !s; i++)
-			if (!slots[i].busy)
-				s = &slots[i];
+		for (int i = 0; i < p->nslots && !s; i++)
+			if (!p->slots[i].busy && p->slots[i].conn)
+				s = &p->slots[i];
+		for (int i = 0; i < p->nslots && !s; i++)
+			if (!p->slots[i].busy)
+				s = &p->slots[i];
 		if (s)
 			break;
-		if (pthread_cond_timedwait(&freed, &mu, &until) != 0)
+		if (pthread_cond_timedwait(&p->freed, &p->mu, &until) != 0)
 		{
-			pthread_mutex_unlock(&mu);
+			pthread_mutex_unlock(&p->mu);
 			srv_fail(e, 503, "server busy", "Retry after a moment; operators can raise pool_size.",
-					 "All %d Postgres connections stayed busy for %d ms.", nslots,
-					 cfg.pool_wait_ms);
+					 "All %d Postgres connections stayed busy for %d ms.", p->nslots,
+					 db->c.pool_wait_ms);
 			return NULL;
 		}
 	}
 	s->busy = true;
 	now = srv_now_ms();
-	if (!s->conn && now < down_until)
+	if (!s->conn && now < p->down_until)
 	{
-		snprintf(why, sizeof why, "%s", down_why);
-		pthread_mutex_unlock(&mu);
-		give_back(s);
+		snprintf(why, sizeof why, "%s", p->down_why);
+		pthread_mutex_unlock(&p->mu);
+		give_back(p, s);
 		srv_fail(e, 503, "database unavailable",
 				 "Retry with backoff; the server reconnects by itself.",
 				 "PostgreSQL is not reachable: %s", why);
 		return NULL;
 	}
-	pthread_mutex_unlock(&mu);
+	pthread_mutex_unlock(&p->mu);
 
 	if (s->conn && PQstatus(s->conn) != CONNECTION_OK)
 	{
@@ -180,40 +219,43 @@ pool_acquire(srv_error *e)
 	}
 	if (!s->conn)
 	{
-		s->conn = pool_connect(why, sizeof why);
+		s->conn = pool_connect(db, why, sizeof why);
 		if (!s->conn)
 		{
-			pthread_mutex_lock(&mu);
-			if (!down_logged || srv_now_ms() - down_logged > 30000)
+			pthread_mutex_lock(&p->mu);
+			if (!p->down_logged || srv_now_ms() - p->down_logged > 30000)
 			{
 				srv_log("WARNING",
-						"cannot connect to Postgres: %s (answering 503 until it is back)", why);
-				down_logged = srv_now_ms();
+						"database %s: cannot connect to Postgres: %s (answering 503 until it is "
+						"back)",
+						db->name, why);
+				p->down_logged = srv_now_ms();
 			}
-			down_until = srv_now_ms() + 1000;
-			snprintf(down_why, sizeof down_why, "%s", why);
-			pthread_mutex_unlock(&mu);
-			give_back(s);
+			p->down_until = srv_now_ms() + 1000;
+			snprintf(p->down_why, sizeof p->down_why, "%s", why);
+			pthread_mutex_unlock(&p->mu);
+			give_back(p, s);
 			srv_fail(e, 503, "database unavailable",
 					 "Retry with backoff; the server reconnects by itself.",
 					 "PostgreSQL is not reachable: %s", why);
 			return NULL;
 		}
-		pthread_mutex_lock(&mu);
-		if (down_logged)
-			srv_log("LOG", "connected to Postgres again");
-		down_until = 0;
-		down_logged = 0;
-		pthread_mutex_unlock(&mu);
-		sync_learn_site(s->conn);
+		pthread_mutex_lock(&p->mu);
+		if (p->down_logged)
+			srv_log("LOG", "database %s: connected to Postgres again", db->name);
+		p->down_until = 0;
+		p->down_logged = 0;
+		pthread_mutex_unlock(&p->mu);
+		sync_learn_site(db, s->conn);
 	}
 	return s->conn;
 }
 
 void
-pool_release(PGconn *conn, bool broken)
+pool_release(srv_db *db, PGconn *conn, bool broken)
 {
-	slot *s = NULL;
+	slot	 *s = NULL;
+	srv_pool *p = db->pool;
 
 	if (!conn)
 		return;
@@ -227,35 +269,39 @@ pool_release(PGconn *conn, bool broken)
 	}
 	if (PQstatus(conn) != CONNECTION_OK)
 		broken = true;
-	pthread_mutex_lock(&mu);
-	for (int i = 0; i < nslots && !s; i++)
-		if (slots[i].conn == conn)
-			s = &slots[i];
+	pthread_mutex_lock(&p->mu);
+	for (int i = 0; i < p->nslots && !s; i++)
+		if (p->slots[i].conn == conn)
+			s = &p->slots[i];
 	if (s && broken)
 		s->conn = NULL;
 	if (s)
 	{
 		s->busy = false;
-		pthread_cond_signal(&freed);
+		pthread_cond_signal(&p->freed);
 	}
-	pthread_mutex_unlock(&mu);
+	pthread_mutex_unlock(&p->mu);
 	if (broken || !s)
 		PQfinish(conn);
 }
 
 void
-pool_counts(int *idle, int *busy, int *broken)
+pool_counts(srv_db *db, int *idle, int *busy, int *broken)
 {
+	srv_pool *p = db->pool;
+
 	*idle = *busy = *broken = 0;
-	pthread_mutex_lock(&mu);
-	for (int i = 0; i < nslots; i++)
+	if (!p)
+		return;
+	pthread_mutex_lock(&p->mu);
+	for (int i = 0; i < p->nslots; i++)
 	{
-		if (slots[i].busy)
+		if (p->slots[i].busy)
 			(*busy)++;
-		else if (slots[i].conn)
+		else if (p->slots[i].conn)
 			(*idle)++;
 		else
 			(*broken)++;
 	}
-	pthread_mutex_unlock(&mu);
+	pthread_mutex_unlock(&p->mu);
 }

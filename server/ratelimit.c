@@ -8,11 +8,13 @@
  * have refilled completely (idle clients) are dropped, which loses nothing
  * since a full bucket is the same as no bucket. The limit is per server
  * process; with N processes behind a balancer a subject gets up to N times
- * the rate, which is the usual trade-off of a stateless service.
+ * the rate, which is the usual trade-off of a stateless service. Each
+ * database has its own rate and buckets (the key includes the database).
  */
 #include "server.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,10 +23,11 @@
 
 typedef struct bucket
 {
-	struct bucket *next;
-	double		   tokens;
-	int64_t		   last_ms;
-	char		   key[];
+	struct bucket	 *next;
+	const srv_dbconf *c; /* the database's rate_limit and rate_burst */
+	double			  tokens;
+	int64_t			  last_ms;
+	char			  key[];
 } bucket;
 
 static bucket		  *table[NBUCKETS];
@@ -44,9 +47,9 @@ hash(const char *s)
 static void
 refill(bucket *b, int64_t now)
 {
-	b->tokens += (double) (now - b->last_ms) * cfg.rate_limit / 1000.0;
-	if (b->tokens > cfg.rate_burst)
-		b->tokens = cfg.rate_burst;
+	b->tokens += (double) (now - b->last_ms) * b->c->rate_limit / 1000.0;
+	if (b->tokens > b->c->rate_burst)
+		b->tokens = b->c->rate_burst;
 	b->last_ms = now;
 }
 
@@ -58,7 +61,7 @@ prune(int64_t now)
 		for (bucket **pp = &table[i]; *pp;)
 		{
 			refill(*pp, now);
-			if ((*pp)->tokens >= cfg.rate_burst)
+			if ((*pp)->tokens >= (*pp)->c->rate_burst)
 			{
 				bucket *dead = *pp;
 
@@ -72,16 +75,18 @@ prune(int64_t now)
 }
 
 bool
-ratelimit_take(const char *key, int *retry_after)
+ratelimit_take(const srv_db *db, const char *subject, int *retry_after)
 {
 	int64_t	 now;
 	unsigned h;
 	bucket	*b;
 	bool	 ok;
+	char	 key[SRV_DBNAME_MAX + 240];
 
 	*retry_after = 0;
-	if (cfg.rate_limit <= 0)
+	if (db->c.rate_limit <= 0)
 		return true;
+	snprintf(key, sizeof key, "%d/%s", db->index, subject);
 	now = srv_now_ms();
 	h = hash(key);
 	pthread_mutex_lock(&mu);
@@ -98,7 +103,8 @@ ratelimit_take(const char *key, int *retry_after)
 			return true; /* fail open: better than refusing everyone */
 		}
 		strcpy(b->key, key);
-		b->tokens = cfg.rate_burst;
+		b->c = &db->c;
+		b->tokens = db->c.rate_burst;
 		b->last_ms = now;
 		b->next = table[h];
 		table[h] = b;
@@ -110,7 +116,7 @@ ratelimit_take(const char *key, int *retry_after)
 		b->tokens -= 1.0;
 	else
 	{
-		double s = (1.0 - b->tokens) / cfg.rate_limit;
+		double s = (1.0 - b->tokens) / db->c.rate_limit;
 
 		*retry_after = s < 1 ? 1 : (int) (s + 0.999);
 	}

@@ -22,54 +22,91 @@
  * first used it and refuses another principal's (403). Every request is
  * idempotent, so a connection that broke under us is retried once on a
  * fresh connection, serialization failures and deadlocks up to 3 times.
+ *
+ * Group pull (the long-polls one push wakes, work.c groups them): devices
+ * of one principal pulling as one role with the same claims, since and
+ * generation share one computation, 3 round trips for all of them:
+ *   BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sync_device('<first>', ...);
+ *   SET LOCAL ROLE "r"; SELECT set_config(...);
+ *   SELECT payload, until, served FROM sync_pull_group($since, $max_rows, $gen, $devices);
+ *   COMMIT;
+ * served[i] says the payload is exactly device i's pull (pg_ext/pg_view.c);
+ * the others pull alone. The one place the server looks into a payload is
+ * not here: sync_pull_group decides, inside Postgres. Requests without a
+ * device (no exclude) have identical inputs, so one sync_pull answers all.
  */
 #include "server.h"
 
 #include "core/pgsync.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 
-static pthread_mutex_t site_mu = PTHREAD_MUTEX_INITIALIZER;
-static char			   server_site[37];
-
-const char *
-sync_server_site(void)
+void
+sync_server_site(srv_db *db, char out[37])
 {
-	static __thread char copy[37];
-
-	pthread_mutex_lock(&site_mu);
-	memcpy(copy, server_site, sizeof copy);
-	pthread_mutex_unlock(&site_mu);
-	return copy;
+	pthread_mutex_lock(&db->site_mu);
+	memcpy(out, db->server_site, 37);
+	pthread_mutex_unlock(&db->site_mu);
 }
 
 void
-sync_learn_site(PGconn *conn)
+sync_learn_site(srv_db *db, PGconn *conn)
 {
 	PGresult *r;
 
-	pthread_mutex_lock(&site_mu);
-	if (server_site[0])
+	pthread_mutex_lock(&db->site_mu);
+	if (db->server_site[0])
 	{
-		pthread_mutex_unlock(&site_mu);
+		pthread_mutex_unlock(&db->site_mu);
 		return;
 	}
-	pthread_mutex_unlock(&site_mu);
+	pthread_mutex_unlock(&db->site_mu);
 	r = PQexec(conn, "SELECT sync_site_id()::text");
 	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetlength(r, 0, 0) == 36)
 	{
-		pthread_mutex_lock(&site_mu);
-		memcpy(server_site, PQgetvalue(r, 0, 0), 36);
-		server_site[36] = '\0';
-		pthread_mutex_unlock(&site_mu);
+		pthread_mutex_lock(&db->site_mu);
+		memcpy(db->server_site, PQgetvalue(r, 0, 0), 36);
+		db->server_site[36] = '\0';
+		pthread_mutex_unlock(&db->site_mu);
 	}
 	else
-		srv_log("WARNING", "cannot read sync_site_id(): %s", PQresultErrorMessage(r));
+		srv_log("WARNING", "database %s: cannot read sync_site_id(): %s", db->name,
+				PQresultErrorMessage(r));
 	PQclear(r);
+}
+
+void
+pull_share_unref(pull_share *p)
+{
+	if (p && atomic_fetch_sub(&p->refs, 1) == 1)
+	{
+		PQclear(p->res);
+		free(p->more);
+		free(p);
+	}
+}
+
+/* share_of: a pull_share owning res (its payload in column 0), or NULL. */
+static pull_share *
+share_of(PGresult *res, int64_t cursor, int32_t gen)
+{
+	pull_share *p = calloc(1, sizeof *p);
+
+	if (!p)
+		return NULL;
+	atomic_init(&p->refs, 1);
+	p->res = res;
+	p->payload = (const uint8_t *) PQgetvalue(res, 0, 0);
+	p->len = (size_t) PQgetlength(res, 0, 0);
+	p->cursor = cursor;
+	p->gen = gen;
+	p->rows_total = -1;
+	return p;
 }
 
 static bool
@@ -349,18 +386,19 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 }
 
 bool
-sync_push(const auth_info *a, const uint8_t *body, size_t len, push_result *out, srv_error *e)
+sync_push(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_result *out,
+		  srv_error *e)
 {
 	memset(out, 0, sizeof *out);
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
-		PGconn *conn = pool_acquire(e);
+		PGconn *conn = pool_acquire(db, e);
 		bool	broken = false, retry = false, ok;
 
 		if (!conn)
 			return false;
 		ok = push_once(conn, a, body, len, out, &broken, &retry, e);
-		pool_release(conn, broken);
+		pool_release(db, conn, broken);
 		if (ok)
 			return true;
 		/* a lost connection is retried once, a serialization failure 3 times */
@@ -387,42 +425,51 @@ be64(const char *p)
  * pull_once: the device's view from sync_pull, in one REPEATABLE READ
  * transaction (3 round trips). The cursor of the next chunk is the hex of
  * the sealed cursor sync_pull returns (the server never looks inside).
+ * *out is set when there is a payload; *cursor and *gen are the next since
+ * and the view's generation.
  */
 static bool
-pull_once(PGconn *conn, const auth_info *a, int64_t since, int32_t gen, const char *exclude,
-		  uint32_t max_rows, const uint8_t *sealed, size_t sealed_len, pull_result *out,
+pull_once(PGconn *conn, const srv_job *j, pull_share **out, int64_t *cursor, int32_t *gen,
 		  bool *broken, bool *retry, srv_error *e)
 {
 	char		sincebuf[24], rowsbuf[16], genbuf[16];
-	const char *vals[4] = {sincebuf, rowsbuf, (const char *) sealed, genbuf};
-	int			lens[4] = {0, 0, (int) sealed_len, 0};
+	const char *vals[4] = {sincebuf, rowsbuf, (const char *) j->sealed, genbuf};
+	int			lens[4] = {0, 0, (int) j->sealed_len, 0};
 	int			fmts[4] = {0, 0, 1, 0};
 	PGresult   *p, *r;
+	bool		first;
 
-	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) since);
-	snprintf(rowsbuf, sizeof rowsbuf, "%u", max_rows);
-	snprintf(genbuf, sizeof genbuf, "%d", (int) gen);
-	if (!begin_for(conn, a, exclude, true, broken, retry, e))
+	*out = NULL;
+	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) j->since);
+	snprintf(rowsbuf, sizeof rowsbuf, "%u", j->max_rows);
+	snprintf(genbuf, sizeof genbuf, "%d", (int) j->gen);
+	if (!begin_for(conn, j->auth, j->exclude, true, broken, retry, e))
 		return false;
+	/* a first sync (from 0) also counts the rows it will send, in the same
+	 * snapshot, for the device's progress (X-Pgsync-Rows-Total) */
+	first = j->since == 0 && !j->sealed;
 	p = checked(conn,
 				PQexecParams(conn,
-							 "SELECT payload, next_cursor, until, gen FROM "
-							 "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
+							 first ? "SELECT payload, next_cursor, until, gen, sync_pull_total() "
+									 "FROM sync_pull($1::bigint, $2::int, $3::bytea, $4::int)"
+								   : "SELECT payload, next_cursor, until, gen FROM "
+									 "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
 							 4, NULL, vals, lens, fmts, 1),
 				"sync_pull", broken, retry, e);
 	if (!p)
 		return false;
-	if (PQntuples(p) != 1 || PQgetlength(p, 0, 2) != 8 || PQgetlength(p, 0, 3) != 4)
+	if (PQntuples(p) != 1 || PQgetlength(p, 0, 2) != 8 || PQgetlength(p, 0, 3) != 4 ||
+		(first && PQgetlength(p, 0, 4) != 8))
 	{
 		PQclear(p);
 		return srv_fail(e, 500, "internal error", NULL, "sync_pull returned an unexpected result.");
 	}
-	out->cursor = be64(PQgetvalue(p, 0, 2));
+	*cursor = be64(PQgetvalue(p, 0, 2));
 	{
 		const uint8_t *g = (const uint8_t *) PQgetvalue(p, 0, 3);
 
-		out->gen = (int32_t) ((uint32_t) g[0] << 24 | (uint32_t) g[1] << 16 |
-							  (uint32_t) g[2] << 8 | g[3]);
+		*gen = (int32_t) ((uint32_t) g[0] << 24 | (uint32_t) g[1] << 16 | (uint32_t) g[2] << 8 |
+						  g[3]);
 	}
 	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
 	{
@@ -435,9 +482,13 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, int32_t gen, const ch
 		PQclear(p);
 		return true;
 	}
-	out->res = p;
-	out->payload = (const uint8_t *) PQgetvalue(p, 0, 0);
-	out->len = (size_t) PQgetlength(p, 0, 0);
+	if (!(*out = share_of(p, *cursor, *gen)))
+	{
+		PQclear(p);
+		return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+	}
+	if (first)
+		(*out)->rows_total = be64(PQgetvalue(p, 0, 4));
 	if (!PQgetisnull(p, 0, 1))
 	{
 		size_t	tn = (size_t) PQgetlength(p, 0, 1);
@@ -449,8 +500,8 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, int32_t gen, const ch
 							"A continuation cursor of %zu bytes does not fit the protocol.", tn);
 		/* the chunk cursor: this pull's since, the view's generation, the seal */
 		pgs_buf_init(&c);
-		pgs_cursor_format(&c, since, out->gen, (const uint8_t *) PQgetvalue(p, 0, 1), tn);
-		if (c.oom || !(out->more = strdup((const char *) c.p)))
+		pgs_cursor_format(&c, j->since, *gen, (const uint8_t *) PQgetvalue(p, 0, 1), tn);
+		if (c.oom || !((*out)->more = strdup((const char *) c.p)))
 		{
 			pgs_buf_free(&c);
 			return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
@@ -460,43 +511,209 @@ pull_once(PGconn *conn, const auth_info *a, int64_t since, int32_t gen, const ch
 	return true;
 }
 
-void
-pull_result_free(pull_result *r)
-{
-	PQclear(r->res);
-	free(r->more);
-	memset(r, 0, sizeof *r);
-}
-
 bool
-sync_pull(const auth_info *a, int64_t since, int32_t gen, const char *exclude, uint32_t max_rows,
-		  const uint8_t *sealed, size_t sealed_len, pull_result *out, srv_error *e)
+sync_pull(srv_job *j, srv_error *e)
 {
-	memset(out, 0, sizeof *out);
+	j->pull = NULL;
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
-		PGconn *conn = pool_acquire(e);
-		bool	broken = false, retry = false, ok;
+		PGconn	   *conn = pool_acquire(j->db, e);
+		bool		broken = false, retry = false, ok;
+		pull_share *out = NULL;
+		int64_t		cursor = 0;
+		int32_t		gen = 0;
 
 		if (!conn)
 			return false;
-		ok = pull_once(conn, a, since, gen, exclude, max_rows, sealed, sealed_len, out, &broken,
-					   &retry, e);
-		pool_release(conn, broken);
+		ok = pull_once(conn, j, &out, &cursor, &gen, &broken, &retry, e);
+		pool_release(j->db, conn, broken);
 		if (ok)
+		{
+			j->pull = out;
+			j->since = cursor;
+			j->gen = gen;
 			return true;
-		pull_result_free(out);
+		}
+		pull_share_unref(out);
 		if (!(broken && attempt == 0) && !retry)
 			return false;
 	}
 	return false;
 }
 
+/* ---- one pull for several devices ------------------------------------------ */
+
+/*
+ * group_once runs sync_pull_group for jobs (same role, claims, principal,
+ * since, gen, max_rows; every one with a device). done[i] for the served.
+ */
+static bool
+group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *retry,
+		   srv_error *e)
+{
+	const srv_job *lead = jobs[0];
+	char		   sincebuf[24], rowsbuf[16], genbuf[16];
+	char		  *devices = malloc((size_t) n * 37 + 3), *d;
+	const char	  *vals[4] = {sincebuf, rowsbuf, genbuf, devices};
+	PGresult	  *p, *r;
+	const char	  *served;
+	pull_share	  *share = NULL;
+	int64_t		   until;
+	int			   nserved = 0;
+
+	if (!devices)
+		return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+	/* '{uuid,uuid,...}': site ids were checked to be UUIDs (http.c) */
+	d = devices;
+	*d++ = '{';
+	for (int i = 0; i < n; i++)
+	{
+		memcpy(d, jobs[i]->exclude, 36);
+		d += 36;
+		*d++ = i + 1 < n ? ',' : '}';
+	}
+	*d = '\0';
+	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) lead->since);
+	snprintf(rowsbuf, sizeof rowsbuf, "%u", lead->max_rows);
+	snprintf(genbuf, sizeof genbuf, "%d", (int) lead->gen);
+	if (!begin_for(conn, lead->auth, lead->exclude, true, broken, retry, e))
+	{
+		free(devices);
+		return false;
+	}
+	p = checked(conn,
+				PQexecParams(conn,
+							 "SELECT payload, until, translate(served::text, '{},', '') FROM "
+							 "sync_pull_group($1::bigint, $2::int, $3::int, $4::uuid[])",
+							 4, NULL, vals, NULL, NULL, 1),
+				"sync_pull_group", broken, retry, e);
+	free(devices);
+	if (!p)
+		return false;
+	if (PQntuples(p) != 1 || PQgetlength(p, 0, 1) != 8 || PQgetlength(p, 0, 2) != n)
+	{
+		PQclear(p);
+		return srv_fail(e, 500, "internal error", NULL,
+						"sync_pull_group returned an unexpected result.");
+	}
+	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
+	{
+		PQclear(p);
+		return false;
+	}
+	PQclear(r);
+	until = be64(PQgetvalue(p, 0, 1));
+	served = PQgetvalue(p, 0, 2);
+	if (!PQgetisnull(p, 0, 0) && !(share = share_of(p, until, lead->gen)))
+	{
+		PQclear(p);
+		return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+	}
+	for (int i = 0; i < n; i++)
+	{
+		done[i] = served[i] == 't';
+		if (!done[i])
+			continue;
+		nserved++;
+		jobs[i]->since = until;
+		jobs[i]->shared = true;
+		if (share)
+		{
+			if (nserved > 1)
+				atomic_fetch_add(&share->refs, 1);
+			jobs[i]->pull = share;
+		}
+	}
+	if (!share)
+		PQclear(p);
+	else if (nserved == 0)
+		pull_share_unref(share);
+	if (nserved)
+		metrics_pull_computed(lead->db, nserved);
+	return true;
+}
+
+bool
+sync_pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e)
+{
+	static _Atomic bool warned;
+
+	memset(done, 0, (size_t) n * sizeof *done);
+	if (!jobs[0]->exclude)
+	{
+		/* no device: the inputs are identical, so is the answer */
+		srv_job *lead = jobs[0];
+
+		if (!sync_pull(lead, e))
+			return false;
+		done[0] = true;
+		for (int i = 1; i < n; i++)
+		{
+			jobs[i]->since = lead->since;
+			jobs[i]->gen = lead->gen;
+			jobs[i]->shared = true;
+			if ((jobs[i]->pull = lead->pull) != NULL)
+				atomic_fetch_add(&lead->pull->refs, 1);
+			done[i] = true;
+		}
+		lead->shared = n > 1;
+		metrics_pull_computed(db, n);
+		return true;
+	}
+	if (atomic_load(&db->no_group))
+		return true; /* each pulls alone */
+	for (int attempt = 0; attempt < 4; attempt++)
+	{
+		PGconn *conn = pool_acquire(db, e);
+		bool	broken = false, retry = false, ok;
+
+		if (!conn)
+			return false;
+		ok = group_once(conn, jobs, n, done, &broken, &retry, e);
+		pool_release(db, conn, broken);
+		if (ok)
+			return true;
+		if (e->status == 500 && strstr(e->detail, "sync_pull_group") &&
+			strstr(e->detail, "does not exist"))
+		{
+			/* an older pgsync extension: pull one by one */
+			atomic_store(&db->no_group, true);
+			if (!atomic_exchange(&warned, true))
+				srv_log("WARNING",
+						"database %s: the pgsync extension has no sync_pull_group(); run ALTER "
+						"EXTENSION pgsync UPDATE so that one push to many waiting devices is "
+						"pulled once",
+						db->name);
+			return true;
+		}
+		if (!(broken && attempt == 0) && !retry)
+			return false;
+	}
+	return false;
+}
+
+bool
+sync_health(srv_db *db)
+{
+	srv_error e;
+	PGconn	 *c = pool_acquire(db, &e);
+	PGresult *res;
+	bool	  ok;
+
+	if (!c)
+		return false;
+	res = PQexec(c, "SELECT 1");
+	ok = PQresultStatus(res) == PGRES_TUPLES_OK;
+	PQclear(res);
+	pool_release(db, c, !ok);
+	return ok;
+}
+
 /* ---- rows a device lacks ------------------------------------------------- */
 
 static bool
 rows_once(PGconn *conn, const auth_info *a, const char *device, const char *json, size_t len,
-		  pull_result *out, bool *broken, bool *retry, srv_error *e)
+		  pull_share **out, bool *broken, bool *retry, srv_error *e)
 {
 	char	   *body = strndup(json, len);
 	const char *vals[1] = {body};
@@ -526,29 +743,32 @@ rows_once(PGconn *conn, const auth_info *a, const char *device, const char *json
 		PQclear(p);
 		return srv_fail(e, 500, "internal error", NULL, "sync_rows returned no payload.");
 	}
-	out->res = p;
-	out->payload = (const uint8_t *) PQgetvalue(p, 0, 0);
-	out->len = (size_t) PQgetlength(p, 0, 0);
+	if (!(*out = share_of(p, 0, 0)))
+	{
+		PQclear(p);
+		return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
+	}
 	return true;
 }
 
 bool
-sync_rows(const auth_info *a, const char *device, const char *json, size_t len, pull_result *out,
-		  srv_error *e)
+sync_rows(srv_db *db, const auth_info *a, const char *device, const char *json, size_t len,
+		  pull_share **out, srv_error *e)
 {
-	memset(out, 0, sizeof *out);
+	*out = NULL;
 	for (int attempt = 0; attempt < 4; attempt++)
 	{
-		PGconn *conn = pool_acquire(e);
+		PGconn *conn = pool_acquire(db, e);
 		bool	broken = false, retry = false, ok;
 
 		if (!conn)
 			return false;
 		ok = rows_once(conn, a, device, json, len, out, &broken, &retry, e);
-		pool_release(conn, broken);
+		pool_release(db, conn, broken);
 		if (ok)
 			return true;
-		pull_result_free(out);
+		pull_share_unref(*out);
+		*out = NULL;
 		if (!(broken && attempt == 0) && !retry)
 			return false;
 	}

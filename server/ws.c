@@ -11,7 +11,8 @@
  * bounded queue per client (a client that does not read is disconnected).
  *
  * Other threads talk to this one only through `pending` (new sockets, under
- * a mutex), `bcast` (the newest announced version, atomic) and an eventfd.
+ * a mutex), each database's ws_version (the newest version announced to its
+ * WebSockets, atomic) and an eventfd. A client hears only its database.
  */
 #include "server.h"
 
@@ -48,6 +49,7 @@ typedef struct client
 	int64_t							  last_ping;
 	int64_t							  exp;	/* token expiry, Unix seconds; 0 = none */
 	int64_t							  sent; /* last version announced to it */
+	srv_db							 *db;
 	bool							  closing;
 	bool							  want_out;
 } client;
@@ -55,18 +57,10 @@ typedef struct client
 static client		  *clients; /* ws thread only */
 static client		  *pending; /* under pending_mu */
 static pthread_mutex_t pending_mu = PTHREAD_MUTEX_INITIALIZER;
-static atomic_llong	   bcast;
-static atomic_int	   nclients;
 static atomic_bool	   stop_flag;
 static int			   epfd = -1, evfd = -1;
 static pthread_t	   tid;
 static bool			   started;
-
-int
-ws_clients(void)
-{
-	return atomic_load(&nclients);
-}
 
 static void
 kick(void)
@@ -78,11 +72,11 @@ kick(void)
 }
 
 void
-ws_broadcast(int64_t version)
+ws_broadcast(srv_db *db, int64_t version)
 {
-	long long cur = atomic_load(&bcast);
+	long long cur = atomic_load(&db->ws_version);
 
-	while (version > cur && !atomic_compare_exchange_weak(&bcast, &cur, version))
+	while (version > cur && !atomic_compare_exchange_weak(&db->ws_version, &cur, version))
 		;
 	kick();
 }
@@ -217,9 +211,14 @@ queue_version(client *c, const char *type, int64_t v)
 	int	 n;
 
 	if (strcmp(type, "hello") == 0)
+	{
+		char site[37];
+
+		sync_server_site(c->db, site);
 		n = snprintf(msg, sizeof msg,
 					 "{\"type\":\"hello\",\"version\":%lld,\"server_site\":\"%s\"}", (long long) v,
-					 sync_server_site());
+					 site);
+	}
 	else
 		n = snprintf(msg, sizeof msg, "{\"type\":\"changes\",\"version\":%lld}", (long long) v);
 	queue(c, 0x1, msg, (size_t) n);
@@ -347,10 +346,10 @@ drop(client *c)
 	if (c->next)
 		c->next->prev = c->prev;
 	MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
+	atomic_fetch_sub(&c->db->ws_clients, 1);
 	free(c->in);
 	free(c->out);
 	free(c);
-	atomic_fetch_sub(&nclients, 1);
 }
 
 static void
@@ -379,8 +378,11 @@ adopt_pending(void)
 			drop(c);
 			continue;
 		}
-		queue_version(c, "hello",
-					  atomic_load(&bcast) > hub_version() ? atomic_load(&bcast) : hub_version());
+		{
+			int64_t b = atomic_load(&c->db->ws_version), h = hub_version(c->db);
+
+			queue_version(c, "hello", b > h ? b : h);
+		}
 		parse(c); /* bytes that came with the upgrade request */
 		if (!flush(c) || (c->closing && !c->outlen))
 			drop(c);
@@ -428,11 +430,12 @@ on_readable(client *c)
 static void
 tick(int64_t now, bool shutting_down)
 {
-	int64_t v = atomic_load(&bcast);
 	int64_t wall = srv_wall_s();
 
 	for (client *c = clients, *n; c; c = n)
 	{
+		int64_t v = atomic_load(&c->db->ws_version);
+
 		n = c->next;
 		if (shutting_down)
 			queue_close(c, 1001, "server shutting down");
@@ -528,12 +531,14 @@ on_upgrade(void *cls, struct MHD_Connection *conn, void *req_cls, const char *ex
 	fcntl(sock, F_SETFL, fl | O_NONBLOCK);
 	c->fd = sock;
 	c->urh = urh;
-	c->exp = (int64_t) (intptr_t) cls;
+	/* the closure pointer carries the token's expiry and the database (ws_upgrade) */
+	c->exp = (int64_t) ((intptr_t) cls >> 8);
+	c->db = &cfg.dbs[(intptr_t) cls & 0xff];
 	c->last_rx = c->last_ping = srv_now_ms();
 	if (extra_in_size)
 		memcpy(c->in, extra_in, extra_in_size);
 	c->inlen = extra_in_size;
-	atomic_fetch_add(&nclients, 1);
+	atomic_fetch_add(&c->db->ws_clients, 1);
 	pthread_mutex_lock(&pending_mu);
 	c->next = pending;
 	pending = c;
@@ -559,7 +564,7 @@ has_token(const char *list, const char *tok)
 }
 
 bool
-ws_upgrade(struct MHD_Connection *conn, const auth_info *a, struct MHD_Response **resp,
+ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a, struct MHD_Response **resp,
 		   srv_error *e)
 {
 	const char *upgrade = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Upgrade");
@@ -586,9 +591,12 @@ ws_upgrade(struct MHD_Connection *conn, const auth_info *a, struct MHD_Response 
 	if (atomic_load(&stop_flag))
 		return srv_fail(e, 503, "server shutting down", "Reconnect in a moment.", NULL);
 	ws_accept_key(key, accept);
-	/* the token's expiry travels in the closure pointer itself (64-bit) */
+	/* the token's expiry (below 2^38: auth.c caps it at the year 9999) and the
+	 * database's index (below 256) travel in the closure pointer itself */
 	_Static_assert(sizeof(intptr_t) >= sizeof(int64_t), "needs 64-bit pointers");
-	*resp = MHD_create_response_for_upgrade(on_upgrade, (void *) (intptr_t) a->exp);
+	_Static_assert(SRV_MAX_DBS <= 256, "the database index takes 8 bits");
+	*resp =
+		MHD_create_response_for_upgrade(on_upgrade, (void *) (intptr_t) (a->exp << 8 | db->index));
 	if (!*resp)
 		return srv_fail(e, 500, "internal error", NULL, "Cannot create the upgrade response.");
 	MHD_add_response_header(*resp, MHD_HTTP_HEADER_UPGRADE, "websocket");
@@ -631,9 +639,9 @@ ws_stop(void)
 
 		pending = c->next;
 		MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
+		atomic_fetch_sub(&c->db->ws_clients, 1);
 		free(c->in);
 		free(c);
-		atomic_fetch_sub(&nclients, 1);
 	}
 	pthread_mutex_unlock(&pending_mu);
 	close(epfd);

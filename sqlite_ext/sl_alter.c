@@ -629,12 +629,52 @@ rowclock_drop(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	pgs_buf_free(&out);
 }
 
+/*
+ * sqlitesync_key_json(tbl, k): the key k (as sync_held stores it) as the JSON
+ * object sync_network_rejected shows; for the sync_network_held view. NULL
+ * when the table is not synced here (yet): then k is shown as hex.
+ */
+static void
+key_json(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	db_conn		  *c = sqlite3_user_data(ctx);
+	const char	  *tbl = (const char *) sqlite3_value_text(argv[0]);
+	const uint8_t *k = sqlite3_value_blob(argv[1]), *ke = k + sqlite3_value_bytes(argv[1]);
+	db_table	  *t = NULL;
+	pgs_value	   pk[64];
+	char		  *json;
+	pgs_err		   err;
+	bool		   ok;
+
+	(void) argc;
+	if (tbl && (c->ready || sl_load(c, &err) == PGS_OK))
+		for (int i = 0; i < c->ntables; i++)
+			if (sqlite3_stricmp(c->tables[i]->name, tbl) == 0)
+				t = c->tables[i];
+	ok = t && k && t->npk <= 64;
+	for (int i = 0; ok && i < t->npk; i++)
+	{
+		uint8_t type = *k++;
+
+		ok = k <= ke && pgs_value_get(&k, ke, type, &pk[i], NULL) == PGS_OK;
+	}
+	if (!ok || !(json = sl_pk_json(t, pk)))
+	{
+		sqlite3_result_null(ctx);
+		return;
+	}
+	sqlite3_result_text(ctx, json, -1, sqlite3_free);
+}
+
 int
 sl_alter_register(sqlite3 *db, db_conn *c)
 {
 	int rc = sqlite3_create_function_v2(db, "sync_alter", 2, SQLITE_UTF8 | SQLITE_DIRECTONLY, c,
 										sync_alter, NULL, NULL, NULL);
 
+	if (rc == SQLITE_OK)
+		rc = sqlite3_create_function_v2(db, "sqlitesync_key_json", 2, SQLITE_UTF8, c, key_json,
+										NULL, NULL, NULL);
 	if (rc == SQLITE_OK)
 		rc = sqlite3_create_function_v2(db, "sqlitesync_rowclock_drop", 3,
 										SQLITE_UTF8 | SQLITE_DIRECTONLY, c, rowclock_drop, NULL,

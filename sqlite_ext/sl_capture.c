@@ -108,51 +108,74 @@ put_clock(db_conn *c, db_table *t, const pgs_value *pk, bool exists, pgs_rowcloc
 	}
 }
 
-/* new_life stamps every column for a row that starts a life at cl. */
-static pgs_rc
-new_life(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
-		 pgs_err *err)
+/* changed_of: the changed-column masks (62 columns a value) as one flag per column. */
+static const bool *
+changed_of(db_conn *c, db_table *t, sqlite3_value *const *masks, const uint64_t *words)
 {
-	pgs_stamp	*s = sl_stamps(c, t->ncols);
-	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
-	uint64_t	 hlc = sl_tick(c);
+	bool *ch;
 
-	if (!s)
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	if (t->ncols + 1 > c->fire_changed_cap)
+	{
+		bool *n = sqlite3_realloc64(c->fire_changed, sizeof(bool) * (size_t) (t->ncols + 1));
+
+		if (!n)
+			return NULL;
+		c->fire_changed = n;
+		c->fire_changed_cap = t->ncols + 1;
+	}
+	ch = c->fire_changed;
 	for (int i = 0; i < t->ncols; i++)
-		s[i].hlc = hlc, s[i].ver = ver, s[i].site = 0;
-	return put_clock(c, t, pk, exists, &rc, err);
+	{
+		uint64_t w = masks ? (uint64_t) sqlite3_value_int64(masks[i / 62]) : words[i / 62];
+
+		ch[i] = (w >> (i % 62)) & 1;
+	}
+	return ch;
 }
 
 static pgs_rc
-touch_columns(db_conn *c, db_table *t, const pgs_value *pk, const uint8_t *blob, size_t len,
-			  int64_t cl, int64_t ver, sqlite3_value **masks, pgs_err *err)
+gset_refused(db_table *t, pgs_err *err)
 {
-	pgs_stamp	*s = sl_stamps(c, t->ncols);
-	pgs_rowclock rc = {.cl = cl, .ncols = t->ncols, .cols = s};
-	uint64_t	 tick = sl_tick(c);
-	int			 changed = 0;
-	pgs_rc		 r;
+	return pgs_failf(err, PGS_ERR_VALUE, "Tables synced with algo 'gset' only accept new rows.",
+					 "cannot replace a row of grow-only table \"%s\"", t->name);
+}
 
-	if (!s)
+/*
+ * local_edit: read the row's clock, change it by the core's rule for op
+ * (core/local.c, pgs_local_edit) and write it. masks: an UPDATE's
+ * changed-column masks (NULL: every column).
+ */
+static pgs_rc
+local_edit(db_conn *c, db_table *t, const pgs_value *pk, pgs_local_op op, sqlite3_value **masks,
+		   int64_t ver, pgs_err *err)
+{
+	pgs_stamp		*s = sl_stamps(c, t->ncols);
+	pgs_rowclock	 rc = {.ncols = t->ncols, .cols = s};
+	const bool		*changed = NULL;
+	const uint8_t	*blob;
+	size_t			 len;
+	bool			 found;
+	int64_t			 cl;
+	pgs_local_result res;
+	pgs_rc			 r;
+
+	if (!s || (masks && !(changed = changed_of(c, t, masks, NULL))))
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-	if ((r = pgs_rowclock_decode(blob, len, &rc, err)) != PGS_OK)
+	if ((r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
 		return r;
-	for (int i = 0; i < t->ncols; i++)
-	{
-		bool bit = masks ? (sqlite3_value_int64(masks[i / 62]) >> (i % 62)) & 1 : true;
-
-		if (!bit)
-			continue;
-		/* an edit made after seeing the cell's stamp always beats it */
-		s[i].hlc = s[i].hlc >= tick ? s[i].hlc + 1 : tick;
-		s[i].ver = ver;
-		s[i].site = 0;
-		changed++;
-	}
-	if (!changed)
+	memset(s, 0, sizeof(pgs_stamp) * (size_t) t->ncols);
+	rc.cl = found ? cl : 0;
+	if (found && (r = pgs_rowclock_decode(blob, len, &rc, err)) != PGS_OK)
+		return r;
+	res = pgs_local_edit(&rc, found, op, t->algo, changed, ver,
+						 op == PGS_LOCAL_DELETE ? 0 : sl_tick(c));
+	if (res == PGS_LOCAL_GSET)
+		return gset_refused(t, err);
+	if (res == PGS_LOCAL_NONE)
 		return PGS_OK;
-	return put_clock(c, t, pk, true, &rc, err);
+	if (!found)
+		pgs_local_above_floor(&rc, sl_gc_floor_known(c, t)); /* after a GC (sl_gc.c) */
+	return put_clock(c, t, pk, found, &rc, err);
 }
 
 pgs_rc
@@ -160,10 +183,7 @@ sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 {
 	pgs_value	   pk[64];
 	pgs_value	  *pkv = t->npk <= 64 ? pk : sqlite3_malloc64(sizeof(pgs_value) * t->npk);
-	int64_t		   ver, cl;
-	bool		   found;
-	const uint8_t *blob;
-	size_t		   len;
+	int64_t		   ver;
 	pgs_rc		   r;
 
 	if (!pkv)
@@ -172,21 +192,23 @@ sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
 		goto out;
 	/* fast path: a key never seen before takes one INSERT and no lookup */
-	r = new_life(c, t, pkv, false, sl_gc_life(c, t, false), ver, err);
+	{
+		pgs_stamp	*s = sl_stamps(c, t->ncols);
+		pgs_rowclock rc = {.ncols = t->ncols, .cols = s};
+
+		if (!s)
+		{
+			r = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+			goto out;
+		}
+		(void) pgs_local_edit(&rc, false, PGS_LOCAL_INSERT, t->algo, NULL, ver, sl_tick(c));
+		pgs_local_above_floor(&rc, sl_gc_floor_known(c, t)); /* after a GC (sl_gc.c) */
+		r = put_clock(c, t, pkv, false, &rc, err);
+	}
 	if (r == PGS_OK || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_PRIMARYKEY)
 		goto out;
-	if ((r = db_clock_get(c, t, pkv, &found, &cl, &blob, &len, err)) != PGS_OK)
-		goto out;
-	if (!found)
-		r = pgs_failf(err, PGS_ERR_DB, NULL, "clock row of table \"%s\" vanished during capture",
-					  t->name);
-	else if ((cl & 1) == 0)
-		r = new_life(c, t, pkv, true, cl + 1, ver, err); /* resurrection */
-	else if (t->algo == DB_ALGO_GSET)
-		r = pgs_failf(err, PGS_ERR_VALUE, "Tables synced with algo 'gset' only accept new rows.",
-					  "cannot replace a row of grow-only table \"%s\"", t->name);
-	else
-		r = touch_columns(c, t, pkv, blob, len, cl, ver, NULL, err); /* INSERT OR REPLACE */
+	/* the key has a clock: a resurrection, or an INSERT OR REPLACE */
+	r = local_edit(c, t, pkv, PGS_LOCAL_INSERT, NULL, ver, err);
 out:
 	if (pkv != pk)
 		sqlite3_free(pkv);
@@ -196,34 +218,21 @@ out:
 static pgs_rc
 capture_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 {
-	int64_t		   ver, cl = 0;
-	bool		   found;
-	const uint8_t *blob;
-	size_t		   len;
-	pgs_rc		   r;
-	pgs_rowclock   rc = {.ncols = 0, .cols = NULL};
+	int64_t ver;
+	pgs_rc	r;
 
-	if ((r = sl_txn_version(c, false, &ver, err)) != PGS_OK ||
-		(r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
+	if ((r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
 		return r;
-	if (found && (cl & 1) == 0)
-		return PGS_OK; /* already a tombstone */
-	rc.cl = found ? cl + 1 : sl_gc_life(c, t, true);
-	rc.cl_ver = ver;
-	rc.cl_site = 0;
-	return put_clock(c, t, pk, found, &rc, err);
+	return local_edit(c, t, pk, PGS_LOCAL_DELETE, NULL, ver, err);
 }
 
 static pgs_rc
 capture_update(db_conn *c, db_table *t, int argc, sqlite3_value **argv, pgs_err *err)
 {
-	int			   nmask = (t->ncols + 61) / 62;
-	pgs_value	   pk[64];
-	int64_t		   ver, cl;
-	bool		   found;
-	const uint8_t *blob;
-	size_t		   len;
-	pgs_rc		   r;
+	int		  nmask = (t->ncols + 61) / 62;
+	pgs_value pk[64];
+	int64_t	  ver;
+	pgs_rc	  r;
 
 	if (argc != 1 + 2 * t->npk + nmask || t->npk > 64)
 		return pgs_failf(err, PGS_ERR_MISUSE,
@@ -238,12 +247,9 @@ capture_update(db_conn *c, db_table *t, int argc, sqlite3_value **argv, pgs_err 
 		return sl_capture_insert(c, t, argv + 1 + t->npk, err);
 	}
 	if ((r = pk_values(t, argv + 1 + t->npk, pk, err)) != PGS_OK ||
-		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK ||
-		(r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, err)) != PGS_OK)
+		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
 		return r;
-	if (!found || (cl & 1) == 0)
-		return new_life(c, t, pk, found, found ? cl + 1 : sl_gc_life(c, t, false), ver, err);
-	return touch_columns(c, t, pk, blob, len, cl, ver, argv + 1 + 2 * t->npk, err);
+	return local_edit(c, t, pk, PGS_LOCAL_UPDATE, argv + 1 + 2 * t->npk, ver, err);
 }
 
 void
@@ -461,18 +467,16 @@ fire_blob(sqlite3_context *ctx, db_conn *c, const pgs_rowclock *rc)
 		sqlite3_result_blob(ctx, c->fire_blob.p, (int) c->fire_blob.len, SQLITE_TRANSIENT);
 }
 
-/* life_clock: every column stamped now, at the staged version. */
+/* life_clock: a key's first life, every column stamped now (core/local.c). */
 static bool
 life_clock(db_conn *c, db_table *t, pgs_rowclock *rc)
 {
 	pgs_stamp *s = sl_stamps(c, t->ncols);
-	uint64_t   hlc = sl_tick(c);
 
 	if (!s)
 		return false;
-	for (int i = 0; i < t->ncols; i++)
-		s[i].hlc = hlc, s[i].ver = c->fire_ver, s[i].site = 0;
-	*rc = (pgs_rowclock){.cl_ver = c->fire_ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
+	*rc = (pgs_rowclock){.ncols = t->ncols, .cols = s};
+	(void) pgs_local_edit(rc, false, PGS_LOCAL_INSERT, t->algo, NULL, c->fire_ver, sl_tick(c));
 	return true;
 }
 
@@ -560,15 +564,24 @@ sl_fire_ins(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		const uint8_t *blob;
 		size_t		   len;
 
-		if ((r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, &err)) != PGS_OK ||
-			(!found && (r = new_life(c, t, pk, false, sl_gc_life(c, t, false), c->fire_ver,
-									 &err)) != PGS_OK))
+		if ((r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, &err)) != PGS_OK)
 		{
 			fire_fail(ctx, r, &err);
 			return;
 		}
 		if (!found)
 		{
+			if (!life_clock(c, t, &rc))
+			{
+				sqlite3_result_error_nomem(ctx);
+				return;
+			}
+			pgs_local_above_floor(&rc, sl_gc_floor_known(c, t));
+			if ((r = put_clock(c, t, pk, false, &rc, &err)) != PGS_OK)
+			{
+				fire_fail(ctx, r, &err);
+				return;
+			}
 			sqlite3_result_int(ctx, 0);
 			return;
 		}
@@ -736,36 +749,43 @@ sl_fire_fresh(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	sqlite3_result_blob(ctx, c->fire_blob.p, (int) c->fire_blob.len, SQLITE_TRANSIENT);
 }
 
-/* fire_restamp: blob with the columns in mask (NULL: all) restamped. */
+/*
+ * fire_edit: the result is the clock blob of the row whose clock is (cl,
+ * clk) after op, by the core's rules (core/local.c); the trigger's SQL
+ * writes it (and computes cl the same way: cl | 1 for a life, cl + 1 for a
+ * delete). mask: an UPDATE's changed columns (NULL: all).
+ */
 static void
-fire_restamp(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *clk,
-			 const uint64_t *mask)
+fire_edit(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *cl, sqlite3_value *clk,
+		  pgs_local_op op, const uint64_t *mask)
 {
-	pgs_stamp	*s = sl_stamps(c, t->ncols);
-	pgs_rowclock rc = {.ncols = t->ncols, .cols = s};
-	uint64_t	 tick = sl_tick(c);
-	pgs_err		 err;
-	pgs_rc		 r;
+	pgs_stamp		*s = sl_stamps(c, t->ncols);
+	pgs_rowclock	 rc = {.cl = sqlite3_value_int64(cl), .ncols = t->ncols, .cols = s};
+	const bool		*changed = NULL;
+	pgs_local_result res;
+	pgs_err			 err;
+	pgs_rc			 r;
 
-	if (!s)
+	if (!s || (mask && !(changed = changed_of(c, t, NULL, mask))))
 	{
 		sqlite3_result_error_nomem(ctx);
 		return;
 	}
-	if ((r = pgs_rowclock_decode(sqlite3_value_blob(clk), (size_t) sqlite3_value_bytes(clk), &rc,
+	memset(s, 0, sizeof(pgs_stamp) * (size_t) t->ncols);
+	if ((rc.cl & 1) && op != PGS_LOCAL_DELETE &&
+		(r = pgs_rowclock_decode(sqlite3_value_blob(clk), (size_t) sqlite3_value_bytes(clk), &rc,
 								 &err)) != PGS_OK)
 	{
 		fire_fail(ctx, r, &err);
 		return;
 	}
-	for (int i = 0; i < t->ncols; i++)
+	res = pgs_local_edit(&rc, true, op, t->algo, changed, c->fire_ver,
+						 op == PGS_LOCAL_DELETE ? 0 : sl_tick(c));
+	if (res == PGS_LOCAL_GSET)
 	{
-		if (mask && !((mask[i / 62] >> (i % 62)) & 1))
-			continue;
-		/* an edit made after seeing the cell's stamp always beats it */
-		s[i].hlc = s[i].hlc >= tick ? s[i].hlc + 1 : tick;
-		s[i].ver = c->fire_ver;
-		s[i].site = 0;
+		r = gset_refused(t, &err);
+		fire_fail(ctx, r, &err);
+		return;
 	}
 	fire_blob(ctx, c, &rc);
 }
@@ -773,66 +793,35 @@ fire_restamp(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *clk,
 void
 sl_fire_relife(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn		*c = sqlite3_user_data(ctx);
-	db_table	*t = c->fire_t;
-	pgs_rowclock rc;
+	db_conn *c = sqlite3_user_data(ctx);
 
-	if (argc != 2 || !t)
+	if (argc != 2 || !c->fire_t)
 	{
 		sqlite3_result_error(ctx, "sqlitesync_relife: called outside a capture trigger", -1);
 		return;
 	}
-	if ((sqlite3_value_int64(argv[0]) & 1) == 0)
-	{
-		/* resurrection: a new life, every column stamped */
-		if (!life_clock(c, t, &rc))
-			sqlite3_result_error_nomem(ctx);
-		else
-			fire_blob(ctx, c, &rc);
-		return;
-	}
-	if (t->algo == DB_ALGO_GSET)
-	{
-		char *m = sqlite3_mprintf("cannot replace a row of grow-only table \"%s\"", t->name);
-
-		sqlite3_result_error(ctx, m, -1);
-		sqlite3_result_error_code(ctx, SQLITE_CONSTRAINT);
-		sqlite3_free(m);
-		return;
-	}
-	fire_restamp(ctx, c, t, argv[1], NULL); /* INSERT OR REPLACE of a live row */
+	/* an INSERT meeting a clock row: a resurrection, or INSERT OR REPLACE */
+	fire_edit(ctx, c, c->fire_t, argv[0], argv[1], PGS_LOCAL_INSERT, NULL);
 }
 
 void
 sl_fire_touch(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn		*c = sqlite3_user_data(ctx);
-	db_table	*t = c->fire_t;
-	pgs_rowclock rc;
+	db_conn *c = sqlite3_user_data(ctx);
 
-	if (argc != 2 || !t || c->fire_op != 2)
+	if (argc != 2 || !c->fire_t || c->fire_op != 2)
 	{
 		sqlite3_result_error(ctx, "sqlitesync_touch: called outside a capture trigger", -1);
 		return;
 	}
 	c->fire_pending = false;
-	if ((sqlite3_value_int64(argv[0]) & 1) == 0)
-	{
-		/* the clock says deleted but the row is there: a new life */
-		if (!life_clock(c, t, &rc))
-			sqlite3_result_error_nomem(ctx);
-		else
-			fire_blob(ctx, c, &rc);
-		return;
-	}
-	fire_restamp(ctx, c, t, argv[1], c->fire_mask);
+	fire_edit(ctx, c, c->fire_t, argv[0], argv[1], PGS_LOCAL_UPDATE, c->fire_mask);
 }
 
 void
 sl_fire_tomb(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
-	db_conn		*c = sqlite3_user_data(ctx);
-	pgs_rowclock rc = {.cl_ver = c->fire_ver, .cl_site = 0, .ncols = 0, .cols = NULL};
+	db_conn *c = sqlite3_user_data(ctx);
 
 	if (argc != 1 || !c->fire_t || c->fire_op != 3)
 	{
@@ -840,8 +829,7 @@ sl_fire_tomb(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		return;
 	}
 	c->fire_pending = false;
-	rc.cl = sqlite3_value_int64(argv[0]) + 1;
-	fire_blob(ctx, c, &rc);
+	fire_edit(ctx, c, c->fire_t, argv[0], NULL, PGS_LOCAL_DELETE, NULL);
 }
 
 void
@@ -865,7 +853,7 @@ sl_fire_done(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	 * without one (a new life), or a DELETE of a row without one or whose
 	 * clock already says deleted */
 	if ((r = pk_values(t, argv, pk, &err)) == PGS_OK)
-		r = c->fire_op == 2 ? new_life(c, t, pk, false, 1, c->fire_ver, &err)
+		r = c->fire_op == 2 ? local_edit(c, t, pk, PGS_LOCAL_UPDATE, NULL, c->fire_ver, &err)
 							: capture_delete(c, t, pk, &err);
 	if (r != PGS_OK)
 		fire_fail(ctx, r, &err);

@@ -1096,15 +1096,18 @@ run_row(db_conn *c, db_table *t, sqlite3_stmt *st, bool temp, const pgs_value *p
  * OR REPLACE), so SQLite needs no statement journal per row. A REPLACE of
  * every column is an UPDATE; a partial REPLACE deletes the old row first.
  */
-pgs_rc
-db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
-			 const int *cols, const pgs_value *vals, pgs_err *err)
+static pgs_rc delete_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
+
+static pgs_rc
+row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+		  const int *cols, const pgs_value *vals, bool *inserted, pgs_err *err)
 {
 	sqlite3_stmt *st;
 	bool		  temp;
 	int64_t		  changed = 0;
 	pgs_rc		  rc;
 
+	*inserted = mode == DB_WRITE_INSERT;
 	if (mode == DB_WRITE_INSERT && c->applying && !c->flushing && !c->careful &&
 		batch_alloc(t, err) == PGS_OK && batch_row(t, pk, n, cols, vals))
 	{
@@ -1130,16 +1133,42 @@ db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, i
 			return rc;
 		if (changed > 0)
 			return PGS_OK;
+		*inserted = mode == DB_WRITE_MERGE; /* the row was not there */
 	}
-	else if ((rc = db_row_delete(c, t, pk, err)) != PGS_OK)
+	else if ((rc = delete_row(c, t, pk, err)) != PGS_OK)
 		return rc;
 	if (!(st = row_stmt(c, t, 1, n, cols, &temp, err)))
 		return err->rc;
 	return run_row(c, t, st, temp, pk, n, vals, true, NULL, err);
 }
 
+/* db_row_write: row_write, and the change event (sl_events.c) when it succeeded. */
+pgs_rc
+db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
+			 const int *cols, const pgs_value *vals, pgs_err *err)
+{
+	bool   inserted = false;
+	bool   retry = c->flushing; /* a batched row written again: already recorded */
+	pgs_rc rc = row_write(c, t, pk, mode, n, cols, vals, &inserted, err);
+
+	if (rc == PGS_OK && !retry)
+		sl_event(c, t, pk, inserted ? "insert" : "update");
+	return rc;
+}
+
+/* db_row_delete: delete_row, and the change event when a row went. */
 pgs_rc
 db_row_delete(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
+{
+	pgs_rc rc = delete_row(c, t, pk, err);
+
+	if (rc == PGS_OK && sqlite3_changes(c->db) > 0)
+		sl_event(c, t, pk, "delete");
+	return rc;
+}
+
+static pgs_rc
+delete_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 {
 	if (!c->flushing)
 		FLUSH_FIRST(c, err);

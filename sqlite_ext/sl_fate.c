@@ -35,7 +35,13 @@ const char sl_fate_meta_sql[] =
 	"CREATE TABLE IF NOT EXISTS sync_snapshots(tbl INTEGER PRIMARY KEY, tracking INTEGER NOT "
 	"NULL);"
 	"CREATE TABLE IF NOT EXISTS sync_snapshot_keys(tbl INTEGER NOT NULL, k BLOB NOT NULL,"
-	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;";
+	"  PRIMARY KEY (tbl, k)) WITHOUT ROWID;"
+	"CREATE TABLE IF NOT EXISTS sync_snapshot_begin(tbl INTEGER PRIMARY KEY,"
+	"  send_cursor INTEGER NOT NULL);"
+	/* what is kept aside and why, for the app (docs/MIGRATIONS.md) */
+	"CREATE VIEW IF NOT EXISTS sync_network_held AS SELECT tbl,"
+	"  coalesce(sqlitesync_key_json(tbl, k), hex(k)) AS pk, code, message, first_at, last_at,"
+	"  attempts FROM sync_held;";
 
 /* ---- views ---- */
 
@@ -464,7 +470,7 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 	sqlite3_stmt *st = NULL;
 	int64_t		  ver = -1;
 	pgs_rc		  rc = PGS_OK;
-	bool		  was = c->applying;
+	bool		  was = c->applying, had_row = false;
 
 	*forgot = false;
 	if ((rc = sl_flush(c, err)) != PGS_OK)
@@ -514,13 +520,18 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 				rc = sl_dberr(c, err, "could not forget a row");
 			}
 			else if (pass == 0)
-				*forgot = sqlite3_changes(c->db) > 0 || ver >= 0;
+			{
+				had_row = sqlite3_changes(c->db) > 0;
+				*forgot = had_row || ver >= 0;
+			}
 		}
 		sqlite3_finalize(st);
 		sqlite3_free(sql);
 	}
 	c->applying = was;
 	sqlite3_free(w);
+	if (rc == PGS_OK && had_row && was)
+		sl_event(c, t, pk, "move-out"); /* an apply's forget, not an app's discard */
 	return rc;
 }
 
@@ -578,6 +589,20 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 			if ((rc = snap_sql(c, err, "DELETE FROM sync_snapshot_keys WHERE tbl = ?1", t->id, NULL,
 							   0, -1)) != PGS_OK)
 				return rc;
+			/*
+			 * What the server had acknowledged when the snapshot began: a row
+			 * this device pushes while the snapshot's chunks arrive is not in
+			 * them (they are pinned to the snapshot's start), so the end must
+			 * not forget it (and the device's pulls never send its own changes
+			 * back). Kept through the chunks, which are separate applies.
+			 */
+			if (table_exists(c, "sync_snapshot_begin") &&
+				(rc = snap_sql(c, err,
+							   "INSERT OR REPLACE INTO sync_snapshot_begin(tbl, send_cursor) "
+							   "VALUES(?1, ?2)",
+							   t->id, NULL, 0, c->protect_ver == INT64_MAX ? 0 : c->protect_ver)) !=
+					PGS_OK)
+				return rc;
 			return snap_sql(c, err,
 							"INSERT OR REPLACE INTO sync_snapshots(tbl, tracking) VALUES(?1, ?2)",
 							t->id, NULL, 0, tracking);
@@ -605,6 +630,17 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 			pgs_buf		  gone;
 			sqlite3_stmt *seen = NULL;
 
+			int64_t		  protect = c->protect_ver;
+
+			if (tracking == 1 && protect != INT64_MAX && table_exists(c, "sync_snapshot_begin"))
+			{
+				int64_t begun =
+					query_int(c, "SELECT send_cursor FROM sync_snapshot_begin WHERE tbl = ?1", t->id,
+							  INT64_MAX);
+
+				if (begun < c->protect_ver)
+					c->protect_ver = begun; /* rows pushed since the snapshot began are kept */
+			}
 			if (tracking == 1)
 			{
 				/* collect the live keys the snapshot did not contain, then forget them */
@@ -658,10 +694,16 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 						rc = db_row_forget(c, t, kv, &forgot, err);
 				}
 				pgs_buf_free(&gone);
+				c->protect_ver = protect;
 				if (rc != PGS_OK)
 					return rc;
 			}
+			c->protect_ver = protect;
 			if ((rc = snap_sql(c, err, "DELETE FROM sync_snapshot_keys WHERE tbl = ?1", t->id, NULL,
+							   0, -1)) != PGS_OK)
+				return rc;
+			if (table_exists(c, "sync_snapshot_begin") &&
+				(rc = snap_sql(c, err, "DELETE FROM sync_snapshot_begin WHERE tbl = ?1", t->id, NULL,
 							   0, -1)) != PGS_OK)
 				return rc;
 			return snap_sql(c, err, "DELETE FROM sync_snapshots WHERE tbl = ?1", t->id, NULL, 0,

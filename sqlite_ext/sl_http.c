@@ -90,6 +90,7 @@ on_header(char *p, size_t size, size_t nmemb, void *ud)
 		r->cursor[0] = r->site[0] = '\0';
 		r->more = false;
 		r->retry_after = 0;
+		r->rows_total = -1;
 	}
 	else if (header_value(p, n, "X-Pgsync-Cursor", v, sizeof v))
 	{
@@ -107,6 +108,9 @@ on_header(char *p, size_t size, size_t nmemb, void *ud)
 		r->more = strcmp(v, "1") == 0;
 	else if (header_value(p, n, "Retry-After", v, sizeof v))
 		r->retry_after = strtol(v, NULL, 10);
+	else if (header_value(p, n, "X-Pgsync-Rows-Total", v, sizeof v) && v[0] >= '0' &&
+			 v[0] <= '9')
+		r->rows_total = strtoll(v, NULL, 10);
 	return n;
 }
 
@@ -163,10 +167,9 @@ backoff(const sl_net_settings *s, int attempt, long retry_after_s)
  * would silently weaken TLS).
  */
 static CURLcode
-set_options(sl_net *n, const sl_net_settings *s, const char *url, struct curl_slist *h,
-			const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r)
+set_options(CURL *c, char *errbuf, const sl_net_settings *s, const char *url,
+			struct curl_slist *h, const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r)
 {
-	CURL	*c = n->curl;
 	CURLcode rc = CURLE_OK;
 
 #define SET(opt, val)                                                                              \
@@ -179,7 +182,7 @@ set_options(sl_net *n, const sl_net_settings *s, const char *url, struct curl_sl
 	SET(CURLOPT_PROTOCOLS_STR, "http,https");
 	SET(CURLOPT_HTTPHEADER, h);
 	SET(CURLOPT_NOSIGNAL, 1L);
-	SET(CURLOPT_ERRORBUFFER, n->curl_err);
+	SET(CURLOPT_ERRORBUFFER, errbuf);
 	SET(CURLOPT_CONNECTTIMEOUT_MS, (long) s->connect_timeout_ms);
 	SET(CURLOPT_TIMEOUT_MS, (long) (s->timeout_ms + wait_ms));
 	SET(CURLOPT_TCP_KEEPALIVE, 1L);
@@ -207,6 +210,174 @@ set_options(sl_net *n, const sl_net_settings *s, const char *url, struct curl_sl
 	return rc;
 }
 
+void
+sl_http_req_free(sl_http_req *q)
+{
+	curl_slist_free_all(q->headers);
+	sqlite3_free(q->url);
+	sqlite3_free(q->auth);
+	q->headers = NULL;
+	q->url = q->auth = NULL;
+}
+
+/*
+ * sl_http_prepare sets up handle c for one request to s->url + path (POST
+ * when body is set). q holds what must outlive the transfer; free it with
+ * sl_http_req_free after the transfer. False with *msg on failure.
+ */
+bool
+sl_http_prepare(CURL *c, char *errbuf, const sl_net_settings *s, const char *path,
+				const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r, sl_http_req *q,
+				char **msg)
+{
+	CURLcode rc;
+
+	memset(q, 0, sizeof *q);
+	sl_http_resp_free(r);
+	r->max = (size_t) s->max_payload;
+	r->rows_total = -1;
+	curl_easy_reset(c);
+	q->url = sqlite3_mprintf("%s%s", s->url, path);
+	q->auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
+	if (q->auth)
+		q->headers = curl_slist_append(q->headers, q->auth);
+	if (body)
+		q->headers = curl_slist_append(q->headers, "Content-Type: application/octet-stream");
+	if (!q->url || (s->token && !q->auth) || ((q->auth || body) && !q->headers))
+	{
+		*msg = sqlite3_mprintf("out of memory building the request");
+		sl_http_req_free(q);
+		return false;
+	}
+	if ((rc = set_options(c, errbuf, s, q->url, q->headers, body, len, wait_ms, r)) != CURLE_OK)
+	{
+		*msg = sqlite3_mprintf("cannot set up the HTTP request: %s (libcurl %s)",
+							   curl_easy_strerror(rc), curl_version_info(CURLVERSION_NOW)->version);
+		sl_http_req_free(q);
+		return false;
+	}
+	errbuf[0] = '\0';
+	return true;
+}
+
+static void
+set_code(sl_net *n, const char *code, long status)
+{
+	n->err_code = code;
+	n->err_status = status;
+}
+
+/*
+ * sl_http_outcome classifies a finished transfer (rc from libcurl, r with
+ * the answer): true on a 2xx; else *msg (what went wrong, what to do),
+ * n->err_code / err_status (docs/CLIENT.md, "Status and errors") and
+ * *transient (worth retrying).
+ */
+bool
+sl_http_outcome(sl_net *n, CURL *c, const char *errbuf, const sl_net_settings *s, CURLcode rc,
+				sl_net_resp *r, bool *transient, char **msg)
+{
+	const char *why = errbuf && errbuf[0] ? errbuf : curl_easy_strerror(rc);
+
+	*transient = false;
+	*msg = NULL;
+	n->unavailable = false;
+	set_code(n, NULL, 0);
+	if (rc == CURLE_OK)
+	{
+		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r->status);
+		if (r->status >= 200 && r->status < 300)
+			return true;
+		*msg = server_error(r);
+		*transient = r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
+		n->unavailable = *transient;
+		if (r->status == 401)
+		{
+			bool  expired = r->len && memmem(r->body, r->len, "token expired", 13) != NULL;
+			char *m = sqlite3_mprintf("%s Call sync_network_set_token() with a fresh token.", *msg);
+
+			sqlite3_free(*msg);
+			*msg = m;
+			set_code(n, expired ? "token_expired" : "unauthorized", 401);
+		}
+		else if (*transient)
+			set_code(n, "unavailable", r->status);
+		else if (r->status == 403)
+			set_code(n, "forbidden", 403);
+		else if (r->status == 422)
+			set_code(n, "schema", 422);
+		else if (r->status >= 400 && r->status < 500)
+			set_code(n, "bad_request", r->status);
+		else
+			set_code(n, "server", r->status);
+		return false;
+	}
+	if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
+		rc == CURLE_COULDNT_RESOLVE_PROXY)
+	{
+		*msg = sqlite3_mprintf(
+			"server unreachable (%s); the device is offline or the server is down. "
+			"Nothing was lost: local changes stay pending and the next sync sends them.",
+			why);
+		n->unavailable = true;
+		set_code(n, "offline", 0);
+	}
+	else if (rc == CURLE_SSL_CACERT_BADFILE)
+	{
+		*msg = sqlite3_mprintf("cannot use the CA file ca_file = '%s' (%s); fix the path: "
+							   "INSERT OR REPLACE INTO sync_network(key, value) VALUES "
+							   "('ca_file', '/path/to/ca.pem')",
+							   s->ca_file ? s->ca_file : "", why);
+		set_code(n, "tls", 0);
+	}
+	else if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_ISSUER_ERROR)
+	{
+		*msg = sqlite3_mprintf(
+			"the server's TLS certificate was not accepted (%s). Check that the url names a "
+			"host the certificate is for; if the server uses a private CA or a self-signed "
+			"certificate, name its CA file: INSERT OR REPLACE INTO sync_network(key, value) "
+			"VALUES ('ca_file', '/path/to/ca.pem')",
+			why);
+		set_code(n, "tls", 0);
+	}
+	else if (rc == CURLE_WRITE_ERROR && r->overflow)
+	{
+		*msg = sqlite3_mprintf("the server's answer is larger than max_payload (%lld bytes); "
+							   "raise it: INSERT OR REPLACE INTO sync_network(key, value) "
+							   "VALUES ('max_payload', ...)",
+							   (long long) s->max_payload);
+		set_code(n, "bad_request", 0);
+	}
+	else if (rc == CURLE_ABORTED_BY_CALLBACK)
+	{
+		*msg = sqlite3_mprintf("the transfer was stopped (sync_network_stop, or the process "
+							   "exits); nothing was lost");
+		set_code(n, "stopped", 0);
+	}
+	else
+	{
+		*msg = sqlite3_mprintf("transfer failed (%s)%s", why,
+							   rc == CURLE_GOT_NOTHING && strncmp(s->url, "http://", 7) == 0
+								   ? " (if the server serves HTTPS, use an https:// url)"
+								   : "");
+		*transient = true;
+		n->unavailable = true;
+		set_code(n, "offline", 0);
+	}
+	return false;
+}
+
+/*
+ * perform runs one transfer: with curl_easy_perform, or, on a background
+ * syncer's connection, through its multi handle so that a stop aborts it
+ * at once (n->perform).
+ */
+static CURLcode
+perform(sl_net *n, CURL *c)
+{
+	return n->perform ? n->perform(n->perform_arg, c) : curl_easy_perform(c);
+}
+
 /*
  * sl_http_call makes one request with retries. Returns true with r filled
  * (status 2xx); false with *msg (sqlite3_malloc'd) saying what failed.
@@ -215,115 +386,36 @@ bool
 sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_t *body, size_t len,
 			 int64_t wait_ms, sl_net_resp *r, char **msg)
 {
-	char *url = sqlite3_mprintf("%s%s", s->url, path);
-	char *auth = s->token ? sqlite3_mprintf("Authorization: Bearer %s", s->token) : NULL;
-	bool  ok = false;
+	bool ok = false;
 
 	*msg = NULL;
 	if (!n->curl && !(n->curl = curl_easy_init()))
 	{
 		*msg = sqlite3_mprintf("cannot initialize libcurl");
-		goto out;
+		set_code(n, "local", 0);
+		return false;
 	}
 	for (int attempt = 0;; attempt++)
 	{
-		struct curl_slist *h = NULL;
-		CURLcode		   rc;
-		bool			   transient;
+		sl_http_req q;
+		CURLcode	rc;
+		bool		transient;
 
-		sl_http_resp_free(r);
-		r->max = (size_t) s->max_payload;
-		curl_easy_reset(n->curl);
-		if (auth)
-			h = curl_slist_append(h, auth);
-		if (body)
-			h = curl_slist_append(h, "Content-Type: application/octet-stream");
 		sqlite3_free(*msg);
 		*msg = NULL;
-		if ((auth || body) && !h)
+		if (!sl_http_prepare(n->curl, n->curl_err, s, path, body, len, wait_ms, r, &q, msg))
 		{
-			*msg = sqlite3_mprintf("out of memory building the request headers");
-			break;
-		}
-		if ((rc = set_options(n, s, url, h, body, len, wait_ms, r)) != CURLE_OK)
-		{
-			curl_slist_free_all(h);
-			*msg = sqlite3_mprintf("cannot set up the HTTP request: %s (libcurl %s)",
-								   curl_easy_strerror(rc),
-								   curl_version_info(CURLVERSION_NOW)->version);
+			set_code(n, "local", 0);
 			break; /* a libcurl without https, or out of memory: retrying changes nothing */
 		}
-		n->curl_err[0] = '\0';
-		n->unavailable = false;
-		rc = curl_easy_perform(n->curl);
-		curl_slist_free_all(h);
-		if (rc == CURLE_OK)
-		{
-			curl_easy_getinfo(n->curl, CURLINFO_RESPONSE_CODE, &r->status);
-			if (r->status >= 200 && r->status < 300)
-			{
-				ok = true;
-				break;
-			}
-			*msg = server_error(r);
-			if (r->status == 401)
-			{
-				char *m =
-					sqlite3_mprintf("%s Call sync_network_set_token() with a fresh token.", *msg);
-
-				sqlite3_free(*msg);
-				*msg = m;
-			}
-			transient =
-				r->status == 429 || r->status == 502 || r->status == 503 || r->status == 504;
-			n->unavailable = transient;
-		}
-		else if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
-				 rc == CURLE_COULDNT_RESOLVE_PROXY)
-		{
-			*msg = sqlite3_mprintf(
-				"server unreachable (%s); the device is offline or the server is down. "
-				"Nothing was lost: local changes stay pending and the next sync sends them.",
-				n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
-			n->unavailable = true;
+		rc = perform(n, n->curl);
+		sl_http_req_free(&q);
+		if ((ok = sl_http_outcome(n, n->curl, n->curl_err, s, rc, r, &transient, msg)))
+			break;
+		if (n->err_code && strcmp(n->err_code, "offline") == 0 && rc != CURLE_OK &&
+			(rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST ||
+			 rc == CURLE_COULDNT_RESOLVE_PROXY))
 			break; /* offline: fail fast */
-		}
-		else if (rc == CURLE_SSL_CACERT_BADFILE)
-		{
-			*msg = sqlite3_mprintf("cannot use the CA file ca_file = '%s' (%s); fix the path: "
-								   "UPDATE sync_network SET value = '/path/to/ca.pem' WHERE key = "
-								   "'ca_file'",
-								   s->ca_file ? s->ca_file : "",
-								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
-			break;
-		}
-		else if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_ISSUER_ERROR)
-		{
-			*msg = sqlite3_mprintf(
-				"the server's TLS certificate was not accepted (%s). Check that the url names a "
-				"host the certificate is for; if the server uses a private CA or a self-signed "
-				"certificate, name its CA file: INSERT OR REPLACE INTO sync_network(key, value) "
-				"VALUES ('ca_file', '/path/to/ca.pem')",
-				n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc));
-			break; /* retrying cannot make a certificate valid */
-		}
-		else if (rc == CURLE_WRITE_ERROR && r->overflow)
-		{
-			*msg = sqlite3_mprintf(
-				"the server's answer is larger than max_payload (%lld bytes); "
-				"raise it: UPDATE sync_network SET value = ... WHERE key = 'max_payload'",
-				(long long) s->max_payload);
-			break;
-		}
-		else
-		{
-			*msg = sqlite3_mprintf("transfer failed (%s)%s",
-								   n->curl_err[0] ? n->curl_err : curl_easy_strerror(rc),
-								   rc == CURLE_GOT_NOTHING && strncmp(url, "http://", 7) == 0
-									   ? " (if the server serves HTTPS, use an https:// url)"
-									   : "");
-			transient = true;
-		}
 		if (!transient || attempt >= s->retries)
 		{
 			if (transient)
@@ -339,9 +431,6 @@ sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_
 		}
 		backoff(s, attempt, r->retry_after);
 	}
-out:
-	sqlite3_free(url);
-	sqlite3_free(auth);
 	if (!ok && !*msg)
 		*msg = sqlite3_mprintf("out of memory");
 	return ok;

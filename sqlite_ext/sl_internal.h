@@ -88,6 +88,9 @@ struct db_table
 	pgs_value	 *pull_lo; /* lower bound of a pull's bulk scan (bytes in pull_lobuf) */
 	pgs_buf		  pull_lobuf;
 	int64_t		  gc_floor; /* largest cl collected here (sl_gc.c); lives start above it */
+	/* change events of the running apply (sl_events.c) */
+	int64_t		  ev_count;
+	int64_t		  ev_seq;
 };
 
 struct db_conn
@@ -141,11 +144,24 @@ struct db_conn
 	int64_t	  fire_ver;
 	uint64_t *fire_mask; /* changed columns of an UPDATE */
 	int		  fire_mask_cap;
+	bool	 *fire_changed; /* the same, one flag per column (pgs_local_edit) */
+	int		  fire_changed_cap;
 	pgs_buf	  fire_blob;
 	/* tombstone GC (sl_gc.c) */
 	bool	pushing;	   /* sync_payload builds a push to the server (known lives partial) */
 	int64_t gc_floor_ver; /* fire_ver at which the tables' floors were last read */
+	/* change events (sl_events.c) and the last apply's counts */
+	bool			ev_ready; /* the event tables exist */
+	bool			ev_any;	  /* the running apply recorded events */
+	int64_t			ev_keep;  /* changes_keep; 0 = no events */
+	sqlite3_stmt   *st_event;
+	pgs_apply_stats last_apply;
+	bool			started_syncer; /* this connection ran sync_network_start */
+	struct sl_net  *net;			/* its network client (sl_network.c) */
 };
+
+/* sqlitesync.c: the extension's set-up of a connection (also the syncer's own) */
+int sl_attach(sqlite3 *db, char **errmsg, db_conn **out);
 
 /* sl_database.c */
 pgs_rc	  sl_flush(db_conn *c, pgs_err *err); /* write batched rows */
@@ -219,6 +235,11 @@ int64_t sl_gc_floor_known(db_conn *c, db_table *t);
 pgs_rc	sl_gc_renumber(db_conn *c, db_table *t, const pgs_value *pk, int64_t floor, bool *found,
 					   pgs_err *err);
 int		sl_gc_register(sqlite3 *db, db_conn *c);
+/* sl_events.c: change events of applies (docs/CLIENT.md) */
+pgs_rc sl_events_begin(db_conn *c, pgs_err *err);
+void   sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind);
+pgs_rc sl_events_end(db_conn *c, pgs_err *err);
+void   sl_events_reset(db_conn *c);
 
 /* sl_schema.c */
 pgs_rc sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err);

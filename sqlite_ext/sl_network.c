@@ -7,8 +7,11 @@
  *   sync_network_send()                push local changes           -> JSON summary
  *   sync_network_receive()             pull and apply remote changes -> JSON summary
  *   sync_network_sync()                send, then receive            -> JSON summary
- *   sync_network_wait(timeout_ms)      long-poll: apply what arrives, 1; or 0 at timeout
- *   sync_network_status()              cursors, pending rows, last error -> JSON
+ *   sync_network_wait(timeout_ms)      long-poll: apply what arrives -> 'changes', or
+ *                                      'timeout' / 'offline' / 'unavailable' at timeout
+ *   sync_network_status()              cursors, pending rows, progress, typed last error -> JSON
+ *   sync_network_start([options]) / sync_network_stop()   the background syncer
+ *                                      (sl_background.c, docs/CLIENT.md)
  *
  * State lives in the database itself, so a restarted app resumes:
  * sync_network(key, value) holds the url, token, cursors and tuning, and
@@ -26,7 +29,8 @@
  *
  * Failures (policy in sl_http.c): offline fails at once and changes nothing;
  * transient failures are retried with exponential backoff and jitter. Every
- * failure is recorded in last_error/failures for sync_network_status(), and
+ * failure is recorded in last_error (a JSON object with a stable code,
+ * docs/CLIENT.md) and failures for sync_network_status(), and
  * a server whose database was replaced (another site id, or a 409 "cursor
  * ahead of server") makes the client resend and re-pull everything.
  *
@@ -54,7 +58,14 @@ static bool
 exec(sl_net *n, const char *sql)
 {
 	if (sql == meta_sql)
-		return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
+	{
+		/* once per connection (a background syncer reads its settings often);
+		 * the app dropping the tables later is not something we survive */
+		if (!n->meta_ready)
+			n->meta_ready = sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK &&
+							sl_rejected_meta(n->db);
+		return n->meta_ready;
+	}
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
 }
 
@@ -150,24 +161,61 @@ load_settings(sl_net *n, sl_net_settings *s)
 
 /* ---- errors ------------------------------------------------------------------- */
 
+static char *now_iso(void);
+
+/*
+ * set_error stores last_error as {"code","http_status","message","at"}
+ * (docs/CLIENT.md, "Status and errors"); count adds one to failures.
+ */
+static void
+set_error(sl_net *n, const char *code, long status, const char *message, bool count)
+{
+	cJSON *o = cJSON_CreateObject();
+	char  *at = now_iso(), *text;
+
+	cJSON_AddStringToObject(o, "code", code);
+	if (status)
+		cJSON_AddNumberToObject(o, "http_status", (double) status);
+	else
+		cJSON_AddNullToObject(o, "http_status");
+	cJSON_AddStringToObject(o, "message", message ? message : "");
+	cJSON_AddStringToObject(o, "at", at ? at : "");
+	sqlite3_free(at);
+	text = cJSON_PrintUnformatted(o);
+	cJSON_Delete(o);
+	if (text)
+		kv_set(n, "last_error", text);
+	cJSON_free(text);
+	if (count)
+		kv_set_int(n, "failures", kv_int(n, "failures", 0) + 1);
+}
+
+/* sl_net_record_error records a failure of fn (initialized databases only). */
+void
+sl_net_record_error(sl_net *n, const char *fn, const char *msg)
+{
+	char *url = kv_text(n, "url");
+	char *full = sqlite3_mprintf("%s: %s", fn, msg ? msg : "out of memory");
+
+	if (url)
+		set_error(n, n->err_code ? n->err_code : "local", n->err_status, full, true);
+	sqlite3_free(url);
+	sqlite3_free(full);
+}
+
 /* fail raises fn's error and records it for sync_network_status(). */
 static void
 fail(sqlite3_context *ctx, sl_net *n, const char *fn, const char *fmt, ...)
 {
 	va_list ap;
-	char   *m, *full, *url;
+	char   *m, *full;
 
 	va_start(ap, fmt);
 	m = sqlite3_vmprintf(fmt, ap);
 	va_end(ap);
+	sl_net_record_error(n, fn, m);
 	full = sqlite3_mprintf("%s: %s", fn, m ? m : "out of memory");
-	if ((url = kv_text(n, "url")) != NULL) /* initialized: record it */
-	{
-		kv_set(n, "last_error", full);
-		kv_set_int(n, "failures", kv_int(n, "failures", 0) + 1);
-	}
 	sqlite3_result_error(ctx, full ? full : "sync_network: out of memory", -1);
-	sqlite3_free(url);
 	sqlite3_free(m);
 	sqlite3_free(full);
 }
@@ -218,15 +266,22 @@ now_iso(void)
 	return sqlite3_mprintf("%s", b);
 }
 
+/* succeeded clears the failure state; writes only what changed (a background
+ * syncer's idle pushes must not make a write transaction each). */
 static void
 succeeded(sl_net *n)
 {
-	char *t = now_iso();
+	char *t = now_iso(), *last = kv_text(n, "last_sync"), *err = kv_text(n, "last_error");
 
-	kv_set(n, "last_sync", t);
-	kv_set(n, "last_error", NULL);
-	kv_set(n, "failures", "0");
+	if (!last || !t || strcmp(last, t) != 0)
+		kv_set(n, "last_sync", t);
+	if (err)
+		kv_set(n, "last_error", NULL);
+	if (kv_int(n, "failures", 0) != 0)
+		kv_set(n, "failures", "0");
 	sqlite3_free(t);
+	sqlite3_free(last);
+	sqlite3_free(err);
 }
 
 /*
@@ -241,7 +296,7 @@ forget_server(sl_net *n, sl_net_settings *s, const char *site, const char *why)
 	char *m = sqlite3_mprintf("server changed (%s): sending and receiving everything again", why);
 	char *copy = site ? sqlite3_mprintf("%s", site) : NULL; /* site may be s->server_site */
 
-	kv_set(n, "last_error", m);
+	set_error(n, "server_replaced", 0, m, false);
 	sqlite3_free(m);
 	kv_set(n, "send_cursor", "0");
 	kv_set(n, "recv_cursor", NULL);
@@ -251,6 +306,85 @@ forget_server(sl_net *n, sl_net_settings *s, const char *site, const char *why)
 	s->recv_cursor = NULL;
 	sqlite3_free(s->server_site);
 	s->server_site = copy;
+}
+
+/* ---- progress (docs/CLIENT.md, "Progress") ------------------------------------ */
+
+/* payload_rows: the number of row groups in a payload, -1 if it cannot be read. */
+static int64_t
+payload_rows(const uint8_t *p, size_t len)
+{
+	pgs_header	   h;
+	const uint8_t *body;
+	uint8_t		  *owned = NULL;
+	pgs_reader	   r;
+	pgs_group	   g;
+	bool		   done = false;
+	int64_t		   n = 0;
+	pgs_err		   err;
+
+	if (pgs_payload_body(p, len, &h, &body, &owned, &err) != PGS_OK)
+		return -1;
+	if (pgs_reader_open(&r, h.version, body, h.body_len, &err) != PGS_OK)
+		n = -1;
+	else
+	{
+		while (!done && pgs_reader_next(&r, &g, &done, &err) == PGS_OK)
+			n += !done;
+		if (!done)
+			n = -1;
+		pgs_reader_close(&r);
+	}
+	pgs_free(owned);
+	return n;
+}
+
+typedef struct progress
+{
+	const char *phase;
+	int64_t		rows_done;
+	int64_t		bytes_done;
+	int64_t		rows_total; /* -1 = unknown */
+	int64_t		bytes_total; /* -1 = unknown */
+	char		started_at[32];
+} progress;
+
+static void
+progress_start(progress *pr, const char *phase)
+{
+	time_t	  t = time(NULL);
+	struct tm tm;
+
+	memset(pr, 0, sizeof *pr);
+	pr->phase = phase;
+	pr->rows_total = pr->bytes_total = -1;
+	gmtime_r(&t, &tm);
+	strftime(pr->started_at, sizeof pr->started_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* progress_store writes the progress row (in the caller's transaction). */
+static bool
+progress_store(sl_net *n, const progress *pr)
+{
+	cJSON *o = cJSON_CreateObject();
+	char  *v;
+	bool   ok = false;
+
+	cJSON_AddStringToObject(o, "phase", pr->phase);
+	cJSON_AddNumberToObject(o, "rows_done", (double) pr->rows_done);
+	cJSON_AddNumberToObject(o, "bytes_done", (double) pr->bytes_done);
+	if (pr->rows_total >= 0)
+		cJSON_AddNumberToObject(o, "rows_total", (double) pr->rows_total);
+	else
+		cJSON_AddNullToObject(o, "rows_total");
+	if (pr->bytes_total >= 0)
+		cJSON_AddNumberToObject(o, "bytes_total", (double) pr->bytes_total);
+	cJSON_AddStringToObject(o, "started_at", pr->started_at);
+	if ((v = cJSON_PrintUnformatted(o)) != NULL)
+		ok = kv_set(n, "progress", v);
+	cJSON_free(v);
+	cJSON_Delete(o);
+	return ok;
 }
 
 /* ---- send ------------------------------------------------------------------- */
@@ -263,7 +397,8 @@ static char *
 send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 {
 	sqlite3_stmt *st;
-	int64_t		  safe, until, applied = 0, nrej = 0, old = s->send_cursor;
+	int64_t		  safe, until, applied = 0, nrej = 0, old = s->send_cursor, rows = 0;
+	progress	  pr;
 	uint8_t		 *payload = NULL;
 	size_t		  len = 0;
 	sl_net_resp	  r = {0};
@@ -325,17 +460,27 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 			s->send_cursor = safe;
 		}
 		succeeded(n);
-		return sqlite3_mprintf(
-			"{\"sent_bytes\":0,\"applied\":0,\"rejected\":0,\"send_cursor\":%lld}",
-			(long long) s->send_cursor);
+		return sqlite3_mprintf("{\"sent_bytes\":0,\"rows_sent\":0,\"columns_applied\":0,"
+							   "\"applied\":0,\"rejected\":0,\"send_cursor\":%lld}",
+							   (long long) s->send_cursor);
 	}
-	if (pgs_payload_until(payload, len, &until, NULL) != PGS_OK)
+	if (pgs_payload_until(payload, len, &until, NULL) != PGS_OK ||
+		(rows = payload_rows(payload, len)) < 0)
 	{
 		*msg = sqlite3_mprintf("sync_payload returned bytes that are not a payload");
 		goto out;
 	}
+	/* visible to every connection while the push is in flight */
+	progress_start(&pr, "send");
+	pr.rows_total = rows;
+	pr.bytes_total = (int64_t) len;
+	progress_store(n, &pr);
 	if (!sl_http_call(n, s, "/v1/push", payload, len, 0, &r, msg))
+	{
+		kv_set(n, "progress", NULL);
 		goto out;
+	}
+	kv_set(n, "progress", NULL);
 	j = cJSON_ParseWithLength((const char *) r.body, r.len);
 	if (!cJSON_IsObject(j) || !cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(j, "applied")))
 	{
@@ -371,10 +516,22 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 		}
 	}
 	succeeded(n);
+	if (nrej > 0)
+	{
+		char *m = sqlite3_mprintf(
+			"sync_network_send: the server refused %lld row%s of this push; see "
+			"sync_network_rejected, then sync_network_retry() or sync_network_discard()",
+			(long long) nrej, nrej == 1 ? "" : "s");
+
+		set_error(n, "rejected", 0, m, false);
+		sqlite3_free(m);
+	}
 	exec(n, "RELEASE sync_network_send");
-	out = sqlite3_mprintf(
-		"{\"sent_bytes\":%lld,\"applied\":%lld,\"rejected\":%lld,\"send_cursor\":%lld}",
-		(long long) len, (long long) applied, (long long) nrej, (long long) s->send_cursor);
+	/* applied: the server's count of winning column changes (kept for old callers) */
+	out = sqlite3_mprintf("{\"sent_bytes\":%lld,\"rows_sent\":%lld,\"columns_applied\":%lld,"
+						  "\"applied\":%lld,\"rejected\":%lld,\"send_cursor\":%lld}",
+						  (long long) len, (long long) rows, (long long) applied,
+						  (long long) applied, (long long) nrej, (long long) s->send_cursor);
 out:
 	cJSON_Delete(j);
 	sl_http_resp_free(&r);
@@ -387,7 +544,11 @@ static char *
 do_send(sl_net *n, sl_net_settings *s, char **msg)
 {
 	bool  again;
-	char *first = send_once(n, s, &again, msg);
+	char *first;
+
+	n->err_code = NULL;
+	n->err_status = 0;
+	first = send_once(n, s, &again, msg);
 
 	if (first && again)
 	{
@@ -403,14 +564,25 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 
 /* ---- receive ----------------------------------------------------------------- */
 
+/* What a receive did, in rows and in columns (docs/CLIENT.md, "Counts"). */
+typedef struct recv_totals
+{
+	int64_t	 rows;		  /* row groups received */
+	int64_t	 inserted, updated, deleted, moved_out;
+	int64_t	 columns;	  /* winning column changes + row-life changes (the old "applied") */
+	progress pr;
+} recv_totals;
+
 /* apply_received merges one pulled payload and moves the cursors, atomically. */
 static bool
-apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won, char **msg)
+apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals *tot, char **msg)
 {
-	sqlite3_stmt *st;
-	int64_t		  v0 = 0, v1 = 0;
-	char		  cur[24];
-	const char	 *cursor = r->cursor;
+	sqlite3_stmt	*st;
+	int64_t			 v0 = 0, v1 = 0;
+	char			 cur[24];
+	const char		*cursor = r->cursor;
+	pgs_apply_stats *a = &n->c->last_apply;
+	bool			 own;
 
 	if (!cursor[0])
 	{
@@ -420,24 +592,31 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won
 		snprintf(cur, sizeof cur, "%lld", (long long) until);
 		cursor = cur;
 	}
+	/* outside the app's transaction, take the write lock first: a deferred
+	 * transaction that read before another connection committed could not
+	 * write (SQLITE_BUSY_SNAPSHOT, which no busy timeout can wait out) */
+	own = sqlite3_get_autocommit(n->db) && exec(n, "BEGIN IMMEDIATE");
 	if (!exec(n, "SAVEPOINT sync_network_recv"))
 	{
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
+		if (own)
+			exec(n, "ROLLBACK");
 		return false;
 	}
-	query_int(n, "SELECT sync_db_version()", &v0);
+	/* the committed counter (nothing of ours is pending inside this savepoint) */
+	query_int(n, "SELECT db_version FROM sync_state", &v0);
 	if (sqlite3_prepare_v2(n->db, "SELECT sync_apply_payload(?1)", -1, &st, NULL) != SQLITE_OK)
 		goto fail;
 	sqlite3_bind_blob64(st, 1, r->body, r->len, SQLITE_STATIC);
+	memset(a, 0, sizeof *a);
 	if (sqlite3_step(st) != SQLITE_ROW)
 	{
 		*msg = sqlite3_mprintf("applying the server's payload failed: %s", sqlite3_errmsg(n->db));
 		sqlite3_finalize(st);
 		goto rollback;
 	}
-	*won += sqlite3_column_int64(st, 0);
 	sqlite3_finalize(st);
-	query_int(n, "SELECT sync_db_version()", &v1);
+	query_int(n, "SELECT db_version FROM sync_state", &v1);
 	if (!kv_set(n, "recv_cursor", cursor) || (r->site[0] && !kv_set(n, "server_site", r->site)))
 		goto fail;
 	/* nothing was pending: the apply's own version needs no sending back
@@ -450,8 +629,21 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, int64_t *won
 			goto fail;
 		s->send_cursor = v1;
 	}
-	if (!exec(n, "RELEASE sync_network_recv"))
+	/* progress moves with the chunk: other connections see it at commit */
+	tot->pr.rows_done += a->rows;
+	tot->pr.bytes_done += (int64_t) r->len;
+	if (r->rows_total >= 0)
+		tot->pr.rows_total = r->rows_total;
+	if (r->more && !progress_store(n, &tot->pr))
 		goto fail;
+	if (!exec(n, "RELEASE sync_network_recv") || (own && !exec(n, "COMMIT")))
+		goto fail;
+	tot->rows += a->rows;
+	tot->inserted += a->rows_inserted;
+	tot->updated += a->rows_updated;
+	tot->deleted += a->rows_deleted;
+	tot->moved_out += a->rows_forgotten;
+	tot->columns += a->won;
 	sqlite3_free(s->recv_cursor);
 	s->recv_cursor = sqlite3_mprintf("%s", cursor);
 	if (r->site[0])
@@ -465,46 +657,79 @@ fail:
 rollback:
 	exec(n, "ROLLBACK TO sync_network_recv");
 	exec(n, "RELEASE sync_network_recv");
+	if (own && !sqlite3_get_autocommit(n->db))
+		exec(n, "ROLLBACK");
 	return false;
+}
+
+/* sl_net_pull_path: the pull request for the stored cursor (sqlite3_free it). */
+char *
+sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms)
+{
+	sqlite3_stmt *st;
+	char		  rows[40] = "";
+	const char	 *site = n->site;
+
+	/* through sync_site_id() every time: it also checks that the synced
+	 * tables are still usable (a renamed table fails here, with what to do) */
+	n->site[0] = '\0';
+	if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
+	{
+		if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 36)
+			memcpy(n->site, sqlite3_column_text(st, 0), 37);
+		sqlite3_finalize(st);
+	}
+	if (!site[0])
+		return NULL;
+	if (n->chunk_rows > 0)
+		snprintf(rows, sizeof rows, "&max_rows=%lld", (long long) n->chunk_rows);
+	return sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld%s",
+						   s->recv_cursor ? s->recv_cursor : "0", site, (long long) wait_ms, rows);
 }
 
 /*
  * do_receive pulls until the server has nothing more; the first request may
- * wait (long-poll). Returns JSON (sqlite3_malloc) or NULL + *msg.
+ * wait (long-poll), or have been made already (first, taken over: freed
+ * here). Returns JSON (sqlite3_malloc) or NULL + *msg.
  */
 static char *
-do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, char **msg)
+do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, int64_t *npayloads,
+		   char **msg)
 {
-	char		  site[40] = "";
-	sqlite3_stmt *st;
-	int64_t		  won = 0;
-	size_t		  bytes = 0;
-	bool		  reset = false, gone = false;
+	recv_totals tot;
+	size_t		bytes = 0;
+	bool		reset = false, requested = false, gone = false;
 
 	*npayloads = 0;
 	*msg = NULL;
-	if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
-	{
-		if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 36)
-			memcpy(site, sqlite3_column_text(st, 0), 37);
-		sqlite3_finalize(st);
-	}
-	if (!site[0])
-	{
-		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
-		return NULL;
-	}
+	n->err_code = NULL;
+	n->err_status = 0;
+	memset(&tot, 0, sizeof tot);
+	progress_start(&tot.pr, "receive");
 	for (int round = 0; round < 100000; round++)
 	{
 		sl_net_resp r = {0};
-		char	   *path = sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld",
-									   s->recv_cursor ? s->recv_cursor : "0", site,
-										   (long long) (round == 0 ? wait_ms : 0));
-		bool		more;
+		char	   *path = sl_net_pull_path(n, s, round == 0 ? wait_ms : 0);
+		bool		more, got;
 
-		if (!sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg))
+		if (!path)
 		{
-			sqlite3_free(path);
+			*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
+			if (first)
+				sl_http_resp_free(first);
+			return NULL;
+		}
+		if (round == 0 && first)
+		{
+			r = *first; /* the long-poll's answer, a 2xx */
+			memset(first, 0, sizeof *first);
+			got = true;
+		}
+		else
+			requested |= got = sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg);
+		sqlite3_free(path);
+		if (!got)
+		{
 			if (r.status == 410 && !gone && s->recv_cursor)
 			{
 				/*
@@ -525,6 +750,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 										   "and pushing our changes first failed: %s",
 										   smsg ? smsg : "unknown error");
 					sqlite3_free(smsg);
+					kv_set(n, "progress", NULL);
 					return NULL;
 				}
 				sqlite3_free(sent);
@@ -545,9 +771,9 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 				continue;
 			}
 			sl_http_resp_free(&r);
+			kv_set(n, "progress", NULL);
 			return NULL;
 		}
-		sqlite3_free(path);
 		if (r.site[0] && s->server_site && strcmp(r.site, s->server_site) != 0 && !reset)
 		{
 			/* another database answers at this url: start over, discard this answer */
@@ -558,12 +784,15 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 		}
 		if (r.status == 200)
 		{
-			if (r.len < 56 || !apply_received(n, s, &r, &won, msg))
+			if (r.len < 56 || !apply_received(n, s, &r, &tot, msg))
 			{
 				if (!*msg)
 					*msg = sqlite3_mprintf("the server sent %lld bytes that are not a payload",
 										   (long long) r.len);
+				n->err_code = r.len < 56 ? "server" : "local";
+				n->err_status = r.len < 56 ? r.status : 0;
 				sl_http_resp_free(&r);
+				kv_set(n, "progress", NULL);
 				return NULL;
 			}
 			bytes += r.len;
@@ -586,23 +815,84 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, int64_t *npayloads, c
 		if (!more)
 			break;
 	}
+	kv_set(n, "progress", NULL);
 	/* held changes again; rows this device lacks, whole */
 	{
 		int64_t fetched = 0;
+		pgs_err err;
+		bool	ok;
 
-		if (!sl_rejected_after_receive(n))
+		ok = exec(n, "SAVEPOINT sync_network_held") && sl_events_begin(n->c, &err) == PGS_OK &&
+			 sl_rejected_after_receive(n) && sl_events_end(n->c, &err) == PGS_OK;
+		if (!ok)
 		{
 			*msg = sqlite3_mprintf("trying held changes again failed: %s", sqlite3_errmsg(n->db));
+			sl_events_reset(n->c);
+			exec(n, "ROLLBACK TO sync_network_held; RELEASE sync_network_held");
+			n->err_code = "local";
 			return NULL;
 		}
+		exec(n, "RELEASE sync_network_held");
 		if (!sl_want_fetch(n, s, &fetched, msg))
 			return NULL;
 	}
-	succeeded(n);
+	/* an answer to a request made earlier (the long-poll) says nothing about
+	 * the token of now: only a request of this call clears a failure */
+	if (!first || requested)
+		succeeded(n);
 	return sqlite3_mprintf(
-		"{\"payloads\":%lld,\"received_bytes\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"}",
-		(long long) *npayloads, (long long) bytes, (long long) won,
-		s->recv_cursor ? s->recv_cursor : "0");
+		"{\"payloads\":%lld,\"received_bytes\":%lld,\"rows\":%lld,\"rows_changed\":%lld,"
+		"\"inserted\":%lld,\"updated\":%lld,\"deleted\":%lld,\"moved_out\":%lld,"
+		"\"columns_changed\":%lld,\"applied\":%lld,\"recv_cursor\":\"%s\"%s}",
+		(long long) *npayloads, (long long) bytes, (long long) tot.rows,
+		(long long) (tot.inserted + tot.updated + tot.deleted + tot.moved_out),
+		(long long) tot.inserted, (long long) tot.updated, (long long) tot.deleted,
+		(long long) tot.moved_out, (long long) tot.columns, (long long) tot.columns,
+		s->recv_cursor ? s->recv_cursor : "0", "");
+}
+
+/* ---- for the background syncer (sl_background.c) ------------------------------- */
+
+bool
+sl_net_load_settings(sl_net *n, sl_net_settings *s)
+{
+	if (load_settings(n, s))
+		return true;
+	free_settings(s);
+	return false;
+}
+
+void
+sl_net_free_settings(sl_net_settings *s)
+{
+	free_settings(s);
+}
+
+char *
+sl_net_kv_text(sl_net *n, const char *key)
+{
+	return kv_text(n, key);
+}
+
+char *
+sl_net_send(sl_net *n, sl_net_settings *s, char **msg)
+{
+	char *json = do_send(n, s, msg);
+
+	if (!json)
+		sl_net_record_error(n, "background send", *msg);
+	return json;
+}
+
+char *
+sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
+			   int64_t *npayloads, char **msg)
+{
+	char *json = do_receive(n, s, wait_ms, first, npayloads, msg);
+
+	if (!json)
+		sl_net_record_error(n, "background receive", *msg);
+	return json;
 }
 
 /* ---- SQL functions ------------------------------------------------------------ */
@@ -672,6 +962,7 @@ sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
 		return;
 	}
+	sl_background_kick(n); /* a syncer waiting for a new token tries at once */
 	sqlite3_result_int(ctx, 1);
 }
 
@@ -704,7 +995,7 @@ sync_network_receive(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_receive", &s))
 		return;
-	if ((json = do_receive(n, &s, 0, &np, &msg)) != NULL)
+	if ((json = do_receive(n, &s, 0, NULL, &np, &msg)) != NULL)
 		result_json(ctx, json);
 	else
 		fail(ctx, n, "sync_network_receive", "%s", msg);
@@ -739,7 +1030,7 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		if (n->unavailable)
 			s.retries = 0; /* the server is out of reach: try the receive once */
 	}
-	if (!(recv = do_receive(n, &s, 0, &np, &msg)))
+	if (!(recv = do_receive(n, &s, 0, NULL, &np, &msg)))
 		fail(ctx, n, "sync_network_sync", "%s%s%sreceiving failed: %s",
 			 send_msg ? "sending failed: " : "", send_msg ? send_msg : "", send_msg ? "; " : "",
 			 msg);
@@ -762,13 +1053,30 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	free_settings(&s);
 }
 
+static int64_t
+mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * sync_network_wait(timeout_ms): 'changes' when something was applied,
+ * else at the timeout 'timeout', or 'offline' / 'unavailable' when the
+ * server could not be reached: it retries with backoff and jitter until
+ * the timeout instead of failing at once. With a background syncer for
+ * this file, it waits for that syncer's change events instead of pulling.
+ */
 static void
 sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
 	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	char		   *msg, *json;
-	int64_t			timeout = sqlite3_value_int64(argv[0]), np;
+	char		   *msg = NULL, *json;
+	int64_t			timeout = sqlite3_value_int64(argv[0]), np, deadline;
+	int				w, attempt = 0;
 
 	(void) argc;
 	if (sqlite3_value_type(argv[0]) != SQLITE_INTEGER || timeout < 0)
@@ -779,13 +1087,158 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (!need_settings(ctx, n, "sync_network_wait", &s))
 		return;
-	if ((json = do_receive(n, &s, timeout, &np, &msg)) != NULL)
-		sqlite3_result_int(ctx, np > 0);
-	else
-		fail(ctx, n, "sync_network_wait", "%s", msg);
-	sqlite3_free(json);
+	if ((w = sl_background_wait(n, timeout)) >= 0)
+	{
+		sqlite3_result_text(ctx, w ? "changes" : "timeout", -1, SQLITE_STATIC);
+		free_settings(&s);
+		return;
+	}
+	deadline = mono_ms() + timeout;
+	s.retries = 0; /* the backoff is this loop's, bounded by the deadline */
+	for (;;)
+	{
+		int64_t left = deadline - mono_ms();
+
+		if ((json = do_receive(n, &s, left > 0 ? left : 0, NULL, &np, &msg)) != NULL)
+		{
+			sqlite3_free(json);
+			attempt = 0;
+			if (np > 0 || deadline - mono_ms() <= 0)
+			{
+				sqlite3_result_text(ctx, np > 0 ? "changes" : "timeout", -1, SQLITE_STATIC);
+				break;
+			}
+			continue; /* the server answered early (its max_wait_ms): wait on */
+		}
+		if (!n->unavailable)
+		{
+			fail(ctx, n, "sync_network_wait", "%s", msg);
+			break;
+		}
+		sl_net_record_error(n, "sync_network_wait", msg);
+		sqlite3_free(msg);
+		msg = NULL;
+		left = deadline - mono_ms();
+		if (left <= 0)
+		{
+			sqlite3_result_text(ctx, n->err_code ? n->err_code : "offline", -1, SQLITE_STATIC);
+			break;
+		}
+		{
+			/* backoff_ms * 2^attempt, capped, half fixed and half random */
+			int64_t	 d = s.backoff_ms > 0 ? s.backoff_ms : 200;
+			uint32_t rnd;
+
+			for (int i = 0; i < attempt && d < s.backoff_max_ms; i++)
+				d *= 2;
+			if (d > s.backoff_max_ms)
+				d = s.backoff_max_ms;
+			sqlite3_randomness(sizeof rnd, &rnd);
+			d = d / 2 + (int64_t) (rnd % (uint32_t) (d / 2 + 1));
+			if (d > left)
+				d = left;
+			attempt++;
+			sqlite3_sleep((int) d);
+		}
+	}
 	sqlite3_free(msg);
 	free_settings(&s);
+}
+
+/* b64url_decode: base64url (no padding) into out (len <= cap); bytes written or -1. */
+static int
+b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap)
+{
+	uint32_t acc = 0;
+	int		 bits = 0;
+	size_t	 k = 0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		int c = in[i], v;
+
+		if (c >= 'A' && c <= 'Z')
+			v = c - 'A';
+		else if (c >= 'a' && c <= 'z')
+			v = c - 'a' + 26;
+		else if (c >= '0' && c <= '9')
+			v = c - '0' + 52;
+		else if (c == '-' || c == '+')
+			v = 62;
+		else if (c == '_' || c == '/')
+			v = 63;
+		else if (c == '=')
+			break;
+		else
+			return -1;
+		acc = (acc << 6) | (uint32_t) v;
+		bits += 6;
+		if (bits >= 8)
+		{
+			bits -= 8;
+			if (k >= cap)
+				return -1;
+			out[k++] = (uint8_t) (acc >> bits);
+		}
+	}
+	return (int) k;
+}
+
+/*
+ * sl_jwt_exp: the exp claim of a JWT (seconds since 1970), 0 when the
+ * token is not a JWT or has none. The signature is not checked: this is for
+ * status only; the server decides.
+ */
+int64_t
+sl_jwt_exp(const char *token)
+{
+	const char *a = token ? strchr(token, '.') : NULL, *b = a ? strchr(a + 1, '.') : NULL;
+	uint8_t		buf[4096];
+	int			len;
+	cJSON	   *j, *exp;
+	int64_t		r = 0;
+
+	if (!b || (size_t) (b - a - 1) > sizeof buf * 4 / 3 ||
+		(len = b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf)) <= 0)
+		return 0;
+	j = cJSON_ParseWithLength((const char *) buf, (size_t) len);
+	exp = cJSON_GetObjectItemCaseSensitive(j, "exp");
+	if (cJSON_IsNumber(exp) && exp->valuedouble > 0 && exp->valuedouble < 253402300800.0)
+		r = (int64_t) exp->valuedouble;
+	cJSON_Delete(j);
+	return r;
+}
+
+static void
+add_time(cJSON *j, const char *name, int64_t t)
+{
+	char	  b[32];
+	time_t	  tt = (time_t) t;
+	struct tm tm;
+
+	gmtime_r(&tt, &tm);
+	strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%SZ", &tm);
+	cJSON_AddStringToObject(j, name, b);
+}
+
+/* add_json_kv adds key's stored JSON object (or null); text that is not JSON
+ * (an older version's last_error) becomes {"code":"unknown","message":...}. */
+static void
+add_json_kv(cJSON *j, sl_net *n, const char *key, const char *name)
+{
+	char  *v = kv_text(n, key);
+	cJSON *o = v ? cJSON_Parse(v) : NULL;
+
+	if (v && !cJSON_IsObject(o))
+	{
+		cJSON_Delete(o);
+		o = cJSON_CreateObject();
+		cJSON_AddStringToObject(o, "code", "unknown");
+		cJSON_AddNullToObject(o, "http_status");
+		cJSON_AddStringToObject(o, "message", v);
+	}
+	cJSON_AddItemToObject(j, name, o ? o : cJSON_CreateNull());
+	sqlite3_free(v);
 }
 
 static void
@@ -793,15 +1246,18 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 {
 	sl_net		   *n = sqlite3_user_data(ctx);
 	sl_net_settings s;
-	cJSON		   *j;
+	cJSON		   *j, *pend, *by;
 	char		   *text, *v;
-	int64_t			x, pending = 0;
+	int64_t			x, pending = 0, exp;
+	long			pid = 0;
+	const char	   *state;
 	pgs_err			err;
 
 	(void) argc, (void) argv;
 	if (!need_settings(ctx, n, "sync_network_status", &s))
 		return;
 	j = cJSON_CreateObject();
+	by = cJSON_CreateObject();
 	cJSON_AddStringToObject(j, "url", s.url);
 	if (query_int(n, "SELECT 1 FROM sync_state", &x))
 	{
@@ -823,7 +1279,11 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 											n->c->tables[i]->qclock, (long long) s.send_cursor);
 
 				if (sql && query_int(n, sql, &x))
+				{
 					pending += x;
+					if (x)
+						cJSON_AddNumberToObject(by, n->c->tables[i]->name, (double) x);
+				}
 				sqlite3_free(sql);
 			}
 	}
@@ -831,13 +1291,15 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	cJSON_AddNumberToObject(j, "send_cursor", (double) s.send_cursor);
 	cJSON_AddStringToObject(j, "recv_cursor", s.recv_cursor ? s.recv_cursor : "0");
 	cJSON_AddNumberToObject(j, "pending_rows", (double) pending);
+	pend = cJSON_AddObjectToObject(j, "pending");
+	cJSON_AddNumberToObject(pend, "rows", (double) pending);
+	cJSON_AddItemToObject(pend, "by_table", by);
 	v = kv_text(n, "last_sync");
 	cJSON_AddItemToObject(j, "last_sync", v ? cJSON_CreateString(v) : cJSON_CreateNull());
 	sqlite3_free(v);
-	v = kv_text(n, "last_error");
-	cJSON_AddItemToObject(j, "last_error", v ? cJSON_CreateString(v) : cJSON_CreateNull());
-	sqlite3_free(v);
+	add_json_kv(j, n, "last_error", "last_error");
 	cJSON_AddNumberToObject(j, "failures", (double) kv_int(n, "failures", 0));
+	add_json_kv(j, n, "progress", "progress");
 	cJSON_AddNumberToObject(
 		j, "rejected",
 		query_int(n, "SELECT count(*) FROM sync_network_rejected WHERE origin = 'server'", &x)
@@ -846,6 +1308,20 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	cJSON_AddNumberToObject(
 		j, "held", query_int(n, "SELECT count(*) FROM sync_held", &x) ? (double) x : 0);
 	cJSON_AddBoolToObject(j, "has_token", s.token != NULL);
+	if ((exp = sl_jwt_exp(s.token)) > 0)
+		add_time(j, "token_expires_at", exp);
+	else
+		cJSON_AddNullToObject(j, "token_expires_at");
+	state = sl_background_state(n, &pid);
+	{
+		cJSON *bg = cJSON_AddObjectToObject(j, "background");
+
+		cJSON_AddStringToObject(bg, "state", state);
+		if (pid)
+			cJSON_AddNumberToObject(bg, "pid", (double) pid);
+		else
+			cJSON_AddNullToObject(bg, "pid");
+	}
 	text = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
 	if (text)
@@ -922,5 +1398,6 @@ sl_network_register(sqlite3 *db, db_conn *c)
 			return rc;
 		}
 	}
-	return SQLITE_OK;
+	c->net = n;
+	return sl_background_register(db, c, n);
 }

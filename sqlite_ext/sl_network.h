@@ -5,6 +5,9 @@
  *   sl_network.c   the sync_network_* SQL functions, cursors, send/receive
  *   sl_http.c      one HTTP exchange with libcurl: timeouts, retries with
  *                  backoff and jitter, the protocol's headers and errors
+ *   sl_background.c  sync_network_start/stop: the background syncer thread
+ *   sl_events.c    change events, counters, sync_network_pending
+ * Design: docs/CLIENT.md.
  */
 #ifndef SL_NETWORK_H
 #define SL_NETWORK_H
@@ -24,7 +27,12 @@ int sl_network_register(sqlite3 *db, db_conn *c);
 
 #define SL_CURSOR_MAX PGS_MAX_CURSOR /* the server's cursors (core/cursor.c) */
 
-/* Per connection: the database handle and a reused curl handle (keep-alive). */
+/*
+ * Per connection: the database handle and a reused curl handle (keep-alive).
+ * err_code/err_status classify the last failure (docs/CLIENT.md, "Status and
+ * errors"); perform, when set (the background syncer's connection), runs a
+ * transfer so that a stop can abort it.
+ */
 typedef struct sl_net
 {
 	sqlite3 *db;
@@ -32,6 +40,14 @@ typedef struct sl_net
 	CURL	*curl;
 	char	 curl_err[CURL_ERROR_SIZE];
 	bool	 unavailable; /* the last call failed: offline, or the server busy or down */
+	const char *err_code; /* static string, NULL = no classified failure */
+	long		err_status;
+	CURLcode (*perform)(void *arg, CURL *c);
+	void	   *perform_arg;
+	int64_t		chunk_rows;	 /* rows per pulled chunk (0: the server's pull_max_rows) */
+	bool		background;	 /* the syncer's own connection */
+	bool		meta_ready;	 /* sync_network and its companions exist */
+	char		site[40];	 /* sync_site_id(), once known */
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
@@ -64,7 +80,16 @@ typedef struct sl_net_resp
 	char	 site[40];
 	bool	 more;
 	long	 retry_after;
+	int64_t	 rows_total; /* X-Pgsync-Rows-Total, -1 when absent */
 } sl_net_resp;
+
+/* What a request needs until its transfer ends. */
+typedef struct sl_http_req
+{
+	char			  *url;
+	char			  *auth;
+	struct curl_slist *headers;
+} sl_http_req;
 
 /*
  * sl_http_call makes one request (POST when body is set, GET otherwise) to
@@ -75,6 +100,46 @@ typedef struct sl_net_resp
 bool sl_http_call(sl_net *n, const sl_net_settings *s, const char *path, const uint8_t *body,
 				  size_t len, int64_t wait_ms, sl_net_resp *r, char **msg);
 void sl_http_resp_free(sl_net_resp *r);
+/* The pieces of sl_http_call, for a transfer run elsewhere (the long-poll of
+ * the background syncer): set up a handle, then classify its outcome. */
+bool sl_http_prepare(CURL *c, char *errbuf, const sl_net_settings *s, const char *path,
+					 const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r,
+					 sl_http_req *q, char **msg);
+bool sl_http_outcome(sl_net *n, CURL *c, const char *errbuf, const sl_net_settings *s,
+					 CURLcode rc, sl_net_resp *r, bool *transient, char **msg);
+void sl_http_req_free(sl_http_req *q);
+
+/* ---- sl_network.c, for sl_background.c ---- */
+
+bool  sl_net_load_settings(sl_net *n, sl_net_settings *s); /* false before sync_network_init */
+void  sl_net_free_settings(sl_net_settings *s);
+char *sl_net_kv_text(sl_net *n, const char *key); /* sqlite3_free it */
+/* sl_net_send / sl_net_receive: one push / every chunk of a pull; JSON
+ * summary (sqlite3_malloc) or NULL + *msg, the failure recorded for status.
+ * first: an answer to GET /v1/pull already fetched (the long-poll), or NULL. */
+char *sl_net_send(sl_net *n, sl_net_settings *s, char **msg);
+char *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
+					 int64_t *npayloads, char **msg);
+void  sl_net_record_error(sl_net *n, const char *fn, const char *msg);
+char *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms); /* sqlite3_free */
+int64_t sl_jwt_exp(const char *token); /* the token's exp claim, 0 when none */
+
+/* ---- sl_background.c ---- */
+
+int	 sl_background_register(sqlite3 *db, db_conn *c, sl_net *n);
+void sl_background_closing(db_conn *c); /* the connection closes: stop what it started */
+void sl_background_committed(db_conn *c, int64_t ver); /* commit hook: wake the syncer */
+/* sl_background_wait: wait (up to timeout_ms) for the syncer of n's file to
+ * record change events; 1 = events, 0 = timeout, -1 = no syncer runs. */
+int sl_background_wait(sl_net *n, int64_t timeout_ms);
+/* sl_background_state: "running", "standby" or "stopped" for n's file, and
+ * the pid that runs it (0 if unknown). */
+const char *sl_background_state(sl_net *n, long *pid);
+void		sl_background_kick(sl_net *n); /* settings changed: wake the syncer now */
+
+/* ---- sl_events.c ---- */
+
+int	 sl_pending_register(sqlite3 *db, db_conn *c);
 
 /* ---- sl_rejected.c: rejections, retry, discard, rows fetched whole ---- */
 

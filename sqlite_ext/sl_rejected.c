@@ -162,12 +162,13 @@ cursor_follow(sl_net *n, int64_t v0)
 /* row_alive: whether the row is live here, or deleted here by this device
  * (false: forgotten, or deleted by another replica's change). */
 static bool
-row_alive(sl_net *n, db_table *t, const pgs_value *pk)
+row_alive(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const char *pj, void *arg)
 {
 	char		 *w = sqlite3_mprintf(""), *sql;
 	sqlite3_stmt *st;
 	bool		  alive = false;
 
+	(void) tb, (void) pj, (void) arg;
 	for (int i = 0; i < t->npk && w; i++)
 	{
 		char *x = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], i + 1);
@@ -246,9 +247,9 @@ gc_lost(sl_net *n, const char *tbl, const char *pkjson, int64_t old_cursor)
 	return lost;
 }
 
-/* settle: forget a row the server lost to GC, and its refusal. */
+/* forget_lost: forget a row the server lost to GC, and its refusal. */
 static bool
-settle(sl_net *n, const char *tbl, const char *pkjson)
+forget_lost(sl_net *n, const char *tbl, const char *pkjson)
 {
 	db_table *t;
 	pgs_value pk[64];
@@ -372,11 +373,115 @@ sl_rejected_before_send(sl_net *n, int64_t send_cursor)
  * lacks it and got only some columns) is sent again whole, once: *again
  * tells the caller to push again now. Inside the caller's savepoint.
  */
+/*
+ * settle: remove from sync_network_rejected the rows of origin for which
+ * keep(n, table, key, arg) says false (collected first: the list is read
+ * while it is decided).
+ */
+typedef bool (*keep_fn)(sl_net *n, db_table *t, const pgs_value *pk, const char *tbl,
+						const char *pkjson, void *arg);
+
+static bool
+settle(sl_net *n, const char *origin, keep_fn keep, void *arg)
+{
+	sqlite3_stmt *st;
+	char		**gone = NULL;
+	int			  ngone = 0;
+	bool		  ok = true;
+
+	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = ?1",
+						   -1, &st, NULL) != SQLITE_OK)
+		return true; /* no list yet */
+	sqlite3_bind_text(st, 1, origin, -1, SQLITE_STATIC);
+	while (sqlite3_step(st) == SQLITE_ROW)
+	{
+		const char *tb = (const char *) sqlite3_column_text(st, 0);
+		const char *pj = (const char *) sqlite3_column_text(st, 1);
+		db_table   *t;
+		pgs_value	pk[64];
+		char	   *store, **ng;
+		bool		kept;
+
+		if (!row_of(n, tb, pj, &t, pk, &store))
+			continue;
+		kept = keep(n, t, pk, tb, pj, arg);
+		sqlite3_free(store);
+		if (kept || !(ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2))))
+			continue;
+		gone = ng;
+		gone[ngone++] = sqlite3_mprintf("%s", tb);
+		gone[ngone++] = sqlite3_mprintf("%s", pj);
+	}
+	sqlite3_finalize(st);
+	for (int i = 0; i + 1 < ngone; i += 2)
+	{
+		char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = %Q "
+									"AND origin = %Q",
+									gone[i], gone[i + 1], origin);
+
+		ok = ok && sql && exec(n->db, sql);
+		sqlite3_free(sql);
+	}
+	for (int i = 0; i < ngone; i++)
+		sqlite3_free(gone[i]);
+	sqlite3_free(gone);
+	return ok;
+}
+
+/* after a push: the refused rows of this answer, and the range it sent */
+typedef struct push_outcome
+{
+	char  **seen; /* table, key JSON, table, key JSON, ... refused again */
+	int		nseen;
+	int64_t old_cursor, until;
+} push_outcome;
+
+/* still_refused: a row stays listed unless it went out in this push and was not refused */
+static bool
+still_refused(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const char *pj,
+			  void *arg)
+{
+	const push_outcome *o = arg;
+	int64_t				v;
+
+	for (int i = 0; i + 1 < o->nseen; i += 2)
+		if (o->seen[i] && o->seen[i + 1] && strcmp(o->seen[i], tb) == 0 &&
+			strcmp(o->seen[i + 1], pj) == 0)
+			return true;
+	v = clock_ver(n, t, pk);
+	return !(v > o->old_cursor && v <= o->until);
+}
+
+/* still_held: a row this device refused stays listed while its change is held */
+static bool
+still_held(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const char *pj, void *arg)
+{
+	pgs_buf		  k;
+	sqlite3_stmt *h;
+	bool		  held = true;
+
+	(void) tb, (void) pj, (void) arg;
+	pgs_buf_init(&k);
+	pgs_key_encode(&k, (uint32_t) t->npk, pk);
+	if (!k.oom &&
+		sqlite3_prepare_v2(n->db, "SELECT count(*) FROM sync_held WHERE tbl = ?1 AND k = ?2", -1,
+						   &h, NULL) == SQLITE_OK)
+	{
+		sqlite3_bind_text(h, 1, t->name, -1, SQLITE_STATIC);
+		sqlite3_bind_blob(h, 2, k.p, (int) k.len, SQLITE_STATIC);
+		if (sqlite3_step(h) == SQLITE_ROW)
+			held = sqlite3_column_int(h, 0) > 0;
+		sqlite3_finalize(h);
+	}
+	pgs_buf_free(&k);
+	return held;
+}
+
 bool
 sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int64_t until,
 					   int64_t *nrej, bool *again)
 {
-	sqlite3_stmt *up = NULL, *sel = NULL;
+	sqlite3_stmt *up = NULL;
 	const cJSON	 *it;
 	char		  now[32];
 	char		**seen = NULL;
@@ -425,7 +530,7 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 			attempts <= 1 && gc_lost(n, t->valuestring, pktext, old_cursor))
 		{
 			/* the server knew this life and lost it to GC: it was deleted */
-			ok = ok && settle(n, t->valuestring, pktext);
+			ok = ok && forget_lost(n, t->valuestring, pktext);
 			(*nrej)--;
 		}
 		else if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_INCOMPLETE) == 0 &&
@@ -457,54 +562,11 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 	}
 	sqlite3_finalize(up);
 	/* earlier refusals: resolved when their row went out and was not refused */
-	if (ok && sqlite3_prepare_v2(n->db,
-								 "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
-								 -1, &sel, NULL) == SQLITE_OK)
+	if (ok)
 	{
-		char **gone = NULL;
-		int	   ngone = 0;
+		push_outcome o = {seen, nseen, old_cursor, until};
 
-		while (sqlite3_step(sel) == SQLITE_ROW)
-		{
-			const char *tb = (const char *) sqlite3_column_text(sel, 0);
-			const char *pj = (const char *) sqlite3_column_text(sel, 1);
-			bool		again_refused = false;
-			db_table   *t;
-			pgs_value	pk[64];
-			char	   *store;
-			int64_t		v;
-
-			for (int i = 0; i + 1 < nseen && !again_refused; i += 2)
-				again_refused = seen[i] && seen[i + 1] && strcmp(seen[i], tb) == 0 &&
-								strcmp(seen[i + 1], pj) == 0;
-			if (again_refused || !row_of(n, tb, pj, &t, pk, &store))
-				continue;
-			v = clock_ver(n, t, pk);
-			sqlite3_free(store);
-			if (v > old_cursor && v <= until)
-			{
-				char **ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2));
-
-				if (!ng)
-					break;
-				gone = ng;
-				gone[ngone++] = sqlite3_mprintf("%s", tb);
-				gone[ngone++] = sqlite3_mprintf("%s", pj);
-			}
-		}
-		sqlite3_finalize(sel);
-		for (int i = 0; i + 1 < ngone; i += 2)
-		{
-			char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = "
-										"%Q AND origin = 'server'",
-										gone[i], gone[i + 1]);
-
-			ok = ok && sql && exec(n->db, sql);
-			sqlite3_free(sql);
-		}
-		for (int i = 0; i < ngone; i++)
-			sqlite3_free(gone[i]);
-		sqlite3_free(gone);
+		ok = settle(n, "server", still_refused, &o);
 	}
 	for (int i = 0; i < nseen; i++)
 		sqlite3_free(seen[i]);
@@ -562,106 +624,9 @@ sl_rejected_after_receive(sl_net *n)
 		sqlite3_finalize(st);
 	}
 	/* a row this device refused whose change is no longer held (it applied, or a
-	 * newer version of the row did) is settled */
-	if (ok && sqlite3_prepare_v2(n->db,
-								 "SELECT r.tbl, r.pk FROM sync_network_rejected r WHERE r.origin = "
-								 "'local'",
-								 -1, &st, NULL) == SQLITE_OK)
-	{
-		char **gone = NULL;
-		int	   ngone = 0;
-
-		while (sqlite3_step(st) == SQLITE_ROW)
-		{
-			const char	 *tb = (const char *) sqlite3_column_text(st, 0);
-			const char	 *pj = (const char *) sqlite3_column_text(st, 1);
-			db_table	 *t;
-			pgs_value	  pk[64];
-			char		 *store;
-			pgs_buf		  k;
-			sqlite3_stmt *h;
-			bool		  held = true;
-			char		**ng;
-
-			if (!row_of(n, tb, pj, &t, pk, &store))
-				continue;
-			pgs_buf_init(&k);
-			pgs_key_encode(&k, (uint32_t) t->npk, pk);
-			sqlite3_free(store);
-			if (!k.oom && sqlite3_prepare_v2(n->db,
-											 "SELECT count(*) FROM sync_held WHERE tbl = ?1 AND "
-											 "k = ?2",
-											 -1, &h, NULL) == SQLITE_OK)
-			{
-				sqlite3_bind_text(h, 1, t->name, -1, SQLITE_STATIC);
-				sqlite3_bind_blob(h, 2, k.p, (int) k.len, SQLITE_STATIC);
-				if (sqlite3_step(h) == SQLITE_ROW)
-					held = sqlite3_column_int(h, 0) > 0;
-				sqlite3_finalize(h);
-			}
-			pgs_buf_free(&k);
-			if (held || !(ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2))))
-				continue;
-			gone = ng;
-			gone[ngone++] = sqlite3_mprintf("%s", tb);
-			gone[ngone++] = sqlite3_mprintf("%s", pj);
-		}
-		sqlite3_finalize(st);
-		for (int i = 0; i + 1 < ngone; i += 2)
-		{
-			char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = "
-										"%Q AND origin = 'local'",
-										gone[i], gone[i + 1]);
-
-			ok = ok && sql && exec(n->db, sql);
-			sqlite3_free(sql);
-		}
-		for (int i = 0; i < ngone; i++)
-			sqlite3_free(gone[i]);
-		sqlite3_free(gone);
-	}
-	/* a refused row that the server's version removed here (deleted, moved out) is settled */
-	if (ok && sqlite3_prepare_v2(n->db,
-								 "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
-								 -1, &st, NULL) == SQLITE_OK)
-	{
-		char **gone = NULL;
-		int	   ngone = 0;
-
-		while (sqlite3_step(st) == SQLITE_ROW)
-		{
-			const char *tb = (const char *) sqlite3_column_text(st, 0);
-			const char *pj = (const char *) sqlite3_column_text(st, 1);
-			db_table   *t;
-			pgs_value	pk[64];
-			char	   *store;
-			bool		alive;
-			char	  **ng;
-
-			if (!row_of(n, tb, pj, &t, pk, &store))
-				continue;
-			alive = row_alive(n, t, pk);
-			sqlite3_free(store);
-			if (alive || !(ng = sqlite3_realloc64(gone, sizeof(char *) * (size_t) (ngone + 2))))
-				continue;
-			gone = ng;
-			gone[ngone++] = sqlite3_mprintf("%s", tb);
-			gone[ngone++] = sqlite3_mprintf("%s", pj);
-		}
-		sqlite3_finalize(st);
-		for (int i = 0; i + 1 < ngone; i += 2)
-		{
-			char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = "
-										"%Q AND origin = 'server'",
-										gone[i], gone[i + 1]);
-
-			ok = ok && sql && exec(n->db, sql);
-			sqlite3_free(sql);
-		}
-		for (int i = 0; i < ngone; i++)
-			sqlite3_free(gone[i]);
-		sqlite3_free(gone);
-	}
+	 * newer version of the row did) is settled; so is a row the server refused
+	 * that the server's version removed here (deleted, moved out) */
+	ok = ok && settle(n, "local", still_held, NULL) && settle(n, "server", row_alive, NULL);
 	if (!ok)
 	{
 		exec(n->db, "ROLLBACK TO sync_held_retry");
@@ -677,23 +642,28 @@ sl_rejected_after_receive(sl_net *n)
  * here). A discarded change thus becomes the server's version. The list
  * empties in the same local transaction as the apply.
  */
-bool
-sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
+#define WANT_BATCH 1000
+
+/* want_batch: one request of at most WANT_BATCH wanted rows (in key order);
+ * *more when the list had more. */
+static bool
+want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool *more)
 {
 	sqlite3_stmt *st;
 	cJSON		 *req = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(req, "rows");
-	char		 *body;
+	char		 *body, *last_tbl = NULL, *last_pk = NULL;
 	sl_net_resp	  r = {0};
 	bool		  ok = true;
+	int64_t		  k = 0;
 
-	*rows = 0;
-	*msg = NULL;
-	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_want LIMIT 1000", -1, &st,
-						   NULL) != SQLITE_OK)
+	*more = false;
+	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_want ORDER BY tbl, pk LIMIT ?1",
+						   -1, &st, NULL) != SQLITE_OK)
 	{
 		cJSON_Delete(req);
 		return true; /* no list yet */
 	}
+	sqlite3_bind_int(st, 1, WANT_BATCH);
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
 		cJSON *o = cJSON_CreateObject();
@@ -702,10 +672,16 @@ sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
 		cJSON_AddStringToObject(o, "table", (const char *) sqlite3_column_text(st, 0));
 		cJSON_AddItemToObject(o, "pk", pk ? pk : cJSON_CreateObject());
 		cJSON_AddItemToArray(arr, o);
-		(*rows)++;
+		sqlite3_free(last_tbl);
+		sqlite3_free(last_pk);
+		last_tbl = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
+		last_pk = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
+		k++;
 	}
 	sqlite3_finalize(st);
-	if (*rows == 0)
+	*rows += k;
+	*more = k == WANT_BATCH;
+	if (k == 0)
 	{
 		cJSON_Delete(req);
 		return true;
@@ -743,13 +719,39 @@ sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
 				*msg = sqlite3_mprintf("applying the rows the server sent failed: %s",
 									   sqlite3_errmsg(n->db));
 			sqlite3_finalize(ap);
-			/* the rows came (or are known gone): the held incomplete ones too */
-			ok = ok && exec(n->db, "DELETE FROM sync_held WHERE code = 'PS001';"
-								   "DELETE FROM sync_network_want;");
+			/* the rows came (or are known gone): off the list; after the last
+			 * batch the held incomplete ones too (they were all on it) */
+			if (ok)
+			{
+				char *sql = sqlite3_mprintf("DELETE FROM sync_network_want WHERE (tbl, pk) <= "
+											"(%Q, %Q)%s",
+											last_tbl, last_pk,
+											*more ? ""
+												  : "; DELETE FROM sync_held WHERE code = 'PS001'");
+
+				ok = sql && exec(n->db, sql);
+				sqlite3_free(sql);
+			}
 			exec(n->db, ok ? "RELEASE sync_want" : "ROLLBACK TO sync_want; RELEASE sync_want");
 		}
 	}
+	else
+		*more = false; /* not now (the list stays for the next receive): never a stuck device */
 	sl_http_resp_free(&r);
+	sqlite3_free(last_tbl);
+	sqlite3_free(last_pk);
+	return ok;
+}
+
+bool
+sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
+{
+	bool more = true, ok = true;
+
+	*rows = 0;
+	*msg = NULL;
+	for (int i = 0; ok && more && i < 1000; i++)
+		ok = want_batch(n, s, rows, msg, &more);
 	return ok;
 }
 

@@ -115,10 +115,12 @@ sync_init(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		int64_t n;
 
 		if (sl_exec(c, "SAVEPOINT sync_init_held", &err) != PGS_OK ||
-			sl_apply_held(c, NULL, &n, &err) != PGS_OK)
+			sl_events_begin(c, &err) != PGS_OK || sl_apply_held(c, NULL, &n, &err) != PGS_OK ||
+			sl_events_end(c, &err) != PGS_OK)
 		{
 			pgs_err ignore;
 
+			sl_events_reset(c);
 			sl_exec(c, "ROLLBACK TO sync_init_held; RELEASE sync_init_held", &ignore);
 			result_err(ctx, &err);
 			return;
@@ -407,21 +409,30 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	 * The fast path first; a row that fails sends the apply back, carefully.
 	 */
 	sl_protect_load(c);
-	c->applying = true;
-	rc = pgs_apply(c, p, n, false, &st, &err);
+	memset(&st, 0, sizeof st);
+	if ((rc = sl_events_begin(c, &err)) == PGS_OK)
+	{
+		c->applying = true;
+		rc = pgs_apply(c, p, n, false, &st, &err);
+	}
 	if (rc == PGS_ERR_CAREFUL)
 	{
 		sl_discard(c);
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
+		sl_events_reset(c);
 		c->txn_ver = 0;
 		sl_load(c, &ignore);
+		memset(&st, 0, sizeof st);
 		rc = pgs_apply(c, p, n, true, &st, &err);
 	}
 	c->applying = false;
 	c->careful = false;
+	if (rc == PGS_OK)
+		rc = sl_events_end(c, &err);
 	if (rc != PGS_OK)
 	{
 		sl_discard(c);
+		sl_events_reset(c);
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_exec(c, "RELEASE sync_apply", &ignore);
 		c->txn_ver = 0;
@@ -434,6 +445,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		result_err(ctx, &err);
 		return;
 	}
+	c->last_apply = st; /* rows and columns, for the network client's summaries */
 	sqlite3_result_int64(ctx, st.won);
 }
 
@@ -442,7 +454,11 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 static int
 on_commit(void *arg)
 {
-	sl_txn_end(arg);
+	db_conn *c = arg;
+
+	if (c->txn_ver)
+		sl_background_committed(c, c->txn_ver); /* a synced table was written */
+	sl_txn_end(c);
 	return 0;
 }
 
@@ -464,7 +480,8 @@ finalize_all(db_conn *c)
 	sqlite3_finalize(c->st_held_put);
 	sqlite3_finalize(c->st_held_del);
 	sqlite3_finalize(c->st_row_read);
-	c->st_row_read = NULL;
+	sqlite3_finalize(c->st_event);
+	c->st_row_read = c->st_event = NULL;
 	sqlite3_finalize(c->st_seq_bump);
 	c->st_seq_bump = NULL;
 	c->has_seq = -1;
@@ -478,6 +495,7 @@ conn_free(void *arg)
 {
 	db_conn *c = arg;
 
+	sl_background_closing(c);
 	finalize_all(c);
 	sqlite3_free(c->sites);
 	sqlite3_free(c->stamps);
@@ -488,6 +506,7 @@ conn_free(void *arg)
 	pgs_buf_free(&c->scratch);
 	pgs_buf_free(&c->fire_blob);
 	sqlite3_free(c->fire_mask);
+	sqlite3_free(c->fire_changed);
 	sqlite3_free(c);
 }
 
@@ -526,6 +545,7 @@ close_connect(sqlite3 *db, void *aux, int argc, const char *const *argv, sqlite3
 static int
 close_disconnect(sqlite3_vtab *vt)
 {
+	sl_background_closing(((close_vtab *) vt)->c); /* stop a syncer this connection started */
 	finalize_all(((close_vtab *) vt)->c);
 	sqlite3_free(vt);
 	return SQLITE_OK;
@@ -657,17 +677,20 @@ static const struct
 	{"sqlitesync_capture", -1, 0, sl_capture},
 };
 
-#ifdef _WIN32
-__declspec(dllexport)
-#endif
-	int sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines *pApi)
+/*
+ * sl_attach sets the extension up on db (functions, hooks, virtual tables)
+ * and returns its per-connection state in *out (owned by db: freed when it
+ * closes). Used by the entry point and by the background syncer for its
+ * own connection.
+ */
+int
+sl_attach(sqlite3 *db, char **pzErrMsg, db_conn **out)
 {
-	static const pgs_allocator alloc = {sl_malloc, sl_realloc, sl_free};
-	db_conn					  *c;
-	pgs_err					   ignore;
+	db_conn *c;
+	pgs_err	 ignore;
 
-	SQLITE_EXTENSION_INIT2(pApi);
-	pgs_set_allocator(&alloc);
+	if (out)
+		*out = NULL;
 	c = sqlite3_malloc(sizeof *c);
 	if (!c)
 		return SQLITE_NOMEM;
@@ -710,7 +733,7 @@ __declspec(dllexport)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_gc");
 		return SQLITE_ERROR;
 	}
-	if (sl_network_register(db, c) != SQLITE_OK)
+	if (sl_network_register(db, c) != SQLITE_OK || sl_pending_register(db, c) != SQLITE_OK)
 	{
 		if (pzErrMsg)
 			*pzErrMsg =
@@ -720,5 +743,19 @@ __declspec(dllexport)
 	sqlite3_commit_hook(db, on_commit, c);
 	sqlite3_rollback_hook(db, on_rollback, c);
 	(void) sl_load(c, &ignore); /* fine to fail before the first sync_init */
+	if (out)
+		*out = c;
 	return SQLITE_OK;
+}
+
+#ifdef _WIN32
+__declspec(dllexport)
+#endif
+	int sqlite3_sqlitesync_init(sqlite3 *db, char **pzErrMsg, const sqlite3_api_routines *pApi)
+{
+	static const pgs_allocator alloc = {sl_malloc, sl_realloc, sl_free};
+
+	SQLITE_EXTENSION_INIT2(pApi);
+	pgs_set_allocator(&alloc);
+	return sl_attach(db, pzErrMsg, NULL);
 }

@@ -884,45 +884,34 @@ put_local_clock(db_conn *db, db_table *t, const pgs_value *pk, bool exists, pgs_
 	return PGS_OK;
 }
 
+/*
+ * local_edit: the clock change of a local write, by the core's rules
+ * (core/local.c), written like the engines write it. PGS_ERR_VALUE when a
+ * grow-only table refuses it.
+ */
 static pgs_rc
-new_life(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver)
+local_edit(db_conn *db, db_table *t, const pgs_value *pk, mrow *row, pgs_local_op op,
+		   const bool *mask, int64_t ver)
 {
 	pgs_stamp	*s = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
-	pgs_rowclock rc = {.cl = cl, .cl_ver = ver, .cl_site = 0, .ncols = t->ncols, .cols = s};
-	uint64_t	 hlc = mdb_tick(db);
-
-	for (int i = 0; i < t->ncols; i++)
-		s[i].hlc = hlc, s[i].ver = ver, s[i].site = 0;
-	put_local_clock(db, t, pk, exists, &rc);
-	pgs_free(s);
-	return PGS_OK;
-}
-
-/* touch stamps the columns in mask (NULL: all) as a local edit of this row. */
-static pgs_rc
-touch(db_conn *db, db_table *t, const pgs_value *pk, mrow *row, int64_t ver, const bool *mask)
-{
-	pgs_stamp	*s = mdb_xmalloc(sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
-	pgs_rowclock rc = {.cl = row->cl, .ncols = t->ncols, .cols = s};
-	uint64_t	 now = mdb_tick(db);
-	int			 changed = 0;
+	pgs_rowclock rc = {.ncols = t->ncols, .cols = s};
+	bool		 found = row && row->has_clock;
+	pgs_local_result res;
 	pgs_err		 err;
 
-	if (pgs_rowclock_decode(row->clk, row->clk_len, &rc, &err) != PGS_OK)
-		abort();
-	for (int i = 0; i < t->ncols; i++)
+	memset(s, 0, sizeof(pgs_stamp) * (size_t) (t->ncols + 1));
+	if (found)
 	{
-		if (mask && !mask[i])
-			continue;
-		s[i].hlc = s[i].hlc >= now ? s[i].hlc + 1 : now;
-		s[i].ver = ver;
-		s[i].site = 0;
-		changed++;
+		rc.cl = row->cl;
+		if (pgs_rowclock_decode(row->clk, row->clk_len, &rc, &err) != PGS_OK)
+			abort();
 	}
-	if (changed)
-		put_local_clock(db, t, pk, true, &rc);
+	res = pgs_local_edit(&rc, found, op, t->algo, mask, ver,
+						 op == PGS_LOCAL_DELETE ? 0 : mdb_tick(db));
+	if (res == PGS_LOCAL_WRITE)
+		put_local_clock(db, t, pk, found, &rc);
 	pgs_free(s);
-	return PGS_OK;
+	return res == PGS_LOCAL_GSET ? PGS_ERR_VALUE : PGS_OK;
 }
 
 static void
@@ -953,12 +942,7 @@ mock_local_insert(db_conn *db, db_table *t, const pgs_value *pk, const pgs_value
 		mock_begin(db);
 	ver = mdb_take_version(db);
 	row = mdb_get_row(t, pk);
-	if (!row->has_clock)
-		r = new_life(db, t, pk, false, 1, ver);
-	else if ((row->cl & 1) == 0)
-		r = new_life(db, t, pk, true, row->cl + 1, ver); /* resurrection */
-	else
-		r = touch(db, t, pk, row, ver, NULL); /* INSERT OR REPLACE */
+	r = local_edit(db, t, pk, row, PGS_LOCAL_INSERT, NULL, ver);
 	row = mdb_find_row(t, pk);
 	set_row(t, row, vals);
 	if (autocommit)
@@ -997,7 +981,7 @@ mock_local_update(db_conn *db, db_table *t, const pgs_value *pk, int n, const in
 		mdb_value_free(&row->vals[c]);
 		mdb_value_copy(&row->vals[c], &vals[i]);
 	}
-	touch(db, t, pk, row, ver, mask);
+	local_edit(db, t, pk, row, PGS_LOCAL_UPDATE, mask, ver);
 	pgs_free(mask);
 	if (autocommit)
 		mock_commit(db);
@@ -1010,7 +994,6 @@ mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk)
 	bool		 autocommit = !db->in_txn;
 	int64_t		 ver;
 	mrow		*row;
-	pgs_rowclock rc = {.ncols = 0, .cols = NULL};
 
 	mdb_eph_reset(db);
 	row = mdb_find_row(t, pk);
@@ -1023,13 +1006,7 @@ mock_local_delete(db_conn *db, db_table *t, const pgs_value *pk)
 	ver = mdb_take_version(db);
 	mdb_row_clear_vals(t, row);
 	row->alive = false;
-	if (!(row->has_clock && (row->cl & 1) == 0))
-	{
-		rc.cl = row->has_clock ? row->cl + 1 : 2;
-		rc.cl_ver = ver;
-		rc.cl_site = 0;
-		put_local_clock(db, t, pk, row->has_clock, &rc);
-	}
+	local_edit(db, t, pk, row, PGS_LOCAL_DELETE, NULL, ver);
 	if (autocommit)
 		mock_commit(db);
 	return PGS_OK;

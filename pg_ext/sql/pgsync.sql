@@ -206,10 +206,21 @@ RETURNS record AS 'MODULE_PATHNAME', 'sync_pull' LANGUAGE C CALLED ON NULL INPUT
 COMMENT ON FUNCTION sync_pull(bigint, integer, bytea, integer) IS
 'one pull of the device set by sync_device, as the caller may see it, in the statement''s snapshot: payload (NULL when nothing is new), next_cursor (the sealed cursor of the next chunk, NULL after the last), until (the since of the next pull) and gen (pass it as seen_gen next time: it changes when what decides the device''s view changes, and a pull with an older seen_gen is a snapshot of every table). Tables whose visibility may have changed without their rows changing come as snapshots (docs/DESIGN.md)';
 
+CREATE FUNCTION sync_pull_group(since bigint, max_rows integer, seen_gen integer, devices uuid[],
+	OUT payload bytea, OUT until bigint, OUT served boolean[])
+RETURNS record AS 'MODULE_PATHNAME', 'sync_pull_group' LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+COMMENT ON FUNCTION sync_pull_group(bigint, integer, integer, uuid[]) IS
+'for the sync server: one pull for several devices of the principal bound by sync_device, as the caller may see it, all with the same since and seen_gen (the long-polls one push wakes). served[i]: payload (NULL when nothing is new) and until are exactly what sync_pull would return to devices[i], with gen = seen_gen, and its pull is recorded; the others must call sync_pull themselves (their own changes are in the payload, their view changed, or the result needs chunks)';
+
 CREATE FUNCTION sync_rows(keys jsonb)
 RETURNS bytea AS 'MODULE_PATHNAME', 'sync_rows' LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION sync_rows(jsonb) IS
 'a payload of the rows named by keys ([{"table": ..., "pk": {...}}]), whole, as the caller may see them; keys it may not see come back absent. For a receiver that lacks a row (POST /v1/rows)';
+
+CREATE FUNCTION sync_pull_total()
+RETURNS bigint AS 'MODULE_PATHNAME', 'sync_pull_total' LANGUAGE C STRICT STABLE;
+COMMENT ON FUNCTION sync_pull_total() IS
+'the number of rows a pull from 0 sends the caller: every row of the synced tables it may see (privileges and row-level security apply), in the statement''s snapshot. The server sends it with the first chunk of a first sync (X-Pgsync-Rows-Total) for the device''s progress';
 
 CREATE FUNCTION sync_watch(tbl regclass, depends_on regclass)
 RETURNS void AS 'MODULE_PATHNAME', 'sync_watch' LANGUAGE C STRICT VOLATILE;

@@ -7,6 +7,8 @@
 #   bash test/pg/cluster.sh bench    same cluster, run bench/pg_bench.py and
 #                                    bench/pg_bench_pull.py (bench-pull: only that)
 #   bash test/pg/cluster.sh shell    start a cluster and open psql on it
+#   bash test/pg/cluster.sh run CMD  start a cluster, run CMD with PGHOST, PGPORT,
+#                                    PGUSER set, stop it; exit with CMD's status
 #
 # The server is a private copy of /usr/lib/postgresql/15 (scripts/pg-tree.sh);
 # SYS_PG_CONFIG=/usr/lib/postgresql/N/bin/pg_config copies another installed
@@ -94,6 +96,11 @@ echo "server: $("$PGBIN/postgres" --version)"
 export PGSYNC_ROOT="$ROOT"
 
 case "$MODE" in
+run)
+	shift
+	"$@"
+	exit $?
+	;;
 shell)
 	echo "cluster: PGHOST=$PGHOST PGPORT=$PGPORT (exit psql to stop it)"
 	"$PGBIN/psql"

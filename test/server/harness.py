@@ -203,9 +203,12 @@ class Server:
     """A pgsync-server process; with tls_cert/tls_key it serves https, and ca
     is the CA file that verifies its certificate."""
 
-    def __init__(self, env, name="s1", ca=None, **settings):
+    def __init__(self, env, name="s1", ca=None, conf=None, **settings):
+        """conf: text of a config file (e.g. [database NAME] sections),
+        read before the settings (environment variables)."""
         self.env = env
         self.name = name
+        self.conf = conf
         self.port = free_port()
         self.ca = ca
         scheme = "https" if "tls_cert" in settings else "http"
@@ -222,7 +225,13 @@ class Server:
 
     def start(self, wait=True):
         env = child_env({"PGSYNC_" + k.upper(): v for k, v in self.settings.items()})
-        self.proc = subprocess.Popen([SERVER_BIN], env=env, stdout=open(self.log, "a"),
+        args = [SERVER_BIN]
+        if self.conf is not None:
+            path = os.path.join(self.env.base, f"{self.name}.conf")
+            with open(path, "w") as f:
+                f.write(self.conf)
+            args += ["--config", path]
+        self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "a"),
                                      stderr=subprocess.STDOUT)
         self.env.procs.append(self.proc)
         _record_pid(self.proc.pid)
@@ -327,6 +336,17 @@ class Env:
 
     def sql(self, q, args=None, fetch=False):
         return self.pg.sql(q, args, db=self.db, fetch=fetch)
+
+    def extra_db(self, pg=None, schema=SCHEMA):
+        """Another database with the schema, in this test's cluster or in pg
+        (a Postgres of its own); returns its name."""
+        pg = pg or self.pg
+        Env.counter += 1
+        name = f"t{os.getpid()}_{Env.counter}"
+        pg.sql(f"CREATE DATABASE {name}")
+        if schema:
+            pg.sql(schema, db=name)
+        return name
 
     def server(self, name="s1", **settings):
         return Server(self, name, **settings).start()

@@ -151,3 +151,47 @@ class WebSocket:
 
     def close(self):
         self.s.close()
+
+
+class RawHTTP:
+    """A keep-alive HTTP/1.1 connection read without blocking: feed() takes
+    what arrived and says when one whole response is in."""
+
+    def __init__(self, port):
+        self.port = port
+        self.s = socket.create_connection(("127.0.0.1", port))
+        self.s.setblocking(False)
+        self.buf = b""
+        self.status = 0
+        self.body = b""
+        self.headers = {}
+
+    def send(self, path, tok):
+        if self.headers.get("connection", "").lower() == "close":
+            self.s.close()             # the server said so: a new connection, as curl does
+            self.s = socket.create_connection(("127.0.0.1", self.port))
+        self.buf = b""
+        self.headers = {}
+        self.s.setblocking(True)
+        self.s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n".encode())
+        self.s.setblocking(False)
+
+    def feed(self):
+        try:
+            d = self.s.recv(1 << 16)
+        except BlockingIOError:
+            return False
+        if not d:
+            raise EOFError("server closed the connection")
+        self.buf += d
+        head, sep, rest = self.buf.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        lines = head.decode().split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        n = int(self.headers.get("content-length", "0"))
+        if len(rest) < n:
+            return False
+        self.body = rest[:n]
+        return True

@@ -526,7 +526,9 @@ def test_add_column_on_one_side_only(pair):
     p = a.payload(0)
     assert b.apply(p) == 2                         # the row and column a
     assert b.q("SELECT * FROM t") == [("k", 1)]
-    assert b.q("SELECT tbl, code, message FROM sync_held") == [("t", "PS003", "column unknown here")]
+    assert b.q("SELECT tbl, code, message FROM sync_held") == [
+        ("t", "PS003", 'the sender\'s table "t" has columns this replica\'s lacks (add them and call '
+         'sync_init): "c"')]
     b.x("ALTER TABLE t ADD COLUMN c")
     b.init("t")
     assert b.q("SELECT count(*) FROM sync_held") == [(0,)]

@@ -381,7 +381,7 @@ def test_unknown_table(target):
     b = body([group("k", 1, [change(0, 1)], table=1), group("k2", 1, [change(0, 5), change(1, 6)])],
              [pc.Table("t", ["id"], ["a", "b"]), pc.Table("nope", ["id"], ["a", "b"])])
     assert target.apply(pc.make(b, origin=SITE)) == 3
-    assert held(target) == [("nope", "PS003", "table unknown here")]
+    assert held(target) == [("nope", "PS003", "the sender syncs a table this replica does not (create it and call sync_init)")]
     assert target.q("SELECT * FROM t WHERE id = 'k2'") == [("k2", 5, 6)]
     assert synclib.integrity(target) == ["ok"]
 
@@ -409,12 +409,15 @@ def test_table_existing_but_not_synced(target):
     assert [h[0] for h in held(target)] == ["plain", "sync_state", "t__sync_clock"]
 
 
+UNKNOWN = 'the sender\'s table "t" has columns this replica\'s lacks (add them and call sync_init): '
+
+
 def test_unknown_column(target):
     b = body([group("n1", 1, [change(0, 1), change(1, 2), change(2, 1)])],
              [pc.Table("t", ["id"], ["a", "b", "zz"])])
     assert target.apply(pc.make(b, origin=SITE)) == 3
     assert target.q("SELECT * FROM t WHERE id = 'n1'") == [("n1", 1, 2)]
-    assert held(target) == [("t", "PS003", "column unknown here")]
+    assert held(target) == [("t", "PS003", UNKNOWN + '"zz"')]
     b = body([group("m", 1, [change(0, 1)])], [pc.Table("t", ["id"], ["A"])])      # names are exact
     target.apply(pc.make(b, origin=SITE))
     assert target.q("SELECT count(*) FROM sync_held") == [(2,)]
@@ -441,7 +444,7 @@ def test_key_column_also_sent_as_a_column(target):
     b = body([group("n1", 1, [change(0, "v")])], [pc.Table("t", ["id"], ["id"])])
     target.apply(pc.make(b, origin=SITE))
     assert target.q("SELECT * FROM t WHERE id = 'n1'") == [("n1", None, None)]
-    assert held(target) == [("t", "PS003", "column unknown here")]
+    assert held(target) == [("t", "PS003", UNKNOWN + '"id"')]
 
 
 def test_gset_receiving_a_delete(target):
