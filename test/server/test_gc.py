@@ -273,6 +273,58 @@ def gc_schedule_and_settings(env):
             check(k.lower() in r.stdout, r.stdout)
 
 
+@test
+def gc_schedule_per_database(env):
+    """With [database] sections each database runs its own schedule with its
+    own settings: one collects every second, the other never; a bad
+    gc_retention_days in a section is refused naming the section; the server
+    stops promptly."""
+    import subprocess
+    from harness import SERVER_BIN, child_env
+    env.sql(PG_SCHEMA)
+    other = env.extra_db(schema=PG_SCHEMA)
+
+    def tombstones(db):
+        t = env.pg.sql("SELECT clock::text FROM pgsync.tables WHERE name = 'items'", db=db,
+                       fetch=True)[0][0]
+        return env.pg.sql(f"SELECT count(*) FROM {t} WHERE cl % 2 = 0", db=db, fetch=True)[0][0]
+
+    for db in (env.db, other):
+        env.pg.sql("INSERT INTO items VALUES ('k', 'v', 1); DELETE FROM items WHERE id = 'k'", db=db)
+        check(tombstones(db) == 1, db)
+    conf = ("database_claim = db\ngc_interval = 0\n"
+            f"[database one]\ndatabase = {env.pg.dsn(user='authenticator', db=env.db)}\n"
+            "gc_interval = 1\ngc_retention_days = 0.5\n"
+            f"[database two]\ndatabase = {env.pg.dsn(user='authenticator', db=other)}\n")
+    s = env.server("gcdb", conf=conf)
+    suite.eventually(lambda: tombstones(env.db) == 0, timeout=10,
+                     msg="database one's schedule never collected")
+    time.sleep(1.5)
+    check(tombstones(other) == 1, "database two has gc_interval = 0 (inherited) but was collected")
+    log = open(s.log).read()
+    check("database one: gc: {" in log and "database two: gc:" not in log, log[-2000:])
+    t0 = time.time()
+    s.stop()
+    check(time.time() - t0 < 5, "the server took too long to stop its collection threads")
+    # --check-config: each section's values and sources; a bad one names its section
+    path = os.path.join(env.base, "gcdb-check.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    base = {"PGSYNC_JWT_SECRET": "x" * 32, "PGSYNC_ALLOWED_ROLES": "app_user"}
+    r = subprocess.run([SERVER_BIN, "--config", path, "--check-config"], capture_output=True,
+                       text=True, env=child_env(base))
+    check(r.returncode == 0, r.stderr)
+    one = r.stdout[r.stdout.index("[database one]"):r.stdout.index("[database two]")]
+    two = r.stdout[r.stdout.index("[database two]"):]
+    check("gc_retention_days" in one and "0.5" in one and "gc_interval" in two, r.stdout)
+    with open(path, "w") as f:
+        f.write(conf + "gc_retention_days = 0\n")
+    r = subprocess.run([SERVER_BIN, "--config", path, "--check-config"], capture_output=True,
+                       text=True, env=child_env(base))
+    check(r.returncode == 2 and "[database two]" in r.stderr and "gc_retention_days" in r.stderr,
+          (r.returncode, r.stderr))
+
+
 # ---- the property test ----------------------------------------------------------
 
 def gen_schedule(rng, n_ops, ndev, nkeys):
