@@ -1061,17 +1061,19 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	/* which devices would get no snapshot of every table (device_view) */
 	fp = fingerprint(&db);
 	{
-		Oid	  types[4] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID};
-		Datum vals[4];
+		Oid	  types[5] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID, INT8OID};
+		Datum vals[5];
 
 		vals[0] = PointerGetDatum(arr);
 		vals[1] = CStringGetTextDatum(pg_cur_principal);
 		vals[2] = PointerGetDatum(pg_bytea(CurrentMemoryContext, &fp, sizeof fp));
 		vals[3] = Int32GetDatum(seen_gen);
-		meta_exec("SELECT d.i::int4, v.last_seen < now() - interval '1 minute' FROM "
-				  "unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site = "
-				  "d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
-				  4, types, vals, true, 0);
+		vals[4] = Int64GetDatum(o.since);
+		/* stale as in device_view: last seen a minute ago, or acked behind since (GC) */
+		meta_exec("SELECT d.i::int4, v.last_seen < now() - interval '1 minute' OR v.acked < $5 "
+				  "FROM unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site "
+				  "= d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
+				  5, types, vals, true, 0);
 		for (uint64 r = 0; r < SPI_processed; r++)
 		{
 			bool  isnull;
@@ -1120,6 +1122,9 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		vals[0] = PointerGetDatum(
 			construct_array(stale, nstale, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 		vals[1] = Int64GetDatum(o.since);
+		/* bookkeeping for the GC horizon: losing it in a crash only holds it back */
+		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 		meta_exec("UPDATE pgsync.devices SET last_seen = now(), acked = greatest(acked, $2) "
 				  "WHERE site = ANY($1)",
 				  2, types, vals, false, 0);

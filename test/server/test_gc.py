@@ -329,7 +329,12 @@ def gc_schedule_per_database(env):
 
 def gen_schedule(rng, n_ops, ndev, nkeys):
     """A list of operations; lives of a key are sequential (sync; insert or
-    delete; sync), edits happen anywhere, devices go silent and come back."""
+    delete; sync), edits happen anywhere, devices go silent and come back.
+    horizon_gc: the devices still syncing catch up, then the server collects
+    (what a device away past the retention comes back to: a 410).
+    reinsert_race: a key is deleted and every device still syncing sees it,
+    the device collects its tombstone and re-inserts the key, and its push
+    races a server collection of the same tombstone."""
     ops = []
     silent = set()
     fresh = 0
@@ -351,19 +356,23 @@ def gen_schedule(rng, n_ops, ndev, nkeys):
                 ops.append(("come_back", d))
                 silent.discard(d)
             continue
-        if r < 0.25:
+        if r < 0.22:
             ops.append(("life", d, k, f"v{rng.randrange(1000)}", rng.randrange(100)))
-        elif r < 0.45:
+        elif r < 0.38:
             ops.append(("edit", d, k, f"e{rng.randrange(1000)}", rng.randrange(100)))
-        elif r < 0.65:
+        elif r < 0.52:
             ops.append(("sync", d))
-        elif r < 0.75:
+        elif r < 0.60:
             ops.append(("server_gc",))
-        elif r < 0.82:
+        elif r < 0.66:
             ops.append(("device_gc", d))
-        elif r < 0.88:
+        elif r < 0.72:
             ops.append(("race", d, k, f"r{rng.randrange(1000)}", rng.randrange(100)))
-        elif r < 0.94 and len(silent) < ndev - 1:
+        elif r < 0.80:
+            ops.append(("reinsert_race", d, k, f"R{rng.randrange(1000)}", rng.randrange(100)))
+        elif r < 0.88 and silent:
+            ops.append(("horizon_gc",))
+        elif r < 0.95 and len(silent) < ndev - 1:
             ops.append(("go_silent", d))
             silent.add(d)
         else:
@@ -373,11 +382,26 @@ def gen_schedule(rng, n_ops, ndev, nkeys):
     return ops
 
 
-def run_schedule(env, ops, ndev, gc, log):
+def gone_answers(s):
+    """How many pulls this server answered 410 (its /metrics)."""
+    text = suite.http("GET", s.url + "/metrics")[2].decode()
+    n = 0
+    for line in text.splitlines():
+        if line.startswith("pgsync_requests_total{") and 'status="410"' in line:
+            n += int(float(line.rsplit(" ", 1)[1]))
+    return n
+
+
+def run_schedule(env, ops, ndev, gc, log, stats=None):
     """Runs ops on a fresh world; gc False leaves out every collection (the
-    reference). Returns (server rows, metadata report)."""
+    reference). Returns (server rows, metadata report). stats, when given,
+    counts what the collections did: tombstones collected on the server and
+    on devices, and 410 answers (re-syncs of devices past the retention)."""
     s, devs = world(env, ndev)
     silent = set()
+    stats = stats if stats is not None else {}
+    for k in ("server_collected", "device_collected", "gone", "race_collected"):
+        stats.setdefault(k, 0)
 
     def exists(d, k):
         return d.one("SELECT count(*) FROM items WHERE id = ?", k) > 0
@@ -409,10 +433,14 @@ def run_schedule(env, ops, ndev, gc, log):
             devs[op[1]].sync()
         elif kind == "server_gc":
             if gc:
-                log.append("  -> " + server_gc(env))
+                r = server_gc(env)
+                stats["server_collected"] += json.loads(r)["collected"]
+                log.append("  -> " + r)
         elif kind == "device_gc":
             if gc:
-                log.append("  -> " + devs[op[1]].one("SELECT sync_gc()"))
+                r = devs[op[1]].one("SELECT sync_gc()")
+                stats["device_collected"] += json.loads(r)["collected"]
+                log.append("  -> " + r)
         elif kind == "race":
             # a life written and pushed while a collection runs
             _, i, k, name, qty = op
@@ -424,6 +452,38 @@ def run_schedule(env, ops, ndev, gc, log):
                 d.send()
                 t.join(30)
                 check("result" in out, out)
+                stats["server_collected"] += json.loads(out["result"])["collected"]
+            d.sync()
+        elif kind == "horizon_gc":
+            active = [x for j, x in enumerate(devs) if j not in silent]
+            settle(active, 2)
+            if gc:
+                r = server_gc(env)
+                stats["server_collected"] += json.loads(r)["collected"]
+                log.append("  -> " + r)
+        elif kind == "reinsert_race":
+            _, i, k, name, qty = op
+            d = devs[i]
+            active = [x for j, x in enumerate(devs) if j not in silent]
+            settle(active, 1)
+            if exists(d, k):
+                d.db.execute("DELETE FROM items WHERE id = ?", (k,))
+            settle(active, 2)                 # every device still syncing saw the delete
+            if gc:
+                log.append("  -> device " + d.one("SELECT sync_gc()"))
+            if not exists(d, k):
+                d.db.execute("INSERT INTO items VALUES (?, ?, ?)", (k, name, qty))
+            if gc:
+                t, out = suite.run_bg(lambda: server_gc(env))
+                d.send()
+                t.join(30)
+                check("result" in out, out)
+                n = json.loads(out["result"])["collected"]
+                stats["server_collected"] += n
+                stats["race_collected"] += n
+                log.append("  -> racing " + out["result"])
+            else:
+                d.send()
             d.sync()
         elif kind == "go_silent":
             silent.add(op[1])
@@ -442,6 +502,7 @@ def run_schedule(env, ops, ndev, gc, log):
         check(d.rejected() == {}, (d.name, d.rejected()))
     report = None
     if gc:
+        stats["gone"] += gone_answers(s)
         before = [server_meta(env)] + [device_meta(d) for d in devs]
         settle(devs, 2)                       # every acked past every delete
         server_gc(env)
@@ -461,16 +522,17 @@ def run_schedule(env, ops, ndev, gc, log):
 def gc_property(env):
     """Random schedules, each run with and without collection: same rows,
     every replica equal to its server, no tombstone left after a full GC.
-    PGS_GC_SCHEDULES=N (default 2), PGS_SEED=S, PGS_OPS=N (default 60)."""
-    n = int(os.environ.get("PGS_GC_SCHEDULES", "2"))
+    PGS_GC_SCHEDULES=N (default 4), PGS_SEED=S, PGS_OPS=N (default 80)."""
+    n = int(os.environ.get("PGS_GC_SCHEDULES", "4"))
     seed = int(os.environ.get("PGS_SEED", "20261211"))
-    n_ops = int(os.environ.get("PGS_OPS", "60"))
+    n_ops = int(os.environ.get("PGS_OPS", "80"))
     only = os.environ.get("PGS_SCHEDULE")
     ndev, nkeys = 3, 6
     t0 = time.time()
     ran = 0
     tot_before = [0, 0, 0, 0]
     tot_after = [0, 0, 0, 0]
+    stats = {}
     for i in range(n):
         if only is not None and i != int(only):
             continue
@@ -479,7 +541,7 @@ def gc_property(env):
         log = []
         try:
             ref, _ = run_schedule(envs[0], ops, ndev, False, [])
-            got, (before, after) = run_schedule(envs[1], ops, ndev, True, log)
+            got, (before, after) = run_schedule(envs[1], ops, ndev, True, log, stats)
             check(got == ref, f"with GC {got}\n    without {ref}")
             for m in before:
                 for j in range(4):
@@ -502,8 +564,20 @@ def gc_property(env):
         return (f"{lb / live:.1f} B/live row" if live else "- B/live row",
                 f"{db / dead:.1f} B/tombstone" if dead else "0 tombstones")
     print(f"  gc: {ran} schedules, seed {seed}, {n_ops} operations, {time.time() - t0:.1f}s; "
+          f"collected {stats.get('server_collected', 0)} tombstones on the server and "
+          f"{stats.get('device_collected', 0)} on devices at random points, "
+          f"{stats.get('race_collected', 0)} by collections racing a re-insert's push, "
+          f"{stats.get('gone', 0)} pulls answered 410 (re-syncs); "
           f"metadata before full GC {tot_before[1]} tombstones ({', '.join(per(tot_before))}), "
           f"after {tot_after[1]} ({', '.join(per(tot_after))})")
+    # the schedules must exercise what they test (a generator that stopped
+    # producing collections or returns would pass vacuously)
+    check(stats.get("server_collected", 0) > 0 and stats.get("device_collected", 0) > 0,
+          f"no collection at a random point collected anything: {stats}")
+    if ran >= 2:
+        check(stats.get("gone", 0) > 0, f"no device came back behind the horizon (410): {stats}")
+        check(stats.get("race_collected", 0) > 0,
+              f"no collection raced a re-insert's push with something to collect: {stats}")
 
 
 def setup(pg):
