@@ -588,6 +588,7 @@ sync_payload(PG_FUNCTION_ARGS)
 	pg_conn_init(&db, cxt);
 	if (db_version_safe(&db, &until, &err) != PGS_OK)
 		pg_raise(&err);
+	pg_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
 	if (o.since < until || o.after)
 	{
 		o.until = until;
