@@ -162,6 +162,39 @@ def gc_silent_device_resyncs(env):
 
 
 @test
+def gc_background_syncer_resyncs(env):
+    """The same return of a device away past the retention, with the
+    background syncer (sync_network_start) instead of explicit syncs: its
+    long-poll or pull gets 410, the next receive pushes the offline changes
+    and re-syncs from a snapshot by itself; the status ends without error."""
+    s, (a, c) = world(env, 2)
+    for i in range(3):
+        a.db.execute("INSERT INTO items VALUES (?, 'x', ?)", (f"k{i}", i))
+    settle([a, c])
+    c.db.execute("UPDATE items SET name = 'edited offline' WHERE id = 'k0'")
+    c.db.execute("INSERT INTO items VALUES ('c-new', 'made offline', 1)")
+    a.db.execute("DELETE FROM items WHERE id IN ('k0', 'k1')")
+    settle([a])
+    a.sync()
+    silence(env, c)
+    check(json.loads(server_gc(env))["collected"] == 2)
+    r = json.loads(c.one("SELECT sync_network_start(?)", '{"retry_min_ms": 50, "retry_max_ms": 500}'))
+    check(r["started"], r)
+    try:
+        want = [("c-new", "made offline", 1), ("k2", "x", 2)]
+        suite.eventually(lambda: server_rows(env) == want and rows(c) == want, timeout=20,
+                         msg=f"the syncer did not re-sync: {server_rows(env)} {rows(c)} {c.status()}")
+        suite.eventually(lambda: c.status()["last_error"] is None, timeout=10,
+                         msg=f"the syncer's error stayed: {c.status()}")
+        check(gone_answers(s) >= 1, "the server never answered 410")
+        check(c.rejected() == {}, c.rejected())
+    finally:
+        c.one("SELECT sync_network_stop()")
+    a.sync()
+    check(rows(a) == want, rows(a))
+
+
+@test
 def gc_reinsert_after_collection(env):
     """Re-inserts of collected keys: by a device that collected its tombstone
     (its floor), by a device that never held the key (the server's floor,
