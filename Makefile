@@ -9,7 +9,9 @@ LIBS      = -lzstd -lxxhash -lcjson -lm
 EXT_LIBS  = $(LIBS) -lcurl
 SAN       = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
-CORE_SRC  = $(wildcard core/*.c)
+PGS_CORE_DIR = core
+include core/core.mk
+CORE_SRC  = $(PGS_CORE_SRC)
 SQL_SRC   = $(wildcard sqlite_ext/*.c)
 HDRS      = database.h $(wildcard core/*.h) $(wildcard sqlite_ext/*.h)
 

@@ -56,10 +56,11 @@ pgs_payload_header(const uint8_t *p, size_t len, pgs_header *h, pgs_err *err)
 						"Pass the value returned by sync_payload, unchanged.");
 	h->version = p[4];
 	if (h->version < PGS_PAYLOAD_VERSION_MIN || h->version > PGS_PAYLOAD_VERSION)
-		return pgs_failf(err, PGS_ERR_VERSION,
-						 "Upgrade this replica's pgsync to read payloads from newer replicas.",
-						 "unsupported payload format version %u (this build reads versions %d to %d)",
-						 h->version, PGS_PAYLOAD_VERSION_MIN, PGS_PAYLOAD_VERSION);
+		return pgs_failf(
+			err, PGS_ERR_VERSION,
+			"Upgrade this replica's pgsync to read payloads from newer replicas.",
+			"unsupported payload format version %u (this build reads versions %d to %d)",
+			h->version, PGS_PAYLOAD_VERSION_MIN, PGS_PAYLOAD_VERSION);
 	h->flags = p[5];
 	if ((h->flags & ~3u) != 0 || p[6] != 0 || p[7] != 0)
 		return pgs_fail(err, PGS_ERR_VERSION, "unsupported payload flags",
@@ -290,9 +291,9 @@ read_attrs(pgs_reader *r, pgs_dict_table *d)
 				break;
 			case 2: /* snapshot flags */
 			{
-				uint64_t f;
+				uint64_t f = 0;
 
-				if (pgs_varint_get(v, v + len, &f) != (int) len || f > 7)
+				if (len == 0 || pgs_varint_get(v, v + len, &f) != (int) len || f > 7)
 					return false;
 				d->snap = (uint32_t) f;
 				break;

@@ -289,7 +289,8 @@ auth_check(const srv_db *db, const char *token, auth_info *out, srv_error *e)
 		if (has_exp)
 		{
 			out->exp = exp;
-			if (now > exp + cfg.jwt_leeway)
+			/* RFC 7519 4.1.4: not accepted on or after exp */
+			if (now >= exp + cfg.jwt_leeway)
 			{
 				srv_fail(e, 401, "token expired",
 						 "Get a new token from your identity provider and retry.",

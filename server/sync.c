@@ -45,7 +45,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 void
 sync_server_site(srv_db *db, char out[37])
 {
@@ -155,8 +154,15 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 				 "Push unsent changes, then pull again from 0 (a snapshot); the SQLite client "
 				 "does it by itself.",
 				 "%s", d);
+	else if ((sqlstate_is(st, "22P03") || sqlstate_is(st, "22023")) &&
+			 strstr(d, "continuation token"))
+		srv_fail(e, 400, "bad cursor",
+				 hint ? hint
+					  : "Pass the cursor of the previous chunk unchanged, or pull again "
+						"without one.",
+				 "%s", d);
 	else if (sqlstate_is(st, "22P03") || sqlstate_is(st, "0A000") || sqlstate_is(st, "22023") ||
-		sqlstate_is(st, "22004"))
+			 sqlstate_is(st, "22004"))
 		srv_fail(e, 400, "malformed payload",
 				 hint ? hint : "Send the bytes returned by sync_payload unchanged.", "%s", d);
 	else if (sqlstate_is(st, "54000"))
@@ -175,6 +181,10 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 				 "The administrator must GRANT EXECUTE ON FUNCTION sync_device(uuid, text) to the "
 				 "server's login role (docs/SERVER.md).",
 				 "%s", d);
+	else if (sqlstate_is(st, "42501") && strcmp(what, "sync_device") == 0 &&
+			 strstr(d, "this database's own"))
+		srv_fail(e, 403, "site id is the server's own",
+				 hint ? hint : "A device needs a site id of its own.", "%s", d);
 	else if (sqlstate_is(st, "42501") && strcmp(what, "sync_device") == 0)
 		srv_fail(e, 403, "device belongs to another principal",
 				 hint ? hint : "Each device keeps its own site id.", "%s", d);
@@ -218,8 +228,8 @@ checked(PGconn *conn, PGresult *r, const char *what, bool *broken, bool *retry, 
 	return NULL;
 }
 
-static PGresult *exec_multi(PGconn *conn, const char *sql, int keep, const char *what,
-							bool *broken, bool *retry, srv_error *e);
+static PGresult *exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *broken,
+							bool *retry, srv_error *e);
 
 /*
  * begin_for opens the transaction of a request in one round trip: BEGIN
@@ -231,9 +241,9 @@ static bool
 begin_for(PGconn *conn, const auth_info *a, const char *device, bool snapshot, bool *broken,
 		  bool *retry, srv_error *e)
 {
-	char	 *role = PQescapeIdentifier(conn, a->role, strlen(a->role));
-	char	 *claims = PQescapeLiteral(conn, a->claims ? a->claims : "{}",
-									   strlen(a->claims ? a->claims : "{}"));
+	char *role = PQescapeIdentifier(conn, a->role, strlen(a->role));
+	char *claims =
+		PQescapeLiteral(conn, a->claims ? a->claims : "{}", strlen(a->claims ? a->claims : "{}"));
 	char	 *principal = PQescapeLiteral(conn, a->principal, strlen(a->principal));
 	char	 *dev = device ? PQescapeLiteral(conn, device, strlen(device)) : NULL;
 	char	 *sql = NULL, *what = "SET ROLE";
@@ -320,7 +330,6 @@ exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *brok
 	}
 	return kept;
 }
-
 
 /* ---- push ---------------------------------------------------------------- */
 
@@ -410,7 +419,6 @@ sync_push(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_
 
 /* ---- pull ---------------------------------------------------------------- */
 
-
 static int64_t
 be64(const char *p)
 {
@@ -468,8 +476,8 @@ pull_once(PGconn *conn, const srv_job *j, pull_share **out, int64_t *cursor, int
 	{
 		const uint8_t *g = (const uint8_t *) PQgetvalue(p, 0, 3);
 
-		*gen = (int32_t) ((uint32_t) g[0] << 24 | (uint32_t) g[1] << 16 | (uint32_t) g[2] << 8 |
-						  g[3]);
+		*gen =
+			(int32_t) ((uint32_t) g[0] << 24 | (uint32_t) g[1] << 16 | (uint32_t) g[2] << 8 | g[3]);
 	}
 	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
 	{
@@ -548,8 +556,7 @@ sync_pull(srv_job *j, srv_error *e)
  * since, gen, max_rows; every one with a device). done[i] for the served.
  */
 static bool
-group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *retry,
-		   srv_error *e)
+group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *retry, srv_error *e)
 {
 	const srv_job *lead = jobs[0];
 	char		   sincebuf[24], rowsbuf[16], genbuf[16];

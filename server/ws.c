@@ -29,6 +29,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
 #include <microhttpd.h>
 
 #define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -81,80 +83,28 @@ ws_broadcast(srv_db *db, int64_t version)
 	kick();
 }
 
-/* sha1 of n bytes (RFC 3174); for the handshake only. */
-static void
-sha1(const uint8_t *msg, size_t n, uint8_t out[20])
-{
-	uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
-	uint8_t	 block[64];
-	uint64_t bits = (uint64_t) n * 8;
-	size_t	 total = ((n + 8) / 64 + 1) * 64;
-
-	for (size_t off = 0; off < total; off += 64)
-	{
-		uint32_t w[80], a, b, c, d, e;
-
-		for (size_t i = 0; i < 64; i++)
-		{
-			size_t k = off + i;
-
-			block[i] = k < n ? msg[k] : k == n ? 0x80 : 0;
-		}
-		if (off + 64 == total)
-			for (int i = 0; i < 8; i++)
-				block[56 + i] = (uint8_t) (bits >> (56 - 8 * i));
-		for (int i = 0; i < 16; i++)
-			w[i] = (uint32_t) block[4 * i] << 24 | (uint32_t) block[4 * i + 1] << 16 |
-				   (uint32_t) block[4 * i + 2] << 8 | block[4 * i + 3];
-		for (int i = 16; i < 80; i++)
-		{
-			uint32_t x = w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16];
-
-			w[i] = x << 1 | x >> 31;
-		}
-		a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
-		for (int i = 0; i < 80; i++)
-		{
-			uint32_t f, k, t;
-
-			if (i < 20)
-				f = (b & c) | (~b & d), k = 0x5A827999;
-			else if (i < 40)
-				f = b ^ c ^ d, k = 0x6ED9EBA1;
-			else if (i < 60)
-				f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDC;
-			else
-				f = b ^ c ^ d, k = 0xCA62C1D6;
-			t = (a << 5 | a >> 27) + f + e + k + w[i];
-			e = d, d = c, c = b << 30 | b >> 2, b = a, a = t;
-		}
-		h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
-	}
-	for (int i = 0; i < 20; i++)
-		out[i] = (uint8_t) (h[i / 4] >> (24 - 8 * (i % 4)));
-}
-
-/* ws_accept_key: base64(sha1(key + GUID)), RFC 6455 section 4.2.2. */
+/* ws_accept_key: base64(sha1(key + GUID)), RFC 6455 section 4.2.2; SHA-1 and
+ * base64 from GnuTLS, which the server links for TLS. A key that does not
+ * fit (the caller checks it is 24 characters) gives an empty string. */
 void
 ws_accept_key(const char *key, char out[29])
 {
-	static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-	char			  buf[128];
-	uint8_t			  md[21] = {0};
-	int				  o = 0;
+	char		   buf[128];
+	uint8_t		   md[20];
+	gnutls_datum_t raw = {md, sizeof md}, b64 = {NULL, 0};
+	int			   n = snprintf(buf, sizeof buf, "%s" WS_GUID, key);
 
-	snprintf(buf, sizeof buf, "%s" WS_GUID, key);
-	sha1((const uint8_t *) buf, strlen(buf), md);
-	for (int i = 0; i < 21; i += 3)
+	out[0] = '\0';
+	if (n < 0 || (size_t) n >= sizeof buf ||
+		gnutls_hash_fast(GNUTLS_DIG_SHA1, buf, (size_t) n, md) < 0 ||
+		gnutls_base64_encode2(&raw, &b64) < 0)
+		return;
+	if (b64.size == 28)
 	{
-		uint32_t v = (uint32_t) md[i] << 16 | (uint32_t) md[i + 1] << 8 | md[i + 2];
-
-		out[o++] = b64[v >> 18 & 63];
-		out[o++] = b64[v >> 12 & 63];
-		out[o++] = i + 1 < 20 ? b64[v >> 6 & 63] : '=';
-		out[o++] = i + 2 < 20 ? b64[v & 63] : '=';
+		memcpy(out, b64.data, 28);
+		out[28] = '\0';
 	}
-	out[28] = '\0';
+	gnutls_free(b64.data);
 }
 
 /* ---- frames --------------------------------------------------------------- */
@@ -591,6 +541,9 @@ ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a, struct M
 	if (atomic_load(&stop_flag))
 		return srv_fail(e, 503, "server shutting down", "Reconnect in a moment.", NULL);
 	ws_accept_key(key, accept);
+	if (!accept[0])
+		return srv_fail(e, 500, "websocket handshake failed", "Retry; report it if it persists.",
+						"The crypto library could not hash the key.");
 	/* the token's expiry (below 2^38: auth.c caps it at the year 9999) and the
 	 * database's index (below 256) travel in the closure pointer itself */
 	_Static_assert(sizeof(intptr_t) >= sizeof(int64_t), "needs 64-bit pointers");

@@ -438,7 +438,7 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 		sqlite3_finalize(st);
 		return NULL;
 	}
-	if (sqlite3_column_type(st, 0) == SQLITE_BLOB && sqlite3_column_bytes(st, 0) >= 56)
+	if (sqlite3_column_type(st, 0) == SQLITE_BLOB && sqlite3_column_bytes(st, 0) >= PGS_HEADER_LEN)
 	{
 		len = (size_t) sqlite3_column_bytes(st, 0);
 		/* copy, so that no statement (read lock) stays open during the upload */
@@ -784,13 +784,13 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		}
 		if (r.status == 200)
 		{
-			if (r.len < 56 || !apply_received(n, s, &r, &tot, msg))
+			if (r.len < PGS_HEADER_LEN || !apply_received(n, s, &r, &tot, msg))
 			{
 				if (!*msg)
 					*msg = sqlite3_mprintf("the server sent %lld bytes that are not a payload",
 										   (long long) r.len);
-				n->err_code = r.len < 56 ? "server" : "local";
-				n->err_status = r.len < 56 ? r.status : 0;
+				n->err_code = r.len < PGS_HEADER_LEN ? "server" : "local";
+				n->err_status = r.len < PGS_HEADER_LEN ? r.status : 0;
 				sl_http_resp_free(&r);
 				kv_set(n, "progress", NULL);
 				return NULL;

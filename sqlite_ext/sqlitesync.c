@@ -2,6 +2,40 @@
  * sqlitesync.c — entry point of the SQLite loadable extension `sqlitesync`
  * and its sync_* SQL functions.
  *
+ * The SQL functions of this file (contracts; every error is a SQL error with
+ * what went wrong and what to do, and changes nothing):
+ *
+ *   sync_init(tbl [, algo])        start syncing table tbl (algo 'cls', the
+ *                                  default); idempotent; after ADD COLUMN it
+ *                                  adds the new columns, keeping every clock
+ *                                  -> 1
+ *   sync_cleanup(tbl)              stop syncing tbl and drop its metadata -> 1
+ *   sync_site_id()                 this database's site id (UUID text)
+ *   sync_db_version()              the highest local change version (integer)
+ *   sync_payload(since [, exclude_site [, max_rows, cursor]])
+ *                                  the changes after version since (not
+ *                                  those of exclude_site), at most max_rows
+ *                                  rows per chunk (0: no limit), continuing
+ *                                  at cursor -> BLOB, or NULL when nothing
+ *                                  changed; refused inside a transaction with
+ *                                  uncommitted synced changes
+ *   sync_payload_cursor(payload)   the cursor of the next chunk -> BLOB or NULL
+ *   sync_payload_until(payload)    the version a payload reaches -> integer
+ *   sync_payload_info(payload)     what a payload holds -> JSON text
+ *   sync_apply_payload(payload)    merge a peer's payload in one transaction
+ *                                  (every row has its own fate: applied,
+ *                                  held or rejected, sl_fate.c) -> rows applied
+ *   sync_uuid()                    a new UUID v7 (text), for keys
+ *   sync_version()                 the extension's version (text)
+ *
+ * Elsewhere: sync_alter (sl_alter.c: ADD/DROP/RENAME COLUMN of a synced
+ * table), sync_network_* (sl_network.c, sl_background.c: the server), and
+ * the sqlitesync_* functions the capture triggers call (sl_capture.c; not
+ * for applications). Tables and views the extension keeps: sync_state,
+ * <tbl>__sync_clock, sync_column_history, sync_column_pos, sync_network,
+ * sync_network_rejected, sync_network_held, sync_network_changes,
+ * sync_network_counters.
+ *
  * Each SQL function is a thin static wrapper with the same name: check the
  * arguments, call the core (or sl_*), map a pgs_err to sqlite3_result_error.
  * Registration is the table `functions` at the bottom.

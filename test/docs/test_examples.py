@@ -415,6 +415,40 @@ def self_check():
         result("FAIL", "test_examples self-check", f"got {got}, want {want}")
 
 
+# ---- the README's map of the tree -----------------------------------------------
+
+MAPPED = ("core", "sqlite_ext", "pg_ext", "server", "scripts")
+
+
+def check_file_map():
+    """Every source file of the folders in MAPPED (and every docs/*.md) is
+    named in the README's "Where things are" section: the map of the tree
+    cannot fall behind the tree."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    i = text.find("## Where things are")
+    section = text[i:text.find("\n## ", i + 1)] if i >= 0 else ""
+    if not section:
+        result("FAIL", "README.md", "no \"## Where things are\" section")
+        return
+    missing = []
+    for d in MAPPED:
+        for f in sorted(os.listdir(os.path.join(ROOT, d))):
+            full = os.path.join(ROOT, d, f)
+            if not os.path.isfile(full) or f.startswith("."):
+                continue
+            if d in ("core", "sqlite_ext", "pg_ext", "server") and not f.endswith((".c", ".h", ".mk")):
+                continue
+            if f"`{f}`" not in section and f"`{d}/{f}`" not in section:
+                missing.append(f"{d}/{f}")
+    for f in sorted(os.listdir(os.path.join(ROOT, "docs"))):
+        if f.endswith(".md") and os.path.splitext(f)[0] not in section:
+            missing.append(f"docs/{f}")
+    if missing:
+        result("FAIL", "README.md where things are", "does not name: " + ", ".join(missing))
+    else:
+        result("PASS", "README.md where things are", "names every file")
+
+
 def main(args):
     files = [os.path.join(ROOT, "README.md")] + sorted(
         os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
@@ -423,6 +457,8 @@ def main(args):
         files = [f for f in files if os.path.basename(f) in args]
     have_pg = bool(os.environ.get("PGHOST"))
     self_check()
+    if not args or "README.md" in args:
+        check_file_map()
     for path in files:
         blocks = extract(path)
         if not blocks:

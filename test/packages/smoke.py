@@ -162,8 +162,8 @@ def postgres_extension():
     PGC.sql("CREATE DATABASE app")
     PGC.sql("""
         CREATE EXTENSION pgsync;
-        GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid) TO authenticator;
-        GRANT EXECUTE ON FUNCTION sync_payload(bigint, uuid, integer, bytea) TO authenticator;
+        -- what docs/SERVER.md tells an operator to grant the server's login role
+        GRANT EXECUTE ON FUNCTION sync_device(uuid, text) TO authenticator;
         CREATE TABLE notes(id text PRIMARY KEY, body text);
         SELECT sync_init('notes');
         GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO app_user;""", db="app")
@@ -186,11 +186,13 @@ def server_as_the_unit_runs_it():
                "-CAcreateserial", "-out", "server.pem", "-days", "30", "-extfile", "ext.cnf"], cwd=d).returncode == 0,
           "server certificate")
     port = free_port()
-    # the shipped settings file, with what an operator must fill in
+    # the shipped settings file, with what an operator must fill in (the
+    # first occurrence of each key: later commented ones belong to the
+    # [database NAME] sections of the example)
     text = open(CONF).read()
     for key, value in {"port": str(port), "jwt_secret": SECRET, "allowed_roles": "app_user",
                        "database": f"host=127.0.0.1 port={PGC.port} dbname=app user=authenticator"}.items():
-        text, n = re.subn(rf"(?m)^#?\s*{key}\s*=.*$", f"{key} = {value}", text)
+        text, n = re.subn(rf"(?m)^#?\s*{key}\s*=.*$", f"{key} = {value}", text, count=1)
         check(n == 1, f"{key} is not in {CONF}")
     text += f"tls_cert = {d}/server.pem\ntls_key = {d}/server.key\nlog_requests = on\n"
     conf = f"{d}/pgsync-server.conf"

@@ -961,6 +961,7 @@ def attack_chunk_cursors(env):
         for what, cur in bad.items():
             st, h, body = raw_pull(s.url, ta, since=cur, exclude=a1.site(), max_rows=5)
             check(st == 400, (what, cur[:60], st, body[:200]))
+            check(b'"bad cursor"' in body, (what, body[:200]))
         # the generation in front of the seal is the device's own business (it
         # only decides whether the device gets a snapshot): never more than its view
         st, h, body = raw_pull(s.url, ta, since=re.sub(r"^(c\d+)\.\d+", r"\g<1>.77", ca),
