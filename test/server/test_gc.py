@@ -178,7 +178,13 @@ def gc_background_syncer_resyncs(env):
     a.sync()
     silence(env, c)
     check(json.loads(server_gc(env))["collected"] == 2)
-    r = json.loads(c.one("SELECT sync_network_start(?)", '{"retry_min_ms": 50, "retry_max_ms": 500}'))
+    try:
+        c.one("SELECT sync_network_start(?)", '{"gc_ms": -1}')
+        check(False, "gc_ms -1 accepted")
+    except Exception as e:  # noqa: BLE001
+        check('option "gc_ms" must be an integer from 0' in str(e), str(e))
+    r = json.loads(c.one("SELECT sync_network_start(?)",
+                         '{"retry_min_ms": 50, "retry_max_ms": 500, "gc_ms": 300}'))
     check(r["started"], r)
     try:
         want = [("c-new", "made offline", 1), ("k2", "x", 2)]
@@ -188,6 +194,11 @@ def gc_background_syncer_resyncs(env):
                          msg=f"the syncer's error stayed: {c.status()}")
         check(gone_answers(s) >= 1, "the server never answered 410")
         check(c.rejected() == {}, c.rejected())
+        # the syncer also collects the device's own tombstones (gc_ms) once pushed
+        c.db.execute("DELETE FROM items WHERE id = 'c-new'")
+        want = [("k2", "x", 2)]
+        suite.eventually(lambda: server_rows(env) == want and device_meta(c)[1] == 0, timeout=10,
+                         msg=f"the syncer did not collect: {device_meta(c)} {server_rows(env)}")
     finally:
         c.one("SELECT sync_network_stop()")
     a.sync()
