@@ -40,6 +40,7 @@ def sl_meta(c):
 def main():
     env = Env(schema=SCHEMA + "\nGRANT EXECUTE ON FUNCTION sync_gc(interval) TO authenticator;")
     try:
+        env.sql(f"ALTER DATABASE {env.db} SET pgsync.record_interval = 0")  # acked at once
         s = env.server(gc_interval=0)
         a = env.client("a", "alice", s)
         b = env.client("b", "bob", s)

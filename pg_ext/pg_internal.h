@@ -157,6 +157,7 @@ struct db_conn
 };
 
 /* ---- pgsync.c ---- */
+extern int	pg_record_interval; /* pgsync.record_interval, seconds (pgsync.c) */
 extern bool pg_applying;	   /* true while sync_apply_payload merges */
 /* the row the apply is writing now (its clock is the apply's): the capture
  * skips exactly that row, and records what the write causes elsewhere

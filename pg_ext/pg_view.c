@@ -615,8 +615,20 @@ fingerprint(db_conn *db)
 }
 
 /*
- * device_view: record this pull for the device (acked = since whenever it
- * moves: what the device holds, for the GC horizon) and say whether every table
+ * STALE_SQL(since, interval): the device's record (pgsync.devices v) is due:
+ * last_seen older than a minute, or acked behind since and older than
+ * pgsync.record_interval (0: whenever acked moved). Records are writes, and a
+ * write moves every cursor: written on every pull they would spread the
+ * cursors of parked long-polls, and one push would no longer be pulled once
+ * for all of them (shared fan-out pulls).
+ */
+#define STALE_SQL(s, i)                                                                            \
+	"(last_seen < now() - interval '1 minute' OR (acked < $" #s                                    \
+	" AND last_seen <= now() - make_interval(secs => $" #i ")))"
+
+/*
+ * device_view: record this pull for the device (acked = since: what the
+ * device holds, for the GC horizon; see STALE_SQL) and say whether every table
  * must be a snapshot: what decides the device's view (its fingerprint)
  * changed now, or changed since the pull whose generation the device last
  * saw (seen_gen, carried in its cursor: a device that did not apply the
@@ -625,8 +637,8 @@ fingerprint(db_conn *db)
 static bool
 device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 {
-	Oid	   types[4] = {UUIDOID, BYTEAOID, INT8OID, INT4OID};
-	Datum  vals[4];
+	Oid	   types[5] = {UUIDOID, BYTEAOID, INT8OID, INT4OID, INT4OID};
+	Datum  vals[5];
 	uint64 fp = fingerprint(db);
 	bytea *fpb = pg_bytea(CurrentMemoryContext, &fp, sizeof fp);
 	bool   changed, isnull, stale;
@@ -635,9 +647,11 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 	vals[0] = uuid_datum(pg_cur_device);
 	vals[1] = PointerGetDatum(fpb);
 	vals[2] = Int64GetDatum(since);
-	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, last_seen < now() - interval '1 "
-			  "minute' OR acked < $3 FROM pgsync.devices WHERE site = $1",
-			  3, types, vals, true, 1);
+	vals[3] = Int32GetDatum(0);
+	vals[4] = Int32GetDatum(pg_record_interval);
+	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, " STALE_SQL(3, 5)
+			  " FROM pgsync.devices WHERE site = $1",
+			  5, types, vals, true, 1);
 	if (SPI_processed != 1)
 	{
 		*gen = 0;
@@ -651,9 +665,9 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 	if (changed || stale)
 	{
 		/*
-		 * acked is kept current on every pull that moves it (the GC horizon,
-		 * docs/DESIGN.md); last_seen at least once a minute. Losing this
-		 * write in a crash only holds the horizon back: no commit flush.
+		 * last_seen at least once a minute, acked (the GC horizon,
+		 * docs/DESIGN.md) once it moved and record_interval passed. Losing
+		 * this write in a crash only holds the horizon back: no commit flush.
 		 */
 		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_LOCAL, true, 0, false);
@@ -1061,19 +1075,20 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	/* which devices would get no snapshot of every table (device_view) */
 	fp = fingerprint(&db);
 	{
-		Oid	  types[5] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID, INT8OID};
-		Datum vals[5];
+		Oid	  types[6] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID, INT8OID, INT4OID};
+		Datum vals[6];
 
 		vals[0] = PointerGetDatum(arr);
 		vals[1] = CStringGetTextDatum(pg_cur_principal);
 		vals[2] = PointerGetDatum(pg_bytea(CurrentMemoryContext, &fp, sizeof fp));
 		vals[3] = Int32GetDatum(seen_gen);
 		vals[4] = Int64GetDatum(o.since);
-		/* stale as in device_view: last seen a minute ago, or acked behind since (GC) */
-		meta_exec("SELECT d.i::int4, v.last_seen < now() - interval '1 minute' OR v.acked < $5 "
-				  "FROM unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site "
+		vals[5] = Int32GetDatum(pg_record_interval);
+		/* stale as in device_view */
+		meta_exec("SELECT d.i::int4, " STALE_SQL(5, 6)
+				  " FROM unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site "
 				  "= d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
-				  5, types, vals, true, 0);
+				  6, types, vals, true, 0);
 		for (uint64 r = 0; r < SPI_processed; r++)
 		{
 			bool  isnull;

@@ -18,6 +18,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -95,11 +96,23 @@ pgsync_xact_cb(XactEvent event, void *arg)
 
 void _PG_init(void);
 
+/* pgsync.record_interval: see pg_view.c, device_view */
+int pg_record_interval = 60;
+
 void
 _PG_init(void)
 {
 	static const pgs_allocator a = {core_malloc, core_realloc, core_free};
 
+	DefineCustomIntVariable(
+		"pgsync.record_interval",
+		"How often a pull records how far its device has synced (the GC horizon).",
+		"A device's acknowledged cursor (pgsync.devices.acked) is written at most once per "
+		"interval, and last_seen once a minute; 0 records every pull that moves it. A longer "
+		"interval only holds the GC horizon back; every record is a write, which moves "
+		"sync_db_version().",
+		&pg_record_interval, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	MarkGUCPrefixReserved("pgsync");
 	pgs_set_allocator(&a);
 	RegisterXactCallback(pgsync_xact_cb, NULL);
 	pg_table_cache_setup();

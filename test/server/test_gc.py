@@ -42,6 +42,9 @@ DEVICE_SCHEMA = "CREATE TABLE items(id TEXT PRIMARY KEY, name TEXT, qty INTEGER)
 
 def world(env, ndev=3, **server_settings):
     env.sql(PG_SCHEMA)
+    # every pull records how far its device got (default: once a minute), so
+    # that a collection right after a sync sees it
+    env.sql(f"ALTER DATABASE {env.db} SET pgsync.record_interval = 0")
     s = env.server(gc_interval=server_settings.pop("gc_interval", 0), **server_settings)
     devs = [Device(env, f"d{i}", token(f"user{i}"), s, DEVICE_SCHEMA, ["items"]) for i in range(ndev)]
     return s, devs
