@@ -62,6 +62,14 @@ SELECT gc_msg(0);                          -- a snapshot is always possible
 SELECT gc_msg(sync_db_version());          -- a cursor past the collected deletes
 SELECT count(*) AS refused FROM (SELECT 1) s WHERE gc_msg(1) LIKE 'PS410%';
 
+-- how often a pull records its device's cursor (the horizon): a setting
+SHOW pgsync.record_interval;
+SET pgsync.record_interval = 0;
+SHOW pgsync.record_interval;
+SET pgsync.record_interval = -1;
+RESET pgsync.record_interval;
+SET pgsync.no_such_setting = 1;
+
 -- misuse
 SELECT sync_gc('-1 day');
 SELECT sync_gc(NULL);
