@@ -59,7 +59,7 @@ typedef struct pgs_err
  * (SQLite: 23502 NOT NULL, 23514 CHECK, 23505 UNIQUE, 23503 FOREIGN KEY,
  * P0001 trigger RAISE, 22000 other data errors).
  */
-#define PGS_CODE_INCOMPLETE "PS001" /* a new life of a row without its whole row */
+#define PGS_CODE_INCOMPLETE "PS001"	  /* a new life of a row without its whole row */
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
 #define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
@@ -161,6 +161,12 @@ typedef struct pgs_value
 #define PGS_SITE_LEN 16
 /* pgs_uuid7 fills out with a fresh UUIDv7 (48-bit ms time, random rest). */
 pgs_rc pgs_uuid7(uint8_t out[16], pgs_err *err);
+/* pgs_b64url_decode decodes base64url (padding optional; the standard
+ * alphabet's + and / accepted too) into out, at most cap bytes: the number of
+ * bytes written, or -1 for a character outside the alphabet or a full out.
+ * For reading JWT parts before a crypto library verifies them. */
+long pgs_b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap);
+
 /* pgs_uuid_format writes the canonical 36-char form plus NUL into out[37]. */
 void pgs_uuid_format(const uint8_t uuid[16], char out[37]);
 /* pgs_uuid_parse accepts the canonical form (any case); false if malformed. */
@@ -340,7 +346,7 @@ typedef struct pgs_dict_table
 	uint64_t		fingerprint; /* pgs_table_fingerprint of the sender's table */
 	uint32_t		snap;		 /* PGS_SNAP_* */
 	bool			has_salt;
-	uint64_t		salt; /* seed of the removal candidates' key hashes */
+	uint64_t		salt;	/* seed of the removal candidates' key hashes */
 	uint32_t		nalias; /* former names of the sender's columns (attribute 4) */
 	uint32_t	   *alias_cols;
 	const uint8_t **alias_names;
@@ -367,7 +373,7 @@ typedef enum pgs_group_kind
 typedef struct pgs_group
 {
 	uint32_t	table;
-	uint8_t		kind; /* pgs_group_kind */
+	uint8_t		kind;	 /* pgs_group_kind */
 	bool		whole;	 /* carries the whole row (kind WHOLE; format 1: every column) */
 	uint64_t	hash;	 /* CANDIDATE: pgs_key_hash(salt, key) */
 	int64_t		cl;		 /* CHANGES, WHOLE, CANDIDATE */
@@ -411,7 +417,7 @@ pgs_rc pgs_value_get(const uint8_t **p, const uint8_t *end, uint8_t type, pgs_va
 int	   pgs_value_cmp(const pgs_value *a, const pgs_value *b);
 
 /* pgs_key_encode appends a key as the payload encodes it (type byte + value each). */
-void	 pgs_key_encode(pgs_buf *b, uint32_t npk, const pgs_value *pk);
+void pgs_key_encode(pgs_buf *b, uint32_t npk, const pgs_value *pk);
 /* pgs_key_hash: the hash of a key that removal candidates carry. */
 uint64_t pgs_key_hash(uint64_t salt, uint32_t npk, const pgs_value *pk);
 /* pgs_random64: 64 random bits (salts). */
@@ -467,8 +473,8 @@ typedef struct pgs_writer
 	size_t		body_len; /* set by pgs_writer_seal: the body before compression */
 } pgs_writer;
 
-void	 pgs_writer_init(pgs_writer *w);
-void	 pgs_writer_free(pgs_writer *w);
+void pgs_writer_init(pgs_writer *w);
+void pgs_writer_free(pgs_writer *w);
 /* pgs_writer_site: the payload index of a site, added if new (linear search). */
 uint32_t pgs_writer_site(pgs_writer *w, const uint8_t site[16]);
 /* pgs_writer_site_add: add a site known to be new; returns its index. */
@@ -476,9 +482,9 @@ uint32_t pgs_writer_site_add(pgs_writer *w, const uint8_t site[16]);
 /* pgs_writer_table adds a dictionary entry and returns its index. */
 uint32_t pgs_writer_table(pgs_writer *w, pgs_name name, uint32_t npk, const pgs_name *pk_names,
 						  uint32_t ncols, const pgs_name *col_names);
-void pgs_writer_table_fingerprint(pgs_writer *w, uint32_t table, uint64_t fp);
-void pgs_writer_table_snap(pgs_writer *w, uint32_t table, uint32_t snap_flags); /* ORed */
-void pgs_writer_table_salt(pgs_writer *w, uint32_t table, uint64_t salt);
+void	 pgs_writer_table_fingerprint(pgs_writer *w, uint32_t table, uint64_t fp);
+void	 pgs_writer_table_snap(pgs_writer *w, uint32_t table, uint32_t snap_flags); /* ORed */
+void	 pgs_writer_table_salt(pgs_writer *w, uint32_t table, uint64_t salt);
 /* pgs_writer_table_alias: column col of the table was once called name. */
 void pgs_writer_table_alias(pgs_writer *w, uint32_t table, uint32_t col, pgs_name name);
 /* pgs_writer_row: a row group (kind CHANGES or WHOLE) of n changes; a
@@ -509,7 +515,7 @@ typedef struct pgs_build_opts
 	uint32_t	   max_rows;	 /* chunking: at most this many row groups, 0 = all */
 	const uint8_t *after;		 /* continuation token of the previous chunk, or NULL */
 	size_t		   after_len;
-	bool		   view;		  /* the receiver's view: snapshots (server pulls) */
+	bool		   view;		 /* the receiver's view: snapshots (server pulls) */
 	bool		   snapshot_all; /* view: every table is a snapshot (pinned in the token) */
 	/*
 	 * push to the only peer (a device's push to its server): a group is whole
@@ -527,7 +533,7 @@ typedef struct pgs_build_opts
 #define PGS_TOKEN_VERSION 2
 #define PGS_TOKEN_VIEW 1		 /* token flag: a view build */
 #define PGS_TOKEN_SNAPSHOT_ALL 2 /* token flag: every table is a snapshot */
-#define PGS_MAX_TOKEN 4000 /* continuation token bytes (long keys: pull without max_rows) */
+#define PGS_MAX_TOKEN 4000		 /* continuation token bytes (long keys: pull without max_rows) */
 #define PGS_MAX_SEALED (PGS_MAX_TOKEN + 64) /* a token as an engine seals it (pg_view.c) */
 
 /*
@@ -619,8 +625,8 @@ typedef struct pgs_apply_stats
 {
 	int64_t won; /* winning column changes + row-life changes */
 	int64_t lost;
-	int64_t rejected; /* rows refused (reported through db_reject) */
-	int64_t changes;  /* column changes read */
+	int64_t rejected;	   /* rows refused (reported through db_reject) */
+	int64_t changes;	   /* column changes read */
 	int64_t rows_inserted; /* rows that started a life here */
 	int64_t rows_updated;  /* existing rows with winning columns */
 	int64_t rows_deleted;

@@ -318,3 +318,41 @@ pgs_varint_get(const uint8_t *p, const uint8_t *end, uint64_t *v)
 	}
 	return 0; /* truncated or too long */
 }
+
+long
+pgs_b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap)
+{
+	uint32_t acc = 0;
+	int		 bits = 0;
+	size_t	 k = 0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		int c = (unsigned char) in[i], v;
+
+		if (c >= 'A' && c <= 'Z')
+			v = c - 'A';
+		else if (c >= 'a' && c <= 'z')
+			v = c - 'a' + 26;
+		else if (c >= '0' && c <= '9')
+			v = c - '0' + 52;
+		else if (c == '-' || c == '+')
+			v = 62;
+		else if (c == '_' || c == '/')
+			v = 63;
+		else if (c == '=')
+			break;
+		else
+			return -1;
+		acc = (acc << 6) | (uint32_t) v;
+		bits += 6;
+		if (bits >= 8)
+		{
+			bits -= 8;
+			if (k >= cap)
+				return -1;
+			out[k++] = (uint8_t) (acc >> bits);
+		}
+	}
+	return (long) k;
+}

@@ -16,6 +16,8 @@
  */
 #include "server.h"
 
+#include "../core/pgsync.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,44 +31,17 @@
 static const char auth_hint[] =
 	"Send Authorization: Bearer <token> with a token signed by your identity provider.";
 
-/* b64url_decode decodes base64url without padding; returns length or -1. */
-static long
-b64url_decode(const char *in, size_t n, char *out, size_t cap)
+/* b64url_text: a base64url part of a token as a NUL-terminated string in
+ * out (cap bytes with the NUL); false when it does not decode or fit. */
+static bool
+b64url_text(const char *in, size_t n, char *out, size_t cap)
 {
-	unsigned acc = 0;
-	int		 bits = 0;
-	size_t	 o = 0;
+	long k = cap ? pgs_b64url_decode(in, n, (uint8_t *) out, cap - 1) : -1;
 
-	for (size_t i = 0; i < n; i++)
-	{
-		int c = (unsigned char) in[i], v;
-
-		if (c >= 'A' && c <= 'Z')
-			v = c - 'A';
-		else if (c >= 'a' && c <= 'z')
-			v = c - 'a' + 26;
-		else if (c >= '0' && c <= '9')
-			v = c - '0' + 52;
-		else if (c == '-' || c == '+')
-			v = 62;
-		else if (c == '_' || c == '/')
-			v = 63;
-		else if (c == '=')
-			break;
-		else
-			return -1;
-		acc = (acc << 6) | (unsigned) v;
-		bits += 6;
-		if (bits >= 8)
-		{
-			bits -= 8;
-			if (o + 1 >= cap)
-				return -1;
-			out[o++] = (char) ((acc >> bits) & 0xff);
-		}
-	}
-	out[o] = '\0';
-	return (long) o;
+	if (k < 0)
+		return false;
+	out[k] = '\0';
+	return true;
 }
 
 /* header_alg reads "alg" from the token's header without trusting it. */
@@ -78,7 +53,7 @@ header_alg(const char *token, char *alg, size_t alglen)
 	cJSON	   *j, *a;
 	bool		ok = false;
 
-	if (!dot || b64url_decode(token, (size_t) (dot - token), hdr, sizeof hdr) < 0)
+	if (!dot || !b64url_text(token, (size_t) (dot - token), hdr, sizeof hdr))
 		return false;
 	j = cJSON_Parse(hdr);
 	a = cJSON_GetObjectItemCaseSensitive(j, "alg");
@@ -165,7 +140,7 @@ payload_json(const char *token)
 	char		buf[TOKEN_MAX];
 
 	if (!a || !(b = strchr(a + 1, '.')) || (size_t) (b - a - 1) >= sizeof buf ||
-		b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf) < 0)
+		!b64url_text(a + 1, (size_t) (b - a - 1), buf, sizeof buf))
 		return NULL;
 	return cJSON_Parse(buf);
 }

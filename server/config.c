@@ -830,7 +830,7 @@ config_finish(srv_config *c)
 							c->dbs[a].name, c->dbs[b].name, c->dbs[a].name, c->dbs[b].name);
 					return false;
 				}
-	return tls_load(c);
+	return true;
 }
 
 void
@@ -866,7 +866,6 @@ config_free(srv_config *c)
 		free(sources[i]);
 		sources[i] = NULL;
 	}
-	tls_free();
 }
 
 void
@@ -984,8 +983,4 @@ config_print_checked(const srv_config *c)
 				printf("  (from %s)\n", db_source(c, k, i));
 			}
 		}
-	printf("\n  TLS: %s\n",
-		   tls_enabled() ? tls_summary() : "off: plain HTTP (terminate TLS at a proxy)");
-	printf("  Not checked: that PostgreSQL is reachable and has the pgsync extension "
-		   "(GET /healthz on the running server answers that).\n");
 }

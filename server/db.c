@@ -2,9 +2,10 @@
  * db.c — the databases this server fronts (cfg.dbs, from config.c): lookup
  * by name, and the start and stop of each one's parts in dependency order.
  *
- * Each database owns its metrics, connection pool, worker threads and
- * notification hub and its tombstone collection (gc.c); nothing of one waits on another's, so one database's
- * outage or overload stalls only its own requests. Start: metrics, pool
+ * Each database owns its metrics, connection pool, worker threads,
+ * notification hub and tombstone collection (gc.c); nothing of one waits on
+ * another's, so one database's outage or overload stalls only its own
+ * requests. Start: metrics, pool
  * (Postgres may still be down: it answers 503 until it is back), workers,
  * hub, gc. Stop in the reverse order, after http.c stopped accepting requests.
  */
@@ -21,6 +22,15 @@ db_find(const char *name, size_t n)
 	return NULL;
 }
 
+/* what each hub does with the jobs it hands back (hub.c sits below both) */
+static const hub_ops hub_to_workers = {
+	.finish = work_finish,
+	.requeue = work_requeue,
+	.requeue_list = work_requeue_list,
+	.reap = work_reap,
+	.announced = ws_broadcast,
+};
+
 bool
 db_start_all(void)
 {
@@ -28,8 +38,8 @@ db_start_all(void)
 	{
 		srv_db *db = &cfg.dbs[i];
 
-		if (!metrics_init(db) || !pool_start(db) || !work_start(db) || !hub_start(db) ||
-			!gc_start(db))
+		if (!metrics_init(db) || !pool_start(db) || !work_start(db) ||
+			!hub_start(db, &hub_to_workers) || !gc_start(db))
 		{
 			srv_log("FATAL", "cannot start the threads of database %s", db->name);
 			return false;

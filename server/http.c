@@ -31,6 +31,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,13 +58,13 @@ typedef struct req
 	size_t		 discarded;
 	bool		 too_big;
 	int64_t		 since;
-	int32_t		 gen;		 /* generation of the device's view, from the cursor */
-	uint8_t		*sealed;	 /* chunked pull: the sealed token of a chunk cursor (malloc) */
+	int32_t		 gen;	 /* generation of the device's view, from the cursor */
+	uint8_t		*sealed; /* chunked pull: the sealed token of a chunk cursor (malloc) */
 	size_t		 sealed_len;
-	uint32_t	 max_rows;	/* chunked pull: rows per chunk, 0 = one payload */
+	uint32_t	 max_rows; /* chunked pull: rows per chunk, 0 = one payload */
 	char		 exclude[37];
 	bool		 has_exclude;
-	int64_t		 deadline; /* long-poll end, srv_now_ms(); 0 = no wait */
+	int64_t		 deadline;	 /* long-poll end, srv_now_ms(); 0 = no wait */
 	char		 method[12]; /* for the request log line */
 	char		 path[160];
 	char		 error[160]; /* the error answered, if any, and its detail */
@@ -180,7 +181,7 @@ add_site(srv_db *db, struct MHD_Response *resp)
 {
 	char site[37];
 
-	sync_server_site(db, site);
+	pool_server_site(db, site);
 	if (site[0])
 		MHD_add_response_header(resp, "X-Pgsync-Site", site);
 }
@@ -282,7 +283,8 @@ pick_db(req *r, const char *token, srv_error *e)
 
 	if (r->db)
 		return true;
-	if (cfg.database_claim && token && auth_peek_claim(token, cfg.database_claim, name, sizeof name))
+	if (cfg.database_claim && token &&
+		auth_peek_claim(token, cfg.database_claim, name, sizeof name))
 	{
 		if (!(r->db = db_find(name, strlen(name))))
 			return srv_fail(e, 403, "unknown database",
@@ -464,7 +466,7 @@ push_answer(struct MHD_Connection *conn, req *r)
 	char		 site[37];
 
 	metrics_changes(r->db, pr->applied, pr->nrejected);
-	sync_server_site(r->db, site);
+	pool_server_site(r->db, site);
 	if (asprintf(
 			&json,
 			"{\"applied\":%lld,\"rejected\":%s,\"server_version\":%lld,\"server_site\":\"%s\"}",
@@ -563,7 +565,7 @@ answer(struct MHD_Connection *conn, req *r)
 		{
 			char site[37];
 
-			sync_server_site(r->db, site);
+			pool_server_site(r->db, site);
 			if (asprintf(&json,
 						 "{\"status\":\"%s\",\"postgres\":\"%s\",\"server_site\":\"%s\","
 						 "\"version\":%lld,\"database\":\"%s\"}",
@@ -624,8 +626,23 @@ static enum MHD_Result
 do_metrics(struct MHD_Connection *conn, req *r)
 {
 	size_t				 len;
-	char				*text = metrics_render(&len);
+	srv_gauges			 g[SRV_MAX_DBS];
+	char				*text;
 	struct MHD_Response *resp;
+
+	/* the gauges are read here, where every part is in reach (metrics.c
+	 * only counts and prints) */
+	for (int d = 0; d < cfg.ndbs; d++)
+	{
+		srv_db *db = &cfg.dbs[d];
+
+		g[d].longpoll = hub_waiting(db);
+		g[d].websocket = atomic_load(&db->ws_clients);
+		pool_counts(db, &g[d].idle, &g[d].busy, &g[d].closed);
+		g[d].queued = work_queued(db);
+		g[d].version = hub_version(db);
+	}
+	text = metrics_render(g, &len);
 
 	if (!text)
 		return MHD_NO;
@@ -649,8 +666,8 @@ route(req *r, const char *url, const char *method)
 		const char	*method;
 		srv_endpoint ep;
 	} routes[] = {
-		{"/v1/push", "POST", EP_PUSH},	 {"/v1/pull", "GET", EP_PULL},	  {"/v1/ws", "GET", EP_WS},
-		{"/v1/rows", "POST", EP_ROWS},
+		{"/v1/push", "POST", EP_PUSH},	 {"/v1/pull", "GET", EP_PULL},
+		{"/v1/ws", "GET", EP_WS},		 {"/v1/rows", "POST", EP_ROWS},
 		{"/healthz", "GET", EP_HEALTHZ}, {"/metrics", "GET", EP_METRICS},
 	};
 

@@ -9,11 +9,13 @@
  * the generation counter, raises the announced version, hands the parked
  * long-polls whose cursor is below it back to the workers (all at once, so
  * that work.c pulls those with the same view together) and tells the
- * WebSocket thread. After a reconnect it announces unconditionally
+ * WebSocket thread, through the hub_ops its starter gave (the hub calls
+ * neither by name: it sits below both). After a reconnect it announces unconditionally
  * (notifications may have been missed while it was away).
  *
  * The timer thread finishes long-polls whose wait ran out (204), and asks
- * work.c to answer jobs that waited too long for a connection (503).
+ * the workers (ops->reap) to answer jobs that waited too long for a
+ * connection (503).
  *
  * Invariants: a parked job's connection stays suspended (work.c suspended it
  * when the request was queued; only work_finish resumes it), and a job is
@@ -48,6 +50,7 @@ typedef struct srv_hub
 	int				stop_fd;
 	pthread_t		listener_tid, timer_tid;
 	bool			started;
+	const hub_ops  *ops;
 } srv_hub;
 
 uint64_t
@@ -127,14 +130,14 @@ hub_park(srv_job *j, uint64_t seen_gen)
 	if (h->stopping)
 	{
 		pthread_mutex_unlock(&h->mu);
-		work_finish(j); /* nothing new (204) */
+		h->ops->finish(j); /* nothing new (204) */
 		return;
 	}
 	if (h->gen != seen_gen)
 	{
 		/* a change was announced while we queried: pull again */
 		pthread_mutex_unlock(&h->mu);
-		work_requeue(j);
+		h->ops->requeue(j);
 		return;
 	}
 	j->prev = NULL;
@@ -176,7 +179,7 @@ hub_release_all(srv_db *db)
 
 		all = j->next;
 		j->next = j->prev = NULL;
-		work_finish(j);
+		h->ops->finish(j);
 	}
 }
 
@@ -209,9 +212,9 @@ announce(srv_db *db, int64_t version)
 		}
 	}
 	pthread_mutex_unlock(&h->mu);
-	ws_broadcast(db, v);
+	h->ops->announced(db, v);
 	if (woken)
-		work_requeue_list(db, woken);
+		h->ops->requeue_list(db, woken);
 }
 
 /* ---- timer thread ---------------------------------------------------------- */
@@ -250,9 +253,9 @@ timer_main(void *arg)
 
 			expired = j->next;
 			j->next = NULL;
-			work_finish(j);
+			h->ops->finish(j);
 		}
-		if ((q = work_reap(db)) != 0 && q < next)
+		if ((q = h->ops->reap(db)) != 0 && q < next)
 			next = q;
 		/* a job queued from now on expires pool_wait_ms later: look again by then */
 		if (next > now + db->c.pool_wait_ms / 2 + 10)
@@ -317,7 +320,7 @@ listen_connect(srv_db *db, bool *logged_down)
 	if (*logged_down)
 		srv_log("LOG", "database %s: notification listener connected again", db->name);
 	*logged_down = false;
-	sync_learn_site(db, c);
+	pool_learn_site(db, c);
 	return c;
 }
 
@@ -442,12 +445,13 @@ listener_main(void *arg)
 }
 
 bool
-hub_start(srv_db *db)
+hub_start(srv_db *db, const hub_ops *ops)
 {
 	srv_hub *h = calloc(1, sizeof *h);
 
 	if (!h)
 		return false;
+	h->ops = ops;
 	pthread_mutex_init(&h->mu, NULL);
 	pthread_cond_init(&h->timer_cv, NULL);
 	db->hub = h;

@@ -124,11 +124,17 @@ main(int argc, char **argv)
 		if (!config_set(&cfg, key, eq + 1, "the command line"))
 			return 2;
 	}
-	if (!config_finish(&cfg))
+	/* settings first, then what they name (the TLS files: tls.c reads them) */
+	if (!config_finish(&cfg) || !tls_load(&cfg))
 		return 2;
 	if (check_only)
 	{
 		config_print_checked(&cfg);
+		printf("\n  TLS: %s\n",
+			   tls_enabled() ? tls_summary() : "off: plain HTTP (terminate TLS at a proxy)");
+		printf("  Not checked: that PostgreSQL is reachable and has the pgsync extension "
+			   "(GET /healthz on the running server answers that).\n");
+		tls_free();
 		config_free(&cfg);
 		return 0;
 	}
@@ -186,6 +192,7 @@ main(int argc, char **argv)
 	}
 	db_stop_all();
 	ratelimit_stop();
+	tls_free();
 	config_free(&cfg);
 	srv_log("LOG", "stopped");
 	return 0;

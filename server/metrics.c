@@ -20,8 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const ep_names[EP_COUNT] = {"push",	  "pull",	 "longpoll", "ws", "rows",
-											   "healthz", "metrics", "other"};
+static const char *const ep_names[EP_COUNT] = {"push", "pull",	  "longpoll", "ws",
+											   "rows", "healthz", "metrics",  "other"};
 static const int		 statuses[] = {101, 200, 204, 400, 401, 403, 404, 405,
 									   409, 410, 413, 422, 426, 429, 500, 503};
 
@@ -91,8 +91,7 @@ metrics_request(srv_db *db, srv_endpoint ep, int status, int64_t usec)
 		}
 	atomic_fetch_add_explicit(&m->requests[ep][s], 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&m->hist[ep][b], 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&m->hist_sum_us[ep], (unsigned long long) usec,
-							  memory_order_relaxed);
+	atomic_fetch_add_explicit(&m->hist_sum_us[ep], (unsigned long long) usec, memory_order_relaxed);
 }
 
 void
@@ -208,13 +207,13 @@ counter(out *o, const char *name, const char *help, size_t off)
 }
 
 char *
-metrics_render(size_t *len)
+metrics_render(const srv_gauges *g, size_t *len)
 {
-	out			o = {.p = malloc(16384), .cap = 16384};
-	int			nm = cfg.ndbs + 1;
+	out			 o = {.p = malloc(16384), .cap = 16384};
+	int			 nm = cfg.ndbs + 1;
 	srv_metrics *ms[SRV_MAX_DBS + 1];
-	const char *names[SRV_MAX_DBS + 1];
-	char		lb[SRV_DBNAME_MAX + 20];
+	const char	*names[SRV_MAX_DBS + 1];
+	char		 lb[SRV_DBNAME_MAX + 20];
 
 	if (!o.p)
 		return NULL;
@@ -274,8 +273,8 @@ metrics_render(size_t *len)
 			}
 			put(&o, "pgsync_request_duration_seconds_sum{endpoint=\"%s\"%s} %.6f\n", ep_names[e],
 				label(lb, sizeof lb, names[d], false), (double) get(&ms[d]->hist_sum_us[e]) / 1e6);
-			put(&o, "pgsync_request_duration_seconds_count{endpoint=\"%s\"%s} %llu\n",
-				ep_names[e], label(lb, sizeof lb, names[d], false), cum);
+			put(&o, "pgsync_request_duration_seconds_count{endpoint=\"%s\"%s} %llu\n", ep_names[e],
+				label(lb, sizeof lb, names[d], false), cum);
 		}
 	counter(&o, "pgsync_payload_bytes_in_total", "Payload bytes received by pushes.",
 			offsetof(srv_metrics, bytes_in));
@@ -300,17 +299,16 @@ metrics_render(size_t *len)
 	for (int d = 0; d < cfg.ndbs; d++)
 	{
 		put(&o, "pgsync_clients_connected{kind=\"longpoll\"%s} %d\n",
-			label(lb, sizeof lb, names[d], false), hub_waiting(&cfg.dbs[d]));
+			label(lb, sizeof lb, names[d], false), g[d].longpoll);
 		put(&o, "pgsync_clients_connected{kind=\"websocket\"%s} %d\n",
-			label(lb, sizeof lb, names[d], false), atomic_load(&cfg.dbs[d].ws_clients));
+			label(lb, sizeof lb, names[d], false), g[d].websocket);
 	}
 	put(&o, "# HELP pgsync_pg_pool_connections Pooled Postgres connections by state.\n"
 			"# TYPE pgsync_pg_pool_connections gauge\n");
 	for (int d = 0; d < cfg.ndbs; d++)
 	{
-		int idle, busy, closed;
+		int idle = g[d].idle, busy = g[d].busy, closed = g[d].closed;
 
-		pool_counts(&cfg.dbs[d], &idle, &busy, &closed);
 		label(lb, sizeof lb, names[d], false);
 		put(&o,
 			"pgsync_pg_pool_connections{state=\"idle\"%s} %d\n"
@@ -322,13 +320,12 @@ metrics_render(size_t *len)
 	put(&o, "# HELP pgsync_queued_requests Requests waiting for a Postgres connection.\n"
 			"# TYPE pgsync_queued_requests gauge\n");
 	for (int d = 0; d < cfg.ndbs; d++)
-		put(&o, "pgsync_queued_requests%s %d\n", label(lb, sizeof lb, names[d], true),
-			work_queued(&cfg.dbs[d]));
+		put(&o, "pgsync_queued_requests%s %d\n", label(lb, sizeof lb, names[d], true), g[d].queued);
 	put(&o, "# HELP pgsync_server_version Highest change version announced to this process.\n"
 			"# TYPE pgsync_server_version gauge\n");
 	for (int d = 0; d < cfg.ndbs; d++)
 		put(&o, "pgsync_server_version%s %lld\n", label(lb, sizeof lb, names[d], true),
-			(long long) hub_version(&cfg.dbs[d]));
+			(long long) g[d].version);
 	if (o.oom)
 	{
 		free(o.p);

@@ -104,7 +104,7 @@ pool_start(srv_db *db)
 	if (first)
 	{
 		p->slots[0].conn = first;
-		sync_learn_site(db, first);
+		pool_learn_site(db, first);
 	}
 	else
 	{
@@ -246,7 +246,7 @@ pool_acquire(srv_db *db, srv_error *e)
 		p->down_until = 0;
 		p->down_logged = 0;
 		pthread_mutex_unlock(&p->mu);
-		sync_learn_site(db, s->conn);
+		pool_learn_site(db, s->conn);
 	}
 	return s->conn;
 }
@@ -304,4 +304,40 @@ pool_counts(srv_db *db, int *idle, int *busy, int *broken)
 			(*broken)++;
 	}
 	pthread_mutex_unlock(&p->mu);
+}
+
+/* ---- the server's site id, learned by the first connection ---------------- */
+
+void
+pool_server_site(srv_db *db, char out[37])
+{
+	pthread_mutex_lock(&db->site_mu);
+	memcpy(out, db->server_site, 37);
+	pthread_mutex_unlock(&db->site_mu);
+}
+
+void
+pool_learn_site(srv_db *db, PGconn *conn)
+{
+	PGresult *r;
+
+	pthread_mutex_lock(&db->site_mu);
+	if (db->server_site[0])
+	{
+		pthread_mutex_unlock(&db->site_mu);
+		return;
+	}
+	pthread_mutex_unlock(&db->site_mu);
+	r = PQexec(conn, "SELECT sync_site_id()::text");
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetlength(r, 0, 0) == 36)
+	{
+		pthread_mutex_lock(&db->site_mu);
+		memcpy(db->server_site, PQgetvalue(r, 0, 0), 36);
+		db->server_site[36] = '\0';
+		pthread_mutex_unlock(&db->site_mu);
+	}
+	else
+		srv_log("WARNING", "database %s: cannot read sync_site_id(): %s", db->name,
+				PQresultErrorMessage(r));
+	PQclear(r);
 }

@@ -67,7 +67,8 @@ typedef struct srv_dbconf
 	int	   max_queue;		/* requests waiting for a connection before 503 (0 = 64 x pool) */
 	int	   connect_timeout; /* seconds, libpq connect_timeout */
 	int	   statement_timeout_ms;
-	int pull_max_rows; /* rows per chunk of a pull when the client asks for none (0 = one payload) */
+	int pull_max_rows; /* rows per chunk of a pull when the client asks for none (0 = one payload)
+						*/
 	int poll_ms;	   /* sync_db_version() polling period */
 	int	   gc_interval;		  /* seconds between sync_gc runs, 0 = never */
 	double gc_retention_days; /* silent devices stop holding the horizon back */
@@ -227,17 +228,21 @@ void pool_counts(srv_db *db, int *idle, int *busy, int *broken);
 bool pool_down(srv_db *db);
 /* pool_connect opens one connection with the database's settings (the hub's). */
 PGconn *pool_connect(srv_db *db, char *why, size_t whylen);
+/* pool_server_site: db's site id text ("" until known), copied into out[37]. */
+void pool_server_site(srv_db *db, char out[37]);
+/* pool_learn_site reads sync_site_id() on conn once; harmless to repeat. */
+void pool_learn_site(srv_db *db, PGconn *conn);
 
 /* ---- auth.c -------------------------------------------------------------- */
 
 typedef struct auth_info
 {
 	char	role[SRV_ROLE_MAX + 1];
-	char   *claims;		  /* JSON text of every claim (malloc) */
-	char   *canon;		  /* the claims that decide a view, canonical (malloc): sharing key */
+	char   *claims;			/* JSON text of every claim (malloc) */
+	char   *canon;			/* the claims that decide a view, canonical (malloc): sharing key */
 	char	subject[160];	/* rate-limit identity */
 	char	principal[200]; /* owner of the devices it syncs: sub, else "role:<role>" */
-	int64_t exp;		  /* 0 = no expiry */
+	int64_t exp;			/* 0 = no expiry */
 } auth_info;
 
 /* auth_check verifies a bearer token with db's keys and roles; 401/403 in e on failure. */
@@ -276,9 +281,9 @@ typedef struct pull_share
 	PGresult	  *res;		/* owns payload */
 	const uint8_t *payload; /* never NULL */
 	size_t		   len;
-	int64_t		   cursor; /* next since */
-	int32_t		   gen;	   /* generation of the device's view (in the cursor) */
-	char		  *more;   /* chunked: the cursor text of the next chunk (malloc), or NULL */
+	int64_t		   cursor;	   /* next since */
+	int32_t		   gen;		   /* generation of the device's view (in the cursor) */
+	char		  *more;	   /* chunked: the cursor text of the next chunk (malloc), or NULL */
 	int64_t		   rows_total; /* first chunk of a pull from 0: sync_pull_total(), else -1 */
 } pull_share;
 
@@ -355,10 +360,6 @@ bool sync_pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e
 bool sync_rows(srv_db *db, const auth_info *a, const char *device, const char *json, size_t len,
 			   pull_share **out, srv_error *e);
 bool sync_health(srv_db *db);
-/* sync_server_site: db's site id text ("" until known), copied into out[37]. */
-void sync_server_site(srv_db *db, char out[37]);
-/* sync_learn_site reads sync_site_id() on conn once; harmless to repeat. */
-void sync_learn_site(srv_db *db, PGconn *conn);
 /* sync_pg_error maps a failed PGresult to an HTTP error; true if the
  * connection itself is broken (retry elsewhere). */
 bool sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e);
@@ -385,7 +386,21 @@ int		work_queued(srv_db *db);
 
 /* ---- hub.c --------------------------------------------------------------- */
 
-bool hub_start(srv_db *db);
+/*
+ * What the hub does with the jobs it hands back, given by its starter
+ * (db.c: work.c's functions and ws.c's broadcast): the hub sits below the
+ * workers and the WebSocket thread and calls neither by name.
+ */
+typedef struct hub_ops
+{
+	void (*finish)(srv_job *j);						 /* answered (204) */
+	void (*requeue)(srv_job *j);					 /* pull again */
+	void (*requeue_list)(srv_db *db, srv_job *list); /* pull these again, together */
+	int64_t (*reap)(srv_db *db);					 /* time out queued jobs; next deadline */
+	void (*announced)(srv_db *db, int64_t version);	 /* a change was heard */
+} hub_ops;
+
+bool hub_start(srv_db *db, const hub_ops *ops);
 void hub_stop(srv_db *db);
 /* hub_gen: the notification counter; read it before querying, pass it on. */
 uint64_t hub_gen(srv_db *db);
@@ -440,8 +455,17 @@ void		metrics_changes(srv_db *db, int64_t applied, int64_t rejected);
 void		metrics_notification(srv_db *db);
 void		metrics_rate_limited(srv_db *db);
 void		metrics_pull_computed(srv_db *db, int answered); /* one Postgres pull, n answers */
-/* metrics_render returns malloc'd Prometheus text. */
-char *metrics_render(size_t *len);
+/* The gauges of one database at the time of a scrape (read by the caller). */
+typedef struct srv_gauges
+{
+	int		longpoll, websocket; /* clients holding a connection open */
+	int		idle, busy, closed;	 /* pooled Postgres connections */
+	int		queued;				 /* requests waiting for a connection */
+	int64_t version;			 /* highest version announced */
+} srv_gauges;
+
+/* metrics_render returns malloc'd Prometheus text; g has one entry per database. */
+char *metrics_render(const srv_gauges *g, size_t *len);
 
 /* ---- http.c -------------------------------------------------------------- */
 

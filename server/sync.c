@@ -46,40 +46,6 @@
 #include <string.h>
 
 void
-sync_server_site(srv_db *db, char out[37])
-{
-	pthread_mutex_lock(&db->site_mu);
-	memcpy(out, db->server_site, 37);
-	pthread_mutex_unlock(&db->site_mu);
-}
-
-void
-sync_learn_site(srv_db *db, PGconn *conn)
-{
-	PGresult *r;
-
-	pthread_mutex_lock(&db->site_mu);
-	if (db->server_site[0])
-	{
-		pthread_mutex_unlock(&db->site_mu);
-		return;
-	}
-	pthread_mutex_unlock(&db->site_mu);
-	r = PQexec(conn, "SELECT sync_site_id()::text");
-	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetlength(r, 0, 0) == 36)
-	{
-		pthread_mutex_lock(&db->site_mu);
-		memcpy(db->server_site, PQgetvalue(r, 0, 0), 36);
-		db->server_site[36] = '\0';
-		pthread_mutex_unlock(&db->site_mu);
-	}
-	else
-		srv_log("WARNING", "database %s: cannot read sync_site_id(): %s", db->name,
-				PQresultErrorMessage(r));
-	PQclear(r);
-}
-
-void
 pull_share_unref(pull_share *p)
 {
 	if (p && atomic_fetch_sub(&p->refs, 1) == 1)

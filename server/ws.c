@@ -164,7 +164,7 @@ queue_version(client *c, const char *type, int64_t v)
 	{
 		char site[37];
 
-		sync_server_site(c->db, site);
+		pool_server_site(c->db, site);
 		n = snprintf(msg, sizeof msg,
 					 "{\"type\":\"hello\",\"version\":%lld,\"server_site\":\"%s\"}", (long long) v,
 					 site);

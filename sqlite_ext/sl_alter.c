@@ -2,14 +2,15 @@
  * sl_alter.c — schema changes of synced tables on SQLite (docs/MIGRATIONS.md).
  *
  * SQLite has no DDL hooks (its authorizer belongs to the app), so a synced
- * table's schema is checked whenever the metadata loads (every sqlitesync
- * call), against what sync_init recorded:
+ * table's schema is checked whenever the metadata loads (the first sqlitesync
+ * call after any schema change: sl_meta.c), against what sync_init recorded:
  *
  *   RENAME COLUMN  supported: SQLite rewrites the capture triggers itself;
  *                  the column is found again by its position (cid, kept in
  *                  sync_column_pos), travels under its new name, and its
  *                  former name goes to sync_column_history so that replicas
- *                  that still use it match it. Recorded by the next write.
+ *                  that still use it match it. Recorded by the next write
+ *                  (sl_alter_resolve and sl_alter_persist, in sl_meta.c).
  *   DROP COLUMN    refused by SQLite itself (the capture triggers name the
  *                  column); sync_alter(t, 'DROP COLUMN c') does it: the
  *                  column leaves every clock blob, payloads that still carry
@@ -25,343 +26,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char *sl_alter_meta_sql =
-	"CREATE TABLE IF NOT EXISTS sync_column_history(tbl INTEGER NOT NULL, name TEXT NOT NULL,"
-	"  now TEXT, PRIMARY KEY (tbl, name)) WITHOUT ROWID;"
-	"CREATE TABLE IF NOT EXISTS sync_column_pos(tbl INTEGER NOT NULL, idx INTEGER NOT NULL,"
-	"  cid INTEGER NOT NULL, PRIMARY KEY (tbl, idx)) WITHOUT ROWID;";
-
-/* one column of the table as SQLite describes it */
-typedef struct
-{
-	int	  cid;
-	char *name;
-} live_col;
-
-static void
-free_live(live_col *l, int n)
-{
-	for (int i = 0; i < n; i++)
-		sqlite3_free(l[i].name);
-	sqlite3_free(l);
-}
-
 static pgs_rc
 nomem(pgs_err *err)
 {
 	return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-}
-
-/* live_cols: the table's columns (pragma_table_xinfo, visible ones). */
-static pgs_rc
-live_cols(db_conn *c, const char *table, live_col **out, int *n, pgs_err *err)
-{
-	sqlite3_stmt *st;
-	live_col	 *l = NULL;
-	int			  k = 0;
-
-	*out = NULL;
-	*n = 0;
-	if (sqlite3_prepare_v2(c->db, "SELECT cid, name, hidden FROM pragma_table_xinfo(?1)", -1, &st,
-						   NULL) != SQLITE_OK)
-		return sl_dberr(c, err, "could not read the table's columns");
-	sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
-	while (sqlite3_step(st) == SQLITE_ROW)
-	{
-		live_col *nl;
-
-		if (sqlite3_column_int(st, 2) != 0)
-			continue;
-		if (!(nl = sqlite3_realloc64(l, sizeof(live_col) * (size_t) (k + 1))))
-		{
-			sqlite3_finalize(st);
-			free_live(l, k);
-			return nomem(err);
-		}
-		l = nl;
-		l[k].cid = sqlite3_column_int(st, 0);
-		l[k].name = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
-		k++;
-	}
-	sqlite3_finalize(st);
-	*out = l;
-	*n = k;
-	return PGS_OK;
-}
-
-static int
-live_find(const live_col *l, int n, const char *name)
-{
-	for (int i = 0; i < n; i++)
-		if (l[i].name && sqlite3_stricmp(l[i].name, name) == 0)
-			return i;
-	return -1;
-}
-
-static pgs_rc
-add_hist(db_table *t, const char *name, int col)
-{
-	char **nn = sqlite3_realloc64(t->hist_names, sizeof(char *) * (size_t) (t->nhist + 1));
-	int	  *nc;
-
-	if (!nn)
-		return PGS_ERR_NOMEM;
-	t->hist_names = nn;
-	if (!(nc = sqlite3_realloc64(t->hist_cols, sizeof(int) * (size_t) (t->nhist + 1))))
-		return PGS_ERR_NOMEM;
-	t->hist_cols = nc;
-	if (!(t->hist_names[t->nhist] = sqlite3_mprintf("%s", name)))
-		return PGS_ERR_NOMEM;
-	t->hist_cols[t->nhist++] = col;
-	return PGS_OK;
-}
-
-/* table_gone: the error for a synced table that is not there any more. */
-static pgs_rc
-table_gone(db_conn *c, db_table *t, pgs_err *err)
-{
-	sqlite3_stmt *st;
-	char		 *now = NULL;
-	pgs_rc		  rc;
-
-	if (sqlite3_prepare_v2(c->db,
-						   "SELECT tbl_name FROM sqlite_schema WHERE type = 'trigger' AND name = "
-						   "?1 || '__sync_ins'",
-						   -1, &st, NULL) == SQLITE_OK)
-	{
-		sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
-		if (sqlite3_step(st) == SQLITE_ROW)
-			now = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
-		sqlite3_finalize(st);
-	}
-	if (now)
-	{
-		char *hint = sqlite3_mprintf(
-			"Rename it back: ALTER TABLE \"%w\" RENAME TO \"%w\". A synced table's name is its "
-			"name in payloads; to use another one, create the new table, sync_init it, copy the "
-			"rows and drop the old table (docs/MIGRATIONS.md).",
-			now, t->name);
-
-		rc = pgs_failf(err, PGS_ERR_SCHEMA, hint, "synced table \"%s\" was renamed to \"%s\"",
-					   t->name, now);
-		sqlite3_free(hint);
-		sqlite3_free(now);
-		return rc;
-	}
-	return pgs_failf(err, PGS_ERR_SCHEMA,
-					 "Create it again, or stop syncing it with sync_cleanup (docs/MIGRATIONS.md).",
-					 "synced table \"%s\" no longer exists", t->name);
-}
-
-pgs_rc
-sl_alter_resolve(db_conn *c, db_table *t, pgs_err *err)
-{
-	live_col	 *live = NULL;
-	int			  nlive = 0, exists = 0;
-	int			 *pos = NULL; /* stored cid of each synced column, -1 unknown */
-	sqlite3_stmt *st;
-	pgs_rc		  rc = PGS_OK;
-
-	if (sqlite3_prepare_v2(c->db,
-						   "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-						   -1, &st, NULL) != SQLITE_OK)
-		return sl_dberr(c, err, "could not read the schema");
-	sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
-	if (sqlite3_step(st) == SQLITE_ROW)
-		exists = sqlite3_column_int(st, 0);
-	sqlite3_finalize(st);
-	if (!exists)
-		return c->alter_lenient ? PGS_OK : table_gone(c, t, err);
-	if ((rc = live_cols(c, t->name, &live, &nlive, err)) != PGS_OK)
-		return rc;
-	sqlite3_free(t->cids);
-	t->cids = sqlite3_malloc64(sizeof(int) * (size_t) (t->ncols + 1));
-	if (!(pos = sqlite3_malloc64(sizeof(int) * (size_t) (t->ncols + 1))) || !t->cids)
-	{
-		sqlite3_free(pos);
-		free_live(live, nlive);
-		return nomem(err);
-	}
-	for (int i = 0; i < t->ncols; i++)
-		pos[i] = -1;
-	/* before the first write of a database made by an older build: no table yet */
-	if (sqlite3_prepare_v2(c->db, "SELECT idx, cid FROM sync_column_pos WHERE tbl = ?1", -1, &st,
-						   NULL) == SQLITE_OK)
-	{
-		sqlite3_bind_int64(st, 1, t->id);
-		while (sqlite3_step(st) == SQLITE_ROW)
-		{
-			int i = sqlite3_column_int(st, 0);
-
-			if (i >= 0 && i < t->ncols)
-				pos[i] = sqlite3_column_int(st, 1);
-		}
-		sqlite3_finalize(st);
-	}
-	for (int k = 0; k < t->npk && rc == PGS_OK; k++)
-		if (live_find(live, nlive, t->pk_names[k]) < 0)
-			rc = pgs_failf(err, PGS_ERR_SCHEMA,
-						   "Rename the key column back: payloads name key columns, and every "
-						   "replica must use one name (docs/MIGRATIONS.md).",
-						   "key column \"%s\" of synced table \"%s\" was renamed or removed",
-						   t->pk_names[k], t->name);
-	for (int i = 0; i < t->ncols && rc == PGS_OK; i++)
-	{
-		int at = live_find(live, nlive, t->col_names[i]);
-
-		if (at < 0)
-		{
-			/* renamed in place (SQLite keeps the position): travels under the new name */
-			for (int k = 0; k < nlive && pos[i] >= 0 && at < 0; k++)
-			{
-				bool synced = false;
-
-				for (int j = 0; j < t->ncols; j++)
-					synced |= j != i && sqlite3_stricmp(t->col_names[j], live[k].name) == 0;
-				for (int j = 0; j < t->npk; j++)
-					synced |= sqlite3_stricmp(t->pk_names[j], live[k].name) == 0;
-				if (live[k].cid == pos[i] && !synced)
-					at = k;
-			}
-			if (at < 0)
-			{
-				rc = pgs_failf(err, PGS_ERR_SCHEMA,
-							   "Restore the column; drop a synced column with sync_alter('table', "
-							   "'DROP COLUMN name') (docs/MIGRATIONS.md).",
-							   "column \"%s\" of synced table \"%s\" no longer exists",
-							   t->col_names[i], t->name);
-				break;
-			}
-			if (add_hist(t, t->col_names[i], i) != PGS_OK)
-			{
-				rc = nomem(err);
-				break;
-			}
-			sqlite3_free(t->col_names[i]);
-			sqlite3_free(t->col_q[i]);
-			t->col_names[i] = sqlite3_mprintf("%s", live[at].name);
-			t->col_q[i] = sl_quote(live[at].name);
-			if (!t->col_names[i] || !t->col_q[i])
-			{
-				rc = nomem(err);
-				break;
-			}
-			t->renames++;
-			t->alter_dirty = true;
-		}
-		if (live[at].cid != pos[i])
-			t->alter_dirty = true;
-		t->cids[i] = live[at].cid;
-	}
-	sqlite3_free(pos);
-	free_live(live, nlive);
-	if (rc != PGS_OK)
-		return c->alter_lenient ? PGS_OK : rc;
-	/* former names recorded earlier */
-	if (sqlite3_prepare_v2(c->db, "SELECT name, now FROM sync_column_history WHERE tbl = ?1", -1,
-						   &st, NULL) == SQLITE_OK)
-	{
-		sqlite3_bind_int64(st, 1, t->id);
-		while (sqlite3_step(st) == SQLITE_ROW && rc == PGS_OK)
-		{
-			const char *nm = (const char *) sqlite3_column_text(st, 0);
-			const char *now = (const char *) sqlite3_column_text(st, 1);
-			int			col = -1;
-			bool		dup = false;
-
-			for (int i = 0; now && i < t->ncols; i++)
-				if (sqlite3_stricmp(t->col_names[i], now) == 0)
-					col = i;
-			for (int h = 0; h < t->nhist; h++)
-				dup |= sqlite3_stricmp(t->hist_names[h], nm) == 0;
-			if (!dup && add_hist(t, nm, col) != PGS_OK)
-				rc = nomem(err);
-		}
-		sqlite3_finalize(st);
-	}
-	t->info.col_names = (const char *const *) t->col_names;
-	t->info.nhist = t->nhist;
-	t->info.hist_names = (const char *const *) t->hist_names;
-	t->info.hist_cols = t->hist_cols;
-	if (t->alter_dirty)
-		c->alter_dirty = true;
-	return rc;
-}
-
-static pgs_rc
-execf(db_conn *c, pgs_err *err, const char *fmt, ...)
-{
-	va_list ap;
-	char   *sql;
-	pgs_rc	rc;
-
-	va_start(ap, fmt);
-	sql = sqlite3_vmprintf(fmt, ap);
-	va_end(ap);
-	if (!sql)
-		return nomem(err);
-	rc = sl_exec(c, sql, err);
-	sqlite3_free(sql);
-	return rc;
-}
-
-pgs_rc
-sl_alter_persist(db_conn *c, pgs_err *err)
-{
-	pgs_rc rc;
-
-	sqlite3_stmt *st;
-	int			  have = 0;
-
-	if (!c->alter_dirty)
-		return PGS_OK;
-	/* made by sync_init (sl_ensure_meta); a database of an older build gets them there */
-	if (sqlite3_prepare_v2(c->db,
-						   "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN "
-						   "('sync_column_history', 'sync_column_pos')",
-						   -1, &st, NULL) == SQLITE_OK)
-	{
-		if (sqlite3_step(st) == SQLITE_ROW)
-			have = sqlite3_column_int(st, 0);
-		sqlite3_finalize(st);
-	}
-	if (have != 2)
-		return PGS_OK;
-	for (int k = 0; k < c->ntables; k++)
-	{
-		db_table *t = c->tables[k];
-		long long id = (long long) t->id;
-
-		if (!t->alter_dirty)
-			continue;
-		/* the renames found by sl_alter_resolve are the first t->renames entries */
-		for (int h = 0; h < t->renames && h < t->nhist; h++)
-		{
-			const char *old = t->hist_names[h], *now = t->col_names[t->hist_cols[h]];
-
-			if ((rc = execf(c, err,
-							"UPDATE sync_columns SET name = %Q WHERE tbl = %lld AND is_pk = 0 AND "
-							"idx = %d;"
-							"UPDATE sync_column_history SET now = %Q WHERE tbl = %lld AND now = %Q;"
-							"INSERT OR REPLACE INTO sync_column_history(tbl, name, now) "
-							"VALUES (%lld, %Q, %Q);"
-							"DELETE FROM sync_column_history WHERE tbl = %lld AND name = %Q",
-							now, id, t->hist_cols[h], now, id, old, id, old, now, id, now)) !=
-				PGS_OK)
-				return rc;
-		}
-		if ((rc = execf(c, err, "DELETE FROM sync_column_pos WHERE tbl = %lld", id)) != PGS_OK)
-			return rc;
-		for (int i = 0; i < t->ncols; i++)
-			if ((rc = execf(c, err,
-							"INSERT INTO sync_column_pos(tbl, idx, cid) VALUES (%lld, %d, %d)", id,
-							i, t->cids[i])) != PGS_OK)
-				return rc;
-		t->alter_dirty = false;
-		t->renames = 0;
-	}
-	c->alter_dirty = false;
-	return PGS_OK;
 }
 
 /* ---- sync_alter ------------------------------------------------------------ */
@@ -422,8 +90,8 @@ word(const char **p, const char *w)
 
 	while (*s == ' ' || *s == '\t' || *s == '\n')
 		s++;
-	if (sqlite3_strnicmp(s, w, (int) n) != 0 || (s[n] && s[n] != ' ' && s[n] != '\t' &&
-												 s[n] != '\n' && s[n] != '"'))
+	if (sqlite3_strnicmp(s, w, (int) n) != 0 ||
+		(s[n] && s[n] != ' ' && s[n] != '\t' && s[n] != '\n' && s[n] != '"'))
 		return false;
 	*p = s + n;
 	return true;
@@ -452,22 +120,22 @@ drop_col(db_conn *c, db_table *t, int i, const char *cmd, pgs_err *err)
 	if (!name || !tname)
 		return nomem(err);
 	/* the capture triggers name the column: SQLite refuses the drop while they exist */
-	if ((rc = execf(c, err,
-					"DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS "
-					"\"%w__sync_upd\"; DROP TRIGGER IF EXISTS \"%w__sync_del\";"
-					"ALTER TABLE \"%w\" %s;"
-					"UPDATE \"%w__sync_clock\" SET clk = sqlitesync_rowclock_drop(clk, %d, %d);"
-					"DELETE FROM sync_columns WHERE tbl = %lld AND is_pk = 0 AND idx = %d;"
-					"UPDATE sync_columns SET idx = -idx - 1 WHERE tbl = %lld AND is_pk = 0 AND "
-					"idx > %d;"
-					"UPDATE sync_columns SET idx = -idx - 2 WHERE tbl = %lld AND is_pk = 0 AND "
-					"idx < 0;"
-					"INSERT OR REPLACE INTO sync_column_history(tbl, name, now) "
-					"VALUES (%lld, %Q, NULL);"
-					"UPDATE sync_column_history SET now = NULL WHERE tbl = %lld AND now = %Q;"
-					"DELETE FROM sync_column_pos WHERE tbl = %lld",
-					tname, tname, tname, tname, cmd, tname, ncols, i, id, i, id, i, id, id, name,
-					id, name, id)) == PGS_OK)
+	if ((rc = sl_execf(c, err,
+					   "DROP TRIGGER IF EXISTS \"%w__sync_ins\"; DROP TRIGGER IF EXISTS "
+					   "\"%w__sync_upd\"; DROP TRIGGER IF EXISTS \"%w__sync_del\";"
+					   "ALTER TABLE \"%w\" %s;"
+					   "UPDATE \"%w__sync_clock\" SET clk = sqlitesync_rowclock_drop(clk, %d, %d);"
+					   "DELETE FROM sync_columns WHERE tbl = %lld AND is_pk = 0 AND idx = %d;"
+					   "UPDATE sync_columns SET idx = -idx - 1 WHERE tbl = %lld AND is_pk = 0 AND "
+					   "idx > %d;"
+					   "UPDATE sync_columns SET idx = -idx - 2 WHERE tbl = %lld AND is_pk = 0 AND "
+					   "idx < 0;"
+					   "INSERT OR REPLACE INTO sync_column_history(tbl, name, now) "
+					   "VALUES (%lld, %Q, NULL);"
+					   "UPDATE sync_column_history SET now = NULL WHERE tbl = %lld AND now = %Q;"
+					   "DELETE FROM sync_column_pos WHERE tbl = %lld",
+					   tname, tname, tname, tname, cmd, tname, ncols, i, id, i, id, i, id, id, name,
+					   id, name, id)) == PGS_OK)
 	{
 		const char *algo = t->algo == DB_ALGO_GSET ? "gset" : "cls";
 
@@ -522,10 +190,11 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (verb < 0 || strchr(cmd, ';'))
 	{
-		sqlite3_result_error(ctx,
-							 "sync_alter: pass one column change: 'ADD COLUMN name type ...', "
-							 "'DROP COLUMN name' or 'RENAME COLUMN old TO new' (docs/MIGRATIONS.md)",
-							 -1);
+		sqlite3_result_error(
+			ctx,
+			"sync_alter: pass one column change: 'ADD COLUMN name type ...', "
+			"'DROP COLUMN name' or 'RENAME COLUMN old TO new' (docs/MIGRATIONS.md)",
+			-1);
 		return;
 	}
 	if (sl_load(c, &err) != PGS_OK)
@@ -567,11 +236,11 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 							   "sync_alter: \"%s\" is a key column of \"%s\"", col, t->name);
 		if (rc == PGS_OK)
 			rc = i >= 0 ? drop_col(c, t, i, cmd, &err)
-						: execf(c, &err, "ALTER TABLE \"%w\" %s", tname, cmd);
+						: sl_execf(c, &err, "ALTER TABLE \"%w\" %s", tname, cmd);
 	}
 	else if (rc == PGS_OK)
 	{
-		rc = execf(c, &err, "ALTER TABLE \"%w\" %s", tname, cmd);
+		rc = sl_execf(c, &err, "ALTER TABLE \"%w\" %s", tname, cmd);
 		if (rc == PGS_OK && verb == 0)
 		{
 			const char *algo = t->algo == DB_ALGO_GSET ? "gset" : "cls";
@@ -581,11 +250,11 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		if (rc == PGS_OK && verb == 2)
 		{
 			/* found again by position, recorded now */
-			if ((rc = sl_load(c, &err)) == PGS_OK)
+			if ((rc = sl_reload(c, &err)) == PGS_OK)
 				rc = sl_alter_persist(c, &err);
 		}
 	}
-	if (rc == PGS_OK && (rc = sl_load(c, &err)) == PGS_OK)
+	if (rc == PGS_OK && (rc = sl_reload(c, &err)) == PGS_OK)
 		rc = sl_alter_persist(c, &err);
 	if (rc == PGS_OK && verb == 0)
 	{
@@ -606,6 +275,7 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		return;
 	}
 	sl_exec(c, "RELEASE sync_alter", &err);
+	c->ready = false; /* what it wrote is read at the next call */
 	sqlite3_result_int(ctx, 1);
 }
 

@@ -78,34 +78,37 @@ static const struct
 
 typedef struct syncer
 {
-	struct syncer  *next;
-	char		   *path;	   /* the database file, as SQLite resolved it */
-	char		   *lock_path; /* path + "-sync.lock" */
-	db_conn		   *owner;	   /* the connection that started it */
-	bg_opts			o;
-	pthread_t		thread;
-	int				refs; /* lookups in progress (under reg_mu) */
+	struct syncer *next;
+	char		  *path;	  /* the database file, as SQLite resolved it */
+	char		  *lock_path; /* path + "-sync.lock" */
+	db_conn		  *owner;	  /* the connection that started it */
+	bg_opts		   o;
+	pthread_t	   thread;
+	int			   refs; /* lookups in progress (under reg_mu) */
 	/* under mu: */
 	pthread_mutex_t mu;
 	pthread_cond_t	cv;
 	bool			stop;
-	bool			woken;	 /* a local commit: push */
-	bool			kicked;	 /* settings changed: try now */
-	int64_t			want_ver; /* highest version a local commit announced */
-	uint64_t		events;	  /* bumped when a receive applied something */
-	const char	   *state;	  /* "running" or "standby" */
+	bool			woken;		/* a local commit: push */
+	bool			kicked;		/* settings changed: try now */
+	int64_t			want_ver;	/* highest version a local commit announced */
+	uint64_t		events;		/* bumped when a receive applied something */
+	const char	   *state;		/* "running" or "standby" */
 	long			active_pid; /* the holder of the lock, while in standby */
-	sqlite3		   *db;		  /* the syncer's connection while open */
+	sqlite3		   *db;			/* the syncer's connection while open */
 	/* the thread's own: */
-	CURLM		   *multi; /* the long-poll */
-	CURLM		   *mreq;  /* every other request (so that stop aborts it) */
-	int				lock_fd;
+	CURLM *multi; /* the long-poll */
+	CURLM *mreq;  /* every other request (so that stop aborts it) */
+	int	   lock_fd;
 } syncer;
 
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t  reg_cv = PTHREAD_COND_INITIALIZER;
 static syncer		  *reg_head;
 static int			   reg_count; /* read without the lock by the commit hook (atomic) */
+/* sets the extension up on a syncer's own connection (sl_attach, given at
+ * registration: the same function for every connection of the process) */
+static int (*attach_fn)(sqlite3 *db, char **errmsg, db_conn **out);
 
 static int64_t
 mono_ms(void)
@@ -475,8 +478,7 @@ lp_start(syncer *y, sl_net *n, longpoll *lp)
 		return false;
 	if (!(path = sl_net_pull_path(n, &lp->s, y->o.wait_ms)))
 		return false;
-	if (!sl_http_prepare(lp->h, lp->err, &lp->s, path, NULL, 0, y->o.wait_ms, &lp->r, &lp->q,
-						 &msg))
+	if (!sl_http_prepare(lp->h, lp->err, &lp->s, path, NULL, 0, y->o.wait_ms, &lp->r, &lp->q, &msg))
 	{
 		sqlite3_free(path);
 		sqlite3_free(msg);
@@ -653,8 +655,8 @@ run(syncer *y, sl_net *n)
 			next_safety = now + y->o.interval_ms;
 		}
 		/* settings are read only when there is something to do (idle costs nothing) */
-		have_settings = now >= sc.next_try && ((need_push && now >= push_at) || need_pull ||
-											   !lp.active) &&
+		have_settings = now >= sc.next_try &&
+						((need_push && now >= push_at) || need_pull || !lp.active) &&
 						sl_net_load_settings(n, &s);
 		if (have_settings)
 			s.retries = 0; /* the backoff is this loop's */
@@ -826,7 +828,7 @@ bg_main(void *arg)
 	pthread_mutex_unlock(&y->mu);
 	if (sqlite3_open_v2(y->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) !=
 			SQLITE_OK ||
-		sl_attach(db, &err, &c) != SQLITE_OK || !c || !c->net)
+		!attach_fn || attach_fn(db, &err, &c) != SQLITE_OK || !c || !c->net)
 	{
 		/* recorded for sync_network_status() through the next app call: nothing
 		 * else can report from here; stopped so that status says so */
@@ -835,7 +837,8 @@ bg_main(void *arg)
 	}
 	sqlite3_busy_handler(db, busy, y);
 	if (q_int(db, "SELECT journal_mode = 'wal' FROM pragma_journal_mode", 0))
-		sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL); /* a lost commit is pulled or pushed again */
+		sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL,
+					 NULL); /* a lost commit is pulled or pushed again */
 	c->net->background = true;
 	c->net->perform = bg_perform;
 	c->net->perform_arg = y;
@@ -917,7 +920,8 @@ parse_options(sqlite3_context *ctx, sqlite3_value *v, bg_opts *o)
 			return false;
 		}
 		if (!cJSON_IsNumber(it) || it->valuedouble != (double) (int64_t) it->valuedouble ||
-			it->valuedouble < (double) opt_defs[i].min || it->valuedouble > (double) opt_defs[i].max)
+			it->valuedouble < (double) opt_defs[i].min ||
+			it->valuedouble > (double) opt_defs[i].max)
 		{
 			m = sqlite3_mprintf("sync_network_start: option \"%s\" must be an integer from %lld "
 								"to %lld (default %lld)",
@@ -1115,7 +1119,7 @@ sl_background_committed(db_conn *c, int64_t ver)
 	release(y);
 }
 
-void
+static void
 sl_background_kick(sl_net *n)
 {
 	syncer *y = __atomic_load_n(&reg_count, __ATOMIC_SEQ_CST) ? find(db_path(n->db)) : NULL;
@@ -1160,10 +1164,11 @@ events_mark(sl_net *n)
 	sqlite3_stmt *st;
 	char		 *m = NULL;
 
-	if (sqlite3_prepare_v2(n->db,
-						   "SELECT coalesce((SELECT max(seq) FROM sync_network_changes), '') || ':' "
-						   "|| coalesce((SELECT value FROM sync_network WHERE key = 'recv_cursor'), '')",
-						   -1, &st, NULL) != SQLITE_OK &&
+	if (sqlite3_prepare_v2(
+			n->db,
+			"SELECT coalesce((SELECT max(seq) FROM sync_network_changes), '') || ':' "
+			"|| coalesce((SELECT value FROM sync_network WHERE key = 'recv_cursor'), '')",
+			-1, &st, NULL) != SQLITE_OK &&
 		sqlite3_prepare_v2(n->db, "SELECT value FROM sync_network WHERE key = 'recv_cursor'", -1,
 						   &st, NULL) != SQLITE_OK)
 		return NULL;
@@ -1173,7 +1178,7 @@ events_mark(sl_net *n)
 	return m;
 }
 
-int
+static int
 sl_background_wait(sl_net *n, int64_t timeout_ms)
 {
 	const char *path = db_path(n->db);
@@ -1233,7 +1238,7 @@ sl_background_wait(sl_net *n, int64_t timeout_ms)
 	return -1;
 }
 
-const char *
+static const char *
 sl_background_state(sl_net *n, long *pid)
 {
 	const char *path = db_path(n->db);
@@ -1256,21 +1261,29 @@ sl_background_state(sl_net *n, long *pid)
 	return "stopped";
 }
 
+static const sl_bg_ops ops = {
+	.wait = sl_background_wait,
+	.state = sl_background_state,
+	.kick = sl_background_kick,
+};
+
 int
-sl_background_register(sqlite3 *db, db_conn *c, sl_net *n)
+sl_background_register(sqlite3 *db, db_conn *c, sl_net *n,
+					   int (*attach)(sqlite3 *db, char **errmsg, db_conn **out))
 {
 	int rc;
 
 	(void) c;
-	rc = sqlite3_create_function_v2(db, "sync_network_start", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY,
-									n, sync_network_start, NULL, NULL, NULL);
+	attach_fn = attach;
+	n->bg = &ops;
+	rc = sqlite3_create_function_v2(db, "sync_network_start", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY, n,
+									sync_network_start, NULL, NULL, NULL);
 	if (rc == SQLITE_OK)
-		rc = sqlite3_create_function_v2(db, "sync_network_start", 1,
-										SQLITE_UTF8 | SQLITE_DIRECTONLY, n, sync_network_start,
-										NULL, NULL, NULL);
+		rc =
+			sqlite3_create_function_v2(db, "sync_network_start", 1, SQLITE_UTF8 | SQLITE_DIRECTONLY,
+									   n, sync_network_start, NULL, NULL, NULL);
 	if (rc == SQLITE_OK)
-		rc = sqlite3_create_function_v2(db, "sync_network_stop", 0,
-										SQLITE_UTF8 | SQLITE_DIRECTONLY, n, sync_network_stop, NULL,
-										NULL, NULL);
+		rc = sqlite3_create_function_v2(db, "sync_network_stop", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY,
+										n, sync_network_stop, NULL, NULL, NULL);
 	return rc;
 }

@@ -181,10 +181,10 @@ local_edit(db_conn *c, db_table *t, const pgs_value *pk, pgs_local_op op, sqlite
 pgs_rc
 sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 {
-	pgs_value	   pk[64];
-	pgs_value	  *pkv = t->npk <= 64 ? pk : sqlite3_malloc64(sizeof(pgs_value) * t->npk);
-	int64_t		   ver;
-	pgs_rc		   r;
+	pgs_value  pk[64];
+	pgs_value *pkv = t->npk <= 64 ? pk : sqlite3_malloc64(sizeof(pgs_value) * t->npk);
+	int64_t	   ver;
+	pgs_rc	   r;
 
 	if (!pkv)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);

@@ -81,7 +81,8 @@ sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind)
 	if (!c->applying || c->ev_keep == 0 || !c->ev_ready)
 		return;
 	if (!c->st_event &&
-		sqlite3_prepare_v3(c->db, "INSERT INTO sync_network_changes(tbl, pk, kind) VALUES (?1, ?2, ?3)",
+		sqlite3_prepare_v3(c->db,
+						   "INSERT INTO sync_network_changes(tbl, pk, kind) VALUES (?1, ?2, ?3)",
 						   -1, SQLITE_PREPARE_PERSISTENT, &c->st_event, NULL) != SQLITE_OK)
 		return;
 	if (!(json = sl_pk_json(t, pk)))
@@ -121,11 +122,12 @@ sl_events_end(db_conn *c, pgs_err *err)
 
 	if (!c->ev_any)
 		return PGS_OK;
-	if (sqlite3_prepare_v2(c->db,
-						   "INSERT INTO sync_network_counters(tbl, changes, seq) VALUES (?1, ?2, ?3) "
-						   "ON CONFLICT(tbl) DO UPDATE SET changes = changes + excluded.changes, "
-						   "seq = excluded.seq",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(
+			c->db,
+			"INSERT INTO sync_network_counters(tbl, changes, seq) VALUES (?1, ?2, ?3) "
+			"ON CONFLICT(tbl) DO UPDATE SET changes = changes + excluded.changes, "
+			"seq = excluded.seq",
+			-1, &st, NULL) != SQLITE_OK)
 		return sl_dberr(c, err, "could not count change events");
 	for (int i = 0; i < c->ntables && rc == PGS_OK; i++)
 	{
@@ -309,7 +311,8 @@ pend_filter(sqlite3_vtab_cursor *cur, int idx, const char *s, int argc, sqlite3_
 
 				if (pc->n == cap)
 				{
-					pend_row *g = sqlite3_realloc64(pc->rows, sizeof *g * (size_t) (cap ? cap * 2 : 16));
+					pend_row *g =
+						sqlite3_realloc64(pc->rows, sizeof *g * (size_t) (cap ? cap * 2 : 16));
 
 					if (!g)
 					{

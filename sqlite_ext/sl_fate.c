@@ -112,77 +112,6 @@ where_pk(const db_table *t, int first)
 	return w;
 }
 
-/* ---- keys as JSON (the form sync_network_rejected shows) ---- */
-
-char *
-sl_pk_json(const db_table *t, const pgs_value *pk)
-{
-	cJSON *o = cJSON_CreateObject();
-	char  *text, *out = NULL;
-
-	for (int i = 0; o && i < t->npk; i++)
-	{
-		const pgs_value *v = &pk[i];
-		cJSON			*j = NULL;
-
-		switch (v->type)
-		{
-			case PGS_INT:
-				j = cJSON_CreateNumber((double) v->v.i);
-				if (j && (v->v.i > (INT64_C(1) << 53) || v->v.i < -(INT64_C(1) << 53)))
-				{
-					/* beyond a double: the exact digits */
-					char num[24];
-
-					cJSON_Delete(j);
-					snprintf(num, sizeof num, "%lld", (long long) v->v.i);
-					j = cJSON_CreateRaw(num);
-				}
-				break;
-			case PGS_REAL:
-				j = cJSON_CreateNumber(v->v.r);
-				break;
-			case PGS_TEXT:
-			{
-				char *s = sqlite3_mprintf("%.*s", (int) v->len, (const char *) v->v.p);
-
-				j = cJSON_CreateString(s ? s : "");
-				sqlite3_free(s);
-				break;
-			}
-			case PGS_BLOB:
-			{
-				static const char hex[] = "0123456789abcdef";
-				char			 *s = sqlite3_malloc64((size_t) v->len * 2 + 3);
-
-				if (s)
-				{
-					s[0] = '\\';
-					s[1] = 'x';
-					for (uint32_t k = 0; k < v->len; k++)
-					{
-						s[2 + 2 * k] = hex[v->v.p[k] >> 4];
-						s[3 + 2 * k] = hex[v->v.p[k] & 15];
-					}
-					s[2 + 2 * (size_t) v->len] = '\0';
-					j = cJSON_CreateString(s);
-					sqlite3_free(s);
-				}
-				break;
-			}
-			default:
-				j = cJSON_CreateNull();
-		}
-		cJSON_AddItemToObject(o, t->pk_names[i], j);
-	}
-	text = o ? cJSON_PrintUnformatted(o) : NULL;
-	if (text)
-		out = sqlite3_mprintf("%s", text);
-	cJSON_free(text);
-	cJSON_Delete(o);
-	return out;
-}
-
 /* ---- rejections and held changes ---- */
 
 static bool
@@ -275,13 +204,14 @@ db_held_put(db_conn *c, pgs_name table, pgs_name key, const char *code, const ch
 	pgs_rc		   rc;
 	char		   now[32];
 
-	rc = sl_prepare(c, stp,
-					frag ? "INSERT INTO sync_held(tbl, k, code, message, frag, first_at, last_at) "
-						   "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT(tbl, k) DO UPDATE SET "
-						   "code = excluded.code, message = excluded.message, frag = excluded.frag, "
-						   "last_at = excluded.last_at, attempts = attempts + 1"
-						 : "DELETE FROM sync_held WHERE tbl = ?1 AND k = ?2",
-					err);
+	rc =
+		sl_prepare(c, stp,
+				   frag ? "INSERT INTO sync_held(tbl, k, code, message, frag, first_at, last_at) "
+						  "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT(tbl, k) DO UPDATE SET "
+						  "code = excluded.code, message = excluded.message, frag = excluded.frag, "
+						  "last_at = excluded.last_at, attempts = attempts + 1"
+						: "DELETE FROM sync_held WHERE tbl = ?1 AND k = ?2",
+				   err);
 	if (rc != PGS_OK)
 		return rc;
 	now_iso(now);
@@ -369,11 +299,11 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 			(*applied)++;
 			if (rc == PGS_OK && table_exists(c, "sync_network_rejected"))
 			{
-				char	   *tn = sqlite3_mprintf("%.*s", (int) f[0].len, (const char *) f[0].p);
-				db_table   *t = tn ? sl_table_by_name(c, tn) : NULL;
-				pgs_value	pk[64];
+				char		  *tn = sqlite3_mprintf("%.*s", (int) f[0].len, (const char *) f[0].p);
+				db_table	  *t = tn ? sl_table_by_name(c, tn) : NULL;
+				pgs_value	   pk[64];
 				const uint8_t *q = f[1].p, *qe = f[1].p + f[1].len;
-				bool		ok = t && t->npk <= 64;
+				bool		   ok = t && t->npk <= 64;
 
 				for (int i = 0; ok && i < t->npk; i++)
 				{
@@ -581,8 +511,8 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 	{
 		case DB_SNAP_BEGIN:
 		{
-			char   *sql = sqlite3_mprintf("SELECT EXISTS (SELECT 1 FROM %s WHERE cl %% 2 = 1)",
-											t->qclock);
+			char *sql =
+				sqlite3_mprintf("SELECT EXISTS (SELECT 1 FROM %s WHERE cl %% 2 = 1)", t->qclock);
 			int64_t tracking = sql ? query_int(c, sql, 0, 1) : 1;
 
 			sqlite3_free(sql);
@@ -624,19 +554,19 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 		}
 		case DB_SNAP_END:
 		{
-			int64_t		  tracking =
+			int64_t tracking =
 				query_int(c, "SELECT tracking FROM sync_snapshots WHERE tbl = ?1", t->id, -1);
 			db_cursor	 *cur;
 			pgs_buf		  gone;
 			sqlite3_stmt *seen = NULL;
 
-			int64_t		  protect = c->protect_ver;
+			int64_t protect = c->protect_ver;
 
 			if (tracking == 1 && protect != INT64_MAX && table_exists(c, "sync_snapshot_begin"))
 			{
 				int64_t begun =
-					query_int(c, "SELECT send_cursor FROM sync_snapshot_begin WHERE tbl = ?1", t->id,
-							  INT64_MAX);
+					query_int(c, "SELECT send_cursor FROM sync_snapshot_begin WHERE tbl = ?1",
+							  t->id, INT64_MAX);
 
 				if (begun < c->protect_ver)
 					c->protect_ver = begun; /* rows pushed since the snapshot began are kept */
@@ -703,8 +633,8 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 							   0, -1)) != PGS_OK)
 				return rc;
 			if (table_exists(c, "sync_snapshot_begin") &&
-				(rc = snap_sql(c, err, "DELETE FROM sync_snapshot_begin WHERE tbl = ?1", t->id, NULL,
-							   0, -1)) != PGS_OK)
+				(rc = snap_sql(c, err, "DELETE FROM sync_snapshot_begin WHERE tbl = ?1", t->id,
+							   NULL, 0, -1)) != PGS_OK)
 				return rc;
 			return snap_sql(c, err, "DELETE FROM sync_snapshots WHERE tbl = ?1", t->id, NULL, 0,
 							-1);
@@ -820,7 +750,7 @@ sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char *
 		ok = false;
 	for (int pass = 0; ok && pass < 2; pass++)
 	{
-		bool any_hex = false, found;
+		bool		   any_hex = false, found;
 		int64_t		   cl;
 		const uint8_t *b;
 		size_t		   bl;
@@ -858,13 +788,13 @@ sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char *
 
 						o[(k - 2) / 2] = (uint8_t) strtoul(h, NULL, 16);
 					}
-					pk[i] = (pgs_value){.type = PGS_BLOB, .len = (uint32_t) (n - 2) / 2,
-										.v.p = o};
+					pk[i] = (pgs_value){.type = PGS_BLOB, .len = (uint32_t) (n - 2) / 2, .v.p = o};
 				}
 				else
 				{
 					memcpy(*store + off, sv, n + 1);
-					pk[i] = (pgs_value){.type = PGS_TEXT, .len = (uint32_t) n,
+					pk[i] = (pgs_value){.type = PGS_TEXT,
+										.len = (uint32_t) n,
 										.v.p = (const uint8_t *) *store + off};
 				}
 				off += n + 1;
@@ -928,8 +858,8 @@ db_row_read(db_conn *c, db_table *t, const pgs_value *pk, bool *visible, int64_t
 
 		for (int i = 0; i < t->npk && on && wk; i++)
 		{
-			char *x = sqlite3_mprintf("%s%sc.%s = t.%s", on, i ? " AND " : "", t->pk_q[i],
-									  t->pk_q[i]);
+			char *x =
+				sqlite3_mprintf("%s%sc.%s = t.%s", on, i ? " AND " : "", t->pk_q[i], t->pk_q[i]);
 			char *y = sqlite3_mprintf("%s%sc.%s = ?%d", wk, i ? " AND " : "", t->pk_q[i], i + 1);
 
 			sqlite3_free(on);

@@ -108,8 +108,7 @@ on_header(char *p, size_t size, size_t nmemb, void *ud)
 		r->more = strcmp(v, "1") == 0;
 	else if (header_value(p, n, "Retry-After", v, sizeof v))
 		r->retry_after = strtol(v, NULL, 10);
-	else if (header_value(p, n, "X-Pgsync-Rows-Total", v, sizeof v) && v[0] >= '0' &&
-			 v[0] <= '9')
+	else if (header_value(p, n, "X-Pgsync-Rows-Total", v, sizeof v) && v[0] >= '0' && v[0] <= '9')
 		r->rows_total = strtoll(v, NULL, 10);
 	return n;
 }
@@ -167,8 +166,8 @@ backoff(const sl_net_settings *s, int attempt, long retry_after_s)
  * would silently weaken TLS).
  */
 static CURLcode
-set_options(CURL *c, char *errbuf, const sl_net_settings *s, const char *url,
-			struct curl_slist *h, const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r)
+set_options(CURL *c, char *errbuf, const sl_net_settings *s, const char *url, struct curl_slist *h,
+			const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r)
 {
 	CURLcode rc = CURLE_OK;
 

@@ -73,8 +73,8 @@ struct db_table
 	int	   nhist; /* former column names: hist_names[i] is column hist_cols[i] (-1 dropped) */
 	char **hist_names;
 	int	  *hist_cols;
-	int	  *cids;	   /* the SQLite column id of each synced column */
-	int	   renames;	   /* renames found at load, the first entries of hist */
+	int	  *cids;		/* the SQLite column id of each synced column */
+	int	   renames;		/* renames found at load, the first entries of hist */
 	bool   alter_dirty; /* positions or renames to record at the next write */
 	/* change log (sl_log.c): 0 not looked at yet, 1 legacy layout (pulls scan
 	 * the clock table), 2 indexed clock table with bulk markers */
@@ -89,8 +89,8 @@ struct db_table
 	pgs_buf		  pull_lobuf;
 	int64_t		  gc_floor; /* largest cl collected here (sl_gc.c); lives start above it */
 	/* change events of the running apply (sl_events.c) */
-	int64_t		  ev_count;
-	int64_t		  ev_seq;
+	int64_t ev_count;
+	int64_t ev_seq;
 };
 
 struct db_conn
@@ -98,11 +98,11 @@ struct db_conn
 	sqlite3	  *db;
 	bool	   ready; /* metadata tables exist and are loaded */
 	uint8_t	   site[16];
-	bool	   applying; /* writes come from sync_apply_payload */
-	bool	   pending;	 /* batched rows wait in some table */
-	bool	   flushing; /* row-by-row retry of a failed batch */
-	int64_t	   txn_ver;	 /* version of the open write txn, 0 = none */
-	uint64_t   hlc;		 /* last stamp issued in this txn */
+	bool	   applying;	  /* writes come from sync_apply_payload */
+	bool	   pending;		  /* batched rows wait in some table */
+	bool	   flushing;	  /* row-by-row retry of a failed batch */
+	int64_t	   txn_ver;		  /* version of the open write txn, 0 = none */
+	uint64_t   hlc;			  /* last stamp issued in this txn */
 	bool	   clock_suspect; /* the persisted HLC was past the format's range at load */
 	bool	   alter_dirty;	  /* some table has schema changes to record (sl_alter.c) */
 	bool	   alter_lenient; /* loading for sync_cleanup: a changed table is no error */
@@ -114,7 +114,9 @@ struct db_conn
 	sqlite3_stmt *st_ver_get;
 	sqlite3_stmt *st_ver_bump;
 	sqlite3_stmt *st_site_add;
-	pgs_buf		  clockbuf; /* copy of the last clock blob read */
+	sqlite3_stmt *st_loaded;	/* what sl_load's cache is checked against */
+	int64_t		  loaded_fp[3]; /* schema cookie, data_version, sites, at the last load */
+	pgs_buf		  clockbuf;		/* copy of the last clock blob read */
 	pgs_buf		  scratch;
 	pgs_stamp	 *stamps;
 	int			  stamps_cap;
@@ -166,7 +168,9 @@ int sl_attach(sqlite3 *db, char **errmsg, db_conn **out);
 /* sl_database.c */
 pgs_rc	  sl_flush(db_conn *c, pgs_err *err); /* write batched rows */
 void	  sl_discard(db_conn *c);			  /* drop batched rows (apply failed) */
-int		  sl_load(db_conn *c, pgs_err *err);  /* (re)load metadata if present */
+int		  sl_load(db_conn *c, pgs_err *err);  /* (re)load metadata if present and changed */
+int		  sl_reload(db_conn *c,
+					pgs_err *err); /* load again: after this connection's own metadata writes */
 void	  sl_unload_tables(db_conn *c);
 db_table *sl_table_by_id(db_conn *c, int64_t id, pgs_err *err);
 db_table *sl_table_by_name(db_conn *c, const char *name);
@@ -175,7 +179,9 @@ pgs_rc	  sl_dberr(db_conn *c, pgs_err *err, const char *what);
 void	  sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v);
 void	  sl_column_value(sqlite3_stmt *st, int i, pgs_value *v);
 pgs_rc	  sl_exec(db_conn *c, const char *sql, pgs_err *err);
-char	 *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
+/* sl_execf: sl_exec of a sqlite3_mprintf format (%Q, %w, ...). */
+pgs_rc sl_execf(db_conn *c, pgs_err *err, const char *fmt, ...);
+char  *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
 
 /* sl_alter.c */
 extern const char *sl_alter_meta_sql;
@@ -222,9 +228,9 @@ extern const char sl_fate_meta_sql[];
 pgs_rc			  sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err);
 void			  sl_protect_load(db_conn *c);
 char			 *sl_pk_json(const db_table *t, const pgs_value *pk); /* sqlite3_malloc'd */
-bool	sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char **store);
-pgs_rc	sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err *err);
-pgs_rc	sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
+bool   sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char **store);
+pgs_rc sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err *err);
+pgs_rc sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
 /* sl_row_error: a failed row write: PGS_ERR_ROW (careful) or PGS_ERR_CAREFUL,
  * with err->code the closest SQLSTATE; any other error is the engine's. */
 pgs_rc sl_row_error(db_conn *c, pgs_err *err, const char *what);

@@ -267,31 +267,6 @@ copy_key(pgs_buf *buf, pgs_value **dst, const pgs_value *src, int n, pgs_err *er
 	return PGS_OK;
 }
 
-/* ---- versions ---- */
-
-/*
- * sl_log_version: the transaction's version is valid given seq, the value of
- * sync_state.seq the trigger read. Equal to ours: nothing we wrote to
- * sync_state was undone, so neither were our version bump and markers.
- * Otherwise (a savepoint rolled back, or another connection wrote since our
- * last transaction, when the application replaced our commit hook) check the
- * version and forget what we knew about markers.
- */
-pgs_rc
-sl_log_version(db_conn *c, int64_t seq, pgs_err *err)
-{
-	int64_t ver, mine = c->seq;
-
-	if (c->txn_ver && seq == c->seq)
-		return PGS_OK;
-	sl_log_reset(c);
-	if (sl_txn_version(c, c->txn_ver != 0, &ver, err) != PGS_OK)
-		return err->rc;
-	if (c->seq == mine)
-		c->seq = seq; /* no new version was needed: what was undone was a marker */
-	return PGS_OK;
-}
-
 /* sl_log_load: after (re)loading metadata, what sync_state looks like. */
 void
 sl_log_load(db_conn *c)

@@ -62,8 +62,8 @@ exec(sl_net *n, const char *sql)
 		/* once per connection (a background syncer reads its settings often);
 		 * the app dropping the tables later is not something we survive */
 		if (!n->meta_ready)
-			n->meta_ready = sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK &&
-							sl_rejected_meta(n->db);
+			n->meta_ready =
+				sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
 		return n->meta_ready;
 	}
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
@@ -253,7 +253,6 @@ query_int(sl_net *n, const char *sql, int64_t *out)
 	return ok;
 }
 
-
 static char *
 now_iso(void)
 {
@@ -344,7 +343,7 @@ typedef struct progress
 	const char *phase;
 	int64_t		rows_done;
 	int64_t		bytes_done;
-	int64_t		rows_total; /* -1 = unknown */
+	int64_t		rows_total;	 /* -1 = unknown */
 	int64_t		bytes_total; /* -1 = unknown */
 	char		started_at[32];
 } progress;
@@ -567,9 +566,9 @@ do_send(sl_net *n, sl_net_settings *s, char **msg)
 /* What a receive did, in rows and in columns (docs/CLIENT.md, "Counts"). */
 typedef struct recv_totals
 {
-	int64_t	 rows;		  /* row groups received */
+	int64_t	 rows; /* row groups received */
 	int64_t	 inserted, updated, deleted, moved_out;
-	int64_t	 columns;	  /* winning column changes + row-life changes (the old "applied") */
+	int64_t	 columns; /* winning column changes + row-life changes (the old "applied") */
 	progress pr;
 } recv_totals;
 
@@ -962,7 +961,8 @@ sync_network_set_token(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
 		return;
 	}
-	sl_background_kick(n); /* a syncer waiting for a new token tries at once */
+	if (n->bg)
+		n->bg->kick(n); /* a syncer waiting for a new token tries at once */
 	sqlite3_result_int(ctx, 1);
 }
 
@@ -1044,7 +1044,8 @@ sync_network_sync(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 			kv_set(n, "last_error", full);
 			sqlite3_free(full);
 		}
-		result_json(ctx, sqlite3_mprintf("{\"send\":%s,\"receive\":%s}", sent ? sent : "null", recv));
+		result_json(ctx,
+					sqlite3_mprintf("{\"send\":%s,\"receive\":%s}", sent ? sent : "null", recv));
 		sqlite3_free(recv);
 	}
 	sqlite3_free(sent);
@@ -1087,7 +1088,7 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	if (!need_settings(ctx, n, "sync_network_wait", &s))
 		return;
-	if ((w = sl_background_wait(n, timeout)) >= 0)
+	if ((w = n->bg ? n->bg->wait(n, timeout) : -1) >= 0)
 	{
 		sqlite3_result_text(ctx, w ? "changes" : "timeout", -1, SQLITE_STATIC);
 		free_settings(&s);
@@ -1145,45 +1146,6 @@ sync_network_wait(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	free_settings(&s);
 }
 
-/* b64url_decode: base64url (no padding) into out (len <= cap); bytes written or -1. */
-static int
-b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap)
-{
-	uint32_t acc = 0;
-	int		 bits = 0;
-	size_t	 k = 0;
-
-	for (size_t i = 0; i < n; i++)
-	{
-		int c = in[i], v;
-
-		if (c >= 'A' && c <= 'Z')
-			v = c - 'A';
-		else if (c >= 'a' && c <= 'z')
-			v = c - 'a' + 26;
-		else if (c >= '0' && c <= '9')
-			v = c - '0' + 52;
-		else if (c == '-' || c == '+')
-			v = 62;
-		else if (c == '_' || c == '/')
-			v = 63;
-		else if (c == '=')
-			break;
-		else
-			return -1;
-		acc = (acc << 6) | (uint32_t) v;
-		bits += 6;
-		if (bits >= 8)
-		{
-			bits -= 8;
-			if (k >= cap)
-				return -1;
-			out[k++] = (uint8_t) (acc >> bits);
-		}
-	}
-	return (int) k;
-}
-
 /*
  * sl_jwt_exp: the exp claim of a JWT (seconds since 1970), 0 when the
  * token is not a JWT or has none. The signature is not checked: this is for
@@ -1194,12 +1156,12 @@ sl_jwt_exp(const char *token)
 {
 	const char *a = token ? strchr(token, '.') : NULL, *b = a ? strchr(a + 1, '.') : NULL;
 	uint8_t		buf[4096];
-	int			len;
+	long		len;
 	cJSON	   *j, *exp;
 	int64_t		r = 0;
 
 	if (!b || (size_t) (b - a - 1) > sizeof buf * 4 / 3 ||
-		(len = b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf)) <= 0)
+		(len = pgs_b64url_decode(a + 1, (size_t) (b - a - 1), buf, sizeof buf)) <= 0)
 		return 0;
 	j = cJSON_ParseWithLength((const char *) buf, (size_t) len);
 	exp = cJSON_GetObjectItemCaseSensitive(j, "exp");
@@ -1305,14 +1267,14 @@ sync_network_status(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		query_int(n, "SELECT count(*) FROM sync_network_rejected WHERE origin = 'server'", &x)
 			? (double) x
 			: 0);
-	cJSON_AddNumberToObject(
-		j, "held", query_int(n, "SELECT count(*) FROM sync_held", &x) ? (double) x : 0);
+	cJSON_AddNumberToObject(j, "held",
+							query_int(n, "SELECT count(*) FROM sync_held", &x) ? (double) x : 0);
 	cJSON_AddBoolToObject(j, "has_token", s.token != NULL);
 	if ((exp = sl_jwt_exp(s.token)) > 0)
 		add_time(j, "token_expires_at", exp);
 	else
 		cJSON_AddNullToObject(j, "token_expires_at");
-	state = sl_background_state(n, &pid);
+	state = n->bg ? n->bg->state(n, &pid) : "stopped";
 	{
 		cJSON *bg = cJSON_AddObjectToObject(j, "background");
 
@@ -1399,5 +1361,5 @@ sl_network_register(sqlite3 *db, db_conn *c)
 		}
 	}
 	c->net = n;
-	return sl_background_register(db, c, n);
+	return SQLITE_OK;
 }

@@ -33,21 +33,35 @@ int sl_network_register(sqlite3 *db, db_conn *c);
  * errors"); perform, when set (the background syncer's connection), runs a
  * transfer so that a stop can abort it.
  */
+/*
+ * What the network client asks of the background syncer (sl_background.c),
+ * given by whoever starts both (sqlitesync.c): the syncer sits above the
+ * client (it runs its sends and receives) and the client never calls it by
+ * name. NULL until the syncer's functions are registered.
+ */
+typedef struct sl_bg_ops
+{
+	int (*wait)(struct sl_net *n, int64_t timeout_ms); /* 1 events, 0 timeout, -1 none */
+	const char *(*state)(struct sl_net *n, long *pid); /* "running", "standby", "stopped" */
+	void (*kick)(struct sl_net *n);					   /* settings changed: sync now */
+} sl_bg_ops;
+
 typedef struct sl_net
 {
-	sqlite3 *db;
-	db_conn *c;
-	CURL	*curl;
-	char	 curl_err[CURL_ERROR_SIZE];
-	bool	 unavailable; /* the last call failed: offline, or the server busy or down */
-	const char *err_code; /* static string, NULL = no classified failure */
+	sqlite3	   *db;
+	db_conn	   *c;
+	CURL	   *curl;
+	char		curl_err[CURL_ERROR_SIZE];
+	bool		unavailable; /* the last call failed: offline, or the server busy or down */
+	const char *err_code;	 /* static string, NULL = no classified failure */
 	long		err_status;
 	CURLcode (*perform)(void *arg, CURL *c);
-	void	   *perform_arg;
-	int64_t		chunk_rows;	 /* rows per pulled chunk (0: the server's pull_max_rows) */
-	bool		background;	 /* the syncer's own connection */
-	bool		meta_ready;	 /* sync_network and its companions exist */
-	char		site[40];	 /* sync_site_id(), once known */
+	void			*perform_arg;
+	int64_t			 chunk_rows; /* rows per pulled chunk (0: the server's pull_max_rows) */
+	bool			 background; /* the syncer's own connection */
+	bool			 meta_ready; /* sync_network and its companions exist */
+	char			 site[40];	 /* sync_site_id(), once known */
+	const sl_bg_ops *bg;		 /* the background syncer's side, or NULL */
 } sl_net;
 
 /* The sync_network table, read at the start of each call. */
@@ -105,8 +119,8 @@ void sl_http_resp_free(sl_net_resp *r);
 bool sl_http_prepare(CURL *c, char *errbuf, const sl_net_settings *s, const char *path,
 					 const uint8_t *body, size_t len, int64_t wait_ms, sl_net_resp *r,
 					 sl_http_req *q, char **msg);
-bool sl_http_outcome(sl_net *n, CURL *c, const char *errbuf, const sl_net_settings *s,
-					 CURLcode rc, sl_net_resp *r, bool *transient, char **msg);
+bool sl_http_outcome(sl_net *n, CURL *c, const char *errbuf, const sl_net_settings *s, CURLcode rc,
+					 sl_net_resp *r, bool *transient, char **msg);
 void sl_http_req_free(sl_http_req *q);
 
 /* ---- sl_network.c, for sl_background.c ---- */
@@ -117,36 +131,33 @@ char *sl_net_kv_text(sl_net *n, const char *key); /* sqlite3_free it */
 /* sl_net_send / sl_net_receive: one push / every chunk of a pull; JSON
  * summary (sqlite3_malloc) or NULL + *msg, the failure recorded for status.
  * first: an answer to GET /v1/pull already fetched (the long-poll), or NULL. */
-char *sl_net_send(sl_net *n, sl_net_settings *s, char **msg);
-char *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
-					 int64_t *npayloads, char **msg);
-void  sl_net_record_error(sl_net *n, const char *fn, const char *msg);
-char *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms); /* sqlite3_free */
+char   *sl_net_send(sl_net *n, sl_net_settings *s, char **msg);
+char   *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
+					   int64_t *npayloads, char **msg);
+void	sl_net_record_error(sl_net *n, const char *fn, const char *msg);
+char   *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms); /* sqlite3_free */
 int64_t sl_jwt_exp(const char *token); /* the token's exp claim, 0 when none */
 
 /* ---- sl_background.c ---- */
 
-int	 sl_background_register(sqlite3 *db, db_conn *c, sl_net *n);
+/* sl_background_register adds sync_network_start/stop to db, and gives n
+ * the syncer's side (n->bg); attach sets the extension up on the syncer's
+ * own connection (sl_attach: the entry point's, passed down). */
+int	 sl_background_register(sqlite3 *db, db_conn *c, sl_net *n,
+							int (*attach)(sqlite3 *db, char **errmsg, db_conn **out));
 void sl_background_closing(db_conn *c); /* the connection closes: stop what it started */
 void sl_background_committed(db_conn *c, int64_t ver); /* commit hook: wake the syncer */
-/* sl_background_wait: wait (up to timeout_ms) for the syncer of n's file to
- * record change events; 1 = events, 0 = timeout, -1 = no syncer runs. */
-int sl_background_wait(sl_net *n, int64_t timeout_ms);
-/* sl_background_state: "running", "standby" or "stopped" for n's file, and
- * the pid that runs it (0 if unknown). */
-const char *sl_background_state(sl_net *n, long *pid);
-void		sl_background_kick(sl_net *n); /* settings changed: wake the syncer now */
 
 /* ---- sl_events.c ---- */
 
-int	 sl_pending_register(sqlite3 *db, db_conn *c);
+int sl_pending_register(sqlite3 *db, db_conn *c);
 
 /* ---- sl_rejected.c: rejections, retry, discard, rows fetched whole ---- */
 
 bool sl_rejected_meta(sqlite3 *db);
 bool sl_rejected_before_send(sl_net *n, int64_t send_cursor);
-bool sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor,
-							int64_t until, int64_t *nrej, bool *again);
+bool sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int64_t until,
+							int64_t *nrej, bool *again);
 bool sl_rejected_after_receive(sl_net *n);
 bool sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg);
 void sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv);

@@ -51,8 +51,9 @@ sl_rejected_meta(sqlite3 *db)
 	sqlite3_stmt *st;
 	bool		  old = false;
 
-	if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info('sync_network_rejected') WHERE name = 'at'",
-						   -1, &st, NULL) == SQLITE_OK)
+	if (sqlite3_prepare_v2(
+			db, "SELECT 1 FROM pragma_table_info('sync_network_rejected') WHERE name = 'at'", -1,
+			&st, NULL) == SQLITE_OK)
 	{
 		old = sqlite3_step(st) == SQLITE_ROW;
 		sqlite3_finalize(st);
@@ -328,8 +329,9 @@ sl_rejected_before_send(sl_net *n, int64_t send_cursor)
 	int			  nrows = 0;
 	bool		  ok = true;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(n->db,
+						   "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'", -1,
+						   &st, NULL) != SQLITE_OK)
 		return true;
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
@@ -389,8 +391,8 @@ settle(sl_net *n, const char *origin, keep_fn keep, void *arg)
 	int			  ngone = 0;
 	bool		  ok = true;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = ?1",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = ?1", -1,
+						   &st, NULL) != SQLITE_OK)
 		return true; /* no list yet */
 	sqlite3_bind_text(st, 1, origin, -1, SQLITE_STATIC);
 	while (sqlite3_step(st) == SQLITE_ROW)
@@ -491,13 +493,14 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 	*nrej = 0;
 	*again = false;
 	now_iso(now);
-	if (sqlite3_prepare_v2(n->db,
-						   "INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
-						   "first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'server', ?3, ?4, "
-						   "?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
-						   "excluded.code, message = excluded.message, last_attempt = "
-						   "excluded.last_attempt, attempts = attempts + 1 RETURNING attempts",
-						   -1, &up, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(
+			n->db,
+			"INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
+			"first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'server', ?3, ?4, "
+			"?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
+			"excluded.code, message = excluded.message, last_attempt = "
+			"excluded.last_attempt, attempts = attempts + 1 RETURNING attempts",
+			-1, &up, NULL) != SQLITE_OK)
 		return false;
 	cJSON_ArrayForEach(it, rejected)
 	{
@@ -595,8 +598,8 @@ sl_rejected_after_receive(sl_net *n)
 	ok = sl_apply_held(n->c, NULL, &applied, &err) == PGS_OK;
 	if (ok)
 		cursor_follow(n, v0);
-	if (ok && sqlite3_prepare_v2(n->db, "SELECT tbl, k FROM sync_held WHERE code = 'PS001'", -1, &st,
-								 NULL) == SQLITE_OK)
+	if (ok && sqlite3_prepare_v2(n->db, "SELECT tbl, k FROM sync_held WHERE code = 'PS001'", -1,
+								 &st, NULL) == SQLITE_OK)
 	{
 		while (sqlite3_step(st) == SQLITE_ROW)
 		{
@@ -691,7 +694,7 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 	if (!body)
 		return false;
 	{
-		char site[37];
+		char  site[37];
 		char *path;
 
 		pgs_uuid_format(n->c->site, site);
@@ -723,11 +726,10 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 			 * batch the held incomplete ones too (they were all on it) */
 			if (ok)
 			{
-				char *sql = sqlite3_mprintf("DELETE FROM sync_network_want WHERE (tbl, pk) <= "
-											"(%Q, %Q)%s",
-											last_tbl, last_pk,
-											*more ? ""
-												  : "; DELETE FROM sync_held WHERE code = 'PS001'");
+				char *sql = sqlite3_mprintf(
+					"DELETE FROM sync_network_want WHERE (tbl, pk) <= "
+					"(%Q, %Q)%s",
+					last_tbl, last_pk, *more ? "" : "; DELETE FROM sync_held WHERE code = 'PS001'");
 
 				ok = sql && exec(n->db, sql);
 				sqlite3_free(sql);
@@ -927,10 +929,11 @@ sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	exec(n->db, "RELEASE sync_network_discard");
 	if (tbl && count == 0)
 	{
-		sqlite3_result_error(ctx,
-							 "sync_network_discard: no such refused row; pass tbl and pk exactly as "
-							 "sync_network_rejected shows them",
-							 -1);
+		sqlite3_result_error(
+			ctx,
+			"sync_network_discard: no such refused row; pass tbl and pk exactly as "
+			"sync_network_rejected shows them",
+			-1);
 		return;
 	}
 	sqlite3_result_int64(ctx, count);

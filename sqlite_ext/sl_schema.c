@@ -87,7 +87,7 @@ sl_ensure_meta(db_conn *c, pgs_err *err)
 		}
 		sqlite3_finalize(st);
 	}
-	return sl_load(c, err);
+	return sl_reload(c, err);
 }
 
 typedef struct col_desc
@@ -595,7 +595,7 @@ register_table(db_conn *c, const char *canon, const char *algo, col_desc *cols, 
 			return rc;
 		}
 	}
-	if ((rc = sl_load(c, err)) != PGS_OK)
+	if ((rc = sl_reload(c, err)) != PGS_OK)
 		return rc;
 	if (!(*out = sl_table_by_id(c, id, err)))
 		return err->rc;
@@ -610,7 +610,7 @@ record_renames(db_conn *c, pgs_err *err)
 	pgs_rc rc;
 
 	c->alter_lenient = true; /* other tables' troubles are not this call's */
-	rc = sl_load(c, err);
+	rc = sl_reload(c, err);
 	c->alter_lenient = false;
 	return rc == PGS_OK ? sl_alter_persist(c, err) : rc;
 }
@@ -647,6 +647,7 @@ sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err)
 		c->txn_ver = 0;
 		return rc;
 	}
+	c->ready = false; /* the table's new metadata is read at the next call */
 	return sl_exec(c, "RELEASE sync_init", err);
 }
 
@@ -696,6 +697,6 @@ sl_cleanup_table(db_conn *c, const char *table, pgs_err *err)
 			sl_exec(c, sql, &ignore);
 		sqlite3_free(sql);
 	}
-	sl_load(c, err);
+	sl_reload(c, err);
 	return rc;
 }

@@ -455,7 +455,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_events_reset(c);
 		c->txn_ver = 0;
-		sl_load(c, &ignore);
+		sl_reload(c, &ignore);
 		memset(&st, 0, sizeof st);
 		rc = pgs_apply(c, p, n, true, &st, &err);
 	}
@@ -470,7 +470,7 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
 		sl_exec(c, "RELEASE sync_apply", &ignore);
 		c->txn_ver = 0;
-		sl_load(c, &ignore); /* sites interned in the savepoint are gone */
+		sl_reload(c, &ignore); /* sites interned in the savepoint are gone */
 		result_err(ctx, &err);
 		return;
 	}
@@ -510,6 +510,8 @@ finalize_all(db_conn *c)
 	sqlite3_finalize(c->st_ver_get);
 	sqlite3_finalize(c->st_ver_bump);
 	sqlite3_finalize(c->st_site_add);
+	sqlite3_finalize(c->st_loaded);
+	c->st_loaded = NULL;
 	sqlite3_finalize(c->st_held_get);
 	sqlite3_finalize(c->st_held_put);
 	sqlite3_finalize(c->st_held_del);
@@ -767,7 +769,9 @@ sl_attach(sqlite3 *db, char **pzErrMsg, db_conn **out)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_gc");
 		return SQLITE_ERROR;
 	}
-	if (sl_network_register(db, c) != SQLITE_OK || sl_pending_register(db, c) != SQLITE_OK)
+	if (sl_network_register(db, c) != SQLITE_OK ||
+		sl_background_register(db, c, c->net, sl_attach) != SQLITE_OK ||
+		sl_pending_register(db, c) != SQLITE_OK)
 	{
 		if (pzErrMsg)
 			*pzErrMsg =

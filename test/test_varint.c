@@ -311,6 +311,39 @@ test_buf_overflow_is_sticky(void **state)
 	pgs_buf_free(&b);
 }
 
+/* base64url as JWT parts carry it (RFC 4648 section 5 vectors, no padding) */
+static void
+test_b64url(void **state)
+{
+	static const struct
+	{
+		const char *in, *out;
+	} v[] = {
+		{"", ""},			{"Zg", "f"},		  {"Zm8", "fo"},		  {"Zm9v", "foo"},
+		{"Zm9vYg", "foob"}, {"Zm9vYmE", "fooba"}, {"Zm9vYmFy", "foobar"}, {"Zm9vYg==", "foob"}};
+	uint8_t out[16];
+
+	(void) state;
+	for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
+	{
+		long n = pgs_b64url_decode(v[i].in, strlen(v[i].in), out, sizeof out);
+
+		assert_int_equal(n, (long) strlen(v[i].out));
+		assert_memory_equal(out, v[i].out, (size_t) n);
+	}
+	/* the url alphabet and the standard one: 0xfb 0xff */
+	assert_int_equal(pgs_b64url_decode("-_8", 3, out, sizeof out), 2);
+	assert_int_equal(out[0], 0xfb);
+	assert_int_equal(out[1], 0xff);
+	assert_int_equal(pgs_b64url_decode("+/8", 3, out, sizeof out), 2);
+	assert_int_equal(out[0], 0xfb);
+	/* outside the alphabet, and a full buffer */
+	assert_int_equal(pgs_b64url_decode("Zm9v.", 5, out, sizeof out), -1);
+	assert_int_equal(pgs_b64url_decode("Zm\x80v", 4, out, sizeof out), -1);
+	assert_int_equal(pgs_b64url_decode("Zm9vYmFy", 8, out, 5), -1);
+	assert_int_equal(pgs_b64url_decode("Zm9vYmFy", 8, out, 6), 6);
+}
+
 int
 main(void)
 {
@@ -323,6 +356,7 @@ main(void)
 		cmocka_unit_test_setup(test_zigzag, setup),
 		cmocka_unit_test_setup(test_buf_varints, setup),
 		cmocka_unit_test_setup(test_buf_overflow_is_sticky, setup),
+		cmocka_unit_test_setup(test_b64url, setup),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

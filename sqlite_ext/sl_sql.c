@@ -1,0 +1,247 @@
+/*
+ * sl_sql.c — the small SQLite helpers every file of the extension uses:
+ * quoting identifiers, turning SQLite errors into pgs_err, preparing and
+ * running statements, and moving values between statements and pgs_values.
+ * It calls nothing of the extension: the bottom of sqlite_ext/.
+ */
+#include "sl_internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+char *
+sl_quote(const char *ident)
+{
+	return sqlite3_mprintf("\"%w\"", ident);
+}
+
+pgs_rc
+sl_dberr(db_conn *c, pgs_err *err, const char *what)
+{
+	int code = sqlite3_extended_errcode(c->db);
+
+	pgs_failf(err, PGS_ERR_DB, NULL, "%s: %s", what, sqlite3_errmsg(c->db));
+	if ((code & 0xff) == SQLITE_CONSTRAINT || (code & 0xff) == SQLITE_MISMATCH)
+		err->rc = PGS_ERR_VALUE;
+	return err ? err->rc : PGS_ERR_DB;
+}
+
+/*
+ * sl_row_error: a row write failed. Constraint, type and size errors belong
+ * to the row (its own fate: careful mode rejects it alone, the fast path
+ * starts over carefully); anything else (I/O, locks, memory) is the
+ * engine's and aborts the apply.
+ */
+pgs_rc
+sl_row_error(db_conn *c, pgs_err *err, const char *what)
+{
+	int			code = sqlite3_extended_errcode(c->db);
+	const char *state = NULL;
+
+	switch (code)
+	{
+		case SQLITE_CONSTRAINT_NOTNULL:
+			state = "23502";
+			break;
+		case SQLITE_CONSTRAINT_CHECK:
+			state = "23514";
+			break;
+		case SQLITE_CONSTRAINT_UNIQUE:
+		case SQLITE_CONSTRAINT_PRIMARYKEY:
+			state = "23505";
+			break;
+		case SQLITE_CONSTRAINT_FOREIGNKEY:
+			state = "23503";
+			break;
+		case SQLITE_CONSTRAINT_TRIGGER:
+		case SQLITE_CONSTRAINT_FUNCTION:
+			state = "P0001";
+			break;
+		case SQLITE_CONSTRAINT_DATATYPE:
+		case SQLITE_MISMATCH:
+			state = "42804";
+			break;
+		case SQLITE_TOOBIG:
+			state = "54000";
+			break;
+		default:
+			if ((code & 0xff) == SQLITE_CONSTRAINT)
+				state = "23000";
+	}
+	if (!state)
+		return sl_dberr(c, err, what);
+	pgs_failf(err, c->careful ? PGS_ERR_ROW : PGS_ERR_CAREFUL, NULL, "%s", sqlite3_errmsg(c->db));
+	pgs_err_code(err, state);
+	return err->rc;
+}
+
+pgs_rc
+sl_prepare(db_conn *c, sqlite3_stmt **st, const char *sql, pgs_err *err)
+{
+	if (*st)
+		return PGS_OK;
+	if (sqlite3_prepare_v3(c->db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK)
+	{
+		*st = NULL;
+		return sl_dberr(c, err, "could not prepare statement");
+	}
+	return PGS_OK;
+}
+
+pgs_rc
+sl_exec(db_conn *c, const char *sql, pgs_err *err)
+{
+	char *msg = NULL;
+
+	if (sqlite3_exec(c->db, sql, NULL, NULL, &msg) != SQLITE_OK)
+	{
+		pgs_failf(err, PGS_ERR_DB, NULL, "%s", msg ? msg : sqlite3_errmsg(c->db));
+		sqlite3_free(msg);
+		return PGS_ERR_DB;
+	}
+	return PGS_OK;
+}
+
+void
+sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v)
+{
+	switch (v->type)
+	{
+		case PGS_INT:
+			sqlite3_bind_int64(st, i, v->v.i);
+			break;
+		case PGS_REAL:
+			sqlite3_bind_double(st, i, v->v.r);
+			break;
+		case PGS_TEXT:
+			sqlite3_bind_text(st, i, (const char *) v->v.p, (int) v->len, SQLITE_STATIC);
+			break;
+		case PGS_BLOB:
+			sqlite3_bind_blob(st, i, v->v.p, (int) v->len, SQLITE_STATIC);
+			break;
+		default:
+			sqlite3_bind_null(st, i);
+	}
+}
+
+void
+sl_column_value(sqlite3_stmt *st, int i, pgs_value *v)
+{
+	v->len = 0;
+	switch (sqlite3_column_type(st, i))
+	{
+		case SQLITE_INTEGER:
+			v->type = PGS_INT;
+			v->v.i = sqlite3_column_int64(st, i);
+			break;
+		case SQLITE_FLOAT:
+			v->type = PGS_REAL;
+			v->v.r = sqlite3_column_double(st, i);
+			break;
+		case SQLITE_TEXT:
+			v->type = PGS_TEXT;
+			v->v.p = sqlite3_column_text(st, i);
+			v->len = (uint32_t) sqlite3_column_bytes(st, i);
+			break;
+		case SQLITE_BLOB:
+			v->type = PGS_BLOB;
+			v->v.p = sqlite3_column_blob(st, i);
+			v->len = (uint32_t) sqlite3_column_bytes(st, i);
+			if (!v->v.p)
+				v->v.p = (const uint8_t *) "";
+			break;
+		default:
+			v->type = PGS_NULL;
+	}
+}
+
+pgs_rc
+sl_execf(db_conn *c, pgs_err *err, const char *fmt, ...)
+{
+	va_list ap;
+	char   *sql;
+	pgs_rc	rc;
+
+	va_start(ap, fmt);
+	sql = sqlite3_vmprintf(fmt, ap);
+	va_end(ap);
+	if (!sql)
+		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	rc = sl_exec(c, sql, err);
+	sqlite3_free(sql);
+	return rc;
+}
+
+/* ---- keys as JSON (the form sync_network_rejected shows) ---- */
+
+char *
+sl_pk_json(const db_table *t, const pgs_value *pk)
+{
+	cJSON *o = cJSON_CreateObject();
+	char  *text, *out = NULL;
+
+	for (int i = 0; o && i < t->npk; i++)
+	{
+		const pgs_value *v = &pk[i];
+		cJSON			*j = NULL;
+
+		switch (v->type)
+		{
+			case PGS_INT:
+				j = cJSON_CreateNumber((double) v->v.i);
+				if (j && (v->v.i > (INT64_C(1) << 53) || v->v.i < -(INT64_C(1) << 53)))
+				{
+					/* beyond a double: the exact digits */
+					char num[24];
+
+					cJSON_Delete(j);
+					snprintf(num, sizeof num, "%lld", (long long) v->v.i);
+					j = cJSON_CreateRaw(num);
+				}
+				break;
+			case PGS_REAL:
+				j = cJSON_CreateNumber(v->v.r);
+				break;
+			case PGS_TEXT:
+			{
+				char *s = sqlite3_mprintf("%.*s", (int) v->len, (const char *) v->v.p);
+
+				j = cJSON_CreateString(s ? s : "");
+				sqlite3_free(s);
+				break;
+			}
+			case PGS_BLOB:
+			{
+				static const char hex[] = "0123456789abcdef";
+				char			 *s = sqlite3_malloc64((size_t) v->len * 2 + 3);
+
+				if (s)
+				{
+					s[0] = '\\';
+					s[1] = 'x';
+					for (uint32_t k = 0; k < v->len; k++)
+					{
+						s[2 + 2 * k] = hex[v->v.p[k] >> 4];
+						s[3 + 2 * k] = hex[v->v.p[k] & 15];
+					}
+					s[2 + 2 * (size_t) v->len] = '\0';
+					j = cJSON_CreateString(s);
+					sqlite3_free(s);
+				}
+				break;
+			}
+			default:
+				j = cJSON_CreateNull();
+		}
+		cJSON_AddItemToObject(o, t->pk_names[i], j);
+	}
+	text = o ? cJSON_PrintUnformatted(o) : NULL;
+	if (text)
+		out = sqlite3_mprintf("%s", text);
+	cJSON_free(text);
+	cJSON_Delete(o);
+	return out;
+}
