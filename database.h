@@ -180,6 +180,13 @@ void db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why
  * and must not be lost); false when reporting is enough (Postgres: the
  * sending device keeps its change and is told). */
 bool db_hold_rejected(db_conn *db);
+/*
+ * db_table_floor: the causal length at or below which this replica refuses
+ * a first life of a key it has no clock row for (docs/DESIGN.md, "Floors"):
+ * the largest cl it collected in t. 0: no check (SQLite devices take the
+ * server's lives as they are).
+ */
+pgs_rc db_table_floor(db_conn *db, db_table *t, int64_t *floor, pgs_err *err);
 /* db_site_check: may this apply write a stamp of local site idx (Postgres:
  * not another principal's device)? PGS_ERR_PERMISSION otherwise. */
 pgs_rc db_site_check(db_conn *db, uint32_t idx, pgs_err *err);

@@ -762,6 +762,32 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 		st->lost += g->nchanges;
 		return PGS_OK;
 	}
+	if (life == PGS_MERGE_WIN && (g->cl & 1) && !g->whole && !found)
+	{
+		/*
+		 * Changes of a life of a key unknown here, older than a tombstone this
+		 * replica collected in the table (a live life cl ends with tombstone
+		 * cl + 1 <= floor): the row was deleted meanwhile (docs/DESIGN.md,
+		 * "Tombstone GC"). The sender forgets it instead of sending it whole.
+		 */
+		int64_t floor = 0;
+
+		if ((r = db_table_floor(a->db, at->t, &floor, err)) != PGS_OK)
+			return r;
+		if (g->cl < floor)
+		{
+			pgs_err why;
+
+			pgs_failf(&why, PGS_ERR_ROW,
+					  "The sender forgets the row: it was deleted while the sender was away "
+					  "(pgsync does it by itself).",
+					  "row of table \"%s\" is unknown here and its life (causal length %lld) "
+					  "is older than what this replica collected: it was deleted",
+					  ti->name, (long long) g->cl);
+			pgs_err_code(&why, PGS_CODE_GONE);
+			return reject_row(a, at, g, &why, st, err);
+		}
+	}
 	if (life == PGS_MERGE_WIN && (g->cl & 1) && !g->whole)
 	{
 		/* a new life without the whole row: cannot be stored faithfully */
@@ -774,6 +800,32 @@ apply_group(apply_ctx *a, uint32_t tix, const pgs_group *g, uint64_t ordinal, pg
 				  ti->name);
 		pgs_err_code(&why, PGS_CODE_INCOMPLETE);
 		return reject_row(a, at, g, &why, st, err);
+	}
+	if (!found && (g->cl & 1))
+	{
+		/*
+		 * A first life of a key this replica has no clock for: its tombstone
+		 * may have been collected here, and replicas that still hold it would
+		 * ignore a life at or below it. The sender renumbers above the floor
+		 * (docs/DESIGN.md, "Floors").
+		 */
+		int64_t floor = 0;
+
+		if ((r = db_table_floor(a->db, at->t, &floor, err)) != PGS_OK)
+			return r;
+		if (g->cl <= floor)
+		{
+			pgs_err why;
+
+			pgs_failf(&why, PGS_ERR_ROW,
+					  "The sender starts the row's life again above the floor (pgsync does it "
+					  "by itself).",
+					  "causal length floor %lld: a first life at %lld of a key of table \"%s\" "
+					  "whose deletes this replica may have collected",
+					  (long long) floor, (long long) g->cl, ti->name);
+			pgs_err_code(&why, PGS_CODE_FLOOR);
+			return reject_row(a, at, g, &why, st, err);
+		}
 	}
 	if (at->unknown_cols)
 	{

@@ -347,7 +347,10 @@ build_table(build_ctx *b, db_table *t, const pgs_value *after_pk, bool first, pg
 				b->st->value_bytes += encoded_value_bytes(&pk[i]);
 			/* whole: every written column is in the group (a fresh row, or a
 			 * view of the row): a receiver that lacks the row can insert it */
-			pgs_writer_row(&b->w, tidx, (cl & 1) && (whole || n == written), pk, cl, s, n, b->ch);
+			pgs_writer_row(&b->w, tidx,
+						   (cl & 1) && (whole || (n == written && (!b->o->known_lives_partial ||
+																   in_range(b, rcl.cl_ver)))),
+						   pk, cl, s, n, b->ch);
 			b->st->changes += n;
 		}
 		b->nrows++;

@@ -18,6 +18,11 @@
  * A restamp is max(tick, stamp + 1): an edit made after seeing a cell's
  * stamp beats it even when that stamp is from a clock running ahead.
  * Grow-only (gset) tables accept only the INSERT of a new or deleted key.
+ *
+ * After a tombstone GC a key "never seen" may be one whose deleted lives
+ * were collected: its first life starts above the table's floor instead of
+ * at 1 (pgs_local_above_floor), so it beats every life of the key a replica
+ * may still hold.
  */
 #include "pgsync.h"
 #include "../database.h"
@@ -30,6 +35,14 @@ new_life(pgs_rowclock *rc, int64_t cl, int64_t ver, uint64_t tick)
 	rc->cl_site = 0;
 	for (int i = 0; i < rc->ncols; i++)
 		rc->cols[i] = (pgs_stamp){.hlc = tick, .ver = ver, .site = 0};
+}
+
+void
+pgs_local_above_floor(pgs_rowclock *rc, int64_t floor)
+{
+	if (floor <= 0)
+		return;
+	rc->cl += floor + (floor & 1);
 }
 
 void

@@ -63,7 +63,11 @@ typedef struct pgs_err
 #define PGS_CODE_FOREIGN_SITE "PS002" /* a change attributed to another principal's device */
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
 #define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
-#define PGS_CODE_KEY_FORM "PS005"	  /* a key not in the form Postgres stores (docs/TYPES.md) */
+#define PGS_CODE_KEY_FORM "PS007"	  /* a key not in the form Postgres stores (docs/TYPES.md) */
+#define PGS_CODE_FLOOR "PS005" /* a first life at or below the table's collected floor: renumber   \
+								*/
+#define PGS_CODE_GONE "PS006"  /* changes of a life older than what was collected: it was deleted  \
+								*/
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 
@@ -267,6 +271,14 @@ typedef enum pgs_local_result
  */
 pgs_local_result pgs_local_edit(pgs_rowclock *rc, bool found, pgs_local_op op, int algo,
 								const bool *changed, int64_t ver, uint64_t tick);
+/*
+ * pgs_local_above_floor: after pgs_local_edit of a key without a clock row
+ * (its cl 1, or 2 for a delete), moves the life above floor, the largest cl
+ * a tombstone GC collected from the table (docs/DESIGN.md, "Tombstone GC
+ * with a horizon"): to floor + 1 (+ 2), floor rounded up to even. floor 0
+ * leaves it.
+ */
+void pgs_local_above_floor(pgs_rowclock *rc, int64_t floor);
 /* pgs_local_stamp: one cell written locally: max(tick, stamp + 1), at ver, local site. */
 void pgs_local_stamp(pgs_stamp *s, int64_t ver, uint64_t tick);
 
@@ -515,6 +527,14 @@ typedef struct pgs_build_opts
 	size_t		   after_len;
 	bool		   view;		 /* the receiver's view: snapshots (server pulls) */
 	bool		   snapshot_all; /* view: every table is a snapshot (pinned in the token) */
+	/*
+	 * push to the only peer (a device's push to its server): a group is whole
+	 * only when its life began here after since (made or learned); an edit of
+	 * a life the receiver knew never is, so a receiver that lost the row to GC
+	 * refuses it (PS001) instead of bringing it back (docs/DESIGN.md,
+	 * "Tombstone GC").
+	 */
+	bool known_lives_partial;
 } pgs_build_opts;
 
 /* Header flag bits (docs/PAYLOAD.md). */

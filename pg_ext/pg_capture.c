@@ -18,8 +18,9 @@
  * How a write changes the row's clock is the core's (core/local.c,
  * pgs_local_edit); here is only the I/O, and the fast path of the insert of
  * a key never seen (its fresh blob cached per transaction, written straight
- * into the clock table's heap and indexes). A key change is a delete of the
- * old key plus an insert of the new one.
+ * into the clock table's heap and indexes). A key without a clock row starts
+ * its life above the table's GC floor (pg_gc.c, pgs_local_above_floor). A
+ * key change is a delete of the old key plus an insert of the new one.
  * Writes of sync_apply_payload are not captured (pg_applying), except what
  * they cause elsewhere (applying_this_row).
  */
@@ -280,7 +281,11 @@ local_edit(db_table *t, Datum *pk, clock_row *r, pgs_local_op op, const bool *ch
 	clock_read(t, pk, r);
 	if (pgs_local_edit(&r->rc, r->found, op, t->algo, changed, pg_txn_version(),
 					   op == PGS_LOCAL_DELETE ? 0 : pg_txn_tick()) == PGS_LOCAL_WRITE)
+	{
+		if (!r->found) /* a key without a clock: its life starts above the GC floor (pg_gc.c) */
+			pgs_local_above_floor(&r->rc, pg_gc_lock_floor(t));
 		clock_write(t, pk, &r->rc);
+	}
 }
 
 /*
@@ -507,13 +512,14 @@ capture_insert(db_table *t, Datum *pk)
 		Datum		*vals = palloc(sizeof(Datum) * (t->npk + 3));
 		pg_user_save us;
 		int			 rc;
+		int64		 cl1 = pg_gc_life(t, false); /* 1, or above the GC floor */
 
 		pg_capture_fresh(t, &blob, &len);
-		if (pg_clock_insert_direct(t, pk, 1, pg_txn_version(), t->fresh_bytea))
+		if (pg_clock_insert_direct(t, pk, cl1, pg_txn_version(), t->fresh_bytea))
 			return;
 		bb = t->fresh_bytea; /* pg_capture_fresh keeps the blob as a bytea */
 		memcpy(vals, pk, sizeof(Datum) * t->npk);
-		vals[t->npk] = Int64GetDatum(1);
+		vals[t->npk] = Int64GetDatum(cl1);
 		vals[t->npk + 1] = Int64GetDatum(pg_txn_version());
 		vals[t->npk + 2] = PointerGetDatum(bb);
 		pg_as_meta(&us);

@@ -120,6 +120,9 @@ struct db_table
 	SPIPlanPtr p_row_exists;
 	HTAB	  *merge_plans;
 	int		   nmerge_plans;
+	/* tombstone GC (pg_gc.c): the largest cl collected, read under the clock lock */
+	int64 gc_floor;
+	bool  gc_floor_known;
 	/* capture: the clock blob of a fresh row in the current transaction */
 	FullTransactionId fresh_xid;
 	uint8_t			 *fresh_blob;
@@ -166,7 +169,8 @@ struct db_conn
 };
 
 /* ---- pgsync.c ---- */
-extern bool pg_applying; /* true while sync_apply_payload merges */
+extern int	pg_record_interval; /* pgsync.record_interval, seconds (pgsync.c) */
+extern bool pg_applying;		/* true while sync_apply_payload merges */
 /* the row the apply is writing now (its clock is the apply's): the capture
  * skips exactly that row, and records what the write causes elsewhere
  * (ON DELETE CASCADE, triggers writing other synced rows) */
@@ -190,6 +194,10 @@ void  pg_conn_init(db_conn *db, MemoryContext cxt);
 void  pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
 					const char *message);
 Oid	  pg_meta_owner(void);
+/* pg_gc.c */
+int64 pg_gc_lock_floor(db_table *t);
+int64 pg_gc_life(db_table *t, bool del);
+void  pg_gc_check_since(int64 since);
 
 pg_noreturn void pg_raise(const pgs_err *err);
 void			 pg_capture_backfill(Oid relid); /* clocks for a new synced table's rows */

@@ -17,6 +17,9 @@
 #include "utils/syscache.h"
 #include "utils/uuid.h"
 
+/* pgsync.record_interval (defined in _PG_init): see pg_view.c, device_view */
+int pg_record_interval = 60;
+
 bool   pg_applying = false;
 Oid	   pg_apply_relid = InvalidOid;
 Datum *pg_apply_key = NULL;

@@ -616,7 +616,7 @@ pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
  * column value a key cannot be re-stamped: it names the row, and a device
  * that wrote 'A0EEBC99-...' would keep its row beside the 'a0eebc99-...' one
  * Postgres sends (and removal candidates, hashed over the key's bytes, would
- * never match it). So such a row is refused (PS005) with the form to use.
+ * never match it). So such a row is refused (PS007) with the form to use.
  * pg_key_canonical only answers whether every key column is in that form.
  */
 bool
@@ -641,7 +641,7 @@ pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d)
 			initStringInfo(&b);
 			value_json(&b, &out);
 			ereport(ERROR,
-					(errcode(MAKE_SQLSTATE('P', 'S', '0', '0', '5')),
+					(errcode(MAKE_SQLSTATE('P', 'S', '0', '0', '7')),
 					 errmsg("key column \"%s\" of table \"%s\" is not in the form Postgres stores",
 							t->pk[i].name, t->name),
 					 errdetail("Key %s: Postgres stores it as %s.", pg_pk_text(t, pk), b.data),

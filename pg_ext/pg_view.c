@@ -619,7 +619,20 @@ fingerprint(db_conn *db)
 }
 
 /*
- * device_view: record this pull for the device and say whether every table
+ * STALE_SQL(since, interval): the device's record (pgsync.devices v) is due:
+ * last_seen older than a minute, or acked behind since and older than
+ * pgsync.record_interval (0: whenever acked moved). Records are writes, and a
+ * write moves every cursor: written on every pull they would spread the
+ * cursors of parked long-polls, and one push would no longer be pulled once
+ * for all of them (shared fan-out pulls).
+ */
+#define STALE_SQL(s, i)                                                                            \
+	"(last_seen < now() - interval '1 minute' OR (acked < $" #s                                    \
+	" AND last_seen <= now() - make_interval(secs => $" #i ")))"
+
+/*
+ * device_view: record this pull for the device (acked = since: what the
+ * device holds, for the GC horizon; see STALE_SQL) and say whether every table
  * must be a snapshot: what decides the device's view (its fingerprint)
  * changed now, or changed since the pull whose generation the device last
  * saw (seen_gen, carried in its cursor: a device that did not apply the
@@ -628,8 +641,8 @@ fingerprint(db_conn *db)
 static bool
 device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 {
-	Oid	   types[4] = {UUIDOID, BYTEAOID, INT8OID, INT4OID};
-	Datum  vals[4];
+	Oid	   types[5] = {UUIDOID, BYTEAOID, INT8OID, INT4OID, INT4OID};
+	Datum  vals[5];
 	uint64 fp = fingerprint(db);
 	bytea *fpb = pg_bytea(CurrentMemoryContext, &fp, sizeof fp);
 	bool   changed, isnull, stale;
@@ -637,9 +650,12 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 
 	vals[0] = uuid_datum(pg_cur_device);
 	vals[1] = PointerGetDatum(fpb);
-	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, last_seen < now() - interval '1 "
-			  "minute' FROM pgsync.devices WHERE site = $1",
-			  2, types, vals, true, 1);
+	vals[2] = Int64GetDatum(since);
+	vals[3] = Int32GetDatum(0);
+	vals[4] = Int32GetDatum(pg_record_interval);
+	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, " STALE_SQL(3, 5)
+			  " FROM pgsync.devices WHERE site = $1",
+			  5, types, vals, true, 1);
 	if (SPI_processed != 1)
 	{
 		*gen = 0;
@@ -652,7 +668,13 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 		cur = cur == PG_INT32_MAX ? 1 : cur + 1;
 	if (changed || stale)
 	{
-		vals[2] = Int64GetDatum(since);
+		/*
+		 * last_seen at least once a minute, acked (the GC horizon,
+		 * docs/DESIGN.md) once it moved and record_interval passed. Losing
+		 * this write in a crash only holds the horizon back: no commit flush.
+		 */
+		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 		vals[3] = Int32GetDatum(cur);
 		meta_exec("UPDATE pgsync.devices SET fingerprint = $2, fp_gen = $4, last_seen = now(), "
 				  "acked = greatest(acked, $3) WHERE site = $1",
@@ -862,6 +884,7 @@ sync_pull(PG_FUNCTION_ARGS)
 						   (long long) o.since, (long long) until),
 				 errhint("The database was replaced or restored from a backup: pull again from 0 "
 						 "and send everything.")));
+	pg_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
 	o.until = until;
 	o.view = true;
 	o.compress = 1;
@@ -1049,23 +1072,27 @@ sync_pull_group(PG_FUNCTION_ARGS)
 						   (long long) o.since, (long long) until),
 				 errhint("The database was replaced or restored from a backup: pull again from 0 "
 						 "and send everything.")));
+	pg_gc_check_since(o.since); /* PS410 for the whole group: they share since */
 	o.until = until;
 	o.view = true;
 	o.compress = 1;
 	/* which devices would get no snapshot of every table (device_view) */
 	fp = fingerprint(&db);
 	{
-		Oid	  types[4] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID};
-		Datum vals[4];
+		Oid	  types[6] = {UUIDARRAYOID, TEXTOID, BYTEAOID, INT4OID, INT8OID, INT4OID};
+		Datum vals[6];
 
 		vals[0] = PointerGetDatum(arr);
 		vals[1] = CStringGetTextDatum(pg_cur_principal);
 		vals[2] = PointerGetDatum(pg_bytea(CurrentMemoryContext, &fp, sizeof fp));
 		vals[3] = Int32GetDatum(seen_gen);
-		meta_exec("SELECT d.i::int4, v.last_seen < now() - interval '1 minute' FROM "
-				  "unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site = "
-				  "d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
-				  4, types, vals, true, 0);
+		vals[4] = Int64GetDatum(o.since);
+		vals[5] = Int32GetDatum(pg_record_interval);
+		/* stale as in device_view */
+		meta_exec("SELECT d.i::int4, " STALE_SQL(5, 6)
+				  " FROM unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site "
+				  "= d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
+				  6, types, vals, true, 0);
 		for (uint64 r = 0; r < SPI_processed; r++)
 		{
 			bool  isnull;
@@ -1114,6 +1141,9 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		vals[0] = PointerGetDatum(
 			construct_array(stale, nstale, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 		vals[1] = Int64GetDatum(o.since);
+		/* bookkeeping for the GC horizon: losing it in a crash only holds it back */
+		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 		meta_exec("UPDATE pgsync.devices SET last_seen = now(), acked = greatest(acked, $2) "
 				  "WHERE site = ANY($1)",
 				  2, types, vals, false, 0);

@@ -20,6 +20,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/guc.h"
@@ -58,12 +59,21 @@ void
 _PG_init(void)
 {
 	pg_session_setup();
+	DefineCustomIntVariable(
+		"pgsync.record_interval",
+		"How often a pull records how far its device has synced (the GC horizon).",
+		"A device's acknowledged cursor (pgsync.devices.acked) is written at most once per "
+		"interval, and last_seen once a minute; 0 records every pull that moves it. A longer "
+		"interval only holds the GC horizon back; every record is a write, which moves "
+		"sync_db_version().",
+		&pg_record_interval, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	RegisterXactCallback(pgsync_xact_cb, NULL);
 	pg_table_cache_setup();
 	DefineCustomBoolVariable("pgsync.serialize_applies",
 							 "Applies run one at a time (one global lock until commit).",
 							 "For comparisons only: applies run concurrently without it.",
 							 &serialize_applies, false, PGC_SUSET, 0, NULL, NULL, NULL);
+	MarkGUCPrefixReserved("pgsync");
 }
 
 static MemoryContext
@@ -395,6 +405,7 @@ sync_payload(PG_FUNCTION_ARGS)
 	pg_conn_init(&db, cxt);
 	if (db_version_safe(&db, &until, &err) != PGS_OK)
 		pg_raise(&err);
+	pg_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
 	if (o.since < until || o.after)
 	{
 		o.until = until;

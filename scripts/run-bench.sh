@@ -17,3 +17,7 @@ if [ -x bench/bg_bench.sh ]; then
   echo
   bash bench/bg_bench.sh
 fi
+if [ -x bench/gc_bench.sh ]; then
+  echo
+  bash bench/gc_bench.sh
+fi

@@ -27,6 +27,13 @@ DELETE FROM t WHERE b % 7 = 0;
 INSERT OR REPLACE INTO t(id, a, b) SELECT id, 'replaced', -b FROM t WHERE b % 11 = 0;
 SELECT writefile('$D/a.bin', sync_payload(0));
 SELECT length(sync_payload_info(sync_payload(0))) > 0;
+-- tombstone GC (sl_gc.c): collect, then re-insert collected keys above the floor
+SELECT json_extract(sync_gc(sync_db_version()), '$.collected') > 0;
+INSERT INTO t(id, a, b) VALUES ('gc-1', 'x', 1);
+DELETE FROM t WHERE id = 'gc-1';
+SELECT sync_gc(sync_db_version());
+INSERT INTO t(id, a, b) VALUES ('gc-1', 'again', 2);
+SELECT cl > 2 FROM t__sync_clock WHERE id = 'gc-1';
 SQL
 cat >"$D/b.sql" <<SQL
 .load $EXT

@@ -87,6 +87,10 @@ static const struct setting
 	  "rows per chunk of a pull when the client sends no max_rows (10000; 0 = one payload)"),
 	D("poll_ms", K_INT, poll_ms, 0, 3600000,
 	  "sync_db_version() polling period, 0 = off, else at least 50 (1000)"),
+	D("gc_interval", K_INT, gc_interval, 0, 31536000,
+	  "seconds between tombstone collections (sync_gc), 0 = never (3600)"),
+	D("gc_retention_days", K_DOUBLE, gc_retention_days, 0, 36500,
+	  "a device silent longer stops holding the GC horizon back (30)"),
 	S("max_connections", K_INT, max_connections, 16, 1000000,
 	  "HTTP + WebSocket connections (10000)"),
 	S("ws_ping_s", K_INT, ws_ping_s, 1, 3600, "WebSocket ping period (30)"),
@@ -138,6 +142,8 @@ dbconf_defaults(srv_dbconf *d)
 	d->statement_timeout_ms = 30000;
 	d->poll_ms = 1000;
 	d->pull_max_rows = 10000; /* bounded memory for large first syncs */
+	d->gc_interval = 3600;
+	d->gc_retention_days = 30;
 }
 
 void
@@ -714,6 +720,17 @@ check_db(srv_config *c, srv_db *db)
 				SRV_NAME
 				": %sinvalid value %d for poll_ms (from %s): expected 0 (off) or at least 50\n",
 				where, d->poll_ms, db_source(c, db->index, i));
+		return false;
+	}
+	if (!(d->gc_retention_days > 0))
+	{
+		find_setting("gc_retention_days", &i);
+		fprintf(stderr,
+				SRV_NAME ": %sinvalid value %g for gc_retention_days (from %s): expected a positive "
+						 "number of days (fractions allowed)\n"
+						 "HINT: a device silent longer than this is made to re-sync from a "
+						 "snapshot; 30 is a good start.\n",
+				where, d->gc_retention_days, db_source(c, db->index, i));
 		return false;
 	}
 	free(db->dbname);

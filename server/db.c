@@ -2,11 +2,12 @@
  * db.c — the databases this server fronts (cfg.dbs, from config.c): lookup
  * by name, and the start and stop of each one's parts in dependency order.
  *
- * Each database owns its metrics, connection pool, worker threads and
- * notification hub; nothing of one waits on another's, so one database's
- * outage or overload stalls only its own requests. Start: metrics, pool
+ * Each database owns its metrics, connection pool, worker threads,
+ * notification hub and tombstone collection (gc.c); nothing of one waits on
+ * another's, so one database's outage or overload stalls only its own
+ * requests. Start: metrics, pool
  * (Postgres may still be down: it answers 503 until it is back), workers,
- * hub. Stop in the reverse order, after http.c stopped accepting requests.
+ * hub, gc. Stop in the reverse order, after http.c stopped accepting requests.
  */
 #include "server.h"
 
@@ -38,7 +39,7 @@ db_start_all(void)
 		srv_db *db = &cfg.dbs[i];
 
 		if (!metrics_init(db) || !pool_start(db) || !work_start(db) ||
-			!hub_start(db, &hub_to_workers))
+			!hub_start(db, &hub_to_workers) || !gc_start(db))
 		{
 			srv_log("FATAL", "cannot start the threads of database %s", db->name);
 			return false;
@@ -53,6 +54,7 @@ db_stop_all(void)
 {
 	for (int i = 0; i < cfg.ndbs; i++)
 	{
+		gc_stop(&cfg.dbs[i]);
 		hub_stop(&cfg.dbs[i]);
 		work_stop(&cfg.dbs[i]);
 		pool_stop(&cfg.dbs[i]);

@@ -23,7 +23,7 @@
 static const char *const ep_names[EP_COUNT] = {"push", "pull",	  "longpoll", "ws",
 											   "rows", "healthz", "metrics",  "other"};
 static const int		 statuses[] = {101, 200, 204, 400, 401, 403, 404, 405,
-									   409, 413, 422, 426, 429, 500, 503};
+									   409, 410, 413, 422, 426, 429, 500, 503};
 
 #define NSTATUS (sizeof statuses / sizeof statuses[0])
 /* upper bounds of the histogram buckets, in microseconds */

@@ -70,6 +70,8 @@ typedef struct srv_dbconf
 	int pull_max_rows; /* rows per chunk of a pull when the client asks for none (0 = one payload)
 						*/
 	int poll_ms;	   /* sync_db_version() polling period */
+	int	   gc_interval;		  /* seconds between sync_gc runs, 0 = never */
+	double gc_retention_days; /* silent devices stop holding the horizon back */
 } srv_dbconf;
 
 #define SRV_MAX_DBS 256
@@ -123,6 +125,7 @@ struct srv_pool;
 struct srv_hub;
 struct srv_work;
 struct srv_metrics;
+struct srv_gc;
 
 /*
  * One database: its settings, and what it owns alone so that one database's
@@ -140,6 +143,7 @@ typedef struct srv_db
 	struct srv_hub	   *hub;
 	struct srv_work	   *work;
 	struct srv_metrics *m;
+	struct srv_gc	   *gc; /* its sync_gc schedule (gc.c), NULL when gc_interval = 0 */
 	char				server_site[37]; /* under site_mu; "" until known */
 	pthread_mutex_t		site_mu;
 	_Atomic long long	ws_version; /* newest version announced to its WebSockets */
@@ -205,6 +209,11 @@ typedef struct srv_error
 /* srv_fail fills e and returns false (so handlers can `return srv_fail(...)`). */
 bool srv_fail(srv_error *e, int status, const char *error, const char *hint, const char *detail_fmt,
 			  ...) __attribute__((format(printf, 5, 6)));
+
+/* ---- gc.c: each database's tombstone collection (sync_gc every gc_interval) */
+
+bool gc_start(srv_db *db);
+void gc_stop(srv_db *db);
 
 /* ---- pool.c -------------------------------------------------------------- */
 

@@ -118,6 +118,11 @@ sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 				 "The server's database was replaced or restored from a backup: pull again from 0 "
 				 "and send everything.",
 				 "%s", d);
+	else if (sqlstate_is(st, "PS410"))
+		srv_fail(e, 410, "cursor behind the gc horizon",
+				 "Push unsent changes, then pull again from 0 (a snapshot); the SQLite client "
+				 "does it by itself.",
+				 "%s", d);
 	else if ((sqlstate_is(st, "22P03") || sqlstate_is(st, "22023")) &&
 			 strstr(d, "continuation token"))
 		srv_fail(e, 400, "bad cursor",

@@ -13,6 +13,8 @@
  *   wait_ms (25000)   long-poll wait of GET /v1/pull
  *   retry_min_ms (250), retry_max_ms (30000)  backoff after failures (with jitter)
  *   chunk_rows (2000) rows per pulled chunk, so that no write transaction is long
+ *   gc_ms (3600000)   how often sync_gc() collects the tombstones the server
+ *                     acknowledged (sl_gc.c), after a successful push; 0 = never
  *
  * Invariants:
  *   - the syncer uses only its own connection, on its own thread; the app's
@@ -55,6 +57,7 @@ typedef struct bg_opts
 	int64_t retry_min_ms;
 	int64_t retry_max_ms;
 	int64_t chunk_rows;
+	int64_t gc_ms;
 } bg_opts;
 
 static const struct
@@ -70,6 +73,7 @@ static const struct
 	{"retry_min_ms", offsetof(bg_opts, retry_min_ms), 250, 1, 3600000},
 	{"retry_max_ms", offsetof(bg_opts, retry_max_ms), 30000, 1, 86400000},
 	{"chunk_rows", offsetof(bg_opts, chunk_rows), 2000, 0, 10000000},
+	{"gc_ms", offsetof(bg_opts, gc_ms), 3600000, 0, 2592000000},
 };
 
 typedef struct syncer
@@ -554,6 +558,24 @@ announce_events(syncer *y)
 	pthread_mutex_unlock(&y->mu);
 }
 
+/*
+ * device_gc: sync_gc() on the syncer's connection: the tombstones the server
+ * acknowledged (sl_gc.c). A failure (the app holding a write lock, say) is
+ * recorded like any other and tried again at the next gc_ms.
+ */
+static void
+device_gc(sl_net *n)
+{
+	sqlite3_stmt *st;
+	int			  rc = SQLITE_ERROR;
+
+	if (sqlite3_prepare_v2(n->db, "SELECT sync_gc()", -1, &st, NULL) == SQLITE_OK)
+		rc = sqlite3_step(st);
+	if (rc != SQLITE_ROW)
+		sl_net_record_error(n, "background sync_gc", sqlite3_errmsg(n->db));
+	sqlite3_finalize(st);
+}
+
 /* run: the loop of a syncer that holds the lock, on its own connection. */
 static void
 run(syncer *y, sl_net *n)
@@ -564,7 +586,7 @@ run(syncer *y, sl_net *n)
 	schedule	  sc = {0};
 	bool		  need_push = true, need_pull = true;
 	int64_t		  now = mono_ms(), push_at = 0, burst = 0, next_poll = now + y->o.poll_ms,
-			next_safety = now + y->o.interval_ms, dv = -1;
+			next_safety = now + y->o.interval_ms, next_gc = now + y->o.gc_ms, dv = -1;
 
 	memset(&lp, 0, sizeof lp);
 	if (sqlite3_prepare_v2(db, "PRAGMA data_version", -1, &dv_st, NULL) == SQLITE_OK &&
@@ -686,11 +708,20 @@ run(syncer *y, sl_net *n)
 		}
 		if (have_settings)
 			sl_net_free_settings(&s);
+		/* the device's tombstone GC, when nothing waits to be pushed (what the
+		 * server acknowledged is what it collects) */
+		if (y->o.gc_ms > 0 && mono_ms() >= next_gc && !need_push && !stopping(y))
+		{
+			device_gc(n);
+			next_gc = mono_ms() + y->o.gc_ms;
+		}
 		/* sleep until the next thing to do; the long-poll, a commit or a stop wakes us */
 		now = mono_ms();
 		timeout = next_poll - now;
 		if (next_safety - now < timeout)
 			timeout = next_safety - now;
+		if (y->o.gc_ms > 0 && !need_push && next_gc - now < timeout)
+			timeout = next_gc - now; /* with a push pending, the push's success runs it */
 		if (sc.next_try > now && sc.next_try - now < timeout)
 			timeout = sc.next_try - now;
 		if (need_push && push_at > now && push_at - now < timeout && sc.next_try <= now)
@@ -742,11 +773,11 @@ run(syncer *y, sl_net *n)
 				}
 				else if (!stopping(y))
 				{
-					/* 409, 401, offline...: the next receive handles it (and records it) */
+					/* 409, 410, 401, offline...: the next receive handles it (and records it) */
 					if (!ok)
 						sl_net_record_error(n, "background receive", msg);
 					failed(y, n, &sc, &lp.s, lp.r.retry_after);
-					need_pull = !ok && lp.r.status == 409;
+					need_pull = !ok && (lp.r.status == 409 || lp.r.status == 410);
 				}
 				sqlite3_free(msg);
 				sl_http_resp_free(&lp.r);
@@ -881,7 +912,7 @@ parse_options(sqlite3_context *ctx, sqlite3_value *v, bg_opts *o)
 		{
 			m = sqlite3_mprintf(
 				"sync_network_start: unknown option \"%s\"; the options are debounce_ms, "
-				"poll_ms, interval_ms, wait_ms, retry_min_ms, retry_max_ms and chunk_rows",
+				"poll_ms, interval_ms, wait_ms, retry_min_ms, retry_max_ms, chunk_rows and gc_ms",
 				it->string);
 			sqlite3_result_error(ctx, m, -1);
 			sqlite3_free(m);

@@ -173,6 +173,8 @@ local_edit(db_conn *c, db_table *t, const pgs_value *pk, pgs_local_op op, sqlite
 		return gset_refused(t, err);
 	if (res == PGS_LOCAL_NONE)
 		return PGS_OK;
+	if (!found)
+		pgs_local_above_floor(&rc, sl_gc_floor_known(c, t)); /* after a GC (sl_gc.c) */
 	return put_clock(c, t, pk, found, &rc, err);
 }
 
@@ -200,6 +202,7 @@ sl_capture_insert(db_conn *c, db_table *t, sqlite3_value **pkargs, pgs_err *err)
 			goto out;
 		}
 		(void) pgs_local_edit(&rc, false, PGS_LOCAL_INSERT, t->algo, NULL, ver, sl_tick(c));
+		pgs_local_above_floor(&rc, sl_gc_floor_known(c, t)); /* after a GC (sl_gc.c) */
 		r = put_clock(c, t, pkv, false, &rc, err);
 	}
 	if (r == PGS_OK || sqlite3_extended_errcode(c->db) != SQLITE_CONSTRAINT_PRIMARYKEY)
@@ -549,6 +552,40 @@ sl_fire_ins(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	if (!fire_begin(ctx, c, t, argv[3], pk))
 		return;
 	t = c->fire_t;
+	if (sl_gc_floor_known(c, t) > 0)
+	{
+		/*
+		 * Tombstones of this table were collected here: a key without a clock
+		 * row starts its life above the floor (sl_gc.c), which the trigger's
+		 * literal 1 cannot say. Written from C; the body does nothing.
+		 */
+		bool		   found;
+		int64_t		   cl;
+		const uint8_t *blob;
+		size_t		   len;
+
+		if ((r = db_clock_get(c, t, pk, &found, &cl, &blob, &len, &err)) != PGS_OK)
+		{
+			fire_fail(ctx, r, &err);
+			return;
+		}
+		if (!found)
+		{
+			if (!life_clock(c, t, &rc))
+			{
+				sqlite3_result_error_nomem(ctx);
+				return;
+			}
+			pgs_local_above_floor(&rc, sl_gc_floor_known(c, t));
+			if ((r = put_clock(c, t, pk, false, &rc, &err)) != PGS_OK)
+			{
+				fire_fail(ctx, r, &err);
+				return;
+			}
+			sqlite3_result_int(ctx, 0);
+			return;
+		}
+	}
 	if (!life_clock(c, t, &rc))
 	{
 		sqlite3_result_error_nomem(ctx);

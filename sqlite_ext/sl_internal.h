@@ -87,6 +87,7 @@ struct db_table
 	sqlite3_stmt *log_count;
 	pgs_value	 *pull_lo; /* lower bound of a pull's bulk scan (bytes in pull_lobuf) */
 	pgs_buf		  pull_lobuf;
+	int64_t		  gc_floor; /* largest cl collected here (sl_gc.c); lives start above it */
 	/* change events of the running apply (sl_events.c) */
 	int64_t ev_count;
 	int64_t ev_seq;
@@ -148,6 +149,9 @@ struct db_conn
 	bool	 *fire_changed; /* the same, one flag per column (pgs_local_edit) */
 	int		  fire_changed_cap;
 	pgs_buf	  fire_blob;
+	/* tombstone GC (sl_gc.c) */
+	bool	pushing;	   /* sync_payload builds a push to the server (known lives partial) */
+	int64_t gc_floor_ver; /* fire_ver at which the tables' floors were last read */
 	/* change events (sl_events.c) and the last apply's counts */
 	bool			ev_ready; /* the event tables exist */
 	bool			ev_any;	  /* the running apply recorded events */
@@ -231,6 +235,12 @@ pgs_rc sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
  * with err->code the closest SQLSTATE; any other error is the engine's. */
 pgs_rc sl_row_error(db_conn *c, pgs_err *err, const char *what);
 
+/* sl_gc.c */
+int64_t sl_gc_life(db_conn *c, db_table *t, bool del);
+int64_t sl_gc_floor_known(db_conn *c, db_table *t);
+pgs_rc	sl_gc_renumber(db_conn *c, db_table *t, const pgs_value *pk, int64_t floor, bool *found,
+					   pgs_err *err);
+int		sl_gc_register(sqlite3 *db, db_conn *c);
 /* sl_events.c: change events of applies (docs/CLIENT.md) */
 pgs_rc sl_events_begin(db_conn *c, pgs_err *err);
 void   sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind);

@@ -403,6 +403,7 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 	sl_net_resp	  r = {0};
 	cJSON		 *j = NULL;
 	char		 *out = NULL;
+	int			  rc;
 
 	*msg = NULL;
 	*again = false;
@@ -427,7 +428,10 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 	sqlite3_bind_int64(st, 1, s->send_cursor);
 	if (s->server_site)
 		sqlite3_bind_text(st, 2, s->server_site, -1, SQLITE_STATIC);
-	if (sqlite3_step(st) != SQLITE_ROW)
+	n->c->pushing = true; /* edits of lives the server knew never go whole */
+	rc = sqlite3_step(st);
+	n->c->pushing = false;
+	if (rc != SQLITE_ROW)
 	{
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
 		sqlite3_finalize(st);
@@ -693,7 +697,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 {
 	recv_totals tot;
 	size_t		bytes = 0;
-	bool		reset = false, requested = false;
+	bool		reset = false, requested = false, gone = false;
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -725,6 +729,35 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		sqlite3_free(path);
 		if (!got)
 		{
+			if (r.status == 410 && !gone && s->recv_cursor)
+			{
+				/*
+				 * Our cursor is older than what the server collected (we were
+				 * away longer than its retention): push what is unsent, then
+				 * pull a snapshot, whose end forgets the rows the server no
+				 * longer has (docs/PROTOCOL.md, 410).
+				 */
+				char *sent, *smsg = NULL;
+
+				gone = true;
+				sl_http_resp_free(&r);
+				sqlite3_free(*msg);
+				*msg = NULL;
+				if (!(sent = do_send(n, s, &smsg)))
+				{
+					*msg = sqlite3_mprintf("the server collected deletes newer than our cursor "
+										   "and pushing our changes first failed: %s",
+										   smsg ? smsg : "unknown error");
+					sqlite3_free(smsg);
+					kv_set(n, "progress", NULL);
+					return NULL;
+				}
+				sqlite3_free(sent);
+				kv_set(n, "recv_cursor", NULL);
+				sqlite3_free(s->recv_cursor);
+				s->recv_cursor = NULL;
+				continue;
+			}
 			if (r.status == 409 && !reset && s->recv_cursor)
 			{
 				/* our cursor is ahead of the server: its database was restored */

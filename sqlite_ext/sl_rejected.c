@@ -200,6 +200,103 @@ row_alive(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const cha
 	return alive;
 }
 
+/* life_of: the row's causal length and who made its life when (false: no clock). */
+static bool
+life_of(sl_net *n, db_table *t, const pgs_value *pk, int64_t *cl, uint64_t *cl_ver,
+		uint64_t *cl_site)
+{
+	const uint8_t *b;
+	size_t		   len;
+	bool		   found;
+	pgs_err		   err;
+	int			   k;
+
+	if (db_clock_get(n->c, t, pk, &found, cl, &b, &len, &err) != PGS_OK || !found)
+		return false;
+	*cl_ver = *cl_site = 0;
+	k = pgs_varint_get(b, b + len, cl_ver);
+	if (k)
+		pgs_varint_get(b + k, b + len, cl_site);
+	return true;
+}
+
+/*
+ * gc_lost: the server answered PS006 (it lacks the row, whose life is older
+ * than what it collected) for a live row whose
+ * life it had acknowledged: the life began here before this push (cl_ver <=
+ * old_cursor: pushed, or received) and was not refused then (the caller
+ * checks that the refusal is new). The server collected the row's tombstone:
+ * the row was deleted (docs/DESIGN.md, "Tombstone GC").
+ */
+static bool
+gc_lost(sl_net *n, const char *tbl, const char *pkjson, int64_t old_cursor)
+{
+	db_table *t;
+	pgs_value pk[64];
+	char	 *store;
+	int64_t	  cl;
+	uint64_t  cl_ver, cl_site;
+	bool	  lost = false;
+
+	(void) cl_site;
+
+	if (!row_of(n, tbl, pkjson, &t, pk, &store))
+		return false;
+	if (life_of(n, t, pk, &cl, &cl_ver, &cl_site) && (cl & 1))
+		lost = (int64_t) cl_ver <= old_cursor;
+	sqlite3_free(store);
+	return lost;
+}
+
+/* forget_lost: forget a row the server lost to GC, and its refusal. */
+static bool
+forget_lost(sl_net *n, const char *tbl, const char *pkjson)
+{
+	db_table *t;
+	pgs_value pk[64];
+	char	 *store, *sql;
+	pgs_err	  err;
+	bool	  ok = true;
+
+	if (row_of(n, tbl, pkjson, &t, pk, &store))
+	{
+		ok = sl_forget_now(n->c, t, pk, &err) == PGS_OK;
+		sqlite3_free(store);
+	}
+	sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = %Q AND "
+						  "origin = 'server'",
+						  tbl, pkjson);
+	ok = ok && sql && exec(n->db, sql);
+	sqlite3_free(sql);
+	return ok;
+}
+
+/* renumber: PS005 — the floor is the message's "causal length floor N". */
+static bool
+renumber(sl_net *n, const char *tbl, const char *pkjson, const char *msg, bool *found)
+{
+	const char *f = strstr(msg, "causal length floor ");
+	db_table   *t;
+	pgs_value	pk[64];
+	char	   *store, *sql;
+	pgs_err		err;
+	bool		ok = true;
+	long long	floor = f ? strtoll(f + strlen("causal length floor "), NULL, 10) : 0;
+
+	*found = false;
+	if (floor > 0 && row_of(n, tbl, pkjson, &t, pk, &store))
+	{
+		ok = sl_gc_renumber(n->c, t, pk, floor, found, &err) == PGS_OK;
+		sqlite3_free(store);
+	}
+	sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = %Q AND "
+						  "origin = 'server' AND code = %Q",
+						  tbl, pkjson, PGS_CODE_FLOOR);
+	ok = ok && sql && exec(n->db, sql);
+	sqlite3_free(sql);
+	return ok;
+}
+
 /* touch: send row (tbl, pkjson) whole with the next push. */
 static bool
 touch(sl_net *n, const char *tbl, const char *pkjson, bool *found)
@@ -432,13 +529,30 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 			ok = false;
 		sqlite3_reset(up);
 		(*nrej)++;
-		if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_INCOMPLETE) == 0 &&
-			attempts <= 1)
+		if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_GONE) == 0 &&
+			attempts <= 1 && gc_lost(n, t->valuestring, pktext, old_cursor))
+		{
+			/* the server knew this life and lost it to GC: it was deleted */
+			ok = ok && forget_lost(n, t->valuestring, pktext);
+			(*nrej)--;
+		}
+		else if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_INCOMPLETE) == 0 &&
+				 attempts <= 1)
 		{
 			bool found;
 
 			ok = ok && touch(n, t->valuestring, pktext, &found);
 			*again |= found;
+		}
+		else if (cJSON_IsString(code) && strcmp(code->valuestring, PGS_CODE_FLOOR) == 0)
+		{
+			/* a first life at or below what the server collected: start it above */
+			bool found = false;
+
+			ok = ok && renumber(n, t->valuestring, pktext,
+								cJSON_IsString(m) ? m->valuestring : "", &found);
+			*again |= found;
+			(*nrej)--;
 		}
 		ns = sqlite3_realloc64(seen, sizeof(char *) * (size_t) (nseen + 2));
 		if (ns)

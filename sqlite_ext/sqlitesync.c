@@ -329,6 +329,7 @@ sync_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		result_err(ctx, &err);
 		return;
 	}
+	o.known_lives_partial = c->pushing; /* sl_network.c's push (docs/DESIGN.md, "Tombstone GC") */
 	if (o.since >= o.until && !o.after)
 		return; /* NULL: nothing newer */
 	pgs_buf_init(&out);
@@ -760,6 +761,12 @@ sl_attach(sqlite3 *db, char **pzErrMsg, db_conn **out)
 	{
 		if (pzErrMsg)
 			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_alter");
+		return SQLITE_ERROR;
+	}
+	if (sl_gc_register(db, c) != SQLITE_OK)
+	{
+		if (pzErrMsg)
+			*pzErrMsg = sqlite3_mprintf("sqlitesync: could not register sync_gc");
 		return SQLITE_ERROR;
 	}
 	if (sl_network_register(db, c) != SQLITE_OK ||

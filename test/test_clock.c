@@ -9,6 +9,7 @@
  * UUIDv7: version 7, RFC 4122 variant, big-endian millisecond prefix.
  * Row clock blob: round trips (runs of equal stamps, holes, many columns),
  * and every malformed blob is refused rather than misread.
+ * Local edits of a key without a clock after a GC start above the floor.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -674,6 +675,37 @@ test_rowclock_wider_than_table(void **state)
 	pgs_buf_free(&b);
 }
 
+/* a key without a clock row after a GC: its life starts above the floor */
+static void
+test_local_above_floor(void **state)
+{
+	struct
+	{
+		pgs_local_op op;
+		int64_t		 floor, want;
+	} cases[] = {
+		{PGS_LOCAL_INSERT, 0, 1}, {PGS_LOCAL_INSERT, 2, 3},	 {PGS_LOCAL_INSERT, 5, 7},
+		{PGS_LOCAL_INSERT, 6, 7}, {PGS_LOCAL_UPDATE, 4, 5},	 {PGS_LOCAL_DELETE, 0, 2},
+		{PGS_LOCAL_DELETE, 2, 4}, {PGS_LOCAL_DELETE, 7, 10}, {PGS_LOCAL_INSERT, -3, 1},
+	};
+
+	(void) state;
+	for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++)
+	{
+		pgs_stamp	 s[2] = {{0}};
+		pgs_rowclock rc = {.ncols = 2, .cols = s};
+
+		assert_int_equal(pgs_local_edit(&rc, false, cases[k].op, DB_ALGO_CLS, NULL, 9, 100),
+						 PGS_LOCAL_WRITE);
+		pgs_local_above_floor(&rc, cases[k].floor);
+		assert_int_equal(rc.cl, cases[k].want);
+		/* a life above every collected one: odd for a write, even for a delete */
+		assert_true(rc.cl > cases[k].floor);
+		assert_int_equal(rc.cl & 1, cases[k].op != PGS_LOCAL_DELETE);
+		assert_int_equal(rc.cl_ver, 9);
+	}
+}
+
 int
 main(void)
 {
@@ -695,6 +727,7 @@ main(void)
 		cmocka_unit_test_setup(test_rowclock_truncated, setup),
 		cmocka_unit_test_setup(test_rowclock_malformed, setup),
 		cmocka_unit_test_setup(test_rowclock_wider_than_table, setup),
+		cmocka_unit_test_setup(test_local_above_floor, setup),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -305,3 +305,28 @@ LANGUAGE C AS 'MODULE_PATHNAME', 'sync_on_ddl_end';
 CREATE EVENT TRIGGER pgsync_ddl_end ON ddl_command_end
 	WHEN TAG IN ('CREATE POLICY', 'ALTER POLICY', 'DROP POLICY', 'ALTER TABLE', 'GRANT', 'REVOKE')
 	EXECUTE FUNCTION pgsync.on_ddl_end();
+
+-- Tombstone GC (docs/DESIGN.md, "Tombstone GC with a horizon"). horizon:
+-- at least the ver of every tombstone ever collected (a pull from a since
+-- above 0 and below it is refused, PS410); floor: per synced table the
+-- largest causal length collected (local lives of keys without a clock start
+-- above it; first lives at or below it are refused, PS005).
+CREATE TABLE pgsync.gc (
+	id integer PRIMARY KEY CHECK (id = 1),
+	horizon bigint NOT NULL DEFAULT 0,
+	collected bigint NOT NULL DEFAULT 0,
+	last_run timestamptz
+);
+INSERT INTO pgsync.gc (id) VALUES (1);
+CREATE TABLE pgsync.gc_floor (
+	tbl text PRIMARY KEY REFERENCES pgsync.tables (name) ON DELETE CASCADE,
+	floor bigint NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('pgsync.gc', '');
+SELECT pg_catalog.pg_extension_config_dump('pgsync.gc_floor', '');
+
+CREATE FUNCTION sync_gc(retention interval DEFAULT '30 days')
+RETURNS jsonb AS 'MODULE_PATHNAME', 'sync_gc' LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION sync_gc(interval) IS
+'collect the tombstones every device that still syncs has seen: at or below the oldest acknowledged cursor (pgsync.devices.acked) of the devices seen within retention, and below every running transaction. Returns what was collected per table; tables busy with writers for a second are left for the next run (busy). Devices whose cursor is older than what was collected re-sync from a snapshot (PS410). For the sync server: grant it to its login role (docs/SERVER.md)';
+REVOKE ALL ON FUNCTION sync_gc(interval) FROM PUBLIC;

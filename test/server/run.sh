@@ -7,7 +7,8 @@
 # device holds exactly its user's view), test_fate.py (issue 8: every row
 # has its own fate), test_schema.py (issue 9: app versions side by side),
 # test_types.py (issue 9.6: one form of every value on every replica),
-# test_background.py (issue 10: background sync, docs/CLIENT.md).
+# test_background.py (issue 10: background sync, docs/CLIENT.md),
+# test_gc.py (issue 11: tombstone GC with a horizon).
 #
 #   test/server/run.sh                    every test of every file
 #   test/server/run.sh rls_push_and_pull  some tests (by name, in any file)
@@ -23,7 +24,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
   export ASAN_OPTIONS=detect_leaks=0
 fi
-FILES="test_server.py test_rls.py test_fate.py test_schema.py test_types.py test_background.py"
+FILES="test_server.py test_rls.py test_fate.py test_schema.py test_types.py test_background.py test_gc.py"
 # names given: each file runs the ones it defines; a name no file defines is an error
 for name in "$@"; do
   grep -q "^def $name(" $(printf 'test/server/%s ' $FILES) ||

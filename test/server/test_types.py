@@ -381,7 +381,7 @@ def held_column_canonical_when_added(env):
 @test
 def key_forms_refused(env):
     """A key cannot be re-stamped (it names the row): one that Postgres would
-    store in another form is refused alone (PS005, with the form to use),
+    store in another form is refused alone (PS007, with the form to use),
     the rest applies; discarding it leaves every replica identical. The nil
     site of canonical forms cannot be registered as a device."""
     env.sql(PG_BASE + """
@@ -402,7 +402,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON k, d, t TO app_user;""")
     r = a.sync()
     check(r["send"]["rejected"] == 3, r)
     rej = a.q("SELECT tbl, code, message FROM sync_network_rejected ORDER BY tbl")
-    check([(t, c) for t, c, _m in rej] == [("d", "PS005"), ("k", "PS005"), ("t", "PS005")], rej)
+    check([(t, c) for t, c, _m in rej] == [("d", "PS007"), ("k", "PS007"), ("t", "PS007")], rej)
     check(all("not in the form Postgres stores" in m for _t, _c, m in rej), rej)
     check(env.sql("SELECT id::text, name FROM k", fetch=True) == [(UUID.replace("a0", "b0"), "canonical")])
     check(env.sql("SELECT day::text, name FROM d", fetch=True) == [("2024-05-07", "canonical")])
