@@ -160,7 +160,11 @@ pgs_key_hash(uint64_t salt, uint32_t npk, const pgs_value *pk)
 {
 	XXH3_state_t st;
 
-	/* streamed: the same bytes as pgs_key_encode, without a buffer */
+	/* streamed: the same bytes as pgs_key_encode, without a buffer. The state
+	 * is zeroed first: xxHash 0.8.1's reset_withSeed compares the seed with
+	 * the state's previous one and skips making the secret when they match,
+	 * so an uninitialised state could keep a garbage secret (valgrind). */
+	memset(&st, 0, sizeof st);
 	XXH3_64bits_reset_withSeed(&st, salt);
 	for (uint32_t i = 0; i < npk; i++)
 	{
