@@ -256,8 +256,18 @@ def phase_push_pull(env, rows, s1):
             return
 
         # -- pull: the last 100 changed rows, raw HTTP ----------------------------
-        st, h, _ = http("GET", s1.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + token("x")})
-        head = int(h["x-pgsync-cursor"])
+        def head_cursor():
+            """The cursor at the head: every chunk of a pull since 0, followed."""
+            cur = "0"
+            while True:
+                st, h, _ = http("GET", f"{s1.url}/v1/pull?since={cur}", headers={"Authorization": "Bearer " + token("x")})
+                if st == 204:
+                    return cur
+                cur = h["x-pgsync-cursor"]
+                if h.get("x-pgsync-more") != "1":
+                    return cur
+
+        head = head_cursor()
         env.sql("UPDATE items SET qty = qty + 1 WHERE id IN (SELECT id FROM items LIMIT 100)")
         toks = [token(f"user{i}") for i in range(CLIENTS)]
 
@@ -267,8 +277,7 @@ def phase_push_pull(env, rows, s1):
                 raise RuntimeError(st)
         n, err, dt = parallel(CLIENTS, pull, SECONDS)
         rows.append(("pull (100 changed rows, 200)", f"{n / dt:,.0f} /s", f"{err} errors"))
-        st, h, _ = http("GET", s1.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + token("x")})
-        top = h["x-pgsync-cursor"]
+        top = head_cursor()
 
         def pull204(i):
             st, _, _ = http("GET", f"{s1.url}/v1/pull?since={top}", headers={"Authorization": "Bearer " + toks[i]})
