@@ -1276,14 +1276,16 @@ sl_background_register(sqlite3 *db, db_conn *c, sl_net *n,
 	(void) c;
 	attach_fn = attach;
 	n->bg = &ops;
-	rc = sqlite3_create_function_v2(db, "sync_network_start", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY, n,
+	rc = sqlite3_create_function_v2(db, "sync_network_start", 0,
+									SQLITE_UTF8 | SQLITE_DIRECTONLY | SQLITE_RESULT_SUBTYPE, n,
 									sync_network_start, NULL, NULL, NULL);
 	if (rc == SQLITE_OK)
-		rc =
-			sqlite3_create_function_v2(db, "sync_network_start", 1, SQLITE_UTF8 | SQLITE_DIRECTONLY,
-									   n, sync_network_start, NULL, NULL, NULL);
+		rc = sqlite3_create_function_v2(db, "sync_network_start", 1,
+										SQLITE_UTF8 | SQLITE_DIRECTONLY | SQLITE_RESULT_SUBTYPE, n,
+										sync_network_start, NULL, NULL, NULL);
 	if (rc == SQLITE_OK)
-		rc = sqlite3_create_function_v2(db, "sync_network_stop", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY,
-										n, sync_network_stop, NULL, NULL, NULL);
+		rc = sqlite3_create_function_v2(db, "sync_network_stop", 0,
+										SQLITE_UTF8 | SQLITE_DIRECTONLY | SQLITE_RESULT_SUBTYPE, n,
+										sync_network_stop, NULL, NULL, NULL);
 	return rc;
 }

@@ -164,9 +164,9 @@ rejected_keys(db_conn *c, db_table *t, int *n)
 	char		**keys = NULL;
 
 	*n = 0;
-	if (sqlite3_prepare_v2(c->db,
-						   "SELECT pk FROM sync_network_rejected WHERE tbl = ?1 AND origin = 'server'",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(
+			c->db, "SELECT pk FROM sync_network_rejected WHERE tbl = ?1 AND origin = 'server'", -1,
+			&st, NULL) != SQLITE_OK)
 		return NULL;
 	sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
 	while (sqlite3_step(st) == SQLITE_ROW)
@@ -224,7 +224,7 @@ collect_table(db_conn *c, db_table *t, int64_t h, int64_t *n, int64_t *maxcl, pg
 	}
 	/* pending rejections keep their tombstone (the app may still retry or discard) */
 	{
-		char *cols = sqlite3_mprintf(""), *w = sqlite3_mprintf("");
+		char		 *cols = sqlite3_mprintf(""), *w = sqlite3_mprintf("");
 		sqlite3_stmt *del = NULL;
 
 		for (int i = 0; i < t->npk && cols && w; i++)
@@ -431,11 +431,13 @@ sync_gc(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 int
 sl_gc_register(sqlite3 *db, db_conn *c)
 {
-	int rc = sqlite3_create_function_v2(db, "sync_gc", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY, c,
+	int rc = sqlite3_create_function_v2(db, "sync_gc", 0,
+										SQLITE_UTF8 | SQLITE_DIRECTONLY | SQLITE_RESULT_SUBTYPE, c,
 										sync_gc, NULL, NULL, NULL);
 
 	if (rc == SQLITE_OK)
-		rc = sqlite3_create_function_v2(db, "sync_gc", 1, SQLITE_UTF8 | SQLITE_DIRECTONLY, c,
+		rc = sqlite3_create_function_v2(db, "sync_gc", 1,
+										SQLITE_UTF8 | SQLITE_DIRECTONLY | SQLITE_RESULT_SUBTYPE, c,
 										sync_gc, NULL, NULL, NULL);
 	return rc;
 }

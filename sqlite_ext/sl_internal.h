@@ -13,6 +13,13 @@
 #include <sqlite3ext.h>
 SQLITE_EXTENSION_INIT3
 
+/* Newer SQLite (3.45+) refuses sqlite3_result_subtype() from a function not
+ * registered with this flag; older ones ignore the bit. Our JSON results
+ * carry the 'J' subtype, so their functions say so on every version. */
+#ifndef SQLITE_RESULT_SUBTYPE
+#define SQLITE_RESULT_SUBTYPE 0x001000000
+#endif
+
 #define SL_STMT_CACHE 8
 
 typedef struct sl_stmt_slot
@@ -150,7 +157,7 @@ struct db_conn
 	int		  fire_changed_cap;
 	pgs_buf	  fire_blob;
 	/* tombstone GC (sl_gc.c) */
-	bool	pushing;	   /* sync_payload builds a push to the server (known lives partial) */
+	bool	pushing;	  /* sync_payload builds a push to the server (known lives partial) */
 	int64_t gc_floor_ver; /* fire_ver at which the tables' floors were last read */
 	/* change events (sl_events.c) and the last apply's counts */
 	bool			ev_ready; /* the event tables exist */

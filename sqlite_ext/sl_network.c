@@ -1349,9 +1349,10 @@ sl_network_register(sqlite3 *db, db_conn *c)
 	for (size_t i = 0; i < nf; i++)
 	{
 		/* network calls have side effects: never from triggers or views */
-		int rc = sqlite3_create_function_v2(db, functions[i].name, functions[i].nargs,
-											SQLITE_UTF8 | SQLITE_DIRECTONLY, n, functions[i].fn,
-											NULL, NULL, i == nf - 1 ? net_free : NULL);
+		int rc =
+			sqlite3_create_function_v2(db, functions[i].name, functions[i].nargs,
+									   SQLITE_UTF8 | SQLITE_DIRECTONLY | SQLITE_RESULT_SUBTYPE, n,
+									   functions[i].fn, NULL, NULL, i == nf - 1 ? net_free : NULL);
 
 		if (rc != SQLITE_OK)
 		{

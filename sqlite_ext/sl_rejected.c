@@ -549,8 +549,8 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 			/* a first life at or below what the server collected: start it above */
 			bool found = false;
 
-			ok = ok && renumber(n, t->valuestring, pktext,
-								cJSON_IsString(m) ? m->valuestring : "", &found);
+			ok = ok && renumber(n, t->valuestring, pktext, cJSON_IsString(m) ? m->valuestring : "",
+								&found);
 			*again |= found;
 			(*nrej)--;
 		}

@@ -698,7 +698,8 @@ static const struct
 	{"sync_payload_cursor", 1, SQLITE_DIRECTONLY, sync_payload_cursor},
 	{"sync_payload_until", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_payload_until},
 	{"sync_apply_payload", 1, SQLITE_DIRECTONLY, sync_apply_payload},
-	{"sync_payload_info", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_payload_info},
+	{"sync_payload_info", 1, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS | SQLITE_RESULT_SUBTYPE,
+	 sync_payload_info},
 	{"sync_uuid", 0, SQLITE_INNOCUOUS, sync_uuid},
 	{"sync_version", 0, SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS, sync_version},
 	/* called by the capture triggers; see sl_capture.c */
