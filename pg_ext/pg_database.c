@@ -354,9 +354,9 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 	return PGS_OK;
 }
 
-/* pk_datums converts the key values for the table's key types. */
-static Datum *
-pk_datums(db_table *t, const pgs_value *pk, int extra)
+/* pg_pk_datums converts the key values for the table's key types. */
+Datum *
+pg_pk_datums(db_table *t, const pgs_value *pk, int extra)
 {
 	Datum *d = palloc(sizeof(Datum) * (t->npk + extra + 1));
 	int	   i;
@@ -404,7 +404,7 @@ keys_fn(db_conn *db, void *arg)
 {
 	keys_args *k = arg;
 
-	k->out = pk_datums(k->t, k->pk, 0);
+	k->out = pg_pk_datums(k->t, k->pk, 0);
 	pg_key_forms(k->t, k->pk, k->out); /* docs/TYPES.md, "Key columns" */
 }
 
@@ -485,7 +485,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 			 const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	Datum		 *d = pk_datums(t, pk, 5);
+	Datum		 *d = pg_pk_datums(t, pk, 5);
 	bytea		 *b = pg_bytea(CurrentMemoryContext, blob, blob_len);
 	pg_user_save  us;
 	int			  rc;
@@ -593,11 +593,11 @@ row_exists(db_table *t, Datum *keys)
 static void
 hidden_row(db_table *t, const char *what)
 {
-	ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					errmsg("row-level security prevents %s this row of table \"%s\"", what,
-						   t->name),
-					errdetail("The row exists, but the role's policies do not let it %s it.",
-							  strcmp(what, "deleting") == 0 ? "delete" : "update")));
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("row-level security prevents %s this row of table \"%s\"", what, t->name),
+			 errdetail("The row exists, but the role's policies do not let it %s it.",
+					   strcmp(what, "deleting") == 0 ? "delete" : "update")));
 }
 
 static void do_write_row(db_conn *db, write_args *w);
@@ -611,7 +611,7 @@ do_write(db_conn *db, write_args *w)
 	Datum *key = pg_apply_key;
 
 	pg_apply_relid = w->t->relid;
-	pg_apply_key = pk_datums(w->t, w->pk, 0);
+	pg_apply_key = pg_pk_datums(w->t, w->pk, 0);
 	PG_TRY();
 	{
 		do_write_row(db, w);
@@ -634,7 +634,7 @@ do_write_row(db_conn *db, write_args *w)
 
 	if (w->kind == W_DELETE)
 	{
-		vals = pk_datums(t, w->pk, 0);
+		vals = pg_pk_datums(t, w->pk, 0);
 		rc = SPI_execute_plan(pg_plan_row_delete(t), vals, NULL, false, 0);
 		if (rc != SPI_OK_DELETE)
 			elog(ERROR, "pgsync: delete from %s failed", t->name);
@@ -645,7 +645,7 @@ do_write_row(db_conn *db, write_args *w)
 	if (w->kind == W_MERGE)
 	{
 		w->m = pg_table_merge_plan(t, w->n, w->cols);
-		vals = pk_datums(t, w->pk, w->n);
+		vals = pg_pk_datums(t, w->pk, w->n);
 		nulls = palloc(t->npk + w->n + 1);
 		memset(nulls, ' ', t->npk + w->n);
 		for (i = 0; i < w->n; i++)
@@ -672,7 +672,7 @@ do_write_row(db_conn *db, write_args *w)
 		return;
 	}
 	/* a new life: the row is exactly these columns, the others null */
-	vals = pk_datums(t, w->pk, t->ncols);
+	vals = pg_pk_datums(t, w->pk, t->ncols);
 	nulls = palloc(t->npk + t->ncols + 1);
 	memset(nulls, ' ', t->npk);
 	memset(nulls + t->npk, 'n', t->ncols);
@@ -846,9 +846,9 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 static void
 forget_fn(db_conn *db, void *arg)
 {
-	write_args	*w = arg;
-	Datum		*vals = pk_datums(w->t, w->pk, 0);
-	pg_user_save us;
+	write_args	  *w = arg;
+	Datum		  *vals = pg_pk_datums(w->t, w->pk, 0);
+	pg_user_save   us;
 	StringInfoData b;
 
 	if (SPI_execute_plan(pg_plan_row_delete(w->t), vals, NULL, false, 0) != SPI_OK_DELETE)
@@ -942,9 +942,9 @@ pgs_rc
 db_held_get(db_conn *db, pgs_name table, pgs_name key, const uint8_t **frag, size_t *len,
 			pgs_err *err)
 {
-	Oid			 types[2] = {TEXTOID, BYTEAOID};
-	Datum		 vals[2];
-	pg_user_save us;
+	Oid			  types[2] = {TEXTOID, BYTEAOID};
+	Datum		  vals[2];
+	pg_user_save  us;
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 
 	vals[0] = PointerGetDatum(cstring_to_text_with_len((const char *) table.p, (int) table.len));
@@ -974,11 +974,11 @@ pgs_rc
 db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code, const char *message,
 			const uint8_t *frag, size_t len, pgs_err *err)
 {
-	Oid			 types[5] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, BYTEAOID};
-	Datum		 vals[5];
-	pg_user_save us;
+	Oid			  types[5] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, BYTEAOID};
+	Datum		  vals[5];
+	pg_user_save  us;
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	int			 rc;
+	int			  rc;
 
 	vals[0] = PointerGetDatum(cstring_to_text_with_len((const char *) table.p, (int) table.len));
 	vals[1] = PointerGetDatum(pg_bytea(CurrentMemoryContext, key.p, key.len));
@@ -1004,526 +1004,21 @@ db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code, const c
 	return PGS_OK;
 }
 
-/* ---- change enumeration -------------------------------------------------- */
-
-/*
- * Four ways to read, chosen by the caller's access (db_table_view) and
- * whether the table goes out as a snapshot:
- *
- *   full, changes    clock rows above since joined to their base rows, as the
- *                    metadata owner (the caller may see every row anyway)
- *   full, snapshot   live clock rows joined to their base rows
- *   rls, changes     clock rows above since as the metadata owner; their base
- *                    rows probed in batches of FETCH_BATCH keys as the caller:
- *                    a row the probe does not return is not visible (HIDDEN)
- *   rls, snapshot    the caller's base rows in the base key order; their clock
- *                    rows probed in batches as the metadata owner
- *
- * Every query is read-only SPI, so all of them read the statement's
- * snapshot: rows, visibility and until (db_version_safe) agree.
- */
-typedef struct probe_hit
-{
-	size_t off; /* key bytes in keys */
-	size_t len;
-	uint64 row; /* tuple of the probe */
-} probe_hit;
-
-struct db_cursor
-{
-	db_conn		  *db;
-	db_table	  *t;
-	int			   how; /* 0 full join, 1 rls changes, 2 rls snapshot, 3 keys */
-	bool		   snapshot;
-	Portal		   portal;
-	SPITupleTable *tt;
-	uint64		   pos;
-	uint64		   n;
-	bool		   eof;
-	MemoryContext  row_cxt;
-	MemoryContext  batch_cxt;
-	pgs_value	  *pk;
-	pgs_value	  *cols;
-	/* rls: the probe of the current batch, sorted by encoded key */
-	SPITupleTable *probe;
-	probe_hit	  *hits;
-	uint64		   nhits;
-	pgs_buf		   keys;
-};
-
-static int
-cmp_hit_keys(const uint8_t *base, const probe_hit *a, const uint8_t *k, size_t klen)
-{
-	int c = memcmp(base + a->off, k, Min(a->len, klen));
-
-	return c ? c : (a->len < klen ? -1 : a->len > klen);
-}
-
-static const uint8_t *qsort_keys;
-
-static int
-cmp_hits(const void *x, const void *y)
-{
-	const probe_hit *b = y;
-
-	return cmp_hit_keys(qsort_keys, x, qsort_keys + b->off, b->len);
-}
-
-/* encode_tuple_key: the key of tuple tup (key columns first) as payload bytes. */
-static void
-encode_tuple_key(db_table *t, HeapTuple tup, TupleDesc td, pgs_buf *out, pgs_value *scratch)
-{
-	for (int i = 0; i < t->npk; i++)
-	{
-		bool  isnull;
-		Datum d = SPI_getbinval(tup, td, i + 1, &isnull);
-
-		pg_datum_value(&t->pk[i], d, isnull, &scratch[i]);
-	}
-	pgs_key_encode(out, (uint32_t) t->npk, scratch);
-}
-
-/*
- * probe_batch: the rows of the other side for the keys of c->tt (base rows
- * as the caller, or clock rows as the metadata owner), indexed by key.
- */
-static void
-probe_batch(db_cursor *c, bool clock)
-{
-	db_table	 *t = c->t;
-	Datum		 *arrays = palloc(sizeof(Datum) * t->npk);
-	uint64		  n = 0;
-	pg_user_save  us;
-	int			  rc;
-	MemoryContext old = MemoryContextSwitchTo(c->batch_cxt);
-
-	for (int i = 0; i < t->npk; i++)
-	{
-		Datum *elems = palloc(sizeof(Datum) * (c->n + 1));
-		int16  typlen;
-		bool   typbyval;
-		char   typalign;
-
-		n = 0;
-		for (uint64 r = 0; r < c->n; r++)
-		{
-			bool isnull;
-
-			/* rls changes: only live clock rows can have a visible row */
-			if (!clock)
-			{
-				int64 cl = DatumGetInt64(
-					SPI_getbinval(c->tt->vals[r], c->tt->tupdesc, t->npk + 1, &isnull));
-
-				if ((cl & 1) == 0)
-					continue;
-			}
-			elems[n++] = SPI_getbinval(c->tt->vals[r], c->tt->tupdesc, i + 1, &isnull);
-		}
-		get_typlenbyvalalign(t->pk[i].basetyp, &typlen, &typbyval, &typalign);
-		arrays[i] = PointerGetDatum(
-			construct_array(elems, (int) n, t->pk[i].basetyp, typlen, typbyval, typalign));
-	}
-	MemoryContextSwitchTo(old);
-	if (c->probe)
-		SPI_freetuptable(c->probe);
-	c->probe = NULL;
-	c->nhits = 0;
-	c->keys.len = 0;
-	if (n == 0)
-		return;
-	if (clock)
-		pg_as_meta(&us);
-	rc = SPI_execute_plan(pg_plan_probe(t, clock), arrays, NULL, true, 0);
-	if (clock)
-		pg_as_caller(&us);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "pgsync: probing rows of %s failed", t->name);
-	c->probe = SPI_tuptable;
-	old = MemoryContextSwitchTo(c->batch_cxt);
-	c->hits = palloc(sizeof(probe_hit) * (SPI_processed + 1));
-	for (uint64 r = 0; r < SPI_processed; r++)
-	{
-		size_t off = c->keys.len;
-
-		encode_tuple_key(t, c->probe->vals[r], c->probe->tupdesc, &c->keys, c->pk);
-		c->hits[r] = (probe_hit){off, c->keys.len - off, r};
-	}
-	MemoryContextSwitchTo(old);
-	c->nhits = SPI_processed;
-	if (c->keys.oom)
-		elog(ERROR, "pgsync: out of memory probing rows");
-	qsort_keys = c->keys.p;
-	qsort(c->hits, c->nhits, sizeof(probe_hit), cmp_hits);
-}
-
-/* probe_find: the probe tuple of the key of tuple tup, or NULL. */
-static HeapTuple
-probe_find(db_cursor *c, HeapTuple tup, TupleDesc td)
-{
-	pgs_buf k;
-	uint64	lo = 0, hi = c->nhits;
-	HeapTuple found = NULL;
-
-	if (!c->probe)
-		return NULL;
-	pgs_buf_init(&k);
-	encode_tuple_key(c->t, tup, td, &k, c->pk);
-	while (lo < hi)
-	{
-		uint64 mid = (lo + hi) / 2;
-		int	   r = cmp_hit_keys(c->keys.p, &c->hits[mid], k.p, k.len);
-
-		if (r == 0)
-		{
-			found = c->probe->vals[c->hits[mid].row];
-			break;
-		}
-		if (r < 0)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	pgs_buf_free(&k);
-	return found;
-}
-
-static void
-cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_start)
-{
-	pg_user_save us;
-
-	if (as_meta)
-		pg_as_meta(&us);
-	if (!fast_start)
-		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
-	else
-	{
-		/* planned at open: a chunk reads a small fraction of the rows */
-		int level = NewGUCNestLevel();
-
-		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
-		AtEOXact_GUC(true, level);
-	}
-	if (as_meta)
-		pg_as_caller(&us);
-	if (c->portal == NULL)
-		elog(ERROR, "pgsync: opening the rows of %s failed", c->t->name);
-}
-
-/*
- * changed_keys: when at most PG_KEYED_MAX rows of t changed since args[0]
- * (after the key in args[2..], order 2), their keys as one array per key
- * column in arrays[], and true. An incremental pull then reads exactly
- * those rows (PGR_CHANGES_IN, PGR_CLOCKS_IN), whatever the planner
- * believes of the table: the keys come from the ver index (sequential scans
- * are off while it is planned: right after a bulk load the clock table has
- * no statistics, and the planner would guess a third of it changed and walk
- * the whole table in key order, for every idle device's poll). More changes
- * than that: false, and the key-order walk reads them chunk by chunk.
- */
-static bool
-changed_keys(db_table *t, Datum *args, int order, Datum *arrays)
-{
-	pg_user_save us;
-	SPIPlanPtr	 plan;
-	int			 rc, level;
-	uint64		 n;
-
-	pg_as_meta(&us);
-	level = NewGUCNestLevel();
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
-	plan = pg_plan_read(t, PGR_CHANGED_KEYS, order == 2 ? 2 : 0);
-	rc = SPI_execute_plan(plan, args, NULL, true, 0);
-	AtEOXact_GUC(true, level);
-	pg_as_caller(&us);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "pgsync: reading the changed keys of %s failed", t->name);
-	n = SPI_processed;
-	if (n > PG_KEYED_MAX)
-	{
-		SPI_freetuptable(SPI_tuptable);
-		return false;
-	}
-	for (int i = 0; i < t->npk; i++)
-	{
-		Datum *elems = palloc(sizeof(Datum) * (n + 1));
-		int16  typlen;
-		bool   typbyval, isnull;
-		char   typalign;
-
-		for (uint64 r = 0; r < n; r++)
-			elems[r] = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, i + 1, &isnull);
-		get_typlenbyvalalign(t->pk[i].basetyp, &typlen, &typbyval, &typalign);
-		arrays[i] = PointerGetDatum(
-			construct_array(elems, (int) n, t->pk[i].basetyp, typlen, typbyval, typalign));
-	}
-	SPI_freetuptable(SPI_tuptable);
-	return true;
-}
-
-pgs_rc
-db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
-				const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **out,
-				pgs_err *err)
-{
-	db_cursor	*c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum		*args = palloc(sizeof(Datum) * (2 * t->npk + 2));
-	int			 order = !by_key ? 0 : after_pk ? 2 : 1;
-	pg_read_kind kind;
-
-	c->db = db;
-	c->t = t;
-	c->row_cxt = AllocSetContextCreate(db->cxt, "pgsync changes", ALLOCSET_DEFAULT_SIZES);
-	c->batch_cxt = AllocSetContextCreate(db->cxt, "pgsync batch", ALLOCSET_DEFAULT_SIZES);
-	c->pk = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * t->npk);
-	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * Max(t->ncols, 1));
-	pgs_buf_init(&c->keys);
-	args[0] = Int64GetDatum(since);
-	args[1] = Int64GetDatum(until);
-	if (order == 2)
-	{
-		/* a token's key: converted (and checked) like a payload's key */
-		Datum *k = pk_datums(t, after_pk, 0);
-
-		memcpy(args + 2, k, sizeof(Datum) * t->npk);
-	}
-	if (access == DB_ACCESS_RLS)
-	{
-		c->how = snapshot ? 2 : 1;
-		kind = snapshot ? PGR_BASE : PGR_CLOCKS;
-	}
-	else
-		kind = snapshot ? PGR_SNAPSHOT : PGR_CHANGES;
-	c->snapshot = snapshot;
-	if (!snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
-		kind = kind == PGR_CLOCKS ? PGR_CLOCKS_IN : PGR_CHANGES_IN;
-	/* the rls snapshot reads the base table as the caller, all else as the owner */
-	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2,
-				order > 0 && kind != PGR_CHANGES_IN && kind != PGR_CLOCKS_IN);
-	*out = c;
-	return PGS_OK;
-}
-
-/* fetch: the next batch of the cursor (and its probe); false at the end. */
-static bool
-fetch(db_cursor *c)
-{
-	pg_user_save us;
-
-	if (c->tt)
-		SPI_freetuptable(c->tt);
-	c->tt = NULL;
-	if (c->eof)
-		return false;
-	MemoryContextReset(c->batch_cxt);
-	c->hits = NULL;
-	if (c->how != 2)
-		pg_as_meta(&us);
-	SPI_cursor_fetch(c->portal, true, FETCH_BATCH);
-	if (c->how != 2)
-		pg_as_caller(&us);
-	c->tt = SPI_tuptable;
-	c->n = SPI_processed;
-	c->pos = 0;
-	if (c->n < FETCH_BATCH)
-		c->eof = true;
-	if (c->n == 0)
-		return false;
-	if (c->how == 1 || c->how == 2)
-		probe_batch(c, c->how == 2);
-	return true;
-}
-
-pgs_rc
-db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, const uint8_t **blob,
-				size_t *blob_len, bool *alive, const pgs_value **cols, db_vis *vis, pgs_err *err)
-{
-	db_table	 *t = c->t;
-	MemoryContext old;
-
-	for (;;)
-	{
-		HeapTuple tup, row = NULL, clk;
-		TupleDesc td, rtd = NULL, ctd;
-		bool	  isnull;
-		bool	  exists;
-		int		  i, first_col;
-		bytea	 *b;
-
-		if (c->tt == NULL || c->pos >= c->n)
-		{
-			if (!fetch(c))
-			{
-				*done = true;
-				return PGS_OK;
-			}
-			if (c->n == 0)
-				continue;
-		}
-		tup = c->tt->vals[c->pos++];
-		td = c->tt->tupdesc;
-		MemoryContextReset(c->row_cxt);
-		old = MemoryContextSwitchTo(c->row_cxt);
-		clk = tup;
-		ctd = td;
-		if (c->how == 2)
-		{
-			/* a visible base row: its clock from the probe */
-			clk = probe_find(c, tup, td);
-			if (!clk)
-			{
-				MemoryContextSwitchTo(old);
-				continue; /* written with capture off: not synced */
-			}
-			ctd = c->probe->tupdesc;
-			row = tup;
-			rtd = td;
-		}
-		*cl = DatumGetInt64(SPI_getbinval(clk, ctd, t->npk + 1, &isnull));
-		if (c->how == 0)
-		{
-			exists = DatumGetBool(SPI_getbinval(tup, td, t->npk + 3, &isnull));
-			row = tup;
-			rtd = td;
-			first_col = t->npk + 4;
-			*vis = c->snapshot ? DB_VIS_WHOLE : DB_VIS_CHANGES;
-			if ((*cl & 1) && !exists)
-			{
-				/* clock says alive but the row is gone (written with capture off) */
-				MemoryContextSwitchTo(old);
-				continue;
-			}
-		}
-		else if (c->how == 1)
-		{
-			row = (*cl & 1) ? probe_find(c, tup, td) : NULL;
-			rtd = c->probe ? c->probe->tupdesc : NULL;
-			exists = row != NULL;
-			first_col = t->npk + 1;
-			*vis = exists ? DB_VIS_WHOLE : DB_VIS_HIDDEN;
-		}
-		else
-		{
-			exists = true;
-			first_col = t->npk + 1;
-			*vis = DB_VIS_WHOLE;
-			if ((*cl & 1) == 0)
-			{
-				MemoryContextSwitchTo(old);
-				continue; /* a live row with a tombstone clock: capture was off */
-			}
-		}
-		for (i = 0; i < t->npk; i++)
-		{
-			Datum d = SPI_getbinval(clk, ctd, i + 1, &isnull);
-
-			pg_datum_value(&t->pk[i], d, isnull, &c->pk[i]);
-		}
-		b = DatumGetByteaPP(SPI_getbinval(clk, ctd, t->npk + 2, &isnull));
-		*blob = (const uint8_t *) VARDATA_ANY(b);
-		*blob_len = VARSIZE_ANY_EXHDR(b);
-		*alive = (*cl & 1) && exists;
-		if (*alive)
-			for (i = 0; i < t->ncols; i++)
-			{
-				Datum d = SPI_getbinval(row, rtd, first_col + i, &isnull);
-
-				pg_datum_value(&t->cols[i], d, isnull, &c->cols[i]);
-			}
-		MemoryContextSwitchTo(old);
-		*pk = c->pk;
-		*cols = c->cols;
-		*done = false;
-		return PGS_OK;
-	}
-}
-
-void
-db_changes_close(db_cursor *c)
-{
-	pg_user_save us;
-
-	if (c->tt)
-		SPI_freetuptable(c->tt);
-	if (c->probe)
-		SPI_freetuptable(c->probe);
-	if (c->how != 2)
-		pg_as_meta(&us);
-	SPI_cursor_close(c->portal);
-	if (c->how != 2)
-		pg_as_caller(&us);
-	pgs_buf_free(&c->keys);
-	MemoryContextDelete(c->row_cxt);
-	MemoryContextDelete(c->batch_cxt);
-}
-
-/* db_keys_open: the keys of live clock rows (as the metadata owner). */
-pgs_rc
-db_keys_open(db_conn *db, db_table *t, db_cursor **out, pgs_err *err)
-{
-	db_cursor *c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum	   args[2] = {Int64GetDatum(0), Int64GetDatum(0)};
-
-	c->db = db;
-	c->t = t;
-	c->how = 3;
-	c->row_cxt = AllocSetContextCreate(db->cxt, "pgsync keys", ALLOCSET_DEFAULT_SIZES);
-	c->batch_cxt = AllocSetContextCreate(db->cxt, "pgsync batch", ALLOCSET_DEFAULT_SIZES);
-	c->pk = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * t->npk);
-	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value));
-	pgs_buf_init(&c->keys);
-	cursor_open(c, pg_plan_read(t, PGR_KEYS, 0), args, true, false);
-	*out = c;
-	return PGS_OK;
-}
-
-pgs_rc
-db_keys_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, pgs_err *err)
-{
-	HeapTuple	  tup;
-	bool		  isnull;
-	MemoryContext old;
-
-	if (c->tt == NULL || c->pos >= c->n)
-	{
-		if (!fetch(c) || c->n == 0)
-		{
-			*done = true;
-			return PGS_OK;
-		}
-	}
-	tup = c->tt->vals[c->pos++];
-	MemoryContextReset(c->row_cxt);
-	old = MemoryContextSwitchTo(c->row_cxt);
-	for (int i = 0; i < c->t->npk; i++)
-		pg_datum_value(&c->t->pk[i], SPI_getbinval(tup, c->tt->tupdesc, i + 1, &isnull), isnull,
-					   &c->pk[i]);
-	*cl = DatumGetInt64(SPI_getbinval(tup, c->tt->tupdesc, c->t->npk + 1, &isnull));
-	MemoryContextSwitchTo(old);
-	*pk = c->pk;
-	*done = false;
-	return PGS_OK;
-}
-
 /* ---- one row as the caller may see it ------------------------------------- */
 
 pgs_rc
 db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_t *cl,
 			const uint8_t **blob, size_t *blob_len, const pgs_value **cols, pgs_err *err)
 {
-	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	Datum		 *keys = pk_datums(t, pk, 0);
-	Datum		 *arrays = palloc(sizeof(Datum) * t->npk);
-	pgs_value	 *vals = palloc(sizeof(pgs_value) * Max(t->ncols, 1));
-	bool		  found;
-	int64_t		  dcl;
+	MemoryContext  old = MemoryContextSwitchTo(scratch(db));
+	Datum		  *keys = pg_pk_datums(t, pk, 0);
+	Datum		  *arrays = palloc(sizeof(Datum) * t->npk);
+	pgs_value	  *vals = palloc(sizeof(pgs_value) * Max(t->ncols, 1));
+	bool		   found;
+	int64_t		   dcl;
 	const uint8_t *b;
-	size_t		  bl;
-	pgs_rc		  rc;
+	size_t		   bl;
+	pgs_rc		   rc;
 
 	*visible = false;
 	if (!pg_key_canonical(t, pk, keys))

@@ -217,6 +217,10 @@ void pg_as_caller(const pg_user_save *s);
 db_table *pg_table_get(Oid relid, bool missing_ok);
 db_table *pg_table_cached(Oid relid);
 void	  pg_table_release_all(void);
+/* pg_pk_datums: a key's values as Datums of the table's key types (extra slots after) */
+Datum *pg_pk_datums(db_table *t, const pgs_value *pk, int extra);
+/* pg_text_array_elem: element i of a text[] Datum (NULL past the end); *n its length */
+char *pg_text_array_elem(Datum arr, int i, int *n);
 /* pg_table_init: sync_init's metadata and triggers; true for a table synced
  * now (its rows need clocks: pg_capture_backfill), false when it was already. */
 bool pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,

@@ -6,8 +6,10 @@
  * context by pg_session.c, so an ERROR anywhere frees everything), calls one
  * core function and maps a failing pgs_rc through pg_raise() (pg_session.c),
  * the one place where core errors become ereport(ERROR). The top of pg_ext:
- * pg_view.c, pg_database.c, pg_lock.c, pg_capture.c, pg_table.c, pg_types.c
- * and pg_session.c sit below it, in that order, none calling one above.
+ * the other files sit below it, floor by floor: pg_view.c; pg_changes.c;
+ * pg_database.c; pg_init.c, pg_lock.c and pg_capture.c; pg_gc.c and
+ * pg_table.c; pg_types.c; pg_session.c at the bottom. None calls a file
+ * above it.
  *
  * SQL name = C name: sync_apply_payload in SQL is sync_apply_payload here.
  */

@@ -66,9 +66,9 @@ struct db_conn
 	int		   rejections;
 	mdeny	  *deny;
 	int		   ndeny;
-	void	  *eph; /* memory lent to the core until the next call */
-	pgs_buf	   key; /* scratch for key encoding */
-	bool	   careful; /* db_apply_careful */
+	void	  *eph;		  /* memory lent to the core until the next call */
+	pgs_buf	   key;		  /* scratch for key encoding */
+	bool	   careful;	  /* db_apply_careful */
 	int		   forgotten; /* db_row_forget calls that removed a row */
 	/* snapshots being received: the keys seen, per table (mockdb_view.c) */
 	struct msnap *snaps;
@@ -126,20 +126,22 @@ struct mock_snap
 	mtable_snap *tables;
 };
 
-
-void	*mdb_xmalloc(size_t n);
-char	*mdb_xstrdup(const char *s);
-void	*mdb_xmemdup(const void *p, size_t n);
-void	 mdb_eph_reset(db_conn *db);
+void	   *mdb_xmalloc(size_t n);
+char	   *mdb_xstrdup(const char *s);
+void	   *mdb_xmemdup(const void *p, size_t n);
+void		mdb_eph_reset(db_conn *db);
 const void *mdb_eph_lend(db_conn *db, const void *p, size_t n);
-void	 mdb_value_copy(pgs_value *dst, const pgs_value *src);
-void	 mdb_value_free(pgs_value *v);
-bool	 mdb_value_ok(const pgs_value *v);
-void	 mdb_encode_key(db_conn *db, db_table *t, const pgs_value *pk);
-mrow	*mdb_find_row(db_table *t, const pgs_value *pk);
-mrow	*mdb_get_row(db_table *t, const pgs_value *pk);
-void	 mdb_row_clear_vals(db_table *t, mrow *row);
-pgs_rc	 mdb_check_pk(db_table *t, const pgs_value *pk, pgs_err *err);
+void		mdb_value_copy(pgs_value *dst, const pgs_value *src);
+void		mdb_value_free(pgs_value *v);
+bool		mdb_value_ok(const pgs_value *v);
+void		mdb_encode_key(db_conn *db, db_table *t, const pgs_value *pk);
+mrow	   *mdb_find_row(db_table *t, const pgs_value *pk);
+mrow	   *mdb_rows_find(mrows *r, const uint8_t *k, size_t n);
+void		mdb_rows_free(db_table *t, mrows *r);
+void		mdb_rows_copy(db_table *t, mrows *dst, const mrows *src); /* dst: empty */
+mrow	   *mdb_get_row(db_table *t, const pgs_value *pk);
+void		mdb_row_clear_vals(db_table *t, mrow *row);
+pgs_rc		mdb_check_pk(db_table *t, const pgs_value *pk, pgs_err *err);
 /* mdb_check_locked: PGS_ERR_DB unless the running apply announced pk of t. */
 pgs_rc	 mdb_check_locked(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err);
 int		 mdb_key_cmp(db_table *t, const pgs_value *a, const pgs_value *b);

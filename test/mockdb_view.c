@@ -233,8 +233,8 @@ db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_er
 				return PGS_OK; /* an end without its beginning: forget nothing */
 			for (int i = 0; i < t->r.nrows; i++)
 			{
-				mrow *row = &t->r.rows[i];
-				bool  forgot;
+				mrow  *row = &t->r.rows[i];
+				bool   forgot;
 				pgs_rc rc;
 
 				if (!row->alive || snap_has(s, row->key, row->keylen))
