@@ -162,26 +162,26 @@ pg_watch_refresh(Oid relid)
 
 	meta_exec("DELETE FROM pgsync.watches WHERE tbl = $1::pg_catalog.regclass AND auto", 1, types,
 			  vals, false, 0);
-	meta_exec(
-		"INSERT INTO pgsync.watches (tbl, depends_on, auto) "
-		"SELECT DISTINCT $1::pg_catalog.regclass, d.refobjid::pg_catalog.regclass, true "
-		"FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_depend d "
-		"  ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid "
-		" AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype = 'n' "
-		"JOIN pg_catalog.pg_class c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p') "
-		"WHERE p.polrelid = $1 AND (d.refobjid <> $1 OR d.refobjsubid = 0) "
-		"ON CONFLICT DO NOTHING",
-		1, types, vals, false, 0);
+	meta_exec("INSERT INTO pgsync.watches (tbl, depends_on, auto) "
+			  "SELECT DISTINCT $1::pg_catalog.regclass, d.refobjid::pg_catalog.regclass, true "
+			  "FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_depend d "
+			  "  ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid "
+			  " AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype = 'n' "
+			  "JOIN pg_catalog.pg_class c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p') "
+			  "WHERE p.polrelid = $1 AND (d.refobjid <> $1 OR d.refobjsubid = 0) "
+			  "ON CONFLICT DO NOTHING",
+			  1, types, vals, false, 0);
 	/* a statement trigger on every watched table, none on the others */
-	meta_exec("SELECT pg_catalog.format('CREATE TRIGGER pgsync_vis AFTER INSERT OR UPDATE OR DELETE "
-			  "OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.sync_vis_trigger()', "
-			  "w.depends_on, (SELECT n.nspname FROM pg_catalog.pg_proc f JOIN "
-			  "pg_catalog.pg_namespace n ON n.oid = f.pronamespace WHERE f.proname = "
-			  "'sync_vis_trigger' LIMIT 1)) "
-			  "FROM (SELECT DISTINCT depends_on FROM pgsync.watches) w WHERE NOT EXISTS "
-			  "(SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = w.depends_on AND t.tgname = "
-			  "'pgsync_vis')",
-			  0, NULL, NULL, false, 0);
+	meta_exec(
+		"SELECT pg_catalog.format('CREATE TRIGGER pgsync_vis AFTER INSERT OR UPDATE OR DELETE "
+		"OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.sync_vis_trigger()', "
+		"w.depends_on, (SELECT n.nspname FROM pg_catalog.pg_proc f JOIN "
+		"pg_catalog.pg_namespace n ON n.oid = f.pronamespace WHERE f.proname = "
+		"'sync_vis_trigger' LIMIT 1)) "
+		"FROM (SELECT DISTINCT depends_on FROM pgsync.watches) w WHERE NOT EXISTS "
+		"(SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = w.depends_on AND t.tgname = "
+		"'pgsync_vis')",
+		0, NULL, NULL, false, 0);
 	{
 		uint64 n = SPI_processed;
 		char **ddl = palloc(sizeof(char *) * (n + 1));
@@ -328,13 +328,12 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 		rels = result_oids(&n);
 		for (uint64 i = 0; i < n; i++)
 			pg_table_reconcile(rels[i]);
-		meta_exec(
-			"SELECT t.tbl::pg_catalog.oid FROM pg_catalog.pg_event_trigger_ddl_commands() c "
-			"JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid "
-			"JOIN pg_catalog.pg_class r ON r.oid = c.objid "
-			"WHERE t.rls IS DISTINCT FROM (CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN "
-			"r.relforcerowsecurity THEN 'forced' ELSE 'on' END)",
-			0, NULL, NULL, false, 0);
+		meta_exec("SELECT t.tbl::pg_catalog.oid FROM pg_catalog.pg_event_trigger_ddl_commands() c "
+				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid "
+				  "JOIN pg_catalog.pg_class r ON r.oid = c.objid "
+				  "WHERE t.rls IS DISTINCT FROM (CASE WHEN NOT r.relrowsecurity THEN 'off' WHEN "
+				  "r.relforcerowsecurity THEN 'forced' ELSE 'on' END)",
+				  0, NULL, NULL, false, 0);
 	}
 	else
 		meta_exec("SELECT DISTINCT t.tbl::pg_catalog.oid FROM "
@@ -376,12 +375,11 @@ pg_table_access(db_table *t)
 	{
 		const char *role = GetUserNameFromId(user, false), *schema = get_namespace_name(nsp);
 
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("role %s may read synced table %s but not use its schema %s", role,
-						t->name, schema),
-				 errhint("GRANT USAGE ON SCHEMA %s TO %s;", quote_identifier(schema),
-						 quote_identifier(role))));
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						errmsg("role %s may read synced table %s but not use its schema %s", role,
+							   t->name, schema),
+						errhint("GRANT USAGE ON SCHEMA %s TO %s;", quote_identifier(schema),
+								quote_identifier(role))));
 	}
 
 	if (pg_class_aclcheck(t->relid, user, ACL_SELECT) != ACLCHECK_OK)
@@ -390,8 +388,7 @@ pg_table_access(db_table *t)
 			if (pg_attribute_aclcheck(t->relid, t->pk[i].attnum, user, ACL_SELECT) != ACLCHECK_OK)
 				return DB_ACCESS_NONE;
 		for (int i = 0; i < t->ncols; i++)
-			if (pg_attribute_aclcheck(t->relid, t->cols[i].attnum, user, ACL_SELECT) !=
-				ACLCHECK_OK)
+			if (pg_attribute_aclcheck(t->relid, t->cols[i].attnum, user, ACL_SELECT) != ACLCHECK_OK)
 				return DB_ACCESS_NONE;
 	}
 	return check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED ? DB_ACCESS_RLS
@@ -446,8 +443,7 @@ sync_device(PG_FUNCTION_ARGS)
 		meta_exec("INSERT INTO pgsync.devices (site, principal) VALUES ($1, $2) "
 				  "ON CONFLICT (site) DO NOTHING",
 				  2, types, vals, false, 0);
-		meta_exec("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types, vals, false,
-				  1);
+		meta_exec("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types, vals, false, 1);
 	}
 	if (SPI_processed != 1)
 		elog(ERROR, "pgsync: could not record device %s", u);
@@ -653,8 +649,8 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 	vals[2] = Int64GetDatum(since);
 	vals[3] = Int32GetDatum(0);
 	vals[4] = Int32GetDatum(pg_record_interval);
-	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, " STALE_SQL(3, 5)
-			  " FROM pgsync.devices WHERE site = $1",
+	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, " STALE_SQL(
+				  3, 5) " FROM pgsync.devices WHERE site = $1",
 			  5, types, vals, true, 1);
 	if (SPI_processed != 1)
 	{
@@ -714,7 +710,8 @@ secret_get(uint8_t **key, size_t *len)
 			ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 							errmsg("pgsync cursor secret is missing"),
 							errhint("Recreate the extension.")));
-		b = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		b = DatumGetByteaPP(
+			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 		cached_len = Min(VARSIZE_ANY_EXHDR(b), sizeof cached);
 		memcpy(cached, VARDATA_ANY(b), cached_len);
 	}
@@ -761,9 +758,9 @@ tag_of(const uint8_t *key, size_t klen, const uint8_t *nonce, const uint8_t *ct,
 {
 	static const uint8_t nodev[PGS_SITE_LEN] = {0};
 	uint8_t				 full[PG_SHA256_DIGEST_LENGTH];
-	const uint8_t		*parts[4] = {(const uint8_t *) "t", pg_have_device ? pg_cur_device : nodev,
-									 nonce, ct};
-	size_t				 lens[4] = {1, PGS_SITE_LEN, SEAL_NONCE, n};
+	const uint8_t *parts[4] = {(const uint8_t *) "t", pg_have_device ? pg_cur_device : nodev, nonce,
+							   ct};
+	size_t		   lens[4] = {1, PGS_SITE_LEN, SEAL_NONCE, n};
 
 	hmac(key, klen, parts, lens, 4, full);
 	memcpy(out, full, SEAL_TAG);
@@ -819,6 +816,31 @@ bad:
 	return NULL;
 }
 
+/*
+ * pull_until: the safe version a pull of changes after since reaches; ERROR
+ * PS409 when since is newer than anything this database handed out (it was
+ * replaced or restored), PS410 when deletes newer than since were collected.
+ */
+static int64_t
+pull_until(db_conn *db, int64_t since)
+{
+	int64_t until;
+	pgs_err err;
+
+	if (db_version_safe(db, &until, &err) != PGS_OK)
+		pg_raise(&err);
+	if (since > until)
+		ereport(ERROR,
+				(errcode(MAKE_SQLSTATE('P', 'S', '4', '0', '9')), errmsg("cursor ahead of server"),
+				 errdetail("since=%lld is newer than anything this database has handed out "
+						   "(%lld).",
+						   (long long) since, (long long) until),
+				 errhint("The database was replaced or restored from a backup: pull again from 0 "
+						 "and send everything.")));
+	pg_gc_check_since(since);
+	return until;
+}
+
 /* ---- sync_pull ------------------------------------------------------------ */
 
 /*
@@ -847,9 +869,8 @@ sync_pull(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "sync_pull must return a record");
 	if (PG_ARGISNULL(0) || PG_GETARG_INT64(0) < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("since must be 0 or more"),
-				 errhint("Pass 0 the first time, then the until of the previous pull.")));
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("since must be 0 or more"),
+						errhint("Pass 0 the first time, then the until of the previous pull.")));
 	memset(&o, 0, sizeof o);
 	o.since = PG_GETARG_INT64(0);
 	if (!PG_ARGISNULL(1))
@@ -874,17 +895,7 @@ sync_pull(PG_FUNCTION_ARGS)
 		if (!o.max_rows)
 			o.max_rows = 10000;
 	}
-	if (db_version_safe(&db, &until, &err) != PGS_OK)
-		pg_raise(&err);
-	if (o.since > until)
-		ereport(ERROR,
-				(errcode(MAKE_SQLSTATE('P', 'S', '4', '0', '9')), errmsg("cursor ahead of server"),
-				 errdetail("since=%lld is newer than anything this database has handed out "
-						   "(%lld).",
-						   (long long) o.since, (long long) until),
-				 errhint("The database was replaced or restored from a backup: pull again from 0 "
-						 "and send everything.")));
-	pg_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
+	until = pull_until(&db, o.since);
 	o.until = until;
 	o.view = true;
 	o.compress = 1;
@@ -1062,17 +1073,7 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	pg_core_memory(cxt);
 	SPI_connect();
 	pg_conn_init(&db, cxt);
-	if (db_version_safe(&db, &until, &err) != PGS_OK)
-		pg_raise(&err);
-	if (o.since > until)
-		ereport(ERROR,
-				(errcode(MAKE_SQLSTATE('P', 'S', '4', '0', '9')), errmsg("cursor ahead of server"),
-				 errdetail("since=%lld is newer than anything this database has handed out "
-						   "(%lld).",
-						   (long long) o.since, (long long) until),
-				 errhint("The database was replaced or restored from a backup: pull again from 0 "
-						 "and send everything.")));
-	pg_gc_check_since(o.since); /* PS410 for the whole group: they share since */
+	until = pull_until(&db, o.since); /* one answer for the whole group: they share since */
 	o.until = until;
 	o.view = true;
 	o.compress = 1;
@@ -1089,10 +1090,12 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		vals[4] = Int64GetDatum(o.since);
 		vals[5] = Int32GetDatum(pg_record_interval);
 		/* stale as in device_view */
-		meta_exec("SELECT d.i::int4, " STALE_SQL(5, 6)
-				  " FROM unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site "
-				  "= d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
-				  6, types, vals, true, 0);
+		meta_exec(
+			"SELECT d.i::int4, " STALE_SQL(
+				5,
+				6) " FROM unnest($1) WITH ORDINALITY AS d(site, i) JOIN pgsync.devices v ON v.site "
+				   "= d.site WHERE v.principal = $2 AND v.fingerprint = $3 AND v.fp_gen = $4",
+			6, types, vals, true, 0);
 		for (uint64 r = 0; r < SPI_processed; r++)
 		{
 			bool  isnull;
@@ -1125,8 +1128,8 @@ sync_pull_group(PG_FUNCTION_ARGS)
 
 		for (int i = 0; i < n; i++)
 			for (uint32_t k = 0; k < nsites && served[i]; k++)
-				if (memcmp(sites + 16 * (size_t) k, DatumGetUUIDP(elems[i])->data,
-						   PGS_SITE_LEN) == 0)
+				if (memcmp(sites + 16 * (size_t) k, DatumGetUUIDP(elems[i])->data, PGS_SITE_LEN) ==
+					0)
 					served[i] = false;
 	}
 	/* record the pulls of the served devices the way device_view does */
@@ -1224,9 +1227,10 @@ sync_rows(PG_FUNCTION_ARGS)
 	bytea		 *res;
 
 	if (!cJSON_IsArray(j) || cJSON_GetArraySize(j) > ROWS_MAX)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						errmsg("keys must be a JSON array of at most %d {\"table\", \"pk\"} objects",
-							   ROWS_MAX)));
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("keys must be a JSON array of at most %d {\"table\", \"pk\"} objects",
+						ROWS_MAX)));
 	pg_payload_guard();
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync rows", ALLOCSET_DEFAULT_SIZES);
 	pg_core_memory(cxt);
@@ -1235,8 +1239,8 @@ sync_rows(PG_FUNCTION_ARGS)
 	rows = palloc(sizeof(pgs_row_ref) * (cJSON_GetArraySize(j) + 1));
 	cJSON_ArrayForEach(it, j)
 	{
-		cJSON	 *tn = cJSON_GetObjectItemCaseSensitive(it, "table");
-		db_table *t;
+		cJSON	  *tn = cJSON_GetObjectItemCaseSensitive(it, "table");
+		db_table  *t;
 		pgs_value *pk;
 
 		if (!cJSON_IsString(tn))
@@ -1247,9 +1251,9 @@ sync_rows(PG_FUNCTION_ARGS)
 			continue; /* not synced here: nothing to send */
 		pk = palloc(sizeof(pgs_value) * t->npk);
 		if (!json_key(t, cJSON_GetObjectItemCaseSensitive(it, "pk"), pk))
-			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-							errmsg("key of table \"%s\" is not an object of its key columns",
-								   t->name)));
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("key of table \"%s\" is not an object of its key columns", t->name)));
 		rows[n].t = t;
 		rows[n].pk = pk;
 		n++;

@@ -863,22 +863,6 @@ out:
 
 /* ---- SQL functions ------------------------------------------------------------------ */
 
-static void
-result_json(sqlite3_context *ctx, cJSON *j)
-{
-	char *t = cJSON_PrintUnformatted(j);
-
-	cJSON_Delete(j);
-	if (!t)
-	{
-		sqlite3_result_error_nomem(ctx);
-		return;
-	}
-	sqlite3_result_text(ctx, t, -1, SQLITE_TRANSIENT);
-	sqlite3_result_subtype(ctx, 'J');
-	cJSON_free(t);
-}
-
 /* parse_options fills o from options_json; false with the error set on ctx. */
 static bool
 parse_options(sqlite3_context *ctx, sqlite3_value *v, bg_opts *o)
@@ -997,7 +981,7 @@ sync_network_start(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 			cJSON_AddNumberToObject(j, "active_pid", (double) y->active_pid);
 		pthread_mutex_unlock(&y->mu);
 		release(y);
-		result_json(ctx, j);
+		sl_result_json(ctx, j);
 		return;
 	}
 	if (!pin_and_register(&why))
@@ -1061,7 +1045,7 @@ sync_network_start(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	cJSON_AddNumberToObject(j, "pid", (double) getpid());
 	if (holder)
 		cJSON_AddNumberToObject(j, "active_pid", (double) holder);
-	result_json(ctx, j);
+	sl_result_json(ctx, j);
 }
 
 static void
@@ -1079,7 +1063,7 @@ sync_network_stop(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		stop_syncer(y);
 		j = cJSON_CreateObject();
 		cJSON_AddBoolToObject(j, "stopped", true);
-		result_json(ctx, j);
+		sl_result_json(ctx, j);
 		return;
 	}
 	if (db_path(n->db) && lock_probe(db_path(n->db), &pid))
@@ -1095,7 +1079,7 @@ sync_network_stop(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	j = cJSON_CreateObject();
 	cJSON_AddBoolToObject(j, "stopped", false); /* none was running */
-	result_json(ctx, j);
+	sl_result_json(ctx, j);
 }
 
 /* ---- hooks for the rest of the extension ----------------------------------------------- */

@@ -695,6 +695,19 @@ db_table_parents(db_conn *c, db_table *t, db_table ***parents, int *n, pgs_err *
 pgs_rc
 sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err *err)
 {
+	return sl_touch_row_above(c, t, pk, -1, found, err);
+}
+
+/*
+ * sl_touch_row_above: sl_touch_row, and with floor >= 0 the row's life
+ * starts again above floor (a first life the server collected below, PS005:
+ * sl_gc_renumber) by this device; then *found = false also when the row is
+ * deleted here (its delete goes out as usual).
+ */
+pgs_rc
+sl_touch_row_above(db_conn *c, db_table *t, const pgs_value *pk, int64_t floor, bool *found,
+				   pgs_err *err)
+{
 	const uint8_t *blob;
 	size_t		   len;
 	int64_t		   cl, ver;
@@ -705,12 +718,23 @@ sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err 
 	*found = false;
 	if ((r = db_clock_get(c, t, pk, found, &cl, &blob, &len, err)) != PGS_OK || !*found)
 		return r;
+	if (floor >= 0 && (cl & 1) == 0)
+	{
+		*found = false; /* deleted meanwhile: the delete goes out as usual */
+		return PGS_OK;
+	}
 	if (!(s = sl_stamps(c, t->ncols)))
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	rc = (pgs_rowclock){.ncols = t->ncols, .cols = s};
 	if ((r = pgs_rowclock_decode(blob, len, &rc, err)) != PGS_OK ||
 		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
 		return r;
+	if (floor >= 0)
+	{
+		if (cl <= floor)
+			cl = floor + 1 + (floor & 1);
+		rc.cl_site = 0; /* this device's life */
+	}
 	rc.cl = cl;
 	rc.cl_ver = ver;
 	for (int i = 0; i < t->ncols; i++)

@@ -108,41 +108,12 @@ raise_floor(db_conn *c, db_table *t, int64_t f, pgs_err *err)
 pgs_rc
 sl_gc_renumber(db_conn *c, db_table *t, const pgs_value *pk, int64_t f, bool *found, pgs_err *err)
 {
-	const uint8_t *blob;
-	size_t		   len;
-	int64_t		   cl, ver;
-	pgs_stamp	  *s;
-	pgs_rowclock   rc;
-	pgs_rc		   r;
+	pgs_rc r;
 
 	*found = false;
-	if ((r = raise_floor(c, t, f, err)) != PGS_OK ||
-		(r = db_clock_get(c, t, pk, found, &cl, &blob, &len, err)) != PGS_OK || !*found)
+	if ((r = raise_floor(c, t, f, err)) != PGS_OK)
 		return r;
-	if ((cl & 1) == 0)
-	{
-		*found = false; /* deleted meanwhile: the delete goes out as usual */
-		return PGS_OK;
-	}
-	if (!(s = sl_stamps(c, t->ncols)))
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-	rc = (pgs_rowclock){.ncols = t->ncols, .cols = s};
-	if ((r = pgs_rowclock_decode(blob, len, &rc, err)) != PGS_OK ||
-		(r = sl_txn_version(c, false, &ver, err)) != PGS_OK)
-		return r;
-	if (cl <= f)
-		cl = f + 1 + (f & 1);
-	rc.cl = cl;
-	rc.cl_ver = ver;
-	rc.cl_site = 0;
-	for (int i = 0; i < t->ncols; i++)
-		if (s[i].hlc)
-			s[i].ver = ver;
-	c->scratch.len = 0;
-	pgs_rowclock_encode(&rc, &c->scratch);
-	if (c->scratch.oom)
-		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-	return db_clock_put(c, t, pk, true, cl, ver, c->scratch.p, c->scratch.len, err);
+	return sl_touch_row_above(c, t, pk, f, found, err);
 }
 
 /* db_table_floor: a device takes the server's lives as they are. */
@@ -377,7 +348,6 @@ sync_gc(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	db_conn *c = sqlite3_user_data(ctx);
 	int64_t	 h;
 	cJSON	*j = NULL;
-	char	*text;
 	pgs_err	 err;
 	pgs_rc	 rc;
 
@@ -416,16 +386,7 @@ sync_gc(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	}
 	sqlite3_exec(c->db, "RELEASE sync_gc", NULL, NULL, NULL);
 	c->gc_floor_ver = -1; /* read again by the next write */
-	text = cJSON_PrintUnformatted(j);
-	cJSON_Delete(j);
-	if (!text)
-	{
-		sqlite3_result_error_nomem(ctx);
-		return;
-	}
-	sqlite3_result_text(ctx, text, -1, SQLITE_TRANSIENT);
-	sqlite3_result_subtype(ctx, 'J');
-	cJSON_free(text);
+	sl_result_json(ctx, j);
 }
 
 int

@@ -186,6 +186,10 @@ pgs_rc	  sl_dberr(db_conn *c, pgs_err *err, const char *what);
 void	  sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v);
 void	  sl_column_value(sqlite3_stmt *st, int i, pgs_value *v);
 pgs_rc	  sl_exec(db_conn *c, const char *sql, pgs_err *err);
+/* sl_result_json: j (consumed) as the function's JSON text result, subtype 'J'
+ * (register the function with SQLITE_RESULT_SUBTYPE). */
+struct cJSON;
+void sl_result_json(sqlite3_context *ctx, struct cJSON *j);
 /* sl_execf: sl_exec of a sqlite3_mprintf format (%Q, %w, ...). */
 pgs_rc sl_execf(db_conn *c, pgs_err *err, const char *fmt, ...);
 char  *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
@@ -237,6 +241,8 @@ void			  sl_protect_load(db_conn *c);
 char			 *sl_pk_json(const db_table *t, const pgs_value *pk); /* sqlite3_malloc'd */
 bool   sl_pk_from_json(db_conn *c, db_table *t, const char *json, pgs_value *pk, char **store);
 pgs_rc sl_touch_row(db_conn *c, db_table *t, const pgs_value *pk, bool *found, pgs_err *err);
+pgs_rc sl_touch_row_above(db_conn *c, db_table *t, const pgs_value *pk, int64_t floor, bool *found,
+						  pgs_err *err);
 pgs_rc sl_forget_now(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err);
 /* sl_row_error: a failed row write: PGS_ERR_ROW (careful) or PGS_ERR_CAREFUL,
  * with err->code the closest SQLSTATE; any other error is the engine's. */

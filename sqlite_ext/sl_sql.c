@@ -245,3 +245,19 @@ sl_pk_json(const db_table *t, const pgs_value *pk)
 	cJSON_Delete(o);
 	return out;
 }
+
+void
+sl_result_json(sqlite3_context *ctx, cJSON *j)
+{
+	char *t = j ? cJSON_PrintUnformatted(j) : NULL;
+
+	cJSON_Delete(j);
+	if (!t)
+	{
+		sqlite3_result_error_nomem(ctx);
+		return;
+	}
+	sqlite3_result_text(ctx, t, -1, SQLITE_TRANSIENT);
+	sqlite3_result_subtype(ctx, 'J');
+	cJSON_free(t);
+}
