@@ -569,11 +569,11 @@ device_gc(sl_net *n)
 	sqlite3_stmt *st;
 	int			  rc = SQLITE_ERROR;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT sync_gc()", -1, &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT sync_gc()", &st) == SQLITE_OK)
 		rc = sqlite3_step(st);
 	if (rc != SQLITE_ROW)
 		sl_net_record_error(n, "background sync_gc", sqlite3_errmsg(n->db));
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 }
 
 /* run: the loop of a syncer that holds the lock, on its own connection. */
@@ -1148,17 +1148,17 @@ events_mark(sl_net *n)
 	sqlite3_stmt *st;
 	char		 *m = NULL;
 
-	if (sqlite3_prepare_v2(
-			n->db,
+	if (sl_stmt_prepare(
+			n->c,
 			"SELECT coalesce((SELECT max(seq) FROM sync_network_changes), '') || ':' "
 			"|| coalesce((SELECT value FROM sync_network WHERE key = 'recv_cursor'), '')",
-			-1, &st, NULL) != SQLITE_OK &&
-		sqlite3_prepare_v2(n->db, "SELECT value FROM sync_network WHERE key = 'recv_cursor'", -1,
-						   &st, NULL) != SQLITE_OK)
+			&st) != SQLITE_OK &&
+		sl_stmt_prepare(n->c, "SELECT value FROM sync_network WHERE key = 'recv_cursor'", &st) !=
+			SQLITE_OK)
 		return NULL;
 	if (sqlite3_step(st) == SQLITE_ROW)
 		m = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	return m;
 }
 

@@ -116,12 +116,17 @@ db_apply_version(db_conn *c, int64_t *ver, pgs_err *err)
 pgs_rc
 db_hlc_observe(db_conn *c, uint64_t hlc, pgs_err *err)
 {
-	char sql[128];
+	sqlite3_stmt *st;
+	int			  s;
 
 	if (hlc > c->hlc)
 		c->hlc = hlc;
-	snprintf(sql, sizeof sql, "UPDATE sync_state SET hlc = max(hlc, %lld)", (long long) hlc);
-	return sl_exec(c, sql, err);
+	if (!(st = sl_stmt(c, "UPDATE sync_state SET hlc = max(hlc, ?1)")))
+		return sl_dberr(c, err, "could not advance the clock");
+	sqlite3_bind_int64(st, 1, (sqlite3_int64) hlc);
+	s = sqlite3_step(st);
+	sl_stmt_done(c, st);
+	return s == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not advance the clock");
 }
 
 static void
@@ -223,10 +228,14 @@ batch_alloc(db_table *t, pgs_err *err)
 	return PGS_OK;
 }
 
-/* multi_insert prepares INSERT INTO target(cols) VALUES (...) x nrows. */
+/* multi_insert prepares INSERT INTO target(cols) VALUES (...) x nrows: into
+ * *st, a table's slot when slot is true; a partial batch of up to
+ * SMALL_BATCH rows through the connection's statement cache (sl_stmt: give
+ * it back with sl_stmt_done, which finalizes anything else). */
+#define SMALL_BATCH 4
 static pgs_rc
-multi_insert(db_conn *c, sqlite3_stmt **st, const char *target, const char *cols, int per,
-			 int nrows, pgs_err *err)
+multi_insert(db_conn *c, sqlite3_stmt **st, bool slot, const char *target, const char *cols,
+			 int per, int nrows, pgs_err *err)
 {
 	char  *sql = sqlite3_mprintf("INSERT INTO %s(%s) VALUES ", target, cols);
 	pgs_rc rc;
@@ -252,6 +261,13 @@ multi_insert(db_conn *c, sqlite3_stmt **st, const char *target, const char *cols
 	}
 	if (!sql)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	if (!slot && nrows <= SMALL_BATCH)
+	{
+		/* the tail of an apply (often its only rows): kept by its text */
+		rc = (*st = sl_stmt(c, sql)) ? PGS_OK : sl_dberr(c, err, "could not prepare statement");
+		sqlite3_free(sql);
+		return rc;
+	}
 	rc = sl_prepare(c, st, sql, err);
 	sqlite3_free(sql);
 	return rc;
@@ -291,10 +307,10 @@ flush_rows(db_conn *c, db_table *t, pgs_err *err)
 		if (!(cols = row_columns(t)))
 			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 		if (n == t->batch_rows)
-			rc = multi_insert(c, &t->batch_rows_st, t->qname, cols, per, n, err),
+			rc = multi_insert(c, &t->batch_rows_st, true, t->qname, cols, per, n, err),
 			st = t->batch_rows_st;
 		else
-			rc = multi_insert(c, &st, t->qname, cols, per, n, err);
+			rc = multi_insert(c, &st, false, t->qname, cols, per, n, err);
 		sqlite3_free(cols);
 		if (rc != PGS_OK)
 			return rc;
@@ -324,7 +340,7 @@ done:
 	sqlite3_reset(st);
 	sqlite3_clear_bindings(st);
 	if (st != t->batch_rows_st)
-		sqlite3_finalize(st);
+		sl_stmt_done(c, st);
 	return rc;
 }
 
@@ -351,10 +367,10 @@ flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 		if (!cols)
 			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 		if (n == t->batch_rows)
-			rc = multi_insert(c, &t->batch_clock_st, t->qclock, cols, per, n, err),
+			rc = multi_insert(c, &t->batch_clock_st, true, t->qclock, cols, per, n, err),
 			st = t->batch_clock_st;
 		else
-			rc = multi_insert(c, &st, t->qclock, cols, per, n, err);
+			rc = multi_insert(c, &st, false, t->qclock, cols, per, n, err);
 		sqlite3_free(cols);
 		if (rc != PGS_OK)
 			return rc;
@@ -374,7 +390,7 @@ flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 	sqlite3_reset(st);
 	sqlite3_clear_bindings(st);
 	if (st != t->batch_clock_st)
-		sqlite3_finalize(st);
+		sl_stmt_done(c, st);
 	t->batch_blobs.len = 0;
 	return rc;
 }
@@ -827,13 +843,13 @@ db_version_safe(db_conn *c, int64_t *until, pgs_err *err)
 	sqlite3_stmt *st = NULL;
 	pgs_rc		  rc = PGS_OK;
 
-	if (sqlite3_prepare_v2(c->db, "SELECT db_version FROM sync_state", -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c, "SELECT db_version FROM sync_state", &st) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read db_version");
 	if (sqlite3_step(st) == SQLITE_ROW)
 		*until = sqlite3_column_int64(st, 0);
 	else
 		rc = sl_dberr(c, err, "could not read db_version");
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	return rc;
 }
 
@@ -933,8 +949,11 @@ db_changes_open(db_conn *c, db_table *t, int64_t since, int64_t until, bool by_k
 	cur->c = c;
 	cur->t = t;
 	cur->vals = sqlite3_malloc64(sizeof(pgs_value) * (t->npk + t->ncols + 1));
-	rc = cur->vals ? sl_prepare(c, &cur->st, sql, err)
-				   : pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	/* kept by its text: a pull of a table asks the same few questions */
+	if (!cur->vals)
+		rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+	else
+		rc = (cur->st = sl_stmt(c, sql)) ? PGS_OK : sl_dberr(c, err, "could not prepare statement");
 	sqlite3_free(sql);
 	if (rc != PGS_OK)
 	{
@@ -987,7 +1006,7 @@ db_changes_close(db_cursor *cur)
 {
 	if (!cur)
 		return;
-	sqlite3_finalize(cur->st);
+	sl_stmt_done(cur->c, cur->st); /* either kind: a kept one goes back */
 	sqlite3_free(cur->vals);
 	sqlite3_free(cur);
 }

@@ -41,12 +41,12 @@ keep_setting(db_conn *c)
 	sqlite3_stmt *st;
 	int64_t		  keep = SL_EVENTS_KEEP;
 
-	if (sqlite3_prepare_v2(c->db, "SELECT value FROM sync_network WHERE key = 'changes_keep'", -1,
-						   &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c, "SELECT value FROM sync_network WHERE key = 'changes_keep'", &st) !=
+		SQLITE_OK)
 		return keep;
 	if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
 		keep = sqlite3_column_int64(st, 0);
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	return keep < 0 ? 0 : keep;
 }
 
@@ -122,12 +122,11 @@ sl_events_end(db_conn *c, pgs_err *err)
 
 	if (!c->ev_any)
 		return PGS_OK;
-	if (sqlite3_prepare_v2(
-			c->db,
-			"INSERT INTO sync_network_counters(tbl, changes, seq) VALUES (?1, ?2, ?3) "
-			"ON CONFLICT(tbl) DO UPDATE SET changes = changes + excluded.changes, "
-			"seq = excluded.seq",
-			-1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c,
+						"INSERT INTO sync_network_counters(tbl, changes, seq) VALUES (?1, ?2, ?3) "
+						"ON CONFLICT(tbl) DO UPDATE SET changes = changes + excluded.changes, "
+						"seq = excluded.seq",
+						&st) != SQLITE_OK)
 		return sl_dberr(c, err, "could not count change events");
 	for (int i = 0; i < c->ntables && rc == PGS_OK; i++)
 	{
@@ -145,17 +144,16 @@ sl_events_end(db_conn *c, pgs_err *err)
 			last = t->ev_seq;
 		t->ev_count = t->ev_seq = 0;
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	c->ev_any = false;
 	if (rc != PGS_OK || last <= c->ev_keep)
 		return rc;
-	if (sqlite3_prepare_v2(c->db, "DELETE FROM sync_network_changes WHERE seq <= ?1", -1, &st,
-						   NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c, "DELETE FROM sync_network_changes WHERE seq <= ?1", &st) != SQLITE_OK)
 		return sl_dberr(c, err, "could not trim change events");
 	sqlite3_bind_int64(st, 1, last - c->ev_keep);
 	if (sqlite3_step(st) != SQLITE_DONE)
 		rc = sl_dberr(c, err, "could not trim change events");
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	return rc;
 }
 

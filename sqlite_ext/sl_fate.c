@@ -114,22 +114,6 @@ where_pk(const db_table *t, int first)
 
 /* ---- rejections and held changes ---- */
 
-static bool
-table_exists(db_conn *c, const char *name)
-{
-	sqlite3_stmt *st;
-	bool		  yes = false;
-
-	if (sqlite3_prepare_v2(c->db, "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-						   -1, &st, NULL) == SQLITE_OK)
-	{
-		sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-		yes = sqlite3_step(st) == SQLITE_ROW;
-		sqlite3_finalize(st);
-	}
-	return yes;
-}
-
 /*
  * db_reject: this device cannot store a row the server sent (its own NOT
  * NULL, CHECK, trigger...). The change itself is held by the core; the
@@ -143,16 +127,16 @@ db_reject(db_conn *c, db_table *t, const pgs_value *pk, const pgs_err *why)
 	sqlite3_stmt *st;
 	char		  now[32];
 
-	if (!table_exists(c, "sync_network_rejected") || !(json = sl_pk_json(t, pk)))
+	if (!sl_table_exists(c, "sync_network_rejected") || !(json = sl_pk_json(t, pk)))
 		return;
 	now_iso(now);
-	if (sqlite3_prepare_v2(c->db,
-						   "INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
-						   "first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'local', ?3, ?4, "
-						   "?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
-						   "excluded.code, message = excluded.message, last_attempt = "
-						   "excluded.last_attempt, attempts = attempts + 1",
-						   -1, &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(c,
+						"INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
+						"first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'local', ?3, ?4, "
+						"?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
+						"excluded.code, message = excluded.message, last_attempt = "
+						"excluded.last_attempt, attempts = attempts + 1",
+						&st) == SQLITE_OK)
 	{
 		sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
 		sqlite3_bind_text(st, 2, json, -1, SQLITE_STATIC);
@@ -160,7 +144,7 @@ db_reject(db_conn *c, db_table *t, const pgs_value *pk, const pgs_err *why)
 		sqlite3_bind_text(st, 4, why->msg, -1, SQLITE_STATIC);
 		sqlite3_bind_text(st, 5, now, -1, SQLITE_STATIC);
 		sqlite3_step(st);
-		sqlite3_finalize(st);
+		sl_stmt_done(c, st);
 	}
 	sqlite3_free(json);
 }
@@ -247,14 +231,14 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 	int			  s;
 
 	*applied = 0;
-	if (!table_exists(c, "sync_held"))
+	if (!sl_table_exists(c, "sync_held"))
 		return PGS_OK;
 	/* copy them out first: applying writes the same table */
 	pgs_buf_init(&all);
-	if (sqlite3_prepare_v2(c->db,
-						   table ? "SELECT tbl, k, frag FROM sync_held WHERE tbl = ?1"
-								 : "SELECT tbl, k, frag FROM sync_held",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c,
+						table ? "SELECT tbl, k, frag FROM sync_held WHERE tbl = ?1"
+							  : "SELECT tbl, k, frag FROM sync_held",
+						&st) != SQLITE_OK)
 		return sl_dberr(c, err, "could not read held changes");
 	if (table)
 		sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
@@ -268,7 +252,7 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 		}
 	if (s != SQLITE_DONE)
 		rc = sl_dberr(c, err, "could not read held changes");
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	if (all.oom)
 		rc = pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	for (const uint8_t *p = all.p, *end = all.p + all.len; rc == PGS_OK && p < end;)
@@ -297,7 +281,7 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 			/* stored now: out of the store, and off the list */
 			rc = db_held_put(c, f[0], f[1], NULL, NULL, NULL, 0, err);
 			(*applied)++;
-			if (rc == PGS_OK && table_exists(c, "sync_network_rejected"))
+			if (rc == PGS_OK && sl_table_exists(c, "sync_network_rejected"))
 			{
 				char		  *tn = sqlite3_mprintf("%.*s", (int) f[0].len, (const char *) f[0].p);
 				db_table	  *t = tn ? sl_table_by_name(c, tn) : NULL;
@@ -316,15 +300,15 @@ sl_apply_held(db_conn *c, const char *table, int64_t *applied, pgs_err *err)
 					char		 *json = sl_pk_json(t, pk);
 					sqlite3_stmt *d;
 
-					if (json && sqlite3_prepare_v2(c->db,
-												   "DELETE FROM sync_network_rejected WHERE tbl = "
-												   "?1 AND pk = ?2 AND origin = 'local'",
-												   -1, &d, NULL) == SQLITE_OK)
+					if (json && sl_stmt_prepare(c,
+												"DELETE FROM sync_network_rejected WHERE tbl = "
+												"?1 AND pk = ?2 AND origin = 'local'",
+												&d) == SQLITE_OK)
 					{
 						sqlite3_bind_text(d, 1, t->name, -1, SQLITE_STATIC);
 						sqlite3_bind_text(d, 2, json, -1, SQLITE_STATIC);
 						sqlite3_step(d);
-						sqlite3_finalize(d);
+						sl_stmt_done(c, d);
 					}
 					sqlite3_free(json);
 				}
@@ -352,15 +336,15 @@ protected_row(db_conn *c, db_table *t, const pgs_value *pk, int64_t ver)
 		return false;
 	if (!(json = sl_pk_json(t, pk)))
 		return true;
-	if (sqlite3_prepare_v2(c->db,
-						   "SELECT 1 FROM sync_network_rejected WHERE tbl = ?1 AND pk = ?2 AND "
-						   "origin = 'server'",
-						   -1, &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(c,
+						"SELECT 1 FROM sync_network_rejected WHERE tbl = ?1 AND pk = ?2 AND "
+						"origin = 'server'",
+						&st) == SQLITE_OK)
 	{
 		sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
 		sqlite3_bind_text(st, 2, json, -1, SQLITE_STATIC);
 		yes = sqlite3_step(st) == SQLITE_ROW;
-		sqlite3_finalize(st);
+		sl_stmt_done(c, st);
 	}
 	sqlite3_free(json);
 	return yes;
@@ -379,18 +363,18 @@ sl_protect_load(db_conn *c)
 
 	c->protect_ver = INT64_MAX;
 	c->protect_rejected = false;
-	if (!table_exists(c, "sync_network"))
+	if (!sl_table_exists(c, "sync_network"))
 		return;
-	if (sqlite3_prepare_v2(c->db, "SELECT value FROM sync_network WHERE key = 'send_cursor'", -1,
-						   &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(c, "SELECT value FROM sync_network WHERE key = 'send_cursor'", &st) ==
+		SQLITE_OK)
 	{
 		if (sqlite3_step(st) == SQLITE_ROW)
 			c->protect_ver = sqlite3_column_int64(st, 0);
 		else
 			c->protect_ver = 0;
-		sqlite3_finalize(st);
+		sl_stmt_done(c, st);
 	}
-	c->protect_rejected = table_exists(c, "sync_network_rejected");
+	c->protect_rejected = sl_table_exists(c, "sync_network_rejected");
 }
 
 pgs_rc
@@ -492,12 +476,12 @@ query_int(db_conn *c, const char *sql, int64_t id, int64_t def)
 	sqlite3_stmt *st;
 	int64_t		  v = def;
 
-	if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(c, sql, &st) == SQLITE_OK)
 	{
 		sqlite3_bind_int64(st, 1, id);
 		if (sqlite3_step(st) == SQLITE_ROW)
 			v = sqlite3_column_int64(st, 0);
-		sqlite3_finalize(st);
+		sl_stmt_done(c, st);
 	}
 	return v;
 }
@@ -526,7 +510,7 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 			 * not forget it (and the device's pulls never send its own changes
 			 * back). Kept through the chunks, which are separate applies.
 			 */
-			if (table_exists(c, "sync_snapshot_begin") &&
+			if (sl_table_exists(c, "sync_snapshot_begin") &&
 				(rc = snap_sql(c, err,
 							   "INSERT OR REPLACE INTO sync_snapshot_begin(tbl, send_cursor) "
 							   "VALUES(?1, ?2)",
@@ -562,7 +546,7 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 
 			int64_t protect = c->protect_ver;
 
-			if (tracking == 1 && protect != INT64_MAX && table_exists(c, "sync_snapshot_begin"))
+			if (tracking == 1 && protect != INT64_MAX && sl_table_exists(c, "sync_snapshot_begin"))
 			{
 				int64_t begun =
 					query_int(c, "SELECT send_cursor FROM sync_snapshot_begin WHERE tbl = ?1",
@@ -632,7 +616,7 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 			if ((rc = snap_sql(c, err, "DELETE FROM sync_snapshot_keys WHERE tbl = ?1", t->id, NULL,
 							   0, -1)) != PGS_OK)
 				return rc;
-			if (table_exists(c, "sync_snapshot_begin") &&
+			if (sl_table_exists(c, "sync_snapshot_begin") &&
 				(rc = snap_sql(c, err, "DELETE FROM sync_snapshot_begin WHERE tbl = ?1", t->id,
 							   NULL, 0, -1)) != PGS_OK)
 				return rc;
@@ -645,16 +629,22 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 
 /* ---- foreign keys between synced tables ---- */
 
-pgs_rc
-db_table_parents(db_conn *c, db_table *t, db_table ***parents, int *n, pgs_err *err)
+/*
+ * parent_ids reads which synced tables t references (PRAGMA foreign_key_list,
+ * which SQLite prepares again on every read) once per schema: a foreign key,
+ * like a newly synced table, comes with DDL, which changes the cookie.
+ */
+static pgs_rc
+parent_ids(db_conn *c, db_table *t, pgs_err *err)
 {
 	sqlite3_stmt *st;
-	int			  s;
+	int			  s, cap = 0;
 
-	*n = 0;
-	*parents = c->parents;
-	if (sqlite3_prepare_v2(c->db, "SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)", -1,
-						   &st, NULL) != SQLITE_OK)
+	if (t->parents_cookie == c->loaded_fp[0] && t->parents_cookie != -1)
+		return PGS_OK;
+	t->nparent_ids = 0;
+	if (sl_stmt_prepare(c, "SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)", &st) !=
+		SQLITE_OK)
 		return sl_dberr(c, err, "could not read foreign keys");
 	sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
 	while ((s = sqlite3_step(st)) == SQLITE_ROW)
@@ -663,24 +653,55 @@ db_table_parents(db_conn *c, db_table *t, db_table ***parents, int *n, pgs_err *
 
 		if (!p || p == t)
 			continue;
-		if (*n == c->parents_cap)
+		if (t->nparent_ids == cap)
 		{
-			int		   cap = c->parents_cap ? c->parents_cap * 2 : 8;
-			db_table **np = sqlite3_realloc64(c->parents, sizeof(db_table *) * (size_t) cap);
+			int64_t *np;
 
-			if (!np)
+			cap = cap ? cap * 2 : 4;
+			if (!(np = sqlite3_realloc64(t->parent_ids, sizeof(int64_t) * (size_t) cap)))
 			{
-				sqlite3_finalize(st);
+				sl_stmt_done(c, st);
+				t->nparent_ids = 0;
 				return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 			}
-			c->parents = np;
-			c->parents_cap = cap;
+			t->parent_ids = np;
 		}
-		c->parents[(*n)++] = p;
+		t->parent_ids[t->nparent_ids++] = p->id;
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
+	if (s != SQLITE_DONE)
+	{
+		t->nparent_ids = 0;
+		return sl_dberr(c, err, "could not read foreign keys");
+	}
+	t->parents_cookie = c->loaded_fp[0];
+	return PGS_OK;
+}
+
+pgs_rc
+db_table_parents(db_conn *c, db_table *t, db_table ***parents, int *n, pgs_err *err)
+{
+	pgs_rc rc;
+
+	*n = 0;
 	*parents = c->parents;
-	return s == SQLITE_DONE ? PGS_OK : sl_dberr(c, err, "could not read foreign keys");
+	if ((rc = parent_ids(c, t, err)) != PGS_OK)
+		return rc;
+	if (t->nparent_ids > c->parents_cap)
+	{
+		db_table **np = sqlite3_realloc64(c->parents, sizeof(db_table *) * (size_t) t->nparent_ids);
+
+		if (!np)
+			return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
+		c->parents = np;
+		c->parents_cap = t->nparent_ids;
+	}
+	for (int i = 0; i < t->nparent_ids; i++)
+		for (int k = 0; k < c->ntables; k++)
+			if (c->tables[k]->id == t->parent_ids[i])
+				c->parents[(*n)++] = c->tables[k];
+	*parents = c->parents;
+	return PGS_OK;
 }
 
 /* ---- sending a row again, whole ---- */

@@ -35,8 +35,8 @@ floors_load(db_conn *c)
 
 	for (int i = 0; i < c->ntables; i++)
 		c->tables[i]->gc_floor = 0;
-	if (sqlite3_prepare_v2(c->db, "SELECT tbl, floor FROM sync_gc_floor", -1, &st, NULL) !=
-		SQLITE_OK)
+	if (!sl_table_exists(c, "sync_gc_floor") ||
+		sl_stmt_prepare(c, "SELECT tbl, floor FROM sync_gc_floor", &st) != SQLITE_OK)
 		return; /* no floor table: nothing was ever collected */
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
@@ -45,7 +45,7 @@ floors_load(db_conn *c)
 		if (t)
 			t->gc_floor = sqlite3_column_int64(st, 1);
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 }
 
 /*
@@ -135,9 +135,9 @@ rejected_keys(db_conn *c, db_table *t, int *n)
 	char		**keys = NULL;
 
 	*n = 0;
-	if (sqlite3_prepare_v2(
-			c->db, "SELECT pk FROM sync_network_rejected WHERE tbl = ?1 AND origin = 'server'", -1,
-			&st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c,
+						"SELECT pk FROM sync_network_rejected WHERE tbl = ?1 AND origin = 'server'",
+						&st) != SQLITE_OK)
 		return NULL;
 	sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
 	while (sqlite3_step(st) == SQLITE_ROW)
@@ -150,7 +150,7 @@ rejected_keys(db_conn *c, db_table *t, int *n)
 		keys[(*n)++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
 		keys[*n] = NULL;
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	return keys;
 }
 
@@ -299,12 +299,12 @@ send_cursor(db_conn *c)
 	sqlite3_stmt *st;
 	int64_t		  v = 0;
 
-	if (sqlite3_prepare_v2(c->db, "SELECT value FROM sync_network WHERE key = 'send_cursor'", -1,
-						   &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(c, "SELECT value FROM sync_network WHERE key = 'send_cursor'", &st) !=
+		SQLITE_OK)
 		return 0;
 	if (sqlite3_step(st) == SQLITE_ROW)
 		v = sqlite3_column_int64(st, 0);
-	sqlite3_finalize(st);
+	sl_stmt_done(c, st);
 	return v;
 }
 

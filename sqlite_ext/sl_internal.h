@@ -47,7 +47,12 @@ typedef struct sl_cap
 
 struct db_table
 {
-	int64_t		  id;	  /* sync_tables.id */
+	int64_t id; /* sync_tables.id */
+	/* synced tables this one references (db_table_parents), by id, as of
+	 * schema cookie parents_cookie (-1: not read yet) */
+	int64_t		 *parent_ids;
+	int			  nparent_ids;
+	int64_t		  parents_cookie;
 	char		 *name;	  /* table name (unquoted) */
 	char		 *qname;  /* quoted table identifier */
 	char		 *qclock; /* quoted clock table identifier */
@@ -100,6 +105,18 @@ struct db_table
 	int64_t ev_seq;
 };
 
+/* one entry of a connection's statement cache (sl_sql.c, sl_stmt) */
+typedef struct sl_text_stmt
+{
+	char		 *sql; /* the text it was prepared from (sqlite3_malloc'd) */
+	uint32_t	  hash;
+	bool		  out; /* handed out, not given back yet */
+	uint64_t	  used;
+	sqlite3_stmt *st;
+} sl_text_stmt;
+
+#define SL_TEXT_STMTS 64
+
 struct db_conn
 {
 	sqlite3	  *db;
@@ -121,7 +138,6 @@ struct db_conn
 	sqlite3_stmt *st_ver_get;
 	sqlite3_stmt *st_ver_bump;
 	sqlite3_stmt *st_site_add;
-	sqlite3_stmt *st_loaded;	/* what sl_load's cache is checked against */
 	int64_t		  loaded_fp[3]; /* schema cookie, data_version, sites, at the last load */
 	pgs_buf		  clockbuf;		/* copy of the last clock blob read */
 	pgs_buf		  scratch;
@@ -166,7 +182,11 @@ struct db_conn
 	sqlite3_stmt   *st_event;
 	pgs_apply_stats last_apply;
 	bool			started_syncer; /* this connection ran sync_network_start */
-	struct sl_net  *net;			/* its network client (sl_network.c) */
+	/* statements prepared once by their text (sl_stmt) */
+	sl_text_stmt   stmts[SL_TEXT_STMTS];
+	int			   nstmts;
+	uint64_t	   stmt_tick;
+	struct sl_net *net; /* its network client (sl_network.c) */
 };
 
 /* sqlitesync.c: the extension's set-up of a connection (also the syncer's own) */
@@ -186,6 +206,31 @@ pgs_rc	  sl_dberr(db_conn *c, pgs_err *err, const char *what);
 void	  sl_bind_value(sqlite3_stmt *st, int i, const pgs_value *v);
 void	  sl_column_value(sqlite3_stmt *st, int i, pgs_value *v);
 pgs_rc	  sl_exec(db_conn *c, const char *sql, pgs_err *err);
+/*
+ * sl_stmt: a prepared statement for one SQL statement, kept by the
+ * connection between calls (the text is the key: the same text, the same
+ * statement); NULL with the connection's error when it cannot be prepared.
+ * Give it back with sl_stmt_done, which resets it and clears its bindings.
+ * A statement already handed out and not given back (a nested use) is
+ * prepared afresh and finalized by sl_stmt_done. sl_stmt_exec runs one
+ * statement that way (no results); sl_stmt_clear finalizes them all.
+ */
+sqlite3_stmt *sl_stmt(db_conn *c, const char *sql);
+void		  sl_stmt_done(db_conn *c, sqlite3_stmt *st);
+bool		  sl_stmt_exec(db_conn *c, const char *sql);
+void		  sl_stmt_clear(db_conn *c);
+bool		  sl_table_exists(db_conn *c, const char *name); /* a table of that name in main */
+/* sl_stmt_prepare: sl_stmt in the shape of sqlite3_prepare_v2 (SQLITE_OK or an error code) */
+static inline int
+sl_stmt_prepare(db_conn *c, const char *sql, sqlite3_stmt **st)
+{
+	int e;
+
+	if ((*st = sl_stmt(c, sql)) != NULL)
+		return SQLITE_OK;
+	e = sqlite3_errcode(c->db);
+	return e != SQLITE_OK ? e : SQLITE_ERROR;
+}
 /* sl_result_json: j (consumed) as the function's JSON text result, subtype 'J'
  * (register the function with SQLITE_RESULT_SUBTYPE). */
 struct cJSON;

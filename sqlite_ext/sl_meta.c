@@ -29,6 +29,7 @@ free_table(db_table *t)
 	sqlite3_free(t->batch_blob_len);
 	sqlite3_free(t->batch_ckeys);
 	pgs_buf_free(&t->batch_blobs);
+	sqlite3_free(t->parent_ids);
 	for (int i = 0; i < SL_STMT_CACHE; i++)
 		sqlite3_finalize(t->cache[i].stmt);
 	for (int i = 0; i < t->npk; i++)
@@ -93,6 +94,7 @@ load_tables(db_conn *c, pgs_err *err)
 		if (!t)
 			goto nomem;
 		memset(t, 0, sizeof *t);
+		t->parents_cookie = -1;
 		n = sqlite3_realloc64(c->tables, sizeof(db_table *) * (c->ntables + 1));
 		if (!n)
 		{
@@ -206,25 +208,23 @@ load_sites(db_conn *c, pgs_err *err)
 static bool
 fingerprint(db_conn *c, int64_t fp[3])
 {
-	bool ok;
+	/* PRAGMA statements rather than pragma_schema_version and friends: those
+	 * table-valued functions prepare their PRAGMA again on every run */
+	static const char *const sql[3] = {"PRAGMA schema_version", "PRAGMA data_version",
+									   "SELECT count(*) FROM sync_sites"};
 
-	if (!c->st_loaded &&
-		sqlite3_prepare_v3(c->db,
-						   "SELECT (SELECT schema_version FROM pragma_schema_version), "
-						   "(SELECT data_version FROM pragma_data_version), "
-						   "(SELECT count(*) FROM sync_sites)",
-						   -1, SQLITE_PREPARE_PERSISTENT, &c->st_loaded, NULL) != SQLITE_OK)
+	for (int i = 0; i < 3; i++)
 	{
-		sqlite3_finalize(c->st_loaded);
-		c->st_loaded = NULL;
-		return false;
+		sqlite3_stmt *st = sl_stmt(c, sql[i]);
+		bool		  ok = st && sqlite3_step(st) == SQLITE_ROW;
+
+		if (ok)
+			fp[i] = sqlite3_column_int64(st, 0);
+		sl_stmt_done(c, st);
+		if (!ok)
+			return false;
 	}
-	ok = sqlite3_step(c->st_loaded) == SQLITE_ROW;
-	if (ok)
-		for (int i = 0; i < 3; i++)
-			fp[i] = sqlite3_column_int64(c->st_loaded, i);
-	sqlite3_reset(c->st_loaded);
-	return ok;
+	return true;
 }
 
 int

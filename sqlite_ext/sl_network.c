@@ -66,6 +66,8 @@ exec(sl_net *n, const char *sql)
 				sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
 		return n->meta_ready;
 	}
+	if (!strchr(sql, ';'))
+		return sl_stmt_exec(n->c, sql); /* SAVEPOINT, RELEASE, ...: prepared once */
 	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
 }
 
@@ -76,13 +78,12 @@ kv_text(sl_net *n, const char *key)
 	sqlite3_stmt *st;
 	char		 *v = NULL;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT value FROM sync_network WHERE key = ?1", -1, &st, NULL) !=
-		SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT value FROM sync_network WHERE key = ?1", &st) != SQLITE_OK)
 		return NULL;
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
 		v = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	return v;
 }
 
@@ -104,16 +105,16 @@ kv_set(sl_net *n, const char *key, const char *value)
 	sqlite3_stmt *st;
 	int			  rc;
 
-	if (sqlite3_prepare_v2(n->db,
-						   value ? "INSERT OR REPLACE INTO sync_network(key, value) VALUES(?1, ?2)"
-								 : "DELETE FROM sync_network WHERE key = ?1",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c,
+						value ? "INSERT OR REPLACE INTO sync_network(key, value) VALUES(?1, ?2)"
+							  : "DELETE FROM sync_network WHERE key = ?1",
+						&st) != SQLITE_OK)
 		return false;
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
 	if (value)
 		sqlite3_bind_text(st, 2, value, -1, SQLITE_STATIC);
 	rc = sqlite3_step(st);
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	return rc == SQLITE_DONE;
 }
 
@@ -242,14 +243,14 @@ query_int(sl_net *n, const char *sql, int64_t *out)
 	sqlite3_stmt *st;
 	bool		  ok = false;
 
-	if (sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c, sql, &st) != SQLITE_OK)
 		return false;
 	if (sqlite3_step(st) == SQLITE_ROW)
 	{
 		*out = sqlite3_column_int64(st, 0);
 		ok = true;
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	return ok;
 }
 
@@ -420,7 +421,7 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
 		return NULL;
 	}
-	if (sqlite3_prepare_v2(n->db, "SELECT sync_payload(?1, ?2)", -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT sync_payload(?1, ?2)", &st) != SQLITE_OK)
 	{
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
 		return NULL;
@@ -434,7 +435,7 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 	if (rc != SQLITE_ROW)
 	{
 		*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 		return NULL;
 	}
 	if (sqlite3_column_type(st, 0) == SQLITE_BLOB && sqlite3_column_bytes(st, 0) >= PGS_HEADER_LEN)
@@ -444,7 +445,7 @@ send_once(sl_net *n, sl_net_settings *s, bool *again, char **msg)
 		if ((payload = sqlite3_malloc64(len)) != NULL)
 			memcpy(payload, sqlite3_column_blob(st, 0), len);
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	if (len && !payload)
 	{
 		*msg = sqlite3_mprintf("out of memory copying a payload of %lld bytes", (long long) len);
@@ -604,17 +605,17 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 	}
 	/* the committed counter (nothing of ours is pending inside this savepoint) */
 	query_int(n, "SELECT db_version FROM sync_state", &v0);
-	if (sqlite3_prepare_v2(n->db, "SELECT sync_apply_payload(?1)", -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT sync_apply_payload(?1)", &st) != SQLITE_OK)
 		goto fail;
 	sqlite3_bind_blob64(st, 1, r->body, r->len, SQLITE_STATIC);
 	memset(a, 0, sizeof *a);
 	if (sqlite3_step(st) != SQLITE_ROW)
 	{
 		*msg = sqlite3_mprintf("applying the server's payload failed: %s", sqlite3_errmsg(n->db));
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 		goto rollback;
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	query_int(n, "SELECT db_version FROM sync_state", &v1);
 	if (!kv_set(n, "recv_cursor", cursor) || (r->site[0] && !kv_set(n, "server_site", r->site)))
 		goto fail;
@@ -672,11 +673,11 @@ sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms)
 	/* through sync_site_id() every time: it also checks that the synced
 	 * tables are still usable (a renamed table fails here, with what to do) */
 	n->site[0] = '\0';
-	if (sqlite3_prepare_v2(n->db, "SELECT sync_site_id()", -1, &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT sync_site_id()", &st) == SQLITE_OK)
 	{
 		if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 36)
 			memcpy(n->site, sqlite3_column_text(st, 0), 37);
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 	}
 	if (!site[0])
 		return NULL;

@@ -40,6 +40,13 @@ exec(sqlite3 *db, const char *sql)
 	return sqlite3_exec(db, sql, NULL, NULL, NULL) == SQLITE_OK;
 }
 
+/* kept: one literal statement (SAVEPOINT, RELEASE, ...), prepared once */
+static bool
+kept(sl_net *n, const char *sql)
+{
+	return sl_stmt_exec(n->c, sql);
+}
+
 /*
  * sl_rejected_meta creates the tables; a list of an older version
  * (id, at, tbl, pk, code, message: one row per refusal) becomes one row
@@ -111,13 +118,13 @@ clock_ver(sl_net *n, db_table *t, const pgs_value *pk)
 		w = x;
 	}
 	sql = w ? sqlite3_mprintf("SELECT ver FROM %s WHERE %s", t->qclock, w) : NULL;
-	if (sql && sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) == SQLITE_OK)
+	if (sql && sl_stmt_prepare(n->c, sql, &st) == SQLITE_OK)
 	{
 		for (int i = 0; i < t->npk; i++)
 			sl_bind_value(st, i + 1, &pk[i]);
 		if (sqlite3_step(st) == SQLITE_ROW)
 			v = sqlite3_column_int64(st, 0);
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 	}
 	sqlite3_free(w);
 	sqlite3_free(sql);
@@ -130,11 +137,11 @@ db_version_now(sl_net *n)
 	sqlite3_stmt *st;
 	int64_t		  v = 0;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT db_version FROM sync_state", -1, &st, NULL) == SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT db_version FROM sync_state", &st) == SQLITE_OK)
 	{
 		if (sqlite3_step(st) == SQLITE_ROW)
 			v = sqlite3_column_int64(st, 0);
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 	}
 	return v;
 }
@@ -178,7 +185,7 @@ row_alive(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const cha
 		w = x;
 	}
 	sql = w ? sqlite3_mprintf("SELECT cl, clk FROM %s WHERE %s", t->qclock, w) : NULL;
-	if (sql && sqlite3_prepare_v2(n->db, sql, -1, &st, NULL) == SQLITE_OK)
+	if (sql && sl_stmt_prepare(n->c, sql, &st) == SQLITE_OK)
 	{
 		for (int i = 0; i < t->npk; i++)
 			sl_bind_value(st, i + 1, &pk[i]);
@@ -193,7 +200,7 @@ row_alive(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const cha
 			/* a row this device deleted itself (site 0) is its own refused change */
 			alive = (sqlite3_column_int64(st, 0) & 1) != 0 || cl_site == 0;
 		}
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 	}
 	sqlite3_free(w);
 	sqlite3_free(sql);
@@ -329,9 +336,8 @@ sl_rejected_before_send(sl_net *n, int64_t send_cursor)
 	int			  nrows = 0;
 	bool		  ok = true;
 
-	if (sqlite3_prepare_v2(n->db,
-						   "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'", -1,
-						   &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = 'server'",
+						&st) != SQLITE_OK)
 		return true;
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
@@ -343,7 +349,7 @@ sl_rejected_before_send(sl_net *n, int64_t send_cursor)
 		rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 0));
 		rows[nrows++] = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	for (int i = 0; i + 1 < nrows && ok; i += 2)
 	{
 		db_table *t;
@@ -391,8 +397,8 @@ settle(sl_net *n, const char *origin, keep_fn keep, void *arg)
 	int			  ngone = 0;
 	bool		  ok = true;
 
-	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = ?1", -1,
-						   &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT tbl, pk FROM sync_network_rejected WHERE origin = ?1", &st) !=
+		SQLITE_OK)
 		return true; /* no list yet */
 	sqlite3_bind_text(st, 1, origin, -1, SQLITE_STATIC);
 	while (sqlite3_step(st) == SQLITE_ROW)
@@ -414,7 +420,7 @@ settle(sl_net *n, const char *origin, keep_fn keep, void *arg)
 		gone[ngone++] = sqlite3_mprintf("%s", tb);
 		gone[ngone++] = sqlite3_mprintf("%s", pj);
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	for (int i = 0; i + 1 < ngone; i += 2)
 	{
 		char *sql = sqlite3_mprintf("DELETE FROM sync_network_rejected WHERE tbl = %Q AND pk = %Q "
@@ -465,15 +471,14 @@ still_held(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const ch
 	(void) tb, (void) pj, (void) arg;
 	pgs_buf_init(&k);
 	pgs_key_encode(&k, (uint32_t) t->npk, pk);
-	if (!k.oom &&
-		sqlite3_prepare_v2(n->db, "SELECT count(*) FROM sync_held WHERE tbl = ?1 AND k = ?2", -1,
-						   &h, NULL) == SQLITE_OK)
+	if (!k.oom && sl_stmt_prepare(n->c, "SELECT count(*) FROM sync_held WHERE tbl = ?1 AND k = ?2",
+								  &h) == SQLITE_OK)
 	{
 		sqlite3_bind_text(h, 1, t->name, -1, SQLITE_STATIC);
 		sqlite3_bind_blob(h, 2, k.p, (int) k.len, SQLITE_STATIC);
 		if (sqlite3_step(h) == SQLITE_ROW)
 			held = sqlite3_column_int(h, 0) > 0;
-		sqlite3_finalize(h);
+		sl_stmt_done(n->c, h);
 	}
 	pgs_buf_free(&k);
 	return held;
@@ -493,14 +498,13 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 	*nrej = 0;
 	*again = false;
 	now_iso(now);
-	if (sqlite3_prepare_v2(
-			n->db,
-			"INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
-			"first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'server', ?3, ?4, "
-			"?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
-			"excluded.code, message = excluded.message, last_attempt = "
-			"excluded.last_attempt, attempts = attempts + 1 RETURNING attempts",
-			-1, &up, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c,
+						"INSERT INTO sync_network_rejected(tbl, pk, origin, code, message, "
+						"first_attempt, last_attempt, attempts) VALUES(?1, ?2, 'server', ?3, ?4, "
+						"?5, ?5, 1) ON CONFLICT(tbl, pk, origin) DO UPDATE SET code = "
+						"excluded.code, message = excluded.message, last_attempt = "
+						"excluded.last_attempt, attempts = attempts + 1 RETURNING attempts",
+						&up) != SQLITE_OK)
 		return false;
 	cJSON_ArrayForEach(it, rejected)
 	{
@@ -563,7 +567,7 @@ sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int
 		}
 		cJSON_free(pktext);
 	}
-	sqlite3_finalize(up);
+	sl_stmt_done(n->c, up);
 	/* earlier refusals: resolved when their row went out and was not refused */
 	if (ok)
 	{
@@ -592,14 +596,14 @@ sl_rejected_after_receive(sl_net *n)
 	sqlite3_stmt *st;
 	bool		  ok;
 
-	if (!exec(n->db, "SAVEPOINT sync_held_retry"))
+	if (!kept(n, "SAVEPOINT sync_held_retry"))
 		return false;
 	v0 = db_version_now(n);
 	ok = sl_apply_held(n->c, NULL, &applied, &err) == PGS_OK;
 	if (ok)
 		cursor_follow(n, v0);
-	if (ok && sqlite3_prepare_v2(n->db, "SELECT tbl, k FROM sync_held WHERE code = 'PS001'", -1,
-								 &st, NULL) == SQLITE_OK)
+	if (ok && sl_stmt_prepare(n->c, "SELECT tbl, k FROM sync_held WHERE code = 'PS001'", &st) ==
+				  SQLITE_OK)
 	{
 		while (sqlite3_step(st) == SQLITE_ROW)
 		{
@@ -624,7 +628,7 @@ sl_rejected_after_receive(sl_net *n)
 			sqlite3_free(sql);
 			sqlite3_free(json);
 		}
-		sqlite3_finalize(st);
+		sl_stmt_done(n->c, st);
 	}
 	/* a row this device refused whose change is no longer held (it applied, or a
 	 * newer version of the row did) is settled; so is a row the server refused
@@ -632,11 +636,11 @@ sl_rejected_after_receive(sl_net *n)
 	ok = ok && settle(n, "local", still_held, NULL) && settle(n, "server", row_alive, NULL);
 	if (!ok)
 	{
-		exec(n->db, "ROLLBACK TO sync_held_retry");
-		exec(n->db, "RELEASE sync_held_retry");
+		kept(n, "ROLLBACK TO sync_held_retry");
+		kept(n, "RELEASE sync_held_retry");
 		return false;
 	}
-	return exec(n->db, "RELEASE sync_held_retry");
+	return kept(n, "RELEASE sync_held_retry");
 }
 
 /*
@@ -660,8 +664,8 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 	int64_t		  k = 0;
 
 	*more = false;
-	if (sqlite3_prepare_v2(n->db, "SELECT tbl, pk FROM sync_network_want ORDER BY tbl, pk LIMIT ?1",
-						   -1, &st, NULL) != SQLITE_OK)
+	if (sl_stmt_prepare(n->c, "SELECT tbl, pk FROM sync_network_want ORDER BY tbl, pk LIMIT ?1",
+						&st) != SQLITE_OK)
 	{
 		cJSON_Delete(req);
 		return true; /* no list yet */
@@ -681,7 +685,7 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 		last_pk = sqlite3_mprintf("%s", sqlite3_column_text(st, 1));
 		k++;
 	}
-	sqlite3_finalize(st);
+	sl_stmt_done(n->c, st);
 	*rows += k;
 	*more = k == WANT_BATCH;
 	if (k == 0)
@@ -707,10 +711,9 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 	{
 		sqlite3_stmt *ap;
 
-		if (!exec(n->db, "SAVEPOINT sync_want"))
+		if (!kept(n, "SAVEPOINT sync_want"))
 			ok = false;
-		else if (sqlite3_prepare_v2(n->db, "SELECT sync_apply_payload(?1)", -1, &ap, NULL) ==
-				 SQLITE_OK)
+		else if (sl_stmt_prepare(n->c, "SELECT sync_apply_payload(?1)", &ap) == SQLITE_OK)
 		{
 			int64_t v0 = db_version_now(n);
 
@@ -721,7 +724,7 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 			if (!ok)
 				*msg = sqlite3_mprintf("applying the rows the server sent failed: %s",
 									   sqlite3_errmsg(n->db));
-			sqlite3_finalize(ap);
+			sl_stmt_done(n->c, ap);
 			/* the rows came (or are known gone): off the list; after the last
 			 * batch the held incomplete ones too (they were all on it) */
 			if (ok)
@@ -734,7 +737,10 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 				ok = sql && exec(n->db, sql);
 				sqlite3_free(sql);
 			}
-			exec(n->db, ok ? "RELEASE sync_want" : "ROLLBACK TO sync_want; RELEASE sync_want");
+			if (ok)
+				kept(n, "RELEASE sync_want");
+			else
+				exec(n->db, "ROLLBACK TO sync_want; RELEASE sync_want");
 		}
 	}
 	else
@@ -798,7 +804,7 @@ sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 
 	if (!args_of(ctx, argc, argv, "sync_network_retry", &tbl, &pk) || !sl_rejected_meta(n->db))
 		return;
-	if (!exec(n->db, "SAVEPOINT sync_network_retry"))
+	if (!kept(n, "SAVEPOINT sync_network_retry"))
 	{
 		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
 		return;
@@ -841,7 +847,7 @@ sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, "sync_network_retry: could not queue the row", -1);
 		return;
 	}
-	exec(n->db, "RELEASE sync_network_retry");
+	kept(n, "RELEASE sync_network_retry");
 	if (tbl && count == 0)
 	{
 		sqlite3_result_error(ctx,
@@ -873,7 +879,7 @@ sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 
 	if (!args_of(ctx, argc, argv, "sync_network_discard", &tbl, &pk) || !sl_rejected_meta(n->db))
 		return;
-	if (!exec(n->db, "SAVEPOINT sync_network_discard"))
+	if (!kept(n, "SAVEPOINT sync_network_discard"))
 	{
 		sqlite3_result_error(ctx, sqlite3_errmsg(n->db), -1);
 		return;
@@ -926,7 +932,7 @@ sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		sqlite3_result_error(ctx, "sync_network_discard: could not discard the row", -1);
 		return;
 	}
-	exec(n->db, "RELEASE sync_network_discard");
+	kept(n, "RELEASE sync_network_discard");
 	if (tbl && count == 0)
 	{
 		sqlite3_result_error(

@@ -91,11 +91,19 @@ sl_prepare(db_conn *c, sqlite3_stmt **st, const char *sql, pgs_err *err)
 	return PGS_OK;
 }
 
-pgs_rc
-sl_exec(db_conn *c, const char *sql, pgs_err *err)
+static pgs_rc
+exec_text(db_conn *c, const char *sql, bool keep, pgs_err *err)
 {
 	char *msg = NULL;
 
+	if (keep && !strchr(sql, ';'))
+	{
+		/* one statement (SAVEPOINT, RELEASE, ...): prepared once per connection */
+		if (sl_stmt_exec(c, sql))
+			return PGS_OK;
+		pgs_failf(err, PGS_ERR_DB, NULL, "%s", sqlite3_errmsg(c->db));
+		return PGS_ERR_DB;
+	}
 	if (sqlite3_exec(c->db, sql, NULL, NULL, &msg) != SQLITE_OK)
 	{
 		pgs_failf(err, PGS_ERR_DB, NULL, "%s", msg ? msg : sqlite3_errmsg(c->db));
@@ -103,6 +111,143 @@ sl_exec(db_conn *c, const char *sql, pgs_err *err)
 		return PGS_ERR_DB;
 	}
 	return PGS_OK;
+}
+
+pgs_rc
+sl_exec(db_conn *c, const char *sql, pgs_err *err)
+{
+	return exec_text(c, sql, true, err);
+}
+
+/* ---- statements kept by their text ---- */
+
+static uint32_t
+text_hash(const char *s)
+{
+	uint32_t h = 2166136261u; /* FNV-1a */
+
+	for (; *s; s++)
+		h = (h ^ (uint8_t) *s) * 16777619u;
+	return h;
+}
+
+sqlite3_stmt *
+sl_stmt(db_conn *c, const char *sql)
+{
+	uint32_t	  h = text_hash(sql);
+	sl_text_stmt *free_slot = NULL, *old = NULL;
+	sqlite3_stmt *st = NULL;
+	bool		  nested = false;
+
+	for (int i = 0; i < c->nstmts; i++)
+	{
+		sl_text_stmt *s = &c->stmts[i];
+
+		if (s->hash == h && strcmp(s->sql, sql) == 0)
+		{
+			if (s->out)
+			{
+				nested = true;
+				break;
+			}
+			s->out = true;
+			s->used = ++c->stmt_tick;
+			return s->st;
+		}
+		if (!s->out && (!old || s->used < old->used))
+			old = s;
+	}
+	if (nested || (c->nstmts == SL_TEXT_STMTS && !old))
+	{
+		/* in use by an outer caller, or every slot is: not kept */
+		if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK)
+		{
+			sqlite3_finalize(st);
+			return NULL;
+		}
+		return st;
+	}
+	if (sqlite3_prepare_v3(c->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+	{
+		sqlite3_finalize(st);
+		return NULL;
+	}
+	if (c->nstmts < SL_TEXT_STMTS)
+		free_slot = &c->stmts[c->nstmts];
+	else
+	{
+		/* the least recently used one makes room */
+		sqlite3_finalize(old->st);
+		sqlite3_free(old->sql);
+		free_slot = old;
+	}
+	if (!(free_slot->sql = sqlite3_mprintf("%s", sql)))
+		return st; /* not kept: sl_stmt_done finalizes it */
+	if (free_slot == &c->stmts[c->nstmts])
+		c->nstmts++;
+	free_slot->hash = h;
+	free_slot->st = st;
+	free_slot->out = true;
+	free_slot->used = ++c->stmt_tick;
+	return st;
+}
+
+void
+sl_stmt_done(db_conn *c, sqlite3_stmt *st)
+{
+	if (!st)
+		return;
+	for (int i = 0; i < c->nstmts; i++)
+		if (c->stmts[i].st == st)
+		{
+			sqlite3_reset(st);
+			sqlite3_clear_bindings(st);
+			c->stmts[i].out = false;
+			return;
+		}
+	sqlite3_finalize(st);
+}
+
+bool
+sl_stmt_exec(db_conn *c, const char *sql)
+{
+	sqlite3_stmt *st = sl_stmt(c, sql);
+	int			  s = SQLITE_ERROR;
+
+	if (st)
+	{
+		while ((s = sqlite3_step(st)) == SQLITE_ROW)
+			;
+		sl_stmt_done(c, st);
+	}
+	return s == SQLITE_DONE;
+}
+
+bool
+sl_table_exists(db_conn *c, const char *name)
+{
+	sqlite3_stmt *st;
+	bool		  yes = false;
+
+	if (sl_stmt_prepare(c, "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1", &st) ==
+		SQLITE_OK)
+	{
+		sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+		yes = sqlite3_step(st) == SQLITE_ROW;
+		sl_stmt_done(c, st);
+	}
+	return yes;
+}
+
+void
+sl_stmt_clear(db_conn *c)
+{
+	for (int i = 0; i < c->nstmts; i++)
+	{
+		sqlite3_finalize(c->stmts[i].st);
+		sqlite3_free(c->stmts[i].sql);
+	}
+	c->nstmts = 0;
 }
 
 void
@@ -170,7 +315,7 @@ sl_execf(db_conn *c, pgs_err *err, const char *fmt, ...)
 	va_end(ap);
 	if (!sql)
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
-	rc = sl_exec(c, sql, err);
+	rc = exec_text(c, sql, false, err); /* made for this call: not kept */
 	sqlite3_free(sql);
 	return rc;
 }

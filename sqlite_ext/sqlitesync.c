@@ -507,11 +507,10 @@ static void
 finalize_all(db_conn *c)
 {
 	sl_unload_tables(c);
+	sl_stmt_clear(c);
 	sqlite3_finalize(c->st_ver_get);
 	sqlite3_finalize(c->st_ver_bump);
 	sqlite3_finalize(c->st_site_add);
-	sqlite3_finalize(c->st_loaded);
-	c->st_loaded = NULL;
 	sqlite3_finalize(c->st_held_get);
 	sqlite3_finalize(c->st_held_put);
 	sqlite3_finalize(c->st_held_del);
