@@ -105,6 +105,16 @@ kv_set(sl_net *n, const char *key, const char *value)
 	sqlite3_stmt *st;
 	int			  rc;
 
+	if (!value)
+	{
+		/* a key that is not there costs no write transaction (the progress
+		 * row, cleared after every receive, is there only in long ones) */
+		char *v = kv_text(n, key);
+
+		if (!v)
+			return true;
+		sqlite3_free(v);
+	}
 	if (sl_stmt_prepare(n->c,
 						value ? "INSERT OR REPLACE INTO sync_network(key, value) VALUES(?1, ?2)"
 							  : "DELETE FROM sync_network WHERE key = ?1",
@@ -141,20 +151,46 @@ free_settings(sl_net_settings *s)
 static bool
 load_settings(sl_net *n, sl_net_settings *s)
 {
+	/* one read of the table, not one statement per key */
+	static const char *const text_keys[] = {"url", "token", "server_site", "recv_cursor",
+											"ca_file"};
+	static const char *const int_keys[] = {"send_cursor",		"retries",	  "backoff_ms",
+										   "backoff_max_ms",	"timeout_ms", "max_payload",
+										   "connect_timeout_ms"};
+	char   **texts[] = {&s->url, &s->token, &s->server_site, &s->recv_cursor, &s->ca_file};
+	int64_t *ints[] = {&s->send_cursor, &s->retries,	 &s->backoff_ms,		&s->backoff_max_ms,
+					   &s->timeout_ms,	&s->max_payload, &s->connect_timeout_ms};
+	sqlite3_stmt *st;
+
 	memset(s, 0, sizeof *s);
-	if (!exec(n, meta_sql) || !(s->url = kv_text(n, "url")))
+	s->retries = 3;
+	s->backoff_ms = 200;
+	s->backoff_max_ms = 5000;
+	s->connect_timeout_ms = 3000;
+	s->timeout_ms = 30000;
+	s->max_payload = 256LL << 20;
+	if (!exec(n, meta_sql) || !(st = sl_stmt(n->c, "SELECT key, value FROM sync_network")))
 		return false;
-	s->token = kv_text(n, "token");
-	s->server_site = kv_text(n, "server_site");
-	s->recv_cursor = kv_text(n, "recv_cursor");
-	s->send_cursor = kv_int(n, "send_cursor", 0);
-	s->retries = kv_int(n, "retries", 3);
-	s->backoff_ms = kv_int(n, "backoff_ms", 200);
-	s->backoff_max_ms = kv_int(n, "backoff_max_ms", 5000);
-	s->connect_timeout_ms = kv_int(n, "connect_timeout_ms", 3000);
-	s->timeout_ms = kv_int(n, "timeout_ms", 30000);
-	s->max_payload = kv_int(n, "max_payload", 256LL << 20);
-	s->ca_file = kv_text(n, "ca_file");
+	while (sqlite3_step(st) == SQLITE_ROW)
+	{
+		const char *k = (const char *) sqlite3_column_text(st, 0);
+		const char *v = (const char *) sqlite3_column_text(st, 1);
+
+		if (!k || !v)
+			continue;
+		for (size_t i = 0; i < sizeof text_keys / sizeof text_keys[0]; i++)
+			if (strcmp(k, text_keys[i]) == 0 && !*texts[i])
+				*texts[i] = sqlite3_mprintf("%s", v);
+		for (size_t i = 0; i < sizeof int_keys / sizeof int_keys[0]; i++)
+			if (strcmp(k, int_keys[i]) == 0 && *v)
+				*ints[i] = strtoll(v, NULL, 10);
+	}
+	sl_stmt_done(n->c, st);
+	if (!s->url)
+	{
+		free_settings(s);
+		return false;
+	}
 	if (s->retries < 0)
 		s->retries = 0;
 	return true;

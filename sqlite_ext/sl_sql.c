@@ -226,17 +226,9 @@ sl_stmt_exec(db_conn *c, const char *sql)
 bool
 sl_table_exists(db_conn *c, const char *name)
 {
-	sqlite3_stmt *st;
-	bool		  yes = false;
-
-	if (sl_stmt_prepare(c, "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1", &st) ==
-		SQLITE_OK)
-	{
-		sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-		yes = sqlite3_step(st) == SQLITE_ROW;
-		sl_stmt_done(c, st);
-	}
-	return yes;
+	/* looked up in the schema in memory (SQLite answers no for a view) */
+	return sqlite3_table_column_metadata(c->db, "main", name, NULL, NULL, NULL, NULL, NULL, NULL) ==
+		   SQLITE_OK;
 }
 
 void
