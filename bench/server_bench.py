@@ -328,10 +328,11 @@ def phase_idle(env, rows):
         # -- RSS with 1,000 idle long-polls and 1,000 WebSockets --------------------
         s3 = env.server("s3", pool_size="8", threads="8")
         rss0 = s3.rss_kb()
-        st, h, _ = http("GET", s3.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + token("x")})
+        # the cursor of the principal that parks (a cursor is bound to its principal)
+        tok = token("idle")
+        st, h, _ = http("GET", s3.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + tok})
         cur = h["x-pgsync-cursor"]
         socks = []
-        tok = token("idle")
         for i in range(1000):
             sk = socket.create_connection(("127.0.0.1", s3.port))
             sk.sendall(f"GET /v1/pull?since={cur}&wait=60000 HTTP/1.1\r\nHost: x\r\n"
