@@ -93,8 +93,8 @@ db_site_intern(db_conn *c, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 	sqlite3_reset(c->st_site_add);
 	/* the fingerprint (sl_meta.c) counts this site: what is loaded stays
 	 * current (a rollback of the insert leaves nsites above the count) */
-	if (c->loaded_fp[2] == (int64_t) c->nsites)
-		c->loaded_fp[2]++;
+	if (c->loaded_fp[1] == (int64_t) c->nsites)
+		c->loaded_fp[1]++;
 	memcpy(c->sites[c->nsites], site, 16);
 	*idx = c->nsites++;
 	return PGS_OK;

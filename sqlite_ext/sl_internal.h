@@ -138,7 +138,7 @@ struct db_conn
 	sqlite3_stmt *st_ver_get;
 	sqlite3_stmt *st_ver_bump;
 	sqlite3_stmt *st_site_add;
-	int64_t		  loaded_fp[3]; /* schema cookie, data_version, sites, at the last load */
+	int64_t		  loaded_fp[2]; /* schema cookie and number of sites at the last load */
 	pgs_buf		  clockbuf;		/* copy of the last clock blob read */
 	pgs_buf		  scratch;
 	pgs_stamp	 *stamps;

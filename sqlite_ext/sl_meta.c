@@ -1,8 +1,8 @@
 /*
  * sl_meta.c — the sync metadata in memory: the synced tables (sync_tables,
  * sync_columns, their column history) and the sites (sync_sites), loaded by
- * sl_load and loaded again only when the schema cookie, the data version or
- * the number of sites says they changed; sl_reload after this connection's
+ * sl_load and loaded again only when the schema cookie or the number of
+ * sites says they changed (see fingerprint); sl_reload after this connection's
  * own metadata writes. Column renames are found here, at load, and recorded
  * by the next write (sl_alter_resolve, sl_alter_persist; docs/MIGRATIONS.md).
  */
@@ -198,22 +198,26 @@ load_sites(db_conn *c, pgs_err *err)
 }
 
 /*
- * The metadata's fingerprint: the schema cookie (any DDL: sync_init,
- * sync_alter, a rename, and a savepoint rollback of one, restores another
- * value), the data version (another connection committed: it may have added
- * sites or changed settings) and the number of sites (this connection's own
- * site added in a savepoint the app rolled back). Equal fingerprints: what
- * is in memory is what the tables hold. false when it cannot be read.
+ * The metadata's fingerprint: the schema cookie and the number of sites.
+ * What sl_load reads changes only with DDL (sync_init, sync_alter,
+ * sync_cleanup and the app's own ALTER TABLE all change the cookie; a
+ * savepoint rollback of one restores another value) or with a site added
+ * (by another connection, or by this one in a savepoint the app rolled
+ * back: the count differs from what is loaded). Another connection's
+ * ordinary commits change neither, so they cost no reload: a background
+ * syncer (sl_background.c) does not re-read every table's layout after each
+ * write of the app. Settings are not loaded: each call reads them. Equal
+ * fingerprints: what is in memory is what the tables hold. false when it
+ * cannot be read.
  */
 static bool
-fingerprint(db_conn *c, int64_t fp[3])
+fingerprint(db_conn *c, int64_t fp[2])
 {
-	/* PRAGMA statements rather than pragma_schema_version and friends: those
-	 * table-valued functions prepare their PRAGMA again on every run */
-	static const char *const sql[3] = {"PRAGMA schema_version", "PRAGMA data_version",
-									   "SELECT count(*) FROM sync_sites"};
+	/* a PRAGMA statement rather than pragma_schema_version: that table-valued
+	 * function prepares its PRAGMA again on every run */
+	static const char *const sql[2] = {"PRAGMA schema_version", "SELECT count(*) FROM sync_sites"};
 
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < 2; i++)
 	{
 		sqlite3_stmt *st = sl_stmt(c, sql[i]);
 		bool		  ok = st && sqlite3_step(st) == SQLITE_ROW;
@@ -233,12 +237,12 @@ sl_load(db_conn *c, pgs_err *err)
 	sqlite3_stmt *st = NULL;
 	int			  exists = 0;
 	pgs_rc		  rc;
-	int64_t		  fp[3];
+	int64_t		  fp[2];
 
 	/* every sync_* call loads: nothing to do when nothing changed (a full
 	 * load re-reads every table's layout and re-prepares its statements) */
 	if (c->ready && fingerprint(c, fp) && memcmp(fp, c->loaded_fp, sizeof fp) == 0 &&
-		(int64_t) c->nsites == fp[2])
+		(int64_t) c->nsites == fp[1])
 		return PGS_OK;
 
 	if (sqlite3_prepare_v2(
