@@ -137,6 +137,7 @@ sl_stmt(db_conn *c, const char *sql)
 	uint32_t	  h = text_hash(sql);
 	sl_text_stmt *free_slot = NULL, *old = NULL;
 	sqlite3_stmt *st = NULL;
+	char		 *copy;
 	bool		  nested = false;
 
 	for (int i = 0; i < c->nstmts; i++)
@@ -167,13 +168,16 @@ sl_stmt(db_conn *c, const char *sql)
 		}
 		return st;
 	}
-	if (sqlite3_prepare_v3(c->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v3(c->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK ||
+		!st)
 	{
 		sqlite3_finalize(st);
 		return NULL;
 	}
+	if (!(copy = sqlite3_mprintf("%s", sql)))
+		return st; /* not kept: sl_stmt_done finalizes it */
 	if (c->nstmts < SL_TEXT_STMTS)
-		free_slot = &c->stmts[c->nstmts];
+		free_slot = &c->stmts[c->nstmts++];
 	else
 	{
 		/* the least recently used one makes room */
@@ -181,10 +185,7 @@ sl_stmt(db_conn *c, const char *sql)
 		sqlite3_free(old->sql);
 		free_slot = old;
 	}
-	if (!(free_slot->sql = sqlite3_mprintf("%s", sql)))
-		return st; /* not kept: sl_stmt_done finalizes it */
-	if (free_slot == &c->stmts[c->nstmts])
-		c->nstmts++;
+	free_slot->sql = copy;
 	free_slot->hash = h;
 	free_slot->st = st;
 	free_slot->out = true;
