@@ -7,7 +7,8 @@ frequent; mixed value types), some of them grouped in transactions that
 commit, roll back or roll back to a savepoint, and between them random
 partial syncs: incremental pulls (with and without exclude_site), full and
 stale pulls, and payloads kept "in flight" and delivered later, reordered and
-duplicated, which also relays changes through third replicas. Then:
+duplicated, which also relays changes through third replicas; a replica's
+second connection writes rows and applies some of the payloads. Then:
 
   1. incremental pulls only (each replica's `since` per peer) until quiescent:
      every replica's tables must be identical (type-exact, REAL by bit
@@ -209,7 +210,14 @@ class World:
             di = pick(len(self.reps))           # to someone else: a relay
         if pick(2):
             self.flight.pop(i)                  # else it stays: delivered again later
-        self.log(f"deliver #{i} from r{si} to r{di}: won {self.reps[di].apply(p)}")
+        r = self.reps[di]
+        if to is None and pick(3) == 0:
+            # through the file's other connection: the sites it records and the
+            # clocks it writes must be seen by the first one's loaded metadata
+            won = r.alt.execute("SELECT sync_apply_payload(?)", (p,)).fetchone()[0]
+            self.log(f"deliver #{i} from r{si} to r{di}/alt: won {won}")
+            return
+        self.log(f"deliver #{i} from r{si} to r{di}: won {r.apply(p)}")
 
     def step(self, pick):
         n = len(self.reps)
