@@ -9,8 +9,13 @@
 
 #include "access/table.h"
 #include "access/xact.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
+#include "nodes/nodeFuncs.h"
+#include "nodes/pathnodes.h"
+#include "optimizer/optimizer.h"
+#include "optimizer/plancat.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -220,6 +225,148 @@ probe_find(db_cursor *c, HeapTuple tup, TupleDesc td)
 	return found;
 }
 
+/*
+ * ---- the key order of an rls snapshot -------------------------------------
+ *
+ * An rls snapshot chunk reads the caller's rows in key order after a key.
+ * When an index has the key columns right after columns that the caller's
+ * policies pin to one value each (owner = the claim: an equality in the
+ * security quals ANDed at the top, the other side free of the table's
+ * columns and of volatile functions), a scan of it reads exactly the rows
+ * the policy lets through, in key order: a subsequence, in the same order,
+ * of what a walk of the key index reads before filtering, so it never costs
+ * more. The planner cannot see that: it costs the heap access of such an
+ * index by its first column's correlation (none for an owner column) and
+ * the key walk's by the key's (UUIDv7 keys follow the insertion order), and
+ * for a fast start both cost about a descent. It took the key walk for most
+ * chunks of a pull (read 10 rows for each it sent, bench/pg_bench_pull.py)
+ * and for every chunk once the plan was generic. So while such a read is
+ * planned, and only when such an index exists, the indexes that merely walk
+ * the key (those whose first columns are the key) are not offered to it.
+ */
+static get_relation_info_hook_type prev_relation_info = NULL;
+static Oid						   steer_relid = InvalidOid;
+
+/* qual_pins: does the security qual q (or an ANDed part of it) pin column
+ * attno of relation varno with an equality of opfamily opf, collation coll? */
+static bool
+qual_pins(Node *q, Index varno, AttrNumber attno, Oid opf, Oid coll)
+{
+	if (q == NULL)
+		return false;
+	if (IsA(q, List))
+	{
+		ListCell *lc;
+
+		foreach (lc, (List *) q)
+			if (qual_pins(lfirst(lc), varno, attno, opf, coll))
+				return true;
+		return false;
+	}
+	if (is_andclause(q))
+		return qual_pins((Node *) ((BoolExpr *) q)->args, varno, attno, opf, coll);
+	if (IsA(q, OpExpr) && list_length(((OpExpr *) q)->args) == 2)
+	{
+		OpExpr *op = (OpExpr *) q;
+
+		for (int side = 0; side < 2; side++)
+		{
+			Node *v = strip_implicit_coercions(list_nth(op->args, side));
+			Node *other = list_nth(op->args, 1 - side);
+
+			if (IsA(v, Var) && ((Var *) v)->varno == varno && ((Var *) v)->varlevelsup == 0 &&
+				((Var *) v)->varattno == attno && !contain_var_clause(other) &&
+				!contain_volatile_functions(other) &&
+				get_op_opfamily_strategy(op->opno, opf) == BTEqualStrategyNumber &&
+				(op->inputcollid == coll || !OidIsValid(coll)))
+				return true;
+		}
+	}
+	return false;
+}
+
+static void
+steer_relation_info(PlannerInfo *root, Oid relid, bool inhparent, RelOptInfo *rel)
+{
+	RangeTblEntry *rte;
+	Relation	   r;
+	Oid			   pkoid;
+	Relation	   pk;
+	int			   npk;
+	bool		   pinned_index = false;
+	ListCell	  *lc;
+
+	if (prev_relation_info)
+		prev_relation_info(root, relid, inhparent, rel);
+	if (relid != steer_relid || inhparent || root->query_level != 1)
+		return;
+	rte = root->simple_rte_array[rel->relid];
+	if (rte->securityQuals == NIL)
+		return;
+	r = table_open(relid, NoLock);
+	pkoid = RelationGetPrimaryKeyIndex(r, false);
+	table_close(r, NoLock);
+	if (!OidIsValid(pkoid))
+		return;
+	pk = index_open(pkoid, NoLock);
+	npk = pk->rd_index->indnkeyatts;
+	foreach (lc, rel->indexlist)
+	{
+		IndexOptInfo *ix = lfirst(lc);
+		int			  m = ix->nkeycolumns - npk, k;
+
+		if (ix->relam != BTREE_AM_OID || m < 1 || ix->indpred != NIL || ix->indexoid == pkoid)
+			continue;
+		/* the key columns last, in the key index's order */
+		for (k = 0; k < npk; k++)
+			if (ix->indexkeys[m + k] != pk->rd_index->indkey.values[k] ||
+				ix->opfamily[m + k] != pk->rd_opfamily[k] ||
+				ix->indexcollations[m + k] != pk->rd_indcollation[k] || ix->reverse_sort[m + k] ||
+				ix->nulls_first[m + k])
+				break;
+		if (k < npk)
+			continue;
+		/* every column before them pinned by the policies */
+		for (k = 0; k < m; k++)
+			if (ix->indexkeys[k] == 0 ||
+				!qual_pins((Node *) rte->securityQuals, rel->relid, ix->indexkeys[k],
+						   ix->opfamily[k], ix->indexcollations[k]))
+				break;
+		if (k == m)
+		{
+			pinned_index = true;
+			break;
+		}
+	}
+	if (pinned_index)
+	{
+		List *keep = NIL;
+
+		foreach (lc, rel->indexlist)
+		{
+			IndexOptInfo *ix = lfirst(lc);
+			int			  k;
+
+			/* a walk of the key: the key columns first, in the key's order */
+			for (k = 0; k < npk && k < ix->nkeycolumns; k++)
+				if (ix->indexkeys[k] != pk->rd_index->indkey.values[k])
+					break;
+			if (k < npk || ix->relam != BTREE_AM_OID)
+				keep = lappend(keep, ix);
+		}
+		rel->indexlist = keep;
+	}
+	index_close(pk, NoLock);
+}
+
+/* pg_changes_setup: once per backend (_PG_init). */
+void
+pg_changes_setup(void)
+{
+	prev_relation_info = get_relation_info_hook;
+	get_relation_info_hook = steer_relation_info;
+}
+
 static void
 cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_start)
 {
@@ -227,18 +374,30 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 
 	if (as_meta)
 		pg_as_meta(&us);
-	if (!fast_start)
-		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
-	else
+	/* an rls snapshot read is planned (here, at open) with the key order
+	 * steered to an index the policies pin (steer_relation_info) */
+	if (c->how == 2)
+		steer_relid = c->t->relid;
+	PG_TRY();
 	{
-		/* planned at open: a chunk reads a small fraction of the rows */
-		int level = NewGUCNestLevel();
+		if (!fast_start)
+			c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
+		else
+		{
+			/* planned at open: a chunk reads a small fraction of the rows */
+			int level = NewGUCNestLevel();
 
-		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
-		AtEOXact_GUC(true, level);
+			(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET,
+									 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+			c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
+			AtEOXact_GUC(true, level);
+		}
 	}
+	PG_FINALLY();
+	{
+		steer_relid = InvalidOid;
+	}
+	PG_END_TRY();
 	if (as_meta)
 		pg_as_caller(&us);
 	if (c->portal == NULL)

@@ -312,6 +312,9 @@ db_access	   pg_table_access(db_table *t);
 bytea		  *pg_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len);
 uint8_t		  *pg_cursor_open(const uint8_t *p, size_t len, size_t *tok_len);
 
+/* ---- pg_changes.c ---- */
+void pg_changes_setup(void);
+
 /* ---- pg_capture.c ---- */
 extern FullTransactionId pg_wrote_xid;
 int64_t					 pg_txn_version(void);
