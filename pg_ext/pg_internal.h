@@ -322,6 +322,7 @@ uint64_t				 pg_txn_tick(void);
 void					 pg_hlc_observe(uint64_t hlc);
 uint64_t				 pg_hlc_floor(void);
 void					 pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
+bool					 pg_clock_direct(db_table *t);
 int						 pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
 bool pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
 

@@ -53,7 +53,7 @@ def base_reads(notices):
     return [n for n in notices if "Query Text:" in n and re.search(r"FROM public\.docs b\b", n)]
 
 
-def pull(conn, sub):
+def pull(conn, sub, chunk=CHUNK, table="docs"):
     """A first pull in chunks; returns (keys pulled, base read plans per chunk)."""
     cur = conn.cursor()
     device = str(uuid.uuid4())
@@ -65,24 +65,25 @@ def pull(conn, sub):
         cur.execute("SET LOCAL ROLE pgsync_plan_user")
         cur.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": sub}),))
         del conn.notices[:]
-        cur.execute("SELECT payload, next_cursor FROM sync_pull(0, %s, %s, 0)", (CHUNK, cursor))
+        cur.execute("SELECT payload, next_cursor FROM sync_pull(0, %s, %s, 0)", (chunk, cursor))
         payload, cursor = cur.fetchone()
         plans.append(base_reads(list(conn.notices)))
         cur.execute("COMMIT")
         if payload is not None:
             info = one(conn, "SELECT sync_payload_info(%s)", (payload,))
-            keys += [r["key"][0] for r in info["rows"]]
+            keys += [tuple(r["key"]) if len(r["key"]) > 1 else r["key"][0]
+                     for r in info["rows"] if r["table"] == table]
         if cursor is None:
             return keys, plans
 
 
-def visible(conn, sub):
+def visible(conn, sub, sql="SELECT id FROM docs"):
     cur = conn.cursor()
     cur.execute("BEGIN")
     cur.execute("SET LOCAL ROLE pgsync_plan_user")
     cur.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": sub}),))
-    cur.execute("SELECT id FROM docs")
-    ids = {r[0] for r in cur.fetchall()}
+    cur.execute(sql)
+    ids = {r[0] if len(r) == 1 else tuple(r) for r in cur.fetchall()}
     cur.execute("COMMIT")
     return ids
 
@@ -170,6 +171,44 @@ def main():
     check(read <= N * 1.1,
           f"key walk: the pull reads each row about once ({read} reads for {N} rows "
           f"in {len(scans)} chunks), not once per chunk")
+    # keys whose collation orders them unlike the clock's "C" (the clock rows
+    # of a batch are read in the clock key index's order), and a key of two
+    # columns; small chunks, many batches
+    cur.execute("REVOKE SELECT ON docs FROM pgsync_plan_user")
+    coll = ""
+    for c in ('"en_US"', '"en-US-x-icu"', '"und-x-icu"'):
+        try:
+            cur.execute(f"CREATE TEMP TABLE coll_probe (k text COLLATE {c})")
+            cur.execute("DROP TABLE coll_probe")
+            coll = f" COLLATE {c}"
+            break
+        except psycopg2.Error:
+            pass
+    cur.execute(f"CREATE TABLE notes (id text{coll} PRIMARY KEY, owner text NOT NULL, body text)")
+    cur.execute("CREATE TABLE pairs (a text, b int, owner text NOT NULL, PRIMARY KEY (a, b))")
+    for t in ("notes", "pairs"):
+        cur.execute(f"SELECT sync_init('{t}')")
+    cur.execute("INSERT INTO notes SELECT chr(65 + (g % 2) * 32 + g % 26) || g, 'u' || (g % 3), 'n' "
+                "FROM generate_series(1, 3000) g")
+    cur.execute("INSERT INTO pairs SELECT chr(65 + (g % 2) * 32 + g % 26), g, 'u' || (g % 3) "
+                "FROM generate_series(1, 3000) g")
+    for t in ("notes", "pairs"):
+        cur.execute(f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY")
+        cur.execute(f"CREATE POLICY mine ON {t} USING ({POLICY})")
+        cur.execute(f"GRANT SELECT ON {t} TO pgsync_plan_user")
+        cur.execute(f"ANALYZE {t}")
+    cur.execute("CREATE INDEX ON pairs (owner, a, b)")
+    cur.execute("GRANT SELECT ON notes TO pgsync_plan_user")
+    cur.execute("REVOKE SELECT ON pairs FROM pgsync_plan_user")
+    keys, _ = pull(conn, "u1", chunk=70, table="notes")
+    check(len(keys) == len(set(keys)) and set(keys) == visible(conn, "u1", "SELECT id FROM notes"),
+          f"collated keys{coll or ' (no collation here)'}: exactly the visible rows, once each")
+    cur.execute("REVOKE SELECT ON notes FROM pgsync_plan_user")
+    cur.execute("GRANT SELECT ON pairs TO pgsync_plan_user")
+    keys, _ = pull(conn, "u2", chunk=70, table="pairs")
+    check(len(keys) == len(set(keys)) and
+          set(keys) == visible(conn, "u2", "SELECT a, b FROM pairs"),
+          "a key of two columns, through (owner, a, b): exactly the visible rows, once each")
     conn.close()
     cleanup()
     return 0
