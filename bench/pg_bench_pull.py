@@ -16,9 +16,11 @@ cluster; `make bench` runs it).
            (index condition: owner = the claim and id > the last key;
            pg_changes.c makes the planner use it, which on its own took the
            key walk for most chunks: 1.9x; test/pg/test_rls_plan.py checks
-           the plans). A plain index on (owner) cannot give key order, so it
-           would not be used. The same pull without the index (a walk of all
-           1,000,000 rows in key order, 9 in 10 filtered out) is shown. The
+           the plans), and the clock rows in one walk of the clock's key
+           index per batch. A plain index on (owner) cannot give key order,
+           so it would not be used. The same pull without the index (a walk
+           of all 1,000,000 rows in key order, 9 in 10 filtered out) is
+           shown. The
            policy reads the claim once per statement, as docs/SERVER.md
            advises; the same policy parsing the claims for every row is
            shown too (without the index, where it is evaluated per row).
