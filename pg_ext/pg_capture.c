@@ -365,6 +365,22 @@ direct_setup(db_table *t, Relation rel)
 	return true;
 }
 
+/* pg_clock_direct: whether the clock table of t may be read and written
+ * through its key index directly (t->pk_index, t->eq_proc: direct_setup). */
+bool
+pg_clock_direct(db_table *t)
+{
+	Relation rel;
+	bool	 ok;
+
+	if (t->direct_state != 0)
+		return t->direct_state > 0;
+	rel = table_open(t->clock_relid, AccessShareLock);
+	ok = direct_setup(t, rel);
+	table_close(rel, NoLock);
+	return ok;
+}
+
 /* index_key_values: the key columns of index ir taken from a clock row. */
 static void
 index_key_values(Relation ir, const Datum *values, Datum *iv)

@@ -7,10 +7,19 @@
  */
 #include "pg_internal.h"
 
+#include "access/genam.h"
+#include "access/nbtree.h"
+#include "access/relscan.h"
 #include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
+#include "nodes/nodeFuncs.h"
+#include "nodes/pathnodes.h"
+#include "optimizer/optimizer.h"
+#include "optimizer/plancat.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -20,6 +29,7 @@
 #include "utils/relcache.h"
 #include "utils/resowner.h"
 #include "utils/rls.h"
+#include "utils/snapmgr.h"
 #include "utils/uuid.h"
 
 typedef struct site_by_idx
@@ -35,6 +45,14 @@ typedef struct site_by_id
 } site_by_id;
 
 #define FETCH_BATCH 1000
+/* a walk of the clock key index (clock_walk) skips at most WALK_GAP entries
+ * between two wanted keys before it descends again; after WALK_PROBE keys of
+ * a batch it descends for every further key when it skipped more than
+ * WALK_SPARSE entries per key (a descent from the root costs about as much
+ * as skipping 20 to 30 entries of a leaf) */
+#define WALK_GAP 64
+#define WALK_PROBE 32
+#define WALK_SPARSE 24
 
 /* ---- change enumeration -------------------------------------------------- */
 
@@ -49,7 +67,9 @@ typedef struct site_by_id
  *                    rows probed in batches of FETCH_BATCH keys as the caller:
  *                    a row the probe does not return is not visible (HIDDEN)
  *   rls, snapshot    the caller's base rows in the base key order; their clock
- *                    rows probed in batches as the metadata owner
+ *                    rows read in batches as the metadata owner: by a walk
+ *                    of the clock table's key index (clock_walk) when it can
+ *                    be read directly, else by a keyed SELECT
  *
  * Every query is read-only SPI, so all of them read the statement's
  * snapshot: rows, visibility and until (db_version_safe) agree.
@@ -81,7 +101,271 @@ struct db_cursor
 	probe_hit	  *hits;
 	uint64		   nhits;
 	pgs_buf		   keys;
+	/* rls snapshot: the walk of the clock key index, and the clock row of
+	 * each base row of the batch (NULL: none), in the clock table's layout */
+	struct clock_walk *walk;
+	HeapTuple		  *clock_of;
 };
+
+/*
+ * clock_walk: the clock rows of a batch of keys read through the clock
+ * table's key index in one forward walk instead of one descent per key.
+ * The keys of the caller's visible rows often lie close together in key
+ * order (one in ten of all keys in bench/pg_bench_pull.py), and with the
+ * keyed SELECT (a nested loop, one descent from the root per key) the clock
+ * rows were 57 % of a first pull under RLS (perf). The walk compares the
+ * index entries with the wanted keys in the index's own order (its btree
+ * comparison procedures and collations: the equality of the keyed SELECT
+ * it replaces; the batch is sorted that way first when the base key order
+ * differs) and reads the heap only for the entries it wants. Sparse keys
+ * (WALK_GAP, WALK_SPARSE) get a descent each, as before, without the
+ * executor. A descent positions by the first key column, and only towards
+ * keys the walk has not passed. Rows are read in the statement's snapshot, the one
+ * read-only SPI queries use, and the heap through index_fetch_heap (HOT
+ * chains, versions this snapshot does not see).
+ */
+typedef struct clock_walk
+{
+	Relation		rel;
+	Relation		idx;
+	IndexScanDesc	scan;
+	TupleTableSlot *slot;
+	Snapshot		snap;
+	MemoryContext	cxt; /* the scan's: it allocates at its first rescan */
+	int				nk;
+	FmgrInfo	   *cmp[INDEX_MAX_KEYS]; /* BTORDER_PROC of each key column */
+	Oid				coll[INDEX_MAX_KEYS];
+	RegProcedure	ge_proc; /* >= of the first key column: where a descent starts */
+	bool			have;	 /* an index entry was read and not yet consumed */
+	bool			eof;	 /* the walk ran past the last entry */
+} clock_walk;
+
+/* walk_open: a walk of t's clock key index, or NULL when the keyed SELECT
+ * must do (no direct access, no MVCC snapshot, an unusual clock table). */
+static clock_walk *
+walk_open(db_table *t, MemoryContext cxt)
+{
+	clock_walk	 *w;
+	TupleDesc	  ctd;
+	Snapshot	  snap;
+	Oid			  op;
+	MemoryContext old;
+
+	if (!ActiveSnapshotSet() || !pg_clock_direct(t))
+		return NULL;
+	snap = GetActiveSnapshot();
+	if (!IsMVCCSnapshot(snap))
+		return NULL;
+	old = MemoryContextSwitchTo(cxt);
+	w = palloc0(sizeof(clock_walk));
+	w->cxt = cxt;
+	w->rel = table_open(t->clock_relid, AccessShareLock);
+	ctd = RelationGetDescr(w->rel);
+	/* the layout pg_clock_lookup_direct reads: key columns, cl, ver, clk */
+	if (ctd->natts < t->npk + 3 || TupleDescAttr(ctd, t->npk)->attisdropped ||
+		TupleDescAttr(ctd, t->npk + 2)->attisdropped ||
+		strcmp(NameStr(TupleDescAttr(ctd, t->npk)->attname), "cl") != 0 ||
+		strcmp(NameStr(TupleDescAttr(ctd, t->npk + 2)->attname), "clk") != 0)
+	{
+		table_close(w->rel, NoLock);
+		MemoryContextSwitchTo(old);
+		return NULL;
+	}
+	w->idx = index_open(t->pk_index, AccessShareLock);
+	w->nk = t->npk;
+	for (int i = 0; i < w->nk; i++)
+	{
+		w->cmp[i] = index_getprocinfo(w->idx, i + 1, BTORDER_PROC);
+		w->coll[i] = w->idx->rd_indcollation[i];
+	}
+	op = get_opfamily_member(w->idx->rd_opfamily[0], w->idx->rd_opcintype[0],
+							 w->idx->rd_opcintype[0], BTGreaterEqualStrategyNumber);
+	if (!OidIsValid(op))
+	{
+		index_close(w->idx, NoLock);
+		table_close(w->rel, NoLock);
+		MemoryContextSwitchTo(old);
+		return NULL;
+	}
+	w->ge_proc = get_opcode(op);
+	w->snap = RegisterSnapshot(snap);
+	w->scan = index_beginscan(w->rel, w->idx, w->snap, NULL, 1, 0);
+	w->scan->xs_want_itup = true; /* the entries' keys, compared before the heap */
+	w->slot = table_slot_create(w->rel, NULL);
+	MemoryContextSwitchTo(old);
+	return w;
+}
+
+static void
+walk_close(clock_walk *w)
+{
+	index_endscan(w->scan);
+	ExecDropSingleTupleTableSlot(w->slot);
+	UnregisterSnapshot(w->snap);
+	index_close(w->idx, NoLock);
+	table_close(w->rel, NoLock);
+}
+
+/* walk_cmp: the current index entry's key against key k, in index order:
+ * 0 equal, -1/1 when the first columns differ, -2/2 when a later one does. */
+static int
+walk_cmp(clock_walk *w, const Datum *k)
+{
+	IndexScanDesc s = w->scan;
+
+	for (int i = 0; i < w->nk; i++)
+	{
+		bool  isnull;
+		Datum d = index_getattr(s->xs_itup, i + 1, s->xs_itupdesc, &isnull);
+		int32 r;
+
+		if (isnull)
+			return 2; /* key columns are NOT NULL: never equal */
+		r = DatumGetInt32(FunctionCall2Coll(w->cmp[i], w->coll[i], d, k[i]));
+		if (r != 0)
+			return (r < 0 ? -1 : 1) * (i == 0 ? 1 : 2);
+	}
+	return 0;
+}
+
+/* walk_first_differs: do keys a and b differ in their first column? */
+static bool
+walk_first_differs(clock_walk *w, const Datum *a, const Datum *b)
+{
+	return DatumGetInt32(FunctionCall2Coll(w->cmp[0], w->coll[0], a[0], b[0])) != 0;
+}
+
+/* walk_seek: descend again, to the first entry whose first column is >= k's. */
+static void
+walk_seek(clock_walk *w, const Datum *k)
+{
+	ScanKeyData	  sk;
+	MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
+	ScanKeyEntryInitialize(&sk, 0, 1, BTGreaterEqualStrategyNumber, InvalidOid, w->coll[0],
+						   w->ge_proc, k[0]);
+	index_rescan(w->scan, &sk, 1, NULL, 0);
+	MemoryContextSwitchTo(old);
+	w->have = false;
+	w->eof = false;
+}
+
+static clock_walk *walk_sort_w;
+static Datum	  *walk_sort_keys;
+
+static int
+walk_sort_cmp(const void *a, const void *b)
+{
+	const Datum *x = walk_sort_keys + (size_t) * (const int *) a * walk_sort_w->nk;
+	const Datum *y = walk_sort_keys + (size_t) * (const int *) b * walk_sort_w->nk;
+
+	for (int i = 0; i < walk_sort_w->nk; i++)
+	{
+		int32 r = DatumGetInt32(
+			FunctionCall2Coll(walk_sort_w->cmp[i], walk_sort_w->coll[i], x[i], y[i]));
+
+		if (r != 0)
+			return r;
+	}
+	return 0;
+}
+
+/*
+ * walk_batch: c->clock_of[r] = the clock row of base row r of the batch (a
+ * copy in the batch context), NULL when it has none (written with capture
+ * off).
+ */
+static void
+walk_batch(db_cursor *c)
+{
+	clock_walk	 *w = c->walk;
+	uint64		  n = c->n;
+	MemoryContext old = MemoryContextSwitchTo(c->batch_cxt);
+	int			 *order = palloc(sizeof(int) * (n + 1));
+	Datum		 *keys = palloc(sizeof(Datum) * (n * w->nk + 1));
+	bool		  sorted = true, descend = false;
+	uint64		  j = 0, skipped = 0;
+	int			  gap = 0;
+
+	c->clock_of = palloc0(sizeof(HeapTuple) * (n + 1));
+	for (uint64 r = 0; r < n; r++)
+	{
+		order[r] = (int) r;
+		for (int i = 0; i < w->nk; i++)
+		{
+			bool isnull;
+
+			keys[r * w->nk + i] = SPI_getbinval(c->tt->vals[r], c->tt->tupdesc, i + 1, &isnull);
+		}
+	}
+	/* the base key order is the index's unless their collations differ */
+	walk_sort_w = w;
+	walk_sort_keys = keys;
+	for (uint64 r = 1; r < n && sorted; r++)
+		sorted = walk_sort_cmp(&order[r - 1], &order[r]) < 0;
+	if (!sorted)
+		qsort(order, n, sizeof(int), walk_sort_cmp);
+	if (n > 0)
+		walk_seek(w, keys + (size_t) order[0] * w->nk);
+	while (j < n)
+	{
+		const Datum *k = keys + (size_t) order[j] * w->nk;
+		int			 r;
+
+		if (!w->have)
+		{
+			MemoryContext o2;
+			bool		  got;
+
+			if (w->eof)
+				break;
+			o2 = MemoryContextSwitchTo(w->cxt);
+			got = index_getnext_tid(w->scan, ForwardScanDirection) != NULL;
+			MemoryContextSwitchTo(o2);
+			if (!got)
+			{
+				w->eof = true;
+				break; /* no entry left: the remaining keys have no clock row */
+			}
+			w->have = true;
+		}
+		r = walk_cmp(w, k);
+		if (r < 0)
+		{
+			/* the entry of a row the batch does not want; a descent (which
+			 * positions by the first column) only when it moves forward */
+			w->have = false;
+			skipped++;
+			if (++gap > WALK_GAP && r == -1)
+			{
+				walk_seek(w, k);
+				gap = 0;
+			}
+			continue;
+		}
+		w->have = r == 0 ? false : w->have;
+		if (r == 0 && !index_fetch_heap(w->scan, w->slot))
+			continue; /* a version this snapshot does not see: the next entry may be */
+		if (r == 0)
+			c->clock_of[order[j]] = ExecCopySlotHeapTuple(w->slot);
+		/* else key k has no clock row */
+		j++;
+		gap = 0;
+		/*
+		 * Sparse keys: after WALK_PROBE keys, when the walk skipped more
+		 * than WALK_SPARSE entries per key, every further key of the batch
+		 * starts with a descent (the keyed SELECT's cost, without its
+		 * executor): walking would cost more than descending.
+		 */
+		if (descend || (j == WALK_PROBE && skipped > (uint64) WALK_SPARSE * WALK_PROBE))
+		{
+			descend = true;
+			if (j < n && walk_first_differs(w, k, keys + (size_t) order[j] * w->nk))
+				walk_seek(w, keys + (size_t) order[j] * w->nk);
+		}
+	}
+	MemoryContextSwitchTo(old);
+}
 
 static int
 cmp_hit_keys(const uint8_t *base, const probe_hit *a, const uint8_t *k, size_t klen)
@@ -220,6 +504,148 @@ probe_find(db_cursor *c, HeapTuple tup, TupleDesc td)
 	return found;
 }
 
+/*
+ * ---- the key order of an rls snapshot -------------------------------------
+ *
+ * An rls snapshot chunk reads the caller's rows in key order after a key.
+ * When an index has the key columns right after columns that the caller's
+ * policies pin to one value each (owner = the claim: an equality in the
+ * security quals ANDed at the top, the other side free of the table's
+ * columns and of volatile functions), a scan of it reads exactly the rows
+ * the policy lets through, in key order: a subsequence, in the same order,
+ * of what a walk of the key index reads before filtering, so it never costs
+ * more. The planner cannot see that: it costs the heap access of such an
+ * index by its first column's correlation (none for an owner column) and
+ * the key walk's by the key's (UUIDv7 keys follow the insertion order), and
+ * for a fast start both cost about a descent. It took the key walk for most
+ * chunks of a pull (read 10 rows for each it sent, bench/pg_bench_pull.py)
+ * and for every chunk once the plan was generic. So while such a read is
+ * planned, and only when such an index exists, the indexes that merely walk
+ * the key (those whose first columns are the key) are not offered to it.
+ */
+static get_relation_info_hook_type prev_relation_info = NULL;
+static Oid						   steer_relid = InvalidOid;
+
+/* qual_pins: does the security qual q (or an ANDed part of it) pin column
+ * attno of relation varno with an equality of opfamily opf, collation coll? */
+static bool
+qual_pins(Node *q, Index varno, AttrNumber attno, Oid opf, Oid coll)
+{
+	if (q == NULL)
+		return false;
+	if (IsA(q, List))
+	{
+		ListCell *lc;
+
+		foreach (lc, (List *) q)
+			if (qual_pins(lfirst(lc), varno, attno, opf, coll))
+				return true;
+		return false;
+	}
+	if (is_andclause(q))
+		return qual_pins((Node *) ((BoolExpr *) q)->args, varno, attno, opf, coll);
+	if (IsA(q, OpExpr) && list_length(((OpExpr *) q)->args) == 2)
+	{
+		OpExpr *op = (OpExpr *) q;
+
+		for (int side = 0; side < 2; side++)
+		{
+			Node *v = strip_implicit_coercions(list_nth(op->args, side));
+			Node *other = list_nth(op->args, 1 - side);
+
+			if (IsA(v, Var) && ((Var *) v)->varno == varno && ((Var *) v)->varlevelsup == 0 &&
+				((Var *) v)->varattno == attno && !contain_var_clause(other) &&
+				!contain_volatile_functions(other) &&
+				get_op_opfamily_strategy(op->opno, opf) == BTEqualStrategyNumber &&
+				(op->inputcollid == coll || !OidIsValid(coll)))
+				return true;
+		}
+	}
+	return false;
+}
+
+static void
+steer_relation_info(PlannerInfo *root, Oid relid, bool inhparent, RelOptInfo *rel)
+{
+	RangeTblEntry *rte;
+	Relation	   r;
+	Oid			   pkoid;
+	Relation	   pk;
+	int			   npk;
+	bool		   pinned_index = false;
+	ListCell	  *lc;
+
+	if (prev_relation_info)
+		prev_relation_info(root, relid, inhparent, rel);
+	if (relid != steer_relid || inhparent || root->query_level != 1)
+		return;
+	rte = root->simple_rte_array[rel->relid];
+	if (rte->securityQuals == NIL)
+		return;
+	r = table_open(relid, NoLock);
+	pkoid = RelationGetPrimaryKeyIndex(r, false);
+	table_close(r, NoLock);
+	if (!OidIsValid(pkoid))
+		return;
+	pk = index_open(pkoid, NoLock);
+	npk = pk->rd_index->indnkeyatts;
+	foreach (lc, rel->indexlist)
+	{
+		IndexOptInfo *ix = lfirst(lc);
+		int			  m = ix->nkeycolumns - npk, k;
+
+		if (ix->relam != BTREE_AM_OID || m < 1 || ix->indpred != NIL || ix->indexoid == pkoid)
+			continue;
+		/* the key columns last, in the key index's order */
+		for (k = 0; k < npk; k++)
+			if (ix->indexkeys[m + k] != pk->rd_index->indkey.values[k] ||
+				ix->opfamily[m + k] != pk->rd_opfamily[k] ||
+				ix->indexcollations[m + k] != pk->rd_indcollation[k] || ix->reverse_sort[m + k] ||
+				ix->nulls_first[m + k])
+				break;
+		if (k < npk)
+			continue;
+		/* every column before them pinned by the policies */
+		for (k = 0; k < m; k++)
+			if (ix->indexkeys[k] == 0 ||
+				!qual_pins((Node *) rte->securityQuals, rel->relid, ix->indexkeys[k],
+						   ix->opfamily[k], ix->indexcollations[k]))
+				break;
+		if (k == m)
+		{
+			pinned_index = true;
+			break;
+		}
+	}
+	if (pinned_index)
+	{
+		List *keep = NIL;
+
+		foreach (lc, rel->indexlist)
+		{
+			IndexOptInfo *ix = lfirst(lc);
+			int			  k;
+
+			/* a walk of the key: the key columns first, in the key's order */
+			for (k = 0; k < npk && k < ix->nkeycolumns; k++)
+				if (ix->indexkeys[k] != pk->rd_index->indkey.values[k])
+					break;
+			if (k < npk || ix->relam != BTREE_AM_OID)
+				keep = lappend(keep, ix);
+		}
+		rel->indexlist = keep;
+	}
+	index_close(pk, NoLock);
+}
+
+/* pg_changes_setup: once per backend (_PG_init). */
+void
+pg_changes_setup(void)
+{
+	prev_relation_info = get_relation_info_hook;
+	get_relation_info_hook = steer_relation_info;
+}
+
 static void
 cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_start)
 {
@@ -227,18 +653,30 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 
 	if (as_meta)
 		pg_as_meta(&us);
-	if (!fast_start)
-		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
-	else
+	/* an rls snapshot read is planned (here, at open) with the key order
+	 * steered to an index the policies pin (steer_relation_info) */
+	if (c->how == 2)
+		steer_relid = c->t->relid;
+	PG_TRY();
 	{
-		/* planned at open: a chunk reads a small fraction of the rows */
-		int level = NewGUCNestLevel();
+		if (!fast_start)
+			c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
+		else
+		{
+			/* planned at open: a chunk reads a small fraction of the rows */
+			int level = NewGUCNestLevel();
 
-		(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-		c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
-		AtEOXact_GUC(true, level);
+			(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET,
+									 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+			c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
+			AtEOXact_GUC(true, level);
+		}
 	}
+	PG_FINALLY();
+	{
+		steer_relid = InvalidOid;
+	}
+	PG_END_TRY();
 	if (as_meta)
 		pg_as_caller(&us);
 	if (c->portal == NULL)
@@ -331,6 +769,8 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	else
 		kind = snapshot ? PGR_SNAPSHOT : PGR_CHANGES;
 	c->snapshot = snapshot;
+	if (c->how == 2)
+		c->walk = walk_open(t, db->cxt);
 	if (!snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
 		kind = kind == PGR_CLOCKS ? PGR_CLOCKS_IN : PGR_CHANGES_IN;
 	/* the rls snapshot reads the base table as the caller, all else as the owner */
@@ -353,6 +793,7 @@ fetch(db_cursor *c)
 		return false;
 	MemoryContextReset(c->batch_cxt);
 	c->hits = NULL;
+	c->clock_of = NULL;
 	if (c->how != 2)
 		pg_as_meta(&us);
 	SPI_cursor_fetch(c->portal, true, FETCH_BATCH);
@@ -365,7 +806,9 @@ fetch(db_cursor *c)
 		c->eof = true;
 	if (c->n == 0)
 		return false;
-	if (c->how == 1 || c->how == 2)
+	if (c->how == 2 && c->walk)
+		walk_batch(c);
+	else if (c->how == 1 || c->how == 2)
 		probe_batch(c, c->how == 2);
 	return true;
 }
@@ -383,7 +826,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 		TupleDesc td, rtd = NULL, ctd;
 		bool	  isnull;
 		bool	  exists;
-		int		  i, first_col;
+		int		  i, first_col, blob_col = t->npk + 2;
 		bytea	 *b;
 
 		if (c->tt == NULL || c->pos >= c->n)
@@ -404,14 +847,23 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 		ctd = td;
 		if (c->how == 2)
 		{
-			/* a visible base row: its clock from the probe */
-			clk = probe_find(c, tup, td);
+			/* a visible base row: its clock from the walk or the probe */
+			if (c->walk)
+			{
+				clk = c->clock_of[c->pos - 1];
+				ctd = RelationGetDescr(c->walk->rel);
+				blob_col = t->npk + 3; /* the clock table's layout: cl, ver, clk */
+			}
+			else
+			{
+				clk = probe_find(c, tup, td);
+				ctd = clk ? c->probe->tupdesc : NULL;
+			}
 			if (!clk)
 			{
 				MemoryContextSwitchTo(old);
 				continue; /* written with capture off: not synced */
 			}
-			ctd = c->probe->tupdesc;
 			row = tup;
 			rtd = td;
 		}
@@ -455,7 +907,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 
 			pg_datum_value(&t->pk[i], d, isnull, &c->pk[i]);
 		}
-		b = DatumGetByteaPP(SPI_getbinval(clk, ctd, t->npk + 2, &isnull));
+		b = DatumGetByteaPP(SPI_getbinval(clk, ctd, blob_col, &isnull));
 		*blob = (const uint8_t *) VARDATA_ANY(b);
 		*blob_len = VARSIZE_ANY_EXHDR(b);
 		*alive = (*cl & 1) && exists;
@@ -483,6 +935,8 @@ db_changes_close(db_cursor *c)
 		SPI_freetuptable(c->tt);
 	if (c->probe)
 		SPI_freetuptable(c->probe);
+	if (c->walk)
+		walk_close(c->walk);
 	if (c->how != 2)
 		pg_as_meta(&us);
 	SPI_cursor_close(c->portal);

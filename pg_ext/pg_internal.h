@@ -312,6 +312,9 @@ db_access	   pg_table_access(db_table *t);
 bytea		  *pg_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len);
 uint8_t		  *pg_cursor_open(const uint8_t *p, size_t len, size_t *tok_len);
 
+/* ---- pg_changes.c ---- */
+void pg_changes_setup(void);
+
 /* ---- pg_capture.c ---- */
 extern FullTransactionId pg_wrote_xid;
 int64_t					 pg_txn_version(void);
@@ -319,6 +322,7 @@ uint64_t				 pg_txn_tick(void);
 void					 pg_hlc_observe(uint64_t hlc);
 uint64_t				 pg_hlc_floor(void);
 void					 pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
+bool					 pg_clock_direct(db_table *t);
 int						 pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
 bool pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
 

@@ -71,6 +71,7 @@ _PG_init(void)
 		&pg_record_interval, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	RegisterXactCallback(pgsync_xact_cb, NULL);
 	pg_table_cache_setup();
+	pg_changes_setup();
 	DefineCustomBoolVariable("pgsync.serialize_applies",
 							 "Applies run one at a time (one global lock until commit).",
 							 "For comparisons only: applies run concurrently without it.",

@@ -1089,6 +1089,10 @@ CREATE TABLE shares(doc text, usr text, grantor text NOT NULL, PRIMARY KEY (doc,
 CREATE TABLE items(id text PRIMARY KEY, owner text, v integer);
 CREATE TABLE members(usr text, team text, PRIMARY KEY (usr, team));
 SELECT sync_init('docs'), sync_init('shares'), sync_init('items');
+-- the policy columns followed by the key (docs/SERVER.md): a policy that pins
+-- one of them reads its snapshots through it (pg_changes.c), checked here too
+CREATE INDEX ON docs (owner, id);
+CREATE INDEX ON docs (team, id);
 GRANT SELECT, INSERT, UPDATE, DELETE ON docs, shares, items TO app_user;
 GRANT SELECT ON members TO app_user, viewer;
 GRANT SELECT ON docs, shares, items TO viewer;
