@@ -52,6 +52,19 @@ FANOUT = 1000
 FANOUT_TARGET_MS = 100
 
 
+def head_cursor(url, tok):
+    """The cursor at the head: every chunk of a pull since 0, followed (the first
+    chunk's cursor asks for the next chunk, answered at once, never parked)."""
+    cur = "0"
+    while True:
+        st, h, _ = http("GET", f"{url}/v1/pull?since={cur}", headers={"Authorization": "Bearer " + tok})
+        if st == 204:
+            return cur
+        cur = h["x-pgsync-cursor"]
+        if h.get("x-pgsync-more") != "1":
+            return cur
+
+
 def pulls_computed(s):
     """the server's pgsync_pulls_computed_total (one computation may answer many pulls)"""
     m = http("GET", s.url + "/metrics")[2].decode()
@@ -263,18 +276,7 @@ def phase_push_pull(env, rows, s1):
             return
 
         # -- pull: the last 100 changed rows, raw HTTP ----------------------------
-        def head_cursor():
-            """The cursor at the head: every chunk of a pull since 0, followed."""
-            cur = "0"
-            while True:
-                st, h, _ = http("GET", f"{s1.url}/v1/pull?since={cur}", headers={"Authorization": "Bearer " + token("x")})
-                if st == 204:
-                    return cur
-                cur = h["x-pgsync-cursor"]
-                if h.get("x-pgsync-more") != "1":
-                    return cur
-
-        head = head_cursor()
+        head = head_cursor(s1.url, token("x"))
         env.sql("UPDATE items SET qty = qty + 1 WHERE id IN (SELECT id FROM items LIMIT 100)")
         toks = [token(f"user{i}") for i in range(CLIENTS)]
 
@@ -335,10 +337,10 @@ def phase_idle(env, rows):
         # -- RSS with 1,000 idle long-polls and 1,000 WebSockets --------------------
         s3 = env.server("s3", pool_size="8", threads="8")
         rss0 = s3.rss_kb()
-        # the cursor of the principal that parks (a cursor is bound to its principal)
+        # the head, every chunk followed: after the push phases the table is
+        # bigger than one chunk, whose cursor would be answered, not parked
         tok = token("idle")
-        st, h, _ = http("GET", s3.url + "/v1/pull?since=0", headers={"Authorization": "Bearer " + tok})
-        cur = h["x-pgsync-cursor"]
+        cur = head_cursor(s3.url, tok)
         socks = []
         for i in range(1000):
             sk = socket.create_connection(("127.0.0.1", s3.port))
