@@ -32,18 +32,6 @@
 #include "utils/snapmgr.h"
 #include "utils/uuid.h"
 
-typedef struct site_by_idx
-{
-	uint32	idx;
-	uint8_t site[PGS_SITE_LEN];
-} site_by_idx;
-
-typedef struct site_by_id
-{
-	uint8_t site[PGS_SITE_LEN];
-	uint32	idx;
-} site_by_id;
-
 #define FETCH_BATCH 1000
 /* a walk of the clock key index (clock_walk) skips at most WALK_GAP entries
  * between two wanted keys before it descends again; after WALK_PROBE keys of

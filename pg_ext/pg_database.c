@@ -46,8 +46,6 @@ typedef struct site_by_id
 	uint32	idx;
 } site_by_id;
 
-#define FETCH_BATCH 1000
-
 /* ---- schema ------------------------------------------------------------- */
 
 static void
