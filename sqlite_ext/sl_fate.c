@@ -632,7 +632,8 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 /*
  * parent_ids reads which synced tables t references (PRAGMA foreign_key_list,
  * which SQLite prepares again on every read) once per schema: a foreign key,
- * like a newly synced table, comes with DDL, which changes the cookie.
+ * like a newly synced table, comes with DDL, which changes the cookie, and
+ * sl_load then builds every db_table anew.
  */
 static pgs_rc
 parent_ids(db_conn *c, db_table *t, pgs_err *err)
@@ -640,7 +641,7 @@ parent_ids(db_conn *c, db_table *t, pgs_err *err)
 	sqlite3_stmt *st;
 	int			  s, cap = 0;
 
-	if (t->parents_cookie == c->loaded_fp[0] && t->parents_cookie != -1)
+	if (t->parents_read)
 		return PGS_OK;
 	t->nparent_ids = 0;
 	if (sl_stmt_prepare(c, "SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)", &st) !=
@@ -674,7 +675,7 @@ parent_ids(db_conn *c, db_table *t, pgs_err *err)
 		t->nparent_ids = 0;
 		return sl_dberr(c, err, "could not read foreign keys");
 	}
-	t->parents_cookie = c->loaded_fp[0];
+	t->parents_read = true;
 	return PGS_OK;
 }
 

@@ -48,11 +48,11 @@ typedef struct sl_cap
 struct db_table
 {
 	int64_t id; /* sync_tables.id */
-	/* synced tables this one references (db_table_parents), by id, as of
-	 * schema cookie parents_cookie (-1: not read yet) */
+	/* synced tables this one references (db_table_parents), by id, once
+	 * parents_read (a db_table lives for one schema: sl_load rebuilds them all) */
 	int64_t		 *parent_ids;
 	int			  nparent_ids;
-	int64_t		  parents_cookie;
+	bool		  parents_read;
 	char		 *name;	  /* table name (unquoted) */
 	char		 *qname;  /* quoted table identifier */
 	char		 *qclock; /* quoted clock table identifier */

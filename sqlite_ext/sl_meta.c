@@ -94,7 +94,6 @@ load_tables(db_conn *c, pgs_err *err)
 		if (!t)
 			goto nomem;
 		memset(t, 0, sizeof *t);
-		t->parents_cookie = -1;
 		n = sqlite3_realloc64(c->tables, sizeof(db_table *) * (c->ntables + 1));
 		if (!n)
 		{

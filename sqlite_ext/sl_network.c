@@ -57,6 +57,8 @@ static const char meta_sql[] =
 static bool
 exec(sl_net *n, const char *sql)
 {
+	pgs_err ignore;
+
 	if (sql == meta_sql)
 	{
 		/* once per connection (a background syncer reads its settings often);
@@ -66,9 +68,7 @@ exec(sl_net *n, const char *sql)
 				sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK && sl_rejected_meta(n->db);
 		return n->meta_ready;
 	}
-	if (!strchr(sql, ';'))
-		return sl_stmt_exec(n->c, sql); /* SAVEPOINT, RELEASE, ...: prepared once */
-	return sqlite3_exec(n->db, sql, NULL, NULL, NULL) == SQLITE_OK;
+	return sl_exec(n->c, sql, &ignore) == PGS_OK; /* a single statement is kept (sl_stmt) */
 }
 
 /* kv_text: the value of key as text (sqlite3_free it), or NULL. */
