@@ -286,7 +286,7 @@ def phase_push_pull(env, rows, s1):
                 raise RuntimeError(st)
         n, err, dt = parallel(CLIENTS, pull, SECONDS)
         rows.append(("pull (100 changed rows, 200)", f"{n / dt:,.0f} /s", f"{err} errors"))
-        top = head_cursor()
+        top = head_cursor(s1.url, token("x"))
 
         def pull204(i):
             st, _, _ = http("GET", f"{s1.url}/v1/pull?since={top}", headers={"Authorization": "Bearer " + toks[i]})
