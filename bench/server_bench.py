@@ -29,9 +29,11 @@ Prints a small table. Every phase stops by itself.
     bench/server_bench.sh 5 fanout      only the fan-out phase
     bench/server_bench.sh 5 push        only the pushes
 """
+import json
 import os
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -436,6 +438,26 @@ def met(ms):
     return "met" if ms <= FANOUT_TARGET_MS else "MISSED"
 
 
+def ws_frames(buf):
+    """The complete server frames at the start of buf: ([(opcode, data)], the rest)."""
+    out = []
+    while len(buf) >= 2:
+        n, h = buf[1] & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n, h = struct.unpack(">H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n, h = struct.unpack(">Q", buf[2:10])[0], 10
+        if len(buf) < h + n:
+            break
+        out.append((buf[0] & 0x0F, buf[h:h + n]))
+        buf = buf[h + n:]
+    return out, buf
+
+
 def phase_fanout(env0, rows):
     """One push, 1,000 waiting devices of one token: long-polls, then WebSockets."""
     import resource
@@ -542,6 +564,44 @@ def phase_fanout(env0, rows):
                              f"{met(ms_p)} (target {FANOUT_TARGET_MS} ms): {pulled} got it, "
                              f"the last notification after {ms_n:.0f} ms; "
                              f"{pulls_computed(s) - computed0} pulls computed by Postgres"))
+
+        # subscribed WebSockets: the payload comes on the socket itself
+        # (docs/PROTOCOL.md, "Payloads over the WebSocket"); each first gets
+        # the catch-up payload of the rounds above
+        for w, (site, cur) in zip(wss, devs):
+            w.s.setblocking(True)
+            w.s.settimeout(30)
+            w.buf = b""
+            w.send(0x1, json.dumps({"type": "subscribe", "since": cur, "exclude": site}).encode())
+        for w in wss:
+            while w.recv(30)[0] != 2:
+                pass
+            w.s.setblocking(False)
+        sel = selectors.DefaultSelector()
+        for i, w in enumerate(wss):
+            sel.register(w.s, selectors.EVENT_READ, i)
+        writer.q("INSERT INTO items VALUES('fanws3', 'wake up', 3, 3)")
+        computed0 = pulls_computed(s)
+        t0 = time.perf_counter()
+        writer.send()
+        got, last = 0, t0
+        while got < FANOUT and time.perf_counter() - t0 < 30:
+            for key, _ in sel.select(timeout=1):
+                w = wss[key.data]
+                try:
+                    w.buf += w.s.recv(1 << 16)
+                except BlockingIOError:
+                    continue
+                frames, w.buf = ws_frames(w.buf)
+                if any(op == 2 for op, _ in frames):
+                    sel.unregister(w.s)
+                    got += 1
+                    last = time.perf_counter()
+        sel.close()
+        ms = (last - t0) * 1000
+        rows.append((f"fan-out: one push -> {FANOUT:,} subscribed WebSockets, payload on the socket",
+                     f"{ms:.0f} ms", f"{met(ms)} (target {FANOUT_TARGET_MS} ms): {got} got it; "
+                     f"{pulls_computed(s) - computed0} pulls computed by Postgres"))
         for w in wss:
             w.close()
         for c in pulls:

@@ -340,6 +340,20 @@ out:
 	return ok;
 }
 
+bool
+auth_copy(auth_info *dst, const auth_info *src)
+{
+	*dst = *src;
+	dst->claims = src->claims ? strdup(src->claims) : NULL;
+	dst->canon = src->canon ? strdup(src->canon) : NULL;
+	if ((src->claims && !dst->claims) || (src->canon && !dst->canon))
+	{
+		auth_free(dst);
+		return false;
+	}
+	return true;
+}
+
 void
 auth_free(auth_info *a)
 {

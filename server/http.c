@@ -912,6 +912,12 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 	}
 }
 
+const auth_info *
+http_request_auth(void *req_cls)
+{
+	return &((req *) req_cls)->auth;
+}
+
 /* log_request writes the request's log line: what, for whom, how it ended and why. */
 static void
 log_request(struct MHD_Connection *conn, const req *r, enum MHD_RequestTerminationCode toe)

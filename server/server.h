@@ -67,10 +67,10 @@ typedef struct srv_dbconf
 	int	   max_queue;		/* requests waiting for a connection before 503 (0 = 64 x pool) */
 	int	   connect_timeout; /* seconds, libpq connect_timeout */
 	int	   statement_timeout_ms;
-	int pull_max_rows; /* rows per chunk of a pull when the client asks for none (0 = one payload)
-						*/
-	int poll_ms;	   /* sync_db_version() polling period */
-	int	   gc_interval;		  /* seconds between sync_gc runs, 0 = never */
+	int pull_max_rows;	/* rows per chunk of a pull when the client asks for none (0 = one payload)
+						 */
+	int	   poll_ms;		/* sync_db_version() polling period */
+	int	   gc_interval; /* seconds between sync_gc runs, 0 = never */
 	double gc_retention_days; /* silent devices stop holding the horizon back */
 } srv_dbconf;
 
@@ -252,7 +252,9 @@ bool auth_check(const srv_db *db, const char *token, auth_info *out, srv_error *
 bool auth_peek_claim(const char *token, const char *name, char *out, size_t outlen);
 /* auth_claim_string: the verified string claim `name`, or NULL (malloc'd). */
 char *auth_claim_string(const auth_info *a, const char *name);
-void  auth_free(auth_info *a);
+/* auth_copy: dst gets its own copy of src (auth_free it); false when out of memory. */
+bool auth_copy(auth_info *dst, const auth_info *src);
+void auth_free(auth_info *a);
 
 /* ---- ratelimit.c --------------------------------------------------------- */
 
@@ -337,6 +339,10 @@ typedef struct srv_job
 	pull_share *pull;	/* NULL: nothing new, answer 204 with since and gen */
 	bool		shared; /* answered by a pull computed once for several devices */
 	bool		health_ok;
+	/* who hears the answer: NULL resumes conn (http.c); else called, from a
+	 * worker or the thread that failed the job, instead (ws.c's subscriptions,
+	 * whose jobs have no connection) */
+	void (*on_done)(struct srv_job *j);
 	/* work.c and hub.c */
 	struct srv_job *next, *prev;
 	int64_t			queued_ms;
@@ -372,13 +378,13 @@ bool work_start(srv_db *db);
  * wait_ms for running ones; false when some are still running. */
 bool work_quiesce(srv_db *db, int wait_ms);
 void work_stop(srv_db *db);
-/* work_submit suspends j->conn and queues j; false (nothing suspended) with
- * a 503 in e when the queue is full or the server is stopping. */
+/* work_submit suspends j->conn (if any) and queues j; false (nothing
+ * suspended) with a 503 in e when the queue is full or the server is stopping. */
 bool work_submit(srv_job *j, srv_error *e);
 /* work_requeue: a parked long-poll (still suspended) pulls again (hub.c). */
 void work_requeue(srv_job *j);
 void work_requeue_list(srv_db *db, srv_job *list);
-/* work_finish: j has its answer; resume its connection. */
+/* work_finish: j has its answer; resume its connection (or call j->on_done). */
 void work_finish(srv_job *j);
 /* work_reap answers queued jobs older than pool_wait_ms (503); returns the
  * srv_now_ms() at which the next one expires, or 0. */
@@ -479,5 +485,8 @@ char *metrics_render(const srv_gauges *g, size_t *len);
 bool http_start(void);
 /* http_stop: false when a database still holds requests (see http.c). */
 bool http_stop(void);
+/* http_request_auth: the verified token of the request libmicrohttpd passes
+ * as req_cls (the WebSocket upgrade keeps a copy). */
+const auth_info *http_request_auth(void *req_cls);
 
 #endif /* PGSYNC_SERVER_H */

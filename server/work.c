@@ -97,7 +97,10 @@ void
 work_finish(srv_job *j)
 {
 	j->state = JS_DONE;
-	MHD_resume_connection(j->conn); /* last touch: the handler may free j now */
+	if (j->on_done)
+		j->on_done(j); /* last touch, as below */
+	else
+		MHD_resume_connection(j->conn); /* last touch: the handler may free j now */
 }
 
 static void
@@ -127,7 +130,8 @@ work_submit(srv_job *j, srv_error *e)
 						"%d requests already wait for a Postgres connection of database %s.",
 						j->db->c.max_queue, j->db->name);
 	}
-	MHD_suspend_connection(j->conn);
+	if (j->conn)
+		MHD_suspend_connection(j->conn);
 	enqueue(w, j, false);
 	pthread_cond_signal(&w->cv);
 	pthread_mutex_unlock(&w->mu);

@@ -12,9 +12,20 @@
  *
  * Other threads talk to this one only through `pending` (new sockets, under
  * a mutex), each database's ws_version (the newest version announced to its
- * WebSockets, atomic) and an eventfd. A client hears only its database.
+ * WebSockets, atomic), `inbox` (subscriptions' finished pulls, under a
+ * mutex) and an eventfd. A client hears only its database.
+ *
+ * Subscriptions (docs/PROTOCOL.md, "Payloads over the WebSocket"): a client
+ * that sent {"type":"subscribe"} gets the payloads themselves. Its pulls are
+ * ordinary pull jobs (work.c) without an HTTP connection: the announcement
+ * that wakes a thousand subscribers queues their thousand jobs under one
+ * lock, so those with the same view are answered by one computation, as
+ * parked long-polls are. At most one job per client is out; the client's
+ * memory outlives its socket until that job comes back (`zombie`).
  */
 #include "server.h"
+
+#include "../core/pgsync.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +40,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <microhttpd.h>
@@ -54,11 +66,33 @@ typedef struct client
 	srv_db							 *db;
 	bool							  closing;
 	bool							  want_out;
+	/* the subscription: the pull it makes next, as a device's pull would */
+	auth_info	   auth; /* the upgrade request's token (a copy) */
+	bool		   subscribed;
+	bool		   want_pull; /* something to pull: the catch-up, an announcement, a chunk */
+	bool		   inflight;  /* job is with the workers */
+	bool		   zombie;	  /* dropped while inflight: freed when the job comes back */
+	uint32_t	   epoch;	  /* bumped by each (un)subscribe: older jobs' answers are dropped */
+	uint32_t	   job_epoch;
+	int64_t		   since;
+	int32_t		   gen;
+	uint8_t		  *sealed; /* a chunk cursor's sealed part (PGS_MAX_SEALED bytes), or NULL */
+	size_t		   sealed_len;
+	uint32_t	   max_rows;
+	char		   exclude[37];
+	int64_t		   retry_at;  /* the server was busy: pull again from then on */
+	int64_t		   last_pull; /* srv_now_ms() of the last pull queued */
+	size_t		   allow;	  /* output allowed beyond OUT_MAX: the payload being sent */
+	srv_job		   job;
+	struct client *done_next; /* inbox */
 } client;
 
 static client		  *clients; /* ws thread only */
 static client		  *pending; /* under pending_mu */
 static pthread_mutex_t pending_mu = PTHREAD_MUTEX_INITIALIZER;
+static client		  *inbox; /* under inbox_mu: subscriptions whose pull is done */
+static pthread_mutex_t inbox_mu = PTHREAD_MUTEX_INITIALIZER;
+static atomic_bool	   announced; /* some ws_version moved: tick at once */
 static atomic_bool	   stop_flag;
 static int			   epfd = -1, evfd = -1;
 static pthread_t	   tid;
@@ -80,6 +114,7 @@ ws_broadcast(srv_db *db, int64_t version)
 
 	while (version > cur && !atomic_compare_exchange_weak(&db->ws_version, &cur, version))
 		;
+	atomic_store(&announced, true);
 	kick();
 }
 
@@ -109,11 +144,17 @@ ws_accept_key(const char *key, char out[29])
 
 /* ---- frames --------------------------------------------------------------- */
 
-/* queue appends a server frame (never masked) to c's output. */
+/*
+ * queue appends a server frame (never masked) to c's output, which may then
+ * hold OUT_MAX bytes, plus the payload being sent (`allow`: a subscription
+ * pulls again only once its output is sent, so one payload is the most a
+ * client holds). A client whose output would exceed that is not reading.
+ */
 static void
 queue(client *c, int opcode, const void *data, size_t n)
 {
-	uint8_t	 hdr[4];
+	size_t	 cap = OUT_MAX + c->allow;
+	uint8_t	 hdr[10];
 	size_t	 h = 2;
 	uint8_t *o;
 
@@ -122,14 +163,21 @@ queue(client *c, int opcode, const void *data, size_t n)
 	hdr[0] = (uint8_t) (0x80 | opcode);
 	if (n < 126)
 		hdr[1] = (uint8_t) n;
-	else
+	else if (n <= 0xffff)
 	{
 		hdr[1] = 126;
 		hdr[2] = (uint8_t) (n >> 8);
 		hdr[3] = (uint8_t) n;
 		h = 4;
 	}
-	if (c->outlen + h + n > OUT_MAX || !(o = realloc(c->out, c->outlen + h + n)))
+	else
+	{
+		hdr[1] = 127;
+		for (int i = 0; i < 8; i++)
+			hdr[2 + i] = (uint8_t) ((uint64_t) n >> (56 - 8 * i));
+		h = 10;
+	}
+	if (c->outlen + h + n > cap || !(o = realloc(c->out, c->outlen + h + n)))
 	{
 		c->closing = true; /* not reading: let it go */
 		c->outlen = 0;
@@ -175,13 +223,356 @@ queue_version(client *c, const char *type, int64_t v)
 	c->sent = v;
 }
 
+/* ---- subscriptions -------------------------------------------------------- */
+
+static void drop(client *c);
+static bool flush(client *c);
+
+static srv_job *to_submit[SRV_MAX_DBS]; /* ws thread: jobs to queue at the end of the round */
+
+/* queue_json sends one JSON message (cJSON escapes what the strings hold). */
+static void
+queue_json(client *c, cJSON *m)
+{
+	char *text = cJSON_PrintUnformatted(m);
+
+	cJSON_Delete(m);
+	if (!text)
+	{
+		queue_close(c, 1011, "out of memory");
+		return;
+	}
+	queue(c, 0x1, text, strlen(text));
+	cJSON_free(text);
+}
+
+static void
+queue_type(client *c, const char *type)
+{
+	cJSON *m = cJSON_CreateObject();
+
+	cJSON_AddStringToObject(m, "type", type);
+	queue_json(c, m);
+}
+
+/* queue_error: {"type":"error", status, error, detail, hint}, as HTTP errors are. */
+static void
+queue_error(client *c, const srv_error *e)
+{
+	cJSON *m = cJSON_CreateObject();
+
+	cJSON_AddStringToObject(m, "type", "error");
+	cJSON_AddNumberToObject(m, "status", e->status);
+	cJSON_AddStringToObject(m, "error", e->error);
+	cJSON_AddStringToObject(m, "detail", e->detail);
+	cJSON_AddStringToObject(m, "hint", e->hint);
+	queue_json(c, m);
+}
+
+/* set_cursor: the subscription goes on from cursor text; false if it is not one. */
+static bool
+set_cursor(client *c, const char *text)
+{
+	pgs_cursor cur;
+	uint8_t	  *buf = c->sealed ? c->sealed : malloc(PGS_MAX_SEALED);
+
+	if (!buf)
+		return false;
+	c->sealed = buf;
+	if (!pgs_cursor_parse(text, &cur, buf))
+		return false;
+	c->since = cur.since;
+	c->gen = cur.gen;
+	c->sealed_len = cur.sealed ? cur.sealed_len : 0;
+	return true;
+}
+
+static void
+on_job_done(srv_job *j) /* a worker, or whoever failed the job */
+{
+	client *c = (client *) (void *) ((char *) j - offsetof(client, job));
+
+	pthread_mutex_lock(&inbox_mu);
+	c->done_next = inbox;
+	inbox = c;
+	pthread_mutex_unlock(&inbox_mu);
+	kick();
+}
+
+/*
+ * maybe_pull queues c's next pull when it has one to make and the last
+ * payload has left (the socket took it): a client that does not read is not
+ * sent more than one payload ahead, and is disconnected by queue's cap.
+ */
+static void
+maybe_pull(client *c, int64_t now)
+{
+	srv_job *j = &c->job;
+	uint8_t *sealed = NULL;
+
+	if (!c->subscribed || !c->want_pull || c->inflight || c->closing || c->outlen ||
+		now < c->retry_at)
+		return;
+	if (c->sealed_len && !(sealed = malloc(c->sealed_len)))
+	{
+		c->retry_at = now + 1000;
+		return;
+	}
+	memset(j, 0, sizeof *j);
+	j->kind = JOB_PULL;
+	j->db = c->db;
+	j->auth = &c->auth;
+	j->since = c->since;
+	j->gen = c->gen;
+	if (sealed) /* the job's own copy: a subscribe may change c's while it runs */
+	{
+		memcpy(sealed, c->sealed, c->sealed_len);
+		j->sealed = sealed;
+		j->sealed_len = c->sealed_len;
+	}
+	j->max_rows = c->max_rows ? c->max_rows : sealed ? 10000 : 0;
+	j->exclude = c->exclude[0] ? strdup(c->exclude) : NULL;
+	j->on_done = on_job_done;
+	c->want_pull = false;
+	c->inflight = true;
+	c->job_epoch = c->epoch;
+	c->last_pull = now;
+	j->next = to_submit[c->db->index];
+	to_submit[c->db->index] = j;
+}
+
+/* submit_all queues the round's pulls, each database's under one lock (work.c
+ * then answers those with the same view together). */
+static void
+submit_all(void)
+{
+	for (int i = 0; i < cfg.ndbs; i++)
+		if (to_submit[i])
+		{
+			srv_job *list = to_submit[i];
+
+			to_submit[i] = NULL;
+			work_requeue_list(&cfg.dbs[i], list);
+		}
+}
+
+static void
+free_client(client *c)
+{
+	auth_free(&c->auth);
+	free(c->sealed);
+	free(c->in);
+	free(c->out);
+	free(c);
+}
+
+/* send_payload: {"type":"payload", cursor, more, bytes[, rows_total]}, then the payload. */
+static bool
+send_payload(client *c, const pull_share *p)
+{
+	cJSON  *m = cJSON_CreateObject();
+	pgs_buf text;
+	char   *cursor;
+	bool	ok;
+
+	pgs_buf_init(&text);
+	if (!p->more)
+		pgs_cursor_format(&text, p->cursor, p->gen, NULL, 0);
+	cursor = p->more ? p->more : text.p ? (char *) text.p : "0";
+	cJSON_AddStringToObject(m, "type", "payload");
+	cJSON_AddStringToObject(m, "cursor", cursor);
+	cJSON_AddBoolToObject(m, "more", p->more != NULL);
+	cJSON_AddNumberToObject(m, "bytes", (double) p->len);
+	if (p->rows_total >= 0)
+		cJSON_AddNumberToObject(m, "rows_total", (double) p->rows_total);
+	queue_json(c, m);
+	c->allow = p->len + 16;
+	queue(c, 0x2, p->payload, p->len);
+	metrics_bytes(c->db, 0, p->len);
+	ok = set_cursor(c, cursor);
+	pgs_buf_free(&text);
+	return ok;
+}
+
+/* on_result: c's pull came back (ws thread). */
+static void
+on_result(client *c, int64_t now)
+{
+	srv_job	   *j = &c->job;
+	pull_share *p = j->pull;
+
+	j->pull = NULL;
+	free((void *) j->sealed);
+	free((void *) j->exclude);
+	j->sealed = NULL;
+	j->exclude = NULL;
+	c->inflight = false;
+	if (c->zombie)
+	{
+		pull_share_unref(p);
+		free_client(c);
+		return;
+	}
+	if (!c->subscribed || c->job_epoch != c->epoch)
+		; /* unsubscribed or subscribed anew meanwhile: the answer is not for it */
+	else if (j->failed && j->e.status == 503)
+	{
+		c->want_pull = true; /* busy or stopping: the same pull a second later */
+		c->retry_at = now + 1000;
+	}
+	else if (j->failed)
+	{
+		queue_error(c, &j->e);
+		c->subscribed = false;
+	}
+	else if (p)
+	{
+		if (!send_payload(c, p))
+			queue_close(c, 1011, "internal error");
+		else if (p->more)
+			c->want_pull = true; /* the next chunk */
+	}
+	else
+	{
+		c->since = j->since; /* nothing new: the cursor may still move (its generation) */
+		c->gen = j->gen;
+		c->sealed_len = 0;
+	}
+	pull_share_unref(p);
+	if (!flush(c) || (c->closing && !c->outlen))
+		drop(c);
+	else
+		maybe_pull(c, now);
+}
+
+static void
+take_inbox(int64_t now)
+{
+	client *list;
+
+	pthread_mutex_lock(&inbox_mu);
+	list = inbox;
+	inbox = NULL;
+	pthread_mutex_unlock(&inbox_mu);
+	while (list)
+	{
+		client *c = list;
+
+		list = c->done_next;
+		c->done_next = NULL;
+		on_result(c, now);
+	}
+}
+
+#define SUBSCRIBE_HINT                                                                             \
+	"Send {\"type\":\"subscribe\",\"since\":CURSOR,\"exclude\":SITE} or "                          \
+	"{\"type\":\"unsubscribe\"} (docs/PROTOCOL.md, \"Payloads over the WebSocket\")."
+
+/* subscribe reads {"type":"subscribe", since, exclude, max_rows}; false with e if it is wrong. */
+static bool
+subscribe(client *c, const cJSON *m, srv_error *e)
+{
+	const cJSON *since = cJSON_GetObjectItemCaseSensitive(m, "since");
+	const cJSON *excl = cJSON_GetObjectItemCaseSensitive(m, "exclude");
+	const cJSON *mr = cJSON_GetObjectItemCaseSensitive(m, "max_rows");
+	uint8_t		 uuid[16];
+	pgs_cursor	 cur = {0};
+	uint8_t		*buf = NULL;
+
+	if (mr && !cJSON_IsNull(mr) &&
+		(!cJSON_IsNumber(mr) || mr->valuedouble < 1 || mr->valuedouble > 10000000 ||
+		 mr->valuedouble != (double) (int64_t) mr->valuedouble))
+		return srv_fail(e, 400, "bad max_rows", "Pass a number of rows from 1 to 10000000.",
+						"\"max_rows\" is not a row count.");
+	if (excl && !cJSON_IsNull(excl) &&
+		(!cJSON_IsString(excl) ||
+		 !pgs_uuid_parse(excl->valuestring, strlen(excl->valuestring), uuid)))
+		return srv_fail(e, 400, "bad site id", "Pass the client's sync_site_id().",
+						"\"exclude\" is not a UUID.");
+	if (since && !cJSON_IsNull(since) && !(cJSON_IsNumber(since) && since->valuedouble == 0))
+	{
+		if (!cJSON_IsString(since) || !(buf = malloc(PGS_MAX_SEALED)) ||
+			!pgs_cursor_parse(since->valuestring, &cur, buf))
+		{
+			free(buf);
+			return srv_fail(e, 400, "bad cursor",
+							"Pass the cursor of the last payload (or of the last pull), or 0.",
+							"\"since\": %.64s is not a cursor this server handed out.",
+							cJSON_IsString(since) ? since->valuestring : "(not a string)");
+		}
+	}
+	if (cur.sealed)
+	{
+		free(c->sealed);
+		c->sealed = buf;
+		c->sealed_len = cur.sealed_len;
+	}
+	else
+	{
+		free(buf);
+		c->sealed_len = 0;
+	}
+	c->since = cur.since;
+	c->gen = cur.gen;
+	c->max_rows =
+		mr && cJSON_IsNumber(mr) ? (uint32_t) mr->valuedouble : (uint32_t) c->db->c.pull_max_rows;
+	if (excl && cJSON_IsString(excl))
+		snprintf(c->exclude, sizeof c->exclude, "%s", excl->valuestring);
+	else
+		c->exclude[0] = '\0';
+	c->subscribed = true;
+	c->epoch++;
+	c->want_pull = true; /* catch up at once */
+	c->retry_at = 0;
+	c->sent = atomic_load(&c->db->ws_version);
+	queue_type(c, "subscribed");
+	return true;
+}
+
+/* on_message: a client's text or binary message, whole. */
+static void
+on_message(client *c, const uint8_t *data, size_t len)
+{
+	cJSON		*m = cJSON_ParseWithLength((const char *) data, len);
+	const cJSON *type = cJSON_GetObjectItemCaseSensitive(m, "type");
+	srv_error	 e;
+
+	if (!cJSON_IsObject(m) || !cJSON_IsString(type))
+		srv_fail(&e, 400, "bad message", SUBSCRIBE_HINT,
+				 "A message is one JSON object with a \"type\"; these %zu bytes are not.", len);
+	else if (strcmp(type->valuestring, "subscribe") == 0)
+	{
+		if (subscribe(c, m, &e))
+		{
+			cJSON_Delete(m);
+			return;
+		}
+	}
+	else if (strcmp(type->valuestring, "unsubscribe") == 0)
+	{
+		c->subscribed = false;
+		c->want_pull = false;
+		c->epoch++;
+		cJSON_Delete(m);
+		queue_type(c, "unsubscribed");
+		return;
+	}
+	else
+		srv_fail(&e, 400, "unknown message type", SUBSCRIBE_HINT,
+				 "\"type\": \"%.40s\" is not a message this server knows.", type->valuestring);
+	cJSON_Delete(m);
+	queue_error(c, &e);
+}
+
 /* flush writes what the socket takes; false when the peer is gone. */
 static bool
 flush(client *c)
 {
-	while (c->outlen)
+	size_t done = 0;
+
+	while (done < c->outlen)
 	{
-		ssize_t n = send(c->fd, c->out, c->outlen, MSG_NOSIGNAL | MSG_DONTWAIT);
+		ssize_t n = send(c->fd, c->out + done, c->outlen - done, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 		if (n < 0)
 		{
@@ -191,9 +582,15 @@ flush(client *c)
 				continue;
 			return false;
 		}
-		memmove(c->out, c->out + n, c->outlen - (size_t) n);
-		c->outlen -= (size_t) n;
+		done += (size_t) n;
 	}
+	if (done) /* once per call: a payload leaves in many sends */
+	{
+		memmove(c->out, c->out + done, c->outlen - done);
+		c->outlen -= done;
+	}
+	if (!c->outlen)
+		c->allow = 0;
 	if ((c->outlen > 0) != c->want_out)
 	{
 		struct epoll_event ev = {.events = EPOLLIN | (c->outlen ? EPOLLOUT : 0), .data.ptr = c};
@@ -267,11 +664,22 @@ parse(client *c)
 			case 0x9:
 				queue(c, 0xA, p + h + 4, (size_t) len);
 				break;
-			case 0x0:
 			case 0x1:
 			case 0x2:
+				if (fin)
+					on_message(c, p + h + 4, (size_t) len);
+				else
+				{
+					srv_error e;
+
+					srv_fail(&e, 400, "fragmented message", SUBSCRIBE_HINT,
+							 "Messages to this server fit in one frame; this one was fragmented.");
+					queue_error(c, &e);
+				}
+				break;
+			case 0x0:
 			case 0xA:
-				break; /* data and pongs: read and ignored */
+				break; /* the rest of a fragmented message (answered above), pongs */
 			default:
 				queue_close(c, 1002, "unknown opcode");
 				break;
@@ -297,9 +705,16 @@ drop(client *c)
 		c->next->prev = c->prev;
 	MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
 	atomic_fetch_sub(&c->db->ws_clients, 1);
-	free(c->in);
-	free(c->out);
-	free(c);
+	if (c->inflight)
+	{
+		c->zombie = true; /* its job points into it: on_result frees it */
+		free(c->in);
+		free(c->out);
+		c->in = c->out = NULL;
+		c->outlen = 0;
+		return;
+	}
+	free_client(c);
 }
 
 static void
@@ -398,7 +813,16 @@ tick(int64_t now, bool shutting_down)
 		}
 		else
 		{
-			if (v > c->sent)
+			if (v > c->sent && c->subscribed)
+			{
+				c->sent = v; /* subscribers get the payload instead */
+				c->want_pull = true;
+			}
+			else if (c->subscribed && now - c->last_pull >= 1000LL * cfg.ws_ping_s)
+				c->want_pull = true; /* what the token may see can change without a
+										write (a role membership): a pull notices,
+										as a long-poll's does when its wait ends */
+			else if (v > c->sent)
 				queue_version(c, "changes", v);
 			if (now - c->last_ping >= 1000LL * cfg.ws_ping_s)
 			{
@@ -408,6 +832,8 @@ tick(int64_t now, bool shutting_down)
 		}
 		if (!flush(c) || (c->closing && !c->outlen))
 			drop(c);
+		else
+			maybe_pull(c, now);
 	}
 }
 
@@ -441,19 +867,27 @@ ws_main(void *arg)
 				on_readable(c);
 			if (!flush(c) || (c->closing && !c->outlen))
 				drop(c);
+			else
+				maybe_pull(c, now);
 		}
 		if (announce)
+		{
 			adopt_pending();
-		if (announce || now - last_tick >= 1000)
+			take_inbox(now);
+		}
+		if (atomic_exchange(&announced, false) || now - last_tick >= 1000)
 		{
 			tick(now, false);
 			last_tick = now;
 		}
+		submit_all();
 	}
 	adopt_pending();
 	tick(srv_now_ms(), true);
 	while (clients)
 		drop(clients); /* best effort: close frames were queued */
+	submit_all();	   /* the workers are stopping: these come back at once */
+	take_inbox(srv_now_ms());
 	return NULL;
 }
 
@@ -465,14 +899,19 @@ on_upgrade(void *cls, struct MHD_Connection *conn, void *req_cls, const char *ex
 {
 	client *c = calloc(1, sizeof *c);
 	int		fl;
+	bool	auth_ok = c && auth_copy(&c->auth, http_request_auth(req_cls));
 
-	(void) conn, (void) req_cls;
+	(void) conn;
 	if (c && extra_in_size && extra_in_size <= IN_MAX && (c->in = malloc(extra_in_size)) != NULL)
 		c->incap = extra_in_size;
-	if (!c || (extra_in_size && !c->in) || atomic_load(&stop_flag))
+	if (!c || !auth_ok || (extra_in_size && !c->in) || atomic_load(&stop_flag))
 	{
 		if (c)
+		{
+			if (auth_ok)
+				auth_free(&c->auth);
 			free(c->in);
+		}
 		free(c);
 		MHD_upgrade_action(urh, MHD_UPGRADE_ACTION_CLOSE);
 		return;
@@ -593,10 +1032,10 @@ ws_stop(void)
 		pending = c->next;
 		MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
 		atomic_fetch_sub(&c->db->ws_clients, 1);
-		free(c->in);
-		free(c);
+		free_client(c);
 	}
 	pthread_mutex_unlock(&pending_mu);
+	take_inbox(srv_now_ms()); /* a job that came back after the thread ended */
 	close(epfd);
 	close(evfd);
 	epfd = evfd = -1;

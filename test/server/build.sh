@@ -42,6 +42,17 @@ gcc -std=c11 -D_GNU_SOURCE -fPIC -shared $CFLAGS_EXT -Wall -Wextra -Werror -Wsha
   $(ls sqlite_ext/*.c | grep -v '/sqlitesync.c$') "$ENTRY" \
   -lzstd -lxxhash -lcjson -lm -lcurl >"$log" 2>&1 || fail sqlite-extension
 
+if [ "${VALGRIND:-0}" = 1 ]; then   # run.sh reads the logs after the tests
+  mkdir -p "$WORK/valgrind"
+  cat > "$WORK/pgsync-server-vg" <<WRAP
+#!/bin/sh
+exec valgrind --quiet --leak-check=full --show-leak-kinds=definite,indirect \\
+  --errors-for-leak-kinds=definite,indirect --log-file=$WORK/valgrind/server.%p.log $SERVER_BIN "\$@"
+WRAP
+  chmod +x "$WORK/pgsync-server-vg"
+  SERVER_BIN=$WORK/pgsync-server-vg
+fi
+
 cat > "$WORK/env.sh" <<ENV
 export PGSYNC_PGBIN=$($PG_CONFIG --bindir)
 export PGSYNC_SERVER_BIN=$SERVER_BIN

@@ -13,6 +13,8 @@
 #   test/server/run.sh                    every test of every file
 #   test/server/run.sh rls_push_and_pull  some tests (by name, in any file)
 #   SANITIZE=1 test/server/run.sh         server and extension under ASan+UBSan
+#   VALGRIND=1 test/server/run.sh NAME... the server under valgrind memcheck
+#                                         (slow: name the tests)
 #   PGS_SCHEDULES=1000 test/server/run.sh oracle_views   the long oracle (test_rls.py)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,4 +43,9 @@ for f in $FILES; do
   if [ "$r" -gt 1 ]; then echo "FAIL test-runner ($f: exit status $r)"; fi
   if [ "$r" -gt "$rc" ]; then rc=$r; fi
 done
+if [ "${VALGRIND:-0}" = 1 ]; then
+  bad=$(find "$WORK/valgrind" -name 'server.*.log' -size +0 2>/dev/null)
+  if [ -n "$bad" ]; then echo "FAIL valgrind-server"; cat $bad | head -80; rc=1
+  else echo "PASS valgrind-server ($(ls "$WORK/valgrind" | wc -l) server processes)"; fi
+fi
 exit $rc

@@ -154,6 +154,16 @@ def gc_silent_device_resyncs(env):
     st, _, body = suite.http("GET", f"{s.url}/v1/pull?since={cur}&exclude={c.site()}",
                              headers=suite.auth(token("user2")))
     check(st == 410 and json.loads(body)["error"] == "cursor behind the gc horizon", (st, body))
+    # the same answer to a WebSocket subscription from that cursor, which it ends
+    from tools import WebSocket
+    ws = WebSocket(s.port, token("user2"))
+    ws.recv_json()
+    ws.send(0x1, json.dumps({"type": "subscribe", "since": cur, "exclude": c.site()}).encode())
+    check(ws.recv_json()["type"] == "subscribed")
+    m = ws.recv_json()
+    check(m["type"] == "error" and m["status"] == 410 and m["error"] == json.loads(body)["error"]
+          and m["hint"] == json.loads(body)["hint"], m)
+    ws.close()
     r = c.sync()
     check("error" not in r["send"], r)
     settle([a, b, c])

@@ -586,6 +586,36 @@ def move_out_role_membership_revoked(env):
 
 
 @test
+def subscription_sees_membership_change(env):
+    """REVOKE readers FROM viewer writes no row of a synced table, yet a
+    device that only receives through a WebSocket subscription (docs/PROTOCOL.md)
+    forgets what it no longer sees, and gets it back after the GRANT (the
+    subscription also pulls every ws_ping_s without an announcement)."""
+    world(env, f"CREATE POLICY p ON docs USING (owner = {SUB} OR pg_has_role('readers', 'MEMBER'));",
+          "GRANT SELECT ON items TO readers; GRANT SELECT ON docs TO viewer;")
+    env.sql("GRANT readers TO viewer")
+    try:
+        env.sql("INSERT INTO items VALUES('i1', 'through readers', 1);"
+                "INSERT INTO docs VALUES('d1', 'bob', 'through readers', 'hello')")
+        s = env.server("s1", allowed_roles="app_user,viewer", ws_ping_s="1")
+        w = Watcher(env, "w", "alice", "viewer", {}, s)
+        w.pump(0.5)
+        held = lambda: (w.d.q("SELECT id FROM items"), w.d.q("SELECT id FROM docs"))  # noqa: E731
+        check(held() == ([("i1",)], [("d1",)]), held())
+        for what, want in (("REVOKE readers FROM viewer", ([], [])),
+                           ("GRANT readers TO viewer", ([("i1",)], [("d1",)]))):
+            env.sql(what)
+            t0 = time.time()
+            while held() != want and time.time() - t0 < 5:
+                w.pump(0.2)
+            check(held() == want, (what, held()))
+            print(f"  {what}: the subscription saw it after {time.time() - t0:.1f} s", flush=True)
+        w.close()
+    finally:
+        env.sql("REVOKE readers FROM viewer")
+
+
+@test
 def move_out_claims_changed(env):
     world(env, f"CREATE POLICY p ON docs USING (owner = {SUB} OR title = {CLAIM_TEAM}) WITH CHECK (owner = {SUB});")
     env.sql("INSERT INTO docs VALUES('d1', 'bob', 'red', 'hello'), ('d2', 'bob', 'blue', 'x'),"
@@ -1159,7 +1189,68 @@ def typed(rows):
     return sorted(tuple((type(v).__name__, v) for v in r) for r in rows)
 
 
-STATS = {"rows": 0, "device writes": 0, "discarded": 0, "failed syncs": 0}
+STATS = {"rows": 0, "device writes": 0, "discarded": 0, "failed syncs": 0, "ws payloads": 0,
+         "ws errors": 0}
+
+
+class Watcher:
+    """A device that only receives, through a WebSocket subscription
+    (docs/PROTOCOL.md, "Payloads over the WebSocket"): it applies each
+    payload and keeps the cursor, and subscribes again after an error (from 0
+    after a 409 or 410) or a reconnection."""
+
+    def __init__(self, env, name, sub, role, claims, server, note=lambda what: None):
+        self.note, self.name, self.sub, self.role, self.claims = note, name, sub, role, claims
+        self.server, self.tok = server, token(sub, role=role, **claims)
+        self.d = Device(env, name, self.tok, None, ORACLE_DEVICE, list(ORACLE_TABLES))
+        self.d.sub, self.d.role, self.d.claims = sub, role, claims
+        self.site = self.d.one("SELECT sync_site_id()")
+        self.cursor = "0"
+        self.ws = None
+        self.connect()
+
+    def connect(self):
+        if self.ws:
+            self.ws.close()
+        self.ws = WebSocket(self.server.port, self.tok)
+        check(self.ws.recv_json()["type"] == "hello")
+        self.subscribe()
+
+    def subscribe(self):
+        self.ws.send(0x1, json.dumps({"type": "subscribe", "since": self.cursor, "exclude": self.site}).encode())
+        self.confirmed = False   # until "subscribed", "changes" may still come
+
+    def pump(self, quiet):
+        """Applies what comes until nothing has come for `quiet` seconds; how many payloads."""
+        import select
+        n = 0
+        while self.ws.buf or select.select([self.ws.s], [], [], quiet)[0]:
+            op, data = self.ws.recv(timeout=10)
+            if op != 1:
+                continue
+            m = json.loads(data)
+            if m["type"] == "payload":
+                op, blob = self.ws.recv(timeout=10)
+                check(op == 2 and len(blob) == m["bytes"], (op, len(blob), m))
+                self.d.one("SELECT sync_apply_payload(?)", blob)
+                self.cursor = m["cursor"]
+                n += 1
+                STATS["ws payloads"] += 1
+            elif m["type"] == "error":
+                self.note(f"{self.name}: ws error {m['status']} {m['error']}")
+                STATS["ws errors"] += 1
+                if m["status"] in (409, 410):
+                    self.cursor = "0"
+                self.subscribe()
+            elif m["type"] == "subscribed":
+                self.confirmed = True
+            else:
+                check(m["type"] == "changes" and not self.confirmed, m)
+        return n
+
+    def close(self):
+        self.ws.close()
+        self.d.close()
 
 
 class Oracle:
@@ -1194,6 +1285,11 @@ class Oracle:
             d.sub, d.role, d.claims = sub, role, claims
             self.devices.append(d)
             self.note(f"device {d.name} {role} {claims} on {self.servers[i % 2].name}")
+        self.watchers = []
+        for i, sub in enumerate(rng.sample(USERS, 2)):
+            role, claims, srv = rng.choice(["app_user", "viewer"]), {"team": rng.choice(TEAMS)}, rng.choice(self.servers)
+            self.watchers.append(Watcher(env, f"w{i}_{sub}", sub, role, claims, srv, self.note))
+            self.note(f"watcher w{i}_{sub} {role} {claims} on {srv.name}")
         for _ in range(rng.randint(2, 6)):
             self.direct_op()
 
@@ -1294,9 +1390,18 @@ class Oracle:
                 self.direct_op()
             elif r < 0.62:
                 self.visibility_op()
+            elif r < 0.70:
+                w = rng.choice(self.watchers)
+                if rng.random() < 0.2:
+                    w.connect()
+                    self.note(f"{w.name}: reconnects")
+                else:
+                    w.pump(0.02)
             else:
                 self.sync_op(rng.choice(self.devices))
         self.resolve()
+        for w in self.watchers:
+            w.pump(1.5)
         self.compare()
 
     def resolve(self):
@@ -1317,7 +1422,7 @@ class Oracle:
 
     def compare(self):
         problems = []
-        for d in self.devices:
+        for d in self.devices + [w.d for w in self.watchers]:
             claims = dict({"sub": d.sub, "role": d.role}, **d.claims)
             for t, order in ORACLE_TABLES.items():
                 import psycopg2
@@ -1329,7 +1434,7 @@ class Oracle:
                 STATS["rows"] += len(want)
                 if typed(got) != typed(want):
                     problems.append(f"{d.name} ({d.role} {claims}) {t}:\n      device {got}\n      view   {want}")
-            if d.held() or d.rejected():
+            if d.server and (d.held() or d.rejected()):
                 problems.append(f"{d.name}: held {d.held()} rejected {d.rejected()}")
         if problems:
             raise AssertionError("\n    ".join(problems))
@@ -1360,6 +1465,8 @@ def oracle_views(env):
             failures.append((i, ex, o.log))
         finally:
             ran += 1
+            for w in o.__dict__.get("watchers", []):
+                w.ws.close()
             if e is not env:
                 e.close()
                 env.pg.sql(f"DROP DATABASE IF EXISTS {e.db} WITH (FORCE)")

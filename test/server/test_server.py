@@ -974,6 +974,156 @@ def fanout_shared_pulls(env):
         c.s.close()
 
 
+def _ws_next(ws, timeout=5):
+    """The next message of a subscription: a dict, or (meta, payload bytes) for a payload."""
+    m = ws.recv_json(timeout)
+    if m.get("type") != "payload":
+        return m
+    op, data = ws.recv(timeout)
+    check(op == 2 and len(data) == m["bytes"], (op, len(data), m))
+    return m, data
+
+
+def _ws_quiet(ws, seconds):
+    """Nothing but pings comes on ws for `seconds`."""
+    try:
+        op, data = ws.recv(timeout=seconds)
+    except (TimeoutError, OSError):
+        return True
+    return op in (0x9, 0xA) and _ws_quiet(ws, seconds)
+
+
+@test
+def websocket_subscriptions(env):
+    """A WebSocket that subscribes gets the payloads themselves: exactly the
+    pull its device would make from the same cursor (RLS, its own changes
+    left out), shared by the subscribers of one view, chunked when asked,
+    and a clear error frame for every bad message or failed pull."""
+    s = env.server(pool_size="4")
+    tok = token("fleet")
+    writer = env.client("w", "fleet", s)
+    writer.q("INSERT INTO items VALUES('seed', 'x', 1, 1)")
+    writer.sync()
+    own = writer.one("SELECT sync_site_id()")
+    sites = [str(uuid.uuid4()) for _ in range(20)]
+    stranger = str(uuid.uuid4())
+    curs = _settle(s.url, [(tok, x) for x in sites + [own]] + [(token("stranger"), stranger)])
+    check(len(set(curs.values())) == 1, curs)
+    cur0 = curs[own]
+
+    # bad messages: an error frame each, and the socket stays open
+    ws = WebSocket(s.port, tok)
+    ws.recv_json()
+    for msg, err in ((b"hello", "bad message"), (b'{"type": "dance"}', "unknown message type"),
+                     (b'{"type": "subscribe", "since": "nope"}', "bad cursor"),
+                     (b'{"type": "subscribe", "since": 7}', "bad cursor"),
+                     (b'{"type": "subscribe", "exclude": "xyz"}', "bad site id"),
+                     (b'{"type": "subscribe", "max_rows": 0}', "bad max_rows")):
+        ws.send(0x1, msg)
+        m = ws.recv_json()
+        check(m["type"] == "error" and m["status"] == 400 and m["error"] == err and m["hint"] and m["detail"],
+              (msg, m))
+    ws.send(0x9, b"still here")
+    check(ws.recv() == (0xA, b"still here"))
+    # a device that is another user's: the pull's own 403, and the subscription ends
+    ws.send(0x1, json.dumps({"type": "subscribe", "since": cur0, "exclude": stranger}).encode())
+    check(ws.recv_json()["type"] == "subscribed")
+    st, _, body = http("GET", f"{s.url}/v1/pull?since={cur0}&exclude={stranger}", headers={"Authorization": "Bearer " + tok})
+    m = ws.recv_json()
+    check(m["type"] == "error" and m["status"] == st and m["error"] == json.loads(body)["error"], (m, st, body))
+    ws.close()
+
+    def subscriber(tk, site, since=None, **extra):
+        w = WebSocket(s.port, tk)
+        w.recv_json()
+        w.send(0x1, json.dumps(dict({"type": "subscribe", "since": since or curs[site], "exclude": site}, **extra)).encode())
+        check(w.recv_json()["type"] == "subscribed")
+        return w
+
+    fleet = [subscriber(tok, x) for x in sites]
+    other = subscriber(token("stranger"), stranger)
+    mine = subscriber(tok, own)
+    check(_ws_quiet(fleet[0], 0.3), "caught up: nothing to send")
+    before = http("GET", s.url + "/metrics")[2].decode()
+    writer.q("INSERT INTO items VALUES('fan', 'out', 1, 1)")
+    writer.q("INSERT INTO notes VALUES('n-fleet', 'fleet', 'for the fleet')")
+    writer.send()
+    got = [_ws_next(w) for w in fleet]
+    check(all(isinstance(g, tuple) for g in got), got[:2])
+    check(len({g[1] for g in got}) == 1 and len({g[0]["cursor"] for g in got}) == 1, "one payload for the fleet")
+    meta, payload = got[0]
+    check(meta["more"] is False, meta)
+    info = lambda b: json.loads(writer.one("SELECT sync_payload_info(?)", b))   # noqa: E731
+    # exactly what one of them pulls alone from the same cursor
+    st, h, alone = http("GET", f"{s.url}/v1/pull?since={cur0}&exclude={sites[3]}", headers={"Authorization": "Bearer " + tok})
+    fj, aj = info(payload), info(alone)
+    for j in (fj, aj):
+        j.pop("until", None)
+        j.get("header", {}).pop("until", None)
+    check(st == 200 and fj == aj and meta["cursor"] == h["x-pgsync-cursor"], (fj, aj, meta, h))
+    check("n-fleet" in json.dumps(fj) and "fan" in json.dumps(fj), fj)
+    om, op_ = _ws_next(other)
+    oj = json.dumps(info(op_))
+    check("fan" in oj and "n-fleet" not in oj, oj)
+    check(_ws_quiet(mine, 0.5), "the pusher's own device gets nothing back")
+    after = _metrics_when(s, "pgsync_pulls_computed_total")
+    computed = _counter(after, "pgsync_pulls_computed_total") - _counter(before, "pgsync_pulls_computed_total")
+    print(f"  22 subscribers: {computed} pulls computed", flush=True)
+    check(computed <= 10, computed)
+
+    # the subscription goes on from its cursor: the next push, only what is new
+    writer.q("UPDATE items SET name = 'again' WHERE id = 'fan'")
+    writer.send()
+    m2, p2 = _ws_next(fleet[5])
+    j2 = json.dumps(info(p2))
+    check("again" in j2 and "n-fleet" not in j2, j2)
+    st, h, _ = http("GET", f"{s.url}/v1/pull?since={meta['cursor']}&exclude={sites[5]}", headers={"Authorization": "Bearer " + tok})
+    check(m2["cursor"] == h["x-pgsync-cursor"], (m2, h))
+    # a payload above 64 KiB (a frame with a 64-bit length), read slowly
+    writer.q("INSERT INTO items VALUES('big', ?, 1, 1)", os.urandom(200000).hex())
+    writer.send()
+    time.sleep(0.5)
+    m3, p3 = _ws_next(fleet[5])
+    check(m3["bytes"] > 65535 and "big" in json.dumps(info(p3)), m3)
+
+    # chunked: from 0, one row per payload, then the last with more = false
+    w = subscriber(tok, sites[0], since="0", max_rows=1)
+    chunks = []
+    while True:
+        m, p = _ws_next(w)
+        chunks.append(p)
+        if not m["more"]:
+            break
+        check(len(chunks) < 50, "too many chunks")
+    rows = sorted(str(r.get("pk")) for c in chunks for r in info(c).get("rows", []))
+    whole = info(http("GET", f"{s.url}/v1/pull?since=0&exclude={sites[0]}", headers={"Authorization": "Bearer " + tok})[2])
+    check(len(chunks) >= 3 and rows == sorted(str(r.get("pk")) for r in whole.get("rows", [])), (len(chunks), rows))
+    w.close()
+
+    # unsubscribed: back to "changes" notifications
+    fleet[1].send(0x1, b'{"type": "unsubscribe"}')
+    m = _ws_next(fleet[1])
+    while isinstance(m, tuple):   # the payloads of the pushes above, sent before
+        m = _ws_next(fleet[1])
+    check(m["type"] == "unsubscribed", m)
+    writer.q("INSERT INTO items VALUES('later', 'x', 1, 1)")
+    writer.send()
+    check(fleet[1].recv_json()["type"] == "changes")
+    check(isinstance(_ws_next(fleet[2]), tuple))
+    for w in fleet + [other, mine]:
+        w.close()
+    # sockets that go while their pull runs (chunks from 0, one row each)
+    for i in range(10):
+        w = WebSocket(s.port, tok)
+        w.send(0x1, json.dumps({"type": "subscribe", "since": "0", "exclude": sites[i], "max_rows": 1}).encode())
+        if i % 2:
+            time.sleep(0.01 * i)
+        w.s.close()
+    time.sleep(0.3)
+    check(s.proc.poll() is None, "the server died")
+    check(_counter(http("GET", s.url + "/metrics")[2].decode(), r'pgsync_clients_connected\{kind="websocket"\}') == 0)
+
+
 @test
 def pull_group_exact(env):
     """sync_pull_group against sync_pull in one snapshot: a served device's
