@@ -69,6 +69,7 @@ typedef struct req
 	char		 path[160];
 	char		 error[160]; /* the error answered, if any, and its detail */
 	char		 detail[640];
+	ws_ticket	 ws; /* GET /v1/ws: what the upgraded socket takes (ws.c) */
 } req;
 
 static struct MHD_Daemon *daemon_;
@@ -899,7 +900,9 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 			struct MHD_Response *resp = NULL;
 			srv_error			 e;
 
-			if (!ws_upgrade(conn, r->db, &r->auth, &resp, &e))
+			r->ws.db = r->db;
+			r->ws.auth = &r->auth;
+			if (!ws_upgrade(conn, &r->ws, &resp, &e))
 				return send_error(conn, r, &e);
 			return queue(conn, r, MHD_HTTP_SWITCHING_PROTOCOLS, resp);
 		}
@@ -910,12 +913,6 @@ handler(void *cls, struct MHD_Connection *conn, const char *url, const char *met
 		default:
 			return MHD_NO;
 	}
-}
-
-const auth_info *
-http_request_auth(void *req_cls)
-{
-	return &((req *) req_cls)->auth;
 }
 
 /* log_request writes the request's log line: what, for whom, how it ended and why. */

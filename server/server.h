@@ -435,9 +435,16 @@ void hub_notify(srv_db *db, int64_t v);
 bool ws_start(void);
 void ws_stop(void);
 struct MHD_Response;
+/* ws_ticket: what an upgraded socket takes from its request; http.c keeps
+ * it in the request, which outlives the upgrade (ws.c copies the token). */
+typedef struct ws_ticket
+{
+	srv_db			*db;
+	const auth_info *auth;
+} ws_ticket;
 /* ws_upgrade builds the 101 response for GET /v1/ws, or fails with e. */
-bool ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a,
-				struct MHD_Response **resp, srv_error *e);
+bool ws_upgrade(struct MHD_Connection *conn, const ws_ticket *t, struct MHD_Response **resp,
+				srv_error *e);
 void ws_broadcast(srv_db *db, int64_t version);
 /* ws_accept_key computes Sec-WebSocket-Accept (29 bytes incl. NUL). */
 void ws_accept_key(const char *key, char out[29]);
@@ -485,8 +492,5 @@ char *metrics_render(const srv_gauges *g, size_t *len);
 bool http_start(void);
 /* http_stop: false when a database still holds requests (see http.c). */
 bool http_stop(void);
-/* http_request_auth: the verified token of the request libmicrohttpd passes
- * as req_cls (the WebSocket upgrade keeps a copy). */
-const auth_info *http_request_auth(void *req_cls);
 
 #endif /* PGSYNC_SERVER_H */

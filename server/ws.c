@@ -61,7 +61,6 @@ typedef struct client
 	size_t							  outlen;
 	int64_t							  last_rx;
 	int64_t							  last_ping;
-	int64_t							  exp;	/* token expiry, Unix seconds; 0 = none */
 	int64_t							  sent; /* last version announced to it */
 	srv_db							 *db;
 	bool							  closing;
@@ -804,7 +803,7 @@ tick(int64_t now, bool shutting_down)
 		n = c->next;
 		if (shutting_down)
 			queue_close(c, 1001, "server shutting down");
-		else if (c->exp && wall > c->exp + cfg.jwt_leeway)
+		else if (c->auth.exp && wall > c->auth.exp + cfg.jwt_leeway)
 			queue_close(c, 4001, "token expired");
 		else if (now - c->last_rx > 3000LL * cfg.ws_ping_s)
 		{
@@ -897,11 +896,12 @@ static void
 on_upgrade(void *cls, struct MHD_Connection *conn, void *req_cls, const char *extra_in,
 		   size_t extra_in_size, MHD_socket sock, struct MHD_UpgradeResponseHandle *urh)
 {
-	client *c = calloc(1, sizeof *c);
-	int		fl;
-	bool	auth_ok = c && auth_copy(&c->auth, http_request_auth(req_cls));
+	client			*c = calloc(1, sizeof *c);
+	int				 fl;
+	const ws_ticket *t = cls;
+	bool			 auth_ok = c && auth_copy(&c->auth, t->auth);
 
-	(void) conn;
+	(void) conn, (void) req_cls;
 	if (c && extra_in_size && extra_in_size <= IN_MAX && (c->in = malloc(extra_in_size)) != NULL)
 		c->incap = extra_in_size;
 	if (!c || !auth_ok || (extra_in_size && !c->in) || atomic_load(&stop_flag))
@@ -920,9 +920,7 @@ on_upgrade(void *cls, struct MHD_Connection *conn, void *req_cls, const char *ex
 	fcntl(sock, F_SETFL, fl | O_NONBLOCK);
 	c->fd = sock;
 	c->urh = urh;
-	/* the closure pointer carries the token's expiry and the database (ws_upgrade) */
-	c->exp = (int64_t) ((intptr_t) cls >> 8);
-	c->db = &cfg.dbs[(intptr_t) cls & 0xff];
+	c->db = t->db;
 	c->last_rx = c->last_ping = srv_now_ms();
 	if (extra_in_size)
 		memcpy(c->in, extra_in, extra_in_size);
@@ -953,7 +951,7 @@ has_token(const char *list, const char *tok)
 }
 
 bool
-ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a, struct MHD_Response **resp,
+ws_upgrade(struct MHD_Connection *conn, const ws_ticket *t, struct MHD_Response **resp,
 		   srv_error *e)
 {
 	const char *upgrade = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Upgrade");
@@ -983,12 +981,7 @@ ws_upgrade(struct MHD_Connection *conn, srv_db *db, const auth_info *a, struct M
 	if (!accept[0])
 		return srv_fail(e, 500, "websocket handshake failed", "Retry; report it if it persists.",
 						"The crypto library could not hash the key.");
-	/* the token's expiry (below 2^38: auth.c caps it at the year 9999) and the
-	 * database's index (below 256) travel in the closure pointer itself */
-	_Static_assert(sizeof(intptr_t) >= sizeof(int64_t), "needs 64-bit pointers");
-	_Static_assert(SRV_MAX_DBS <= 256, "the database index takes 8 bits");
-	*resp =
-		MHD_create_response_for_upgrade(on_upgrade, (void *) (intptr_t) (a->exp << 8 | db->index));
+	*resp = MHD_create_response_for_upgrade(on_upgrade, (void *) t);
 	if (!*resp)
 		return srv_fail(e, 500, "internal error", NULL, "Cannot create the upgrade response.");
 	MHD_add_response_header(*resp, MHD_HTTP_HEADER_UPGRADE, "websocket");

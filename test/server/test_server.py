@@ -1112,6 +1112,19 @@ def websocket_subscriptions(env):
     check(isinstance(_ws_next(fleet[2]), tuple))
     for w in fleet + [other, mine]:
         w.close()
+    # a token that expires ends its socket (close 4001): no payload after exp
+    s2 = env.server("s2", jwt_leeway="0")
+    w = WebSocket(s2.port, token("fleet", ttl=2))
+    w.recv_json()
+    w.send(0x1, json.dumps({"type": "subscribe", "since": meta["cursor"], "exclude": sites[9]}).encode())
+    check(w.recv_json()["type"] == "subscribed")
+    while True:
+        op, data = w.recv(timeout=6)
+        if op == 8:
+            break
+        check(op in (1, 2, 9), op)
+    check(data[:2] == (4001).to_bytes(2, "big"), data)
+    s2.stop()
     # sockets that go while their pull runs (chunks from 0, one row each)
     for i in range(10):
         w = WebSocket(s.port, tok)
