@@ -109,19 +109,9 @@ sl_repair_clock(db_conn *c, int64_t ver, pgs_err *err)
 
 		/* every clock row: decode, restamp, write back */
 		{
-			char *keys = sqlite3_mprintf(""), *w = sqlite3_mprintf("");
+			char *keys = sl_pk_list(t, ""), *w = sl_pk_where(t, "", 3);
 
-			for (int k = 0; k < t->npk && keys && w; k++)
-			{
-				char *x = sqlite3_mprintf("%s, %s", keys, t->pk_q[k]);
-				char *y = sqlite3_mprintf("%s%s%s = ?%d", w, k ? " AND " : "", t->pk_q[k], k + 3);
-
-				sqlite3_free(keys);
-				sqlite3_free(w);
-				keys = x;
-				w = y;
-			}
-			q = keys ? sqlite3_mprintf("SELECT clk%s FROM %s", keys, t->qclock) : NULL;
+			q = keys ? sqlite3_mprintf("SELECT clk, %s FROM %s", keys, t->qclock) : NULL;
 			s = q ? sqlite3_prepare_v2(c->db, q, -1, &sel, NULL) : SQLITE_NOMEM;
 			sqlite3_free(q);
 			q = w ? sqlite3_mprintf("UPDATE %s SET clk = ?1, ver = ?2 WHERE %s", t->qclock, w)

@@ -140,36 +140,6 @@ bind_pk(sqlite3_stmt *st, const db_table *t, const pgs_value *pk, int first)
 		sl_bind_value(st, first + i, &pk[i]);
 }
 
-static char *
-pk_where(const db_table *t, int first)
-{
-	char *w = sqlite3_mprintf("");
-
-	for (int i = 0; i < t->npk && w; i++)
-	{
-		char *n = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], first + i);
-
-		sqlite3_free(w);
-		w = n;
-	}
-	return w;
-}
-
-static char *
-pk_list(const db_table *t, const char *prefix)
-{
-	char *w = sqlite3_mprintf("");
-
-	for (int i = 0; i < t->npk && w; i++)
-	{
-		char *n = sqlite3_mprintf("%s%s%s%s", w, i ? ", " : "", prefix, t->pk_q[i]);
-
-		sqlite3_free(w);
-		w = n;
-	}
-	return w;
-}
-
 static pgs_rc
 prepare_fmt(db_conn *c, sqlite3_stmt **st, pgs_err *err, const char *fmt, ...)
 {
@@ -280,7 +250,7 @@ multi_insert(db_conn *c, sqlite3_stmt **st, bool slot, const char *target, const
 static char *
 row_columns(const db_table *t)
 {
-	char *a = pk_list(t, "");
+	char *a = sl_pk_list(t, "");
 
 	for (int i = 0; i < t->ncols && a; i++)
 	{
@@ -364,7 +334,7 @@ flush_clocks(db_conn *c, db_table *t, pgs_err *err)
 		st = t->batch_clock_st;
 	else
 	{
-		char *pk = pk_list(t, "");
+		char *pk = sl_pk_list(t, "");
 		char *cols = pk ? sqlite3_mprintf("cl, ver, clk, %s", pk) : NULL;
 
 		sqlite3_free(pk);
@@ -510,7 +480,7 @@ db_clock_get(db_conn *c, db_table *t, const pgs_value *pk, bool *found, int64_t 
 
 	if (!t->clock_get)
 	{
-		char *w = pk_where(t, 1);
+		char *w = sl_pk_where(t, "", 1);
 
 		rc = prepare_fmt(c, &t->clock_get, err, "SELECT cl, clk FROM %s WHERE %s", t->qclock, w);
 		sqlite3_free(w);
@@ -573,7 +543,7 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 
 		if (exists)
 		{
-			char *w = pk_where(t, 4);
+			char *w = sl_pk_where(t, "", 4);
 
 			sql = sqlite3_mprintf("UPDATE %s SET cl = ?1, ver = " VER_CHECKED ", clk = ?3 WHERE %s",
 								  t->qclock, w);
@@ -581,7 +551,7 @@ db_clock_put(db_conn *c, db_table *t, const pgs_value *pk, bool exists, int64_t 
 		}
 		else
 		{
-			char *cols = pk_list(t, "");
+			char *cols = sl_pk_list(t, "");
 			char *vals = sqlite3_mprintf("");
 
 			for (int i = 0; i < t->npk && vals; i++)
@@ -641,7 +611,7 @@ row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, 
 	}
 	if (kind == 0)
 	{
-		char *w = pk_where(t, n + 1);
+		char *w = sl_pk_where(t, "", n + 1);
 
 		a = sqlite3_mprintf("");
 		for (int i = 0; i < n && a; i++)
@@ -656,7 +626,7 @@ row_stmt(db_conn *c, db_table *t, int kind, int n, const int *cols, bool *temp, 
 	}
 	else
 	{
-		a = pk_list(t, "");
+		a = sl_pk_list(t, "");
 		b = sqlite3_mprintf("");
 		for (int i = 0; i < t->npk + n && b; i++)
 		{
@@ -824,7 +794,7 @@ delete_row(db_conn *c, db_table *t, const pgs_value *pk, pgs_err *err)
 		FLUSH_FIRST(c, err);
 	if (!t->row_delete)
 	{
-		char  *w = pk_where(t, 1);
+		char  *w = sl_pk_where(t, "", 1);
 		pgs_rc rc = prepare_fmt(c, &t->row_delete, err, "DELETE FROM %s WHERE %s", t->qname, w);
 
 		sqlite3_free(w);

@@ -277,18 +277,11 @@ pend_filter(sqlite3_vtab_cursor *cur, int idx, const char *s, int argc, sqlite3_
 	for (int t = 0; t < c->ntables && rc == SQLITE_OK; t++)
 	{
 		db_table  *tb = c->tables[t];
-		char	  *cols = sqlite3_mprintf("cl, ver");
+		char	  *cols = sl_pk_list(tb, "");
 		char	  *sql;
 		pgs_value *pk;
 
-		for (int k = 0; k < tb->npk && cols; k++)
-		{
-			char *x = sqlite3_mprintf("%s, %s", cols, tb->pk_q[k]);
-
-			sqlite3_free(cols);
-			cols = x;
-		}
-		sql = cols ? sqlite3_mprintf("SELECT %s FROM %s WHERE ver > ?1 ORDER BY ver", cols,
+		sql = cols ? sqlite3_mprintf("SELECT cl, ver, %s FROM %s WHERE ver > ?1 ORDER BY ver", cols,
 									 tb->qclock)
 				   : NULL;
 		sqlite3_free(cols);

@@ -97,21 +97,6 @@ now_iso(char out[32])
 }
 
 /* where_pk: "pk1" = ?first AND ... (sqlite3_malloc'd) */
-static char *
-where_pk(const db_table *t, int first)
-{
-	char *w = sqlite3_mprintf("");
-
-	for (int i = 0; i < t->npk && w; i++)
-	{
-		char *n = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], first + i);
-
-		sqlite3_free(w);
-		w = n;
-	}
-	return w;
-}
-
 /* ---- rejections and held changes ---- */
 
 /*
@@ -389,7 +374,7 @@ db_row_forget(db_conn *c, db_table *t, const pgs_value *pk, bool *forgot, pgs_er
 	*forgot = false;
 	if ((rc = sl_flush(c, err)) != PGS_OK)
 		return rc;
-	if (!(w = where_pk(t, 1)))
+	if (!(w = sl_pk_where(t, "", 1)))
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	sql = sqlite3_mprintf("SELECT ver FROM %s WHERE %s", t->qclock, w);
 	if (sql && sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) == SQLITE_OK)
@@ -900,18 +885,15 @@ db_row_read(db_conn *c, db_table *t, const pgs_value *pk, bool *visible, int64_t
 	{
 		/* join on every key column, the key bound once */
 		char *on = sqlite3_mprintf("");
-		char *wk = sqlite3_mprintf("");
+		char *wk = sl_pk_where(t, "c.", 1);
 
-		for (int i = 0; i < t->npk && on && wk; i++)
+		for (int i = 0; i < t->npk && on; i++)
 		{
 			char *x =
 				sqlite3_mprintf("%s%sc.%s = t.%s", on, i ? " AND " : "", t->pk_q[i], t->pk_q[i]);
-			char *y = sqlite3_mprintf("%s%sc.%s = ?%d", wk, i ? " AND " : "", t->pk_q[i], i + 1);
 
 			sqlite3_free(on);
-			sqlite3_free(wk);
 			on = x;
-			wk = y;
 		}
 		sql = sel && on && wk ? sqlite3_mprintf("%s FROM %s AS c JOIN %s AS t ON %s WHERE %s", sel,
 												t->qclock, t->qname, on, wk)

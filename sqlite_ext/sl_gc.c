@@ -195,20 +195,10 @@ collect_table(db_conn *c, db_table *t, int64_t h, int64_t *n, int64_t *maxcl, pg
 	}
 	/* pending rejections keep their tombstone (the app may still retry or discard) */
 	{
-		char		 *cols = sqlite3_mprintf(""), *w = sqlite3_mprintf("");
+		char		 *cols = sl_pk_list(t, ""), *w = sl_pk_where(t, "", 1);
 		sqlite3_stmt *del = NULL;
 
-		for (int i = 0; i < t->npk && cols && w; i++)
-		{
-			char *x = sqlite3_mprintf("%s%s, ", cols, t->pk_q[i]);
-			char *y = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], i + 1);
-
-			sqlite3_free(cols);
-			sqlite3_free(w);
-			cols = x;
-			w = y;
-		}
-		sql = cols ? sqlite3_mprintf("SELECT %scl FROM %s WHERE cl %% 2 = 0 AND ver <= ?1", cols,
+		sql = cols ? sqlite3_mprintf("SELECT %s, cl FROM %s WHERE cl %% 2 = 0 AND ver <= ?1", cols,
 									 t->qclock)
 				   : NULL;
 		if (!sql || (rc = sl_prepare(c, &st, sql, err)) != PGS_OK)

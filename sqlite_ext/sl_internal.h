@@ -238,6 +238,11 @@ void sl_result_json(sqlite3_context *ctx, struct cJSON *j);
 /* sl_execf: sl_exec of a sqlite3_mprintf format (%Q, %w, ...). */
 pgs_rc sl_execf(db_conn *c, pgs_err *err, const char *fmt, ...);
 char  *sl_quote(const char *ident); /* sqlite3_malloc'd "ident" */
+/* sl_pk_where: "<prefix>k1 = ?first AND <prefix>k2 = ?first+1 ..." over t's
+ * key; sl_pk_list: "<prefix>k1, <prefix>k2, ...". sqlite3_malloc'd, NULL when
+ * out of memory. */
+char *sl_pk_where(const db_table *t, const char *prefix, int first);
+char *sl_pk_list(const db_table *t, const char *prefix);
 
 /* sl_alter.c */
 extern const char *sl_alter_meta_sql;

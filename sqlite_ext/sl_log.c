@@ -304,21 +304,6 @@ sl_log_free(db_table *t)
 
 /* ---- markers ---- */
 
-static char *
-key_list(const db_table *t, const char *prefix)
-{
-	char *s = sqlite3_mprintf("");
-
-	for (int i = 0; i < t->npk && s; i++)
-	{
-		char *x = sqlite3_mprintf("%s%s%s%s", s, i ? ", " : "", prefix, t->pk_q[i]);
-
-		sqlite3_free(s);
-		s = x;
-	}
-	return s;
-}
-
 static pgs_rc
 bump_seq(db_conn *c, pgs_err *err)
 {
@@ -339,7 +324,7 @@ bump_seq(db_conn *c, pgs_err *err)
 static pgs_rc
 coalesce(db_conn *c, db_table *t, int64_t ver, pgs_err *err)
 {
-	char  *keys = key_list(t, ""), *sets = sqlite3_mprintf(""), *sql;
+	char  *keys = sl_pk_list(t, ""), *sets = sqlite3_mprintf(""), *sql;
 	pgs_rc rc;
 
 	for (int i = 0; i < t->npk && sets; i++)
@@ -380,8 +365,8 @@ put_marker(db_conn *c, db_table *t, int64_t ver, const pgs_value *pk, pgs_err *e
 
 	if (!t->mark_put)
 	{
-		char *cols = key_list(t, ""), *vals = sqlite3_mprintf(""), *sets = sqlite3_mprintf("");
-		char *ex = key_list(t, "excluded."), *sql = NULL;
+		char *cols = sl_pk_list(t, ""), *vals = sqlite3_mprintf(""), *sets = sqlite3_mprintf("");
+		char *ex = sl_pk_list(t, "excluded."), *sql = NULL;
 
 		for (int i = 0; i < t->npk && vals && sets; i++)
 		{
@@ -519,7 +504,7 @@ sl_log_plan(db_conn *c, db_table *t, int64_t since, bool *use, int *lo_kind, pgs
 		return PGS_OK;
 	if (!t->mark_min)
 	{
-		char *keys = key_list(t, "");
+		char *keys = sl_pk_list(t, "");
 		char *sql = keys ? sqlite3_mprintf("SELECT %s FROM \"%w__sync_bulk\" WHERE ver > ?1 ORDER "
 										   "BY %s LIMIT 1",
 										   keys, t->name, keys)
@@ -565,7 +550,7 @@ sl_log_select(const db_table *t, const char *sel, const char *on, const char *ke
 			  bool after, int lo_kind)
 {
 	char *params = sqlite3_mprintf(""), *los = sqlite3_mprintf(""), *ord = sqlite3_mprintf("");
-	char *plain = key_list(t, ""), *aft = NULL, *low = NULL, *sql = NULL;
+	char *plain = sl_pk_list(t, ""), *aft = NULL, *low = NULL, *sql = NULL;
 
 	for (int i = 0; i < t->npk && params && los && ord; i++)
 	{

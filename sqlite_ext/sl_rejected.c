@@ -106,17 +106,10 @@ row_of(sl_net *n, const char *tbl, const char *pkjson, db_table **t, pgs_value *
 static int64_t
 clock_ver(sl_net *n, db_table *t, const pgs_value *pk)
 {
-	char		 *w = sqlite3_mprintf(""), *sql;
+	char		 *w = sl_pk_where(t, "", 1), *sql;
 	sqlite3_stmt *st;
 	int64_t		  v = -1;
 
-	for (int i = 0; i < t->npk && w; i++)
-	{
-		char *x = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], i + 1);
-
-		sqlite3_free(w);
-		w = x;
-	}
 	sql = w ? sqlite3_mprintf("SELECT ver FROM %s WHERE %s", t->qclock, w) : NULL;
 	if (sql && sl_stmt_prepare(n->c, sql, &st) == SQLITE_OK)
 	{
@@ -172,18 +165,11 @@ cursor_follow(sl_net *n, int64_t v0)
 static bool
 row_alive(sl_net *n, db_table *t, const pgs_value *pk, const char *tb, const char *pj, void *arg)
 {
-	char		 *w = sqlite3_mprintf(""), *sql;
+	char		 *w = sl_pk_where(t, "", 1), *sql;
 	sqlite3_stmt *st;
 	bool		  alive = false;
 
 	(void) tb, (void) pj, (void) arg;
-	for (int i = 0; i < t->npk && w; i++)
-	{
-		char *x = sqlite3_mprintf("%s%s%s = ?%d", w, i ? " AND " : "", t->pk_q[i], i + 1);
-
-		sqlite3_free(w);
-		w = x;
-	}
 	sql = w ? sqlite3_mprintf("SELECT cl, clk FROM %s WHERE %s", t->qclock, w) : NULL;
 	if (sql && sl_stmt_prepare(n->c, sql, &st) == SQLITE_OK)
 	{

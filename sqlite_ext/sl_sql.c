@@ -18,6 +18,37 @@ sl_quote(const char *ident)
 	return sqlite3_mprintf("\"%w\"", ident);
 }
 
+char *
+sl_pk_where(const db_table *t, const char *prefix, int first)
+{
+	char *w = sqlite3_mprintf("");
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char *n =
+			sqlite3_mprintf("%s%s%s%s = ?%d", w, i ? " AND " : "", prefix, t->pk_q[i], first + i);
+
+		sqlite3_free(w);
+		w = n;
+	}
+	return w;
+}
+
+char *
+sl_pk_list(const db_table *t, const char *prefix)
+{
+	char *w = sqlite3_mprintf("");
+
+	for (int i = 0; i < t->npk && w; i++)
+	{
+		char *n = sqlite3_mprintf("%s%s%s%s", w, i ? ", " : "", prefix, t->pk_q[i]);
+
+		sqlite3_free(w);
+		w = n;
+	}
+	return w;
+}
+
 pgs_rc
 sl_dberr(db_conn *c, pgs_err *err, const char *what)
 {
