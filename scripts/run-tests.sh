@@ -119,6 +119,15 @@ fi
 if [ -x test/server/run.sh ]; then
   note "sync server end to end"
   run_passfail server bash test/server/run.sh
+  # the server's own C under the sanitizers and memcheck, on the tests that
+  # drive its threads hardest (WebSocket subscriptions, shared pulls, forged
+  # cursors and site ids): the whole suite would double its time
+  note "sync server under ASan+UBSan, then valgrind (a subset, ~1 min)"
+  run_passfail server-asan env SANITIZE=1 bash test/server/run.sh websocket_subscriptions \
+    websocket_notifications fanout_shared_pulls pull_group_exact attack_chunk_cursors \
+    attack_exclude_tricks site_id_forgery gc_silent_device_resyncs
+  run_passfail server-valgrind env VALGRIND=1 bash test/server/run.sh websocket_subscriptions \
+    fanout_shared_pulls
 fi
 
 if [ -x test/packages/run.sh ]; then
