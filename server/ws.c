@@ -66,22 +66,27 @@ typedef struct client
 	bool							  closing;
 	bool							  want_out;
 	/* the subscription: the pull it makes next, as a device's pull would */
-	auth_info	   auth; /* the upgrade request's token (a copy) */
-	bool		   subscribed;
-	bool		   want_pull; /* something to pull: the catch-up, an announcement, a chunk */
-	bool		   inflight;  /* job is with the workers */
-	bool		   zombie;	  /* dropped while inflight: freed when the job comes back */
-	uint32_t	   epoch;	  /* bumped by each (un)subscribe: older jobs' answers are dropped */
-	uint32_t	   job_epoch;
-	int64_t		   since;
-	int32_t		   gen;
-	uint8_t		  *sealed; /* a chunk cursor's sealed part (PGS_MAX_SEALED bytes), or NULL */
-	size_t		   sealed_len;
-	uint32_t	   max_rows;
-	char		   exclude[37];
-	int64_t		   retry_at;  /* the server was busy: pull again from then on */
-	int64_t		   last_pull; /* srv_now_ms() of the last pull queued */
-	size_t		   allow;	  /* output allowed beyond OUT_MAX: the payload being sent */
+	auth_info auth; /* the upgrade request's token (a copy) */
+	bool	  subscribed;
+	bool	  want_pull; /* something to pull: the catch-up, an announcement, a chunk */
+	bool	  inflight;	 /* job is with the workers */
+	bool	  zombie;	 /* dropped while inflight: freed when the job comes back */
+	uint32_t  epoch;	 /* bumped by each (un)subscribe: older jobs' answers are dropped */
+	uint32_t  job_epoch;
+	int64_t	  since;
+	int32_t	  gen;
+	uint8_t	 *sealed; /* a chunk cursor's sealed part (PGS_MAX_SEALED bytes), or NULL */
+	size_t	  sealed_len;
+	uint32_t  max_rows;
+	char	  exclude[37];
+	int64_t	  retry_at;	 /* the server was busy: pull again from then on */
+	int64_t	  last_pull; /* srv_now_ms() of the last pull queued */
+	/* a payload being sent, from the shared answer itself (no copy per
+	 * socket); what is queued meanwhile waits in tail, and follows it */
+	pull_share	  *share;
+	size_t		   share_off;
+	uint8_t		  *tail;
+	size_t		   taillen;
 	srv_job		   job;
 	struct client *done_next; /* inbox */
 } client;
@@ -143,49 +148,80 @@ ws_accept_key(const char *key, char out[29])
 
 /* ---- frames --------------------------------------------------------------- */
 
-/*
- * queue appends a server frame (never masked) to c's output, which may then
- * hold OUT_MAX bytes, plus the payload being sent (`allow`: a subscription
- * pulls again only once its output is sent, so one payload is the most a
- * client holds). A client whose output would exceed that is not reading.
- */
-static void
-queue(client *c, int opcode, const void *data, size_t n)
+/* pending_out: c has bytes to send. */
+static bool
+pending_out(const client *c)
 {
-	size_t	 cap = OUT_MAX + c->allow;
-	uint8_t	 hdr[10];
-	size_t	 h = 2;
-	uint8_t *o;
+	return c->outlen || c->share || c->taillen;
+}
 
-	if (c->closing && opcode != 0x8)
-		return;
+/* discard_out: the peer is gone or not reading: nothing more is sent. */
+static void
+discard_out(client *c)
+{
+	c->outlen = c->taillen = 0;
+	pull_share_unref(c->share);
+	c->share = NULL;
+	c->share_off = 0;
+}
+
+/* frame_header writes the header of a server frame (never masked) of n bytes. */
+static size_t
+frame_header(uint8_t hdr[10], int opcode, size_t n)
+{
 	hdr[0] = (uint8_t) (0x80 | opcode);
 	if (n < 126)
+	{
 		hdr[1] = (uint8_t) n;
-	else if (n <= 0xffff)
+		return 2;
+	}
+	if (n <= 0xffff)
 	{
 		hdr[1] = 126;
 		hdr[2] = (uint8_t) (n >> 8);
 		hdr[3] = (uint8_t) n;
-		h = 4;
+		return 4;
 	}
-	else
+	hdr[1] = 127;
+	for (int i = 0; i < 8; i++)
+		hdr[2 + i] = (uint8_t) ((uint64_t) n >> (56 - 8 * i));
+	return 10;
+}
+
+/*
+ * append adds a header and its data to c's output: to out, or behind the
+ * payload being sent (tail). Either holds at most OUT_MAX bytes: a client
+ * whose output would exceed that is not reading, and is let go.
+ */
+static void
+append(client *c, const uint8_t *hdr, size_t h, const void *data, size_t n)
+{
+	uint8_t **buf = c->share ? &c->tail : &c->out;
+	size_t	 *len = c->share ? &c->taillen : &c->outlen;
+	uint8_t	 *o;
+
+	if (*len + h + n > OUT_MAX || !(o = realloc(*buf, *len + h + n)))
 	{
-		hdr[1] = 127;
-		for (int i = 0; i < 8; i++)
-			hdr[2 + i] = (uint8_t) ((uint64_t) n >> (56 - 8 * i));
-		h = 10;
-	}
-	if (c->outlen + h + n > cap || !(o = realloc(c->out, c->outlen + h + n)))
-	{
-		c->closing = true; /* not reading: let it go */
-		c->outlen = 0;
+		c->closing = true;
+		discard_out(c);
 		return;
 	}
-	c->out = o;
-	memcpy(c->out + c->outlen, hdr, h);
-	memcpy(c->out + c->outlen + h, data, n);
-	c->outlen += h + n;
+	*buf = o;
+	memcpy(o + *len, hdr, h);
+	if (n)
+		memcpy(o + *len + h, data, n);
+	*len += h + n;
+}
+
+/* queue appends one frame. */
+static void
+queue(client *c, int opcode, const void *data, size_t n)
+{
+	uint8_t hdr[10];
+
+	if (c->closing && opcode != 0x8)
+		return;
+	append(c, hdr, frame_header(hdr, opcode, n), data, n);
 }
 
 static void
@@ -309,7 +345,7 @@ maybe_pull(client *c, int64_t now)
 	srv_job *j = &c->job;
 	uint8_t *sealed = NULL;
 
-	if (!c->subscribed || !c->want_pull || c->inflight || c->closing || c->outlen ||
+	if (!c->subscribed || !c->want_pull || c->inflight || c->closing || pending_out(c) ||
 		now < c->retry_at)
 		return;
 	if (c->sealed_len && !(sealed = malloc(c->sealed_len)))
@@ -359,21 +395,34 @@ static void
 free_client(client *c)
 {
 	auth_free(&c->auth);
+	pull_share_unref(c->share);
 	free(c->sealed);
 	free(c->in);
 	free(c->out);
+	free(c->tail);
 	free(c);
 }
 
-/* send_payload: {"type":"payload", cursor, more, bytes[, rows_total]}, then the payload. */
+/*
+ * send_payload: {"type":"payload", cursor, more, bytes[, rows_total]}, then
+ * the payload as one binary frame, sent from p itself (the reference passes
+ * to c).
+ */
 static bool
-send_payload(client *c, const pull_share *p)
+send_payload(client *c, pull_share *p)
 {
-	cJSON  *m = cJSON_CreateObject();
+	uint8_t hdr[10];
+	cJSON  *m;
 	pgs_buf text;
 	char   *cursor;
 	bool	ok;
 
+	if (c->closing) /* going: nothing more is sent */
+	{
+		pull_share_unref(p);
+		return true;
+	}
+	m = cJSON_CreateObject();
 	pgs_buf_init(&text);
 	if (!p->more)
 		pgs_cursor_format(&text, p->cursor, p->gen, NULL, 0);
@@ -385,11 +434,14 @@ send_payload(client *c, const pull_share *p)
 	if (p->rows_total >= 0)
 		cJSON_AddNumberToObject(m, "rows_total", (double) p->rows_total);
 	queue_json(c, m);
-	c->allow = p->len + 16;
-	queue(c, 0x2, p->payload, p->len);
+	append(c, hdr, frame_header(hdr, 0x2, p->len), NULL, 0);
 	metrics_bytes(c->db, 0, p->len);
 	ok = set_cursor(c, cursor);
 	pgs_buf_free(&text);
+	if (c->closing)
+		pull_share_unref(p);
+	else
+		c->share = p;
 	return ok;
 }
 
@@ -426,10 +478,13 @@ on_result(client *c, int64_t now)
 	}
 	else if (p)
 	{
+		bool more = p->more != NULL;
+
 		if (!send_payload(c, p))
 			queue_close(c, 1011, "internal error");
-		else if (p->more)
+		else if (more)
 			c->want_pull = true; /* the next chunk */
+		p = NULL;				 /* c sends it, and lets it go */
 	}
 	else
 	{
@@ -438,7 +493,7 @@ on_result(client *c, int64_t now)
 		c->sealed_len = 0;
 	}
 	pull_share_unref(p);
-	if (!flush(c) || (c->closing && !c->outlen))
+	if (!flush(c) || (c->closing && !pending_out(c)))
 		drop(c);
 	else
 		maybe_pull(c, now);
@@ -567,34 +622,54 @@ on_message(client *c, const uint8_t *data, size_t len)
 static bool
 flush(client *c)
 {
-	size_t done = 0;
+	bool blocked = false;
 
-	while (done < c->outlen)
+	while (!blocked && (c->outlen || c->share))
 	{
-		ssize_t n = send(c->fd, c->out + done, c->outlen - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		const uint8_t *p = c->outlen ? c->out : c->share->payload + c->share_off;
+		size_t		   left = c->outlen ? c->outlen : c->share->len - c->share_off, done = 0;
 
-		if (n < 0)
+		while (done < left)
 		{
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				break;
-			if (errno == EINTR)
-				continue;
-			return false;
-		}
-		done += (size_t) n;
-	}
-	if (done) /* once per call: a payload leaves in many sends */
-	{
-		memmove(c->out, c->out + done, c->outlen - done);
-		c->outlen -= done;
-	}
-	if (!c->outlen)
-		c->allow = 0;
-	if ((c->outlen > 0) != c->want_out)
-	{
-		struct epoll_event ev = {.events = EPOLLIN | (c->outlen ? EPOLLOUT : 0), .data.ptr = c};
+			ssize_t n = send(c->fd, p + done, left - done, MSG_NOSIGNAL | MSG_DONTWAIT);
 
-		c->want_out = c->outlen > 0;
+			if (n < 0)
+			{
+				if (errno == EAGAIN || errno == EWOULDBLOCK)
+				{
+					blocked = true;
+					break;
+				}
+				if (errno == EINTR)
+					continue;
+				return false;
+			}
+			done += (size_t) n;
+		}
+		if (c->outlen) /* once per round: a payload leaves in many sends */
+		{
+			memmove(c->out, c->out + done, c->outlen - done);
+			c->outlen -= done;
+		}
+		else if ((c->share_off += done) == c->share->len)
+		{
+			uint8_t *o = c->out; /* the payload is out: what waited behind it is next */
+
+			pull_share_unref(c->share);
+			c->share = NULL;
+			c->share_off = 0;
+			c->out = c->tail;
+			c->outlen = c->taillen;
+			c->tail = o;
+			c->taillen = 0;
+		}
+	}
+	if (pending_out(c) != c->want_out)
+	{
+		struct epoll_event ev = {.events = EPOLLIN | (pending_out(c) ? EPOLLOUT : 0),
+								 .data.ptr = c};
+
+		c->want_out = pending_out(c);
 		epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
 	}
 	return true;
@@ -707,10 +782,11 @@ drop(client *c)
 	if (c->inflight)
 	{
 		c->zombie = true; /* its job points into it: on_result frees it */
+		discard_out(c);
 		free(c->in);
 		free(c->out);
-		c->in = c->out = NULL;
-		c->outlen = 0;
+		free(c->tail);
+		c->in = c->out = c->tail = NULL;
 		return;
 	}
 	free_client(c);
@@ -748,7 +824,7 @@ adopt_pending(void)
 			queue_version(c, "hello", b > h ? b : h);
 		}
 		parse(c); /* bytes that came with the upgrade request */
-		if (!flush(c) || (c->closing && !c->outlen))
+		if (!flush(c) || (c->closing && !pending_out(c)))
 			drop(c);
 	}
 }
@@ -777,7 +853,7 @@ on_readable(client *c)
 		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
 		{
 			c->closing = true;
-			c->outlen = 0;
+			discard_out(c);
 			return;
 		}
 		if (n < 0)
@@ -808,7 +884,7 @@ tick(int64_t now, bool shutting_down)
 		else if (now - c->last_rx > 3000LL * cfg.ws_ping_s)
 		{
 			c->closing = true; /* silent for 3 ping periods: gone */
-			c->outlen = 0;
+			discard_out(c);
 		}
 		else
 		{
@@ -829,7 +905,7 @@ tick(int64_t now, bool shutting_down)
 				c->last_ping = now;
 			}
 		}
-		if (!flush(c) || (c->closing && !c->outlen))
+		if (!flush(c) || (c->closing && !pending_out(c)))
 			drop(c);
 		else
 			maybe_pull(c, now);
@@ -864,7 +940,7 @@ ws_main(void *arg)
 			}
 			if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
 				on_readable(c);
-			if (!flush(c) || (c->closing && !c->outlen))
+			if (!flush(c) || (c->closing && !pending_out(c)))
 				drop(c);
 			else
 				maybe_pull(c, now);

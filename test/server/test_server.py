@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1112,6 +1113,26 @@ def websocket_subscriptions(env):
     check(isinstance(_ws_next(fleet[2]), tuple))
     for w in fleet + [other, mine]:
         w.close()
+    # a slow reader: a payload of ~0.6 MB sent from the shared answer while the
+    # client reads nothing; the ping queued meanwhile comes after it, the
+    # payload whole (Linux's socket buffers may take it all: the server's wait
+    # for a full socket is not forced here)
+    s3 = env.server("s3", ws_ping_s="2")   # silent peers go after 6 s
+    slow = WebSocket(s3.port, tok)
+    slow.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    slow.recv_json()
+    slow.send(0x1, json.dumps({"type": "subscribe", "since": h["x-pgsync-cursor"], "exclude": sites[11]}).encode())
+    check(slow.recv_json()["type"] == "subscribed")
+    _ws_next(slow)   # the catch-up: the big row above
+    writer.q("INSERT INTO items VALUES('bigger', ?, 1, 1)", os.urandom(600000).hex())
+    writer.send()
+    time.sleep(3)    # reading nothing meanwhile: a ping follows the payload
+    m4, p4 = _ws_next(slow, timeout=10)
+    check(m4["bytes"] > 500000 and "bigger" in json.dumps(info(p4)), m4)
+    op, _ = slow.recv(timeout=5)
+    check(op == 0x9, f"a ping after the payload, got opcode {op}")
+    slow.close()
+    s3.stop()
     # a token that expires ends its socket (close 4001): no payload after exp
     s2 = env.server("s2", jwt_leeway="0")
     w = WebSocket(s2.port, token("fleet", ttl=2))
