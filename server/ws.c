@@ -79,8 +79,9 @@ typedef struct client
 	size_t	  sealed_len;
 	uint32_t  max_rows;
 	char	  exclude[37];
-	int64_t	  retry_at;	 /* the server was busy: pull again from then on */
-	int64_t	  last_pull; /* srv_now_ms() of the last pull queued */
+	char	  job_exclude[37]; /* the running job's copy */
+	int64_t	  retry_at;		   /* the server was busy: pull again from then on */
+	int64_t	  last_pull;	   /* srv_now_ms() of the last pull queued */
 	/* a payload being sent, from the shared answer itself (no copy per
 	 * socket); what is queued meanwhile waits in tail, and follows it */
 	pull_share	  *share;
@@ -366,7 +367,8 @@ maybe_pull(client *c, int64_t now)
 		j->sealed_len = c->sealed_len;
 	}
 	j->max_rows = c->max_rows ? c->max_rows : sealed ? 10000 : 0;
-	j->exclude = c->exclude[0] ? strdup(c->exclude) : NULL;
+	memcpy(c->job_exclude, c->exclude, sizeof c->exclude); /* the job's own, as sealed */
+	j->exclude = c->job_exclude[0] ? c->job_exclude : NULL;
 	j->on_done = on_job_done;
 	c->want_pull = false;
 	c->inflight = true;
@@ -454,9 +456,7 @@ on_result(client *c, int64_t now)
 
 	j->pull = NULL;
 	free((void *) j->sealed);
-	free((void *) j->exclude);
 	j->sealed = NULL;
-	j->exclude = NULL;
 	c->inflight = false;
 	if (c->zombie)
 	{
