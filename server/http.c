@@ -758,7 +758,7 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 		int64_t		mrv = r->db->c.pull_max_rows;
 
 		r->since = 0;
-		if (mr && (!parse_int(mr, 10000000, &mrv) || mrv < 1))
+		if (mr && (!parse_int(mr, SRV_MAX_ROWS, &mrv) || mrv < 1))
 		{
 			*ret = fail(conn, r, 400, "bad max_rows", "Pass a number of rows from 1 to 10000000.",
 						"max_rows=\"%.64s\" is not a row count.", mr);
@@ -785,7 +785,7 @@ first_call(struct MHD_Connection *conn, req *r, const char *url, const char *met
 				r->sealed = buf;
 				r->sealed_len = c.sealed_len;
 				if (!r->max_rows)
-					r->max_rows = 10000; /* a chunk cursor without max_rows */
+					r->max_rows = SRV_CHUNK_ROWS_DEFAULT;
 			}
 			else
 				free(buf);

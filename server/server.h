@@ -75,6 +75,8 @@ typedef struct srv_dbconf
 } srv_dbconf;
 
 #define SRV_MAX_DBS 256
+#define SRV_MAX_ROWS 10000000		 /* the largest max_rows a pull may ask for */
+#define SRV_CHUNK_ROWS_DEFAULT 10000 /* rows per chunk of a chunk cursor without max_rows */
 #define SRV_DBNAME_MAX 63
 
 typedef struct srv_config

@@ -305,7 +305,7 @@ queue_error(client *c, const srv_error *e)
 	queue_json(c, m);
 }
 
-/* set_cursor: the subscription goes on from cursor text; false if it is not one. */
+/* set_cursor: the subscription goes on from a chunk's cursor text; false if it is not one. */
 static bool
 set_cursor(client *c, const char *text)
 {
@@ -366,7 +366,7 @@ maybe_pull(client *c, int64_t now)
 		j->sealed = sealed;
 		j->sealed_len = c->sealed_len;
 	}
-	j->max_rows = c->max_rows ? c->max_rows : sealed ? 10000 : 0;
+	j->max_rows = c->max_rows ? c->max_rows : sealed ? SRV_CHUNK_ROWS_DEFAULT : 0;
 	memcpy(c->job_exclude, c->exclude, sizeof c->exclude); /* the job's own, as sealed */
 	j->exclude = c->job_exclude[0] ? c->job_exclude : NULL;
 	j->on_done = on_job_done;
@@ -438,7 +438,15 @@ send_payload(client *c, pull_share *p)
 	queue_json(c, m);
 	append(c, hdr, frame_header(hdr, 0x2, p->len), NULL, 0);
 	metrics_bytes(c->db, 0, p->len);
-	ok = set_cursor(c, cursor);
+	if (p->more) /* a chunk: its cursor carries the sealed part */
+		ok = set_cursor(c, p->more);
+	else
+	{
+		c->since = p->cursor;
+		c->gen = p->gen;
+		c->sealed_len = 0;
+		ok = true;
+	}
 	pgs_buf_free(&text);
 	if (c->closing)
 		pull_share_unref(p);
@@ -534,7 +542,7 @@ subscribe(client *c, const cJSON *m, srv_error *e)
 	uint8_t		*buf = NULL;
 
 	if (mr && !cJSON_IsNull(mr) &&
-		(!cJSON_IsNumber(mr) || mr->valuedouble < 1 || mr->valuedouble > 10000000 ||
+		(!cJSON_IsNumber(mr) || mr->valuedouble < 1 || mr->valuedouble > SRV_MAX_ROWS ||
 		 mr->valuedouble != (double) (int64_t) mr->valuedouble))
 		return srv_fail(e, 400, "bad max_rows", "Pass a number of rows from 1 to 10000000.",
 						"\"max_rows\" is not a row count.");
