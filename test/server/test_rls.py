@@ -561,17 +561,24 @@ def m2(env, m):
     return m
 
 
+def readers_world(env):
+    """Role viewer reads items, and docs beyond its own, only through its
+    membership in `readers`; i1 and bob's d1 are there. Grants the membership
+    last: the caller revokes it (roles are the cluster's)."""
+    world(env, f"CREATE POLICY p ON docs USING (owner = {SUB} OR pg_has_role('readers', 'MEMBER'));",
+          "GRANT SELECT ON items TO readers; GRANT SELECT ON docs TO viewer;")
+    env.sql("INSERT INTO items VALUES('i1', 'through readers', 1);"
+            "INSERT INTO docs VALUES('d1', 'bob', 'through readers', 'hello')")
+    env.sql("GRANT readers TO viewer")
+
+
 @test
 def move_out_role_membership_revoked(env):
     """Alice's role (viewer) reads through its membership in `readers`
     (a privilege on items; a policy on docs): REVOKE readers FROM viewer is
     invisible to event triggers, yet her view changes."""
-    world(env, f"CREATE POLICY p ON docs USING (owner = {SUB} OR pg_has_role('readers', 'MEMBER'));",
-          "GRANT SELECT ON items TO readers; GRANT SELECT ON docs TO viewer;")
-    env.sql("GRANT readers TO viewer")
+    readers_world(env)
     try:
-        env.sql("INSERT INTO items VALUES('i1', 'through readers', 1);"
-                "INSERT INTO docs VALUES('d1', 'bob', 'through readers', 'hello')")
         m = MoveOut(env, "i1", alice_role="viewer", table="items")
         for table, key in (("items", "i1"), ("docs", "d1")):
             m.table, m.key = table, key
@@ -591,12 +598,8 @@ def subscription_sees_membership_change(env):
     device that only receives through a WebSocket subscription (docs/PROTOCOL.md)
     forgets what it no longer sees, and gets it back after the GRANT (the
     subscription also pulls every ws_ping_s without an announcement)."""
-    world(env, f"CREATE POLICY p ON docs USING (owner = {SUB} OR pg_has_role('readers', 'MEMBER'));",
-          "GRANT SELECT ON items TO readers; GRANT SELECT ON docs TO viewer;")
-    env.sql("GRANT readers TO viewer")
+    readers_world(env)
     try:
-        env.sql("INSERT INTO items VALUES('i1', 'through readers', 1);"
-                "INSERT INTO docs VALUES('d1', 'bob', 'through readers', 'hello')")
         s = env.server("s1", allowed_roles="app_user,viewer", ws_ping_s="1")
         w = Watcher(env, "w", "alice", "viewer", {}, s)
         w.pump(0.5)
