@@ -1024,6 +1024,11 @@ def websocket_subscriptions(env):
         m = ws.recv_json()
         check(m["type"] == "error" and m["status"] == 400 and m["error"] == err and m["hint"] and m["detail"],
               (msg, m))
+    body = b'{"type": "sub'   # the first fragment of a text message (FIN clear), masked
+    mask = os.urandom(4)
+    ws.s.sendall(bytes([0x01, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)))
+    m = ws.recv_json()
+    check(m["type"] == "error" and m["error"] == "fragmented message" and m["status"] == 400, m)
     ws.send(0x9, b"still here")
     check(ws.recv() == (0xA, b"still here"))
     # a device that is another user's: the pull's own 403, and the subscription ends
@@ -1101,6 +1106,15 @@ def websocket_subscriptions(env):
     check(len(chunks) >= 3 and rows == sorted(str(r.get("pk")) for r in whole.get("rows", [])), (len(chunks), rows))
     w.close()
 
+    # subscribing again replaces the subscription: from 0 now, chunked
+    w = subscriber(tok, sites[12])
+    w.send(0x1, json.dumps({"type": "subscribe", "since": "0", "exclude": sites[12], "max_rows": 1}).encode())
+    for _ in range(5):
+        m = _ws_next(w)
+        if isinstance(m, tuple) and "rows_total" in m[0]:
+            break
+    check(isinstance(m, tuple) and m[0]["more"] and m[0]["rows_total"] >= 3, m)
+    w.close()
     # unsubscribed: back to "changes" notifications
     fleet[1].send(0x1, b'{"type": "unsubscribe"}')
     m = _ws_next(fleet[1])
