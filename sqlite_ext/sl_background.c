@@ -469,14 +469,15 @@ lp_cancel(syncer *y, longpoll *lp)
 static bool
 lp_start(syncer *y, sl_net *n, longpoll *lp)
 {
-	char *path, *msg = NULL;
+	char   *path, *msg = NULL;
+	int64_t acked = 0;
 
 	lp_cancel(y, lp);
 	if (!lp->h && !(lp->h = curl_easy_init()))
 		return false;
 	if (!sl_net_load_settings(n, &lp->s))
 		return false;
-	if (!(path = sl_net_pull_path(n, &lp->s, y->o.wait_ms)))
+	if (!(path = sl_net_pull_path(n, &lp->s, y->o.wait_ms, &acked)))
 		return false;
 	if (!sl_http_prepare(lp->h, lp->err, &lp->s, path, NULL, 0, y->o.wait_ms, &lp->r, &lp->q, &msg))
 	{
@@ -485,6 +486,7 @@ lp_start(syncer *y, sl_net *n, longpoll *lp)
 		return false;
 	}
 	sqlite3_free(path);
+	lp->r.acked = acked;
 	if (curl_multi_add_handle(y->multi, lp->h) != CURLM_OK)
 		return false;
 	lp->active = true;

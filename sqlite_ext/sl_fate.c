@@ -340,6 +340,13 @@ protected_row(db_conn *c, db_table *t, const pgs_value *pk, int64_t ver)
  * versions the server has not acknowledged (send_cursor of the network
  * client), and rows of unresolved rejections. Without the network client,
  * nothing (a plain payload exchange never forgets anyway).
+ *
+ * Acknowledged when the pull was requested, not now: a push that another
+ * connection of this app made while the pull was on its way committed on
+ * the server after the pull's snapshot, so the payload does not have it,
+ * and what the payload says is gone must not take it (nor may a snapshot,
+ * whose start records this value: the device never gets its own changes
+ * back). The network client sets protect_cap around its applies.
  */
 void
 sl_protect_load(db_conn *c)
@@ -359,6 +366,8 @@ sl_protect_load(db_conn *c)
 			c->protect_ver = 0;
 		sl_stmt_done(c, st);
 	}
+	if (c->protect_capped && c->protect_cap < c->protect_ver)
+		c->protect_ver = c->protect_cap;
 	c->protect_rejected = sl_table_exists(c, "sync_network_rejected");
 }
 

@@ -145,8 +145,10 @@ struct db_conn
 	int			  stamps_cap;
 	/* apply: careful mode, held changes, what forgetting protects (sl_fate.c) */
 	bool		  careful;
-	bool		  held_again;  /* db_held_put wrote during this apply */
-	int64_t		  protect_ver; /* clock versions above are not acknowledged: kept */
+	bool		  held_again;	  /* db_held_put wrote during this apply */
+	int64_t		  protect_ver;	  /* clock versions above are not acknowledged: kept */
+	bool		  protect_capped; /* applying a pull: protect_ver <= protect_cap */
+	int64_t		  protect_cap;	  /* the send_cursor when the pull was requested */
 	bool		  protect_rejected;
 	sqlite3_stmt *st_held_get;
 	sqlite3_stmt *st_held_put;

@@ -645,12 +645,16 @@ apply_received(sl_net *n, sl_net_settings *s, const sl_net_resp *r, recv_totals 
 		goto fail;
 	sqlite3_bind_blob64(st, 1, r->body, r->len, SQLITE_STATIC);
 	memset(a, 0, sizeof *a);
+	n->c->protect_capped = true;
+	n->c->protect_cap = r->acked;
 	if (sqlite3_step(st) != SQLITE_ROW)
 	{
+		n->c->protect_capped = false;
 		*msg = sqlite3_mprintf("applying the server's payload failed: %s", sqlite3_errmsg(n->db));
 		sl_stmt_done(n->c, st);
 		goto rollback;
 	}
+	n->c->protect_capped = false;
 	sl_stmt_done(n->c, st);
 	query_int(n, "SELECT db_version FROM sync_state", &v1);
 	if (!kv_set(n, "recv_cursor", cursor) || (r->site[0] && !kv_set(n, "server_site", r->site)))
@@ -698,9 +702,13 @@ rollback:
 	return false;
 }
 
-/* sl_net_pull_path: the pull request for the stored cursor (sqlite3_free it). */
+/*
+ * sl_net_pull_path: the pull request for the stored cursor (sqlite3_free it),
+ * and in *acked the send_cursor as stored now, before the request: the apply
+ * of its answer protects the rows pushed after it (sl_protect_load).
+ */
 char *
-sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms)
+sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms, int64_t *acked)
 {
 	sqlite3_stmt *st;
 	char		  rows[40] = "";
@@ -717,6 +725,7 @@ sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms)
 	}
 	if (!site[0])
 		return NULL;
+	*acked = kv_int(n, "send_cursor", 0);
 	if (n->chunk_rows > 0)
 		snprintf(rows, sizeof rows, "&max_rows=%lld", (long long) n->chunk_rows);
 	return sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld%s",
@@ -745,7 +754,8 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 	for (int round = 0; round < 100000; round++)
 	{
 		sl_net_resp r = {0};
-		char	   *path = sl_net_pull_path(n, s, round == 0 ? wait_ms : 0);
+		int64_t		acked = 0;
+		char	   *path = sl_net_pull_path(n, s, round == 0 ? wait_ms : 0, &acked);
 		bool		more, got;
 
 		if (!path)
@@ -762,7 +772,10 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 			got = true;
 		}
 		else
+		{
 			requested |= got = sl_http_call(n, s, path, NULL, 0, round == 0 ? wait_ms : 0, &r, msg);
+			r.acked = acked;
+		}
 		sqlite3_free(path);
 		if (!got)
 		{

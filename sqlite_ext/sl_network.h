@@ -95,6 +95,7 @@ typedef struct sl_net_resp
 	bool	 more;
 	long	 retry_after;
 	int64_t	 rows_total; /* X-Pgsync-Rows-Total, -1 when absent */
+	int64_t	 acked;		 /* a pull's: the send_cursor when it was requested */
 } sl_net_resp;
 
 /* What a request needs until its transfer ends. */
@@ -135,7 +136,8 @@ char   *sl_net_send(sl_net *n, sl_net_settings *s, char **msg);
 char   *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first,
 					   int64_t *npayloads, char **msg);
 void	sl_net_record_error(sl_net *n, const char *fn, const char *msg);
-char   *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms); /* sqlite3_free */
+char   *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms,
+						 int64_t *acked); /* sqlite3_free */
 int64_t sl_jwt_exp(const char *token); /* the token's exp claim, 0 when none */
 
 /* ---- sl_background.c ---- */

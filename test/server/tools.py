@@ -13,7 +13,10 @@ class Proxy:
     """Forwards 127.0.0.1:port -> target port. mode:
     'pass'      forward both ways;
     'drop_resp' forward the request, swallow the answer, then close (lost answer);
-    'http503'   answer 503 itself for the next `count` connections, then pass.
+    'http503'   answer 503 itself for the next `count` connections, then pass;
+    'hold_pull' on a connection whose first request is a pull, hold the
+                server's answer (set `held` when it arrives) until `release`
+                is set, then pass; other connections pass.
     """
 
     def __init__(self, target_port, mode="pass", count=0):
@@ -28,6 +31,8 @@ class Proxy:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.stopped = False
+        self.held = threading.Event()
+        self.release = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -53,8 +58,13 @@ class Proxy:
             return
         s = socket.create_connection(("127.0.0.1", self.target))
         drop = self.mode == "drop_resp"
+        hold = False
+        if self.mode == "hold_pull":
+            first = c.recv(65536)
+            hold = first.startswith(b"GET /v1/pull")
+            s.sendall(first)
 
-        def pump(a, b, swallow):
+        def pump(a, b, swallow, hold=False):
             try:
                 while True:
                     d = a.recv(65536)
@@ -63,6 +73,10 @@ class Proxy:
                     if swallow:
                         # the server answered: lose the answer and hang up
                         break
+                    if hold:
+                        hold = False
+                        self.held.set()
+                        self.release.wait(30)
                     b.sendall(d)
             except OSError:
                 pass
@@ -72,7 +86,7 @@ class Proxy:
                 except OSError:
                     pass
 
-        t = threading.Thread(target=pump, args=(s, c, drop), daemon=True)
+        t = threading.Thread(target=pump, args=(s, c, drop, hold), daemon=True)
         t.start()
         pump(c, s, False)
         t.join(5)
