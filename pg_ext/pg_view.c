@@ -407,6 +407,38 @@ db_table_view(db_conn *db, db_table *t, bool view, int64_t since, int64_t until,
 /* ---- devices ------------------------------------------------------------ */
 
 /*
+ * device_owner: the principal a device (site id) is bound to, palloc'd, or
+ * NULL when it is not bound yet. SPI connected. Prepared once: a push asks
+ * it at least once, and parsing and planning it cost more than reading it.
+ */
+static char *
+device_owner(const uint8_t *site)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid				  types[1] = {UUIDOID};
+	Datum			  vals[1];
+	pg_user_save	  us;
+	char			 *owner = NULL;
+
+	vals[0] = uuid_datum(site);
+	pg_as_meta(&us); /* also for the prepare: names resolve as the owner */
+	if (plan == NULL)
+	{
+		plan = SPI_prepare("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed");
+		SPI_keepplan(plan);
+	}
+	if (SPI_execute_plan(plan, vals, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "pgsync: reading pgsync.devices failed");
+	pg_as_caller(&us);
+	if (SPI_processed == 1)
+		owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	SPI_freetuptable(SPI_tuptable);
+	return owner;
+}
+
+/*
  * sync_device(device, principal): bind on first use, refuse another
  * principal's device, and remember both for this transaction.
  */
@@ -419,6 +451,7 @@ sync_device(PG_FUNCTION_ARGS)
 	Datum	   vals[2];
 	db_conn	   db;
 	char	   u[37];
+	char	  *owner;
 
 	if (strlen(principal) == 0 || strlen(principal) >= sizeof pg_cur_principal)
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -437,27 +470,21 @@ sync_device(PG_FUNCTION_ARGS)
 						errhint("A device needs a site id of its own; sqlitesync makes one.")));
 	vals[0] = UUIDPGetDatum(dev);
 	vals[1] = CStringGetTextDatum(principal);
-	meta_exec("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types, vals, true, 1);
-	if (SPI_processed == 0)
+	if (!(owner = device_owner(dev->data)))
 	{
 		meta_exec("INSERT INTO pgsync.devices (site, principal) VALUES ($1, $2) "
 				  "ON CONFLICT (site) DO NOTHING",
 				  2, types, vals, false, 0);
-		meta_exec("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types, vals, false, 1);
+		owner = device_owner(dev->data);
 	}
-	if (SPI_processed != 1)
+	if (!owner)
 		elog(ERROR, "pgsync: could not record device %s", u);
-	{
-		char *owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-
-		if (strcmp(owner, principal) != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("device %s belongs to another principal", u),
-					 errdetail("A site id belongs to the principal that first synced with it."),
-					 errhint("Each device keeps its own site id (sync_site_id()); a copied "
-							 "database must get a new one.")));
-	}
+	if (strcmp(owner, principal) != 0)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						errmsg("device %s belongs to another principal", u),
+						errdetail("A site id belongs to the principal that first synced with it."),
+						errhint("Each device keeps its own site id (sync_site_id()); a copied "
+								"database must get a new one.")));
 	SPI_finish();
 	memcpy(pg_cur_device, dev->data, PGS_SITE_LEN);
 	strlcpy(pg_cur_principal, principal, sizeof pg_cur_principal);
@@ -476,13 +503,10 @@ pg_device_reset(void)
 pgs_rc
 db_site_check(db_conn *db, uint32_t idx, pgs_err *err)
 {
-	static SPIPlanPtr plan = NULL;
-	const uint8_t	 *site;
-	Oid				  types[1] = {UUIDOID};
-	Datum			  vals[1];
-	pg_user_save	  us;
-	pgs_rc			  rc;
-	bool			  refuse = false;
+	const uint8_t *site;
+	const char	  *owner;
+	pgs_rc		   rc;
+	bool		   refuse = false;
 
 	if (!pg_have_device)
 		return PGS_OK; /* not acting for a device: direct SQL, as before */
@@ -494,25 +518,8 @@ db_site_check(db_conn *db, uint32_t idx, pgs_err *err)
 			return rc;
 		if (memcmp(site, pg_cur_device, PGS_SITE_LEN) == 0)
 			return PGS_OK;
-		vals[0] = uuid_datum(site);
-		pg_as_meta(&us);
-		if (plan == NULL)
-		{
-			plan = SPI_prepare("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
-			if (plan == NULL)
-				elog(ERROR, "SPI_prepare failed");
-			SPI_keepplan(plan);
-		}
-		if (SPI_execute_plan(plan, vals, NULL, true, 1) != SPI_OK_SELECT)
-			elog(ERROR, "pgsync: reading pgsync.devices failed");
-		pg_as_caller(&us);
-		if (SPI_processed == 1)
-		{
-			char *owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-
-			refuse = strcmp(owner, pg_cur_principal) != 0;
-		}
-		SPI_freetuptable(SPI_tuptable);
+		owner = device_owner(site);
+		refuse = owner && strcmp(owner, pg_cur_principal) != 0;
 	}
 	if (!refuse)
 		return PGS_OK;

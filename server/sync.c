@@ -4,21 +4,19 @@
  * Both act for the device the request names and as the token's role, so
  * that privileges and RLS judge every row, in one transaction:
  *
- * Push, 3 round trips:
- *   BEGIN; SELECT sync_device('<payload origin>', '<principal>');
- *   SET LOCAL ROLE "r"; SELECT set_config('request.jwt.claims', c, true);
+ * Every request is one transaction and one round trip (libpq pipeline
+ * mode, in_transaction below): BEGIN (ISOLATION LEVEL REPEATABLE READ for
+ * pulls: one snapshot); SELECT sync_device($device, $principal); SELECT
+ * set_config('role', $role, true), set_config('request.jwt.claims', $claims,
+ * true); the request's statements; COMMIT. A push's are
  *   SELECT sync_apply_payload($1);
  *   SELECT sync_db_version(), <sync_rejections() as JSON>,
- *          pg_current_xact_id();                    -- if anything won
- *   COMMIT;
+ *          pg_current_xact_id_if_assigned();
  * and then, if anything won, hub_notify: the listener's connection sends
  *   SELECT pg_notify('pgsync_changes', '<xid>');
  * for this and every push that committed while it was sending the last one.
- * Pull, 3 round trips, one snapshot (REPEATABLE READ):
- *   BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sync_device('<exclude>', ...);
- *   SET LOCAL ROLE "r"; SELECT set_config(...);
+ * A pull's is
  *   SELECT payload, next_cursor, until FROM sync_pull($since, $max_rows, $cursor);
- *   COMMIT;
  * sync_pull builds the device's exact view inside Postgres (docs/DESIGN.md,
  * "Visibility"); the server passes bytes through and never reads or writes
  * the payload format. sync_device binds a site id to the principal that
@@ -28,11 +26,9 @@
  *
  * Group pull (the long-polls one push wakes, work.c groups them): devices
  * of one principal pulling as one role with the same claims, since and
- * generation share one computation, 3 round trips for all of them:
- *   BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sync_device('<first>', ...);
- *   SET LOCAL ROLE "r"; SELECT set_config(...);
+ * generation share one computation, one transaction for all of them (as the
+ * first device):
  *   SELECT payload, until, served FROM sync_pull_group($since, $max_rows, $gen, $devices);
- *   COMMIT;
  * served[i] says the payload is exactly device i's pull (pg_ext/pg_view.c);
  * the others pull alone. The one place the server looks into a payload is
  * not here: sync_pull_group decides, inside Postgres. Requests without a
@@ -41,6 +37,8 @@
 #include "server.h"
 
 #include "core/pgsync.h"
+
+#include <libpq-events.h>
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -183,121 +181,233 @@ retryable(const srv_error *e, const PGresult *r)
 	return st && (strcmp(st, "40001") == 0 || strcmp(st, "40P01") == 0);
 }
 
-/* exec_ok runs sql, expects tuples or a command; maps errors into e. */
-static PGresult *
-checked(PGconn *conn, PGresult *r, const char *what, bool *broken, bool *retry, srv_error *e)
+/*
+ * One statement of a request (in_transaction). Those with a name are
+ * prepared once per connection (in the pipeline of their first use), so
+ * that Postgres parses and plans them once: a one-row push spent a quarter
+ * of its Postgres time parsing and planning its six statements.
+ */
+typedef struct stmt
 {
-	ExecStatusType s = PQresultStatus(r);
+	const char		  *sql;
+	const char		  *what; /* names it in errors */
+	int				   nparams;
+	const char *const *vals;
+	const int		  *lens; /* NULL: every parameter is text */
+	const int		  *fmts;
+	int				   binary; /* results in binary */
+	int				   prep;   /* 1..31: the prepared statement "pgs<prep>"; 0: not prepared */
+} stmt;
 
-	if (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK)
-		return r;
-	*broken = sync_pg_error(conn, r, what, e);
-	*retry = retryable(e, r);
-	PQclear(r);
-	return NULL;
+#define BODY_MAX 2
+
+/* the prepared statements of the request statements (stmt.prep) */
+enum
+{
+	PREP_DEVICE = 1,
+	PREP_ROLE,
+	PREP_APPLY,
+	PREP_REPORT,
+	PREP_PULL,
+	PREP_PULL_FIRST,
+	PREP_PULL_GROUP,
+	PREP_ROWS
+};
+
+/* the connection's prepared statements: a bit per stmt.prep, kept as
+ * libpq instance data (freed with the connection) */
+static int
+prep_event(PGEventId id, void *info, void *pass)
+{
+	(void) pass;
+	if (id == PGEVT_CONNDESTROY)
+		free(PQinstanceData(((PGEventConnDestroy *) info)->conn, prep_event));
+	return 1;
 }
 
-static PGresult *exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *broken,
-							bool *retry, srv_error *e);
+static uint32_t *
+prepared_of(PGconn *conn)
+{
+	uint32_t *have = PQinstanceData(conn, prep_event);
+
+	if (!have && (have = calloc(1, sizeof *have)) != NULL &&
+		(!PQregisterEventProc(conn, prep_event, "pgsync-prepared", NULL) ||
+		 !PQsetInstanceData(conn, prep_event, have)))
+	{
+		free(have);
+		have = NULL; /* nothing prepared: every statement parsed each time */
+	}
+	return have;
+}
+
+/* stmt_failed maps the error of statement what into e. */
+static void
+stmt_failed(PGconn *conn, const PGresult *bad, const char *what, bool *broken, bool *retry,
+			srv_error *e)
+{
+	const char *m = bad ? PQresultErrorField(bad, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+	const char *st = bad ? PQresultErrorField(bad, PG_DIAG_SQLSTATE) : NULL;
+
+	*broken = sync_pg_error(conn, bad, what, e);
+	if (!*broken && st && strcmp(what, "SET ROLE") == 0 &&
+		(strcmp(st, "42501") == 0 || strcmp(st, "22023") == 0 || strcmp(st, "42704") == 0))
+		srv_fail(e, 500, "server cannot act as the token's role",
+				 "The administrator must create the role and GRANT it to the server's login role.",
+				 "SET ROLE failed: %s", m ? m : "");
+	*retry = retryable(e, bad);
+}
 
 /*
- * begin_for opens the transaction of a request in one round trip: BEGIN
- * (REPEATABLE READ for pulls: one snapshot), sync_device for the device (when
- * the request names one), then SET LOCAL ROLE and the claims. The device is
- * set before SET ROLE: only the server's login role may execute sync_device.
+ * in_transaction runs a request in one transaction and one round trip
+ * (libpq pipeline mode): BEGIN (REPEATABLE READ when snapshot: pulls read one
+ * snapshot), sync_device for the device the request names (before the role:
+ * only the server's login role may execute it), the token's role and claims,
+ * body[0..n), COMMIT. res[i] gets body[i]'s result, for the caller to clear.
+ * On failure the first statement that failed names the error in e (Postgres
+ * skips the rest), res is cleared, and the transaction is left aborted for
+ * pool_release to roll back; anything unexpected on the connection sets
+ * *broken, which discards it.
  */
 static bool
-begin_for(PGconn *conn, const auth_info *a, const char *device, bool snapshot, bool *broken,
-		  bool *retry, srv_error *e)
+in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapshot,
+			   const stmt *body, int n, PGresult **res, bool *broken, bool *retry, srv_error *e)
 {
-	char *role = PQescapeIdentifier(conn, a->role, strlen(a->role));
-	char *claims =
-		PQescapeLiteral(conn, a->claims ? a->claims : "{}", strlen(a->claims ? a->claims : "{}"));
-	char	 *principal = PQescapeLiteral(conn, a->principal, strlen(a->principal));
-	char	 *dev = device ? PQescapeLiteral(conn, device, strlen(device)) : NULL;
-	char	 *sql = NULL, *what = "SET ROLE";
-	PGresult *r;
-	bool	  ok = false;
-	int		  n;
+	const char *dev[2] = {device, a->principal};
+	const char *role[2] = {a->role, a->claims ? a->claims : "{}"};
+	stmt		all[3 + BODY_MAX + 1];
+	int			nall = 0, first, nres = 0;
+	int			res_of[2 * (3 + BODY_MAX + 1)]; /* per result: its statement, or -1 - it
+												   for the statement's prepare */
+	uint32_t   *have = prepared_of(conn), fresh = 0;
+	PGresult   *bad = NULL, *r;
+	const char *badwhat = NULL;
+	bool		lost = false;
 
-	if (!role || !claims || !principal || (device && !dev) ||
-		asprintf(&sql,
-				 "BEGIN%s; %s%s%s%s%sSET LOCAL ROLE %s; SELECT set_config('request.jwt.claims', "
-				 "%s, true)",
-				 snapshot ? " ISOLATION LEVEL REPEATABLE READ" : "",
-				 dev ? "SELECT sync_device(" : "", dev ? dev : "", dev ? "::uuid, " : "",
-				 dev ? principal : "", dev ? "); " : "", role, claims) < 0)
+	all[nall++] = (stmt){.sql = snapshot ? "BEGIN ISOLATION LEVEL REPEATABLE READ" : "BEGIN",
+						 .what = "BEGIN"};
+	if (device)
+		all[nall++] = (stmt){.sql = "SELECT sync_device($1::uuid, $2)",
+							 .what = "sync_device",
+							 .nparams = 2,
+							 .vals = dev,
+							 .prep = PREP_DEVICE};
+	all[nall++] = (stmt){.sql = "SELECT set_config('role', $1, true), "
+								"set_config('request.jwt.claims', $2, true)",
+						 .what = "SET ROLE",
+						 .nparams = 2,
+						 .vals = role,
+						 .prep = PREP_ROLE};
+	first = nall;
+	for (int i = 0; i < n && i < BODY_MAX; i++)
+		all[nall++] = body[i];
+	all[nall++] = (stmt){.sql = "COMMIT", .what = "COMMIT"};
+	for (int i = 0; i < n; i++)
+		res[i] = NULL;
+	if (!PQenterPipelineMode(conn))
 	{
-		srv_fail(e, 500, "internal error", NULL, "Out of memory preparing the request.");
-		goto out;
+		sync_pg_error(conn, NULL, all[0].what, e);
+		*broken = true;
+		return false;
 	}
-	n = dev ? 4 : 3;
-	r = exec_multi(conn, sql, n - 1, what, broken, retry, e);
-	if (r)
+	for (int i = 0; i < nall; i++)
 	{
-		ok = true;
-		PQclear(r);
+		char	 name[8];
+		uint32_t bit = all[i].prep && have ? UINT32_C(1) << all[i].prep : 0;
+		int		 sent;
+
+		snprintf(name, sizeof name, "pgs%d", all[i].prep);
+		if (bit && !(*have & bit))
+		{
+			if (!PQsendPrepare(conn, name, all[i].sql, all[i].nparams, NULL))
+			{
+				sync_pg_error(conn, NULL, all[i].what, e);
+				*broken = true;
+				return false;
+			}
+			res_of[nres++] = -1 - i;
+		}
+		sent = bit ? PQsendQueryPrepared(conn, name, all[i].nparams, all[i].vals, all[i].lens,
+										 all[i].fmts, all[i].binary)
+				   : PQsendQueryParams(conn, all[i].sql, all[i].nparams, NULL, all[i].vals,
+									   all[i].lens, all[i].fmts, all[i].binary);
+		if (!sent)
+		{
+			sync_pg_error(conn, NULL, all[i].what, e);
+			*broken = true;
+			return false;
+		}
+		res_of[nres++] = i;
 	}
-out:
-	free(sql);
-	PQfreemem(role);
-	PQfreemem(claims);
-	PQfreemem(principal);
-	PQfreemem(dev);
-	return ok;
-}
-
-/*
- * exec_multi sends several statements in one round trip (simple protocol)
- * and returns the result of statement `keep` (0-based); every other result
- * is checked and freed. NULL with e filled on any failure.
- */
-static PGresult *
-exec_multi(PGconn *conn, const char *sql, int keep, const char *what, bool *broken, bool *retry,
-		   srv_error *e)
-{
-	PGresult *r, *kept = NULL, *bad = NULL;
-	int		  i = 0;
-
-	if (!PQsendQuery(conn, sql))
+	if (!PQpipelineSync(conn))
 	{
-		*broken = sync_pg_error(conn, NULL, what, e);
-		return NULL;
+		sync_pg_error(conn, NULL, "COMMIT", e);
+		*broken = true;
+		return false;
 	}
-	while ((r = PQgetResult(conn)) != NULL)
+	/* each statement: its result, then NULL; the statements after a failed
+	 * one come back PGRES_PIPELINE_ABORTED; then the sync */
+	for (int k = 0; k < nres && !lost; k++)
 	{
-		ExecStatusType st = PQresultStatus(r);
+		int			   i = res_of[k] < 0 ? -1 - res_of[k] : res_of[k];
+		ExecStatusType st;
 
-		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK && !bad)
+		if (!(r = PQgetResult(conn)))
+		{
+			lost = true;
+			break;
+		}
+		st = PQresultStatus(r);
+		if (!bad && (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK))
+		{
+			if (res_of[k] < 0)
+				fresh |= UINT32_C(1) << all[i].prep;
+			if (res_of[k] >= 0 && i >= first && i < first + n)
+				res[i - first] = r;
+			else
+				PQclear(r);
+		}
+		else if (!bad && st != PGRES_PIPELINE_ABORTED)
+		{
 			bad = r;
-		else if (i == keep && !bad)
-			kept = r;
+			badwhat = all[i].what;
+		}
 		else
 			PQclear(r);
-		i++;
+		while ((r = PQgetResult(conn)) != NULL)
+		{
+			if (PQresultStatus(r) == PGRES_PIPELINE_SYNC)
+				lost = true; /* a statement without its results */
+			PQclear(r);
+		}
 	}
-	if (bad || !kept)
+	if (!lost)
 	{
-		const char *m = bad ? PQresultErrorField(bad, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-		const char *st = bad ? PQresultErrorField(bad, PG_DIAG_SQLSTATE) : NULL;
-
-		/* which statement failed: the device check, the role, or the rest */
-		if (m && (strstr(m, "sync_device") || strstr(m, "belongs to another principal") ||
-				  strstr(m, "is this database's own")))
-			what = "sync_device";
-		*broken = sync_pg_error(conn, bad, what, e);
-		if (!*broken && st && strcmp(what, "SET ROLE") == 0 &&
-			(strcmp(st, "42501") == 0 || strcmp(st, "22023") == 0 || strcmp(st, "42704") == 0))
-			srv_fail(
-				e, 500, "server cannot act as the token's role",
-				"The administrator must create the role and GRANT it to the server's login role.",
-				"SET ROLE failed: %s", m ? m : "");
-		*retry = retryable(e, bad);
-		PQclear(bad);
-		PQclear(kept);
-		return NULL;
+		r = PQgetResult(conn);
+		lost = !r || PQresultStatus(r) != PGRES_PIPELINE_SYNC;
+		PQclear(r);
 	}
-	return kept;
+	if (!PQexitPipelineMode(conn))
+		lost = true;
+	/* a statement prepared stays prepared, whatever came after it (prepared
+	 * statements outlive transactions, also aborted ones); one whose prepare
+	 * failed or did not run is prepared again next time */
+	if (have && !lost)
+		*have |= fresh;
+	if (!lost && !bad)
+		return true;
+	for (int i = 0; i < n; i++)
+	{
+		PQclear(res[i]);
+		res[i] = NULL;
+	}
+	if (bad)
+		stmt_failed(conn, bad, badwhat, broken, retry, e);
+	else
+		sync_pg_error(conn, NULL, "COMMIT", e);
+	if (lost)
+		*broken = true;
+	PQclear(bad);
+	return false;
 }
 
 /* ---- push ---------------------------------------------------------------- */
@@ -309,14 +419,28 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 	const char *vals[1] = {(const char *) body};
 	int			lens[1] = {(int) len};
 	int			fmts[1] = {1};
-	PGresult   *r;
-	char		sql[640];
-	char		origin[37];
+	/* the xid only if the push wrote (pg_current_xact_id would assign one);
+	 * the NOTIFY follows from the listener's connection (hub_notify): one in
+	 * the push's transaction would take Postgres' one notify lock in every
+	 * push's commit and serialize the commits */
+	const stmt q[2] = {
+		{.sql = "SELECT sync_apply_payload($1::bytea)",
+		 .what = "sync_apply_payload",
+		 .nparams = 1,
+		 .vals = vals,
+		 .lens = lens,
+		 .fmts = fmts,
+		 .prep = PREP_APPLY},
+		{.sql = "SELECT v, j, json_array_length(j), x FROM (SELECT sync_db_version() AS v, "
+				"(SELECT coalesce(json_agg(json_build_object('table', r.table_name, 'pk', r.pk, "
+				"'code', r.sqlstate, 'message', r.message)), '[]') FROM sync_rejections() r) AS j, "
+				"pg_current_xact_id_if_assigned()::text AS x) s",
+		 .what = "sync_rejections",
+		 .prep = PREP_REPORT}};
+	PGresult *r[2];
+	char	  origin[37];
+	bool	  ok = false;
 
-	/* 3 round trips: begin for the payload's device, as the role; apply;
-	 * report + commit. The NOTIFY follows from the listener's connection
-	 * (hub_notify): one in the push's transaction would take Postgres' one
-	 * notify lock in every push's commit and serialize the commits. */
 	{
 		uint8_t site[16];
 
@@ -326,43 +450,27 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 							"The body is not a pgsync payload.");
 		pgs_uuid_format(site, origin);
 	}
-	if (!begin_for(conn, a, origin, false, broken, retry, e))
+	if (!in_transaction(conn, a, origin, false, q, 2, r, broken, retry, e))
 		return false;
-	r = checked(
-		conn,
-		PQexecParams(conn, "SELECT sync_apply_payload($1::bytea)", 1, NULL, vals, lens, fmts, 0),
-		"sync_apply_payload", broken, retry, e);
-	if (!r)
-		return false;
-	if (PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
+	if (PQntuples(r[0]) != 1 || PQgetisnull(r[0], 0, 0))
+		srv_fail(e, 500, "internal error", NULL, "sync_apply_payload returned no count.");
+	else if (PQntuples(r[1]) != 1 || PQnfields(r[1]) < 4)
+		srv_fail(e, 500, "internal error", NULL, "Reading sync_rejections() returned no row.");
+	else
 	{
-		PQclear(r);
-		return srv_fail(e, 500, "internal error", NULL, "sync_apply_payload returned no count.");
+		out->applied = strtoll(PQgetvalue(r[0], 0, 0), NULL, 10);
+		out->server_version = strtoll(PQgetvalue(r[1], 0, 0), NULL, 10);
+		out->nrejected = strtoll(PQgetvalue(r[1], 0, 2), NULL, 10);
+		out->xid = out->applied > 0 && !PQgetisnull(r[1], 0, 3)
+					   ? strtoll(PQgetvalue(r[1], 0, 3), NULL, 10)
+					   : 0;
+		free(out->rejected_json);
+		ok = (out->rejected_json = strdup(PQgetvalue(r[1], 0, 1))) != NULL ||
+			 srv_fail(e, 500, "internal error", NULL, "Out of memory building the response.");
 	}
-	out->applied = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
-	PQclear(r);
-	snprintf(sql, sizeof sql,
-			 "SELECT v, j, json_array_length(j), %s FROM (SELECT sync_db_version() AS v, "
-			 "(SELECT coalesce(json_agg(json_build_object('table', x.table_name, 'pk', x.pk, "
-			 "'code', x.sqlstate, 'message', x.message)), '[]') FROM sync_rejections() x) AS j) s; "
-			 "COMMIT",
-			 out->applied > 0 ? "pg_current_xact_id()::text" : "NULL");
-	if (!(r = exec_multi(conn, sql, 0, "sync_rejections", broken, retry, e)))
-		return false;
-	if (PQntuples(r) != 1 || PQnfields(r) < 3)
-	{
-		PQclear(r);
-		return srv_fail(e, 500, "internal error", NULL,
-						"Reading sync_rejections() returned no row.");
-	}
-	out->server_version = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
-	out->nrejected = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
-	out->xid = PQgetisnull(r, 0, 3) ? 0 : strtoll(PQgetvalue(r, 0, 3), NULL, 10);
-	free(out->rejected_json);
-	out->rejected_json = strdup(PQgetvalue(r, 0, 1));
-	PQclear(r);
-	return out->rejected_json != NULL ||
-		   srv_fail(e, 500, "internal error", NULL, "Out of memory building the response.");
+	PQclear(r[0]);
+	PQclear(r[1]);
+	return ok;
 }
 
 bool
@@ -404,7 +512,7 @@ be64(const char *p)
 
 /*
  * pull_once: the device's view from sync_pull, in one REPEATABLE READ
- * transaction (3 round trips). The cursor of the next chunk is the hex of
+ * transaction. The cursor of the next chunk is the hex of
  * the sealed cursor sync_pull returns (the server never looks inside).
  * *out is set when there is a payload; *cursor and *gen are the next since
  * and the view's generation.
@@ -417,27 +525,29 @@ pull_once(PGconn *conn, const srv_job *j, pull_share **out, int64_t *cursor, int
 	const char *vals[4] = {sincebuf, rowsbuf, (const char *) j->sealed, genbuf};
 	int			lens[4] = {0, 0, (int) j->sealed_len, 0};
 	int			fmts[4] = {0, 0, 1, 0};
-	PGresult   *p, *r;
+	PGresult   *p;
+	stmt		q;
 	bool		first;
 
 	*out = NULL;
 	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) j->since);
 	snprintf(rowsbuf, sizeof rowsbuf, "%u", j->max_rows);
 	snprintf(genbuf, sizeof genbuf, "%d", (int) j->gen);
-	if (!begin_for(conn, j->auth, j->exclude, true, broken, retry, e))
-		return false;
 	/* a first sync (from 0) also counts the rows it will send, in the same
 	 * snapshot, for the device's progress (X-Pgsync-Rows-Total) */
 	first = j->since == 0 && !j->sealed;
-	p = checked(conn,
-				PQexecParams(conn,
-							 first ? "SELECT payload, next_cursor, until, gen, sync_pull_total() "
-									 "FROM sync_pull($1::bigint, $2::int, $3::bytea, $4::int)"
-								   : "SELECT payload, next_cursor, until, gen FROM "
-									 "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
-							 4, NULL, vals, lens, fmts, 1),
-				"sync_pull", broken, retry, e);
-	if (!p)
+	q = (stmt){.sql = first ? "SELECT payload, next_cursor, until, gen, sync_pull_total() "
+							  "FROM sync_pull($1::bigint, $2::int, $3::bytea, $4::int)"
+							: "SELECT payload, next_cursor, until, gen FROM "
+							  "sync_pull($1::bigint, $2::int, $3::bytea, $4::int)",
+			   .what = "sync_pull",
+			   .nparams = 4,
+			   .vals = vals,
+			   .lens = lens,
+			   .fmts = fmts,
+			   .binary = 1,
+			   .prep = first ? PREP_PULL_FIRST : PREP_PULL};
+	if (!in_transaction(conn, j->auth, j->exclude, true, &q, 1, &p, broken, retry, e))
 		return false;
 	if (PQntuples(p) != 1 || PQgetlength(p, 0, 2) != 8 || PQgetlength(p, 0, 3) != 4 ||
 		(first && PQgetlength(p, 0, 4) != 8))
@@ -452,12 +562,6 @@ pull_once(PGconn *conn, const srv_job *j, pull_share **out, int64_t *cursor, int
 		*gen =
 			(int32_t) ((uint32_t) g[0] << 24 | (uint32_t) g[1] << 16 | (uint32_t) g[2] << 8 | g[3]);
 	}
-	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
-	{
-		PQclear(p);
-		return false;
-	}
-	PQclear(r);
 	if (PQgetisnull(p, 0, 0))
 	{
 		PQclear(p);
@@ -535,7 +639,9 @@ group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *
 	char		   sincebuf[24], rowsbuf[16], genbuf[16];
 	char		  *devices = malloc((size_t) n * 37 + 3), *d;
 	const char	  *vals[4] = {sincebuf, rowsbuf, genbuf, devices};
-	PGresult	  *p, *r;
+	PGresult	  *p;
+	stmt		   q;
+	bool		   ok;
 	const char	  *served;
 	pull_share	  *share = NULL;
 	int64_t		   until;
@@ -556,19 +662,16 @@ group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *
 	snprintf(sincebuf, sizeof sincebuf, "%lld", (long long) lead->since);
 	snprintf(rowsbuf, sizeof rowsbuf, "%u", lead->max_rows);
 	snprintf(genbuf, sizeof genbuf, "%d", (int) lead->gen);
-	if (!begin_for(conn, lead->auth, lead->exclude, true, broken, retry, e))
-	{
-		free(devices);
-		return false;
-	}
-	p = checked(conn,
-				PQexecParams(conn,
-							 "SELECT payload, until, translate(served::text, '{},', '') FROM "
-							 "sync_pull_group($1::bigint, $2::int, $3::int, $4::uuid[])",
-							 4, NULL, vals, NULL, NULL, 1),
-				"sync_pull_group", broken, retry, e);
+	q = (stmt){.sql = "SELECT payload, until, translate(served::text, '{},', '') FROM "
+					  "sync_pull_group($1::bigint, $2::int, $3::int, $4::uuid[])",
+			   .what = "sync_pull_group",
+			   .nparams = 4,
+			   .vals = vals,
+			   .binary = 1,
+			   .prep = PREP_PULL_GROUP};
+	ok = in_transaction(conn, lead->auth, lead->exclude, true, &q, 1, &p, broken, retry, e);
 	free(devices);
-	if (!p)
+	if (!ok)
 		return false;
 	if (PQntuples(p) != 1 || PQgetlength(p, 0, 1) != 8 || PQgetlength(p, 0, 2) != n)
 	{
@@ -576,12 +679,6 @@ group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *
 		return srv_fail(e, 500, "internal error", NULL,
 						"sync_pull_group returned an unexpected result.");
 	}
-	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
-	{
-		PQclear(p);
-		return false;
-	}
-	PQclear(r);
 	until = be64(PQgetvalue(p, 0, 1));
 	served = PQgetvalue(p, 0, 2);
 	if (!PQgetisnull(p, 0, 0) && !(share = share_of(p, until, lead->gen)))
@@ -697,27 +794,22 @@ rows_once(PGconn *conn, const auth_info *a, const char *device, const char *json
 {
 	char	   *body = strndup(json, len);
 	const char *vals[1] = {body};
-	PGresult   *p, *r;
+	PGresult   *p;
+	stmt		q;
+	bool		ok;
 
 	if (!body)
 		return srv_fail(e, 500, "internal error", NULL, "Out of memory.");
-	if (!begin_for(conn, a, device, true, broken, retry, e))
-	{
-		free(body);
-		return false;
-	}
-	p = checked(conn,
-				PQexecParams(conn, "SELECT sync_rows($1::jsonb)", 1, NULL, vals, NULL, NULL, 1),
-				"sync_rows", broken, retry, e);
+	q = (stmt){.sql = "SELECT sync_rows($1::jsonb)",
+			   .what = "sync_rows",
+			   .nparams = 1,
+			   .vals = vals,
+			   .binary = 1,
+			   .prep = PREP_ROWS};
+	ok = in_transaction(conn, a, device, true, &q, 1, &p, broken, retry, e);
 	free(body);
-	if (!p)
+	if (!ok)
 		return false;
-	if (!(r = checked(conn, PQexec(conn, "COMMIT"), "COMMIT", broken, retry, e)))
-	{
-		PQclear(p);
-		return false;
-	}
-	PQclear(r);
 	if (PQntuples(p) != 1 || PQgetisnull(p, 0, 0))
 	{
 		PQclear(p);
