@@ -178,7 +178,9 @@ retryable(const srv_error *e, const PGresult *r)
 	const char *st = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
 
 	(void) e;
-	return st && (strcmp(st, "40001") == 0 || strcmp(st, "40P01") == 0);
+	/* serialization failures, deadlocks, and a prepared statement that the
+	 * backend does not have (in_transaction stops preparing) */
+	return st && (strcmp(st, "40001") == 0 || strcmp(st, "40P01") == 0 || strcmp(st, "26000") == 0);
 }
 
 /*
@@ -214,8 +216,15 @@ enum
 	PREP_ROWS
 };
 
-/* the connection's prepared statements: a bit per stmt.prep, kept as
- * libpq instance data (freed with the connection) */
+/*
+ * The connection's prepared statements: a bit per stmt.prep, kept as libpq
+ * instance data (freed with the connection). Bit 0: prepare nothing on this
+ * connection, set when a prepared statement vanished (SQLSTATE 26000): a
+ * pooler in transaction mode (PgBouncer before 1.21) hands each transaction
+ * to another backend, which has not prepared it.
+ */
+#define PREP_NONE UINT32_C(1)
+
 static int
 prep_event(PGEventId id, void *info, void *pass)
 {
@@ -312,7 +321,7 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 	for (int i = 0; i < nall; i++)
 	{
 		char	 name[8];
-		uint32_t bit = all[i].prep && have ? UINT32_C(1) << all[i].prep : 0;
+		uint32_t bit = all[i].prep && have && !(*have & PREP_NONE) ? UINT32_C(1) << all[i].prep : 0;
 		int		 sent;
 
 		snprintf(name, sizeof name, "pgs%d", all[i].prep);
@@ -393,6 +402,22 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 	 * failed or did not run is prepared again next time */
 	if (have && !lost)
 		*have |= fresh;
+	if (have && bad && sqlstate_is(PQresultErrorField(bad, PG_DIAG_SQLSTATE), "26000"))
+	{
+		static _Atomic bool warned;
+
+		/* retried at once, unprepared on this connection from now on */
+		*have |= PREP_NONE;
+		if (!atomic_exchange(&warned, true))
+			srv_log("WARNING",
+					"a prepared statement vanished between transactions (a connection pooler "
+					"in transaction mode?): statements on such connections are no longer "
+					"prepared");
+		PQclear(bad);
+		*retry = true;
+		return srv_fail(e, 503, "database busy", "Retry with backoff.",
+						"A prepared statement vanished; retried without.");
+	}
 	if (!lost && !bad)
 		return true;
 	for (int i = 0; i < n; i++)

@@ -277,6 +277,66 @@ def three_clients_converge(env):
 
 
 @test
+def behind_pgbouncer_transaction_pooling(env):
+    """PgBouncer in transaction mode between the server and Postgres (1.18 in
+    Debian 12 keeps no prepared statements across transactions): each
+    transaction may run on another backend, which lacks the statements the
+    server prepared on its connection. The server sees SQLSTATE 26000, stops
+    preparing on that connection and retries the request: pushes, pulls and
+    rejections go on as without a pooler."""
+    import harness
+    bouncer = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    check(os.path.exists(bouncer), "pgbouncer missing (scripts/deps installs it)")
+    d = env.pg.base  # owned by postgres, who runs pgbouncer (it refuses root)
+    port = harness.free_port()
+    with open(os.path.join(d, "users.txt"), "w") as f:
+        f.write('"authenticator" ""\n')
+    with open(os.path.join(d, "pgbouncer.ini"), "w") as f:
+        f.write(f"[databases]\n{env.db} = host=127.0.0.1 port={env.pg.port} dbname={env.db}\n"
+                f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+                f"auth_type = trust\nauth_file = {d}/users.txt\npool_mode = transaction\n"
+                f"default_pool_size = 2\nmin_pool_size = 2\nserver_round_robin = 1\n"
+                f"max_client_conn = 50\nlogfile = {d}/pgbouncer.log\n"
+                f"pidfile = {d}/pgbouncer.pid\n"
+                # the server's statement_timeout comes in the startup packet's
+                # options, which PgBouncer cannot pass on (docs/SERVER.md)
+                "ignore_startup_parameters = options\n")
+    for n in ("users.txt", "pgbouncer.ini"):
+        if os.geteuid() == 0:
+            shutil.chown(os.path.join(d, n), "postgres")
+    pb = subprocess.Popen(harness._as_postgres([bouncer, os.path.join(d, "pgbouncer.ini")]),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.procs.append(pb)
+    harness._record_pid(pb.pid)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    # the server's one connection over 2 backends taken in turn: its second
+    # transaction runs where its first prepared nothing
+    s = env.server(database=f"host=127.0.0.1 port={port} user=authenticator dbname={env.db}",
+                   pool_size=1)
+    a, b = env.client("a", "alice", s), env.client("b", "bob", s)
+    for rnd in range(6):
+        a.q("INSERT INTO items VALUES(?, 'from a', ?, 1.5)", f"a{rnd}", rnd)
+        b.q("INSERT INTO items VALUES(?, 'from b', ?, 2.5)", f"b{rnd}", rnd)
+        a.q("UPDATE items SET qty = qty + 10 WHERE id LIKE 'b%'")
+        for c in (a, b, a, b):
+            r = c.sync()
+            check(r["send"]["rejected"] == 0, r)
+    want = pg_items(env)
+    check(len(want) == 12 and items(a) == want and items(b) == want,
+          f"diverged:\nA={items(a)}\nB={items(b)}\nPG={want}")
+    log = open(s.log).read()
+    check(" ERROR " not in log and "no longer prepared" in log, log[-2000:])
+    pb.terminate()
+    pb.wait(10)
+
+
+@test
 def realtime_two_servers(env):
     s1 = env.server("s1")
     s2 = env.server("s2")
