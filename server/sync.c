@@ -402,6 +402,13 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 	 * failed or did not run is prepared again next time */
 	if (have && !lost)
 		*have |= fresh;
+	if (!lost && !bad)
+		return true;
+	for (int i = 0; i < n; i++)
+	{
+		PQclear(res[i]);
+		res[i] = NULL;
+	}
 	if (have && bad && sqlstate_is(PQresultErrorField(bad, PG_DIAG_SQLSTATE), "26000"))
 	{
 		static _Atomic bool warned;
@@ -415,15 +422,9 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 					"prepared");
 		PQclear(bad);
 		*retry = true;
+		*broken = lost;
 		return srv_fail(e, 503, "database busy", "Retry with backoff.",
 						"A prepared statement vanished; retried without.");
-	}
-	if (!lost && !bad)
-		return true;
-	for (int i = 0; i < n; i++)
-	{
-		PQclear(res[i]);
-		res[i] = NULL;
 	}
 	if (bad)
 		stmt_failed(conn, bad, badwhat, broken, retry, e);
