@@ -295,7 +295,7 @@ def behind_pgbouncer_transaction_pooling(env):
         f.write(f"[databases]\n{env.db} = host=127.0.0.1 port={env.pg.port} dbname={env.db}\n"
                 f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
                 f"auth_type = trust\nauth_file = {d}/users.txt\npool_mode = transaction\n"
-                f"default_pool_size = 2\nmin_pool_size = 2\nserver_round_robin = 1\n"
+                f"default_pool_size = 2\nserver_round_robin = 1\n"
                 f"max_client_conn = 50\nlogfile = {d}/pgbouncer.log\n"
                 f"pidfile = {d}/pgbouncer.pid\n"
                 # the server's statement_timeout comes in the startup packet's
@@ -315,8 +315,18 @@ def behind_pgbouncer_transaction_pooling(env):
             break
         except OSError:
             time.sleep(0.05)
-    # the server's one connection over 2 backends taken in turn: its second
-    # transaction runs where its first prepared nothing
+    # two backends open at once (min_pool_size only adds them by and by),
+    # then taken in turn: the server's one connection runs its second
+    # transaction where its first prepared nothing
+    import psycopg2
+    held = []
+    for _ in range(2):
+        c = psycopg2.connect(f"host=127.0.0.1 port={port} user=authenticator dbname={env.db}")
+        c.cursor().execute("SELECT 1")   # in a transaction: the backend stays this client's
+        held.append(c)
+    for c in held:
+        c.commit()   # (a client that leaves mid-transaction takes its backend along)
+        c.close()
     s = env.server(database=f"host=127.0.0.1 port={port} user=authenticator dbname={env.db}",
                    pool_size=1)
     a, b = env.client("a", "alice", s), env.client("b", "bob", s)
