@@ -70,12 +70,7 @@ pg_hlc_floor(void)
 
 	pg_as_meta(&us);
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT last_value FROM pgsync.hlc", 0, NULL);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT last_value FROM pgsync.hlc", 0, NULL);
 	if (SPI_execute_plan(plan, NULL, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.hlc failed");
 	pg_as_caller(&us);
@@ -97,14 +92,9 @@ hlc_persist(uint64_t h)
 	arg[0] = Int64GetDatum((int64) h);
 	pg_as_meta(&us);
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT pg_catalog.setval('pgsync.hlc'::pg_catalog.regclass, $1) "
-						   "FROM pgsync.hlc WHERE last_value < $1",
-						   1, argt);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT pg_catalog.setval('pgsync.hlc'::pg_catalog.regclass, $1) "
+							"FROM pgsync.hlc WHERE last_value < $1",
+							1, argt);
 	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "writing pgsync.hlc failed");
 	pg_as_caller(&us);

@@ -200,18 +200,12 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 	pg_as_meta(&us);
 	if (sel == NULL)
 	{
-		sel = SPI_prepare("SELECT idx FROM pgsync.sites WHERE site = $1", 1, argt);
-		if (sel == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(sel);
-		ins = SPI_prepare(
+		sel = pg_plan_keep("SELECT idx FROM pgsync.sites WHERE site = $1", 1, argt);
+		ins = pg_plan_keep(
 			"INSERT INTO pgsync.sites (idx, site) "
 			"VALUES (pg_catalog.nextval('pgsync.sites_idx_seq'::pg_catalog.regclass)::integer, $1) "
 			"ON CONFLICT (site) DO NOTHING RETURNING idx",
 			1, argt);
-		if (ins == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(ins);
 	}
 	for (attempt = 0; attempt < 2; attempt++)
 	{
@@ -266,12 +260,7 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 	arg[0] = Int32GetDatum((int32) idx);
 	pg_as_meta(&us);
 	if (sel == NULL)
-	{
-		sel = SPI_prepare("SELECT site FROM pgsync.sites WHERE idx = $1", 1, argt);
-		if (sel == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(sel);
-	}
+		sel = pg_plan_keep("SELECT site FROM pgsync.sites WHERE idx = $1", 1, argt);
 	if (SPI_execute_plan(sel, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.sites failed");
 	pg_as_caller(&us);
@@ -337,14 +326,9 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 	bool			  isnull;
 
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
-						   "::pg_catalog.text::pg_catalog.int8 - 1",
-						   0, NULL);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
+							"::pg_catalog.text::pg_catalog.int8 - 1",
+							0, NULL);
 	if (SPI_execute_plan(plan, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "pgsync: reading the snapshot failed");
 	*until = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));

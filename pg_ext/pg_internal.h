@@ -210,8 +210,9 @@ typedef struct pg_user_save
 	Oid user;
 	int sec;
 } pg_user_save;
-void pg_as_meta(pg_user_save *s);
-void pg_as_caller(const pg_user_save *s);
+SPIPlanPtr pg_plan_keep(const char *sql, int nargs, Oid *types);
+void	   pg_as_meta(pg_user_save *s);
+void	   pg_as_caller(const pg_user_save *s);
 
 /* ---- pg_table.c ---- */
 db_table *pg_table_get(Oid relid, bool missing_ok);

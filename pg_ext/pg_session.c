@@ -163,6 +163,19 @@ pg_as_caller(const pg_user_save *s)
 	SetUserIdAndSecContext(s->user, s->sec);
 }
 
+/* pg_plan_keep prepares sql for the rest of the backend's life (SPI_keepplan):
+ * the statements pgsync runs on every call are parsed and planned once. */
+SPIPlanPtr
+pg_plan_keep(const char *sql, int nargs, Oid *types)
+{
+	SPIPlanPtr p = SPI_prepare(sql, nargs, types);
+
+	if (p == NULL)
+		elog(ERROR, "pgsync: preparing \"%s\" failed: %s", sql, SPI_result_code_string(SPI_result));
+	SPI_keepplan(p);
+	return p;
+}
+
 /* ---- per-call state --------------------------------------------------- */
 
 /* pg_conn_init fills db for one call; SPI must be connected. */
@@ -179,14 +192,9 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 	db->cxt = cxt;
 	db->call_id = ++call_counter;
 	pg_as_meta(&us);
+	/* prepared once: parsing and planning it cost as much as a small apply */
 	if (plan == NULL)
-	{
-		/* prepared once: parsing and planning it cost as much as a small apply */
-		plan = SPI_prepare("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
 	rc = SPI_execute_plan(plan, NULL, NULL, false, 1);
 	pg_as_caller(&us);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)

@@ -174,14 +174,9 @@ table_load(db_table *t)
 	arg[0] = ObjectIdGetDatum(t->relid);
 	pg_as_meta(&us);
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT name, clock::oid, algo, pk_cols, cols "
-						   "FROM pgsync.tables WHERE tbl = $1",
-						   1, argt);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT name, clock::oid, algo, pk_cols, cols "
+							"FROM pgsync.tables WHERE tbl = $1",
+							1, argt);
 	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.tables failed");
 	pg_as_caller(&us);
@@ -265,13 +260,8 @@ load_history(db_table *t)
 
 	pg_as_meta(&us);
 	if (plan == NULL)
-	{
-		plan = SPI_prepare(
+		plan = pg_plan_keep(
 			"SELECT name, now FROM pgsync.column_history WHERE tbl = $1 ORDER BY name", 1, argt);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-	}
 	if (SPI_execute_plan(plan, arg, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.column_history failed");
 	pg_as_caller(&us);
@@ -420,12 +410,7 @@ pg_table_by_name(const char *name, size_t len)
 	arg[0] = PointerGetDatum(cstring_to_text_with_len(name, (int) len));
 	pg_as_meta(&us);
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT tbl::oid FROM pgsync.tables WHERE name = $1", 1, argt);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT tbl::oid FROM pgsync.tables WHERE name = $1", 1, argt);
 	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.tables failed");
 	pg_as_caller(&us);
@@ -460,17 +445,6 @@ pg_pk_list(StringInfo b, const db_table *t, const char *alias)
 						 quote_identifier(t->pk[i].name));
 }
 
-static SPIPlanPtr
-keep(const char *sql, int n, Oid *types)
-{
-	SPIPlanPtr p = SPI_prepare(sql, n, types);
-
-	if (p == NULL)
-		elog(ERROR, "pgsync: preparing \"%s\" failed: %s", sql, SPI_result_code_string(SPI_result));
-	SPI_keepplan(p);
-	return p;
-}
-
 /* pg_plan_clock_get: SELECT cl, clk FROM clock WHERE pk = $1.. */
 SPIPlanPtr
 pg_plan_clock_get(db_table *t)
@@ -482,7 +456,7 @@ pg_plan_clock_get(db_table *t)
 		initStringInfo(&b);
 		appendStringInfo(&b, "SELECT cl, clk FROM %s WHERE ", t->q_clock);
 		where_pk(&b, t, NULL, 1);
-		t->p_clock_get = keep(b.data, t->npk, t->pk_types);
+		t->p_clock_get = pg_plan_keep(b.data, t->npk, t->pk_types);
 	}
 	return t->p_clock_get;
 }
@@ -515,7 +489,7 @@ clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 	}
 	else
 		appendStringInfoString(&b, "ON CONFLICT DO NOTHING");
-	return keep(b.data, t->npk + 3, types);
+	return pg_plan_keep(b.data, t->npk + 3, types);
 }
 
 /* pg_plan_clock_upsert: INSERT (pk.., cl, ver, clk) ON CONFLICT DO UPDATE. */
@@ -562,7 +536,7 @@ pg_plan_clock_cas(db_table *t)
 		appendStringInfo(&b,
 						 " AND cl OPERATOR(pg_catalog.=) $%d AND clk OPERATOR(pg_catalog.=) $%d",
 						 n + 4, n + 5);
-		t->p_clock_cas = keep(b.data, n + 5, types);
+		t->p_clock_cas = pg_plan_keep(b.data, n + 5, types);
 	}
 	return t->p_clock_cas;
 }
@@ -596,7 +570,7 @@ pg_plan_row_replace(db_table *t)
 								 quote_identifier(t->cols[i].name),
 								 quote_identifier(t->cols[i].name));
 		}
-		t->p_row_replace = keep(b.data, t->npk + t->ncols, t->row_types);
+		t->p_row_replace = pg_plan_keep(b.data, t->npk + t->ncols, t->row_types);
 	}
 	return t->p_row_replace;
 }
@@ -612,7 +586,7 @@ pg_plan_row_delete(db_table *t)
 		initStringInfo(&b);
 		appendStringInfo(&b, "DELETE FROM %s WHERE ", t->q_base);
 		where_pk(&b, t, NULL, 1);
-		t->p_row_delete = keep(b.data, t->npk, t->pk_types);
+		t->p_row_delete = pg_plan_keep(b.data, t->npk, t->pk_types);
 	}
 	return t->p_row_delete;
 }
@@ -818,7 +792,7 @@ pg_plan_probe(db_table *t, bool clock)
 			appendStringInfo(&b, " FROM %s b", t->q_base);
 		}
 		keys_join(&b, t, a, types, 1);
-		*slot = keep(b.data, t->npk, types);
+		*slot = pg_plan_keep(b.data, t->npk, types);
 	}
 	return *slot;
 }
@@ -834,7 +808,7 @@ pg_plan_row_exists(db_table *t)
 		initStringInfo(&b);
 		appendStringInfo(&b, "SELECT 1 FROM %s WHERE ", t->q_base);
 		where_pk(&b, t, NULL, 1);
-		t->p_row_exists = keep(b.data, t->npk, t->pk_types);
+		t->p_row_exists = pg_plan_keep(b.data, t->npk, t->pk_types);
 	}
 	return t->p_row_exists;
 }
@@ -902,7 +876,7 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 						 t->npk + i + 1);
 	appendStringInfoString(&b, " WHERE ");
 	where_pk(&b, t, NULL, 1);
-	m->upd = keep(b.data, t->npk + n, types);
+	m->upd = pg_plan_keep(b.data, t->npk + n, types);
 
 	resetStringInfo(&b);
 	appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
@@ -924,6 +898,6 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 							 quote_identifier(t->cols[cols[i]].name),
 							 quote_identifier(t->cols[cols[i]].name));
 	}
-	m->ins = keep(b.data, t->npk + n, types);
+	m->ins = pg_plan_keep(b.data, t->npk + n, types);
 	return m;
 }

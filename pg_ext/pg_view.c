@@ -129,14 +129,10 @@ pg_vis_changed_in(Oid relid, int64 since, int64 until)
 	vals[2] = Int64GetDatum(until);
 	pg_as_meta(&us); /* also for the prepare: names resolve as the owner */
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT 1 FROM pgsync.vis_log WHERE tbl = $1 AND ver > $2 AND ver <= $3 "
-						   "LIMIT 1",
-						   3, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan =
+			pg_plan_keep("SELECT 1 FROM pgsync.vis_log WHERE tbl = $1 AND ver > $2 AND ver <= $3 "
+						 "LIMIT 1",
+						 3, types);
 	if (SPI_execute_plan(plan, vals, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.vis_log failed");
 	pg_as_caller(&us);
@@ -423,12 +419,7 @@ device_owner(const uint8_t *site)
 	vals[0] = uuid_datum(site);
 	pg_as_meta(&us); /* also for the prepare: names resolve as the owner */
 	if (plan == NULL)
-	{
-		plan = SPI_prepare("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed");
-		SPI_keepplan(plan);
-	}
+		plan = pg_plan_keep("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
 	if (SPI_execute_plan(plan, vals, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.devices failed");
 	pg_as_caller(&us);
