@@ -56,6 +56,11 @@ $(B)/bench_sqlite: bench/bench_sqlite.c $(HDRS)
 	@mkdir -p $(B)
 	$(CC) -std=c11 -D_GNU_SOURCE -O2 -g -I. $(WARN) -o $@ $< -lsqlite3 $(LIBS)
 
+# the server bench's load generator (bench/server_bench.py, pushraw)
+$(B)/pushload: bench/pushload.c
+	@mkdir -p $(B)
+	$(CC) -std=c11 -D_GNU_SOURCE -O2 -g $(WARN) -pthread -o $@ $< -lcurl
+
 # the main job: Postgres + two pgsync-server processes + two SQLite devices
 demo: deps all server
 	@bash scripts/demo_full.sh
@@ -76,7 +81,7 @@ VERSIONS ?= 15 16 17 18
 test-pg: deps all
 	@bash scripts/test-pg-matrix.sh $(VERSIONS)
 
-bench: deps all $(B)/bench_sqlite
+bench: deps all $(B)/bench_sqlite $(B)/pushload
 	@bash scripts/run-bench.sh
 
 FUZZ_SECONDS ?= 60

@@ -10,9 +10,13 @@ Phases (one throwaway PostgreSQL, two server processes, SQLite clients):
            issue 11), back to back; target for 50: concurrent >= 3x serialized
   pushraw  the same pushes without the SQLite clients' own cost: one-row
            payloads made beforehand by one device per client, then 1, 10
-           and 50 threads POST them (keep-alive); concurrent and serialized
-           applies, alternating, best of 3 runs each; same target (what
-           Postgres and the server sustain)
+           and 50 clients of build/pushload (bench/pushload.c: a thread and
+           a keep-alive connection each) POST them; concurrent and serialized
+           applies, alternating, best of 3 runs each (what Postgres and
+           the server sustain); with 50 clients also against the baseline
+           build (bench/baseline.sh: 3535751, the last main with the global
+           apply lock, "today's" of issue 11.4), run by server_bench.sh before
+           and after this bench: target >= 3x its best
   pull     50 clients in parallel: GET /v1/pull of the last 100 changed rows
   pull204  50 clients in parallel: GET /v1/pull with nothing new (cursor check)
   latency  A writes + sends through server 1, B waits on server 2
@@ -46,10 +50,19 @@ from tools import RawHTTP, WebSocket  # noqa: E402
 SECONDS = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
 PHASES = set(sys.argv[2:]) or {"push", "pushraw", "pull", "latency", "idle", "fanout"}
 CLIENTS = 50
-# pushes/s with 50 clients: target 3x those of serialized applies (every apply
-# holding one global lock until commit, as before issue 11), measured in the
-# same run: pgsync.serialize_applies = on brings the old lock back
+# pushes/s with 50 clients: target 3x those of the baseline build (the last
+# main with the global apply lock, bench/baseline.sh), measured in the same
+# run by server_bench.sh; the ratio to serialized applies of this build
+# (pgsync.serialize_applies = on: the old lock back, nothing else) is printed
+# beside it: what the lock alone still costs
 PUSH50_FACTOR = 3
+# PGSYNC_BENCH_BASELINE=1: this process drives the baseline build (which has
+# no serialize_applies): only the 50-client pushraw runs, concurrent side only
+BASELINE = os.environ.get("PGSYNC_BENCH_BASELINE") == "1"
+# file that receives "pushraw50 RATE" (server_bench.sh compares the two)
+RESULT = os.environ.get("PGSYNC_BENCH_RESULT")
+PUSHLOAD = os.environ.get("PGSYNC_PUSHLOAD", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                          "..", "build", "pushload"))
 FANOUT = 1000
 FANOUT_TARGET_MS = 100
 
@@ -141,6 +154,8 @@ def main():
 def serialize(env, on):
     """pgsync.serialize_applies for every backend: the old global apply lock."""
     import psycopg2
+    if BASELINE:
+        return  # the baseline build always holds its lock, and knows no setting
     c = psycopg2.connect(env.pg.dsn(db=env.db))
     c.autocommit = True
     try:
@@ -161,8 +176,8 @@ def compare(rows, nc, got, what):
         if not on:
             ratio = rate / max(got[True][0], 1e-9)
             note += f"; {ratio:.1f}x serialized"
-            if nc == CLIENTS:
-                note += f"; target >= {PUSH50_FACTOR}x: {'met' if ratio >= PUSH50_FACTOR else 'MISSED'}"
+            if nc == CLIENTS and what.startswith("payload"):
+                note += " (target against the baseline build: below the table)"
         rows.append((f"push (1 row, {what}), {nc:>2} clients, "
                      f"{'serialized' if on else 'concurrent'} applies", f"{rate:,.0f} /s", note))
 
@@ -171,13 +186,15 @@ def phase_push_raw(env, rows, s1):
     """Pushes of payloads made beforehand: what the server and Postgres
     sustain, without the SQLite clients' cost (on 2 cores they take as much
     CPU as server and Postgres together)."""
-    import http.client
+    import shutil
     import sqlite3
+    import subprocess
+    import tempfile
     from harness import CLIENT_SCHEMA, EXT
     # pushes per client and run: about a second of work at the rates of 2
     # cores; each side runs REPEAT times, alternating, and keeps its best run
     # (other work on the machine only ever slows a run down)
-    per = {1: 600, 10: 100, CLIENTS: 30}
+    per = {1: 1000, 10: 200, CLIENTS: 60}
     REPEAT = 3
 
     def device():
@@ -202,39 +219,30 @@ def phase_push_raw(env, rows, s1):
         return out
 
     def run(nc, lists):
-        errors = [0] * nc
-
-        def loop(i):
-            h = http.client.HTTPConnection("127.0.0.1", s1.port, timeout=30)
-            for body in lists[i]:
-                try:
-                    h.request("POST", "/v1/push", body=body,
-                              headers={"Authorization": "Bearer " + toks[i],
-                                       "Content-Type": "application/octet-stream"})
-                    r = h.getresponse()
-                    r.read()
-                    if r.status != 200:
-                        errors[i] += 1
-                except Exception:  # noqa: BLE001
-                    errors[i] += 1
-                    h.close()
-                    h = http.client.HTTPConnection("127.0.0.1", s1.port, timeout=30)
-            h.close()
-        ts = [threading.Thread(target=loop, args=(i,)) for i in range(nc)]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        return sum(map(len, lists)) / (time.perf_counter() - t0), sum(errors)
+        """build/pushload (bench/pushload.c) posts them: one thread and one
+        keep-alive connection per client, so that the client's own CPU
+        stays small beside the server's and Postgres'."""
+        d = tempfile.mkdtemp(prefix="pushload", dir=os.environ.get("PGSYNC_TEST_TMP", "/tmp"))
+        for i in range(nc):
+            with open(os.path.join(d, f"c{i}"), "wb") as f:
+                f.write(toks[i].encode() + b"\n")
+                for body in lists[i]:
+                    f.write(struct.pack(">I", len(body)) + body)
+        out = subprocess.run([PUSHLOAD, f"http://127.0.0.1:{s1.port}/v1/push", d, str(nc)],
+                             capture_output=True, text=True, timeout=300)
+        shutil.rmtree(d)
+        if out.returncode != 0:
+            raise RuntimeError(f"pushload failed: {out.stderr.strip()}")
+        pushes, errors, seconds = out.stdout.split()
+        return int(pushes) / float(seconds), int(errors)
 
     # every device's first push registers its site, and the pool warms up,
     # outside the measured runs
     run(CLIENTS, [payloads(i, 20) for i in range(CLIENTS)])
-    for nc in (1, 10, CLIENTS):
+    for nc in ((CLIENTS,) if BASELINE else (1, 10, CLIENTS)):
         got = {True: (0, 0), False: (0, 0)}
         for k in range(REPEAT):
-            for on in ((True, False) if k % 2 == 0 else (False, True)):
+            for on in ((False,) if BASELINE else (True, False) if k % 2 == 0 else (False, True)):
                 lists = [payloads(i, per[nc]) for i in range(nc)]
                 serialize(env, on)
                 print(f"pushraw: {nc} clients, {'serialized' if on else 'concurrent'} applies",
@@ -242,7 +250,14 @@ def phase_push_raw(env, rows, s1):
                 rate, err = run(nc, lists)
                 got[on] = (max(rate, got[on][0]), got[on][1] + err)
         serialize(env, False)
-        compare(rows, nc, got, f"payload made beforehand -> server, best of {REPEAT}")
+        if nc == CLIENTS and RESULT:
+            with open(RESULT, "a") as f:
+                f.write(f"pushraw50 {got[False][0]:.0f} {got[False][1]}\n")
+        if BASELINE:
+            rows.append((f"push (1 row, payload made beforehand -> baseline build, best of {REPEAT}), "
+                         f"{nc} clients", f"{got[False][0]:,.0f} /s", f"{got[False][1]} errors"))
+        else:
+            compare(rows, nc, got, f"payload made beforehand -> server, best of {REPEAT}")
     for c in devs:
         c.close()
 

@@ -5,10 +5,12 @@
 RUNNER=
 work_cleanup() {
   if [ -n "$RUNNER" ]; then kill "$RUNNER" 2>/dev/null; wait "$RUNNER" 2>/dev/null; fi
-  if [ -f "$WORK/pids" ]; then
-    while read -r pid; do kill -9 "$pid" 2>/dev/null; done < "$WORK/pids"
-  fi
-  for d in "$WORK"/*/pgdata; do
+  # WORK/baseline is the bench's second build (bench/baseline.sh)
+  for f in "$WORK/pids" "$WORK/baseline/pids"; do
+    [ -f "$f" ] || continue
+    while read -r pid; do kill -9 "$pid" 2>/dev/null; done < "$f"
+  done
+  for d in "$WORK"/*/pgdata "$WORK"/baseline/*/pgdata; do
     [ -f "$d/postmaster.pid" ] &&
       runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$d" -m immediate stop >/dev/null 2>&1
   done
