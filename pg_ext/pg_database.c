@@ -158,6 +158,76 @@ site_remember(db_conn *db, uint32 idx, const uint8_t *site)
 	b->idx = idx;
 }
 
+/*
+ * The backend's sites: what committed rows of pgsync.sites said, kept
+ * across calls (a push read its device's site with a statement of its own
+ * each time). A committed row never changes: nothing updates or deletes
+ * sites, and idx and site are both unique. A row this transaction inserted
+ * (or read back, xmin ours) stays in the call's maps only, for it may still
+ * roll back; the next transaction that reads it keeps it. The cache belongs
+ * to one pgsync.sites (pg_sites_relid), and is emptied past KNOWN_MAX
+ * entries, so a server with many devices holds a bounded amount per
+ * backend.
+ */
+#define KNOWN_MAX 20000
+static HTAB *known_idx, *known_site;
+static Oid	 known_relid = InvalidOid;
+static long	 known_n = 0;
+
+static void
+known_reset(Oid relid)
+{
+	HASHCTL ctl;
+
+	if (known_idx)
+		hash_destroy(known_idx);
+	if (known_site)
+		hash_destroy(known_site);
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(uint32);
+	ctl.entrysize = sizeof(site_by_idx);
+	ctl.hcxt = TopMemoryContext;
+	known_idx = hash_create("pgsync known sites by idx", 256, &ctl,
+							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = PGS_SITE_LEN;
+	ctl.entrysize = sizeof(site_by_id);
+	ctl.hcxt = TopMemoryContext;
+	known_site = hash_create("pgsync known sites by id", 256, &ctl,
+							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	known_relid = relid;
+	known_n = 0;
+}
+
+/* known_ready: the cache, emptied when pgsync.sites is another table now */
+static void
+known_ready(void)
+{
+	Oid relid = pg_sites_relid();
+
+	if (known_idx == NULL || relid != known_relid)
+		known_reset(relid);
+}
+
+/* known_keep: a row read by a statement; kept when its insert has committed */
+static void
+known_keep(uint32 idx, const uint8_t *site, Datum xmin)
+{
+	site_by_idx *a;
+	site_by_id	*b;
+
+	/* visible to the statement and not ours: committed */
+	if (TransactionIdIsCurrentTransactionId(DatumGetTransactionId(xmin)))
+		return;
+	if (known_n >= KNOWN_MAX)
+		known_reset(known_relid);
+	a = hash_search(known_idx, &idx, HASH_ENTER, NULL);
+	memcpy(a->site, site, PGS_SITE_LEN);
+	b = hash_search(known_site, site, HASH_ENTER, NULL);
+	b->idx = idx;
+	known_n++;
+}
+
 const uint8_t *
 db_site_id(db_conn *db)
 {
@@ -196,11 +266,18 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		*idx = e->idx;
 		return PGS_OK;
 	}
+	known_ready();
+	if ((e = hash_search(known_site, site, HASH_FIND, NULL)) != NULL)
+	{
+		*idx = e->idx;
+		site_remember(db, *idx, site);
+		return PGS_OK;
+	}
 	arg[0] = uuid_datum(site);
 	pg_as_meta(&us);
 	if (sel == NULL)
 	{
-		sel = pg_plan_keep("SELECT idx FROM pgsync.sites WHERE site = $1", 1, argt);
+		sel = pg_plan_keep("SELECT idx, xmin FROM pgsync.sites WHERE site = $1", 1, argt);
 		ins = pg_plan_keep(
 			"INSERT INTO pgsync.sites (idx, site) "
 			"VALUES (pg_catalog.nextval('pgsync.sites_idx_seq'::pg_catalog.regclass)::integer, $1) "
@@ -218,6 +295,9 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		{
 			*idx = DatumGetInt32(
 				SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			if (attempt == 0)
+				known_keep(*idx, site,
+						   SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 			SPI_freetuptable(SPI_tuptable);
 			pg_as_caller(&us);
 			site_remember(db, *idx, site);
@@ -229,6 +309,7 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 	if (SPI_execute_plan(sel, arg, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "pgsync: could not record site");
 	*idx = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	known_keep(*idx, site, SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	pg_as_caller(&us);
 	site_remember(db, *idx, site);
@@ -257,10 +338,17 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 		*site = e->site;
 		return PGS_OK;
 	}
+	known_ready();
+	if ((e = hash_search(known_idx, &idx, HASH_FIND, NULL)) != NULL)
+	{
+		site_remember(db, idx, e->site);
+		*site = ((site_by_idx *) hash_search(db->by_idx, &idx, HASH_FIND, NULL))->site;
+		return PGS_OK;
+	}
 	arg[0] = Int32GetDatum((int32) idx);
 	pg_as_meta(&us);
 	if (sel == NULL)
-		sel = pg_plan_keep("SELECT site FROM pgsync.sites WHERE idx = $1", 1, argt);
+		sel = pg_plan_keep("SELECT site, xmin FROM pgsync.sites WHERE idx = $1", 1, argt);
 	if (SPI_execute_plan(sel, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.sites failed");
 	pg_as_caller(&us);
@@ -277,6 +365,7 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 		uint8_t copy[PGS_SITE_LEN];
 
 		memcpy(copy, u->data, PGS_SITE_LEN);
+		known_keep(idx, copy, SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 		SPI_freetuptable(SPI_tuptable);
 		site_remember(db, idx, copy);
 	}

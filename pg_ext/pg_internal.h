@@ -191,6 +191,7 @@ typedef struct pg_rejection
 void  pg_reject_reset(void);
 List *pg_rejections(void);
 void  pg_conn_init(db_conn *db, MemoryContext cxt);
+Oid   pg_sites_relid(void);
 void  pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
 					const char *message);
 Oid	  pg_meta_owner(void);

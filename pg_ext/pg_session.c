@@ -178,19 +178,42 @@ pg_plan_keep(const char *sql, int nargs, Oid *types)
 
 /* ---- per-call state --------------------------------------------------- */
 
+/*
+ * pg_sites_relid: the relid of pgsync.sites, InvalidOid without the
+ * extension. What a backend keeps of that table (this database's site id,
+ * the sites it has read) belongs to this relid: the extension dropped and
+ * created again has a new one, and site ids of its own.
+ */
+Oid
+pg_sites_relid(void)
+{
+	Oid nsp = get_namespace_oid("pgsync", true);
+
+	return OidIsValid(nsp) ? get_relname_relid("sites", nsp) : InvalidOid;
+}
+
 /* pg_conn_init fills db for one call; SPI must be connected. */
 void
 pg_conn_init(db_conn *db, MemoryContext cxt)
 {
 	static SPIPlanPtr plan = NULL;
-	pg_user_save	  us;
-	bool			  isnull;
-	Datum			  d;
-	int				  rc;
+	/* this database's site id: row idx 0, written once by CREATE EXTENSION */
+	static Oid	 own_relid = InvalidOid;
+	static uint8 own_site[PGS_SITE_LEN];
+	Oid			 relid = pg_sites_relid();
+	pg_user_save us;
+	bool		 isnull;
+	Datum		 d;
+	int			 rc;
 
 	memset(db, 0, sizeof(*db));
 	db->cxt = cxt;
 	db->call_id = ++call_counter;
+	if (OidIsValid(relid) && relid == own_relid)
+	{
+		memcpy(db->site, own_site, PGS_SITE_LEN);
+		return;
+	}
 	pg_as_meta(&us);
 	/* prepared once: parsing and planning it cost as much as a small apply */
 	if (plan == NULL)
@@ -205,6 +228,9 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	memcpy(db->site, DatumGetUUIDP(d)->data, PGS_SITE_LEN);
 	SPI_freetuptable(SPI_tuptable);
+	/* a CREATE EXTENSION that rolls back takes its relid with it */
+	memcpy(own_site, db->site, PGS_SITE_LEN);
+	own_relid = relid;
 }
 
 /* ---- rejections ----------------------------------------------------------- */

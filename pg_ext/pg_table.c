@@ -406,7 +406,28 @@ pg_table_by_name(const char *name, size_t len)
 	pg_user_save	  us;
 	Oid				  res = InvalidOid;
 	bool			  isnull;
+	HASH_SEQ_STATUS	  st;
+	db_table		 *t;
 
+	/*
+	 * A valid entry of the cache says what pgsync.tables said when it was
+	 * loaded, and stays valid until its table's relcache entry is
+	 * invalidated: sync_init and sync_cleanup, which insert and delete the
+	 * row (names never change), create or drop the table's triggers, which
+	 * does that, also in other backends once they have read the
+	 * invalidations of committed transactions.
+	 */
+	AcceptInvalidationMessages();
+	if (table_cache != NULL)
+	{
+		hash_seq_init(&st, table_cache);
+		while ((t = hash_seq_search(&st)) != NULL)
+			if (t->valid && t->name && strlen(t->name) == len && memcmp(t->name, name, len) == 0)
+			{
+				hash_seq_term(&st);
+				return t->relid;
+			}
+	}
 	arg[0] = PointerGetDatum(cstring_to_text_with_len(name, (int) len));
 	pg_as_meta(&us);
 	if (plan == NULL)

@@ -1,0 +1,125 @@
+#!/usr/bin/python3
+"""test_site_cache — what a backend keeps of pgsync.sites between calls.
+
+A backend remembers this database's site id and the sites it has read
+(pg_ext/pg_session.c pg_conn_init, pg_database.c "the backend's sites"),
+so a push no longer reads them with statements of its own each time. What
+it keeps must never outlive the rows it came from:
+1. a site first recorded by a transaction that rolls back (whole, or to a
+   savepoint) is recorded again, under a new index, by the next apply in
+   the same backend, and every clock names a site that exists;
+2. DROP EXTENSION and CREATE EXTENSION in the same backend give the
+   database a new site id, which its payloads then carry;
+3. sync_cleanup and sync_init in another backend are seen by the next apply
+   of this backend (the payload name -> table lookup): a table synced no
+   more holds the payload's changes (PS003), synced again takes them.
+Every step runs on one connection (one backend) except where it says so.
+"""
+from pglib import check, connect, drop_db, fresh_db, one, rows
+
+DDL = ["CREATE TABLE t (id text PRIMARY KEY, v int)", "SELECT sync_init('t')"]
+
+
+def payload_of(db, key, v):
+    c = connect(db)
+    c.cursor().execute("INSERT INTO t VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET v = %s",
+                       (key, v, v))
+    p = bytes(one(c, "SELECT sync_payload(0)"))
+    site = one(c, "SELECT sync_site_id()")
+    c.close()
+    return p, site
+
+
+def main():
+    dbs = ["sc_a", "sc_b", "sc_d"]
+    try:
+        for d in dbs:
+            fresh_db(d, DDL).close()
+        pa, site_a = payload_of("sc_a", "a1", 1)
+        pb, site_b = payload_of("sc_b", "b1", 1)
+        d = connect("sc_d", autocommit=False)
+        cur = d.cursor()
+
+        # 1. a site recorded by a transaction that rolls back
+        cur.execute("SELECT sync_apply_payload(%s)", (pa,))
+        cur.execute("SELECT sync_apply_payload(%s)", (pa,))  # reads the row back, same transaction
+        idx_rolled = one(d, "SELECT idx FROM pgsync.sites WHERE site = %s", (site_a,))
+        d.rollback()
+        check(one(d, "SELECT count(*) FROM pgsync.sites WHERE site = %s", (site_a,)) == 0,
+              "the rolled back apply left no site behind")
+        cur.execute("SELECT sync_apply_payload(%s)", (pb,))
+        cur.execute("SAVEPOINT s")
+        cur.execute("SELECT sync_apply_payload(%s)", (pa,))
+        cur.execute("ROLLBACK TO SAVEPOINT s")
+        cur.execute("SELECT sync_apply_payload(%s)", (pa,))
+        d.commit()
+        idx_a = one(d, "SELECT idx FROM pgsync.sites WHERE site = %s", (site_a,))
+        check(idx_a is not None and idx_a != idx_rolled,
+              f"the site is recorded again under a new index ({idx_rolled} rolled back, now {idx_a})")
+        # the same backend, next transactions: the site is read from the table once,
+        # then kept; every clock must name a recorded site
+        pa2, _ = payload_of("sc_a", "a2", 2)
+        cur.execute("SELECT sync_apply_payload(%s)", (pa2,))
+        d.commit()
+        pd = bytes(one(d, "SELECT sync_payload(0)"))
+        d.commit()
+        check(rows(d, "SELECT id, v FROM t ORDER BY id") == [("a1", 1), ("a2", 2), ("b1", 1)],
+              "every row applied")
+        info_sites = one(d, "SELECT sync_payload_info(%s)", (pd,))
+        check(str(site_a) in str(info_sites) and str(site_b) in str(info_sites),
+              "the database's payload names both sites")
+        # the payload goes back to A: every change is A's own or B's, nothing wins twice
+        a = connect("sc_a")
+        won = one(a, "SELECT sync_apply_payload(%s)", (pd,))
+        check(rows(a, "SELECT id, v FROM t ORDER BY id") == [("a1", 1), ("a2", 2), ("b1", 1)],
+              f"A converges with D (won {won})")
+        a.close()
+
+        # 2. the extension dropped and created again in the same backend
+        old_site = one(d, "SELECT sync_site_id()")
+        d.commit()
+        cur.execute("SET client_min_messages = warning")
+        cur.execute("DROP EXTENSION pgsync CASCADE")
+        cur.execute("CREATE EXTENSION pgsync")
+        d.commit()
+        cur.execute("DROP TABLE t, t__sync_clock")
+        for s in DDL:
+            cur.execute(s)
+        d.commit()
+        new_site = one(d, "SELECT sync_site_id()")
+        d.commit()
+        check(new_site != old_site, "a new extension has a new site id")
+        cur.execute("INSERT INTO t VALUES ('d1', 1)")
+        d.commit()
+        p = bytes(one(d, "SELECT sync_payload(0)"))
+        d.commit()
+        info = str(one(d, "SELECT sync_payload_info(%s)", (p,)))
+        check(str(new_site) in info and str(old_site) not in info,
+              "its payload carries the new site id, not the old one")
+        cur.execute("SELECT sync_apply_payload(%s)", (pa,))  # sites of the old extension are gone
+        d.commit()
+        check(one(d, "SELECT count(*) FROM pgsync.sites WHERE site = %s", (site_a,)) == 1,
+              "a site is recorded again in the new extension's table")
+
+        # 3. another backend stops syncing t, then syncs it again
+        other = connect("sc_d")
+        other.cursor().execute("SELECT sync_cleanup('t')")
+        pa3, _ = payload_of("sc_a", "a3", 3)
+        cur.execute("SELECT sync_apply_payload(%s)", (pa3,))
+        d.commit()
+        check(one(d, "SELECT count(*) FROM t WHERE id = 'a3'") == 0 and
+              one(d, "SELECT count(*) FROM pgsync.held WHERE code = 'PS003'") > 0,
+              "a table synced no more (another backend's sync_cleanup) holds the payload's changes")
+        other.cursor().execute("SELECT sync_init('t')")
+        other.close()
+        cur.execute("SELECT sync_apply_payload(%s)", (pa3,))
+        d.commit()
+        check(one(d, "SELECT v FROM t WHERE id = 'a3'") == 3, "synced again, it takes the payload")
+        d.close()
+    finally:
+        for x in dbs:
+            drop_db(x)
+
+
+if __name__ == "__main__":
+    main()
