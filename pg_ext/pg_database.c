@@ -20,6 +20,7 @@
 #include "pg_internal.h"
 
 #include "access/table.h"
+#include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
@@ -32,6 +33,7 @@
 #include "utils/relcache.h"
 #include "utils/resowner.h"
 #include "utils/rls.h"
+#include "utils/snapmgr.h"
 #include "utils/uuid.h"
 
 typedef struct site_by_idx
@@ -414,6 +416,26 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 	static SPIPlanPtr plan = NULL;
 	bool			  isnull;
 
+	/*
+	 * What pg_snapshot_xmin(pg_current_snapshot()) says, without a statement
+	 * (a push asks it once): the active snapshot's xmin, widened to 64 bits
+	 * by the epoch of the next xid, the epoch before when it has wrapped
+	 * since (xid8funcs.c does the same).
+	 */
+	if (ActiveSnapshotSet())
+	{
+		FullTransactionId next = ReadNextFullTransactionId();
+		TransactionId	  xmin = GetActiveSnapshot()->xmin;
+		uint64			  epoch = EpochFromFullTransactionId(next);
+
+		if (TransactionIdIsNormal(xmin))
+		{
+			if (xmin > XidFromFullTransactionId(next))
+				epoch--;
+			*until = (int64_t) (epoch << 32 | xmin) - 1;
+			return PGS_OK;
+		}
+	}
 	if (plan == NULL)
 		plan = pg_plan_keep("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
 							"::pg_catalog.text::pg_catalog.int8 - 1",

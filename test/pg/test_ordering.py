@@ -43,6 +43,9 @@ def scenario(commit_t1):
     check(1 not in first, f"a pull while T1 runs cannot see T1's change (got {first})")
     check(since < v1, f"the recorded point ({since}) stays below T1's version ({v1})")
     check(one(hub, "SELECT sync_db_version()") < v1, "sync_db_version stays below T1")
+    # db_version_safe reads the active snapshot in C: the same as SQL says
+    same = rows(hub, "SELECT sync_db_version(), pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1")
+    check(same[0][0] == same[0][1], f"sync_db_version is the snapshot's xmin - 1 ({same[0]})")
     if p1:
         one(mirror, "SELECT sync_apply_payload(%s)", (p1,))
 
