@@ -36,9 +36,11 @@
 #include "executor/tuptable.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -59,46 +61,71 @@ pg_txn_version(void)
 	return (int64_t) U64FromFullTransactionId(GetTopFullTransactionId());
 }
 
-/* pg_hlc_floor reads the persisted HLC. SPI connected. */
+/*
+ * The persisted HLC floor is the sequence pgsync.hlc, read and raised with
+ * the functions behind pg_sequence_last_value() and setval() (a push reads
+ * it, and usually raises it, once: a statement each cost more than the
+ * apply of a row). As the metadata owner, who owns the sequence.
+ */
+static Oid
+hlc_seq(void)
+{
+	Oid seq = get_relname_relid("hlc", get_namespace_oid("pgsync", false));
+
+	if (!OidIsValid(seq))
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("pgsync sequence pgsync.hlc is missing"),
+						errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION "
+								"pgsync.")));
+	return seq;
+}
+
+static uint64_t
+hlc_read(Oid seq)
+{
+	LOCAL_FCINFO(fcinfo, 1);
+	Datum d;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = ObjectIdGetDatum(seq);
+	fcinfo->args[0].isnull = false;
+	d = pg_sequence_last_value(fcinfo);
+	return fcinfo->isnull ? 0 : (uint64_t) DatumGetInt64(d); /* NULL: never set, START 0 */
+}
+
+/* pg_hlc_floor reads the persisted HLC. */
 uint64_t
 pg_hlc_floor(void)
 {
-	static SPIPlanPtr plan = NULL;
-	pg_user_save	  us;
-	bool			  isnull;
-	uint64_t		  v = 0;
+	pg_user_save us;
+	uint64_t	 v;
 
 	pg_as_meta(&us);
-	if (plan == NULL)
-		plan = pg_plan_keep("SELECT last_value FROM pgsync.hlc", 0, NULL);
-	if (SPI_execute_plan(plan, NULL, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "reading pgsync.hlc failed");
+	v = hlc_read(hlc_seq());
 	pg_as_caller(&us);
-	if (SPI_processed == 1)
-		v = (uint64_t) DatumGetInt64(
-			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	SPI_freetuptable(SPI_tuptable);
 	return v;
 }
 
+/*
+ * hlc_persist raises the floor to h unless it is there already. Reading and
+ * setting are two steps, so a backend raising it to less at the same time
+ * may set its smaller value after ours; reading again after setting, and
+ * setting again while it is below h, leaves the larger value (a backend
+ * only sets what it read to be too low, so the rounds end quickly; the
+ * floor below h for a moment is harmless: a local edit always restamps
+ * above the stamps it replaces, core/local.c).
+ */
 static void
 hlc_persist(uint64_t h)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid				  argt[1] = {INT8OID};
-	Datum			  arg[1];
-	pg_user_save	  us;
+	pg_user_save us;
+	Oid			 seq;
 
-	arg[0] = Int64GetDatum((int64) h);
 	pg_as_meta(&us);
-	if (plan == NULL)
-		plan = pg_plan_keep("SELECT pg_catalog.setval('pgsync.hlc'::pg_catalog.regclass, $1) "
-							"FROM pgsync.hlc WHERE last_value < $1",
-							1, argt);
-	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "writing pgsync.hlc failed");
+	seq = hlc_seq();
+	for (int round = 0; round < 4 && hlc_read(seq) < h; round++)
+		DirectFunctionCall2(setval_oid, ObjectIdGetDatum(seq), Int64GetDatum((int64) h));
 	pg_as_caller(&us);
-	SPI_freetuptable(SPI_tuptable);
 }
 
 /* pg_txn_tick: this transaction's HLC stamp. SPI connected. */
@@ -121,14 +148,13 @@ pg_txn_tick(void)
 	return tick;
 }
 
-/* pg_hlc_observe advances the HLC past a received stamp. SPI connected. */
+/* pg_hlc_observe advances the HLC past a received stamp. */
 void
 pg_hlc_observe(uint64_t hlc)
 {
 	if (hlc > backend_hlc)
 		backend_hlc = hlc;
-	if (hlc > pg_hlc_floor())
-		hlc_persist(hlc);
+	hlc_persist(hlc);
 }
 
 /*
