@@ -189,14 +189,14 @@ known_reset(Oid relid)
 	ctl.keysize = sizeof(uint32);
 	ctl.entrysize = sizeof(site_by_idx);
 	ctl.hcxt = TopMemoryContext;
-	known_idx = hash_create("pgsync known sites by idx", 256, &ctl,
-							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	known_idx =
+		hash_create("pgsync known sites by idx", 256, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = PGS_SITE_LEN;
 	ctl.entrysize = sizeof(site_by_id);
 	ctl.hcxt = TopMemoryContext;
-	known_site = hash_create("pgsync known sites by id", 256, &ctl,
-							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	known_site =
+		hash_create("pgsync known sites by id", 256, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	known_relid = relid;
 	known_n = 0;
 }
@@ -367,7 +367,8 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 		uint8_t copy[PGS_SITE_LEN];
 
 		memcpy(copy, u->data, PGS_SITE_LEN);
-		known_keep(idx, copy, SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+		known_keep(idx, copy,
+				   SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 		SPI_freetuptable(SPI_tuptable);
 		site_remember(db, idx, copy);
 	}
