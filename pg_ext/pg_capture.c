@@ -70,7 +70,7 @@ pg_txn_version(void)
 static Oid
 hlc_seq(void)
 {
-	Oid seq = get_relname_relid("hlc", get_namespace_oid("pgsync", false));
+	Oid seq = pg_meta_relid("hlc");
 
 	if (!OidIsValid(seq))
 		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

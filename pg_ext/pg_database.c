@@ -148,7 +148,8 @@ site_maps(db_conn *db)
 		hash_create("pgsync sites by id", 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
-static void
+/* site_remember records a pair in the call's maps; returns the site as kept there */
+static const uint8_t *
 site_remember(db_conn *db, uint32 idx, const uint8_t *site)
 {
 	site_by_idx *a;
@@ -158,6 +159,7 @@ site_remember(db_conn *db, uint32 idx, const uint8_t *site)
 	memcpy(a->site, site, PGS_SITE_LEN);
 	b = hash_search(db->by_site, site, HASH_ENTER, NULL);
 	b->idx = idx;
+	return a->site;
 }
 
 /*
@@ -167,7 +169,7 @@ site_remember(db_conn *db, uint32 idx, const uint8_t *site)
  * sites, and idx and site are both unique. A row this transaction inserted
  * (or read back, xmin ours) stays in the call's maps only, for it may still
  * roll back; the next transaction that reads it keeps it. The cache belongs
- * to one pgsync.sites (pg_sites_relid), and is emptied past KNOWN_MAX
+ * to one pgsync.sites (db->sites_relid), and is emptied past KNOWN_MAX
  * entries, so a server with many devices holds a bounded amount per
  * backend.
  */
@@ -203,12 +205,10 @@ known_reset(Oid relid)
 
 /* known_ready: the cache, emptied when pgsync.sites is another table now */
 static void
-known_ready(void)
+known_ready(const db_conn *db)
 {
-	Oid relid = pg_sites_relid();
-
-	if (known_idx == NULL || relid != known_relid)
-		known_reset(relid);
+	if (known_idx == NULL || db->sites_relid != known_relid)
+		known_reset(db->sites_relid);
 }
 
 /* known_keep: a row read by a statement; kept when its insert has committed */
@@ -268,7 +268,7 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		*idx = e->idx;
 		return PGS_OK;
 	}
-	known_ready();
+	known_ready(db);
 	if ((e = hash_search(known_site, site, HASH_FIND, NULL)) != NULL)
 	{
 		*idx = e->idx;
@@ -340,11 +340,10 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 		*site = e->site;
 		return PGS_OK;
 	}
-	known_ready();
+	known_ready(db);
 	if ((e = hash_search(known_idx, &idx, HASH_FIND, NULL)) != NULL)
 	{
-		site_remember(db, idx, e->site);
-		*site = ((site_by_idx *) hash_search(db->by_idx, &idx, HASH_FIND, NULL))->site;
+		*site = site_remember(db, idx, e->site);
 		return PGS_OK;
 	}
 	arg[0] = Int32GetDatum((int32) idx);
@@ -370,10 +369,8 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 		known_keep(idx, copy,
 				   SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 		SPI_freetuptable(SPI_tuptable);
-		site_remember(db, idx, copy);
+		*site = site_remember(db, idx, copy);
 	}
-	e = hash_search(db->by_idx, &idx, HASH_FIND, NULL);
-	*site = e->site;
 	return PGS_OK;
 }
 

@@ -143,6 +143,7 @@ struct db_conn
 	MemoryContext cxt;
 	uint64		  call_id;
 	uint8_t		  site[PGS_SITE_LEN];
+	Oid			  sites_relid; /* pgsync.sites, what the backend's site caches belong to */
 	bool		  have_ver;
 	int64_t		  ver;
 	HTAB		 *by_idx;
@@ -191,7 +192,7 @@ typedef struct pg_rejection
 void  pg_reject_reset(void);
 List *pg_rejections(void);
 void  pg_conn_init(db_conn *db, MemoryContext cxt);
-Oid   pg_sites_relid(void);
+Oid	  pg_meta_relid(const char *name);
 void  pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
 					const char *message);
 Oid	  pg_meta_owner(void);

@@ -120,14 +120,23 @@ pg_raise(const pgs_err *err)
 
 /* ---- users ---------------------------------------------------------------- */
 
+/* pg_meta_relid: the relid of pgsync.name (a table or sequence of the
+ * metadata), InvalidOid when it or the schema is missing. */
+Oid
+pg_meta_relid(const char *name)
+{
+	Oid nsp = get_namespace_oid("pgsync", true);
+
+	return OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+}
+
 /* pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. */
 Oid
 pg_meta_owner(void)
 {
 	if (!OidIsValid(meta_owner))
 	{
-		Oid		  nsp = get_namespace_oid("pgsync", false);
-		Oid		  rel = get_relname_relid("sites", nsp);
+		Oid		  rel = pg_meta_relid("sites");
 		HeapTuple tup;
 
 		if (!OidIsValid(rel))
@@ -178,21 +187,10 @@ pg_plan_keep(const char *sql, int nargs, Oid *types)
 
 /* ---- per-call state --------------------------------------------------- */
 
-/*
- * pg_sites_relid: the relid of pgsync.sites, InvalidOid without the
- * extension. What a backend keeps of that table (this database's site id,
- * the sites it has read) belongs to this relid: the extension dropped and
- * created again has a new one, and site ids of its own.
- */
-Oid
-pg_sites_relid(void)
-{
-	Oid nsp = get_namespace_oid("pgsync", true);
-
-	return OidIsValid(nsp) ? get_relname_relid("sites", nsp) : InvalidOid;
-}
-
-/* pg_conn_init fills db for one call; SPI must be connected. */
+/* pg_conn_init fills db for one call; SPI must be connected. What a backend
+ * keeps of pgsync.sites (this database's site id, the sites it has read)
+ * belongs to the table's relid (db->sites_relid): the extension dropped and
+ * created again has a new one, and site ids of its own. */
 void
 pg_conn_init(db_conn *db, MemoryContext cxt)
 {
@@ -200,7 +198,7 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 	/* this database's site id: row idx 0, written once by CREATE EXTENSION */
 	static Oid	 own_relid = InvalidOid;
 	static uint8 own_site[PGS_SITE_LEN];
-	Oid			 relid = pg_sites_relid();
+	Oid			 relid = pg_meta_relid("sites");
 	pg_user_save us;
 	bool		 isnull;
 	Datum		 d;
@@ -209,6 +207,7 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 	memset(db, 0, sizeof(*db));
 	db->cxt = cxt;
 	db->call_id = ++call_counter;
+	db->sites_relid = relid;
 	if (OidIsValid(relid) && relid == own_relid)
 	{
 		memcpy(db->site, own_site, PGS_SITE_LEN);
