@@ -914,7 +914,7 @@ def check_config_databases(env):
     conf = os.path.join(env.base, "multi.conf")
     top = (f"listen = 127.0.0.1\nport = 18444\njwt_secret = '{SECRET}'\nallowed_roles = app_user\n"
            f"pool_size = 3\n")
-    good = top + ("database_claim = db\n[database eu]\ndatabase = host=127.0.0.1 dbname=eu user=a password=pw\n"
+    good = top + ("database_claim = db\n[database eu]\ndatabase = host=127.0.0.1 dbname=eu user=a password=pw-secret-7Q\n"
                   "pool_size = 5\n[database us]\ndatabase = postgresql://a@127.0.0.1/us\n")
     with open(conf, "w") as f:
         f.write(good)
@@ -924,7 +924,7 @@ def check_config_databases(env):
     us = r.stdout[r.stdout.index("[database us]"):]
     check(re.search(r"pool_size\s+5\s+\(from \S+multi\.conf:9\)", eu), eu)
     check(re.search(r"pool_size\s+3\s+\(from \S+multi\.conf:5\)", us), us)     # from the top level
-    check("password=********" in eu and "pw" not in r.stdout, eu)
+    check("password=********" in eu and "pw-secret-7Q" not in r.stdout, eu)
     check("/db/eu/v1/" in eu and "db claim names it" in eu, eu)
     bad = {
         top + "[database eu]\nport = 1\n": "is a setting of the whole server, not of [database eu]",
