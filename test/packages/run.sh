@@ -135,8 +135,14 @@ if [ -d "$WORK/backup" ]; then
 	echo "  kept aside, put back after the purge"
 fi
 INSTALLED=("${PKGS[@]}")
-dpkg -i "${DEBS[@]}" >"$WORK/dpkg.log" 2>&1
-rc=$?
+# apt-daily on a freshly booted machine may hold dpkg's lock: wait for it
+# (up to 10 minutes), as apt-get's DPkg::Lock::Timeout does in scripts/deps
+for _ in $(seq 60); do
+	dpkg -i "${DEBS[@]}" >"$WORK/dpkg.log" 2>&1
+	rc=$?
+	[ $rc = 0 ] || ! grep -qE "frontend lock|database is locked" "$WORK/dpkg.log" || { sleep 10; continue; }
+	break
+done
 [ $rc = 0 ] || cat "$WORK/dpkg.log"
 result "dpkg -i ${PKGS[*]}" $rc "$(since "$t")"
 if [ $rc = 0 ]; then

@@ -5,6 +5,7 @@ PGPORT, PGUSER from the environment); each creates its own databases.
 """
 import os
 import pathlib
+import time
 
 import psycopg2
 
@@ -58,6 +59,23 @@ def pull(src, since, exclude=None):
     if p is None:
         return None, since
     return bytes(p), one(src, "SELECT sync_payload_until(%s)", (p,))
+
+
+def wait_safe(conn, xid, timeout=30):
+    """Waits until sync_db_version() has passed xid: every transaction
+    older than it ended (any session's, an autoanalyze's), so a pull from
+    xid - 1 carries what xid wrote and a pull's until is at least xid."""
+    end = time.monotonic() + timeout
+    while one(conn, "SELECT sync_db_version()") < xid:
+        if time.monotonic() > end:
+            raise AssertionError(f"sync_db_version() still below {xid} after {timeout} s")
+        time.sleep(0.01)
+
+
+def settle(conn):
+    """Waits until every transaction that began before now has ended: a
+    pull then reaches past everything written so far."""
+    wait_safe(conn, int(one(conn, "SELECT pg_current_xact_id()::text")))
 
 
 def check(cond, what):

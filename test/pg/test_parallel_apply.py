@@ -64,7 +64,7 @@ import time
 
 import psycopg2
 
-from pglib import check, connect, drop_db, fresh_db, one, pull, rows
+from pglib import check, connect, drop_db, fresh_db, one, pull, rows, wait_safe
 
 SEED = int(os.environ.get("PGSYNC_SEED", random.randrange(1 << 30)))
 ITEMS = 120
@@ -415,13 +415,18 @@ def part3(seed):
     hub_name, hub = db("hub3", seed)
     _, dev = db("dev3", seed)
     d = dev.cursor()
-    since = one(dev, "SELECT sync_db_version()")
 
     def change(sql, args=()):
-        nonlocal since
+        """A payload of exactly this change: from the version before its
+        transaction's, once every older xid has ended (a pull from the last
+        pull's until would also carry the previous change whenever some
+        transaction, an autoanalyze, held an older xid at that pull)."""
+        d.execute("BEGIN")
         d.execute(sql, args)
-        p, since = pull(dev, since)
-        return p
+        x = int(one(dev, "SELECT pg_current_xact_id()::text"))
+        d.execute("COMMIT")
+        wait_safe(dev, x)
+        return bytes(one(dev, "SELECT sync_payload(%s)", (x - 1,)))
     # the hub learns the device's site first: an apply that registers a new
     # site holds its row in pgsync.sites until it commits
     one(hub, "SELECT sync_apply_payload(%s)", (change("UPDATE items SET n = -10 WHERE id = 'k0'"),))
