@@ -39,7 +39,7 @@ typedef struct srv_metrics
 	atomic_ullong hist[EP_COUNT][NBOUNDS + 1];
 	atomic_ullong hist_sum_us[EP_COUNT];
 	atomic_ullong bytes_in, bytes_out, applied, rejected, notifications, rate_limited;
-	atomic_ullong pulls_computed, pulls_answered;
+	atomic_ullong pulls_computed, pulls_answered, ws_payloads;
 } srv_metrics;
 
 static srv_metrics nodb; /* requests without a database */
@@ -114,6 +114,12 @@ void
 metrics_notification(srv_db *db)
 {
 	atomic_fetch_add_explicit(&of(db)->notifications, 1, memory_order_relaxed);
+}
+
+void
+metrics_ws_payload(srv_db *db)
+{
+	atomic_fetch_add_explicit(&of(db)->ws_payloads, 1, memory_order_relaxed);
 }
 
 void
@@ -294,6 +300,9 @@ metrics_render(const srv_gauges *g, size_t *len)
 			offsetof(srv_metrics, pulls_computed));
 	counter(&o, "pgsync_pulls_answered_total", "Pull requests answered by those computations.",
 			offsetof(srv_metrics, pulls_answered));
+	counter(&o, "pgsync_websocket_payloads_total",
+			"Payloads sent to WebSocket subscribers (their bytes are in bytes_out).",
+			offsetof(srv_metrics, ws_payloads));
 	put(&o, "# HELP pgsync_clients_connected Clients holding a connection open.\n"
 			"# TYPE pgsync_clients_connected gauge\n");
 	for (int d = 0; d < cfg.ndbs; d++)

@@ -476,6 +476,7 @@ void		metrics_bytes(srv_db *db, uint64_t in, uint64_t out);
 void		metrics_changes(srv_db *db, int64_t applied, int64_t rejected);
 void		metrics_notification(srv_db *db);
 void		metrics_rate_limited(srv_db *db);
+void		metrics_ws_payload(srv_db *db); /* a payload sent to a WebSocket subscriber */
 void		metrics_pull_computed(srv_db *db, int answered); /* one Postgres pull, n answers */
 /* The gauges of one database at the time of a scrape (read by the caller). */
 typedef struct srv_gauges

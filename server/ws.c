@@ -302,6 +302,8 @@ queue_error(client *c, const srv_error *e)
 	cJSON_AddStringToObject(m, "error", e->error);
 	cJSON_AddStringToObject(m, "detail", e->detail);
 	cJSON_AddStringToObject(m, "hint", e->hint);
+	if (e->retry_after > 0) /* HTTP's Retry-After */
+		cJSON_AddNumberToObject(m, "retry_after", e->retry_after);
 	queue_json(c, m);
 }
 
@@ -438,6 +440,7 @@ send_payload(client *c, pull_share *p)
 	queue_json(c, m);
 	append(c, hdr, frame_header(hdr, 0x2, p->len), NULL, 0);
 	metrics_bytes(c->db, 0, p->len);
+	metrics_ws_payload(c->db);
 	if (p->more) /* a chunk: its cursor carries the sealed part */
 		ok = set_cursor(c, p->more);
 	else
@@ -604,7 +607,23 @@ on_message(client *c, const uint8_t *data, size_t len)
 				 "A message is one JSON object with a \"type\"; these %zu bytes are not.", len);
 	else if (strcmp(type->valuestring, "subscribe") == 0)
 	{
-		if (subscribe(c, m, &e))
+		int retry = 0;
+
+		/* a subscribe costs a pull at once: it takes from the token's bucket
+		 * like a request (a socket that re-subscribes in a loop is limited
+		 * as the same client pulling in a loop would be) */
+		if (!ratelimit_take(c->db, c->auth.subject, &retry))
+		{
+			metrics_rate_limited(c->db);
+			srv_fail(&e, 429, "rate limit exceeded",
+					 "Wait retry_after seconds, then subscribe again; a subscription that stands "
+					 "needs no new subscribe.",
+					 "This client may make %g requests per second (burst %d); the subscription "
+					 "is unchanged.",
+					 c->db->c.rate_limit, c->db->c.rate_burst);
+			e.retry_after = retry;
+		}
+		else if (subscribe(c, m, &e))
 		{
 			cJSON_Delete(m);
 			return;

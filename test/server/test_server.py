@@ -1302,6 +1302,53 @@ def websocket_subscriptions(env):
 
 
 @test
+def websocket_subscribe_rate_limit(env):
+    """A subscribe costs a pull: it takes from the token's bucket like a
+    request. Past the burst it gets an error 429 with retry_after and the
+    standing subscription goes on unchanged; after the wait it works again."""
+    s = env.server(rate_limit="1", rate_burst="3")
+    writer = env.client("w", "fleet", s)
+    writer.q("INSERT INTO items VALUES('rl0', 'x', 1, 1)")
+    writer.sync()
+    site = str(uuid.uuid4())
+    ws = WebSocket(s.port, token("watcher"))    # its own bucket; the upgrade takes one token
+    ws.recv_json()
+    sub = json.dumps({"type": "subscribe", "since": "0", "exclude": site}).encode()
+    answers = []
+    for _ in range(6):
+        ws.send(0x1, sub)
+        m = _ws_next(ws)
+        while isinstance(m, tuple):             # a catch-up payload of an earlier subscribe
+            m = _ws_next(ws)
+        answers.append(m)
+    kinds = [m["type"] for m in answers]
+    check(kinds.count("subscribed") >= 1 and kinds[-1] == "error", kinds)
+    e = answers[-1]
+    check(e["status"] == 429 and e["error"] == "rate limit exceeded" and e["retry_after"] >= 1
+          and "unchanged" in e["detail"] and e["hint"], e)
+    check(_counter(http("GET", s.url + "/metrics")[2].decode(), "pgsync_rate_limited_total") >= 1)
+    # the standing subscription still delivers
+    before = _counter(http("GET", s.url + "/metrics")[2].decode(), "pgsync_websocket_payloads_total")
+    writer.q("INSERT INTO items VALUES('rl1', 'y', 1, 1)")
+    writer.send()
+    m = _ws_next(ws)
+    while not (isinstance(m, tuple) and "rl1" in json.dumps(json.loads(writer.one("SELECT sync_payload_info(?)", m[1])))):
+        m = _ws_next(ws)
+    deadline = time.time() + 5   # counted once the payload's frames are queued
+    while _counter(http("GET", s.url + "/metrics")[2].decode(), "pgsync_websocket_payloads_total") <= before:
+        check(time.time() < deadline, "pgsync_websocket_payloads_total did not count the payload")
+        time.sleep(0.05)
+    # after the wait a subscribe is taken again
+    time.sleep(e["retry_after"] + 0.2)
+    ws.send(0x1, sub)
+    m = _ws_next(ws)
+    while isinstance(m, tuple):
+        m = _ws_next(ws)
+    check(m["type"] == "subscribed", m)
+    ws.close()
+
+
+@test
 def pull_group_exact(env):
     """sync_pull_group against sync_pull in one snapshot: a served device's
     payload is byte for byte its own pull; a device whose change is in the
