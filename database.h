@@ -220,8 +220,8 @@ pgs_rc db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk,
  */
 pgs_rc db_held_get(db_conn *db, pgs_name table, pgs_name key, const uint8_t **frag, size_t *len,
 				   pgs_err *err);
-pgs_rc db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code,
-				   const char *message, const uint8_t *frag, size_t len, pgs_err *err);
+pgs_rc db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code, const char *message,
+				   const uint8_t *frag, size_t len, pgs_err *err);
 
 /* ---- change enumeration (payload building) -------------------------------- */
 
@@ -266,8 +266,8 @@ typedef enum db_vis
 /* access is db_table_view's; snapshot: every live visible row whatever its
  * version (vis WHOLE), no tombstones. */
 pgs_rc db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_key,
-					   const pgs_value *after_pk, db_access access, bool snapshot,
-					   db_cursor **cur, pgs_err *err);
+					   const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **cur,
+					   pgs_err *err);
 /*
  * db_changes_next: the next row: pk (npk values), cl, the clock blob, and the
  * current column values (ncols; meaningful only when *alive). Everything

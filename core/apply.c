@@ -52,7 +52,7 @@ typedef struct apply_table
 	int					*colmap; /* payload column -> local column, or COL_HELD, COL_DROPPED */
 	bool				 unknown_cols;
 	char				 why_held[256]; /* what differs, for the held columns */
-	int					 order; /* position in dependency order */
+	int					 order;			/* position in dependency order */
 	cand				*cands;
 	uint32_t			 ncands;
 	uint32_t			 cands_cap;
@@ -73,28 +73,28 @@ typedef struct row_note
 
 typedef struct apply_ctx
 {
-	db_conn		*db;
+	db_conn		  *db;
 	const uint8_t *body;
-	size_t		 body_len;
-	uint8_t		 version;
-	uint8_t		 origin[16]; /* the sender (payload header) */
-	pgs_reader	 r;
-	apply_table *tables;
-	int			*by_order; /* dependency order -> payload table index */
-	uint32_t	*sitemap;  /* payload site -> local site index */
-	uint8_t		*site_ok;  /* payload site: 0 unknown, 1 may be written, 2 refused */
-	pgs_err		*site_why;
-	bool		 careful;
-	int64_t		 ver; /* local version of this apply, 0 until needed */
-	int			 maxcols;
-	pgs_stamp	*stamps;
-	int			*wcols;
-	pgs_value	*wvals;
-	bool		*differs;	 /* db_row_forms of the last row write */
-	uint32_t	 canon_site; /* local index of PGS_SITE_CANON, once interned */
-	bool		 have_canon;
-	pgs_buf		 blob;
-	uint64_t	 max_hlc;
+	size_t		   body_len;
+	uint8_t		   version;
+	uint8_t		   origin[16]; /* the sender (payload header) */
+	pgs_reader	   r;
+	apply_table	  *tables;
+	int			  *by_order; /* dependency order -> payload table index */
+	uint32_t	  *sitemap;	 /* payload site -> local site index */
+	uint8_t		  *site_ok;	 /* payload site: 0 unknown, 1 may be written, 2 refused */
+	pgs_err		  *site_why;
+	bool		   careful;
+	int64_t		   ver; /* local version of this apply, 0 until needed */
+	int			   maxcols;
+	pgs_stamp	  *stamps;
+	int			  *wcols;
+	pgs_value	  *wvals;
+	bool		  *differs;	   /* db_row_forms of the last row write */
+	uint32_t	   canon_site; /* local index of PGS_SITE_CANON, once interned */
+	bool		   have_canon;
+	pgs_buf		   blob;
+	uint64_t	   max_hlc;
 	/* careful mode: rows failing on a foreign key, tried again at the end */
 	deferred *defer;
 	uint32_t  ndefer;
@@ -349,8 +349,8 @@ resolve(apply_ctx *a, bool *deps, pgs_err *err)
  * sel, all when sel is NULL) and group g's changes of those columns.
  */
 static pgs_rc
-frag_write(apply_ctx *a, const pgs_dict_table *d, const pgs_group *g, const bool *sel,
-		   pgs_buf *out, pgs_err *err)
+frag_write(apply_ctx *a, const pgs_dict_table *d, const pgs_group *g, const bool *sel, pgs_buf *out,
+		   pgs_err *err)
 {
 	pgs_writer	 w;
 	pgs_name	*names = pgs_malloc(sizeof(pgs_name) * (d->npk + d->ncols + 1));
@@ -375,8 +375,8 @@ frag_write(apply_ctx *a, const pgs_dict_table *d, const pgs_group *g, const bool
 			newcol[c] = nc;
 			names[d->npk + nc++] = (pgs_name){d->col_names[c], d->col_name_lens[c]};
 		}
-	tidx = pgs_writer_table(&w, (pgs_name){d->name, d->name_len}, d->npk, names, nc,
-							names + d->npk);
+	tidx =
+		pgs_writer_table(&w, (pgs_name){d->name, d->name_len}, d->npk, names, nc, names + d->npk);
 	for (uint32_t i = 0; i < g->nchanges; i++)
 	{
 		const pgs_change *c = &g->changes[i];
@@ -564,8 +564,8 @@ hold(apply_ctx *a, uint32_t ti, const pgs_group *g, const bool *sel, const char 
 		rc = old ? frag_merge(a, old, old_len, d, g, sel, &frag, err)
 				 : frag_write(a, d, g, sel, &frag, err);
 	if (rc == PGS_OK)
-		rc = db_held_put(a->db, tname, (pgs_name){key.p, (uint32_t) key.len}, code, message,
-						 frag.p, frag.len, err);
+		rc = db_held_put(a->db, tname, (pgs_name){key.p, (uint32_t) key.len}, code, message, frag.p,
+						 frag.len, err);
 	if (rc == PGS_OK)
 		st->held++;
 	pgs_buf_free(&key);
@@ -1000,8 +1000,12 @@ remove_row(apply_ctx *a, apply_table *at, const pgs_value *pk, int64_t in_cl, ui
 	if (in_cl && (in_cl & 1) == 0)
 	{
 		/* a delete: merged like a delete group (only if it is a newer life) */
-		pgs_group g = {.table = 0, .kind = PGS_GROUP_CHANGES, .cl = in_cl, .cl_site = cl_site,
-					   .nchanges = 0, .pk = (pgs_value *) pk};
+		pgs_group g = {.table = 0,
+					   .kind = PGS_GROUP_CHANGES,
+					   .cl = in_cl,
+					   .cl_site = cl_site,
+					   .nchanges = 0,
+					   .pk = (pgs_value *) pk};
 
 		if (pgs_merge_life(local_cl, in_cl) != PGS_MERGE_WIN)
 			return PGS_OK;
@@ -1082,7 +1086,7 @@ match_candidates(apply_ctx *a, uint32_t tix, pgs_apply_stats *st, pgs_err *err)
 
 		if ((r = db_keys_next(cur, &done, &pk, &cl, err)) != PGS_OK || done)
 			break;
-		probe.hash = pgs_key_hash(salt, (uint32_t) at->ti->npk, pk);
+		probe = (cand){.hash = pgs_key_hash(salt, (uint32_t) at->ti->npk, pk)};
 		hit = bsearch(&probe, at->cands, at->ncands, sizeof(cand), cmp_cand);
 		if (!hit)
 			continue;

@@ -191,19 +191,21 @@ add_table(build_ctx *b, const db_table_info *ti)
 		return 0;
 	}
 	for (int i = 0; i < ti->npk; i++)
-		names[i] = (pgs_name){(const uint8_t *) ti->pk_names[i], (uint32_t) strlen(ti->pk_names[i])};
+		names[i] =
+			(pgs_name){(const uint8_t *) ti->pk_names[i], (uint32_t) strlen(ti->pk_names[i])};
 	for (int i = 0; i < ti->ncols; i++)
 		names[ti->npk + i] =
 			(pgs_name){(const uint8_t *) ti->col_names[i], (uint32_t) strlen(ti->col_names[i])};
-	idx = pgs_writer_table(&b->w, (pgs_name){(const uint8_t *) ti->name, (uint32_t) strlen(ti->name)},
-						   (uint32_t) ti->npk, names, (uint32_t) ti->ncols, names + ti->npk);
+	idx =
+		pgs_writer_table(&b->w, (pgs_name){(const uint8_t *) ti->name, (uint32_t) strlen(ti->name)},
+						 (uint32_t) ti->npk, names, (uint32_t) ti->ncols, names + ti->npk);
 	pgs_free(names);
 	pgs_writer_table_fingerprint(&b->w, idx, pgs_table_fingerprint(ti));
 	for (int h = 0; h < ti->nhist; h++)
 		if (ti->hist_cols[h] >= 0 && ti->hist_cols[h] < ti->ncols)
-			pgs_writer_table_alias(
-				&b->w, idx, (uint32_t) ti->hist_cols[h],
-				(pgs_name){(const uint8_t *) ti->hist_names[h], (uint32_t) strlen(ti->hist_names[h])});
+			pgs_writer_table_alias(&b->w, idx, (uint32_t) ti->hist_cols[h],
+								   (pgs_name){(const uint8_t *) ti->hist_names[h],
+											  (uint32_t) strlen(ti->hist_names[h])});
 	return idx;
 }
 
@@ -383,9 +385,9 @@ next_token(build_ctx *b, pgs_buf *tok, pgs_err *err)
 	const db_table_info *ti = b->last_table;
 	pgs_value			 pk[PGS_TOKEN_MAX_PK];
 	const uint8_t		*p = b->last_key.p, *end = p + b->last_key.len;
-	uint32_t			 flags = (b->o->view ? PGS_TOKEN_VIEW : 0) |
-					 (b->o->snapshot_all ? PGS_TOKEN_SNAPSHOT_ALL : 0);
-	pgs_rc				 rc;
+	uint32_t			 flags =
+		(b->o->view ? PGS_TOKEN_VIEW : 0) | (b->o->snapshot_all ? PGS_TOKEN_SNAPSHOT_ALL : 0);
+	pgs_rc rc;
 
 	if (ti->npk > PGS_TOKEN_MAX_PK)
 		return pgs_failf(err, PGS_ERR_TOO_BIG, "Pull this table without max_rows.",
@@ -499,16 +501,16 @@ out:
 pgs_rc
 pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, pgs_err *err)
 {
-	build_ctx		b;
-	pgs_build_stats st;
-	pgs_build_opts	o = {.since = 0, .until = 0, .compress = 1};
-	pgs_stamp	   *stamps = NULL;
-	int				cap = 0;
-	pgs_rc			rc = PGS_OK;
+	build_ctx			  b;
+	pgs_build_stats		  st;
+	pgs_build_opts		  o = {.since = 0, .until = 0, .compress = 1};
+	pgs_stamp			 *stamps = NULL;
+	int					  cap = 0;
+	pgs_rc				  rc = PGS_OK;
 	const db_table_info **seen = pgs_malloc(sizeof(void *) * (n ? n : 1));
-	uint32_t	   *idx = pgs_malloc(sizeof(uint32_t) * (n ? n : 1));
-	bool		   *hidden = pgs_malloc(sizeof(bool) * (n ? n : 1));
-	uint32_t		nseen = 0;
+	uint32_t			 *idx = pgs_malloc(sizeof(uint32_t) * (n ? n : 1));
+	bool				 *hidden = pgs_malloc(sizeof(bool) * (n ? n : 1));
+	uint32_t			  nseen = 0;
 
 	memset(&b, 0, sizeof b);
 	memset(&st, 0, sizeof st);
@@ -558,7 +560,8 @@ pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, p
 			cap = ti->ncols + 1;
 			pgs_free(stamps);
 			stamps = pgs_malloc(sizeof(pgs_stamp) * cap);
-			if (!stamps || (cap > b.ch_cap && !(b.ch = pgs_realloc(b.ch, sizeof(pgs_wchange) * cap))))
+			if (!stamps ||
+				(cap > b.ch_cap && !(b.ch = pgs_realloc(b.ch, sizeof(pgs_wchange) * cap))))
 			{
 				rc = oom(err);
 				break;
@@ -566,8 +569,8 @@ pgs_build_rows(db_conn *db, const pgs_row_ref *rows, uint32_t n, pgs_buf *out, p
 			if (cap > b.ch_cap)
 				b.ch_cap = cap;
 		}
-		if ((rc = db_row_read(db, rows[r].t, rows[r].pk, &visible, &cl, &blob, &blen, &vals, err)) !=
-			PGS_OK)
+		if ((rc = db_row_read(db, rows[r].t, rows[r].pk, &visible, &cl, &blob, &blen, &vals,
+							  err)) != PGS_OK)
 			break;
 		if (!visible)
 		{

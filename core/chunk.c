@@ -187,4 +187,3 @@ out:
 	pgs_free(owned);
 	return rc;
 }
-

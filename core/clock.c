@@ -280,15 +280,15 @@ bad:
 }
 
 pgs_rc
-pgs_rowclock_drop_col(const uint8_t *p, size_t len, int ncols, int col, pgs_buf *out,
-					  pgs_err *err)
+pgs_rowclock_drop_col(const uint8_t *p, size_t len, int ncols, int col, pgs_buf *out, pgs_err *err)
 {
 	pgs_stamp	*st;
 	pgs_rowclock rc;
 	pgs_rc		 r;
 
 	if (ncols <= 0 || col < 0 || col >= ncols)
-		return pgs_failf(err, PGS_ERR_MISUSE, NULL, "column %d of %d cannot be dropped", col, ncols);
+		return pgs_failf(err, PGS_ERR_MISUSE, NULL, "column %d of %d cannot be dropped", col,
+						 ncols);
 	if (!(st = pgs_malloc(sizeof(pgs_stamp) * (size_t) ncols)))
 		return pgs_fail(err, PGS_ERR_NOMEM, "out of memory", NULL, NULL);
 	rc.ncols = ncols;

@@ -31,6 +31,17 @@ parse_num(const char **p, uint64_t max, uint64_t *out)
 	return n > 0;
 }
 
+/* hex_digit: the value of a lower-case hex digit, else -1 (NUL included). */
+static int
+hex_digit(char ch)
+{
+	if (ch >= '0' && ch <= '9')
+		return ch - '0';
+	if (ch >= 'a' && ch <= 'f')
+		return ch - 'a' + 10;
+	return -1;
+}
+
 bool
 pgs_cursor_parse(const char *s, pgs_cursor *c, uint8_t *buf)
 {
@@ -69,8 +80,8 @@ pgs_cursor_parse(const char *s, pgs_cursor *c, uint8_t *buf)
 		}
 		if (n >= PGS_MAX_SEALED)
 			return false;
-		hi = s[0] >= '0' && s[0] <= '9' ? s[0] - '0' : s[0] >= 'a' && s[0] <= 'f' ? s[0] - 'a' + 10 : -1;
-		lo = s[1] >= '0' && s[1] <= '9' ? s[1] - '0' : s[1] >= 'a' && s[1] <= 'f' ? s[1] - 'a' + 10 : -1;
+		hi = hex_digit(s[0]);
+		lo = hex_digit(s[1]);
 		if (hi < 0 || lo < 0)
 			return false;
 		buf[n] = (uint8_t) (hi << 4 | lo);

@@ -178,9 +178,9 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 					break;
 				memcpy(nm, d->alias_names[i], d->alias_name_lens[i]);
 				nm[d->alias_name_lens[i]] = '\0';
-				cJSON_AddItemToObject(al, nm,
-									  json_str(d->col_names[d->alias_cols[i]],
-											   d->col_name_lens[d->alias_cols[i]]));
+				cJSON_AddItemToObject(
+					al, nm,
+					json_str(d->col_names[d->alias_cols[i]], d->col_name_lens[d->alias_cols[i]]));
 				pgs_free(nm);
 			}
 		}
@@ -221,9 +221,10 @@ pgs_payload_info(const uint8_t *p, size_t len, char **out, pgs_err *err)
 			cJSON_AddItemToArray(arr, o);
 			continue;
 		}
-		cJSON_AddStringToObject(o, "kind", g.kind == PGS_GROUP_ABSENT ? "absent"
-										   : g.whole				 ? "whole"
-																	 : "changes");
+		cJSON_AddStringToObject(o, "kind",
+								g.kind == PGS_GROUP_ABSENT ? "absent"
+								: g.whole				   ? "whole"
+														   : "changes");
 		k = cJSON_AddArrayToObject(o, "key");
 		for (uint32_t i = 0; i < d->npk; i++)
 			cJSON_AddItemToArray(k, json_value(&g.pk[i]));

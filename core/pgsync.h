@@ -64,10 +64,10 @@ typedef struct pgs_err
 #define PGS_CODE_HELD "PS003"		  /* kept aside: unknown table or column here */
 #define PGS_CODE_DELETED "PS004"	  /* a first life of a key already used and deleted here */
 #define PGS_CODE_KEY_FORM "PS007"	  /* a key not in the form Postgres stores (docs/TYPES.md) */
-#define PGS_CODE_FLOOR "PS005" /* a first life at or below the table's collected floor: renumber   \
-								*/
-#define PGS_CODE_GONE "PS006"  /* changes of a life older than what was collected: it was deleted  \
-								*/
+/* a first life at or below the table's collected floor: renumber */
+#define PGS_CODE_FLOOR "PS005"
+/* changes of a life older than what was collected: it was deleted */
+#define PGS_CODE_GONE "PS006"
 /* pgs_err_code sets err->code (NULL or "" clears it). */
 void pgs_err_code(pgs_err *err, const char *code);
 

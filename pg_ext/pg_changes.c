@@ -249,8 +249,8 @@ walk_sort_cmp(const void *a, const void *b)
 
 	for (int i = 0; i < walk_sort_w->nk; i++)
 	{
-		int32 r = DatumGetInt32(
-			FunctionCall2Coll(walk_sort_w->cmp[i], walk_sort_w->coll[i], x[i], y[i]));
+		int32 r =
+			DatumGetInt32(FunctionCall2Coll(walk_sort_w->cmp[i], walk_sort_w->coll[i], x[i], y[i]));
 
 		if (r != 0)
 			return r;
@@ -654,8 +654,8 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 			/* planned at open: a chunk reads a small fraction of the rows */
 			int level = NewGUCNestLevel();
 
-			(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET,
-									 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+			(void) set_config_option("cursor_tuple_fraction", "0.0001", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
 			c->portal = SPI_cursor_open(NULL, plan, args, NULL, true);
 			AtEOXact_GUC(true, level);
 		}

@@ -36,7 +36,7 @@
 
 PG_FUNCTION_INFO_V1(sync_gc);
 
-#define GC_LOCK_TRIES 100	 /* conditional lock attempts per table ... */
+#define GC_LOCK_TRIES 100	   /* conditional lock attempts per table ... */
 #define GC_LOCK_SLEEP_US 10000 /* ... 10 ms apart: about a second */
 
 static int
@@ -171,10 +171,10 @@ sync_gc(PG_FUNCTION_ARGS)
 	Datum		   res;
 
 	if (retention->month < 0 || retention->day < 0 || retention->time < 0)
-		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						errmsg("retention must not be negative"),
-						errhint("Pass how long a silent device keeps holding the horizon back, "
-								"e.g. '30 days'.")));
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("retention must not be negative"),
+				 errhint("Pass how long a silent device keeps holding the horizon back, "
+						 "e.g. '30 days'.")));
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync gc", ALLOCSET_DEFAULT_SIZES);
 	pg_core_memory(cxt);
 	SPI_connect();

@@ -192,7 +192,8 @@ format_tm(struct pg_tm *tm, fsec_t fsec, bool utc)
 	if (tm->tm_year < 0 || tm->tm_mon < 0 || tm->tm_mday < 0 || tm->tm_hour < 0 || tm->tm_min < 0 ||
 		tm->tm_sec < 0 || fsec < 0)
 		return psprintf("%04d-%02d-%02d %02d:%02d:%02d.%06d%s", tm->tm_year, tm->tm_mon,
-						tm->tm_mday, tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec, utc ? "Z" : "");
+						tm->tm_mday, tm->tm_hour, tm->tm_min, tm->tm_sec, (int) fsec,
+						utc ? "Z" : "");
 	s = p = palloc(48);
 	p = format_ymd(p, tm->tm_year, tm->tm_mon, tm->tm_mday);
 	*p++ = ' ';

@@ -726,10 +726,11 @@ check_db(srv_config *c, srv_db *db)
 	{
 		find_setting("gc_retention_days", &i);
 		fprintf(stderr,
-				SRV_NAME ": %sinvalid value %g for gc_retention_days (from %s): expected a positive "
-						 "number of days (fractions allowed)\n"
-						 "HINT: a device silent longer than this is made to re-sync from a "
-						 "snapshot; 30 is a good start.\n",
+				SRV_NAME
+				": %sinvalid value %g for gc_retention_days (from %s): expected a positive "
+				"number of days (fractions allowed)\n"
+				"HINT: a device silent longer than this is made to re-sync from a "
+				"snapshot; 30 is a good start.\n",
 				where, d->gc_retention_days, db_source(c, db->index, i));
 		return false;
 	}

@@ -47,7 +47,8 @@ run_once(srv_db *db, PGconn **conn)
 
 	if (!*conn && !(*conn = pool_connect(db, why, sizeof why)))
 	{
-		srv_log("WARNING", "database %s: gc: cannot connect to PostgreSQL (%s); trying again in %d s",
+		srv_log("WARNING",
+				"database %s: gc: cannot connect to PostgreSQL (%s); trying again in %d s",
 				db->name, why, db->c.gc_interval);
 		return;
 	}

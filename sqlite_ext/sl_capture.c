@@ -108,7 +108,8 @@ put_clock(db_conn *c, db_table *t, const pgs_value *pk, bool exists, pgs_rowcloc
 	}
 }
 
-/* changed_of: the changed-column masks (62 columns a value) as one flag per column. */
+/* changed_of: the changed-column masks (62 columns a value) as one flag per
+ * column; exactly one of masks (SQL values) and words (C) is given. */
 static const bool *
 changed_of(db_conn *c, db_table *t, sqlite3_value *const *masks, const uint64_t *words)
 {
@@ -126,6 +127,7 @@ changed_of(db_conn *c, db_table *t, sqlite3_value *const *masks, const uint64_t 
 	ch = c->fire_changed;
 	for (int i = 0; i < t->ncols; i++)
 	{
+		/* cppcheck-suppress nullPointer ; words is given when masks is not */
 		uint64_t w = masks ? (uint64_t) sqlite3_value_int64(masks[i / 62]) : words[i / 62];
 
 		ch[i] = (w >> (i % 62)) & 1;

@@ -138,7 +138,7 @@ char   *sl_net_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_re
 void	sl_net_record_error(sl_net *n, const char *fn, const char *msg);
 char   *sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms,
 						 int64_t *acked); /* sqlite3_free */
-int64_t sl_jwt_exp(const char *token); /* the token's exp claim, 0 when none */
+int64_t sl_jwt_exp(const char *token);	  /* the token's exp claim, 0 when none */
 
 /* ---- sl_background.c ---- */
 

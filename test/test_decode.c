@@ -931,17 +931,17 @@ test_unknown_is_held(void **state)
 	static const char *const pk[] = {"id"};
 	static const char *const xcols[] = {"x"};
 	pgs_name				 id = {(const uint8_t *) "id", 2};
-	pgs_name				 icols[2] = {{(const uint8_t *) "name", 4}, {(const uint8_t *) "colour", 6}};
-	pgs_name				 ncols[1] = {{(const uint8_t *) "x", 1}};
-	uint64_t				 h0 = pgs_hlc_from_ms(MS0);
-	db_conn					*db = replica(SITE_C, MS0);
-	pgs_writer				 w;
-	pgs_buf					 out;
-	pgs_err					 err;
-	pgs_apply_stats			 st;
-	pgs_value				 k1 = mock_int(1);
-	const pgs_value			*row;
-	uint32_t				 s, ti, tn;
+	pgs_name		 icols[2] = {{(const uint8_t *) "name", 4}, {(const uint8_t *) "colour", 6}};
+	pgs_name		 ncols[1] = {{(const uint8_t *) "x", 1}};
+	uint64_t		 h0 = pgs_hlc_from_ms(MS0);
+	db_conn			*db = replica(SITE_C, MS0);
+	pgs_writer		 w;
+	pgs_buf			 out;
+	pgs_err			 err;
+	pgs_apply_stats	 st;
+	pgs_value		 k1 = mock_int(1);
+	const pgs_value *row;
+	uint32_t		 s, ti, tn;
 
 	(void) state;
 	pgs_writer_init(&w);
