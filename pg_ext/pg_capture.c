@@ -39,6 +39,8 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/datum.h"
@@ -77,6 +79,14 @@ hlc_seq(void)
 						errmsg("pgsync sequence pgsync.hlc is missing"),
 						errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION "
 								"pgsync.")));
+	/* PostgreSQL 18's pg_sequence_last_value answers NULL, not an error, to a
+	 * role without the right to read it: that must not read as a floor of 0 */
+	if (pg_class_aclcheck(seq, GetUserId(), ACL_SELECT | ACL_USAGE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the owner of pgsync's metadata cannot read the sequence pgsync.hlc"),
+				 errhint("GRANT SELECT, USAGE ON SEQUENCE pgsync.hlc to the owner of "
+						 "pgsync.sites, or recreate the extension.")));
 	return seq;
 }
 
@@ -111,9 +121,9 @@ pg_hlc_floor(void)
  * setting are two steps, so a backend raising it to less at the same time
  * may set its smaller value after ours; reading again after setting, and
  * setting again while it is below h, leaves the larger value (a backend
- * only sets what it read to be too low, so the rounds end quickly; the
- * floor below h for a moment is harmless: a local edit always restamps
- * above the stamps it replaces, core/local.c).
+ * only sets what it read to be too low, so the rounds end; the floor below
+ * h for a moment is harmless: a local edit always restamps above the stamps
+ * it replaces, core/local.c).
  */
 static void
 hlc_persist(uint64_t h)
@@ -123,7 +133,9 @@ hlc_persist(uint64_t h)
 
 	pg_as_meta(&us);
 	seq = hlc_seq();
-	for (int round = 0; round < 4 && hlc_read(seq) < h; round++)
+	/* ends: a backend that reads its value or more is done for good, so with
+	 * n raising at once the k-th largest sets at most k times */
+	while (hlc_read(seq) < h)
 		DirectFunctionCall2(setval_oid, ObjectIdGetDatum(seq), Int64GetDatum((int64) h));
 	pg_as_caller(&us);
 }

@@ -187,6 +187,9 @@ known_reset(Oid relid)
 		hash_destroy(known_idx);
 	if (known_site)
 		hash_destroy(known_site);
+	/* nothing dangles if a hash_create below runs out of memory */
+	known_idx = known_site = NULL;
+	known_relid = InvalidOid;
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(uint32);
 	ctl.entrysize = sizeof(site_by_idx);
@@ -207,7 +210,7 @@ known_reset(Oid relid)
 static void
 known_ready(const db_conn *db)
 {
-	if (known_idx == NULL || db->sites_relid != known_relid)
+	if (known_idx == NULL || known_site == NULL || db->sites_relid != known_relid)
 		known_reset(db->sites_relid);
 }
 

@@ -94,8 +94,9 @@ struct db_table
 	int			  busy; /* calls using it in this transaction */
 	MemoryContext cxt;	/* owns everything below except plans */
 	Oid			  clock_relid;
-	char		 *name;	  /* payload name: rel, or nsp.rel */
-	char		 *q_base; /* quoted, qualified */
+	Oid			  meta_relid; /* pgsync.tables when loaded: dropping it drops the entry */
+	char		 *name;		  /* payload name: rel, or nsp.rel */
+	char		 *q_base;	  /* quoted, qualified */
 	char		 *q_clock;
 	db_algo		  algo;
 	int			  npk;

@@ -11,6 +11,8 @@
 #include "pg_internal.h"
 
 #include "catalog/namespace.h"
+#include "storage/lmgr.h"
+#include "utils/inval.h"
 #include "miscadmin.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -30,6 +32,7 @@ static MemoryContext reject_cxt = NULL;
 static List			*rejections = NIL;
 static uint64		 call_counter = 0;
 static Oid			 meta_owner = InvalidOid;
+static Oid			 meta_owner_of = InvalidOid; /* the pgsync.sites it was read from */
 
 /* ---- allocator hooks --------------------------------------------------- */
 
@@ -120,17 +123,47 @@ pg_raise(const pgs_err *err)
 
 /* ---- users ---------------------------------------------------------------- */
 
-/* pg_meta_relid: the relid of pgsync.name (a table or sequence of the
- * metadata), InvalidOid when it or the schema is missing. */
+/*
+ * pg_meta_relid: the relid of pgsync.name (a table or sequence of the
+ * metadata), InvalidOid when it or the schema is missing. Looked up as
+ * RangeVarGetRelid looks up a name it is about to use, without its check of
+ * the caller's USAGE on the schema (the caller is usually not allowed in
+ * pgsync's schema): with AccessShareLock, held to the end of the
+ * transaction as a statement reading the table would hold it. Taking the
+ * lock takes in the invalidations other backends committed meanwhile, so a
+ * DROP and CREATE EXTENSION that committed while this statement ran gives
+ * the new relid, never the old one the syscache still had; a name that now
+ * names another relation is looked up again.
+ */
 Oid
 pg_meta_relid(const char *name)
 {
-	Oid nsp = get_namespace_oid("pgsync", true);
+	Oid locked = InvalidOid;
 
-	return OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+	AcceptInvalidationMessages(); /* a name not found must not be an old miss */
+	for (;;)
+	{
+		Oid nsp = get_namespace_oid("pgsync", true);
+		Oid rel = OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+
+		if (rel == locked)
+			return rel;
+		if (OidIsValid(locked))
+			UnlockRelationOid(locked, AccessShareLock);
+		if (!OidIsValid(rel))
+			return InvalidOid;
+		LockRelationOid(rel, AccessShareLock);
+		locked = rel;
+	}
 }
 
-/* pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. */
+/*
+ * pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. It
+ * is asked for every statement pgsync runs as that owner, so it is kept;
+ * pg_conn_init (every SQL function's first step) forgets it when
+ * pgsync.sites is another table (the extension dropped and created again,
+ * perhaps by another role).
+ */
 Oid
 pg_meta_owner(void)
 {
@@ -150,6 +183,7 @@ pg_meta_owner(void)
 		if (!HeapTupleIsValid(tup))
 			elog(ERROR, "cache lookup failed for relation %u", rel);
 		meta_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		meta_owner_of = rel;
 		ReleaseSysCache(tup);
 	}
 	return meta_owner;
@@ -208,6 +242,8 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 	db->cxt = cxt;
 	db->call_id = ++call_counter;
 	db->sites_relid = relid;
+	if (relid != meta_owner_of)
+		meta_owner = InvalidOid; /* another extension's: its owner is read again */
 	if (OidIsValid(relid) && relid == own_relid)
 	{
 		memcpy(db->site, own_site, PGS_SITE_LEN);

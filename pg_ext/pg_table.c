@@ -48,7 +48,11 @@ table_inval(Datum arg, Oid relid)
 	hash_seq_init(&st, table_cache);
 	while ((t = hash_seq_search(&st)) != NULL)
 	{
-		if (!OidIsValid(relid) || t->relid == relid || t->clock_relid == relid)
+		/* the extension dropped (pgsync.tables with it) also when the
+		 * table's triggers were dropped by hand before: nothing else then
+		 * invalidates the base or clock table */
+		if (!OidIsValid(relid) || t->relid == relid || t->clock_relid == relid ||
+			t->meta_relid == relid)
 			t->valid = false;
 	}
 }
@@ -310,6 +314,7 @@ pg_table_get(Oid relid, bool missing_ok)
 	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
 	t->relid = relid;
 	t->valid = true;
+	t->meta_relid = pg_meta_relid("tables");
 	PG_TRY();
 	{
 		found = table_load(t);
@@ -354,6 +359,7 @@ pg_table_reload(Oid relid)
 	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
 	t->relid = relid;
 	t->valid = true;
+	t->meta_relid = pg_meta_relid("tables");
 	if (!table_load(t))
 	{
 		table_free(t);

@@ -150,7 +150,6 @@ COMMENT ON FUNCTION sync_vis_trigger() IS 'statement trigger on tables that poli
 SELECT pg_catalog.pg_extension_config_dump('pgsync.devices', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.watches', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.held', '');
-SELECT pg_catalog.pg_extension_config_dump('pgsync.secret', '');
 
 CREATE OR REPLACE FUNCTION pgsync.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
@@ -201,8 +200,11 @@ CREATE TABLE pgsync.gc_floor (
 	tbl text PRIMARY KEY REFERENCES pgsync.tables (name) ON DELETE CASCADE,
 	floor bigint NOT NULL
 );
-SELECT pg_catalog.pg_extension_config_dump('pgsync.gc', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.gc_floor', '');
+-- a restore makes its own secret and GC state; the sequences go along
+-- (pgsync.sql says why)
+SELECT pg_catalog.pg_extension_config_dump('pgsync.sites_idx_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pgsync.hlc', '');
 
 CREATE FUNCTION sync_gc(retention interval DEFAULT '30 days')
 RETURNS jsonb AS 'MODULE_PATHNAME', 'sync_gc' LANGUAGE C STRICT VOLATILE;

@@ -259,14 +259,20 @@ CREATE VIEW pgsync.state AS
 		   (SELECT last_value FROM pgsync.hlc) AS hlc,
 		   (SELECT site FROM pgsync.sites WHERE idx = 0) AS site;
 
--- pg_dump keeps the metadata (clock tables are ordinary tables and dumped anyway).
+-- Clock tables are ordinary tables and dumped anyway. pg_dump keeps the metadata; a restore is a new database (CREATE EXTENSION
+-- gives it a new site id, row idx 0, so every device starts over from a
+-- snapshot) and makes its own cursor secret and GC state (pgsync.secret and
+-- pgsync.gc, whose one row CREATE EXTENSION writes: a dumped one would
+-- collide with it). The sequences go along: a restored sites_idx_seq below
+-- the restored sites would make every new device's first push fail.
 SELECT pg_catalog.pg_extension_config_dump('pgsync.sites', 'WHERE idx <> 0');
+SELECT pg_catalog.pg_extension_config_dump('pgsync.sites_idx_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pgsync.hlc', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.tables', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.column_history', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.devices', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.watches', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.held', '');
-SELECT pg_catalog.pg_extension_config_dump('pgsync.secret', '');
 
 -- Dropping a synced table drops its clock table and metadata.
 CREATE FUNCTION pgsync.on_sql_drop() RETURNS event_trigger
@@ -322,7 +328,6 @@ CREATE TABLE pgsync.gc_floor (
 	tbl text PRIMARY KEY REFERENCES pgsync.tables (name) ON DELETE CASCADE,
 	floor bigint NOT NULL
 );
-SELECT pg_catalog.pg_extension_config_dump('pgsync.gc', '');
 SELECT pg_catalog.pg_extension_config_dump('pgsync.gc_floor', '');
 
 CREATE FUNCTION sync_gc(retention interval DEFAULT '30 days')

@@ -94,7 +94,7 @@ fi
 
 export PGHOST="$DIR" PGPORT="$PORT" PGUSER=postgres PGDATABASE=postgres
 echo "server: $("$PGBIN/postgres" --version)"
-export PGSYNC_ROOT="$ROOT"
+export PGSYNC_ROOT="$ROOT" PGSYNC_PGBIN="$PGBIN"
 
 case "$MODE" in
 run)

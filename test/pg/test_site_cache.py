@@ -12,9 +12,21 @@ it keeps must never outlive the rows it came from:
    database a new site id, which its payloads then carry;
 3. sync_cleanup and sync_init in another backend are seen by the next apply
    of this backend (the payload name -> table lookup): a table synced no
-   more holds the payload's changes (PS003), synced again takes them.
+   more holds the payload's changes (PS003), synced again takes them;
+4. another backend drops and creates the extension while this backend's
+   transaction is open (it has not read the invalidations yet): the next
+   apply of that transaction uses the new extension's site id and sites,
+   and records the payload's site there (found by review: the relid of
+   pgsync.sites came from the syscache without a lock, so the old one);
+5. the extension dropped without CASCADE (its triggers dropped by hand
+   first, so nothing invalidates the synced table itself) and created
+   again: the next apply holds the payload's changes, the table is no
+   longer synced.
 Every step runs on one connection (one backend) except where it says so.
 """
+import threading
+import time
+
 from pglib import check, connect, drop_db, fresh_db, one, rows
 
 DDL = ["CREATE TABLE t (id text PRIMARY KEY, v int)", "SELECT sync_init('t')"]
@@ -115,6 +127,71 @@ def main():
         cur.execute("SELECT sync_apply_payload(%s)", (pa3,))
         d.commit()
         check(one(d, "SELECT v FROM t WHERE id = 'a3'") == 3, "synced again, it takes the payload")
+
+        # 4. the extension recreated by another backend during d's transaction
+        for _ in range(2):      # a recorded, then read back committed: kept by the backend
+            cur.execute("SELECT sync_apply_payload(%s)", (pa,))
+            d.commit()
+        # d's statement waits on an advisory lock o holds (a running statement
+        # reads no invalidations; an idle backend would, on the catch-up
+        # signal that so much DDL sends), then applies
+        o = connect("sc_d")
+        oc = o.cursor()
+        oc.execute("SET client_min_messages = warning")
+        oc.execute("SELECT pg_advisory_lock(4711)")
+        pa4, _ = payload_of("sc_a", "a4", 4)
+        box = {}
+
+        def apply_after_lock():
+            try:
+                cur.execute("SELECT pg_advisory_xact_lock(4711), sync_apply_payload(%s), "
+                            "sync_site_id()", (pa4,))
+                box["seen"] = cur.fetchone()[2]
+                d.commit()
+            except Exception as e:  # noqa: BLE001
+                box["error"] = f"{type(e).__name__}: {e}"
+        th = threading.Thread(target=apply_after_lock)
+        th.start()
+        deadline = time.monotonic() + 30
+        while one(o, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 0:
+            check(time.monotonic() < deadline, "d never waited for the advisory lock")
+            time.sleep(0.02)
+        oc.execute("DROP EXTENSION pgsync CASCADE")
+        oc.execute("DROP TABLE t__sync_clock")
+        oc.execute("CREATE EXTENSION pgsync")
+        oc.execute("SELECT sync_init('t')")
+        oc.execute("SELECT sync_apply_payload(%s)", (pb,))   # b takes the first index there
+        oc.execute("SELECT pg_advisory_unlock(4711)")
+        th.join(60)
+        check("error" not in box and "seen" in box, f"the waiting apply ran: {box}")
+        seen = box["seen"]
+        now = one(o, "SELECT site FROM pgsync.sites WHERE idx = 0")
+        check(seen == now, f"the apply in the open transaction used the new site id ({seen} vs {now})")
+        check(one(o, "SELECT count(*) FROM pgsync.sites WHERE site = %s", (site_a,)) == 1,
+              "... and recorded the payload's site in the new extension's table")
+        info = one(o, "SELECT sync_payload_info(%s)", (bytes(one(o, "SELECT sync_payload(0)")),))
+        a4 = [r for r in info["rows"] if r["key"] == ["a4"]]
+        check(a4 and all(c["site"] == str(site_a) for c in a4[0]["changes"]),
+              f"... and its clocks name the site that wrote a4: {a4}")
+
+        # 5. DROP EXTENSION without CASCADE once the triggers are gone
+        pa5, _ = payload_of("sc_a", "a5", 5)
+        cur.execute("SELECT sync_apply_payload(%s)", (pa5,))
+        d.commit()
+        oc.execute("DROP TRIGGER pgsync_capture ON t")
+        oc.execute("DROP TRIGGER pgsync_truncate ON t")
+        pa6, _ = payload_of("sc_a", "a6", 6)
+        cur.execute("SELECT sync_apply_payload(%s)", (pa6,))   # the table's entry read again
+        d.commit()
+        oc.execute("DROP EXTENSION pgsync")
+        oc.execute("CREATE EXTENSION pgsync")
+        pa7, _ = payload_of("sc_a", "a7", 7)
+        cur.execute("SELECT sync_apply_payload(%s)", (pa7,))
+        d.commit()
+        check(one(d, "SELECT count(*) FROM t WHERE id = 'a7'") == 0 and
+              one(d, "SELECT count(*) FROM pgsync.held WHERE code = 'PS003'") > 0,
+              "a new extension that does not sync t holds the payload's changes")
+        o.close()
         d.close()
     finally:
         for x in dbs:
