@@ -134,7 +134,8 @@ if [ -x test/server/run.sh ]; then
   note "sync server under ASan+UBSan, then valgrind (a subset, ~1 min)"
   run_passfail server-asan env SANITIZE=1 bash test/server/run.sh websocket_subscriptions \
     websocket_notifications fanout_shared_pulls pull_group_exact attack_chunk_cursors \
-    attack_exclude_tricks site_id_forgery gc_silent_device_resyncs websocket_subscribe_rate_limit
+    attack_exclude_tricks site_id_forgery gc_silent_device_resyncs websocket_subscribe_rate_limit \
+    websocket_full_socket
   run_passfail server-valgrind env VALGRIND=1 bash test/server/run.sh websocket_subscriptions \
     fanout_shared_pulls
 fi

@@ -1301,6 +1301,69 @@ def websocket_subscriptions(env):
     check(s.proc.poll() is None, "the server died")
 
 
+def _tcp_send_queue(local_port, remote_port):
+    """Bytes queued to send on the loopback socket local_port -> remote_port
+    (/proc/net/tcp's tx_queue), or None when there is no such socket."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            loc, rem, queues = parts[1], parts[2], parts[4]
+            if (int(loc.split(":")[1], 16) == local_port and int(rem.split(":")[1], 16) == remote_port):
+                return int(queues.split(":")[0], 16)
+    return None
+
+
+@test
+def websocket_full_socket(env):
+    """A subscriber that reads nothing while a payload larger than the
+    kernel's socket buffers is sent (6 MB; Linux lets a send buffer grow to
+    4 MB by default): the server's writes find the socket full, it waits for
+    the socket to drain without holding up anyone else, and the payload
+    arrives whole once the client reads (docs/PROTOCOL.md, flow control)."""
+    s = env.server()
+    tok = token("fleet")
+    writer = env.client("w", "fleet", s)
+    writer.q("INSERT INTO items VALUES('seed', 'x', 1, 1)")
+    writer.sync()
+    site = str(uuid.uuid4())
+    cur = _settle(s.url, [(tok, site)])[site]
+    slow = WebSocket(s.port, tok)
+    # 256 KiB (Linux doubles it): with the server's 4 MB the kernel holds
+    # 4.5 MB of the 6 at most, and reading later is not held to a tiny window
+    slow.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
+    slow.recv_json()
+    slow.send(0x1, json.dumps({"type": "subscribe", "since": cur, "exclude": site}).encode())
+    check(_reply(slow)["type"] == "subscribed")
+    # more than the kernel can hold: the send buffer's limit (net.ipv4.tcp_wmem,
+    # 4 MB by default) and the receive buffer; hex text, which zstd halves
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        wmem_max = int(f.read().split()[2])
+    size = max(6_000_000, wmem_max + 2_000_000)
+    writer.q("INSERT INTO items VALUES('huge', ?, 1, 1)", os.urandom(size).hex())
+    writer.send()
+    me = slow.s.getsockname()[1]
+    deadline = time.time() + 30
+    while (_tcp_send_queue(s.port, me) or 0) < 1_000_000:   # the server's side is full
+        check(time.time() < deadline, f"the server never filled the socket: {_tcp_send_queue(s.port, me)}")
+        time.sleep(0.05)
+    # meanwhile others are served: a WebSocket's ping, a pull
+    other = WebSocket(s.port, tok)
+    other.recv_json()
+    other.send(0x9, b"alive")
+    check(_reply(other, frame=True) == (0xA, b"alive"), "a ping answered while one socket is full")
+    st, _, _ = http("GET", f"{s.url}/v1/pull?since=0&exclude={uuid.uuid4()}", headers={"Authorization": "Bearer " + tok})
+    check(st == 200, st)
+    other.close()
+    queued = _tcp_send_queue(s.port, me)
+    m, p = _ws_next(slow, timeout=60)
+    info = json.loads(writer.one("SELECT sync_payload_info(?)", p))
+    check(m["bytes"] >= size and len(p) == m["bytes"] and
+          [r["key"] for r in info["rows"]] == [["huge"]], (m, queued))
+    print(f"  a {m['bytes']:,}-byte payload to a reader of nothing: {queued:,} bytes queued in the "
+          f"kernel, the rest waited in the server; whole once read", flush=True)
+    slow.close()
+
+
 @test
 def websocket_subscribe_rate_limit(env):
     """A subscribe costs a pull: it takes from the token's bucket like a
