@@ -82,7 +82,9 @@ def main():
         except psycopg2.Error as e:
             codes[e.pgcode] = codes.get(e.pgcode, 0) + 1
             if e.pgcode not in ALLOWED:
-                print("unexpected:", e.pgcode, e.pgerror)
+                # the source carries this run's site id and clocks: the payload
+                # itself, not the seed, is what reproduces it
+                print("unexpected:", e.pgcode, e.pgerror, "for the payload", p.hex())
                 return 1
         if i == 300:
             base = rss_kb(pid)
