@@ -79,14 +79,6 @@ hlc_seq(void)
 						errmsg("pgsync sequence pgsync.hlc is missing"),
 						errhint("Recreate the extension: DROP EXTENSION pgsync; CREATE EXTENSION "
 								"pgsync.")));
-	/* PostgreSQL 18's pg_sequence_last_value answers NULL, not an error, to a
-	 * role without the right to read it: that must not read as a floor of 0 */
-	if (pg_class_aclcheck(seq, GetUserId(), ACL_SELECT | ACL_USAGE) != ACLCHECK_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("the owner of pgsync's metadata cannot read the sequence pgsync.hlc"),
-				 errhint("GRANT SELECT, USAGE ON SEQUENCE pgsync.hlc to the owner of "
-						 "pgsync.sites, or recreate the extension.")));
 	return seq;
 }
 
@@ -100,7 +92,17 @@ hlc_read(Oid seq)
 	fcinfo->args[0].value = ObjectIdGetDatum(seq);
 	fcinfo->args[0].isnull = false;
 	d = pg_sequence_last_value(fcinfo);
-	return fcinfo->isnull ? 0 : (uint64_t) DatumGetInt64(d); /* NULL: never set, START 0 */
+	if (!fcinfo->isnull)
+		return (uint64_t) DatumGetInt64(d);
+	/* NULL: never set (START 0), or, on PostgreSQL 18, a role without the
+	 * right to read it, which must not read as a floor of 0 */
+	if (pg_class_aclcheck(seq, GetUserId(), ACL_SELECT | ACL_USAGE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the owner of pgsync's metadata cannot read the sequence pgsync.hlc"),
+				 errhint("GRANT SELECT, USAGE ON SEQUENCE pgsync.hlc to the owner of "
+						 "pgsync.sites, or recreate the extension.")));
+	return 0;
 }
 
 /* pg_hlc_floor reads the persisted HLC. */

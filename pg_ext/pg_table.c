@@ -125,6 +125,17 @@ table_free(db_table *t)
 	t->merge_plans = NULL;
 }
 
+/* table_clear makes t an empty, valid entry of relid, to be loaded (its
+ * hash key stays; what pgsync.tables it is read from is noted first) */
+static void
+table_clear(db_table *t, Oid relid)
+{
+	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
+	t->relid = relid;
+	t->valid = true;
+	t->meta_relid = pg_meta_relid("tables");
+}
+
 char *
 pg_text_array_elem(Datum arr, int i, int *n)
 {
@@ -311,10 +322,7 @@ pg_table_get(Oid relid, bool missing_ok)
 	}
 	if (found)
 		table_free(t);
-	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
-	t->relid = relid;
-	t->valid = true;
-	t->meta_relid = pg_meta_relid("tables");
+	table_clear(t, relid);
 	PG_TRY();
 	{
 		found = table_load(t);
@@ -356,10 +364,7 @@ pg_table_reload(Oid relid)
 		return;
 	busy = t->busy;
 	table_free(t);
-	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
-	t->relid = relid;
-	t->valid = true;
-	t->meta_relid = pg_meta_relid("tables");
+	table_clear(t, relid);
 	if (!table_load(t))
 	{
 		table_free(t);

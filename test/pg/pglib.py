@@ -61,6 +61,18 @@ def pull(src, since, exclude=None):
     return bytes(p), one(src, "SELECT sync_payload_until(%s)", (p,))
 
 
+def payload_of(db, key, v):
+    """Writes row (key, v) of table t (id text PRIMARY KEY, v int) in db and
+    returns (db's whole payload, db's site id)."""
+    c = connect(db)
+    c.cursor().execute("INSERT INTO t VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET v = %s",
+                       (key, v, v))
+    p = bytes(one(c, "SELECT sync_payload(0)"))
+    site = one(c, "SELECT sync_site_id()")
+    c.close()
+    return p, site
+
+
 def wait_safe(conn, xid, timeout=30):
     """Waits until sync_db_version() has passed xid: every transaction
     older than it ended (any session's, an autoanalyze's), so a pull from

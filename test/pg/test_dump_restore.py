@@ -20,20 +20,10 @@ import os
 import subprocess
 import tempfile
 
-from pglib import check, connect, drop_db, fresh_db, one, rows
+from pglib import check, connect, drop_db, fresh_db, one, payload_of, rows
 
 DDL = ["CREATE TABLE t (id text PRIMARY KEY, v int)", "SELECT sync_init('t')"]
 PGBIN = os.environ.get("PGSYNC_PGBIN", "/usr/lib/postgresql/15/bin")
-
-
-def payload_of(db, key, v):
-    c = connect(db)
-    c.cursor().execute("INSERT INTO t VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET v = %s",
-                       (key, v, v))
-    p = bytes(one(c, "SELECT sync_payload(0)"))
-    site = one(c, "SELECT sync_site_id()")
-    c.close()
-    return p, site
 
 
 def table(c):

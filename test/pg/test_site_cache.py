@@ -27,19 +27,9 @@ Every step runs on one connection (one backend) except where it says so.
 import threading
 import time
 
-from pglib import check, connect, drop_db, fresh_db, one, rows
+from pglib import check, connect, drop_db, fresh_db, one, payload_of, rows
 
 DDL = ["CREATE TABLE t (id text PRIMARY KEY, v int)", "SELECT sync_init('t')"]
-
-
-def payload_of(db, key, v):
-    c = connect(db)
-    c.cursor().execute("INSERT INTO t VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET v = %s",
-                       (key, v, v))
-    p = bytes(one(c, "SELECT sync_payload(0)"))
-    site = one(c, "SELECT sync_site_id()")
-    c.close()
-    return p, site
 
 
 def main():
@@ -52,6 +42,11 @@ def main():
         d = connect("sc_d", autocommit=False)
         cur = d.cursor()
 
+        def apply(p):
+            """d applies p in a transaction of its own"""
+            cur.execute("SELECT sync_apply_payload(%s)", (p,))
+            d.commit()
+
         # 1. a site recorded by a transaction that rolls back
         cur.execute("SELECT sync_apply_payload(%s)", (pa,))
         cur.execute("SELECT sync_apply_payload(%s)", (pa,))  # reads the row back, same transaction
@@ -63,16 +58,14 @@ def main():
         cur.execute("SAVEPOINT s")
         cur.execute("SELECT sync_apply_payload(%s)", (pa,))
         cur.execute("ROLLBACK TO SAVEPOINT s")
-        cur.execute("SELECT sync_apply_payload(%s)", (pa,))
-        d.commit()
+        apply(pa)
         idx_a = one(d, "SELECT idx FROM pgsync.sites WHERE site = %s", (site_a,))
         check(idx_a is not None and idx_a != idx_rolled,
               f"the site is recorded again under a new index ({idx_rolled} rolled back, now {idx_a})")
         # the same backend, next transactions: the site is read from the table once,
         # then kept; every clock must name a recorded site
         pa2, _ = payload_of("sc_a", "a2", 2)
-        cur.execute("SELECT sync_apply_payload(%s)", (pa2,))
-        d.commit()
+        apply(pa2)
         pd = bytes(one(d, "SELECT sync_payload(0)"))
         d.commit()
         check(rows(d, "SELECT id, v FROM t ORDER BY id") == [("a1", 1), ("a2", 2), ("b1", 1)],
@@ -108,8 +101,7 @@ def main():
         info = str(one(d, "SELECT sync_payload_info(%s)", (p,)))
         check(str(new_site) in info and str(old_site) not in info,
               "its payload carries the new site id, not the old one")
-        cur.execute("SELECT sync_apply_payload(%s)", (pa,))  # sites of the old extension are gone
-        d.commit()
+        apply(pa)  # sites of the old extension are gone
         check(one(d, "SELECT count(*) FROM pgsync.sites WHERE site = %s", (site_a,)) == 1,
               "a site is recorded again in the new extension's table")
 
@@ -117,21 +109,18 @@ def main():
         other = connect("sc_d")
         other.cursor().execute("SELECT sync_cleanup('t')")
         pa3, _ = payload_of("sc_a", "a3", 3)
-        cur.execute("SELECT sync_apply_payload(%s)", (pa3,))
-        d.commit()
+        apply(pa3)
         check(one(d, "SELECT count(*) FROM t WHERE id = 'a3'") == 0 and
               one(d, "SELECT count(*) FROM pgsync.held WHERE code = 'PS003'") > 0,
               "a table synced no more (another backend's sync_cleanup) holds the payload's changes")
         other.cursor().execute("SELECT sync_init('t')")
         other.close()
-        cur.execute("SELECT sync_apply_payload(%s)", (pa3,))
-        d.commit()
+        apply(pa3)
         check(one(d, "SELECT v FROM t WHERE id = 'a3'") == 3, "synced again, it takes the payload")
 
         # 4. the extension recreated by another backend during d's transaction
         for _ in range(2):      # a recorded, then read back committed: kept by the backend
-            cur.execute("SELECT sync_apply_payload(%s)", (pa,))
-            d.commit()
+            apply(pa)
         # d's statement waits on an advisory lock o holds (a running statement
         # reads no invalidations; an idle backend would, on the catch-up
         # signal that so much DDL sends), then applies
@@ -176,18 +165,15 @@ def main():
 
         # 5. DROP EXTENSION without CASCADE once the triggers are gone
         pa5, _ = payload_of("sc_a", "a5", 5)
-        cur.execute("SELECT sync_apply_payload(%s)", (pa5,))
-        d.commit()
+        apply(pa5)
         oc.execute("DROP TRIGGER pgsync_capture ON t")
         oc.execute("DROP TRIGGER pgsync_truncate ON t")
         pa6, _ = payload_of("sc_a", "a6", 6)
-        cur.execute("SELECT sync_apply_payload(%s)", (pa6,))   # the table's entry read again
-        d.commit()
+        apply(pa6)   # the table's entry read again
         oc.execute("DROP EXTENSION pgsync")
         oc.execute("CREATE EXTENSION pgsync")
         pa7, _ = payload_of("sc_a", "a7", 7)
-        cur.execute("SELECT sync_apply_payload(%s)", (pa7,))
-        d.commit()
+        apply(pa7)
         check(one(d, "SELECT count(*) FROM t WHERE id = 'a7'") == 0 and
               one(d, "SELECT count(*) FROM pgsync.held WHERE code = 'PS003'") > 0,
               "a new extension that does not sync t holds the payload's changes")

@@ -1093,6 +1093,20 @@ def _rows(j):
     return sorted((json.dumps(r, sort_keys=True) for r in j.get("rows", [])))
 
 
+def _ws_message(ws, timeout=5):
+    """The next message of a subscription that is not a payload (payloads
+    already on their way are read past)."""
+    m = _ws_next(ws, timeout)
+    while isinstance(m, tuple):
+        m = _ws_next(ws, timeout)
+    return m
+
+
+def _metric(s, name):
+    """The value of counter name in s's /metrics now."""
+    return _counter(http("GET", s.url + "/metrics")[2].decode(), name)
+
+
 def _ws_quiet(ws, seconds):
     """Nothing but pings comes on ws for `seconds`."""
     try:
@@ -1243,9 +1257,7 @@ def websocket_subscriptions(env):
     w.close()
     # unsubscribed: back to "changes" notifications
     fleet[1].send(0x1, b'{"type": "unsubscribe"}')
-    m = _ws_next(fleet[1])
-    while isinstance(m, tuple):   # the payloads of the pushes above, sent before
-        m = _ws_next(fleet[1])
+    m = _ws_message(fleet[1])   # past the payloads of the pushes above, sent before
     check(m["type"] == "unsubscribed", m)
     writer.q("INSERT INTO items VALUES('later', 'x', 1, 1)")
     writer.send()
@@ -1380,33 +1392,28 @@ def websocket_subscribe_rate_limit(env):
     answers = []
     for _ in range(6):
         ws.send(0x1, sub)
-        m = _ws_next(ws)
-        while isinstance(m, tuple):             # a catch-up payload of an earlier subscribe
-            m = _ws_next(ws)
-        answers.append(m)
+        answers.append(_ws_message(ws))         # past catch-up payloads of earlier subscribes
     kinds = [m["type"] for m in answers]
     check(kinds.count("subscribed") >= 1 and kinds[-1] == "error", kinds)
     e = answers[-1]
     check(e["status"] == 429 and e["error"] == "rate limit exceeded" and e["retry_after"] >= 1
           and "unchanged" in e["detail"] and e["hint"], e)
-    check(_counter(http("GET", s.url + "/metrics")[2].decode(), "pgsync_rate_limited_total") >= 1)
+    check(_metric(s, "pgsync_rate_limited_total") >= 1)
     # the standing subscription still delivers
-    before = _counter(http("GET", s.url + "/metrics")[2].decode(), "pgsync_websocket_payloads_total")
+    before = _metric(s, "pgsync_websocket_payloads_total")
     writer.q("INSERT INTO items VALUES('rl1', 'y', 1, 1)")
     writer.send()
     m = _ws_next(ws)
     while not (isinstance(m, tuple) and "rl1" in json.dumps(json.loads(writer.one("SELECT sync_payload_info(?)", m[1])))):
         m = _ws_next(ws)
     deadline = time.time() + 5   # counted once the payload's frames are queued
-    while _counter(http("GET", s.url + "/metrics")[2].decode(), "pgsync_websocket_payloads_total") <= before:
+    while _metric(s, "pgsync_websocket_payloads_total") <= before:
         check(time.time() < deadline, "pgsync_websocket_payloads_total did not count the payload")
         time.sleep(0.05)
     # after the wait a subscribe is taken again
     time.sleep(e["retry_after"] + 0.2)
     ws.send(0x1, sub)
-    m = _ws_next(ws)
-    while isinstance(m, tuple):
-        m = _ws_next(ws)
+    m = _ws_message(ws)
     check(m["type"] == "subscribed", m)
     ws.close()
 
