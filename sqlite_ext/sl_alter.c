@@ -260,7 +260,12 @@ sync_alter(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	{
 		int64_t n;
 
-		rc = sl_apply_held(c, NULL, &n, &err);
+		/* held changes the new column lets in are an apply's: change events */
+		if ((rc = sl_events_begin(c, &err)) == PGS_OK &&
+			(rc = sl_apply_held(c, NULL, &n, &err)) == PGS_OK)
+			rc = sl_events_end(c, &err);
+		if (rc != PGS_OK)
+			sl_events_reset(c);
 	}
 	sqlite3_free(col);
 	sqlite3_free(tname);

@@ -180,7 +180,12 @@ struct db_conn
 	/* change events (sl_events.c) and the last apply's counts */
 	bool			ev_ready; /* the event tables exist */
 	bool			ev_any;	  /* the running apply recorded events */
+	bool			ev_oom;	  /* an event could not be kept: the apply fails */
 	int64_t			ev_keep;  /* changes_keep; 0 = no events */
+	int64_t			ev_base;  /* max(seq) when the apply's first event came; -1 not read */
+	int64_t			ev_n;	  /* events of the running apply */
+	struct sl_ev   *evs;	  /* the newest of them not yet written (a ring) */
+	int				ev_cap;
 	sqlite3_stmt   *st_event;
 	pgs_apply_stats last_apply;
 	bool			started_syncer; /* this connection ran sync_network_start */
@@ -311,6 +316,7 @@ pgs_rc sl_events_begin(db_conn *c, pgs_err *err);
 void   sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind);
 pgs_rc sl_events_end(db_conn *c, pgs_err *err);
 void   sl_events_reset(db_conn *c);
+void   sl_events_free(db_conn *c);
 
 /* sl_schema.c */
 pgs_rc sl_init_table(db_conn *c, const char *table, const char *algo, pgs_err *err);

@@ -542,6 +542,7 @@ conn_free(void *arg)
 	pgs_buf_free(&c->fire_blob);
 	sqlite3_free(c->fire_mask);
 	sqlite3_free(c->fire_changed);
+	sl_events_free(c);
 	sqlite3_free(c);
 }
 
