@@ -19,9 +19,12 @@
  *
  * 2. An apply never waits for another transaction while it holds locks that
  *    transaction may be waiting for. Before it writes a row it looks for a
- *    transaction writing that row (a dirty-snapshot probe of the base and
- *    clock key indexes); if there is one, it gives way (ERROR 55P03, the
- *    writer's xid recorded). Every other lock wait while it merges is cut
+ *    transaction writing that row (a dirty-snapshot probe of the base key
+ *    index: a local writer always writes the base row, its clock row comes
+ *    from the capture trigger in the same transaction); if there is one, it
+ *    gives way (ERROR 55P03, the writer's xid recorded). A transaction that
+ *    writes only clock rows is pgsync's own (sync_gc), never a user's: the
+ *    apply meets it as a lock wait, below. Every other lock wait while it merges is cut
  *    short by lock_timeout = PG_LOCK_WAIT_MS: a row merely locked (SELECT
  *    ... FOR UPDATE, a foreign-key check of a concurrent child insert), a
  *    parent row, a user trigger. sync_apply_payload then rolls the attempt
@@ -381,9 +384,9 @@ key_datums(db_table *t, const pgs_value *pk)
 	return d;
 }
 
-/* row_writer: a transaction writing the base or clock row of pk. */
+/* row_writer: a transaction writing the base row of pk, or (clock_too) its clock row. */
 static TransactionId
-row_writer(db_table *t, Datum *pk)
+row_writer(db_table *t, Datum *pk, bool clock_too)
 {
 	AttrNumber	 *base = palloc(sizeof(AttrNumber) * t->npk);
 	AttrNumber	 *clock = palloc(sizeof(AttrNumber) * t->npk);
@@ -395,7 +398,7 @@ row_writer(db_table *t, Datum *pk)
 		clock[i] = (AttrNumber) (i + 1);
 	}
 	x = writer_of(t->relid, t, base, pk);
-	if (!TransactionIdIsValid(x))
+	if (!TransactionIdIsValid(x) && clock_too)
 		x = writer_of(t->clock_relid, t, clock, pk);
 	pfree(base);
 	pfree(clock);
@@ -417,7 +420,7 @@ pg_lock_row(db_conn *db, db_table *t, const pgs_value *pk)
 	cur_pk = pk;
 	if (db->lock_wait_ms <= 0)
 		return; /* not inside sync_apply_payload's retry loop: wait as usual */
-	x = row_writer(t, key_datums(t, pk));
+	x = row_writer(t, key_datums(t, pk), false);
 	if (!TransactionIdIsValid(x))
 		return;
 	pg_apply_yield.set = true;
@@ -547,7 +550,7 @@ pg_apply_wait(int round)
 	else if (cur_t && cur_pk)
 	{
 		Datum		 *keys = key_datums(cur_t, cur_pk);
-		TransactionId x = row_writer(cur_t, keys);
+		TransactionId x = row_writer(cur_t, keys, true);
 
 		if (TransactionIdIsValid(x))
 			XactLockTableWait(x, NULL, NULL, XLTW_None);

@@ -48,7 +48,9 @@ an earlier one), so a serial oracle exists.
    instead: the local transaction never fails; the same when the local
    transaction merely locked the row (SELECT ... FOR UPDATE); with
    pgsync.serialize_applies = on (the old global lock, for benchmarks) an
-   apply of other rows waits for an open apply.
+   apply of other rows waits for an open apply; an apply waits for a
+   transaction that writes the row's clock row alone (as sync_gc does) and
+   goes through when it commits or rolls back.
 4. Foreign keys: a payload that lists the child table first applies parents
    first and deletes children first, without rejections, also while another
    apply adds children of the same new parent.
@@ -496,6 +498,27 @@ def part3(seed):
               [(lv,), (dv if lock_only else lv,)],
               "... and the newer change of each cell won")
         w.close()
+
+    # a transaction that writes a clock row alone (pgsync's own: sync_gc
+    # deleting tombstones; a local writer always writes the base row too):
+    # the probe reads only the base key index, so the apply meets it as a
+    # lock wait, gives way, waits for it holding nothing, and goes through
+    # when it ends
+    clock = one(hub, "SELECT clock::regclass::text FROM pgsync.tables WHERE tbl = 'items'::regclass")
+    for end in ("commit", "rollback"):
+        pe = change("UPDATE items SET note = %s WHERE id = 'k12'", (f"dev {end}",))
+        g = connect(hub_name, autocommit=False)
+        g.cursor().execute(f"UPDATE {clock} SET clk = clk WHERE id = 'k12'")
+        te, be = in_thread(lambda: one(connect(hub_name), "SELECT sync_apply_payload(%s)", (pe,)))
+        time.sleep(0.4)
+        check(te.is_alive(), f"an apply waits for a transaction writing the row's clock row alone ({end})")
+        t_end = time.time()
+        getattr(g, end)()
+        te.join(10)
+        check("error" not in be and not te.is_alive() and be["t"] >= t_end and
+              rows(hub, "SELECT note FROM items WHERE id = 'k12'") == [(f"dev {end}",)],
+              f"... and goes through when it ends ({be.get('error', 'ok')})")
+        g.close()
 
     # pgsync.serialize_applies = on (for benchmarks): the old global lock, so
     # an apply of other rows waits for an open apply again
