@@ -84,7 +84,9 @@ sl_events_begin(db_conn *c, pgs_err *err)
 	sl_events_reset(c);
 	if (c->ev_keep == 0)
 		return PGS_OK;
-	if (!c->ev_ready)
+	/* made on first use, and again if the app dropped them */
+	if (!c->ev_ready || !sl_table_exists(c, "sync_network_changes") ||
+		!sl_table_exists(c, "sync_network_counters"))
 	{
 		pgs_rc rc = sl_exec(c, events_meta_sql, err);
 
@@ -159,20 +161,18 @@ sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind)
 	{
 		sqlite3_stmt *st;
 
-		if (sl_stmt_prepare(c, "SELECT coalesce(max(seq), 0) FROM sync_network_changes", &st) !=
+		if (sl_stmt_prepare(c, "SELECT coalesce(max(seq), 0) FROM sync_network_changes", &st) ==
 			SQLITE_OK)
 		{
-			c->ev_oom = true;
-			return;
+			if (sqlite3_step(st) == SQLITE_ROW)
+				c->ev_base = sqlite3_column_int64(st, 0);
+			sl_stmt_done(c, st);
 		}
-		if (sqlite3_step(st) == SQLITE_ROW)
-			c->ev_base = sqlite3_column_int64(st, 0);
-		sl_stmt_done(c, st);
-		if (c->ev_base < 0)
-		{
-			c->ev_oom = true;
-			return;
-		}
+	}
+	if (c->ev_base < 0)
+	{
+		c->ev_oom = true;
+		return;
 	}
 	if (!(e = ev_slot(c, i)))
 	{

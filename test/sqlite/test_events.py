@@ -191,3 +191,24 @@ def test_rejected_rows_have_no_events(replica):
     assert [e[0] for e in events(dst)] == [1, 2, 3]
     assert counters(dst) == [("c", 2, max(e[0] for e in events(dst) if e[1] == "c")),
                              ("p", 1, max(e[0] for e in events(dst) if e[1] == "p"))]
+
+
+def test_the_app_drops_or_clears_the_event_tables(replica):
+    """An app that drops the event tables (or empties them) does not break
+    applies: the tables are made again and seq goes on from what is there."""
+    src = make(replica, "src", FULL)
+    dst = make(replica, "dst", 100)
+    since = 0
+    for i, act in enumerate(["", "DROP TABLE sync_network_changes", "DELETE FROM sync_network_changes",
+                             "DROP TABLE sync_network_counters",
+                             "DROP TABLE sync_network_changes; DROP TABLE sync_network_counters"]):
+        if act:
+            dst.xs(act)
+        src.x("INSERT INTO t VALUES (?, ?, NULL)", f"a{i}", i)
+        p = src.payload(since)
+        since = synclib.until(src.conn, p)
+        assert dst.apply(p) >= 1, act
+        ev = events(dst)
+        assert [json.loads(e[2])["id"] for e in ev][-1] == f"a{i}", (act, ev)
+        assert ev[-1][0] == (1 if "sync_network_changes" in act else len(ev)), (act, ev)
+    assert state(dst) == state(src)
