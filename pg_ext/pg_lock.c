@@ -22,9 +22,11 @@
  *    transaction writing that row (a dirty-snapshot probe of the base key
  *    index: a local writer always writes the base row, its clock row comes
  *    from the capture trigger in the same transaction); if there is one, it
- *    gives way (ERROR 55P03, the writer's xid recorded). A transaction that
- *    writes only clock rows is pgsync's own (sync_gc), never a user's: the
- *    apply meets it as a lock wait, below. Every other lock wait while it merges is cut
+ *    gives way (ERROR 55P03, the writer's xid recorded). Nothing else writes
+ *    a clock row alone during a merge (sync_gc takes SHARE ROW EXCLUSIVE on
+ *    the clock table without waiting, which the apply's ROW EXCLUSIVE
+ *    excludes; other applies queue at rule 1); an administrator's direct
+ *    write of one is met as a lock wait, below. Every other lock wait while it merges is cut
  *    short by lock_timeout = PG_LOCK_WAIT_MS: a row merely locked (SELECT
  *    ... FOR UPDATE, a foreign-key check of a concurrent child insert), a
  *    parent row, a user trigger. sync_apply_payload then rolls the attempt

@@ -62,6 +62,7 @@ keep_setting(db_conn *c)
  * that is still inside the window is written at once.
  */
 #define EV_RING 65536
+#define EV_KEEP_SLOTS 1024 /* kept between applies; a larger ring is freed at its end */
 
 typedef struct sl_ev
 {
@@ -73,6 +74,35 @@ typedef struct sl_ev
 	size_t		cap;
 } sl_ev;
 
+/* ring_size: the ring's slots for the window (changes_keep) of the running apply */
+static int64_t
+ring_size(const db_conn *c)
+{
+	return c->ev_keep < EV_RING ? c->ev_keep : EV_RING;
+}
+
+/* ev_shrink: the ring keeps at most n slots (the others' memory goes) */
+static void
+ev_shrink(db_conn *c, int64_t n)
+{
+	while (c->ev_cap > n)
+		sqlite3_free(c->evs[--c->ev_cap].mem);
+	if (c->ev_cap == 0)
+	{
+		sqlite3_free(c->evs);
+		c->evs = NULL;
+	}
+}
+
+/* ev_fail: an event could not be kept; the apply fails with err at its end */
+static void
+ev_fail(db_conn *c, const pgs_err *err)
+{
+	if (!c->ev_oom)
+		c->ev_err = *err;
+	c->ev_oom = true;
+}
+
 /*
  * sl_events_begin: an apply starts on c. Reads the window and makes the
  * tables on first use; errors are the engine's (they fail the apply).
@@ -81,7 +111,7 @@ pgs_rc
 sl_events_begin(db_conn *c, pgs_err *err)
 {
 	c->ev_keep = keep_setting(c);
-	sl_events_reset(c);
+	sl_events_reset(c); /* also fits the ring to this window */
 	if (c->ev_keep == 0)
 		return PGS_OK;
 	/* made on first use, and again if the app dropped them */
@@ -101,7 +131,7 @@ sl_events_begin(db_conn *c, pgs_err *err)
 static sl_ev *
 ev_slot(db_conn *c, int64_t i)
 {
-	int64_t size = c->ev_keep < EV_RING ? c->ev_keep : EV_RING;
+	int64_t size = ring_size(c);
 	int64_t k = i % size;
 
 	if (k >= c->ev_cap)
@@ -120,9 +150,9 @@ ev_slot(db_conn *c, int64_t i)
 	return &c->evs[k];
 }
 
-/* ev_write: inserts event i (its slot e) with its seq; false on an error */
+/* ev_write: inserts event i (its slot e) with its seq; false with err on an error */
 static bool
-ev_write(db_conn *c, int64_t i, const sl_ev *e)
+ev_write(db_conn *c, int64_t i, const sl_ev *e, pgs_err *err)
 {
 	db_table *t = sl_table_by_name(c, e->tbl);
 	char	 *json;
@@ -133,17 +163,40 @@ ev_write(db_conn *c, int64_t i, const sl_ev *e)
 						   "INSERT INTO sync_network_changes(seq, tbl, pk, kind) "
 						   "VALUES (?1, ?2, ?3, ?4)",
 						   -1, SQLITE_PREPARE_PERSISTENT, &c->st_event, NULL) != SQLITE_OK)
+	{
+		sl_dberr(c, err, "could not record change events");
 		return false;
-	if (!t || t->npk != e->npk || !(json = sl_pk_json(t, e->pk)))
+	}
+	if (!t || t->npk != e->npk)
+	{
+		pgs_failf(err, PGS_ERR_MISUSE, "Call sync_init on the table again.",
+				  "could not record change events: table %s changed during the apply", e->tbl);
 		return false;
+	}
+	if (!(json = sl_pk_json(t, e->pk)))
+	{
+		pgs_failf(err, PGS_ERR_NOMEM, NULL, "could not record change events: out of memory");
+		return false;
+	}
 	sqlite3_bind_int64(c->st_event, 1, c->ev_base + i + 1);
 	sqlite3_bind_text(c->st_event, 2, e->tbl, -1, SQLITE_STATIC);
 	sqlite3_bind_text(c->st_event, 3, json, -1, sqlite3_free);
 	sqlite3_bind_text(c->st_event, 4, e->kind, -1, SQLITE_STATIC);
 	ok = sqlite3_step(c->st_event) == SQLITE_DONE;
+	if (!ok)
+		sl_dberr(c, err, "could not record change events");
 	sqlite3_reset(c->st_event);
 	sqlite3_clear_bindings(c->st_event);
 	return ok;
+}
+
+static void
+ev_nomem(db_conn *c)
+{
+	pgs_err e;
+
+	pgs_failf(&e, PGS_ERR_NOMEM, NULL, "could not record change events: out of memory");
+	ev_fail(c, &e);
 }
 
 /* sl_event records that the running apply changed key pk of t (kind is static text). */
@@ -161,6 +214,8 @@ sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind)
 	{
 		sqlite3_stmt *st;
 
+		pgs_err fail;
+
 		if (sl_stmt_prepare(c, "SELECT coalesce(max(seq), 0) FROM sync_network_changes", &st) ==
 			SQLITE_OK)
 		{
@@ -168,23 +223,28 @@ sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind)
 				c->ev_base = sqlite3_column_int64(st, 0);
 			sl_stmt_done(c, st);
 		}
-	}
-	if (c->ev_base < 0)
-	{
-		c->ev_oom = true;
-		return;
+		if (c->ev_base < 0)
+		{
+			sl_dberr(c, &fail, "could not read sync_network_changes");
+			ev_fail(c, &fail);
+			return;
+		}
 	}
 	if (!(e = ev_slot(c, i)))
 	{
-		c->ev_oom = true;
+		ev_nomem(c);
 		return;
 	}
 	/* the slot's event, if any, leaves the ring: written if still in the window */
-	if (i >= c->ev_cap && e->kind && i - c->ev_cap > c->ev_n - c->ev_keep &&
-		!ev_write(c, i - c->ev_cap, e))
+	if (i >= c->ev_cap && e->kind && i - c->ev_cap > c->ev_n - c->ev_keep)
 	{
-		c->ev_oom = true;
-		return;
+		pgs_err fail;
+
+		if (!ev_write(c, i - c->ev_cap, e, &fail))
+		{
+			ev_fail(c, &fail);
+			return;
+		}
 	}
 	need = (size_t) t->npk * sizeof(pgs_value) + len;
 	for (int k = 0; k < t->npk; k++)
@@ -196,7 +256,7 @@ sl_event(db_conn *c, db_table *t, const pgs_value *pk, const char *kind)
 
 		if (!m)
 		{
-			c->ev_oom = true;
+			ev_nomem(c);
 			return;
 		}
 		e->mem = m;
@@ -232,6 +292,8 @@ sl_events_reset(db_conn *c)
 {
 	for (int i = 0; i < c->ntables; i++)
 		c->tables[i]->ev_count = c->tables[i]->ev_seq = 0;
+	/* what a large apply grew goes; and a smaller window than the last apply's has fewer slots */
+	ev_shrink(c, ring_size(c) < EV_KEEP_SLOTS ? ring_size(c) : EV_KEEP_SLOTS);
 	for (int i = 0; i < c->ev_cap; i++)
 		c->evs[i].kind = NULL;
 	c->ev_any = c->ev_oom = false;
@@ -243,11 +305,7 @@ sl_events_reset(db_conn *c)
 void
 sl_events_free(db_conn *c)
 {
-	for (int i = 0; i < c->ev_cap; i++)
-		sqlite3_free(c->evs[i].mem);
-	sqlite3_free(c->evs);
-	c->evs = NULL;
-	c->ev_cap = 0;
+	ev_shrink(c, 0);
 }
 
 /*
@@ -264,8 +322,9 @@ sl_events_end(db_conn *c, pgs_err *err)
 
 	if (c->ev_oom)
 	{
+		*err = c->ev_err;
 		sl_events_reset(c);
-		return sl_dberr(c, err, "could not record change events");
+		return err->rc;
 	}
 	if (!c->ev_any)
 		return PGS_OK;
@@ -275,10 +334,10 @@ sl_events_end(db_conn *c, pgs_err *err)
 	if (first < 0)
 		first = 0;
 	for (int64_t i = first; i < c->ev_n; i++)
-		if (!ev_write(c, i, &c->evs[i % c->ev_cap]))
+		if (!ev_write(c, i, &c->evs[i % c->ev_cap], err))
 		{
 			sl_events_reset(c);
-			return sl_dberr(c, err, "could not record change events");
+			return err->rc;
 		}
 	if (sl_stmt_prepare(c,
 						"INSERT INTO sync_network_counters(tbl, changes, seq) VALUES (?1, ?2, ?3) "

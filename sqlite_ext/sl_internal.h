@@ -180,11 +180,12 @@ struct db_conn
 	/* change events (sl_events.c) and the last apply's counts */
 	bool			ev_ready; /* the event tables exist */
 	bool			ev_any;	  /* the running apply recorded events */
-	bool			ev_oom;	  /* an event could not be kept: the apply fails */
-	int64_t			ev_keep;  /* changes_keep; 0 = no events */
-	int64_t			ev_base;  /* max(seq) when the apply's first event came; -1 not read */
-	int64_t			ev_n;	  /* events of the running apply */
-	struct sl_ev   *evs;	  /* the newest of them not yet written (a ring) */
+	bool			ev_oom;	  /* an event could not be kept: the apply fails with ev_err */
+	pgs_err			ev_err;
+	int64_t			ev_keep; /* changes_keep; 0 = no events */
+	int64_t			ev_base; /* max(seq) when the apply's first event came; -1 not read */
+	int64_t			ev_n;	 /* events of the running apply */
+	struct sl_ev   *evs;	 /* the newest of them not yet written (a ring) */
 	int				ev_cap;
 	sqlite3_stmt   *st_event;
 	pgs_apply_stats last_apply;

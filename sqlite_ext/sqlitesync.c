@@ -453,11 +453,12 @@ sync_apply_payload(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	{
 		sl_discard(c);
 		sl_exec(c, "ROLLBACK TO sync_apply", &ignore);
-		sl_events_reset(c);
 		c->txn_ver = 0;
 		sl_reload(c, &ignore);
 		memset(&st, 0, sizeof st);
-		rc = pgs_apply(c, p, n, true, &st, &err);
+		/* begins again: the rollback undid the event tables if sl_events_begin made them */
+		if ((rc = sl_events_begin(c, &err)) == PGS_OK)
+			rc = pgs_apply(c, p, n, true, &st, &err);
 	}
 	c->applying = false;
 	c->careful = false;

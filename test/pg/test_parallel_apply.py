@@ -49,8 +49,8 @@ an earlier one), so a serial oracle exists.
    transaction merely locked the row (SELECT ... FOR UPDATE); with
    pgsync.serialize_applies = on (the old global lock, for benchmarks) an
    apply of other rows waits for an open apply; an apply waits for a
-   transaction that writes the row's clock row alone (as sync_gc does) and
-   goes through when it commits or rolls back.
+   transaction that writes the row's clock row alone (an administrator's
+   UPDATE) and goes through when it commits or rolls back.
 4. Foreign keys: a payload that lists the child table first applies parents
    first and deletes children first, without rejections, also while another
    apply adds children of the same new parent.
@@ -499,11 +499,11 @@ def part3(seed):
               "... and the newer change of each cell won")
         w.close()
 
-    # a transaction that writes a clock row alone (pgsync's own: sync_gc
-    # deleting tombstones; a local writer always writes the base row too):
-    # the probe reads only the base key index, so the apply meets it as a
-    # lock wait, gives way, waits for it holding nothing, and goes through
-    # when it ends
+    # a transaction that writes a clock row alone (an administrator's direct
+    # UPDATE; a local writer always writes the base row too, and sync_gc is
+    # kept apart by its table lock): the probe reads only the base key
+    # index, so the apply meets it as a lock wait, gives way, waits for it
+    # holding nothing, and goes through when it ends
     clock = one(hub, "SELECT clock::regclass::text FROM pgsync.tables WHERE tbl = 'items'::regclass")
     for end in ("commit", "rollback"):
         pe = change("UPDATE items SET note = %s WHERE id = 'k12'", (f"dev {end}",))

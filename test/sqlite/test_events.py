@@ -212,3 +212,61 @@ def test_the_app_drops_or_clears_the_event_tables(replica):
         assert [json.loads(e[2])["id"] for e in ev][-1] == f"a{i}", (act, ev)
         assert ev[-1][0] == (1 if "sync_network_changes" in act else len(ev)), (act, ev)
     assert state(dst) == state(src)
+
+
+def _bulk(src, prefix, n):
+    src.x("BEGIN")
+    src.conn.executemany("INSERT INTO t VALUES (?, ?, NULL)", ((f"{prefix}{i}", i) for i in range(n)))
+    src.x("COMMIT")
+
+
+def test_the_window_changes_on_an_open_connection(replica):
+    """changes_keep read at each apply: smaller and larger than the last one's
+    (the ring in memory follows it) on one connection, as a long-lived app's."""
+    src = make(replica, "src", FULL)
+    dst = make(replica, "dst", 10000)
+    since = 0
+    total = 0
+    for n, k in [(200, 10000), (150, 100), (300, 250), (40, 100000), (5000, 3), (10, 7)]:
+        keep(dst, k)
+        _bulk(src, f"x{total}_", n)
+        p = src.payload(since)
+        since = synclib.until(src.conn, p)
+        before = events(dst)
+        dst.apply(p)
+        total += n
+        ev = events(dst)
+        # as if every event were inserted and then those with seq <= total - k deleted
+        want = [e for e in before if e[0] > total - k] + \
+            [e for e in ev if e[0] > total - n]
+        assert ev == want, (n, k, ev[:2], want[:2])
+        assert [e[0] for e in ev if e[0] > total - n] == list(range(max(total - n, total - k) + 1,
+                                                                    total + 1))
+        assert counters(dst) == [("t", total, total)]
+
+
+def test_careful_apply_makes_the_event_tables_again(replica):
+    """The careful second pass of an apply (a row whose parent is missing)
+    comes after a rollback that undid the event tables the first pass made:
+    the app had dropped them, or had turned events on just now."""
+    for how in ("dropped", "turned on"):
+        src = replica(f"src {how}")
+        dst = replica(f"dst {how}")
+        for r in (src, dst):
+            keep(r, 0 if how == "turned on" else 100)
+            r.xs("CREATE TABLE p(id TEXT PRIMARY KEY NOT NULL);"
+                 "CREATE TABLE c(id TEXT PRIMARY KEY NOT NULL, pid TEXT REFERENCES p(id))")
+            r.init("p")
+            r.init("c")
+        if how == "dropped":
+            src.x("INSERT INTO p VALUES ('p0')")
+            dst.apply(src.payload(0))        # the tables exist now
+            dst.xs("DROP TABLE sync_network_changes")
+        else:
+            keep(dst, 100)
+        src.xs("PRAGMA foreign_keys = OFF")
+        src.xs("INSERT INTO p VALUES ('p1'); INSERT INTO c VALUES ('c1', 'p1'), ('c2', 'nobody')")
+        dst.xs("PRAGMA foreign_keys = ON")
+        dst.apply(src.payload(0))
+        got = sorted((e[1], json.loads(e[2])["id"], e[3]) for e in events(dst))
+        assert got == [("c", "c1", "insert"), ("p", "p1", "insert")], (how, got)
