@@ -85,6 +85,10 @@ ring_size(const db_conn *c)
 static void
 ev_shrink(db_conn *c, int64_t n)
 {
+	sl_ev *smaller;
+
+	if (c->ev_cap <= n)
+		return;
 	while (c->ev_cap > n)
 		sqlite3_free(c->evs[--c->ev_cap].mem);
 	if (c->ev_cap == 0)
@@ -92,6 +96,8 @@ ev_shrink(db_conn *c, int64_t n)
 		sqlite3_free(c->evs);
 		c->evs = NULL;
 	}
+	else if ((smaller = sqlite3_realloc64(c->evs, (sqlite3_uint64) c->ev_cap * sizeof *smaller)))
+		c->evs = smaller; /* else the larger array stays: as good */
 }
 
 /* ev_fail: an event could not be kept; the apply fails with err at its end */
