@@ -390,20 +390,20 @@ key_datums(db_table *t, const pgs_value *pk)
 static TransactionId
 row_writer(db_table *t, Datum *pk, bool clock_too)
 {
-	AttrNumber	 *base = palloc(sizeof(AttrNumber) * t->npk);
-	AttrNumber	 *clock = palloc(sizeof(AttrNumber) * t->npk);
+	AttrNumber	 *cols = palloc(sizeof(AttrNumber) * t->npk);
 	TransactionId x;
 
 	for (int i = 0; i < t->npk; i++)
-	{
-		base[i] = t->pk[i].attnum;
-		clock[i] = (AttrNumber) (i + 1);
-	}
-	x = writer_of(t->relid, t, base, pk);
+		cols[i] = t->pk[i].attnum;
+	x = writer_of(t->relid, t, cols, pk);
 	if (!TransactionIdIsValid(x) && clock_too)
-		x = writer_of(t->clock_relid, t, clock, pk);
-	pfree(base);
-	pfree(clock);
+	{
+		/* the clock table's key columns come first, in key order */
+		for (int i = 0; i < t->npk; i++)
+			cols[i] = (AttrNumber) (i + 1);
+		x = writer_of(t->clock_relid, t, cols, pk);
+	}
+	pfree(cols);
 	return x;
 }
 

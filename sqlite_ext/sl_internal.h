@@ -178,9 +178,8 @@ struct db_conn
 	bool	pushing;	  /* sync_payload builds a push to the server (known lives partial) */
 	int64_t gc_floor_ver; /* fire_ver at which the tables' floors were last read */
 	/* change events (sl_events.c) and the last apply's counts */
-	bool			ev_ready; /* the event tables exist */
-	bool			ev_any;	  /* the running apply recorded events */
-	bool			ev_oom;	  /* an event could not be kept: the apply fails with ev_err */
+	bool			ev_ready;  /* the event tables exist */
+	bool			ev_failed; /* an event could not be kept: the apply fails with ev_err */
 	pgs_err			ev_err;
 	int64_t			ev_keep; /* changes_keep; 0 = no events */
 	int64_t			ev_base; /* max(seq) when the apply's first event came; -1 not read */

@@ -868,20 +868,16 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 	/* held changes again; rows this device lacks, whole */
 	{
 		int64_t fetched = 0;
-		pgs_err err;
-		bool	ok, events_failed = false;
+		pgs_err err = {0};
+		bool	ok;
 
-		ok = exec(n, "SAVEPOINT sync_network_held");
-		if (ok && !(ok = sl_events_begin(n->c, &err) == PGS_OK))
-			events_failed = true;
-		ok = ok && sl_rejected_after_receive(n);
-		if (ok && !(ok = sl_events_end(n->c, &err) == PGS_OK))
-			events_failed = true;
+		ok = exec(n, "SAVEPOINT sync_network_held") && sl_events_begin(n->c, &err) == PGS_OK &&
+			 sl_rejected_after_receive(n) && sl_events_end(n->c, &err) == PGS_OK;
 		if (!ok)
 		{
 			/* the events' error is in err; the others are SQLite's */
 			*msg = sqlite3_mprintf("trying held changes again failed: %s",
-								   events_failed ? err.msg : sqlite3_errmsg(n->db));
+								   err.msg[0] ? err.msg : sqlite3_errmsg(n->db));
 			sl_events_reset(n->c);
 			exec(n, "ROLLBACK TO sync_network_held; RELEASE sync_network_held");
 			n->err_code = "local";

@@ -170,17 +170,22 @@ def test_events_off_and_on(replica):
     assert counters(dst) == [("t", 1, 1)]
 
 
-def test_rejected_rows_have_no_events(replica):
-    """An apply that goes the careful way (a row whose parent is missing is
-    rejected alone) records the events of the rows it applied, once."""
-    src = replica("src")
-    dst = replica("dst")
-    for r in (src, dst):
+def parent_child(replica, suffix, k):
+    """a source and a destination with tables p and c (c.pid references p), window k"""
+    pair = replica(f"src{suffix}"), replica(f"dst{suffix}")
+    for r in pair:
+        keep(r, k)
         r.xs("CREATE TABLE p(id TEXT PRIMARY KEY NOT NULL);"
              "CREATE TABLE c(id TEXT PRIMARY KEY NOT NULL, pid TEXT REFERENCES p(id))")
         r.init("p")
         r.init("c")
-        keep(r, 100)
+    return pair
+
+
+def test_rejected_rows_have_no_events(replica):
+    """An apply that goes the careful way (a row whose parent is missing is
+    rejected alone) records the events of the rows it applied, once."""
+    src, dst = parent_child(replica, "", 100)
     src.xs("PRAGMA foreign_keys = OFF")
     src.xs("INSERT INTO p VALUES ('p1'); INSERT INTO c VALUES ('c1', 'p1'), ('c2', 'nobody'), "
            "('c3', 'p1')")
@@ -250,14 +255,7 @@ def test_careful_apply_makes_the_event_tables_again(replica):
     comes after a rollback that undid the event tables the first pass made:
     the app had dropped them, or had turned events on just now."""
     for how in ("dropped", "turned on"):
-        src = replica(f"src {how}")
-        dst = replica(f"dst {how}")
-        for r in (src, dst):
-            keep(r, 0 if how == "turned on" else 100)
-            r.xs("CREATE TABLE p(id TEXT PRIMARY KEY NOT NULL);"
-                 "CREATE TABLE c(id TEXT PRIMARY KEY NOT NULL, pid TEXT REFERENCES p(id))")
-            r.init("p")
-            r.init("c")
+        src, dst = parent_child(replica, f" {how}", 0 if how == "turned on" else 100)
         if how == "dropped":
             src.x("INSERT INTO p VALUES ('p0')")
             dst.apply(src.payload(0))        # the tables exist now
