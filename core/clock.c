@@ -191,15 +191,20 @@ same_stamp(const pgs_stamp *a, const pgs_stamp *b)
 void
 pgs_rowclock_encode(const pgs_rowclock *rc, pgs_buf *out)
 {
-	int prev_end = 0;
+	int		 prev_end = 0;
+	uint8_t *p;
 
-	pgs_buf_varint(out, (uint64_t) rc->cl_ver);
-	pgs_buf_varint(out, rc->cl_site);
+	/* room for the worst case once: two varints, then per run four and the HLC */
+	if (!pgs_buf_reserve(out, (size_t) PGS_VARINT_MAX * (2 + 4 * (size_t) rc->ncols) +
+								  8 * (size_t) rc->ncols))
+		return;
+	p = out->p + out->len;
+	p += pgs_varint_put(p, (uint64_t) rc->cl_ver);
+	p += pgs_varint_put(p, rc->cl_site);
 	for (int i = 0; i < rc->ncols;)
 	{
 		const pgs_stamp *s = &rc->cols[i];
 		int				 j = i + 1;
-		uint8_t			 le[8];
 
 		if (s->hlc == 0)
 		{
@@ -208,16 +213,16 @@ pgs_rowclock_encode(const pgs_rowclock *rc, pgs_buf *out)
 		}
 		while (j < rc->ncols && same_stamp(&rc->cols[j], s))
 			j++;
-		pgs_buf_varint(out, (uint64_t) (i - prev_end));
-		pgs_buf_varint(out, (uint64_t) (j - i));
-		pgs_buf_varint(out, (uint64_t) s->ver);
+		p += pgs_varint_put(p, (uint64_t) (i - prev_end));
+		p += pgs_varint_put(p, (uint64_t) (j - i));
+		p += pgs_varint_put(p, (uint64_t) s->ver);
 		for (int k = 0; k < 8; k++)
-			le[k] = (uint8_t) (s->hlc >> (8 * k));
-		pgs_buf_put(out, le, 8);
-		pgs_buf_varint(out, s->site);
+			*p++ = (uint8_t) (s->hlc >> (8 * k));
+		p += pgs_varint_put(p, s->site);
 		prev_end = j;
 		i = j;
 	}
+	out->len = (size_t) (p - out->p);
 }
 
 pgs_rc

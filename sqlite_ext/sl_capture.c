@@ -457,16 +457,23 @@ fire_gset(sqlite3_context *ctx, db_table *t, int op)
 	return true;
 }
 
-/* fire_blob encodes rc into c->fire_blob and returns it as the result. */
+/*
+ * fire_blob encodes rc into c->fire_blob and returns it as the result. An
+ * UPDATE's SET (touch, tomb) writes the value into its record before the
+ * next capture call can change the buffer: SQLite may use it in place
+ * (SQLITE_STATIC, no copy). The INSERT's upsert (relife) gets a copy: its
+ * statement holds the VALUES row's fresh blob (the same buffer) meanwhile.
+ */
 static void
-fire_blob(sqlite3_context *ctx, db_conn *c, const pgs_rowclock *rc)
+fire_blob(sqlite3_context *ctx, db_conn *c, const pgs_rowclock *rc, bool in_place)
 {
 	c->fire_blob.len = 0;
 	pgs_rowclock_encode(rc, &c->fire_blob);
 	if (c->fire_blob.oom)
 		sqlite3_result_error_nomem(ctx);
 	else
-		sqlite3_result_blob(ctx, c->fire_blob.p, (int) c->fire_blob.len, SQLITE_TRANSIENT);
+		sqlite3_result_blob(ctx, c->fire_blob.p, (int) c->fire_blob.len,
+							in_place ? SQLITE_STATIC : SQLITE_TRANSIENT);
 }
 
 /* life_clock: a key's first life, every column stamped now (core/local.c). */
@@ -789,7 +796,7 @@ fire_edit(sqlite3_context *ctx, db_conn *c, db_table *t, sqlite3_value *cl, sqli
 		fire_fail(ctx, r, &err);
 		return;
 	}
-	fire_blob(ctx, c, &rc);
+	fire_blob(ctx, c, &rc, op != PGS_LOCAL_INSERT);
 }
 
 void
