@@ -129,6 +129,52 @@ in_range(const build_ctx *b, int64_t ver)
 	return ver > b->o->since;
 }
 
+/*
+ * unseen: a row the receiver may not see and cannot hold either, which a
+ * view build leaves out instead of sending it as a removal candidate. Its
+ * only life (cl 1) began after since, so no payload the receiver applied
+ * had it, and the receiver did not make it (the life's site is not
+ * exclude_site). Sent, its hash would tell the receiver that an invisible
+ * row was just made, and by which device (docs/DESIGN.md, "Removal
+ * candidates"). Without a named receiver (a group build) the row is left
+ * out and its site reported in o->unseen_sites, so that the device that
+ * made it is not served by this build; with neither, it goes out.
+ */
+static pgs_rc
+unseen(build_ctx *b, int64_t cl, const pgs_rowclock *rcl, bool *out, pgs_err *err)
+{
+	const uint8_t *site;
+	pgs_buf		  *rep = b->o->unseen_sites;
+	bool		   mine;
+	pgs_rc		   rc;
+
+	*out = false;
+	if (!b->o->view || cl != 1 || !in_range(b, rcl->cl_ver))
+		return PGS_OK;
+	if (b->o->exclude_site)
+	{
+		if ((rc = excluded(b, rcl->cl_site, &mine, err)) != PGS_OK)
+			return rc;
+		*out = !mine;
+		return PGS_OK;
+	}
+	if (!rep)
+		return PGS_OK;
+	if ((rc = db_site_lookup(b->db, rcl->cl_site, &site, err)) != PGS_OK)
+		return rc;
+	for (size_t k = 0; k + PGS_SITE_LEN <= rep->len; k += PGS_SITE_LEN)
+		if (memcmp(rep->p + k, site, PGS_SITE_LEN) == 0)
+		{
+			*out = true;
+			return PGS_OK;
+		}
+	pgs_buf_put(rep, site, PGS_SITE_LEN);
+	if (rep->oom)
+		return oom(err);
+	*out = true;
+	return PGS_OK;
+}
+
 static uint64_t
 encoded_value_bytes(const pgs_value *v)
 {
@@ -279,6 +325,12 @@ build_table(build_ctx *b, db_table *t, const pgs_value *after_pk, bool first, pg
 			goto out;
 		if (vis == DB_VIS_HIDDEN)
 		{
+			bool gone; /* never the receiver's: nothing to say */
+
+			if ((rc = unseen(b, cl, &rcl, &gone, err)) != PGS_OK)
+				goto out;
+			if (gone)
+				continue;
 			if (!have_idx)
 			{
 				tidx = add_table(b, ti);

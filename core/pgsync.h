@@ -535,6 +535,13 @@ typedef struct pgs_build_opts
 	 * "Tombstone GC").
 	 */
 	bool known_lives_partial;
+	/*
+	 * view builds, a group of receivers (exclude_site NULL): receives the
+	 * 16-byte site id of every row left out as unseen (build.c), once per
+	 * site; a receiver whose site is among them is not served by the build.
+	 * NULL with exclude_site NULL: such rows go out as removal candidates.
+	 */
+	pgs_buf *unseen_sites;
 } pgs_build_opts;
 
 /* Header flag bits (docs/PAYLOAD.md). */

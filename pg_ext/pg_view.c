@@ -1011,10 +1011,12 @@ payload_sites(const uint8_t *p, size_t len, uint32_t *n)
  * belongs to the principal, what decides its view has not changed
  * (fingerprint and generation: no snapshot of every table is due), and no
  * change, whole row or removal candidate in the payload carries its site id
- * (sync_pull would have left its own changes out). The payload is built
- * once without a device, so only the device's own changes can make it
- * differ, and they would all put the device's site in the payload's site
- * dictionary. A chunked result (more than max_rows rows) serves nobody: chunk
+ * (sync_pull would have left its own changes out), and no row left out as
+ * unseen was made by it (its sync_pull would send that row's removal
+ * candidate: core/build.c, unseen). The payload is built once without a
+ * device, so only the device's own changes can make it differ, and they
+ * would all put the device's site in the payload's site dictionary or in
+ * the unseen sites. A chunked result (more than max_rows rows) serves nobody: chunk
  * cursors are sealed for one device. Devices not served pull alone.
  */
 Datum
@@ -1034,7 +1036,7 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	db_conn			db;
 	pgs_build_opts	o;
 	pgs_build_stats st;
-	pgs_buf			out, next;
+	pgs_buf			out, next, unseen;
 	pgs_err			err;
 	int64_t			until;
 	uint64			fp;
@@ -1110,6 +1112,8 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	}
 	pgs_buf_init(&out);
 	pgs_buf_init(&next);
+	pgs_buf_init(&unseen);
+	o.unseen_sites = &unseen;
 	if (o.since < o.until)
 	{
 		pgs_rc rc = pgs_build(&db, &o, &out, &next, &st, &err);
@@ -1117,6 +1121,11 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		if (rc != PGS_OK)
 			pg_raise(&err);
 	}
+	/* rows left out as no one's: the device that made one gets it alone */
+	for (int i = 0; i < n; i++)
+		for (size_t k = 0; k + PGS_SITE_LEN <= unseen.len && served[i]; k += PGS_SITE_LEN)
+			if (memcmp(unseen.p + k, DatumGetUUIDP(elems[i])->data, PGS_SITE_LEN) == 0)
+				served[i] = false;
 	if (next.len)
 		memset(served, 0, sizeof(bool) * n);
 	else if (out.len)

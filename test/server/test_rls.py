@@ -1112,6 +1112,84 @@ def wakeups_do_not_leak(env):
     check(docs(a) == [], docs(a))
 
 
+def parked(env, url, tok, devs, wait=1500):
+    """Long-polls of devs from their cursors, parked together (one group pull)."""
+    polls = [run_bg(lambda d=d, c=d.status()["recv_cursor"]:
+                    raw_pull(url, tok, since=c, exclude=d.site(), wait=wait)) for d in devs]
+    time.sleep(0.3)
+    return polls
+
+
+def answered(poll):
+    t, out = poll
+    t.join(5)
+    check("result" in out, out)
+    return out["result"]
+
+
+@test
+def new_invisible_rows_reach_no_one(env):
+    """A row made after a device's cursor that it may not see, by another
+    device, reaches it in no form: its long-poll keeps waiting, alone or
+    woken with the principal's other devices (one group pull), and no answer
+    names the writer's device (DESIGN.md, "Removal candidates"). A row the
+    device made itself and lost before its next pull still goes out to it
+    as a removal candidate and leaves it; its other device hears nothing."""
+    world(env)
+    s1 = env.server("s1")
+    a1, a2 = dev(env, "a1", "alice", s1), dev(env, "a2", "alice", s1)
+    b = dev(env, "b", "bob", s1)
+    for d in (a1, a2, b):
+        d.sync()
+    ta = token("alice")
+    bob_site = b.site()
+    for how in ("push", "direct"):
+        polls = parked(env, s1.url, ta, [a1, a2])
+        if how == "push":
+            b.q("INSERT INTO docs VALUES('hidden1', 'bob', 'top secret', 'x')")
+            b.sync()
+        else:
+            env.sql("INSERT INTO docs VALUES('hidden2', 'bob', 'top secret', 'x')")
+        for d, poll in zip((a1, a2), polls):
+            st, h, body = answered(poll)
+            check(st == 204, (how, d.name, st, info(body) if st == 200 else body))
+    for d in (a1, a2):
+        d.sync()
+        check(docs(d) == [], docs(d))
+    # alice's own row, taken from her before a1 pulls again
+    for d in (a1, a2):
+        d.sync()
+    cur = a1.status()["recv_cursor"]
+    check(a2.status()["recv_cursor"] == cur, (cur, a2.status()["recv_cursor"]))
+    since, gen = (int(x) for x in cur.split("."))
+    a1.q("INSERT INTO docs VALUES('mine1', 'alice', 'mine', 'x')")
+    check(a1.send()["applied"] >= 1)
+    env.sql("UPDATE docs SET owner = 'bob' WHERE id = 'mine1'")
+    # the pull a push's wake-up runs for both (server/sync.c, group_once): a1
+    # made the row, so only its own pull may answer it; a2's is empty
+    claims = json.dumps({"sub": "alice", "role": "app_user"})
+    r = env.sql(f"""BEGIN; SELECT sync_device('{a1.site()}', 'alice');
+        SET LOCAL ROLE app_user;
+        SELECT set_config('request.jwt.claims', '{claims}', true);
+        SELECT payload IS NULL, served FROM sync_pull_group({since}, 0, {gen},
+               ARRAY['{a1.site()}', '{a2.site()}']::uuid[]);""", fetch=True)
+    check(r == [(True, [False, True])], r)
+    st1, _, body1 = raw_pull(s1.url, ta, since=cur, exclude=a1.site())
+    st2, _, body2 = raw_pull(s1.url, ta, since=cur, exclude=a2.site(), wait=300)
+    check(st1 == 200 and [r["kind"] for r in info(body1)["rows"]] == ["candidate"],
+          (st1, info(body1) if st1 == 200 else body1))
+    check(st2 == 204, (st2, info(body2) if st2 == 200 else body2))
+    for body in (body1, body2):
+        if body:
+            check(bob_site not in json.dumps(info(body)), info(body))
+    a1.sync()
+    a2.sync()
+    check(docs(a1) == [] and docs(a2) == [], (docs(a1), docs(a2)))
+    check_view(env, a1, "alice")
+    b.sync()
+    check_view(env, b, "bob")
+
+
 # ---- the oracle: every device equals its role's view ------------------------------
 
 ORACLE_PG = """
