@@ -310,7 +310,11 @@ def push_mixed_error_classes(env):
     check(pg_rows(env, "notes") == [("mine", "alice", "ok"), ("rls", "alice", "in bob's name")], pg_rows(env, "notes"))
     # discards: the server's version comes back (old), or the row goes (gen, gen_null)
     check(a.one("SELECT sync_network_discard('t', '{\"id\":\"old\"}')") == 1)
+    # online and outside a transaction: the server's version is here at once
+    old_a = [r for r in t_rows(a) if r[0] == "old"]
+    check(old_a == [r for r in pg_t(env) if r[0] == "old"], (old_a, pg_t(env)))
     check(a.one("SELECT sync_network_discard()") == 2)
+    check(not [r for r in t_rows(a) if r[0] in ("gen", "gen_null")], t_rows(a))
     a.sync_quiet()
     pending = a.status()["pending_rows"]     # checked last: nothing else depends on it
     check(a.rejected() == {}, a.rejected())
