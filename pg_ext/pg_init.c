@@ -176,8 +176,11 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 	if (!OidIsValid(pkidx))
 		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 						errmsg("table \"%s\" has no primary key", RelationGetRelationName(rel)),
-						errhint("pgsync identifies rows by their primary key: add one (ALTER TABLE "
-								"... ADD PRIMARY KEY).")));
+						errdetail("Replicas name a row by its primary key, and the same key must "
+								  "mean the same row on every device."),
+						errhint("Add a primary key that is unique across devices, e.g. id uuid "
+								"PRIMARY KEY DEFAULT sync_uuid() (ALTER TABLE ... ADD PRIMARY "
+								"KEY).")));
 	nsp = get_namespace_name(RelationGetNamespace(rel));
 	relname = pstrdup(RelationGetRelationName(rel));
 	/* the name in payloads: the table's own, whatever its schema (docs/PG.md) */
@@ -479,13 +482,19 @@ meta_sql(const char *sql, int nargs, Oid *types, Datum *vals, int expect)
 		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
 }
 
-/* kind_of: how values of a type travel, or -1 for a type that is gone */
+/* kind_of: how values of a type travel, or -1 for a type that is gone.
+ * smallint, integer and bigint all travel as INTEGER (docs/TYPES.md): one
+ * form, so a change among them keeps every replica's values readable (a
+ * value out of the narrower range is that row's own fate, 22003). */
 static int
 kind_of(Oid typid)
 {
+	pg_kind k;
+
 	if (!OidIsValid(typid) || !SearchSysCacheExists1(TYPEOID, ObjectIdGetDatum(typid)))
 		return -1;
-	return (int) pg_type_kind(getBaseType(typid));
+	k = pg_type_kind(getBaseType(typid));
+	return (int) (k == PGK_INT2 || k == PGK_INT4 ? PGK_INT8 : k);
 }
 
 /*
@@ -495,9 +504,9 @@ kind_of(Oid typid)
  * pgsync.column_history so that older replicas still match it), DROP COLUMN
  * (its stamp leaves every clock blob; payloads that still carry it are
  * ignored), a type change that keeps how values travel (varchar(10) to
- * text, integer to bigint), RENAME TO and SET SCHEMA (the name in payloads
- * stays). Refused with the supported way: a change of the primary key, a
- * rename of a key column, a type change that changes how values travel.
+ * text; smallint, integer and bigint among each other), RENAME TO and SET SCHEMA (the name in
+ * payloads stays). Refused with the supported way: a change of the primary key, a rename of a key
+ * column, a type change that changes how values travel.
  */
 void
 pg_table_reconcile(Oid relid)

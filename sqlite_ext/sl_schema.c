@@ -194,7 +194,9 @@ describe(db_conn *c, const char *table, char **canon, col_desc **out, int *ncols
 		return pgs_failf(err, PGS_ERR_MISUSE,
 						 "Add a primary key that is unique across devices, e.g. id TEXT PRIMARY "
 						 "KEY DEFAULT (sync_uuid()).",
-						 "table \"%s\" has no primary key; synced tables need one", *canon);
+						 "table \"%s\" has no primary key; synced tables need one (replicas "
+						 "name a row by its key, and rowids collide across devices)",
+						 *canon);
 	}
 	if (!pkindex && !without_rowid)
 		return pgs_failf(err, PGS_ERR_MISUSE,

@@ -167,6 +167,7 @@ def pg_destructive_ddl(env):
     check(e and "key column \"id\"" in e, e)
     # harmless: a type change that keeps the payload form
     check(pg_error(env, "ALTER TABLE items ALTER COLUMN note TYPE text") is None)
+    check(pg_error(env, "ALTER TABLE items ALTER COLUMN qty TYPE bigint") is None)  # INTEGER still
     # supported: rename and drop
     env.sql("ALTER TABLE items RENAME COLUMN title TO name")
     env.sql("ALTER TABLE items DROP COLUMN old")
@@ -196,6 +197,10 @@ def pg_destructive_ddl(env):
     env.sql("UPDATE products SET qty = 42 WHERE id = 'i1'")
     quiet(v1, v2)
     check(v2.rows("items")[0] == ("i1", "one from v1", 42, "n"), v2.rows("items"))
+    v1.q("UPDATE items SET qty = 5000000000 WHERE id = 'i2'")  # beyond integer: bigint now
+    quiet(v1, v2)
+    check(env.sql("SELECT qty FROM products WHERE id = 'i2'", fetch=True) == [(5000000000,)])
+    check(v2.rows("items")[1][2] == 5000000000, v2.rows("items"))
     # dropping a synced table drops its metadata
     env.sql("DROP TABLE products")
     check(env.sql("SELECT count(*) FROM pgsync.tables", fetch=True)[0][0] == 0)

@@ -239,7 +239,8 @@ def test_init_inside_transaction_rolls_back(replica):
     ("'t', NULL", "sync_init: table name and algorithm must not be NULL"),
     ("'t', 'lww'", "unknown sync algorithm 'lww'. Use 'cls' (the default) or 'gset'."),
     ("'t', 'CLS'", "unknown sync algorithm 'CLS'. Use 'cls' (the default) or 'gset'."),
-    ("'np'", 'table "np" has no primary key; synced tables need one. Add a primary key that is '
+    ("'np'", 'table "np" has no primary key; synced tables need one (replicas name a row by its '
+             "key, and rowids collide across devices). Add a primary key that is "
              "unique across devices, e.g. id TEXT PRIMARY KEY DEFAULT (sync_uuid())."),
     ("'r'", 'table "r" uses INTEGER PRIMARY KEY (the rowid alias); row ids collide across '
             "devices. Use a key that is unique across devices, e.g. id TEXT PRIMARY KEY DEFAULT "
