@@ -208,8 +208,10 @@ typedef enum db_snap_op
 	DB_SNAP_SEEN = 1,  /* key pk is part of it */
 	DB_SNAP_END = 2	   /* complete: forget every live row not seen (db_row_forget rules) */
 } db_snap_op;
-/* db_snapshot: the receiving side of a snapshot (persisted across chunks). */
-pgs_rc db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err);
+/* db_snapshot: the receiving side of a snapshot (persisted across chunks).
+ * DB_SNAP_END adds the number of rows it forgot to *forgot. */
+pgs_rc db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, int64_t *forgot,
+				   pgs_err *err);
 
 /*
  * Held changes (docs/DESIGN.md): changes this replica cannot store now

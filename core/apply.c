@@ -1231,7 +1231,7 @@ pass(apply_ctx *a, int only_table, int phase, pgs_apply_stats *st, pgs_err *err)
 		else
 		{
 			if (a->r.tables[g.table].snap && !a->only &&
-				(rc = db_snapshot(a->db, at->t, DB_SNAP_SEEN, g.pk, err)) != PGS_OK)
+				(rc = db_snapshot(a->db, at->t, DB_SNAP_SEEN, g.pk, NULL, err)) != PGS_OK)
 				return rc;
 			rc = apply_group(a, g.table, &g, ordinal, st, err);
 		}
@@ -1380,7 +1380,7 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 	db_apply_careful(db, careful);
 	for (uint32_t i = 0; i < a.r.ntables; i++)
 		if (a.tables[i].t && (a.r.tables[i].snap & PGS_SNAP_BEGIN) &&
-			(rc = db_snapshot(db, a.tables[i].t, DB_SNAP_BEGIN, NULL, err)) != PGS_OK)
+			(rc = db_snapshot(db, a.tables[i].t, DB_SNAP_BEGIN, NULL, NULL, err)) != PGS_OK)
 			goto out;
 	if (!deps)
 		rc = pass(&a, -1, -1, st, err);
@@ -1400,7 +1400,7 @@ pgs_apply(db_conn *db, const uint8_t *payload, size_t len, bool careful, pgs_app
 		rc = db_apply_end(db, err);
 	for (uint32_t i = 0; rc == PGS_OK && i < a.r.ntables; i++)
 		if (a.tables[i].t && (a.r.tables[i].snap & PGS_SNAP_END))
-			rc = db_snapshot(db, a.tables[i].t, DB_SNAP_END, NULL, err);
+			rc = db_snapshot(db, a.tables[i].t, DB_SNAP_END, NULL, &st->rows_forgotten, err);
 	if (rc == PGS_OK && a.max_hlc)
 		rc = db_hlc_observe(db, pgs_hlc_receive(0, a.max_hlc, pgs_now_ms()), err);
 out:

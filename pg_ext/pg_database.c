@@ -976,7 +976,8 @@ db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_e
 
 /* db_snapshot: Postgres pulls from no one as a device: snapshots are ignored. */
 pgs_rc
-db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err)
+db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, int64_t *forgot,
+			pgs_err *err)
 {
 	return PGS_OK;
 }

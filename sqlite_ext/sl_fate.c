@@ -481,7 +481,8 @@ query_int(db_conn *c, const char *sql, int64_t id, int64_t def)
 }
 
 pgs_rc
-db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err)
+db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, int64_t *nforgot,
+			pgs_err *err)
 {
 	pgs_rc rc;
 
@@ -600,6 +601,8 @@ db_snapshot(db_conn *c, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err
 					}
 					if (rc == PGS_OK)
 						rc = db_row_forget(c, t, kv, &forgot, err);
+					if (rc == PGS_OK && forgot && nforgot)
+						(*nforgot)++;
 				}
 				pgs_buf_free(&gone);
 				c->protect_ver = protect;

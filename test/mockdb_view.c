@@ -203,7 +203,8 @@ snap_has(const msnap *s, const uint8_t *k, size_t n)
 }
 
 pgs_rc
-db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_err *err)
+db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, int64_t *nforgot,
+			pgs_err *err)
 {
 	msnap *s = snap_of(db, t);
 
@@ -241,6 +242,8 @@ db_snapshot(db_conn *db, db_table *t, db_snap_op op, const pgs_value *pk, pgs_er
 					continue;
 				if ((rc = forget_row(db, t, row->pk, &forgot, err)) != PGS_OK)
 					return rc;
+				if (forgot && nforgot)
+					(*nforgot)++;
 			}
 			snap_clear(s);
 			s->active = false;

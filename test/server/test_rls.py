@@ -420,8 +420,10 @@ class MoveOut:
         pg_before = self.pg_row()
         check(pg_before is not None, "the row must stay in Postgres")
         for d in self.a:
-            d.sync()
+            r = d.sync()["receive"]
             check(not self.held_by(d), f"{what}: {self.key} is still on {d.name}: {self.rows(d)}")
+            # the summary counts the rows that left (candidates or a snapshot's end)
+            check(r["moved_out"] >= 1 and r["rows_changed"] >= r["moved_out"], (what, d.name, r))
             check(self.rows(d) == self.view(), (what, d.name, self.rows(d), self.view()))
             check(d.one(f"SELECT count(*) FROM {self.table}__sync_clock WHERE id = ?", self.key) == 0,
                   f"{what}: {d.name} keeps a clock (a tombstone?) for {self.key}")
