@@ -10,6 +10,8 @@
  */
 #include "sl_internal.h"
 
+#include <math.h>
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -763,13 +765,37 @@ db_row_forms(db_conn *c, int n, bool *differs)
 }
 
 /* db_row_write: row_write, and the change event (sl_events.c) when it succeeded. */
+/*
+ * nan_refused: SQLite stores a NaN REAL as NULL, which would leave this
+ * replica holding another value than its peers under the same stamp. The
+ * row is refused here, as one its own constraints refuse: kept aside
+ * (sync_network_held) and retried, never changed silently.
+ */
+static pgs_rc
+nan_refused(db_conn *c, db_table *t, int col, pgs_err *err)
+{
+	pgs_failf(err, c->careful ? PGS_ERR_ROW : PGS_ERR_CAREFUL,
+			  "Keep NaN out of columns that SQLite replicas sync (NULL, or a numeric or text "
+			  "column on Postgres), or change the value on the server: the row is held until then.",
+			  "column \"%s\" of table \"%s\": SQLite cannot store NaN as a REAL (it would become "
+			  "NULL)",
+			  t->col_names[col], t->name);
+	pgs_err_code(err, "22000");
+	return err->rc;
+}
+
 pgs_rc
 db_row_write(db_conn *c, db_table *t, const pgs_value *pk, db_write_mode mode, int n,
 			 const int *cols, const pgs_value *vals, pgs_err *err)
 {
 	bool   inserted = false;
 	bool   retry = c->flushing; /* a batched row written again: already recorded */
-	pgs_rc rc = row_write(c, t, pk, mode, n, cols, vals, &inserted, err);
+	pgs_rc rc;
+
+	for (int i = 0; i < n; i++)
+		if (vals[i].type == PGS_REAL && isnan(vals[i].v.r))
+			return nan_refused(c, t, cols[i], err);
+	rc = row_write(c, t, pk, mode, n, cols, vals, &inserted, err);
 
 	if (rc == PGS_OK && !retry)
 		sl_event(c, t, pk, inserted ? "insert" : "update");

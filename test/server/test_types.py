@@ -315,6 +315,30 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON p TO app_user;""")
 
 
 @test
+def nan_held_not_nulled(env):
+    """SQLite cannot store a NaN REAL (it would hold NULL under Postgres'
+    stamp): a row whose change carries NaN is held on the device with its
+    reason, the rest applies, and it lands when Postgres' value changes."""
+    env.sql(PG_BASE + """
+CREATE TABLE f(id text PRIMARY KEY, x double precision, n integer);
+SELECT sync_init('f');
+GRANT SELECT, INSERT, UPDATE, DELETE ON f TO app_user;
+INSERT INTO f VALUES ('ok', 1.5, 1), ('nan', 'NaN', 2), ('inf', '-Infinity', 3);""")
+    s = env.server()
+    a = dev(env, "a", s, "CREATE TABLE f(id TEXT PRIMARY KEY, x REAL, n INTEGER);", ["f"])
+    a.sync()
+    check(a.q("SELECT id, x, n FROM f ORDER BY id") == [("inf", float("-inf"), 3), ("ok", 1.5, 1)],
+          a.q("SELECT id, x, n, typeof(x) FROM f ORDER BY id"))
+    held = a.q("SELECT tbl, pk, code, message FROM sync_network_held")
+    check(len(held) == 1 and held[0][:3] == ("f", '{"id":"nan"}', "22000") and "NaN" in held[0][3], held)
+    env.sql("UPDATE f SET x = 2.5 WHERE id = 'nan'")
+    a.sync()
+    check(a.q("SELECT id, x, n FROM f ORDER BY id") ==
+          [("inf", float("-inf"), 3), ("nan", 2.5, 2), ("ok", 1.5, 1)], a.q("SELECT * FROM f"))
+    check(a.q("SELECT count(*) FROM sync_network_held") == [(0,)], a.q("SELECT * FROM sync_network_held"))
+
+
+@test
 def canonical_under_rls(env):
     """The re-stamp changes a clock, not a row: who sees the row does not
     change. Bob never learns of Alice's row; Alice gets the canonical form."""

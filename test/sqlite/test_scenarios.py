@@ -356,9 +356,10 @@ def test_nan_is_stored_as_null(trio):
     assert rows(b) == [("nan", None, 1, 1)]
 
 
-def test_nan_in_payload_is_stored_as_null(replica):
-    """A payload may carry a NaN REAL (another engine could store one): the
-    receiver stores what SQLite can, NULL."""
+def test_nan_in_payload_is_held(replica):
+    """A payload may carry a NaN REAL (Postgres stores one): SQLite would
+    store NULL under the sender's stamp, a silent divergence, so the row is
+    held aside with its reason (22000) and nothing of it is written."""
     r = replica("r")
     r.x(SCHEMA)
     r.init("t")
@@ -371,8 +372,10 @@ def test_nan_in_payload_is_stored_as_null(replica):
         pc.Change(2, pc.NULL, None, hlc, 0)])])       # a new row comes whole
     p = pc.make(b, origin=site)
     assert [c["value"] for c in r.info(p)["rows"][0]["changes"]] == ["NaN", "NaN", None]
-    assert r.apply(p) == 4
-    assert rows(r) == [("k", None, None, None)]
+    assert r.apply(p) == 0
+    assert rows(r) == []
+    held = r.q("SELECT tbl, code, message FROM sync_held")
+    assert len(held) == 1 and held[0][:2] == ("t", "22000") and "NaN" in held[0][2], held
 
 
 def test_integers_texts_blobs_nulls_exact(trio):
