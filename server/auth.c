@@ -197,6 +197,41 @@ time_claim(const cJSON *claims, const char *name, int64_t *out, bool *present, s
 	return true;
 }
 
+/*
+ * bad_time_claim: why libjwt refused a token whose signature may be fine:
+ * it refuses claims that are not JSON and time claims beyond a 64-bit
+ * integer (exp 2^63, iat 10^30) before we see them. Read from the
+ * unverified payload for the message only: the token is refused either
+ * way. True with e filled when the claims are not a JSON object or a time
+ * claim is out of range.
+ */
+static bool
+bad_time_claim(const char *token, srv_error *e)
+{
+	static const char *const names[] = {"exp", "nbf", "iat"};
+	const char				*p = strchr(token, '.'), *q = p ? strchr(p + 1, '.') : NULL;
+	size_t					 n = q ? (size_t) (q - p - 1) : 0;
+	char					*text = q ? malloc(n + 1) : NULL;
+	cJSON					*claims = NULL;
+	bool					 bad = false;
+
+	if (text && b64url_text(p + 1, n, text, n + 1) && !cJSON_IsObject(claims = cJSON_Parse(text)))
+	{
+		srv_fail(e, 401, "invalid token", auth_hint, "The token's claims are not a JSON object.");
+		bad = true;
+	}
+	for (int i = 0; cJSON_IsObject(claims) && i < 3 && !bad; i++)
+	{
+		int64_t v;
+		bool	has;
+
+		bad = !time_claim(claims, names[i], &v, &has, e);
+	}
+	cJSON_Delete(claims);
+	free(text);
+	return bad;
+}
+
 bool
 auth_check(const srv_db *db, const char *token, auth_info *out, srv_error *e)
 {
@@ -241,8 +276,9 @@ auth_check(const srv_db *db, const char *token, auth_info *out, srv_error *e)
 	rc = jwt_decode(&jwt, token, key, keylen);
 	if (rc != 0 || !jwt || jwt_get_alg(jwt) != want)
 	{
-		srv_fail(e, 401, "invalid token", auth_hint,
-				 "The token's signature does not verify with the server's %s key.", alg);
+		if (!bad_time_claim(token, e))
+			srv_fail(e, 401, "invalid token", auth_hint,
+					 "The token's signature does not verify with the server's %s key.", alg);
 		goto out;
 	}
 	grants = jwt_get_grants_json(jwt, NULL);
