@@ -10,7 +10,7 @@
  * - 1. Every transaction with a smaller xid has ended, so no change at or
  * below that point can appear later (see docs/PG.md, "pull ordering").
  *
- * HLC. One stamp per transaction (pg_txn_tick), advanced past the persisted
+ * HLC. One stamp per transaction (pgsync_txn_tick), advanced past the persisted
  * floor (sequence pgsync.hlc, non-transactional, so writers never block on
  * it) and past this backend's last stamp.
  *
@@ -21,7 +21,7 @@
  * into the clock table's heap and indexes). A key without a clock row starts
  * its life above the table's GC floor (pg_gc.c, pgs_local_above_floor). A
  * key change is a delete of the old key plus an insert of the new one.
- * Writes of sync_apply_payload are not captured (pg_applying), except what
+ * Writes of sync_apply_payload are not captured (pgsync_applying), except what
  * they cause elsewhere (applying_this_row).
  */
 #include "pg_internal.h"
@@ -50,15 +50,15 @@
 PG_FUNCTION_INFO_V1(sync_capture);
 
 static FullTransactionId tick_xid = {0};
-FullTransactionId		 pg_wrote_xid = {0}; /* the transaction changed synced rows */
+FullTransactionId		 pgsync_wrote_xid = {0}; /* the transaction changed synced rows */
 static uint64_t			 tick_hlc = 0;
 static uint64_t			 backend_hlc = 0;
 
 #define HLC_PERSIST_SLACK ((uint64_t) 1000 << PGS_HLC_LOGICAL_BITS) /* 1 s */
 
-/* pg_txn_version: the local version of this transaction (assigns an xid). */
+/* pgsync_txn_version: the local version of this transaction (assigns an xid). */
 int64_t
-pg_txn_version(void)
+pgsync_txn_version(void)
 {
 	return (int64_t) U64FromFullTransactionId(GetTopFullTransactionId());
 }
@@ -72,7 +72,7 @@ pg_txn_version(void)
 static Oid
 hlc_seq(void)
 {
-	Oid seq = pg_meta_relid("hlc");
+	Oid seq = pgsync_meta_relid("hlc");
 
 	if (!OidIsValid(seq))
 		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -105,16 +105,16 @@ hlc_read(Oid seq)
 	return 0;
 }
 
-/* pg_hlc_floor reads the persisted HLC. */
+/* pgsync_hlc_floor reads the persisted HLC. */
 uint64_t
-pg_hlc_floor(void)
+pgsync_hlc_floor(void)
 {
-	pg_user_save us;
-	uint64_t	 v;
+	pgsync_user_save us;
+	uint64_t		 v;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	v = hlc_read(hlc_seq());
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	return v;
 }
 
@@ -130,21 +130,21 @@ pg_hlc_floor(void)
 static void
 hlc_persist(uint64_t h)
 {
-	pg_user_save us;
-	Oid			 seq;
+	pgsync_user_save us;
+	Oid				 seq;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	seq = hlc_seq();
 	/* ends: a backend that reads its value or more is done for good, so with
 	 * n raising at once the k-th largest sets at most k times */
 	while (hlc_read(seq) < h)
 		DirectFunctionCall2(setval_oid, ObjectIdGetDatum(seq), Int64GetDatum((int64) h));
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 }
 
-/* pg_txn_tick: this transaction's HLC stamp. SPI connected. */
+/* pgsync_txn_tick: this transaction's HLC stamp. SPI connected. */
 uint64_t
-pg_txn_tick(void)
+pgsync_txn_tick(void)
 {
 	FullTransactionId x = GetTopFullTransactionId();
 	uint64_t		  floor_hlc;
@@ -152,7 +152,7 @@ pg_txn_tick(void)
 
 	if (FullTransactionIdEquals(x, tick_xid))
 		return tick_hlc;
-	floor_hlc = pg_hlc_floor();
+	floor_hlc = pgsync_hlc_floor();
 	tick = pgs_hlc_tick(Max(backend_hlc, floor_hlc), pgs_now_ms());
 	backend_hlc = tick;
 	if (tick > floor_hlc + HLC_PERSIST_SLACK)
@@ -162,9 +162,9 @@ pg_txn_tick(void)
 	return tick;
 }
 
-/* pg_hlc_observe advances the HLC past a received stamp. */
+/* pgsync_hlc_observe advances the HLC past a received stamp. */
 void
-pg_hlc_observe(uint64_t hlc)
+pgsync_hlc_observe(uint64_t hlc)
 {
 	if (hlc > backend_hlc)
 		backend_hlc = hlc;
@@ -172,11 +172,11 @@ pg_hlc_observe(uint64_t hlc)
 }
 
 /*
- * pg_capture_fresh: the clock blob of a row born in this transaction (all
+ * pgsync_capture_fresh: the clock blob of a row born in this transaction (all
  * columns stamped with the transaction's tick and version). Cached in t.
  */
 void
-pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
+pgsync_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 {
 	FullTransactionId x = GetTopFullTransactionId();
 
@@ -187,8 +187,8 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 		pgs_buf		 b;
 
 		/* the insert of a key never seen, by the core's rules */
-		(void) pgs_local_edit(&rc, false, PGS_LOCAL_INSERT, t->algo, NULL, pg_txn_version(),
-							  pg_txn_tick());
+		(void) pgs_local_edit(&rc, false, PGS_LOCAL_INSERT, t->algo, NULL, pgsync_txn_version(),
+							  pgsync_txn_tick());
 		pgs_buf_init(&b);
 		pgs_rowclock_encode(&rc, &b);
 		if (b.oom)
@@ -196,7 +196,7 @@ pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len)
 					(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory encoding a row clock")));
 		if (t->fresh_bytea)
 			pfree(t->fresh_bytea);
-		t->fresh_bytea = pg_bytea(t->cxt, b.p, b.len);
+		t->fresh_bytea = pgsync_bytea(t->cxt, b.p, b.len);
 		t->fresh_blob = (uint8_t *) VARDATA(t->fresh_bytea);
 		t->fresh_len = b.len;
 		t->fresh_xid = x;
@@ -217,8 +217,8 @@ typedef struct clock_row
 static void
 clock_read(db_table *t, Datum *pk, clock_row *r)
 {
-	pg_user_save us;
-	int			 rc;
+	pgsync_user_save us;
+	int				 rc;
 
 	memset(r, 0, sizeof(*r));
 	r->rc.ncols = t->ncols;
@@ -226,7 +226,7 @@ clock_read(db_table *t, Datum *pk, clock_row *r)
 	{
 		int64	cl;
 		bytea  *clk;
-		int		f = pg_clock_lookup_direct(t, pk, &cl, &clk);
+		int		f = pgsync_clock_lookup_direct(t, pk, &cl, &clk);
 		pgs_err err;
 
 		if (f == 0)
@@ -246,9 +246,9 @@ clock_read(db_table *t, Datum *pk, clock_row *r)
 			return;
 		}
 	}
-	pg_as_meta(&us);
-	rc = SPI_execute_plan(pg_plan_clock_get(t), pk, NULL, false, 1);
-	pg_as_caller(&us);
+	pgsync_as_meta(&us);
+	rc = SPI_execute_plan(pgsync_plan_clock_get(t), pk, NULL, false, 1);
+	pgsync_as_caller(&us);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "reading the clock of %s failed", t->name);
 	if (SPI_processed == 1)
@@ -276,26 +276,26 @@ clock_read(db_table *t, Datum *pk, clock_row *r)
 static void
 clock_write(db_table *t, Datum *pk, pgs_rowclock *rc)
 {
-	pgs_buf		 b;
-	bytea		*blob;
-	Datum		*v = palloc(sizeof(Datum) * (t->npk + 3));
-	pg_user_save us;
-	int			 r;
+	pgs_buf			 b;
+	bytea			*blob;
+	Datum			*v = palloc(sizeof(Datum) * (t->npk + 3));
+	pgsync_user_save us;
+	int				 r;
 
 	pgs_buf_init(&b);
 	pgs_rowclock_encode(rc, &b);
 	if (b.oom)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory encoding a row clock")));
-	blob = pg_bytea(CurrentMemoryContext, b.p, b.len);
+	blob = pgsync_bytea(CurrentMemoryContext, b.p, b.len);
 	pgs_buf_free(&b);
 	memcpy(v, pk, sizeof(Datum) * t->npk);
 	v[t->npk] = Int64GetDatum(rc->cl);
 	v[t->npk + 1] = Int64GetDatum(pgs_rowclock_max_ver(rc));
 	v[t->npk + 2] = PointerGetDatum(blob);
-	pg_as_meta(&us);
-	r = SPI_execute_plan(pg_plan_clock_upsert(t), v, NULL, false, 0);
-	pg_as_caller(&us);
+	pgsync_as_meta(&us);
+	r = SPI_execute_plan(pgsync_plan_clock_upsert(t), v, NULL, false, 0);
+	pgsync_as_caller(&us);
 	if (r != SPI_OK_INSERT)
 		elog(ERROR, "writing the clock of %s failed", t->name);
 }
@@ -309,11 +309,11 @@ static void
 local_edit(db_table *t, Datum *pk, clock_row *r, pgs_local_op op, const bool *changed)
 {
 	clock_read(t, pk, r);
-	if (pgs_local_edit(&r->rc, r->found, op, t->algo, changed, pg_txn_version(),
-					   op == PGS_LOCAL_DELETE ? 0 : pg_txn_tick()) == PGS_LOCAL_WRITE)
+	if (pgs_local_edit(&r->rc, r->found, op, t->algo, changed, pgsync_txn_version(),
+					   op == PGS_LOCAL_DELETE ? 0 : pgsync_txn_tick()) == PGS_LOCAL_WRITE)
 	{
 		if (!r->found) /* a key without a clock: its life starts above the GC floor (pg_gc.c) */
-			pgs_local_above_floor(&r->rc, pg_gc_lock_floor(t));
+			pgs_local_above_floor(&r->rc, pgsync_gc_lock_floor(t));
 		clock_write(t, pk, &r->rc);
 	}
 }
@@ -395,10 +395,10 @@ direct_setup(db_table *t, Relation rel)
 	return true;
 }
 
-/* pg_clock_direct: whether the clock table of t may be read and written
+/* pgsync_clock_direct: whether the clock table of t may be read and written
  * through its key index directly (t->pk_index, t->eq_proc: direct_setup). */
 bool
-pg_clock_direct(db_table *t)
+pgsync_clock_direct(db_table *t)
 {
 	Relation rel;
 	bool	 ok;
@@ -422,14 +422,14 @@ index_key_values(Relation ir, const Datum *values, Datum *iv)
 }
 
 /*
- * pg_clock_insert_direct inserts the clock row of a key never seen,
+ * pgsync_clock_insert_direct inserts the clock row of a key never seen,
  * bypassing the executor (the insert-heavy path costs one heap insert and
  * the index inserts). Returns false, having written nothing,
  * when a clock row for pk exists (committed or in progress) or the fast path
  * does not apply; the caller then takes the SPI path.
  */
 bool
-pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk)
+pgsync_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk)
 {
 	Relation  rel = table_open(t->clock_relid, RowExclusiveLock);
 	Relation  pi;
@@ -496,14 +496,14 @@ pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk)
 }
 
 /*
- * pg_clock_lookup_direct reads the clock row of pk through the key index
+ * pgsync_clock_lookup_direct reads the clock row of pk through the key index
  * with a fresh snapshot (this transaction's earlier writes included), like
  * the SPI SELECT it replaces but without executor start-up. Returns -1 when
  * the direct path does not apply, else whether the row was found; *clk is a
  * copy in CurrentMemoryContext.
  */
 int
-pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
+pgsync_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk)
 {
 	Relation		rel = table_open(t->clock_relid, AccessShareLock);
 	Relation		pi;
@@ -552,25 +552,25 @@ capture_insert(db_table *t, Datum *pk)
 
 	/* common case: a key never seen */
 	{
-		uint8_t		*blob;
-		size_t		 len;
-		bytea		*bb;
-		Datum		*vals = palloc(sizeof(Datum) * (t->npk + 3));
-		pg_user_save us;
-		int			 rc;
-		int64		 cl1 = pg_gc_life(t, false); /* 1, or above the GC floor */
+		uint8_t			*blob;
+		size_t			 len;
+		bytea			*bb;
+		Datum			*vals = palloc(sizeof(Datum) * (t->npk + 3));
+		pgsync_user_save us;
+		int				 rc;
+		int64			 cl1 = pgsync_gc_life(t, false); /* 1, or above the GC floor */
 
-		pg_capture_fresh(t, &blob, &len);
-		if (pg_clock_insert_direct(t, pk, cl1, pg_txn_version(), t->fresh_bytea))
+		pgsync_capture_fresh(t, &blob, &len);
+		if (pgsync_clock_insert_direct(t, pk, cl1, pgsync_txn_version(), t->fresh_bytea))
 			return;
-		bb = t->fresh_bytea; /* pg_capture_fresh keeps the blob as a bytea */
+		bb = t->fresh_bytea; /* pgsync_capture_fresh keeps the blob as a bytea */
 		memcpy(vals, pk, sizeof(Datum) * t->npk);
 		vals[t->npk] = Int64GetDatum(cl1);
-		vals[t->npk + 1] = Int64GetDatum(pg_txn_version());
+		vals[t->npk + 1] = Int64GetDatum(pgsync_txn_version());
 		vals[t->npk + 2] = PointerGetDatum(bb);
-		pg_as_meta(&us);
-		rc = SPI_execute_plan(pg_plan_clock_insnew(t), vals, NULL, false, 0);
-		pg_as_caller(&us);
+		pgsync_as_meta(&us);
+		rc = SPI_execute_plan(pgsync_plan_clock_insnew(t), vals, NULL, false, 0);
+		pgsync_as_caller(&us);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "writing the clock of %s failed", t->name);
 		if (SPI_processed == 1)
@@ -625,11 +625,11 @@ applying_this_row(TriggerData *td)
 	db_table *t;
 	bool	  same_row = true;
 
-	if (!OidIsValid(pg_apply_relid))
+	if (!OidIsValid(pgsync_apply_relid))
 		return true; /* held changes, or a write outside do_write: the apply's */
-	if (relid != pg_apply_relid || !pg_apply_key)
+	if (relid != pgsync_apply_relid || !pgsync_apply_key)
 		return false;
-	if ((t = pg_table_cached(relid)) == NULL)
+	if ((t = pgsync_table_cached(relid)) == NULL)
 		return true;
 	for (int i = 0; i < t->npk && same_row; i++)
 	{
@@ -638,14 +638,14 @@ applying_this_row(TriggerData *td)
 							   &isnull);
 
 		same_row =
-			!isnull && datum_image_eq(d, pg_apply_key[i], t->pk[i].typbyval, t->pk[i].typlen);
+			!isnull && datum_image_eq(d, pgsync_apply_key[i], t->pk[i].typbyval, t->pk[i].typlen);
 	}
 	t->busy--;
 	return same_row;
 }
 
 static bool
-same(pg_col *c, HeapTuple a, HeapTuple b, TupleDesc td)
+same(pgsync_col *c, HeapTuple a, HeapTuple b, TupleDesc td)
 {
 	bool  na, nb;
 	Datum da = heap_getattr(a, c->attnum, td, &na);
@@ -671,7 +671,7 @@ sync_capture(PG_FUNCTION_ARGS)
 	td = (TriggerData *) fcinfo->context;
 	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
 	{
-		if (!pg_applying)
+		if (!pgsync_applying)
 			ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 							errmsg("cannot truncate synced table \"%s\"",
 								   RelationGetRelationName(td->tg_relation)),
@@ -682,13 +682,13 @@ sync_capture(PG_FUNCTION_ARGS)
 	if (!TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_AFTER(td->tg_event))
 		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 						errmsg("sync_capture() must be an AFTER ROW trigger")));
-	if (pg_applying && applying_this_row(td))
+	if (pgsync_applying && applying_this_row(td))
 		return PointerGetDatum(NULL);
-	pg_wrote_xid = GetTopFullTransactionId();
+	pgsync_wrote_xid = GetTopFullTransactionId();
 
 	/* fast path without SPI: insert of a new key, entry and fresh blob ready */
 	if (TRIGGER_FIRED_BY_INSERT(td->tg_event) &&
-		(t = pg_table_cached(RelationGetRelid(td->tg_relation))) != NULL)
+		(t = pgsync_table_cached(RelationGetRelid(td->tg_relation))) != NULL)
 	{
 		FullTransactionId x = GetTopFullTransactionIdIfAny();
 		bool			  done = false;
@@ -697,7 +697,7 @@ sync_capture(PG_FUNCTION_ARGS)
 		{
 			pk = palloc(sizeof(Datum) * t->npk);
 			get_pk(t, td->tg_trigtuple, RelationGetDescr(td->tg_relation), pk);
-			done = pg_clock_insert_direct(t, pk, 1, pg_txn_version(), t->fresh_bytea);
+			done = pgsync_clock_insert_direct(t, pk, 1, pgsync_txn_version(), t->fresh_bytea);
 		}
 		t->busy--;
 		if (done)
@@ -705,8 +705,8 @@ sync_capture(PG_FUNCTION_ARGS)
 	}
 
 	SPI_connect();
-	pg_core_memory(CurrentMemoryContext);
-	t = pg_table_get(RelationGetRelid(td->tg_relation), false);
+	pgsync_core_memory(CurrentMemoryContext);
+	t = pgsync_table_get(RelationGetRelid(td->tg_relation), false);
 	desc = RelationGetDescr(td->tg_relation);
 	pk = palloc(sizeof(Datum) * t->npk);
 
@@ -761,58 +761,58 @@ sync_capture(PG_FUNCTION_ARGS)
 		}
 	}
 	t->busy--;
-	pg_core_memory(NULL);
+	pgsync_core_memory(NULL);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }
 
 /*
- * pg_payload_guard: a payload carries committed changes only: built inside a
+ * pgsync_payload_guard: a payload carries committed changes only: built inside a
  * transaction that changed synced rows it would hand out changes that may
  * still roll back.
  */
 void
-pg_payload_guard(void)
+pgsync_payload_guard(void)
 {
-	if (FullTransactionIdIsValid(pg_wrote_xid) &&
-		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pg_wrote_xid))
+	if (FullTransactionIdIsValid(pgsync_wrote_xid) &&
+		FullTransactionIdEquals(GetTopFullTransactionIdIfAny(), pgsync_wrote_xid))
 		ereport(ERROR, (errcode(ERRCODE_INVALID_TRANSACTION_STATE),
 						errmsg("sync_payload cannot run in a transaction that changed synced rows"),
 						errhint("Commit first, then call sync_payload in a new transaction.")));
 }
 
 /*
- * pg_capture_backfill: sync_init of a new table: every existing row gets a
+ * pgsync_capture_backfill: sync_init of a new table: every existing row gets a
  * fresh clock of this transaction (life 1, every column stamped now), and
  * the clock table its statistics (pulls plan on them).
  */
 void
-pg_capture_backfill(Oid relid)
+pgsync_capture_backfill(Oid relid)
 {
-	db_table	  *t = pg_table_get(relid, false);
-	StringInfoData b;
-	uint8_t		  *blob;
-	size_t		   len;
-	Oid			   types[2] = {INT8OID, BYTEAOID};
-	Datum		   v[2];
-	pg_user_save   us;
+	db_table		*t = pgsync_table_get(relid, false);
+	StringInfoData	 b;
+	uint8_t			*blob;
+	size_t			 len;
+	Oid				 types[2] = {INT8OID, BYTEAOID};
+	Datum			 v[2];
+	pgsync_user_save us;
 
-	pg_capture_fresh(t, &blob, &len);
-	v[0] = Int64GetDatum(pg_txn_version());
-	v[1] = PointerGetDatum(t->fresh_bytea); /* pg_capture_fresh keeps the blob as a bytea */
+	pgsync_capture_fresh(t, &blob, &len);
+	v[0] = Int64GetDatum(pgsync_txn_version());
+	v[1] = PointerGetDatum(t->fresh_bytea); /* pgsync_capture_fresh keeps the blob as a bytea */
 	initStringInfo(&b);
 	appendStringInfo(&b, "INSERT INTO %s (", t->q_clock);
-	pg_pk_list(&b, t, NULL);
+	pgsync_pk_list(&b, t, NULL);
 	appendStringInfoString(&b, ", cl, ver, clk) SELECT ");
-	pg_pk_list(&b, t, NULL);
+	pgsync_pk_list(&b, t, NULL);
 	appendStringInfo(&b, ", 1, $1, $2 FROM %s ON CONFLICT DO NOTHING", t->q_base);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (SPI_execute_with_args(b.data, 2, types, v, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "pgsync: backfilling the clock table failed");
 	resetStringInfo(&b);
 	appendStringInfo(&b, "ANALYZE %s", t->q_clock);
 	if (SPI_execute(b.data, false, 0) != SPI_OK_UTILITY)
 		elog(ERROR, "pgsync: \"%s\" failed", b.data);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	pfree(b.data);
 }

@@ -139,7 +139,7 @@ walk_open(db_table *t, MemoryContext cxt)
 	Oid			  op;
 	MemoryContext old;
 
-	if (!ActiveSnapshotSet() || !pg_clock_direct(t))
+	if (!ActiveSnapshotSet() || !pgsync_clock_direct(t))
 		return NULL;
 	snap = GetActiveSnapshot();
 	if (!IsMVCCSnapshot(snap))
@@ -149,7 +149,7 @@ walk_open(db_table *t, MemoryContext cxt)
 	w->cxt = cxt;
 	w->rel = table_open(t->clock_relid, AccessShareLock);
 	ctd = RelationGetDescr(w->rel);
-	/* the layout pg_clock_lookup_direct reads: key columns, cl, ver, clk */
+	/* the layout pgsync_clock_lookup_direct reads: key columns, cl, ver, clk */
 	if (ctd->natts < t->npk + 3 || TupleDescAttr(ctd, t->npk)->attisdropped ||
 		TupleDescAttr(ctd, t->npk + 2)->attisdropped ||
 		strcmp(NameStr(TupleDescAttr(ctd, t->npk)->attname), "cl") != 0 ||
@@ -382,7 +382,7 @@ encode_tuple_key(db_table *t, HeapTuple tup, TupleDesc td, pgs_buf *out, pgs_val
 		bool  isnull;
 		Datum d = SPI_getbinval(tup, td, i + 1, &isnull);
 
-		pg_datum_value(&t->pk[i], d, isnull, &scratch[i]);
+		pgsync_datum_value(&t->pk[i], d, isnull, &scratch[i]);
 	}
 	pgs_key_encode(out, (uint32_t) t->npk, scratch);
 }
@@ -394,12 +394,12 @@ encode_tuple_key(db_table *t, HeapTuple tup, TupleDesc td, pgs_buf *out, pgs_val
 static void
 probe_batch(db_cursor *c, bool clock)
 {
-	db_table	 *t = c->t;
-	Datum		 *arrays = palloc(sizeof(Datum) * t->npk);
-	uint64		  n = 0;
-	pg_user_save  us;
-	int			  rc;
-	MemoryContext old = MemoryContextSwitchTo(c->batch_cxt);
+	db_table		*t = c->t;
+	Datum			*arrays = palloc(sizeof(Datum) * t->npk);
+	uint64			 n = 0;
+	pgsync_user_save us;
+	int				 rc;
+	MemoryContext	 old = MemoryContextSwitchTo(c->batch_cxt);
 
 	for (int i = 0; i < t->npk; i++)
 	{
@@ -437,10 +437,10 @@ probe_batch(db_cursor *c, bool clock)
 	if (n == 0)
 		return;
 	if (clock)
-		pg_as_meta(&us);
-	rc = SPI_execute_plan(pg_plan_probe(t, clock), arrays, NULL, true, 0);
+		pgsync_as_meta(&us);
+	rc = SPI_execute_plan(pgsync_plan_probe(t, clock), arrays, NULL, true, 0);
 	if (clock)
-		pg_as_caller(&us);
+		pgsync_as_caller(&us);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: probing rows of %s failed", t->name);
 	c->probe = SPI_tuptable;
@@ -626,9 +626,9 @@ steer_relation_info(PlannerInfo *root, Oid relid, bool inhparent, RelOptInfo *re
 	index_close(pk, NoLock);
 }
 
-/* pg_changes_setup: once per backend (_PG_init). */
+/* pgsync_changes_setup: once per backend (_PG_init). */
 void
-pg_changes_setup(void)
+pgsync_changes_setup(void)
 {
 	prev_relation_info = get_relation_info_hook;
 	get_relation_info_hook = steer_relation_info;
@@ -637,10 +637,10 @@ pg_changes_setup(void)
 static void
 cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_start)
 {
-	pg_user_save us;
+	pgsync_user_save us;
 
 	if (as_meta)
-		pg_as_meta(&us);
+		pgsync_as_meta(&us);
 	/* an rls snapshot read is planned (here, at open) with the key order
 	 * steered to an index the policies pin (steer_relation_info) */
 	if (c->how == 2)
@@ -666,7 +666,7 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 	}
 	PG_END_TRY();
 	if (as_meta)
-		pg_as_caller(&us);
+		pgsync_as_caller(&us);
 	if (c->portal == NULL)
 		elog(ERROR, "pgsync: opening the rows of %s failed", c->t->name);
 }
@@ -685,19 +685,19 @@ cursor_open(db_cursor *c, SPIPlanPtr plan, Datum *args, bool as_meta, bool fast_
 static bool
 changed_keys(db_table *t, Datum *args, int order, Datum *arrays)
 {
-	pg_user_save us;
-	SPIPlanPtr	 plan;
-	int			 rc, level;
-	uint64		 n;
+	pgsync_user_save us;
+	SPIPlanPtr		 plan;
+	int				 rc, level;
+	uint64			 n;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	level = NewGUCNestLevel();
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
 							 true, 0, false);
-	plan = pg_plan_read(t, PGR_CHANGED_KEYS, order == 2 ? 2 : 0);
+	plan = pgsync_plan_read(t, PGR_CHANGED_KEYS, order == 2 ? 2 : 0);
 	rc = SPI_execute_plan(plan, args, NULL, true, 0);
 	AtEOXact_GUC(true, level);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading the changed keys of %s failed", t->name);
 	n = SPI_processed;
@@ -728,10 +728,10 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 				const pgs_value *after_pk, db_access access, bool snapshot, db_cursor **out,
 				pgs_err *err)
 {
-	db_cursor	*c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
-	Datum		*args = palloc(sizeof(Datum) * (2 * t->npk + 2));
-	int			 order = !by_key ? 0 : after_pk ? 2 : 1;
-	pg_read_kind kind;
+	db_cursor		*c = MemoryContextAllocZero(db->cxt, sizeof(db_cursor));
+	Datum			*args = palloc(sizeof(Datum) * (2 * t->npk + 2));
+	int				 order = !by_key ? 0 : after_pk ? 2 : 1;
+	pgsync_read_kind kind;
 
 	c->db = db;
 	c->t = t;
@@ -745,7 +745,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	if (order == 2)
 	{
 		/* a token's key: converted (and checked) like a payload's key */
-		Datum *k = pg_pk_datums(t, after_pk, 0);
+		Datum *k = pgsync_pk_datums(t, after_pk, 0);
 
 		memcpy(args + 2, k, sizeof(Datum) * t->npk);
 	}
@@ -762,7 +762,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 	if (!snapshot && changed_keys(t, args, order, args + 2 + (order == 2 ? t->npk : 0)))
 		kind = kind == PGR_CLOCKS ? PGR_CLOCKS_IN : PGR_CHANGES_IN;
 	/* the rls snapshot reads the base table as the caller, all else as the owner */
-	cursor_open(c, pg_plan_read(t, kind, order), args, c->how != 2,
+	cursor_open(c, pgsync_plan_read(t, kind, order), args, c->how != 2,
 				order > 0 && kind != PGR_CHANGES_IN && kind != PGR_CLOCKS_IN);
 	*out = c;
 	return PGS_OK;
@@ -772,7 +772,7 @@ db_changes_open(db_conn *db, db_table *t, int64_t since, int64_t until, bool by_
 static bool
 fetch(db_cursor *c)
 {
-	pg_user_save us;
+	pgsync_user_save us;
 
 	if (c->tt)
 		SPI_freetuptable(c->tt);
@@ -783,10 +783,10 @@ fetch(db_cursor *c)
 	c->hits = NULL;
 	c->clock_of = NULL;
 	if (c->how != 2)
-		pg_as_meta(&us);
+		pgsync_as_meta(&us);
 	SPI_cursor_fetch(c->portal, true, FETCH_BATCH);
 	if (c->how != 2)
-		pg_as_caller(&us);
+		pgsync_as_caller(&us);
 	c->tt = SPI_tuptable;
 	c->n = SPI_processed;
 	c->pos = 0;
@@ -893,7 +893,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 		{
 			Datum d = SPI_getbinval(clk, ctd, i + 1, &isnull);
 
-			pg_datum_value(&t->pk[i], d, isnull, &c->pk[i]);
+			pgsync_datum_value(&t->pk[i], d, isnull, &c->pk[i]);
 		}
 		b = DatumGetByteaPP(SPI_getbinval(clk, ctd, blob_col, &isnull));
 		*blob = (const uint8_t *) VARDATA_ANY(b);
@@ -904,7 +904,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 			{
 				Datum d = SPI_getbinval(row, rtd, first_col + i, &isnull);
 
-				pg_datum_value(&t->cols[i], d, isnull, &c->cols[i]);
+				pgsync_datum_value(&t->cols[i], d, isnull, &c->cols[i]);
 			}
 		MemoryContextSwitchTo(old);
 		*pk = c->pk;
@@ -917,7 +917,7 @@ db_changes_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, con
 void
 db_changes_close(db_cursor *c)
 {
-	pg_user_save us;
+	pgsync_user_save us;
 
 	if (c->tt)
 		SPI_freetuptable(c->tt);
@@ -926,10 +926,10 @@ db_changes_close(db_cursor *c)
 	if (c->walk)
 		walk_close(c->walk);
 	if (c->how != 2)
-		pg_as_meta(&us);
+		pgsync_as_meta(&us);
 	SPI_cursor_close(c->portal);
 	if (c->how != 2)
-		pg_as_caller(&us);
+		pgsync_as_caller(&us);
 	pgs_buf_free(&c->keys);
 	MemoryContextDelete(c->row_cxt);
 	MemoryContextDelete(c->batch_cxt);
@@ -950,7 +950,7 @@ db_keys_open(db_conn *db, db_table *t, db_cursor **out, pgs_err *err)
 	c->pk = MemoryContextAllocZero(db->cxt, sizeof(pgs_value) * t->npk);
 	c->cols = MemoryContextAllocZero(db->cxt, sizeof(pgs_value));
 	pgs_buf_init(&c->keys);
-	cursor_open(c, pg_plan_read(t, PGR_KEYS, 0), args, true, false);
+	cursor_open(c, pgsync_plan_read(t, PGR_KEYS, 0), args, true, false);
 	*out = c;
 	return PGS_OK;
 }
@@ -974,8 +974,8 @@ db_keys_next(db_cursor *c, bool *done, const pgs_value **pk, int64_t *cl, pgs_er
 	MemoryContextReset(c->row_cxt);
 	old = MemoryContextSwitchTo(c->row_cxt);
 	for (int i = 0; i < c->t->npk; i++)
-		pg_datum_value(&c->t->pk[i], SPI_getbinval(tup, c->tt->tupdesc, i + 1, &isnull), isnull,
-					   &c->pk[i]);
+		pgsync_datum_value(&c->t->pk[i], SPI_getbinval(tup, c->tt->tupdesc, i + 1, &isnull), isnull,
+						   &c->pk[i]);
 	*cl = DatumGetInt64(SPI_getbinval(tup, c->tt->tupdesc, c->t->npk + 1, &isnull));
 	MemoryContextSwitchTo(old);
 	*pk = c->pk;

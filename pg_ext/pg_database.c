@@ -68,14 +68,14 @@ db_tables(db_conn *db, db_table ***tables, int *ntables, pgs_err *err)
 	if (!db->tables_loaded)
 	{
 		Oid *relids;
-		int	 n = pg_table_list(&relids);
+		int	 n = pgsync_table_list(&relids);
 		int	 i;
 
 		db->ntables = 0;
 		db->tables = NULL;
 		for (i = 0; i < n; i++)
 		{
-			db_table *t = pg_table_get(relids[i], true);
+			db_table *t = pgsync_table_get(relids[i], true);
 
 			if (t)
 				track(db, t);
@@ -100,8 +100,8 @@ db_table_find(db_conn *db, const uint8_t *name, size_t len, db_table **out, pgs_
 			*out = db->tables[i];
 			return PGS_OK;
 		}
-	relid = pg_table_by_name((const char *) name, len);
-	if (!OidIsValid(relid) || (t = pg_table_get(relid, true)) == NULL)
+	relid = pgsync_table_by_name((const char *) name, len);
+	if (!OidIsValid(relid) || (t = pgsync_table_get(relid, true)) == NULL)
 	{
 		char nm[72];
 
@@ -255,7 +255,7 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 	Oid				  argt[1] = {UUIDOID};
 	Datum			  arg[1];
 	site_by_id		 *e;
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	bool			  isnull;
 	int				  attempt;
 
@@ -279,11 +279,11 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 		return PGS_OK;
 	}
 	arg[0] = uuid_datum(site);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (sel == NULL)
 	{
-		sel = pg_plan_keep("SELECT idx, xmin FROM pgsync.sites WHERE site = $1", 1, argt);
-		ins = pg_plan_keep(
+		sel = pgsync_plan_keep("SELECT idx, xmin FROM pgsync.sites WHERE site = $1", 1, argt);
+		ins = pgsync_plan_keep(
 			"INSERT INTO pgsync.sites (idx, site) "
 			"VALUES (pg_catalog.nextval('pgsync.sites_idx_seq'::pg_catalog.regclass)::integer, $1) "
 			"ON CONFLICT (site) DO NOTHING RETURNING idx",
@@ -304,7 +304,7 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 				known_keep(*idx, site,
 						   SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 			SPI_freetuptable(SPI_tuptable);
-			pg_as_caller(&us);
+			pgsync_as_caller(&us);
 			site_remember(db, *idx, site);
 			return PGS_OK;
 		}
@@ -316,7 +316,7 @@ db_site_intern(db_conn *db, const uint8_t site[16], uint32_t *idx, pgs_err *err)
 	*idx = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	known_keep(*idx, site, SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	SPI_freetuptable(SPI_tuptable);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	site_remember(db, *idx, site);
 	return PGS_OK;
 }
@@ -328,7 +328,7 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 	Oid				  argt[1] = {INT4OID};
 	Datum			  arg[1];
 	site_by_idx		 *e;
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	bool			  isnull;
 
 	site_maps(db);
@@ -350,12 +350,12 @@ db_site_lookup(db_conn *db, uint32_t idx, const uint8_t **site, pgs_err *err)
 		return PGS_OK;
 	}
 	arg[0] = Int32GetDatum((int32) idx);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (sel == NULL)
-		sel = pg_plan_keep("SELECT site, xmin FROM pgsync.sites WHERE idx = $1", 1, argt);
+		sel = pgsync_plan_keep("SELECT site, xmin FROM pgsync.sites WHERE idx = $1", 1, argt);
 	if (SPI_execute_plan(sel, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.sites failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (SPI_processed != 1)
 	{
 		SPI_freetuptable(SPI_tuptable);
@@ -384,8 +384,8 @@ db_apply_version(db_conn *db, int64_t *ver, pgs_err *err)
 {
 	if (!db->have_ver)
 	{
-		pg_wrote_xid = GetTopFullTransactionId();
-		db->ver = pg_txn_version();
+		pgsync_wrote_xid = GetTopFullTransactionId();
+		db->ver = pgsync_txn_version();
 		db->have_ver = true;
 	}
 	*ver = db->ver;
@@ -403,7 +403,7 @@ db_apply_end(db_conn *db, pgs_err *err)
 pgs_rc
 db_hlc_observe(db_conn *db, uint64_t hlc, pgs_err *err)
 {
-	pg_hlc_observe(hlc);
+	pgsync_hlc_observe(hlc);
 	return PGS_OK;
 }
 
@@ -438,9 +438,10 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 		}
 	}
 	if (plan == NULL)
-		plan = pg_plan_keep("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
-							"::pg_catalog.text::pg_catalog.int8 - 1",
-							0, NULL);
+		plan =
+			pgsync_plan_keep("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
+							 "::pg_catalog.text::pg_catalog.int8 - 1",
+							 0, NULL);
 	if (SPI_execute_plan(plan, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "pgsync: reading the snapshot failed");
 	*until = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -448,9 +449,9 @@ db_version_safe(db_conn *db, int64_t *until, pgs_err *err)
 	return PGS_OK;
 }
 
-/* pg_pk_datums converts the key values for the table's key types. */
+/* pgsync_pk_datums converts the key values for the table's key types. */
 Datum *
-pg_pk_datums(db_table *t, const pgs_value *pk, int extra)
+pgsync_pk_datums(db_table *t, const pgs_value *pk, int extra)
 {
 	Datum *d = palloc(sizeof(Datum) * (t->npk + extra + 1));
 	int	   i;
@@ -459,7 +460,7 @@ pg_pk_datums(db_table *t, const pgs_value *pk, int extra)
 	{
 		bool isnull;
 
-		d[i] = pg_value_datum(&t->pk[i], &pk[i], &isnull, t, pk);
+		d[i] = pgsync_value_datum(&t->pk[i], &pk[i], &isnull, t, pk);
 		if (isnull)
 			ereport(ERROR, (errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 							errmsg("null primary key value for table %s in payload", t->name)));
@@ -498,23 +499,23 @@ keys_fn(db_conn *db, void *arg)
 {
 	keys_args *k = arg;
 
-	k->out = pg_pk_datums(k->t, k->pk, 0);
-	pg_key_forms(k->t, k->pk, k->out); /* docs/TYPES.md, "Key columns" */
+	k->out = pgsync_pk_datums(k->t, k->pk, 0);
+	pgsync_key_forms(k->t, k->pk, k->out); /* docs/TYPES.md, "Key columns" */
 }
 
 pgs_rc
 db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t *cl,
 			 const uint8_t **blob, size_t *blob_len, pgs_err *err)
 {
-	MemoryContext row = scratch(db);
-	MemoryContext old = MemoryContextSwitchTo(row);
-	keys_args	  ka = {t, pk, NULL};
-	Datum		 *d;
-	pg_user_save  us;
-	int			  rc;
-	int64		  dcl;
-	bytea		 *b = NULL;
-	int			  f;
+	MemoryContext	 row = scratch(db);
+	MemoryContext	 old = MemoryContextSwitchTo(row);
+	keys_args		 ka = {t, pk, NULL};
+	Datum			*d;
+	pgsync_user_save us;
+	int				 rc;
+	int64			 dcl;
+	bytea			*b = NULL;
+	int				 f;
 
 	/* a key this table cannot hold (text into an integer key) is that row's fate */
 	if (guarded(db, keys_fn, &ka, err) != PGS_OK)
@@ -523,13 +524,13 @@ db_clock_get(db_conn *db, db_table *t, const pgs_value *pk, bool *found, int64_t
 		return PGS_ERR_ROW;
 	}
 	d = ka.out;
-	f = pg_clock_lookup_direct(t, d, &dcl, &b);
+	f = pgsync_clock_lookup_direct(t, d, &dcl, &b);
 
 	if (f < 0)
 	{
-		pg_as_meta(&us);
-		rc = SPI_execute_plan(pg_plan_clock_get(t), d, NULL, false, 1);
-		pg_as_caller(&us);
+		pgsync_as_meta(&us);
+		rc = SPI_execute_plan(pgsync_plan_clock_get(t), d, NULL, false, 1);
+		pgsync_as_caller(&us);
 		if (rc != SPI_OK_SELECT)
 			elog(ERROR, "pgsync: reading the clock of %s failed", t->name);
 		f = SPI_processed == 1;
@@ -578,44 +579,44 @@ pgs_rc
 db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t cl, int64_t ver,
 			 const uint8_t *blob, size_t blob_len, pgs_err *err)
 {
-	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	Datum		 *d = pg_pk_datums(t, pk, 5);
-	bytea		 *b = pg_bytea(CurrentMemoryContext, blob, blob_len);
-	pg_user_save  us;
-	int			  rc;
-	bool		  ok;
+	MemoryContext	 old = MemoryContextSwitchTo(scratch(db));
+	Datum			*d = pgsync_pk_datums(t, pk, 5);
+	bytea			*b = pgsync_bytea(CurrentMemoryContext, blob, blob_len);
+	pgsync_user_save us;
+	int				 rc;
+	bool			 ok;
 
 	d[t->npk] = Int64GetDatum(cl);
 	d[t->npk + 1] = Int64GetDatum(ver);
 	d[t->npk + 2] = PointerGetDatum(b);
-	pg_lock_clock(t, pk);
-	pg_as_meta(&us);
+	pgsync_lock_clock(t, pk);
+	pgsync_as_meta(&us);
 	if (exists && db->last_found)
 	{
 		d[t->npk + 3] = Int64GetDatum(db->last_cl);
 		d[t->npk + 4] = PointerGetDatum(db->last_blob);
-		rc = SPI_execute_plan(pg_plan_clock_cas(t), d, NULL, false, 0);
+		rc = SPI_execute_plan(pgsync_plan_clock_cas(t), d, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "pgsync: writing the clock of %s failed", t->name);
 		ok = SPI_processed == 1;
 	}
-	else if (pg_clock_insert_direct(t, d, cl, ver, b))
+	else if (pgsync_clock_insert_direct(t, d, cl, ver, b))
 		ok = true; /* a new key: straight into heap and indexes */
 	else
 	{
 		/* the key exists or is being written: let the executor wait for it */
-		rc = SPI_execute_plan(pg_plan_clock_insnew(t), d, NULL, false, 0);
+		rc = SPI_execute_plan(pgsync_plan_clock_insnew(t), d, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "pgsync: writing the clock of %s failed", t->name);
 		ok = SPI_processed == 1;
 	}
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (!ok)
 	{
-		pg_apply_conflict = true;
+		pgsync_apply_conflict = true;
 		ereport(ERROR, (errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 						errmsg("row %s of table %s was changed locally while a payload was applied",
-							   pg_pk_text(t, pk), t->name),
+							   pgsync_pk_text(t, pk), t->name),
 						errhint("Apply the payload again.")));
 	}
 	MemoryContextSwitchTo(old);
@@ -627,7 +628,7 @@ db_clock_put(db_conn *db, db_table *t, const pgs_value *pk, bool exists, int64_t
 /*
  * Row writes and every row's own fate. On the fast path a row write runs
  * directly: an error longjmps to sync_apply_payload, which, when the error
- * is one a row can cause (pg_row_error), rolls the attempt back and applies
+ * is one a row can cause (pgsync_row_error), rolls the attempt back and applies
  * again in careful mode. In careful mode every row write, with the
  * conversion of its values, runs in its own subtransaction: a failing row
  * comes back as PGS_ERR_ROW with its SQLSTATE and message, and the core
@@ -657,26 +658,26 @@ typedef enum write_kind
 
 typedef struct write_args
 {
-	db_table		*t;
-	write_kind		 kind;
-	const pgs_value *pk;
-	int				 n;
-	const int		*cols;
-	const pgs_value *vals;
-	pg_merge_plan	*m;
+	db_table		  *t;
+	write_kind		   kind;
+	const pgs_value	  *pk;
+	int				   n;
+	const int		  *cols;
+	const pgs_value	  *vals;
+	pgsync_merge_plan *m;
 } write_args;
 
 /* row_exists: does the base row exist, whoever may see it? */
 static bool
 row_exists(db_table *t, Datum *keys)
 {
-	pg_user_save us;
-	int			 rc;
-	bool		 yes;
+	pgsync_user_save us;
+	int				 rc;
+	bool			 yes;
 
-	pg_as_meta(&us);
-	rc = SPI_execute_plan(pg_plan_row_exists(t), keys, NULL, false, 1);
-	pg_as_caller(&us);
+	pgsync_as_meta(&us);
+	rc = SPI_execute_plan(pgsync_plan_row_exists(t), keys, NULL, false, 1);
+	pgsync_as_caller(&us);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading %s failed", t->name);
 	yes = SPI_processed > 0;
@@ -697,23 +698,23 @@ hidden_row(db_table *t, const char *what)
 static void do_write_row(db_conn *db, write_args *w);
 
 /* do_write converts the values and writes; ereports on any failure. The
- * capture trigger skips this row only (pg_apply_relid, pg_apply_key). */
+ * capture trigger skips this row only (pgsync_apply_relid, pgsync_apply_key). */
 static void
 do_write(db_conn *db, write_args *w)
 {
-	Oid	   relid = pg_apply_relid;
-	Datum *key = pg_apply_key;
+	Oid	   relid = pgsync_apply_relid;
+	Datum *key = pgsync_apply_key;
 
-	pg_apply_relid = w->t->relid;
-	pg_apply_key = pg_pk_datums(w->t, w->pk, 0);
+	pgsync_apply_relid = w->t->relid;
+	pgsync_apply_key = pgsync_pk_datums(w->t, w->pk, 0);
 	PG_TRY();
 	{
 		do_write_row(db, w);
 	}
 	PG_FINALLY();
 	{
-		pg_apply_relid = relid;
-		pg_apply_key = key;
+		pgsync_apply_relid = relid;
+		pgsync_apply_key = key;
 	}
 	PG_END_TRY();
 }
@@ -728,8 +729,8 @@ do_write_row(db_conn *db, write_args *w)
 
 	if (w->kind == W_DELETE)
 	{
-		vals = pg_pk_datums(t, w->pk, 0);
-		rc = SPI_execute_plan(pg_plan_row_delete(t), vals, NULL, false, 0);
+		vals = pgsync_pk_datums(t, w->pk, 0);
+		rc = SPI_execute_plan(pgsync_plan_row_delete(t), vals, NULL, false, 0);
 		if (rc != SPI_OK_DELETE)
 			elog(ERROR, "pgsync: delete from %s failed", t->name);
 		if (SPI_processed == 0 && row_exists(t, vals))
@@ -738,17 +739,18 @@ do_write_row(db_conn *db, write_args *w)
 	}
 	if (w->kind == W_MERGE)
 	{
-		w->m = pg_table_merge_plan(t, w->n, w->cols);
-		vals = pg_pk_datums(t, w->pk, w->n);
+		w->m = pgsync_table_merge_plan(t, w->n, w->cols);
+		vals = pgsync_pk_datums(t, w->pk, w->n);
 		nulls = palloc(t->npk + w->n + 1);
 		memset(nulls, ' ', t->npk + w->n);
 		for (i = 0; i < w->n; i++)
 		{
 			bool isnull;
 
-			vals[t->npk + i] = pg_value_datum(&t->cols[w->cols[i]], &w->vals[i], &isnull, t, w->pk);
+			vals[t->npk + i] =
+				pgsync_value_datum(&t->cols[w->cols[i]], &w->vals[i], &isnull, t, w->pk);
 			nulls[t->npk + i] = isnull ? 'n' : ' ';
-			if (pg_form_differs(&t->cols[w->cols[i]], &w->vals[i], vals[t->npk + i], isnull))
+			if (pgsync_form_differs(&t->cols[w->cols[i]], &w->vals[i], vals[t->npk + i], isnull))
 				db->forms[i] = db->forms_any = true;
 		}
 		rc = SPI_execute_plan(w->m->upd, vals, nulls, false, 0);
@@ -766,7 +768,7 @@ do_write_row(db_conn *db, write_args *w)
 		return;
 	}
 	/* a new life: the row is exactly these columns, the others null */
-	vals = pg_pk_datums(t, w->pk, t->ncols);
+	vals = pgsync_pk_datums(t, w->pk, t->ncols);
 	nulls = palloc(t->npk + t->ncols + 1);
 	memset(nulls, ' ', t->npk);
 	memset(nulls + t->npk, 'n', t->ncols);
@@ -775,12 +777,12 @@ do_write_row(db_conn *db, write_args *w)
 		bool isnull;
 		int	 c = w->cols[i];
 
-		vals[t->npk + c] = pg_value_datum(&t->cols[c], &w->vals[i], &isnull, t, w->pk);
+		vals[t->npk + c] = pgsync_value_datum(&t->cols[c], &w->vals[i], &isnull, t, w->pk);
 		nulls[t->npk + c] = isnull ? 'n' : ' ';
-		if (pg_form_differs(&t->cols[c], &w->vals[i], vals[t->npk + c], isnull))
+		if (pgsync_form_differs(&t->cols[c], &w->vals[i], vals[t->npk + c], isnull))
 			db->forms[i] = db->forms_any = true;
 	}
-	rc = SPI_execute_plan(pg_plan_row_replace(t), vals, nulls, false, 0);
+	rc = SPI_execute_plan(pgsync_plan_row_replace(t), vals, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "pgsync: insert into %s failed", t->name);
 	if (SPI_processed == 0 && row_exists(t, vals))
@@ -788,7 +790,7 @@ do_write_row(db_conn *db, write_args *w)
 }
 
 /*
- * pg_row_error: is this error a row's own fate (its data, its constraints,
+ * pgsync_row_error: is this error a row's own fate (its data, its constraints,
  * the role's rights on it, a trigger on it) rather than the transaction's
  * or the server's? Everything but: transaction rollback (40: serialization,
  * deadlock — the apply is retried whole), a lock not available (55P03: the
@@ -799,7 +801,7 @@ do_write_row(db_conn *db, write_args *w)
  * (XX001, XX002).
  */
 bool
-pg_row_error(int code)
+pgsync_row_error(int code)
 {
 	const char *s = unpack_sql_state(code);
 
@@ -846,7 +848,7 @@ guarded(db_conn *db, void (*fn)(db_conn *, void *), void *arg, pgs_err *err)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		if (!pg_row_error(ed->sqlerrcode) || pg_apply_conflict)
+		if (!pgsync_row_error(ed->sqlerrcode) || pgsync_apply_conflict)
 			ReThrowError(ed);
 		memset(err, 0, sizeof(*err));
 		err->rc = PGS_ERR_ROW;
@@ -900,7 +902,7 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	if (n > 0)
 		memset(db->forms, 0, sizeof(bool) * n);
 	db->forms_any = false;
-	pg_lock_row(db, t, pk);
+	pgsync_lock_row(db, t, pk);
 	rc = guarded(db, write_fn, &w, err);
 	if (w.m && w.m->cols_key)
 	{
@@ -912,7 +914,7 @@ db_row_write(db_conn *db, db_table *t, const pgs_value *pk, db_write_mode mode, 
 	return rc;
 }
 
-/* db_row_forms: pg_form_differs of each value of the last db_row_write */
+/* db_row_forms: pgsync_form_differs of each value of the last db_row_write */
 bool
 db_row_forms(db_conn *db, int n, bool *differs)
 {
@@ -929,7 +931,7 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
 	pgs_rc		  rc;
 
-	pg_lock_row(db, t, pk);
+	pgsync_lock_row(db, t, pk);
 	rc = guarded(db, write_fn, &w, err);
 
 	MemoryContextSwitchTo(old);
@@ -940,23 +942,23 @@ db_row_delete(db_conn *db, db_table *t, const pgs_value *pk, pgs_err *err)
 static void
 forget_fn(db_conn *db, void *arg)
 {
-	write_args	  *w = arg;
-	Datum		  *vals = pg_pk_datums(w->t, w->pk, 0);
-	pg_user_save   us;
-	StringInfoData b;
+	write_args		*w = arg;
+	Datum			*vals = pgsync_pk_datums(w->t, w->pk, 0);
+	pgsync_user_save us;
+	StringInfoData	 b;
 
-	if (SPI_execute_plan(pg_plan_row_delete(w->t), vals, NULL, false, 0) != SPI_OK_DELETE)
+	if (SPI_execute_plan(pgsync_plan_row_delete(w->t), vals, NULL, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "pgsync: forgetting a row of %s failed", w->t->name);
 	initStringInfo(&b);
 	appendStringInfo(&b, "DELETE FROM %s WHERE ", w->t->q_clock);
 	for (int i = 0; i < w->t->npk; i++)
 		appendStringInfo(&b, "%s%s OPERATOR(pg_catalog.=) $%d", i ? " AND " : "",
 						 quote_identifier(w->t->pk[i].name), i + 1);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (SPI_execute_with_args(b.data, w->t->npk, w->t->pk_types, vals, NULL, false, 0) !=
 		SPI_OK_DELETE)
 		elog(ERROR, "pgsync: forgetting a clock of %s failed", w->t->name);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 }
 
 pgs_rc
@@ -966,7 +968,7 @@ db_row_forget(db_conn *db, db_table *t, const pgs_value *pk, bool *forgot, pgs_e
 	write_args	  w = {.t = t, .kind = W_DELETE, .pk = pk};
 	pgs_rc		  rc;
 
-	pg_lock_row(db, t, pk);
+	pgsync_lock_row(db, t, pk);
 	rc = guarded(db, forget_fn, &w, err);
 
 	MemoryContextSwitchTo(old);
@@ -987,7 +989,7 @@ db_reject(db_conn *db, db_table *t, const pgs_value *pk, const pgs_err *why)
 {
 	MemoryContext old = MemoryContextSwitchTo(scratch(db));
 
-	pg_reject_add(t->name, pg_pk_json(t, pk), why->code[0] ? why->code : "42501", why->msg);
+	pgsync_reject_add(t->name, pgsync_pk_json(t, pk), why->code[0] ? why->code : "42501", why->msg);
 	db->rejected++;
 	MemoryContextSwitchTo(old);
 }
@@ -1022,7 +1024,7 @@ db_table_parents(db_conn *db, db_table *t, db_table ***parents, int *n, pgs_err 
 	*n = 0;
 	for (int k = 0; k < nrels; k++)
 	{
-		db_table *p = pg_table_get(rels[k], true);
+		db_table *p = pgsync_table_get(rels[k], true);
 
 		if (p)
 			out[(*n)++] = p;
@@ -1037,18 +1039,18 @@ pgs_rc
 db_held_get(db_conn *db, pgs_name table, pgs_name key, const uint8_t **frag, size_t *len,
 			pgs_err *err)
 {
-	Oid			  types[2] = {TEXTOID, BYTEAOID};
-	Datum		  vals[2];
-	pg_user_save  us;
-	MemoryContext old = MemoryContextSwitchTo(scratch(db));
+	Oid				 types[2] = {TEXTOID, BYTEAOID};
+	Datum			 vals[2];
+	pgsync_user_save us;
+	MemoryContext	 old = MemoryContextSwitchTo(scratch(db));
 
 	vals[0] = PointerGetDatum(cstring_to_text_with_len((const char *) table.p, (int) table.len));
-	vals[1] = PointerGetDatum(pg_bytea(CurrentMemoryContext, key.p, key.len));
-	pg_as_meta(&us);
+	vals[1] = PointerGetDatum(pgsync_bytea(CurrentMemoryContext, key.p, key.len));
+	pgsync_as_meta(&us);
 	if (SPI_execute_with_args("SELECT frag FROM pgsync.held WHERE tbl = $1 AND k = $2", 2, types,
 							  vals, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.held failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	*frag = NULL;
 	*len = 0;
 	if (SPI_processed == 1)
@@ -1069,20 +1071,20 @@ pgs_rc
 db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code, const char *message,
 			const uint8_t *frag, size_t len, pgs_err *err)
 {
-	Oid			  types[5] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, BYTEAOID};
-	Datum		  vals[5];
-	pg_user_save  us;
-	MemoryContext old = MemoryContextSwitchTo(scratch(db));
-	int			  rc;
+	Oid				 types[5] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, BYTEAOID};
+	Datum			 vals[5];
+	pgsync_user_save us;
+	MemoryContext	 old = MemoryContextSwitchTo(scratch(db));
+	int				 rc;
 
 	vals[0] = PointerGetDatum(cstring_to_text_with_len((const char *) table.p, (int) table.len));
-	vals[1] = PointerGetDatum(pg_bytea(CurrentMemoryContext, key.p, key.len));
-	pg_as_meta(&us);
+	vals[1] = PointerGetDatum(pgsync_bytea(CurrentMemoryContext, key.p, key.len));
+	pgsync_as_meta(&us);
 	if (frag)
 	{
 		vals[2] = CStringGetTextDatum(code ? code : "");
 		vals[3] = CStringGetTextDatum(message ? message : "");
-		vals[4] = PointerGetDatum(pg_bytea(CurrentMemoryContext, frag, len));
+		vals[4] = PointerGetDatum(pgsync_bytea(CurrentMemoryContext, frag, len));
 		rc = SPI_execute_with_args(
 			"INSERT INTO pgsync.held (tbl, k, code, message, frag) VALUES ($1, $2, $3, $4, $5) "
 			"ON CONFLICT (tbl, k) DO UPDATE SET code = excluded.code, message = excluded.message, "
@@ -1092,7 +1094,7 @@ db_held_put(db_conn *db, pgs_name table, pgs_name key, const char *code, const c
 	else
 		rc = SPI_execute_with_args("DELETE FROM pgsync.held WHERE tbl = $1 AND k = $2", 2, types,
 								   vals, NULL, false, 0);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc < 0)
 		elog(ERROR, "pgsync: writing pgsync.held failed");
 	MemoryContextSwitchTo(old);
@@ -1106,7 +1108,7 @@ db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_
 			const uint8_t **blob, size_t *blob_len, const pgs_value **cols, pgs_err *err)
 {
 	MemoryContext  old = MemoryContextSwitchTo(scratch(db));
-	Datum		  *keys = pg_pk_datums(t, pk, 0);
+	Datum		  *keys = pgsync_pk_datums(t, pk, 0);
 	Datum		  *arrays = palloc(sizeof(Datum) * t->npk);
 	pgs_value	  *vals = palloc(sizeof(pgs_value) * Max(t->ncols, 1));
 	bool		   found;
@@ -1116,7 +1118,7 @@ db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_
 	pgs_rc		   rc;
 
 	*visible = false;
-	if (!pg_key_canonical(t, pk, keys))
+	if (!pgsync_key_canonical(t, pk, keys))
 	{
 		/* not a key Postgres stores (docs/TYPES.md, "Key columns"): that row is
 		 * absent here, even when the converted key names another one */
@@ -1134,7 +1136,7 @@ db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_
 			construct_array(&keys[i], 1, t->pk[i].basetyp, typlen, typbyval, typalign));
 	}
 	/* the base row as the caller: privileges and row-level security decide */
-	if (SPI_execute_plan(pg_plan_probe(t, false), arrays, NULL, true, 1) != SPI_OK_SELECT)
+	if (SPI_execute_plan(pgsync_plan_probe(t, false), arrays, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading a row of %s failed", t->name);
 	if (SPI_processed == 1)
 	{
@@ -1146,7 +1148,7 @@ db_row_read(db_conn *db, db_table *t, const pgs_value *pk, bool *visible, int64_
 			bool  isnull;
 			Datum d = SPI_getbinval(tup, td, t->npk + 1 + i, &isnull);
 
-			pg_datum_value(&t->cols[i], d, isnull, &vals[i]);
+			pgsync_datum_value(&t->cols[i], d, isnull, &vals[i]);
 		}
 		*visible = true;
 	}

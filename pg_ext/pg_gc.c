@@ -6,10 +6,10 @@
  *                        the horizon: the oldest acknowledged cursor of the
  *                        devices seen within retention, and never above
  *                        db_version_safe(). Returns what it collected (jsonb).
- *   pg_gc_check_since    a pull from below what was collected is refused
+ *   pgsync_gc_check_since    a pull from below what was collected is refused
  *                        (PS410, HTTP 410): the device re-syncs from a snapshot
  *   db_table_floor,      the floors: the largest cl collected per table. Local
- *   pg_gc_life           lives of keys without a clock start above it; an
+ *   pgsync_gc_life           lives of keys without a clock start above it; an
  *                        apply refuses first lives at or below it (PS005)
  *
  * Invariants. pgsync.gc.horizon is at least the ver of every tombstone ever
@@ -17,7 +17,7 @@
  * delete". A table is collected under SHARE ROW EXCLUSIVE on its clock
  * table, which excludes every writer (ROW EXCLUSIVE) and no reader; GC takes
  * it without waiting, so it never holds one lock while waiting for another.
- * Writers take ROW EXCLUSIVE before they read a floor (pg_gc_lock_floor), so
+ * Writers take ROW EXCLUSIVE before they read a floor (pgsync_gc_lock_floor), so
  * a floor cannot change under a running writer; a floor change invalidates
  * the clock table's relcache entry, which drops the cached floor.
  */
@@ -42,12 +42,12 @@ PG_FUNCTION_INFO_V1(sync_gc);
 static int
 gc_exec(const char *sql, int nargs, Oid *types, Datum *vals, bool read_only)
 {
-	pg_user_save us;
-	int			 rc;
+	pgsync_user_save us;
+	int				 rc;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	rc = SPI_execute_with_args(sql, nargs, types, vals, NULL, read_only, 0);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc < 0)
 		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
 	return rc;
@@ -66,12 +66,12 @@ first_int8(int col, int64 def)
 }
 
 /*
- * pg_gc_lock_floor: the floor of t, with t's clock table locked ROW
+ * pgsync_gc_lock_floor: the floor of t, with t's clock table locked ROW
  * EXCLUSIVE for the rest of the transaction (no collection can raise it
  * until then). Read once per cache entry; SPI must be connected.
  */
 int64
-pg_gc_lock_floor(db_table *t)
+pgsync_gc_lock_floor(db_table *t)
 {
 	LockRelationOid(t->clock_relid, RowExclusiveLock); /* processes invalidations */
 	if (!t->gc_floor_known || !t->valid)
@@ -88,14 +88,14 @@ pg_gc_lock_floor(db_table *t)
 }
 
 /*
- * pg_gc_life: the causal length a local write gives a key of t without a
+ * pgsync_gc_life: the causal length a local write gives a key of t without a
  * clock row: the first life (odd) or, for del, the first delete (even)
  * above the floor.
  */
 int64
-pg_gc_life(db_table *t, bool del)
+pgsync_gc_life(db_table *t, bool del)
 {
-	int64 f = pg_gc_lock_floor(t);
+	int64 f = pgsync_gc_lock_floor(t);
 
 	f += f & 1;
 	return del ? f + 2 : f + 1;
@@ -104,17 +104,17 @@ pg_gc_life(db_table *t, bool del)
 pgs_rc
 db_table_floor(db_conn *db, db_table *t, int64_t *floor, pgs_err *err)
 {
-	*floor = pg_gc_lock_floor(t);
+	*floor = pgsync_gc_lock_floor(t);
 	return PGS_OK;
 }
 
 /*
- * pg_gc_check_since: a pull from since, which is older than a delete this
+ * pgsync_gc_check_since: a pull from since, which is older than a delete this
  * database collected, would miss it: refuse it (PS410) so that the device
  * re-syncs from a snapshot. since 0 is a snapshot already.
  */
 void
-pg_gc_check_since(int64 since)
+pgsync_gc_check_since(int64 since)
 {
 	int64 h;
 
@@ -176,11 +176,11 @@ sync_gc(PG_FUNCTION_ARGS)
 				 errhint("Pass how long a silent device keeps holding the horizon back, "
 						 "e.g. '30 days'.")));
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync gc", ALLOCSET_DEFAULT_SIZES);
-	pg_core_memory(cxt);
+	pgsync_core_memory(cxt);
 	SPI_connect();
-	pg_conn_init(&db, cxt);
+	pgsync_conn_init(&db, cxt);
 	if (db_version_safe(&db, &safe, &err) != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	/* the oldest cursor of the devices that still sync; acked 0: never pulled */
 	vals[0] = IntervalPGetDatum(retention);
 	gc_exec("SELECT min(acked), count(*) FROM pgsync.devices WHERE acked > 0 AND last_seen >= "
@@ -192,7 +192,7 @@ sync_gc(PG_FUNCTION_ARGS)
 	if (h > safe)
 		h = safe;
 	if (db_tables(&db, &tables, &ntables, &err) != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	{
 		MemoryContext o = MemoryContextSwitchTo(outer); /* outlives SPI_finish */
 
@@ -262,7 +262,7 @@ sync_gc(PG_FUNCTION_ARGS)
 					 (long long) h, (long long) safe, (long long) devices, (long long) total,
 					 busy.data);
 	SPI_finish();
-	pg_core_memory(NULL);
+	pgsync_core_memory(NULL);
 	MemoryContextSwitchTo(outer);
 	res = DirectFunctionCall1(jsonb_in, CStringGetDatum(js.data));
 	MemoryContextDelete(cxt);

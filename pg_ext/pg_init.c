@@ -2,7 +2,7 @@
  * pg_init.c — sync_init, sync_cleanup and the schema changes of synced
  * tables (docs/MIGRATIONS.md): recording a table in pgsync.tables, creating
  * its clock table and capture triggers, adding columns, and the DDL event
- * trigger that reconciles renames and drops (pg_table_reconcile). The
+ * trigger that reconciles renames and drops (pgsync_table_reconcile). The
  * per-backend cache and the plans are pg_table.c's, below this file.
  */
 #include "pg_internal.h"
@@ -51,7 +51,7 @@ array_elem(StringInfo b, const char *s)
 }
 
 /*
- * pg_table_init: sync_init's body. Creates the clock table and the
+ * pgsync_table_init: sync_init's body. Creates the clock table and the
  * triggers, records the table and backfills a clock row for every existing
  * row. Idempotent; SPI connected, caller owns the table.
  */
@@ -91,11 +91,11 @@ key_from_sequence(Oid relid, Form_pg_attribute a)
 static void
 append_new_columns(db_table *t)
 {
-	Relation	   rel = table_open(t->relid, AccessShareLock);
-	TupleDesc	   td = RelationGetDescr(rel);
-	StringInfoData names, atts, types;
-	int			   added = 0;
-	pg_user_save   us;
+	Relation		 rel = table_open(t->relid, AccessShareLock);
+	TupleDesc		 td = RelationGetDescr(rel);
+	StringInfoData	 names, atts, types;
+	int				 added = 0;
+	pgsync_user_save us;
 
 	initStringInfo(&names);
 	initStringInfo(&atts);
@@ -132,7 +132,7 @@ append_new_columns(db_table *t)
 		Datum v[4] = {ObjectIdGetDatum(t->relid), CStringGetTextDatum(names.data),
 					  CStringGetTextDatum(atts.data), CStringGetTextDatum(types.data)};
 
-		pg_as_meta(&us);
+		pgsync_as_meta(&us);
 		if (SPI_execute_with_args("UPDATE pgsync.tables SET cols = cols || $2::text[], "
 								  "col_attnums = col_attnums || $3::int2[], "
 								  "col_types = col_types || $4::oid[] WHERE tbl = $1::regclass",
@@ -141,26 +141,26 @@ append_new_columns(db_table *t)
 								  "AND name = ANY ($2::text[])",
 								  2, at, v, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "pgsync: recording the new columns failed");
-		pg_as_caller(&us);
+		pgsync_as_caller(&us);
 	}
 	CacheInvalidateRelcacheByRelid(t->relid);
 	CommandCounterIncrement();
-	pg_table_reload(t->relid);
+	pgsync_table_reload(t->relid);
 }
 
 bool
-pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool allow_seq_keys)
+pgsync_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool allow_seq_keys)
 {
-	Relation	   rel;
-	Oid			   pkidx;
-	Relation	   idx;
-	TupleDesc	   td;
-	char		  *nsp, *relname, *name, *clockname;
-	StringInfoData b, pkarr, colarr, pkdef, pkatts, colatts, coltypes;
-	int			   npk, i, j, ncols = 0;
-	AttrNumber	  *pkatt;
-	pg_user_save   us;
-	db_table	  *t;
+	Relation		 rel;
+	Oid				 pkidx;
+	Relation		 idx;
+	TupleDesc		 td;
+	char			*nsp, *relname, *name, *clockname;
+	StringInfoData	 b, pkarr, colarr, pkdef, pkatts, colatts, coltypes;
+	int				 npk, i, j, ncols = 0;
+	AttrNumber		*pkatt;
+	pgsync_user_save us;
+	db_table		*t;
 
 	rel = table_open(relid, ShareRowExclusiveLock);
 	if (rel->rd_rel->relkind != RELKIND_RELATION)
@@ -222,7 +222,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 		const char		 *an = NameStr(a->attname);
 		Oid				  coll;
 
-		if (!pg_kind_pk_ok(pg_type_kind(getBaseType(a->atttypid))))
+		if (!pgsync_kind_pk_ok(pgsync_type_kind(getBaseType(a->atttypid))))
 			ereport(
 				ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
@@ -298,7 +298,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 	table_close(rel, NoLock);
 
 	/* already synced? */
-	t = pg_table_get(relid, true);
+	t = pgsync_table_get(relid, true);
 	if (t != NULL)
 	{
 
@@ -319,11 +319,11 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 		Oid	  types[1] = {TEXTOID};
 		Datum v[1] = {CStringGetTextDatum(name)};
 
-		pg_as_meta(&us);
+		pgsync_as_meta(&us);
 		if (SPI_execute_with_args("SELECT tbl::pg_catalog.text FROM pgsync.tables WHERE name = $1",
 								  1, types, v, NULL, true, 1) != SPI_OK_SELECT)
 			elog(ERROR, "pgsync: reading pgsync.tables failed");
-		pg_as_caller(&us);
+		pgsync_as_caller(&us);
 		if (SPI_processed > 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_DUPLICATE_OBJECT),
@@ -338,7 +338,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 
 	/* clock table and metadata, as the metadata owner */
 	initStringInfo(&b);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	appendStringInfo(&b,
 					 "CREATE TABLE %s (%scl bigint NOT NULL, ver bigint NOT NULL, clk bytea NOT "
 					 "NULL, PRIMARY KEY (",
@@ -380,7 +380,7 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 								  types + 1, v + 1, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "pgsync: clearing the column history failed");
 	}
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 
 	/* triggers, as the caller (the table owner) */
 	resetStringInfo(&b);
@@ -399,18 +399,18 @@ pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name, bool
 	exec_sql(b.data, SPI_OK_UTILITY);
 	CommandCounterIncrement();
 
-	return true; /* new: its rows need clocks (pg_capture_backfill) */
+	return true; /* new: its rows need clocks (pgsync_capture_backfill) */
 }
 
-/* pg_table_cleanup: sync_cleanup's body. */
+/* pgsync_table_cleanup: sync_cleanup's body. */
 void
-pg_table_cleanup(Oid relid)
+pgsync_table_cleanup(Oid relid)
 {
-	db_table	  *t = pg_table_get(relid, true);
-	StringInfoData b;
-	pg_user_save   us;
-	Oid			   types[1] = {OIDOID};
-	Datum		   v[1];
+	db_table		*t = pgsync_table_get(relid, true);
+	StringInfoData	 b;
+	pgsync_user_save us;
+	Oid				 types[1] = {OIDOID};
+	Datum			 v[1];
 
 	if (t == NULL)
 	{
@@ -424,7 +424,7 @@ pg_table_cleanup(Oid relid)
 	resetStringInfo(&b);
 	appendStringInfo(&b, "DROP TRIGGER IF EXISTS pgsync_truncate ON %s", t->q_base);
 	exec_sql(b.data, SPI_OK_UTILITY);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	resetStringInfo(&b);
 	appendStringInfo(&b, "DROP TABLE IF EXISTS %s", t->q_clock);
 	exec_sql(b.data, SPI_OK_UTILITY);
@@ -432,7 +432,7 @@ pg_table_cleanup(Oid relid)
 	if (SPI_execute_with_args("DELETE FROM pgsync.tables WHERE tbl = $1::regclass", 1, types, v,
 							  NULL, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "pgsync: removing the table failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	t->valid = false;
 	CacheInvalidateRelcacheByRelid(relid);
 }
@@ -472,12 +472,12 @@ oid_array(Datum d, int *n)
 static void
 meta_sql(const char *sql, int nargs, Oid *types, Datum *vals, int expect)
 {
-	pg_user_save us;
-	int			 rc;
+	pgsync_user_save us;
+	int				 rc;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	rc = SPI_execute_with_args(sql, nargs, types, vals, NULL, false, 0);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc != expect)
 		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
 }
@@ -489,16 +489,16 @@ meta_sql(const char *sql, int nargs, Oid *types, Datum *vals, int expect)
 static int
 kind_of(Oid typid)
 {
-	pg_kind k;
+	pgsync_kind k;
 
 	if (!OidIsValid(typid) || !SearchSysCacheExists1(TYPEOID, ObjectIdGetDatum(typid)))
 		return -1;
-	k = pg_type_kind(getBaseType(typid));
+	k = pgsync_type_kind(getBaseType(typid));
 	return (int) (k == PGK_INT2 || k == PGK_INT4 ? PGK_INT8 : k);
 }
 
 /*
- * pg_table_reconcile: the DDL event trigger's check of an ALTER TABLE of a
+ * pgsync_table_reconcile: the DDL event trigger's check of an ALTER TABLE of a
  * synced table, in the same transaction. Supported: RENAME COLUMN (the
  * column travels under its new name, its former name is kept in
  * pgsync.column_history so that older replicas still match it), DROP COLUMN
@@ -509,30 +509,30 @@ kind_of(Oid typid)
  * column, a type change that changes how values travel.
  */
 void
-pg_table_reconcile(Oid relid)
+pgsync_table_reconcile(Oid relid)
 {
-	Oid			   at[1] = {OIDOID};
-	Datum		   av[1] = {ObjectIdGetDatum(relid)};
-	pg_user_save   us;
-	HeapTuple	   tup;
-	TupleDesc	   std, td;
-	bool		   isnull;
-	char		  *name, *q_clock;
-	int			   npk, ncols, n, natts;
-	int16		  *pkatt, *colatt;
-	Oid			  *coltyp;
-	char		 **pknames, **colnames;
-	Relation	   rel;
-	Oid			   pkidx;
-	bool		   changed = false;
-	StringInfoData b;
+	Oid				 at[1] = {OIDOID};
+	Datum			 av[1] = {ObjectIdGetDatum(relid)};
+	pgsync_user_save us;
+	HeapTuple		 tup;
+	TupleDesc		 std, td;
+	bool			 isnull;
+	char			*name, *q_clock;
+	int				 npk, ncols, n, natts;
+	int16			*pkatt, *colatt;
+	Oid				*coltyp;
+	char		   **pknames, **colnames;
+	Relation		 rel;
+	Oid				 pkidx;
+	bool			 changed = false;
+	StringInfoData	 b;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (SPI_execute_with_args("SELECT name, pk_cols, pk_attnums, cols, col_attnums, col_types, "
 							  "clock::pg_catalog.text FROM pgsync.tables WHERE tbl = $1",
 							  1, at, av, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.tables failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (SPI_processed == 0)
 		return;
 	tup = SPI_tuptable->vals[0];
@@ -542,15 +542,15 @@ pg_table_reconcile(Oid relid)
 	(void) SPI_getbinval(tup, std, 3, &isnull);
 	if (isnull)
 		return; /* recorded by a build that did not keep attnums */
-	pg_text_array_elem(SPI_getbinval(tup, std, 2, &isnull), -1, &npk);
+	pgsync_text_array_elem(SPI_getbinval(tup, std, 2, &isnull), -1, &npk);
 	pknames = palloc(sizeof(char *) * (npk + 1));
 	for (int i = 0; i < npk; i++)
-		pknames[i] = pg_text_array_elem(SPI_getbinval(tup, std, 2, &isnull), i, &n);
+		pknames[i] = pgsync_text_array_elem(SPI_getbinval(tup, std, 2, &isnull), i, &n);
 	pkatt = int2_array(SPI_getbinval(tup, std, 3, &isnull), &n);
-	pg_text_array_elem(SPI_getbinval(tup, std, 4, &isnull), -1, &ncols);
+	pgsync_text_array_elem(SPI_getbinval(tup, std, 4, &isnull), -1, &ncols);
 	colnames = palloc(sizeof(char *) * (ncols + 1));
 	for (int i = 0; i < ncols; i++)
-		colnames[i] = pg_text_array_elem(SPI_getbinval(tup, std, 4, &isnull), i, &n);
+		colnames[i] = pgsync_text_array_elem(SPI_getbinval(tup, std, 4, &isnull), i, &n);
 	colatt = int2_array(SPI_getbinval(tup, std, 5, &isnull), &n);
 	coltyp = oid_array(SPI_getbinval(tup, std, 6, &isnull), &n);
 
@@ -691,5 +691,5 @@ pg_table_reconcile(Oid relid)
 	CacheInvalidateRelcacheByRelid(relid);
 	CommandCounterIncrement();
 	/* later writes of this transaction capture the new column list */
-	pg_table_reload(relid);
+	pgsync_table_reload(relid);
 }

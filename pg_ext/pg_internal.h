@@ -33,7 +33,7 @@
 #include "../database.h"
 
 /* How a Postgres type maps to payload values (see docs/TYPES.md). */
-typedef enum pg_kind
+typedef enum pgsync_kind
 {
 	PGK_INT2,
 	PGK_INT4,
@@ -51,36 +51,36 @@ typedef enum pg_kind
 	PGK_JSON,
 	PGK_JSONB,
 	PGK_OTHER /* any other type: its text form */
-} pg_kind;
+} pgsync_kind;
 
-typedef struct pg_col
+typedef struct pgsync_col
 {
-	char	  *name;
-	AttrNumber attnum; /* in the base table */
-	Oid		   typid;  /* declared type (maybe a domain) */
-	int32	   typmod;
-	Oid		   coll;	/* column collation (InvalidOid if none) */
-	Oid		   basetyp; /* domain base type */
-	pg_kind	   kind;
-	bool	   isdomain;
-	int16	   typlen;
-	bool	   typbyval;
-	Oid		   typinput;
-	Oid		   typioparam;
-	Oid		   typoutput;
-	bool	   text_fast; /* text-like without typmod: no input call */
-	FmgrInfo   infn;	  /* input function, set up lazily */
-	bool	   infn_ok;
-} pg_col;
+	char	   *name;
+	AttrNumber	attnum; /* in the base table */
+	Oid			typid;	/* declared type (maybe a domain) */
+	int32		typmod;
+	Oid			coll;	 /* column collation (InvalidOid if none) */
+	Oid			basetyp; /* domain base type */
+	pgsync_kind kind;
+	bool		isdomain;
+	int16		typlen;
+	bool		typbyval;
+	Oid			typinput;
+	Oid			typioparam;
+	Oid			typoutput;
+	bool		text_fast; /* text-like without typmod: no input call */
+	FmgrInfo	infn;	   /* input function, set up lazily */
+	bool		infn_ok;
+} pgsync_col;
 
 /* A merge-write plan for one set of columns. */
-typedef struct pg_merge_plan
+typedef struct pgsync_merge_plan
 {
 	char	   key[64];	 /* hash key: hex of the column bitmap (prefix) */
 	char	  *cols_key; /* full key when longer than 63 chars */
 	SPIPlanPtr upd;
 	SPIPlanPtr ins;
-} pg_merge_plan;
+} pgsync_merge_plan;
 
 /*
  * struct db_table: one synced table, cached per backend in CacheMemoryContext
@@ -101,8 +101,8 @@ struct db_table
 	db_algo		  algo;
 	int			  npk;
 	int			  ncols;
-	pg_col		 *pk;
-	pg_col		 *cols;
+	pgsync_col	 *pk;
+	pgsync_col	 *cols;
 	const char	**pk_names;
 	const char	**col_names;
 	db_table_info info;
@@ -115,7 +115,7 @@ struct db_table
 	SPIPlanPtr p_clock_cas;
 	SPIPlanPtr p_row_replace;
 	SPIPlanPtr p_row_delete;
-	SPIPlanPtr p_read[8][3]; /* pg_plan_read(kind, order): PGR_NKINDS kinds */
+	SPIPlanPtr p_read[8][3]; /* pgsync_plan_read(kind, order): PGR_NKINDS kinds */
 	SPIPlanPtr p_probe_base;
 	SPIPlanPtr p_probe_clock;
 	SPIPlanPtr p_row_exists;
@@ -162,8 +162,8 @@ struct db_conn
 	/* pg_lock.c: > 0 inside sync_apply_payload's retry loop: lock waits of
 	 * the merge last at most this long, and a row being written by another
 	 * transaction makes the apply give way */
-	int				 lock_wait_ms;
-	struct pg_locks *locks; /* what db_apply_lock took in this attempt */
+	int					 lock_wait_ms;
+	struct pgsync_locks *locks; /* what db_apply_lock took in this attempt */
 	/* db_row_forms: which values of the last row write were stored in another form */
 	bool *forms;
 	int	  forms_cap;
@@ -171,84 +171,84 @@ struct db_conn
 };
 
 /* ---- pgsync.c ---- */
-extern int	pg_record_interval; /* pgsync.record_interval, seconds (pgsync.c) */
-extern bool pg_applying;		/* true while sync_apply_payload merges */
+extern int	pgsync_record_interval; /* pgsync.record_interval, seconds (pgsync.c) */
+extern bool pgsync_applying;		/* true while sync_apply_payload merges */
 /* the row the apply is writing now (its clock is the apply's): the capture
  * skips exactly that row, and records what the write causes elsewhere
  * (ON DELETE CASCADE, triggers writing other synced rows) */
-extern Oid	  pg_apply_relid;
-extern Datum *pg_apply_key;
-extern bool	  pg_apply_conflict; /* a local write raced with the apply */
-void		  pg_core_memory(MemoryContext cxt);
-void		  pg_session_setup(void); /* _PG_init: the core allocates through palloc */
+extern Oid	  pgsync_apply_relid;
+extern Datum *pgsync_apply_key;
+extern bool	  pgsync_apply_conflict; /* a local write raced with the apply */
+void		  pgsync_core_memory(MemoryContext cxt);
+void		  pgsync_session_setup(void); /* _PG_init: the core allocates through palloc */
 
 /* one row the running apply refused (sync_rejections()) */
-typedef struct pg_rejection
+typedef struct pgsync_rejection
 {
 	char *table;
 	char *pk_json;
 	char  sqlstate[6];
 	char *message;
-} pg_rejection;
-void  pg_reject_reset(void);
-List *pg_rejections(void);
-void  pg_conn_init(db_conn *db, MemoryContext cxt);
-Oid	  pg_meta_relid(const char *name);
-void  pg_reject_add(const char *table, const char *pk_json, const char *sqlstate,
-					const char *message);
-Oid	  pg_meta_owner(void);
+} pgsync_rejection;
+void  pgsync_reject_reset(void);
+List *pgsync_rejections(void);
+void  pgsync_conn_init(db_conn *db, MemoryContext cxt);
+Oid	  pgsync_meta_relid(const char *name);
+void  pgsync_reject_add(const char *table, const char *pk_json, const char *sqlstate,
+						const char *message);
+Oid	  pgsync_meta_owner(void);
 /* pg_gc.c */
-int64 pg_gc_lock_floor(db_table *t);
-int64 pg_gc_life(db_table *t, bool del);
-void  pg_gc_check_since(int64 since);
+int64 pgsync_gc_lock_floor(db_table *t);
+int64 pgsync_gc_life(db_table *t, bool del);
+void  pgsync_gc_check_since(int64 since);
 
-pg_noreturn void pg_raise(const pgs_err *err);
-void			 pg_capture_backfill(Oid relid); /* clocks for a new synced table's rows */
-void			 pg_pk_list(StringInfo b, const db_table *t, const char *alias); /* "k1", "k2" */
-void			 pg_payload_guard(void);	   /* ERROR in a transaction that changed synced rows */
-bool			 pg_row_error(int sqlerrcode); /* an error that is one row's own fate */
+pg_noreturn void pgsync_raise(const pgs_err *err);
+void			 pgsync_capture_backfill(Oid relid); /* clocks for a new synced table's rows */
+void pgsync_pk_list(StringInfo b, const db_table *t, const char *alias); /* "k1", "k2" */
+void pgsync_payload_guard(void);	   /* ERROR in a transaction that changed synced rows */
+bool pgsync_row_error(int sqlerrcode); /* an error that is one row's own fate */
 
-typedef struct pg_user_save
+typedef struct pgsync_user_save
 {
 	Oid user;
 	int sec;
-} pg_user_save;
-SPIPlanPtr pg_plan_keep(const char *sql, int nargs, Oid *types);
-void	   pg_as_meta(pg_user_save *s);
-void	   pg_as_caller(const pg_user_save *s);
+} pgsync_user_save;
+SPIPlanPtr pgsync_plan_keep(const char *sql, int nargs, Oid *types);
+void	   pgsync_as_meta(pgsync_user_save *s);
+void	   pgsync_as_caller(const pgsync_user_save *s);
 
 /* ---- pg_table.c ---- */
-db_table *pg_table_get(Oid relid, bool missing_ok);
-db_table *pg_table_cached(Oid relid);
-void	  pg_table_release_all(void);
-/* pg_pk_datums: a key's values as Datums of the table's key types (extra slots after) */
-Datum *pg_pk_datums(db_table *t, const pgs_value *pk, int extra);
-/* pg_text_array_elem: element i of a text[] Datum (NULL past the end); *n its length */
-char *pg_text_array_elem(Datum arr, int i, int *n);
-/* pg_table_init: sync_init's metadata and triggers; true for a table synced
- * now (its rows need clocks: pg_capture_backfill), false when it was already. */
-bool pg_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
-				   bool allow_seq_keys);
-void pg_table_reload(Oid relid);
-/* pg_table_reconcile: after ALTER TABLE of a synced table (the DDL event trigger) */
-void		   pg_table_reconcile(Oid relid);
-void		   pg_table_cleanup(Oid relid);
-int			   pg_table_list(Oid **relids);
-Oid			   pg_table_by_name(const char *name, size_t len);
-pg_merge_plan *pg_table_merge_plan(db_table *t, int n, const int *cols);
-void		   pg_table_cache_setup(void);
-SPIPlanPtr	   pg_plan_clock_get(db_table *t);
-SPIPlanPtr	   pg_plan_clock_upsert(db_table *t);
-SPIPlanPtr	   pg_plan_clock_insnew(db_table *t);
-SPIPlanPtr	   pg_plan_clock_cas(db_table *t);
-SPIPlanPtr	   pg_plan_row_replace(db_table *t);
-SPIPlanPtr	   pg_plan_row_delete(db_table *t);
+db_table *pgsync_table_get(Oid relid, bool missing_ok);
+db_table *pgsync_table_cached(Oid relid);
+void	  pgsync_table_release_all(void);
+/* pgsync_pk_datums: a key's values as Datums of the table's key types (extra slots after) */
+Datum *pgsync_pk_datums(db_table *t, const pgs_value *pk, int extra);
+/* pgsync_text_array_elem: element i of a text[] Datum (NULL past the end); *n its length */
+char *pgsync_text_array_elem(Datum arr, int i, int *n);
+/* pgsync_table_init: sync_init's metadata and triggers; true for a table synced
+ * now (its rows need clocks: pgsync_capture_backfill), false when it was already. */
+bool pgsync_table_init(Oid relid, db_algo algo, Oid func_nsp, const char *want_name,
+					   bool allow_seq_keys);
+void pgsync_table_reload(Oid relid);
+/* pgsync_table_reconcile: after ALTER TABLE of a synced table (the DDL event trigger) */
+void			   pgsync_table_reconcile(Oid relid);
+void			   pgsync_table_cleanup(Oid relid);
+int				   pgsync_table_list(Oid **relids);
+Oid				   pgsync_table_by_name(const char *name, size_t len);
+pgsync_merge_plan *pgsync_table_merge_plan(db_table *t, int n, const int *cols);
+void			   pgsync_table_cache_setup(void);
+SPIPlanPtr		   pgsync_plan_clock_get(db_table *t);
+SPIPlanPtr		   pgsync_plan_clock_upsert(db_table *t);
+SPIPlanPtr		   pgsync_plan_clock_insnew(db_table *t);
+SPIPlanPtr		   pgsync_plan_clock_cas(db_table *t);
+SPIPlanPtr		   pgsync_plan_row_replace(db_table *t);
+SPIPlanPtr		   pgsync_plan_row_delete(db_table *t);
 /*
- * What a build or a key scan reads (pg_plan_read). Parameters: $1 since,
+ * What a build or a key scan reads (pgsync_plan_read). Parameters: $1 since,
  * $2 until, then the npk key values of "after" (order 2), then (the _IN
  * kinds) one array of keys per key column.
  */
-typedef enum pg_read_kind
+typedef enum pgsync_read_kind
 {
 	PGR_CHANGES = 0,	  /* clock rows with ver > $1 joined to their base row */
 	PGR_SNAPSHOT = 1,	  /* every clock row (tombstones too) joined to its base row */
@@ -258,15 +258,16 @@ typedef enum pg_read_kind
 	PGR_CHANGED_KEYS = 5, /* keys of clock rows with ver > $1, at most PG_KEYED_MAX + 1 */
 	PGR_CHANGES_IN = 6,	  /* PGR_CHANGES of the keys in the arrays */
 	PGR_CLOCKS_IN = 7	  /* PGR_CLOCKS of the keys in the arrays */
-} pg_read_kind;
+} pgsync_read_kind;
 #define PGR_NKINDS 8 /* the size of db_table.p_read */
 /* an incremental pull of at most this many rows of a table reads them by key */
 #define PG_KEYED_MAX 10000
-SPIPlanPtr pg_plan_read(db_table *t, pg_read_kind kind, int order); /* 0 any, 1 key, 2 after */
-/* pg_plan_probe: the base rows (as the caller) or clock rows (as the metadata
+SPIPlanPtr pgsync_plan_read(db_table *t, pgsync_read_kind kind,
+							int order); /* 0 any, 1 key, 2 after */
+/* pgsync_plan_probe: the base rows (as the caller) or clock rows (as the metadata
  * owner) of the keys in arrays $1.. (one per key column). */
-SPIPlanPtr pg_plan_probe(db_table *t, bool clock);
-SPIPlanPtr pg_plan_row_exists(db_table *t);
+SPIPlanPtr pgsync_plan_probe(db_table *t, bool clock);
+SPIPlanPtr pgsync_plan_row_exists(db_table *t);
 
 /* ---- pg_lock.c ---- */
 /* an apply of more rows than this locks their tables instead of the rows */
@@ -274,7 +275,7 @@ SPIPlanPtr pg_plan_row_exists(db_table *t);
 /* how long an apply that holds rows may wait for a lock */
 #define PG_LOCK_WAIT_MS 1
 /* why the running attempt gave way: what to wait for before the next one */
-typedef struct pg_yield
+typedef struct pgsync_yield
 {
 	bool		  armed; /* our lock_timeout is in effect (db_apply_lock) */
 	bool		  set;
@@ -282,52 +283,53 @@ typedef struct pg_yield
 	bool		  have_tag;
 	LOCKTAG		  tag; /* or another apply's lock on a row found late */
 	LOCKMODE	  tag_mode;
-} pg_yield;
-extern pg_yield pg_apply_yield;
-void			pg_lock_row(db_conn *db, db_table *t, const pgs_value *pk);
-void			pg_lock_clock(db_table *t, const pgs_value *pk);
-void			pg_apply_wait(int round);
-void			pg_apply_yield_reset(void);
+} pgsync_yield;
+extern pgsync_yield pgsync_apply_yield;
+void				pgsync_lock_row(db_conn *db, db_table *t, const pgs_value *pk);
+void				pgsync_lock_clock(db_table *t, const pgs_value *pk);
+void				pgsync_apply_wait(int round);
+void				pgsync_apply_yield_reset(void);
 
 /* ---- pg_types.c ---- */
-pg_kind		pg_type_kind(Oid basetyp);
-const char *pg_kind_name(pg_kind k);
-bool		pg_kind_pk_ok(pg_kind k);
-void		pg_col_setup(pg_col *c, Oid typid, int32 typmod);
-void		pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out);
-Datum pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk);
-bool  pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull);
-bool  pg_key_canonical(db_table *t, const pgs_value *pk, const Datum *d);
-void  pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d);
-/* pg_bytea: a bytea copy of len bytes at p, allocated in cxt. */
-bytea *pg_bytea(MemoryContext cxt, const void *p, size_t len);
-char  *pg_pk_json(db_table *t, const pgs_value *pk);
-char  *pg_pk_text(db_table *t, const pgs_value *pk);
+pgsync_kind pgsync_type_kind(Oid basetyp);
+const char *pgsync_kind_name(pgsync_kind k);
+bool		pgsync_kind_pk_ok(pgsync_kind k);
+void		pgsync_col_setup(pgsync_col *c, Oid typid, int32 typmod);
+void		pgsync_datum_value(pgsync_col *c, Datum d, bool isnull, pgs_value *out);
+Datum		pgsync_value_datum(pgsync_col *c, const pgs_value *v, bool *isnull, db_table *t,
+							   const pgs_value *pk);
+bool		pgsync_form_differs(pgsync_col *c, const pgs_value *v, Datum d, bool isnull);
+bool		pgsync_key_canonical(db_table *t, const pgs_value *pk, const Datum *d);
+void		pgsync_key_forms(db_table *t, const pgs_value *pk, const Datum *d);
+/* pgsync_bytea: a bytea copy of len bytes at p, allocated in cxt. */
+bytea *pgsync_bytea(MemoryContext cxt, const void *p, size_t len);
+char  *pgsync_pk_json(db_table *t, const pgs_value *pk);
+char  *pgsync_pk_text(db_table *t, const pgs_value *pk);
 
 /* ---- pg_view.c ---- */
-extern bool	   pg_have_device; /* sync_device was called in this transaction */
-extern uint8_t pg_cur_device[PGS_SITE_LEN];
-extern char	   pg_cur_principal[256];
-void		   pg_device_reset(void);
-void		   pg_vis_bump(Oid relid);
-bool		   pg_vis_changed_in(Oid relid, int64 since, int64 until);
-void		   pg_watch_refresh(Oid relid);
-db_access	   pg_table_access(db_table *t);
-bytea		  *pg_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len);
-uint8_t		  *pg_cursor_open(const uint8_t *p, size_t len, size_t *tok_len);
+extern bool	   pgsync_have_device; /* sync_device was called in this transaction */
+extern uint8_t pgsync_cur_device[PGS_SITE_LEN];
+extern char	   pgsync_cur_principal[256];
+void		   pgsync_device_reset(void);
+void		   pgsync_vis_bump(Oid relid);
+bool		   pgsync_vis_changed_in(Oid relid, int64 since, int64 until);
+void		   pgsync_watch_refresh(Oid relid);
+db_access	   pgsync_table_access(db_table *t);
+bytea		  *pgsync_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len);
+uint8_t		  *pgsync_cursor_open(const uint8_t *p, size_t len, size_t *tok_len);
 
 /* ---- pg_changes.c ---- */
-void pg_changes_setup(void);
+void pgsync_changes_setup(void);
 
 /* ---- pg_capture.c ---- */
-extern FullTransactionId pg_wrote_xid;
-int64_t					 pg_txn_version(void);
-uint64_t				 pg_txn_tick(void);
-void					 pg_hlc_observe(uint64_t hlc);
-uint64_t				 pg_hlc_floor(void);
-void					 pg_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
-bool					 pg_clock_direct(db_table *t);
-int						 pg_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
-bool pg_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
+extern FullTransactionId pgsync_wrote_xid;
+int64_t					 pgsync_txn_version(void);
+uint64_t				 pgsync_txn_tick(void);
+void					 pgsync_hlc_observe(uint64_t hlc);
+uint64_t				 pgsync_hlc_floor(void);
+void					 pgsync_capture_fresh(db_table *t, uint8_t **blob, size_t *len);
+bool					 pgsync_clock_direct(db_table *t);
+int						 pgsync_clock_lookup_direct(db_table *t, Datum *pk, int64 *cl, bytea **clk);
+bool pgsync_clock_insert_direct(db_table *t, Datum *pk, int64 cl, int64 ver, bytea *clk);
 
 #endif /* PGSYNC_PG_INTERNAL_H */

@@ -31,7 +31,7 @@
  *    ... FOR UPDATE, a foreign-key check of a concurrent child insert), a
  *    parent row, a user trigger. sync_apply_payload then rolls the attempt
  *    back, which releases every lock it took, waits for what blocked it while
- *    holding nothing (pg_apply_wait), and applies again.
+ *    holding nothing (pgsync_apply_wait), and applies again.
  *
  *    So a local transaction can only meet an apply in a deadlock if the apply
  *    waits, and an apply's wait lasts at most PG_LOCK_WAIT_MS: a cycle through
@@ -75,7 +75,7 @@
 #define LOCK_KIND_TABLE 0x7073
 #define LOCK_KIND_ROW 0x7072
 
-pg_yield pg_apply_yield;
+pgsync_yield pgsync_apply_yield;
 
 /* the row the running apply writes (for a lock wait that timed out) */
 static db_table		   *cur_t;
@@ -94,7 +94,7 @@ typedef struct lock_table
 	bool coarse; /* exclusive table lock, no row locks */
 } lock_table;
 
-struct pg_locks
+struct pgsync_locks
 {
 	bool		taken; /* the first db_apply_lock of this attempt ran */
 	int			nfine; /* row locks held */
@@ -126,7 +126,7 @@ table_tag(LOCKTAG *tag, Oid relid)
 }
 
 static lock_table *
-find_table(struct pg_locks *lk, Oid relid)
+find_table(struct pgsync_locks *lk, Oid relid)
 {
 	for (int i = 0; i < lk->ntables; i++)
 		if (lk->tables[i].relid == relid)
@@ -135,7 +135,7 @@ find_table(struct pg_locks *lk, Oid relid)
 }
 
 static lock_table *
-add_table(db_conn *db, struct pg_locks *lk, Oid relid, bool coarse)
+add_table(db_conn *db, struct pgsync_locks *lk, Oid relid, bool coarse)
 {
 	if (lk->ntables == lk->tables_cap)
 	{
@@ -155,10 +155,10 @@ add_table(db_conn *db, struct pg_locks *lk, Oid relid, bool coarse)
 pg_noreturn static void
 give_way_tag(const LOCKTAG *tag, LOCKMODE mode, db_table *t)
 {
-	pg_apply_yield.set = true;
-	pg_apply_yield.tag = *tag;
-	pg_apply_yield.tag_mode = mode;
-	pg_apply_yield.have_tag = true;
+	pgsync_apply_yield.set = true;
+	pgsync_apply_yield.tag = *tag;
+	pgsync_apply_yield.tag_mode = mode;
+	pgsync_apply_yield.have_tag = true;
 	ereport(ERROR, (errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 					errmsg("rows of table %s are being applied by another transaction", t->name),
 					errhint("sync_apply_payload waits for it and applies again.")));
@@ -182,7 +182,7 @@ arm(int ms)
 	snprintf(v, sizeof v, "%dms", ms);
 	(void) set_config_option("lock_timeout", v, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true,
 							 0, false);
-	pg_apply_yield.armed = true;
+	pgsync_apply_yield.armed = true;
 }
 
 /*
@@ -193,13 +193,13 @@ arm(int ms)
 pgs_rc
 db_apply_lock(db_conn *db, const db_lock_key *keys, uint32_t n, pgs_err *err)
 {
-	struct pg_locks *lk = db->locks;
-	lock_row		*rows = palloc(sizeof(lock_row) * (n + 1));
-	uint32			 m = 0;
-	bool			 late;
+	struct pgsync_locks *lk = db->locks;
+	lock_row			*rows = palloc(sizeof(lock_row) * (n + 1));
+	uint32				 m = 0;
+	bool				 late;
 
 	if (lk == NULL)
-		lk = db->locks = MemoryContextAllocZero(db->cxt, sizeof(struct pg_locks));
+		lk = db->locks = MemoryContextAllocZero(db->cxt, sizeof(struct pgsync_locks));
 	late = lk->taken;
 	for (uint32 i = 0; i < n; i++)
 		rows[i] =
@@ -381,7 +381,7 @@ key_datums(db_table *t, const pgs_value *pk)
 	{
 		bool isnull;
 
-		d[i] = pg_value_datum(&t->pk[i], &pk[i], &isnull, t, pk);
+		d[i] = pgsync_value_datum(&t->pk[i], &pk[i], &isnull, t, pk);
 	}
 	return d;
 }
@@ -408,13 +408,13 @@ row_writer(db_table *t, Datum *pk, bool clock_too)
 }
 
 /*
- * pg_lock_row: the apply is about to write row pk of t:
+ * pgsync_lock_row: the apply is about to write row pk of t:
  * remembered for a lock wait that times out, and, when another transaction
  * is writing the row, the apply gives way (rule 2) instead of waiting while
  * it holds its other rows.
  */
 void
-pg_lock_row(db_conn *db, db_table *t, const pgs_value *pk)
+pgsync_lock_row(db_conn *db, db_table *t, const pgs_value *pk)
 {
 	TransactionId x;
 
@@ -425,17 +425,17 @@ pg_lock_row(db_conn *db, db_table *t, const pgs_value *pk)
 	x = row_writer(t, key_datums(t, pk), false);
 	if (!TransactionIdIsValid(x))
 		return;
-	pg_apply_yield.set = true;
-	pg_apply_yield.xid = x;
+	pgsync_apply_yield.set = true;
+	pgsync_apply_yield.xid = x;
 	ereport(ERROR, (errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 					errmsg("row %s of table %s is being written by another transaction",
-						   pg_pk_text(t, pk), t->name),
+						   pgsync_pk_text(t, pk), t->name),
 					errhint("sync_apply_payload waits for it and applies again.")));
 }
 
-/* pg_lock_clock: the apply is about to write the clock row of pk. */
+/* pgsync_lock_clock: the apply is about to write the clock row of pk. */
 void
-pg_lock_clock(db_table *t, const pgs_value *pk)
+pgsync_lock_clock(db_table *t, const pgs_value *pk)
 {
 	cur_t = t;
 	cur_pk = pk;
@@ -444,9 +444,9 @@ pg_lock_clock(db_table *t, const pgs_value *pk)
 /* ---- between attempts ------------------------------------------------------ */
 
 void
-pg_apply_yield_reset(void)
+pgsync_apply_yield_reset(void)
 {
-	memset(&pg_apply_yield, 0, sizeof(pg_apply_yield));
+	memset(&pgsync_apply_yield, 0, sizeof(pgsync_apply_yield));
 	cur_t = NULL;
 	cur_pk = NULL;
 }
@@ -526,7 +526,7 @@ backoff(int round)
 }
 
 /*
- * pg_apply_wait: the attempt gave way (or was cut short, or was chosen as a
+ * pgsync_apply_wait: the attempt gave way (or was cut short, or was chosen as a
  * deadlock victim) and has been rolled back: it holds no lock of its own
  * any more. Wait for what blocked it, then the caller applies again: for
  * the writer it gave way to, for the other apply's row lock, or for the
@@ -535,19 +535,19 @@ backoff(int round)
  * for a while that grows with round. SPI connected.
  */
 void
-pg_apply_wait(int round)
+pgsync_apply_wait(int round)
 {
 	TimestampTz t0 = GetCurrentTimestamp();
 
-	if (TransactionIdIsValid(pg_apply_yield.xid))
+	if (TransactionIdIsValid(pgsync_apply_yield.xid))
 	{
-		if (TransactionIdIsInProgress(pg_apply_yield.xid))
-			XactLockTableWait(pg_apply_yield.xid, NULL, NULL, XLTW_None);
+		if (TransactionIdIsInProgress(pgsync_apply_yield.xid))
+			XactLockTableWait(pgsync_apply_yield.xid, NULL, NULL, XLTW_None);
 	}
-	else if (pg_apply_yield.have_tag)
+	else if (pgsync_apply_yield.have_tag)
 	{
-		(void) LockAcquire(&pg_apply_yield.tag, pg_apply_yield.tag_mode, false, false);
-		LockRelease(&pg_apply_yield.tag, pg_apply_yield.tag_mode, false);
+		(void) LockAcquire(&pgsync_apply_yield.tag, pgsync_apply_yield.tag_mode, false, false);
+		LockRelease(&pgsync_apply_yield.tag, pgsync_apply_yield.tag_mode, false);
 	}
 	else if (cur_t && cur_pk)
 	{
@@ -562,5 +562,5 @@ pg_apply_wait(int round)
 	/* nothing was in the way any more (or it was elsewhere): back off */
 	if (TimestampDifferenceExceeds(t0, GetCurrentTimestamp(), 1) == false)
 		backoff(round);
-	pg_apply_yield_reset();
+	pgsync_apply_yield_reset();
 }

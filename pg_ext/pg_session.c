@@ -2,10 +2,10 @@
  * pg_session.c — what every file of pg_ext shares for one backend and one
  * call, at the bottom of the extension (it calls nothing of it): the core's
  * allocator bound to palloc in the call's memory context, the one mapper of
- * core errors to ereport (pg_raise), switching to the metadata owner and
- * back (pg_as_meta, pg_as_caller), a call's db_conn (pg_conn_init), the
- * state of the running apply (pg_applying, pg_apply_relid, pg_apply_key,
- * pg_apply_conflict) and the rows it refused (pg_reject_add, for
+ * core errors to ereport (pgsync_raise), switching to the metadata owner and
+ * back (pgsync_as_meta, pgsync_as_caller), a call's db_conn (pgsync_conn_init), the
+ * state of the running apply (pgsync_applying, pgsync_apply_relid, pgsync_apply_key,
+ * pgsync_apply_conflict) and the rows it refused (pgsync_reject_add, for
  * sync_rejections()).
  */
 #include "pg_internal.h"
@@ -20,12 +20,12 @@
 #include "utils/uuid.h"
 
 /* pgsync.record_interval (defined in _PG_init): see pg_view.c, device_view */
-int pg_record_interval = 60;
+int pgsync_record_interval = 60;
 
-bool   pg_applying = false;
-Oid	   pg_apply_relid = InvalidOid;
-Datum *pg_apply_key = NULL;
-bool   pg_apply_conflict = false;
+bool   pgsync_applying = false;
+Oid	   pgsync_apply_relid = InvalidOid;
+Datum *pgsync_apply_key = NULL;
+bool   pgsync_apply_conflict = false;
 
 static MemoryContext core_cxt = NULL;
 static MemoryContext reject_cxt = NULL;
@@ -58,16 +58,16 @@ core_free(void *p)
 		pfree(p);
 }
 
-/* pg_core_memory makes the core allocate in cxt until the next call. */
+/* pgsync_core_memory makes the core allocate in cxt until the next call. */
 void
-pg_core_memory(MemoryContext cxt)
+pgsync_core_memory(MemoryContext cxt)
 {
 	core_cxt = cxt;
 }
 
-/* pg_session_setup: once per backend (_PG_init): the core allocates through palloc. */
+/* pgsync_session_setup: once per backend (_PG_init): the core allocates through palloc. */
 void
-pg_session_setup(void)
+pgsync_session_setup(void)
 {
 	static const pgs_allocator a = {core_malloc, core_realloc, core_free};
 
@@ -77,11 +77,11 @@ pg_session_setup(void)
 /* ---- errors --------------------------------------------------------------- */
 
 /*
- * pg_raise turns a core error into ereport(ERROR); the only mapper from
+ * pgsync_raise turns a core error into ereport(ERROR); the only mapper from
  * pgs_rc to SQLSTATE.
  */
 void
-pg_raise(const pgs_err *err)
+pgsync_raise(const pgs_err *err)
 {
 	int code;
 
@@ -124,7 +124,7 @@ pg_raise(const pgs_err *err)
 /* ---- users ---------------------------------------------------------------- */
 
 /*
- * pg_meta_relid: the relid of pgsync.name (a table or sequence of the
+ * pgsync_meta_relid: the relid of pgsync.name (a table or sequence of the
  * metadata), InvalidOid when it or the schema is missing. Looked up as
  * RangeVarGetRelid looks up a name it is about to use, without its check of
  * the caller's USAGE on the schema (the caller is usually not allowed in
@@ -136,7 +136,7 @@ pg_raise(const pgs_err *err)
  * names another relation is looked up again.
  */
 Oid
-pg_meta_relid(const char *name)
+pgsync_meta_relid(const char *name)
 {
 	Oid locked = InvalidOid;
 
@@ -158,18 +158,18 @@ pg_meta_relid(const char *name)
 }
 
 /*
- * pg_meta_owner: the owner of pgsync.sites, who owns all sync metadata. It
+ * pgsync_meta_owner: the owner of pgsync.sites, who owns all sync metadata. It
  * is asked for every statement pgsync runs as that owner, so it is kept;
- * pg_conn_init (every SQL function's first step) forgets it when
+ * pgsync_conn_init (every SQL function's first step) forgets it when
  * pgsync.sites is another table (the extension dropped and created again,
  * perhaps by another role).
  */
 Oid
-pg_meta_owner(void)
+pgsync_meta_owner(void)
 {
 	if (!OidIsValid(meta_owner))
 	{
-		Oid		  rel = pg_meta_relid("sites");
+		Oid		  rel = pgsync_meta_relid("sites");
 		HeapTuple tup;
 
 		if (!OidIsValid(rel))
@@ -189,27 +189,27 @@ pg_meta_owner(void)
 	return meta_owner;
 }
 
-/* pg_as_meta switches to the metadata owner; pg_as_caller switches back.
+/* pgsync_as_meta switches to the metadata owner; pgsync_as_caller switches back.
  * An ERROR in between is safe: transaction abort restores the user. */
 void
-pg_as_meta(pg_user_save *s)
+pgsync_as_meta(pgsync_user_save *s)
 {
-	Oid owner = pg_meta_owner();
+	Oid owner = pgsync_meta_owner();
 
 	GetUserIdAndSecContext(&s->user, &s->sec);
 	SetUserIdAndSecContext(owner, s->sec | SECURITY_LOCAL_USERID_CHANGE);
 }
 
 void
-pg_as_caller(const pg_user_save *s)
+pgsync_as_caller(const pgsync_user_save *s)
 {
 	SetUserIdAndSecContext(s->user, s->sec);
 }
 
-/* pg_plan_keep prepares sql for the rest of the backend's life (SPI_keepplan):
+/* pgsync_plan_keep prepares sql for the rest of the backend's life (SPI_keepplan):
  * the statements pgsync runs on every call are parsed and planned once. */
 SPIPlanPtr
-pg_plan_keep(const char *sql, int nargs, Oid *types)
+pgsync_plan_keep(const char *sql, int nargs, Oid *types)
 {
 	SPIPlanPtr p = SPI_prepare(sql, nargs, types);
 
@@ -221,22 +221,22 @@ pg_plan_keep(const char *sql, int nargs, Oid *types)
 
 /* ---- per-call state --------------------------------------------------- */
 
-/* pg_conn_init fills db for one call; SPI must be connected. What a backend
+/* pgsync_conn_init fills db for one call; SPI must be connected. What a backend
  * keeps of pgsync.sites (this database's site id, the sites it has read)
  * belongs to the table's relid (db->sites_relid): the extension dropped and
  * created again has a new one, and site ids of its own. */
 void
-pg_conn_init(db_conn *db, MemoryContext cxt)
+pgsync_conn_init(db_conn *db, MemoryContext cxt)
 {
 	static SPIPlanPtr plan = NULL;
 	/* this database's site id: row idx 0, written once by CREATE EXTENSION */
-	static Oid	 own_relid = InvalidOid;
-	static uint8 own_site[PGS_SITE_LEN];
-	Oid			 relid = pg_meta_relid("sites");
-	pg_user_save us;
-	bool		 isnull;
-	Datum		 d;
-	int			 rc;
+	static Oid		 own_relid = InvalidOid;
+	static uint8	 own_site[PGS_SITE_LEN];
+	Oid				 relid = pgsync_meta_relid("sites");
+	pgsync_user_save us;
+	bool			 isnull;
+	Datum			 d;
+	int				 rc;
 
 	memset(db, 0, sizeof(*db));
 	db->cxt = cxt;
@@ -249,12 +249,12 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 		memcpy(db->site, own_site, PGS_SITE_LEN);
 		return;
 	}
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	/* prepared once: parsing and planning it cost as much as a small apply */
 	if (plan == NULL)
-		plan = pg_plan_keep("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
+		plan = pgsync_plan_keep("SELECT site FROM pgsync.sites WHERE idx = 0", 0, NULL);
 	rc = SPI_execute_plan(plan, NULL, NULL, false, 1);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		ereport(
 			ERROR,
@@ -270,9 +270,9 @@ pg_conn_init(db_conn *db, MemoryContext cxt)
 
 /* ---- rejections ----------------------------------------------------------- */
 
-/* pg_reject_reset: a new apply starts with no rejections. */
+/* pgsync_reject_reset: a new apply starts with no rejections. */
 void
-pg_reject_reset(void)
+pgsync_reject_reset(void)
 {
 	if (reject_cxt == NULL)
 		reject_cxt =
@@ -282,17 +282,17 @@ pg_reject_reset(void)
 	rejections = NIL;
 }
 
-/* pg_reject_add records one refused row of the running apply. */
+/* pgsync_reject_add records one refused row of the running apply. */
 void
-pg_reject_add(const char *table, const char *pk_json, const char *sqlstate, const char *message)
+pgsync_reject_add(const char *table, const char *pk_json, const char *sqlstate, const char *message)
 {
-	MemoryContext old;
-	pg_rejection *r;
+	MemoryContext	  old;
+	pgsync_rejection *r;
 
 	if (reject_cxt == NULL)
-		pg_reject_reset();
+		pgsync_reject_reset();
 	old = MemoryContextSwitchTo(reject_cxt);
-	r = palloc0(sizeof(pg_rejection));
+	r = palloc0(sizeof(pgsync_rejection));
 	r->table = pstrdup(table);
 	r->pk_json = pstrdup(pk_json);
 	strlcpy(r->sqlstate, sqlstate, sizeof(r->sqlstate));
@@ -301,9 +301,9 @@ pg_reject_add(const char *table, const char *pk_json, const char *sqlstate, cons
 	MemoryContextSwitchTo(old);
 }
 
-/* pg_rejections: the rows the last apply of this backend refused (pg_rejection). */
+/* pgsync_rejections: the rows the last apply of this backend refused (pgsync_rejection). */
 List *
-pg_rejections(void)
+pgsync_rejections(void)
 {
 	return rejections;
 }

@@ -57,9 +57,9 @@ table_inval(Datum arg, Oid relid)
 	}
 }
 
-/* pg_table_cache_setup creates the cache and registers the invalidation hook. */
+/* pgsync_table_cache_setup creates the cache and registers the invalidation hook. */
 void
-pg_table_cache_setup(void)
+pgsync_table_cache_setup(void)
 {
 	HASHCTL ctl;
 
@@ -70,9 +70,9 @@ pg_table_cache_setup(void)
 	CacheRegisterRelcacheCallback(table_inval, (Datum) 0);
 }
 
-/* pg_table_release_all: at transaction end no call holds an entry. */
+/* pgsync_table_release_all: at transaction end no call holds an entry. */
 void
-pg_table_release_all(void)
+pgsync_table_release_all(void)
 {
 	HASH_SEQ_STATUS st;
 	db_table	   *t;
@@ -109,8 +109,8 @@ table_free(db_table *t)
 	free_plan(&t->p_row_exists);
 	if (t->merge_plans)
 	{
-		HASH_SEQ_STATUS st;
-		pg_merge_plan  *m;
+		HASH_SEQ_STATUS	   st;
+		pgsync_merge_plan *m;
 
 		hash_seq_init(&st, t->merge_plans);
 		while ((m = hash_seq_search(&st)) != NULL)
@@ -133,11 +133,11 @@ table_clear(db_table *t, Oid relid)
 	memset(((char *) t) + sizeof(Oid), 0, sizeof(db_table) - sizeof(Oid));
 	t->relid = relid;
 	t->valid = true;
-	t->meta_relid = pg_meta_relid("tables");
+	t->meta_relid = pgsync_meta_relid("tables");
 }
 
 char *
-pg_text_array_elem(Datum arr, int i, int *n)
+pgsync_text_array_elem(Datum arr, int i, int *n)
 {
 	ArrayType *a = DatumGetArrayTypeP(arr);
 	Datum	  *elems;
@@ -152,7 +152,7 @@ pg_text_array_elem(Datum arr, int i, int *n)
 }
 
 static void
-col_resolve(db_table *t, pg_col *c, const char *name)
+col_resolve(db_table *t, pgsync_col *c, const char *name)
 {
 	Oid	  typid;
 	int32 typmod;
@@ -166,7 +166,7 @@ col_resolve(db_table *t, pg_col *c, const char *name)
 						errhint("Synced columns cannot be dropped or renamed; restore the column, "
 								"or call sync_cleanup and sync_init again.")));
 	get_atttypetypmodcoll(t->relid, c->attnum, &typid, &typmod, &coll);
-	pg_col_setup(c, typid, typmod);
+	pgsync_col_setup(c, typid, typmod);
 	c->coll = coll;
 }
 
@@ -177,7 +177,7 @@ table_load(db_table *t)
 	static SPIPlanPtr plan = NULL;
 	Oid				  argt[1] = {OIDOID};
 	Datum			  arg[1];
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	HeapTuple		  tup;
 	TupleDesc		  td;
 	bool			  isnull;
@@ -187,14 +187,14 @@ table_load(db_table *t)
 	int				  i, n;
 
 	arg[0] = ObjectIdGetDatum(t->relid);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (plan == NULL)
-		plan = pg_plan_keep("SELECT name, clock::oid, algo, pk_cols, cols "
-							"FROM pgsync.tables WHERE tbl = $1",
-							1, argt);
+		plan = pgsync_plan_keep("SELECT name, clock::oid, algo, pk_cols, cols "
+								"FROM pgsync.tables WHERE tbl = $1",
+								1, argt);
 	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.tables failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (SPI_processed == 0)
 		return false;
 
@@ -225,24 +225,24 @@ table_load(db_table *t)
 	t->q_clock = quote_qualified_identifier(get_namespace_name(get_rel_namespace(t->clock_relid)),
 											get_rel_name(t->clock_relid));
 
-	pg_text_array_elem(pkarr, -1, &t->npk);
-	pg_text_array_elem(colarr, -1, &t->ncols);
-	t->pk = palloc0(sizeof(pg_col) * t->npk);
-	t->cols = palloc0(sizeof(pg_col) * Max(t->ncols, 1));
+	pgsync_text_array_elem(pkarr, -1, &t->npk);
+	pgsync_text_array_elem(colarr, -1, &t->ncols);
+	t->pk = palloc0(sizeof(pgsync_col) * t->npk);
+	t->cols = palloc0(sizeof(pgsync_col) * Max(t->ncols, 1));
 	t->pk_names = palloc0(sizeof(char *) * t->npk);
 	t->col_names = palloc0(sizeof(char *) * Max(t->ncols, 1));
 	t->pk_types = palloc0(sizeof(Oid) * t->npk);
 	t->row_types = palloc0(sizeof(Oid) * (t->npk + t->ncols));
 	for (i = 0; i < t->npk; i++)
 	{
-		col_resolve(t, &t->pk[i], pg_text_array_elem(pkarr, i, &n));
+		col_resolve(t, &t->pk[i], pgsync_text_array_elem(pkarr, i, &n));
 		t->pk_names[i] = t->pk[i].name;
 		t->pk_types[i] = t->pk[i].typid;
 		t->row_types[i] = t->pk[i].typid;
 	}
 	for (i = 0; i < t->ncols; i++)
 	{
-		col_resolve(t, &t->cols[i], pg_text_array_elem(colarr, i, &n));
+		col_resolve(t, &t->cols[i], pgsync_text_array_elem(colarr, i, &n));
 		t->col_names[i] = t->cols[i].name;
 		t->row_types[t->npk + i] = t->cols[i].typid;
 	}
@@ -267,19 +267,19 @@ load_history(db_table *t)
 	static SPIPlanPtr plan = NULL;
 	Oid				  argt[1] = {OIDOID};
 	Datum			  arg[1] = {ObjectIdGetDatum(t->relid)};
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	MemoryContext	  old;
 	uint64			  n;
 	char			**names;
 	int				 *cols;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (plan == NULL)
-		plan = pg_plan_keep(
+		plan = pgsync_plan_keep(
 			"SELECT name, now FROM pgsync.column_history WHERE tbl = $1 ORDER BY name", 1, argt);
 	if (SPI_execute_plan(plan, arg, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.column_history failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	n = SPI_processed;
 	if (n == 0)
 		return;
@@ -304,12 +304,12 @@ load_history(db_table *t)
 }
 
 /*
- * pg_table_get returns the cache entry of a synced table (busy until the end
+ * pgsync_table_get returns the cache entry of a synced table (busy until the end
  * of the transaction), or NULL / ERROR when relid is not synced. SPI must be
  * connected.
  */
 db_table *
-pg_table_get(Oid relid, bool missing_ok)
+pgsync_table_get(Oid relid, bool missing_ok)
 {
 	db_table *t;
 	bool	  found;
@@ -348,14 +348,14 @@ pg_table_get(Oid relid, bool missing_ok)
 }
 
 /*
- * pg_table_reload: rebuild the entry of relid from its metadata now, in
+ * pgsync_table_reload: rebuild the entry of relid from its metadata now, in
  * place (its address stays, its busy count too), for a call that changed
  * the metadata and goes on using the table (sync_init after ADD COLUMN,
  * then the held values of the new columns). Nothing else may hold pointers
  * into the old entry's columns. SPI connected.
  */
 void
-pg_table_reload(Oid relid)
+pgsync_table_reload(Oid relid)
 {
 	db_table *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
 	int		  busy;
@@ -374,9 +374,9 @@ pg_table_reload(Oid relid)
 	t->busy = busy;
 }
 
-/* pg_table_cached: the entry if cached and valid (busy++), else NULL; no SPI. */
+/* pgsync_table_cached: the entry if cached and valid (busy++), else NULL; no SPI. */
 db_table *
-pg_table_cached(Oid relid)
+pgsync_table_cached(Oid relid)
 {
 	db_table *t = hash_search(table_cache, &relid, HASH_FIND, NULL);
 
@@ -386,18 +386,18 @@ pg_table_cached(Oid relid)
 	return t;
 }
 
-/* pg_table_list returns the relids of all synced tables, by name. */
+/* pgsync_table_list returns the relids of all synced tables, by name. */
 int
-pg_table_list(Oid **relids)
+pgsync_table_list(Oid **relids)
 {
-	pg_user_save us;
-	uint64		 i;
-	bool		 isnull;
+	pgsync_user_save us;
+	uint64			 i;
+	bool			 isnull;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (SPI_execute("SELECT tbl::oid FROM pgsync.tables ORDER BY name", false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.tables failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	*relids = palloc(sizeof(Oid) * (SPI_processed + 1));
 	for (i = 0; i < SPI_processed; i++)
 		(*relids)[i] = DatumGetObjectId(
@@ -407,14 +407,14 @@ pg_table_list(Oid **relids)
 	return (int) i;
 }
 
-/* pg_table_by_name: the relid of the synced table with this payload name. */
+/* pgsync_table_by_name: the relid of the synced table with this payload name. */
 Oid
-pg_table_by_name(const char *name, size_t len)
+pgsync_table_by_name(const char *name, size_t len)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid				  argt[1] = {TEXTOID};
 	Datum			  arg[1];
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	Oid				  res = InvalidOid;
 	bool			  isnull;
 	HASH_SEQ_STATUS	  st;
@@ -440,12 +440,12 @@ pg_table_by_name(const char *name, size_t len)
 			}
 	}
 	arg[0] = PointerGetDatum(cstring_to_text_with_len(name, (int) len));
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (plan == NULL)
-		plan = pg_plan_keep("SELECT tbl::oid FROM pgsync.tables WHERE name = $1", 1, argt);
+		plan = pgsync_plan_keep("SELECT tbl::oid FROM pgsync.tables WHERE name = $1", 1, argt);
 	if (SPI_execute_plan(plan, arg, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading pgsync.tables failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (SPI_processed == 1)
 		res = DatumGetObjectId(
 			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -468,7 +468,7 @@ where_pk(StringInfo b, db_table *t, const char *alias, int first)
 }
 
 void
-pg_pk_list(StringInfo b, const db_table *t, const char *alias)
+pgsync_pk_list(StringInfo b, const db_table *t, const char *alias)
 {
 	int i;
 
@@ -477,9 +477,9 @@ pg_pk_list(StringInfo b, const db_table *t, const char *alias)
 						 quote_identifier(t->pk[i].name));
 }
 
-/* pg_plan_clock_get: SELECT cl, clk FROM clock WHERE pk = $1.. */
+/* pgsync_plan_clock_get: SELECT cl, clk FROM clock WHERE pk = $1.. */
 SPIPlanPtr
-pg_plan_clock_get(db_table *t)
+pgsync_plan_clock_get(db_table *t)
 {
 	if (t->p_clock_get == NULL)
 	{
@@ -488,7 +488,7 @@ pg_plan_clock_get(db_table *t)
 		initStringInfo(&b);
 		appendStringInfo(&b, "SELECT cl, clk FROM %s WHERE ", t->q_clock);
 		where_pk(&b, t, NULL, 1);
-		t->p_clock_get = pg_plan_keep(b.data, t->npk, t->pk_types);
+		t->p_clock_get = pgsync_plan_keep(b.data, t->npk, t->pk_types);
 	}
 	return t->p_clock_get;
 }
@@ -507,7 +507,7 @@ clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 	types[t->npk + 2] = BYTEAOID;
 	initStringInfo(&b);
 	appendStringInfo(&b, "INSERT INTO %s%s (", t->q_clock, alias);
-	pg_pk_list(&b, t, NULL);
+	pgsync_pk_list(&b, t, NULL);
 	appendStringInfoString(&b, ", cl, ver, clk) VALUES (");
 	for (i = 0; i < t->npk + 3; i++)
 		appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
@@ -515,27 +515,27 @@ clock_insert_plan(db_table *t, const char *alias, const char *conflict)
 	if (strcmp(conflict, "update") == 0)
 	{
 		appendStringInfoString(&b, "ON CONFLICT (");
-		pg_pk_list(&b, t, NULL);
+		pgsync_pk_list(&b, t, NULL);
 		appendStringInfoString(
 			&b, ") DO UPDATE SET cl = EXCLUDED.cl, ver = EXCLUDED.ver, clk = EXCLUDED.clk");
 	}
 	else
 		appendStringInfoString(&b, "ON CONFLICT DO NOTHING");
-	return pg_plan_keep(b.data, t->npk + 3, types);
+	return pgsync_plan_keep(b.data, t->npk + 3, types);
 }
 
-/* pg_plan_clock_upsert: INSERT (pk.., cl, ver, clk) ON CONFLICT DO UPDATE. */
+/* pgsync_plan_clock_upsert: INSERT (pk.., cl, ver, clk) ON CONFLICT DO UPDATE. */
 SPIPlanPtr
-pg_plan_clock_upsert(db_table *t)
+pgsync_plan_clock_upsert(db_table *t)
 {
 	if (t->p_clock_upsert == NULL)
 		t->p_clock_upsert = clock_insert_plan(t, " AS c", "update");
 	return t->p_clock_upsert;
 }
 
-/* pg_plan_clock_insnew: INSERT (pk.., cl, ver, clk) ON CONFLICT DO NOTHING. */
+/* pgsync_plan_clock_insnew: INSERT (pk.., cl, ver, clk) ON CONFLICT DO NOTHING. */
 SPIPlanPtr
-pg_plan_clock_insnew(db_table *t)
+pgsync_plan_clock_insnew(db_table *t)
 {
 	if (t->p_clock_insnew == NULL)
 		t->p_clock_insnew = clock_insert_plan(t, "", "nothing");
@@ -543,11 +543,11 @@ pg_plan_clock_insnew(db_table *t)
 }
 
 /*
- * pg_plan_clock_cas: UPDATE the clock row of pk ($1..) to cl, ver, clk
+ * pgsync_plan_clock_cas: UPDATE the clock row of pk ($1..) to cl, ver, clk
  * ($n+1..$n+3) only if it still has cl and clk $n+4, $n+5.
  */
 SPIPlanPtr
-pg_plan_clock_cas(db_table *t)
+pgsync_plan_clock_cas(db_table *t)
 {
 	if (t->p_clock_cas == NULL)
 	{
@@ -568,14 +568,14 @@ pg_plan_clock_cas(db_table *t)
 		appendStringInfo(&b,
 						 " AND cl OPERATOR(pg_catalog.=) $%d AND clk OPERATOR(pg_catalog.=) $%d",
 						 n + 4, n + 5);
-		t->p_clock_cas = pg_plan_keep(b.data, n + 5, types);
+		t->p_clock_cas = pgsync_plan_keep(b.data, n + 5, types);
 	}
 	return t->p_clock_cas;
 }
 
-/* pg_plan_row_replace: INSERT all columns ON CONFLICT DO UPDATE all columns. */
+/* pgsync_plan_row_replace: INSERT all columns ON CONFLICT DO UPDATE all columns. */
 SPIPlanPtr
-pg_plan_row_replace(db_table *t)
+pgsync_plan_row_replace(db_table *t)
 {
 	if (t->p_row_replace == NULL)
 	{
@@ -584,14 +584,14 @@ pg_plan_row_replace(db_table *t)
 
 		initStringInfo(&b);
 		appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
-		pg_pk_list(&b, t, NULL);
+		pgsync_pk_list(&b, t, NULL);
 		for (i = 0; i < t->ncols; i++)
 			appendStringInfo(&b, ", %s", quote_identifier(t->cols[i].name));
 		appendStringInfoString(&b, ") VALUES (");
 		for (i = 0; i < t->npk + t->ncols; i++)
 			appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
 		appendStringInfoString(&b, ") ON CONFLICT (");
-		pg_pk_list(&b, t, NULL);
+		pgsync_pk_list(&b, t, NULL);
 		if (t->ncols == 0)
 			appendStringInfoString(&b, ") DO NOTHING");
 		else
@@ -602,14 +602,14 @@ pg_plan_row_replace(db_table *t)
 								 quote_identifier(t->cols[i].name),
 								 quote_identifier(t->cols[i].name));
 		}
-		t->p_row_replace = pg_plan_keep(b.data, t->npk + t->ncols, t->row_types);
+		t->p_row_replace = pgsync_plan_keep(b.data, t->npk + t->ncols, t->row_types);
 	}
 	return t->p_row_replace;
 }
 
-/* pg_plan_row_delete: DELETE FROM base WHERE pk = $1.. */
+/* pgsync_plan_row_delete: DELETE FROM base WHERE pk = $1.. */
 SPIPlanPtr
-pg_plan_row_delete(db_table *t)
+pgsync_plan_row_delete(db_table *t)
 {
 	if (t->p_row_delete == NULL)
 	{
@@ -618,12 +618,12 @@ pg_plan_row_delete(db_table *t)
 		initStringInfo(&b);
 		appendStringInfo(&b, "DELETE FROM %s WHERE ", t->q_base);
 		where_pk(&b, t, NULL, 1);
-		t->p_row_delete = pg_plan_keep(b.data, t->npk, t->pk_types);
+		t->p_row_delete = pgsync_plan_keep(b.data, t->npk, t->pk_types);
 	}
 	return t->p_row_delete;
 }
 
-/* clock_coll: the collation of clock key column i (pg_table_init's rule). */
+/* clock_coll: the collation of clock key column i (pgsync_table_init's rule). */
 static const char *
 clock_coll(db_table *t, int i)
 {
@@ -680,12 +680,12 @@ keys_join(StringInfo b, db_table *t, const char *alias, Oid *types, int first)
 }
 
 /*
- * pg_plan_read: the reads of builds and key scans (pg_internal.h). Key order
+ * pgsync_plan_read: the reads of builds and key scans (pg_internal.h). Key order
  * is the clock table's key index (COLLATE "C"), except for PGR_BASE, which
  * walks the base table's key index in its own collation.
  */
 SPIPlanPtr
-pg_plan_read(db_table *t, pg_read_kind kind, int order)
+pgsync_plan_read(db_table *t, pgsync_read_kind kind, int order)
 {
 	SPIPlanPtr *slot = &t->p_read[kind][order];
 	const char *a = kind == PGR_BASE ? "b" : "c";
@@ -704,7 +704,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 			types[2 + i] = t->pk_types[i];
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
-		pg_pk_list(&b, t, a);
+		pgsync_pk_list(&b, t, a);
 		switch (kind)
 		{
 			case PGR_CHANGES:
@@ -763,7 +763,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		if (order == 2)
 		{
 			appendStringInfoString(&b, " AND (");
-			pg_pk_list(&b, t, a);
+			pgsync_pk_list(&b, t, a);
 			appendStringInfoString(&b, ") > (");
 			for (i = 0; i < t->npk; i++)
 				appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 3);
@@ -774,7 +774,7 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 		else if (order > 0)
 		{
 			appendStringInfoString(&b, " ORDER BY ");
-			pg_pk_list(&b, t, a);
+			pgsync_pk_list(&b, t, a);
 		}
 		else if (kind == PGR_CHANGES || kind == PGR_CHANGES_IN)
 			appendStringInfoString(&b, " ORDER BY c.ver");
@@ -796,12 +796,12 @@ pg_plan_read(db_table *t, pg_read_kind kind, int order)
 }
 
 /*
- * pg_plan_probe: the rows of a batch of keys, given as one array per key
+ * pgsync_plan_probe: the rows of a batch of keys, given as one array per key
  * column: base rows with their columns (run as the caller: privileges and
  * row-level security decide), or clock rows (as the metadata owner).
  */
 SPIPlanPtr
-pg_plan_probe(db_table *t, bool clock)
+pgsync_plan_probe(db_table *t, bool clock)
 {
 	SPIPlanPtr *slot = clock ? &t->p_probe_clock : &t->p_probe_base;
 
@@ -814,7 +814,7 @@ pg_plan_probe(db_table *t, bool clock)
 
 		initStringInfo(&b);
 		appendStringInfoString(&b, "SELECT ");
-		pg_pk_list(&b, t, a);
+		pgsync_pk_list(&b, t, a);
 		if (clock)
 			appendStringInfo(&b, ", c.cl, c.clk FROM %s c", t->q_clock);
 		else
@@ -824,14 +824,14 @@ pg_plan_probe(db_table *t, bool clock)
 			appendStringInfo(&b, " FROM %s b", t->q_base);
 		}
 		keys_join(&b, t, a, types, 1);
-		*slot = pg_plan_keep(b.data, t->npk, types);
+		*slot = pgsync_plan_keep(b.data, t->npk, types);
 	}
 	return *slot;
 }
 
-/* pg_plan_row_exists: SELECT 1 FROM base WHERE pk = $1.. (as the owner). */
+/* pgsync_plan_row_exists: SELECT 1 FROM base WHERE pk = $1.. (as the owner). */
 SPIPlanPtr
-pg_plan_row_exists(db_table *t)
+pgsync_plan_row_exists(db_table *t)
 {
 	if (t->p_row_exists == NULL)
 	{
@@ -840,27 +840,27 @@ pg_plan_row_exists(db_table *t)
 		initStringInfo(&b);
 		appendStringInfo(&b, "SELECT 1 FROM %s WHERE ", t->q_base);
 		where_pk(&b, t, NULL, 1);
-		t->p_row_exists = pg_plan_keep(b.data, t->npk, t->pk_types);
+		t->p_row_exists = pgsync_plan_keep(b.data, t->npk, t->pk_types);
 	}
 	return t->p_row_exists;
 }
 
 /*
- * pg_table_merge_plan: UPDATE of the columns cols[0..n) and the INSERT ..
+ * pgsync_table_merge_plan: UPDATE of the columns cols[0..n) and the INSERT ..
  * ON CONFLICT used when the row is absent. Cached per column set; returns
  * NULL-free plans. Parameters: pk.., then the n column values.
  */
-pg_merge_plan *
-pg_table_merge_plan(db_table *t, int n, const int *cols)
+pgsync_merge_plan *
+pgsync_table_merge_plan(db_table *t, int n, const int *cols)
 {
-	char		   key[64];
-	StringInfoData k;
-	pg_merge_plan *m;
-	bool		   found;
-	Oid			  *types;
-	StringInfoData b;
-	int			   i;
-	MemoryContext  old;
+	char			   key[64];
+	StringInfoData	   k;
+	pgsync_merge_plan *m;
+	bool			   found;
+	Oid				  *types;
+	StringInfoData	   b;
+	int				   i;
+	MemoryContext	   old;
 
 	initStringInfo(&k);
 	for (i = 0; i < n; i++)
@@ -871,7 +871,7 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 
 		memset(&ctl, 0, sizeof(ctl));
 		ctl.keysize = sizeof(key);
-		ctl.entrysize = sizeof(pg_merge_plan);
+		ctl.entrysize = sizeof(pgsync_merge_plan);
 		ctl.hcxt = t->cxt;
 		t->merge_plans =
 			hash_create("pgsync merge plans", 16, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
@@ -890,7 +890,7 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 	else
 	{
 		/* too many or too wide: a one-off entry the caller frees */
-		m = palloc0(sizeof(pg_merge_plan));
+		m = palloc0(sizeof(pgsync_merge_plan));
 		m->cols_key = pstrdup("");
 	}
 
@@ -908,18 +908,18 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 						 t->npk + i + 1);
 	appendStringInfoString(&b, " WHERE ");
 	where_pk(&b, t, NULL, 1);
-	m->upd = pg_plan_keep(b.data, t->npk + n, types);
+	m->upd = pgsync_plan_keep(b.data, t->npk + n, types);
 
 	resetStringInfo(&b);
 	appendStringInfo(&b, "INSERT INTO %s (", t->q_base);
-	pg_pk_list(&b, t, NULL);
+	pgsync_pk_list(&b, t, NULL);
 	for (i = 0; i < n; i++)
 		appendStringInfo(&b, ", %s", quote_identifier(t->cols[cols[i]].name));
 	appendStringInfoString(&b, ") VALUES (");
 	for (i = 0; i < t->npk + n; i++)
 		appendStringInfo(&b, "%s$%d", i ? ", " : "", i + 1);
 	appendStringInfoString(&b, ") ON CONFLICT (");
-	pg_pk_list(&b, t, NULL);
+	pgsync_pk_list(&b, t, NULL);
 	if (n == 0)
 		appendStringInfoString(&b, ") DO NOTHING");
 	else
@@ -930,6 +930,6 @@ pg_table_merge_plan(db_table *t, int n, const int *cols)
 							 quote_identifier(t->cols[cols[i]].name),
 							 quote_identifier(t->cols[cols[i]].name));
 	}
-	m->ins = pg_plan_keep(b.data, t->npk + n, types);
+	m->ins = pgsync_plan_keep(b.data, t->npk + n, types);
 	return m;
 }

@@ -35,9 +35,9 @@
 
 static void value_json(StringInfo b, const pgs_value *v);
 
-/* pg_type_kind classifies a (base) type. */
-pg_kind
-pg_type_kind(Oid basetyp)
+/* pgsync_type_kind classifies a (base) type. */
+pgsync_kind
+pgsync_type_kind(Oid basetyp)
 {
 	switch (basetyp)
 	{
@@ -78,9 +78,9 @@ pg_type_kind(Oid basetyp)
 	}
 }
 
-/* pg_kind_pk_ok: types whose equality is the equality of their payload form. */
+/* pgsync_kind_pk_ok: types whose equality is the equality of their payload form. */
 bool
-pg_kind_pk_ok(pg_kind k)
+pgsync_kind_pk_ok(pgsync_kind k)
 {
 	switch (k)
 	{
@@ -100,9 +100,9 @@ pg_kind_pk_ok(pg_kind k)
 	}
 }
 
-/* pg_col_setup fills the type information of c (name and attnum set). */
+/* pgsync_col_setup fills the type information of c (name and attnum set). */
 void
-pg_col_setup(pg_col *c, Oid typid, int32 typmod)
+pgsync_col_setup(pgsync_col *c, Oid typid, int32 typmod)
 {
 	int32 basemod = typmod;
 	bool  isdomain;
@@ -111,7 +111,7 @@ pg_col_setup(pg_col *c, Oid typid, int32 typmod)
 	c->typmod = typmod;
 	c->basetyp = getBaseTypeAndTypmod(typid, &basemod);
 	isdomain = c->basetyp != typid;
-	c->kind = pg_type_kind(c->basetyp);
+	c->kind = pgsync_type_kind(c->basetyp);
 	getTypeInputInfo(typid, &c->typinput, &c->typioparam);
 	{
 		bool varlena;
@@ -211,11 +211,11 @@ format_tm(struct pg_tm *tm, fsec_t fsec, bool utc)
 }
 
 /*
- * pg_datum_value converts a column Datum to its payload value. TEXT and BLOB
+ * pgsync_datum_value converts a column Datum to its payload value. TEXT and BLOB
  * values point into memory of CurrentMemoryContext (or into d).
  */
 void
-pg_datum_value(pg_col *c, Datum d, bool isnull, pgs_value *out)
+pgsync_datum_value(pgsync_col *c, Datum d, bool isnull, pgs_value *out)
 {
 	memset(out, 0, sizeof(*out));
 	if (isnull)
@@ -363,7 +363,7 @@ text_server(const pgs_value *v)
 }
 
 static Datum
-input_call(pg_col *c, char *s)
+input_call(pgsync_col *c, char *s)
 {
 	if (!c->infn_ok)
 	{
@@ -374,7 +374,7 @@ input_call(pg_col *c, char *s)
 }
 
 static int64
-int_range(pg_col *c, int64 i)
+int_range(pgsync_col *c, int64 i)
 {
 	if ((c->kind == PGK_INT2 && (i < PG_INT16_MIN || i > PG_INT16_MAX)) ||
 		(c->kind == PGK_INT4 && (i < PG_INT32_MIN || i > PG_INT32_MAX)))
@@ -384,7 +384,7 @@ int_range(pg_col *c, int64 i)
 }
 
 static Datum
-int_datum(pg_col *c, int64 i)
+int_datum(pgsync_col *c, int64 i)
 {
 	switch (c->kind)
 	{
@@ -398,7 +398,7 @@ int_datum(pg_col *c, int64 i)
 }
 
 static Datum
-convert(pg_col *c, const pgs_value *v)
+convert(pgsync_col *c, const pgs_value *v)
 {
 	switch (v->type)
 	{
@@ -466,7 +466,7 @@ convert(pg_col *c, const pgs_value *v)
 			switch (c->kind)
 			{
 				case PGK_BYTEA:
-					return PointerGetDatum(pg_bytea(CurrentMemoryContext, v->v.p, v->len));
+					return PointerGetDatum(pgsync_bytea(CurrentMemoryContext, v->v.p, v->len));
 				case PGK_UUID:
 				{
 					pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
@@ -489,7 +489,7 @@ convert(pg_col *c, const pgs_value *v)
 			switch (c->kind)
 			{
 				case PGK_BYTEA:
-					return PointerGetDatum(pg_bytea(CurrentMemoryContext, v->v.p, v->len));
+					return PointerGetDatum(pgsync_bytea(CurrentMemoryContext, v->v.p, v->len));
 				case PGK_UUID:
 					if (v->len == 16)
 					{
@@ -522,7 +522,7 @@ convert(pg_col *c, const pgs_value *v)
 }
 
 bytea *
-pg_bytea(MemoryContext cxt, const void *p, size_t len)
+pgsync_bytea(MemoryContext cxt, const void *p, size_t len)
 {
 	bytea *b = MemoryContextAlloc(cxt, len + VARHDRSZ);
 
@@ -532,12 +532,13 @@ pg_bytea(MemoryContext cxt, const void *p, size_t len)
 }
 
 /*
- * pg_value_datum converts a payload value for column c of table t (row pk,
+ * pgsync_value_datum converts a payload value for column c of table t (row pk,
  * for the error message). Raises ERROR naming table, column and key, with
  * the SQLSTATE of the failed conversion. Memory: CurrentMemoryContext.
  */
 Datum
-pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const pgs_value *pk)
+pgsync_value_datum(pgsync_col *c, const pgs_value *v, bool *isnull, db_table *t,
+				   const pgs_value *pk)
 {
 	MemoryContext  cxt = CurrentMemoryContext;
 	volatile Datum d = (Datum) 0;
@@ -563,7 +564,7 @@ pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const p
 		ereport(ERROR, (errcode(ed->sqlerrcode),
 						errmsg("cannot store a synced value in column \"%s\" of table \"%s\"",
 							   c->name, t->name),
-						errdetail("Key %s: %s", pg_pk_text(t, pk), ed->message),
+						errdetail("Key %s: %s", pgsync_pk_text(t, pk), ed->message),
 						errhint("Make the column type accept the value, or fix the value on the "
 								"replica that wrote it; nothing of this payload was applied.")));
 	}
@@ -572,15 +573,15 @@ pg_value_datum(pg_col *c, const pgs_value *v, bool *isnull, db_table *t, const p
 }
 
 /*
- * pg_form_differs: would this database send d (v converted for column c by
- * pg_value_datum) as a value other than v, byte for byte? Then the core
+ * pgsync_form_differs: would this database send d (v converted for column c by
+ * pgsync_value_datum) as a value other than v, byte for byte? Then the core
  * re-stamps the cell with the stored form (db_row_forms; docs/TYPES.md, "One
  * form on every replica"). The conversions that keep every value as it is
  * (integers into integers, bit-exact reals, plain text, bytes) answer
- * without converting back; the others compare with pg_datum_value.
+ * without converting back; the others compare with pgsync_datum_value.
  */
 bool
-pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
+pgsync_form_differs(pgsync_col *c, const pgs_value *v, Datum d, bool isnull)
 {
 	pgs_value out;
 
@@ -608,44 +609,44 @@ pg_form_differs(pg_col *c, const pgs_value *v, Datum d, bool isnull)
 		default:
 			break;
 	}
-	pg_datum_value(c, d, false, &out);
+	pgsync_datum_value(c, d, false, &out);
 	return pgs_value_cmp(&out, v) != 0;
 }
 
 /*
- * pg_key_forms: a key must arrive in the form Postgres stores it. Unlike a
+ * pgsync_key_forms: a key must arrive in the form Postgres stores it. Unlike a
  * column value a key cannot be re-stamped: it names the row, and a device
  * that wrote 'A0EEBC99-...' would keep its row beside the 'a0eebc99-...' one
  * Postgres sends (and removal candidates, hashed over the key's bytes, would
  * never match it). So such a row is refused (PS007) with the form to use.
- * pg_key_canonical only answers whether every key column is in that form.
+ * pgsync_key_canonical only answers whether every key column is in that form.
  */
 bool
-pg_key_canonical(db_table *t, const pgs_value *pk, const Datum *d)
+pgsync_key_canonical(db_table *t, const pgs_value *pk, const Datum *d)
 {
 	for (int i = 0; i < t->npk; i++)
-		if (pg_form_differs(&t->pk[i], &pk[i], d[i], false))
+		if (pgsync_form_differs(&t->pk[i], &pk[i], d[i], false))
 			return false;
 	return true;
 }
 
 void
-pg_key_forms(db_table *t, const pgs_value *pk, const Datum *d)
+pgsync_key_forms(db_table *t, const pgs_value *pk, const Datum *d)
 {
 	for (int i = 0; i < t->npk; i++)
-		if (pg_form_differs(&t->pk[i], &pk[i], d[i], false))
+		if (pgsync_form_differs(&t->pk[i], &pk[i], d[i], false))
 		{
 			pgs_value	   out;
 			StringInfoData b;
 
-			pg_datum_value(&t->pk[i], d[i], false, &out);
+			pgsync_datum_value(&t->pk[i], d[i], false, &out);
 			initStringInfo(&b);
 			value_json(&b, &out);
 			ereport(ERROR,
 					(errcode(MAKE_SQLSTATE('P', 'S', '0', '0', '7')),
 					 errmsg("key column \"%s\" of table \"%s\" is not in the form Postgres stores",
 							t->pk[i].name, t->name),
-					 errdetail("Key %s: Postgres stores it as %s.", pg_pk_text(t, pk), b.data),
+					 errdetail("Key %s: Postgres stores it as %s.", pgsync_pk_text(t, pk), b.data),
 					 errhint("Write keys in their canonical form (sync_uuid() for uuid keys; "
 							 "docs/TYPES.md, \"Key columns\"), then sync_network_discard "
 							 "this row.")));
@@ -697,9 +698,9 @@ value_json(StringInfo b, const pgs_value *v)
 	}
 }
 
-/* pg_pk_json renders pk as a JSON object {"col": value, ...} (palloc'd). */
+/* pgsync_pk_json renders pk as a JSON object {"col": value, ...} (palloc'd). */
 char *
-pg_pk_json(db_table *t, const pgs_value *pk)
+pgsync_pk_json(db_table *t, const pgs_value *pk)
 {
 	StringInfoData b;
 	int			   i;
@@ -718,9 +719,9 @@ pg_pk_json(db_table *t, const pgs_value *pk)
 	return b.data;
 }
 
-/* pg_pk_text renders pk like Postgres' key details: (a, b)=(1, x). */
+/* pgsync_pk_text renders pk like Postgres' key details: (a, b)=(1, x). */
 char *
-pg_pk_text(db_table *t, const pgs_value *pk)
+pgsync_pk_text(db_table *t, const pgs_value *pk)
 {
 	StringInfoData b;
 	int			   i;

@@ -44,9 +44,9 @@
 #define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
 #include <xxhash.h>
 
-bool	pg_have_device = false;
-uint8_t pg_cur_device[PGS_SITE_LEN];
-char	pg_cur_principal[256];
+bool	pgsync_have_device = false;
+uint8_t pgsync_cur_device[PGS_SITE_LEN];
+char	pgsync_cur_principal[256];
 
 PG_FUNCTION_INFO_V1(sync_device);
 PG_FUNCTION_INFO_V1(sync_pull);
@@ -62,12 +62,12 @@ PG_FUNCTION_INFO_V1(sync_on_ddl_end);
 static int
 meta_exec(const char *sql, int nargs, Oid *types, Datum *vals, bool read_only, long limit)
 {
-	pg_user_save us;
-	int			 rc;
+	pgsync_user_save us;
+	int				 rc;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	rc = SPI_execute_with_args(sql, nargs, types, vals, NULL, read_only, limit);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc < 0)
 		elog(ERROR, "pgsync: \"%s\" failed: %s", sql, SPI_result_code_string(rc));
 	return rc;
@@ -90,10 +90,10 @@ current_xid8(void)
 
 /* ---- the visibility log ------------------------------------------------- */
 
-/* pg_vis_bump: something that may change who sees relid commits with this
+/* pgsync_vis_bump: something that may change who sees relid commits with this
  * transaction (once per transaction and table). */
 void
-pg_vis_bump(Oid relid)
+pgsync_vis_bump(Oid relid)
 {
 	static FullTransactionId last_xid = {0};
 	static Oid				 last_rel = InvalidOid;
@@ -112,14 +112,14 @@ pg_vis_bump(Oid relid)
 	last_rel = relid;
 }
 
-/* pg_vis_changed_in: does relid have a log row with since < ver <= until? */
+/* pgsync_vis_changed_in: does relid have a log row with since < ver <= until? */
 bool
-pg_vis_changed_in(Oid relid, int64 since, int64 until)
+pgsync_vis_changed_in(Oid relid, int64 since, int64 until)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid				  types[3] = {OIDOID, INT8OID, INT8OID};
 	Datum			  vals[3];
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	bool			  yes;
 
 	if (until <= since)
@@ -127,29 +127,29 @@ pg_vis_changed_in(Oid relid, int64 since, int64 until)
 	vals[0] = ObjectIdGetDatum(relid);
 	vals[1] = Int64GetDatum(since);
 	vals[2] = Int64GetDatum(until);
-	pg_as_meta(&us); /* also for the prepare: names resolve as the owner */
+	pgsync_as_meta(&us); /* also for the prepare: names resolve as the owner */
 	if (plan == NULL)
-		plan =
-			pg_plan_keep("SELECT 1 FROM pgsync.vis_log WHERE tbl = $1 AND ver > $2 AND ver <= $3 "
-						 "LIMIT 1",
-						 3, types);
+		plan = pgsync_plan_keep(
+			"SELECT 1 FROM pgsync.vis_log WHERE tbl = $1 AND ver > $2 AND ver <= $3 "
+			"LIMIT 1",
+			3, types);
 	if (SPI_execute_plan(plan, vals, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.vis_log failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	yes = SPI_processed > 0;
 	SPI_freetuptable(SPI_tuptable);
 	return yes;
 }
 
 /*
- * pg_watch_refresh: what the policies of synced table relid read (pg_depend
+ * pgsync_watch_refresh: what the policies of synced table relid read (pg_depend
  * of its policies: other relations, or itself as a range table entry of a
  * subquery), recorded as automatic watches, each with its statement trigger.
  * Declared watches (sync_watch) stay. Triggers of tables no longer watched
  * are dropped.
  */
 void
-pg_watch_refresh(Oid relid)
+pgsync_watch_refresh(Oid relid)
 {
 	/* every read here sees the command's own writes (read_only = false: a new
 	 * command id), the policy just created and the watches just written */
@@ -229,7 +229,7 @@ sync_vis_trigger(PG_FUNCTION_ARGS)
 			SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
 	}
 	for (uint64 i = 0; i < n; i++)
-		pg_vis_bump(tbls[i]);
+		pgsync_vis_bump(tbls[i]);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }
@@ -246,15 +246,15 @@ sync_watch(PG_FUNCTION_ARGS)
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						errmsg("must be owner of table %s", get_rel_name(tbl))));
 	SPI_connect();
-	if (pg_table_get(tbl, true) == NULL)
+	if (pgsync_table_get(tbl, true) == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 						errmsg("table %s is not synced", get_rel_name(tbl)),
 						errhint("Call sync_init first.")));
 	meta_exec("INSERT INTO pgsync.watches (tbl, depends_on, auto) VALUES ($1, $2, false) "
 			  "ON CONFLICT (tbl, depends_on) DO UPDATE SET auto = false",
 			  2, types, vals, false, 0);
-	pg_watch_refresh(tbl);
-	pg_vis_bump(tbl);
+	pgsync_watch_refresh(tbl);
+	pgsync_vis_bump(tbl);
 	SPI_finish();
 	PG_RETURN_VOID();
 }
@@ -269,7 +269,7 @@ sync_visibility_changed(PG_FUNCTION_ARGS)
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						errmsg("must be owner of table %s", get_rel_name(tbl))));
 	SPI_connect();
-	pg_vis_bump(tbl);
+	pgsync_vis_bump(tbl);
 	SPI_finish();
 	PG_RETURN_VOID();
 }
@@ -294,7 +294,7 @@ result_oids(uint64 *n)
 /*
  * sync_on_ddl_end: schema, policy, RLS and privilege changes of synced
  * tables. ALTER TABLE: renamed, dropped and retyped columns are recorded or
- * refused (pg_table_reconcile), and the table is logged when its row-level
+ * refused (pgsync_table_reconcile), and the table is logged when its row-level
  * security switched (pgsync.tables.rls remembers). Policies: refresh the
  * table's watches and log it.
  * GRANT, REVOKE, DROP POLICY: every synced table (they are rare, and the
@@ -323,7 +323,7 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 				  0, NULL, NULL, false, 0);
 		rels = result_oids(&n);
 		for (uint64 i = 0; i < n; i++)
-			pg_table_reconcile(rels[i]);
+			pgsync_table_reconcile(rels[i]);
 		meta_exec("SELECT t.tbl::pg_catalog.oid FROM pg_catalog.pg_event_trigger_ddl_commands() c "
 				  "JOIN pgsync.tables t ON t.tbl::pg_catalog.oid = c.objid "
 				  "JOIN pg_catalog.pg_class r ON r.oid = c.objid "
@@ -343,8 +343,8 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 		Oid	  types[1] = {OIDOID};
 		Datum vals[1] = {ObjectIdGetDatum(rels[i])};
 
-		pg_watch_refresh(rels[i]);
-		pg_vis_bump(rels[i]);
+		pgsync_watch_refresh(rels[i]);
+		pgsync_vis_bump(rels[i]);
 		meta_exec("UPDATE pgsync.tables t SET rls = (SELECT CASE WHEN NOT r.relrowsecurity THEN "
 				  "'off' WHEN r.relforcerowsecurity THEN 'forced' ELSE 'on' END FROM "
 				  "pg_catalog.pg_class r WHERE r.oid = $1) WHERE t.tbl::pg_catalog.oid = $1",
@@ -357,11 +357,11 @@ sync_on_ddl_end(PG_FUNCTION_ARGS)
 /* ---- access of the caller to a table ------------------------------------ */
 
 /*
- * pg_table_access: FULL when the caller may SELECT every synced column and
+ * pgsync_table_access: FULL when the caller may SELECT every synced column and
  * RLS does not apply to it, RLS when it may and RLS applies, NONE otherwise.
  */
 db_access
-pg_table_access(db_table *t)
+pgsync_table_access(db_table *t)
 {
 	Oid user = GetUserId();
 	Oid nsp = get_rel_namespace(t->relid);
@@ -395,8 +395,8 @@ pgs_rc
 db_table_view(db_conn *db, db_table *t, bool view, int64_t since, int64_t until, db_access *access,
 			  bool *snapshot, pgs_err *err)
 {
-	*access = pg_table_access(t);
-	*snapshot = view && pg_vis_changed_in(t->relid, since, until);
+	*access = pgsync_table_access(t);
+	*snapshot = view && pgsync_vis_changed_in(t->relid, since, until);
 	return PGS_OK;
 }
 
@@ -413,16 +413,16 @@ device_owner(const uint8_t *site)
 	static SPIPlanPtr plan = NULL;
 	Oid				  types[1] = {UUIDOID};
 	Datum			  vals[1];
-	pg_user_save	  us;
+	pgsync_user_save  us;
 	char			 *owner = NULL;
 
 	vals[0] = uuid_datum(site);
-	pg_as_meta(&us); /* also for the prepare: names resolve as the owner */
+	pgsync_as_meta(&us); /* also for the prepare: names resolve as the owner */
 	if (plan == NULL)
-		plan = pg_plan_keep("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
+		plan = pgsync_plan_keep("SELECT principal FROM pgsync.devices WHERE site = $1", 1, types);
 	if (SPI_execute_plan(plan, vals, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "pgsync: reading pgsync.devices failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (SPI_processed == 1)
 		owner = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	SPI_freetuptable(SPI_tuptable);
@@ -444,13 +444,13 @@ sync_device(PG_FUNCTION_ARGS)
 	char	   u[37];
 	char	  *owner;
 
-	if (strlen(principal) == 0 || strlen(principal) >= sizeof pg_cur_principal)
+	if (strlen(principal) == 0 || strlen(principal) >= sizeof pgsync_cur_principal)
 		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						errmsg("principal must be 1 to %d bytes long",
-							   (int) sizeof pg_cur_principal - 1)));
+							   (int) sizeof pgsync_cur_principal - 1)));
 	pgs_uuid_format(dev->data, u);
 	SPI_connect();
-	pg_conn_init(&db, CurrentMemoryContext);
+	pgsync_conn_init(&db, CurrentMemoryContext);
 	if (memcmp(db.site, dev->data, PGS_SITE_LEN) == 0)
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						errmsg("site id %s is this database's own", u),
@@ -477,18 +477,18 @@ sync_device(PG_FUNCTION_ARGS)
 						errhint("Each device keeps its own site id (sync_site_id()); a copied "
 								"database must get a new one.")));
 	SPI_finish();
-	memcpy(pg_cur_device, dev->data, PGS_SITE_LEN);
-	strlcpy(pg_cur_principal, principal, sizeof pg_cur_principal);
-	pg_have_device = true;
+	memcpy(pgsync_cur_device, dev->data, PGS_SITE_LEN);
+	strlcpy(pgsync_cur_principal, principal, sizeof pgsync_cur_principal);
+	pgsync_have_device = true;
 	PG_RETURN_VOID();
 }
 
-/* pg_device_reset: the transaction ended. */
+/* pgsync_device_reset: the transaction ended. */
 void
-pg_device_reset(void)
+pgsync_device_reset(void)
 {
-	pg_have_device = false;
-	pg_cur_principal[0] = '\0';
+	pgsync_have_device = false;
+	pgsync_cur_principal[0] = '\0';
 }
 
 pgs_rc
@@ -499,7 +499,7 @@ db_site_check(db_conn *db, uint32_t idx, pgs_err *err)
 	pgs_rc		   rc;
 	bool		   refuse = false;
 
-	if (!pg_have_device)
+	if (!pgsync_have_device)
 		return PGS_OK; /* not acting for a device: direct SQL, as before */
 	if (idx == 0)
 		refuse = true; /* a device cannot write in this database's name */
@@ -507,10 +507,10 @@ db_site_check(db_conn *db, uint32_t idx, pgs_err *err)
 	{
 		if ((rc = db_site_lookup(db, idx, &site, err)) != PGS_OK)
 			return rc;
-		if (memcmp(site, pg_cur_device, PGS_SITE_LEN) == 0)
+		if (memcmp(site, pgsync_cur_device, PGS_SITE_LEN) == 0)
 			return PGS_OK;
 		owner = device_owner(site);
-		refuse = owner && strcmp(owner, pg_cur_principal) != 0;
+		refuse = owner && strcmp(owner, pgsync_cur_principal) != 0;
 	}
 	if (!refuse)
 		return PGS_OK;
@@ -604,7 +604,7 @@ fingerprint(db_conn *db)
 	if (db_tables(db, &tables, &ntables, &err) == PGS_OK)
 		for (int i = 0; i < ntables; i++)
 		{
-			db_access a = pg_table_access(tables[i]);
+			db_access a = pgsync_table_access(tables[i]);
 
 			XXH3_64bits_update(&st, &tables[i]->relid, sizeof(Oid));
 			XXH3_64bits_update(&st, &a, sizeof a);
@@ -638,15 +638,15 @@ device_view(db_conn *db, int64 since, int32 seen_gen, int32 *gen)
 	Oid	   types[5] = {UUIDOID, BYTEAOID, INT8OID, INT4OID, INT4OID};
 	Datum  vals[5];
 	uint64 fp = fingerprint(db);
-	bytea *fpb = pg_bytea(CurrentMemoryContext, &fp, sizeof fp);
+	bytea *fpb = pgsync_bytea(CurrentMemoryContext, &fp, sizeof fp);
 	bool   changed, isnull, stale;
 	int32  cur;
 
-	vals[0] = uuid_datum(pg_cur_device);
+	vals[0] = uuid_datum(pgsync_cur_device);
 	vals[1] = PointerGetDatum(fpb);
 	vals[2] = Int64GetDatum(since);
 	vals[3] = Int32GetDatum(0);
-	vals[4] = Int32GetDatum(pg_record_interval);
+	vals[4] = Int32GetDatum(pgsync_record_interval);
 	meta_exec("SELECT fingerprint IS DISTINCT FROM $2, fp_gen, " STALE_SQL(
 				  3, 5) " FROM pgsync.devices WHERE site = $1",
 			  5, types, vals, true, 1);
@@ -756,17 +756,17 @@ tag_of(const uint8_t *key, size_t klen, const uint8_t *nonce, const uint8_t *ct,
 {
 	static const uint8_t nodev[PGS_SITE_LEN] = {0};
 	uint8_t				 full[PG_SHA256_DIGEST_LENGTH];
-	const uint8_t *parts[4] = {(const uint8_t *) "t", pg_have_device ? pg_cur_device : nodev, nonce,
-							   ct};
-	size_t		   lens[4] = {1, PGS_SITE_LEN, SEAL_NONCE, n};
+	const uint8_t		*parts[4] = {(const uint8_t *) "t",
+								 pgsync_have_device ? pgsync_cur_device : nodev, nonce, ct};
+	size_t				 lens[4] = {1, PGS_SITE_LEN, SEAL_NONCE, n};
 
 	hmac(key, klen, parts, lens, 4, full);
 	memcpy(out, full, SEAL_TAG);
 }
 
-/* pg_cursor_seal: the client's form of a core continuation token. */
+/* pgsync_cursor_seal: the client's form of a core continuation token. */
 bytea *
-pg_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len)
+pgsync_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len)
 {
 	uint8_t *key, *p;
 	size_t	 klen;
@@ -784,9 +784,9 @@ pg_cursor_seal(MemoryContext cxt, const uint8_t *tok, size_t len)
 	return out;
 }
 
-/* pg_cursor_open: the token inside a sealed cursor (palloc'd), or ERROR. */
+/* pgsync_cursor_open: the token inside a sealed cursor (palloc'd), or ERROR. */
 uint8_t *
-pg_cursor_open(const uint8_t *p, size_t len, size_t *tok_len)
+pgsync_cursor_open(const uint8_t *p, size_t len, size_t *tok_len)
 {
 	uint8_t *key, *tok;
 	size_t	 klen, n;
@@ -826,7 +826,7 @@ pull_until(db_conn *db, int64_t since)
 	pgs_err err;
 
 	if (db_version_safe(db, &until, &err) != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	if (since > until)
 		ereport(ERROR,
 				(errcode(MAKE_SQLSTATE('P', 'S', '4', '0', '9')), errmsg("cursor ahead of server"),
@@ -835,7 +835,7 @@ pull_until(db_conn *db, int64_t since)
 						   (long long) since, (long long) until),
 				 errhint("The database was replaced or restored from a backup: pull again from 0 "
 						 "and send everything.")));
-	pg_gc_check_since(since);
+	pgsync_gc_check_since(since);
 	return until;
 }
 
@@ -878,16 +878,16 @@ sync_pull(PG_FUNCTION_ARGS)
 							errmsg("max_rows must not be negative")));
 		o.max_rows = (uint32_t) PG_GETARG_INT32(1);
 	}
-	pg_payload_guard();
+	pgsync_payload_guard();
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync pull", ALLOCSET_DEFAULT_SIZES);
-	pg_core_memory(cxt);
+	pgsync_core_memory(cxt);
 	SPI_connect();
-	pg_conn_init(&db, cxt);
+	pgsync_conn_init(&db, cxt);
 	if (!PG_ARGISNULL(2))
 	{
 		bytea *c = PG_GETARG_BYTEA_PP(2);
 
-		tok = pg_cursor_open((const uint8_t *) VARDATA_ANY(c), VARSIZE_ANY_EXHDR(c), &tok_len);
+		tok = pgsync_cursor_open((const uint8_t *) VARDATA_ANY(c), VARSIZE_ANY_EXHDR(c), &tok_len);
 		o.after = tok;
 		o.after_len = tok_len;
 		if (!o.max_rows)
@@ -897,11 +897,11 @@ sync_pull(PG_FUNCTION_ARGS)
 	o.until = until;
 	o.view = true;
 	o.compress = 1;
-	if (pg_have_device)
+	if (pgsync_have_device)
 	{
 		bool all = device_view(&db, o.since, seen_gen, &gen);
 
-		o.exclude_site = pg_cur_device;
+		o.exclude_site = pgsync_cur_device;
 		if (!o.after)
 			o.snapshot_all = all; /* later chunks: pinned in the token */
 	}
@@ -913,28 +913,28 @@ sync_pull(PG_FUNCTION_ARGS)
 		pgs_rc rc = pgs_build(&db, &o, &out, &next, &st, &err);
 
 		if (rc != PGS_OK)
-			pg_raise(&err);
+			pgsync_raise(&err);
 	}
 	if (out.len)
 	{
 		int64_t pu;
 
-		values[0] = PointerGetDatum(pg_bytea(outer, out.p, out.len));
+		values[0] = PointerGetDatum(pgsync_bytea(outer, out.p, out.len));
 		nulls[0] = false;
 		if (pgs_payload_until(out.p, out.len, &pu, &err) != PGS_OK)
-			pg_raise(&err);
+			pgsync_raise(&err);
 		values[2] = Int64GetDatum(pu);
 	}
 	else
 		values[2] = Int64GetDatum(o.until);
 	if (next.len)
 	{
-		values[1] = PointerGetDatum(pg_cursor_seal(outer, next.p, next.len));
+		values[1] = PointerGetDatum(pgsync_cursor_seal(outer, next.p, next.len));
 		nulls[1] = false;
 	}
 	values[3] = Int32GetDatum(gen);
 	SPI_finish();
-	pg_core_memory(NULL);
+	pgsync_core_memory(NULL);
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(cxt);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
@@ -955,14 +955,14 @@ sync_pull_total(PG_FUNCTION_ARGS)
 	int64 total = 0;
 
 	SPI_connect();
-	n = pg_table_list(&relids);
+	n = pgsync_table_list(&relids);
 	for (int i = 0; i < n; i++)
 	{
-		db_table *t = pg_table_get(relids[i], true);
+		db_table *t = pgsync_table_get(relids[i], true);
 		char	 *sql;
 		bool	  isnull;
 
-		if (!t || t->npk < 1 || pg_table_access(t) == DB_ACCESS_NONE)
+		if (!t || t->npk < 1 || pgsync_table_access(t) == DB_ACCESS_NONE)
 			continue;
 		/* count a key column: column privileges may be all the caller has */
 		sql = psprintf("SELECT count(%s) FROM %s", quote_identifier(t->pk[0].name), t->q_base);
@@ -989,7 +989,7 @@ payload_sites(const uint8_t *p, size_t len, uint32_t *n)
 
 	if (pgs_payload_body(p, len, &h, &body, &owned, &err) != PGS_OK ||
 		pgs_reader_open(&r, h.version, body, h.body_len, &err) != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	*n = r.nsites;
 	out = palloc((size_t) r.nsites * 16 + 1);
 	memcpy(out, r.sites, (size_t) r.nsites * 16);
@@ -1043,7 +1043,7 @@ sync_pull_group(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "sync_pull_group must return a record");
-	if (!pg_have_device)
+	if (!pgsync_have_device)
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						errmsg("sync_pull_group needs the principal bound by sync_device"),
 						errhint("The sync server calls sync_device(device, principal) in the "
@@ -1068,11 +1068,11 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	served = palloc0(sizeof(bool) * (n + 1));
 	is_stale = palloc0(sizeof(bool) * (n + 1));
 	stale = palloc(sizeof(Datum) * (n + 1));
-	pg_payload_guard();
+	pgsync_payload_guard();
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync pull group", ALLOCSET_DEFAULT_SIZES);
-	pg_core_memory(cxt);
+	pgsync_core_memory(cxt);
 	SPI_connect();
-	pg_conn_init(&db, cxt);
+	pgsync_conn_init(&db, cxt);
 	until = pull_until(&db, o.since); /* one answer for the whole group: they share since */
 	o.until = until;
 	o.view = true;
@@ -1084,11 +1084,11 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		Datum vals[6];
 
 		vals[0] = PointerGetDatum(arr);
-		vals[1] = CStringGetTextDatum(pg_cur_principal);
-		vals[2] = PointerGetDatum(pg_bytea(CurrentMemoryContext, &fp, sizeof fp));
+		vals[1] = CStringGetTextDatum(pgsync_cur_principal);
+		vals[2] = PointerGetDatum(pgsync_bytea(CurrentMemoryContext, &fp, sizeof fp));
 		vals[3] = Int32GetDatum(seen_gen);
 		vals[4] = Int64GetDatum(o.since);
-		vals[5] = Int32GetDatum(pg_record_interval);
+		vals[5] = Int32GetDatum(pgsync_record_interval);
 		/* stale as in device_view */
 		meta_exec(
 			"SELECT d.i::int4, " STALE_SQL(
@@ -1119,7 +1119,7 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		pgs_rc rc = pgs_build(&db, &o, &out, &next, &st, &err);
 
 		if (rc != PGS_OK)
-			pg_raise(&err);
+			pgsync_raise(&err);
 	}
 	/* rows left out as no one's: the device that made one gets it alone */
 	for (int i = 0; i < n; i++)
@@ -1162,10 +1162,10 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	{
 		int64_t pu;
 
-		values[0] = PointerGetDatum(pg_bytea(outer, out.p, out.len));
+		values[0] = PointerGetDatum(pgsync_bytea(outer, out.p, out.len));
 		nulls[0] = false;
 		if (pgs_payload_until(out.p, out.len, &pu, &err) != PGS_OK)
-			pg_raise(&err);
+			pgsync_raise(&err);
 		values[1] = Int64GetDatum(pu);
 	}
 	else
@@ -1176,7 +1176,7 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	MemoryContextSwitchTo(outer);
 	values[2] = PointerGetDatum(construct_array(out_served, n, BOOLOID, 1, true, TYPALIGN_CHAR));
 	SPI_finish();
-	pg_core_memory(NULL);
+	pgsync_core_memory(NULL);
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(cxt);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
@@ -1238,11 +1238,11 @@ sync_rows(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("keys must be a JSON array of at most %d {\"table\", \"pk\"} objects",
 						ROWS_MAX)));
-	pg_payload_guard();
+	pgsync_payload_guard();
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "pgsync rows", ALLOCSET_DEFAULT_SIZES);
-	pg_core_memory(cxt);
+	pgsync_core_memory(cxt);
 	SPI_connect();
-	pg_conn_init(&db, cxt);
+	pgsync_conn_init(&db, cxt);
 	rows = palloc(sizeof(pgs_row_ref) * (cJSON_GetArraySize(j) + 1));
 	cJSON_ArrayForEach(it, j)
 	{
@@ -1267,10 +1267,10 @@ sync_rows(PG_FUNCTION_ARGS)
 	}
 	pgs_buf_init(&out);
 	if (pgs_build_rows(&db, rows, n, &out, &err) != PGS_OK)
-		pg_raise(&err);
-	res = pg_bytea(outer, out.p, out.len);
+		pgsync_raise(&err);
+	res = pgsync_bytea(outer, out.p, out.len);
 	SPI_finish();
-	pg_core_memory(NULL);
+	pgsync_core_memory(NULL);
 	cJSON_Delete(j);
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(cxt);

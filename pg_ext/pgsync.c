@@ -4,7 +4,7 @@
  * Each wrapper converts its arguments, sets up one memory context for the
  * core (the core allocates only through pgs_malloc, bound to palloc in that
  * context by pg_session.c, so an ERROR anywhere frees everything), calls one
- * core function and maps a failing pgs_rc through pg_raise() (pg_session.c),
+ * core function and maps a failing pgs_rc through pgsync_raise() (pg_session.c),
  * the one place where core errors become ereport(ERROR). The top of pg_ext:
  * the other files sit below it, floor by floor: pg_view.c; pg_changes.c;
  * pg_database.c; pg_init.c, pg_lock.c and pg_capture.c; pg_gc.c and
@@ -48,10 +48,10 @@ pgsync_xact_cb(XactEvent event, void *arg)
 		event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
 		event == XACT_EVENT_PREPARE)
 	{
-		pg_applying = false;
-		pg_core_memory(NULL);
-		pg_table_release_all();
-		pg_device_reset();
+		pgsync_applying = false;
+		pgsync_core_memory(NULL);
+		pgsync_table_release_all();
+		pgsync_device_reset();
 	}
 }
 
@@ -60,7 +60,7 @@ void _PG_init(void);
 void
 _PG_init(void)
 {
-	pg_session_setup();
+	pgsync_session_setup();
 	DefineCustomIntVariable(
 		"pgsync.record_interval",
 		"How often a pull records how far its device has synced (the GC horizon).",
@@ -68,10 +68,10 @@ _PG_init(void)
 		"interval, and last_seen once a minute; 0 records every pull that moves it. A longer "
 		"interval only holds the GC horizon back; every record is a write, which moves "
 		"sync_db_version().",
-		&pg_record_interval, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+		&pgsync_record_interval, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	RegisterXactCallback(pgsync_xact_cb, NULL);
-	pg_table_cache_setup();
-	pg_changes_setup();
+	pgsync_table_cache_setup();
+	pgsync_changes_setup();
 	DefineCustomBoolVariable("pgsync.serialize_applies",
 							 "Applies run one at a time (one global lock until commit).",
 							 "For comparisons only: applies run concurrently without it.",
@@ -85,14 +85,14 @@ call_context(void)
 	MemoryContext cxt =
 		AllocSetContextCreate(CurrentMemoryContext, "pgsync call", ALLOCSET_DEFAULT_SIZES);
 
-	pg_core_memory(cxt);
+	pgsync_core_memory(cxt);
 	return cxt;
 }
 
 static void
 call_done(MemoryContext cxt)
 {
-	pg_core_memory(NULL);
+	pgsync_core_memory(NULL);
 	MemoryContextDelete(cxt);
 }
 
@@ -118,12 +118,12 @@ PG_FUNCTION_INFO_V1(sync_version);
 static void
 init_table(Oid relid, db_algo algo, Oid func_nsp, const char *name, bool allow_seq)
 {
-	if (pg_table_init(relid, algo, func_nsp, name, allow_seq))
+	if (pgsync_table_init(relid, algo, func_nsp, name, allow_seq))
 	{
-		pg_capture_backfill(relid);
+		pgsync_capture_backfill(relid);
 		CacheInvalidateRelcacheByRelid(relid);
 	}
-	pg_watch_refresh(relid);
+	pgsync_watch_refresh(relid);
 }
 
 static void
@@ -142,18 +142,18 @@ require_owner(Oid relid)
 static void
 apply_held(Oid relid, MemoryContext cxt)
 {
-	db_table	*t = pg_table_get(relid, false);
-	Oid			 types[1] = {TEXTOID};
-	Datum		 vals[1] = {CStringGetTextDatum(t->name)};
-	pg_user_save us;
-	uint64		 n;
-	bytea	   **frags;
+	db_table		*t = pgsync_table_get(relid, false);
+	Oid				 types[1] = {TEXTOID};
+	Datum			 vals[1] = {CStringGetTextDatum(t->name)};
+	pgsync_user_save us;
+	uint64			 n;
+	bytea		   **frags;
 
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	if (SPI_execute_with_args("DELETE FROM pgsync.held WHERE tbl = $1 RETURNING frag", 1, types,
 							  vals, NULL, false, 0) != SPI_OK_DELETE_RETURNING)
 		elog(ERROR, "pgsync: reading pgsync.held failed");
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	n = SPI_processed;
 	frags = palloc(sizeof(bytea *) * (n + 1));
 	for (uint64 i = 0; i < n; i++)
@@ -170,15 +170,15 @@ apply_held(Oid relid, MemoryContext cxt)
 		pgs_apply_stats st;
 		pgs_err			err;
 
-		pg_conn_init(&db, cxt);
-		pg_applying = true;
+		pgsync_conn_init(&db, cxt);
+		pgsync_applying = true;
 		if (pgs_apply(&db, (const uint8_t *) VARDATA(frags[i]), VARSIZE(frags[i]) - VARHDRSZ, true,
 					  &st, &err) != PGS_OK)
 		{
-			pg_applying = false;
-			pg_raise(&err);
+			pgsync_applying = false;
+			pgsync_raise(&err);
 		}
-		pg_applying = false;
+		pgsync_applying = false;
 	}
 }
 
@@ -273,7 +273,7 @@ sync_alter(PG_FUNCTION_ARGS)
 	require_owner(relid);
 	cxt = call_context();
 	SPI_connect();
-	algo = pg_table_get(relid, false)->algo; /* a synced table */
+	algo = pgsync_table_get(relid, false)->algo; /* a synced table */
 	initStringInfo(&b);
 	appendStringInfo(&b, "ALTER TABLE %s %s",
 					 quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
@@ -304,8 +304,8 @@ sync_rowclock_drop(PG_FUNCTION_ARGS)
 	pgs_buf_init(&out);
 	if (pgs_rowclock_drop_col((const uint8_t *) VARDATA_ANY(in), VARSIZE_ANY_EXHDR(in),
 							  PG_GETARG_INT32(1), PG_GETARG_INT32(2), &out, &err) != PGS_OK)
-		pg_raise(&err);
-	res = pg_bytea(CurrentMemoryContext, out.p, out.len);
+		pgsync_raise(&err);
+	res = pgsync_bytea(CurrentMemoryContext, out.p, out.len);
 	pgs_buf_free(&out);
 	PG_RETURN_BYTEA_P(res);
 }
@@ -318,7 +318,7 @@ sync_cleanup(PG_FUNCTION_ARGS)
 
 	require_owner(relid);
 	SPI_connect();
-	pg_table_cleanup(relid);
+	pgsync_table_cleanup(relid);
 	SPI_finish();
 	PG_RETURN_VOID();
 }
@@ -331,7 +331,7 @@ sync_site_id(PG_FUNCTION_ARGS)
 	pg_uuid_t *u = palloc(sizeof(pg_uuid_t));
 
 	SPI_connect();
-	pg_conn_init(&db, CurrentMemoryContext);
+	pgsync_conn_init(&db, CurrentMemoryContext);
 	memcpy(u->data, db.site, PGS_SITE_LEN);
 	SPI_finish();
 	PG_RETURN_UUID_P(u);
@@ -346,7 +346,7 @@ sync_db_version(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	if (db_version_safe(NULL, &v, &err) != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	SPI_finish();
 	PG_RETURN_INT64(v);
 }
@@ -400,15 +400,15 @@ sync_payload(PG_FUNCTION_ARGS)
 		o.after_len = VARSIZE_ANY_EXHDR(tok);
 	}
 
-	pg_payload_guard();
+	pgsync_payload_guard();
 	o.compress = 1;
 
 	cxt = call_context();
 	SPI_connect();
-	pg_conn_init(&db, cxt);
+	pgsync_conn_init(&db, cxt);
 	if (db_version_safe(&db, &until, &err) != PGS_OK)
-		pg_raise(&err);
-	pg_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
+		pgsync_raise(&err);
+	pgsync_gc_check_since(o.since); /* PS410: deletes newer than since were collected */
 	if (o.since < until || o.after)
 	{
 		o.until = until;
@@ -416,7 +416,7 @@ sync_payload(PG_FUNCTION_ARGS)
 		/* as the caller: the engine reads clocks as the metadata owner */
 		rc = pgs_build(&db, &o, &out, NULL, &st, &err);
 		if (rc != PGS_OK)
-			pg_raise(&err);
+			pgsync_raise(&err);
 		if (out.oom)
 			ereport(ERROR,
 					(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory building a payload")));
@@ -426,7 +426,7 @@ sync_payload(PG_FUNCTION_ARGS)
 				ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 								errmsg("payload of %zu bytes is too large for a bytea", out.len),
 								errhint("Pull in smaller steps.")));
-			res = pg_bytea(outer, out.p, out.len);
+			res = pgsync_bytea(outer, out.p, out.len);
 		}
 	}
 	SPI_finish();
@@ -443,29 +443,29 @@ sync_payload(PG_FUNCTION_ARGS)
 Datum
 sync_payload_cursor(PG_FUNCTION_ARGS)
 {
-	bytea		 *p = PG_GETARG_BYTEA_PP(0);
-	MemoryContext outer = CurrentMemoryContext;
-	MemoryContext cxt;
-	db_conn		  db;
-	pgs_buf		  tok;
-	pgs_err		  err;
-	pgs_rc		  rc;
-	pg_user_save  us;
-	bytea		 *res = NULL;
+	bytea			*p = PG_GETARG_BYTEA_PP(0);
+	MemoryContext	 outer = CurrentMemoryContext;
+	MemoryContext	 cxt;
+	db_conn			 db;
+	pgs_buf			 tok;
+	pgs_err			 err;
+	pgs_rc			 rc;
+	pgsync_user_save us;
+	bytea			*res = NULL;
 
 	cxt = call_context();
 	SPI_connect();
-	pg_conn_init(&db, cxt);
+	pgsync_conn_init(&db, cxt);
 	pgs_buf_init(&tok);
-	pg_as_meta(&us);
+	pgsync_as_meta(&us);
 	rc = pgs_payload_next_token(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &tok,
 								&err);
-	pg_as_caller(&us);
+	pgsync_as_caller(&us);
 	if (rc != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	if (tok.len)
 	{
-		res = pg_bytea(outer, tok.p, tok.len);
+		res = pgsync_bytea(outer, tok.p, tok.len);
 	}
 	SPI_finish();
 	call_done(cxt);
@@ -485,7 +485,7 @@ sync_payload_until(PG_FUNCTION_ARGS)
 
 	if (pgs_payload_until((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &until, &err) !=
 		PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	call_done(cxt);
 	PG_RETURN_INT64(until);
 }
@@ -501,7 +501,7 @@ sync_payload_until(PG_FUNCTION_ARGS)
  *   - it gave way to another transaction writing one of its rows, a lock
  *     wait of the merge was cut short, or it was chosen as a deadlock
  *     victim: after waiting, holding nothing, for what was in the way
- *     (pg_apply_wait); at most APPLY_YIELDS times, then 40001;
+ *     (pgsync_apply_wait); at most APPLY_YIELDS times, then 40001;
  *   - a row failed on the fast path: once more in careful mode, where every
  *     row write is isolated and a failing row is rejected alone.
  * None of these errors reaches the caller before the limits.
@@ -521,13 +521,13 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 	pgs_apply_stats st;
 
 	/* acting for a device (sync_device): the payload must be that device's */
-	if (pg_have_device && VARSIZE_ANY_EXHDR(p) >= PGS_HEADER_LEN &&
-		memcmp((const uint8_t *) VARDATA_ANY(p) + 8, pg_cur_device, PGS_SITE_LEN) != 0)
+	if (pgsync_have_device && VARSIZE_ANY_EXHDR(p) >= PGS_HEADER_LEN &&
+		memcmp((const uint8_t *) VARDATA_ANY(p) + 8, pgsync_cur_device, PGS_SITE_LEN) != 0)
 	{
 		char a[37], b[37];
 
 		pgs_uuid_format((const uint8_t *) VARDATA_ANY(p) + 8, a);
-		pgs_uuid_format(pg_cur_device, b);
+		pgs_uuid_format(pgsync_cur_device, b);
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("payload was built by device %s, not by this request's device %s", a, b),
@@ -552,23 +552,23 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			pgs_rc	rc;
 			int		guc;
 
-			pg_reject_reset();
-			pg_apply_conflict = false;
-			pg_apply_yield_reset();
-			pg_conn_init(&db, cxt);
+			pgsync_reject_reset();
+			pgsync_apply_conflict = false;
+			pgsync_apply_yield_reset();
+			pgsync_conn_init(&db, cxt);
 			db.lock_wait_ms = PG_LOCK_WAIT_MS;
 			memset(&err, 0, sizeof(err));
 			guc = NewGUCNestLevel(); /* db_apply_lock sets lock_timeout */
-			pg_applying = true;
+			pgsync_applying = true;
 			rc = pgs_apply(&db, (const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), careful,
 						   &st, &err);
-			pg_applying = false;
+			pgsync_applying = false;
 			AtEOXact_GUC(true, guc);
 			if (rc == PGS_ERR_CAREFUL)
 				ereport(ERROR, (errcode(ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION),
 								errmsg("a row of the payload failed: applying it carefully")));
 			if (rc != PGS_OK)
-				pg_raise(&err);
+				pgsync_raise(&err);
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(outer);
 			CurrentResourceOwner = owner;
@@ -577,10 +577,10 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 		PG_CATCH();
 		{
 			ErrorData *ed;
-			bool	   conflict = pg_apply_conflict;
+			bool	   conflict = pgsync_apply_conflict;
 			bool	   yield;
 
-			pg_applying = false;
+			pgsync_applying = false;
 			MemoryContextSwitchTo(outer);
 			ed = CopyErrorData();
 			FlushErrorState();
@@ -588,12 +588,12 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 			MemoryContextSwitchTo(outer);
 			CurrentResourceOwner = owner;
 			/* 55P03 is ours only while our lock_timeout was in effect */
-			yield = pg_apply_yield.set || ed->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED ||
-					(ed->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && pg_apply_yield.armed);
+			yield = pgsync_apply_yield.set || ed->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED ||
+					(ed->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && pgsync_apply_yield.armed);
 			if (conflict && conflicts < APPLY_CONFLICTS)
 				conflicts++; /* again, the same way */
 			else if (!conflict && yield && yields < APPLY_YIELDS)
-				pg_apply_wait(++yields);
+				pgsync_apply_wait(++yields);
 			else if (!conflict && yield)
 				ereport(ERROR,
 						(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
@@ -601,13 +601,13 @@ sync_apply_payload(PG_FUNCTION_ARGS)
 						 errdetail("%d attempts gave way to other transactions; the last: %s",
 								   yields, ed->message),
 						 errhint("Apply the payload again.")));
-			else if (!conflict && !careful && pg_row_error(ed->sqlerrcode))
+			else if (!conflict && !careful && pgsync_row_error(ed->sqlerrcode))
 				careful = true; /* each row isolated, so that it alone is rejected */
 			else
 				ReThrowError(ed);
 			FreeErrorData(ed);
-			pg_apply_conflict = false;
-			pg_apply_yield_reset();
+			pgsync_apply_conflict = false;
+			pgsync_apply_yield_reset();
 		}
 		PG_END_TRY();
 		call_done(cxt);
@@ -632,7 +632,7 @@ sync_payload_info(PG_FUNCTION_ARGS)
 
 	if (pgs_payload_info((const uint8_t *) VARDATA_ANY(p), VARSIZE_ANY_EXHDR(p), &json, &err) !=
 		PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	res = DirectFunctionCall1(jsonb_in, CStringGetDatum(json));
 	call_done(cxt);
 	PG_RETURN_DATUM(res);
@@ -646,11 +646,11 @@ sync_rejections(PG_FUNCTION_ARGS)
 	ListCell	  *lc;
 
 	InitMaterializedSRF(fcinfo, 0);
-	foreach (lc, pg_rejections())
+	foreach (lc, pgsync_rejections())
 	{
-		pg_rejection *r = lfirst(lc);
-		Datum		  values[4];
-		bool		  nulls[4] = {false, false, false, false};
+		pgsync_rejection *r = lfirst(lc);
+		Datum			  values[4];
+		bool			  nulls[4] = {false, false, false, false};
 
 		values[0] = CStringGetTextDatum(r->table);
 		values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum(r->pk_json));
@@ -669,7 +669,7 @@ sync_uuid(PG_FUNCTION_ARGS)
 	pgs_err	   err;
 
 	if (pgs_uuid7(u->data, &err) != PGS_OK)
-		pg_raise(&err);
+		pgsync_raise(&err);
 	PG_RETURN_UUID_P(u);
 }
 

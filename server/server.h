@@ -352,26 +352,26 @@ typedef struct srv_job
 	int				state;
 } srv_job;
 
-bool sync_push(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_result *out,
-			   srv_error *e);
-/* sync_pull: the pull of one job (j->since, gen, exclude, max_rows, sealed);
+bool push_apply(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_result *out,
+				srv_error *e);
+/* pull_one: the pull of one job (SQL sync_pull) (j->since, gen, exclude, max_rows, sealed);
  * j->pull is set when there is a payload, else j->since/j->gen move on. */
-bool sync_pull(srv_job *j, srv_error *e);
+bool pull_one(srv_job *j, srv_error *e);
 /*
- * sync_pull_group answers n pulls that share role, claims, since, gen and
+ * pull_group answers n pulls that share role, claims, since, gen and
  * max_rows (and none has a chunk cursor) with one computation where that is
  * exact (docs/SERVER.md, "Fan-out"). Jobs it answered get done[i] = true
  * (with j->pull or an empty answer); the others must pull alone. False with
  * e when the database failed (every job fails with it).
  */
-bool sync_pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e);
-/* sync_rows: the rows a device lacks, whole (body: the JSON of POST /v1/rows). */
-bool sync_rows(srv_db *db, const auth_info *a, const char *device, const char *json, size_t len,
+bool pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e);
+/* pull_rows: the rows a device lacks, whole (body: the JSON of POST /v1/rows). */
+bool pull_rows(srv_db *db, const auth_info *a, const char *device, const char *json, size_t len,
 			   pull_share **out, srv_error *e);
-bool sync_health(srv_db *db);
-/* sync_pg_error maps a failed PGresult to an HTTP error; true if the
+bool srv_health(srv_db *db);
+/* srv_pg_error maps a failed PGresult to an HTTP error; true if the
  * connection itself is broken (retry elsewhere). */
-bool sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e);
+bool srv_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e);
 
 /* ---- work.c -------------------------------------------------------------- */
 

@@ -82,11 +82,11 @@ sqlstate_is(const char *s, const char *prefix)
 }
 
 /*
- * sync_pg_error maps a failed statement to an HTTP error. Returns true when
+ * srv_pg_error maps a failed statement to an HTTP error. Returns true when
  * the connection is gone (the caller retries on another one).
  */
 bool
-sync_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
+srv_pg_error(PGconn *conn, const PGresult *res, const char *what, srv_error *e)
 {
 	const char *st = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
 	const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
@@ -257,7 +257,7 @@ stmt_failed(PGconn *conn, const PGresult *bad, const char *what, bool *broken, b
 	const char *m = bad ? PQresultErrorField(bad, PG_DIAG_MESSAGE_PRIMARY) : NULL;
 	const char *st = bad ? PQresultErrorField(bad, PG_DIAG_SQLSTATE) : NULL;
 
-	*broken = sync_pg_error(conn, bad, what, e);
+	*broken = srv_pg_error(conn, bad, what, e);
 	if (!*broken && st && strcmp(what, "SET ROLE") == 0 &&
 		(strcmp(st, "42501") == 0 || strcmp(st, "22023") == 0 || strcmp(st, "42704") == 0))
 		srv_fail(e, 500, "server cannot act as the token's role",
@@ -314,7 +314,7 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 		res[i] = NULL;
 	if (!PQenterPipelineMode(conn))
 	{
-		sync_pg_error(conn, NULL, all[0].what, e);
+		srv_pg_error(conn, NULL, all[0].what, e);
 		*broken = true;
 		return false;
 	}
@@ -329,7 +329,7 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 		{
 			if (!PQsendPrepare(conn, name, all[i].sql, all[i].nparams, NULL))
 			{
-				sync_pg_error(conn, NULL, all[i].what, e);
+				srv_pg_error(conn, NULL, all[i].what, e);
 				*broken = true;
 				return false;
 			}
@@ -341,7 +341,7 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 									   all[i].lens, all[i].fmts, all[i].binary);
 		if (!sent)
 		{
-			sync_pg_error(conn, NULL, all[i].what, e);
+			srv_pg_error(conn, NULL, all[i].what, e);
 			*broken = true;
 			return false;
 		}
@@ -349,7 +349,7 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 	}
 	if (!PQpipelineSync(conn))
 	{
-		sync_pg_error(conn, NULL, "COMMIT", e);
+		srv_pg_error(conn, NULL, "COMMIT", e);
 		*broken = true;
 		return false;
 	}
@@ -429,7 +429,7 @@ in_transaction(PGconn *conn, const auth_info *a, const char *device, bool snapsh
 	if (bad)
 		stmt_failed(conn, bad, badwhat, broken, retry, e);
 	else
-		sync_pg_error(conn, NULL, "COMMIT", e);
+		srv_pg_error(conn, NULL, "COMMIT", e);
 	if (lost)
 		*broken = true;
 	PQclear(bad);
@@ -500,8 +500,8 @@ push_once(PGconn *conn, const auth_info *a, const uint8_t *body, size_t len, pus
 }
 
 bool
-sync_push(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_result *out,
-		  srv_error *e)
+push_apply(srv_db *db, const auth_info *a, const uint8_t *body, size_t len, push_result *out,
+		   srv_error *e)
 {
 	memset(out, 0, sizeof *out);
 	for (int attempt = 0; attempt < 4; attempt++)
@@ -623,7 +623,7 @@ pull_once(PGconn *conn, const srv_job *j, pull_share **out, int64_t *cursor, int
 }
 
 bool
-sync_pull(srv_job *j, srv_error *e)
+pull_one(srv_job *j, srv_error *e)
 {
 	j->pull = NULL;
 	for (int attempt = 0; attempt < 4; attempt++)
@@ -655,7 +655,7 @@ sync_pull(srv_job *j, srv_error *e)
 /* ---- one pull for several devices ------------------------------------------ */
 
 /*
- * group_once runs sync_pull_group for jobs (same role, claims, principal,
+ * group_once runs SQL sync_pull_group for jobs (same role, claims, principal,
  * since, gen, max_rows; every one with a device). done[i] for the served.
  */
 static bool
@@ -737,7 +737,7 @@ group_once(PGconn *conn, srv_job **jobs, int n, bool *done, bool *broken, bool *
 }
 
 bool
-sync_pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e)
+pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e)
 {
 	static _Atomic bool warned;
 
@@ -747,7 +747,7 @@ sync_pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e)
 		/* no device: the inputs are identical, so is the answer */
 		srv_job *lead = jobs[0];
 
-		if (!sync_pull(lead, e))
+		if (!pull_one(lead, e))
 			return false;
 		done[0] = true;
 		for (int i = 1; i < n; i++)
@@ -796,7 +796,7 @@ sync_pull_group(srv_db *db, srv_job **jobs, int n, bool *done, srv_error *e)
 }
 
 bool
-sync_health(srv_db *db)
+srv_health(srv_db *db)
 {
 	srv_error e;
 	PGconn	 *c = pool_acquire(db, &e);
@@ -850,7 +850,7 @@ rows_once(PGconn *conn, const auth_info *a, const char *device, const char *json
 }
 
 bool
-sync_rows(srv_db *db, const auth_info *a, const char *device, const char *json, size_t len,
+pull_rows(srv_db *db, const auth_info *a, const char *device, const char *json, size_t len,
 		  pull_share **out, srv_error *e)
 {
 	*out = NULL;

@@ -273,18 +273,18 @@ run_one(srv_job *j)
 	switch (j->kind)
 	{
 		case JOB_PUSH:
-			j->failed = !sync_push(db, j->auth, j->body, j->len, &j->push, &j->e);
+			j->failed = !push_apply(db, j->auth, j->body, j->len, &j->push, &j->e);
 			break;
 		case JOB_ROWS:
-			j->failed = !sync_rows(db, j->auth, j->exclude, (const char *) j->body, j->len,
+			j->failed = !pull_rows(db, j->auth, j->exclude, (const char *) j->body, j->len,
 								   &j->pull, &j->e);
 			break;
 		case JOB_HEALTH:
-			j->health_ok = sync_health(db);
+			j->health_ok = srv_health(db);
 			break;
 		case JOB_PULL:
 			g = hub_gen(db); /* before the query: a change during it is not lost */
-			if (!sync_pull(j, &j->e))
+			if (!pull_one(j, &j->e))
 			{
 				j->failed = true;
 				break;
@@ -303,7 +303,7 @@ run_group(srv_db *db, srv_job **jobs, int n, bool *done)
 	srv_error e;
 	uint64_t  g = hub_gen(db);
 
-	if (!sync_pull_group(db, jobs, n, done, &e))
+	if (!pull_group(db, jobs, n, done, &e))
 	{
 		for (int i = 0; i < n; i++)
 		{

@@ -2,7 +2,7 @@
 """test_site_cache — what a backend keeps of pgsync.sites between calls.
 
 A backend remembers this database's site id and the sites it has read
-(pg_ext/pg_session.c pg_conn_init, pg_database.c "the backend's sites"),
+(pg_ext/pg_session.c pgsync_conn_init, pg_database.c "the backend's sites"),
 so a push no longer reads them with statements of its own each time. What
 it keeps must never outlive the rows it came from:
 1. a site first recorded by a transaction that rolls back (whole, or to a
