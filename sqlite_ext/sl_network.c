@@ -902,6 +902,47 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		s->recv_cursor ? s->recv_cursor : "0", "");
 }
 
+/*
+ * fetch_now: the discarded rows' server versions, fetched at once (POST
+ * /v1/rows, as a receive does) when the app is not inside a transaction of
+ * its own (a request must not run while the app holds the write lock; a
+ * background syncer's receive may run beside it: each applies in its own
+ * transaction). Offline or refused, the rows stay on the list for the next
+ * receive, as before.
+ */
+static void
+fetch_now(sl_net *n)
+{
+	sl_net_settings s;
+	int64_t			rows;
+	char		   *msg = NULL;
+
+	if (!sqlite3_get_autocommit(n->db))
+		return;
+	if (!load_settings(n, &s))
+	{
+		free_settings(&s);
+		return;
+	}
+	(void) sl_want_fetch(n, &s, &rows, &msg);
+	sqlite3_free(msg);
+	free_settings(&s);
+}
+
+/* sync_network_discard([table, key]): sl_sync_network_discard (sl_rejected.c),
+ * then the server's versions of what it gave up, at once (fetch_now). */
+static void
+sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	sl_net *n = sqlite3_user_data(ctx);
+
+	n->discarded = false;
+	sl_sync_network_discard(ctx, argc, argv);
+	if (n->discarded)
+		fetch_now(n);
+	n->discarded = false;
+}
+
 /* ---- for the background syncer (sl_background.c) ------------------------------- */
 
 bool
@@ -1375,8 +1416,8 @@ static const struct
 	{"sync_network_wait", 1, sync_network_wait},
 	{"sync_network_retry", 0, sl_sync_network_retry},
 	{"sync_network_retry", 2, sl_sync_network_retry},
-	{"sync_network_discard", 0, sl_sync_network_discard},
-	{"sync_network_discard", 2, sl_sync_network_discard},
+	{"sync_network_discard", 0, sync_network_discard},
+	{"sync_network_discard", 2, sync_network_discard},
 	{"sync_network_status", 0, sync_network_status},
 };
 

@@ -58,6 +58,7 @@ typedef struct sl_net
 	CURLcode (*perform)(void *arg, CURL *c);
 	void			*perform_arg;
 	int64_t			 chunk_rows; /* rows per pulled chunk (0: the server's pull_max_rows) */
+	bool			 discarded;	 /* sl_sync_network_discard gave rows up: fetch them */
 	bool			 background; /* the syncer's own connection */
 	bool			 meta_ready; /* sync_network and its companions exist */
 	char			 site[40];	 /* sync_site_id(), once known */

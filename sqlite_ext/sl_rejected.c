@@ -846,35 +846,12 @@ sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 }
 
 /*
- * fetch_now: the discarded rows' server versions, fetched at once (POST
- * /v1/rows, as a receive does) when the app is not inside a transaction of
- * its own (a request must not run while the app holds the write lock; a
- * background syncer's receive may run beside it: each applies in its own
- * transaction). Offline or refused, the rows stay on the list for the next
- * receive, as before.
- */
-static void
-fetch_now(sl_net *n)
-{
-	sl_net_settings s;
-	int64_t			rows;
-	char		   *msg = NULL;
-
-	if (!sqlite3_get_autocommit(n->db))
-		return;
-	if (!sl_net_load_settings(n, &s))
-		return;
-	(void) sl_want_fetch(n, &s, &rows, &msg);
-	sqlite3_free(msg);
-	sl_net_free_settings(&s);
-}
-
-/*
  * sync_network_discard([table, key]): give up a refused local change. The
  * row leaves this device at once, without a change that would propagate,
  * and becomes the server's current version (or stays gone, if the server
- * has none): fetched right away when the call is not inside the app's own
- * transaction and the server answers, else at the next receive. Without
+ * has none): fetched right away by sync_network_discard (sl_network.c)
+ * when the call is not inside the app's own transaction and the server
+ * answers, else at the next receive. Without
  * arguments every refused row. Returns the number of rows discarded.
  */
 void
@@ -944,8 +921,7 @@ sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 		return;
 	}
 	kept(n, "RELEASE sync_network_discard");
-	if (count > 0)
-		fetch_now(n);
+	n->discarded = count > 0; /* the caller (sl_network.c) fetches them */
 	if (tbl && count == 0)
 	{
 		sqlite3_result_error(
