@@ -162,16 +162,12 @@ unseen(build_ctx *b, int64_t cl, const pgs_rowclock *rcl, bool *out, pgs_err *er
 		return PGS_OK;
 	if ((rc = db_site_lookup(b->db, rcl->cl_site, &site, err)) != PGS_OK)
 		return rc;
-	for (size_t k = 0; k + PGS_SITE_LEN <= rep->len; k += PGS_SITE_LEN)
-		if (memcmp(rep->p + k, site, PGS_SITE_LEN) == 0)
-		{
-			*out = true;
-			return PGS_OK;
-		}
+	*out = true;
+	if (pgs_site_listed(rep->p, rep->len / PGS_SITE_LEN, site))
+		return PGS_OK;
 	pgs_buf_put(rep, site, PGS_SITE_LEN);
 	if (rep->oom)
 		return oom(err);
-	*out = true;
 	return PGS_OK;
 }
 

@@ -177,6 +177,8 @@ pgs_rc pgs_uuid7(uint8_t out[16], pgs_err *err);
  * For reading JWT parts before a crypto library verifies them. */
 long pgs_b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap);
 
+/* pgs_site_listed: is site one of the n site ids (16 bytes each) at list? */
+bool pgs_site_listed(const uint8_t *list, size_t n, const uint8_t *site);
 /* pgs_uuid_format writes the canonical 36-char form plus NUL into out[37]. */
 void pgs_uuid_format(const uint8_t uuid[16], char out[37]);
 /* pgs_uuid_parse accepts the canonical form (any case); false if malformed. */

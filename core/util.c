@@ -356,3 +356,12 @@ pgs_b64url_decode(const char *in, size_t n, uint8_t *out, size_t cap)
 	}
 	return (long) k;
 }
+
+bool
+pgs_site_listed(const uint8_t *list, size_t n, const uint8_t *site)
+{
+	for (size_t k = 0; k < n; k++)
+		if (memcmp(list + PGS_SITE_LEN * k, site, PGS_SITE_LEN) == 0)
+			return true;
+	return false;
+}

@@ -1123,9 +1123,8 @@ sync_pull_group(PG_FUNCTION_ARGS)
 	}
 	/* rows left out as no one's: the device that made one gets it alone */
 	for (int i = 0; i < n; i++)
-		for (size_t k = 0; k + PGS_SITE_LEN <= unseen.len && served[i]; k += PGS_SITE_LEN)
-			if (memcmp(unseen.p + k, DatumGetUUIDP(elems[i])->data, PGS_SITE_LEN) == 0)
-				served[i] = false;
+		if (pgs_site_listed(unseen.p, unseen.len / PGS_SITE_LEN, DatumGetUUIDP(elems[i])->data))
+			served[i] = false;
 	if (next.len)
 		memset(served, 0, sizeof(bool) * n);
 	else if (out.len)
@@ -1134,10 +1133,8 @@ sync_pull_group(PG_FUNCTION_ARGS)
 		uint8_t *sites = payload_sites(out.p, out.len, &nsites);
 
 		for (int i = 0; i < n; i++)
-			for (uint32_t k = 0; k < nsites && served[i]; k++)
-				if (memcmp(sites + 16 * (size_t) k, DatumGetUUIDP(elems[i])->data, PGS_SITE_LEN) ==
-					0)
-					served[i] = false;
+			if (pgs_site_listed(sites, nsites, DatumGetUUIDP(elems[i])->data))
+				served[i] = false;
 	}
 	/* record the pulls of the served devices the way device_view does */
 	for (int i = 0; i < n; i++)

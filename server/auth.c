@@ -198,7 +198,7 @@ time_claim(const cJSON *claims, const char *name, int64_t *out, bool *present, s
 }
 
 /*
- * bad_time_claim: why libjwt refused a token whose signature may be fine:
+ * claims_refused: why libjwt refused a token whose signature may be fine:
  * it refuses claims that are not JSON and time claims beyond a 64-bit
  * integer (exp 2^63, iat 10^30) before we see them. Read from the
  * unverified payload for the message only: the token is refused either
@@ -206,7 +206,7 @@ time_claim(const cJSON *claims, const char *name, int64_t *out, bool *present, s
  * claim is out of range.
  */
 static bool
-bad_time_claim(const char *token, srv_error *e)
+claims_refused(const char *token, srv_error *e)
 {
 	static const char *const names[] = {"exp", "nbf", "iat"};
 	const char				*p = strchr(token, '.'), *q = p ? strchr(p + 1, '.') : NULL;
@@ -276,7 +276,7 @@ auth_check(const srv_db *db, const char *token, auth_info *out, srv_error *e)
 	rc = jwt_decode(&jwt, token, key, keylen);
 	if (rc != 0 || !jwt || jwt_get_alg(jwt) != want)
 	{
-		if (!bad_time_claim(token, e))
+		if (!claims_refused(token, e))
 			srv_fail(e, 401, "invalid token", auth_hint,
 					 "The token's signature does not verify with the server's %s key.", alg);
 		goto out;
