@@ -9,7 +9,9 @@
  * then its payloads, each as a 4-byte big-endian length and the bytes.
  * Every thread reads its file first; then all start together. Prints
  * "pushes errors seconds" (errors: transport failures and answers other
- * than 200) and exits 0, or 1 when it could not run at all.
+ * than 200) and exits 0, or 1 when it could not run at all. The first few
+ * failures are described on stderr (curl's error or the status and the
+ * start of the answer), so that an error in the bench has a cause.
  *
  * Why C: a Python client with 50 threads took about a core of a 2-core
  * machine and its GIL, so the bench measured the client as much as the
@@ -31,17 +33,41 @@ typedef struct client
 	size_t		size;  /* its length */
 	size_t		first; /* offset of the first payload */
 	long		pushes, errors;
-	int			failed; /* could not read the file or set up curl */
+	int			failed;		 /* could not read the file or set up curl */
+	char		answer[256]; /* the start of the current answer */
+	size_t		answer_len;
 } client;
 
 static pthread_barrier_t start;
+static pthread_mutex_t	 told_lock = PTHREAD_MUTEX_INITIALIZER;
+static int				 told; /* failures described so far */
 
 static size_t
-discard(char *p, size_t size, size_t n, void *arg)
+keep_start(char *p, size_t size, size_t n, void *arg)
 {
-	(void) p;
-	(void) arg;
+	client *c = arg;
+	size_t	room = sizeof c->answer - 1 - c->answer_len;
+	size_t	take = size * n < room ? size * n : room;
+
+	memcpy(c->answer + c->answer_len, p, take);
+	c->answer_len += take;
 	return size * n;
+}
+
+/* Describes one failed push on stderr, the first 5 of the whole run only. */
+static void
+tell(client *c, CURLcode rc, long status)
+{
+	pthread_mutex_lock(&told_lock);
+	if (told++ < 5)
+	{
+		c->answer[c->answer_len] = '\0';
+		if (rc != CURLE_OK)
+			fprintf(stderr, "pushload: push failed: %s\n", curl_easy_strerror(rc));
+		else
+			fprintf(stderr, "pushload: push answered %ld: %.200s\n", status, c->answer);
+	}
+	pthread_mutex_unlock(&told_lock);
 }
 
 static int
@@ -88,7 +114,8 @@ run(void *arg)
 		hdr = curl_slist_append(hdr, "Expect:"); /* no 100-continue round trip */
 		curl_easy_setopt(h, CURLOPT_URL, c->url);
 		curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
-		curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, discard);
+		curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, keep_start);
+		curl_easy_setopt(h, CURLOPT_WRITEDATA, c);
 		curl_easy_setopt(h, CURLOPT_TIMEOUT, 30L);
 		curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
 	}
@@ -100,6 +127,7 @@ run(void *arg)
 		const uint8_t *p = (const uint8_t *) c->data + at;
 		size_t		   len = (size_t) p[0] << 24 | (size_t) p[1] << 16 | (size_t) p[2] << 8 | p[3];
 		long		   status = 0;
+		CURLcode	   rc;
 
 		if (at + 4 + len > c->size)
 		{
@@ -108,9 +136,15 @@ run(void *arg)
 		}
 		curl_easy_setopt(h, CURLOPT_POSTFIELDS, c->data + at + 4);
 		curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long) len);
-		if (curl_easy_perform(h) != CURLE_OK ||
-			curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK || status != 200)
+		c->answer_len = 0;
+		rc = curl_easy_perform(h);
+		if (rc == CURLE_OK)
+			rc = curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+		if (rc != CURLE_OK || status != 200)
+		{
 			c->errors++;
+			tell(c, rc, status);
+		}
 		c->pushes++;
 		at += 4 + len;
 	}

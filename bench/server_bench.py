@@ -234,6 +234,8 @@ def phase_push_raw(env, rows, s1):
         shutil.rmtree(d)
         if out.returncode != 0:
             raise RuntimeError(f"pushload failed: {out.stderr.strip()}")
+        if out.stderr.strip():  # what the failed pushes were answered
+            print(out.stderr.strip(), file=sys.stderr, flush=True)
         pushes, errors, seconds = out.stdout.split()
         return int(pushes) / float(seconds), int(errors)
 
