@@ -487,6 +487,7 @@ lp_start(syncer *y, sl_net *n, longpoll *lp)
 	}
 	sqlite3_free(path);
 	lp->r.acked = acked;
+	lp->r.gen = n->pull_gen;
 	if (curl_multi_add_handle(y->multi, lp->h) != CURLM_OK)
 		return false;
 	lp->active = true;

@@ -726,6 +726,7 @@ sl_net_pull_path(sl_net *n, const sl_net_settings *s, int64_t wait_ms, int64_t *
 	if (!site[0])
 		return NULL;
 	*acked = kv_int(n, "send_cursor", 0);
+	n->pull_gen = sl_recheck_begin(n); /* rows fetched before this request */
 	if (n->chunk_rows > 0)
 		snprintf(rows, sizeof rows, "&max_rows=%lld", (long long) n->chunk_rows);
 	return sqlite3_mprintf("/v1/pull?since=%s&exclude=%s&wait=%lld%s",
@@ -744,6 +745,7 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 	recv_totals tot;
 	size_t		bytes = 0;
 	bool		reset = false, requested = false, gone = false;
+	int64_t		gen = first ? first->gen : -1; /* the first request's */
 
 	*npayloads = 0;
 	*msg = NULL;
@@ -758,6 +760,8 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 		char	   *path = sl_net_pull_path(n, s, round == 0 ? wait_ms : 0, &acked);
 		bool		more, got;
 
+		if (gen < 0)
+			gen = n->pull_gen;
 		if (!path)
 		{
 			*msg = sqlite3_mprintf("%s", sqlite3_errmsg(n->db));
@@ -865,11 +869,12 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 			break;
 	}
 	kv_set(n, "progress", NULL);
-	/* held changes again; rows this device lacks, whole */
+	/* held changes again; rows fetched before this pull, again; rows this
+	 * device lacks, whole (sl_rejected.c) */
 	{
-		int64_t fetched = 0;
-		pgs_err err = {0};
-		bool	ok;
+		pgs_apply_stats fetched = {0};
+		pgs_err			err = {0};
+		bool			ok;
 
 		ok = exec(n, "SAVEPOINT sync_network_held") && sl_events_begin(n->c, &err) == PGS_OK &&
 			 sl_rejected_after_receive(n) && sl_events_end(n->c, &err) == PGS_OK;
@@ -884,8 +889,15 @@ do_receive(sl_net *n, sl_net_settings *s, int64_t wait_ms, sl_net_resp *first, i
 			return NULL;
 		}
 		exec(n, "RELEASE sync_network_held");
-		if (!sl_want_fetch(n, s, &fetched, msg))
+		if ((gen > 0 && !sl_recheck_fetch(n, s, gen, &fetched, msg)) ||
+			!sl_want_fetch(n, s, &fetched, msg))
 			return NULL;
+		tot.rows += fetched.rows;
+		tot.inserted += fetched.rows_inserted;
+		tot.updated += fetched.rows_updated;
+		tot.deleted += fetched.rows_deleted;
+		tot.moved_out += fetched.rows_forgotten;
+		tot.columns += fetched.won;
 	}
 	/* an answer to a request made earlier (the long-poll) says nothing about
 	 * the token of now: only a request of this call clears a failure */
@@ -914,7 +926,7 @@ static void
 fetch_now(sl_net *n)
 {
 	sl_net_settings s;
-	int64_t			rows;
+	pgs_apply_stats st = {0};
 	char		   *msg = NULL;
 
 	if (!sqlite3_get_autocommit(n->db))
@@ -924,7 +936,7 @@ fetch_now(sl_net *n)
 		free_settings(&s);
 		return;
 	}
-	(void) sl_want_fetch(n, &s, &rows, &msg);
+	(void) sl_want_fetch(n, &s, &st, &msg);
 	sqlite3_free(msg);
 	free_settings(&s);
 }

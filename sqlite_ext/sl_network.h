@@ -59,6 +59,7 @@ typedef struct sl_net
 	void			*perform_arg;
 	int64_t			 chunk_rows; /* rows per pulled chunk (0: the server's pull_max_rows) */
 	bool			 discarded;	 /* sl_sync_network_discard gave rows up: fetch them */
+	int64_t			 pull_gen;	 /* the last pull request's recheck generation */
 	bool			 background; /* the syncer's own connection */
 	bool			 meta_ready; /* sync_network and its companions exist */
 	char			 site[40];	 /* sync_site_id(), once known */
@@ -97,6 +98,7 @@ typedef struct sl_net_resp
 	long	 retry_after;
 	int64_t	 rows_total; /* X-Pgsync-Rows-Total, -1 when absent */
 	int64_t	 acked;		 /* a pull's: the send_cursor when it was requested */
+	int64_t	 gen;		 /* a pull's: its recheck generation (sl_recheck_begin) */
 } sl_net_resp;
 
 /* What a request needs until its transfer ends. */
@@ -157,13 +159,16 @@ int sl_pending_register(sqlite3 *db, db_conn *c);
 
 /* ---- sl_rejected.c: rejections, retry, discard, rows fetched whole ---- */
 
-bool sl_rejected_meta(sqlite3 *db);
-bool sl_rejected_before_send(sl_net *n, int64_t send_cursor);
-bool sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int64_t until,
-							int64_t *nrej, bool *again);
-bool sl_rejected_after_receive(sl_net *n);
-bool sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg);
-void sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv);
-void sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+bool	sl_rejected_meta(sqlite3 *db);
+bool	sl_rejected_before_send(sl_net *n, int64_t send_cursor);
+bool	sl_rejected_after_push(sl_net *n, const cJSON *rejected, int64_t old_cursor, int64_t until,
+							   int64_t *nrej, bool *again);
+bool	sl_rejected_after_receive(sl_net *n);
+bool	sl_want_fetch(sl_net *n, const sl_net_settings *s, pgs_apply_stats *sum, char **msg);
+int64_t sl_recheck_begin(sl_net *n); /* a pull begins: its generation */
+bool	sl_recheck_fetch(sl_net *n, const sl_net_settings *s, int64_t gen, pgs_apply_stats *sum,
+						 char **msg); /* the pull of gen got to its end */
+void	sl_sync_network_retry(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+void	sl_sync_network_discard(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 
 #endif

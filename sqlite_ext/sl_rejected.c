@@ -12,6 +12,9 @@
  *   sync_network_want(tbl, pk): rows to fetch whole (POST /v1/rows): a
  *       discarded change (the server's version replaces it), or a change the
  *       server sent for a row this device does not have (PS001).
+ *   sync_network_recheck(tbl, pk, gen): rows fetched that way, asked for
+ *       once more after the next pull that began after the fetch (see
+ *       sl_recheck_begin).
  *
  * A row the server refused and the app then fixed (UPDATE) goes out whole,
  * not as the changed column only: the server may not have it at all. The
@@ -32,7 +35,10 @@ const char sl_rejected_meta_sql[] =
 	"  code TEXT, message TEXT, first_attempt TEXT NOT NULL, last_attempt TEXT NOT NULL,"
 	"  attempts INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (tbl, pk, origin)) WITHOUT ROWID;"
 	"CREATE TABLE IF NOT EXISTS sync_network_want("
-	"  tbl TEXT NOT NULL, pk TEXT NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;";
+	"  tbl TEXT NOT NULL, pk TEXT NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;"
+	"CREATE TABLE IF NOT EXISTS sync_network_recheck("
+	"  tbl TEXT NOT NULL, pk TEXT NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) "
+	"WITHOUT ROWID;";
 
 static bool
 exec(sqlite3 *db, const char *sql)
@@ -634,13 +640,49 @@ sl_rejected_after_receive(sl_net *n)
  * applies the answer: each row arrives whole, or ABSENT (it is forgotten
  * here). A discarded change thus becomes the server's version. The list
  * empties in the same local transaction as the apply.
+ *
+ * Rechecks. A pull leaves out a changed row this device may not see whose
+ * only life began after the pull's since and which another device made
+ * (core/build.c, unseen): by its cursor the device cannot hold it. A row
+ * fetched here can be such a row (a discard brings another user's row
+ * made after our cursor), and if it is hidden from us before our next pull
+ * that pull says nothing of it. So every row fetched here is asked for once
+ * more, after the first pull that began after the fetch and got to its end
+ * (sl_recheck_fetch): that pull's until is past the row's life's start, so
+ * the row is one of ours from then on, and the second answer says whether
+ * we may still hold it. The order is kept by a generation, sync_network's
+ * recheck_gen: a fetch files its rows under the current one; a pull that
+ * finds rows filed under it starts the next (sl_recheck_begin) and asks for
+ * the rows filed before its own at its end. A pull that began before a
+ * fetch (another connection's) thus never counts for it.
  */
 #define WANT_BATCH 1000
+#define RECHECK_GEN                                                                                \
+	"CAST(IFNULL((SELECT value FROM sync_network WHERE key = 'recheck_gen'), '0') AS INTEGER)"
 
-/* want_batch: one request of at most WANT_BATCH wanted rows (in key order);
- * *more when the list had more. */
+/* which list a batch serves */
+typedef enum want_list
+{
+	WANT_ROWS,	  /* sync_network_want */
+	WANT_RECHECK, /* sync_network_recheck, the rows filed before gen */
+} want_list;
+
+static void
+stats_add(pgs_apply_stats *sum, const pgs_apply_stats *a)
+{
+	sum->rows += a->rows;
+	sum->rows_inserted += a->rows_inserted;
+	sum->rows_updated += a->rows_updated;
+	sum->rows_deleted += a->rows_deleted;
+	sum->rows_forgotten += a->rows_forgotten;
+	sum->won += a->won;
+}
+
+/* want_batch: one request of at most WANT_BATCH rows of the list (in key
+ * order), the apply's counts added to *sum; *more when the list had more. */
 static bool
-want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool *more)
+want_batch(sl_net *n, const sl_net_settings *s, want_list list, int64_t gen, pgs_apply_stats *sum,
+		   char **msg, bool *more)
 {
 	sqlite3_stmt *st;
 	cJSON		 *req = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(req, "rows");
@@ -650,13 +692,19 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 	int64_t		  k = 0;
 
 	*more = false;
-	if (sl_stmt_prepare(n->c, "SELECT tbl, pk FROM sync_network_want ORDER BY tbl, pk LIMIT ?1",
+	if (sl_stmt_prepare(n->c,
+						list == WANT_ROWS
+							? "SELECT tbl, pk FROM sync_network_want ORDER BY tbl, pk LIMIT ?1"
+							: "SELECT tbl, pk FROM sync_network_recheck WHERE gen < ?2 ORDER BY "
+							  "tbl, pk LIMIT ?1",
 						&st) != SQLITE_OK)
 	{
 		cJSON_Delete(req);
 		return true; /* no list yet */
 	}
 	sqlite3_bind_int(st, 1, WANT_BATCH);
+	if (list == WANT_RECHECK)
+		sqlite3_bind_int64(st, 2, gen);
 	while (sqlite3_step(st) == SQLITE_ROW)
 	{
 		cJSON *o = cJSON_CreateObject();
@@ -672,7 +720,6 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 		k++;
 	}
 	sl_stmt_done(n->c, st);
-	*rows += k;
 	*more = k == WANT_BATCH;
 	if (k == 0)
 	{
@@ -706,19 +753,31 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 			sqlite3_bind_blob64(ap, 1, r.body, r.len, SQLITE_STATIC);
 			ok = sqlite3_step(ap) == SQLITE_ROW;
 			if (ok)
+			{
 				cursor_follow(n, v0);
+				stats_add(sum, &n->c->last_apply);
+			}
 			if (!ok)
 				*msg = sqlite3_mprintf("applying the rows the server sent failed: %s",
 									   sqlite3_errmsg(n->db));
 			sl_stmt_done(n->c, ap);
-			/* the rows came (or are known gone): off the list; after the last
-			 * batch the held incomplete ones too (they were all on it) */
+			/* the rows came (or are known gone): off the list, wanted ones
+			 * filed for their recheck; after the last batch the held
+			 * incomplete ones too (they were all on it) */
 			if (ok)
 			{
-				char *sql = sqlite3_mprintf(
-					"DELETE FROM sync_network_want WHERE (tbl, pk) <= "
-					"(%Q, %Q)%s",
-					last_tbl, last_pk, *more ? "" : "; DELETE FROM sync_held WHERE code = 'PS001'");
+				char *sql =
+					list == WANT_ROWS
+						? sqlite3_mprintf(
+							  "INSERT OR REPLACE INTO sync_network_recheck(tbl, pk, gen) SELECT "
+							  "tbl, pk, " RECHECK_GEN " FROM sync_network_want WHERE (tbl, pk) <= "
+							  "(%Q, %Q); DELETE FROM sync_network_want WHERE (tbl, pk) <= "
+							  "(%Q, %Q)%s",
+							  last_tbl, last_pk, last_tbl, last_pk,
+							  *more ? "" : "; DELETE FROM sync_held WHERE code = 'PS001'")
+						: sqlite3_mprintf("DELETE FROM sync_network_recheck WHERE gen < %lld "
+										  "AND (tbl, pk) <= (%Q, %Q)",
+										  (long long) gen, last_tbl, last_pk);
 
 				ok = sql && exec(n->db, sql);
 				sqlite3_free(sql);
@@ -737,16 +796,47 @@ want_batch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg, bool 
 	return ok;
 }
 
-bool
-sl_want_fetch(sl_net *n, const sl_net_settings *s, int64_t *rows, char **msg)
+static bool
+fetch_list(sl_net *n, const sl_net_settings *s, want_list list, int64_t gen, pgs_apply_stats *sum,
+		   char **msg)
 {
 	bool more = true, ok = true;
 
-	*rows = 0;
 	*msg = NULL;
 	for (int i = 0; ok && more && i < 1000; i++)
-		ok = want_batch(n, s, rows, msg, &more);
+		ok = want_batch(n, s, list, gen, sum, msg, &more);
 	return ok;
+}
+
+bool
+sl_want_fetch(sl_net *n, const sl_net_settings *s, pgs_apply_stats *sum, char **msg)
+{
+	return fetch_list(n, s, WANT_ROWS, 0, sum, msg);
+}
+
+int64_t
+sl_recheck_begin(sl_net *n)
+{
+	int64_t		  gen = 0;
+	sqlite3_stmt *st;
+
+	/* a write only when rows were filed under the current generation */
+	exec(n->db, "INSERT OR REPLACE INTO sync_network(key, value) SELECT 'recheck_gen', "
+				"" RECHECK_GEN " + 1 WHERE EXISTS (SELECT 1 FROM sync_network_recheck WHERE gen "
+				">= " RECHECK_GEN ")");
+	if (sl_stmt_prepare(n->c, "SELECT " RECHECK_GEN, &st) == SQLITE_OK)
+	{
+		if (sqlite3_step(st) == SQLITE_ROW)
+			gen = sqlite3_column_int64(st, 0);
+		sl_stmt_done(n->c, st);
+	}
+	return gen;
+}
+
+bool
+sl_recheck_fetch(sl_net *n, const sl_net_settings *s, int64_t gen, pgs_apply_stats *sum, char **msg)
+{
+	return fetch_list(n, s, WANT_RECHECK, gen, sum, msg);
 }
 
 /* ---- SQL functions ---- */

@@ -1196,6 +1196,47 @@ def new_invisible_rows_reach_no_one(env):
     check_view(env, b, "bob")
 
 
+PUBLIC_OR_OWN = f"""
+CREATE POLICY r ON docs FOR SELECT USING (owner = {SUB} OR title = 'public');
+CREATE POLICY i ON docs FOR INSERT WITH CHECK (owner = {SUB});
+CREATE POLICY u ON docs FOR UPDATE USING (owner = {SUB}) WITH CHECK (owner = {SUB});
+CREATE POLICY d ON docs FOR DELETE USING (owner = {SUB});
+"""
+
+
+@test
+def fetched_row_leaves_when_hidden(env):
+    """A row a device got by POST /v1/rows (a discard's fetch) whose life
+    began after its cursor, then hidden from it before its next pull: that
+    pull leaves the row out (DESIGN.md, "Rows she cannot hold send
+    nothing"), so the device asks for it again after the pull, learns it is
+    absent, and forgets it."""
+    world(env, PUBLIC_OR_OWN)
+    s = env.server()
+    a = dev(env, "a", "alice", s)
+    a.sync()
+    env.sql("INSERT INTO docs VALUES('k1', 'bob', 'public', 'by bob'), ('k2', 'bob', 'public', 'stays')")
+    # alice makes the same keys offline; her pushes meet bob's rows: refused
+    a.q("INSERT INTO docs VALUES('k1', 'alice', 'mine', ''), ('k2', 'alice', 'mine', '')")
+    r = a.send()
+    check(r["rejected"] == 2, r)
+    check(a.one("SELECT sync_network_discard()") == 2)
+    # the discard fetched the server's rows at once, her cursor unmoved
+    check(docs(a) == [("k1", "bob", "public", "by bob"), ("k2", "bob", "public", "stays")], docs(a))
+    env.sql("UPDATE docs SET title = 'private' WHERE id = 'k1'")
+    a.sync_quiet()
+    check_view(env, a, "alice")
+    check(docs(a) == [("k2", "bob", "public", "stays")], docs(a))
+    # once asked again, a row is known: later changes come by pulls as usual
+    env.sql("UPDATE docs SET title = 'private' WHERE id = 'k2'")
+    a.sync_quiet()
+    check_view(env, a, "alice")
+    env.sql("UPDATE docs SET title = 'public' WHERE id IN ('k1', 'k2')")
+    a.sync_quiet()
+    check_view(env, a, "alice")
+    check(len(docs(a)) == 2, docs(a))
+
+
 # ---- the oracle: every device equals its role's view ------------------------------
 
 ORACLE_PG = """
